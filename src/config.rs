@@ -1,0 +1,1 @@
+//! Configuration. (Being written.)

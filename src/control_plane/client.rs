@@ -1,0 +1,1 @@
+//! HTTP client for protocol v1 and the operator API. (Being written.)

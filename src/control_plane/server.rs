@@ -1,0 +1,1 @@
+//! HTTP server for the embedded control plane. (Being written.)

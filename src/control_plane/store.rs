@@ -1,0 +1,1 @@
+//! SQLite state of the embedded control plane. (Being written.)

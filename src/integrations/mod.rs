@@ -1,0 +1,498 @@
+//! The `Integration` trait and the typed requests and results of its operations.
+//!
+//! An integration is built per job from its spec and its freshly resolved secret; it knows nothing
+//! of the control plane in use. `rancher/` is the one implementation today.
+
+pub mod rancher;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::secrets::{Secret, SecretRef};
+
+/// `{id?, type, name, config, secret_store}` as carried by a job or given on the command line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IntegrationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub config: Value,
+    pub secret_store: SecretRef,
+}
+
+/// Integration types this build can run.
+pub const INTEGRATION_TYPES: &[&str] = &[rancher::TYPE];
+
+/// Builds the integration named by `spec.kind` with its resolved secret.
+///
+/// # Errors
+/// `Invalid` for an unknown type, `Config` for a config the integration rejects.
+pub fn build(spec: &IntegrationSpec, secret: &Secret) -> Result<Box<dyn Integration>, IntegrationError> {
+    match spec.kind.to_ascii_lowercase().as_str() {
+        rancher::TYPE => Ok(Box::new(rancher::Rancher::new(spec, secret)?)),
+        other => Err(IntegrationError::Invalid {
+            message: format!(
+                "unknown integration type {other:?} (integration {:?}); this agent supports: {}",
+                spec.name,
+                INTEGRATION_TYPES.join(", ")
+            ),
+        }),
+    }
+}
+
+/// Checks an integration's config without credentials or network (used when a config or an
+/// access request is loaded, so a bad one is refused before any job runs).
+pub fn validate_spec(spec: &IntegrationSpec) -> Result<(), IntegrationError> {
+    match spec.kind.to_ascii_lowercase().as_str() {
+        rancher::TYPE => rancher::RancherConfig::from_value(&spec.config).map(|_| ()),
+        other => Err(IntegrationError::Invalid {
+            message: format!(
+                "unknown integration type {other:?}; this agent supports: {}",
+                INTEGRATION_TYPES.join(", ")
+            ),
+        }),
+    }
+}
+
+/// The operations every integration offers. Each is idempotent: running it twice has the effect
+/// of running it once, and a repeat reports success.
+#[async_trait]
+pub trait Integration: Send + Sync {
+    async fn validate(&self) -> Result<ValidateResult, IntegrationError>;
+    /// Streams every discovered object into `sink`; returns counts when done. Stops early (with
+    /// `Ok`) if the receiver is dropped.
+    async fn discover(&self, sink: mpsc::Sender<DiscoveredObject>) -> Result<DiscoverySummary, IntegrationError>;
+    async fn grant(&self, request: &GrantRequest) -> Result<GrantResult, IntegrationError>;
+    async fn revoke(&self, request: &RevokeRequest) -> Result<RevokeResult, IntegrationError>;
+    async fn rotate_credentials(&self, request: &RotateRequest) -> Result<GrantResult, IntegrationError>;
+    async fn delete_user(&self, request: &DeleteUserRequest) -> Result<DeleteUserResult, IntegrationError>;
+}
+
+/// Who gets the access.
+///
+/// On the wire (job params, CLI): `{"user": "alice"}`, `{"user": "github_user://123"}` or
+/// `{"group": "okta_group://admins"}`. A user value with `://` is a principal id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Username(String),
+    UserPrincipal(String),
+    GroupPrincipal(String),
+}
+
+impl Subject {
+    pub fn user(value: &str) -> Subject {
+        if value.contains("://") {
+            Subject::UserPrincipal(value.to_string())
+        } else {
+            Subject::Username(value.to_string())
+        }
+    }
+
+    /// The subject as given, for messages and keys.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Subject::Username(s) | Subject::UserPrincipal(s) | Subject::GroupPrincipal(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Username(s) => write!(f, "user {s}"),
+            Subject::UserPrincipal(s) => write!(f, "user principal {s}"),
+            Subject::GroupPrincipal(s) => write!(f, "group {s}"),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SubjectWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+}
+
+impl Serialize for Subject {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let wire = match self {
+            Subject::Username(v) | Subject::UserPrincipal(v) => SubjectWire {
+                user: Some(v.clone()),
+                group: None,
+            },
+            Subject::GroupPrincipal(v) => SubjectWire {
+                user: None,
+                group: Some(v.clone()),
+            },
+        };
+        wire.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Subject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = SubjectWire::deserialize(d)?;
+        match (wire.user, wire.group) {
+            (Some(u), None) if !u.trim().is_empty() => Ok(Subject::user(u.trim())),
+            (None, Some(g)) if !g.trim().is_empty() => Ok(Subject::GroupPrincipal(g.trim().to_string())),
+            (Some(_), Some(_)) => Err(serde::de::Error::custom("give either \"user\" or \"group\", not both")),
+            _ => Err(serde::de::Error::custom(
+                "missing subject: give \"user\" (a username or principal id) or \"group\" (a group principal id)",
+            )),
+        }
+    }
+}
+
+/// What the access is to. On the wire a string: `global`, a cluster id (`c-x`, `local`) or a
+/// project id (`c-x:p-y`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Global,
+    Cluster(String),
+    Project(String),
+}
+
+impl Resource {
+    /// # Errors
+    /// An empty id, or a project id that is not `cluster:project`.
+    pub fn parse(s: &str) -> Result<Resource, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(
+                "resource is empty: give \"global\", a cluster id (c-xxxxx) or a project id (c-xxxxx:p-yyyyy)".into(),
+            );
+        }
+        if s == "global" {
+            return Ok(Resource::Global);
+        }
+        match s.split_once(':') {
+            None => Ok(Resource::Cluster(s.to_string())),
+            Some((c, p)) if !c.is_empty() && !p.is_empty() && !p.contains(':') => Ok(Resource::Project(s.to_string())),
+            Some(_) => Err(format!(
+                "resource {s:?} is not a project id of the form c-xxxxx:p-yyyyy"
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Resource::Global => "global",
+            Resource::Cluster(s) | Resource::Project(s) => s,
+        }
+    }
+
+    pub fn scope(&self) -> BindingScope {
+        match self {
+            Resource::Global => BindingScope::Global,
+            Resource::Cluster(_) => BindingScope::Cluster,
+            Resource::Project(_) => BindingScope::Project,
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Resource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Resource::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingScope {
+    Global,
+    Cluster,
+    Project,
+}
+
+/// Params of a grant job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRequest {
+    #[serde(flatten)]
+    pub subject: Subject,
+    pub role: String,
+    pub resource: Resource,
+    #[serde(default)]
+    pub create_user: bool,
+}
+
+/// Params of a revoke job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    #[serde(flatten)]
+    pub subject: Subject,
+    pub role: String,
+    pub resource: Resource,
+}
+
+/// Params of a rotate-credentials job: the user whose password is replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateRequest {
+    pub user_id: String,
+}
+
+/// Params of a delete-user job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteUserRequest {
+    pub user_id: String,
+}
+
+/// Credentials generated for the requester. The one secret that may leave the agent, and only in
+/// the result of the job that made it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    pub username: String,
+    #[serde(serialize_with = "expose_secret")]
+    pub password: SecretString,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"[REDACTED]")
+            .finish()
+    }
+}
+
+fn expose_secret<S: Serializer>(v: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.expose_secret())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantResult {
+    pub user_id: String,
+    pub binding_ids: Vec<String>,
+    pub created_user: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    #[serde(default)]
+    pub access_details: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevokeResult {
+    pub removed_binding_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeleteUserResult {
+    pub user_id: String,
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ValidateResult {
+    /// Who the key belongs to.
+    pub principal: String,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub details: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiscoverySummary {
+    pub objects: u64,
+    pub requests: u64,
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// One discovered object: a line of the discovery NDJSON (DESIGN.md §8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DiscoveredObject {
+    Cluster {
+        id: String,
+        name: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    Project {
+        id: String,
+        name: String,
+        cluster_id: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    Namespace {
+        id: String,
+        name: String,
+        cluster_id: String,
+        project_id: Option<String>,
+    },
+    GlobalRole {
+        id: String,
+        name: String,
+        #[serde(default)]
+        builtin: bool,
+    },
+    RoleTemplate {
+        id: String,
+        name: String,
+        context: String,
+        #[serde(default)]
+        locked: bool,
+    },
+    User {
+        id: String,
+        name: String,
+        username: Option<String>,
+        principal_ids: Vec<String>,
+    },
+    Binding {
+        id: String,
+        name: String,
+        scope: BindingScope,
+        resource_id: String,
+        role_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_principal_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_principal_id: Option<String>,
+    },
+}
+
+impl DiscoveredObject {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DiscoveredObject::Cluster { .. } => "cluster",
+            DiscoveredObject::Project { .. } => "project",
+            DiscoveredObject::Namespace { .. } => "namespace",
+            DiscoveredObject::GlobalRole { .. } => "global_role",
+            DiscoveredObject::RoleTemplate { .. } => "role_template",
+            DiscoveredObject::User { .. } => "user",
+            DiscoveredObject::Binding { .. } => "binding",
+        }
+    }
+}
+
+/// Why an integration operation failed. Messages name the object and say what to do; they never
+/// carry a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrationError {
+    /// The service refused the credentials (Rancher 401). The executor drops the cached secret
+    /// and tries once more with a fresh read before giving up.
+    #[error("{message}")]
+    CredentialsRefused { message: String },
+    /// The credentials work but lack a permission.
+    #[error("{message}")]
+    PermissionDenied { message: String },
+    /// A named object (user, role, cluster, project) does not exist.
+    #[error("{message}")]
+    NotFound { message: String },
+    /// The request cannot succeed as asked (unknown or locked role, wrong role context, ...).
+    #[error("{message}")]
+    Invalid { message: String },
+    /// The integration's config is unusable (bad host, bad CA, missing secret key).
+    #[error("{message}")]
+    Config { message: String },
+    /// The service is unreachable, slow or answered 5xx: trying again later can help.
+    #[error("{message}")]
+    Unavailable { message: String },
+    /// The change was accepted but has not settled yet (e.g. binding status `InProgress`).
+    #[error("{message}")]
+    InProgress { message: String },
+    /// The service answered something this agent does not understand.
+    #[error("{message}")]
+    Protocol { message: String },
+}
+
+impl IntegrationError {
+    /// Stable code for job results and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IntegrationError::CredentialsRefused { .. } => "credentials_refused",
+            IntegrationError::PermissionDenied { .. } => "permission_denied",
+            IntegrationError::NotFound { .. } => "not_found",
+            IntegrationError::Invalid { .. } => "invalid_request",
+            IntegrationError::Config { .. } => "invalid_config",
+            IntegrationError::Unavailable { .. } => "unavailable",
+            IntegrationError::InProgress { .. } => "in_progress",
+            IntegrationError::Protocol { .. } => "protocol_error",
+        }
+    }
+
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            IntegrationError::Unavailable { .. } | IntegrationError::InProgress { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn subject_wire_forms() {
+        let g: GrantRequest =
+            serde_json::from_value(json!({"user": "alice", "role": "cluster-member", "resource": "c-1"})).unwrap();
+        assert_eq!(g.subject, Subject::Username("alice".into()));
+        assert_eq!(g.resource, Resource::Cluster("c-1".into()));
+        assert!(!g.create_user);
+        let g: GrantRequest =
+            serde_json::from_value(json!({"user": "local://u-abc", "role": "r", "resource": "c-1:p-2"})).unwrap();
+        assert_eq!(g.subject, Subject::UserPrincipal("local://u-abc".into()));
+        assert_eq!(g.resource, Resource::Project("c-1:p-2".into()));
+        let g: GrantRequest =
+            serde_json::from_value(json!({"group": "okta_group://x", "role": "admin", "resource": "global"})).unwrap();
+        assert_eq!(g.subject, Subject::GroupPrincipal("okta_group://x".into()));
+        assert_eq!(
+            serde_json::to_value(&g).unwrap(),
+            json!({"group": "okta_group://x", "role": "admin", "resource": "global", "create_user": false})
+        );
+    }
+
+    #[test]
+    fn subject_errors_are_clear() {
+        let e = serde_json::from_value::<GrantRequest>(json!({"role": "r", "resource": "c-1"})).unwrap_err();
+        assert!(e.to_string().contains("missing subject"), "{e}");
+        let e =
+            serde_json::from_value::<GrantRequest>(json!({"user": "a", "group": "b", "role": "r", "resource": "c-1"}))
+                .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        assert!(Resource::parse("c-1:").is_err());
+        assert!(Resource::parse("a:b:c").is_err());
+    }
+
+    #[test]
+    fn credentials_debug_is_redacted() {
+        let c = Credentials {
+            username: "alice".into(),
+            password: SecretString::from("canary-pw-123"),
+        };
+        assert!(!format!("{c:?}").contains("canary"));
+        assert!(serde_json::to_string(&c).unwrap().contains("canary-pw-123"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Rancher API simulator. (Being written.)
