@@ -1,1 +1,411 @@
-//! Configuration. (Being written.)
+//! Configuration: built-in defaults < TOML file (`--config`) < environment, through figment.
+//!
+//! Environment names are Apono's connector's (`APONO_TOKEN`, `APONO_CONNECTOR_ID`, ...), mapped
+//! explicitly below: each variable is parsed here so that a bad value fails at start-up with the
+//! variable's name. Loading never reads a secret store or opens a connection.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::integrations::{self, IntegrationSpec};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub control_plane: RemoteConfig,
+    pub agent: AgentConfig,
+    pub standalone: StandaloneConfig,
+    pub telemetry: TelemetryConfig,
+    pub secrets: SecretsConfig,
+    /// Integrations the standalone control plane knows by name.
+    pub integrations: Vec<IntegrationSpec>,
+}
+
+/// The remote control plane. With no `url`, `run` starts the embedded one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// `APONO_URL`; a bare host means https.
+    pub url: Option<String>,
+    /// `APONO_TOKEN`.
+    #[serde(skip_serializing)]
+    pub token: Option<SecretString>,
+    /// `APONO_CONNECTOR_ID` (alias `CONNECTOR_ID`).
+    pub connector_id: String,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            url: None,
+            token: None,
+            connector_id: "standalone".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// `APONO_ACTIONS_PARALLELISM`: jobs run at once.
+    pub parallelism: usize,
+    /// How long in-flight jobs may run after SIGTERM before they are abandoned (their leases then
+    /// run out and the jobs are handed out again).
+    pub shutdown_grace_seconds: u64,
+    /// Long-poll wait per lease call (≤ 30).
+    pub lease_wait_seconds: u32,
+    /// Attempts of one job inside one lease for retryable failures, with backoff and jitter.
+    pub job_attempts: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            parallelism: 8,
+            shutdown_grace_seconds: 30,
+            lease_wait_seconds: 20,
+            job_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandaloneConfig {
+    /// Operator API (and agent protocol, for `control-plane serve`).
+    pub listen: SocketAddr,
+    /// `APONO_DATA_DIR`: the SQLite state.
+    pub data_dir: PathBuf,
+    pub lease_seconds: u64,
+    pub max_grant_attempts: u32,
+}
+
+impl Default for StandaloneConfig {
+    fn default() -> Self {
+        StandaloneConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8790)),
+            data_dir: PathBuf::from("./data"),
+            lease_seconds: 60,
+            max_grant_attempts: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `APONO_LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// `APONO_LOG_LEVEL`: a tracing filter (`info`, `apono_connector=debug`).
+    pub log_level: String,
+    /// `APONO_HEALTH_ADDR`: `/healthz`, `/readyz`, `/metrics`.
+    pub health_addr: SocketAddr,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            health_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// `ALLOWED_SECRETS_TO_READ` (comma-separated): when set, only these secrets may be read.
+    pub allowed_secrets_to_read: Vec<String>,
+    /// `HASHICORP_VAULT_CONFIG`: a JSON list of Vault definitions.
+    #[serde(skip_serializing)]
+    pub hashicorp_vault_config: Option<SecretString>,
+    /// `HASHICORP_VAULT_CONFIG_FILE_PATH`.
+    pub hashicorp_vault_config_file_path: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used: names the key or variable and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+type EnvParser = fn(&str, &str) -> Result<Value, String>;
+
+/// Environment variable → config key, with the parser for its value.
+const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
+    ("APONO_URL", "control_plane.url", parse_string),
+    ("APONO_TOKEN", "control_plane.token", parse_string),
+    ("CONNECTOR_ID", "control_plane.connector_id", parse_string),
+    ("APONO_CONNECTOR_ID", "control_plane.connector_id", parse_string),
+    ("APONO_ACTIONS_PARALLELISM", "agent.parallelism", parse_positive_int),
+    ("APONO_DATA_DIR", "standalone.data_dir", parse_string),
+    ("APONO_LISTEN_ADDR", "standalone.listen", parse_string),
+    ("APONO_LOG_FORMAT", "telemetry.log_format", parse_log_format),
+    ("APONO_LOG_LEVEL", "telemetry.log_level", parse_string),
+    ("APONO_HEALTH_ADDR", "telemetry.health_addr", parse_string),
+    ("ALLOWED_SECRETS_TO_READ", "secrets.allowed_secrets_to_read", parse_list),
+    ("HASHICORP_VAULT_CONFIG", "secrets.hashicorp_vault_config", parse_string),
+    (
+        "HASHICORP_VAULT_CONFIG_FILE_PATH",
+        "secrets.hashicorp_vault_config_file_path",
+        parse_string,
+    ),
+];
+
+fn parse_string(_: &str, v: &str) -> Result<Value, String> {
+    Ok(Value::String(v.to_string()))
+}
+
+fn parse_positive_int(name: &str, v: &str) -> Result<Value, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Value::from(n)),
+        _ => Err(format!("{name}={v:?} is not a positive whole number")),
+    }
+}
+
+fn parse_log_format(name: &str, v: &str) -> Result<Value, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        f @ ("text" | "json") => Ok(Value::String(f.to_string())),
+        _ => Err(format!("{name}={v:?}: expected \"text\" or \"json\"")),
+    }
+}
+
+fn parse_list(_: &str, v: &str) -> Result<Value, String> {
+    Ok(Value::Array(
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::String(s.to_string()))
+            .collect(),
+    ))
+}
+
+impl Config {
+    /// Loads defaults < `file` < the process environment.
+    ///
+    /// # Errors
+    /// A missing or malformed file, a bad variable or key, or a config that fails [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_from(file, |name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], with the environment given as a lookup (tests).
+    pub fn load_from(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let mut errors = Vec::new();
+        let mut overrides = Map::new();
+        for (name, key, parse) in ENV_KEYS {
+            let Some(raw) = env(name).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            match parse(name, &raw) {
+                Ok(value) => insert_dotted(&mut overrides, key, value),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError(errors.join("; ")));
+        }
+        figment = figment.merge(Serialized::defaults(Value::Object(overrides)));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError(describe_figment_error(e, file)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Pure checks (no I/O) collecting every problem at once.
+    ///
+    /// # Errors
+    /// Every problem found, joined.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.agent.parallelism == 0 || self.agent.parallelism > 256 {
+            problems.push(format!(
+                "agent.parallelism (APONO_ACTIONS_PARALLELISM) must be 1..=256, got {}",
+                self.agent.parallelism
+            ));
+        }
+        if self.agent.lease_wait_seconds == 0 || self.agent.lease_wait_seconds > 30 {
+            problems.push("agent.lease_wait_seconds must be 1..=30".into());
+        }
+        if self.agent.job_attempts == 0 {
+            problems.push("agent.job_attempts must be at least 1".into());
+        }
+        if self.standalone.lease_seconds < 2 {
+            problems.push("standalone.lease_seconds must be at least 2".into());
+        }
+        if let Some(url) = &self.control_plane.url
+            && let Err(e) = normalize_url(url)
+        {
+            problems.push(format!("control_plane.url (APONO_URL): {e}"));
+        }
+        if self.control_plane.url.is_some() && self.control_plane.token.is_none() {
+            problems.push("APONO_TOKEN is required when APONO_URL is set".into());
+        }
+        if self.control_plane.connector_id.trim().is_empty() {
+            problems.push("control_plane.connector_id (APONO_CONNECTOR_ID) must not be empty".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, spec) in self.integrations.iter().enumerate() {
+            if !names.insert(spec.name.as_str()) {
+                problems.push(format!("integrations[{i}]: duplicate name {:?}", spec.name));
+            }
+            if let Err(e) = integrations::validate_spec(spec) {
+                problems.push(format!("integrations[{i}] ({:?}): {e}", spec.name));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems.join("; ")))
+        }
+    }
+
+    /// Standalone mode: no remote control plane configured.
+    pub fn is_standalone(&self) -> bool {
+        self.control_plane.url.is_none()
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.agent.shutdown_grace_seconds)
+    }
+}
+
+/// `APONO_URL` may be a bare host (`connector.example.com`), meaning https.
+///
+/// # Errors
+/// A value that is not a URL after adding the scheme.
+pub fn normalize_url(raw: &str) -> Result<url::Url, String> {
+    let raw = raw.trim();
+    let with_scheme = if raw.contains("://") {
+        raw.to_string()
+    } else {
+        format!("https://{raw}")
+    };
+    let url = url::Url::parse(&with_scheme).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+    match url.scheme() {
+        "http" | "https" => Ok(url),
+        other => Err(format!("{raw:?}: scheme {other:?} is not http or https")),
+    }
+}
+
+fn insert_dotted(map: &mut Map<String, Value>, dotted: &str, value: Value) {
+    match dotted.split_once('.') {
+        None => {
+            map.insert(dotted.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let child = map.entry(head.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(child) = child {
+                insert_dotted(child, rest, value);
+            }
+        }
+    }
+}
+
+/// Names the key (and the env variable when there is one) in figment's error.
+fn describe_figment_error(e: figment::Error, file: Option<&Path>) -> String {
+    let mut out = Vec::new();
+    for err in e {
+        let key = err.path.join(".");
+        let var = ENV_KEYS.iter().find(|(_, k, _)| *k == key).map(|(n, _, _)| *n);
+        let source = file.map(|f| format!(" in {}", f.display())).unwrap_or_default();
+        let what = match var {
+            Some(v) => format!("{key} ({v}{source})"),
+            None if key.is_empty() => format!("config{source}"),
+            None => format!("{key}{source}"),
+        };
+        out.push(format!("{what}: {}", err.kind));
+    }
+    out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_standalone() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert!(c.is_standalone());
+        assert_eq!(c.agent.parallelism, 8);
+        assert_eq!(c.standalone.listen.to_string(), "127.0.0.1:8790");
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[agent]\nparallelism = 3\n[telemetry]\nlog_level = \"debug\"\n").unwrap();
+        let c = Config::load_from(Some(&path), env(&[("APONO_ACTIONS_PARALLELISM", "5")])).unwrap();
+        assert_eq!(c.agent.parallelism, 5);
+        assert_eq!(c.telemetry.log_level, "debug");
+        let c = Config::load_from(
+            Some(&path),
+            env(&[("APONO_URL", "cp.example.com"), ("APONO_TOKEN", "12345")]),
+        )
+        .unwrap();
+        assert!(!c.is_standalone());
+        assert_eq!(
+            normalize_url(c.control_plane.url.as_deref().unwrap()).unwrap().as_str(),
+            "https://cp.example.com/"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_or_key() {
+        let e = Config::load_from(None, env(&[("APONO_ACTIONS_PARALLELISM", "many")])).unwrap_err();
+        assert!(e.to_string().contains("APONO_ACTIONS_PARALLELISM"), "{e}");
+        let e = Config::load_from(None, env(&[("APONO_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(e.to_string().contains("APONO_LOG_FORMAT"), "{e}");
+        let e = Config::load_from(None, env(&[("APONO_HEALTH_ADDR", "nowhere")])).unwrap_err();
+        assert!(e.to_string().contains("APONO_HEALTH_ADDR"), "{e}");
+        let e = Config::load_from(None, env(&[("APONO_URL", "https://cp")])).unwrap_err();
+        assert!(e.to_string().contains("APONO_TOKEN"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[agent]\nparalelism = 3\n").unwrap();
+        let e = Config::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("paralelism"), "{e}");
+    }
+
+    #[test]
+    fn token_never_appears_in_debug() {
+        let c = Config::load_from(None, env(&[("APONO_URL", "cp"), ("APONO_TOKEN", "canary-token-77")])).unwrap();
+        assert!(!format!("{c:?}").contains("canary-token-77"));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/connector.example.toml");
+        Config::load_from(Some(&path), env(&[])).unwrap();
+    }
+}

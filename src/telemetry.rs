@@ -1,1 +1,27 @@
-//! Telemetry. (Being written.)
+//! Logging: a tracing subscriber writing text (default) or JSON to stderr.
+//!
+//! Prometheus metrics and the `/healthz` `/readyz` `/metrics` server come with the operability
+//! work; until then logs are the agent's only telemetry.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Installs the global subscriber. A filter that does not parse falls back to `info` with a
+/// warning rather than stopping the agent. Calling it twice is harmless (the second is ignored).
+pub fn init(config: &TelemetryConfig) {
+    let (filter, bad_filter) = match EnvFilter::try_new(&config.log_level) {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match config.log_format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init().is_ok(),
+        LogFormat::Text => builder.with_target(false).try_init().is_ok(),
+    };
+    if installed && let Some(e) = bad_filter {
+        tracing::warn!(level = %config.log_level, error = %e, "APONO_LOG_LEVEL does not parse; using info");
+    }
+}

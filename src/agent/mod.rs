@@ -1,1 +1,289 @@
-//! Agent runtime. (Being written.)
+//! The agent runtime: session hello, the lease loop, a bounded worker pool, lease renewal,
+//! completion, and graceful shutdown. What a job *does* is in [`executor`].
+//!
+//! Shutdown: the `shutdown` token stops leasing at once; in-flight jobs get `grace` to finish and
+//! report. Jobs still running then are abandoned without a report: their leases run out and the
+//! control plane hands them out again (every operation is idempotent, so that is safe).
+
+pub mod executor;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::control_plane::protocol::{
+    Capabilities, CompleteRequest, Job, LeaseRequest, Outcome, RenewRequest, SessionHello,
+};
+use crate::control_plane::{ControlPlane, ControlPlaneError};
+use crate::integrations::INTEGRATION_TYPES;
+pub use executor::Executor;
+use executor::backoff;
+
+/// Knobs of the runtime (from `config::AgentConfig`).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub parallelism: usize,
+    pub lease_wait_seconds: u32,
+    pub shutdown_grace: Duration,
+}
+
+pub struct Agent {
+    control_plane: Arc<dyn ControlPlane>,
+    executor: Arc<Executor>,
+    options: AgentOptions,
+}
+
+impl Agent {
+    pub fn new(control_plane: Arc<dyn ControlPlane>, executor: Executor, options: AgentOptions) -> Agent {
+        Agent {
+            control_plane,
+            executor: Arc::new(executor),
+            options,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains in-flight jobs within the grace period.
+    /// Control-plane outages are retried with backoff (1 s → 5 min, jittered); they never stop
+    /// the agent.
+    pub async fn run(self, shutdown: CancellationToken) {
+        if !self.say_hello(&shutdown).await {
+            return;
+        }
+        let permits = Arc::new(Semaphore::new(self.options.parallelism));
+        let tracker = TaskTracker::new();
+        // Cancelled when the grace period runs out: abandons jobs still running.
+        let abandon = CancellationToken::new();
+        let mut failures = 0u32;
+        loop {
+            let first_permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let request = LeaseRequest {
+                max_jobs: (permits.available_permits() + 1) as u32,
+                wait_seconds: self.options.lease_wait_seconds,
+            };
+            let leased = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.control_plane.lease(&request) => r,
+            };
+            let jobs = match leased {
+                Ok(jobs) => {
+                    failures = 0;
+                    jobs
+                }
+                Err(e) => {
+                    failures += 1;
+                    let delay = backoff(Duration::from_secs(1), failures);
+                    log_control_plane_error(&e, "lease", delay);
+                    drop(first_permit);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            let mut first_permit = Some(first_permit);
+            for raw in jobs {
+                let permit = match first_permit.take() {
+                    Some(p) => p,
+                    // The control plane sent more than asked: run them anyway, in turn.
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let cp = self.control_plane.clone();
+                let executor = self.executor.clone();
+                let abandon = abandon.child_token();
+                tracker.spawn(async move {
+                    run_job(raw, cp.as_ref(), &executor, abandon).await;
+                    drop(permit);
+                });
+            }
+        }
+        tracker.close();
+        if !tracker.is_empty() {
+            tracing::info!(
+                in_flight = tracker.len(),
+                grace_s = self.options.shutdown_grace.as_secs(),
+                "shutting down: waiting for in-flight jobs"
+            );
+        }
+        if tokio::time::timeout(self.options.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                abandoned = tracker.len(),
+                "grace period over: abandoning jobs; their leases will run out and they will be handed out again"
+            );
+            abandon.cancel();
+            tracker.wait().await;
+        }
+        tracing::info!("agent stopped");
+    }
+
+    /// Says hello until the control plane answers. False if shutdown came first.
+    async fn say_hello(&self, shutdown: &CancellationToken) -> bool {
+        let hello = SessionHello {
+            version: crate::VERSION.to_string(),
+            hostname: hostname(),
+            capabilities: Capabilities {
+                integration_types: INTEGRATION_TYPES.iter().map(|s| s.to_string()).collect(),
+                secret_store_types: self.executor.secrets().types(),
+            },
+        };
+        let mut failures = 0u32;
+        loop {
+            match self.control_plane.hello(&hello).await {
+                Ok(session) => {
+                    tracing::info!(session = %session.session_id, lease_seconds = session.lease_seconds, "session with the control plane established");
+                    return true;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let delay = backoff(Duration::from_secs(1), failures);
+                    log_control_plane_error(&e, "hello", delay);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn log_control_plane_error(e: &ControlPlaneError, call: &str, retry_in: Duration) {
+    match e {
+        ControlPlaneError::Unauthorized { .. } => {
+            tracing::error!(call, error = %e, retry_in_s = retry_in.as_secs(), "the control plane refused the token")
+        }
+        _ => {
+            tracing::warn!(call, error = %e, retry_in_ms = retry_in.as_millis() as u64, "control plane call failed; retrying")
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// One job: keep its lease alive while the executor runs, then report the outcome.
+async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon: CancellationToken) {
+    let job: Job = match serde_json::from_value(raw) {
+        Ok(job) => job,
+        Err(e) => {
+            // Without an id and lease token there is nothing to report to; the control plane
+            // hands the job out again when its lease runs out.
+            tracing::error!(error = %e, "control plane sent a job without a valid envelope (id, lease_token, lease_expires_at); skipping it");
+            return;
+        }
+    };
+    let integration = job
+        .integration
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string();
+    let span =
+        tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt, integration = %integration);
+    async move {
+        let started = std::time::Instant::now();
+        // Lost lease or grace over: stop working on the job, report nothing.
+        let stop = abandon.child_token();
+        let renewal = keep_lease(cp, &job, stop.clone());
+        let work = executor.execute(&job, cp, &stop);
+        let outcome = tokio::select! {
+            r = work => Some(r),
+            _ = renewal => None,
+            _ = stop.cancelled() => None,
+        };
+        let Some(outcome) = outcome else {
+            tracing::warn!("job abandoned (lease lost or shutdown grace over); it will be handed out again");
+            return;
+        };
+        let request = match outcome {
+            Ok(result) => CompleteRequest { lease_token: job.lease_token.clone(), outcome: Outcome::Succeeded, error: None, result: Some(result) },
+            Err(error) => {
+                tracing::warn!(code = %error.code, retryable = error.retryable, error = %error.message, "job failed");
+                CompleteRequest { lease_token: job.lease_token.clone(), outcome: Outcome::Failed, error: Some(error), result: None }
+            }
+        };
+        if report(cp, &job, &request, &abandon).await {
+            tracing::info!(outcome = ?request.outcome, elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Renews the lease at a third of its remaining time. Returns only when the lease is lost.
+async fn keep_lease(cp: &dyn ControlPlane, job: &Job, stop: CancellationToken) {
+    let mut expires_at = job.lease_expires_at;
+    let request = RenewRequest {
+        lease_token: job.lease_token.clone(),
+    };
+    loop {
+        let remaining = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+        let wait = (remaining / 3).max(Duration::from_millis(200));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match cp.renew(&job.id, &request).await {
+            Ok(renewed) => expires_at = renewed.lease_expires_at,
+            Err(ControlPlaneError::LeaseLost { .. }) => {
+                tracing::warn!("lease lost while the job was running");
+                return;
+            }
+            Err(e) if chrono::Utc::now() >= expires_at => {
+                tracing::warn!(error = %e, "could not renew the lease before it ran out");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Reports a job's outcome, retrying transient failures while the lease may still be valid.
+/// True when the control plane took it.
+async fn report(cp: &dyn ControlPlane, job: &Job, request: &CompleteRequest, abandon: &CancellationToken) -> bool {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match cp.complete(&job.id, request).await {
+            Ok(()) => return true,
+            Err(ControlPlaneError::LeaseLost { .. }) => {
+                tracing::warn!("lease was lost before the outcome was reported; the job will run again");
+                return false;
+            }
+            Err(e) if e.retryable() && attempt < 8 => {
+                let delay = backoff(Duration::from_millis(500), attempt);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "reporting the outcome failed; retrying");
+                tokio::select! {
+                    _ = abandon.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not report the outcome; the job will run again when its lease runs out");
+                return false;
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The job executor: one job's path, top to bottom.
+//!
+//! parse the job → resolve its secret → build the integration → run the operation (retrying
+//! retryable failures with backoff; on a refused key, re-reading the secret once) → an outcome.
+//!
+//! Every failure becomes a [`JobError`] with a stable code, a message a person can act on and a
+//! retryable flag. No message carries a secret value: secrets stay inside `Secret`, and the
+//! integration's errors are built to name objects, never credentials.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::control_plane::ControlPlane;
+use crate::control_plane::protocol::{Job, JobError, JobKind};
+use crate::integrations::{
+    self, DeleteUserRequest, DiscoveredObject, GrantRequest, Integration, IntegrationError, IntegrationSpec,
+    RevokeRequest, RotateRequest,
+};
+use crate::secrets::{SecretError, SecretStores};
+
+/// Discovered objects are uploaded to the control plane in batches of this many.
+const UPLOAD_BATCH: usize = 500;
+
+/// A job's operation, parsed and typed. Invalid jobs never get this far.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    Validate,
+    Discover,
+    Grant(GrantRequest),
+    Revoke(RevokeRequest),
+    RotateCredentials(RotateRequest),
+    DeleteUser(DeleteUserRequest),
+}
+
+impl Operation {
+    /// Parses a job's kind and params.
+    ///
+    /// # Errors
+    /// `malformed_job` naming the kind and what is wrong with the params.
+    pub fn parse(kind: &str, params: &Value) -> Result<Operation, JobError> {
+        let kind = JobKind::parse(kind).ok_or_else(|| {
+            let known: Vec<_> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+            malformed(format!(
+                "unknown job kind {kind:?}; this agent runs: {}",
+                known.join(", ")
+            ))
+        })?;
+        fn params_of<T: serde::de::DeserializeOwned>(kind: JobKind, params: &Value) -> Result<T, JobError> {
+            serde_json::from_value(params.clone()).map_err(|e| malformed(format!("{kind} job has invalid params: {e}")))
+        }
+        Ok(match kind {
+            JobKind::Validate => Operation::Validate,
+            JobKind::Discover => Operation::Discover,
+            JobKind::Grant => Operation::Grant(params_of(kind, params)?),
+            JobKind::Revoke => Operation::Revoke(params_of(kind, params)?),
+            JobKind::RotateCredentials => Operation::RotateCredentials(params_of(kind, params)?),
+            JobKind::DeleteUser => Operation::DeleteUser(params_of(kind, params)?),
+        })
+    }
+}
+
+fn malformed(message: String) -> JobError {
+    JobError {
+        code: "malformed_job".into(),
+        message,
+        retryable: false,
+    }
+}
+
+fn from_secret_error(e: &SecretError) -> JobError {
+    JobError {
+        code: e.code().into(),
+        message: e.to_string(),
+        retryable: e.retryable(),
+    }
+}
+
+fn from_integration_error(e: &IntegrationError) -> JobError {
+    JobError {
+        code: e.code().into(),
+        message: e.to_string(),
+        retryable: e.retryable(),
+    }
+}
+
+/// Runs jobs. Holds only what every job shares: the secret stores and the retry policy.
+pub struct Executor {
+    secrets: SecretStores,
+    /// Attempts for retryable failures within one lease.
+    attempts: u32,
+    /// First backoff; doubles per attempt, with jitter.
+    backoff_base: Duration,
+}
+
+impl Executor {
+    pub fn new(secrets: SecretStores, attempts: u32) -> Executor {
+        Executor {
+            secrets,
+            attempts: attempts.max(1),
+            backoff_base: Duration::from_millis(500),
+        }
+    }
+
+    /// Shorter backoff, for tests and the demo.
+    pub fn with_backoff_base(mut self, base: Duration) -> Executor {
+        self.backoff_base = base;
+        self
+    }
+
+    pub fn secrets(&self) -> &SecretStores {
+        &self.secrets
+    }
+
+    /// Runs one leased job to a result or an error. `cancel` aborts it (lease lost, or the
+    /// shutdown grace ran out); the caller then reports nothing and the lease runs out.
+    pub async fn execute(
+        &self,
+        job: &Job,
+        cp: &dyn ControlPlane,
+        cancel: &CancellationToken,
+    ) -> Result<Value, JobError> {
+        // 1. Parse: an invalid job fails at once, for good.
+        let spec: IntegrationSpec = serde_json::from_value(job.integration.clone())
+            .map_err(|e| malformed(format!("job's integration is invalid: {e}")))?;
+        let operation = Operation::parse(&job.kind, &job.params)?;
+        integrations::validate_spec(&spec).map_err(|e| from_integration_error(&e))?;
+
+        // 2-4. Resolve the secret, build the integration, run; retry what can be retried.
+        let mut refreshed_secret = false;
+        let mut attempt = 1;
+        loop {
+            let outcome = self.run_once(&spec, &operation, job, cp).await;
+            let error = match outcome {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            if error.code == "credentials_refused" && !refreshed_secret {
+                // The key may have been rotated: drop any cached copy and read it again, once.
+                tracing::warn!(
+                    store = spec.secret_store.store_type(),
+                    "integration refused the credentials; re-reading the secret"
+                );
+                self.secrets.invalidate(&spec.secret_store);
+                refreshed_secret = true;
+                continue;
+            }
+            if !error.retryable || attempt >= self.attempts {
+                return Err(error);
+            }
+            let delay = backoff(self.backoff_base, attempt);
+            tracing::info!(code = %error.code, attempt, delay_ms = delay.as_millis() as u64, "retryable failure; retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(error),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn run_once(
+        &self,
+        spec: &IntegrationSpec,
+        operation: &Operation,
+        job: &Job,
+        cp: &dyn ControlPlane,
+    ) -> Result<Value, JobError> {
+        let secret = self
+            .secrets
+            .fetch(&spec.secret_store)
+            .await
+            .map_err(|e| from_secret_error(&e))?;
+        let integration = integrations::build(spec, &secret).map_err(|e| from_integration_error(&e))?;
+        drop(secret);
+        let result = match operation {
+            Operation::Validate => to_json(integration.validate().await),
+            Operation::Grant(r) => to_json(integration.grant(r).await),
+            Operation::Revoke(r) => to_json(integration.revoke(r).await),
+            Operation::RotateCredentials(r) => to_json(integration.rotate_credentials(r).await),
+            Operation::DeleteUser(r) => to_json(integration.delete_user(r).await),
+            Operation::Discover => return discover_and_upload(integration.as_ref(), job, cp).await,
+        };
+        result.map_err(|e| from_integration_error(&e))
+    }
+}
+
+fn to_json<T: Serialize>(r: Result<T, IntegrationError>) -> Result<Value, IntegrationError> {
+    let value = r?;
+    serde_json::to_value(value).map_err(|e| IntegrationError::Protocol {
+        message: format!("result does not serialize: {e}"),
+    })
+}
+
+/// Streams discovery into batched uploads; the job's result is the summary.
+async fn discover_and_upload(
+    integration: &dyn Integration,
+    job: &Job,
+    cp: &dyn ControlPlane,
+) -> Result<Value, JobError> {
+    let (tx, mut rx) = mpsc::channel::<DiscoveredObject>(UPLOAD_BATCH * 2);
+    let discovery = integration.discover(tx);
+    let upload = async {
+        let mut batch = Vec::with_capacity(UPLOAD_BATCH);
+        let mut uploaded = 0u64;
+        loop {
+            let next = rx.recv().await;
+            let done = next.is_none();
+            if let Some(object) = next {
+                batch.push(serde_json::to_value(&object).unwrap_or(Value::Null));
+            }
+            if batch.len() >= UPLOAD_BATCH || (done && !batch.is_empty()) {
+                cp.upload_resources(job, &batch).await.map_err(|e| JobError {
+                    code: "upload_failed".into(),
+                    message: format!("uploading discovered objects failed: {e}"),
+                    retryable: e.retryable(),
+                })?;
+                uploaded += batch.len() as u64;
+                batch.clear();
+            }
+            if done {
+                return Ok::<u64, JobError>(uploaded);
+            }
+        }
+    };
+    let (summary, uploaded) = tokio::join!(discovery, upload);
+    let summary = summary.map_err(|e| from_integration_error(&e))?;
+    let uploaded = uploaded?;
+    let mut value = serde_json::to_value(summary).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.insert("uploaded".into(), Value::from(uploaded));
+    }
+    Ok(value)
+}
+
+/// Exponential backoff from `base`, doubled per attempt, capped at 5 minutes, with ±25 % jitter
+/// so that agents failing together do not retry together.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let cap = Duration::from_secs(300);
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(cap);
+    let jitter = rand::random_range(0.75..1.25);
+    exp.mul_f64(jitter).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parse_rejects_unknown_kind_and_bad_params() {
+        let e = Operation::parse("teleport", &json!({})).unwrap_err();
+        assert_eq!(e.code, "malformed_job");
+        assert!(!e.retryable);
+        assert!(
+            e.message.contains("teleport") && e.message.contains("grant"),
+            "{}",
+            e.message
+        );
+        let e = Operation::parse("grant", &json!({"user": "alice"})).unwrap_err();
+        assert!(e.message.contains("grant job has invalid params"), "{}", e.message);
+        let op = Operation::parse(
+            "revoke",
+            &json!({"user": "alice", "role": "cluster-member", "resource": "c-1"}),
+        )
+        .unwrap();
+        assert!(matches!(op, Operation::Revoke(_)));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        assert!(backoff(base, 1) <= Duration::from_millis(125));
+        assert!(backoff(base, 4) >= Duration::from_millis(600));
+        assert!(backoff(base, 40) <= Duration::from_secs(300));
+    }
+}
