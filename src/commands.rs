@@ -1,0 +1,284 @@
+//! One function per CLI command: build what the command needs from the config and call into the
+//! modules. `main.rs` parses arguments and calls these; `demo` lives in its own module.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{Agent, AgentOptions, Executor};
+use crate::config::{Config, normalize_url};
+use crate::control_plane::client::{HttpControlPlane, OperatorClient};
+use crate::control_plane::embedded::{self, EmbeddedControlPlane};
+use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
+use crate::control_plane::{ControlPlane, server};
+use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest};
+use crate::secrets::{SecretRef, SecretStores};
+
+/// Default address of the standalone control plane's operator API.
+pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:8790";
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received: no new jobs will be leased");
+        t.cancel();
+    });
+    token
+}
+
+pub fn agent_options(config: &Config) -> AgentOptions {
+    AgentOptions {
+        parallelism: config.agent.parallelism,
+        lease_wait_seconds: config.agent.lease_wait_seconds,
+        shutdown_grace: config.shutdown_grace(),
+    }
+}
+
+pub fn embedded_options(config: &Config) -> embedded::Options {
+    embedded::Options {
+        data_dir: config.standalone.data_dir.clone(),
+        lease_duration: Duration::from_secs(config.standalone.lease_seconds),
+        max_grant_attempts: config.standalone.max_grant_attempts,
+        ..embedded::Options::default()
+    }
+}
+
+/// Opens the embedded control plane and registers the config's integrations.
+pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Result<Arc<EmbeddedControlPlane>> {
+    let dir = options.data_dir.display().to_string();
+    let cp = EmbeddedControlPlane::open(options).with_context(|| format!("opening the control-plane state in {dir}"))?;
+    for spec in &config.integrations {
+        cp.register_integration(spec).with_context(|| format!("registering integration {:?}", spec.name))?;
+    }
+    Ok(cp)
+}
+
+/// `run`: the daemon. Standalone (embedded control plane + operator API + agent) unless
+/// `APONO_URL` is set.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let executor = Executor::new(SecretStores::default(), config.agent.job_attempts);
+    match &config.control_plane.url {
+        Some(url) => {
+            let url = normalize_url(url).map_err(anyhow::Error::msg)?;
+            let token = config.control_plane.token.clone();
+            let cp = HttpControlPlane::new(url.as_str(), &config.control_plane.connector_id, token)?;
+            tracing::info!(control_plane = %url, connector_id = %config.control_plane.connector_id, "starting agent (remote mode)");
+            Agent::new(Arc::new(cp), executor, agent_options(&config)).run(shutdown).await;
+        }
+        None => {
+            // The operator API grants access to whoever can reach it: it stays on loopback until
+            // it has authentication of its own.
+            if !config.standalone.listen.ip().is_loopback() {
+                bail!(
+                    "standalone.listen (APONO_LISTEN_ADDR) is {}: the operator API has no authentication, bind it to a loopback address",
+                    config.standalone.listen
+                );
+            }
+            let cp = open_embedded(&config, embedded_options(&config))?;
+            let listener = tokio::net::TcpListener::bind(config.standalone.listen)
+                .await
+                .with_context(|| format!("binding the operator API on {}", config.standalone.listen))?;
+            tracing::info!(
+                operator_api = %config.standalone.listen,
+                data_dir = %config.standalone.data_dir.display(),
+                integrations = config.integrations.len(),
+                "starting agent (standalone: embedded control plane)"
+            );
+            let background = CancellationToken::new();
+            let scheduler = tokio::spawn(cp.clone().run_scheduler(background.clone()));
+            let router = server::router(cp.clone(), None);
+            let api = tokio::spawn(server::serve(listener, router, background.clone()));
+            Agent::new(cp, executor, agent_options(&config)).run(shutdown).await;
+            background.cancel();
+            let _ = scheduler.await;
+            let _ = api.await;
+        }
+    }
+    Ok(())
+}
+
+/// `control-plane serve`: the embedded control plane alone, for remote agents.
+pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cp = open_embedded(&config, embedded_options(&config))?;
+    let listener = tokio::net::TcpListener::bind(config.standalone.listen)
+        .await
+        .with_context(|| format!("binding {}", config.standalone.listen))?;
+    if config.control_plane.token.is_none() {
+        tracing::warn!("APONO_TOKEN is not set: agents are not authenticated; bind to loopback only");
+    }
+    tracing::info!(listen = %config.standalone.listen, data_dir = %config.standalone.data_dir.display(), "control plane serving");
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(shutdown.clone()));
+    server::serve(listener, server::router(cp, config.control_plane.token.clone()), shutdown).await?;
+    let _ = scheduler.await;
+    Ok(())
+}
+
+/// Reads `JSON` or `@FILE`.
+pub fn read_json_arg(arg: &str, what: &str) -> anyhow::Result<Value> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {what} from {path}"))?,
+        None => arg.to_string(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+pub fn parse_integration(arg: &str) -> anyhow::Result<IntegrationSpec> {
+    let spec: IntegrationSpec = serde_json::from_value(read_json_arg(arg, "--integration")?)
+        .context("--integration must be {\"type\",\"name\",\"config\",\"secret_store\"}")?;
+    integrations::validate_spec(&spec)?;
+    Ok(spec)
+}
+
+async fn build_integration(spec: &IntegrationSpec) -> anyhow::Result<Box<dyn integrations::Integration>> {
+    let secret = SecretStores::default().fetch(&spec.secret_store).await?;
+    Ok(integrations::build(spec, &secret)?)
+}
+
+/// `discover`: NDJSON on stdout, progress and a summary on stderr.
+pub async fn discover(spec: IntegrationSpec) -> anyhow::Result<()> {
+    let integration = build_integration(&spec).await?;
+    let (tx, mut rx) = mpsc::channel::<DiscoveredObject>(1024);
+    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let mut n = 0u64;
+        while let Some(object) = rx.blocking_recv() {
+            serde_json::to_writer(&mut out, &object)?;
+            out.write_all(b"\n")?;
+            n += 1;
+            if n.is_multiple_of(10_000) {
+                eprintln!("discovered {n} objects...");
+            }
+        }
+        out.flush()?;
+        Ok(n)
+    });
+    let summary = integration.discover(tx).await;
+    let written = writer.await.context("writer task")??;
+    let summary = summary?;
+    eprintln!(
+        "discovery done: {written} objects, {} requests, {} ms ({})",
+        summary.requests,
+        summary.elapsed_ms,
+        summary.counts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+pub async fn grant(spec: IntegrationSpec, request: GrantRequest) -> anyhow::Result<Value> {
+    let integration = build_integration(&spec).await?;
+    Ok(serde_json::to_value(integration.grant(&request).await?)?)
+}
+
+pub async fn revoke(spec: IntegrationSpec, request: RevokeRequest) -> anyhow::Result<Value> {
+    let integration = build_integration(&spec).await?;
+    Ok(serde_json::to_value(integration.revoke(&request).await?)?)
+}
+
+/// `secret get`: keys as JSON; values `***` unless `reveal`.
+pub async fn secret_get(store: &str, reveal: bool) -> anyhow::Result<Value> {
+    let reference: SecretRef =
+        serde_json::from_value(read_json_arg(store, "--store")?).context("--store must be a secret reference such as {\"type\":\"AWS\",\"region\":\"...\",\"secret_id\":\"...\"}")?;
+    let secret = SecretStores::default().fetch(&reference).await?;
+    let mut map = serde_json::Map::new();
+    for key in secret.keys() {
+        let value = match (reveal, secret.get(key)) {
+            (true, Some(v)) => Value::String(v.expose_secret().to_string()),
+            _ => Value::String("***".into()),
+        };
+        map.insert(key.to_string(), value);
+    }
+    Ok(Value::Object(map))
+}
+
+/// `access request`: creates the request and, unless `wait` is zero, waits for the grant to settle.
+pub async fn access_request(
+    control_plane: &str,
+    integration: &str,
+    create: impl FnOnce(IntegrationRef) -> AccessRequestCreate,
+    wait: Duration,
+) -> anyhow::Result<AccessRequest> {
+    let integration = if integration.trim_start().starts_with('{') || integration.starts_with('@') {
+        IntegrationRef::Inline(Box::new(parse_integration(integration)?))
+    } else {
+        IntegrationRef::Name(integration.to_string())
+    };
+    let client = OperatorClient::new(control_plane)?;
+    let mut access = client.create_access(&create(integration)).await.context("creating the access request")?;
+    let deadline = tokio::time::Instant::now() + wait;
+    while access.state == AccessState::Pending && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        access = client.access(&access.id).await?.context("the access request disappeared")?;
+    }
+    if access.state == AccessState::Failed {
+        let why = access.last_error.as_ref().map(|e| format!("{} ({})", e.message, e.code)).unwrap_or_default();
+        bail!("access request {} failed: {why}", access.id);
+    }
+    Ok(access)
+}
+
+/// Renders access requests as a table for people.
+pub fn access_table(list: &[AccessRequest]) -> String {
+    let mut out = format!("{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n", "ID", "STATE", "INTEGRATION", "SUBJECT", "ROLE", "RESOURCE", "EXPIRES");
+    for a in list {
+        let expires = a.expires_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
+            a.id,
+            a.state.as_str(),
+            a.integration,
+            a.subject.as_str(),
+            a.role,
+            a.resource,
+            expires
+        ));
+        if let Some(e) = &a.last_error {
+            out.push_str(&format!("    last error: {} ({})\n", e.message, e.code));
+        }
+    }
+    out
+}
+
+/// `check`: config validation (more checks land with the remote control plane and the stores).
+pub fn check(config_path: Option<&Path>) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
+    let mut rows = Vec::new();
+    match Config::load(config_path) {
+        Ok(config) => {
+            rows.push(("config".to_string(), Ok(config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into()))));
+            let mode = match &config.control_plane.url {
+                Some(u) => format!("remote control plane {u}"),
+                None => format!("standalone, operator API on {}", config.standalone.listen),
+            };
+            rows.push(("mode".to_string(), Ok(mode)));
+            for spec in &config.integrations {
+                rows.push((format!("integration {}", spec.name), Ok(format!("{} via {}", spec.kind, spec.secret_store.describe()))));
+            }
+        }
+        Err(e) => rows.push(("config".to_string(), Err(e.to_string()))),
+    }
+    Ok(rows)
+}

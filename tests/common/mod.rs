@@ -1,0 +1,168 @@
+//! Shared test fixtures: the simulator, the embedded control plane and an agent in-process, and
+//! child processes of the real binary guarded so they are killed by their own PID.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apono_connector::agent::{Agent, AgentOptions, Executor};
+use apono_connector::control_plane::embedded::{EmbeddedControlPlane, Options};
+use apono_connector::control_plane::operator::{AccessRequest, AccessState, JobRecord, JobState};
+use apono_connector::secrets::SecretStores;
+use apono_connector::sim::{SimBinding, SimHandle, SimOptions};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_apono-connector");
+
+/// An integration JSON for a simulator, with the given API key.
+pub fn integration_json(sim: &SimHandle, name: &str, access_key: &str, secret_key: &str) -> Value {
+    json!({
+        "type": "rancher",
+        "name": name,
+        "config": {"host": sim.base_url, "page_size": 2},
+        "secret_store": {"type": "APONO", "credentials": {"access_key": access_key, "secret_key": secret_key}},
+    })
+}
+
+/// The simulator's integration with its valid key.
+pub fn sim_integration(sim: &SimHandle, name: &str) -> Value {
+    let (a, s) = sim.sim.api_key();
+    integration_json(sim, name, &a, &s)
+}
+
+/// Simulator + embedded control plane (in a temp dir) + agent, all in this process.
+pub struct Stack {
+    pub sim: SimHandle,
+    pub cp: Arc<EmbeddedControlPlane>,
+    pub dir: tempfile::TempDir,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(Duration::from_secs(10), true).await
+    }
+
+    /// `with_agent: false` leaves the jobs for the test to lease by hand.
+    pub async fn start_with(lease: Duration, with_agent: bool) -> Stack {
+        let sim = SimHandle::start(SimOptions::default()).await.expect("sim starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cp = EmbeddedControlPlane::open(Options {
+            data_dir: dir.path().to_path_buf(),
+            lease_duration: lease,
+            tick: Duration::from_millis(100),
+            retry_base: Duration::from_millis(100),
+            ..Options::default()
+        })
+        .expect("control plane opens");
+        let spec = serde_json::from_value(sim_integration(&sim, "sim")).expect("spec");
+        cp.register_integration(&spec).expect("register");
+        let stop = CancellationToken::new();
+        let mut tasks = vec![tokio::spawn(cp.clone().run_scheduler(stop.clone()))];
+        let mut stack = Stack { sim, cp, dir, stop, tasks: Vec::new() };
+        if with_agent {
+            tasks.push(stack.spawn_agent());
+        }
+        stack.tasks = tasks;
+        stack
+    }
+
+    pub fn spawn_agent(&self) -> tokio::task::JoinHandle<()> {
+        let executor = Executor::new(SecretStores::default(), 3).with_backoff_base(Duration::from_millis(50));
+        let options = AgentOptions { parallelism: 4, lease_wait_seconds: 1, shutdown_grace: Duration::from_secs(5) };
+        tokio::spawn(Agent::new(self.cp.clone(), executor, options).run(self.stop.clone()))
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.sim.stop().await;
+    }
+
+    pub async fn wait_job(&self, id: &str) -> JobRecord {
+        wait_until(Duration::from_secs(20), || {
+            let job = self.cp.job(id).expect("job read").expect("job exists");
+            matches!(job.state, JobState::Succeeded | JobState::Failed).then_some(job)
+        })
+        .await
+    }
+
+    pub async fn wait_access(&self, id: &str, state: AccessState, timeout: Duration) -> AccessRequest {
+        wait_until(timeout, || {
+            let a = self.cp.access(id).expect("access read").expect("access exists");
+            (a.state == state).then_some(a)
+        })
+        .await
+    }
+}
+
+/// Polls `check` every 50 ms until it returns Some, or panics after `timeout`.
+pub async fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bindings of `username` in the simulator.
+pub fn bindings_of(sim: &SimHandle, username: &str) -> Vec<SimBinding> {
+    let Some(user) = sim.sim.users().into_iter().find(|u| u.username.as_deref() == Some(username)) else {
+        return Vec::new();
+    };
+    sim.sim.bindings().into_iter().filter(|b| b.user_id.as_deref() == Some(user.id.as_str())).collect()
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// A child process killed (by its own PID) and reaped when dropped.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)], dir: &Path) -> ChildGuard {
+        let child = Command::new(BIN)
+            .args(args)
+            .envs(envs.iter().copied())
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn apono-connector");
+        ChildGuard(child)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the binary to completion.
+pub fn run_cli(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run apono-connector")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub async fn wait_for_port(port: u16) {
+    wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())).await;
+}

@@ -1,0 +1,176 @@
+//! The standalone path end to end, in one process: simulator + embedded control plane + agent.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use apono_connector::control_plane::ControlPlane;
+use apono_connector::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobState};
+use apono_connector::control_plane::protocol::{Job, LeaseRequest};
+use apono_connector::integrations::{self, GrantRequest, Resource, Subject};
+use apono_connector::secrets::SecretStores;
+use common::{Stack, bindings_of, integration_json, wait_until};
+use serde_json::json;
+
+/// Everything logged by this test binary, at trace level, for the canary checks.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || LogWriter(writer.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map(|mut v| v.extend_from_slice(b)).ok();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn access(subject: Subject, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequestCreate {
+    AccessRequestCreate {
+        integration: IntegrationRef::Name("sim".into()),
+        subject,
+        role: role.into(),
+        resource: Resource::parse(resource).expect("resource"),
+        ttl_seconds,
+        create_user: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_is_granted_then_revoked_when_its_ttl_ends() {
+    captured_logs();
+    let stack = Stack::start().await;
+    let created = stack.cp.create_access(access(Subject::Username("alice".into()), "cluster-member", "c-7x2k9", 2)).unwrap();
+    assert_eq!(created.state, AccessState::Pending);
+
+    let active = stack.wait_access(&created.id, AccessState::Active, Duration::from_secs(20)).await;
+    let in_rancher: Vec<_> = bindings_of(&stack.sim, "alice")
+        .into_iter()
+        .filter(|b| b.role_id == "cluster-member" && b.resource_id == "c-7x2k9")
+        .collect();
+    assert_eq!(in_rancher.len(), 1, "one binding in Rancher: {in_rancher:?}");
+    assert_eq!(active.binding_ids, vec![in_rancher[0].id.clone()]);
+    assert!(active.expires_at.is_some());
+    let listed = stack.cp.list_access().unwrap();
+    assert_eq!(listed.iter().find(|a| a.id == created.id).map(|a| a.state), Some(AccessState::Active));
+
+    let revoked = stack.wait_access(&created.id, AccessState::Revoked, Duration::from_secs(20)).await;
+    assert!(revoked.revoked_at.is_some());
+    assert!(
+        bindings_of(&stack.sim, "alice").iter().all(|b| !(b.role_id == "cluster-member" && b.resource_id == "c-7x2k9")),
+        "binding gone after the TTL"
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_agent_died_is_handed_out_again_and_grants_once() {
+    captured_logs();
+    // No agent yet: the test plays the agent that dies.
+    let stack = Stack::start_with(Duration::from_secs(2), false).await;
+    let created = stack.cp.create_access(access(Subject::Username("bob".into()), "project-member", "c-7x2k9:p-abcde", 60)).unwrap();
+
+    let leased = stack.cp.lease(&LeaseRequest { max_jobs: 1, wait_seconds: 2 }).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let job: Job = serde_json::from_value(leased[0].clone()).unwrap();
+    assert_eq!(job.attempt, 1);
+    // The doomed agent does the work, then dies before reporting it.
+    let spec: integrations::IntegrationSpec = serde_json::from_value(job.integration.clone()).unwrap();
+    let secret = SecretStores::default().fetch(&spec.secret_store).await.unwrap();
+    let request: GrantRequest = serde_json::from_value(job.params.clone()).unwrap();
+    integrations::build(&spec, &secret).unwrap().grant(&request).await.unwrap();
+    let before = bindings_of(&stack.sim, "bob").len();
+
+    // A live agent gets the job once the lease runs out, and the repeat is a success.
+    let agent = stack.spawn_agent();
+    let active = stack.wait_access(&created.id, AccessState::Active, Duration::from_secs(20)).await;
+    let record = stack.cp.job(&active.grant_job_id).unwrap().unwrap();
+    assert_eq!(record.state, JobState::Succeeded);
+    assert_eq!(record.attempt, 2, "handed out a second time");
+    let matching: Vec<_> = bindings_of(&stack.sim, "bob")
+        .into_iter()
+        .filter(|b| b.role_id == "project-member" && b.resource_id == "c-7x2k9:p-abcde")
+        .collect();
+    assert_eq!(matching.len(), 1, "one binding, not two: {matching:?}");
+    assert_eq!(bindings_of(&stack.sim, "bob").len(), before);
+    stack.shutdown().await;
+    let _ = agent.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_fail_clearly_and_for_good_while_the_agent_keeps_serving() {
+    captured_logs();
+    let stack = Stack::start().await;
+    let sim_integration = common::sim_integration(&stack.sim, "sim");
+    let mut jira = sim_integration.clone();
+    jira["type"] = json!("jira");
+    let cases = [
+        ("grant", json!("sim"), json!({"user": "alice", "resource": "c-7x2k9"}), "invalid params"),
+        ("grant", json!({"name": "half"}), json!({}), "integration is invalid"),
+        ("teleport", json!("sim"), json!({}), "unknown job kind"),
+        ("grant", jira, json!({"user": "alice", "role": "cluster-member", "resource": "c-7x2k9"}), "unknown integration type"),
+        ("grant", json!("sim"), json!({"user": "alice", "role": "no-such-role", "resource": "c-7x2k9"}), "no-such-role"),
+        ("grant", json!("sim"), json!({"user": "nobody-here", "role": "cluster-member", "resource": "c-7x2k9"}), "nobody-here"),
+    ];
+    let mut ids = Vec::new();
+    for (kind, integration, params, _) in &cases {
+        ids.push(stack.cp.create_job(JobCreate { kind: kind.to_string(), integration: integration.clone(), params: params.clone() }).unwrap().id);
+    }
+    for ((_, _, _, expect), id) in cases.iter().zip(&ids) {
+        let job = stack.wait_job(id).await;
+        assert_eq!(job.state, JobState::Failed, "{expect}: {job:?}");
+        let error = job.error.expect("an error");
+        assert!(!error.retryable, "{expect}: {error:?}");
+        assert!(error.message.contains(expect), "{expect:?} not in {:?}", error.message);
+        assert_eq!(job.attempt, 1, "a non-retryable failure is not retried: {expect}");
+    }
+    // The agent still serves good jobs.
+    let good = stack
+        .cp
+        .create_job(JobCreate { kind: "grant".into(), integration: json!("sim"), params: json!({"user": "alice", "role": "cluster-owner", "resource": "local"}) })
+        .unwrap();
+    assert_eq!(stack.wait_job(&good.id).await.state, JobState::Succeeded);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_fails_the_job_and_never_shows_the_secret() {
+    let logs = captured_logs();
+    const CANARY: &str = "canary-9f8e7d6c5b4a-secret";
+    let stack = Stack::start().await;
+    let (access_key, _) = stack.sim.sim.api_key();
+    let wrong = integration_json(&stack.sim, "wrong-key", &access_key, CANARY);
+    let job = stack
+        .cp
+        .create_job(JobCreate { kind: "grant".into(), integration: wrong, params: json!({"user": "alice", "role": "cluster-member", "resource": "c-7x2k9"}) })
+        .unwrap();
+    let job = stack.wait_job(&job.id).await;
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.clone().expect("error");
+    assert_eq!(error.code, "credentials_refused");
+    assert!(error.message.contains("401"), "{}", error.message);
+    assert!(!error.retryable);
+    assert!(!serde_json::to_string(&job).unwrap().contains(CANARY), "canary in the job record");
+    assert!(!format!("{job:?}").contains(CANARY), "canary in Debug");
+    wait_until(Duration::from_secs(5), || (!logs.lock().unwrap().is_empty()).then_some(())).await;
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(text.contains("credentials_refused"), "the failure is logged");
+    assert!(!text.contains(CANARY), "canary in the logs");
+    stack.shutdown().await;
+}
