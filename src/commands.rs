@@ -20,6 +20,7 @@ use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessS
 use crate::control_plane::{ControlPlane, server};
 use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest};
 use crate::secrets::{SecretRef, SecretStores};
+use crate::telemetry::{self, Readiness};
 
 /// Default address of the standalone control plane's operator API.
 pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:8790";
@@ -70,9 +71,11 @@ pub fn embedded_options(config: &Config) -> embedded::Options {
 /// Opens the embedded control plane and registers the config's integrations.
 pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Result<Arc<EmbeddedControlPlane>> {
     let dir = options.data_dir.display().to_string();
-    let cp = EmbeddedControlPlane::open(options).with_context(|| format!("opening the control-plane state in {dir}"))?;
+    let cp =
+        EmbeddedControlPlane::open(options).with_context(|| format!("opening the control-plane state in {dir}"))?;
     for spec in &config.integrations {
-        cp.register_integration(spec).with_context(|| format!("registering integration {:?}", spec.name))?;
+        cp.register_integration(spec)
+            .with_context(|| format!("registering integration {:?}", spec.name))?;
     }
     Ok(cp)
 }
@@ -81,13 +84,40 @@ pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Res
 /// `APONO_URL` is set.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let executor = Executor::new(SecretStores::default(), config.agent.job_attempts);
+    let readiness = Readiness::new();
+    let health_stop = CancellationToken::new();
+    let (health_addr, health) =
+        telemetry::health::serve(config.telemetry.health_addr, readiness.clone(), health_stop.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the health server on {} (APONO_HEALTH_ADDR)",
+                    config.telemetry.health_addr
+                )
+            })?;
+    tracing::info!(%health_addr, "serving /healthz, /readyz and /metrics");
+    let outcome = run_agent(config, executor, readiness, shutdown).await;
+    health_stop.cancel();
+    let _ = health.await;
+    outcome
+}
+
+async fn run_agent(
+    config: Config,
+    executor: Executor,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match &config.control_plane.url {
         Some(url) => {
             let url = normalize_url(url).map_err(anyhow::Error::msg)?;
             let token = config.control_plane.token.clone();
             let cp = HttpControlPlane::new(url.as_str(), &config.control_plane.connector_id, token)?;
             tracing::info!(control_plane = %url, connector_id = %config.control_plane.connector_id, "starting agent (remote mode)");
-            Agent::new(Arc::new(cp), executor, agent_options(&config)).run(shutdown).await;
+            Agent::new(Arc::new(cp), executor, agent_options(&config))
+                .with_readiness(readiness)
+                .run(shutdown)
+                .await;
         }
         None => {
             // The operator API grants access to whoever can reach it: it stays on loopback until
@@ -112,7 +142,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let scheduler = tokio::spawn(cp.clone().run_scheduler(background.clone()));
             let router = server::router(cp.clone(), None);
             let api = tokio::spawn(server::serve(listener, router, background.clone()));
-            Agent::new(cp, executor, agent_options(&config)).run(shutdown).await;
+            Agent::new(cp.clone(), executor, agent_options(&config))
+                .with_readiness(readiness)
+                .run(shutdown)
+                .await;
+            cp.close();
             background.cancel();
             let _ = scheduler.await;
             let _ = api.await;
@@ -132,7 +166,12 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
     }
     tracing::info!(listen = %config.standalone.listen, data_dir = %config.standalone.data_dir.display(), "control plane serving");
     let scheduler = tokio::spawn(cp.clone().run_scheduler(shutdown.clone()));
-    server::serve(listener, server::router(cp, config.control_plane.token.clone()), shutdown).await?;
+    server::serve(
+        listener,
+        server::router(cp, config.control_plane.token.clone()),
+        shutdown,
+    )
+    .await?;
     let _ = scheduler.await;
     Ok(())
 }
@@ -184,7 +223,12 @@ pub async fn discover(spec: IntegrationSpec) -> anyhow::Result<()> {
         "discovery done: {written} objects, {} requests, {} ms ({})",
         summary.requests,
         summary.elapsed_ms,
-        summary.counts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+        summary
+            .counts
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     Ok(())
 }
@@ -201,8 +245,9 @@ pub async fn revoke(spec: IntegrationSpec, request: RevokeRequest) -> anyhow::Re
 
 /// `secret get`: keys as JSON; values `***` unless `reveal`.
 pub async fn secret_get(store: &str, reveal: bool) -> anyhow::Result<Value> {
-    let reference: SecretRef =
-        serde_json::from_value(read_json_arg(store, "--store")?).context("--store must be a secret reference such as {\"type\":\"AWS\",\"region\":\"...\",\"secret_id\":\"...\"}")?;
+    let reference: SecretRef = serde_json::from_value(read_json_arg(store, "--store")?).context(
+        "--store must be a secret reference such as {\"type\":\"AWS\",\"region\":\"...\",\"secret_id\":\"...\"}",
+    )?;
     let secret = SecretStores::default().fetch(&reference).await?;
     let mut map = serde_json::Map::new();
     for key in secret.keys() {
@@ -228,14 +273,24 @@ pub async fn access_request(
         IntegrationRef::Name(integration.to_string())
     };
     let client = OperatorClient::new(control_plane)?;
-    let mut access = client.create_access(&create(integration)).await.context("creating the access request")?;
+    let mut access = client
+        .create_access(&create(integration))
+        .await
+        .context("creating the access request")?;
     let deadline = tokio::time::Instant::now() + wait;
     while access.state == AccessState::Pending && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        access = client.access(&access.id).await?.context("the access request disappeared")?;
+        access = client
+            .access(&access.id)
+            .await?
+            .context("the access request disappeared")?;
     }
     if access.state == AccessState::Failed {
-        let why = access.last_error.as_ref().map(|e| format!("{} ({})", e.message, e.code)).unwrap_or_default();
+        let why = access
+            .last_error
+            .as_ref()
+            .map(|e| format!("{} ({})", e.message, e.code))
+            .unwrap_or_default();
         bail!("access request {} failed: {why}", access.id);
     }
     Ok(access)
@@ -243,9 +298,15 @@ pub async fn access_request(
 
 /// Renders access requests as a table for people.
 pub fn access_table(list: &[AccessRequest]) -> String {
-    let mut out = format!("{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n", "ID", "STATE", "INTEGRATION", "SUBJECT", "ROLE", "RESOURCE", "EXPIRES");
+    let mut out = format!(
+        "{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
+        "ID", "STATE", "INTEGRATION", "SUBJECT", "ROLE", "RESOURCE", "EXPIRES"
+    );
     for a in list {
-        let expires = a.expires_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into());
+        let expires = a
+            .expires_at
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
             a.id,
@@ -268,14 +329,22 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<Vec<(String, Result<S
     let mut rows = Vec::new();
     match Config::load(config_path) {
         Ok(config) => {
-            rows.push(("config".to_string(), Ok(config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into()))));
+            rows.push((
+                "config".to_string(),
+                Ok(config_path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "defaults + environment".into())),
+            ));
             let mode = match &config.control_plane.url {
                 Some(u) => format!("remote control plane {u}"),
                 None => format!("standalone, operator API on {}", config.standalone.listen),
             };
             rows.push(("mode".to_string(), Ok(mode)));
             for spec in &config.integrations {
-                rows.push((format!("integration {}", spec.name), Ok(format!("{} via {}", spec.kind, spec.secret_store.describe()))));
+                rows.push((
+                    format!("integration {}", spec.name),
+                    Ok(format!("{} via {}", spec.kind, spec.secret_store.describe())),
+                ));
             }
         }
         Err(e) => rows.push(("config".to_string(), Err(e.to_string()))),

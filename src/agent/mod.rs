@@ -21,6 +21,7 @@ use crate::control_plane::protocol::{
 };
 use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::integrations::INTEGRATION_TYPES;
+use crate::telemetry::{Readiness, metrics};
 pub use executor::Executor;
 use executor::backoff;
 
@@ -36,7 +37,12 @@ pub struct Agent {
     control_plane: Arc<dyn ControlPlane>,
     executor: Arc<Executor>,
     options: AgentOptions,
+    readiness: Readiness,
 }
+
+/// While the control plane refuses the token, ask again this often (a fixed token, or a new one
+/// in `APONO_TOKEN_FILE`, is picked up without a restart).
+const REFUSED_TOKEN_RETRY: Duration = Duration::from_secs(30);
 
 impl Agent {
     pub fn new(control_plane: Arc<dyn ControlPlane>, executor: Executor, options: AgentOptions) -> Agent {
@@ -44,7 +50,14 @@ impl Agent {
             control_plane,
             executor: Arc::new(executor),
             options,
+            readiness: Readiness::new(),
         }
+    }
+
+    /// Reports readiness to `readiness` (served on `/readyz`).
+    pub fn with_readiness(mut self, readiness: Readiness) -> Agent {
+        self.readiness = readiness;
+        self
     }
 
     /// Runs until `shutdown` is cancelled, then drains in-flight jobs within the grace period.
@@ -59,7 +72,15 @@ impl Agent {
         // Cancelled when the grace period runs out: abandons jobs still running.
         let abandon = CancellationToken::new();
         let mut failures = 0u32;
+        let mut session = true;
         loop {
+            if !session {
+                // The token was refused: stop leasing until a hello succeeds again.
+                if !self.say_hello(&shutdown).await {
+                    break;
+                }
+                session = true;
+            }
             let first_permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -79,9 +100,16 @@ impl Agent {
                 }
                 Err(e) => {
                     failures += 1;
+                    drop(first_permit);
+                    if matches!(e, ControlPlaneError::Unauthorized { .. }) {
+                        log_control_plane_error(&e, "lease", REFUSED_TOKEN_RETRY);
+                        self.readiness
+                            .set_not_ready(format!("the control plane refused the token: {e}"));
+                        session = false;
+                        continue;
+                    }
                     let delay = backoff(Duration::from_secs(1), failures);
                     log_control_plane_error(&e, "lease", delay);
-                    drop(first_permit);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(delay) => continue,
@@ -108,6 +136,7 @@ impl Agent {
             }
         }
         tracker.close();
+        self.readiness.set_not_ready("shutting down");
         if !tracker.is_empty() {
             tracing::info!(
                 in_flight = tracker.len(),
@@ -144,11 +173,18 @@ impl Agent {
             match self.control_plane.hello(&hello).await {
                 Ok(session) => {
                     tracing::info!(session = %session.session_id, lease_seconds = session.lease_seconds, "session with the control plane established");
+                    self.readiness.set_ready();
                     return true;
                 }
                 Err(e) => {
                     failures += 1;
-                    let delay = backoff(Duration::from_secs(1), failures);
+                    let delay = match e {
+                        // Slowly: hammering a control plane that refuses us helps no one.
+                        ControlPlaneError::Unauthorized { .. } => REFUSED_TOKEN_RETRY,
+                        _ => backoff(Duration::from_secs(1), failures),
+                    };
+                    self.readiness
+                        .set_not_ready(format!("no session with the control plane: {e}"));
                     log_control_plane_error(&e, "hello", delay);
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
@@ -161,6 +197,7 @@ impl Agent {
 }
 
 fn log_control_plane_error(e: &ControlPlaneError, call: &str, retry_in: Duration) {
+    metrics().control_plane_error(call, e.code());
     match e {
         ControlPlaneError::Unauthorized { .. } => {
             tracing::error!(call, error = %e, retry_in_s = retry_in.as_secs(), "the control plane refused the token")
@@ -204,6 +241,16 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
         tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt, integration = %integration);
     async move {
         let started = std::time::Instant::now();
+        let m = metrics();
+        m.jobs_in_flight.inc();
+        // Decrements on every path out, including abandonment.
+        struct InFlight;
+        impl Drop for InFlight {
+            fn drop(&mut self) {
+                metrics().jobs_in_flight.dec();
+            }
+        }
+        let _in_flight = InFlight;
         // Lost lease or grace over: stop working on the job, report nothing.
         let stop = abandon.child_token();
         let renewal = keep_lease(cp, &job, stop.clone());
@@ -215,6 +262,7 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
         };
         let Some(outcome) = outcome else {
             tracing::warn!("job abandoned (lease lost or shutdown grace over); it will be handed out again");
+            m.job_finished(&job.kind, "abandoned", started.elapsed());
             return;
         };
         let request = match outcome {
@@ -224,6 +272,11 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
                 CompleteRequest { lease_token: job.lease_token.clone(), outcome: Outcome::Failed, error: Some(error), result: None }
             }
         };
+        let outcome_label = match request.outcome {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+        };
+        m.job_finished(&job.kind, outcome_label, started.elapsed());
         if report(cp, &job, &request, &abandon).await {
             tracing::info!(outcome = ?request.outcome, elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
         }
@@ -246,8 +299,12 @@ async fn keep_lease(cp: &dyn ControlPlane, job: &Job, stop: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
         }
         match cp.renew(&job.id, &request).await {
-            Ok(renewed) => expires_at = renewed.lease_expires_at,
+            Ok(renewed) => {
+                metrics().lease_renewals.inc();
+                expires_at = renewed.lease_expires_at;
+            }
             Err(ControlPlaneError::LeaseLost { .. }) => {
+                metrics().leases_lost.inc();
                 tracing::warn!("lease lost while the job was running");
                 return;
             }
@@ -269,6 +326,7 @@ async fn report(cp: &dyn ControlPlane, job: &Job, request: &CompleteRequest, aba
         match cp.complete(&job.id, request).await {
             Ok(()) => return true,
             Err(ControlPlaneError::LeaseLost { .. }) => {
+                metrics().leases_lost.inc();
                 tracing::warn!("lease was lost before the outcome was reported; the job will run again");
                 return false;
             }

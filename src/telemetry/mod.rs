@@ -1,7 +1,11 @@
-//! Logging: a tracing subscriber writing text (default) or JSON to stderr.
-//!
-//! Prometheus metrics and the `/healthz` `/readyz` `/metrics` server come with the operability
-//! work; until then logs are the agent's only telemetry.
+//! Telemetry: logs (a tracing subscriber writing text or JSON to stderr), Prometheus metrics
+//! ([`metrics`]) and the operator's HTTP endpoints ([`health`]: `/healthz`, `/readyz`, `/metrics`).
+
+pub mod health;
+pub mod metrics;
+
+pub use health::Readiness;
+pub use metrics::metrics;
 
 use tracing_subscriber::EnvFilter;
 

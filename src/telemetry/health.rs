@@ -1,0 +1,138 @@
+//! The operator's HTTP endpoints on `APONO_HEALTH_ADDR`: `/healthz` (the process is alive),
+//! `/readyz` (connected to the control plane and serving jobs), `/metrics` (Prometheus).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::metrics;
+
+/// Whether the agent is ready, and if not, why. Shared by the agent (which sets it) and the
+/// health server (which reports it).
+#[derive(Clone, Default)]
+pub struct Readiness {
+    state: Arc<Mutex<Option<String>>>,
+}
+
+const STARTING: &str = "starting: no session with the control plane yet";
+
+impl Readiness {
+    pub fn new() -> Readiness {
+        Readiness {
+            state: Arc::new(Mutex::new(Some(STARTING.to_string()))),
+        }
+    }
+
+    pub fn set_ready(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = None;
+        }
+        metrics().ready.set(1);
+    }
+
+    /// Not ready, with a reason shown on `/readyz`.
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = Some(reason.into());
+        }
+        metrics().ready.set(0);
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub fn status(&self) -> Result<(), String> {
+        match self.state.lock() {
+            Ok(s) => match &*s {
+                None => Ok(()),
+                Some(reason) => Err(reason.clone()),
+            },
+            Err(_) => Err("readiness state unavailable".into()),
+        }
+    }
+}
+
+pub fn router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(readiness)
+}
+
+async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
+    match readiness.status() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    }
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics().encode(),
+    )
+}
+
+/// Binds `addr` and serves until `shutdown`. Returns the bound address (port 0 picks one).
+///
+/// # Errors
+/// The address cannot be bound (in use, or not an address of this host).
+pub async fn serve(
+    addr: SocketAddr,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(readiness);
+    let task = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoints_answer_and_readiness_follows_the_agent() {
+        let readiness = Readiness::new();
+        let stop = CancellationToken::new();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), readiness.clone(), stop.clone())
+            .await
+            .unwrap();
+        let get = |path: &'static str| async move {
+            let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        assert_eq!(get("/healthz").await.0, 200);
+        let (status, body) = get("/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("no session"), "{body}");
+        readiness.set_ready();
+        assert_eq!(get("/readyz").await.0, 200);
+        readiness.set_not_ready("the control plane refused the token");
+        let (status, body) = get("/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("refused the token"));
+        let (status, body) = get("/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("apono_connector_ready"), "{body}");
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

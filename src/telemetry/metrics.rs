@@ -1,0 +1,238 @@
+//! Prometheus metrics, all prefixed `apono_connector_`.
+//!
+//! One process-wide registry ([`metrics()`]) so every module records without threading a handle
+//! through its constructors; `/metrics` encodes it. Label values are codes and names (job kind,
+//! outcome, store type, HTTP status), never free text and never a secret.
+
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub kind: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlPlaneLabels {
+    pub call: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RancherLabels {
+    pub operation: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub store: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IntegrationLabels {
+    pub integration: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 10 ms .. ~5 min.
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+}
+
+/// Every metric of the agent.
+pub struct Metrics {
+    registry: Registry,
+    /// Jobs finished, by kind and outcome (`succeeded`, `failed`, `abandoned`).
+    pub jobs: Family<JobLabels, Counter>,
+    pub job_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub jobs_in_flight: Gauge,
+    pub lease_renewals: Counter,
+    pub leases_lost: Counter,
+    /// Failed control-plane calls, by call (`hello`, `lease`, `renew`, `complete`, `upload`) and
+    /// error code.
+    pub control_plane_errors: Family<ControlPlaneLabels, Counter>,
+    /// Rancher API requests by operation (`GET users`, `POST clusterroletemplatebindings`, ...)
+    /// and HTTP status (or `error` when no answer came).
+    pub rancher_requests: Family<RancherLabels, Counter>,
+    /// Secret-store reads by store type and outcome (`ok`, `cached`, or an error code).
+    pub secret_store_calls: Family<StoreLabels, Counter>,
+    pub secret_store_latency: Family<KindLabels, Histogram, fn() -> Histogram>,
+    /// Days until the integration's Rancher API key expires (set by `validate`).
+    pub api_key_expires_in_days: Family<IntegrationLabels, Gauge<f64, AtomicU64>>,
+    /// 1 while a session with the control plane is established and the worker pool runs.
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("apono_connector");
+        let m = Metrics {
+            registry: Registry::default(),
+            jobs: Family::default(),
+            job_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            jobs_in_flight: Gauge::default(),
+            lease_renewals: Counter::default(),
+            leases_lost: Counter::default(),
+            control_plane_errors: Family::default(),
+            rancher_requests: Family::default(),
+            secret_store_calls: Family::default(),
+            secret_store_latency: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            api_key_expires_in_days: Family::default(),
+            ready: Gauge::default(),
+        };
+        registry.register("jobs", "Jobs finished, by kind and outcome", m.jobs.clone());
+        registry.register("job_duration_seconds", "Time to run a job", m.job_duration.clone());
+        registry.register("jobs_in_flight", "Jobs running now", m.jobs_in_flight.clone());
+        registry.register("lease_renewals", "Job leases renewed", m.lease_renewals.clone());
+        registry.register(
+            "leases_lost",
+            "Job leases lost (the job went to another agent)",
+            m.leases_lost.clone(),
+        );
+        registry.register(
+            "control_plane_errors",
+            "Failed control-plane calls, by call and error code",
+            m.control_plane_errors.clone(),
+        );
+        registry.register(
+            "rancher_requests",
+            "Rancher API requests, by operation and HTTP status",
+            m.rancher_requests.clone(),
+        );
+        registry.register(
+            "secret_store_calls",
+            "Secret-store reads, by store and outcome",
+            m.secret_store_calls.clone(),
+        );
+        registry.register(
+            "secret_store_latency_seconds",
+            "Secret-store read latency, by store",
+            m.secret_store_latency.clone(),
+        );
+        registry.register(
+            "api_key_expires_in_days",
+            "Days until the Rancher API key of an integration expires",
+            m.api_key_expires_in_days.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when connected to the control plane and serving jobs",
+            m.ready.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: crate::VERSION.to_string(),
+            })
+            .set(1);
+        registry.register("build_info", "Version of the running agent", build);
+        Metrics { registry, ..m }
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn job_finished(&self, kind: &str, outcome: &str, elapsed: Duration) {
+        self.jobs
+            .get_or_create(&JobLabels {
+                kind: kind.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.job_duration
+            .get_or_create(&KindLabels { kind: kind.to_string() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn control_plane_error(&self, call: &str, code: &str) {
+        self.control_plane_errors
+            .get_or_create(&ControlPlaneLabels {
+                call: call.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn rancher_request(&self, operation: &str, status: &str) {
+        self.rancher_requests
+            .get_or_create(&RancherLabels {
+                operation: operation.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn secret_store_call(&self, store: &str, outcome: &str, elapsed: Duration) {
+        self.secret_store_calls
+            .get_or_create(&StoreLabels {
+                store: store.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.secret_store_latency
+            .get_or_create(&KindLabels {
+                kind: store.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_and_labelled() {
+        let m = metrics();
+        m.job_finished("grant", "succeeded", Duration::from_millis(30));
+        m.rancher_request("POST clusterroletemplatebindings", "201");
+        m.secret_store_call("AWS", "ok", Duration::from_millis(5));
+        let text = m.encode();
+        for needle in [
+            "apono_connector_jobs_total{kind=\"grant\",outcome=\"succeeded\"}",
+            "apono_connector_job_duration_seconds_bucket{le=",
+            "apono_connector_rancher_requests_total{operation=\"POST clusterroletemplatebindings\",status=\"201\"}",
+            "apono_connector_secret_store_calls_total{store=\"AWS\",outcome=\"ok\"}",
+            "apono_connector_build_info{version=",
+            "apono_connector_jobs_in_flight",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        assert!(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .all(|l| l.is_empty() || l.starts_with("apono_connector_"))
+        );
+    }
+}
