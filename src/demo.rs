@@ -34,9 +34,15 @@ pub async fn run(out: &mut (impl Write + Send), ttl: Duration) -> anyhow::Result
 }
 
 async fn run_in(out: &mut (impl Write + Send), ttl: Duration, data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let sim = SimHandle::start(SimOptions::default()).await.context("starting the Rancher simulator")?;
+    let sim = SimHandle::start(SimOptions::default())
+        .await
+        .context("starting the Rancher simulator")?;
     let (access_key, secret_key) = sim.sim.api_key();
-    writeln!(out, "==> Rancher simulator listening on {} (small dataset)", sim.base_url)?;
+    writeln!(
+        out,
+        "==> Rancher simulator listening on {} (small dataset)",
+        sim.base_url
+    )?;
 
     let cp = EmbeddedControlPlane::open(embedded::Options {
         data_dir: data_dir.to_path_buf(),
@@ -51,12 +57,20 @@ async fn run_in(out: &mut (impl Write + Send), ttl: Duration, data_dir: &std::pa
         "secret_store": {"type": "APONO", "credentials": {"access_key": access_key, "secret_key": secret_key}},
     }))?;
     cp.register_integration(&spec)?;
-    writeln!(out, "==> embedded control plane ready (state in {})", data_dir.display())?;
+    writeln!(
+        out,
+        "==> embedded control plane ready (state in {})",
+        data_dir.display()
+    )?;
 
     let stop = CancellationToken::new();
     let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
     let executor = Executor::new(SecretStores::default(), 3).with_backoff_base(Duration::from_millis(100));
-    let options = AgentOptions { parallelism: 4, lease_wait_seconds: 1, shutdown_grace: Duration::from_secs(5) };
+    let options = AgentOptions {
+        parallelism: 4,
+        lease_wait_seconds: 1,
+        shutdown_grace: Duration::from_secs(5),
+    };
     let agent = tokio::spawn(Agent::new(cp.clone(), executor, options).run(stop.clone()));
     writeln!(out, "==> agent started (4 workers)")?;
 
@@ -68,10 +82,19 @@ async fn run_in(out: &mut (impl Write + Send), ttl: Duration, data_dir: &std::pa
     outcome
 }
 
-async fn story(out: &mut (impl Write + Send), cp: &Arc<EmbeddedControlPlane>, sim: &SimHandle, ttl: Duration) -> anyhow::Result<()> {
+async fn story(
+    out: &mut (impl Write + Send),
+    cp: &Arc<EmbeddedControlPlane>,
+    sim: &SimHandle,
+    ttl: Duration,
+) -> anyhow::Result<()> {
     // 1. Validate and discover, as jobs through the control plane.
     for kind in ["validate", "discover"] {
-        let job = cp.create_job(JobCreate { kind: kind.into(), integration: json!("demo-rancher"), params: json!({}) })?;
+        let job = cp.create_job(JobCreate {
+            kind: kind.into(),
+            integration: json!("demo-rancher"),
+            params: json!({}),
+        })?;
         let done = wait_for_job(cp, &job.id, Duration::from_secs(30)).await?;
         writeln!(out, "\n==> {kind} job {}: {:?}", done.id, done.state)?;
         if let Some(e) = &done.error {
@@ -92,27 +115,55 @@ async fn story(out: &mut (impl Write + Send), cp: &Arc<EmbeddedControlPlane>, si
         create_user: false,
     };
     let access = cp.create_access(request)?;
-    writeln!(out, "\n==> access request {}: {USER} gets {ROLE} on cluster {CLUSTER} for {} s", access.id, ttl.as_secs())?;
+    writeln!(
+        out,
+        "\n==> access request {}: {USER} gets {ROLE} on cluster {CLUSTER} for {} s",
+        access.id,
+        ttl.as_secs()
+    )?;
     let access = wait_for_access(cp, &access.id, |s| s != AccessState::Pending, Duration::from_secs(30)).await?;
     if access.state != AccessState::Active {
         bail!("grant did not succeed: {:?} {:?}", access.state, access.last_error);
     }
-    writeln!(out, "    state: active, expires at {}", access.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default())?;
+    writeln!(
+        out,
+        "    state: active, expires at {}",
+        access.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+    )?;
     if let Some(details) = &access.access_details {
         writeln!(out, "    access details: {details}")?;
     }
     let bindings = bindings_of(sim, USER);
-    writeln!(out, "    Rancher now has {} binding(s) for {USER} on {CLUSTER}: {}", bindings.len(), bindings.join(", "))?;
+    writeln!(
+        out,
+        "    Rancher now has {} binding(s) for {USER} on {CLUSTER}: {}",
+        bindings.len(),
+        bindings.join(", ")
+    )?;
     if bindings.is_empty() {
         bail!("the grant reported success but Rancher has no binding");
     }
 
     // 3. Wait for the TTL: the control plane queues the revoke, the agent runs it.
     writeln!(out, "\n==> waiting {} s for the access to expire...", ttl.as_secs())?;
-    let access = wait_for_access(cp, &access.id, |s| s == AccessState::Revoked, ttl + Duration::from_secs(30)).await?;
-    writeln!(out, "    state: revoked at {}", access.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default())?;
+    let access = wait_for_access(
+        cp,
+        &access.id,
+        |s| s == AccessState::Revoked,
+        ttl + Duration::from_secs(30),
+    )
+    .await?;
+    writeln!(
+        out,
+        "    state: revoked at {}",
+        access.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+    )?;
     let bindings = bindings_of(sim, USER);
-    writeln!(out, "    Rancher now has {} binding(s) for {USER} on {CLUSTER}", bindings.len())?;
+    writeln!(
+        out,
+        "    Rancher now has {} binding(s) for {USER} on {CLUSTER}",
+        bindings.len()
+    )?;
     if !bindings.is_empty() {
         bail!("the revoke reported success but Rancher still has {bindings:?}");
     }
@@ -121,7 +172,12 @@ async fn story(out: &mut (impl Write + Send), cp: &Arc<EmbeddedControlPlane>, si
 
 /// Ids of the demo user's bindings of the demo role on the demo cluster, as Rancher holds them.
 fn bindings_of(sim: &SimHandle, username: &str) -> Vec<String> {
-    let Some(user) = sim.sim.users().into_iter().find(|u| u.username.as_deref() == Some(username)) else {
+    let Some(user) = sim
+        .sim
+        .users()
+        .into_iter()
+        .find(|u| u.username.as_deref() == Some(username))
+    else {
         return Vec::new();
     };
     sim.sim
@@ -132,7 +188,11 @@ fn bindings_of(sim: &SimHandle, username: &str) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for_job(cp: &EmbeddedControlPlane, id: &str, timeout: Duration) -> anyhow::Result<crate::control_plane::operator::JobRecord> {
+async fn wait_for_job(
+    cp: &EmbeddedControlPlane,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<crate::control_plane::operator::JobRecord> {
     let deadline = Instant::now() + timeout;
     loop {
         let job = cp.job(id)?.context("job vanished")?;
@@ -140,7 +200,11 @@ async fn wait_for_job(cp: &EmbeddedControlPlane, id: &str, timeout: Duration) ->
             return Ok(job);
         }
         if Instant::now() > deadline {
-            bail!("job {id} did not finish within {} s (state {:?})", timeout.as_secs(), job.state);
+            bail!(
+                "job {id} did not finish within {} s (state {:?})",
+                timeout.as_secs(),
+                job.state
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -159,7 +223,11 @@ async fn wait_for_access(
             return Ok(access);
         }
         if Instant::now() > deadline {
-            bail!("access request {id} stayed {:?} for {} s", access.state, timeout.as_secs());
+            bail!(
+                "access request {id} stayed {:?} for {} s",
+                access.state,
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

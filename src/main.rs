@@ -16,7 +16,11 @@ use apono_connector::sim::{DatasetSize, Sim, SimOptions};
 use apono_connector::telemetry;
 
 #[derive(Parser)]
-#[command(name = "apono-connector", version, about = "Just-in-time access to Rancher, with credentials that stay in your secret stores")]
+#[command(
+    name = "apono-connector",
+    version,
+    about = "Just-in-time access to Rancher, with credentials that stay in your secret stores"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -209,7 +213,10 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 /// Logging for one-shot commands: warnings only, unless APONO_LOG_LEVEL says otherwise.
 fn quiet_logs() {
     let level = std::env::var("APONO_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
-    telemetry::init(&TelemetryConfig { log_level: level, ..TelemetryConfig::default() });
+    telemetry::init(&TelemetryConfig {
+        log_level: level,
+        ..TelemetryConfig::default()
+    });
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -238,7 +245,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
-        Command::Secret { command: SecretCommand::Get { store, reveal } } => {
+        Command::Secret {
+            command: SecretCommand::Get { store, reveal },
+        } => {
             quiet_logs();
             print_json(&commands::secret_get(&store, reveal).await?)?;
         }
@@ -246,23 +255,51 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             quiet_logs();
             commands::discover(commands::parse_integration(&integration)?).await?;
         }
-        Command::Grant { integration, target, create_user } => {
+        Command::Grant {
+            integration,
+            target,
+            create_user,
+        } => {
             quiet_logs();
             let (subject, role, resource) = target.parts()?;
-            let result = commands::grant(commands::parse_integration(&integration)?, GrantRequest { subject, role, resource, create_user }).await?;
+            let result = commands::grant(
+                commands::parse_integration(&integration)?,
+                GrantRequest {
+                    subject,
+                    role,
+                    resource,
+                    create_user,
+                },
+            )
+            .await?;
             print_json(&result)?;
         }
         Command::Revoke { integration, target } => {
             quiet_logs();
             let (subject, role, resource) = target.parts()?;
-            let result = commands::revoke(commands::parse_integration(&integration)?, RevokeRequest { subject, role, resource }).await?;
+            let result = commands::revoke(
+                commands::parse_integration(&integration)?,
+                RevokeRequest {
+                    subject,
+                    role,
+                    resource,
+                },
+            )
+            .await?;
             print_json(&result)?;
         }
         Command::Access { command } => {
             quiet_logs();
             access(command).await?;
         }
-        Command::ControlPlane { command: ControlPlaneCommand::Serve { listen, data_dir, config } } => {
+        Command::ControlPlane {
+            command:
+                ControlPlaneCommand::Serve {
+                    listen,
+                    data_dir,
+                    config,
+                },
+        } => {
             let mut config = Config::load(config.as_deref())?;
             if let Some(listen) = listen {
                 config.standalone.listen = listen;
@@ -273,13 +310,28 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             telemetry::init(&config.telemetry);
             commands::serve_control_plane(config, commands::shutdown_on_signal()).await?;
         }
-        Command::Sim { command: SimCommand::Rancher { listen, size, latency_ms } } => {
+        Command::Sim {
+            command:
+                SimCommand::Rancher {
+                    listen,
+                    size,
+                    latency_ms,
+                },
+        } => {
             quiet_logs();
-            let sim = Sim::new(SimOptions { size, latency: Duration::from_millis(latency_ms), ..SimOptions::default() });
+            let sim = Sim::new(SimOptions {
+                size,
+                latency: Duration::from_millis(latency_ms),
+                ..SimOptions::default()
+            });
             let (access_key, secret_key) = sim.api_key();
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
-            eprintln!("Rancher simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)");
+            eprintln!(
+                "Rancher simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
+            );
             let shutdown = commands::shutdown_on_signal();
             sim.serve(listener, async move { shutdown.cancelled().await }).await?;
         }
@@ -289,16 +341,34 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn access(command: AccessCommand) -> anyhow::Result<()> {
     match command {
-        AccessCommand::Request { integration, target, ttl, create_user, no_wait, control_plane } => {
+        AccessCommand::Request {
+            integration,
+            target,
+            ttl,
+            create_user,
+            no_wait,
+            control_plane,
+        } => {
             let (subject, role, resource) = target.parts()?;
             if ttl.as_secs() == 0 {
                 anyhow::bail!("--ttl must be at least 1s");
             }
-            let wait = if no_wait { Duration::ZERO } else { Duration::from_secs(60) };
+            let wait = if no_wait {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(60)
+            };
             let access = commands::access_request(
                 &control_plane,
                 &integration,
-                |integration| AccessRequestCreate { integration, subject, role, resource, ttl_seconds: ttl.as_secs(), create_user },
+                |integration| AccessRequestCreate {
+                    integration,
+                    subject,
+                    role,
+                    resource,
+                    ttl_seconds: ttl.as_secs(),
+                    create_user,
+                },
                 wait,
             )
             .await?;

@@ -9,8 +9,18 @@ use common::{ChildGuard, bindings_of, free_port, run_cli, sim_integration, wait_
 use serde_json::Value;
 
 fn stdout_json(out: &std::process::Output) -> Value {
-    assert!(out.status.success(), "exit {:?}, stderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,16 +36,26 @@ async fn one_shot_discover_grant_and_revoke_against_the_simulator() {
     .await
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("NDJSON line")).collect();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("NDJSON line"))
+        .collect();
     let of = |t: &str| lines.iter().filter(|o| o["type"] == t).count();
     assert_eq!(of("cluster"), 3, "every cluster, across pages");
     assert_eq!(of("user"), sim.sim.users().len(), "every user, across pages");
-    assert_eq!(of("binding"), sim.sim.bindings().len(), "every binding of the three kinds");
+    assert_eq!(
+        of("binding"),
+        sim.sim.bindings().len(),
+        "every binding of the three kinds"
+    );
     assert!(of("project") >= 6 && of("namespace") >= 9 && of("role_template") >= 5 && of("global_role") >= 3);
     for ns in lines.iter().filter(|o| o["type"] == "namespace") {
         assert!(ns["cluster_id"].is_string() && ns.get("project_id").is_some(), "{ns}");
     }
-    assert!(String::from_utf8_lossy(&out.stderr).contains("requests"), "summary on stderr");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("requests"),
+        "summary on stderr"
+    );
 
     let grant = |args: &'static [&'static str]| {
         let i = integration.clone();
@@ -45,23 +65,61 @@ async fn one_shot_discover_grant_and_revoke_against_the_simulator() {
             run_cli(&all)
         })
     };
-    let args: &[&str] = &["grant", "--user", "bob", "--role", "cluster-member", "--resource", "c-7x2k9"];
+    let args: &[&str] = &[
+        "grant",
+        "--user",
+        "bob",
+        "--role",
+        "cluster-member",
+        "--resource",
+        "c-7x2k9",
+    ];
     let first = stdout_json(&grant(args).await.unwrap());
     let again = stdout_json(&grant(args).await.unwrap());
-    assert_eq!(first["binding_ids"], again["binding_ids"], "a repeat reports the same binding");
-    let on_cluster = || bindings_of(&sim, "bob").into_iter().filter(|b| b.role_id == "cluster-member" && b.resource_id == "c-7x2k9").count();
+    assert_eq!(
+        first["binding_ids"], again["binding_ids"],
+        "a repeat reports the same binding"
+    );
+    let on_cluster = || {
+        bindings_of(&sim, "bob")
+            .into_iter()
+            .filter(|b| b.role_id == "cluster-member" && b.resource_id == "c-7x2k9")
+            .count()
+    };
     assert_eq!(on_cluster(), 1, "a repeated grant is still one binding");
     assert_eq!(first["created_user"], false);
 
-    let revoke: &[&str] = &["revoke", "--user", "bob", "--role", "cluster-member", "--resource", "c-7x2k9"];
+    let revoke: &[&str] = &[
+        "revoke",
+        "--user",
+        "bob",
+        "--role",
+        "cluster-member",
+        "--resource",
+        "c-7x2k9",
+    ];
     let removed = stdout_json(&grant(revoke).await.unwrap());
     assert_eq!(removed["removed_binding_ids"], first["binding_ids"]);
     assert_eq!(on_cluster(), 0);
     let again = stdout_json(&grant(revoke).await.unwrap());
-    assert_eq!(again["removed_binding_ids"], Value::Array(vec![]), "a repeated revoke is a success with nothing to remove");
+    assert_eq!(
+        again["removed_binding_ids"],
+        Value::Array(vec![]),
+        "a repeated revoke is a success with nothing to remove"
+    );
 
     // A failure: one line on stderr, non-zero exit.
-    let bad = grant(&["grant", "--user", "bob", "--role", "no-such-role", "--resource", "c-7x2k9"]).await.unwrap();
+    let bad = grant(&[
+        "grant",
+        "--user",
+        "bob",
+        "--role",
+        "no-such-role",
+        "--resource",
+        "c-7x2k9",
+    ])
+    .await
+    .unwrap();
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -71,10 +129,22 @@ async fn one_shot_discover_grant_and_revoke_against_the_simulator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_to_completion() {
-    let out = tokio::task::spawn_blocking(|| run_cli(&["demo", "--ttl", "2s"])).await.unwrap();
+    let out = tokio::task::spawn_blocking(|| run_cli(&["demo", "--ttl", "2s"]))
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for step in ["discover job", "state: active", "1 binding(s)", "state: revoked", "0 binding(s)"] {
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "discover job",
+        "state: active",
+        "1 binding(s)",
+        "state: revoked",
+        "0 binding(s)",
+    ] {
         assert!(stdout.contains(step), "{step:?} missing from:\n{stdout}");
     }
 }
@@ -83,10 +153,16 @@ async fn demo_runs_to_completion() {
 async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     let dir = tempfile::tempdir().unwrap();
     let sim_port = free_port();
-    let _sim = ChildGuard::spawn(&["sim", "rancher", "--listen", &format!("127.0.0.1:{sim_port}")], &[], dir.path());
+    let _sim = ChildGuard::spawn(
+        &["sim", "rancher", "--listen", &format!("127.0.0.1:{sim_port}")],
+        &[],
+        dir.path(),
+    );
     wait_for_port(sim_port).await;
     let sim_url = format!("http://127.0.0.1:{sim_port}");
-    let SimOptions { access_key, secret_key, .. } = SimOptions::default();
+    let SimOptions {
+        access_key, secret_key, ..
+    } = SimOptions::default();
 
     let cp_port = free_port();
     let config = dir.path().join("connector.toml");
@@ -109,7 +185,22 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     let request = {
         let cp_url = cp_url.clone();
         tokio::task::spawn_blocking(move || {
-            run_cli(&["access", "request", "--integration", "sim", "--user", "alice", "--role", "cluster-owner", "--resource", "c-7x2k9", "--ttl", "4s", "--control-plane", &cp_url])
+            run_cli(&[
+                "access",
+                "request",
+                "--integration",
+                "sim",
+                "--user",
+                "alice",
+                "--role",
+                "cluster-owner",
+                "--resource",
+                "c-7x2k9",
+                "--ttl",
+                "4s",
+                "--control-plane",
+                &cp_url,
+            ])
         })
     };
     let access = stdout_json(&request.await.unwrap());
@@ -117,10 +208,19 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     let id = access["id"].as_str().unwrap().to_string();
 
     let list = |cp_url: String| async move {
-        let out = tokio::task::spawn_blocking(move || run_cli(&["access", "list", "--json", "--control-plane", &cp_url])).await.unwrap();
+        let out =
+            tokio::task::spawn_blocking(move || run_cli(&["access", "list", "--json", "--control-plane", &cp_url]))
+                .await
+                .unwrap();
         stdout_json(&out)
     };
-    let state_of = |list: &Value, id: &str| list.as_array().unwrap().iter().find(|a| a["id"] == id).map(|a| a["state"].clone());
+    let state_of = |list: &Value, id: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == id)
+            .map(|a| a["state"].clone())
+    };
     assert_eq!(state_of(&list(cp_url.clone()).await, &id), Some(Value::from("active")));
     let table = tokio::task::spawn_blocking({
         let cp_url = cp_url.clone();
@@ -131,15 +231,26 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     assert!(String::from_utf8_lossy(&table.stdout).contains("active"));
 
     let owner_bindings = |url: String| async move {
-        let body: Vec<Value> = reqwest::get(format!("{url}/sim/bindings")).await.unwrap().json().await.unwrap();
-        body.into_iter().filter(|b| b["role_id"] == "cluster-owner" && b["resource_id"] == "c-7x2k9").count()
+        let body: Vec<Value> = reqwest::get(format!("{url}/sim/bindings"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body.into_iter()
+            .filter(|b| b["role_id"] == "cluster-owner" && b["resource_id"] == "c-7x2k9")
+            .count()
     };
     assert_eq!(owner_bindings(sim_url.clone()).await, 1);
 
     // Kill the agent (and its embedded control plane) hard; let the TTL pass while it is down.
     agent.kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(owner_bindings(sim_url.clone()).await, 1, "nobody revoked while the agent was down");
+    assert_eq!(
+        owner_bindings(sim_url.clone()).await,
+        1,
+        "nobody revoked while the agent was down"
+    );
 
     let _agent = ChildGuard::spawn(&["run", "--config", &config], &env, dir.path());
     wait_for_port(cp_port).await;

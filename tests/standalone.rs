@@ -56,10 +56,20 @@ fn access(subject: Subject, role: &str, resource: &str, ttl_seconds: u64) -> Acc
 async fn access_is_granted_then_revoked_when_its_ttl_ends() {
     captured_logs();
     let stack = Stack::start().await;
-    let created = stack.cp.create_access(access(Subject::Username("alice".into()), "cluster-member", "c-7x2k9", 2)).unwrap();
+    let created = stack
+        .cp
+        .create_access(access(
+            Subject::Username("alice".into()),
+            "cluster-member",
+            "c-7x2k9",
+            2,
+        ))
+        .unwrap();
     assert_eq!(created.state, AccessState::Pending);
 
-    let active = stack.wait_access(&created.id, AccessState::Active, Duration::from_secs(20)).await;
+    let active = stack
+        .wait_access(&created.id, AccessState::Active, Duration::from_secs(20))
+        .await;
     let in_rancher: Vec<_> = bindings_of(&stack.sim, "alice")
         .into_iter()
         .filter(|b| b.role_id == "cluster-member" && b.resource_id == "c-7x2k9")
@@ -68,12 +78,19 @@ async fn access_is_granted_then_revoked_when_its_ttl_ends() {
     assert_eq!(active.binding_ids, vec![in_rancher[0].id.clone()]);
     assert!(active.expires_at.is_some());
     let listed = stack.cp.list_access().unwrap();
-    assert_eq!(listed.iter().find(|a| a.id == created.id).map(|a| a.state), Some(AccessState::Active));
+    assert_eq!(
+        listed.iter().find(|a| a.id == created.id).map(|a| a.state),
+        Some(AccessState::Active)
+    );
 
-    let revoked = stack.wait_access(&created.id, AccessState::Revoked, Duration::from_secs(20)).await;
+    let revoked = stack
+        .wait_access(&created.id, AccessState::Revoked, Duration::from_secs(20))
+        .await;
     assert!(revoked.revoked_at.is_some());
     assert!(
-        bindings_of(&stack.sim, "alice").iter().all(|b| !(b.role_id == "cluster-member" && b.resource_id == "c-7x2k9")),
+        bindings_of(&stack.sim, "alice")
+            .iter()
+            .all(|b| !(b.role_id == "cluster-member" && b.resource_id == "c-7x2k9")),
         "binding gone after the TTL"
     );
     stack.shutdown().await;
@@ -84,9 +101,24 @@ async fn a_job_whose_agent_died_is_handed_out_again_and_grants_once() {
     captured_logs();
     // No agent yet: the test plays the agent that dies.
     let stack = Stack::start_with(Duration::from_secs(2), false).await;
-    let created = stack.cp.create_access(access(Subject::Username("bob".into()), "project-member", "c-7x2k9:p-abcde", 60)).unwrap();
+    let created = stack
+        .cp
+        .create_access(access(
+            Subject::Username("bob".into()),
+            "project-member",
+            "c-7x2k9:p-abcde",
+            60,
+        ))
+        .unwrap();
 
-    let leased = stack.cp.lease(&LeaseRequest { max_jobs: 1, wait_seconds: 2 }).await.unwrap();
+    let leased = stack
+        .cp
+        .lease(&LeaseRequest {
+            max_jobs: 1,
+            wait_seconds: 2,
+        })
+        .await
+        .unwrap();
     assert_eq!(leased.len(), 1);
     let job: Job = serde_json::from_value(leased[0].clone()).unwrap();
     assert_eq!(job.attempt, 1);
@@ -94,12 +126,18 @@ async fn a_job_whose_agent_died_is_handed_out_again_and_grants_once() {
     let spec: integrations::IntegrationSpec = serde_json::from_value(job.integration.clone()).unwrap();
     let secret = SecretStores::default().fetch(&spec.secret_store).await.unwrap();
     let request: GrantRequest = serde_json::from_value(job.params.clone()).unwrap();
-    integrations::build(&spec, &secret).unwrap().grant(&request).await.unwrap();
+    integrations::build(&spec, &secret)
+        .unwrap()
+        .grant(&request)
+        .await
+        .unwrap();
     let before = bindings_of(&stack.sim, "bob").len();
 
     // A live agent gets the job once the lease runs out, and the repeat is a success.
     let agent = stack.spawn_agent();
-    let active = stack.wait_access(&created.id, AccessState::Active, Duration::from_secs(20)).await;
+    let active = stack
+        .wait_access(&created.id, AccessState::Active, Duration::from_secs(20))
+        .await;
     let record = stack.cp.job(&active.grant_job_id).unwrap().unwrap();
     assert_eq!(record.state, JobState::Succeeded);
     assert_eq!(record.attempt, 2, "handed out a second time");
@@ -121,16 +159,46 @@ async fn bad_jobs_fail_clearly_and_for_good_while_the_agent_keeps_serving() {
     let mut jira = sim_integration.clone();
     jira["type"] = json!("jira");
     let cases = [
-        ("grant", json!("sim"), json!({"user": "alice", "resource": "c-7x2k9"}), "invalid params"),
+        (
+            "grant",
+            json!("sim"),
+            json!({"user": "alice", "resource": "c-7x2k9"}),
+            "invalid params",
+        ),
         ("grant", json!({"name": "half"}), json!({}), "integration is invalid"),
         ("teleport", json!("sim"), json!({}), "unknown job kind"),
-        ("grant", jira, json!({"user": "alice", "role": "cluster-member", "resource": "c-7x2k9"}), "unknown integration type"),
-        ("grant", json!("sim"), json!({"user": "alice", "role": "no-such-role", "resource": "c-7x2k9"}), "no-such-role"),
-        ("grant", json!("sim"), json!({"user": "nobody-here", "role": "cluster-member", "resource": "c-7x2k9"}), "nobody-here"),
+        (
+            "grant",
+            jira,
+            json!({"user": "alice", "role": "cluster-member", "resource": "c-7x2k9"}),
+            "unknown integration type",
+        ),
+        (
+            "grant",
+            json!("sim"),
+            json!({"user": "alice", "role": "no-such-role", "resource": "c-7x2k9"}),
+            "no-such-role",
+        ),
+        (
+            "grant",
+            json!("sim"),
+            json!({"user": "nobody-here", "role": "cluster-member", "resource": "c-7x2k9"}),
+            "nobody-here",
+        ),
     ];
     let mut ids = Vec::new();
     for (kind, integration, params, _) in &cases {
-        ids.push(stack.cp.create_job(JobCreate { kind: kind.to_string(), integration: integration.clone(), params: params.clone() }).unwrap().id);
+        ids.push(
+            stack
+                .cp
+                .create_job(JobCreate {
+                    kind: kind.to_string(),
+                    integration: integration.clone(),
+                    params: params.clone(),
+                })
+                .unwrap()
+                .id,
+        );
     }
     for ((_, _, _, expect), id) in cases.iter().zip(&ids) {
         let job = stack.wait_job(id).await;
@@ -143,7 +211,11 @@ async fn bad_jobs_fail_clearly_and_for_good_while_the_agent_keeps_serving() {
     // The agent still serves good jobs.
     let good = stack
         .cp
-        .create_job(JobCreate { kind: "grant".into(), integration: json!("sim"), params: json!({"user": "alice", "role": "cluster-owner", "resource": "local"}) })
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!("sim"),
+            params: json!({"user": "alice", "role": "cluster-owner", "resource": "local"}),
+        })
         .unwrap();
     assert_eq!(stack.wait_job(&good.id).await.state, JobState::Succeeded);
     stack.shutdown().await;
@@ -158,7 +230,11 @@ async fn a_refused_key_fails_the_job_and_never_shows_the_secret() {
     let wrong = integration_json(&stack.sim, "wrong-key", &access_key, CANARY);
     let job = stack
         .cp
-        .create_job(JobCreate { kind: "grant".into(), integration: wrong, params: json!({"user": "alice", "role": "cluster-member", "resource": "c-7x2k9"}) })
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: wrong,
+            params: json!({"user": "alice", "role": "cluster-member", "resource": "c-7x2k9"}),
+        })
         .unwrap();
     let job = stack.wait_job(&job.id).await;
     assert_eq!(job.state, JobState::Failed);
@@ -166,9 +242,15 @@ async fn a_refused_key_fails_the_job_and_never_shows_the_secret() {
     assert_eq!(error.code, "credentials_refused");
     assert!(error.message.contains("401"), "{}", error.message);
     assert!(!error.retryable);
-    assert!(!serde_json::to_string(&job).unwrap().contains(CANARY), "canary in the job record");
+    assert!(
+        !serde_json::to_string(&job).unwrap().contains(CANARY),
+        "canary in the job record"
+    );
     assert!(!format!("{job:?}").contains(CANARY), "canary in Debug");
-    wait_until(Duration::from_secs(5), || (!logs.lock().unwrap().is_empty()).then_some(())).await;
+    wait_until(Duration::from_secs(5), || {
+        (!logs.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(text.contains("credentials_refused"), "the failure is logged");
     assert!(!text.contains(CANARY), "canary in the logs");

@@ -64,7 +64,13 @@ impl Stack {
         cp.register_integration(&spec).expect("register");
         let stop = CancellationToken::new();
         let mut tasks = vec![tokio::spawn(cp.clone().run_scheduler(stop.clone()))];
-        let mut stack = Stack { sim, cp, dir, stop, tasks: Vec::new() };
+        let mut stack = Stack {
+            sim,
+            cp,
+            dir,
+            stop,
+            tasks: Vec::new(),
+        };
         if with_agent {
             tasks.push(stack.spawn_agent());
         }
@@ -74,7 +80,11 @@ impl Stack {
 
     pub fn spawn_agent(&self) -> tokio::task::JoinHandle<()> {
         let executor = Executor::new(SecretStores::default(), 3).with_backoff_base(Duration::from_millis(50));
-        let options = AgentOptions { parallelism: 4, lease_wait_seconds: 1, shutdown_grace: Duration::from_secs(5) };
+        let options = AgentOptions {
+            parallelism: 4,
+            lease_wait_seconds: 1,
+            shutdown_grace: Duration::from_secs(5),
+        };
         tokio::spawn(Agent::new(self.cp.clone(), executor, options).run(self.stop.clone()))
     }
 
@@ -117,15 +127,27 @@ pub async fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<
 
 /// Bindings of `username` in the simulator.
 pub fn bindings_of(sim: &SimHandle, username: &str) -> Vec<SimBinding> {
-    let Some(user) = sim.sim.users().into_iter().find(|u| u.username.as_deref() == Some(username)) else {
+    let Some(user) = sim
+        .sim
+        .users()
+        .into_iter()
+        .find(|u| u.username.as_deref() == Some(username))
+    else {
         return Vec::new();
     };
-    sim.sim.bindings().into_iter().filter(|b| b.user_id.as_deref() == Some(user.id.as_str())).collect()
+    sim.sim
+        .bindings()
+        .into_iter()
+        .filter(|b| b.user_id.as_deref() == Some(user.id.as_str()))
+        .collect()
 }
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// A child process killed (by its own PID) and reaped when dropped.
@@ -159,10 +181,17 @@ impl Drop for ChildGuard {
 
 /// Runs the binary to completion.
 pub fn run_cli(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run apono-connector")
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run apono-connector")
 }
 
 /// Waits until something accepts TCP connections on `port`.
 pub async fn wait_for_port(port: u16) {
-    wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())).await;
+    wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
 }
