@@ -37,6 +37,9 @@ pub struct RemoteConfig {
     /// `APONO_TOKEN`.
     #[serde(skip_serializing)]
     pub token: Option<SecretString>,
+    /// `APONO_TOKEN_FILE`: read the token from this file, and again whenever the control plane
+    /// refuses it (a rotated token in a mounted Secret is picked up without a restart).
+    pub token_file: Option<PathBuf>,
     /// `APONO_CONNECTOR_ID` (alias `CONNECTOR_ID`).
     pub connector_id: String,
 }
@@ -46,6 +49,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             url: None,
             token: None,
+            token_file: None,
             connector_id: "standalone".into(),
         }
     }
@@ -149,6 +153,7 @@ type EnvParser = fn(&str, &str) -> Result<Value, String>;
 const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
     ("APONO_URL", "control_plane.url", parse_string),
     ("APONO_TOKEN", "control_plane.token", parse_string),
+    ("APONO_TOKEN_FILE", "control_plane.token_file", parse_string),
     ("CONNECTOR_ID", "control_plane.connector_id", parse_string),
     ("APONO_CONNECTOR_ID", "control_plane.connector_id", parse_string),
     ("APONO_ACTIONS_PARALLELISM", "agent.parallelism", parse_positive_int),
@@ -260,8 +265,9 @@ impl Config {
         {
             problems.push(format!("control_plane.url (APONO_URL): {e}"));
         }
-        if self.control_plane.url.is_some() && self.control_plane.token.is_none() {
-            problems.push("APONO_TOKEN is required when APONO_URL is set".into());
+        if self.control_plane.url.is_some() && self.control_plane.token.is_none() && self.control_plane.token_file.is_none()
+        {
+            problems.push("APONO_TOKEN (or APONO_TOKEN_FILE) is required when APONO_URL is set".into());
         }
         if self.control_plane.connector_id.trim().is_empty() {
             problems.push("control_plane.connector_id (APONO_CONNECTOR_ID) must not be empty".into());

@@ -40,9 +40,12 @@ pub struct Agent {
     readiness: Readiness,
 }
 
-/// While the control plane refuses the token, ask again this often (a fixed token, or a new one
-/// in `APONO_TOKEN_FILE`, is picked up without a restart).
-const REFUSED_TOKEN_RETRY: Duration = Duration::from_secs(30);
+/// While the control plane refuses the token, ask again from every 5 s up to every minute: slowly
+/// enough not to hammer it, soon enough that a fixed token (or a new one in `APONO_TOKEN_FILE`)
+/// is picked up without a restart.
+fn refused_token_retry(failures: u32) -> Duration {
+    Duration::from_secs(5u64.saturating_mul(1 << failures.saturating_sub(1).min(4)).min(60))
+}
 
 impl Agent {
     pub fn new(control_plane: Arc<dyn ControlPlane>, executor: Executor, options: AgentOptions) -> Agent {
@@ -95,6 +98,9 @@ impl Agent {
             };
             let jobs = match leased {
                 Ok(jobs) => {
+                    if failures > 0 {
+                        self.readiness.set_ready();
+                    }
                     failures = 0;
                     jobs
                 }
@@ -102,13 +108,14 @@ impl Agent {
                     failures += 1;
                     drop(first_permit);
                     if matches!(e, ControlPlaneError::Unauthorized { .. }) {
-                        log_control_plane_error(&e, "lease", REFUSED_TOKEN_RETRY);
+                        log_control_plane_error(&e, "lease", Duration::ZERO);
                         self.readiness
                             .set_not_ready(format!("the control plane refused the token: {e}"));
                         session = false;
                         continue;
                     }
                     let delay = backoff(Duration::from_secs(1), failures);
+                    self.readiness.set_not_ready(format!("control plane unavailable: {e}"));
                     log_control_plane_error(&e, "lease", delay);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -180,7 +187,7 @@ impl Agent {
                     failures += 1;
                     let delay = match e {
                         // Slowly: hammering a control plane that refuses us helps no one.
-                        ControlPlaneError::Unauthorized { .. } => REFUSED_TOKEN_RETRY,
+                        ControlPlaneError::Unauthorized { .. } => refused_token_retry(failures),
                         _ => backoff(Duration::from_secs(1), failures),
                     };
                     self.readiness

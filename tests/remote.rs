@@ -1,0 +1,245 @@
+//! Remote mode with real processes: one `control-plane serve`, agents running `run` with
+//! `APONO_URL` pointing at it, and a simulator. Jobs run once across agents, a dead agent's jobs
+//! move to the other, a control-plane outage loses nothing, and a refused token is reported and
+//! recovered from without a restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use apono_connector::sim::SimOptions;
+use common::{ChildGuard, free_port, run_cli, wait_for_port};
+use serde_json::Value;
+
+const TOKEN: &str = "cp-token-5d1e";
+const CONNECTOR: &str = "ha-connector";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    sim_url: String,
+    cp_port: u16,
+    cp_config: String,
+}
+
+impl Setup {
+    /// A simulator answering every request after `latency_ms`, and a control-plane config.
+    async fn new(latency_ms: u64, lease_seconds: u64) -> (Setup, ChildGuard) {
+        let dir = tempfile::tempdir().unwrap();
+        let sim_port = free_port();
+        let sim = ChildGuard::spawn(
+            &["sim", "rancher", "--listen", &format!("127.0.0.1:{sim_port}"), "--latency-ms", &latency_ms.to_string()],
+            &[],
+            dir.path(),
+        );
+        wait_for_port(sim_port).await;
+        let sim_url = format!("http://127.0.0.1:{sim_port}");
+        let SimOptions { access_key, secret_key, .. } = SimOptions::default();
+        let cp_port = free_port();
+        let cp_config = dir.path().join("cp.toml");
+        std::fs::write(
+            &cp_config,
+            format!(
+                "[standalone]\nlisten = \"127.0.0.1:{cp_port}\"\ndata_dir = \"{}\"\nlease_seconds = {lease_seconds}\n\n\
+                 [[integrations]]\ntype = \"rancher\"\nname = \"sim\"\nconfig = {{ host = \"{sim_url}\" }}\n\
+                 secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"{access_key}\", secret_key = \"{secret_key}\" }} }}\n",
+                dir.path().join("cp-state").display()
+            ),
+        )
+        .unwrap();
+        let setup = Setup { dir, sim_url, cp_port, cp_config: cp_config.to_string_lossy().into_owned() };
+        (setup, sim)
+    }
+
+    fn cp_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.cp_port)
+    }
+
+    async fn start_control_plane(&self) -> ChildGuard {
+        let cp = ChildGuard::spawn(
+            &["control-plane", "serve", "--config", &self.cp_config],
+            &[("APONO_TOKEN", TOKEN), ("APONO_HEALTH_ADDR", "127.0.0.1:0")],
+            self.dir.path(),
+        );
+        wait_for_port(self.cp_port).await;
+        cp
+    }
+
+    /// An agent in remote mode; returns it and its health port.
+    fn start_agent(&self, token_env: (&str, &str)) -> (ChildGuard, u16) {
+        let health = free_port();
+        let health_addr = format!("127.0.0.1:{health}");
+        let cp_url = self.cp_url();
+        let agent = ChildGuard::spawn(
+            &["run"],
+            &[
+                ("APONO_URL", cp_url.as_str()),
+                token_env,
+                ("APONO_CONNECTOR_ID", CONNECTOR),
+                ("APONO_HEALTH_ADDR", health_addr.as_str()),
+                ("APONO_ACTIONS_PARALLELISM", "4"),
+            ],
+            self.dir.path(),
+        );
+        (agent, health)
+    }
+}
+
+async fn readyz(port: u16) -> Option<(u16, String)> {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
+    Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+}
+
+async fn wait_ready(port: u16, want: u16, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some((status, body)) = readyz(port).await
+            && status == want
+            && body.contains(needle)
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz on {port} never answered {want} with {needle:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn access_request(cp_url: &str, role: &str, resource: &str, ttl: &str) -> Value {
+    let out = run_cli(&[
+        "access",
+        "request",
+        "--integration",
+        "sim",
+        "--user",
+        "alice",
+        "--role",
+        role,
+        "--resource",
+        resource,
+        "--ttl",
+        ttl,
+        "--no-wait",
+        "--control-plane",
+        cp_url,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn list(cp_url: &str) -> Vec<Value> {
+    reqwest::get(format!("{cp_url}/operator/v1/access-requests")).await.unwrap().json().await.unwrap()
+}
+
+async fn wait_states(cp_url: &str, ids: &[String], state: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = list(cp_url).await;
+        let states: Vec<_> = ids
+            .iter()
+            .map(|id| all.iter().find(|a| a["id"] == id.as_str()).map(|a| a["state"].clone()).unwrap_or(Value::Null))
+            .collect();
+        if states.iter().all(|s| s == state) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not all {state}: {states:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn sim_bindings(sim_url: &str) -> Vec<Value> {
+    reqwest::get(format!("{sim_url}/sim/bindings")).await.unwrap().json().await.unwrap()
+}
+
+/// Alice's bindings per (role, resource), as Rancher holds them.
+async fn alice_bindings(sim_url: &str, targets: &[(&str, &str)]) -> Vec<usize> {
+    let all = sim_bindings(sim_url).await;
+    targets
+        .iter()
+        .map(|(role, resource)| {
+            all.iter()
+                .filter(|b| b["user_id"] == "u-alice1" && b["role_id"] == *role && b["resource_id"] == *resource)
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
+    // Slow Rancher answers (400 ms) keep jobs in flight long enough to kill an agent mid-job.
+    let (setup, _sim) = Setup::new(400, 3).await;
+    let mut cp = setup.start_control_plane().await;
+    let cp_url = setup.cp_url();
+
+    // Agent A alone takes the first jobs.
+    let (mut agent_a, health_a) = setup.start_agent(("APONO_TOKEN", TOKEN));
+    wait_ready(health_a, 200, "ready", Duration::from_secs(20)).await;
+    let targets = [
+        ("cluster-member", "c-7x2k9"),
+        ("cluster-member", "c-m-4bq8z2lp"),
+        ("project-member", "c-7x2k9:p-abcde"),
+        ("project-member", "c-7x2k9:p-x4m7q"),
+    ];
+    let ids: Vec<String> = targets
+        .iter()
+        .map(|(role, resource)| access_request(&cp_url, role, resource, "12s")["id"].as_str().unwrap().to_string())
+        .collect();
+    // Wait until A holds them (leased), then kill it mid-job.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let jobs: Vec<Value> =
+            reqwest::get(format!("{cp_url}/operator/v1/jobs")).await.unwrap().json().await.unwrap();
+        if jobs.iter().filter(|j| j["state"] == "leased").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent A never leased the grants: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent_a.kill();
+
+    // B, same connector id, gets them once their leases (3 s) run out.
+    let (_agent_b, health_b) = setup.start_agent(("APONO_TOKEN", TOKEN));
+    let (_agent_c, health_c) = setup.start_agent(("APONO_TOKEN", TOKEN));
+    wait_ready(health_b, 200, "ready", Duration::from_secs(20)).await;
+    wait_ready(health_c, 200, "ready", Duration::from_secs(20)).await;
+    wait_states(&cp_url, &ids, "active", Duration::from_secs(40)).await;
+    assert_eq!(alice_bindings(&setup.sim_url, &targets).await, vec![1; 4], "each grant made exactly one binding");
+
+    // Stop the control plane across the expiry; the agents wait and reconnect.
+    let last_expiry = list(&cp_url)
+        .await
+        .iter()
+        .filter_map(|a| a["expires_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()))
+        .max()
+        .expect("expiry times");
+    cp.kill();
+    wait_ready(health_b, 503, "", Duration::from_secs(20)).await;
+    let until_expired = (last_expiry.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(until_expired + Duration::from_secs(1)).await;
+    cp = setup.start_control_plane().await;
+    wait_ready(health_b, 200, "ready", Duration::from_secs(40)).await;
+    wait_states(&cp_url, &ids, "revoked", Duration::from_secs(60)).await;
+    assert_eq!(alice_bindings(&setup.sim_url, &targets).await, vec![0; 4], "every revoke happened");
+    drop(cp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_reported_and_a_fixed_token_file_recovers_without_restart() {
+    let (setup, _sim) = Setup::new(0, 5).await;
+    let _cp = setup.start_control_plane().await;
+    let token_file = setup.dir.path().join("token");
+    std::fs::write(&token_file, "wrong-token").unwrap();
+    let token_path = token_file.to_string_lossy().into_owned();
+    let (_agent, health) = setup.start_agent(("APONO_TOKEN_FILE", token_path.as_str()));
+    let body = wait_ready(health, 503, "refused the token", Duration::from_secs(20)).await;
+    assert!(!body.contains("wrong-token"), "the token is not shown: {body}");
+    let healthz = reqwest::get(format!("http://127.0.0.1:{health}/healthz")).await.unwrap();
+    assert_eq!(healthz.status().as_u16(), 200, "alive while refused");
+
+    // The operator fixes the token in the mounted file; the agent recovers by itself.
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    wait_ready(health, 200, "ready", Duration::from_secs(30)).await;
+    let id = access_request(&setup.cp_url(), "cluster-member", "c-7x2k9", "60s")["id"].as_str().unwrap().to_string();
+    wait_states(&setup.cp_url(), &[id], "active", Duration::from_secs(20)).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{health}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("apono_connector_control_plane_errors_total{call=\"hello\",code=\"unauthorized\"}"), "{metrics}");
+    assert!(metrics.contains("apono_connector_jobs_total{kind=\"grant\",outcome=\"succeeded\"} 1"), "{metrics}");
+}
