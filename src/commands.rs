@@ -111,8 +111,7 @@ async fn run_agent(
     match &config.control_plane.url {
         Some(url) => {
             let url = normalize_url(url).map_err(anyhow::Error::msg)?;
-            let token = config.control_plane.token.clone();
-            let cp = HttpControlPlane::new(url.as_str(), &config.control_plane.connector_id, token)?;
+            let cp = remote_control_plane(&config, url.as_str())?;
             tracing::info!(control_plane = %url, connector_id = %config.control_plane.connector_id, "starting agent (remote mode)");
             Agent::new(Arc::new(cp), executor, agent_options(&config))
                 .with_readiness(readiness)
@@ -324,30 +323,89 @@ pub fn access_table(list: &[AccessRequest]) -> String {
     out
 }
 
-/// `check`: config validation (more checks land with the remote control plane and the stores).
-pub fn check(config_path: Option<&Path>) -> anyhow::Result<Vec<(String, Result<String, String>)>> {
+/// One row of `check`: what was checked, and the detail or the failure.
+pub type CheckRow = (String, Result<String, String>);
+
+/// `check`: the operator's first command after install. The config loads; the control plane
+/// answers and accepts the token (remote mode); every integration's secret resolves (keys shown,
+/// never values); every integration validates against Rancher. Each row is independent: a
+/// failure is reported and the next check still runs.
+pub async fn check(config_path: Option<&Path>) -> Vec<CheckRow> {
     let mut rows = Vec::new();
-    match Config::load(config_path) {
-        Ok(config) => {
-            rows.push((
-                "config".to_string(),
-                Ok(config_path
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "defaults + environment".into())),
-            ));
-            let mode = match &config.control_plane.url {
-                Some(u) => format!("remote control plane {u}"),
-                None => format!("standalone, operator API on {}", config.standalone.listen),
-            };
-            rows.push(("mode".to_string(), Ok(mode)));
-            for spec in &config.integrations {
-                rows.push((
-                    format!("integration {}", spec.name),
-                    Ok(format!("{} via {}", spec.kind, spec.secret_store.describe())),
-                ));
-            }
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            rows.push(("config".to_string(), Err(e.to_string())));
+            return rows;
         }
-        Err(e) => rows.push(("config".to_string(), Err(e.to_string()))),
+    };
+    let source = config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into());
+    rows.push(("config".to_string(), Ok(source)));
+    rows.push(check_control_plane(&config).await);
+    let stores = match SecretStores::from_config(&config.secrets) {
+        Ok(stores) => stores,
+        Err(e) => {
+            rows.push(("secret stores".to_string(), Err(e.to_string())));
+            return rows;
+        }
+    };
+    for spec in &config.integrations {
+        let what = format!("secret of {} ({})", spec.name, spec.secret_store.describe());
+        let secret = match stores.fetch(&spec.secret_store).await {
+            Ok(secret) => {
+                rows.push((what, Ok(format!("keys: {}", secret.keys().collect::<Vec<_>>().join(", ")))));
+                secret
+            }
+            Err(e) => {
+                rows.push((what, Err(e.to_string())));
+                continue;
+            }
+        };
+        let what = format!("integration {} ({})", spec.name, spec.kind);
+        let validated = match integrations::build(spec, &secret) {
+            Ok(integration) => integration.validate().await,
+            Err(e) => Err(e),
+        };
+        rows.push(match validated {
+            Ok(v) if v.warnings.is_empty() => (what, Ok(format!("key of {} works", v.principal))),
+            Ok(v) => (what, Ok(format!("key of {} works; WARNING: {}", v.principal, v.warnings.join("; ")))),
+            Err(e) => (what, Err(format!("{e} ({})", e.code()))),
+        });
     }
-    Ok(rows)
+    if config.integrations.is_empty() && config.control_plane.url.is_none() {
+        rows.push(("integrations".to_string(), Err("none configured: add [[integrations]] to the config file".into())));
+    }
+    rows
+}
+
+async fn check_control_plane(config: &Config) -> CheckRow {
+    let Some(url) = &config.control_plane.url else {
+        return ("control plane".to_string(), Ok(format!("standalone, operator API on {}", config.standalone.listen)));
+    };
+    let what = format!("control plane {url}");
+    let cp = match normalize_url(url)
+        .map_err(|e| e.to_string())
+        .and_then(|u| remote_control_plane(config, u.as_str()).map_err(|e| e.to_string()))
+    {
+        Ok(cp) => cp,
+        Err(e) => return (what, Err(e)),
+    };
+    let hello = crate::control_plane::protocol::SessionHello {
+        version: crate::VERSION.to_string(),
+        hostname: "check".to_string(),
+        capabilities: Default::default(),
+    };
+    match cp.hello(&hello).await {
+        Ok(session) => (what, Ok(format!("token accepted (session {})", session.session_id))),
+        Err(e) => (what, Err(e.to_string())),
+    }
+}
+
+/// The HTTP control plane of remote mode, with the token from `APONO_TOKEN` or `APONO_TOKEN_FILE`.
+pub fn remote_control_plane(config: &Config, url: &str) -> anyhow::Result<HttpControlPlane> {
+    let cp = HttpControlPlane::new(url, &config.control_plane.connector_id, config.control_plane.token.clone())?;
+    Ok(match &config.control_plane.token_file {
+        Some(path) => cp.with_token_file(path.clone()),
+        None => cp,
+    })
 }

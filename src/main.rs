@@ -232,7 +232,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             apono_connector::demo::run(&mut out, ttl).await?;
         }
         Command::Check { config } => {
-            let rows = commands::check(config.as_deref())?;
+            quiet_logs();
+            let rows = commands::check(config.as_deref()).await;
             let mut ok = true;
             for (what, result) in &rows {
                 match result {
