@@ -547,10 +547,10 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             (&Method::POST, Some("changepassword")) => {
                 let body = req.body_object()?;
                 let current = body.get("currentPassword").and_then(Value::as_str).unwrap_or_default();
-                if !st
+                if st
                     .users
                     .get(&owner)
-                    .is_some_and(|u| u.password.as_deref() == Some(current))
+                    .is_none_or(|u| u.password.as_deref() != Some(current))
                 {
                     return Err(ApiError::invalid_body("Invalid current password"));
                 }
