@@ -169,6 +169,7 @@ fn binding(st: &mut State, s: Seed) {
         labels: BTreeMap::new(),
         created: at(40),
         settles_at: None,
+        ensured_user: false,
     };
     let map = match s.scope {
         BindingScope::Global => &mut st.grbs,

@@ -1138,6 +1138,28 @@ async fn new_bindings_settle_and_status_appears_from_2_11() {
         ))
         .await;
     assert_eq!(b["status"]["summary"], "Completed");
+    // By principal alone: userId appears only once the controller (EnsureUser) has run.
+    let body = json!({"clusterId": "local", "roleTemplateId": "nodes-view", "userPrincipalId": "github_user://6060"});
+    let (status, b) = c.post("/v3/clusterroletemplatebindings", body).await;
+    assert_eq!(status, 201, "{b}");
+    assert_eq!(b["userId"], Value::Null);
+    let uid = external_user_id("github_user://6060");
+    assert!(
+        c.ids(&format!("/v3/clusterroletemplatebindings?userId={uid}"))
+            .await
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let id = b["id"].as_str().unwrap_or_default().to_string();
+    let (_, b) = c.get(&format!("/v3/clusterroletemplatebindings/{id}")).await;
+    assert_eq!(b["userId"], uid.as_str());
+    assert_eq!(
+        c.ids(&format!("/v3/clusterroletemplatebindings?userId={uid}")).await,
+        [id.clone()]
+    );
+    let (status, gone) = c.delete(&format!("/v3/clusterroletemplatebindings/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(gone["removed"].is_string(), "{gone}");
     c.stop().await;
     let old = Client::start(version(10)).await;
     let (_, b) = old.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
