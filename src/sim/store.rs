@@ -643,13 +643,13 @@ struct BindingWire<'a> {
     actions: Empty,
     annotations: Empty,
     base_type: &'static str,
-    created: String,
+    created: Rfc3339,
     #[serde(rename = "createdTS")]
     created_ts: i64,
     creator_id: Option<&'a str>,
     id: &'a str,
     labels: &'a BTreeMap<String, String>,
-    links: Links,
+    links: Links<'a>,
     name: &'a str,
     state: &'static str,
     transitioning: &'static str,
@@ -681,12 +681,46 @@ struct BindingWire<'a> {
 #[derive(serde::Serialize)]
 struct Empty {}
 
+/// `{self, remove, update}`, all the object's URL, written without allocating.
 #[derive(serde::Serialize)]
-struct Links {
+struct Links<'a> {
     #[serde(rename = "self")]
-    self_link: String,
-    remove: String,
-    update: String,
+    self_link: Link<'a>,
+    remove: Link<'a>,
+    update: Link<'a>,
+}
+
+/// `{base}/v3/{plural}/{id}` as a JSON string.
+#[derive(Clone, Copy)]
+struct Link<'a> {
+    base: &'a str,
+    plural: &'static str,
+    id: &'a str,
+}
+
+impl serde::Serialize for Link<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}/v3/{}/{}", self.base, self.plural, self.id))
+    }
+}
+
+/// RFC 3339 in UTC to the second, written without allocating.
+struct Rfc3339(DateTime<Utc>);
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use chrono::{Datelike, Timelike};
+        let t = &self.0;
+        s.collect_str(&format_args!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ))
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -702,9 +736,13 @@ struct BindingStatus {
 }
 
 impl Binding {
-    fn wire<'a>(&'a self, ctx: &Ctx) -> BindingWire<'a> {
+    fn wire<'a>(&'a self, ctx: &Ctx<'a>) -> BindingWire<'a> {
         let (kind, plural) = self.kind();
-        let link = format!("{}/v3/{}/{}", ctx.base, plural, self.id);
+        let link = Link {
+            base: ctx.base,
+            plural,
+            id: &self.id,
+        };
         let global = self.scope == BindingScope::Global;
         let status = (ctx.version.minor >= 11).then(|| {
             let summary = if self.settled(ctx.now) {
@@ -724,7 +762,7 @@ impl Binding {
             actions: Empty {},
             annotations: Empty {},
             base_type: kind,
-            created: self.created.to_rfc3339_opts(SecondsFormat::Secs, true),
+            created: Rfc3339(self.created),
             created_ts: self.created.timestamp_millis(),
             creator_id: None,
             id: &self.id,
