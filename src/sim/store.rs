@@ -768,8 +768,8 @@ impl Binding {
             id: &self.id,
             labels: &self.labels,
             links: Links {
-                self_link: link.clone(),
-                remove: link.clone(),
+                self_link: link,
+                remove: link,
                 update: link,
             },
             name: &self.name,
