@@ -138,6 +138,7 @@ fn user(st: &mut State, id: &str, username: Option<&str>, name: &str, principal:
             enabled: true,
             must_change_password: false,
             password: username.map(|u| format!("{u}-sim-password-0001")),
+            principals_at: None,
             created: at(30),
         },
     );

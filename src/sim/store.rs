@@ -473,6 +473,9 @@ pub(crate) struct User {
     pub must_change_password: bool,
     pub password: Option<String>,
     pub created: DateTime<Utc>,
+    /// API-created local users: `principalIds` is filled in by a controller, so it shows `[]`
+    /// until then (only with a `settle` delay).
+    pub principals_at: Option<Instant>,
 }
 
 impl User {
@@ -535,7 +538,11 @@ impl Item for User {
             m.insert("username".into(), Value::String(u.clone()));
         }
         m.insert("description".into(), Value::String(self.description.clone()));
-        m.insert("principalIds".into(), json!(self.principal_ids));
+        let filled = self.principals_at.is_none_or(|t| ctx.now >= t);
+        m.insert(
+            "principalIds".into(),
+            if filled { json!(self.principal_ids) } else { json!([]) },
+        );
         m.insert("enabled".into(), Value::Bool(self.enabled));
         m.insert("mustChangePassword".into(), Value::Bool(self.must_change_password));
         m.insert("me".into(), Value::Bool(self.id == ctx.owner));
@@ -1022,6 +1029,7 @@ impl State {
             enabled: opt_bool(body, "enabled")?.unwrap_or(true),
             must_change_password: opt_bool(body, "mustChangePassword")?.unwrap_or(false),
             password: Some(password),
+            principals_at: (!self.settle.is_zero()).then(|| Instant::now() + self.settle),
             created: Utc::now(),
         };
         self.users.insert(id, user.clone());
@@ -1110,6 +1118,7 @@ impl State {
                 enabled: u.enabled,
                 must_change_password: u.must_change_password,
                 password: None,
+                principals_at: None,
                 created: Utc::now(),
             },
         );
@@ -1171,6 +1180,7 @@ impl State {
                 enabled: true,
                 must_change_password: false,
                 password: None,
+                principals_at: None,
                 created: Utc::now(),
             },
         );

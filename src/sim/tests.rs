@@ -1160,6 +1160,19 @@ async fn new_bindings_settle_and_status_appears_from_2_11() {
     let (status, gone) = c.delete(&format!("/v3/clusterroletemplatebindings/{id}")).await;
     assert_eq!(status, 200);
     assert!(gone["removed"].is_string(), "{gone}");
+    // A new local user's principalIds arrive with the controller too.
+    let (_, dave) = c
+        .post("/v3/users", json!({"username": "dave", "password": "long-enough-pw-1"}))
+        .await;
+    assert_eq!(dave["principalIds"], json!([]));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let (_, dave) = c
+        .get(&format!("/v3/users/{}", dave["id"].as_str().unwrap_or_default()))
+        .await;
+    assert_eq!(
+        dave["principalIds"],
+        json!([format!("local://{}", dave["id"].as_str().unwrap_or_default())])
+    );
     c.stop().await;
     let old = Client::start(version(10)).await;
     let (_, b) = old.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
