@@ -13,7 +13,7 @@
 //!   memory until the access request is read once.
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -48,8 +48,15 @@ fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessReque
 }
 
 async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> {
-    let jobs = cp.lease(&LeaseRequest { max_jobs: 1, wait_seconds }).await.expect("lease");
-    jobs.first().map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
+    let jobs = cp
+        .lease(&LeaseRequest {
+            max_jobs: 1,
+            wait_seconds,
+        })
+        .await
+        .expect("lease");
+    jobs.first()
+        .map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
 }
 
 async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
@@ -70,7 +77,11 @@ fn failed(job: &Job, retryable: bool) -> CompleteRequest {
     CompleteRequest {
         lease_token: job.lease_token.clone(),
         outcome: Outcome::Failed,
-        error: Some(JobError { code: "unavailable".into(), message: "Rancher answered 503".into(), retryable }),
+        error: Some(JobError {
+            code: "unavailable".into(),
+            message: "Rancher answered 503".into(),
+            retryable,
+        }),
         result: None,
     }
 }
@@ -89,7 +100,11 @@ fn grant_result(user_id: &str, created_user: bool, password: Option<&str>) -> Va
 }
 
 /// A fake agent: completes every job it leases; revokes fail `fail_revokes` times first.
-fn spawn_fake_agent(cp: Arc<EmbeddedControlPlane>, stop: CancellationToken, fail_revokes: u32) -> tokio::task::JoinHandle<()> {
+fn spawn_fake_agent(
+    cp: Arc<EmbeddedControlPlane>,
+    stop: CancellationToken,
+    fail_revokes: u32,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut revoke_failures = 0;
         loop {
@@ -137,7 +152,11 @@ async fn lease_renew_complete_are_idempotent_and_stale_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     let created = cp
-        .create_job(JobCreate { kind: "validate".into(), integration: json!("test"), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
         .unwrap();
     assert_eq!(created.state, JobState::Pending);
     assert_eq!(created.integration, "test");
@@ -146,16 +165,39 @@ async fn lease_renew_complete_are_idempotent_and_stale_tokens_are_refused() {
     assert_eq!(job.id, created.id);
     assert_eq!(job.attempt, 1);
     assert_eq!(job.kind, "validate");
-    assert_eq!(job.integration["type"], "rancher", "the full spec is handed out: {}", job.integration);
+    assert_eq!(
+        job.integration["type"], "rancher",
+        "the full spec is handed out: {}",
+        job.integration
+    );
     assert_eq!(job.integration["secret_store"]["type"], "APONO");
-    assert!(lease_one(&cp, 0).await.is_none(), "a leased job is not handed out twice");
+    assert!(
+        lease_one(&cp, 0).await.is_none(),
+        "a leased job is not handed out twice"
+    );
     assert_eq!(cp.job(&job.id).unwrap().unwrap().state, JobState::Leased);
 
-    let renewed = cp.renew(&job.id, &RenewRequest { lease_token: job.lease_token.clone() }).await.unwrap();
+    let renewed = cp
+        .renew(
+            &job.id,
+            &RenewRequest {
+                lease_token: job.lease_token.clone(),
+            },
+        )
+        .await
+        .unwrap();
     assert!(renewed.lease_expires_at >= job.lease_expires_at);
-    let stale = RenewRequest { lease_token: "lt-not-mine".into() };
-    assert!(matches!(cp.renew(&job.id, &stale).await, Err(ControlPlaneError::LeaseLost { .. })));
-    assert!(matches!(cp.renew("nope", &stale).await, Err(ControlPlaneError::NotFound { .. })));
+    let stale = RenewRequest {
+        lease_token: "lt-not-mine".into(),
+    };
+    assert!(matches!(
+        cp.renew(&job.id, &stale).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.renew("nope", &stale).await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
 
     complete_ok(&cp, &job, json!({"principal": "local://u-admin"})).await;
     complete_ok(&cp, &job, json!({"principal": "ignored"})).await; // same token: Ok, no change
@@ -163,10 +205,22 @@ async fn lease_renew_complete_are_idempotent_and_stale_tokens_are_refused() {
     assert_eq!(record.state, JobState::Succeeded);
     assert_eq!(record.result, Some(json!({"principal": "local://u-admin"})));
     assert!(record.lease_expires_at.is_none());
-    let other = CompleteRequest { lease_token: "lt-other".into(), ..failed(&job, false) };
-    assert!(matches!(cp.complete(&job.id, &other).await, Err(ControlPlaneError::LeaseLost { .. })));
+    let other = CompleteRequest {
+        lease_token: "lt-other".into(),
+        ..failed(&job, false)
+    };
     assert!(matches!(
-        cp.renew(&job.id, &RenewRequest { lease_token: job.lease_token.clone() }).await,
+        cp.complete(&job.id, &other).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.renew(
+            &job.id,
+            &RenewRequest {
+                lease_token: job.lease_token.clone()
+            }
+        )
+        .await,
         Err(ControlPlaneError::LeaseLost { .. })
     ));
 }
@@ -181,11 +235,22 @@ async fn a_long_poll_answers_as_soon_as_a_job_is_created() {
         tokio::spawn(async move { lease_one(&cp, 20).await })
     };
     tokio::time::sleep(Duration::from_millis(150)).await;
-    cp.create_job(JobCreate { kind: "discover".into(), integration: json!("test"), params: json!({}) })
+    cp.create_job(JobCreate {
+        kind: "discover".into(),
+        integration: json!("test"),
+        params: json!({}),
+    })
+    .unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("answered early")
         .unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("answered early").unwrap();
     assert!(job.is_some());
-    assert!(started.elapsed() < Duration::from_secs(3), "answered in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered in {:?}",
+        started.elapsed()
+    );
 
     // With nothing to hand out, an empty answer after wait_seconds.
     let started = Instant::now();
@@ -196,27 +261,55 @@ async fn a_long_poll_answers_as_soon_as_a_job_is_created() {
 #[tokio::test]
 async fn an_expired_lease_hands_the_job_out_again_with_attempt_2() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = open_with(Options { lease_duration: Duration::from_millis(300), ..options(dir.path()) }, json!({}));
-    cp.create_job(JobCreate { kind: "discover".into(), integration: json!("test"), params: json!({}) })
-        .unwrap();
+    let cp = open_with(
+        Options {
+            lease_duration: Duration::from_millis(300),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    cp.create_job(JobCreate {
+        kind: "discover".into(),
+        integration: json!("test"),
+        params: json!({}),
+    })
+    .unwrap();
     let first = lease_one(&cp, 0).await.unwrap();
     let started = Instant::now();
     // The long-poll wakes when the lease runs out, not at the end of wait_seconds.
     let second = lease_one(&cp, 10).await.expect("handed out again");
-    assert!(started.elapsed() < Duration::from_secs(3), "woke at lease expiry: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "woke at lease expiry: {:?}",
+        started.elapsed()
+    );
     assert_eq!(second.id, first.id);
     assert_eq!(second.attempt, 2);
     assert_ne!(second.lease_token, first.lease_token);
-    let stale = RenewRequest { lease_token: first.lease_token.clone() };
-    assert!(matches!(cp.renew(&first.id, &stale).await, Err(ControlPlaneError::LeaseLost { .. })));
-    assert!(matches!(cp.complete(&first.id, &failed(&first, true)).await, Err(ControlPlaneError::LeaseLost { .. })));
+    let stale = RenewRequest {
+        lease_token: first.lease_token.clone(),
+    };
+    assert!(matches!(
+        cp.renew(&first.id, &stale).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.complete(&first.id, &failed(&first, true)).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
     assert!(matches!(
         cp.upload_resources(&first, &[json!({"type": "cluster"})]).await,
         Err(ControlPlaneError::LeaseLost { .. })
     ));
-    cp.upload_resources(&second, &[json!({"type": "cluster", "id": "c-1"}), json!({"type": "project", "id": "c-1:p-1"})])
-        .await
-        .unwrap();
+    cp.upload_resources(
+        &second,
+        &[
+            json!({"type": "cluster", "id": "c-1"}),
+            json!({"type": "project", "id": "c-1:p-1"}),
+        ],
+    )
+    .await
+    .unwrap();
     complete_ok(&cp, &second, json!({"objects": 2, "uploaded": 2})).await;
     let resources = cp.resources(&second.id).unwrap();
     assert_eq!(resources.len(), 2);
@@ -227,9 +320,19 @@ async fn an_expired_lease_hands_the_job_out_again_with_attempt_2() {
 #[tokio::test]
 async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = open_with(Options { retry_base: Duration::from_millis(300), ..options(dir.path()) }, json!({}));
+    let cp = open_with(
+        Options {
+            retry_base: Duration::from_millis(300),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
     let created = cp
-        .create_job(JobCreate { kind: "grant".into(), integration: json!("test"), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
         .unwrap();
     let job = lease_one(&cp, 0).await.unwrap();
     cp.complete(&job.id, &failed(&job, true)).await.unwrap();
@@ -241,7 +344,10 @@ async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() 
     let started = Instant::now();
     let job = lease_one(&cp, 5).await.expect("after the backoff");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(2), "backoff {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
+        "backoff {waited:?}"
+    );
     assert_eq!(job.attempt, 2);
     cp.complete(&job.id, &failed(&job, true)).await.unwrap();
     let job = lease_one(&cp, 5).await.expect("third attempt");
@@ -260,7 +366,10 @@ async fn a_non_retryable_failure_is_final_at_once() {
     let access = cp.create_access(access_create("nobody", 60, false)).unwrap();
     let job = lease_one(&cp, 0).await.unwrap();
     assert_eq!(job.id, access.grant_job_id);
-    assert_eq!(job.params, json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false}));
+    assert_eq!(
+        job.params,
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false})
+    );
     cp.complete(&job.id, &failed(&job, false)).await.unwrap();
     let record = cp.job(&job.id).unwrap().unwrap();
     assert_eq!((record.state, record.attempt), (JobState::Failed, 1));
@@ -273,7 +382,13 @@ async fn a_non_retryable_failure_is_final_at_once() {
 async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forever() {
     let dir = tempfile::tempdir().unwrap();
     // One grant attempt allowed: revokes must not be bound by it.
-    let cp = open_with(Options { max_grant_attempts: 1, ..options(dir.path()) }, json!({}));
+    let cp = open_with(
+        Options {
+            max_grant_attempts: 1,
+            ..options(dir.path())
+        },
+        json!({}),
+    );
     let stop = CancellationToken::new();
     let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
     let agent = spawn_fake_agent(cp.clone(), stop.clone(), 2);
@@ -281,7 +396,9 @@ async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forev
     let created = cp.create_access(access_create("alice", 1, false)).unwrap();
     assert_eq!(created.state, AccessState::Pending);
     let active = wait_for(Duration::from_secs(5), || {
-        cp.access(&created.id).unwrap().filter(|a| a.state != AccessState::Pending)
+        cp.access(&created.id)
+            .unwrap()
+            .filter(|a| a.state != AccessState::Pending)
     })
     .await;
     assert_eq!(active.state, AccessState::Active);
@@ -292,7 +409,9 @@ async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forev
     assert_eq!(expires - granted, chrono::Duration::seconds(1));
 
     let revoked = wait_for(Duration::from_secs(10), || {
-        cp.access(&created.id).unwrap().filter(|a| a.state == AccessState::Revoked)
+        cp.access(&created.id)
+            .unwrap()
+            .filter(|a| a.state == AccessState::Revoked)
     })
     .await;
     assert!(revoked.revoked_at.unwrap() >= expires);
@@ -313,9 +432,19 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     let a = cp.create_access(access_create("alice", 60, false)).unwrap();
     let r = cp.revoke_access(&a.id).unwrap();
     assert_eq!(r.state, AccessState::Revoked);
-    assert_eq!(cp.job(&a.grant_job_id).unwrap().unwrap().error.map(|e| e.code), Some("cancelled".into()));
-    assert!(lease_one(&cp, 0).await.is_none(), "the cancelled grant is not handed out");
-    assert_eq!(cp.revoke_access(&a.id).unwrap().state, AccessState::Revoked, "idempotent");
+    assert_eq!(
+        cp.job(&a.grant_job_id).unwrap().unwrap().error.map(|e| e.code),
+        Some("cancelled".into())
+    );
+    assert!(
+        lease_one(&cp, 0).await.is_none(),
+        "the cancelled grant is not handed out"
+    );
+    assert_eq!(
+        cp.revoke_access(&a.id).unwrap().state,
+        AccessState::Revoked,
+        "idempotent"
+    );
 
     // Running: revoked as soon as the grant succeeds.
     let b = cp.create_access(access_create("bob", 60, false)).unwrap();
@@ -326,7 +455,10 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     assert_eq!(b.state, AccessState::Revoking);
     let revoke = lease_one(&cp, 0).await.expect("revoke queued");
     assert_eq!(revoke.kind, "revoke");
-    assert_eq!(revoke.params, json!({"user": "bob", "role": "cluster-member", "resource": "c-1"}));
+    assert_eq!(
+        revoke.params,
+        json!({"user": "bob", "role": "cluster-member", "resource": "c-1"})
+    );
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
     assert_eq!(cp.access(&b.id).unwrap().unwrap().state, AccessState::Revoked);
 
@@ -335,13 +467,19 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     let grant = lease_one(&cp, 0).await.unwrap();
     complete_ok(&cp, &grant, grant_result("u-carol", false, None)).await;
     assert_eq!(cp.revoke_access(&c.id).unwrap().state, AccessState::Revoking);
-    assert!(matches!(cp.revoke_access("ar-nope"), Err(ControlPlaneError::NotFound { .. })));
+    assert!(matches!(
+        cp.revoke_access("ar-nope"),
+        Err(ControlPlaneError::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
 async fn state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = Options { lease_duration: Duration::from_millis(400), ..options(dir.path()) };
+    let opts = Options {
+        lease_duration: Duration::from_millis(400),
+        ..options(dir.path())
+    };
     let (access_id, leased_id) = {
         let cp = open_with(opts.clone(), json!({}));
         let a = cp.create_access(access_create("alice", 1, false)).unwrap();
@@ -350,7 +488,11 @@ async fn state_survives_a_restart() {
         assert_eq!(cp.access(&a.id).unwrap().unwrap().state, AccessState::Active);
         // A job leased by the process that is about to die.
         let j = cp
-            .create_job(JobCreate { kind: "discover".into(), integration: json!("test"), params: json!({}) })
+            .create_job(JobCreate {
+                kind: "discover".into(),
+                integration: json!("test"),
+                params: json!({}),
+            })
             .unwrap();
         assert_eq!(lease_one(&cp, 0).await.unwrap().id, j.id);
         (a.id, j.id)
@@ -387,7 +529,10 @@ async fn generated_credentials_are_shown_once_and_never_stored() {
     complete_ok(&cp, &grant, grant_result("u-alice", true, Some(CANARY))).await;
 
     let listed = cp.list_access().unwrap();
-    assert!(listed.iter().all(|a| a.credentials.is_none()), "a listing does not consume or show them");
+    assert!(
+        listed.iter().all(|a| a.credentials.is_none()),
+        "a listing does not consume or show them"
+    );
     let first = cp.access(&a.id).unwrap().unwrap();
     let creds = first.credentials.as_ref().expect("credentials on the first read");
     assert_eq!(creds.username, "alice");
@@ -398,7 +543,10 @@ async fn generated_credentials_are_shown_once_and_never_stored() {
     let record = cp.job(&grant.id).unwrap().unwrap();
     let text = serde_json::to_string(&record).unwrap();
     assert!(!text.contains(CANARY) && !text.contains("credentials"), "{text}");
-    assert!(!text.contains(INLINE_SECRET), "a job record carries no integration secret");
+    assert!(
+        !text.contains(INLINE_SECRET),
+        "a job record carries no integration secret"
+    );
     assert_eq!(record.result.unwrap()["user_id"], "u-alice");
 
     drop(cp);
@@ -420,13 +568,25 @@ async fn the_state_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("state");
     let cp = open_with(options(&data), json!({}));
-    cp.create_job(JobCreate { kind: "validate".into(), integration: json!("test"), params: json!({}) })
-        .unwrap();
-    let mode = std::fs::metadata(data.join(store::DB_FILE)).unwrap().permissions().mode() & 0o777;
+    cp.create_job(JobCreate {
+        kind: "validate".into(),
+        integration: json!("test"),
+        params: json!({}),
+    })
+    .unwrap();
+    let mode = std::fs::metadata(data.join(store::DB_FILE))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let wal = data.join(format!("{}-wal", store::DB_FILE));
     if wal.exists() {
-        assert_eq!(std::fs::metadata(&wal).unwrap().permissions().mode() & 0o077, 0, "WAL is private too");
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().permissions().mode() & 0o077,
+            0,
+            "WAL is private too"
+        );
     }
     let dir_mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
     assert_eq!(dir_mode, 0o700);
@@ -437,7 +597,10 @@ async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule(
     let dir = tempfile::tempdir().unwrap();
     let day = Duration::from_millis(300);
     let cp = open_with(
-        Options { day, ..options(dir.path()) },
+        Options {
+            day,
+            ..options(dir.path())
+        },
         json!({"credential_rotation_days": 1, "user_cleanup_days": 2}),
     );
     let a = cp.create_access(access_create("alice", 3600, true)).unwrap();
@@ -458,10 +621,19 @@ async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule(
     let mut rotated = grant_result("u-alice", false, Some("second-password"));
     rotated["created_user"] = json!(false);
     complete_ok(&cp, &rotate, rotated).await;
-    let shown = cp.access(&a.id).unwrap().unwrap().credentials.expect("new credentials shown once");
+    let shown = cp
+        .access(&a.id)
+        .unwrap()
+        .unwrap()
+        .credentials
+        .expect("new credentials shown once");
     assert_eq!(secrecy::ExposeSecret::expose_secret(&shown.password), "second-password");
     assert!(cp.access(&a.id).unwrap().unwrap().credentials.is_none());
-    assert!(!serde_json::to_string(&cp.job(&rotate.id).unwrap().unwrap()).unwrap().contains("second-password"));
+    assert!(
+        !serde_json::to_string(&cp.job(&rotate.id).unwrap().unwrap())
+            .unwrap()
+            .contains("second-password")
+    );
 
     // Revoke the only access: cleanup is scheduled 2 "days" later.
     cp.revoke_access(&a.id).unwrap();
@@ -487,7 +659,13 @@ async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule(
 async fn a_new_access_cancels_a_pending_cleanup() {
     let dir = tempfile::tempdir().unwrap();
     let day = Duration::from_millis(300);
-    let cp = open_with(Options { day, ..options(dir.path()) }, json!({"user_cleanup_days": 1}));
+    let cp = open_with(
+        Options {
+            day,
+            ..options(dir.path())
+        },
+        json!({"user_cleanup_days": 1}),
+    );
     let a = cp.create_access(access_create("alice", 3600, true)).unwrap();
     let grant = lease_one(&cp, 0).await.unwrap();
     complete_ok(&cp, &grant, grant_result("u-alice", true, None)).await;
@@ -512,26 +690,54 @@ async fn integrations_are_checked_by_name_and_inline_jobs_are_handed_out_as_give
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     let e = cp
-        .create_job(JobCreate { kind: "grant".into(), integration: json!("prod"), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!("prod"),
+            params: json!({}),
+        })
         .unwrap_err();
     assert!(matches!(e, ControlPlaneError::Rejected { status: 400, .. }));
-    assert!(e.to_string().contains("\"prod\"") && e.to_string().contains("test"), "{e}");
+    assert!(
+        e.to_string().contains("\"prod\"") && e.to_string().contains("test"),
+        "{e}"
+    );
     let e = cp.create_access(AccessRequestCreate {
         integration: IntegrationRef::Name("prod".into()),
         ..access_create("alice", 60, false)
     });
     assert!(e.unwrap_err().to_string().contains("prod"));
-    assert!(cp.create_job(JobCreate { kind: " ".into(), integration: json!("test"), params: json!({}) }).is_err());
+    assert!(
+        cp.create_job(JobCreate {
+            kind: " ".into(),
+            integration: json!("test"),
+            params: json!({})
+        })
+        .is_err()
+    );
 
     let half = cp
-        .create_job(JobCreate { kind: "grant".into(), integration: json!({"name": "half"}), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!({"name": "half"}),
+            params: json!({}),
+        })
         .unwrap();
     assert_eq!(half.integration, "half");
     let bad = cp
-        .create_job(JobCreate { kind: "teleport".into(), integration: json!(42), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "teleport".into(),
+            integration: json!(42),
+            params: json!({}),
+        })
         .unwrap();
     assert_eq!(bad.integration, "(invalid)");
-    let jobs = cp.lease(&LeaseRequest { max_jobs: 5, wait_seconds: 0 }).await.unwrap();
+    let jobs = cp
+        .lease(&LeaseRequest {
+            max_jobs: 5,
+            wait_seconds: 0,
+        })
+        .await
+        .unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["integration"], json!({"name": "half"}));
     assert_eq!(jobs[1]["integration"], json!(42));
@@ -556,25 +762,44 @@ async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     let good = cp
-        .create_job(JobCreate { kind: "validate".into(), integration: json!("test"), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
         .unwrap();
     let bad = cp
-        .create_job(JobCreate { kind: "validate".into(), integration: json!("test"), params: json!({}) })
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
         .unwrap();
     let a = cp.create_access(access_create("alice", 1, false)).unwrap();
     {
         let conn = cp.store.lock();
-        conn.execute("UPDATE jobs SET params = '{not json' WHERE id = ?1", [&bad.id]).unwrap();
-        conn.execute("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", [&a.id]).unwrap();
+        conn.execute("UPDATE jobs SET params = '{not json' WHERE id = ?1", [&bad.id])
+            .unwrap();
+        conn.execute("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", [&a.id])
+            .unwrap();
     }
     let e = cp.job(&bad.id).unwrap_err();
     assert!(matches!(e, ControlPlaneError::Store { .. }));
-    assert!(e.to_string().contains(&bad.id) && e.to_string().contains("params"), "{e}");
+    assert!(
+        e.to_string().contains(&bad.id) && e.to_string().contains("params"),
+        "{e}"
+    );
     assert!(cp.access(&a.id).unwrap_err().to_string().contains("bogus"));
     assert!(cp.list_jobs().unwrap().iter().any(|j| j.id == good.id));
     assert!(cp.list_access().unwrap().is_empty());
     cp.tick_once().unwrap();
-    let jobs = cp.lease(&LeaseRequest { max_jobs: 10, wait_seconds: 0 }).await.unwrap();
+    let jobs = cp
+        .lease(&LeaseRequest {
+            max_jobs: 10,
+            wait_seconds: 0,
+        })
+        .await
+        .unwrap();
     let ids: Vec<_> = jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
     assert!(ids.contains(&good.id) && !ids.contains(&bad.id), "{ids:?}");
 }
@@ -589,7 +814,10 @@ async fn close_ends_pending_long_polls() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     cp.close();
-    let r = tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("ended at once").unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("ended at once")
+        .unwrap();
     assert!(r.is_none());
 }
 
