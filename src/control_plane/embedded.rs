@@ -98,6 +98,17 @@ impl std::fmt::Debug for EmbeddedControlPlane {
     }
 }
 
+/// A user the agent created, with its scheduled credential rotation and cleanup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledUser {
+    pub integration: String,
+    pub user_id: String,
+    /// When the next `rotate_credentials` job is due (while an access of the user is active).
+    pub next_rotation_at: Option<DateTime<Utc>>,
+    /// When its `delete_user` job is due (set when its last access was revoked).
+    pub cleanup_at: Option<DateTime<Utc>>,
+}
+
 /// What a committed change asks for afterwards.
 #[derive(Default)]
 struct Effects {
@@ -893,13 +904,16 @@ impl EmbeddedControlPlane {
     }
 
     /// Users the agent created that the control plane tracks (for rotation and cleanup).
-    pub fn managed_users(
-        &self,
-    ) -> Result<Vec<(String, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)>, ControlPlaneError> {
+    pub fn managed_users(&self) -> Result<Vec<ScheduledUser>, ControlPlaneError> {
         let rows = skip_corrupt(store::list_managed_users(&self.store.lock())?);
         Ok(rows
             .into_iter()
-            .map(|u| (u.integration, u.user_id, u.next_rotation_at, u.cleanup_at))
+            .map(|u| ScheduledUser {
+                integration: u.integration,
+                user_id: u.user_id,
+                next_rotation_at: u.next_rotation_at,
+                cleanup_at: u.cleanup_at,
+            })
             .collect())
     }
 }

@@ -609,7 +609,7 @@ async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule(
     assert!(cp.access(&a.id).unwrap().unwrap().credentials.is_some());
     let users = cp.managed_users().unwrap();
     assert_eq!(users.len(), 1);
-    assert!(users[0].2.is_some(), "rotation scheduled");
+    assert!(users[0].next_rotation_at.is_some(), "rotation scheduled");
 
     cp.tick_once().unwrap();
     assert!(lease_one(&cp, 0).await.is_none(), "not due yet");
@@ -641,8 +641,11 @@ async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule(
     assert_eq!(revoke.kind, "revoke");
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
     let users = cp.managed_users().unwrap();
-    assert!(users[0].3.is_some(), "cleanup scheduled: {users:?}");
-    assert!(users[0].2.is_none(), "no rotation without an active access");
+    assert!(users[0].cleanup_at.is_some(), "cleanup scheduled: {users:?}");
+    assert!(
+        users[0].next_rotation_at.is_none(),
+        "no rotation without an active access"
+    );
     tokio::time::sleep(day).await;
     cp.tick_once().unwrap();
     assert!(lease_one(&cp, 0).await.is_none(), "cleanup not due yet");
@@ -669,17 +672,20 @@ async fn a_new_access_cancels_a_pending_cleanup() {
     let a = cp.create_access(access_create("alice", 3600, true)).unwrap();
     let grant = lease_one(&cp, 0).await.unwrap();
     complete_ok(&cp, &grant, grant_result("u-alice", true, None)).await;
-    assert!(cp.managed_users().unwrap()[0].2.is_none(), "rotation is off");
+    assert!(
+        cp.managed_users().unwrap()[0].next_rotation_at.is_none(),
+        "rotation is off"
+    );
     cp.revoke_access(&a.id).unwrap();
     let revoke = lease_one(&cp, 0).await.unwrap();
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
-    assert!(cp.managed_users().unwrap()[0].3.is_some());
+    assert!(cp.managed_users().unwrap()[0].cleanup_at.is_some());
 
     let b = cp.create_access(access_create("alice", 3600, false)).unwrap();
     let grant = lease_one(&cp, 0).await.unwrap();
     complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
     assert_eq!(cp.access(&b.id).unwrap().unwrap().state, AccessState::Active);
-    assert!(cp.managed_users().unwrap()[0].3.is_none(), "cleanup cancelled");
+    assert!(cp.managed_users().unwrap()[0].cleanup_at.is_none(), "cleanup cancelled");
     tokio::time::sleep(day + Duration::from_millis(50)).await;
     cp.tick_once().unwrap();
     assert!(lease_one(&cp, 0).await.is_none(), "no delete_user job");
