@@ -346,7 +346,11 @@ impl EmbeddedControlPlane {
                 let mut row = match row {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::error!(error = %e, "skipping a job that cannot be read");
+                        // Fail it for good so it is not looked at again on every lease.
+                        tracing::error!(error = %e, "a job cannot be read; marking it failed");
+                        if let Some(id) = e.corrupt_key() {
+                            store::fail_corrupt_job(c, id, &e.to_string(), t)?;
+                        }
                         continue;
                     }
                 };
@@ -560,6 +564,8 @@ impl EmbeddedControlPlane {
             job_id: job_id.to_string(),
         };
         let mut new_creds: Option<(String, Credentials)> = None;
+        // Unread one-time credentials of an access that has ended are of no use to anyone.
+        let mut forget_creds: Option<String> = None;
         let mut conn = self.store.lock();
         let tx = conn
             .transaction()
@@ -581,7 +587,14 @@ impl EmbeddedControlPlane {
         job.lease_expires_at = None;
         job.updated_at = t;
         let access = match &job.access_id {
-            Some(id) => store::access(&tx, id)?,
+            Some(id) => match store::access(&tx, id) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Record the job's outcome anyway; the access row needs a person's look.
+                    tracing::error!(access = %id, error = %e, "the job's access request cannot be read");
+                    None
+                }
+            },
             None => None,
         };
         let is_revoke = job.kind == JobKind::Revoke.as_str();
@@ -600,7 +613,10 @@ impl EmbeddedControlPlane {
                                 new_creds = Some((a.id.clone(), c));
                             }
                         }
-                        Some(JobKind::Revoke) => self.on_revoke_succeeded(&tx, &mut a, t)?,
+                        Some(JobKind::Revoke) => {
+                            self.on_revoke_succeeded(&tx, &mut a, t)?;
+                            forget_creds = Some(a.id.clone());
+                        }
                         Some(JobKind::RotateCredentials) => {
                             if let Some(c) = creds {
                                 new_creds = Some((a.id.clone(), c));
@@ -623,7 +639,7 @@ impl EmbeddedControlPlane {
                     retryable: false,
                 });
                 // A revoke serving an access is retried forever: access must not outlive its TTL.
-                let forever = is_revoke && access.is_some();
+                let forever = is_revoke && job.access_id.is_some();
                 let retry = forever || (error.retryable && job.attempt < self.options.max_grant_attempts);
                 job.error = Some(error.clone());
                 job.result = None;
@@ -636,7 +652,8 @@ impl EmbeddedControlPlane {
                     job.state = JobState::Failed;
                     tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good");
                 }
-                if let Some(mut a) = access {
+                let serves_access = matches!(JobKind::parse(&job.kind), Some(JobKind::Grant | JobKind::Revoke));
+                if let Some(mut a) = access.filter(|_| serves_access) {
                     a.last_error = Some(error);
                     if job.kind == JobKind::Grant.as_str() && a.state == AccessState::Pending {
                         if !retry {
@@ -660,6 +677,9 @@ impl EmbeddedControlPlane {
         let mut map = self.credentials_map();
         if let Some((id, c)) = &new_creds {
             map.insert(id.clone(), c.clone());
+        }
+        if let Some(id) = &forget_creds {
+            map.remove(id);
         }
         if let Err(e) = tx.commit() {
             if let Some((id, _)) = &new_creds {
@@ -1013,7 +1033,7 @@ impl ControlPlane for EmbeddedControlPlane {
             }
             let mut sleep_for = deadline - now_i;
             if let Some(next) = next {
-                let until = (next - now()).to_std().unwrap_or_default() + Duration::from_millis(5);
+                let until = (next - now()).to_std().unwrap_or_default().max(Duration::from_millis(15));
                 sleep_for = sleep_for.min(until);
             }
             tokio::select! {

@@ -122,6 +122,16 @@ pub enum StoreError {
     Version(String),
 }
 
+impl StoreError {
+    /// The key of a corrupt row, when known.
+    pub fn corrupt_key(&self) -> Option<&str> {
+        match self {
+            StoreError::Corrupt { key, .. } if key != "?" => Some(key),
+            _ => None,
+        }
+    }
+}
+
 impl From<StoreError> for ControlPlaneError {
     fn from(e: StoreError) -> Self {
         ControlPlaneError::Store { message: e.to_string() }
@@ -574,6 +584,20 @@ pub fn ready_jobs(
          ORDER BY seq LIMIT ?2",
         &[&now, &i64::from(limit)],
     )
+}
+
+/// Marks a job whose row does not decode as failed for good, touching only columns that cannot
+/// be corrupt, so it stops being looked at.
+pub fn fail_corrupt_job(c: &Connection, id: &str, message: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+    let error = JobError { code: "corrupt_job".into(), message: message.to_string(), retryable: false };
+    c.execute(
+        "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, not_before = NULL,
+             error = ?2, updated_at = ?3
+         WHERE id = ?1",
+        params![id, json_text(&error)?, to_ms(now)],
+    )
+    .map_err(sql("marking a corrupt job failed"))?;
+    Ok(())
 }
 
 /// The earliest time a job not ready now becomes ready (a backoff ending, a lease running out).
