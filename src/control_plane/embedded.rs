@@ -1033,7 +1033,10 @@ impl ControlPlane for EmbeddedControlPlane {
             }
             let mut sleep_for = deadline - now_i;
             if let Some(next) = next {
-                let until = (next - now()).to_std().unwrap_or_default().max(Duration::from_millis(15));
+                let until = (next - now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(15));
                 sleep_for = sleep_for.min(until);
             }
             tokio::select! {

@@ -12,12 +12,14 @@
 #[cfg(test)]
 mod tests;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -158,11 +160,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, token: Option<SecretString>) -> Rou
         .filter(|t| !t.is_empty())
         .map(|t| digest(&t));
     let state = AppState { cp, token_digest };
-    Router::new()
-        .route(&format!("{API_PREFIX}/connectors/{{id}}/sessions"), post(hello))
-        .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))
-        .route(&format!("{API_PREFIX}/jobs/{{job}}"), post(job_action))
-        .route(&format!("{API_PREFIX}/jobs/{{job}}/resources"), post(upload))
+    let operator = Router::new()
         .route(
             &format!("{OPERATOR_PREFIX}/access-requests"),
             post(create_access).get(list_access),
@@ -177,9 +175,36 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, token: Option<SecretString>) -> Rou
         )
         .route(&format!("{OPERATOR_PREFIX}/jobs"), post(create_job).get(list_jobs))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}"), get(get_job))
+        .route_layer(middleware::from_fn_with_state(state.clone(), operator_guard));
+    Router::new()
+        .route(&format!("{API_PREFIX}/connectors/{{id}}/sessions"), post(hello))
+        .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))
+        .route(&format!("{API_PREFIX}/jobs/{{job}}"), post(job_action))
+        .route(&format!("{API_PREFIX}/jobs/{{job}}/resources"), post(upload))
+        .merge(operator)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// The operator API grants access to whoever can reach it, and has no credentials of its own in
+/// v1: it answers loopback callers, and others only when they carry the agent token (when one is
+/// configured). Without peer information (the router used in-process) it answers.
+async fn operator_guard(State(s): State<AppState>, request: Request, next: Next) -> Response {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    if let Some(peer) = peer
+        && !peer.ip().to_canonical().is_loopback()
+    {
+        let allowed = s.token_digest.is_some() && check_token(&s, request.headers()).is_ok();
+        if !allowed {
+            tracing::warn!(peer = %peer, "operator API call from a non-loopback address refused");
+            return ApiFailure(ControlPlaneError::Unauthorized {
+                message: "the operator API answers loopback callers only (or callers with the bearer token)".into(),
+            })
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> ApiFailure {
@@ -356,7 +381,9 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router.layer(Extension(ShutdownSignal(shutdown.clone())));
+    let app = router
+        .layer(Extension(ShutdownSignal(shutdown.clone())))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server);

@@ -589,7 +589,11 @@ pub fn ready_jobs(
 /// Marks a job whose row does not decode as failed for good, touching only columns that cannot
 /// be corrupt, so it stops being looked at.
 pub fn fail_corrupt_job(c: &Connection, id: &str, message: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-    let error = JobError { code: "corrupt_job".into(), message: message.to_string(), retryable: false };
+    let error = JobError {
+        code: "corrupt_job".into(),
+        message: message.to_string(),
+        retryable: false,
+    };
     c.execute(
         "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, not_before = NULL,
              error = ?2, updated_at = ?3

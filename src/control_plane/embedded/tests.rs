@@ -811,9 +811,14 @@ async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
     let (state, error): (String, String) = cp
         .store
         .lock()
-        .query_row("SELECT state, error FROM jobs WHERE id = ?1", [&bad.id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row("SELECT state, error FROM jobs WHERE id = ?1", [&bad.id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap();
-    assert_eq!(state, "failed", "a corrupt job is failed for good, not retried on every lease");
+    assert_eq!(
+        state, "failed",
+        "a corrupt job is failed for good, not retried on every lease"
+    );
     assert!(error.contains("corrupt_job"), "{error}");
 }
 

@@ -373,3 +373,45 @@ async fn the_client_maps_statuses_and_transport_errors() {
     );
     stop.cancel();
 }
+
+/// A local non-loopback address of this host, if it has one.
+fn local_non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?; // TEST-NET-1: no packet is sent by connect
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test]
+async fn the_operator_api_refuses_non_loopback_callers_without_the_token() {
+    let Some(ip) = local_non_loopback_ip() else {
+        eprintln!("no non-loopback interface here: skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cp = fixtures::open_with(fixtures::options(dir.path()), json!({}));
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(
+        listener,
+        router(cp, Some(SecretString::from(TOKEN))),
+        stop.clone(),
+    ));
+    let e = OperatorClient::new(&url).unwrap().list_jobs().await.unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Unauthorized { message } if message.contains("loopback")),
+        "{e:?}"
+    );
+    let ok = reqwest::Client::new()
+        .get(format!("{url}/operator/v1/jobs"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "with the token it answers");
+    // The agent protocol is reachable from anywhere with the token.
+    let agent = HttpControlPlane::new(&url, "c", Some(SecretString::from(TOKEN))).unwrap();
+    agent.hello(&hello_body()).await.unwrap();
+    stop.cancel();
+}
