@@ -120,9 +120,21 @@ fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
-fn chrono_dur(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+/// `t + d`, saturating at the end of time instead of panicking on overflow.
+fn later(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
+
+/// `days` × `day`, saturating (a config may say anything).
+fn days_of(day: Duration, days: f64) -> Duration {
+    Duration::try_from_secs_f64(day.as_secs_f64() * days).unwrap_or(Duration::MAX)
+}
+
+/// Longest TTL an access request may ask for (ten years).
+pub const MAX_TTL_SECONDS: u64 = 10 * 366 * 86_400;
 
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -140,7 +152,9 @@ fn bad_request(message: String) -> ControlPlaneError {
 fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(cap);
     let jitter = rand::random_range(0.75..1.25);
-    exp.mul_f64(jitter).min(cap)
+    Duration::try_from_secs_f64(exp.as_secs_f64() * jitter)
+        .unwrap_or(cap)
+        .min(cap)
 }
 
 /// Removes `credentials` from a result object; returns the cleaned result and the credentials.
@@ -360,7 +374,7 @@ impl EmbeddedControlPlane {
                 row.state = JobState::Leased;
                 row.attempt = row.attempt.saturating_add(1);
                 row.lease_token = Some(new_lease_token());
-                row.lease_expires_at = Some(t + chrono_dur(self.options.lease_duration));
+                row.lease_expires_at = Some(later(t, self.options.lease_duration));
                 row.not_before = None;
                 row.updated_at = t;
                 store::update_job(c, &row)?;
@@ -399,8 +413,11 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Rejected` (400) for an unknown integration name, an invalid inline integration, or a zero TTL.
     pub fn create_access(&self, request: AccessRequestCreate) -> Result<AccessRequest, ControlPlaneError> {
-        if request.ttl_seconds == 0 {
-            return Err(bad_request("ttl_seconds must be at least 1".into()));
+        if request.ttl_seconds == 0 || request.ttl_seconds > MAX_TTL_SECONDS {
+            return Err(bad_request(format!(
+                "ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (ten years), not {}",
+                request.ttl_seconds
+            )));
         }
         if request.role.trim().is_empty() {
             return Err(bad_request("role must not be empty".into()));
@@ -646,7 +663,7 @@ impl EmbeddedControlPlane {
                 if retry {
                     let delay = backoff(self.options.retry_base, self.options.max_retry_delay, job.attempt);
                     job.state = JobState::Pending;
-                    job.not_before = Some(t + chrono_dur(delay));
+                    job.not_before = Some(later(t, delay));
                     tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, retry_in_ms = delay.as_millis() as u64, "job failed; requeued");
                 } else {
                     job.state = JobState::Failed;
@@ -722,15 +739,14 @@ impl EmbeddedControlPlane {
             .unwrap_or_default();
         a.access_details = result.get("access_details").and_then(Value::as_str).map(str::to_string);
         a.granted_at = Some(t);
-        a.expires_at = Some(t + chrono::Duration::seconds(i64::try_from(a.ttl_seconds).unwrap_or(i64::MAX / 1000)));
+        a.expires_at = Some(later(t, Duration::from_secs(a.ttl_seconds)));
         a.last_error = None;
         let created_user = result.get("created_user").and_then(Value::as_bool).unwrap_or(false);
         if let Some(user_id) = a.user_id.clone() {
             let existing = store::managed_user(c, &a.integration, &user_id)?;
             if created_user || existing.is_some() {
                 let spec = store::integration(c, &a.integration)?.unwrap_or(Value::Null);
-                let rotation =
-                    config_days(&spec, ROTATION_DAYS_KEY).map(|d| t + chrono_dur(self.options.day.mul_f64(d)));
+                let rotation = config_days(&spec, ROTATION_DAYS_KEY).map(|d| later(t, days_of(self.options.day, d)));
                 let mut user = existing.unwrap_or(ManagedUser {
                     integration: a.integration.clone(),
                     user_id: user_id.clone(),
@@ -791,7 +807,7 @@ impl EmbeddedControlPlane {
         }
         let spec = store::integration(c, &a.integration)?.unwrap_or(Value::Null);
         user.next_rotation_at = None;
-        user.cleanup_at = config_days(&spec, CLEANUP_DAYS_KEY).map(|d| t + chrono_dur(self.options.day.mul_f64(d)));
+        user.cleanup_at = config_days(&spec, CLEANUP_DAYS_KEY).map(|d| later(t, days_of(self.options.day, d)));
         store::upsert_managed_user(c, &user)?;
         Ok(())
     }
@@ -879,7 +895,7 @@ impl EmbeddedControlPlane {
                 let job = Self::new_job(JobKind::RotateCredentials, &user.integration, params, &a.id, t);
                 store::insert_job(c, &job)?;
                 fx.wake = true;
-                user.next_rotation_at = Some(t + chrono_dur(self.options.day.mul_f64(days)));
+                user.next_rotation_at = Some(later(t, days_of(self.options.day, days)));
                 tracing::info!(user = %user.user_id, access = %a.id, job = %job.id, "credential rotation queued");
             }
             // Rotation turned off, or no active access: nothing to rotate until one becomes active.
@@ -1058,7 +1074,7 @@ impl ControlPlane for EmbeddedControlPlane {
                 });
             }
             let t = now();
-            let expires = t + chrono_dur(self.options.lease_duration);
+            let expires = later(t, self.options.lease_duration);
             job.lease_expires_at = Some(expires);
             job.updated_at = t;
             store::update_job(c, &job)?;

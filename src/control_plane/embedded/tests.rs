@@ -850,3 +850,45 @@ async fn a_newer_schema_is_refused() {
     let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
     assert!(e.to_string().contains("schema version 99"), "{e}");
 }
+
+#[test]
+fn time_arithmetic_saturates_instead_of_panicking() {
+    let t = now();
+    assert_eq!(later(t, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+    assert_eq!(days_of(Duration::from_secs(86_400), 1e300), Duration::MAX);
+    assert!(backoff(Duration::from_secs(2), Duration::from_secs(300), 1_000) <= Duration::from_secs(300));
+    let b = backoff(Duration::from_millis(100), Duration::from_secs(300), 3);
+    assert!(
+        b >= Duration::from_millis(300) && b <= Duration::from_millis(500),
+        "{b:?}"
+    );
+    assert_eq!(config_days(&json!({"config": {"k": 2}}), "k"), Some(2.0));
+    assert_eq!(config_days(&json!({"config": {"k": "1.5"}}), "k"), Some(1.5));
+    assert_eq!(config_days(&json!({"config": {"k": 0}}), "k"), None);
+    assert_eq!(config_days(&json!({"config": {"k": -3}}), "k"), None);
+    assert_eq!(config_days(&json!({"config": {}}), "k"), None);
+}
+
+#[tokio::test]
+async fn absurd_ttls_and_rotation_periods_are_refused_or_saturated() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({"credential_rotation_days": 1e300}));
+    for ttl in [0, u64::MAX, MAX_TTL_SECONDS + 1] {
+        let e = cp.create_access(access_create("alice", ttl, false)).unwrap_err();
+        assert!(
+            matches!(e, ControlPlaneError::Rejected { status: 400, .. }),
+            "{ttl}: {e:?}"
+        );
+    }
+    let a = cp.create_access(access_create("alice", MAX_TTL_SECONDS, true)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", true, None)).await;
+    let a = cp.access(&a.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Active);
+    let next = cp.managed_users().unwrap()[0].next_rotation_at.unwrap();
+    assert!(
+        next.timestamp() > DateTime::<Utc>::MAX_UTC.timestamp() - 1,
+        "saturated: {next}"
+    );
+    cp.tick_once().unwrap();
+}
