@@ -156,12 +156,13 @@ impl HttpControlPlane {
             .request(method, format!("{}{path}", self.base))
             .timeout(timeout);
         if let Some(token) = &self.token {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).map_err(|_| {
-                ControlPlaneError::Rejected {
-                    status: 400,
-                    message: "APONO_TOKEN contains characters that cannot go in an HTTP header".into(),
-                }
-            })?;
+            let mut value =
+                HeaderValue::from_str(&format!("Bearer {}", token.expose_secret().trim())).map_err(|_| {
+                    ControlPlaneError::Rejected {
+                        status: 400,
+                        message: "APONO_TOKEN contains characters that cannot go in an HTTP header".into(),
+                    }
+                })?;
             value.set_sensitive(true);
             rb = rb.header(AUTHORIZATION, value);
         }

@@ -892,3 +892,67 @@ async fn absurd_ttls_and_rotation_periods_are_refused_or_saturated() {
     );
     cp.tick_once().unwrap();
 }
+
+#[test]
+fn a_file_that_is_not_a_database_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(store::DB_FILE), vec![0x42u8; 4096]).unwrap();
+    let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Store { .. }));
+    assert!(e.to_string().contains("not a database"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_agents_get_each_job_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let cp = cp.clone();
+        workers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let jobs = cp
+                    .lease(&LeaseRequest {
+                        max_jobs: 3,
+                        wait_seconds: 1,
+                    })
+                    .await
+                    .unwrap();
+                if jobs.is_empty() {
+                    return got;
+                }
+                for raw in jobs {
+                    let job: Job = serde_json::from_value(raw).unwrap();
+                    complete_ok(&cp, &job, json!({})).await;
+                    got.push(job.id);
+                }
+            }
+        }));
+    }
+    let mut created = Vec::new();
+    for _ in 0..60 {
+        let j = cp
+            .create_job(JobCreate {
+                kind: "validate".into(),
+                integration: json!("test"),
+                params: json!({}),
+            })
+            .unwrap();
+        created.push(j.id);
+        tokio::task::yield_now().await;
+    }
+    let mut handed = Vec::new();
+    for w in workers {
+        handed.extend(w.await.unwrap());
+    }
+    handed.sort();
+    created.sort();
+    assert_eq!(handed, created, "every job once, none twice");
+    assert!(
+        cp.list_jobs()
+            .unwrap()
+            .iter()
+            .all(|j| j.state == JobState::Succeeded && j.attempt == 1)
+    );
+}
