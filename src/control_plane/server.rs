@@ -36,6 +36,7 @@ use super::protocol::{
     RenewRequest, SessionHello,
 };
 use super::{ControlPlane, ControlPlaneError};
+use crate::integrations::IntegrationSpec;
 
 /// Largest request body: a discovery upload of 500 objects fits many times over.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -320,7 +321,16 @@ async fn upload(
 // ----- operator API -----
 
 async fn create_access(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
-    let request: AccessRequestCreate = parse_body(&body, "access request")?;
+    let value: Value = parse_body(&body, "access request")?;
+    // An untagged `IntegrationRef` only says "did not match any variant": say what is wrong with
+    // an inline integration instead.
+    if let Some(inline @ Value::Object(_)) = value.get("integration")
+        && let Err(e) = serde_json::from_value::<IntegrationSpec>(inline.clone())
+    {
+        return Err(rejected(422, format!("invalid inline integration: {e}")));
+    }
+    let request: AccessRequestCreate =
+        serde_json::from_value(value).map_err(|e| rejected(422, format!("invalid access request: {e}")))?;
     let created = s.cp.create_access(request)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }

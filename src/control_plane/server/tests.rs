@@ -238,7 +238,19 @@ async fn the_operator_api_manages_access_requests() {
 async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
     let s = serve_cp(None).await;
     let http = reqwest::Client::new();
-    let cases: [(&str, &str, u16, &str); 7] = [
+    let cases: [(&str, &str, u16, &str); 9] = [
+        (
+            "/operator/v1/access-requests",
+            r#"{"integration":{"type":"rancher","name":"x"},"user":"a","role":"r","resource":"c-1","ttl_seconds":5}"#,
+            422,
+            "invalid inline integration: missing field `secret_store`",
+        ),
+        (
+            "/operator/v1/access-requests",
+            r#"{"integration":{"type":"jira","name":"x","secret_store":{"type":"AWS","region":"r","secret_id":"s"}},"user":"a","role":"r","resource":"c-1","ttl_seconds":5}"#,
+            400,
+            "jira",
+        ),
         ("/operator/v1/access-requests", "{not json", 400, "not valid JSON"),
         ("/operator/v1/access-requests", "", 400, "empty"),
         (
@@ -414,4 +426,57 @@ async fn the_operator_api_refuses_non_loopback_callers_without_the_token() {
     let agent = HttpControlPlane::new(&url, "c", Some(SecretString::from(TOKEN))).unwrap();
     agent.hello(&hello_body()).await.unwrap();
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_agent_runs_jobs_over_http_and_stops_promptly() {
+    use crate::agent::{Agent, AgentOptions, Executor};
+    let s = serve_cp(Some(TOKEN)).await;
+    let cp = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from(TOKEN))).unwrap();
+    let stop = CancellationToken::new();
+    let options = AgentOptions {
+        parallelism: 2,
+        lease_wait_seconds: 5,
+        shutdown_grace: Duration::from_secs(2),
+    };
+    let executor = Executor::new(crate::secrets::SecretStores::default(), 1);
+    let agent = tokio::spawn(Agent::new(Arc::new(cp), executor, options).run(stop.clone()));
+
+    let operator = OperatorClient::new(&s.url).unwrap();
+    let job = operator
+        .create_job(&JobCreate {
+            kind: "teleport".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let j = operator.job(&job.id).await.unwrap().unwrap();
+        if j.state == JobState::Failed || j.state == JobState::Succeeded {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "job not done: {j:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = done.error.expect("an error");
+    assert_eq!(error.code, "malformed_job");
+    assert!(error.message.contains("teleport"), "{}", error.message);
+    assert_eq!(done.attempt, 1);
+
+    // The agent is in a long-poll now: both stop promptly.
+    let started = Instant::now();
+    stop.cancel();
+    s.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(3), agent)
+        .await
+        .expect("agent stopped")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(3), s.task)
+        .await
+        .expect("server stopped")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
