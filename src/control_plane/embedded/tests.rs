@@ -956,3 +956,25 @@ async fn concurrent_agents_get_each_job_exactly_once() {
             .all(|j| j.state == JobState::Succeeded && j.attempt == 1)
     );
 }
+
+#[tokio::test]
+async fn a_queued_revoke_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options { lease_duration: Duration::from_millis(300), ..options(dir.path()) };
+    let id = {
+        let cp = open_with(opts.clone(), json!({}));
+        let a = cp.create_access(access_create("alice", 3600, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+        assert_eq!(cp.revoke_access(&a.id).unwrap().state, AccessState::Revoking);
+        // The revoke is leased by an agent that dies with the process.
+        assert_eq!(lease_one(&cp, 0).await.unwrap().kind, "revoke");
+        a.id
+    };
+    let cp = EmbeddedControlPlane::open(opts).unwrap();
+    assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoking);
+    let revoke = lease_one(&cp, 5).await.expect("the revoke is handed out again");
+    assert_eq!((revoke.kind.as_str(), revoke.attempt), ("revoke", 2));
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
+    assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoked);
+}
