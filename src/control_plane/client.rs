@@ -326,6 +326,22 @@ impl OperatorClient {
         self.send_opt(rb, "job").await
     }
 
+    /// Objects a discover job uploaded (`GET /operator/v1/jobs/{id}/resources`, NDJSON).
+    pub async fn resources(&self, job_id: &str) -> Result<Vec<Value>, ControlPlaneError> {
+        let resp = self
+            .send(self.http.get(self.url(&format!("jobs/{}/resources", segment(job_id)))))
+            .await?;
+        let text = resp.text().await.map_err(transport)?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| ControlPlaneError::Protocol {
+                    message: format!("a discovered object does not parse: {e}"),
+                })
+            })
+            .collect()
+    }
+
     pub async fn list_jobs(&self) -> Result<Vec<JobRecord>, ControlPlaneError> {
         let resp = self.send(self.http.get(self.url("jobs"))).await?;
         decode(resp, "job list").await

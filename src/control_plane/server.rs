@@ -176,6 +176,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, token: Option<SecretString>) -> Rou
         )
         .route(&format!("{OPERATOR_PREFIX}/jobs"), post(create_job).get(list_jobs))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}"), get(get_job))
+        .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}/resources"), get(job_resources))
         .route_layer(middleware::from_fn_with_state(state.clone(), operator_guard));
     Router::new()
         .route(&format!("{API_PREFIX}/connectors/{{id}}/sessions"), post(hello))
@@ -379,6 +380,21 @@ async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult
             message: format!("no job {id:?}"),
         })),
     }
+}
+
+/// `GET /operator/v1/jobs/{id}/resources`: the objects a discover job uploaded, as NDJSON.
+async fn job_resources(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    if s.cp.job(&id)?.is_none() {
+        return Err(ApiFailure(ControlPlaneError::NotFound {
+            message: format!("no job {id:?}"),
+        }));
+    }
+    let mut body = String::new();
+    for object in s.cp.resources(&id)? {
+        body.push_str(&object.to_string());
+        body.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled. Open long-polls answer at once

@@ -960,7 +960,10 @@ async fn concurrent_agents_get_each_job_exactly_once() {
 #[tokio::test]
 async fn a_queued_revoke_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = Options { lease_duration: Duration::from_millis(300), ..options(dir.path()) };
+    let opts = Options {
+        lease_duration: Duration::from_millis(300),
+        ..options(dir.path())
+    };
     let id = {
         let cp = open_with(opts.clone(), json!({}));
         let a = cp.create_access(access_create("alice", 3600, false)).unwrap();

@@ -113,6 +113,11 @@ async fn the_agent_protocol_works_over_http_with_the_client() {
         Err(ControlPlaneError::LeaseLost { .. })
     ));
     assert_eq!(s.cp.resources(&job.id).unwrap(), batch);
+    assert_eq!(operator.resources(&job.id).await.unwrap(), batch);
+    assert!(matches!(
+        operator.resources("nope").await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
 
     let done = CompleteRequest {
         lease_token: job.lease_token.clone(),
