@@ -213,7 +213,7 @@ impl EmbeddedControlPlane {
     ) -> Result<T, ControlPlaneError> {
         let mut conn = self.store.lock();
         let tx = conn
-            .transaction()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("starting a transaction"))
             .map_err(ControlPlaneError::from)?;
         let mut effects = Effects::default();
@@ -585,7 +585,7 @@ impl EmbeddedControlPlane {
         let mut forget_creds: Option<String> = None;
         let mut conn = self.store.lock();
         let tx = conn
-            .transaction()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("starting a transaction"))
             .map_err(ControlPlaneError::from)?;
         let mut job = store::job(&tx, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {

@@ -981,3 +981,52 @@ async fn a_queued_revoke_survives_a_restart() {
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
     assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_state_never_hand_out_a_job_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_with(options(dir.path()), json!({}));
+    let b = EmbeddedControlPlane::open(options(dir.path())).unwrap();
+    let mut created = Vec::new();
+    for _ in 0..40 {
+        created.push(
+            a.create_job(JobCreate {
+                kind: "validate".into(),
+                integration: json!("test"),
+                params: json!({}),
+            })
+            .unwrap()
+            .id,
+        );
+    }
+    let mut workers = Vec::new();
+    for cp in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        workers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let jobs = cp
+                    .lease(&LeaseRequest {
+                        max_jobs: 2,
+                        wait_seconds: 0,
+                    })
+                    .await
+                    .expect("lease");
+                if jobs.is_empty() {
+                    return got;
+                }
+                for raw in jobs {
+                    let job: Job = serde_json::from_value(raw).unwrap();
+                    complete_ok(&cp, &job, json!({})).await;
+                    got.push(job.id);
+                }
+            }
+        }));
+    }
+    let mut handed = Vec::new();
+    for w in workers {
+        handed.extend(w.await.unwrap());
+    }
+    handed.sort();
+    created.sort();
+    assert_eq!(handed, created);
+}
