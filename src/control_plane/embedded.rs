@@ -828,7 +828,7 @@ impl EmbeddedControlPlane {
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(self.options.tick) => {}
+                _ = tokio::time::sleep(self.options.tick.max(Duration::from_millis(10))) => {}
             }
         }
         tracing::debug!("control-plane scheduler stopped");
