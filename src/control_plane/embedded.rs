@@ -1,1 +1,1103 @@
-//! The embedded control plane. (Being written.)
+//! The embedded control plane: the job queue with its leases, the access-request state machine,
+//! and the scheduler that queues revokes at `expires_at` (and credential rotations and cleanup of
+//! agent-created users). State is in SQLite (`store`), so all of it survives a restart.
+//!
+//! Rules, in one place:
+//! - a job is *ready* when it is pending and past its backoff, or leased with an expired lease;
+//!   each hand-out gets a new random lease token and `attempt + 1`;
+//! - `complete` is idempotent on `(job_id, lease_token)`; a stale token is `LeaseLost`;
+//! - a retryable failure is requeued with exponential backoff and jitter, up to
+//!   `max_grant_attempts` hand-outs; a revoke that serves an access request is requeued whatever
+//!   the error, forever (capped backoff): access must never outlive its TTL;
+//! - credentials a grant or rotation generates are stripped from the stored result and kept in
+//!   memory until the access request is read once.
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::operator::{
+    AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobRecord, JobState,
+};
+use super::protocol::{
+    CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, RenewRequest, RenewResponse,
+    SessionHello, SessionInfo,
+};
+use super::store::{self, AccessRow, JobRow, ManagedUser, Store, StoreError, sql};
+use super::{ControlPlane, ControlPlaneError};
+use crate::integrations::{self, Credentials, GrantRequest, IntegrationSpec, RevokeRequest};
+
+/// Integration config key: rotate the password of agent-created users every N days (0/absent: off).
+pub const ROTATION_DAYS_KEY: &str = "credential_rotation_days";
+/// Integration config key: delete an agent-created user N days after its last access ended.
+pub const CLEANUP_DAYS_KEY: &str = "user_cleanup_days";
+
+/// Knobs of the embedded control plane.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where the SQLite state lives (created if missing).
+    pub data_dir: PathBuf,
+    /// How long a lease lasts from a lease or a renew.
+    pub lease_duration: Duration,
+    /// Period of the scheduler (expiry revokes, rotations, cleanups).
+    pub tick: Duration,
+    /// First backoff of a requeued job; doubled per attempt, with ±25 % jitter.
+    pub retry_base: Duration,
+    /// Longest backoff of a requeued job.
+    pub max_retry_delay: Duration,
+    /// Hand-outs after which a retryable grant (or any job not serving a revoke) fails for good.
+    pub max_grant_attempts: u32,
+    /// Length of a "day" for `credential_rotation_days` and `user_cleanup_days` (tests shrink it).
+    pub day: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            data_dir: PathBuf::from("./data"),
+            lease_duration: Duration::from_secs(60),
+            tick: Duration::from_secs(1),
+            retry_base: Duration::from_secs(2),
+            max_retry_delay: Duration::from_secs(300),
+            max_grant_attempts: 10,
+            day: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// The in-process control plane. Cheap to share (`Arc`); every method is short and sync except
+/// the long-poll `lease`.
+pub struct EmbeddedControlPlane {
+    options: Options,
+    store: Store,
+    /// Wakes long-polls when a job may have become ready (created, requeued, closed).
+    ready: Notify,
+    /// Cancelled by `close`: pending long-polls answer at once (empty).
+    closing: CancellationToken,
+    /// One-time credentials by access-request id: never written to SQLite. Guarded together
+    /// with the store's lock (taken after it) so a reader never sees `active` without them.
+    credentials: Mutex<HashMap<String, Credentials>>,
+}
+
+impl std::fmt::Debug for EmbeddedControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedControlPlane")
+            .field("db", &self.store.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A user the agent created, with its scheduled credential rotation and cleanup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledUser {
+    pub integration: String,
+    pub user_id: String,
+    /// When the next `rotate_credentials` job is due (while an access of the user is active).
+    pub next_rotation_at: Option<DateTime<Utc>>,
+    /// When its `delete_user` job is due (set when its last access was revoked).
+    pub cleanup_at: Option<DateTime<Utc>>,
+}
+
+/// What a committed change asks for afterwards.
+#[derive(Default)]
+struct Effects {
+    /// A job became ready: wake long-polls.
+    wake: bool,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+/// `t + d`, saturating at the end of time instead of panicking on overflow.
+fn later(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `days` × `day`, saturating (a config may say anything).
+fn days_of(day: Duration, days: f64) -> Duration {
+    Duration::try_from_secs_f64(day.as_secs_f64() * days).unwrap_or(Duration::MAX)
+}
+
+/// Longest TTL an access request may ask for (ten years).
+pub const MAX_TTL_SECONDS: u64 = 10 * 366 * 86_400;
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn new_lease_token() -> String {
+    format!("lt-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn bad_request(message: String) -> ControlPlaneError {
+    ControlPlaneError::Rejected { status: 400, message }
+}
+
+/// Exponential backoff from `base`, doubled per attempt, capped, with ±25 % jitter.
+fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(cap);
+    let jitter = rand::random_range(0.75..1.25);
+    Duration::try_from_secs_f64(exp.as_secs_f64() * jitter)
+        .unwrap_or(cap)
+        .min(cap)
+}
+
+/// Removes `credentials` from a result object; returns the cleaned result and the credentials.
+fn strip_credentials(result: Option<Value>) -> (Option<Value>, Option<Credentials>) {
+    let Some(mut value) = result else { return (None, None) };
+    let creds = match &mut value {
+        Value::Object(map) => map.remove("credentials"),
+        _ => None,
+    };
+    let creds = creds.and_then(|c| match serde_json::from_value::<Credentials>(c) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "a job result carried unreadable credentials; dropped");
+            None
+        }
+    });
+    (Some(value), creds)
+}
+
+/// `days` from an integration's config: a positive number (or numeric string); else off.
+fn config_days(spec: &Value, key: &str) -> Option<f64> {
+    let v = spec.get("config")?.get(key)?;
+    let days = match v {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (days.is_finite() && days > 0.0).then_some(days)
+}
+
+impl EmbeddedControlPlane {
+    /// Opens (or creates) the state in `options.data_dir`. Jobs leased by a process that died are
+    /// handed out again when their leases run out; due revokes are queued by the scheduler.
+    ///
+    /// # Errors
+    /// `Store` when the directory or database cannot be created or read.
+    pub fn open(options: Options) -> Result<Arc<EmbeddedControlPlane>, ControlPlaneError> {
+        let store = Store::open(&options.data_dir)?;
+        Ok(Arc::new(EmbeddedControlPlane {
+            options,
+            store,
+            ready: Notify::new(),
+            closing: CancellationToken::new(),
+            credentials: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Runs `f` in one transaction and commits. The store's lock is held throughout.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Connection, &mut Effects) -> Result<T, ControlPlaneError>,
+    ) -> Result<T, ControlPlaneError> {
+        let mut conn = self.store.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("starting a transaction"))
+            .map_err(ControlPlaneError::from)?;
+        let mut effects = Effects::default();
+        let value = f(&tx, &mut effects)?;
+        tx.commit()
+            .map_err(sql("committing"))
+            .map_err(ControlPlaneError::from)?;
+        drop(conn);
+        if effects.wake {
+            self.ready.notify_waiters();
+        }
+        Ok(value)
+    }
+
+    fn credentials_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Credentials>> {
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers (or replaces) an integration under its name.
+    ///
+    /// # Errors
+    /// `Rejected` (400) when the spec fails `integrations::validate_spec` or has no name.
+    pub fn register_integration(&self, spec: &IntegrationSpec) -> Result<(), ControlPlaneError> {
+        if spec.name.trim().is_empty() {
+            return Err(bad_request("an integration needs a non-empty \"name\"".into()));
+        }
+        integrations::validate_spec(spec)
+            .map_err(|e| bad_request(format!("integration {:?} is invalid: {e}", spec.name)))?;
+        let value = serde_json::to_value(spec)
+            .map_err(|e| bad_request(format!("integration {:?} does not serialize: {e}", spec.name)))?;
+        self.write(|c, _| Ok(store::upsert_integration(c, &spec.name, &value, now())?))
+    }
+
+    /// Names of the registered integrations.
+    pub fn integration_names(&self) -> Result<Vec<String>, ControlPlaneError> {
+        Ok(store::integration_names(&self.store.lock())?)
+    }
+
+    fn unknown_integration(c: &Connection, name: &str) -> ControlPlaneError {
+        let known = store::integration_names(c).unwrap_or_default();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        bad_request(format!(
+            "unknown integration {name:?}: declare it in the config's [[integrations]] or give it inline as JSON (known: {known})"
+        ))
+    }
+
+    // ----- jobs -----
+
+    /// Queues a raw job. Only `kind` is checked (present); the agent validates the rest.
+    ///
+    /// # Errors
+    /// `Rejected` (400) for a blank kind or an integration name that is not registered.
+    pub fn create_job(&self, job: JobCreate) -> Result<JobRecord, ControlPlaneError> {
+        if job.kind.trim().is_empty() {
+            return Err(bad_request(
+                "a job needs a \"kind\" (validate, discover, grant, revoke, ...)".into(),
+            ));
+        }
+        self.write(|c, fx| {
+            let (integration_name, integration) = match job.integration {
+                Value::String(name) => {
+                    if store::integration(c, &name)?.is_none() {
+                        return Err(Self::unknown_integration(c, &name));
+                    }
+                    (Some(name), None)
+                }
+                other => (None, Some(other)),
+            };
+            let t = now();
+            let row = JobRow {
+                id: new_id(),
+                kind: job.kind,
+                integration_name,
+                integration,
+                params: job.params,
+                state: JobState::Pending,
+                attempt: 0,
+                lease_token: None,
+                lease_expires_at: None,
+                not_before: None,
+                completed_token: None,
+                result: None,
+                error: None,
+                access_id: None,
+                created_at: t,
+                updated_at: t,
+            };
+            store::insert_job(c, &row)?;
+            fx.wake = true;
+            Ok(record(&row))
+        })
+    }
+
+    /// One job, as the operator API shows it (never with credentials).
+    ///
+    /// # Errors
+    /// `Store` when the row cannot be read (a corrupt row names its table and id).
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, ControlPlaneError> {
+        Ok(store::job(&self.store.lock(), id)?.as_ref().map(record))
+    }
+
+    /// Every job, oldest first. A corrupt row is logged and left out.
+    pub fn list_jobs(&self) -> Result<Vec<JobRecord>, ControlPlaneError> {
+        let rows = store::list_jobs(&self.store.lock())?;
+        Ok(skip_corrupt(rows).iter().map(record).collect())
+    }
+
+    /// Objects uploaded by a discovery job, in upload order.
+    pub fn resources(&self, job_id: &str) -> Result<Vec<Value>, ControlPlaneError> {
+        Ok(store::resources(&self.store.lock(), job_id)?)
+    }
+
+    fn new_job(kind: JobKind, integration: &str, params: Value, access_id: &str, t: DateTime<Utc>) -> JobRow {
+        JobRow {
+            id: new_id(),
+            kind: kind.as_str().to_string(),
+            integration_name: Some(integration.to_string()),
+            integration: None,
+            params,
+            state: JobState::Pending,
+            attempt: 0,
+            lease_token: None,
+            lease_expires_at: None,
+            not_before: None,
+            completed_token: None,
+            result: None,
+            error: None,
+            access_id: Some(access_id.to_string()),
+            created_at: t,
+            updated_at: t,
+        }
+    }
+
+    /// Hands out up to `max` ready jobs. Also returns when the next not-yet-ready job becomes ready.
+    fn try_lease(&self, max: u32) -> Result<(Vec<Value>, Option<DateTime<Utc>>), ControlPlaneError> {
+        self.write(|c, _| {
+            let t = now();
+            let mut out = Vec::new();
+            for row in store::ready_jobs(c, t, max)? {
+                let mut row = match row {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Fail it for good so it is not looked at again on every lease.
+                        tracing::error!(error = %e, "a job cannot be read; marking it failed");
+                        if let Some(id) = e.corrupt_key() {
+                            store::fail_corrupt_job(c, id, &e.to_string(), t)?;
+                        }
+                        continue;
+                    }
+                };
+                if row.state == JobState::Leased {
+                    tracing::info!(job = %row.id, kind = %row.kind, attempt = row.attempt, "lease expired; handing the job out again");
+                }
+                row.state = JobState::Leased;
+                row.attempt = row.attempt.saturating_add(1);
+                row.lease_token = Some(new_lease_token());
+                row.lease_expires_at = Some(later(t, self.options.lease_duration));
+                row.not_before = None;
+                row.updated_at = t;
+                store::update_job(c, &row)?;
+                let integration = match (&row.integration_name, &row.integration) {
+                    (Some(name), _) => store::integration(c, name)?.unwrap_or_else(|| {
+                        // Cannot happen (integrations are never deleted); the agent fails the job clearly.
+                        serde_json::json!({"name": name})
+                    }),
+                    (None, Some(inline)) => inline.clone(),
+                    (None, None) => Value::Null,
+                };
+                let job = Job {
+                    id: row.id.clone(),
+                    kind: row.kind.clone(),
+                    attempt: row.attempt,
+                    lease_token: row.lease_token.clone().unwrap_or_default(),
+                    lease_expires_at: row.lease_expires_at.unwrap_or(t),
+                    integration,
+                    params: row.params.clone(),
+                };
+                match serde_json::to_value(&job) {
+                    Ok(v) => out.push(v),
+                    Err(e) => tracing::error!(job = %row.id, error = %e, "a job does not serialize; skipping it"),
+                }
+            }
+            let next = store::next_ready_at(c)?;
+            Ok((out, next))
+        })
+    }
+
+    // ----- access requests -----
+
+    /// Creates an access request (`pending`) and queues its grant job. An inline integration is
+    /// validated and registered under its name.
+    ///
+    /// # Errors
+    /// `Rejected` (400) for an unknown integration name, an invalid inline integration, or a zero TTL.
+    pub fn create_access(&self, request: AccessRequestCreate) -> Result<AccessRequest, ControlPlaneError> {
+        if request.ttl_seconds == 0 || request.ttl_seconds > MAX_TTL_SECONDS {
+            return Err(bad_request(format!(
+                "ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (ten years), not {}",
+                request.ttl_seconds
+            )));
+        }
+        if request.role.trim().is_empty() {
+            return Err(bad_request("role must not be empty".into()));
+        }
+        let name = match &request.integration {
+            IntegrationRef::Name(name) => name.clone(),
+            IntegrationRef::Inline(spec) => {
+                self.register_integration(spec)?;
+                spec.name.clone()
+            }
+        };
+        let params = serde_json::to_value(GrantRequest {
+            subject: request.subject.clone(),
+            role: request.role.clone(),
+            resource: request.resource.clone(),
+            create_user: request.create_user,
+        })
+        .map_err(|e| bad_request(format!("the grant request does not serialize: {e}")))?;
+        self.write(|c, fx| {
+            if store::integration(c, &name)?.is_none() {
+                return Err(Self::unknown_integration(c, &name));
+            }
+            let t = now();
+            let id = format!("ar-{}", uuid::Uuid::now_v7());
+            let grant = Self::new_job(JobKind::Grant, &name, params, &id, t);
+            let row = AccessRow {
+                id: id.clone(),
+                integration: name.clone(),
+                subject: request.subject,
+                role: request.role,
+                resource: request.resource,
+                ttl_seconds: request.ttl_seconds,
+                create_user: request.create_user,
+                state: AccessState::Pending,
+                created_at: t,
+                granted_at: None,
+                expires_at: None,
+                revoked_at: None,
+                grant_job_id: grant.id.clone(),
+                revoke_job_id: None,
+                user_id: None,
+                binding_ids: Vec::new(),
+                access_details: None,
+                last_error: None,
+                revoke_requested: false,
+            };
+            store::insert_job(c, &grant)?;
+            store::insert_access(c, &row)?;
+            fx.wake = true;
+            tracing::info!(access = %id, integration = %name, subject = %row.subject, role = %row.role, resource = %row.resource, ttl_s = row.ttl_seconds, "access requested");
+            Ok(view(row, None))
+        })
+    }
+
+    /// One access request. One-time credentials (from its grant or a rotation) are included in
+    /// the first read after they arrived, and then forgotten.
+    pub fn access(&self, id: &str) -> Result<Option<AccessRequest>, ControlPlaneError> {
+        let conn = self.store.lock();
+        let Some(row) = store::access(&conn, id)? else {
+            return Ok(None);
+        };
+        let creds = self.credentials_map().remove(id);
+        drop(conn);
+        Ok(Some(view(row, creds)))
+    }
+
+    /// Every access request, oldest first (without credentials). A corrupt row is logged and left out.
+    pub fn list_access(&self) -> Result<Vec<AccessRequest>, ControlPlaneError> {
+        let rows = store::list_access(&self.store.lock())?;
+        Ok(skip_corrupt(rows).into_iter().map(|r| view(r, None)).collect())
+    }
+
+    /// Ends an access now: `active` → `revoking` (the revoke job is queued). A `pending` one whose
+    /// grant has not been handed out yet is cancelled (`revoked`; nothing was granted); one whose
+    /// grant is running is revoked as soon as the grant settles. Idempotent on `revoking`,
+    /// `revoked` and `failed`.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown id.
+    pub fn revoke_access(&self, id: &str) -> Result<AccessRequest, ControlPlaneError> {
+        let row = self.write(|c, fx| {
+            let mut a = store::access(c, id)?.ok_or_else(|| ControlPlaneError::NotFound {
+                message: format!("no access request {id:?}"),
+            })?;
+            let t = now();
+            match a.state {
+                AccessState::Revoking | AccessState::Revoked | AccessState::Failed => {}
+                AccessState::Active => {
+                    self.queue_revoke(c, &mut a, t)?;
+                    fx.wake = true;
+                    tracing::info!(access = %id, "access revoked by the operator; revoke queued");
+                }
+                AccessState::Pending => {
+                    let grant = store::job(c, &a.grant_job_id)?;
+                    match grant {
+                        Some(mut g) if g.state == JobState::Pending => {
+                            g.state = JobState::Failed;
+                            g.error = Some(JobError {
+                                code: "cancelled".into(),
+                                message: format!("access request {id} was revoked before the grant ran"),
+                                retryable: false,
+                            });
+                            g.not_before = None;
+                            g.updated_at = t;
+                            store::update_job(c, &g)?;
+                            if g.attempt == 0 {
+                                a.state = AccessState::Revoked;
+                                a.revoked_at = Some(t);
+                                store::update_access(c, &a)?;
+                            } else {
+                                // An earlier attempt may have granted part of it: revoke to be sure.
+                                self.queue_revoke(c, &mut a, t)?;
+                                fx.wake = true;
+                            }
+                        }
+                        Some(g) if g.state == JobState::Leased => {
+                            a.revoke_requested = true;
+                            store::update_access(c, &a)?;
+                        }
+                        _ => {
+                            self.queue_revoke(c, &mut a, t)?;
+                            fx.wake = true;
+                        }
+                    }
+                }
+            }
+            Ok(a)
+        })?;
+        Ok(view(row, None))
+    }
+
+    /// Queues the revoke job of an access and moves it to `revoking`.
+    fn queue_revoke(&self, c: &Connection, a: &mut AccessRow, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
+        let params = serde_json::to_value(RevokeRequest {
+            subject: a.subject.clone(),
+            role: a.role.clone(),
+            resource: a.resource.clone(),
+        })
+        .map_err(|e| ControlPlaneError::Store {
+            message: format!("revoke params do not serialize: {e}"),
+        })?;
+        let job = Self::new_job(JobKind::Revoke, &a.integration, params, &a.id, t);
+        store::insert_job(c, &job)?;
+        a.state = AccessState::Revoking;
+        a.revoke_job_id = Some(job.id);
+        a.revoke_requested = false;
+        store::update_access(c, a)?;
+        Ok(())
+    }
+
+    /// Ends pending long-polls at once and makes later ones answer empty (shutdown).
+    pub fn close(&self) {
+        self.closing.cancel();
+        self.ready.notify_waiters();
+    }
+
+    // ----- completion -----
+
+    fn complete_sync(&self, job_id: &str, request: &CompleteRequest) -> Result<(), ControlPlaneError> {
+        let lost = || ControlPlaneError::LeaseLost {
+            job_id: job_id.to_string(),
+        };
+        let mut new_creds: Option<(String, Credentials)> = None;
+        // Unread one-time credentials of an access that has ended are of no use to anyone.
+        let mut forget_creds: Option<String> = None;
+        let mut conn = self.store.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("starting a transaction"))
+            .map_err(ControlPlaneError::from)?;
+        let mut job = store::job(&tx, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
+            message: format!("no job {job_id:?}"),
+        })?;
+        if job.completed_token.as_deref() == Some(request.lease_token.as_str()) {
+            return Ok(()); // a repeat: already taken
+        }
+        if job.state != JobState::Leased || job.lease_token.as_deref() != Some(request.lease_token.as_str()) {
+            return Err(lost());
+        }
+        let t = now();
+        let mut wake = false;
+        job.completed_token = Some(request.lease_token.clone());
+        job.lease_token = None;
+        job.lease_expires_at = None;
+        job.updated_at = t;
+        let access = match &job.access_id {
+            Some(id) => match store::access(&tx, id) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Record the job's outcome anyway; the access row needs a person's look.
+                    tracing::error!(access = %id, error = %e, "the job's access request cannot be read");
+                    None
+                }
+            },
+            None => None,
+        };
+        let is_revoke = job.kind == JobKind::Revoke.as_str();
+        match request.outcome {
+            Outcome::Succeeded => {
+                let (result, creds) = strip_credentials(request.result.clone());
+                job.state = JobState::Succeeded;
+                job.result = result;
+                job.error = None;
+                store::update_job(&tx, &job)?;
+                if let Some(mut a) = access {
+                    match JobKind::parse(&job.kind) {
+                        Some(JobKind::Grant) => {
+                            wake |= self.on_grant_succeeded(&tx, &mut a, job.result.as_ref(), t)?;
+                            if let Some(c) = creds {
+                                new_creds = Some((a.id.clone(), c));
+                            }
+                        }
+                        Some(JobKind::Revoke) => {
+                            self.on_revoke_succeeded(&tx, &mut a, t)?;
+                            forget_creds = Some(a.id.clone());
+                        }
+                        Some(JobKind::RotateCredentials) => {
+                            if let Some(c) = creds {
+                                new_creds = Some((a.id.clone(), c));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if job.kind == JobKind::DeleteUser.as_str()
+                    && let Some(user_id) = job.params.get("user_id").and_then(Value::as_str)
+                    && let Some(integration) = &job.integration_name
+                {
+                    store::delete_managed_user(&tx, integration, user_id)?;
+                }
+            }
+            Outcome::Failed => {
+                let error = request.error.clone().unwrap_or_else(|| JobError {
+                    code: "unknown".into(),
+                    message: "the agent reported a failure without an error".into(),
+                    retryable: false,
+                });
+                // A revoke serving an access is retried forever: access must not outlive its TTL.
+                let forever = is_revoke && job.access_id.is_some();
+                let retry = forever || (error.retryable && job.attempt < self.options.max_grant_attempts);
+                job.error = Some(error.clone());
+                job.result = None;
+                if retry {
+                    let delay = backoff(self.options.retry_base, self.options.max_retry_delay, job.attempt);
+                    job.state = JobState::Pending;
+                    job.not_before = Some(later(t, delay));
+                    tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, retry_in_ms = delay.as_millis() as u64, "job failed; requeued");
+                } else {
+                    job.state = JobState::Failed;
+                    tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good");
+                }
+                let serves_access = matches!(JobKind::parse(&job.kind), Some(JobKind::Grant | JobKind::Revoke));
+                if let Some(mut a) = access.filter(|_| serves_access) {
+                    a.last_error = Some(error);
+                    if job.kind == JobKind::Grant.as_str() && a.state == AccessState::Pending {
+                        if !retry {
+                            a.state = AccessState::Failed;
+                        } else if a.revoke_requested {
+                            // Revoked while this attempt ran: stop granting, clean up what it may have done.
+                            job.state = JobState::Failed;
+                            job.not_before = None;
+                            self.queue_revoke(&tx, &mut a, t)?;
+                            wake = true;
+                        }
+                    }
+                    store::update_access(&tx, &a)?;
+                }
+                store::update_job(&tx, &job)?;
+                wake |= job.state == JobState::Pending;
+            }
+        }
+        // The credentials go into memory before the commit and while the store's lock is held, so
+        // the first read that sees the new state also sees them.
+        let mut map = self.credentials_map();
+        if let Some((id, c)) = &new_creds {
+            map.insert(id.clone(), c.clone());
+        }
+        if let Some(id) = &forget_creds {
+            map.remove(id);
+        }
+        if let Err(e) = tx.commit() {
+            if let Some((id, _)) = &new_creds {
+                map.remove(id);
+            }
+            return Err(StoreError::Sqlite {
+                context: "committing a job outcome".into(),
+                source: e,
+            }
+            .into());
+        }
+        drop(map);
+        drop(conn);
+        if wake {
+            self.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Grant done: `active` (or straight to `revoking` if a revoke was asked meanwhile). Returns
+    /// true when a job was queued.
+    fn on_grant_succeeded(
+        &self,
+        c: &Connection,
+        a: &mut AccessRow,
+        result: Option<&Value>,
+        t: DateTime<Utc>,
+    ) -> Result<bool, ControlPlaneError> {
+        if a.state != AccessState::Pending {
+            tracing::warn!(access = %a.id, state = a.state.as_str(), "grant completed for an access that is no longer pending");
+            return Ok(false);
+        }
+        let empty = Value::Null;
+        let result = result.unwrap_or(&empty);
+        a.user_id = result.get("user_id").and_then(Value::as_str).map(str::to_string);
+        a.binding_ids = result
+            .get("binding_ids")
+            .and_then(Value::as_array)
+            .map(|ids| ids.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default();
+        a.access_details = result.get("access_details").and_then(Value::as_str).map(str::to_string);
+        a.granted_at = Some(t);
+        a.expires_at = Some(later(t, Duration::from_secs(a.ttl_seconds)));
+        a.last_error = None;
+        let created_user = result.get("created_user").and_then(Value::as_bool).unwrap_or(false);
+        if let Some(user_id) = a.user_id.clone() {
+            let existing = store::managed_user(c, &a.integration, &user_id)?;
+            if created_user || existing.is_some() {
+                let spec = store::integration(c, &a.integration)?.unwrap_or(Value::Null);
+                let rotation = config_days(&spec, ROTATION_DAYS_KEY).map(|d| later(t, days_of(self.options.day, d)));
+                let mut user = existing.unwrap_or(ManagedUser {
+                    integration: a.integration.clone(),
+                    user_id: user_id.clone(),
+                    next_rotation_at: None,
+                    cleanup_at: None,
+                });
+                if user.cleanup_at.take().is_some() {
+                    tracing::info!(user = %user_id, "a new access became active: the user's cleanup is cancelled");
+                }
+                if user.next_rotation_at.is_none() {
+                    user.next_rotation_at = rotation;
+                }
+                store::upsert_managed_user(c, &user)?;
+            }
+        }
+        if a.revoke_requested {
+            self.queue_revoke(c, a, t)?;
+            tracing::info!(access = %a.id, "granted, but revoked meanwhile: revoke queued");
+            return Ok(true);
+        }
+        a.state = AccessState::Active;
+        store::update_access(c, a)?;
+        tracing::info!(access = %a.id, expires_at = %a.expires_at.map(|e| e.to_rfc3339()).unwrap_or_default(), "access active");
+        Ok(false)
+    }
+
+    /// Revoke done: `revoked`; if that was the last access of a user the agent created,
+    /// schedule its cleanup.
+    fn on_revoke_succeeded(
+        &self,
+        c: &Connection,
+        a: &mut AccessRow,
+        t: DateTime<Utc>,
+    ) -> Result<(), ControlPlaneError> {
+        a.state = AccessState::Revoked;
+        a.revoked_at = Some(t);
+        a.last_error = None;
+        store::update_access(c, a)?;
+        tracing::info!(access = %a.id, "access revoked");
+        let Some(user_id) = a.user_id.clone() else {
+            return Ok(());
+        };
+        let Some(mut user) = store::managed_user(c, &a.integration, &user_id)? else {
+            return Ok(());
+        };
+        let others = skip_corrupt(store::access_of_user(c, &a.integration, &user_id)?)
+            .into_iter()
+            .filter(|o| {
+                o.id != a.id
+                    && matches!(
+                        o.state,
+                        AccessState::Active | AccessState::Revoking | AccessState::Pending
+                    )
+            })
+            .count();
+        if others > 0 {
+            return Ok(());
+        }
+        let spec = store::integration(c, &a.integration)?.unwrap_or(Value::Null);
+        user.next_rotation_at = None;
+        user.cleanup_at = config_days(&spec, CLEANUP_DAYS_KEY).map(|d| later(t, days_of(self.options.day, d)));
+        store::upsert_managed_user(c, &user)?;
+        Ok(())
+    }
+
+    // ----- scheduler -----
+
+    /// Every `tick`: queues revokes of expired accesses, due credential rotations and due user
+    /// cleanups. Runs once at start (revokes that fell due while the process was down go out at
+    /// once). Returns when `stop` is cancelled. Errors are logged, never fatal.
+    pub async fn run_scheduler(self: Arc<Self>, stop: CancellationToken) {
+        tracing::debug!(
+            tick_ms = self.options.tick.as_millis() as u64,
+            "control-plane scheduler started"
+        );
+        loop {
+            if let Err(e) = self.tick_once() {
+                tracing::error!(error = %e, "control-plane scheduler tick failed; retrying next tick");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(self.options.tick.max(Duration::from_millis(10))) => {}
+            }
+        }
+        tracing::debug!("control-plane scheduler stopped");
+    }
+
+    /// One pass of the scheduler (public for tests and one-shot tools).
+    pub fn tick_once(&self) -> Result<(), ControlPlaneError> {
+        let t = now();
+        let expired = skip_corrupt(store::expired_access(&self.store.lock(), t)?);
+        for a in expired {
+            let r = self.write(|c, fx| {
+                // Re-read inside the transaction: it may have changed since.
+                let Some(mut a) = store::access(c, &a.id)? else {
+                    return Ok(());
+                };
+                if a.state == AccessState::Active && a.expires_at.is_some_and(|e| e <= t) {
+                    self.queue_revoke(c, &mut a, t)?;
+                    fx.wake = true;
+                    tracing::info!(access = %a.id, "access expired; revoke queued");
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                tracing::error!(access = %a.id, error = %e, "could not queue the revoke of an expired access; retrying next tick");
+            }
+        }
+        let rotations = skip_corrupt(store::due_rotations(&self.store.lock(), t)?);
+        for u in rotations {
+            if let Err(e) = self.write(|c, fx| self.queue_rotation(c, fx, &u, t)) {
+                tracing::error!(user = %u.user_id, error = %e, "could not queue a credential rotation; retrying next tick");
+            }
+        }
+        let cleanups = skip_corrupt(store::due_cleanups(&self.store.lock(), t)?);
+        for u in cleanups {
+            if let Err(e) = self.write(|c, fx| self.queue_cleanup(c, fx, &u, t)) {
+                tracing::error!(user = %u.user_id, error = %e, "could not queue a user cleanup; retrying next tick");
+            }
+        }
+        // A backoff ended or a lease ran out: wake long-polls (they also time their own waits).
+        let next = store::next_ready_at(&self.store.lock())?;
+        if next.is_some_and(|n| n <= t) {
+            self.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn queue_rotation(
+        &self,
+        c: &Connection,
+        fx: &mut Effects,
+        u: &ManagedUser,
+        t: DateTime<Utc>,
+    ) -> Result<(), ControlPlaneError> {
+        let Some(mut user) = store::managed_user(c, &u.integration, &u.user_id)? else {
+            return Ok(());
+        };
+        let spec = store::integration(c, &user.integration)?.unwrap_or(Value::Null);
+        let active = skip_corrupt(store::access_of_user(c, &user.integration, &user.user_id)?)
+            .into_iter()
+            .rfind(|a| a.state == AccessState::Active);
+        match (config_days(&spec, ROTATION_DAYS_KEY), active) {
+            (Some(days), Some(a)) => {
+                let params = serde_json::json!({"user_id": user.user_id});
+                let job = Self::new_job(JobKind::RotateCredentials, &user.integration, params, &a.id, t);
+                store::insert_job(c, &job)?;
+                fx.wake = true;
+                user.next_rotation_at = Some(later(t, days_of(self.options.day, days)));
+                tracing::info!(user = %user.user_id, access = %a.id, job = %job.id, "credential rotation queued");
+            }
+            // Rotation turned off, or no active access: nothing to rotate until one becomes active.
+            _ => user.next_rotation_at = None,
+        }
+        store::upsert_managed_user(c, &user)?;
+        Ok(())
+    }
+
+    fn queue_cleanup(
+        &self,
+        c: &Connection,
+        fx: &mut Effects,
+        u: &ManagedUser,
+        t: DateTime<Utc>,
+    ) -> Result<(), ControlPlaneError> {
+        let Some(mut user) = store::managed_user(c, &u.integration, &u.user_id)? else {
+            return Ok(());
+        };
+        if user.cleanup_at.is_none_or(|at| at > t) {
+            return Ok(());
+        }
+        user.cleanup_at = None;
+        let still_used = skip_corrupt(store::access_of_user(c, &user.integration, &user.user_id)?)
+            .into_iter()
+            .any(|a| {
+                matches!(
+                    a.state,
+                    AccessState::Active | AccessState::Revoking | AccessState::Pending
+                )
+            });
+        if !still_used {
+            let params = serde_json::json!({"user_id": user.user_id});
+            let mut job = Self::new_job(JobKind::DeleteUser, &user.integration, params, "", t);
+            job.access_id = None;
+            store::insert_job(c, &job)?;
+            fx.wake = true;
+            tracing::info!(user = %user.user_id, job = %job.id, "cleanup of an agent-created user queued");
+        }
+        store::upsert_managed_user(c, &user)?;
+        Ok(())
+    }
+
+    /// Users the agent created that the control plane tracks (for rotation and cleanup).
+    pub fn managed_users(&self) -> Result<Vec<ScheduledUser>, ControlPlaneError> {
+        let rows = skip_corrupt(store::list_managed_users(&self.store.lock())?);
+        Ok(rows
+            .into_iter()
+            .map(|u| ScheduledUser {
+                integration: u.integration,
+                user_id: u.user_id,
+                next_rotation_at: u.next_rotation_at,
+                cleanup_at: u.cleanup_at,
+            })
+            .collect())
+    }
+}
+
+/// Logs and drops rows that do not decode, so one corrupt row cannot stop a listing or the scheduler.
+fn skip_corrupt<T>(rows: Vec<Result<T, StoreError>>) -> Vec<T> {
+    rows.into_iter()
+        .filter_map(|r| match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, "skipping a control-plane row that cannot be read");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The operator view of a job: the integration by name only, never its spec or credentials.
+fn record(j: &JobRow) -> JobRecord {
+    let integration = match (&j.integration_name, &j.integration) {
+        (Some(name), _) => name.clone(),
+        (None, Some(v)) => v.get("name").and_then(Value::as_str).unwrap_or("(invalid)").to_string(),
+        (None, None) => "(invalid)".to_string(),
+    };
+    JobRecord {
+        id: j.id.clone(),
+        kind: j.kind.clone(),
+        integration,
+        state: j.state,
+        attempt: j.attempt,
+        created_at: j.created_at,
+        updated_at: j.updated_at,
+        lease_expires_at: if j.state == JobState::Leased {
+            j.lease_expires_at
+        } else {
+            None
+        },
+        result: j.result.clone(),
+        error: j.error.clone(),
+    }
+}
+
+fn view(a: AccessRow, credentials: Option<Credentials>) -> AccessRequest {
+    AccessRequest {
+        id: a.id,
+        integration: a.integration,
+        subject: a.subject,
+        role: a.role,
+        resource: a.resource,
+        ttl_seconds: a.ttl_seconds,
+        create_user: a.create_user,
+        state: a.state,
+        created_at: a.created_at,
+        granted_at: a.granted_at,
+        expires_at: a.expires_at,
+        revoked_at: a.revoked_at,
+        grant_job_id: a.grant_job_id,
+        revoke_job_id: a.revoke_job_id,
+        user_id: a.user_id,
+        binding_ids: a.binding_ids,
+        access_details: a.access_details,
+        last_error: a.last_error,
+        credentials,
+    }
+}
+
+#[async_trait]
+impl ControlPlane for EmbeddedControlPlane {
+    async fn hello(&self, hello: &SessionHello) -> Result<SessionInfo, ControlPlaneError> {
+        let session_id = format!("s-{}", uuid::Uuid::new_v4().simple());
+        tracing::info!(session = %session_id, version = %hello.version, hostname = %hello.hostname, "agent session started");
+        Ok(SessionInfo {
+            session_id,
+            lease_seconds: self.options.lease_duration.as_secs().max(1),
+        })
+    }
+
+    async fn lease(&self, request: &LeaseRequest) -> Result<Vec<Value>, ControlPlaneError> {
+        let max = request.max_jobs.clamp(1, 100);
+        let wait = Duration::from_secs(u64::from(request.wait_seconds.min(MAX_WAIT_SECONDS)));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for wake-ups before looking, so a job created in between is not missed.
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.closing.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            let (jobs, next) = self.try_lease(max)?;
+            if !jobs.is_empty() {
+                return Ok(jobs);
+            }
+            let now_i = tokio::time::Instant::now();
+            if now_i >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut sleep_for = deadline - now_i;
+            if let Some(next) = next {
+                let until = (next - now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(15));
+                sleep_for = sleep_for.min(until);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = self.closing.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    async fn renew(&self, job_id: &str, request: &RenewRequest) -> Result<RenewResponse, ControlPlaneError> {
+        self.write(|c, _| {
+            let mut job = store::job(c, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
+                message: format!("no job {job_id:?}"),
+            })?;
+            if job.state != JobState::Leased || job.lease_token.as_deref() != Some(request.lease_token.as_str()) {
+                return Err(ControlPlaneError::LeaseLost {
+                    job_id: job_id.to_string(),
+                });
+            }
+            let t = now();
+            let expires = later(t, self.options.lease_duration);
+            job.lease_expires_at = Some(expires);
+            job.updated_at = t;
+            store::update_job(c, &job)?;
+            Ok(RenewResponse {
+                lease_expires_at: expires,
+            })
+        })
+    }
+
+    async fn complete(&self, job_id: &str, request: &CompleteRequest) -> Result<(), ControlPlaneError> {
+        self.complete_sync(job_id, request)
+    }
+
+    async fn upload_resources(&self, job: &Job, batch: &[Value]) -> Result<(), ControlPlaneError> {
+        self.write(|c, _| {
+            let row = store::job(c, &job.id)?.ok_or_else(|| ControlPlaneError::NotFound {
+                message: format!("no job {:?}", job.id),
+            })?;
+            if row.state != JobState::Leased || row.lease_token.as_deref() != Some(job.lease_token.as_str()) {
+                return Err(ControlPlaneError::LeaseLost { job_id: job.id.clone() });
+            }
+            store::insert_resources(c, &job.id, batch)?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,1032 @@
+use super::*;
+use crate::integrations::{Resource, Subject};
+use serde_json::json;
+use std::time::Instant;
+
+const INLINE_SECRET: &str = "inline-secret-value-4711";
+
+pub(crate) fn spec_json(name: &str, extra_config: Value) -> Value {
+    let mut config = json!({"host": "rancher.example.com"});
+    if let (Value::Object(c), Value::Object(extra)) = (&mut config, extra_config) {
+        c.extend(extra);
+    }
+    json!({
+        "type": "rancher",
+        "name": name,
+        "config": config,
+        "secret_store": {"type": "APONO", "credentials": {"access_key": "token-x", "secret_key": INLINE_SECRET}},
+    })
+}
+
+pub(crate) fn options(dir: &std::path::Path) -> Options {
+    Options {
+        data_dir: dir.to_path_buf(),
+        lease_duration: Duration::from_secs(5),
+        tick: Duration::from_millis(50),
+        retry_base: Duration::from_millis(40),
+        max_grant_attempts: 3,
+        ..Options::default()
+    }
+}
+
+pub(crate) fn open_with(options: Options, extra_config: Value) -> Arc<EmbeddedControlPlane> {
+    let cp = EmbeddedControlPlane::open(options).expect("open");
+    let spec: IntegrationSpec = serde_json::from_value(spec_json("test", extra_config)).expect("spec");
+    cp.register_integration(&spec).expect("register");
+    cp
+}
+
+fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessRequestCreate {
+    AccessRequestCreate {
+        integration: IntegrationRef::Name("test".into()),
+        subject: Subject::Username(user.into()),
+        role: "cluster-member".into(),
+        resource: Resource::Cluster("c-1".into()),
+        ttl_seconds,
+        create_user,
+    }
+}
+
+async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> {
+    let jobs = cp
+        .lease(&LeaseRequest {
+            max_jobs: 1,
+            wait_seconds,
+        })
+        .await
+        .expect("lease");
+    jobs.first()
+        .map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
+}
+
+async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
+    cp.complete(
+        &job.id,
+        &CompleteRequest {
+            lease_token: job.lease_token.clone(),
+            outcome: Outcome::Succeeded,
+            error: None,
+            result: Some(result),
+        },
+    )
+    .await
+    .expect("complete");
+}
+
+fn failed(job: &Job, retryable: bool) -> CompleteRequest {
+    CompleteRequest {
+        lease_token: job.lease_token.clone(),
+        outcome: Outcome::Failed,
+        error: Some(JobError {
+            code: "unavailable".into(),
+            message: "Rancher answered 503".into(),
+            retryable,
+        }),
+        result: None,
+    }
+}
+
+fn grant_result(user_id: &str, created_user: bool, password: Option<&str>) -> Value {
+    let mut v = json!({
+        "user_id": user_id,
+        "binding_ids": ["c-1:crtb-apono-1"],
+        "created_user": created_user,
+        "access_details": "Log in as alice",
+    });
+    if let Some(p) = password {
+        v["credentials"] = json!({"username": "alice", "password": p});
+    }
+    v
+}
+
+/// A fake agent: completes every job it leases; revokes fail `fail_revokes` times first.
+fn spawn_fake_agent(
+    cp: Arc<EmbeddedControlPlane>,
+    stop: CancellationToken,
+    fail_revokes: u32,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut revoke_failures = 0;
+        loop {
+            let jobs = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = cp.lease(&LeaseRequest { max_jobs: 4, wait_seconds: 1 }) => r.expect("lease"),
+            };
+            for raw in jobs {
+                let job: Job = serde_json::from_value(raw).expect("job");
+                let request = match job.kind.as_str() {
+                    "revoke" if revoke_failures < fail_revokes => {
+                        revoke_failures += 1;
+                        failed(&job, false)
+                    }
+                    kind => CompleteRequest {
+                        lease_token: job.lease_token.clone(),
+                        outcome: Outcome::Succeeded,
+                        error: None,
+                        result: Some(match kind {
+                            "grant" => grant_result("u-alice", false, None),
+                            "revoke" => json!({"removed_binding_ids": ["c-1:crtb-apono-1"]}),
+                            _ => json!({}),
+                        }),
+                    },
+                };
+                cp.complete(&job.id, &request).await.expect("complete");
+            }
+        }
+    })
+}
+
+async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn lease_renew_complete_are_idempotent_and_stale_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let created = cp
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    assert_eq!(created.state, JobState::Pending);
+    assert_eq!(created.integration, "test");
+
+    let job = lease_one(&cp, 0).await.expect("a job");
+    assert_eq!(job.id, created.id);
+    assert_eq!(job.attempt, 1);
+    assert_eq!(job.kind, "validate");
+    assert_eq!(
+        job.integration["type"], "rancher",
+        "the full spec is handed out: {}",
+        job.integration
+    );
+    assert_eq!(job.integration["secret_store"]["type"], "APONO");
+    assert!(
+        lease_one(&cp, 0).await.is_none(),
+        "a leased job is not handed out twice"
+    );
+    assert_eq!(cp.job(&job.id).unwrap().unwrap().state, JobState::Leased);
+
+    let renewed = cp
+        .renew(
+            &job.id,
+            &RenewRequest {
+                lease_token: job.lease_token.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(renewed.lease_expires_at >= job.lease_expires_at);
+    let stale = RenewRequest {
+        lease_token: "lt-not-mine".into(),
+    };
+    assert!(matches!(
+        cp.renew(&job.id, &stale).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.renew("nope", &stale).await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
+
+    complete_ok(&cp, &job, json!({"principal": "local://u-admin"})).await;
+    complete_ok(&cp, &job, json!({"principal": "ignored"})).await; // same token: Ok, no change
+    let record = cp.job(&job.id).unwrap().unwrap();
+    assert_eq!(record.state, JobState::Succeeded);
+    assert_eq!(record.result, Some(json!({"principal": "local://u-admin"})));
+    assert!(record.lease_expires_at.is_none());
+    let other = CompleteRequest {
+        lease_token: "lt-other".into(),
+        ..failed(&job, false)
+    };
+    assert!(matches!(
+        cp.complete(&job.id, &other).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.renew(
+            &job.id,
+            &RenewRequest {
+                lease_token: job.lease_token.clone()
+            }
+        )
+        .await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_long_poll_answers_as_soon_as_a_job_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let started = Instant::now();
+    let waiter = {
+        let cp = cp.clone();
+        tokio::spawn(async move { lease_one(&cp, 20).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    cp.create_job(JobCreate {
+        kind: "discover".into(),
+        integration: json!("test"),
+        params: json!({}),
+    })
+    .unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("answered early")
+        .unwrap();
+    assert!(job.is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered in {:?}",
+        started.elapsed()
+    );
+
+    // With nothing to hand out, an empty answer after wait_seconds.
+    let started = Instant::now();
+    assert!(lease_one(&cp, 1).await.is_none());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn an_expired_lease_hands_the_job_out_again_with_attempt_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            lease_duration: Duration::from_millis(300),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    cp.create_job(JobCreate {
+        kind: "discover".into(),
+        integration: json!("test"),
+        params: json!({}),
+    })
+    .unwrap();
+    let first = lease_one(&cp, 0).await.unwrap();
+    let started = Instant::now();
+    // The long-poll wakes when the lease runs out, not at the end of wait_seconds.
+    let second = lease_one(&cp, 10).await.expect("handed out again");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "woke at lease expiry: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(second.id, first.id);
+    assert_eq!(second.attempt, 2);
+    assert_ne!(second.lease_token, first.lease_token);
+    let stale = RenewRequest {
+        lease_token: first.lease_token.clone(),
+    };
+    assert!(matches!(
+        cp.renew(&first.id, &stale).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.complete(&first.id, &failed(&first, true)).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        cp.upload_resources(&first, &[json!({"type": "cluster"})]).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    cp.upload_resources(
+        &second,
+        &[
+            json!({"type": "cluster", "id": "c-1"}),
+            json!({"type": "project", "id": "c-1:p-1"}),
+        ],
+    )
+    .await
+    .unwrap();
+    complete_ok(&cp, &second, json!({"objects": 2, "uploaded": 2})).await;
+    let resources = cp.resources(&second.id).unwrap();
+    assert_eq!(resources.len(), 2);
+    assert_eq!(resources[1]["id"], "c-1:p-1");
+    assert_eq!(cp.job(&first.id).unwrap().unwrap().attempt, 2);
+}
+
+#[tokio::test]
+async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            retry_base: Duration::from_millis(300),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let created = cp
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let job = lease_one(&cp, 0).await.unwrap();
+    cp.complete(&job.id, &failed(&job, true)).await.unwrap();
+    cp.complete(&job.id, &failed(&job, true)).await.unwrap(); // a repeat does not requeue twice
+    let record = cp.job(&created.id).unwrap().unwrap();
+    assert_eq!(record.state, JobState::Pending, "requeued");
+    assert_eq!(record.error.as_ref().map(|e| e.code.as_str()), Some("unavailable"));
+    assert!(lease_one(&cp, 0).await.is_none(), "not before its backoff");
+    let started = Instant::now();
+    let job = lease_one(&cp, 5).await.expect("after the backoff");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
+        "backoff {waited:?}"
+    );
+    assert_eq!(job.attempt, 2);
+    cp.complete(&job.id, &failed(&job, true)).await.unwrap();
+    let job = lease_one(&cp, 5).await.expect("third attempt");
+    assert_eq!(job.attempt, 3);
+    cp.complete(&job.id, &failed(&job, true)).await.unwrap();
+    let record = cp.job(&created.id).unwrap().unwrap();
+    assert_eq!(record.state, JobState::Failed, "max_grant_attempts (3) reached");
+    assert_eq!(record.attempt, 3);
+    assert!(lease_one(&cp, 1).await.is_none());
+}
+
+#[tokio::test]
+async fn a_non_retryable_failure_is_final_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let access = cp.create_access(access_create("nobody", 60, false)).unwrap();
+    let job = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(job.id, access.grant_job_id);
+    assert_eq!(
+        job.params,
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false})
+    );
+    cp.complete(&job.id, &failed(&job, false)).await.unwrap();
+    let record = cp.job(&job.id).unwrap().unwrap();
+    assert_eq!((record.state, record.attempt), (JobState::Failed, 1));
+    let access = cp.access(&access.id).unwrap().unwrap();
+    assert_eq!(access.state, AccessState::Failed);
+    assert_eq!(access.last_error.map(|e| e.code), Some("unavailable".to_string()));
+}
+
+#[tokio::test]
+async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    // One grant attempt allowed: revokes must not be bound by it.
+    let cp = open_with(
+        Options {
+            max_grant_attempts: 1,
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let stop = CancellationToken::new();
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
+    let agent = spawn_fake_agent(cp.clone(), stop.clone(), 2);
+
+    let created = cp.create_access(access_create("alice", 1, false)).unwrap();
+    assert_eq!(created.state, AccessState::Pending);
+    let active = wait_for(Duration::from_secs(5), || {
+        cp.access(&created.id)
+            .unwrap()
+            .filter(|a| a.state != AccessState::Pending)
+    })
+    .await;
+    assert_eq!(active.state, AccessState::Active);
+    assert_eq!(active.user_id.as_deref(), Some("u-alice"));
+    assert_eq!(active.binding_ids, vec!["c-1:crtb-apono-1".to_string()]);
+    assert_eq!(active.access_details.as_deref(), Some("Log in as alice"));
+    let (granted, expires) = (active.granted_at.unwrap(), active.expires_at.unwrap());
+    assert_eq!(expires - granted, chrono::Duration::seconds(1));
+
+    let revoked = wait_for(Duration::from_secs(10), || {
+        cp.access(&created.id)
+            .unwrap()
+            .filter(|a| a.state == AccessState::Revoked)
+    })
+    .await;
+    assert!(revoked.revoked_at.unwrap() >= expires);
+    assert!(revoked.last_error.is_none());
+    let revoke_job = cp.job(revoked.revoke_job_id.as_deref().unwrap()).unwrap().unwrap();
+    assert_eq!(revoke_job.kind, "revoke");
+    assert_eq!(revoke_job.state, JobState::Succeeded);
+    assert_eq!(revoke_job.attempt, 3, "two non-retryable failures, then success");
+    stop.cancel();
+    let _ = tokio::join!(scheduler, agent);
+}
+
+#[tokio::test]
+async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    // Not yet handed out: cancelled, nothing to revoke.
+    let a = cp.create_access(access_create("alice", 60, false)).unwrap();
+    let r = cp.revoke_access(&a.id).unwrap();
+    assert_eq!(r.state, AccessState::Revoked);
+    assert_eq!(
+        cp.job(&a.grant_job_id).unwrap().unwrap().error.map(|e| e.code),
+        Some("cancelled".into())
+    );
+    assert!(
+        lease_one(&cp, 0).await.is_none(),
+        "the cancelled grant is not handed out"
+    );
+    assert_eq!(
+        cp.revoke_access(&a.id).unwrap().state,
+        AccessState::Revoked,
+        "idempotent"
+    );
+
+    // Running: revoked as soon as the grant succeeds.
+    let b = cp.create_access(access_create("bob", 60, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(cp.revoke_access(&b.id).unwrap().state, AccessState::Pending);
+    complete_ok(&cp, &grant, grant_result("u-bob", false, None)).await;
+    let b = cp.access(&b.id).unwrap().unwrap();
+    assert_eq!(b.state, AccessState::Revoking);
+    let revoke = lease_one(&cp, 0).await.expect("revoke queued");
+    assert_eq!(revoke.kind, "revoke");
+    assert_eq!(
+        revoke.params,
+        json!({"user": "bob", "role": "cluster-member", "resource": "c-1"})
+    );
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
+    assert_eq!(cp.access(&b.id).unwrap().unwrap().state, AccessState::Revoked);
+
+    // Active: revoke now.
+    let c = cp.create_access(access_create("carol", 3600, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-carol", false, None)).await;
+    assert_eq!(cp.revoke_access(&c.id).unwrap().state, AccessState::Revoking);
+    assert!(matches!(
+        cp.revoke_access("ar-nope"),
+        Err(ControlPlaneError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        lease_duration: Duration::from_millis(400),
+        ..options(dir.path())
+    };
+    let (access_id, leased_id) = {
+        let cp = open_with(opts.clone(), json!({}));
+        let a = cp.create_access(access_create("alice", 1, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+        assert_eq!(cp.access(&a.id).unwrap().unwrap().state, AccessState::Active);
+        // A job leased by the process that is about to die.
+        let j = cp
+            .create_job(JobCreate {
+                kind: "discover".into(),
+                integration: json!("test"),
+                params: json!({}),
+            })
+            .unwrap();
+        assert_eq!(lease_one(&cp, 0).await.unwrap().id, j.id);
+        (a.id, j.id)
+        // dropped: the process "dies" with the access active and the discover job leased
+    };
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the TTL ends while nobody runs
+
+    let cp = EmbeddedControlPlane::open(opts).unwrap();
+    assert_eq!(cp.access(&access_id).unwrap().unwrap().state, AccessState::Active);
+    cp.tick_once().unwrap();
+    let a = cp.access(&access_id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoking, "the revoke is queued after the restart");
+    let mut kinds = Vec::new();
+    while let Some(job) = lease_one(&cp, 1).await {
+        kinds.push((job.kind.clone(), job.attempt));
+        if job.id == leased_id {
+            assert_eq!(job.attempt, 2, "handed out again once the dead lease ran out");
+        }
+        if kinds.len() == 2 {
+            break;
+        }
+    }
+    kinds.sort();
+    assert_eq!(kinds, vec![("discover".to_string(), 2), ("revoke".to_string(), 1)]);
+}
+
+#[tokio::test]
+async fn generated_credentials_are_shown_once_and_never_stored() {
+    const CANARY: &str = "canary-password-0b1c2d3e4f";
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let a = cp.create_access(access_create("alice", 3600, true)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", true, Some(CANARY))).await;
+
+    let listed = cp.list_access().unwrap();
+    assert!(
+        listed.iter().all(|a| a.credentials.is_none()),
+        "a listing does not consume or show them"
+    );
+    let first = cp.access(&a.id).unwrap().unwrap();
+    let creds = first.credentials.as_ref().expect("credentials on the first read");
+    assert_eq!(creds.username, "alice");
+    assert!(serde_json::to_string(&first).unwrap().contains(CANARY));
+    assert!(!format!("{first:?}").contains(CANARY), "Debug is redacted");
+    assert!(cp.access(&a.id).unwrap().unwrap().credentials.is_none(), "never again");
+
+    let record = cp.job(&grant.id).unwrap().unwrap();
+    let text = serde_json::to_string(&record).unwrap();
+    assert!(!text.contains(CANARY) && !text.contains("credentials"), "{text}");
+    assert!(
+        !text.contains(INLINE_SECRET),
+        "a job record carries no integration secret"
+    );
+    assert_eq!(record.result.unwrap()["user_id"], "u-alice");
+
+    drop(cp);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
+            "canary found in {}",
+            path.display()
+        );
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_state_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    let cp = open_with(options(&data), json!({}));
+    cp.create_job(JobCreate {
+        kind: "validate".into(),
+        integration: json!("test"),
+        params: json!({}),
+    })
+    .unwrap();
+    let mode = std::fs::metadata(data.join(store::DB_FILE))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let wal = data.join(format!("{}-wal", store::DB_FILE));
+    if wal.exists() {
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().permissions().mode() & 0o077,
+            0,
+            "WAL is private too"
+        );
+    }
+    let dir_mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+}
+
+#[tokio::test]
+async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = Duration::from_millis(300);
+    let cp = open_with(
+        Options {
+            day,
+            ..options(dir.path())
+        },
+        json!({"credential_rotation_days": 1, "user_cleanup_days": 2}),
+    );
+    let a = cp.create_access(access_create("alice", 3600, true)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", true, Some("first-password"))).await;
+    assert!(cp.access(&a.id).unwrap().unwrap().credentials.is_some());
+    let users = cp.managed_users().unwrap();
+    assert_eq!(users.len(), 1);
+    assert!(users[0].next_rotation_at.is_some(), "rotation scheduled");
+
+    cp.tick_once().unwrap();
+    assert!(lease_one(&cp, 0).await.is_none(), "not due yet");
+    tokio::time::sleep(day + Duration::from_millis(50)).await;
+    cp.tick_once().unwrap();
+    let rotate = lease_one(&cp, 0).await.expect("rotation due");
+    assert_eq!(rotate.kind, "rotate_credentials");
+    assert_eq!(rotate.params, json!({"user_id": "u-alice"}));
+    let mut rotated = grant_result("u-alice", false, Some("second-password"));
+    rotated["created_user"] = json!(false);
+    complete_ok(&cp, &rotate, rotated).await;
+    let shown = cp
+        .access(&a.id)
+        .unwrap()
+        .unwrap()
+        .credentials
+        .expect("new credentials shown once");
+    assert_eq!(secrecy::ExposeSecret::expose_secret(&shown.password), "second-password");
+    assert!(cp.access(&a.id).unwrap().unwrap().credentials.is_none());
+    assert!(
+        !serde_json::to_string(&cp.job(&rotate.id).unwrap().unwrap())
+            .unwrap()
+            .contains("second-password")
+    );
+
+    // Revoke the only access: cleanup is scheduled 2 "days" later.
+    cp.revoke_access(&a.id).unwrap();
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.kind, "revoke");
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
+    let users = cp.managed_users().unwrap();
+    assert!(users[0].cleanup_at.is_some(), "cleanup scheduled: {users:?}");
+    assert!(
+        users[0].next_rotation_at.is_none(),
+        "no rotation without an active access"
+    );
+    tokio::time::sleep(day).await;
+    cp.tick_once().unwrap();
+    assert!(lease_one(&cp, 0).await.is_none(), "cleanup not due yet");
+    tokio::time::sleep(day + Duration::from_millis(50)).await;
+    cp.tick_once().unwrap();
+    let delete = lease_one(&cp, 0).await.expect("cleanup due");
+    assert_eq!(delete.kind, "delete_user");
+    assert_eq!(delete.params, json!({"user_id": "u-alice"}));
+    complete_ok(&cp, &delete, json!({"user_id": "u-alice", "deleted": true})).await;
+    assert!(cp.managed_users().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_new_access_cancels_a_pending_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = Duration::from_millis(300);
+    let cp = open_with(
+        Options {
+            day,
+            ..options(dir.path())
+        },
+        json!({"user_cleanup_days": 1}),
+    );
+    let a = cp.create_access(access_create("alice", 3600, true)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", true, None)).await;
+    assert!(
+        cp.managed_users().unwrap()[0].next_rotation_at.is_none(),
+        "rotation is off"
+    );
+    cp.revoke_access(&a.id).unwrap();
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
+    assert!(cp.managed_users().unwrap()[0].cleanup_at.is_some());
+
+    let b = cp.create_access(access_create("alice", 3600, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+    assert_eq!(cp.access(&b.id).unwrap().unwrap().state, AccessState::Active);
+    assert!(cp.managed_users().unwrap()[0].cleanup_at.is_none(), "cleanup cancelled");
+    tokio::time::sleep(day + Duration::from_millis(50)).await;
+    cp.tick_once().unwrap();
+    assert!(lease_one(&cp, 0).await.is_none(), "no delete_user job");
+}
+
+#[tokio::test]
+async fn integrations_are_checked_by_name_and_inline_jobs_are_handed_out_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let e = cp
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!("prod"),
+            params: json!({}),
+        })
+        .unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Rejected { status: 400, .. }));
+    assert!(
+        e.to_string().contains("\"prod\"") && e.to_string().contains("test"),
+        "{e}"
+    );
+    let e = cp.create_access(AccessRequestCreate {
+        integration: IntegrationRef::Name("prod".into()),
+        ..access_create("alice", 60, false)
+    });
+    assert!(e.unwrap_err().to_string().contains("prod"));
+    assert!(
+        cp.create_job(JobCreate {
+            kind: " ".into(),
+            integration: json!("test"),
+            params: json!({})
+        })
+        .is_err()
+    );
+
+    let half = cp
+        .create_job(JobCreate {
+            kind: "grant".into(),
+            integration: json!({"name": "half"}),
+            params: json!({}),
+        })
+        .unwrap();
+    assert_eq!(half.integration, "half");
+    let bad = cp
+        .create_job(JobCreate {
+            kind: "teleport".into(),
+            integration: json!(42),
+            params: json!({}),
+        })
+        .unwrap();
+    assert_eq!(bad.integration, "(invalid)");
+    let jobs = cp
+        .lease(&LeaseRequest {
+            max_jobs: 5,
+            wait_seconds: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0]["integration"], json!({"name": "half"}));
+    assert_eq!(jobs[1]["integration"], json!(42));
+    assert_eq!(jobs[1]["kind"], "teleport");
+
+    // Inline integration on an access request: validated and registered under its name.
+    let spec: IntegrationSpec = serde_json::from_value(spec_json("inline-one", json!({}))).unwrap();
+    let a = cp
+        .create_access(AccessRequestCreate {
+            integration: IntegrationRef::Inline(Box::new(spec)),
+            ..access_create("alice", 60, false)
+        })
+        .unwrap();
+    assert_eq!(a.integration, "inline-one");
+    assert!(cp.integration_names().unwrap().contains(&"inline-one".to_string()));
+    let record = serde_json::to_string(&cp.list_jobs().unwrap()).unwrap();
+    assert!(!record.contains(INLINE_SECRET));
+}
+
+#[tokio::test]
+async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let good = cp
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let bad = cp
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let a = cp.create_access(access_create("alice", 1, false)).unwrap();
+    {
+        let conn = cp.store.lock();
+        conn.execute("UPDATE jobs SET params = '{not json' WHERE id = ?1", [&bad.id])
+            .unwrap();
+        conn.execute("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", [&a.id])
+            .unwrap();
+    }
+    let e = cp.job(&bad.id).unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Store { .. }));
+    assert!(
+        e.to_string().contains(&bad.id) && e.to_string().contains("params"),
+        "{e}"
+    );
+    assert!(cp.access(&a.id).unwrap_err().to_string().contains("bogus"));
+    assert!(cp.list_jobs().unwrap().iter().any(|j| j.id == good.id));
+    assert!(cp.list_access().unwrap().is_empty());
+    cp.tick_once().unwrap();
+    let jobs = cp
+        .lease(&LeaseRequest {
+            max_jobs: 10,
+            wait_seconds: 0,
+        })
+        .await
+        .unwrap();
+    let ids: Vec<_> = jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    assert!(ids.contains(&good.id) && !ids.contains(&bad.id), "{ids:?}");
+    let (state, error): (String, String) = cp
+        .store
+        .lock()
+        .query_row("SELECT state, error FROM jobs WHERE id = ?1", [&bad.id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        state, "failed",
+        "a corrupt job is failed for good, not retried on every lease"
+    );
+    assert!(error.contains("corrupt_job"), "{error}");
+}
+
+#[tokio::test]
+async fn close_ends_pending_long_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let waiter = {
+        let cp = cp.clone();
+        tokio::spawn(async move { lease_one(&cp, 30).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cp.close();
+    let r = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("ended at once")
+        .unwrap();
+    assert!(r.is_none());
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open_with(options(dir.path()), json!({})));
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).unwrap();
+        conn.execute("UPDATE schema_version SET version = 99", []).unwrap();
+    }
+    let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
+    assert!(e.to_string().contains("schema version 99"), "{e}");
+}
+
+#[test]
+fn time_arithmetic_saturates_instead_of_panicking() {
+    let t = now();
+    assert_eq!(later(t, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+    assert_eq!(days_of(Duration::from_secs(86_400), 1e300), Duration::MAX);
+    assert!(backoff(Duration::from_secs(2), Duration::from_secs(300), 1_000) <= Duration::from_secs(300));
+    let b = backoff(Duration::from_millis(100), Duration::from_secs(300), 3);
+    assert!(
+        b >= Duration::from_millis(300) && b <= Duration::from_millis(500),
+        "{b:?}"
+    );
+    assert_eq!(config_days(&json!({"config": {"k": 2}}), "k"), Some(2.0));
+    assert_eq!(config_days(&json!({"config": {"k": "1.5"}}), "k"), Some(1.5));
+    assert_eq!(config_days(&json!({"config": {"k": 0}}), "k"), None);
+    assert_eq!(config_days(&json!({"config": {"k": -3}}), "k"), None);
+    assert_eq!(config_days(&json!({"config": {}}), "k"), None);
+}
+
+#[tokio::test]
+async fn absurd_ttls_and_rotation_periods_are_refused_or_saturated() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({"credential_rotation_days": 1e300}));
+    for ttl in [0, u64::MAX, MAX_TTL_SECONDS + 1] {
+        let e = cp.create_access(access_create("alice", ttl, false)).unwrap_err();
+        assert!(
+            matches!(e, ControlPlaneError::Rejected { status: 400, .. }),
+            "{ttl}: {e:?}"
+        );
+    }
+    let a = cp.create_access(access_create("alice", MAX_TTL_SECONDS, true)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", true, None)).await;
+    let a = cp.access(&a.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Active);
+    let next = cp.managed_users().unwrap()[0].next_rotation_at.unwrap();
+    assert!(
+        next.timestamp() > DateTime::<Utc>::MAX_UTC.timestamp() - 1,
+        "saturated: {next}"
+    );
+    cp.tick_once().unwrap();
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(store::DB_FILE), vec![0x42u8; 4096]).unwrap();
+    let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Store { .. }));
+    assert!(e.to_string().contains("not a database"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_agents_get_each_job_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let cp = cp.clone();
+        workers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let jobs = cp
+                    .lease(&LeaseRequest {
+                        max_jobs: 3,
+                        wait_seconds: 1,
+                    })
+                    .await
+                    .unwrap();
+                if jobs.is_empty() {
+                    return got;
+                }
+                for raw in jobs {
+                    let job: Job = serde_json::from_value(raw).unwrap();
+                    complete_ok(&cp, &job, json!({})).await;
+                    got.push(job.id);
+                }
+            }
+        }));
+    }
+    let mut created = Vec::new();
+    for _ in 0..60 {
+        let j = cp
+            .create_job(JobCreate {
+                kind: "validate".into(),
+                integration: json!("test"),
+                params: json!({}),
+            })
+            .unwrap();
+        created.push(j.id);
+        tokio::task::yield_now().await;
+    }
+    let mut handed = Vec::new();
+    for w in workers {
+        handed.extend(w.await.unwrap());
+    }
+    handed.sort();
+    created.sort();
+    assert_eq!(handed, created, "every job once, none twice");
+    assert!(
+        cp.list_jobs()
+            .unwrap()
+            .iter()
+            .all(|j| j.state == JobState::Succeeded && j.attempt == 1)
+    );
+}
+
+#[tokio::test]
+async fn a_queued_revoke_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        lease_duration: Duration::from_millis(300),
+        ..options(dir.path())
+    };
+    let id = {
+        let cp = open_with(opts.clone(), json!({}));
+        let a = cp.create_access(access_create("alice", 3600, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+        assert_eq!(cp.revoke_access(&a.id).unwrap().state, AccessState::Revoking);
+        // The revoke is leased by an agent that dies with the process.
+        assert_eq!(lease_one(&cp, 0).await.unwrap().kind, "revoke");
+        a.id
+    };
+    let cp = EmbeddedControlPlane::open(opts).unwrap();
+    assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoking);
+    let revoke = lease_one(&cp, 5).await.expect("the revoke is handed out again");
+    assert_eq!((revoke.kind.as_str(), revoke.attempt), ("revoke", 2));
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
+    assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_state_never_hand_out_a_job_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_with(options(dir.path()), json!({}));
+    let b = EmbeddedControlPlane::open(options(dir.path())).unwrap();
+    let mut created = Vec::new();
+    for _ in 0..40 {
+        created.push(
+            a.create_job(JobCreate {
+                kind: "validate".into(),
+                integration: json!("test"),
+                params: json!({}),
+            })
+            .unwrap()
+            .id,
+        );
+    }
+    let mut workers = Vec::new();
+    for cp in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        workers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let jobs = cp
+                    .lease(&LeaseRequest {
+                        max_jobs: 2,
+                        wait_seconds: 0,
+                    })
+                    .await
+                    .expect("lease");
+                if jobs.is_empty() {
+                    return got;
+                }
+                for raw in jobs {
+                    let job: Job = serde_json::from_value(raw).unwrap();
+                    complete_ok(&cp, &job, json!({})).await;
+                    got.push(job.id);
+                }
+            }
+        }));
+    }
+    let mut handed = Vec::new();
+    for w in workers {
+        handed.extend(w.await.unwrap());
+    }
+    handed.sort();
+    created.sort();
+    assert_eq!(handed, created);
+}

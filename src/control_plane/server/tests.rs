@@ -1,0 +1,487 @@
+use super::*;
+use crate::control_plane::client::{HttpControlPlane, OperatorClient};
+use crate::control_plane::embedded::{Options, tests as fixtures};
+use crate::control_plane::operator::{AccessRequest, AccessState, IntegrationRef, JobState};
+use crate::control_plane::protocol::{Capabilities, Outcome};
+use crate::integrations::{Resource, Subject};
+use serde_json::json;
+use std::time::Instant;
+
+const TOKEN: &str = "agent-token-c4n4ry";
+
+struct Served {
+    cp: Arc<EmbeddedControlPlane>,
+    url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve_cp(token: Option<&str>) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = fixtures::open_with(
+        Options {
+            lease_duration: Duration::from_secs(5),
+            ..fixtures::options(dir.path())
+        },
+        json!({}),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let app = router(cp.clone(), token.map(SecretString::from));
+    let task = tokio::spawn(serve(listener, app, shutdown.clone()));
+    Served {
+        cp,
+        url,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+fn hello_body() -> SessionHello {
+    SessionHello {
+        version: "0.1.0".into(),
+        hostname: "test".into(),
+        capabilities: Capabilities {
+            integration_types: vec!["rancher".into()],
+            secret_store_types: vec!["APONO".into()],
+        },
+    }
+}
+
+#[tokio::test]
+async fn the_agent_protocol_works_over_http_with_the_client() {
+    let s = serve_cp(Some(TOKEN)).await;
+    let agent = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from(TOKEN))).unwrap();
+    let session = agent.hello(&hello_body()).await.unwrap();
+    assert_eq!(session.lease_seconds, 5);
+
+    let operator = OperatorClient::new(&s.url).unwrap();
+    let created = operator
+        .create_job(&JobCreate {
+            kind: "discover".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .await
+        .unwrap();
+    let jobs = agent
+        .lease(&LeaseRequest {
+            max_jobs: 2,
+            wait_seconds: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job: Job = serde_json::from_value(jobs[0].clone()).unwrap();
+    assert_eq!(job.id, created.id);
+    assert_eq!(job.integration["name"], "test");
+
+    let renewed = agent
+        .renew(
+            &job.id,
+            &RenewRequest {
+                lease_token: job.lease_token.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(renewed.lease_expires_at >= job.lease_expires_at);
+    let stale = RenewRequest {
+        lease_token: "lt-stale".into(),
+    };
+    assert!(matches!(
+        agent.renew(&job.id, &stale).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        agent.renew("no-such-job", &stale).await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
+
+    let batch = vec![
+        json!({"type": "cluster", "id": "c-1", "name": "prod"}),
+        json!({"type": "user", "id": "u-1"}),
+    ];
+    agent.upload_resources(&job, &batch).await.unwrap();
+    let mut stale_job = job.clone();
+    stale_job.lease_token = "lt-stale".into();
+    assert!(matches!(
+        agent.upload_resources(&stale_job, &batch).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    assert_eq!(s.cp.resources(&job.id).unwrap(), batch);
+    assert_eq!(operator.resources(&job.id).await.unwrap(), batch);
+    assert!(matches!(
+        operator.resources("nope").await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
+
+    let done = CompleteRequest {
+        lease_token: job.lease_token.clone(),
+        outcome: Outcome::Succeeded,
+        error: None,
+        result: Some(json!({"objects": 2, "uploaded": 2})),
+    };
+    agent.complete(&job.id, &done).await.unwrap();
+    agent.complete(&job.id, &done).await.unwrap(); // idempotent
+    let stale_done = CompleteRequest {
+        lease_token: "lt-stale".into(),
+        ..done
+    };
+    assert!(matches!(
+        agent.complete(&job.id, &stale_done).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    let record = operator.job(&job.id).await.unwrap().unwrap();
+    assert_eq!(record.state, JobState::Succeeded);
+    assert_eq!(operator.list_jobs().await.unwrap().len(), 1);
+    assert!(operator.job("nope").await.unwrap().is_none());
+    s.shutdown.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_token_is_unauthorized() {
+    let s = serve_cp(Some(TOKEN)).await;
+    for token in [Some(SecretString::from("wrong")), None] {
+        let agent = HttpControlPlane::new(&s.url, "conn-1", token).unwrap();
+        let e = agent.hello(&hello_body()).await.unwrap_err();
+        assert!(matches!(e, ControlPlaneError::Unauthorized { .. }), "{e:?}");
+        let e = agent
+            .lease(&LeaseRequest {
+                max_jobs: 1,
+                wait_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ControlPlaneError::Unauthorized { .. }), "{e:?}");
+        assert!(!e.to_string().contains(TOKEN));
+    }
+    // The body is the documented error shape.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/connector/v1/connectors/c/jobs:lease", s.url))
+        .bearer_auth("nope")
+        .json(&json!({"max_jobs": 1, "wait_seconds": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: ApiErrorBody = resp.json().await.unwrap();
+    assert_eq!(body.error.code, "unauthorized");
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn without_a_token_the_agent_protocol_is_open() {
+    let s = serve_cp(None).await;
+    let agent = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from("anything"))).unwrap();
+    agent.hello(&hello_body()).await.unwrap();
+    let agent = HttpControlPlane::new(&s.url, "conn-1", None).unwrap();
+    assert!(
+        agent
+            .lease(&LeaseRequest {
+                max_jobs: 1,
+                wait_seconds: 0
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_operator_api_manages_access_requests() {
+    let s = serve_cp(None).await;
+    let operator = OperatorClient::new(&format!("{}/", s.url)).unwrap();
+    let request = AccessRequestCreate {
+        integration: IntegrationRef::Name("test".into()),
+        subject: Subject::Username("alice".into()),
+        role: "cluster-member".into(),
+        resource: Resource::Cluster("c-1".into()),
+        ttl_seconds: 60,
+        create_user: false,
+    };
+    let a = operator.create_access(&request).await.unwrap();
+    assert_eq!(a.state, AccessState::Pending);
+    assert_eq!(operator.access(&a.id).await.unwrap().unwrap().id, a.id);
+    assert!(operator.access("ar-none").await.unwrap().is_none());
+    assert_eq!(operator.list_access().await.unwrap().len(), 1);
+    assert_eq!(operator.revoke_access(&a.id).await.unwrap().state, AccessState::Revoked);
+    assert!(matches!(
+        operator.revoke_access("ar-none").await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
+
+    // `{id}:revoke` is the same as `{id}/revoke`.
+    let b = operator.create_access(&request).await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/operator/v1/access-requests/{}:revoke", s.url, b.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let b: AccessRequest = resp.json().await.unwrap();
+    assert_eq!(b.state, AccessState::Revoked);
+
+    let unknown = AccessRequestCreate {
+        integration: IntegrationRef::Name("prod".into()),
+        ..request
+    };
+    let e = operator.create_access(&unknown).await.unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Rejected { status: 400, message } if message.contains("prod")),
+        "{e:?}"
+    );
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
+    let s = serve_cp(None).await;
+    let http = reqwest::Client::new();
+    let cases: [(&str, &str, u16, &str); 9] = [
+        (
+            "/operator/v1/access-requests",
+            r#"{"integration":{"type":"rancher","name":"x"},"user":"a","role":"r","resource":"c-1","ttl_seconds":5}"#,
+            422,
+            "invalid inline integration: missing field `secret_store`",
+        ),
+        (
+            "/operator/v1/access-requests",
+            r#"{"integration":{"type":"jira","name":"x","secret_store":{"type":"AWS","region":"r","secret_id":"s"}},"user":"a","role":"r","resource":"c-1","ttl_seconds":5}"#,
+            400,
+            "jira",
+        ),
+        ("/operator/v1/access-requests", "{not json", 400, "not valid JSON"),
+        ("/operator/v1/access-requests", "", 400, "empty"),
+        (
+            "/operator/v1/access-requests",
+            r#"{"integration": "test", "role": "x"}"#,
+            422,
+            "invalid access request",
+        ),
+        (
+            "/operator/v1/access-requests",
+            r#"{"integration":"test","user":"a","group":"g","role":"r","resource":"c-1","ttl_seconds":5}"#,
+            422,
+            "not both",
+        ),
+        ("/operator/v1/jobs", r#"{"kind": 3}"#, 422, "invalid job"),
+        ("/connector/v1/connectors/c/jobs:lease", "[]", 422, "lease request"),
+        ("/connector/v1/jobs/abc:explode", "{}", 404, "explode"),
+    ];
+    for (path, body, status, expect) in cases {
+        let resp = http
+            .post(format!("{}{path}", s.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path} {body}");
+        let err: ApiErrorBody = resp.json().await.unwrap();
+        assert!(
+            err.error.message.contains(expect),
+            "{path} {body}: {:?}",
+            err.error.message
+        );
+    }
+    let resp = http.get(format!("{}/operator/v1/nothing", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = http
+        .post(format!("{}/connector/v1/jobs/abc/resources", s.url))
+        .body("{}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "missing lease token header");
+    let resp = http
+        .post(format!("{}/connector/v1/jobs/abc/resources", s.url))
+        .header(LEASE_TOKEN_HEADER, "lt-x")
+        .body("{}\nnot json\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: ApiErrorBody = resp.json().await.unwrap();
+    assert!(err.error.message.contains("line 2"), "{}", err.error.message);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn serve_ends_promptly_with_a_long_poll_open() {
+    let s = serve_cp(None).await;
+    let agent = HttpControlPlane::new(&s.url, "conn-1", None).unwrap();
+    let poll = tokio::spawn(async move {
+        agent
+            .lease(&LeaseRequest {
+                max_jobs: 1,
+                wait_seconds: 30,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    s.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), s.task)
+        .await
+        .expect("serve ended promptly")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let answered = tokio::time::timeout(Duration::from_secs(2), poll)
+        .await
+        .expect("long-poll answered")
+        .unwrap();
+    assert!(answered.map(|jobs| jobs.is_empty()).unwrap_or(true));
+}
+
+#[tokio::test]
+async fn the_client_maps_statuses_and_transport_errors() {
+    // Nothing listens on this port: Unavailable, retryable.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent = HttpControlPlane::new(&format!("http://127.0.0.1:{port}"), "c", None).unwrap();
+    let e = agent.hello(&hello_body()).await.unwrap_err();
+    assert!(
+        matches!(e, ControlPlaneError::Unavailable { .. }) && e.retryable(),
+        "{e:?}"
+    );
+    let operator = OperatorClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let e = operator.list_access().await.unwrap_err();
+    assert!(e.to_string().contains("is the control plane running"), "{e}");
+
+    // A server answering 503 and 418.
+    let app = Router::new()
+        .route(
+            "/connector/v1/connectors/{id}/sessions",
+            post(|| async { StatusCode::SERVICE_UNAVAILABLE }),
+        )
+        .route(
+            "/connector/v1/connectors/{id}/jobs:lease",
+            post(|| async { (StatusCode::IM_A_TEAPOT, "short and stout") }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(listener, app, stop.clone()));
+    let agent = HttpControlPlane::new(&url, "c", None).unwrap();
+    assert!(matches!(
+        agent.hello(&hello_body()).await,
+        Err(ControlPlaneError::Unavailable { .. })
+    ));
+    let e = agent
+        .lease(&LeaseRequest {
+            max_jobs: 1,
+            wait_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Rejected { status: 418, message } if message.contains("stout")),
+        "{e:?}"
+    );
+    stop.cancel();
+}
+
+/// A local non-loopback address of this host, if it has one.
+fn local_non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?; // TEST-NET-1: no packet is sent by connect
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test]
+async fn the_operator_api_refuses_non_loopback_callers_without_the_token() {
+    let Some(ip) = local_non_loopback_ip() else {
+        eprintln!("no non-loopback interface here: skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cp = fixtures::open_with(fixtures::options(dir.path()), json!({}));
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(
+        listener,
+        router(cp, Some(SecretString::from(TOKEN))),
+        stop.clone(),
+    ));
+    let e = OperatorClient::new(&url).unwrap().list_jobs().await.unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Unauthorized { message } if message.contains("loopback")),
+        "{e:?}"
+    );
+    let ok = reqwest::Client::new()
+        .get(format!("{url}/operator/v1/jobs"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "with the token it answers");
+    // The agent protocol is reachable from anywhere with the token.
+    let agent = HttpControlPlane::new(&url, "c", Some(SecretString::from(TOKEN))).unwrap();
+    agent.hello(&hello_body()).await.unwrap();
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_agent_runs_jobs_over_http_and_stops_promptly() {
+    use crate::agent::{Agent, AgentOptions, Executor};
+    let s = serve_cp(Some(TOKEN)).await;
+    let cp = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from(TOKEN))).unwrap();
+    let stop = CancellationToken::new();
+    let options = AgentOptions {
+        parallelism: 2,
+        lease_wait_seconds: 5,
+        shutdown_grace: Duration::from_secs(2),
+    };
+    let executor = Executor::new(crate::secrets::SecretStores::default(), 1);
+    let agent = tokio::spawn(Agent::new(Arc::new(cp), executor, options).run(stop.clone()));
+
+    let operator = OperatorClient::new(&s.url).unwrap();
+    let job = operator
+        .create_job(&JobCreate {
+            kind: "teleport".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let j = operator.job(&job.id).await.unwrap().unwrap();
+        if j.state == JobState::Failed || j.state == JobState::Succeeded {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "job not done: {j:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = done.error.expect("an error");
+    assert_eq!(error.code, "malformed_job");
+    assert!(error.message.contains("teleport"), "{}", error.message);
+    assert_eq!(done.attempt, 1);
+
+    // The agent is in a long-poll now: both stop promptly.
+    let started = Instant::now();
+    stop.cancel();
+    s.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(3), agent)
+        .await
+        .expect("agent stopped")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(3), s.task)
+        .await
+        .expect("server stopped")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
