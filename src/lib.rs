@@ -12,17 +12,15 @@
 //! - [`integrations`]: the `Integration` trait and the Rancher integration.
 //! - [`sim`]: a wire-compatible Rancher simulator for the demo, tests and benchmarks.
 //! - [`telemetry`]: logging setup.
+//! - [`commands`]: one function per CLI command.
 //! - [`demo`]: the one-command demo.
 //!
 //! `main.rs` only parses the command line and calls into these.
 
 pub mod agent;
-// Gated until the simulator and the embedded control plane are merged in (same session).
-#[cfg(any())]
 pub mod commands;
 pub mod config;
 pub mod control_plane;
-#[cfg(any())]
 pub mod demo;
 pub mod integrations;
 pub mod secrets;
