@@ -118,7 +118,7 @@ fn map_error(reference: &SecretRef, err: azure_core::Error) -> SecretError {
     match err.kind() {
         ErrorKind::HttpResponse { status, error_code, .. } => {
             let status = u16::from(*status);
-            let code = error_code.clone().unwrap_or_default();
+            let code = error_code.clone().unwrap_or_else(|| "no error code".into());
             match status {
                 404 => SecretError::NotFound {
                     reference: describe,
