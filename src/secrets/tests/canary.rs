@@ -178,6 +178,9 @@ async fn a_planted_value_never_leaks() {
 
     drop(_guard);
     let logs = logs.text();
+    if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
+        eprintln!("{logs}");
+    }
     assert!(logs.contains("secret read"), "trace logging was captured:\n{logs}");
     for text in outputs.iter().chain(std::iter::once(&logs)) {
         assert!(!text.contains(CANARY), "canary leaked:\n{text}");
