@@ -38,10 +38,13 @@ impl TokenCredential for FakeCredential {
     }
 }
 
+/// A secret's value and tags.
+pub type Entry = (String, HashMap<String, String>);
+
 #[derive(Clone, Default)]
 pub struct Vault {
     /// name → (value, tags)
-    pub secrets: Arc<Mutex<HashMap<String, (String, HashMap<String, String>)>>>,
+    pub secrets: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {

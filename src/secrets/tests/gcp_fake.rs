@@ -15,10 +15,13 @@ use serde_json::json;
 use super::support::{reference, serve_http, value_of};
 use crate::secrets::{GcpStore, SecretStores};
 
+/// A secret's labels and versions (version n at index n-1).
+pub type Entry = (HashMap<String, String>, Vec<Vec<u8>>);
+
 #[derive(Clone, Default)]
 pub struct Fake {
-    /// secret id → (labels, versions (1-based))
-    pub secrets: Arc<Mutex<HashMap<String, (HashMap<String, String>, Vec<Vec<u8>>)>>>,
+    /// secret id → entry
+    pub secrets: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
 fn error(code: u16, status: &str, message: String) -> Response {
