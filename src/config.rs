@@ -130,16 +130,62 @@ impl Default for TelemetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecretsConfig {
-    /// `ALLOWED_SECRETS_TO_READ` (comma-separated): when set, only these secrets may be read.
+    /// `ALLOWED_SECRETS_TO_READ` (comma-separated): when set, only these Kubernetes secrets may be
+    /// read (the same list the Helm chart turns into the service account's `resourceNames`).
     pub allowed_secrets_to_read: Vec<String>,
-    /// `HASHICORP_VAULT_CONFIG`: a JSON list of Vault definitions.
+    /// `HASHICORP_VAULT_CONFIG`: a JSON list of Vault definitions. A `SecretString` because the
+    /// definitions carry tokens.
     #[serde(skip_serializing)]
     pub hashicorp_vault_config: Option<SecretString>,
-    /// `HASHICORP_VAULT_CONFIG_FILE_PATH`.
+    /// `HASHICORP_VAULT_CONFIG_FILE_PATH`: the same list in a file (a mounted secret), re-read when
+    /// it changes.
     pub hashicorp_vault_config_file_path: Option<PathBuf>,
+    /// `APONO_SECRET_CACHE_TTL_SECONDS`: how long a fetched secret is reused. Short, because a
+    /// rotation should be seen soon even when no integration refuses the old key; 0 disables it.
+    pub cache_ttl_seconds: u64,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        SecretsConfig {
+            allowed_secrets_to_read: Vec::new(),
+            hashicorp_vault_config: None,
+            hashicorp_vault_config_file_path: None,
+            cache_ttl_seconds: 300,
+        }
+    }
+}
+
+impl SecretsConfig {
+    /// The secrets section from environment variables alone (defaults for the rest), for one-shot
+    /// CLI commands that take no config file.
+    ///
+    /// # Errors
+    /// A bad variable, named.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<SecretsConfig, ConfigError> {
+        let mut overrides = Map::new();
+        let mut errors = Vec::new();
+        for (name, key, parse) in ENV_KEYS.iter().filter(|(_, k, _)| k.starts_with("secrets.")) {
+            let Some(raw) = env(name).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            match parse(name, &raw) {
+                Ok(value) => insert_dotted(&mut overrides, key, value),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError(errors.join("; ")));
+        }
+        let section = overrides.remove("secrets").unwrap_or_else(|| Value::Object(Map::new()));
+        Figment::from(Serialized::defaults(SecretsConfig::default()))
+            .merge(Serialized::defaults(section))
+            .extract()
+            .map_err(|e| ConfigError(describe_figment_error(e, None)))
+    }
 }
 
 /// A configuration that cannot be used: names the key or variable and what is wrong.
@@ -169,6 +215,11 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
         "secrets.hashicorp_vault_config_file_path",
         parse_string,
     ),
+    (
+        "APONO_SECRET_CACHE_TTL_SECONDS",
+        "secrets.cache_ttl_seconds",
+        parse_non_negative_int,
+    ),
 ];
 
 fn parse_string(_: &str, v: &str) -> Result<Value, String> {
@@ -179,6 +230,13 @@ fn parse_positive_int(name: &str, v: &str) -> Result<Value, String> {
     match v.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(Value::from(n)),
         _ => Err(format!("{name}={v:?} is not a positive whole number")),
+    }
+}
+
+fn parse_non_negative_int(name: &str, v: &str) -> Result<Value, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) => Ok(Value::from(n)),
+        _ => Err(format!("{name}={v:?} is not a whole number of seconds (0 or more)")),
     }
 }
 

@@ -126,6 +126,9 @@ pub struct HttpControlPlane {
     base: String,
     connector_id: String,
     token: Option<SecretString>,
+    /// `APONO_TOKEN_FILE`: read at every call, so a token rotated in a mounted Secret is used
+    /// from the next call on, without a restart. Takes precedence over `token`.
+    token_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for HttpControlPlane {
@@ -134,6 +137,7 @@ impl std::fmt::Debug for HttpControlPlane {
             .field("base", &self.base)
             .field("connector_id", &self.connector_id)
             .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("token_file", &self.token_file)
             .finish()
     }
 }
@@ -147,7 +151,29 @@ impl HttpControlPlane {
             base: base_url(base_url_)?,
             connector_id: connector_id.to_string(),
             token,
+            token_file: None,
         })
+    }
+
+    /// Reads the token from `path` at every call (`APONO_TOKEN_FILE`).
+    pub fn with_token_file(mut self, path: std::path::PathBuf) -> Self {
+        self.token_file = Some(path);
+        self
+    }
+
+    fn current_token(&self) -> Result<Option<SecretString>, ControlPlaneError> {
+        match &self.token_file {
+            None => Ok(self.token.clone()),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Ok(Some(SecretString::from(text.trim().to_string()))),
+                Ok(_) => Err(ControlPlaneError::Unauthorized {
+                    message: format!("APONO_TOKEN_FILE {} is empty", path.display()),
+                }),
+                Err(e) => Err(ControlPlaneError::Unauthorized {
+                    message: format!("APONO_TOKEN_FILE {} cannot be read: {e}", path.display()),
+                }),
+            },
+        }
     }
 
     fn request(&self, method: Method, path: &str, timeout: Duration) -> Result<RequestBuilder, ControlPlaneError> {
@@ -155,7 +181,7 @@ impl HttpControlPlane {
             .http
             .request(method, format!("{}{path}", self.base))
             .timeout(timeout);
-        if let Some(token) = &self.token {
+        if let Some(token) = &self.current_token()? {
             let mut value =
                 HeaderValue::from_str(&format!("Bearer {}", token.expose_secret().trim())).map_err(|_| {
                     ControlPlaneError::Rejected {

@@ -1,0 +1,198 @@
+//! The `AWS` store: AWS Secrets Manager.
+//!
+//! Credentials come from the SDK's default chain (environment, web identity / IRSA, ECS, IMDS,
+//! profile), and `AWS_ENDPOINT_URL` is honoured by the SDK itself. With `role_arn` the store
+//! assumes that role through STS first. The gate: `DescribeSecret` must show the tag
+//! `apono-connector-read=true` before `GetSecretValue` is called.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use tokio::sync::Mutex;
+
+use super::{Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
+
+/// Reads AWS Secrets Manager. Clients are built on first use, one per (region, role).
+pub struct AwsStore {
+    /// A base configuration given by the caller (tests point it at moto); otherwise the SDK's
+    /// defaults are loaded on first use.
+    base: Option<SdkConfig>,
+    clients: Mutex<HashMap<(String, Option<String>), aws_sdk_secretsmanager::Client>>,
+}
+
+impl Default for AwsStore {
+    fn default() -> Self {
+        AwsStore::new()
+    }
+}
+
+impl AwsStore {
+    /// The SDK's default configuration chain.
+    pub fn new() -> AwsStore {
+        AwsStore {
+            base: None,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts from `config` (endpoint, credentials) instead of the default chain; the reference's
+    /// region still applies.
+    pub fn with_sdk_config(config: SdkConfig) -> AwsStore {
+        AwsStore {
+            base: Some(config),
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn client(&self, region: &str, role_arn: Option<&str>) -> aws_sdk_secretsmanager::Client {
+        let key = (region.to_string(), role_arn.map(str::to_string));
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&key) {
+            return c.clone();
+        }
+        let region = Region::new(region.to_string());
+        let sdk = match &self.base {
+            Some(base) => base.to_builder().region(region.clone()).build(),
+            None => {
+                aws_config::defaults(BehaviorVersion::latest())
+                    .region(region.clone())
+                    .load()
+                    .await
+            }
+        };
+        let mut conf = aws_sdk_secretsmanager::config::Builder::from(&sdk);
+        if let Some(role) = role_arn {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+                .session_name("apono-connector")
+                .region(region)
+                .configure(&sdk)
+                .build()
+                .await;
+            conf = conf.credentials_provider(provider);
+        }
+        let client = aws_sdk_secretsmanager::Client::from_conf(conf.build());
+        clients.insert(key, client.clone());
+        client
+    }
+}
+
+/// Maps an SDK error to ours. Service messages name the resource, never a value.
+fn map_error<E>(reference: &SecretRef, action: &str, err: SdkError<E>) -> SecretError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let describe = reference.describe();
+    match &err {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            let code = e.code().unwrap_or("Unknown");
+            let message = e.message().unwrap_or("").to_string();
+            match code {
+                "ResourceNotFoundException" => SecretError::NotFound {
+                    reference: describe,
+                    hint: format!("Secrets Manager has no such secret in this region ({message})"),
+                },
+                "AccessDeniedException" => SecretError::NotPermitted {
+                    reference: describe,
+                    hint: format!(
+                        "the connector's AWS identity lacks secretsmanager:{action} on this secret ({message})"
+                    ),
+                },
+                "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException"
+                | "ExpiredToken" => SecretError::NotPermitted {
+                    reference: describe,
+                    hint: format!("AWS refused the connector's credentials: {code} ({message})"),
+                },
+                "InvalidRequestException" => SecretError::NotFound {
+                    reference: describe,
+                    hint: format!("the secret cannot be read now (deleted or scheduled for deletion?): {message}"),
+                },
+                "ThrottlingException" | "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => {
+                    SecretError::Unreachable {
+                        reference: describe,
+                        hint: format!("{code} ({message})"),
+                    }
+                }
+                _ => SecretError::Unreachable {
+                    reference: describe,
+                    hint: format!("{action} failed: {code} ({message})"),
+                },
+            }
+        }
+        _ => {
+            let detail = DisplayErrorContext(&err).to_string();
+            // No credentials at all is not something a retry fixes.
+            if detail.contains("credentials") && (detail.contains("no providers") || detail.contains("not load")) {
+                SecretError::NotPermitted {
+                    reference: describe,
+                    hint: format!("no AWS credentials found (environment, web identity, ECS or IMDS): {detail}"),
+                }
+            } else {
+                SecretError::Unreachable {
+                    reference: describe,
+                    hint: format!("{action}: {detail}"),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SecretStore for AwsStore {
+    fn store_type(&self) -> &'static str {
+        "AWS"
+    }
+
+    async fn fetch(&self, reference: &SecretRef) -> Result<Secret, SecretError> {
+        let SecretRef::Aws {
+            region,
+            secret_id,
+            role_arn,
+        } = reference
+        else {
+            return Err(wrong_store(reference, "AWS"));
+        };
+        let client = self.client(region, role_arn.as_deref()).await;
+        let described = client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| map_error(reference, "DescribeSecret", e))?;
+        let tags = described.tags();
+        if !is_marked(tags.iter().map(|t| (t.key().unwrap_or(""), t.value().unwrap_or("")))) {
+            return Err(SecretError::not_marked(
+                reference,
+                "tag",
+                format!(
+                    "aws secretsmanager tag-resource --region {region} --secret-id {secret_id} --tags Key=apono-connector-read,Value=true"
+                ),
+            ));
+        }
+        let out = client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| map_error(reference, "GetSecretValue", e))?;
+        if let Some(text) = out.secret_string() {
+            return value::from_text(reference, text.to_string());
+        }
+        if out.secret_binary().is_some() {
+            return Err(SecretError::Malformed {
+                reference: reference.describe(),
+                hint: "the secret is stored as SecretBinary; store it as SecretString (a JSON object of strings)"
+                    .into(),
+            });
+        }
+        Err(SecretError::Malformed {
+            reference: reference.describe(),
+            hint: "the secret has no value".into(),
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! The `KUBERNETES` store: a Secret in the cluster.
+//!
+//! The client comes from the in-cluster service account or the kubeconfig (kube-rs's inference).
+//! Gates: when `ALLOWED_SECRETS_TO_READ` is set the name must be in it (checked before any call),
+//! and the Secret must carry the label `apono-connector-read=true`.
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Secret as K8sSecret;
+use kube::Api;
+use tokio::sync::OnceCell;
+
+use super::{Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
+
+/// Reads Kubernetes Secrets.
+pub struct KubernetesStore {
+    /// Built on first use (inferring it reads files and the environment).
+    client: OnceCell<kube::Client>,
+    /// `ALLOWED_SECRETS_TO_READ`; empty means any (labelled) secret.
+    allowed: Vec<String>,
+}
+
+impl KubernetesStore {
+    /// A store whose client is inferred on first use.
+    pub fn new(allowed: Vec<String>) -> KubernetesStore {
+        KubernetesStore {
+            client: OnceCell::new(),
+            allowed,
+        }
+    }
+
+    /// A store using `client` (tests point it at a fake API server).
+    pub fn with_client(client: kube::Client, allowed: Vec<String>) -> KubernetesStore {
+        KubernetesStore {
+            client: OnceCell::new_with(Some(client)),
+            allowed,
+        }
+    }
+
+    async fn client(&self, reference: &SecretRef) -> Result<kube::Client, SecretError> {
+        self.client
+            .get_or_try_init(|| async {
+                let config = kube::Config::infer().await.map_err(|e| SecretError::Misconfigured {
+                    store: "KUBERNETES".into(),
+                    hint: format!(
+                        "no in-cluster service account and no usable kubeconfig for {}: {e}",
+                        reference.describe()
+                    ),
+                })?;
+                kube::Client::try_from(config).map_err(|e| SecretError::Misconfigured {
+                    store: "KUBERNETES".into(),
+                    hint: format!("cannot build a Kubernetes client: {e}"),
+                })
+            })
+            .await
+            .cloned()
+    }
+}
+
+fn map_error(reference: &SecretRef, namespace: &str, err: kube::Error) -> SecretError {
+    let describe = reference.describe();
+    match err {
+        kube::Error::Api(status) => match status.code {
+            404 => SecretError::NotFound {
+                reference: describe,
+                hint: format!("no Secret of that name in namespace {namespace}"),
+            },
+            403 => SecretError::NotPermitted {
+                reference: describe,
+                hint: format!(
+                    "the connector's service account may not get secrets in namespace {namespace}: grant it \
+                     get on secrets (Helm: serviceAccount.manageClusterRoles=true and allowedSecretsToRead) ({})",
+                    status.message
+                ),
+            },
+            401 => SecretError::NotPermitted {
+                reference: describe,
+                hint: format!(
+                    "the Kubernetes API refused the connector's credentials ({})",
+                    status.message
+                ),
+            },
+            code if code >= 500 || code == 429 => SecretError::Unreachable {
+                reference: describe,
+                hint: format!("the Kubernetes API answered {code} ({})", status.message),
+            },
+            code => SecretError::Unreachable {
+                reference: describe,
+                hint: format!(
+                    "the Kubernetes API answered {code} ({}: {})",
+                    status.reason, status.message
+                ),
+            },
+        },
+        other => SecretError::Unreachable {
+            reference: describe,
+            hint: format!("cannot reach the Kubernetes API: {other}"),
+        },
+    }
+}
+
+#[async_trait]
+impl SecretStore for KubernetesStore {
+    fn store_type(&self) -> &'static str {
+        "KUBERNETES"
+    }
+
+    async fn fetch(&self, reference: &SecretRef) -> Result<Secret, SecretError> {
+        let SecretRef::Kubernetes { namespace, name } = reference else {
+            return Err(wrong_store(reference, "KUBERNETES"));
+        };
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|a| a == name) {
+            return Err(SecretError::NotPermitted {
+                reference: reference.describe(),
+                hint: format!(
+                    "{name} is not in ALLOWED_SECRETS_TO_READ; add it there (Helm value allowedSecretsToRead)"
+                ),
+            });
+        }
+        let client = self.client(reference).await?;
+        let api: Api<K8sSecret> = Api::namespaced(client, namespace);
+        let secret = api.get(name).await.map_err(|e| map_error(reference, namespace, e))?;
+        let labels = secret.metadata.labels.unwrap_or_default();
+        if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            return Err(SecretError::not_marked(
+                reference,
+                "label",
+                format!(
+                    "kubectl label secret -n {namespace} {name} {}=true",
+                    super::READ_MARK_KEY
+                ),
+            ));
+        }
+        let data = secret.data.unwrap_or_default();
+        value::from_bytes_map(reference, data.into_iter().map(|(k, v)| (k, v.0)))
+    }
+}

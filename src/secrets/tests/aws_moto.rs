@@ -1,0 +1,137 @@
+//! The AWS store against moto (a real Secrets Manager API server).
+
+use std::sync::Arc;
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_secretsmanager::config::Credentials;
+use aws_sdk_secretsmanager::types::Tag;
+use serde_json::json;
+
+use super::support::{ServerGuard, reference, start_moto, value_of};
+use crate::secrets::{AwsStore, SecretRef, SecretStores};
+
+pub async fn sdk_config(moto: &ServerGuard) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(moto.url("http"))
+        .region("us-east-1")
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .load()
+        .await
+}
+
+pub fn admin(sdk: &SdkConfig) -> aws_sdk_secretsmanager::Client {
+    aws_sdk_secretsmanager::Client::new(sdk)
+}
+
+pub async fn create(client: &aws_sdk_secretsmanager::Client, name: &str, value: &str, marked: bool) {
+    let mut req = client.create_secret().name(name).secret_string(value);
+    if marked {
+        req = req.tags(Tag::builder().key("apono-connector-read").value("true").build());
+    } else {
+        req = req.tags(Tag::builder().key("team").value("platform").build());
+    }
+    req.send().await.expect("create secret");
+}
+
+fn aws_ref(secret_id: &str) -> SecretRef {
+    reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": secret_id}))
+}
+
+#[tokio::test]
+async fn reads_gates_and_sees_a_rotation_after_invalidation() {
+    let Some(moto) = start_moto().await else { return };
+    let sdk = sdk_config(&moto).await;
+    let admin = admin(&sdk);
+    create(&admin, "rancher-api-key", r#"{"access_key":"token-abc","secret_key":"s1"}"#, true).await;
+    create(&admin, "plain-token", "token-abc:s1", true).await;
+    create(&admin, "unmarked", r#"{"k":"v"}"#, false).await;
+
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk.clone())));
+
+    // Read (by name, and by ARN).
+    let r = aws_ref("rancher-api-key");
+    let s = stores.fetch(&r).await.unwrap();
+    assert_eq!(value_of(&s, "access_key"), "token-abc");
+    assert_eq!(value_of(&s, "secret_key"), "s1");
+    let arn = admin
+        .describe_secret()
+        .secret_id("rancher-api-key")
+        .send()
+        .await
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_string();
+    assert_eq!(value_of(&stores.fetch(&aws_ref(&arn)).await.unwrap(), "secret_key"), "s1");
+    assert_eq!(
+        value_of(&stores.fetch(&aws_ref("plain-token")).await.unwrap(), "value"),
+        "token-abc:s1"
+    );
+
+    // The tag gate, with the exact tag to add.
+    let e = stores.fetch(&aws_ref("unmarked")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_marked", "{e}");
+    assert!(e.to_string().contains("tag apono-connector-read=true"), "{e}");
+    assert!(e.to_string().contains("tag-resource"), "{e}");
+
+    // Not found.
+    let e = stores.fetch(&aws_ref("no-such-secret")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_found", "{e}");
+
+    // Rotation: cached until invalidated, then the new value without a restart.
+    admin
+        .put_secret_value()
+        .secret_id("rancher-api-key")
+        .secret_string(r#"{"access_key":"token-abc","secret_key":"s2"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "secret_key"), "s1");
+    stores.invalidate(&r);
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "secret_key"), "s2");
+
+    // Binary secrets are refused clearly.
+    admin
+        .create_secret()
+        .name("binary")
+        .secret_binary(aws_sdk_secretsmanager::primitives::Blob::new(vec![1u8, 2, 3]))
+        .tags(Tag::builder().key("apono-connector-read").value("true").build())
+        .send()
+        .await
+        .unwrap();
+    let e = stores.fetch(&aws_ref("binary")).await.unwrap_err();
+    assert!(e.to_string().contains("SecretBinary"), "{e}");
+
+    let m = stores.metrics();
+    assert_eq!(m[0].store, "AWS");
+    assert!(m[0].errors.contains_key("secret_not_marked"));
+}
+
+#[tokio::test]
+async fn role_arn_assumes_the_role_through_sts() {
+    let Some(moto) = start_moto().await else { return };
+    let sdk = sdk_config(&moto).await;
+    create(&admin(&sdk), "cross-account", r#"{"token":"t"}"#, true).await;
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk)));
+    let r = reference(json!({
+        "type": "AWS", "region": "us-east-1", "secret_id": "cross-account",
+        "role_arn": "arn:aws:iam::123456789012:role/apono-reader"
+    }));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_is_retryable() {
+    let port = super::support::free_port(false);
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(format!("http://127.0.0.1:{port}"))
+        .region("us-east-1")
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .load()
+        .await;
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk)));
+    let e = stores.fetch(&aws_ref("x")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    assert!(e.retryable());
+}

@@ -1,0 +1,191 @@
+//! A canary value planted in every store must never appear in logs (trace level), errors, `Debug`
+//! output or metrics: only in the `Secret` handed to the caller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use serde_json::json;
+
+use super::support::{LogCapture, reference, start_bao, start_moto, value_of};
+use crate::config::SecretsConfig;
+use crate::secrets::{MemoryStore, SecretError, SecretRef, SecretStores, VaultDefinitions, VaultStore};
+
+const CANARY: &str = "CANARY-d41d8cd98f00b204";
+
+fn canary(store: &str) -> String {
+    format!("{CANARY}-{store}")
+}
+
+#[tokio::test]
+async fn a_planted_value_never_leaks() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+
+    let mut stores = SecretStores::empty().with_store(Arc::new(crate::secrets::AponoStore));
+    // (reference, key, planted value) read successfully; references expected to fail.
+    let mut reads: Vec<(SecretRef, &str, String)> = Vec::new();
+    let mut failures: Vec<SecretRef> = Vec::new();
+
+    // APONO (inline).
+    reads.push((
+        reference(json!({"type": "APONO", "credentials": {"secret_key": canary("APONO")}})),
+        "secret_key",
+        canary("APONO"),
+    ));
+
+    // Kubernetes fake.
+    let (client, _) = super::kube_fake::fake(vec![
+        super::kube_fake::secret("apono", "k", true, &[("secret_key", canary("K8S").as_bytes())]),
+        super::kube_fake::secret("apono", "unmarked", false, &[("secret_key", canary("K8S").as_bytes())]),
+        super::kube_fake::secret("apono", "nested", true, &[("blob", &[0xff, 0xfe])]),
+    ])
+    .await;
+    stores = stores.with_store(Arc::new(crate::secrets::KubernetesStore::with_client(client, vec![])));
+    reads.push((
+        reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "k"})),
+        "secret_key",
+        canary("K8S"),
+    ));
+    failures.push(reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "unmarked"})));
+    failures.push(reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "nested"})));
+
+    // Azure fake.
+    let (vault, store, _, url) = super::azure_fake::fake().await;
+    {
+        let mut s = vault.secrets.lock().unwrap();
+        let v = json!({"secret_key": canary("AZURE")}).to_string();
+        s.insert("k".into(), (v.clone(), super::azure_fake::marked()));
+        s.insert("unmarked".into(), (v, HashMap::new()));
+        s.insert(
+            "nested".into(),
+            (json!({"a": {"b": canary("AZURE")}}).to_string(), super::azure_fake::marked()),
+        );
+    }
+    stores = stores.with_store(Arc::new(store));
+    reads.push((
+        reference(json!({"type": "AZURE", "vault_url": url, "name": "k"})),
+        "secret_key",
+        canary("AZURE"),
+    ));
+    failures.push(reference(json!({"type": "AZURE", "vault_url": url, "name": "unmarked"})));
+    failures.push(reference(json!({"type": "AZURE", "vault_url": url, "name": "nested"})));
+
+    // GCP fake.
+    let (fake, store) = super::gcp_fake::fake().await;
+    {
+        let mut s = fake.secrets.lock().unwrap();
+        let v = json!({"secret_key": canary("GCP")}).to_string().into_bytes();
+        s.insert("k".into(), (super::gcp_fake::marked(), vec![v.clone()]));
+        s.insert("unmarked".into(), (HashMap::new(), vec![v]));
+        s.insert(
+            "broken".into(),
+            (super::gcp_fake::marked(), vec![format!("{{\"k\": \"{}\"", canary("GCP")).into_bytes()]),
+        );
+    }
+    stores = stores.with_store(Arc::new(store));
+    reads.push((
+        reference(json!({"type": "GCP", "project": "p", "secret_id": "k"})),
+        "secret_key",
+        canary("GCP"),
+    ));
+    failures.push(reference(json!({"type": "GCP", "project": "p", "secret_id": "unmarked"})));
+    failures.push(reference(json!({"type": "GCP", "project": "p", "secret_id": "broken"})));
+
+    // AWS (moto) and Vault (OpenBao), whose definition (with its token, a credential too) lives in AWS.
+    let moto = start_moto().await;
+    let bao = start_bao(false).await;
+    let vault_token = canary("VAULT-TOKEN");
+    if let (Some(moto), Some(bao_guard)) = (&moto, &bao) {
+        let sdk = super::aws_moto::sdk_config(moto).await;
+        let admin = super::aws_moto::admin(&sdk);
+        let v = json!({"secret_key": canary("AWS")}).to_string();
+        super::aws_moto::create(&admin, "k", &v, true).await;
+        super::aws_moto::create(&admin, "unmarked", &v, false).await;
+        let bao_api = super::vault_bao::Bao::new(bao_guard, "http");
+        bao_api
+            .post("auth/token/create", json!({"id": vault_token, "policies": ["root"]}))
+            .await;
+        bao_api
+            .post("secret/data/k", json!({"data": {"secret_key": canary("VAULT")}}))
+            .await;
+        bao_api
+            .post("secret/data/nested", json!({"data": {"a": {"b": canary("VAULT")}}}))
+            .await;
+        super::aws_moto::create(
+            &admin,
+            "vault-def",
+            &json!({"address": bao_api.base, "token": vault_token}).to_string(),
+            true,
+        )
+        .await;
+        let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
+        let defs = VaultDefinitions::parse(
+            &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-def"}]).to_string(),
+        )
+        .unwrap();
+        stores = stores
+            .with_store(aws.clone())
+            .with_store(Arc::new(VaultStore::new(defs, vec![aws])));
+        reads.push((
+            reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "k"})),
+            "secret_key",
+            canary("AWS"),
+        ));
+        failures.push(reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "unmarked"})));
+        reads.push((
+            reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"})),
+            "secret_key",
+            canary("VAULT"),
+        ));
+        failures.push(reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "nested"})));
+    }
+
+    // Memory store (what other modules' tests use).
+    let mem = Arc::new(MemoryStore::new("MEMORY"));
+    let mem_ref = reference(json!({"type": "AWS", "region": "x", "secret_id": "m"}));
+    mem.set(&mem_ref, [("secret_key", canary("MEMORY"))]);
+
+    let mut outputs = Vec::new();
+    for (r, key, planted) in &reads {
+        let secret = stores
+            .fetch(r)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", r.describe()));
+        assert_eq!(&value_of(&secret, key), planted, "{}", r.describe());
+        // Twice: the second from the cache.
+        let again = stores.fetch(r).await.unwrap();
+        outputs.push(format!("{secret:?} {again:?} {r:?} {}", r.describe()));
+    }
+    let mut errors: Vec<SecretError> = Vec::new();
+    for r in &failures {
+        let e = stores.fetch(r).await.expect_err(&r.describe());
+        outputs.push(format!("{e} {e:?} {}", e.code()));
+        errors.push(e);
+    }
+    assert!(errors.iter().any(|e| e.code() == "secret_not_marked"));
+    assert!(errors.iter().any(|e| e.code() == "secret_malformed"));
+    for row in stores.describe_all(&reads.iter().map(|(r, _, _)| r.clone()).collect::<Vec<_>>()).await {
+        outputs.push(format!("{row:?}"));
+    }
+    outputs.push(format!("{stores:?}"));
+    outputs.push(format!("{:?}", stores.metrics()));
+    outputs.push(serde_json::to_string(&stores.metrics()).unwrap());
+    outputs.push(format!("{:?}", SecretsConfig {
+        hashicorp_vault_config: Some(SecretString::from(format!("[{{\"token\":\"{vault_token}\"}}]"))),
+        ..SecretsConfig::default()
+    }));
+
+    drop(_guard);
+    let logs = logs.text();
+    if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
+        eprintln!("{logs}");
+    }
+    assert!(logs.contains("secret read"), "trace logging was captured:\n{logs}");
+    for text in outputs.iter().chain(std::iter::once(&logs)) {
+        assert!(!text.contains(CANARY), "canary leaked:\n{text}");
+    }
+    if moto.is_none() || bao.is_none() {
+        eprintln!("*** canary test ran without AWS/Vault (servers missing) ***");
+    }
+}

@@ -1,0 +1,123 @@
+//! The Kubernetes store against a wire-level fake API server: real `Secret` and `Status` JSON
+//! (serialized from k8s-openapi's own types), real status codes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret as K8sSecret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::json;
+
+use super::support::{reference, serve_http, value_of};
+use crate::secrets::{KubernetesStore, SecretStores};
+
+type Secrets = Arc<std::sync::Mutex<BTreeMap<(String, String), K8sSecret>>>;
+
+fn status(code: u16, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    });
+    (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
+}
+
+async fn get_secret(State(secrets): State<Secrets>, Path((ns, name)): Path<(String, String)>) -> Response {
+    if ns == "kube-system" {
+        return status(
+            403,
+            "Forbidden",
+            format!("secrets \"{name}\" is forbidden: User \"system:serviceaccount:apono:apono-connector\" cannot get resource \"secrets\" in API group \"\" in the namespace \"{ns}\""),
+        );
+    }
+    match secrets.lock().unwrap().get(&(ns, name.clone())) {
+        Some(s) => axum::Json(s.clone()).into_response(),
+        None => status(404, "NotFound", format!("secrets \"{name}\" not found")),
+    }
+}
+
+pub fn secret(ns: &str, name: &str, labelled: bool, data: &[(&str, &[u8])]) -> K8sSecret {
+    let labels = labelled.then(|| BTreeMap::from([("apono-connector-read".to_string(), "true".to_string())]));
+    K8sSecret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels,
+            resource_version: Some("1".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect()),
+        type_: Some("Opaque".into()),
+        ..K8sSecret::default()
+    }
+}
+
+/// A fake API server holding `secrets`; returns a kube client pointed at it.
+pub async fn fake(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets) {
+    let map: Secrets = Arc::new(std::sync::Mutex::new(
+        secrets
+            .into_iter()
+            .map(|s| {
+                let key = (s.metadata.namespace.clone().unwrap(), s.metadata.name.clone().unwrap());
+                (key, s)
+            })
+            .collect(),
+    ));
+    let app = Router::new()
+        .route("/api/v1/namespaces/{ns}/secrets/{name}", get(get_secret))
+        .with_state(map.clone());
+    let addr = serve_http(app).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    (kube::Client::try_from(config).unwrap(), map)
+}
+
+#[tokio::test]
+async fn reads_gates_not_found_and_forbidden() {
+    let (client, secrets) = fake(vec![
+        secret("apono", "rancher", true, &[("access_key", b"token-abc"), ("secret_key", b"s1")]),
+        secret("apono", "unlabelled", false, &[("k", b"v")]),
+        secret("apono", "binary", true, &[("blob", &[0xff, 0x00, 0xfe])]),
+    ])
+    .await;
+    let stores = SecretStores::empty().with_store(Arc::new(KubernetesStore::with_client(client.clone(), vec![])));
+    let r = |ns: &str, name: &str| reference(json!({"type": "KUBERNETES", "namespace": ns, "name": name}));
+
+    let s = stores.fetch(&r("apono", "rancher")).await.unwrap();
+    assert_eq!(value_of(&s, "access_key"), "token-abc");
+    assert_eq!(value_of(&s, "secret_key"), "s1");
+
+    let e = stores.fetch(&r("apono", "unlabelled")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_marked", "{e}");
+    assert!(e.to_string().contains("label apono-connector-read=true"), "{e}");
+    assert!(e.to_string().contains("kubectl label secret -n apono unlabelled"), "{e}");
+
+    let e = stores.fetch(&r("apono", "missing")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_found", "{e}");
+
+    let e = stores.fetch(&r("kube-system", "anything")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("cannot get resource"), "{e}");
+
+    let e = stores.fetch(&r("apono", "binary")).await.unwrap_err();
+    assert!(e.to_string().contains("\"blob\""), "{e}");
+
+    // Rotation, seen after invalidation.
+    secrets.lock().unwrap().insert(
+        ("apono".into(), "rancher".into()),
+        secret("apono", "rancher", true, &[("access_key", b"token-abc"), ("secret_key", b"s2")]),
+    );
+    assert_eq!(value_of(&stores.fetch(&r("apono", "rancher")).await.unwrap(), "secret_key"), "s1");
+    stores.invalidate(&r("apono", "rancher"));
+    assert_eq!(value_of(&stores.fetch(&r("apono", "rancher")).await.unwrap(), "secret_key"), "s2");
+
+    // ALLOWED_SECRETS_TO_READ: refused before any call.
+    let allow = SecretStores::empty().with_store(Arc::new(KubernetesStore::with_client(client, vec!["other".into()])));
+    let e = allow.fetch(&r("apono", "rancher")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("ALLOWED_SECRETS_TO_READ"), "{e}");
+}

@@ -1,0 +1,258 @@
+//! The registry and the shared behaviour: references, values, cache, singleflight, invalidation,
+//! metrics, configuration. No server needed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::support::{reference, value_of};
+use crate::config::SecretsConfig;
+use crate::secrets::{MemoryStore, SecretError, SecretRef, SecretStores, value};
+
+#[test]
+fn inline_ref_parses_and_debug_hides_values() {
+    let r = reference(json!({
+        "type": "APONO", "credentials": {"access_key": "token-abc", "secret_key": "canary-secret-9"}
+    }));
+    assert_eq!(r.store_type(), "APONO");
+    let dbg = format!("{r:?}");
+    assert!(!dbg.contains("canary-secret-9"), "{dbg}");
+    assert!(dbg.contains("secret_key"));
+    // The control plane must be able to hand the credentials to the agent.
+    assert!(serde_json::to_string(&r).unwrap().contains("canary-secret-9"));
+}
+
+#[test]
+fn refs_parse_with_apono_field_names_and_optional_fields() {
+    for (v, t) in [
+        (json!({"type": "AWS", "region": "eu-west-1", "secret_id": "k"}), "AWS"),
+        (
+            json!({"type": "AWS", "region": "eu-west-1", "secret_id": "k", "role_arn": "arn:aws:iam::1:role/r"}),
+            "AWS",
+        ),
+        (json!({"type": "KUBERNETES", "namespace": "ns", "name": "k"}), "KUBERNETES"),
+        (json!({"type": "AZURE", "vault_url": "https://v", "name": "k"}), "AZURE"),
+        (json!({"type": "GCP", "project": "p", "secret_id": "k"}), "GCP"),
+        (json!({"type": "GCP", "project": "p", "secret_id": "k", "version": "3"}), "GCP"),
+        (
+            json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"}),
+            "HASHICORP_VAULT",
+        ),
+        (
+            json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k", "vault": "prod"}),
+            "HASHICORP_VAULT",
+        ),
+    ] {
+        let r = reference(v.clone());
+        assert_eq!(r.store_type(), t);
+        // Round trip: what the control plane stores is what the agent reads.
+        assert_eq!(serde_json::to_value(&r).unwrap(), v);
+    }
+}
+
+#[test]
+fn bad_refs_are_clear_errors() {
+    let e = serde_json::from_value::<SecretRef>(json!({"type": "ONEPASSWORD", "vault": "x"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ONEPASSWORD") && e.contains("HASHICORP_VAULT"), "{e}");
+    let e = serde_json::from_value::<SecretRef>(json!({"type": "AWS", "region": "eu-west-1"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("secret_id"), "{e}");
+    let e = serde_json::from_value::<SecretRef>(json!({"region": "eu-west-1"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("type"), "{e}");
+}
+
+#[tokio::test]
+async fn unsupported_store_is_a_clear_error() {
+    let r = reference(json!({"type": "GCP", "project": "p", "secret_id": "k"}));
+    let e = SecretStores::empty().fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_unsupported");
+    assert!(e.to_string().contains("GCP"));
+}
+
+#[cfg(not(feature = "store-gcp"))]
+#[tokio::test]
+async fn a_build_without_a_store_answers_unsupported() {
+    let r = reference(json!({"type": "GCP", "project": "p", "secret_id": "k"}));
+    let e = SecretStores::default().fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_unsupported");
+}
+
+#[test]
+fn default_registry_lists_the_features_stores() {
+    let types = SecretStores::default().types();
+    assert!(types.contains(&"APONO".to_string()));
+    assert_eq!(types.contains(&"AWS".to_string()), cfg!(feature = "store-aws"));
+    assert_eq!(types.contains(&"AZURE".to_string()), cfg!(feature = "store-azure"));
+    assert_eq!(types.contains(&"GCP".to_string()), cfg!(feature = "store-gcp"));
+    assert_eq!(types.contains(&"KUBERNETES".to_string()), cfg!(feature = "store-kubernetes"));
+    assert_eq!(
+        types.contains(&"HASHICORP_VAULT".to_string()),
+        cfg!(feature = "store-vault")
+    );
+}
+
+#[test]
+fn values_become_string_maps() {
+    let r = reference(json!({"type": "AWS", "region": "r", "secret_id": "s"}));
+    let s = value::from_text(&r, r#"{"access_key":"a","secret_key":"b","port":443,"tls":true}"#.into()).unwrap();
+    assert_eq!(value_of(&s, "access_key"), "a");
+    assert_eq!(value_of(&s, "port"), "443");
+    assert_eq!(value_of(&s, "tls"), "true");
+    let s = value::from_text(&r, "token-xyz:abc".into()).unwrap();
+    assert_eq!(value_of(&s, "value"), "token-xyz:abc");
+    // A JSON string or list is not an object: kept whole as the plain value.
+    let s = value::from_text(&r, "[1,2]".into()).unwrap();
+    assert_eq!(value_of(&s, "value"), "[1,2]");
+
+    let e = value::from_text(&r, r#"{"outer":{"inner":"canary-nested-1"}}"#.into()).unwrap_err();
+    assert_eq!(e.code(), "secret_malformed");
+    assert!(e.to_string().contains("\"outer\"") && !e.to_string().contains("canary"), "{e}");
+    let e = value::from_text(&r, r#"{"k":"canary-broken-2""#.into()).unwrap_err();
+    assert!(!e.to_string().contains("canary"), "{e}");
+    let e = value::from_bytes(&r, vec![0xff, 0xfe, 0x00]).unwrap_err();
+    assert!(e.to_string().contains("binary"), "{e}");
+    let e = value::from_bytes_map(&r, [("cert".to_string(), vec![0xff, 0x00])]).unwrap_err();
+    assert!(e.to_string().contains("\"cert\""), "{e}");
+    let e = value::from_text(&r, r#"{"k":null}"#.into()).unwrap_err();
+    assert!(e.to_string().contains("\"k\""), "{e}");
+}
+
+fn aws_ref() -> SecretRef {
+    reference(json!({"type": "AWS", "region": "eu-west-1", "secret_id": "rancher"}))
+}
+
+#[tokio::test]
+async fn cache_reuses_then_invalidate_rereads_a_rotated_value() {
+    let mem = Arc::new(MemoryStore::new("AWS"));
+    let r = aws_ref();
+    mem.set(&r, [("token", "old")]);
+    let stores = SecretStores::empty().with_store(mem.clone());
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "old");
+    mem.set(&r, [("token", "new")]);
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "old", "cached");
+    assert_eq!(mem.calls(), 1);
+    // A clone shares the cache: the executor's copy and the CLI's see the same thing.
+    stores.clone().invalidate(&r);
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "new");
+    assert_eq!(mem.calls(), 2);
+    let m = stores.metrics();
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].store.as_str(), m[0].calls, m[0].cache_hits), ("AWS", 2, 1));
+}
+
+#[tokio::test]
+async fn ttl_zero_disables_the_cache_and_errors_are_not_cached() {
+    let mem = Arc::new(MemoryStore::new("AWS"));
+    let r = aws_ref();
+    let stores = SecretStores::empty().with_store(mem.clone()).with_cache_ttl(Duration::ZERO);
+    let e = stores.fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_found");
+    mem.set(&r, [("token", "t")]);
+    stores.fetch(&r).await.unwrap();
+    stores.fetch(&r).await.unwrap();
+    assert_eq!(mem.calls(), 3);
+    let m = &stores.metrics()[0];
+    assert_eq!(m.errors.get("secret_not_found"), Some(&1));
+    assert_eq!(m.latency_buckets.len(), crate::secrets::metrics::LATENCY_BUCKETS.len());
+}
+
+#[tokio::test]
+async fn ttl_expiry_rereads() {
+    let mem = Arc::new(MemoryStore::new("AWS"));
+    let r = aws_ref();
+    mem.set(&r, [("token", "t")]);
+    let stores = SecretStores::empty()
+        .with_store(mem.clone())
+        .with_cache_ttl(Duration::from_millis(50));
+    stores.fetch(&r).await.unwrap();
+    stores.fetch(&r).await.unwrap();
+    assert_eq!(mem.calls(), 1);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    stores.fetch(&r).await.unwrap();
+    assert_eq!(mem.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fetches_of_one_reference_make_one_call() {
+    for ttl in [Duration::from_secs(60), Duration::ZERO] {
+        let mem = Arc::new(MemoryStore::new("AWS"));
+        mem.set_delay(Duration::from_millis(100));
+        let r = aws_ref();
+        mem.set(&r, [("token", "t")]);
+        let stores = SecretStores::empty().with_store(mem.clone()).with_cache_ttl(ttl);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (stores, r) = (stores.clone(), r.clone());
+                tokio::spawn(async move { stores.fetch(&r).await.map(|s| value_of(&s, "token")) })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "t");
+        }
+        assert_eq!(mem.calls(), 1, "ttl {ttl:?}");
+        // Errors are shared with those that waited, too.
+        let other = reference(json!({"type": "AWS", "region": "eu-west-1", "secret_id": "missing"}));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (stores, r) = (stores.clone(), other.clone());
+                tokio::spawn(async move { stores.fetch(&r).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap_err().code(), "secret_not_found");
+        }
+        assert_eq!(mem.calls(), 2, "ttl {ttl:?}");
+    }
+}
+
+#[tokio::test]
+async fn inline_credentials_are_never_cached() {
+    let r = reference(json!({"type": "APONO", "credentials": {"token": "a:b"}}));
+    let stores = SecretStores::empty().with_store(Arc::new(crate::secrets::AponoStore));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "a:b");
+    let empty = reference(json!({"type": "APONO", "credentials": {}}));
+    assert_eq!(stores.fetch(&empty).await.unwrap_err().code(), "secret_malformed");
+}
+
+#[tokio::test]
+async fn describe_all_reports_keys_or_errors() {
+    let mem = Arc::new(MemoryStore::new("AWS"));
+    let r = aws_ref();
+    mem.set(&r, [("access_key", "a"), ("secret_key", "b")]);
+    let missing = reference(json!({"type": "AWS", "region": "eu-west-1", "secret_id": "nope"}));
+    let gcp = reference(json!({"type": "GCP", "project": "p", "secret_id": "k"}));
+    let stores = SecretStores::empty().with_store(mem);
+    let rows = stores.describe_all(&[r, missing, gcp]).await;
+    assert_eq!(rows[0].0, "AWS eu-west-1/rancher");
+    assert_eq!(rows[0].1.as_ref().unwrap(), &vec!["access_key".to_string(), "secret_key".to_string()]);
+    assert!(matches!(rows[1].1, Err(SecretError::NotFound { .. })));
+    assert!(matches!(rows[2].1, Err(SecretError::Unsupported { .. })));
+}
+
+#[test]
+fn secrets_config_from_env_and_ttl_variable() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    };
+    let c = SecretsConfig::from_env(env(&[])).unwrap();
+    assert_eq!(c.cache_ttl_seconds, 300);
+    let c = SecretsConfig::from_env(env(&[
+        ("APONO_SECRET_CACHE_TTL_SECONDS", "0"),
+        ("ALLOWED_SECRETS_TO_READ", "a, b"),
+    ]))
+    .unwrap();
+    assert_eq!(c.cache_ttl_seconds, 0);
+    assert_eq!(c.allowed_secrets_to_read, vec!["a", "b"]);
+    let e = SecretsConfig::from_env(env(&[("APONO_SECRET_CACHE_TTL_SECONDS", "5m")])).unwrap_err();
+    assert!(e.to_string().contains("APONO_SECRET_CACHE_TTL_SECONDS"), "{e}");
+    // Through the full loader too.
+    let c = crate::config::Config::load_from(None, env(&[("APONO_SECRET_CACHE_TTL_SECONDS", "7")])).unwrap();
+    assert_eq!(c.secrets.cache_ttl_seconds, 7);
+    SecretStores::from_config(&c.secrets).unwrap();
+}

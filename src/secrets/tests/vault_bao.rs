@@ -1,0 +1,248 @@
+//! The Vault store against OpenBao (a real Vault API server): token, AppRole, KV v1 and v2,
+//! rotation, a 403 after token rotation, `from_secret_store` through AWS (moto), TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use super::support::{BAO_ROOT, ServerGuard, reference, start_bao, value_of};
+use crate::config::SecretsConfig;
+use crate::secrets::{SecretRef, SecretStores};
+
+/// Calls OpenBao's HTTP API as root.
+pub struct Bao {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Bao {
+    pub fn new(guard: &ServerGuard, scheme: &str) -> Bao {
+        Bao {
+            base: guard.url(scheme),
+            http: reqwest::Client::builder()
+                .tls_danger_accept_invalid_certs(true)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}/v1/{path}", self.base))
+            .header("X-Vault-Token", BAO_ROOT);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert!(status.is_success(), "{method} {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// A token limited to `policy` (which allows reading everything under `secret/` and `kv1/`).
+    pub async fn reader_token(&self) -> String {
+        self.post(
+            "sys/policies/acl/reader",
+            json!({"policy": "path \"secret/data/apono/*\" { capabilities = [\"read\"] }\npath \"kv1/*\" { capabilities = [\"read\"] }"}),
+        )
+        .await;
+        let out = self.post("auth/token/create", json!({"policies": ["reader"]})).await;
+        out["auth"]["client_token"].as_str().unwrap().to_string()
+    }
+}
+
+fn stores_with(config_json: Value) -> SecretStores {
+    let config = SecretsConfig {
+        hashicorp_vault_config: Some(SecretString::from(config_json.to_string())),
+        cache_ttl_seconds: 300,
+        ..SecretsConfig::default()
+    };
+    SecretStores::from_config(&config).unwrap()
+}
+
+fn vault_ref(engine: &str, path: &str) -> SecretRef {
+    reference(json!({"type": "HASHICORP_VAULT", "secret_engine": engine, "path": path}))
+}
+
+#[tokio::test]
+async fn token_kv_v1_and_v2_rotation_and_not_found() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"access_key": "token-a", "secret_key": "v1"}}))
+        .await;
+    bao.post("sys/mounts/kv1", json!({"type": "kv", "options": {"version": "1"}})).await;
+    bao.post("kv1/apono/rancher", json!({"token": "old-style"})).await;
+    let token = bao.reader_token().await;
+
+    let stores = stores_with(json!([{"address": bao.base, "token": token}]));
+    let v2 = vault_ref("secret", "apono/rancher");
+    let s = stores.fetch(&v2).await.unwrap();
+    assert_eq!(value_of(&s, "access_key"), "token-a");
+    assert_eq!(value_of(&s, "secret_key"), "v1");
+    let s = stores.fetch(&vault_ref("kv1", "apono/rancher")).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "old-style");
+
+    // A new KV version: cached until invalidated.
+    bao.post("secret/data/apono/rancher", json!({"data": {"access_key": "token-a", "secret_key": "v2"}}))
+        .await;
+    assert_eq!(value_of(&stores.fetch(&v2).await.unwrap(), "secret_key"), "v1");
+    stores.invalidate(&v2);
+    assert_eq!(value_of(&stores.fetch(&v2).await.unwrap(), "secret_key"), "v2");
+
+    let e = stores.fetch(&vault_ref("secret", "apono/missing")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_found", "{e}");
+    let e = stores.fetch(&vault_ref("kv1", "apono/missing")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_found", "{e}");
+
+    // Outside the token's policy: a 403 (retried once with a re-read definition), then NotPermitted.
+    bao.post("secret/data/other/x", json!({"data": {"k": "v"}})).await;
+    let stores = stores_with(json!([{"address": bao.base, "token": bao.reader_token().await}]));
+    let e = stores.fetch(&vault_ref("secret", "other/x")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("secret/data/other/x"), "{e}");
+
+    // A bad token.
+    let stores = stores_with(json!([{"address": bao.base, "token": "not-a-token"}]));
+    let e = stores.fetch(&v2).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+}
+
+#[tokio::test]
+async fn approle_login_and_named_vaults() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}})).await;
+    bao.reader_token().await; // creates the policy
+    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
+    bao.post("auth/approle/role/apono", json!({"token_policies": ["reader"]})).await;
+    let role_id = bao.call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None).await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let stores = stores_with(json!([
+        {"name": "unused", "address": "http://127.0.0.1:1", "token": "x"},
+        {"name": "prod", "address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id},
+    ]));
+    let r = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "prod"}));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-approle");
+
+    let wrong = stores_with(json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": "wrong"}]));
+    let e = wrong.fetch(&vault_ref("secret", "apono/rancher")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("AppRole"), "{e}");
+
+    let r = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "x", "vault": "staging"}));
+    let e = stores.fetch(&r).await.unwrap_err();
+    assert!(e.to_string().contains("staging"), "{e}");
+}
+
+#[cfg(feature = "store-aws")]
+#[tokio::test]
+async fn from_secret_store_through_aws_and_token_rotation_on_403() {
+    let Some(guard) = start_bao(false).await else { return };
+    let Some(moto) = super::support::start_moto().await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-vault"}})).await;
+    let first = bao.reader_token().await;
+
+    let sdk = super::aws_moto::sdk_config(&moto).await;
+    let admin = super::aws_moto::admin(&sdk);
+    let definition = json!({"address": bao.base, "token": first}).to_string();
+    super::aws_moto::create(&admin, "vault-definition", &definition, true).await;
+
+    // The Vault store reads its definition through the AWS store (pointed at moto).
+    let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk.clone()));
+    let definitions = crate::secrets::VaultDefinitions::parse(
+        &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}]).to_string(),
+    )
+    .unwrap();
+    let vault = crate::secrets::VaultStore::new(definitions, vec![aws.clone()]);
+    let stores = SecretStores::empty()
+        .with_store(aws)
+        .with_store(Arc::new(vault))
+        .with_cache_ttl(Duration::ZERO);
+    let r = vault_ref("secret", "apono/rancher");
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-vault");
+
+    // Rotate the Vault token: new one in AWS, old one revoked. The next read gets a 403, re-reads
+    // the definition from AWS and succeeds, without a restart.
+    let second = bao.reader_token().await;
+    admin
+        .put_secret_value()
+        .secret_id("vault-definition")
+        .secret_string(json!({"address": bao.base, "token": second}).to_string())
+        .send()
+        .await
+        .unwrap();
+    bao.post("auth/token/revoke", json!({"token": first})).await;
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-vault");
+
+    // A definition in AWS that is malformed: named, without its content.
+    super::aws_moto::create(&admin, "bad-definition", r#"{"address":"http://v","tokn":"canary-def-1"}"#, true).await;
+    let definitions = crate::secrets::VaultDefinitions::parse(
+        &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "bad-definition"}]).to_string(),
+    )
+    .unwrap();
+    let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
+    let vault = crate::secrets::VaultStore::new(definitions, vec![aws]);
+    let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
+    assert!(e.to_string().contains("bad-definition") && e.to_string().contains("tokn"), "{e}");
+    assert!(!e.to_string().contains("canary"), "{e}");
+}
+
+#[tokio::test]
+async fn definitions_file_is_reread_when_it_changes() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.json");
+    std::fs::write(&path, json!([{"address": bao.base, "token": "wrong"}]).to_string()).unwrap();
+    let config = SecretsConfig {
+        hashicorp_vault_config_file_path: Some(path.clone()),
+        cache_ttl_seconds: 0,
+        ..SecretsConfig::default()
+    };
+    let stores = SecretStores::from_config(&config).unwrap();
+    let r = vault_ref("secret", "apono/rancher");
+    assert_eq!(stores.fetch(&r).await.unwrap_err().code(), "secret_not_permitted");
+    std::fs::write(&path, json!([{"address": bao.base, "token": BAO_ROOT, "name": "fixed"}]).to_string()).unwrap();
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+}
+
+#[tokio::test]
+async fn tls_with_ca_certificate_and_with_skip_verify() {
+    let Some(guard) = start_bao(true).await else { return };
+    let bao = Bao::new(&guard, "https");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "over-tls"}})).await;
+    let ca = std::fs::read(guard.dir.path().join("vault-ca.pem")).expect("bao wrote its CA");
+    let ca_b64 = base64::engine::general_purpose::STANDARD.encode(ca);
+    let r = vault_ref("secret", "apono/rancher");
+
+    let with_ca = stores_with(json!([{"address": bao.base, "token": BAO_ROOT, "ca_cert_base64": ca_b64}]));
+    assert_eq!(value_of(&with_ca.fetch(&r).await.unwrap(), "token"), "over-tls");
+
+    let skip = stores_with(json!([{"address": bao.base, "token": BAO_ROOT, "skip_verify": "true"}]));
+    assert_eq!(value_of(&skip.fetch(&r).await.unwrap(), "token"), "over-tls");
+
+    // Neither: the certificate is refused, and the error says it is about TLS.
+    let neither = stores_with(json!([{"address": bao.base, "token": BAO_ROOT}]));
+    let e = neither.fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    let msg = e.to_string().to_lowercase();
+    assert!(msg.contains("certificate") || msg.contains("tls") || msg.contains("issuer"), "{e}");
+}

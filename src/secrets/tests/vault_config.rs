@@ -1,0 +1,107 @@
+//! `HASHICORP_VAULT_CONFIG`: accepted shapes and clear errors for bad ones.
+
+use base64::Engine;
+use secrecy::SecretString;
+
+use crate::config::{Config, SecretsConfig};
+use crate::secrets::{SecretStores, VaultDefinitions};
+
+fn err(text: &str) -> String {
+    match VaultDefinitions::parse(text) {
+        Ok(_) => panic!("accepted: {text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn apono_documented_shapes_parse() {
+    // As in Apono's documentation (the AWS line there has a trailing comma; JSON does not allow it).
+    let doc = r#"[{"address":"http://HASHICORP_VAULT_URL","token":"HASHICORP_VAULT_TOKEN"},
+        {"from_secret_store": "AWS", "region": "AWS_REGION", "secret_id": "AWS_SECRET_ID"},
+        {"from_secret_store": "GCP", "project": "GCP_PROJECT_ID", "secret_id": "GCP_SECRET_ID"},
+        {"from_secret_store": "AZURE", "AZURE_KEY_VAULT_URL": "vault_url", "name": "SECRET_NAME"},
+        {"from_secret_store": "KUBERNETES", "NAMESPACE": "namespace", "name": "SECRET_NAME"}]"#;
+    VaultDefinitions::parse(doc).unwrap();
+    VaultDefinitions::parse(r#"[{"address":"http://v","token":"t","skip_verify":"true"}]"#).unwrap();
+    VaultDefinitions::parse(r#"[{"address":"http://v","token":"t","skip_verify":false,"namespace":"admin"}]"#).unwrap();
+    VaultDefinitions::parse(r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s"}]"#).unwrap();
+    VaultDefinitions::parse(r#"[{"address":"http://v","auth":"kubernetes","role":"apono"}]"#).unwrap();
+    let (cert, _) = super::support::self_signed(&["vault.local"]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(cert);
+    VaultDefinitions::parse(&format!(r#"[{{"address":"https://v","token":"t","ca_cert_base64":"{b64}"}}]"#)).unwrap();
+}
+
+#[test]
+fn malformed_definitions_name_the_variable_the_entry_and_the_field() {
+    let e = err(r#"[{"address":"http://v","token":"canary-tok-1"},{"address":"http://w"}]"#);
+    assert!(e.contains("HASHICORP_VAULT_CONFIG") && e.contains("entry 1") && e.contains("\"token\""), "{e}");
+    assert!(!e.contains("canary"), "{e}");
+    let e = err(r#"[{"token":"canary-tok-2"}]"#);
+    assert!(e.contains("entry 0") && e.contains("\"address\""), "{e}");
+    let e = err(r#"[{"address":"not a url","token":"canary-tok-3"}]"#);
+    assert!(e.contains("\"address\"") && !e.contains("canary"), "{e}");
+    let e = err(r#"[{"address":"http://v","token":"t","skip_verify":"maybe"}]"#);
+    assert!(e.contains("\"skip_verify\""), "{e}");
+    let e = err(r#"[{"address":"http://v","token":"t","ca_cert_base64":"!!!"}]"#);
+    assert!(e.contains("\"ca_cert_base64\""), "{e}");
+    let e = err(r#"[{"address":"http://v","token":"t","adress":"x"}]"#);
+    assert!(e.contains("unknown field \"adress\""), "{e}");
+    let e = err(r#"[{"from_secret_store":"ONEPASSWORD","name":"x"}]"#);
+    assert!(e.contains("ONEPASSWORD") && e.contains("from_secret_store"), "{e}");
+    let e = err(r#"[{"from_secret_store":"AWS","region":"eu-west-1"}]"#);
+    assert!(e.contains("\"secret_id\""), "{e}");
+    let e = err(r#"[{"from_secret_store":"AZURE","name":"x"}]"#);
+    assert!(e.contains("AZURE_KEY_VAULT_URL"), "{e}");
+    let e = err(r#"[{"address":"http://v","auth":"approle","role_id":"r"}]"#);
+    assert!(e.contains("\"secret_id\""), "{e}");
+    // Not JSON, not a list: serde_json's message (which can quote the input) is not passed on.
+    let e = err(r#"[{"address":"http://v","token":"canary-tok-4"#);
+    assert!(e.contains("not valid JSON") && !e.contains("canary"), "{e}");
+    let e = err(r#"{"address":"http://v","token":"canary-tok-5"}"#);
+    assert!(e.contains("JSON list") && !e.contains("canary"), "{e}");
+    // Several problems are reported at once.
+    let e = err(r#"[{"address":"http://v"}, 3]"#);
+    assert!(e.contains("entry 0") && e.contains("entry 1"), "{e}");
+}
+
+#[test]
+fn startup_fails_on_a_bad_variable_or_file_but_default_does_not_panic() {
+    let config = SecretsConfig {
+        hashicorp_vault_config: Some(SecretString::from(r#"[{"address":"http://v"}]"#)),
+        ..SecretsConfig::default()
+    };
+    let e = SecretStores::from_config(&config).unwrap_err().to_string();
+    assert!(e.contains("HASHICORP_VAULT_CONFIG") && e.contains("entry 0"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.json");
+    std::fs::write(&path, r#"[{"address":"http://v","token":"t","skip_verify":"sometimes"}]"#).unwrap();
+    let config = SecretsConfig {
+        hashicorp_vault_config_file_path: Some(path.clone()),
+        ..SecretsConfig::default()
+    };
+    let e = SecretStores::from_config(&config).unwrap_err().to_string();
+    assert!(e.contains("HASHICORP_VAULT_CONFIG_FILE_PATH") && e.contains("skip_verify"), "{e}");
+    let missing = SecretsConfig {
+        hashicorp_vault_config_file_path: Some(dir.path().join("nope.json")),
+        ..SecretsConfig::default()
+    };
+    let e = SecretStores::from_config(&missing).unwrap_err().to_string();
+    assert!(e.contains("cannot read"), "{e}");
+
+    // The full config loader accepts the variable; the registry validates it.
+    let c = Config::load_from(None, |k| {
+        (k == "HASHICORP_VAULT_CONFIG").then(|| r#"[{"address":"http://127.0.0.1:1","token":"t"}]"#.to_string())
+    })
+    .unwrap();
+    SecretStores::from_config(&c.secrets).unwrap();
+}
+
+#[tokio::test]
+async fn no_vault_configured_is_a_clear_error() {
+    let stores = SecretStores::from_config(&SecretsConfig::default()).unwrap();
+    let r = super::support::reference(serde_json::json!({"type":"HASHICORP_VAULT","secret_engine":"secret","path":"x"}));
+    let e = stores.fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_misconfigured");
+    assert!(e.to_string().contains("HASHICORP_VAULT_CONFIG"), "{e}");
+}

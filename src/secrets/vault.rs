@@ -1,0 +1,710 @@
+//! The `HASHICORP_VAULT` store: a KV (v1 or v2) entry in HashiCorp Vault or OpenBao.
+//!
+//! Vaults are defined in `HASHICORP_VAULT_CONFIG` (a JSON list) or in the file at
+//! `HASHICORP_VAULT_CONFIG_FILE_PATH` (re-read when it changes). An entry is either a vault
+//! (`address` + token, AppRole or Kubernetes auth, TLS options) or `{"from_secret_store": ...}`: a
+//! pointer to a secret in another store that holds such a definition. Those are resolved on first
+//! use, not at start-up, so a connector starts even when that store is briefly unreachable.
+//!
+//! A 403 from Vault re-reads every definition (the token may have been rotated in the file or in
+//! the other store), logs in again and retries once. The KV version of a mount is asked of
+//! `sys/internal/ui/mounts/{mount}` (allowed by Vault's default policy) and remembered.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+use super::{Secret, SecretError, SecretRef, SecretStore, value, wrong_store};
+use crate::config::{ConfigError, SecretsConfig};
+
+const STORE: &str = "HASHICORP_VAULT";
+const ENV_CONFIG: &str = "HASHICORP_VAULT_CONFIG";
+const ENV_FILE: &str = "HASHICORP_VAULT_CONFIG_FILE_PATH";
+const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the connector logs in to a vault.
+#[derive(Clone)]
+enum Auth {
+    Token(SecretString),
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: SecretString,
+    },
+    Kubernetes {
+        mount: String,
+        role: String,
+        token_file: PathBuf,
+    },
+}
+
+/// One vault, parsed and checked. `Debug` is not derived: it holds credentials.
+#[derive(Clone)]
+struct Definition {
+    address: url::Url,
+    auth: Auth,
+    /// PEM (or DER) bytes of the CA that signed the vault's certificate.
+    ca_cert: Option<Vec<u8>>,
+    skip_verify: bool,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+/// An entry of the configured list.
+#[derive(Clone)]
+enum Entry {
+    Direct(Box<Definition>),
+    /// A secret in another store holding a definition.
+    FromSecretStore(SecretRef),
+}
+
+#[derive(Clone)]
+enum Source {
+    None,
+    /// Parsed at start-up from `HASHICORP_VAULT_CONFIG`.
+    Env(Vec<Entry>),
+    /// Re-read from `HASHICORP_VAULT_CONFIG_FILE_PATH` when its modification time or size changes.
+    File(PathBuf),
+    /// The configuration was unusable (the lenient `SecretStores::default()` path).
+    Broken(String),
+}
+
+/// The configured Vault definitions (not yet resolved or logged in).
+#[derive(Clone)]
+pub struct VaultDefinitions {
+    source: Source,
+}
+
+impl VaultDefinitions {
+    /// Parses `HASHICORP_VAULT_CONFIG` or the file at `HASHICORP_VAULT_CONFIG_FILE_PATH` (the
+    /// variable wins when both are set).
+    ///
+    /// # Errors
+    /// Malformed JSON or entries (naming the variable, the entry's index and the field), or an
+    /// unreadable file.
+    pub fn from_config(config: &SecretsConfig) -> Result<VaultDefinitions, ConfigError> {
+        if let Some(text) = &config.hashicorp_vault_config {
+            let entries = parse_list(text.expose_secret(), ENV_CONFIG).map_err(ConfigError)?;
+            if config.hashicorp_vault_config_file_path.is_some() {
+                tracing::warn!("both {ENV_CONFIG} and {ENV_FILE} are set; using {ENV_CONFIG}");
+            }
+            return Ok(VaultDefinitions {
+                source: Source::Env(entries),
+            });
+        }
+        if let Some(path) = &config.hashicorp_vault_config_file_path {
+            read_file(path).map_err(ConfigError)?;
+            return Ok(VaultDefinitions {
+                source: Source::File(path.clone()),
+            });
+        }
+        Ok(VaultDefinitions { source: Source::None })
+    }
+
+    /// Definitions that fail every read with `why`.
+    pub(crate) fn broken(why: String) -> VaultDefinitions {
+        VaultDefinitions {
+            source: Source::Broken(why),
+        }
+    }
+
+    /// Parses a JSON list as `HASHICORP_VAULT_CONFIG` would hold it (tests, `check`).
+    ///
+    /// # Errors
+    /// As [`VaultDefinitions::from_config`].
+    pub fn parse(text: &str) -> Result<VaultDefinitions, ConfigError> {
+        Ok(VaultDefinitions {
+            source: Source::Env(parse_list(text, ENV_CONFIG).map_err(ConfigError)?),
+        })
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn read_file(path: &Path) -> Result<Vec<Entry>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{ENV_FILE}: cannot read {}: {e}", path.display()))?;
+    parse_list(&text, &format!("{ENV_FILE} ({})", path.display()))
+}
+
+/// Parses the list. Errors name `origin`, the entry's index and the field, never a value (not even
+/// serde_json's messages, which may quote the input).
+fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "{origin} is not valid JSON (line {}, column {}): expected a list such as [{{\"address\":\"https://vault:8200\",\"token\":\"...\"}}]",
+            e.line(),
+            e.column()
+        )
+    })?;
+    let Value::Array(items) = value else {
+        return Err(format!("{origin} must be a JSON list of vault definitions"));
+    };
+    let mut problems = Vec::new();
+    let mut entries = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let Value::Object(map) = item else {
+            problems.push(format!("{origin}: entry {i} is not a JSON object"));
+            continue;
+        };
+        match parse_entry(&map) {
+            Ok(e) => entries.push(e),
+            Err(e) => problems.push(format!("{origin}: entry {i}: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(entries)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn field_str(map: &Map<String, Value>, names: &[&str]) -> Result<Option<String>, String> {
+    for name in names {
+        match map.get(*name) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) if s.trim().is_empty() => return Err(format!("field {name:?} is empty")),
+            Some(Value::String(s)) => return Ok(Some(s.clone())),
+            Some(_) => return Err(format!("field {name:?} must be a string")),
+        }
+    }
+    Ok(None)
+}
+
+fn required(map: &Map<String, Value>, names: &[&str]) -> Result<String, String> {
+    field_str(map, names)?.ok_or_else(|| format!("field {:?} is missing", names[0]))
+}
+
+fn check_fields(map: &Map<String, Value>, known: &[&str]) -> Result<(), String> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(format!("unknown field {k:?} (known: {})", known.join(", "))),
+        None => Ok(()),
+    }
+}
+
+fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
+    let Some(store) = field_str(map, &["from_secret_store"])? else {
+        return parse_definition(map).map(|d| Entry::Direct(Box::new(d)));
+    };
+    // Field names exactly as Apono documents them (with the reference's own names as aliases).
+    let reference = match store.to_ascii_uppercase().as_str() {
+        "AWS" => {
+            check_fields(map, &["from_secret_store", "region", "secret_id", "role_arn"])?;
+            SecretRef::Aws {
+                region: required(map, &["region"])?,
+                secret_id: required(map, &["secret_id"])?,
+                role_arn: field_str(map, &["role_arn"])?,
+            }
+        }
+        "GCP" => {
+            check_fields(map, &["from_secret_store", "project", "secret_id", "version"])?;
+            SecretRef::Gcp {
+                project: required(map, &["project"])?,
+                secret_id: required(map, &["secret_id"])?,
+                version: field_str(map, &["version"])?,
+            }
+        }
+        "AZURE" => {
+            check_fields(map, &["from_secret_store", "AZURE_KEY_VAULT_URL", "vault_url", "name"])?;
+            SecretRef::Azure {
+                vault_url: required(map, &["AZURE_KEY_VAULT_URL", "vault_url"])?,
+                name: required(map, &["name"])?,
+            }
+        }
+        "KUBERNETES" => {
+            check_fields(map, &["from_secret_store", "NAMESPACE", "namespace", "name"])?;
+            SecretRef::Kubernetes {
+                namespace: required(map, &["NAMESPACE", "namespace"])?,
+                name: required(map, &["name"])?,
+            }
+        }
+        other => {
+            return Err(format!(
+                "field \"from_secret_store\": unknown store {other:?} (expected AWS, GCP, AZURE or KUBERNETES)"
+            ));
+        }
+    };
+    Ok(Entry::FromSecretStore(reference))
+}
+
+const DEFINITION_FIELDS: &[&str] = &[
+    "address",
+    "token",
+    "ca_cert_base64",
+    "skip_verify",
+    "namespace",
+    "name",
+    "auth",
+    "role_id",
+    "secret_id",
+    "role",
+    "token_file",
+    "mount",
+];
+
+fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
+    check_fields(map, DEFINITION_FIELDS)?;
+    let raw_address = required(map, &["address"])?;
+    let address = url::Url::parse(raw_address.trim())
+        .map_err(|e| format!("field \"address\" is not a URL ({e}); e.g. https://vault.example.com:8200"))?;
+    if !matches!(address.scheme(), "http" | "https") {
+        return Err("field \"address\" must start with http:// or https://".into());
+    }
+    let skip_verify = match map.get("skip_verify") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" | "" => false,
+            _ => return Err("field \"skip_verify\" must be true or false".into()),
+        },
+        Some(_) => return Err("field \"skip_verify\" must be true or false".into()),
+    };
+    let ca_cert = match field_str(map, &["ca_cert_base64"])? {
+        None => None,
+        Some(b64) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| {
+                    "field \"ca_cert_base64\" is not base64 (encode the CA's PEM file with base64)".to_string()
+                })?;
+            let parses = if bytes.starts_with(b"-----BEGIN") {
+                reqwest::Certificate::from_pem_bundle(&bytes).is_ok()
+            } else {
+                reqwest::Certificate::from_der(&bytes).is_ok()
+            };
+            if !parses {
+                return Err("field \"ca_cert_base64\" does not hold a PEM or DER certificate".into());
+            }
+            Some(bytes)
+        }
+    };
+    let auth_kind = field_str(map, &["auth"])?.map(|a| a.to_ascii_lowercase());
+    let auth_kind = match auth_kind {
+        Some(a) => a,
+        None if map.contains_key("role_id") => "approle".into(),
+        None => "token".into(),
+    };
+    let auth = match auth_kind.as_str() {
+        "token" => Auth::Token(SecretString::from(required(map, &["token"])?)),
+        "approle" => Auth::AppRole {
+            mount: field_str(map, &["mount"])?.unwrap_or_else(|| "approle".into()),
+            role_id: required(map, &["role_id"])?,
+            secret_id: SecretString::from(required(map, &["secret_id"])?),
+        },
+        "kubernetes" => Auth::Kubernetes {
+            mount: field_str(map, &["mount"])?.unwrap_or_else(|| "kubernetes".into()),
+            role: required(map, &["role"])?,
+            token_file: PathBuf::from(
+                field_str(map, &["token_file"])?.unwrap_or_else(|| DEFAULT_K8S_TOKEN_FILE.into()),
+            ),
+        },
+        other => {
+            return Err(format!(
+                "field \"auth\": unknown method {other:?} (expected token, approle or kubernetes)"
+            ));
+        }
+    };
+    Ok(Definition {
+        address,
+        auth,
+        ca_cert,
+        skip_verify,
+        namespace: field_str(map, &["namespace"])?,
+        name: field_str(map, &["name"])?,
+    })
+}
+
+/// A vault ready to be used: the definition, its HTTP client, the login token and the KV versions
+/// of its mounts.
+struct Conn {
+    def: Definition,
+    http: reqwest::Client,
+    token: Mutex<Option<SecretString>>,
+    kv_versions: Mutex<HashMap<String, u8>>,
+}
+
+/// Vault's answer, before it becomes a `SecretError` (a 403 is retried first).
+enum ReadError {
+    Forbidden(String),
+    Other(SecretError),
+}
+
+impl Conn {
+    fn new(def: Definition) -> Result<Conn, String> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .tls_danger_accept_invalid_certs(def.skip_verify);
+        if def.address.scheme() == "http" {
+            // No TLS: skip loading the platform's roots (reqwest#2988, as vaultrs does).
+            builder = builder.tls_certs_only(Vec::new());
+        } else if let Some(ca) = &def.ca_cert {
+            let certs = if ca.starts_with(b"-----BEGIN") {
+                reqwest::Certificate::from_pem_bundle(ca).map_err(|e| format!("ca_cert_base64: {e}"))?
+            } else {
+                vec![reqwest::Certificate::from_der(ca).map_err(|e| format!("ca_cert_base64: {e}"))?]
+            };
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Ok(Conn {
+            def,
+            http,
+            token: Mutex::new(None),
+            kv_versions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.def.name {
+            Some(n) => format!("{n} ({})", self.def.address),
+            None => self.def.address.to_string(),
+        }
+    }
+
+    fn matches(&self, wanted: &str) -> bool {
+        let trim = |s: &str| s.trim_end_matches('/').to_string();
+        self.def.name.as_deref() == Some(wanted) || trim(self.def.address.as_str()) == trim(wanted)
+    }
+
+    fn client(&self, token: &str) -> Result<VaultClient, String> {
+        let mut settings = VaultClientSettingsBuilder::default();
+        settings
+            .address(self.def.address.as_str())
+            .token(token)
+            .verify(!self.def.skip_verify)
+            .ca_certs(Vec::new())
+            .identity(None)
+            .timeout(Some(REQUEST_TIMEOUT))
+            .namespace(self.def.namespace.clone());
+        let settings = settings.build().map_err(|e| format!("vault client settings: {e}"))?;
+        Ok(VaultClient {
+            http: rustify::clients::reqwest::Client::new(self.def.address.as_str(), self.http.clone()),
+            middle: vaultrs::api::EndpointMiddleware {
+                token: token.to_string(),
+                version: "v1".into(),
+                wrap: None,
+                namespace: self.def.namespace.clone(),
+            },
+            settings,
+        })
+    }
+
+    /// The token to send: the configured one, or one from logging in (kept until a 403).
+    async fn token(&self, reference: &SecretRef) -> Result<SecretString, SecretError> {
+        let mut slot = self.token.lock().await;
+        if let Some(t) = slot.as_ref() {
+            return Ok(t.clone());
+        }
+        let login_error = |method: &str, e: ClientError| match e {
+            ClientError::APIError { code, errors } if code < 500 => SecretError::NotPermitted {
+                reference: reference.describe(),
+                hint: format!(
+                    "{method} login to vault {} refused ({code}: {})",
+                    self.describe(),
+                    errors.join("; ")
+                ),
+            },
+            other => unreachable_error(reference, &self.describe(), &other),
+        };
+        let token = match &self.def.auth {
+            Auth::Token(t) => t.clone(),
+            Auth::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => {
+                let client = self.client("").map_err(|e| misconfigured(&e))?;
+                let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
+                    .await
+                    .map_err(|e| login_error("AppRole", e))?;
+                SecretString::from(auth.client_token)
+            }
+            Auth::Kubernetes {
+                mount,
+                role,
+                token_file,
+            } => {
+                let jwt = tokio::fs::read_to_string(token_file)
+                    .await
+                    .map_err(|e| SecretError::Misconfigured {
+                        store: STORE.into(),
+                        hint: format!(
+                            "Kubernetes auth for vault {}: cannot read the service account token {}: {e}",
+                            self.describe(),
+                            token_file.display()
+                        ),
+                    })?;
+                let client = self.client("").map_err(|e| misconfigured(&e))?;
+                let auth = vaultrs::auth::kubernetes::login(&client, mount, role, jwt.trim())
+                    .await
+                    .map_err(|e| login_error("Kubernetes", e))?;
+                SecretString::from(auth.client_token)
+            }
+        };
+        *slot = Some(token.clone());
+        Ok(token)
+    }
+
+    /// The KV version of `mount`, from `sys/internal/ui/mounts` (None when Vault will not say).
+    async fn kv_version(&self, mount: &str, token: &SecretString) -> Option<u8> {
+        if let Some(v) = self.kv_versions.lock().await.get(mount) {
+            return Some(*v);
+        }
+        let url = self
+            .def
+            .address
+            .join(&format!("v1/sys/internal/ui/mounts/{}", mount.trim_matches('/')))
+            .ok()?;
+        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
+        if let Some(ns) = &self.def.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        let response = request.send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        let data = body.get("data")?;
+        let version = match data.pointer("/options/version").and_then(Value::as_str) {
+            Some("2") => 2,
+            _ if data.get("type").and_then(Value::as_str) == Some("kv") => 1,
+            _ => return None,
+        };
+        self.kv_versions.lock().await.insert(mount.to_string(), version);
+        Some(version)
+    }
+
+    async fn read(&self, reference: &SecretRef, mount: &str, path: &str) -> Result<Secret, ReadError> {
+        let token = self.token(reference).await.map_err(ReadError::Other)?;
+        let client = self
+            .client(token.expose_secret())
+            .map_err(|e| ReadError::Other(misconfigured(&e)))?;
+        let version = self.kv_version(mount, &token).await;
+        let result = match version {
+            Some(1) => vaultrs::kv1::get::<HashMap<String, Value>>(&client, mount, path).await,
+            Some(_) => vaultrs::kv2::read::<HashMap<String, Value>>(&client, mount, path).await,
+            None => match vaultrs::kv2::read::<HashMap<String, Value>>(&client, mount, path).await {
+                Err(ClientError::APIError { code: 404, .. }) => {
+                    vaultrs::kv1::get::<HashMap<String, Value>>(&client, mount, path).await
+                }
+                other => other,
+            },
+        };
+        let describe = || reference.describe();
+        match result {
+            Ok(data) => value::from_json_map(reference, data).map_err(ReadError::Other),
+            Err(ClientError::APIError { code: 403, errors }) => Err(ReadError::Forbidden(errors.join("; "))),
+            Err(ClientError::APIError { code: 404, .. })
+            | Err(ClientError::ResponseEmptyError)
+            | Err(ClientError::ResponseDataEmptyError) => Err(ReadError::Other(SecretError::NotFound {
+                reference: describe(),
+                hint: format!(
+                    "vault {} has no secret at {mount}/{path}{}",
+                    self.describe(),
+                    match version {
+                        Some(v) => format!(" (a KV v{v} mount)"),
+                        None => String::new(),
+                    }
+                ),
+            })),
+            Err(ClientError::JsonParseError { .. }) => Err(ReadError::Other(SecretError::Malformed {
+                reference: describe(),
+                hint: "the KV entry is not a map of keys to values".into(),
+            })),
+            Err(e) => Err(ReadError::Other(unreachable_error(reference, &self.describe(), &e))),
+        }
+    }
+}
+
+fn misconfigured(hint: &str) -> SecretError {
+    SecretError::Misconfigured {
+        store: STORE.into(),
+        hint: hint.to_string(),
+    }
+}
+
+/// Connection, TLS and 5xx failures: the message chain (no bodies, no values).
+fn unreachable_error(reference: &SecretRef, vault: &str, e: &ClientError) -> SecretError {
+    let mut detail = e.to_string();
+    if let ClientError::APIError { errors, .. } = e {
+        detail.push_str(&format!(": {}", errors.join("; ")));
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    SecretError::Unreachable {
+        reference: reference.describe(),
+        hint: format!("vault {vault}: {detail}"),
+    }
+}
+
+/// The definitions resolved into connections (a `from_secret_store` entry that failed keeps its
+/// error, reported when that vault is wanted).
+struct Loaded {
+    stamp: Option<(SystemTime, u64)>,
+    conns: Vec<Result<Arc<Conn>, SecretError>>,
+}
+
+/// Reads HashiCorp Vault / OpenBao KV entries.
+pub struct VaultStore {
+    definitions: VaultDefinitions,
+    /// The other stores, for `from_secret_store` definitions (read uncached).
+    others: Vec<Arc<dyn SecretStore>>,
+    loaded: Mutex<Option<Arc<Loaded>>>,
+}
+
+impl VaultStore {
+    /// `others` serve the `from_secret_store` entries.
+    pub fn new(definitions: VaultDefinitions, others: Vec<Arc<dyn SecretStore>>) -> VaultStore {
+        VaultStore {
+            definitions,
+            others,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    async fn resolve(&self, entry: Entry) -> Result<Arc<Conn>, SecretError> {
+        let def = match entry {
+            Entry::Direct(def) => *def,
+            Entry::FromSecretStore(reference) => {
+                let store = self
+                    .others
+                    .iter()
+                    .find(|s| s.store_type() == reference.store_type())
+                    .ok_or_else(|| SecretError::Unsupported {
+                        store: reference.store_type().to_string(),
+                    })?;
+                let secret = store.fetch(&reference).await?;
+                let map: Map<String, Value> = secret
+                    .keys()
+                    .filter_map(|k| {
+                        secret
+                            .get(k)
+                            .map(|v| (k.to_string(), Value::String(v.expose_secret().to_string())))
+                    })
+                    .collect();
+                parse_definition(&map).map_err(|e| {
+                    misconfigured(&format!(
+                        "the vault definition held in {} is malformed: {e}",
+                        reference.describe()
+                    ))
+                })?
+            }
+        };
+        Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
+    }
+
+    /// The connections, (re)loading them when `force`d or when the definitions file changed.
+    async fn conns(&self, force: bool) -> Result<Arc<Loaded>, SecretError> {
+        let mut slot = self.loaded.lock().await;
+        let (entries, stamp) = match &self.definitions.source {
+            Source::None => {
+                return Err(misconfigured(&format!(
+                    "no vault is configured: set {ENV_CONFIG} (a JSON list) or {ENV_FILE}"
+                )));
+            }
+            Source::Broken(why) => return Err(misconfigured(why)),
+            Source::Env(entries) => {
+                if let (Some(loaded), false) = (slot.as_ref(), force) {
+                    return Ok(loaded.clone());
+                }
+                (entries.clone(), None)
+            }
+            Source::File(path) => {
+                let stamp = file_stamp(path);
+                if let (Some(loaded), false) = (slot.as_ref(), force)
+                    && loaded.stamp == stamp
+                {
+                    return Ok(loaded.clone());
+                }
+                let entries = read_file(path).map_err(|e| misconfigured(&e))?;
+                tracing::info!(path = %path.display(), "vault definitions (re)read");
+                (entries, stamp)
+            }
+        };
+        let mut conns = Vec::with_capacity(entries.len());
+        for entry in entries {
+            conns.push(self.resolve(entry).await);
+        }
+        let loaded = Arc::new(Loaded { stamp, conns });
+        *slot = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    fn pick(loaded: &Loaded, wanted: Option<&str>) -> Result<Arc<Conn>, SecretError> {
+        let Some(wanted) = wanted else {
+            return match loaded.conns.first() {
+                Some(c) => c.clone(),
+                None => Err(misconfigured(&format!("{ENV_CONFIG} lists no vault"))),
+            };
+        };
+        if let Some(c) = loaded.conns.iter().flatten().find(|c| c.matches(wanted)) {
+            return Ok(c.clone());
+        }
+        if let Some(Err(e)) = loaded.conns.iter().find(|c| c.is_err()) {
+            return Err(e.clone());
+        }
+        let known: Vec<String> = loaded.conns.iter().flatten().map(|c| c.describe()).collect();
+        Err(misconfigured(&format!(
+            "no vault named {wanted:?} is configured (known: {})",
+            known.join(", ")
+        )))
+    }
+}
+
+#[async_trait]
+impl SecretStore for VaultStore {
+    fn store_type(&self) -> &'static str {
+        STORE
+    }
+
+    async fn fetch(&self, reference: &SecretRef) -> Result<Secret, SecretError> {
+        let SecretRef::HashicorpVault {
+            secret_engine,
+            path,
+            vault,
+        } = reference
+        else {
+            return Err(wrong_store(reference, STORE));
+        };
+        let mount = secret_engine.trim_matches('/');
+        let path = path.trim_matches('/');
+        let conn = Self::pick(&*self.conns(false).await?, vault.as_deref())?;
+        match conn.read(reference, mount, path).await {
+            Ok(s) => return Ok(s),
+            Err(ReadError::Other(e)) => return Err(e),
+            Err(ReadError::Forbidden(why)) => {
+                tracing::info!(vault = %conn.describe(), reason = %why, "vault answered 403; re-reading its definition and retrying once");
+            }
+        }
+        let conn = Self::pick(&*self.conns(true).await?, vault.as_deref())?;
+        match conn.read(reference, mount, path).await {
+            Ok(s) => Ok(s),
+            Err(ReadError::Other(e)) => Err(e),
+            Err(ReadError::Forbidden(why)) => Err(SecretError::NotPermitted {
+                reference: reference.describe(),
+                hint: format!(
+                    "vault {} denied the read ({why}): the token's policy must allow \"read\" on {mount}/data/{path} (KV v2) or {mount}/{path} (KV v1)",
+                    conn.describe()
+                ),
+            }),
+        }
+    }
+}
