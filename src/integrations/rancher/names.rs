@@ -91,6 +91,7 @@ fn base32(data: &[u8]) -> String {
             bits -= 5;
             out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
         }
+        buffer &= (1 << bits) - 1;
     }
     if bits > 0 {
         out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
