@@ -1,0 +1,989 @@
+//! The HTTP layer: auth, routing, Norman collections (filters, sort, pagination), errors, latency,
+//! fault injection and request stats.
+//!
+//! Routing is done by hand on the raw path (one fallback handler) rather than with axum routes:
+//! Norman matches collection names case-insensitively, principal ids arrive with `%2F`-encoded
+//! slashes, actions ride in the query string, and every `/v3` request must pass through the same
+//! stats, latency, fault and auth steps in one place.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use chrono::{SecondsFormat, Utc};
+use serde_json::{Map, Value, json};
+
+use super::store::{self, ApiError, Ctx, Item, k8s_not_found};
+use super::{FaultOptions, KeyState, Sim, lock};
+use crate::integrations::BindingScope;
+
+pub(crate) fn router(sim: Sim) -> Router {
+    Router::new()
+        .route("/sim/stats", get(sim_stats))
+        .route("/sim/bindings", get(sim_bindings))
+        .route("/sim/users", get(sim_users))
+        .fallback(entry)
+        .with_state(sim)
+}
+
+async fn sim_stats(State(sim): State<Sim>) -> Json<super::SimStats> {
+    Json(sim.stats())
+}
+
+async fn sim_bindings(State(sim): State<Sim>) -> Json<Vec<super::SimBinding>> {
+    Json(sim.bindings())
+}
+
+async fn sim_users(State(sim): State<Sim>) -> Json<Vec<super::SimUser>> {
+    Json(sim.users())
+}
+
+// ----- faults -----
+
+#[derive(Debug)]
+struct Pending {
+    route: Option<String>,
+    remaining: usize,
+    status: u16,
+    after_commit: bool,
+}
+
+/// Pending exact faults (`fail_next`) and the seeded random ones.
+#[derive(Debug)]
+pub(crate) struct FaultState {
+    options: FaultOptions,
+    counter: u64,
+    queue: Vec<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Decision {
+    /// `(status, after_commit)`
+    error: Option<(u16, bool)>,
+    slow: Option<Duration>,
+}
+
+impl FaultState {
+    pub fn new(options: FaultOptions) -> FaultState {
+        FaultState {
+            options,
+            counter: 0,
+            queue: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, route: Option<String>, n: usize, status: u16, after_commit: bool) {
+        if n > 0 {
+            self.queue.push(Pending {
+                route,
+                remaining: n,
+                status,
+                after_commit,
+            });
+        }
+    }
+
+    pub fn set_options(&mut self, options: FaultOptions) {
+        self.options = options;
+        self.counter = 0;
+    }
+
+    fn decide(&mut self, route: &str, write: bool) -> Decision {
+        let mut d = Decision::default();
+        if let Some(i) = self
+            .queue
+            .iter()
+            .position(|p| p.route.as_deref().is_none_or(|r| r == route))
+        {
+            let p = &mut self.queue[i];
+            p.remaining -= 1;
+            d.error = Some((p.status, p.after_commit));
+            if p.remaining == 0 {
+                self.queue.remove(i);
+            }
+            return d;
+        }
+        let o = &self.options;
+        if o.error_rate <= 0.0 && o.slow_rate <= 0.0 {
+            return d;
+        }
+        let n = self.counter;
+        self.counter += 1;
+        let draw = |salt: u64| {
+            (store::mix(o.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        if draw(1) < o.error_rate {
+            let status = if draw(2) < 0.5 { 500 } else { 503 };
+            let after = write && draw(3) < o.after_commit_share;
+            d.error = Some((if after { 500 } else { status }, after));
+        }
+        if draw(4) < o.slow_rate {
+            d.slow = Some(o.slow_delay);
+        }
+        d
+    }
+}
+
+fn fault_error(status: u16) -> ApiError {
+    let (code, message) = match status {
+        500 => ("ServerError", "Internal error occurred (simulated fault)"),
+        502 => ("BadGateway", "bad gateway (simulated fault)"),
+        503 => ("ClusterUnavailable", "cluster not available (simulated fault)"),
+        504 => ("GatewayTimeout", "gateway timeout (simulated fault)"),
+        429 => ("TooManyRequests", "too many requests (simulated fault)"),
+        409 => ("Conflict", "the object has been modified (simulated fault)"),
+        404 => ("NotFound", "not found (simulated fault)"),
+        403 => ("PermissionDenied", "permission denied (simulated fault)"),
+        _ => ("ServerError", "simulated fault"),
+    };
+    ApiError::new(status, code, message)
+}
+
+// ----- responses -----
+
+fn json_response(status: u16, v: &Value) -> Response {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Authentication failures do not use the Norman shape: `status` is a string, no `code`.
+fn unauthorized(message: &str) -> (u16, Value) {
+    (401, json!({"type": "error", "status": "401", "message": message}))
+}
+
+// ----- request parsing -----
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+struct Req {
+    method: Method,
+    /// Decoded path segments after `/v3`.
+    segs: Vec<String>,
+    query: Vec<(String, String)>,
+    /// `scheme://host`
+    base: String,
+    /// The raw request path (for links and `next`).
+    path: String,
+    body: Vec<u8>,
+}
+
+impl Req {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn url_with(&self, marker: Option<&str>) -> String {
+        let mut ser = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in self.query.iter().filter(|(k, _)| k != "marker") {
+            ser.append_pair(k, v);
+        }
+        if let Some(m) = marker {
+            ser.append_pair("marker", m);
+        }
+        let q = ser.finish();
+        if q.is_empty() {
+            format!("{}{}", self.base, self.path)
+        } else {
+            format!("{}{}?{q}", self.base, self.path)
+        }
+    }
+
+    fn current_url(&self) -> String {
+        let marker = self.param("marker").map(str::to_string);
+        self.url_with(marker.as_deref())
+    }
+
+    fn body_object(&self) -> Result<Map<String, Value>, ApiError> {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Map::new());
+        }
+        match serde_json::from_slice::<Value>(&self.body) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(ApiError::invalid_body("Failed to parse body: expected a JSON object")),
+            Err(e) => Err(ApiError::invalid_body(format!("Failed to parse body: {e}"))),
+        }
+    }
+}
+
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
+}
+
+/// `METHOD /v3/<collection>[/{id}][?action=<a>]`, ids replaced by `{id}`.
+fn route_key(method: &Method, segs: &[String], action: Option<&str>) -> String {
+    let mut k = format!("{method} /v3");
+    match segs {
+        [] => {}
+        [c, rest @ ..] if c.eq_ignore_ascii_case("cluster") => {
+            k.push_str("/cluster");
+            for (i, _) in rest.iter().enumerate().take(3) {
+                match i {
+                    1 => k.push_str(&format!("/{}", rest[1].to_ascii_lowercase())),
+                    _ => k.push_str("/{id}"),
+                }
+            }
+        }
+        [c, rest @ ..] => {
+            k.push('/');
+            k.push_str(&c.to_ascii_lowercase());
+            if !rest.is_empty() {
+                k.push_str("/{id}");
+            }
+            for s in rest.iter().skip(1) {
+                k.push('/');
+                k.push_str(s);
+            }
+        }
+    }
+    if let Some(a) = action {
+        k.push_str("?action=");
+        k.push_str(a);
+    }
+    k
+}
+
+/// Minimal base64 (standard or URL-safe alphabet, padding optional), to read Basic auth without
+/// a new dependency.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.trim().bytes().filter(|c| *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        buf = (buf << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// `(access_key, secret_key)` from `Authorization: Bearer a:s`, `Basic base64(a:s)` or the
+/// `R_SESS` cookie; an `ext/` prefix on the access key is dropped.
+fn credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let raw = if let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
+        let (scheme, value) = auth.trim().split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            value.trim().to_string()
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            String::from_utf8(base64_decode(value)?).ok()?
+        } else {
+            return None;
+        }
+    } else {
+        let cookies = headers.get(header::COOKIE).and_then(|h| h.to_str().ok())?;
+        cookies
+            .split(';')
+            .find_map(|c| c.trim().strip_prefix("R_SESS=").map(pct_decode))?
+    };
+    let (access, secret) = raw.split_once(':')?;
+    let access = access.strip_prefix("ext/").unwrap_or(access);
+    Some((access.to_string(), secret.to_string()))
+}
+
+// ----- the /v3 entry point -----
+
+async fn entry(State(sim): State<Sim>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_string();
+    if path != "/v3" && !path.starts_with("/v3/") {
+        return json_response(404, &ApiError::not_found(format!("{path} not found")).to_json());
+    }
+    let segs: Vec<String> = path["/v3".len()..]
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(pct_decode)
+        .collect();
+    let query: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let action = query.iter().find(|(k, _)| k == "action").map(|(_, v)| v.clone());
+    let route = route_key(&parts.method, &segs, action.as_deref());
+    {
+        let mut stats = lock(&sim.inner.stats);
+        stats.total += 1;
+        *stats.routes.entry(route.clone()).or_insert(0) += 1;
+    }
+    let write = matches!(parts.method, Method::POST | Method::PUT | Method::DELETE);
+    let decision = lock(&sim.inner.faults).decide(&route, write);
+    let latency = *sim.inner.latency.read().unwrap_or_else(|e| e.into_inner());
+    let delay = latency + decision.slow.unwrap_or_default();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let injected = decision.error.is_some() || decision.slow.is_some();
+    let (status, value) = match decision.error {
+        Some((status, false)) => (status, fault_error(status).to_json()),
+        _ => {
+            let body = match axum::body::to_bytes(body, 16 << 20).await {
+                Ok(b) => b.to_vec(),
+                Err(e) => {
+                    let err = ApiError::invalid_body(format!("Failed to read body: {e}"));
+                    return json_response(err.status, &err.to_json());
+                }
+            };
+            let req = Req {
+                method: parts.method.clone(),
+                segs,
+                query,
+                base: base_url(&parts.headers),
+                path,
+                body,
+            };
+            let answer = handle(&sim, &req, &parts.headers).unwrap_or_else(|e| (e.status, e.to_json()));
+            match decision.error {
+                Some((status, true)) => (status, fault_error(status).to_json()),
+                _ => answer,
+            }
+        }
+    };
+    {
+        let mut stats = lock(&sim.inner.stats);
+        if status >= 400 {
+            stats.errors += 1;
+        }
+        if injected {
+            stats.injected_faults += 1;
+        }
+    }
+    json_response(status, &value)
+}
+
+/// Authenticates, checks the key's scope, then routes.
+fn handle(sim: &Sim, req: &Req, headers: &HeaderMap) -> Result<(u16, Value), ApiError> {
+    let key = sim.key();
+    let mut st = lock(&sim.inner.state);
+    let valid = credentials(headers).is_some_and(|(a, s)| a == key.access_key && s == key.secret_key)
+        && key.expires_at.is_none_or(|t| t > Utc::now())
+        && st.users.get(&key.owner).is_some_and(|u| u.enabled);
+    if !valid {
+        return Ok(unauthorized("Unauthorized 401: must authenticate"));
+    }
+    if let Some(scope) = &key.cluster_id {
+        let routed = req.segs.len() >= 2
+            && (req.segs[0].eq_ignore_ascii_case("clusters") || req.segs[0].eq_ignore_ascii_case("cluster"))
+            && &req.segs[1] == scope;
+        if !routed {
+            return Ok(unauthorized("Unauthorized 401: clusterID does not match"));
+        }
+    }
+    route(&mut st, req, &key)
+}
+
+fn allow(req: &Req, methods: &[Method]) -> Result<(), ApiError> {
+    if methods.contains(&req.method) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            405,
+            "MethodNotAllow",
+            format!("Method {} not supported", req.method),
+        ))
+    }
+}
+
+const CLUSTER_FILTERS: &[&str] = &["id", "name"];
+const PROJECT_FILTERS: &[&str] = &["id", "name", "clusterId"];
+const NAMESPACE_FILTERS: &[&str] = &["id", "name", "projectId"];
+const GLOBAL_ROLE_FILTERS: &[&str] = &["id", "name"];
+const ROLE_TEMPLATE_FILTERS: &[&str] = &["id", "name", "context", "locked", "hidden"];
+const USER_FILTERS: &[&str] = &["id", "username", "me"];
+const GRB_FILTERS: &[&str] = &["id", "name", "userId", "groupPrincipalId", "globalRoleId"];
+const CRTB_FILTERS: &[&str] = &[
+    "id",
+    "name",
+    "clusterId",
+    "userId",
+    "userPrincipalId",
+    "groupPrincipalId",
+    "roleTemplateId",
+];
+const PRTB_FILTERS: &[&str] = &[
+    "id",
+    "name",
+    "projectId",
+    "userId",
+    "userPrincipalId",
+    "groupPrincipalId",
+    "roleTemplateId",
+];
+
+fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value), ApiError> {
+    let ctx_base = req.base.clone();
+    let owner = key.owner.clone();
+    let ctx = st.ctx(&ctx_base, &owner);
+    let segs: Vec<&str> = req.segs.iter().map(String::as_str).collect();
+    let Some((first, rest)) = segs.split_first() else {
+        allow(req, &[Method::GET])?;
+        return Ok((200, api_root(&ctx)));
+    };
+    let coll = first.to_ascii_lowercase();
+    let action = req.param("action");
+    match (coll.as_str(), rest) {
+        ("clusters", []) => {
+            allow(req, &[Method::GET])?;
+            Ok((200, list(st.clusters.values(), CLUSTER_FILTERS, "cluster", req, &ctx)))
+        }
+        ("clusters", [id]) => {
+            allow(req, &[Method::GET])?;
+            st.clusters
+                .get(*id)
+                .map(|c| (200, c.render(&ctx)))
+                .ok_or_else(|| k8s_not_found("clusters", id))
+        }
+        ("projects", []) => {
+            allow(req, &[Method::GET])?;
+            Ok((200, list(st.projects.values(), PROJECT_FILTERS, "project", req, &ctx)))
+        }
+        ("projects", [id]) => {
+            allow(req, &[Method::GET])?;
+            let name = id.split_once(':').map_or(*id, |(_, p)| p);
+            st.projects
+                .get(*id)
+                .map(|p| (200, p.render(&ctx)))
+                .ok_or_else(|| k8s_not_found("projects", name))
+        }
+        ("cluster", [cid, sub, tail @ ..]) if sub.eq_ignore_ascii_case("namespaces") => {
+            allow(req, &[Method::GET])?;
+            let Some(nss) = st.namespaces.get(*cid).filter(|_| st.clusters.contains_key(*cid)) else {
+                return Err(k8s_not_found("clusters", cid));
+            };
+            match tail {
+                [] => Ok((200, list(nss.values(), NAMESPACE_FILTERS, "namespace", req, &ctx))),
+                [ns] => nss
+                    .get(*ns)
+                    .map(|n| (200, n.render(&ctx)))
+                    .ok_or_else(|| ApiError::not_found(format!("namespaces \"{ns}\" not found"))),
+                _ => Err(ApiError::not_found(format!("{} not found", req.path))),
+            }
+        }
+        ("globalroles", []) => {
+            allow(req, &[Method::GET])?;
+            Ok((
+                200,
+                list(st.global_roles.values(), GLOBAL_ROLE_FILTERS, "globalRole", req, &ctx),
+            ))
+        }
+        ("globalroles", [id]) => {
+            allow(req, &[Method::GET])?;
+            st.global_roles
+                .get(*id)
+                .map(|r| (200, r.render(&ctx)))
+                .ok_or_else(|| k8s_not_found("globalroles", id))
+        }
+        ("roletemplates", []) => {
+            allow(req, &[Method::GET])?;
+            Ok((
+                200,
+                list(
+                    st.role_templates.values(),
+                    ROLE_TEMPLATE_FILTERS,
+                    "roleTemplate",
+                    req,
+                    &ctx,
+                ),
+            ))
+        }
+        ("roletemplates", [id]) => {
+            allow(req, &[Method::GET])?;
+            st.role_templates
+                .get(*id)
+                .map(|r| (200, r.render(&ctx)))
+                .ok_or_else(|| k8s_not_found("roletemplates", id))
+        }
+        ("users", []) => match (&req.method, action) {
+            (&Method::GET, _) => Ok((200, list(st.users.values(), USER_FILTERS, "user", req, &ctx))),
+            (&Method::POST, None) => {
+                let user = st.create_user(&req.body_object()?)?;
+                Ok((201, user.render(&ctx)))
+            }
+            (&Method::POST, Some("changepassword")) => {
+                let body = req.body_object()?;
+                let current = body.get("currentPassword").and_then(Value::as_str).unwrap_or_default();
+                if !st
+                    .users
+                    .get(&owner)
+                    .is_some_and(|u| u.password.as_deref() == Some(current))
+                {
+                    return Err(ApiError::invalid_body("Invalid current password"));
+                }
+                let mut body = body.clone();
+                body.remove("currentPassword");
+                st.set_password(&owner, &body)?;
+                Ok((200, json!({})))
+            }
+            (&Method::POST, Some(a)) => Err(action_not_available(a)),
+            _ => Err(method_error(req)),
+        },
+        ("users", [id]) => match (&req.method, action) {
+            (&Method::GET, _) => st
+                .users
+                .get(*id)
+                .map(|u| (200, u.render(&ctx)))
+                .ok_or_else(|| k8s_not_found("users", id)),
+            (&Method::PUT, _) => {
+                let user = st.update_user(id, &req.body_object()?, &owner)?;
+                Ok((200, user.render(&ctx)))
+            }
+            (&Method::DELETE, _) => {
+                let user = st.delete_user(id, &owner)?;
+                Ok((200, user.render(&ctx)))
+            }
+            (&Method::POST, Some("setpassword")) => {
+                let user = st.set_password(id, &req.body_object()?)?;
+                Ok((200, user.render(&ctx)))
+            }
+            (&Method::POST, Some(a)) => {
+                if st.users.contains_key(*id) {
+                    Err(action_not_available(a))
+                } else {
+                    Err(k8s_not_found("users", id))
+                }
+            }
+            _ => Err(method_error(req)),
+        },
+        ("tokens", []) => {
+            allow(req, &[Method::GET])?;
+            let token = token_json(key, &ctx);
+            Ok((200, collection("token", vec![token], req, None)))
+        }
+        ("tokens", [id]) => {
+            allow(req, &[Method::GET])?;
+            let id = id.strip_prefix("ext/").unwrap_or(id);
+            if id == key.access_key {
+                Ok((200, token_json(key, &ctx)))
+            } else {
+                Err(k8s_not_found("tokens", id))
+            }
+        }
+        ("principals", []) => match (&req.method, action) {
+            (&Method::GET, _) => {
+                let mine: Vec<Value> = st
+                    .users
+                    .get(&owner)
+                    .map(|u| st.user_principal(u).render(&ctx))
+                    .into_iter()
+                    .collect();
+                Ok((200, collection("principal", mine, req, None)))
+            }
+            (&Method::POST, Some("search")) => {
+                let body = req.body_object()?;
+                let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+                let kind = body
+                    .get("principalType")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty());
+                let found: Vec<Value> = st
+                    .search_principals(name, kind)
+                    .iter()
+                    .map(|p| p.render(&ctx))
+                    .collect();
+                Ok((200, collection("principal", found, req, None)))
+            }
+            (&Method::POST, Some(a)) => Err(action_not_available(a)),
+            _ => Err(method_error(req)),
+        },
+        ("principals", [id]) => {
+            allow(req, &[Method::GET])?;
+            st.principal(id)
+                .map(|p| (200, p.render(&ctx)))
+                .ok_or_else(|| ApiError::not_found(format!("principal {id} not found")))
+        }
+        ("globalrolebindings", rest) => bindings(st, req, &ctx, BindingScope::Global, rest),
+        ("clusterroletemplatebindings", rest) => bindings(st, req, &ctx, BindingScope::Cluster, rest),
+        ("projectroletemplatebindings", rest) => bindings(st, req, &ctx, BindingScope::Project, rest),
+        ("settings", []) => {
+            allow(req, &[Method::GET])?;
+            let all: Vec<Value> = settings(st)
+                .iter()
+                .map(|(id, v, d)| setting_json(id, v, d, &ctx))
+                .collect();
+            Ok((200, collection("setting", all, req, None)))
+        }
+        ("settings", [id]) => {
+            allow(req, &[Method::GET])?;
+            settings(st)
+                .iter()
+                .find(|(sid, _, _)| sid == id)
+                .map(|(sid, v, d)| (200, setting_json(sid, v, d, &ctx)))
+                .ok_or_else(|| k8s_not_found("settings", id))
+        }
+        _ => Err(ApiError::not_found(format!("{} not found", req.path))),
+    }
+}
+
+fn method_error(req: &Req) -> ApiError {
+    ApiError::new(405, "MethodNotAllow", format!("Method {} not supported", req.method))
+}
+
+fn action_not_available(action: &str) -> ApiError {
+    ApiError::new(404, "ActionNotAvailable", format!("action {action} not available"))
+}
+
+fn bindings(
+    st: &mut store::State,
+    req: &Req,
+    ctx: &Ctx,
+    scope: BindingScope,
+    rest: &[&str],
+) -> Result<(u16, Value), ApiError> {
+    let (kind, plural, filters) = match scope {
+        BindingScope::Global => ("globalRoleBinding", "globalrolebindings", GRB_FILTERS),
+        BindingScope::Cluster => (
+            "clusterRoleTemplateBinding",
+            "clusterroletemplatebindings",
+            CRTB_FILTERS,
+        ),
+        BindingScope::Project => (
+            "projectRoleTemplateBinding",
+            "projectroletemplatebindings",
+            PRTB_FILTERS,
+        ),
+    };
+    match rest {
+        [] => match req.method {
+            Method::GET => Ok((200, list(st.binding_map(scope).values(), filters, kind, req, ctx))),
+            Method::POST => {
+                let b = st.create_binding(scope, &req.body_object()?)?;
+                Ok((201, b.render(ctx)))
+            }
+            _ => Err(method_error(req)),
+        },
+        [id] => {
+            let name = id.split_once(':').map_or(*id, |(_, n)| n);
+            match req.method {
+                Method::GET => st
+                    .binding_map(scope)
+                    .get(*id)
+                    .map(|b| (200, b.render(ctx)))
+                    .ok_or_else(|| k8s_not_found(plural, name)),
+                Method::DELETE => st.delete_binding(scope, id).map(|b| (200, b.render(ctx))),
+                _ => Err(method_error(req)),
+            }
+        }
+        _ => Err(ApiError::not_found(format!("{} not found", req.path))),
+    }
+}
+
+fn api_root(ctx: &Ctx) -> Value {
+    let mut links = Map::new();
+    links.insert("self".into(), Value::String(format!("{}/v3", ctx.base)));
+    for c in [
+        "clusters",
+        "projects",
+        "globalRoles",
+        "roleTemplates",
+        "users",
+        "tokens",
+        "principals",
+        "globalRoleBindings",
+        "clusterRoleTemplateBindings",
+        "projectRoleTemplateBindings",
+        "settings",
+    ] {
+        links.insert(c.into(), Value::String(format!("{}/v3/{c}", ctx.base)));
+    }
+    json!({
+        "apiVersion": {"group": "management.cattle.io", "path": "/v3", "version": "v3"},
+        "baseType": "apiRoot",
+        "type": "apiRoot",
+        "id": "v3",
+        "links": links,
+    })
+}
+
+fn token_json(key: &KeyState, ctx: &Ctx) -> Value {
+    let now = Utc::now();
+    let ttl = key
+        .expires_at
+        .map_or(0, |t| (t - key.created).num_milliseconds().max(0));
+    json!({
+        "type": "token",
+        "baseType": "token",
+        "id": key.access_key,
+        "name": key.access_key,
+        "userId": key.owner,
+        "userPrincipal": format!("local://{}", key.owner),
+        "authProvider": "local",
+        "clusterId": key.cluster_id,
+        "created": key.created.to_rfc3339_opts(SecondsFormat::Secs, true),
+        "expiresAt": key.expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default(),
+        "expired": key.expires_at.is_some_and(|t| t <= now),
+        "enabled": true,
+        "current": true,
+        "isDerived": true,
+        "ttl": ttl,
+        "description": "simulator API key",
+        "links": {"self": format!("{}/v3/tokens/{}", ctx.base, key.access_key)},
+    })
+}
+
+fn settings(st: &store::State) -> Vec<(String, String, String)> {
+    vec![
+        ("auth-token-max-ttl-minutes".into(), "129600".into(), "129600".into()),
+        (
+            "password-min-length".into(),
+            st.password_min_length.to_string(),
+            "12".into(),
+        ),
+        ("server-version".into(), format!("v{}.0", st.version), String::new()),
+    ]
+}
+
+fn setting_json(id: &str, value: &str, default: &str, ctx: &Ctx) -> Value {
+    json!({
+        "type": "setting",
+        "baseType": "setting",
+        "id": id,
+        "name": id,
+        "value": value,
+        "default": default,
+        "customized": false,
+        "source": "",
+        "links": {"self": format!("{}/v3/settings/{id}", ctx.base)},
+    })
+}
+
+// ----- Norman collections -----
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Modifier {
+    Eq,
+    Ne,
+    Null,
+    NotNull,
+    In,
+    NotIn,
+}
+
+impl Modifier {
+    fn parse(s: &str) -> Option<Modifier> {
+        Some(match s {
+            "eq" => Modifier::Eq,
+            "ne" => Modifier::Ne,
+            "null" => Modifier::Null,
+            "notnull" => Modifier::NotNull,
+            "in" => Modifier::In,
+            "notin" => Modifier::NotIn,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Modifier::Eq => "eq",
+            Modifier::Ne => "ne",
+            Modifier::Null => "null",
+            Modifier::NotNull => "notnull",
+            Modifier::In => "in",
+            Modifier::NotIn => "notin",
+        }
+    }
+}
+
+struct Condition {
+    field: &'static str,
+    modifier: Modifier,
+    values: Vec<String>,
+}
+
+impl Condition {
+    fn matches(&self, value: Option<String>) -> bool {
+        let v = value.unwrap_or_default();
+        match self.modifier {
+            Modifier::Eq => self.values.iter().all(|x| *x == v),
+            Modifier::Ne => self.values.iter().all(|x| *x != v),
+            Modifier::Null => v.is_empty(),
+            Modifier::NotNull => !v.is_empty(),
+            Modifier::In => self.values.contains(&v),
+            Modifier::NotIn => !self.values.contains(&v),
+        }
+    }
+}
+
+/// The query's conditions on known fields with known modifiers. Anything else is silently
+/// ignored, as Norman does.
+fn conditions(query: &[(String, String)], filters: &[&'static str]) -> Vec<Condition> {
+    let mut out: Vec<Condition> = Vec::new();
+    for (k, v) in query {
+        let (name, modifier) = match k.split_once('_') {
+            Some((n, m)) => match Modifier::parse(m) {
+                Some(m) => (n, m),
+                None => continue,
+            },
+            None => (k.as_str(), Modifier::Eq),
+        };
+        let Some(field) = filters.iter().copied().find(|f| *f == name) else {
+            continue;
+        };
+        match out.iter_mut().find(|c| c.field == field && c.modifier == modifier) {
+            Some(c) => c.values.push(v.clone()),
+            None => out.push(Condition {
+                field,
+                modifier,
+                values: vec![v.clone()],
+            }),
+        }
+    }
+    out
+}
+
+const DEFAULT_LIMIT: i64 = 1000;
+const MAX_LIMIT: i64 = 10_000;
+
+fn limit_of(req: &Req) -> i64 {
+    match req.param("limit").map(|l| l.trim().parse::<i64>()) {
+        Some(Ok(-1)) => MAX_LIMIT,
+        Some(Ok(l)) if l > MAX_LIMIT => MAX_LIMIT,
+        Some(Ok(l)) if l >= 0 => l,
+        _ => DEFAULT_LIMIT,
+    }
+}
+
+/// Norman's list: filter, sort (by `id` unless `sort=`), then slice from `marker` (restarting at
+/// item 0 when the marker id is not in the list), with `next` as a full URL.
+fn list<'a, T: Item + 'a>(
+    items: impl Iterator<Item = &'a T>,
+    filters: &[&'static str],
+    resource_type: &str,
+    req: &Req,
+    ctx: &Ctx,
+) -> Value {
+    let conds = conditions(&req.query, filters);
+    let mut matched: Vec<&T> = items
+        .filter(|it| conds.iter().all(|c| c.matches(it.field(c.field, ctx))))
+        .collect();
+    let sort = req
+        .param("sort")
+        .and_then(|s| filters.iter().copied().find(|f| *f == s && *f != "id"));
+    if let Some(field) = sort {
+        matched.sort_by_cached_key(|it| it.field(field, ctx).unwrap_or_default());
+    }
+    let desc = req.param("order") == Some("desc");
+    if desc {
+        matched.reverse();
+    }
+
+    let limit = limit_of(req);
+    let total = matched.len() as i64;
+    let mut pagination = Map::new();
+    let marker = req.param("marker").filter(|m| !m.is_empty());
+    if let Some(m) = marker {
+        pagination.insert("marker".into(), Value::String(m.to_string()));
+    }
+    pagination.insert("limit".into(), Value::from(limit));
+    pagination.insert("total".into(), Value::from(total));
+    let mut page: &[&T] = &[];
+    if total > 0 {
+        let start = marker
+            .and_then(|m| matched.iter().position(|it| it.id() == m))
+            .unwrap_or(0) as i64;
+        let previous = (start - limit).max(0);
+        let next = (start + limit).min(total);
+        let link = |i: i64| Value::String(req.url_with(Some(matched[i as usize].id())));
+        if previous < start {
+            pagination.insert("previous".into(), link(previous));
+        }
+        if next > start && next < total {
+            pagination.insert("next".into(), link(next));
+        }
+        if start > 0 || next < total {
+            pagination.insert("partial".into(), Value::Bool(true));
+            pagination.insert("first".into(), link(0));
+            let last = total - limit;
+            if last > 0 && last < total {
+                pagination.insert("last".into(), link(last));
+            }
+        }
+        page = &matched[start as usize..next as usize];
+    }
+    let data: Vec<Value> = page.iter().map(|it| it.render(ctx)).collect();
+
+    let mut filter_json = Map::new();
+    for f in filters {
+        let given: Vec<Value> = conds
+            .iter()
+            .filter(|c| c.field == *f)
+            .flat_map(|c| {
+                c.values
+                    .iter()
+                    .map(|v| json!({"modifier": c.modifier.name(), "value": v}))
+            })
+            .collect();
+        filter_json.insert(
+            (*f).to_string(),
+            if given.is_empty() {
+                Value::Null
+            } else {
+                Value::Array(given)
+            },
+        );
+    }
+    let sort_json = json!({"name": sort.unwrap_or("id"), "order": if desc { "desc" } else { "asc" }});
+    let mut v = collection(resource_type, data, req, Some(Value::Object(pagination)));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("filters".into(), Value::Object(filter_json));
+        obj.insert("sort".into(), sort_json);
+    }
+    v
+}
+
+fn collection(resource_type: &str, data: Vec<Value>, req: &Req, pagination: Option<Value>) -> Value {
+    let mut m = Map::new();
+    m.insert("type".into(), Value::String("collection".into()));
+    m.insert("links".into(), json!({"self": req.current_url()}));
+    m.insert("createTypes".into(), json!({}));
+    m.insert("actions".into(), json!({}));
+    if let Some(p) = pagination {
+        m.insert("pagination".into(), p);
+    }
+    m.insert("resourceType".into(), Value::String(resource_type.into()));
+    m.insert("data".into(), Value::Array(data));
+    Value::Object(m)
+}

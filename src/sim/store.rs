@@ -1,0 +1,1301 @@
+//! The simulator's in-memory objects, the write rules of the real server (validation, duplicate
+//! checks per version, EnsureUser, cascades) and their Norman JSON shapes.
+//!
+//! Every collection is a `BTreeMap` keyed by id, so listing is already in Norman's default order
+//! (sorted by `id`) and a page costs a filter pass plus rendering the page only.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value, json};
+
+use super::{RancherVersion, SimBinding, SimUser, external_user_id};
+use crate::integrations::BindingScope;
+
+/// A Norman error answer: `{"type":"error","baseType":"error","status":..,"code":..,"message":..}`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn field(mut self, field: &str) -> ApiError {
+        self.field = Some(field.to_string());
+        self
+    }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(404, "NotFound", message)
+    }
+    pub fn invalid_body(message: impl Into<String>) -> ApiError {
+        ApiError::new(422, "InvalidBodyContent", message)
+    }
+    pub fn invalid_reference(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(422, "InvalidReference", message).field(field)
+    }
+    pub fn missing(field: &str) -> ApiError {
+        ApiError::new(422, "MissingRequired", format!("{field} is required")).field(field)
+    }
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "type": "error",
+            "baseType": "error",
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+        });
+        if let (Some(f), Some(obj)) = (&self.field, v.as_object_mut()) {
+            obj.insert("fieldName".into(), Value::String(f.clone()));
+        }
+        v
+    }
+}
+
+/// `{resource}.management.cattle.io "{name}" not found`, as the Kubernetes store says it.
+pub(crate) fn k8s_not_found(resource: &str, name: &str) -> ApiError {
+    ApiError::not_found(format!("{resource}.management.cattle.io \"{name}\" not found"))
+}
+
+/// What rendering needs beyond the object itself.
+pub(crate) struct Ctx<'a> {
+    /// `scheme://host`, for links.
+    pub base: &'a str,
+    /// The API key's owner (`me`).
+    pub owner: &'a str,
+    pub version: RancherVersion,
+    pub now: Instant,
+}
+
+/// A listable object: its id, its filterable fields and its JSON shape.
+pub(crate) trait Item {
+    fn id(&self) -> &str;
+    /// The value of a filterable field (`None` for null). Only called with names the collection
+    /// declares filterable.
+    fn field(&self, name: &str, ctx: &Ctx) -> Option<String>;
+    fn render(&self, ctx: &Ctx) -> Value;
+}
+
+/// splitmix64: small, seeded and deterministic (ids and the large dataset).
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(self.0)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next_u64() % n as u64) as usize
+        }
+    }
+    /// `n` characters of Kubernetes' name alphabet (no vowels, no look-alikes).
+    pub fn name_chars(&mut self, n: usize) -> String {
+        const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        (0..n)
+            .map(|_| char::from(ALPHANUMS[self.below(ALPHANUMS.len())]))
+            .collect()
+    }
+}
+
+/// `prefix` + 5 random name characters, not `taken`.
+pub(crate) fn unique_name(rng: &mut Rng, prefix: &str, taken: impl Fn(&str) -> bool) -> String {
+    loop {
+        let name = format!("{prefix}{}", rng.name_chars(5));
+        if !taken(&name) {
+            return name;
+        }
+    }
+}
+
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn time_json(t: DateTime<Utc>) -> (Value, Value) {
+    (
+        Value::String(t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+        Value::from(t.timestamp_millis()),
+    )
+}
+
+fn map_json(m: &BTreeMap<String, String>) -> Value {
+    Value::Object(m.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+}
+
+fn opt_json(v: &Option<String>) -> Value {
+    v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+}
+
+/// Fields every Norman object carries.
+fn base_object(
+    kind: &str,
+    id: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    created: DateTime<Utc>,
+    self_link: String,
+    removable: bool,
+) -> Map<String, Value> {
+    let (created_s, created_ts) = time_json(created);
+    let mut links = Map::new();
+    links.insert("self".into(), Value::String(self_link.clone()));
+    if removable {
+        links.insert("remove".into(), Value::String(self_link.clone()));
+        links.insert("update".into(), Value::String(self_link));
+    }
+    let mut m = Map::new();
+    m.insert("actions".into(), json!({}));
+    m.insert("annotations".into(), map_json(annotations));
+    m.insert("baseType".into(), Value::String(kind.into()));
+    m.insert("created".into(), created_s);
+    m.insert("createdTS".into(), created_ts);
+    m.insert("creatorId".into(), Value::Null);
+    m.insert("id".into(), Value::String(id.into()));
+    m.insert("labels".into(), map_json(labels));
+    m.insert("links".into(), Value::Object(links));
+    m.insert("name".into(), Value::String(name.into()));
+    m.insert("state".into(), Value::String("active".into()));
+    m.insert("transitioning".into(), Value::String("no".into()));
+    m.insert("transitioningMessage".into(), Value::String(String::new()));
+    m.insert("type".into(), Value::String(kind.into()));
+    m
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Cluster {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub created: DateTime<Utc>,
+    pub provider: String,
+}
+
+impl Item for Cluster {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+        match name {
+            "id" => Some(self.id.clone()),
+            "name" => Some(self.name.clone()),
+            "provider" => Some(self.provider.clone()),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let link = format!("{}/v3/clusters/{}", ctx.base, self.id);
+        let mut m = base_object(
+            "cluster",
+            &self.id,
+            &self.name,
+            &self.labels,
+            &BTreeMap::new(),
+            self.created,
+            link,
+            true,
+        );
+        if let Some(Value::Object(links)) = m.get_mut("links") {
+            links.insert(
+                "namespaces".into(),
+                Value::String(format!("{}/v3/cluster/{}/namespaces", ctx.base, self.id)),
+            );
+            links.insert(
+                "projects".into(),
+                Value::String(format!("{}/v3/projects?clusterId={}", ctx.base, self.id)),
+            );
+            links.insert(
+                "clusterRoleTemplateBindings".into(),
+                Value::String(format!(
+                    "{}/v3/clusterroletemplatebindings?clusterId={}",
+                    ctx.base, self.id
+                )),
+            );
+        }
+        m.insert("provider".into(), Value::String(self.provider.clone()));
+        m.insert("internal".into(), Value::Bool(self.id == "local"));
+        m.insert("description".into(), Value::String(String::new()));
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Project {
+    /// `c-x:p-y`
+    pub id: String,
+    pub cluster_id: String,
+    pub name: String,
+    pub description: String,
+    pub labels: BTreeMap<String, String>,
+    pub created: DateTime<Utc>,
+    /// Created on Rancher 2.12+: its backing namespace (and PRTB namespace) is `c-x-p-y`.
+    pub new_namespace: bool,
+}
+
+impl Project {
+    /// The `p-y` part.
+    pub fn short(&self) -> &str {
+        self.id.split_once(':').map_or(self.id.as_str(), |(_, p)| p)
+    }
+    /// The namespace holding this project's PRTBs: `p-y`, or `c-x-p-y` for projects created on
+    /// 2.12+ (only possible when the simulated version is 2.12+).
+    pub fn prtb_namespace(&self, version: RancherVersion) -> String {
+        if self.new_namespace && version.minor >= 12 {
+            format!("{}-{}", self.cluster_id, self.short())
+        } else {
+            self.short().to_string()
+        }
+    }
+}
+
+impl Item for Project {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+        match name {
+            "id" => Some(self.id.clone()),
+            "name" => Some(self.name.clone()),
+            "clusterId" => Some(self.cluster_id.clone()),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let link = format!("{}/v3/projects/{}", ctx.base, self.id);
+        let mut m = base_object(
+            "project",
+            &self.id,
+            &self.name,
+            &self.labels,
+            &BTreeMap::new(),
+            self.created,
+            link,
+            true,
+        );
+        m.insert("clusterId".into(), Value::String(self.cluster_id.clone()));
+        m.insert("description".into(), Value::String(self.description.clone()));
+        m.insert("namespaceId".into(), Value::String(self.cluster_id.clone()));
+        if ctx.version.minor >= 12 {
+            m.insert(
+                "backingNamespace".into(),
+                Value::String(self.prtb_namespace(ctx.version)),
+            );
+        }
+        if let Some(Value::Object(links)) = m.get_mut("links") {
+            links.insert(
+                "projectRoleTemplateBindings".into(),
+                Value::String(format!(
+                    "{}/v3/projectroletemplatebindings?projectId={}",
+                    ctx.base, self.id
+                )),
+            );
+        }
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Namespace {
+    pub name: String,
+    pub cluster_id: String,
+    /// `c-x:p-y`, or `None` for a namespace in no project.
+    pub project_id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub created: DateTime<Utc>,
+}
+
+impl Item for Namespace {
+    fn id(&self) -> &str {
+        &self.name
+    }
+    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+        match name {
+            "id" | "name" => Some(self.name.clone()),
+            "projectId" => self.project_id.clone(),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let link = format!("{}/v3/cluster/{}/namespaces/{}", ctx.base, self.cluster_id, self.name);
+        let mut labels = self.labels.clone();
+        let mut annotations = BTreeMap::new();
+        labels.insert("kubernetes.io/metadata.name".into(), self.name.clone());
+        if let Some(p) = &self.project_id {
+            let short = p.split_once(':').map_or(p.as_str(), |(_, s)| s);
+            labels.insert("field.cattle.io/projectId".into(), short.to_string());
+            annotations.insert("field.cattle.io/projectId".into(), p.clone());
+        }
+        let mut m = base_object(
+            "namespace",
+            &self.name,
+            &self.name,
+            &labels,
+            &annotations,
+            self.created,
+            link,
+            true,
+        );
+        m.insert("projectId".into(), opt_json(&self.project_id));
+        m.insert("baseType".into(), Value::String("namespace".into()));
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct GlobalRole {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub builtin: bool,
+    pub new_user_default: bool,
+    pub created: DateTime<Utc>,
+}
+
+impl Item for GlobalRole {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+        match name {
+            "id" => Some(self.id.clone()),
+            "name" => Some(self.name.clone()),
+            "builtin" => Some(self.builtin.to_string()),
+            "newUserDefault" => Some(self.new_user_default.to_string()),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let link = format!("{}/v3/globalRoles/{}", ctx.base, self.id);
+        let mut m = base_object(
+            "globalRole",
+            &self.id,
+            &self.name,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            self.created,
+            link,
+            !self.builtin,
+        );
+        m.insert("builtin".into(), Value::Bool(self.builtin));
+        m.insert("newUserDefault".into(), Value::Bool(self.new_user_default));
+        m.insert("description".into(), Value::String(self.description.clone()));
+        m.insert("inheritedClusterRoles".into(), json!([]));
+        m.insert("rules".into(), json!([]));
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct RoleTemplate {
+    pub id: String,
+    pub name: String,
+    /// `cluster`, `project` or empty.
+    pub context: String,
+    pub builtin: bool,
+    pub locked: bool,
+    pub hidden: bool,
+    pub description: String,
+    pub created: DateTime<Utc>,
+}
+
+impl Item for RoleTemplate {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+        match name {
+            "id" => Some(self.id.clone()),
+            "name" => Some(self.name.clone()),
+            "context" => Some(self.context.clone()),
+            "locked" => Some(self.locked.to_string()),
+            "hidden" => Some(self.hidden.to_string()),
+            "builtin" => Some(self.builtin.to_string()),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let link = format!("{}/v3/roleTemplates/{}", ctx.base, self.id);
+        let mut m = base_object(
+            "roleTemplate",
+            &self.id,
+            &self.name,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            self.created,
+            link,
+            !self.builtin,
+        );
+        m.insert("context".into(), Value::String(self.context.clone()));
+        m.insert("builtin".into(), Value::Bool(self.builtin));
+        m.insert("locked".into(), Value::Bool(self.locked));
+        m.insert("hidden".into(), Value::Bool(self.hidden));
+        m.insert("external".into(), Value::Bool(false));
+        m.insert("administrative".into(), Value::Bool(false));
+        m.insert("clusterCreatorDefault".into(), Value::Bool(self.id == "cluster-owner"));
+        m.insert("projectCreatorDefault".into(), Value::Bool(self.id == "project-owner"));
+        m.insert("description".into(), Value::String(self.description.clone()));
+        m.insert("roleTemplateIds".into(), json!([]));
+        m.insert("rules".into(), json!([]));
+        Value::Object(m)
+    }
+}
+
+/// A user. Holds the password (write-only on the wire); deliberately not `Debug`.
+#[derive(Clone)]
+pub(crate) struct User {
+    pub id: String,
+    pub username: Option<String>,
+    pub name: String,
+    pub description: String,
+    pub principal_ids: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub enabled: bool,
+    pub must_change_password: bool,
+    pub password: Option<String>,
+    pub created: DateTime<Utc>,
+}
+
+impl User {
+    pub fn to_sim(&self) -> SimUser {
+        SimUser {
+            id: self.id.clone(),
+            username: self.username.clone(),
+            name: self.name.clone(),
+            principal_ids: self.principal_ids.clone(),
+            labels: self.labels.clone(),
+            description: self.description.clone(),
+            must_change_password: self.must_change_password,
+            enabled: self.enabled,
+            password_set: self.password.is_some(),
+        }
+    }
+}
+
+impl Item for User {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn field(&self, name: &str, ctx: &Ctx) -> Option<String> {
+        match name {
+            "id" => Some(self.id.clone()),
+            "username" => self.username.clone(),
+            "me" => Some((self.id == ctx.owner).to_string()),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let link = format!("{}/v3/users/{}", ctx.base, self.id);
+        let mut m = base_object(
+            "user",
+            &self.id,
+            &self.name,
+            &self.labels,
+            &self.annotations,
+            self.created,
+            link.clone(),
+            true,
+        );
+        m.insert(
+            "actions".into(),
+            json!({
+                "refreshauthprovideraccess": format!("{link}?action=refreshauthprovideraccess"),
+                "setpassword": format!("{link}?action=setpassword"),
+            }),
+        );
+        if let Some(Value::Object(links)) = m.get_mut("links") {
+            links.insert(
+                "globalRoleBindings".into(),
+                Value::String(format!("{}/v3/globalrolebindings?userId={}", ctx.base, self.id)),
+            );
+            links.insert(
+                "tokens".into(),
+                Value::String(format!("{}/v3/tokens?userId={}", ctx.base, self.id)),
+            );
+        }
+        if let Some(u) = &self.username {
+            m.insert("username".into(), Value::String(u.clone()));
+        }
+        m.insert("description".into(), Value::String(self.description.clone()));
+        m.insert("principalIds".into(), json!(self.principal_ids));
+        m.insert("enabled".into(), Value::Bool(self.enabled));
+        m.insert("mustChangePassword".into(), Value::Bool(self.must_change_password));
+        m.insert("me".into(), Value::Bool(self.id == ctx.owner));
+        if !self.enabled {
+            m.insert("state".into(), Value::String("inactive".into()));
+        }
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Binding {
+    pub id: String,
+    pub name: String,
+    pub scope: BindingScope,
+    pub role_id: String,
+    /// `global`, a cluster id or a project id.
+    pub resource_id: String,
+    pub user_id: Option<String>,
+    pub user_principal_id: Option<String>,
+    pub group_principal_id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub created: DateTime<Utc>,
+    /// `status.summary` is `InProgress` until then.
+    pub settles_at: Option<Instant>,
+}
+
+impl Binding {
+    pub fn to_sim(&self) -> SimBinding {
+        SimBinding {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            scope: self.scope,
+            role_id: self.role_id.clone(),
+            resource_id: self.resource_id.clone(),
+            user_id: self.user_id.clone(),
+            user_principal_id: self.user_principal_id.clone(),
+            group_principal_id: self.group_principal_id.clone(),
+        }
+    }
+
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self.scope {
+            BindingScope::Global => ("globalRoleBinding", "globalRoleBindings"),
+            BindingScope::Cluster => ("clusterRoleTemplateBinding", "clusterRoleTemplateBindings"),
+            BindingScope::Project => ("projectRoleTemplateBinding", "projectRoleTemplateBindings"),
+        }
+    }
+
+    fn same_subject(&self, user_id: &Option<String>, upid: &Option<String>, gpid: &Option<String>) -> bool {
+        let eq = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+        eq(&self.user_id, user_id) || eq(&self.user_principal_id, upid) || eq(&self.group_principal_id, gpid)
+    }
+}
+
+impl Item for Binding {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+        match (name, self.scope) {
+            ("id", _) => Some(self.id.clone()),
+            ("name", _) => Some(self.name.clone()),
+            ("globalRoleId", BindingScope::Global) => Some(self.role_id.clone()),
+            ("roleTemplateId", BindingScope::Cluster | BindingScope::Project) => Some(self.role_id.clone()),
+            ("clusterId", BindingScope::Cluster) => Some(self.resource_id.clone()),
+            ("projectId", BindingScope::Project) => Some(self.resource_id.clone()),
+            ("userId", _) => self.user_id.clone(),
+            ("userPrincipalId", _) => self.user_principal_id.clone(),
+            ("groupPrincipalId", _) => self.group_principal_id.clone(),
+            _ => None,
+        }
+    }
+    fn render(&self, ctx: &Ctx) -> Value {
+        let (kind, plural) = self.kind();
+        let link = format!("{}/v3/{}/{}", ctx.base, plural, self.id);
+        let mut m = base_object(
+            kind,
+            &self.id,
+            &self.name,
+            &self.labels,
+            &BTreeMap::new(),
+            self.created,
+            link,
+            true,
+        );
+        match self.scope {
+            BindingScope::Global => {
+                m.insert("globalRoleId".into(), Value::String(self.role_id.clone()));
+            }
+            BindingScope::Cluster => {
+                m.insert("clusterId".into(), Value::String(self.resource_id.clone()));
+                m.insert("roleTemplateId".into(), Value::String(self.role_id.clone()));
+                m.insert("groupId".into(), Value::Null);
+                m.insert("namespaceId".into(), Value::Null);
+            }
+            BindingScope::Project => {
+                m.insert("projectId".into(), Value::String(self.resource_id.clone()));
+                m.insert("roleTemplateId".into(), Value::String(self.role_id.clone()));
+                m.insert("groupId".into(), Value::Null);
+                m.insert("namespaceId".into(), Value::Null);
+                m.insert("serviceAccount".into(), Value::Null);
+            }
+        }
+        m.insert("userId".into(), opt_json(&self.user_id));
+        m.insert("userPrincipalId".into(), opt_json(&self.user_principal_id));
+        m.insert("groupPrincipalId".into(), opt_json(&self.group_principal_id));
+        if ctx.version.minor >= 11 {
+            let settled = self.settles_at.is_none_or(|t| ctx.now >= t);
+            let summary = if settled { "Completed" } else { "InProgress" };
+            let mut status = json!({
+                "summary": summary,
+                "summaryLocal": summary,
+                "localConditions": [],
+            });
+            if self.scope != BindingScope::Global
+                && let Some(obj) = status.as_object_mut()
+            {
+                obj.insert("summaryRemote".into(), Value::String(summary.into()));
+                obj.insert("remoteConditions".into(), json!([]));
+            }
+            m.insert("status".into(), status);
+        }
+        Value::Object(m)
+    }
+}
+
+/// A principal an auth provider knows (the local provider's come from the users).
+#[derive(Debug, Clone)]
+pub(crate) struct Principal {
+    pub id: String,
+    pub name: String,
+    pub login_name: String,
+    /// `user` or `group`.
+    pub principal_type: String,
+}
+
+impl Principal {
+    pub fn provider(&self) -> &str {
+        self.id
+            .split_once("://")
+            .map_or("local", |(p, _)| p.rsplit_once('_').map_or(p, |(prov, _)| prov))
+    }
+    pub fn render(&self, ctx: &Ctx) -> Value {
+        let me = self.id == format!("local://{}", ctx.owner);
+        json!({
+            "baseType": "principal",
+            "type": "principal",
+            "id": self.id,
+            "links": {"self": format!("{}/v3/principals/{}", ctx.base, self.id.replace('/', "%2F"))},
+            "loginName": self.login_name,
+            "name": self.name,
+            "me": me,
+            "memberOf": false,
+            "principalType": self.principal_type,
+            "provider": self.provider(),
+            "profilePicture": "",
+            "profileURL": "",
+        })
+    }
+}
+
+/// Everything the simulator holds.
+pub(crate) struct State {
+    pub version: RancherVersion,
+    pub settle: Duration,
+    pub resolve_external: bool,
+    pub password_min_length: usize,
+    pub clusters: BTreeMap<String, Cluster>,
+    pub projects: BTreeMap<String, Project>,
+    /// Per cluster id, namespaces by name.
+    pub namespaces: BTreeMap<String, BTreeMap<String, Namespace>>,
+    pub global_roles: BTreeMap<String, GlobalRole>,
+    pub role_templates: BTreeMap<String, RoleTemplate>,
+    pub users: BTreeMap<String, User>,
+    pub grbs: BTreeMap<String, Binding>,
+    pub crtbs: BTreeMap<String, Binding>,
+    pub prtbs: BTreeMap<String, Binding>,
+    /// External principals the key owner's auth provider can resolve.
+    pub directory: BTreeMap<String, Principal>,
+    pub rng: Rng,
+}
+
+/// `field` of a JSON body as a string: absent, null and "" are `None`; another type is 422.
+fn opt_str(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::new(422, "InvalidType", format!("{field}: expected a string")).field(field)),
+    }
+}
+
+fn opt_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(s)) if s == "true" || s == "false" => Ok(Some(s == "true")),
+        Some(_) => Err(ApiError::new(422, "InvalidType", format!("{field}: expected a boolean")).field(field)),
+    }
+}
+
+fn opt_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<String, String>>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(ApiError::new(422, "InvalidType", format!("{field}.{k}: expected a string")).field(field)),
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map(Some),
+        Some(_) => Err(ApiError::new(422, "InvalidType", format!("{field}: expected a map of strings")).field(field)),
+    }
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain).
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 253
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+impl State {
+    pub fn ctx<'a>(&self, base: &'a str, owner: &'a str) -> Ctx<'a> {
+        Ctx {
+            base,
+            owner,
+            version: self.version,
+            now: Instant::now(),
+        }
+    }
+
+    pub fn binding_map(&self, scope: BindingScope) -> &BTreeMap<String, Binding> {
+        match scope {
+            BindingScope::Global => &self.grbs,
+            BindingScope::Cluster => &self.crtbs,
+            BindingScope::Project => &self.prtbs,
+        }
+    }
+
+    fn binding_map_mut(&mut self, scope: BindingScope) -> &mut BTreeMap<String, Binding> {
+        match scope {
+            BindingScope::Global => &mut self.grbs,
+            BindingScope::Cluster => &mut self.crtbs,
+            BindingScope::Project => &mut self.prtbs,
+        }
+    }
+
+    pub fn user_principal(&self, user: &User) -> Principal {
+        let id = user
+            .principal_ids
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("local://{}", user.id));
+        match self.directory.get(&id) {
+            Some(p) => p.clone(),
+            None => Principal {
+                id,
+                name: user.name.clone(),
+                login_name: user.username.clone().unwrap_or_default(),
+                principal_type: "user".into(),
+            },
+        }
+    }
+
+    /// `GET /v3/principals/{id}` as the key owner's provider resolves it.
+    pub fn principal(&self, id: &str) -> Option<Principal> {
+        if let Some(uid) = id.strip_prefix("local://") {
+            return self.users.get(uid).map(|u| Principal {
+                id: id.to_string(),
+                name: u.name.clone(),
+                login_name: u.username.clone().unwrap_or_default(),
+                principal_type: "user".into(),
+            });
+        }
+        if !self.resolve_external {
+            return None;
+        }
+        if let Some(p) = self.directory.get(id) {
+            return Some(p.clone());
+        }
+        self.users
+            .values()
+            .find(|u| u.principal_ids.iter().any(|p| p == id))
+            .map(|u| self.user_principal(u))
+    }
+
+    /// `POST /v3/principals?action=search`: case-insensitive substring of login name or name.
+    pub fn search_principals(&self, name: &str, principal_type: Option<&str>) -> Vec<Principal> {
+        let needle = name.to_lowercase();
+        let wanted = |p: &Principal| {
+            principal_type.is_none_or(|t| t == p.principal_type)
+                && (p.login_name.to_lowercase().contains(&needle) || p.name.to_lowercase().contains(&needle))
+        };
+        let mut found: BTreeMap<String, Principal> = BTreeMap::new();
+        for u in self.users.values() {
+            let local = u.principal_ids.iter().any(|p| p.starts_with("local://"));
+            if local || self.resolve_external {
+                let p = self.user_principal(u);
+                if (local || !p.id.starts_with("local://")) && wanted(&p) {
+                    found.insert(p.id.clone(), p);
+                }
+            }
+        }
+        if self.resolve_external {
+            for p in self.directory.values().filter(|p| wanted(p)) {
+                found.insert(p.id.clone(), p.clone());
+            }
+        }
+        found.into_values().collect()
+    }
+
+    // ----- users -----
+
+    fn check_password(&self, username: Option<&str>, password: &str) -> Result<(), ApiError> {
+        if password.chars().count() < self.password_min_length {
+            return Err(ApiError::invalid_body(format!(
+                "Password must be at least {} characters",
+                self.password_min_length
+            )));
+        }
+        if username == Some(password) {
+            return Err(ApiError::invalid_body("Password cannot be the same as username"));
+        }
+        Ok(())
+    }
+
+    pub fn create_user(&mut self, body: &Map<String, Value>) -> Result<User, ApiError> {
+        let username = opt_str(body, "username")?.ok_or_else(|| ApiError::missing("username"))?;
+        if self
+            .users
+            .values()
+            .any(|u| u.username.as_deref() == Some(username.as_str()))
+        {
+            return Err(ApiError::new(422, "NotUnique", "Username is already in use.").field("username"));
+        }
+        let password = opt_str(body, "password")?.unwrap_or_default();
+        self.check_password(Some(&username), &password)?;
+        let users = &self.users;
+        let id = unique_name(&mut self.rng, "u-", |n| users.contains_key(n));
+        let user = User {
+            principal_ids: vec![format!("local://{id}")],
+            id: id.clone(),
+            name: opt_str(body, "name")?.unwrap_or_default(),
+            description: opt_str(body, "description")?.unwrap_or_default(),
+            username: Some(username),
+            labels: opt_map(body, "labels")?.unwrap_or_default(),
+            annotations: opt_map(body, "annotations")?.unwrap_or_default(),
+            enabled: opt_bool(body, "enabled")?.unwrap_or(true),
+            must_change_password: opt_bool(body, "mustChangePassword")?.unwrap_or(false),
+            password: Some(password),
+            created: Utc::now(),
+        };
+        self.users.insert(id, user.clone());
+        Ok(user)
+    }
+
+    pub fn update_user(&mut self, id: &str, body: &Map<String, Value>, owner: &str) -> Result<User, ApiError> {
+        let name = opt_str(body, "name")?;
+        let description = body
+            .get("description")
+            .map(|_| opt_str(body, "description"))
+            .transpose()?;
+        let labels = opt_map(body, "labels")?;
+        let annotations = opt_map(body, "annotations")?;
+        let enabled = opt_bool(body, "enabled")?;
+        let must_change = opt_bool(body, "mustChangePassword")?;
+        if id == owner && enabled == Some(false) {
+            return Err(ApiError::new(422, "InvalidAction", "You cannot deactivate yourself"));
+        }
+        let user = self.users.get_mut(id).ok_or_else(|| k8s_not_found("users", id))?;
+        if let Some(n) = name {
+            user.name = n;
+        }
+        if let Some(d) = description {
+            user.description = d.unwrap_or_default();
+        }
+        if let Some(l) = labels {
+            user.labels = l;
+        }
+        if let Some(a) = annotations {
+            user.annotations = a;
+        }
+        if let Some(e) = enabled {
+            user.enabled = e;
+        }
+        if let Some(m) = must_change {
+            user.must_change_password = m;
+        }
+        Ok(user.clone())
+    }
+
+    /// Deletes the user and, as Rancher's controller does, its GRBs, CRTBs and PRTBs.
+    pub fn delete_user(&mut self, id: &str, owner: &str) -> Result<User, ApiError> {
+        if id == owner {
+            return Err(ApiError::new(422, "InvalidAction", "You cannot delete yourself"));
+        }
+        let user = self.users.remove(id).ok_or_else(|| k8s_not_found("users", id))?;
+        for map in [&mut self.grbs, &mut self.crtbs, &mut self.prtbs] {
+            map.retain(|_, b| b.user_id.as_deref() != Some(id));
+        }
+        Ok(user)
+    }
+
+    pub fn set_password(&mut self, id: &str, body: &Map<String, Value>) -> Result<User, ApiError> {
+        let username = self
+            .users
+            .get(id)
+            .ok_or_else(|| k8s_not_found("users", id))?
+            .username
+            .clone();
+        let password = opt_str(body, "newPassword")?.ok_or_else(|| ApiError::missing("newPassword"))?;
+        self.check_password(username.as_deref(), &password)?;
+        let user = self.users.get_mut(id).ok_or_else(|| k8s_not_found("users", id))?;
+        user.password = Some(password);
+        user.must_change_password = false;
+        Ok(user.clone())
+    }
+
+    pub fn add_user(&mut self, u: SimUser) -> Result<(), String> {
+        if self.users.contains_key(&u.id) {
+            return Err(format!("user id {} is in use", u.id));
+        }
+        if u.username.is_some() && self.users.values().any(|x| x.username == u.username) {
+            return Err(format!("username {:?} is in use", u.username));
+        }
+        self.users.insert(
+            u.id.clone(),
+            User {
+                id: u.id,
+                username: u.username,
+                name: u.name,
+                description: u.description,
+                principal_ids: u.principal_ids,
+                labels: u.labels,
+                annotations: BTreeMap::new(),
+                enabled: u.enabled,
+                must_change_password: u.must_change_password,
+                password: None,
+                created: Utc::now(),
+            },
+        );
+        Ok(())
+    }
+
+    // ----- bindings -----
+
+    /// The existing user behind a `userPrincipalId` (`None`: EnsureUser will create it), or the
+    /// error Rancher gives when the principal cannot be resolved.
+    fn principal_user(&self, principal: &str) -> Result<Option<String>, ApiError> {
+        if let Some(uid) = principal.strip_prefix("local://") {
+            return if self.users.contains_key(uid) {
+                Ok(Some(uid.to_string()))
+            } else {
+                Err(ApiError::invalid_reference(
+                    "userPrincipalId",
+                    format!("principal {principal} not found: no local user {uid}"),
+                ))
+            };
+        }
+        if let Some(u) = self
+            .users
+            .values()
+            .find(|u| u.principal_ids.iter().any(|p| p == principal))
+        {
+            return Ok(Some(u.id.clone()));
+        }
+        if !self.resolve_external {
+            return Err(ApiError::new(
+                500,
+                "ServerError",
+                format!("error getting principal {principal}: the API key's auth provider (local) cannot resolve it"),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// EnsureUser: the user behind a `userPrincipalId`, created (external) when missing.
+    fn ensure_user(&mut self, principal: &str) -> Result<String, ApiError> {
+        if let Some(id) = self.principal_user(principal)? {
+            return Ok(id);
+        }
+        let id = external_user_id(principal);
+        let name = self
+            .directory
+            .get(principal)
+            .map_or_else(|| principal.to_string(), |p| p.name.clone());
+        self.users.insert(
+            id.clone(),
+            User {
+                id: id.clone(),
+                username: None,
+                name,
+                description: String::new(),
+                principal_ids: vec![principal.to_string()],
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+                enabled: true,
+                must_change_password: false,
+                password: None,
+                created: Utc::now(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// `POST /v3/{globalrolebindings|clusterroletemplatebindings|projectroletemplatebindings}`.
+    pub fn create_binding(&mut self, scope: BindingScope, body: &Map<String, Value>) -> Result<Binding, ApiError> {
+        let name = opt_str(body, "name")?;
+        let mut user_id = opt_str(body, "userId")?;
+        let mut upid = opt_str(body, "userPrincipalId")?;
+        let gpid = opt_str(body, "groupPrincipalId")?;
+        let group_id = opt_str(body, "groupId")?;
+
+        // Subject, role and resource (Norman validators).
+        let (role_id, resource_id, namespace) = match scope {
+            BindingScope::Global => {
+                if user_id.is_some() == gpid.is_some() {
+                    return Err(ApiError::invalid_body(
+                        "must target a user [userId] OR a group [groupPrincipalId]; userPrincipalId alone is not accepted",
+                    ));
+                }
+                let role = opt_str(body, "globalRoleId")?.ok_or_else(|| ApiError::missing("globalRoleId"))?;
+                if !self.global_roles.contains_key(&role) {
+                    return Err(ApiError::invalid_reference(
+                        "globalRoleId",
+                        format!("globalroles.management.cattle.io \"{role}\" not found"),
+                    ));
+                }
+                (role, "global".to_string(), None)
+            }
+            BindingScope::Cluster | BindingScope::Project => {
+                let has_user = user_id.is_some() || upid.is_some();
+                let has_group = gpid.is_some() || group_id.is_some();
+                if has_user == has_group {
+                    return Err(ApiError::invalid_body(
+                        "must target a user [userId]/[userPrincipalId] OR a group [groupId]/[groupPrincipalId]",
+                    ));
+                }
+                let (context, resource_field) = if scope == BindingScope::Cluster {
+                    ("cluster", "clusterId")
+                } else {
+                    ("project", "projectId")
+                };
+                let role = opt_str(body, "roleTemplateId")?.ok_or_else(|| ApiError::missing("roleTemplateId"))?;
+                let rt = self.role_templates.get(&role).ok_or_else(|| {
+                    ApiError::invalid_reference(
+                        "roleTemplateId",
+                        format!("roletemplates.management.cattle.io \"{role}\" not found"),
+                    )
+                })?;
+                if rt.locked {
+                    return Err(
+                        ApiError::new(422, "InvalidState", "Role is locked and cannot be assigned")
+                            .field("roleTemplateId"),
+                    );
+                }
+                if rt.context != context {
+                    return Err(ApiError::invalid_body(format!(
+                        "Cannot reference context [{}] from [{context}] context",
+                        rt.context
+                    ))
+                    .field("roleTemplateId"));
+                }
+                let resource = opt_str(body, resource_field)?.ok_or_else(|| ApiError::missing(resource_field))?;
+                let namespace = if scope == BindingScope::Cluster {
+                    if !self.clusters.contains_key(&resource) {
+                        return Err(ApiError::invalid_reference(
+                            "clusterId",
+                            format!("clusters.management.cattle.io \"{resource}\" not found"),
+                        ));
+                    }
+                    resource.clone()
+                } else {
+                    let project = self.projects.get(&resource).ok_or_else(|| {
+                        ApiError::invalid_reference(
+                            "projectId",
+                            format!("projects.management.cattle.io \"{resource}\" not found"),
+                        )
+                    })?;
+                    project.prtb_namespace(self.version)
+                };
+                (role, resource, Some(namespace))
+            }
+        };
+        if let Some(uid) = &user_id
+            && !self.users.contains_key(uid)
+        {
+            return Err(ApiError::invalid_reference(
+                "userId",
+                format!("users.management.cattle.io \"{uid}\" not found"),
+            ));
+        }
+        if let Some(n) = &name
+            && !valid_name(n)
+        {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!(
+                    "metadata.name: Invalid value: \"{n}\": a lowercase RFC 1123 subdomain must consist of lower case \
+                     alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+                ),
+            )
+            .field("name"));
+        }
+        let id_of = |n: &str| match &namespace {
+            Some(ns) => format!("{ns}:{n}"),
+            None => n.to_string(),
+        };
+        let plural = match scope {
+            BindingScope::Global => "globalrolebindings",
+            BindingScope::Cluster => "clusterroletemplatebindings",
+            BindingScope::Project => "projectroletemplatebindings",
+        };
+        if let Some(n) = &name
+            && self.binding_map(scope).contains_key(&id_of(n))
+        {
+            return Err(ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{plural}.management.cattle.io \"{n}\" already exists"),
+            ));
+        }
+
+        // EnsureUser (the controller's job, done at once here) so duplicates compare resolved users.
+        let pending_user = match (&user_id, &upid) {
+            (None, Some(p)) => Some(p.clone()),
+            _ => None,
+        };
+        let resolved_user = match &pending_user {
+            Some(p) => self.principal_user(p)?,
+            None => user_id.clone(),
+        };
+
+        // The admission webhook's duplicate check (2.14+ for CRTBs, 2.15+ for PRTBs).
+        let webhook_blocks = match scope {
+            BindingScope::Global => false,
+            BindingScope::Cluster => self.version.minor >= 14,
+            BindingScope::Project => self.version.minor >= 15,
+        };
+        if webhook_blocks {
+            let group = gpid.clone().or_else(|| group_id.clone());
+            let dup = self.binding_map(scope).values().any(|b| {
+                b.role_id == role_id && b.resource_id == resource_id && b.same_subject(&resolved_user, &upid, &group)
+            });
+            if dup {
+                let short = if scope == BindingScope::Cluster { "crtb" } else { "prtb" };
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "admission webhook \"rancher.cattle.io.{plural}.management.cattle.io\" denied the request: \
+                         duplicate {short} not allowed"
+                    ),
+                ));
+            }
+        }
+
+        if let Some(p) = &pending_user {
+            user_id = Some(self.ensure_user(p)?);
+        }
+        if upid.is_none()
+            && let Some(uid) = &user_id
+        {
+            upid = self.users.get(uid).and_then(|u| u.principal_ids.first().cloned());
+        }
+        let prefix = match scope {
+            BindingScope::Global => "grb-",
+            BindingScope::Cluster => "crtb-",
+            BindingScope::Project => "prtb-",
+        };
+        let name = match name {
+            Some(n) => n,
+            None => {
+                let map = match scope {
+                    BindingScope::Global => &self.grbs,
+                    BindingScope::Cluster => &self.crtbs,
+                    BindingScope::Project => &self.prtbs,
+                };
+                unique_name(&mut self.rng, prefix, |n| map.contains_key(&id_of(n)))
+            }
+        };
+        let settle = self.settle;
+        let binding = Binding {
+            id: id_of(&name),
+            name,
+            scope,
+            role_id,
+            resource_id,
+            user_id,
+            user_principal_id: upid,
+            group_principal_id: gpid.or(group_id),
+            labels: BTreeMap::new(),
+            created: Utc::now(),
+            settles_at: (!settle.is_zero()).then(|| Instant::now() + settle),
+        };
+        self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
+        Ok(binding)
+    }
+
+    pub fn delete_binding(&mut self, scope: BindingScope, id: &str) -> Result<Binding, ApiError> {
+        let plural = match scope {
+            BindingScope::Global => "globalrolebindings",
+            BindingScope::Cluster => "clusterroletemplatebindings",
+            BindingScope::Project => "projectroletemplatebindings",
+        };
+        let name = id.split_once(':').map_or(id, |(_, n)| n);
+        self.binding_map_mut(scope)
+            .remove(id)
+            .ok_or_else(|| k8s_not_found(plural, name))
+    }
+
+    pub fn remove_binding(&mut self, id: &str) -> Option<Binding> {
+        self.grbs
+            .remove(id)
+            .or_else(|| self.crtbs.remove(id))
+            .or_else(|| self.prtbs.remove(id))
+    }
+
+    pub fn add_binding(&mut self, b: SimBinding) -> Result<(), String> {
+        match b.scope {
+            BindingScope::Global if !self.global_roles.contains_key(&b.role_id) => {
+                return Err(format!("unknown global role {}", b.role_id));
+            }
+            BindingScope::Cluster | BindingScope::Project if !self.role_templates.contains_key(&b.role_id) => {
+                return Err(format!("unknown role template {}", b.role_id));
+            }
+            BindingScope::Cluster if !self.clusters.contains_key(&b.resource_id) => {
+                return Err(format!("unknown cluster {}", b.resource_id));
+            }
+            BindingScope::Project if !self.projects.contains_key(&b.resource_id) => {
+                return Err(format!("unknown project {}", b.resource_id));
+            }
+            _ => {}
+        }
+        if self.binding_map(b.scope).contains_key(&b.id) {
+            return Err(format!("binding id {} is in use", b.id));
+        }
+        let binding = Binding {
+            id: b.id.clone(),
+            name: b.name,
+            scope: b.scope,
+            role_id: b.role_id,
+            resource_id: b.resource_id,
+            user_id: b.user_id,
+            user_principal_id: b.user_principal_id,
+            group_principal_id: b.group_principal_id,
+            labels: BTreeMap::new(),
+            created: Utc::now(),
+            settles_at: None,
+        };
+        self.binding_map_mut(b.scope).insert(b.id, binding);
+        Ok(())
+    }
+}
