@@ -469,13 +469,11 @@ impl ApiError {
         }
     }
 
-    /// Worth retrying: 5xx (except a downstream cluster that is down), 429, timeouts, broken
-    /// connections.
+    /// Worth retrying: 5xx (a 503 ClusterUnavailable too: a downstream cluster's agent
+    /// reconnects), 429, timeouts, broken connections.
     pub fn is_transient(&self) -> bool {
         match &self.kind {
-            ErrorKind::Status { status, code, .. } => {
-                (*status >= 500 && code.as_deref() != Some("ClusterUnavailable")) || *status == 429
-            }
+            ErrorKind::Status { status, .. } => *status >= 500 || *status == 429,
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
             ErrorKind::Tls(_) | ErrorKind::Decode(_) => false,
         }
