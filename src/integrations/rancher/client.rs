@@ -196,7 +196,7 @@ impl Client {
         serde_json::from_slice(bytes).map_err(|e| ApiError {
             method: method.clone(),
             path: url.path().to_string(),
-            kind: ErrorKind::Decode(format!("{e}")),
+            kind: Box::new(ErrorKind::Decode(format!("{e}"))),
         })
     }
 
@@ -233,7 +233,7 @@ impl Client {
         let err = |kind| ApiError {
             method: method.clone(),
             path: url.path().to_string(),
-            kind,
+            kind: Box::new(kind),
         };
         let resp = req.send().await.map_err(|e| err(self.transport_kind(&e)))?;
         let status = resp.status();
@@ -335,16 +335,16 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
             self.fresh_pages += 1;
         }
         let pagination = page.pagination.unwrap_or_default();
-        if pagination.partial {
-            if let Some(next) = pagination.next.as_deref().filter(|n| !n.is_empty()) {
-                if self.stalled > self.fresh_pages + 1 {
-                    return Err(PageError::Loop(self.protocol(format!(
-                        "{} pages in a row brought nothing new (a paging loop)",
-                        self.stalled
-                    ))));
-                }
-                self.next = Some(self.follow(next).map_err(PageError::Loop)?);
+        if pagination.partial
+            && let Some(next) = pagination.next.as_deref().filter(|n| !n.is_empty())
+        {
+            if self.stalled > self.fresh_pages + 1 {
+                return Err(PageError::Loop(self.protocol(format!(
+                    "{} pages in a row brought nothing new (a paging loop)",
+                    self.stalled
+                ))));
             }
+            self.next = Some(self.follow(next).map_err(PageError::Loop)?);
         }
         Ok(Some(fresh))
     }
@@ -417,7 +417,8 @@ pub enum PageError {
 pub struct ApiError {
     pub method: Method,
     pub path: String,
-    pub kind: ErrorKind,
+    /// Boxed: errors travel in `Result`s on every call, and are rare.
+    pub kind: Box<ErrorKind>,
 }
 
 #[derive(Debug, Clone)]
@@ -440,21 +441,21 @@ pub enum ErrorKind {
 
 impl ApiError {
     pub fn status(&self) -> Option<u16> {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status { status, .. } => Some(*status),
             _ => None,
         }
     }
 
     pub fn code(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status { code, .. } => code.as_deref(),
             _ => None,
         }
     }
 
     pub fn field(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status { field, .. } => field.as_deref(),
             _ => None,
         }
@@ -462,7 +463,7 @@ impl ApiError {
 
     /// Rancher's own message (or the transport's).
     pub fn message(&self) -> &str {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status { message, .. } => message,
             ErrorKind::Timeout(_) => "timed out",
             ErrorKind::Tls(m) | ErrorKind::Transport(m) | ErrorKind::Decode(m) => m,
@@ -472,7 +473,7 @@ impl ApiError {
     /// Worth retrying: 5xx (a 503 ClusterUnavailable too: a downstream cluster's agent
     /// reconnects), 429, timeouts, broken connections.
     pub fn is_transient(&self) -> bool {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status { status, .. } => *status >= 500 || *status == 429,
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
             ErrorKind::Tls(_) | ErrorKind::Decode(_) => false,
@@ -481,7 +482,7 @@ impl ApiError {
 
     /// `GET /v3/users answered 503 ClusterUnavailable: ...`
     pub fn summary(&self) -> String {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status {
                 status, code, message, ..
             } => {
@@ -506,7 +507,7 @@ impl ApiError {
     /// mean something specific to them (a 404 on a lookup, a 409 on a create) before this.
     pub fn into_error(self) -> IntegrationError {
         let summary = self.summary();
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Status {
                 status: 401, message, ..
             } => refused(&self.method, &self.path, message),

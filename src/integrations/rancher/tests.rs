@@ -162,12 +162,12 @@ fn api_error(status: u16, code: Option<&str>, message: &str, field: Option<&str>
     client::ApiError {
         method: reqwest::Method::POST,
         path: "/v3/clusterroletemplatebindings".into(),
-        kind: ErrorKind::Status {
+        kind: Box::new(ErrorKind::Status {
             status,
             code: code.map(str::to_string),
             message: message.into(),
             field: field.map(str::to_string),
-        },
+        }),
     }
 }
 
