@@ -1256,3 +1256,75 @@ fn requests_are_counted_and_debug_is_redacted() {
     assert!(!text.contains("canary"), "{text}");
     let _unused: BTreeMap<String, u64> = BTreeMap::new();
 }
+
+/// The round trips of each operation on its happy path, as `docs/rancher.md` states them.
+#[tokio::test]
+async fn request_counts_per_operation() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut table = Vec::new();
+    let mut row = |name: &str, n: u64, bound: u64| {
+        table.push(format!("{name}: {n}"));
+        assert!(n <= bound, "{name}: {n} requests, expected at most {bound}");
+    };
+    let (_, n) = counted(&sim, r.validate()).await;
+    row("validate", n, 3);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("grant username cluster", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("grant username cluster (repeat)", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
+    row("grant username global", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
+    row("grant username global (repeat)", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
+    row("grant username project", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
+    row("grant username project (repeat)", n, 3);
+    let (_, n) = counted(&sim, r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9"))).await;
+    row("grant principal cluster", n, 1);
+    let (_, n) = counted(&sim, r.grant(&grant_req("github_user://4242", "clusters-create", "global"))).await;
+    row("grant principal global", n, 2);
+    let (_, n) = counted(&sim, r.grant(&group_grant("github_team://888", "cluster-member", "c-7x2k9"))).await;
+    row("grant group cluster", n, 1);
+    let mut create = grant_req("henry", "cluster-member", "c-7x2k9");
+    create.create_user = true;
+    let (g, n) = counted(&sim, r.grant(&create)).await;
+    row("grant create_user", n, 4);
+    let (_, n) = counted(&sim, r.grant(&create)).await;
+    row("grant create_user (repeat)", n, 3);
+    let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("revoke username (1 binding)", n, 3);
+    let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("revoke username (repeat)", n, 2);
+    let (_, n) = counted(&sim, r.revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9"))).await;
+    row("revoke principal cluster (1 binding)", n, 2);
+    let user_id = g.unwrap().user_id;
+    let (_, n) = counted(&sim, r.rotate_credentials(&RotateRequest { user_id: user_id.clone() })).await;
+    row("rotate", n, 2);
+    r.revoke(&revoke_req("henry", "cluster-member", "c-7x2k9")).await.unwrap();
+    let (_, n) = counted(&sim, r.delete_user(&DeleteUserRequest { user_id })).await;
+    row("delete_user", n, 5);
+    let (_, n) = counted(&sim, discover_all(&r)).await;
+    row("discover (small, page 5000)", n, 11);
+    eprintln!("{}", table.join("\n"));
+    sim.stop().await;
+}
+
+/// The large dataset (10,000 users, 50,000 bindings, 200 clusters) in pages of 5000.
+#[tokio::test]
+#[ignore = "large: run with --ignored"]
+async fn discovery_of_the_large_dataset() {
+    let sim = sim_with(SimOptions {
+        size: crate::sim::DatasetSize::Large,
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let started = std::time::Instant::now();
+    let (all, summary) = discover_all(&r).await;
+    eprintln!("{summary:?} in {:?}", started.elapsed());
+    assert_eq!(all.iter().filter(|o| o.type_name() == "user").count(), sim.sim.users().len());
+    assert_eq!(all.iter().filter(|o| o.type_name() == "binding").count(), sim.sim.bindings().len());
+    sim.stop().await;
+}
