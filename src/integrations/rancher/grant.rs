@@ -241,7 +241,9 @@ impl Rancher {
                         });
                     }
                 };
-                if r.create_user && is_agent_created(&user) {
+                // The agent's own users (just made, or left half-made by an earlier attempt)
+                // need the login role; `credentials` covers a POST answer without the marker.
+                if r.create_user && (credentials.is_some() || is_agent_created(&user)) {
                     agent_user = Some(user.clone());
                 }
                 BindingSubject::UserId(user.id)
