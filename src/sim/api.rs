@@ -6,6 +6,7 @@
 //! slashes, actions ride in the query string, and every `/v3` request must pass through the same
 //! stats, latency, fault and auth steps in one place.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::Router;
@@ -146,7 +147,25 @@ fn fault_error(status: u16) -> ApiError {
 // ----- responses -----
 
 fn json_response(status: u16, v: &Value) -> Response {
-    let body = serde_json::to_vec(v).unwrap_or_default();
+    bytes_response(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// The envelope's JSON with `"data":[<page>]` appended.
+fn splice(envelope: &Value, page: Vec<u8>) -> Vec<u8> {
+    let mut out = serde_json::to_vec(envelope).unwrap_or_default();
+    if out.last() == Some(&b'}') {
+        out.pop();
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"data\":[");
+        out.extend_from_slice(&page);
+        out.extend_from_slice(b"]}");
+    }
+    out
+}
+
+fn bytes_response(status: u16, body: Vec<u8>) -> Response {
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header(header::CONTENT_TYPE, "application/json")
@@ -182,7 +201,7 @@ fn pct_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-struct Req {
+pub(crate) struct Req {
     method: Method,
     /// Decoded path segments after `/v3`.
     segs: Vec<String>,
@@ -192,6 +211,9 @@ struct Req {
     /// The raw request path (for links and `next`).
     path: String,
     body: Vec<u8>,
+    /// A list's page, serialized straight from the store by [`list`] and spliced into the
+    /// envelope as `data` when answering (pages of thousands never become `Value` trees).
+    page: std::cell::RefCell<Option<Vec<u8>>>,
 }
 
 impl Req {
@@ -376,24 +398,32 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
                 base: base_url(&parts.headers),
                 path,
                 body,
+                page: Default::default(),
             };
             let answer = handle(&sim, &req, &parts.headers).unwrap_or_else(|e| (e.status, e.to_json()));
-            match decision.error {
-                Some((status, true)) => (status, fault_error(status).to_json()),
+            match (decision.error, req.page.take()) {
+                (Some((status, true)), _) => (status, fault_error(status).to_json()),
+                (None, Some(page)) => {
+                    let (status, envelope) = answer;
+                    finish_stats(&sim, status, injected);
+                    return bytes_response(status, splice(&envelope, page));
+                }
                 _ => answer,
             }
         }
     };
-    {
-        let mut stats = lock(&sim.inner.stats);
-        if status >= 400 {
-            stats.errors += 1;
-        }
-        if injected {
-            stats.injected_faults += 1;
-        }
-    }
+    finish_stats(&sim, status, injected);
     json_response(status, &value)
+}
+
+fn finish_stats(sim: &Sim, status: u16, injected: bool) {
+    let mut stats = lock(&sim.inner.stats);
+    if status >= 400 {
+        stats.errors += 1;
+    }
+    if injected {
+        stats.injected_faults += 1;
+    }
 }
 
 /// Authenticates, checks the key's scope, then routes.
@@ -547,10 +577,10 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             (&Method::POST, Some("changepassword")) => {
                 let body = req.body_object()?;
                 let current = body.get("currentPassword").and_then(Value::as_str).unwrap_or_default();
-                if !st
+                if st
                     .users
                     .get(&owner)
-                    .is_some_and(|u| u.password.as_deref() == Some(current))
+                    .is_none_or(|u| u.password.as_deref() != Some(current))
                 {
                     return Err(ApiError::invalid_body("Invalid current password"));
                 }
@@ -704,7 +734,20 @@ fn bindings(
                     .get(*id)
                     .map(|b| (200, b.render(ctx)))
                     .ok_or_else(|| k8s_not_found(plural, name)),
-                Method::DELETE => st.delete_binding(scope, id).map(|b| (200, b.render(ctx))),
+                Method::DELETE => {
+                    let mut gone = st.delete_binding(scope, id)?.render(ctx);
+                    if let Some(obj) = gone.as_object_mut() {
+                        // Finalizers still run on the real server: the answer shows the removal.
+                        let now = Utc::now();
+                        obj.insert(
+                            "removed".into(),
+                            Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                        );
+                        obj.insert("removedTS".into(), Value::from(now.timestamp_millis()));
+                        obj.insert("state".into(), Value::String("removing".into()));
+                    }
+                    Ok((200, gone))
+                }
                 _ => Err(method_error(req)),
             }
         }
@@ -834,15 +877,15 @@ struct Condition {
 }
 
 impl Condition {
-    fn matches(&self, value: Option<String>) -> bool {
-        let v = value.unwrap_or_default();
+    fn matches(&self, value: Option<Cow<'_, str>>) -> bool {
+        let v = value.as_deref().unwrap_or_default();
         match self.modifier {
-            Modifier::Eq => self.values.iter().all(|x| *x == v),
-            Modifier::Ne => self.values.iter().all(|x| *x != v),
+            Modifier::Eq => self.values.iter().all(|x| x == v),
+            Modifier::Ne => self.values.iter().all(|x| x != v),
             Modifier::Null => v.is_empty(),
             Modifier::NotNull => !v.is_empty(),
-            Modifier::In => self.values.contains(&v),
-            Modifier::NotIn => !self.values.contains(&v),
+            Modifier::In => self.values.iter().any(|x| x == v),
+            Modifier::NotIn => !self.values.iter().any(|x| x == v),
         }
     }
 }
@@ -903,7 +946,7 @@ fn list<'a, T: Item + 'a>(
         .param("sort")
         .and_then(|s| filters.iter().copied().find(|f| *f == s && *f != "id"));
     if let Some(field) = sort {
-        matched.sort_by_cached_key(|it| it.field(field, ctx).unwrap_or_default());
+        matched.sort_by_cached_key(|it| it.field(field, ctx).map(Cow::into_owned).unwrap_or_default());
     }
     let desc = req.param("order") == Some("desc");
     if desc {
@@ -943,7 +986,14 @@ fn list<'a, T: Item + 'a>(
         }
         page = &matched[start as usize..next as usize];
     }
-    let data: Vec<Value> = page.iter().map(|it| it.render(ctx)).collect();
+    let mut data = Vec::with_capacity(page.len() * 1024);
+    for (i, it) in page.iter().enumerate() {
+        if i > 0 {
+            data.push(b',');
+        }
+        it.write(ctx, &mut data);
+    }
+    *req.page.borrow_mut() = Some(data);
 
     let mut filter_json = Map::new();
     for f in filters {
@@ -966,7 +1016,10 @@ fn list<'a, T: Item + 'a>(
         );
     }
     let sort_json = json!({"name": sort.unwrap_or("id"), "order": if desc { "desc" } else { "asc" }});
-    let mut v = collection(resource_type, data, req, Some(Value::Object(pagination)));
+    let mut v = collection(resource_type, Vec::new(), req, Some(Value::Object(pagination)));
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("data");
+    }
     if let Some(obj) = v.as_object_mut() {
         obj.insert("filters".into(), Value::Object(filter_json));
         obj.insert("sort".into(), sort_json);

@@ -169,6 +169,7 @@ fn binding(st: &mut State, s: Seed) {
         labels: BTreeMap::new(),
         created: at(40),
         settles_at: None,
+        ensured_user: false,
     };
     let map = match s.scope {
         BindingScope::Global => &mut st.grbs,
@@ -371,7 +372,13 @@ fn large(st: &mut State, seed: u64) {
             1 => "System".to_string(),
             k => format!("team-{k:02}"),
         };
-        project(st, &id, &name, n % 3 == 0, &[("team", &format!("t{}", n % 50))]);
+        project(
+            st,
+            &id,
+            &name,
+            n.is_multiple_of(3),
+            &[("team", &format!("t{}", n % 50))],
+        );
         project_ids.push(id);
     }
 
@@ -383,7 +390,7 @@ fn large(st: &mut State, seed: u64) {
         k += 1;
         let Some((c, short)) = p.split_once(':') else { continue };
         let name = format!("ns-{k:05}");
-        let project = if k % 10 == 0 { None } else { Some(short) };
+        let project = if k.is_multiple_of(10) { None } else { Some(short) };
         let (c, short) = (c.to_string(), project.map(str::to_string));
         namespace(st, &c, &name, short.as_deref());
         count += 1;
@@ -399,7 +406,7 @@ fn large(st: &mut State, seed: u64) {
     let mut j = 0usize;
     while st.users.len() < TARGET_USERS {
         j += 1;
-        if j % 5 == 0 {
+        if j.is_multiple_of(5) {
             let principal = format!("github_user://{}", 100_000 + j);
             let id = external_user_id(&principal);
             if st.users.contains_key(&id) {

@@ -4,6 +4,7 @@
 //! Every collection is a `BTreeMap` keyed by id, so listing is already in Norman's default order
 //! (sorted by `id`) and a page costs a filter pass plus rendering the page only.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -82,8 +83,13 @@ pub(crate) trait Item {
     fn id(&self) -> &str;
     /// The value of a filterable field (`None` for null). Only called with names the collection
     /// declares filterable.
-    fn field(&self, name: &str, ctx: &Ctx) -> Option<String>;
+    fn field(&self, name: &str, ctx: &Ctx) -> Option<Cow<'_, str>>;
     fn render(&self, ctx: &Ctx) -> Value;
+    /// Appends the JSON of [`Item::render`] to `out`. Big collections override it to serialize
+    /// straight from borrowed fields, so a page of thousands never becomes `Value` trees.
+    fn write(&self, ctx: &Ctx, out: &mut Vec<u8>) {
+        let _ = serde_json::to_writer(out, &self.render(ctx));
+    }
 }
 
 /// splitmix64: small, seeded and deterministic (ids and the large dataset).
@@ -150,8 +156,7 @@ fn base_object(
     kind: &str,
     id: &str,
     name: &str,
-    labels: &BTreeMap<String, String>,
-    annotations: &BTreeMap<String, String>,
+    (labels, annotations): (&BTreeMap<String, String>, &BTreeMap<String, String>),
     created: DateTime<Utc>,
     self_link: String,
     removable: bool,
@@ -194,11 +199,11 @@ impl Item for Cluster {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, _: &Ctx) -> Option<Cow<'_, str>> {
         match name {
-            "id" => Some(self.id.clone()),
-            "name" => Some(self.name.clone()),
-            "provider" => Some(self.provider.clone()),
+            "id" => Some(Cow::Borrowed(self.id.as_str())),
+            "name" => Some(Cow::Borrowed(self.name.as_str())),
+            "provider" => Some(Cow::Borrowed(self.provider.as_str())),
             _ => None,
         }
     }
@@ -208,8 +213,7 @@ impl Item for Cluster {
             "cluster",
             &self.id,
             &self.name,
-            &self.labels,
-            &BTreeMap::new(),
+            (&self.labels, &BTreeMap::new()),
             self.created,
             link,
             true,
@@ -271,11 +275,11 @@ impl Item for Project {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, _: &Ctx) -> Option<Cow<'_, str>> {
         match name {
-            "id" => Some(self.id.clone()),
-            "name" => Some(self.name.clone()),
-            "clusterId" => Some(self.cluster_id.clone()),
+            "id" => Some(Cow::Borrowed(self.id.as_str())),
+            "name" => Some(Cow::Borrowed(self.name.as_str())),
+            "clusterId" => Some(Cow::Borrowed(self.cluster_id.as_str())),
             _ => None,
         }
     }
@@ -285,8 +289,7 @@ impl Item for Project {
             "project",
             &self.id,
             &self.name,
-            &self.labels,
-            &BTreeMap::new(),
+            (&self.labels, &BTreeMap::new()),
             self.created,
             link,
             true,
@@ -327,10 +330,10 @@ impl Item for Namespace {
     fn id(&self) -> &str {
         &self.name
     }
-    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, _: &Ctx) -> Option<Cow<'_, str>> {
         match name {
-            "id" | "name" => Some(self.name.clone()),
-            "projectId" => self.project_id.clone(),
+            "id" | "name" => Some(Cow::Borrowed(self.name.as_str())),
+            "projectId" => self.project_id.as_deref().map(Cow::Borrowed),
             _ => None,
         }
     }
@@ -348,8 +351,7 @@ impl Item for Namespace {
             "namespace",
             &self.name,
             &self.name,
-            &labels,
-            &annotations,
+            (&labels, &annotations),
             self.created,
             link,
             true,
@@ -374,12 +376,12 @@ impl Item for GlobalRole {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, _: &Ctx) -> Option<Cow<'_, str>> {
         match name {
-            "id" => Some(self.id.clone()),
-            "name" => Some(self.name.clone()),
-            "builtin" => Some(self.builtin.to_string()),
-            "newUserDefault" => Some(self.new_user_default.to_string()),
+            "id" => Some(Cow::Borrowed(self.id.as_str())),
+            "name" => Some(Cow::Borrowed(self.name.as_str())),
+            "builtin" => Some(Cow::Owned(self.builtin.to_string())),
+            "newUserDefault" => Some(Cow::Owned(self.new_user_default.to_string())),
             _ => None,
         }
     }
@@ -389,8 +391,7 @@ impl Item for GlobalRole {
             "globalRole",
             &self.id,
             &self.name,
-            &BTreeMap::new(),
-            &BTreeMap::new(),
+            (&BTreeMap::new(), &BTreeMap::new()),
             self.created,
             link,
             !self.builtin,
@@ -421,14 +422,14 @@ impl Item for RoleTemplate {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, _: &Ctx) -> Option<Cow<'_, str>> {
         match name {
-            "id" => Some(self.id.clone()),
-            "name" => Some(self.name.clone()),
-            "context" => Some(self.context.clone()),
-            "locked" => Some(self.locked.to_string()),
-            "hidden" => Some(self.hidden.to_string()),
-            "builtin" => Some(self.builtin.to_string()),
+            "id" => Some(Cow::Borrowed(self.id.as_str())),
+            "name" => Some(Cow::Borrowed(self.name.as_str())),
+            "context" => Some(Cow::Borrowed(self.context.as_str())),
+            "locked" => Some(Cow::Owned(self.locked.to_string())),
+            "hidden" => Some(Cow::Owned(self.hidden.to_string())),
+            "builtin" => Some(Cow::Owned(self.builtin.to_string())),
             _ => None,
         }
     }
@@ -438,8 +439,7 @@ impl Item for RoleTemplate {
             "roleTemplate",
             &self.id,
             &self.name,
-            &BTreeMap::new(),
-            &BTreeMap::new(),
+            (&BTreeMap::new(), &BTreeMap::new()),
             self.created,
             link,
             !self.builtin,
@@ -495,11 +495,11 @@ impl Item for User {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, ctx: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, ctx: &Ctx) -> Option<Cow<'_, str>> {
         match name {
-            "id" => Some(self.id.clone()),
-            "username" => self.username.clone(),
-            "me" => Some((self.id == ctx.owner).to_string()),
+            "id" => Some(Cow::Borrowed(self.id.as_str())),
+            "username" => self.username.as_deref().map(Cow::Borrowed),
+            "me" => Some(Cow::Owned((self.id == ctx.owner).to_string())),
             _ => None,
         }
     }
@@ -509,8 +509,7 @@ impl Item for User {
             "user",
             &self.id,
             &self.name,
-            &self.labels,
-            &self.annotations,
+            (&self.labels, &self.annotations),
             self.created,
             link.clone(),
             true,
@@ -562,6 +561,9 @@ pub(crate) struct Binding {
     pub created: DateTime<Utc>,
     /// `status.summary` is `InProgress` until then.
     pub settles_at: Option<Instant>,
+    /// Created by `userPrincipalId` alone: `userId` is set by the controller (EnsureUser), so
+    /// the API shows it only once the binding has settled.
+    pub ensured_user: bool,
 }
 
 impl Binding {
@@ -586,6 +588,19 @@ impl Binding {
         }
     }
 
+    fn settled(&self, now: Instant) -> bool {
+        self.settles_at.is_none_or(|t| now >= t)
+    }
+
+    /// `userId` as the API shows it: empty until the controller's EnsureUser has run.
+    fn visible_user_id(&self, now: Instant) -> Option<&str> {
+        if self.ensured_user && !self.settled(now) {
+            None
+        } else {
+            self.user_id.as_deref()
+        }
+    }
+
     fn same_subject(&self, user_id: &Option<String>, upid: &Option<String>, gpid: &Option<String>) -> bool {
         let eq = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
         eq(&self.user_id, user_id) || eq(&self.user_principal_id, upid) || eq(&self.group_principal_id, gpid)
@@ -596,71 +611,146 @@ impl Item for Binding {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, _: &Ctx) -> Option<String> {
+    fn field(&self, name: &str, ctx: &Ctx) -> Option<Cow<'_, str>> {
         match (name, self.scope) {
-            ("id", _) => Some(self.id.clone()),
-            ("name", _) => Some(self.name.clone()),
-            ("globalRoleId", BindingScope::Global) => Some(self.role_id.clone()),
-            ("roleTemplateId", BindingScope::Cluster | BindingScope::Project) => Some(self.role_id.clone()),
-            ("clusterId", BindingScope::Cluster) => Some(self.resource_id.clone()),
-            ("projectId", BindingScope::Project) => Some(self.resource_id.clone()),
-            ("userId", _) => self.user_id.clone(),
-            ("userPrincipalId", _) => self.user_principal_id.clone(),
-            ("groupPrincipalId", _) => self.group_principal_id.clone(),
+            ("id", _) => Some(Cow::Borrowed(self.id.as_str())),
+            ("name", _) => Some(Cow::Borrowed(self.name.as_str())),
+            ("globalRoleId", BindingScope::Global) => Some(Cow::Borrowed(self.role_id.as_str())),
+            ("roleTemplateId", BindingScope::Cluster | BindingScope::Project) => {
+                Some(Cow::Borrowed(self.role_id.as_str()))
+            }
+            ("clusterId", BindingScope::Cluster) => Some(Cow::Borrowed(self.resource_id.as_str())),
+            ("projectId", BindingScope::Project) => Some(Cow::Borrowed(self.resource_id.as_str())),
+            ("userId", _) => self.visible_user_id(ctx.now).map(Cow::Borrowed),
+            ("userPrincipalId", _) => self.user_principal_id.as_deref().map(Cow::Borrowed),
+            ("groupPrincipalId", _) => self.group_principal_id.as_deref().map(Cow::Borrowed),
             _ => None,
         }
     }
     fn render(&self, ctx: &Ctx) -> Value {
+        serde_json::to_value(self.wire(ctx)).unwrap_or(Value::Null)
+    }
+    fn write(&self, ctx: &Ctx, out: &mut Vec<u8>) {
+        let _ = serde_json::to_writer(out, &self.wire(ctx));
+    }
+}
+
+/// A binding's Norman JSON, serialized from borrowed fields (pages of thousands of bindings).
+/// `Option<Option<_>>`: outer `None` leaves the key out, `Some(None)` writes `null`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BindingWire<'a> {
+    actions: Empty,
+    annotations: Empty,
+    base_type: &'static str,
+    created: String,
+    #[serde(rename = "createdTS")]
+    created_ts: i64,
+    creator_id: Option<&'a str>,
+    id: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    links: Links,
+    name: &'a str,
+    state: &'static str,
+    transitioning: &'static str,
+    transitioning_message: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    global_role_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role_template_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_id: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace_id: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_account: Option<Option<&'a str>>,
+    user_id: Option<&'a str>,
+    user_principal_id: Option<&'a str>,
+    group_principal_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<BindingStatus>,
+}
+
+/// `{}`
+#[derive(serde::Serialize)]
+struct Empty {}
+
+#[derive(serde::Serialize)]
+struct Links {
+    #[serde(rename = "self")]
+    self_link: String,
+    remove: String,
+    update: String,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BindingStatus {
+    summary: &'static str,
+    summary_local: &'static str,
+    local_conditions: [(); 0],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary_remote: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_conditions: Option<[(); 0]>,
+}
+
+impl Binding {
+    fn wire<'a>(&'a self, ctx: &Ctx) -> BindingWire<'a> {
         let (kind, plural) = self.kind();
         let link = format!("{}/v3/{}/{}", ctx.base, plural, self.id);
-        let mut m = base_object(
+        let global = self.scope == BindingScope::Global;
+        let status = (ctx.version.minor >= 11).then(|| {
+            let summary = if self.settled(ctx.now) {
+                "Completed"
+            } else {
+                "InProgress"
+            };
+            BindingStatus {
+                summary,
+                summary_local: summary,
+                local_conditions: [],
+                summary_remote: (!global).then_some(summary),
+                remote_conditions: (!global).then_some([]),
+            }
+        });
+        BindingWire {
+            actions: Empty {},
+            annotations: Empty {},
+            base_type: kind,
+            created: self.created.to_rfc3339_opts(SecondsFormat::Secs, true),
+            created_ts: self.created.timestamp_millis(),
+            creator_id: None,
+            id: &self.id,
+            labels: &self.labels,
+            links: Links {
+                self_link: link.clone(),
+                remove: link.clone(),
+                update: link,
+            },
+            name: &self.name,
+            state: "active",
+            transitioning: "no",
+            transitioning_message: "",
             kind,
-            &self.id,
-            &self.name,
-            &self.labels,
-            &BTreeMap::new(),
-            self.created,
-            link,
-            true,
-        );
-        match self.scope {
-            BindingScope::Global => {
-                m.insert("globalRoleId".into(), Value::String(self.role_id.clone()));
-            }
-            BindingScope::Cluster => {
-                m.insert("clusterId".into(), Value::String(self.resource_id.clone()));
-                m.insert("roleTemplateId".into(), Value::String(self.role_id.clone()));
-                m.insert("groupId".into(), Value::Null);
-                m.insert("namespaceId".into(), Value::Null);
-            }
-            BindingScope::Project => {
-                m.insert("projectId".into(), Value::String(self.resource_id.clone()));
-                m.insert("roleTemplateId".into(), Value::String(self.role_id.clone()));
-                m.insert("groupId".into(), Value::Null);
-                m.insert("namespaceId".into(), Value::Null);
-                m.insert("serviceAccount".into(), Value::Null);
-            }
+            global_role_id: global.then_some(self.role_id.as_str()),
+            cluster_id: (self.scope == BindingScope::Cluster).then_some(self.resource_id.as_str()),
+            project_id: (self.scope == BindingScope::Project).then_some(self.resource_id.as_str()),
+            role_template_id: (!global).then_some(self.role_id.as_str()),
+            group_id: (!global).then_some(None),
+            namespace_id: (!global).then_some(None),
+            service_account: (self.scope == BindingScope::Project).then_some(None),
+            user_id: self.visible_user_id(ctx.now),
+            user_principal_id: self.user_principal_id.as_deref(),
+            group_principal_id: self.group_principal_id.as_deref(),
+            status,
         }
-        m.insert("userId".into(), opt_json(&self.user_id));
-        m.insert("userPrincipalId".into(), opt_json(&self.user_principal_id));
-        m.insert("groupPrincipalId".into(), opt_json(&self.group_principal_id));
-        if ctx.version.minor >= 11 {
-            let settled = self.settles_at.is_none_or(|t| ctx.now >= t);
-            let summary = if settled { "Completed" } else { "InProgress" };
-            let mut status = json!({
-                "summary": summary,
-                "summaryLocal": summary,
-                "localConditions": [],
-            });
-            if self.scope != BindingScope::Global
-                && let Some(obj) = status.as_object_mut()
-            {
-                obj.insert("summaryRemote".into(), Value::String(summary.into()));
-                obj.insert("remoteConditions".into(), json!([]));
-            }
-            m.insert("status".into(), status);
-        }
-        Value::Object(m)
     }
 }
 
@@ -1202,6 +1292,7 @@ impl State {
             }
         }
 
+        let ensured_user = pending_user.is_some();
         if let Some(p) = &pending_user {
             user_id = Some(self.ensure_user(p)?);
         }
@@ -1239,6 +1330,7 @@ impl State {
             labels: BTreeMap::new(),
             created: Utc::now(),
             settles_at: (!settle.is_zero()).then(|| Instant::now() + settle),
+            ensured_user,
         };
         self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
         Ok(binding)
@@ -1294,6 +1386,7 @@ impl State {
             labels: BTreeMap::new(),
             created: Utc::now(),
             settles_at: None,
+            ensured_user: false,
         };
         self.binding_map_mut(b.scope).insert(b.id, binding);
         Ok(())
