@@ -1222,6 +1222,24 @@ async fn in_progress_bindings_are_awaited_then_reported() {
         e.to_string().contains("crtb-") && e.to_string().contains("InProgress"),
         "{e}"
     );
+    // The job's retry finds the binding in place (409: done), still one binding.
+    let g = impatient
+        .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
+        .await
+        .unwrap();
+    assert!(
+        e.to_string().contains(&g.binding_ids[0]),
+        "{e} names {:?}",
+        g.binding_ids
+    );
+    assert_eq!(matching(&sim, Some("u-bob01"), "nodes-view", "c-7x2k9").len(), 1);
+    // A principal bound while Rancher is still creating its user: the user id appears once settled.
+    sim.sim.set_settle(Duration::from_millis(300));
+    let g = r
+        .grant(&grant_req("github_user://6060", "cluster-member", "c-m-4bq8z2lp"))
+        .await
+        .unwrap();
+    assert_eq!(g.user_id, external_user_id("github_user://6060"));
     // Before 2.11 there is no status: existence is success.
     sim.sim.set_version(RancherVersion::new(10));
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))).await;
@@ -1281,11 +1299,23 @@ async fn request_counts_per_operation() {
     row("grant username project", n, 2);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
     row("grant username project (repeat)", n, 3);
-    let (_, n) = counted(&sim, r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9"))).await;
+    let (_, n) = counted(
+        &sim,
+        r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9")),
+    )
+    .await;
     row("grant principal cluster", n, 1);
-    let (_, n) = counted(&sim, r.grant(&grant_req("github_user://4242", "clusters-create", "global"))).await;
+    let (_, n) = counted(
+        &sim,
+        r.grant(&grant_req("github_user://4242", "clusters-create", "global")),
+    )
+    .await;
     row("grant principal global", n, 2);
-    let (_, n) = counted(&sim, r.grant(&group_grant("github_team://888", "cluster-member", "c-7x2k9"))).await;
+    let (_, n) = counted(
+        &sim,
+        r.grant(&group_grant("github_team://888", "cluster-member", "c-7x2k9")),
+    )
+    .await;
     row("grant group cluster", n, 1);
     let mut create = grant_req("henry", "cluster-member", "c-7x2k9");
     create.create_user = true;
@@ -1297,12 +1327,24 @@ async fn request_counts_per_operation() {
     row("revoke username (1 binding)", n, 3);
     let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
     row("revoke username (repeat)", n, 2);
-    let (_, n) = counted(&sim, r.revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9"))).await;
+    let (_, n) = counted(
+        &sim,
+        r.revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9")),
+    )
+    .await;
     row("revoke principal cluster (1 binding)", n, 2);
     let user_id = g.unwrap().user_id;
-    let (_, n) = counted(&sim, r.rotate_credentials(&RotateRequest { user_id: user_id.clone() })).await;
+    let (_, n) = counted(
+        &sim,
+        r.rotate_credentials(&RotateRequest {
+            user_id: user_id.clone(),
+        }),
+    )
+    .await;
     row("rotate", n, 2);
-    r.revoke(&revoke_req("henry", "cluster-member", "c-7x2k9")).await.unwrap();
+    r.revoke(&revoke_req("henry", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap();
     let (_, n) = counted(&sim, r.delete_user(&DeleteUserRequest { user_id })).await;
     row("delete_user", n, 5);
     let (_, n) = counted(&sim, discover_all(&r)).await;
@@ -1324,7 +1366,25 @@ async fn discovery_of_the_large_dataset() {
     let started = std::time::Instant::now();
     let (all, summary) = discover_all(&r).await;
     eprintln!("{summary:?} in {:?}", started.elapsed());
-    assert_eq!(all.iter().filter(|o| o.type_name() == "user").count(), sim.sim.users().len());
-    assert_eq!(all.iter().filter(|o| o.type_name() == "binding").count(), sim.sim.bindings().len());
+    assert_eq!(
+        all.iter().filter(|o| o.type_name() == "user").count(),
+        sim.sim.users().len()
+    );
+    assert_eq!(
+        all.iter().filter(|o| o.type_name() == "binding").count(),
+        sim.sim.bindings().len()
+    );
     sim.stop().await;
+}
+
+/// A public root (ISRG Root X2), standing in for a private CA.
+const SOME_CA: &str = "-----BEGIN CERTIFICATE-----\nMIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw\nCQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg\nR3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00\nMDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT\nZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw\nEAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW\n+1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9\nItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T\nAQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI\nzj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW\ntL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1\n/q4AaOeMSQ+2b1tbFfLn\n-----END CERTIFICATE-----";
+
+#[test]
+fn a_certificate_authority_is_added_to_the_trust_roots() {
+    let config =
+        RancherConfig::from_value(&json!({"host": "r.example.com", "certificate_authority": SOME_CA})).unwrap();
+    assert!(config.certificate_authority.is_some());
+    let key = ApiKey::from_secret(&secret(&[("token", "token-a:b")])).unwrap();
+    Rancher::from_parts(config, key).expect("the client builds with the extra root");
 }
