@@ -702,7 +702,9 @@ pub(super) fn binding_error(target: &Target<'_>, e: ApiError) -> IntegrationErro
                 || lower.contains("role template")
                 || lower.contains("role ")));
     let about_resource = matches!(field, "clusterId" | "projectId")
-        || (field.is_empty() && !resource_name.is_empty() && lower.contains(&resource_name.to_ascii_lowercase()));
+        || (field.is_empty()
+            && target.kind != Kind::Global
+            && lower.contains(&format!("\"{}\"", resource_name.to_ascii_lowercase())));
     let about_subject = matches!(field, "userId" | "userPrincipalId" | "groupPrincipalId" | "groupId");
     if missing && about_resource && !matches!(field, "roleTemplateId" | "globalRoleId") {
         return IntegrationError::NotFound {

@@ -255,6 +255,34 @@ fn binding_refusals_name_the_role_and_why() {
         "{e}"
     );
     assert!(!e.retryable());
+    // The webhook's words, with no field name.
+    let global = Resource::Global;
+    let g = Target {
+        kind: Kind::Global,
+        role: "no-such",
+        resource: &global,
+        subject: BindingSubject::UserId("u-1".into()),
+    };
+    let e = binding_error(
+        &g,
+        api_error(
+            400,
+            Some("BadRequest"),
+            "admission webhook denied the request: globalroles.management.cattle.io \"no-such\" not found",
+            None,
+        ),
+    );
+    assert!(e.to_string().contains("role \"no-such\" does not exist"), "{e}");
+    let e = binding_error(
+        &t("cluster-member"),
+        api_error(
+            400,
+            Some("BadRequest"),
+            "clusters.management.cattle.io \"c-7x2k9\" not found",
+            None,
+        ),
+    );
+    assert!(matches!(e, IntegrationError::NotFound { .. }), "{e}");
 }
 
 #[test]
