@@ -1276,3 +1276,25 @@ async fn objects_have_the_norman_shape_and_their_self_links_resolve() {
     assert_eq!(page["filters"]["name"], Value::Null);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_removal_delay_a_deleted_binding_lingers_with_removed_set() {
+    let c = Client::start(SimOptions {
+        removal_delay: Duration::from_millis(300),
+        ..SimOptions::default()
+    })
+    .await;
+    let id = "p-abcde:prtb-b0b01";
+    let path = format!("/v3/projectroletemplatebindings/{id}");
+    let (status, gone) = c.delete(&path).await;
+    assert_eq!(status, 200);
+    assert!(gone["removed"].is_string() && gone["state"] == "removing", "{gone}");
+    let (status, still) = c.get(&path).await;
+    assert_eq!(status, 200, "still there while finalizers run");
+    assert!(still["removed"].is_string());
+    assert_eq!(c.ids("/v3/projectroletemplatebindings?userId=u-bob01").await, [id]);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_error(&c.get(&path).await, 404, "NotFound");
+    assert!(c.h.sim.bindings().iter().all(|b| b.id != id));
+    c.stop().await;
+}
