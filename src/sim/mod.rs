@@ -163,6 +163,9 @@ pub struct SimOptions {
     /// New bindings report `status.summary: InProgress` for this long, then `Completed`
     /// (2.11+ only). Default 0.
     pub settle: Duration,
+    /// A deleted binding stays listed (with `removed` set and `state: removing`, its name still
+    /// taken) for this long, as while Rancher's finalizers run. Default 0 (gone at once).
+    pub removal_delay: Duration,
     /// Whether the key owner's auth provider can resolve external principals (`github_user://..`).
     /// `false` behaves like a local admin's key: binding by an external `userPrincipalId` answers
     /// 500 and external principals are not found. Default `true`.
@@ -186,6 +189,7 @@ impl Default for SimOptions {
             key_cluster_id: None,
             key_expires_at: None,
             settle: Duration::ZERO,
+            removal_delay: Duration::ZERO,
             resolve_external_principals: true,
             password_min_length: 12,
             faults: FaultOptions::default(),
@@ -205,6 +209,7 @@ impl fmt::Debug for SimOptions {
             .field("key_cluster_id", &self.key_cluster_id)
             .field("key_expires_at", &self.key_expires_at)
             .field("settle", &self.settle)
+            .field("removal_delay", &self.removal_delay)
             .field("resolve_external_principals", &self.resolve_external_principals)
             .field("password_min_length", &self.password_min_length)
             .field("faults", &self.faults)
@@ -351,7 +356,8 @@ impl Sim {
 
     /// Every binding of the three kinds: GRBs, then CRTBs, then PRTBs, each ordered by id.
     pub fn bindings(&self) -> Vec<SimBinding> {
-        let st = lock(&self.inner.state);
+        let mut st = lock(&self.inner.state);
+        st.purge();
         st.grbs
             .values()
             .chain(st.crtbs.values())
@@ -403,6 +409,11 @@ impl Sim {
     /// Changes how long new bindings stay `InProgress`.
     pub fn set_settle(&self, settle: Duration) {
         lock(&self.inner.state).settle = settle;
+    }
+
+    /// Changes how long deleted bindings stay listed with `removed` set.
+    pub fn set_removal_delay(&self, delay: Duration) {
+        lock(&self.inner.state).removal_delay = delay;
     }
 
     /// The next `n` `/v3` requests (any route) answer `status` with a Rancher-shaped error

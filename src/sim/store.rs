@@ -473,6 +473,9 @@ pub(crate) struct User {
     pub must_change_password: bool,
     pub password: Option<String>,
     pub created: DateTime<Utc>,
+    /// API-created local users: `principalIds` is filled in by a controller, so it shows `[]`
+    /// until then (only with a `settle` delay).
+    pub principals_at: Option<Instant>,
 }
 
 impl User {
@@ -535,7 +538,11 @@ impl Item for User {
             m.insert("username".into(), Value::String(u.clone()));
         }
         m.insert("description".into(), Value::String(self.description.clone()));
-        m.insert("principalIds".into(), json!(self.principal_ids));
+        let filled = self.principals_at.is_none_or(|t| ctx.now >= t);
+        m.insert(
+            "principalIds".into(),
+            if filled { json!(self.principal_ids) } else { json!([]) },
+        );
         m.insert("enabled".into(), Value::Bool(self.enabled));
         m.insert("mustChangePassword".into(), Value::Bool(self.must_change_password));
         m.insert("me".into(), Value::Bool(self.id == ctx.owner));
@@ -564,6 +571,9 @@ pub(crate) struct Binding {
     /// Created by `userPrincipalId` alone: `userId` is set by the controller (EnsureUser), so
     /// the API shows it only once the binding has settled.
     pub ensured_user: bool,
+    /// Deleted while finalizers run: `(removed timestamp, purge time)`. Still listed, with
+    /// `removed` set, until the purge time (only with a `removal_delay`).
+    pub removing: Option<(DateTime<Utc>, Instant)>,
 }
 
 impl Binding {
@@ -643,14 +653,18 @@ struct BindingWire<'a> {
     actions: Empty,
     annotations: Empty,
     base_type: &'static str,
-    created: String,
+    created: Rfc3339,
     #[serde(rename = "createdTS")]
     created_ts: i64,
     creator_id: Option<&'a str>,
     id: &'a str,
     labels: &'a BTreeMap<String, String>,
-    links: Links,
+    links: Links<'a>,
     name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed: Option<Rfc3339>,
+    #[serde(rename = "removedTS", skip_serializing_if = "Option::is_none")]
+    removed_ts: Option<i64>,
     state: &'static str,
     transitioning: &'static str,
     transitioning_message: &'static str,
@@ -681,12 +695,46 @@ struct BindingWire<'a> {
 #[derive(serde::Serialize)]
 struct Empty {}
 
+/// `{self, remove, update}`, all the object's URL, written without allocating.
 #[derive(serde::Serialize)]
-struct Links {
+struct Links<'a> {
     #[serde(rename = "self")]
-    self_link: String,
-    remove: String,
-    update: String,
+    self_link: Link<'a>,
+    remove: Link<'a>,
+    update: Link<'a>,
+}
+
+/// `{base}/v3/{plural}/{id}` as a JSON string.
+#[derive(Clone, Copy)]
+struct Link<'a> {
+    base: &'a str,
+    plural: &'static str,
+    id: &'a str,
+}
+
+impl serde::Serialize for Link<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}/v3/{}/{}", self.base, self.plural, self.id))
+    }
+}
+
+/// RFC 3339 in UTC to the second, written without allocating.
+struct Rfc3339(DateTime<Utc>);
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use chrono::{Datelike, Timelike};
+        let t = &self.0;
+        s.collect_str(&format_args!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ))
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -702,9 +750,13 @@ struct BindingStatus {
 }
 
 impl Binding {
-    fn wire<'a>(&'a self, ctx: &Ctx) -> BindingWire<'a> {
+    fn wire<'a>(&'a self, ctx: &Ctx<'a>) -> BindingWire<'a> {
         let (kind, plural) = self.kind();
-        let link = format!("{}/v3/{}/{}", ctx.base, plural, self.id);
+        let link = Link {
+            base: ctx.base,
+            plural,
+            id: &self.id,
+        };
         let global = self.scope == BindingScope::Global;
         let status = (ctx.version.minor >= 11).then(|| {
             let summary = if self.settled(ctx.now) {
@@ -724,18 +776,20 @@ impl Binding {
             actions: Empty {},
             annotations: Empty {},
             base_type: kind,
-            created: self.created.to_rfc3339_opts(SecondsFormat::Secs, true),
+            created: Rfc3339(self.created),
             created_ts: self.created.timestamp_millis(),
             creator_id: None,
             id: &self.id,
             labels: &self.labels,
             links: Links {
-                self_link: link.clone(),
-                remove: link.clone(),
+                self_link: link,
+                remove: link,
                 update: link,
             },
             name: &self.name,
-            state: "active",
+            removed: self.removing.map(|(t, _)| Rfc3339(t)),
+            removed_ts: self.removing.map(|(t, _)| t.timestamp_millis()),
+            state: if self.removing.is_some() { "removing" } else { "active" },
             transitioning: "no",
             transitioning_message: "",
             kind,
@@ -793,6 +847,9 @@ impl Principal {
 pub(crate) struct State {
     pub version: RancherVersion,
     pub settle: Duration,
+    pub removal_delay: Duration,
+    /// How many bindings are `removing` (so the purge pass is skipped when none are).
+    pub lingering: usize,
     pub resolve_external: bool,
     pub password_min_length: usize,
     pub clusters: BTreeMap<String, Cluster>,
@@ -984,6 +1041,7 @@ impl State {
             enabled: opt_bool(body, "enabled")?.unwrap_or(true),
             must_change_password: opt_bool(body, "mustChangePassword")?.unwrap_or(false),
             password: Some(password),
+            principals_at: (!self.settle.is_zero()).then(|| Instant::now() + self.settle),
             created: Utc::now(),
         };
         self.users.insert(id, user.clone());
@@ -1072,6 +1130,7 @@ impl State {
                 enabled: u.enabled,
                 must_change_password: u.must_change_password,
                 password: None,
+                principals_at: None,
                 created: Utc::now(),
             },
         );
@@ -1133,6 +1192,7 @@ impl State {
                 enabled: true,
                 must_change_password: false,
                 password: None,
+                principals_at: None,
                 created: Utc::now(),
             },
         );
@@ -1276,9 +1336,15 @@ impl State {
         };
         if webhook_blocks {
             let group = gpid.clone().or_else(|| group_id.clone());
-            let dup = self.binding_map(scope).values().any(|b| {
-                b.role_id == role_id && b.resource_id == resource_id && b.same_subject(&resolved_user, &upid, &group)
-            });
+            let dup = self
+                .binding_map(scope)
+                .values()
+                .filter(|b| b.removing.is_none())
+                .any(|b| {
+                    b.role_id == role_id
+                        && b.resource_id == resource_id
+                        && b.same_subject(&resolved_user, &upid, &group)
+                });
             if dup {
                 let short = if scope == BindingScope::Cluster { "crtb" } else { "prtb" };
                 return Err(ApiError::new(
@@ -1331,11 +1397,14 @@ impl State {
             created: Utc::now(),
             settles_at: (!settle.is_zero()).then(|| Instant::now() + settle),
             ensured_user,
+            removing: None,
         };
         self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
         Ok(binding)
     }
 
+    /// Deletes a binding. The answer carries `removed` (finalizers run on the real server); with
+    /// a `removal_delay` the binding stays listed, still holding its name, until the delay ends.
     pub fn delete_binding(&mut self, scope: BindingScope, id: &str) -> Result<Binding, ApiError> {
         let plural = match scope {
             BindingScope::Global => "globalrolebindings",
@@ -1343,9 +1412,43 @@ impl State {
             BindingScope::Project => "projectroletemplatebindings",
         };
         let name = id.split_once(':').map_or(id, |(_, n)| n);
-        self.binding_map_mut(scope)
-            .remove(id)
-            .ok_or_else(|| k8s_not_found(plural, name))
+        let delay = self.removal_delay;
+        let now = (Utc::now(), Instant::now() + delay);
+        if delay.is_zero() {
+            let mut b = self
+                .binding_map_mut(scope)
+                .remove(id)
+                .ok_or_else(|| k8s_not_found(plural, name))?;
+            b.removing = Some(now);
+            return Ok(b);
+        }
+        let b = self
+            .binding_map_mut(scope)
+            .get_mut(id)
+            .ok_or_else(|| k8s_not_found(plural, name))?;
+        let newly = b.removing.is_none();
+        if newly {
+            b.removing = Some(now);
+        }
+        let b = b.clone();
+        if newly {
+            self.lingering += 1;
+        }
+        Ok(b)
+    }
+
+    /// Drops bindings whose removal has finished.
+    pub fn purge(&mut self) {
+        if self.lingering == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut left = 0;
+        for map in [&mut self.grbs, &mut self.crtbs, &mut self.prtbs] {
+            map.retain(|_, b| b.removing.is_none_or(|(_, t)| t > now));
+            left += map.values().filter(|b| b.removing.is_some()).count();
+        }
+        self.lingering = left;
     }
 
     pub fn remove_binding(&mut self, id: &str) -> Option<Binding> {
@@ -1387,6 +1490,7 @@ impl State {
             created: Utc::now(),
             settles_at: None,
             ensured_user: false,
+            removing: None,
         };
         self.binding_map_mut(b.scope).insert(b.id, binding);
         Ok(())

@@ -1155,11 +1155,24 @@ async fn new_bindings_settle_and_status_appears_from_2_11() {
     assert_eq!(b["userId"], uid.as_str());
     assert_eq!(
         c.ids(&format!("/v3/clusterroletemplatebindings?userId={uid}")).await,
-        [id.clone()]
+        [id.as_str()]
     );
     let (status, gone) = c.delete(&format!("/v3/clusterroletemplatebindings/{id}")).await;
     assert_eq!(status, 200);
     assert!(gone["removed"].is_string(), "{gone}");
+    // A new local user's principalIds arrive with the controller too.
+    let (_, dave) = c
+        .post("/v3/users", json!({"username": "dave", "password": "long-enough-pw-1"}))
+        .await;
+    assert_eq!(dave["principalIds"], json!([]));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let (_, dave) = c
+        .get(&format!("/v3/users/{}", dave["id"].as_str().unwrap_or_default()))
+        .await;
+    assert_eq!(
+        dave["principalIds"],
+        json!([format!("local://{}", dave["id"].as_str().unwrap_or_default())])
+    );
     c.stop().await;
     let old = Client::start(version(10)).await;
     let (_, b) = old.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
@@ -1210,5 +1223,78 @@ async fn the_large_dataset_has_the_documented_sizes_and_pages_fast() {
         ..SimOptions::default()
     });
     assert_eq!(again.bindings()[20_000], c.h.sim.bindings()[20_000]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn objects_have_the_norman_shape_and_their_self_links_resolve() {
+    let c = Client::start(SimOptions::default()).await;
+    for path in [
+        "/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01",
+        "/v3/globalrolebindings/grb-admin",
+        "/v3/projectroletemplatebindings/p-abcde:prtb-b0b01",
+        "/v3/users/u-alice1",
+        "/v3/projects/c-7x2k9:p-x4m7q",
+        "/v3/cluster/local/namespaces/default",
+        "/v3/roletemplates/cluster-owner",
+        "/v3/globalroles/admin",
+        "/v3/clusters/c-7x2k9",
+    ] {
+        let (status, obj) = c.get(path).await;
+        assert_eq!(status, 200, "{path}: {obj}");
+        for field in [
+            "id",
+            "type",
+            "baseType",
+            "name",
+            "links",
+            "labels",
+            "annotations",
+            "created",
+            "state",
+        ] {
+            assert!(obj.get(field).is_some(), "{path} lacks {field}: {obj}");
+        }
+        let link = obj["links"]["self"].as_str().unwrap_or_default().to_string();
+        assert!(link.starts_with(&c.h.base_url), "{link}");
+        let (status, again) = c.get(&link).await;
+        assert_eq!((status, &again["id"]), (200, &obj["id"]), "{link}");
+    }
+    let (_, crtb) = c.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
+    assert_eq!(crtb["type"], "clusterRoleTemplateBinding");
+    assert_eq!(crtb["name"], "crtb-grp01");
+    assert_eq!(crtb["created"], "2025-03-01T09:40:00Z");
+    assert_eq!(crtb["userId"], Value::Null, "null, not absent");
+    let (_, cluster) = c.get("/v3/clusters/c-7x2k9").await;
+    assert_eq!(
+        (cluster["name"].clone(), cluster["labels"]["env"].clone()),
+        (json!("prod-eu"), json!("prod"))
+    );
+    let (_, page) = c.get("/v3/clusters?limit=1").await;
+    assert_eq!(page["type"], "collection");
+    assert_eq!(page["resourceType"], "cluster");
+    assert_eq!(page["filters"]["name"], Value::Null);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_removal_delay_a_deleted_binding_lingers_with_removed_set() {
+    let c = Client::start(SimOptions {
+        removal_delay: Duration::from_millis(300),
+        ..SimOptions::default()
+    })
+    .await;
+    let id = "p-abcde:prtb-b0b01";
+    let path = format!("/v3/projectroletemplatebindings/{id}");
+    let (status, gone) = c.delete(&path).await;
+    assert_eq!(status, 200);
+    assert!(gone["removed"].is_string() && gone["state"] == "removing", "{gone}");
+    let (status, still) = c.get(&path).await;
+    assert_eq!(status, 200, "still there while finalizers run");
+    assert!(still["removed"].is_string());
+    assert_eq!(c.ids("/v3/projectroletemplatebindings?userId=u-bob01").await, [id]);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_error(&c.get(&path).await, 404, "NotFound");
+    assert!(c.h.sim.bindings().iter().all(|b| b.id != id));
     c.stop().await;
 }
