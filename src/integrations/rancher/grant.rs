@@ -487,10 +487,32 @@ impl Rancher {
     pub(super) async fn ensure_binding(&self, target: &Target<'_>) -> Result<(Binding, bool), IntegrationError> {
         let name = target.name();
         let url = self.client.url(&["v3", target.kind.collection()], &[]);
-        match self.client.post::<Binding>(url, &target.body(&name)).await {
-            Ok(b) => Ok((self.settle(target, b).await?, true)),
-            Err(e) if e.status() == Some(409) => Ok((self.existing_binding(target, &name, &e).await?, false)),
-            Err(e) => Err(binding_error(target, e)),
+        let deadline = Instant::now() + self.config.status_timeout;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.client.post::<Binding>(url.clone(), &target.body(&name)).await {
+                Ok(b) => return Ok((self.settle(target, b).await?, true)),
+                // Kubernetes prefixes AlreadyExists with this when the object holding the name
+                // has a deletion timestamp: a revoke of the same access whose finalizers still
+                // run. Not granted until it is gone: wait for it, then create anew.
+                Err(e) if e.status() == Some(409) && e.message().starts_with("object is being deleted") => {
+                    if Instant::now() + delay > deadline {
+                        return Err(IntegrationError::InProgress {
+                            message: format!(
+                                "binding {name} ({}) is still being removed after an earlier revoke; the grant \
+                                 will be made once Rancher has finished removing it",
+                                target.describe()
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) if e.status() == Some(409) => {
+                    return Ok((self.existing_binding(target, &name, &e).await?, false));
+                }
+                Err(e) => return Err(binding_error(target, e)),
+            }
         }
     }
 

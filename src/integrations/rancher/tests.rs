@@ -1416,3 +1416,82 @@ fn a_certificate_authority_is_added_to_the_trust_roots() {
     let key = ApiKey::from_secret(&secret(&[("token", "token-a:b")])).unwrap();
     Rancher::from_parts(config, key).expect("the client builds with the extra root");
 }
+
+/// Kubernetes answers a create whose name is held by an object being deleted (a revoke's
+/// finalizers still running) with 409 "object is being deleted: ... already exists". That is not
+/// "already granted": the grant waits for the old binding to go, then creates it.
+#[tokio::test]
+async fn a_grant_waits_for_a_binding_still_being_removed() {
+    use axum::Router;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let posts = Arc::new(AtomicU64::new(0));
+    let app = Router::new()
+        .route(
+            "/v3/users",
+            get(|| async { axum::Json(json!({"data": [{"id": "u-bob01", "username": "bob"}]})) }),
+        )
+        .route(
+            "/v3/clusterroletemplatebindings",
+            post(|State(posts): State<Arc<AtomicU64>>, body: axum::Json<Value>| async move {
+                let name = body["name"].as_str().unwrap_or_default().to_string();
+                if posts.fetch_add(1, Ordering::Relaxed) < 2 {
+                    let message = format!(
+                        "object is being deleted: clusterroletemplatebindings.management.cattle.io \"{name}\" already exists"
+                    );
+                    return (
+                        axum::http::StatusCode::CONFLICT,
+                        axum::Json(json!({"type": "error", "status": 409, "code": "AlreadyExists", "message": message})),
+                    );
+                }
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(json!({
+                        "id": format!("c-1:{name}"), "name": name, "clusterId": "c-1",
+                        "roleTemplateId": "cluster-member", "userId": "u-bob01",
+                    })),
+                )
+            }),
+        )
+        .with_state(posts.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
+    let r = Rancher::from_parts(RancherConfig::from_value(&json!({"host": base})).unwrap(), key.clone()).unwrap();
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap();
+    assert_eq!(posts.load(Ordering::Relaxed), 3);
+    assert!(g.binding_ids[0].starts_with("c-1:crtb-"), "{g:?}");
+    // Still not gone within the wait: InProgress, retryable.
+    posts.store(0, Ordering::Relaxed);
+    let config = json!({"host": base, "status_timeout_seconds": 0});
+    let r = Rancher::from_parts(RancherConfig::from_value(&config).unwrap(), key).unwrap();
+    let e = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::InProgress { .. }) && e.to_string().contains("being removed"),
+        "{e:?}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn bindings_still_being_removed_count_as_gone() {
+    let sim = sim().await;
+    sim.sim.set_removal_delay(Duration::from_secs(30));
+    let r = rancher(&sim);
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    let removed = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert_eq!(removed.removed_binding_ids, g.binding_ids);
+    // Still listed (with `removed` set) for a while: a repeat removes nothing, discovery skips it.
+    let again = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert!(again.removed_binding_ids.is_empty(), "{again:?}");
+    let (all, _) = discover_all(&r).await;
+    let id = &g.binding_ids[0];
+    assert!(
+        !all.iter()
+            .any(|o| serde_json::to_value(o).unwrap()["id"] == id.as_str())
+    );
+    sim.stop().await;
+}
