@@ -278,7 +278,7 @@ impl Rancher {
             resource: &r.resource,
             subject,
         };
-        let (binding, _) = self.ensure_binding(&target).await?;
+        let (binding, binding_created) = self.ensure_binding(&target).await?;
 
         if let Some(user) = &agent_user {
             // Last, so that an attempt that stopped half-way (user made, bindings not) is told
@@ -290,10 +290,10 @@ impl Rancher {
                 resource: &Resource::Global,
                 subject: BindingSubject::UserId(user.id.clone()),
             };
-            let (_, created_now) = if kind == Kind::Global && r.role == LOGIN_ROLE {
-                (binding.clone(), false)
+            let created_now = if kind == Kind::Global && r.role == LOGIN_ROLE {
+                binding_created
             } else {
-                self.ensure_binding(&login).await?
+                self.ensure_binding(&login).await?.1
             };
             if created_now && credentials.is_none() {
                 let username = user.username().unwrap_or_default().to_string();
