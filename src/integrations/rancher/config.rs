@@ -54,9 +54,9 @@ pub struct RancherConfig {
     pub ui_url: Option<Url>,
     pub custom_access_details: Option<String>,
     /// Consumed by the control plane; validated here only.
-    pub credential_rotation_days: Option<u64>,
+    pub credential_rotation_days: Option<f64>,
     /// Consumed by the control plane; validated here only.
-    pub user_cleanup_days: Option<u64>,
+    pub user_cleanup_days: Option<f64>,
     pub page_size: u32,
     pub concurrency: usize,
     pub timeout: Duration,
@@ -245,8 +245,26 @@ fn opt_uint(map: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Op
     }
 }
 
-fn opt_days(map: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Option<u64> {
-    opt_uint(map, key, errors)
+/// A number of days ≥ 0, as a number or a numeric string. Tolerant on purpose: the control plane
+/// reads these (fractional days included, e.g. in its tests) and saturates absurd values.
+fn opt_days(map: &Map<String, Value>, key: &str, errors: &mut Vec<String>) -> Option<f64> {
+    let days = match map.get(key) {
+        None | Some(Value::Null) => return None,
+        Some(Value::String(s)) if s.trim().is_empty() => return None,
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        Some(_) => None,
+    };
+    match days {
+        Some(d) if d.is_finite() && d >= 0.0 => Some(d),
+        _ => {
+            errors.push(format!(
+                "{key} must be a number of days of 0 or more, got {}",
+                map.get(key).map(Value::to_string).unwrap_or_default()
+            ));
+            None
+        }
+    }
 }
 
 fn bounded(map: &Map<String, Value>, key: &str, default: u64, min: u64, max: u64, errors: &mut Vec<String>) -> u64 {

@@ -56,8 +56,13 @@ fn config_defaults_and_host_forms() {
         "ui_url": "", "certificate_authority": null,
     }))
     .unwrap();
-    assert_eq!(c.credential_rotation_days, Some(30));
-    assert_eq!(c.user_cleanup_days, Some(7));
+    assert_eq!(c.credential_rotation_days, Some(30.0));
+    assert_eq!(c.user_cleanup_days, Some(7.0));
+    let c = RancherConfig::from_value(&json!({
+        "host": "r.example.com", "credential_rotation_days": 1e300, "user_cleanup_days": "1.5",
+    }))
+    .unwrap();
+    assert_eq!(c.user_cleanup_days, Some(1.5));
     assert!(c.ui_url.is_none() && c.certificate_authority.is_none());
 }
 
