@@ -533,13 +533,20 @@ impl SimHandle {
         })
     }
 
-    /// Stops serving and waits for the server task to end.
+    /// Stops serving and waits for the server task to end: in-flight requests finish, idle
+    /// connections close. Bounded to 5 s (then the task is aborted) so a client that keeps a
+    /// request open cannot hang the caller.
     pub async fn stop(self) {
         let _ = self.shutdown.send(());
-        match self.join.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "simulator server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "simulator server task failed"),
-            Ok(Ok(())) => {}
+        let mut join = self.join;
+        match tokio::time::timeout(Duration::from_secs(5), &mut join).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "simulator server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "simulator server task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                tracing::warn!("simulator server did not stop within 5 s; aborting it");
+                join.abort();
+            }
         }
     }
 }
