@@ -1362,3 +1362,10 @@ async fn malformed_input_gets_rancher_shaped_errors() {
     assert_error(&c.send(c.http.get(c.url("/k8s/clusters/local"))).await, 404, "NotFound");
     c.stop().await;
 }
+
+#[test]
+fn external_user_id_matches_an_independent_base32() {
+    // Python: "u-" + base64.b32encode(hashlib.sha256(p.encode()).digest()).decode()[:10].lower()
+    assert_eq!(external_user_id("github_user://4242"), "u-t3pwg2epgg");
+    assert_eq!(external_user_id("github_user://5151"), "u-dpuo33tiay");
+}
