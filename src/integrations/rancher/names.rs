@@ -161,6 +161,9 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
         );
         assert_eq!(id, external_user_id("github_user://123"));
+        // sha256 → base32 → lowercase, first 10 (computed independently).
+        assert_eq!(external_user_id("github_user://4242"), "u-t3pwg2epgg");
+        assert_eq!(external_user_id("github_user://5151"), "u-dpuo33tiay");
         assert_ne!(id, external_user_id("github_user://124"));
     }
 
