@@ -486,6 +486,7 @@ const PRTB_FILTERS: &[&str] = &[
 ];
 
 fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value), ApiError> {
+    st.purge();
     let ctx_base = req.base.clone();
     let owner = key.owner.clone();
     let ctx = st.ctx(&ctx_base, &owner);
@@ -734,20 +735,7 @@ fn bindings(
                     .get(*id)
                     .map(|b| (200, b.render(ctx)))
                     .ok_or_else(|| k8s_not_found(plural, name)),
-                Method::DELETE => {
-                    let mut gone = st.delete_binding(scope, id)?.render(ctx);
-                    if let Some(obj) = gone.as_object_mut() {
-                        // Finalizers still run on the real server: the answer shows the removal.
-                        let now = Utc::now();
-                        obj.insert(
-                            "removed".into(),
-                            Value::String(now.to_rfc3339_opts(SecondsFormat::Secs, true)),
-                        );
-                        obj.insert("removedTS".into(), Value::from(now.timestamp_millis()));
-                        obj.insert("state".into(), Value::String("removing".into()));
-                    }
-                    Ok((200, gone))
-                }
+                Method::DELETE => st.delete_binding(scope, id).map(|b| (200, b.render(ctx))),
                 _ => Err(method_error(req)),
             }
         }

@@ -29,6 +29,8 @@ pub(crate) fn build(options: &SimOptions) -> State {
     let mut st = State {
         version: options.version,
         settle: options.settle,
+        removal_delay: options.removal_delay,
+        lingering: 0,
         resolve_external: options.resolve_external_principals,
         password_min_length: options.password_min_length,
         clusters: BTreeMap::new(),
@@ -171,6 +173,7 @@ fn binding(st: &mut State, s: Seed) {
         created: at(40),
         settles_at: None,
         ensured_user: false,
+        removing: None,
     };
     let map = match s.scope {
         BindingScope::Global => &mut st.grbs,

@@ -14,6 +14,28 @@
 //! Behaviour follows `rancher-api-notes.md` (the real server's quirks included: string `status` on
 //! 401, silently ignored unknown filters, the marker that restarts paging at item 0, duplicate
 //! bindings allowed or refused depending on the version).
+//!
+//! # Wire behaviour worth knowing when writing a client against it
+//!
+//! - Pagination is Norman's: `pagination.partial` is **omitted** when false and stays `true` on the
+//!   last page, which has no `next`; follow `next` while it is present.
+//! - Filters: `f=v`, `f_ne`, `f_in`, `f_notin`, `f_null`, `f_notnull` on the collection's known
+//!   fields only (listed in each answer's `filters`); `sort=<field>&order=desc`.
+//! - Users created through the API get no global role binding. A binding made by
+//!   `userPrincipalId` alone creates the user (EnsureUser) and sets `userId`.
+//! - `GET /sim/stats`, `/sim/bindings`, `/sim/users` need no auth and are not counted.
+//!
+//! # Fidelity controls
+//!
+//! On [`SimOptions`]: `version`, `latency`, `settle` (new bindings `InProgress`, EnsureUser's
+//! `userId` and new users' `principalIds` hidden until then), `removal_delay` (deleted bindings
+//! linger with `removed`), `key_cluster_id` / `key_expires_at` (scoped or expiring key),
+//! `resolve_external_principals`, `password_min_length`, `faults` (seeded random 5xx / slow
+//! answers), `seed`. At run time on [`Sim`]: [`Sim::set_api_key`] (rotation),
+//! [`Sim::set_key_scope`], [`Sim::set_key_expiry`], [`Sim::set_version`], [`Sim::set_latency`],
+//! [`Sim::set_settle`], [`Sim::set_removal_delay`], [`Sim::fail_next`] / [`Sim::fail_next_on`]
+//! (exact faults, optionally after the change is committed), [`Sim::set_faults`],
+//! [`Sim::add_user`], [`Sim::add_binding`], [`Sim::remove_binding`], [`Sim::check_password`].
 
 mod api;
 mod data;
@@ -163,6 +185,9 @@ pub struct SimOptions {
     /// New bindings report `status.summary: InProgress` for this long, then `Completed`
     /// (2.11+ only). Default 0.
     pub settle: Duration,
+    /// A deleted binding stays listed (with `removed` set and `state: removing`, its name still
+    /// taken) for this long, as while Rancher's finalizers run. Default 0 (gone at once).
+    pub removal_delay: Duration,
     /// Whether the key owner's auth provider can resolve external principals (`github_user://..`).
     /// `false` behaves like a local admin's key: binding by an external `userPrincipalId` answers
     /// 500 and external principals are not found. Default `true`.
@@ -186,6 +211,7 @@ impl Default for SimOptions {
             key_cluster_id: None,
             key_expires_at: None,
             settle: Duration::ZERO,
+            removal_delay: Duration::ZERO,
             resolve_external_principals: true,
             password_min_length: 12,
             faults: FaultOptions::default(),
@@ -205,6 +231,7 @@ impl fmt::Debug for SimOptions {
             .field("key_cluster_id", &self.key_cluster_id)
             .field("key_expires_at", &self.key_expires_at)
             .field("settle", &self.settle)
+            .field("removal_delay", &self.removal_delay)
             .field("resolve_external_principals", &self.resolve_external_principals)
             .field("password_min_length", &self.password_min_length)
             .field("faults", &self.faults)
@@ -351,7 +378,8 @@ impl Sim {
 
     /// Every binding of the three kinds: GRBs, then CRTBs, then PRTBs, each ordered by id.
     pub fn bindings(&self) -> Vec<SimBinding> {
-        let st = lock(&self.inner.state);
+        let mut st = lock(&self.inner.state);
+        st.purge();
         st.grbs
             .values()
             .chain(st.crtbs.values())
@@ -403,6 +431,11 @@ impl Sim {
     /// Changes how long new bindings stay `InProgress`.
     pub fn set_settle(&self, settle: Duration) {
         lock(&self.inner.state).settle = settle;
+    }
+
+    /// Changes how long deleted bindings stay listed with `removed` set.
+    pub fn set_removal_delay(&self, delay: Duration) {
+        lock(&self.inner.state).removal_delay = delay;
     }
 
     /// The next `n` `/v3` requests (any route) answer `status` with a Rancher-shaped error
@@ -500,13 +533,20 @@ impl SimHandle {
         })
     }
 
-    /// Stops serving and waits for the server task to end.
+    /// Stops serving and waits for the server task to end: in-flight requests finish, idle
+    /// connections close. Bounded to 5 s (then the task is aborted) so a client that keeps a
+    /// request open cannot hang the caller.
     pub async fn stop(self) {
         let _ = self.shutdown.send(());
-        match self.join.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "simulator server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "simulator server task failed"),
-            Ok(Ok(())) => {}
+        let mut join = self.join;
+        match tokio::time::timeout(Duration::from_secs(5), &mut join).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "simulator server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "simulator server task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                tracing::warn!("simulator server did not stop within 5 s; aborting it");
+                join.abort();
+            }
         }
     }
 }

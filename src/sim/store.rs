@@ -571,6 +571,9 @@ pub(crate) struct Binding {
     /// Created by `userPrincipalId` alone: `userId` is set by the controller (EnsureUser), so
     /// the API shows it only once the binding has settled.
     pub ensured_user: bool,
+    /// Deleted while finalizers run: `(removed timestamp, purge time)`. Still listed, with
+    /// `removed` set, until the purge time (only with a `removal_delay`).
+    pub removing: Option<(DateTime<Utc>, Instant)>,
 }
 
 impl Binding {
@@ -658,6 +661,10 @@ struct BindingWire<'a> {
     labels: &'a BTreeMap<String, String>,
     links: Links<'a>,
     name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed: Option<Rfc3339>,
+    #[serde(rename = "removedTS", skip_serializing_if = "Option::is_none")]
+    removed_ts: Option<i64>,
     state: &'static str,
     transitioning: &'static str,
     transitioning_message: &'static str,
@@ -780,7 +787,9 @@ impl Binding {
                 update: link,
             },
             name: &self.name,
-            state: "active",
+            removed: self.removing.map(|(t, _)| Rfc3339(t)),
+            removed_ts: self.removing.map(|(t, _)| t.timestamp_millis()),
+            state: if self.removing.is_some() { "removing" } else { "active" },
             transitioning: "no",
             transitioning_message: "",
             kind,
@@ -838,6 +847,9 @@ impl Principal {
 pub(crate) struct State {
     pub version: RancherVersion,
     pub settle: Duration,
+    pub removal_delay: Duration,
+    /// How many bindings are `removing` (so the purge pass is skipped when none are).
+    pub lingering: usize,
     pub resolve_external: bool,
     pub password_min_length: usize,
     pub clusters: BTreeMap<String, Cluster>,
@@ -1324,9 +1336,15 @@ impl State {
         };
         if webhook_blocks {
             let group = gpid.clone().or_else(|| group_id.clone());
-            let dup = self.binding_map(scope).values().any(|b| {
-                b.role_id == role_id && b.resource_id == resource_id && b.same_subject(&resolved_user, &upid, &group)
-            });
+            let dup = self
+                .binding_map(scope)
+                .values()
+                .filter(|b| b.removing.is_none())
+                .any(|b| {
+                    b.role_id == role_id
+                        && b.resource_id == resource_id
+                        && b.same_subject(&resolved_user, &upid, &group)
+                });
             if dup {
                 let short = if scope == BindingScope::Cluster { "crtb" } else { "prtb" };
                 return Err(ApiError::new(
@@ -1379,11 +1397,14 @@ impl State {
             created: Utc::now(),
             settles_at: (!settle.is_zero()).then(|| Instant::now() + settle),
             ensured_user,
+            removing: None,
         };
         self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
         Ok(binding)
     }
 
+    /// Deletes a binding. The answer carries `removed` (finalizers run on the real server); with
+    /// a `removal_delay` the binding stays listed, still holding its name, until the delay ends.
     pub fn delete_binding(&mut self, scope: BindingScope, id: &str) -> Result<Binding, ApiError> {
         let plural = match scope {
             BindingScope::Global => "globalrolebindings",
@@ -1391,9 +1412,43 @@ impl State {
             BindingScope::Project => "projectroletemplatebindings",
         };
         let name = id.split_once(':').map_or(id, |(_, n)| n);
-        self.binding_map_mut(scope)
-            .remove(id)
-            .ok_or_else(|| k8s_not_found(plural, name))
+        let delay = self.removal_delay;
+        let now = (Utc::now(), Instant::now() + delay);
+        if delay.is_zero() {
+            let mut b = self
+                .binding_map_mut(scope)
+                .remove(id)
+                .ok_or_else(|| k8s_not_found(plural, name))?;
+            b.removing = Some(now);
+            return Ok(b);
+        }
+        let b = self
+            .binding_map_mut(scope)
+            .get_mut(id)
+            .ok_or_else(|| k8s_not_found(plural, name))?;
+        let newly = b.removing.is_none();
+        if newly {
+            b.removing = Some(now);
+        }
+        let b = b.clone();
+        if newly {
+            self.lingering += 1;
+        }
+        Ok(b)
+    }
+
+    /// Drops bindings whose removal has finished.
+    pub fn purge(&mut self) {
+        if self.lingering == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut left = 0;
+        for map in [&mut self.grbs, &mut self.crtbs, &mut self.prtbs] {
+            map.retain(|_, b| b.removing.is_none_or(|(_, t)| t > now));
+            left += map.values().filter(|b| b.removing.is_some()).count();
+        }
+        self.lingering = left;
     }
 
     pub fn remove_binding(&mut self, id: &str) -> Option<Binding> {
@@ -1435,6 +1490,7 @@ impl State {
             created: Utc::now(),
             settles_at: None,
             ensured_user: false,
+            removing: None,
         };
         self.binding_map_mut(b.scope).insert(b.id, binding);
         Ok(())

@@ -1276,3 +1276,96 @@ async fn objects_have_the_norman_shape_and_their_self_links_resolve() {
     assert_eq!(page["filters"]["name"], Value::Null);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_removal_delay_a_deleted_binding_lingers_with_removed_set() {
+    let c = Client::start(SimOptions {
+        removal_delay: Duration::from_millis(300),
+        ..SimOptions::default()
+    })
+    .await;
+    let id = "p-abcde:prtb-b0b01";
+    let path = format!("/v3/projectroletemplatebindings/{id}");
+    let (status, gone) = c.delete(&path).await;
+    assert_eq!(status, 200);
+    assert!(gone["removed"].is_string() && gone["state"] == "removing", "{gone}");
+    let (status, still) = c.get(&path).await;
+    assert_eq!(status, 200, "still there while finalizers run");
+    assert!(still["removed"].is_string());
+    assert_eq!(c.ids("/v3/projectroletemplatebindings?userId=u-bob01").await, [id]);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_error(&c.get(&path).await, 404, "NotFound");
+    assert!(c.h.sim.bindings().iter().all(|b| b.id != id));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_input_gets_rancher_shaped_errors() {
+    let c = Client::start(SimOptions::default()).await;
+    for path in [
+        "/v3/users/%ZZ",
+        "/v3/users/%",
+        "/v3/principals/%E2%28",
+        "/v3/cluster/local/namespaces/a/b",
+    ] {
+        let answer = c.get(path).await;
+        assert_error(&answer, 404, "NotFound");
+    }
+    for q in [
+        "limit=abc",
+        "limit=-7",
+        "limit=99999999999999999999",
+        "marker=",
+        "sort=nope&order=sideways",
+        "%%%=1",
+    ] {
+        let (status, page) = c.get(&format!("/v3/users?{q}")).await;
+        assert_eq!(status, 200, "{q}: {page}");
+        assert_eq!(page["data"].as_array().map(Vec::len), Some(4), "{q}");
+    }
+    for body in [
+        "null",
+        "[]",
+        "\"x\"",
+        "{\"username\": 5}",
+        "{\"username\":\"z\",\"labels\":[1]}",
+    ] {
+        let resp = c
+            .http
+            .post(c.url("/v3/users"))
+            .header("Authorization", &c.auth)
+            .body(body)
+            .send()
+            .await;
+        let resp = resp.expect("request");
+        assert_eq!(resp.status().as_u16(), 422, "{body}");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["type"], "error", "{body}");
+    }
+    let answer = c.post("/v3/users/u-alice1?action=explode", json!({})).await;
+    assert_error(&answer, 404, "ActionNotAvailable");
+    assert_error(
+        &c.post(
+            "/v3/users/u-nope?action=setpassword",
+            json!({"newPassword": "long-enough-pw-9"}),
+        )
+        .await,
+        404,
+        "NotFound",
+    );
+    let basic = c
+        .send(c.http.get(c.url("/v3")).header("Authorization", "Basic !!!"))
+        .await;
+    assert_eq!(basic.0, 401);
+    let cookie = format!("R_SESS={DEFAULT_ACCESS_KEY}:{DEFAULT_SECRET_KEY}");
+    assert_eq!(c.send(c.http.get(c.url("/v3")).header("Cookie", cookie)).await.0, 200);
+    assert_error(&c.send(c.http.get(c.url("/k8s/clusters/local"))).await, 404, "NotFound");
+    c.stop().await;
+}
+
+#[test]
+fn external_user_id_matches_an_independent_base32() {
+    // Python: "u-" + base64.b32encode(hashlib.sha256(p.encode()).digest()).decode()[:10].lower()
+    assert_eq!(external_user_id("github_user://4242"), "u-t3pwg2epgg");
+    assert_eq!(external_user_id("github_user://5151"), "u-dpuo33tiay");
+}

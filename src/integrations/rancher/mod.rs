@@ -1,54 +1,114 @@
-//! The Rancher integration. (Being written.)
+//! The Rancher integration: grants and revokes access through Rancher's v3 (Norman) API.
+//!
+//! # Layout
+//! - [`config`]: the integration's settings (pure validation) and the API key.
+//! - [`client`]: HTTP, authentication, retries, error mapping, pagination with its loop guard.
+//! - [`model`]: the v3 objects as they come over the wire.
+//! - [`names`]: deterministic binding names, external user ids, generated passwords.
+//! - `validate`, `discover`, `grant` (grant and revoke), `users` (create, rotate, delete): the
+//!   operations, one file each.
+//!
+//! Facts about the API and their sources: `rancher-api-notes.md`; what each call costs and what
+//! each error means for an operator: `docs/rancher.md`.
+//!
+//! **Architecture invariant:** only this module speaks HTTP to Rancher, and the API key never
+//! leaves [`client::Client`]'s sensitive header: not in `Debug`, errors, logs or results.
+
+pub mod client;
+pub mod config;
+mod discover;
+mod grant;
+pub mod model;
+pub mod names;
+mod users;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::*;
 use crate::secrets::Secret;
+pub use client::{Client, RetryPolicy};
+pub use config::{ApiKey, RancherConfig};
 
 pub const TYPE: &str = "rancher";
 
-pub struct RancherConfig;
-
-impl RancherConfig {
-    pub fn from_value(_v: &Value) -> Result<RancherConfig, IntegrationError> {
-        Ok(RancherConfig)
-    }
+/// A Rancher integration bound to one server and one API key, built per job.
+pub struct Rancher {
+    config: RancherConfig,
+    key: ApiKey,
+    client: Client,
 }
 
-pub struct Rancher;
+impl fmt::Debug for Rancher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rancher")
+            .field("base_url", &self.config.base_url.as_str())
+            .field("key", &self.key)
+            .finish()
+    }
+}
 
 impl Rancher {
-    pub fn new(_spec: &IntegrationSpec, _secret: &Secret) -> Result<Rancher, IntegrationError> {
-        Ok(Rancher)
+    /// Builds the integration from its spec and resolved secret. No network.
+    ///
+    /// # Errors
+    /// `Config` for an invalid config, a secret without the expected keys, or an unusable CA.
+    pub fn new(spec: &IntegrationSpec, secret: &Secret) -> Result<Rancher, IntegrationError> {
+        let config = RancherConfig::from_value(&spec.config)?;
+        let key = ApiKey::from_secret(secret)?;
+        Rancher::from_parts(config, key)
     }
-}
 
-fn todo_err() -> IntegrationError {
-    IntegrationError::Protocol {
-        message: "not yet".into(),
+    /// Builds the integration from a parsed config and key.
+    ///
+    /// # Errors
+    /// `Config` for an unusable CA.
+    pub fn from_parts(config: RancherConfig, key: ApiKey) -> Result<Rancher, IntegrationError> {
+        let client = Client::new(&config, &key)?;
+        Ok(Rancher { config, key, client })
+    }
+
+    /// Overrides the retry policy for transient failures (tests use short delays).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Rancher {
+        self.client = self.client.with_retry(retry);
+        self
+    }
+
+    /// The HTTP client (for request counts).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 }
 
 #[async_trait]
 impl Integration for Rancher {
     async fn validate(&self) -> Result<ValidateResult, IntegrationError> {
-        Err(todo_err())
+        self.validate_key().await
     }
-    async fn discover(&self, _sink: mpsc::Sender<DiscoveredObject>) -> Result<DiscoverySummary, IntegrationError> {
-        Err(todo_err())
+
+    async fn discover(&self, sink: mpsc::Sender<DiscoveredObject>) -> Result<DiscoverySummary, IntegrationError> {
+        self.discover_all(sink).await
     }
-    async fn grant(&self, _r: &GrantRequest) -> Result<GrantResult, IntegrationError> {
-        Err(todo_err())
+
+    async fn grant(&self, request: &GrantRequest) -> Result<GrantResult, IntegrationError> {
+        self.grant_access(request).await
     }
-    async fn revoke(&self, _r: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
-        Err(todo_err())
+
+    async fn revoke(&self, request: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
+        self.revoke_access(request).await
     }
-    async fn rotate_credentials(&self, _r: &RotateRequest) -> Result<GrantResult, IntegrationError> {
-        Err(todo_err())
+
+    async fn rotate_credentials(&self, request: &RotateRequest) -> Result<GrantResult, IntegrationError> {
+        self.rotate_password(request).await
     }
-    async fn delete_user(&self, _r: &DeleteUserRequest) -> Result<DeleteUserResult, IntegrationError> {
-        Err(todo_err())
+
+    async fn delete_user(&self, request: &DeleteUserRequest) -> Result<DeleteUserResult, IntegrationError> {
+        self.delete_agent_user(request).await
     }
 }

@@ -1,0 +1,656 @@
+//! The HTTP client for Rancher's v3 (Norman) API: authentication, retries, error mapping and
+//! pagination.
+//!
+//! **Invariant:** the API key lives in one sensitive header value and nowhere else; messages taken
+//! from response bodies are scrubbed of the secret before they go into an error.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use url::Url;
+
+use super::config::{ApiKey, RancherConfig};
+use super::model::{Collection, HasId};
+use crate::integrations::IntegrationError;
+
+/// Hard cap on pages per listing: 100000 pages of even 100 objects is beyond any real install.
+const MAX_PAGES: u32 = 100_000;
+/// Restarts of a listing from item 0 (its marker was deleted) tolerated before giving up.
+const MAX_RESTARTS: u32 = 2;
+/// Longest message kept from a response body.
+const MAX_MESSAGE: usize = 400;
+
+/// How transient failures (5xx, 429, timeouts, connection errors) are retried within one call.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Total tries, the first included.
+    pub attempts: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 3,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A Rancher API client bound to one server and one API key.
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    auth: HeaderValue,
+    /// The key's secret part, to scrub from any message a server (or a proxy) echoes back.
+    scrub: SecretString,
+    requests: AtomicU64,
+    /// Bounds requests in flight (discovery fans out; every v3 page is a full list on the server).
+    limiter: Semaphore,
+    page_size: u32,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("auth", &"[REDACTED]")
+            .field("requests", &self.requests())
+            .field("page_size", &self.page_size)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Builds the client (no network).
+    ///
+    /// # Errors
+    /// `Config` if the TLS setup or the key cannot be used.
+    pub fn new(config: &RancherConfig, key: &ApiKey) -> Result<Client, IntegrationError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            .user_agent(concat!("apono-connector/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(config.concurrency);
+        if let Some(pem) = &config.certificate_authority {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| IntegrationError::Config {
+                    message: format!("certificate_authority is not a usable PEM certificate: {e}"),
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| IntegrationError::Config {
+            message: format!("cannot set up the HTTP client for Rancher: {}", chain(&e)),
+        })?;
+        let mut auth = HeaderValue::from_str(key.bearer().expose_secret()).map_err(|_| IntegrationError::Config {
+            message: "the Rancher API key cannot be sent in a header; copy the access key and secret key again".into(),
+        })?;
+        auth.set_sensitive(true);
+        Ok(Client {
+            http,
+            base: config.base_url.clone(),
+            auth,
+            scrub: key.secret_part().clone(),
+            requests: AtomicU64::new(0),
+            limiter: Semaphore::new(config.concurrency.max(1)),
+            page_size: config.page_size,
+            timeout: config.timeout,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Client {
+        self.retry = retry;
+        self
+    }
+
+    /// HTTP requests sent so far (retries included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// `base` + path segments (each percent-encoded as needed) + query pairs.
+    pub fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    /// GET and decode.
+    ///
+    /// # Errors
+    /// The failure as an [`ApiError`] (the caller decides what a 404 means).
+    pub async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T, ApiError> {
+        let bytes = self.request(Method::GET, url.clone(), None).await?;
+        self.decode(&Method::GET, &url, &bytes)
+    }
+
+    /// POST a JSON body and decode the answer.
+    ///
+    /// Retried on transient failures like a GET. That is safe only because every POST this
+    /// integration makes is idempotent by construction: bindings and users have deterministic
+    /// names or unique usernames, so a retry of a POST that was applied gets a 409 or 422 that
+    /// the caller reads as "done"; setting a password twice sets it once.
+    pub async fn post<T: DeserializeOwned>(&self, url: Url, body: &Value) -> Result<T, ApiError> {
+        let bytes = self.request(Method::POST, url.clone(), Some(body)).await?;
+        self.decode(&Method::POST, &url, &bytes)
+    }
+
+    /// DELETE. Returns the body (Rancher answers 200 with the object, possibly with `removed`
+    /// set, or 204 with nothing).
+    pub async fn delete(&self, url: Url) -> Result<Option<Value>, ApiError> {
+        let bytes = self.request(Method::DELETE, url, None).await?;
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    /// Pages through a collection: `limit=page_size` plus `filters`. Filters only narrow what the
+    /// server sends: Rancher silently ignores filters it does not know, so callers re-check
+    /// every item client-side.
+    pub fn list<T>(&self, segments: &[&str], filters: &[(&str, &str)], what: impl Into<String>) -> Pager<'_, T> {
+        let limit = self.page_size.to_string();
+        let mut query = vec![("limit", limit.as_str())];
+        query.extend_from_slice(filters);
+        Pager {
+            client: self,
+            next: Some(self.url(segments, &query)),
+            what: what.into(),
+            seen: HashSet::new(),
+            pages: 0,
+            fresh_pages: 0,
+            stalled: 0,
+            restarts: 0,
+            prev_last_seen: false,
+            _item: PhantomData,
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, method: &Method, url: &Url, bytes: &[u8]) -> Result<T, ApiError> {
+        serde_json::from_slice(bytes).map_err(|e| ApiError {
+            method: method.clone(),
+            path: url.path().to_string(),
+            kind: Box::new(ErrorKind::Decode(format!("{e}"))),
+        })
+    }
+
+    /// One logical request: retried with exponential backoff and jitter on transient failures.
+    async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.attempts.saturating_sub(1))
+            .with_jitter();
+        (|| self.send_once(&method, &url, body))
+            .retry(policy)
+            .when(ApiError::is_transient)
+            .notify(|e, delay| {
+                tracing::warn!(
+                    method = %e.method, path = %e.path, error = %e.summary(), delay_ms = delay.as_millis() as u64,
+                    "Rancher request failed; retrying"
+                );
+            })
+            .await
+    }
+
+    async fn send_once(&self, method: &Method, url: &Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+        let _permit = self.limiter.acquire().await;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut req = self
+            .http
+            .request(method.clone(), url.clone())
+            .header(AUTHORIZATION, self.auth.clone())
+            .header(ACCEPT, "application/json");
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let err = |kind| ApiError {
+            method: method.clone(),
+            path: url.path().to_string(),
+            kind: Box::new(kind),
+        };
+        let resp = req.send().await.map_err(|e| err(self.transport_kind(&e)))?;
+        let status = resp.status();
+        let bytes: Vec<u8> = resp.bytes().await.map_err(|e| err(self.transport_kind(&e)))?.into();
+        tracing::debug!(%method, path = url.path(), status = status.as_u16(), "rancher request");
+        if status.is_success() {
+            Ok(bytes)
+        } else {
+            Err(err(status_kind(status, &bytes, self.scrub.expose_secret())))
+        }
+    }
+
+    fn transport_kind(&self, e: &reqwest::Error) -> ErrorKind {
+        let text = scrub(&chain(e), self.scrub.expose_secret());
+        if e.is_timeout() {
+            ErrorKind::Timeout(self.timeout)
+        } else if text.to_ascii_lowercase().contains("certificate") {
+            ErrorKind::Tls(text)
+        } else {
+            ErrorKind::Transport(text)
+        }
+    }
+}
+
+/// Pages of one listing, fetched on demand (bounded memory: one page at a time).
+///
+/// Guards the marker-restart trap: when the item a `next` marker names is deleted between
+/// pages, Rancher silently restarts the listing at item 0. Items already seen are dropped, a
+/// restart is tolerated [`MAX_RESTARTS`] times, and a run of pages with nothing new longer than
+/// the listing so far ends it with a `Protocol` error rather than a loop.
+pub struct Pager<'c, T> {
+    client: &'c Client,
+    next: Option<Url>,
+    what: String,
+    seen: HashSet<String>,
+    pages: u32,
+    fresh_pages: u32,
+    stalled: u32,
+    restarts: u32,
+    prev_last_seen: bool,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned + HasId> Pager<'_, T> {
+    /// The next page's new items, or `None` when the listing is done.
+    ///
+    /// # Errors
+    /// The request's failure, or `Protocol` when the listing does not converge.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<T>>, IntegrationError> {
+        self.next_page_raw().await.map_err(|e| match e {
+            PageError::Api(e) => e.into_error(),
+            PageError::Loop(e) => e,
+        })
+    }
+
+    /// As [`Pager::next_page`], keeping the request's failure as an [`ApiError`] for callers
+    /// that treat some statuses specially.
+    ///
+    /// # Errors
+    /// The request's failure, or a `Protocol` error when the listing does not converge.
+    pub async fn next_page_raw(&mut self) -> Result<Option<Vec<T>>, PageError> {
+        let Some(url) = self.next.take() else {
+            return Ok(None);
+        };
+        self.pages += 1;
+        if self.pages > MAX_PAGES {
+            return Err(PageError::Loop(self.protocol(format!("more than {MAX_PAGES} pages"))));
+        }
+        let page: Collection<T> = self.client.get(url.clone()).await.map_err(PageError::Api)?;
+        let first_seen = page.data.first().is_some_and(|o| self.seen.contains(o.id()));
+        if first_seen && !self.prev_last_seen {
+            self.restarts += 1;
+            tracing::warn!(
+                listing = %self.what, page = self.pages,
+                "Rancher restarted the listing from the beginning (its page marker was deleted); skipping items already seen"
+            );
+            if self.restarts > MAX_RESTARTS {
+                return Err(PageError::Loop(self.protocol(format!(
+                    "the listing restarted from the beginning {} times (objects deleted while paging)",
+                    self.restarts
+                ))));
+            }
+        }
+        let mut fresh = Vec::with_capacity(page.data.len());
+        let mut last_seen = self.prev_last_seen;
+        for item in page.data {
+            let id = item.id().to_string();
+            last_seen = self.seen.contains(&id);
+            if !last_seen {
+                self.seen.insert(id);
+                fresh.push(item);
+            }
+        }
+        self.prev_last_seen = last_seen;
+        if fresh.is_empty() {
+            self.stalled += 1;
+        } else {
+            self.stalled = 0;
+            self.fresh_pages += 1;
+        }
+        let pagination = page.pagination.unwrap_or_default();
+        if pagination.partial
+            && let Some(next) = pagination.next.as_deref().filter(|n| !n.is_empty())
+        {
+            if self.stalled > self.fresh_pages + 1 {
+                return Err(PageError::Loop(self.protocol(format!(
+                    "{} pages in a row brought nothing new (a paging loop)",
+                    self.stalled
+                ))));
+            }
+            self.next = Some(self.follow(next).map_err(PageError::Loop)?);
+        }
+        Ok(Some(fresh))
+    }
+
+    /// Every remaining item that passes `keep` (for small, filtered listings).
+    ///
+    /// # Errors
+    /// As [`Pager::next_page`].
+    pub async fn collect_matching(mut self, mut keep: impl FnMut(&T) -> bool) -> Result<Vec<T>, IntegrationError> {
+        let mut out = Vec::new();
+        while let Some(page) = self.next_page().await? {
+            out.extend(page.into_iter().filter(|i| keep(i)));
+        }
+        Ok(out)
+    }
+
+    /// The first item that passes `keep`, reading no further pages than needed.
+    ///
+    /// # Errors
+    /// As [`Pager::next_page`].
+    pub async fn find(mut self, mut keep: impl FnMut(&T) -> bool) -> Result<Option<T>, IntegrationError> {
+        while let Some(page) = self.next_page().await? {
+            if let Some(found) = page.into_iter().find(|i| keep(i)) {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `next` as sent by Rancher (an absolute URL built from its own idea of its address),
+    /// re-pointed at the origin this client talks to.
+    fn follow(&self, next: &str) -> Result<Url, IntegrationError> {
+        let base = &self.client.base;
+        let mut url = Url::parse(next)
+            .or_else(|_| base.join(next))
+            .map_err(|e| self.protocol(format!("pagination.next {next:?} is not a URL ({e})")))?;
+        let ok = url.set_scheme(base.scheme()).is_ok()
+            && url.set_host(base.host_str()).is_ok()
+            && url.set_port(base.port_or_known_default()).is_ok();
+        if !ok {
+            return Err(self.protocol(format!("pagination.next {next:?} cannot be followed")));
+        }
+        if !url.query_pairs().any(|(k, _)| k == "limit") {
+            url.query_pairs_mut()
+                .append_pair("limit", &self.client.page_size.to_string());
+        }
+        Ok(url)
+    }
+
+    fn protocol(&self, why: String) -> IntegrationError {
+        IntegrationError::Protocol {
+            message: format!(
+                "listing {} from Rancher did not converge: {why}; stopped after {} pages",
+                self.what, self.pages
+            ),
+        }
+    }
+}
+
+/// Why a page could not be had.
+#[derive(Debug)]
+pub enum PageError {
+    Api(ApiError),
+    /// The listing does not converge (marker restarts, a paging loop, an unusable `next`).
+    Loop(IntegrationError),
+}
+
+/// A failed Rancher request: what was asked and what went wrong. Carries no credentials.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub method: Method,
+    pub path: String,
+    /// Boxed: errors travel in `Result`s on every call, and are rare.
+    pub kind: Box<ErrorKind>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ErrorKind {
+    /// Rancher (or a proxy) answered with an error status.
+    Status {
+        status: u16,
+        code: Option<String>,
+        message: String,
+        field: Option<String>,
+    },
+    Timeout(Duration),
+    /// TLS verification failed: retrying will not help.
+    Tls(String),
+    /// Connection refused or reset, DNS failure, a body cut short.
+    Transport(String),
+    /// A success answer that is not the JSON expected.
+    Decode(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<u16> {
+        match &*self.kind {
+            ErrorKind::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match &*self.kind {
+            ErrorKind::Status { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn field(&self) -> Option<&str> {
+        match &*self.kind {
+            ErrorKind::Status { field, .. } => field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Rancher's own message (or the transport's).
+    pub fn message(&self) -> &str {
+        match &*self.kind {
+            ErrorKind::Status { message, .. } => message,
+            ErrorKind::Timeout(_) => "timed out",
+            ErrorKind::Tls(m) | ErrorKind::Transport(m) | ErrorKind::Decode(m) => m,
+        }
+    }
+
+    /// Worth retrying: 5xx (a 503 ClusterUnavailable too: a downstream cluster's agent
+    /// reconnects), 429, timeouts, broken connections.
+    pub fn is_transient(&self) -> bool {
+        match &*self.kind {
+            ErrorKind::Status { status, .. } => *status >= 500 || *status == 429,
+            ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
+            ErrorKind::Tls(_) | ErrorKind::Decode(_) => false,
+        }
+    }
+
+    /// `GET /v3/users answered 503 ClusterUnavailable: ...`
+    pub fn summary(&self) -> String {
+        match &*self.kind {
+            ErrorKind::Status {
+                status, code, message, ..
+            } => {
+                let code = code.as_deref().map(|c| format!(" {c}")).unwrap_or_default();
+                if message.is_empty() {
+                    format!("{} {} answered {status}{code}", self.method, self.path)
+                } else {
+                    format!("{} {} answered {status}{code}: {message}", self.method, self.path)
+                }
+            }
+            ErrorKind::Timeout(t) => format!("{} {} got no answer within {}s", self.method, self.path, t.as_secs()),
+            ErrorKind::Tls(m) => format!("{} {}: TLS verification failed: {m}", self.method, self.path),
+            ErrorKind::Transport(m) => format!("{} {} failed: {m}", self.method, self.path),
+            ErrorKind::Decode(m) => format!(
+                "{} {} answered JSON this agent does not understand: {m}",
+                self.method, self.path
+            ),
+        }
+    }
+
+    /// The default mapping to the integration's typed errors. Callers handle the statuses that
+    /// mean something specific to them (a 404 on a lookup, a 409 on a create) before this.
+    pub fn into_error(self) -> IntegrationError {
+        let summary = self.summary();
+        match &*self.kind {
+            ErrorKind::Status {
+                status: 401, message, ..
+            } => refused(&self.method, &self.path, message),
+            ErrorKind::Status { status: 403, .. } => IntegrationError::PermissionDenied {
+                message: format!(
+                    "Rancher denied the request ({summary}); the API key's user lacks this permission: use a key \
+                     created by an admin user"
+                ),
+            },
+            ErrorKind::Status { status: 404, .. } => IntegrationError::NotFound {
+                message: format!("not found in Rancher ({summary})"),
+            },
+            ErrorKind::Status { status: 409, code, .. } if code.as_deref() == Some("Conflict") => {
+                IntegrationError::Unavailable {
+                    message: format!("Rancher reported a conflicting change ({summary}); try again"),
+                }
+            }
+            ErrorKind::Status {
+                status: 400 | 409 | 422,
+                ..
+            } => IntegrationError::Invalid {
+                message: format!("Rancher refused the request ({summary})"),
+            },
+            ErrorKind::Status { status, .. } if *status >= 500 || *status == 429 => IntegrationError::Unavailable {
+                message: format!("Rancher is unavailable ({summary})"),
+            },
+            ErrorKind::Status { .. } | ErrorKind::Decode(_) => IntegrationError::Protocol {
+                message: format!("unexpected answer from Rancher ({summary})"),
+            },
+            ErrorKind::Timeout(_) | ErrorKind::Transport(_) => IntegrationError::Unavailable {
+                message: format!("cannot reach Rancher ({summary})"),
+            },
+            ErrorKind::Tls(_) => IntegrationError::Config {
+                message: format!(
+                    "cannot reach Rancher securely ({summary}); if Rancher uses a private CA, set \
+                     certificate_authority to its PEM certificate"
+                ),
+            },
+        }
+    }
+}
+
+/// A 401: what it means for the operator, and never the key.
+fn refused(method: &Method, path: &str, message: &str) -> IntegrationError {
+    let detail = if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    };
+    if message.contains("clusterID does not match") {
+        return IntegrationError::CredentialsRefused {
+            message: format!(
+                "Rancher refused the API key (HTTP 401 on {method} {path}{detail}): the key is scoped to a cluster; \
+                 create an API key with no scope and update the secret"
+            ),
+        };
+    }
+    IntegrationError::CredentialsRefused {
+        message: format!(
+            "Rancher refused the API key (HTTP 401 on {method} {path}{detail}): the key is expired, disabled or was \
+             rotated (or its user was disabled); create a new API key with no scope and update the secret"
+        ),
+    }
+}
+
+/// The error body: Norman's `{type:"error", status, code, message, fieldName}`, the auth filter's
+/// `{status:"401", message}` (status as a string, no code), or anything else (a proxy's HTML).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody {
+    /// Parsed (string or number) so that neither form fails the body; the HTTP status is the
+    /// one acted on.
+    #[serde(default, deserialize_with = "string_or_int")]
+    #[allow(dead_code)]
+    status: Option<u16>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    field_name: Option<String>,
+}
+
+fn string_or_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// Reads an error answer. Pure, for tests.
+pub fn status_kind(status: StatusCode, body: &[u8], secret: &str) -> ErrorKind {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let (code, message, field) = match parsed {
+        Some(b) => (
+            b.code.filter(|c| !c.is_empty()),
+            b.message.unwrap_or_default(),
+            b.field_name.filter(|f| !f.is_empty()),
+        ),
+        None => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let text = if text.starts_with('<') {
+                status.canonical_reason().unwrap_or("").to_string()
+            } else {
+                text
+            };
+            (None, text, None)
+        }
+    };
+    let mut message = scrub(message.trim(), secret);
+    if message.chars().count() > MAX_MESSAGE {
+        message = message.chars().take(MAX_MESSAGE).collect::<String>() + "...";
+    }
+    ErrorKind::Status {
+        status: status.as_u16(),
+        code,
+        message,
+        field,
+    }
+}
+
+/// Removes the secret from text that came from outside.
+fn scrub(text: &str, secret: &str) -> String {
+    if secret.len() >= 4 && text.contains(secret) {
+        text.replace(secret, "[REDACTED]")
+    } else {
+        text.to_string()
+    }
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}

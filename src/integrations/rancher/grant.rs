@@ -1,0 +1,767 @@
+//! Grant and revoke: find the subject, then create (or find) and delete role bindings.
+//!
+//! Round trips on the happy path (measured against the simulator in `tests.rs`):
+//! - grant to an existing user by username: `GET /v3/users?username=` + `POST` binding = 2;
+//!   a repeat is the same 2 (the POST answers 409 AlreadyExists: done). A project-scope repeat
+//!   costs one more filtered GET (the PRTB's namespace is opaque, so its id cannot be computed).
+//! - grant to a principal at cluster or project scope, or to a group: the `POST` alone = 1.
+//! - revoke: the user lookup (if any) + one filtered listing + one `DELETE` per binding found.
+
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value, json};
+
+use super::Rancher;
+use super::client::ApiError;
+use super::model::{Binding, User, nonempty};
+use super::names::{
+    BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, binding_name, external_user_id,
+    generate_password, local_user_id,
+};
+use crate::integrations::{
+    BindingScope, Credentials, GrantRequest, GrantResult, IntegrationError, Resource, RevokeRequest, RevokeResult,
+    Subject,
+};
+
+/// The global role every user needs to log in. Users created through the API get no default
+/// global role bindings (`usermanager.go`), so the agent adds this one to the users it creates.
+pub(super) const LOGIN_ROLE: &str = "user";
+/// Global roles Rancher gives users by default; delete-user ignores bindings of these.
+pub(super) const DEFAULT_GLOBAL_ROLES: &[&str] = &["user", "user-base"];
+
+/// The three kinds of binding, by the scope of the resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Global,
+    Cluster,
+    Project,
+}
+
+impl Kind {
+    pub(super) fn of(resource: &Resource) -> Kind {
+        match resource {
+            Resource::Global => Kind::Global,
+            Resource::Cluster(_) => Kind::Cluster,
+            Resource::Project(_) => Kind::Project,
+        }
+    }
+
+    pub(super) fn collection(self) -> &'static str {
+        match self {
+            Kind::Global => "globalrolebindings",
+            Kind::Cluster => "clusterroletemplatebindings",
+            Kind::Project => "projectroletemplatebindings",
+        }
+    }
+
+    fn scope(self) -> BindingScope {
+        match self {
+            Kind::Global => BindingScope::Global,
+            Kind::Cluster => BindingScope::Cluster,
+            Kind::Project => BindingScope::Project,
+        }
+    }
+
+    fn role_field(self) -> &'static str {
+        match self {
+            Kind::Global => "globalRoleId",
+            Kind::Cluster | Kind::Project => "roleTemplateId",
+        }
+    }
+
+    fn resource_field(self) -> Option<&'static str> {
+        match self {
+            Kind::Global => None,
+            Kind::Cluster => Some("clusterId"),
+            Kind::Project => Some("projectId"),
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Global => "global role",
+            Kind::Cluster => "cluster role",
+            Kind::Project => "project role",
+        }
+    }
+}
+
+/// Which existing bindings belong to a subject. Checked client-side on every listing, whatever
+/// the server's filters did.
+#[derive(Debug, Clone, Default)]
+pub(super) struct SubjectMatch {
+    pub user_id: Option<String>,
+    pub principals: Vec<String>,
+    pub group: Option<String>,
+}
+
+impl SubjectMatch {
+    fn of(subject: &BindingSubject) -> SubjectMatch {
+        match subject {
+            BindingSubject::UserId(u) => SubjectMatch {
+                user_id: Some(u.clone()),
+                ..SubjectMatch::default()
+            },
+            BindingSubject::UserPrincipal(p) => SubjectMatch {
+                principals: vec![p.clone()],
+                ..SubjectMatch::default()
+            },
+            BindingSubject::GroupPrincipal(g) => SubjectMatch {
+                group: Some(g.clone()),
+                ..SubjectMatch::default()
+            },
+        }
+    }
+
+    fn matches(&self, b: &Binding) -> bool {
+        if let Some(group) = &self.group {
+            return nonempty(&b.group_principal_id) == Some(group.as_str());
+        }
+        let by_id = self.user_id.as_deref().is_some_and(|u| nonempty(&b.user_id) == Some(u));
+        let by_principal = nonempty(&b.user_principal_id).is_some_and(|p| self.principals.iter().any(|x| x == p));
+        by_id || by_principal
+    }
+}
+
+/// A binding as asked for: kind, role, resource and the subject field it is bound by.
+#[derive(Debug, Clone)]
+pub(super) struct Target<'a> {
+    pub kind: Kind,
+    pub role: &'a str,
+    pub resource: &'a Resource,
+    pub subject: BindingSubject,
+}
+
+impl Target<'_> {
+    fn name(&self) -> String {
+        binding_name(self.kind.scope(), &self.subject, self.role, self.resource.as_str())
+    }
+
+    fn body(&self, name: &str) -> Value {
+        let mut body = Map::new();
+        body.insert("name".into(), Value::from(name));
+        body.insert(self.kind.role_field().into(), Value::from(self.role));
+        if let Some(field) = self.kind.resource_field() {
+            body.insert(field.into(), Value::from(self.resource.as_str()));
+        }
+        body.insert(self.subject.field().into(), Value::from(self.subject.value()));
+        Value::Object(body)
+    }
+
+    /// Same role on the same resource (the subject is checked by a [`SubjectMatch`]); not
+    /// being removed.
+    fn same_grant(&self, b: &Binding) -> bool {
+        let role = match self.kind {
+            Kind::Global => &b.global_role_id,
+            Kind::Cluster | Kind::Project => &b.role_template_id,
+        };
+        let resource_ok = match self.kind {
+            Kind::Global => true,
+            Kind::Cluster => nonempty(&b.cluster_id) == Some(self.resource.as_str()),
+            Kind::Project => nonempty(&b.project_id) == Some(self.resource.as_str()),
+        };
+        !b.is_removed() && nonempty(role) == Some(self.role) && resource_ok
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} \"{}\" on {} for {}",
+            self.kind.noun(),
+            self.role,
+            describe_resource(self.resource),
+            describe_binding_subject(&self.subject)
+        )
+    }
+}
+
+fn describe_resource(r: &Resource) -> String {
+    match r {
+        Resource::Global => "global scope".into(),
+        Resource::Cluster(c) => format!("cluster {c}"),
+        Resource::Project(p) => format!("project {p}"),
+    }
+}
+
+fn describe_binding_subject(s: &BindingSubject) -> String {
+    match s {
+        BindingSubject::UserId(u) => format!("user {u}"),
+        BindingSubject::UserPrincipal(p) => format!("user principal {p}"),
+        BindingSubject::GroupPrincipal(g) => format!("group {g}"),
+    }
+}
+
+fn check_role(role: &str) -> Result<(), IntegrationError> {
+    if role.trim().is_empty() || role.contains(['/', '?', '#', ' ']) {
+        return Err(IntegrationError::Invalid {
+            message: format!("role {role:?} is not a Rancher role id (for example cluster-member or rt-abcde)"),
+        });
+    }
+    Ok(())
+}
+
+/// The outcome of a user creation.
+enum NewUser {
+    Created(User, SecretString),
+    /// Someone else created it first (422 NotUnique): read back, no password known.
+    Existing(User),
+}
+
+pub(super) fn is_agent_created(u: &User) -> bool {
+    u.labels.get(CREATED_BY_LABEL).map(String::as_str) == Some(CREATED_BY_VALUE)
+        || nonempty(&u.description) == Some(CREATED_BY_DESCRIPTION)
+}
+
+impl Rancher {
+    pub(super) async fn grant_access(&self, r: &GrantRequest) -> Result<GrantResult, IntegrationError> {
+        check_role(&r.role)?;
+        let kind = Kind::of(&r.resource);
+        // The password of a user this call created, with its username.
+        let mut credentials: Option<(String, SecretString)> = None;
+        // Whether the user is one the agent creates, whose login role must be ensured.
+        let mut agent_user: Option<User> = None;
+        let subject = match &r.subject {
+            Subject::Username(name) => {
+                let user = match self.find_user(name).await? {
+                    Some(u) => u,
+                    None if r.create_user => match self.create_local_user(name).await? {
+                        NewUser::Created(u, password) => {
+                            credentials = Some((name.clone(), password));
+                            u
+                        }
+                        NewUser::Existing(u) => u,
+                    },
+                    None => {
+                        return Err(IntegrationError::NotFound {
+                            message: format!(
+                                "Rancher user \"{name}\" not found: check the username (a local Rancher username; \
+                                 give a principal id such as github_user://123 for external users), or ask for the \
+                                 user to be created (create_user)"
+                            ),
+                        });
+                    }
+                };
+                // The agent's own users (just made, or left half-made by an earlier attempt)
+                // need the login role; `credentials` covers a POST answer without the marker.
+                if r.create_user && (credentials.is_some() || is_agent_created(&user)) {
+                    agent_user = Some(user.clone());
+                }
+                BindingSubject::UserId(user.id)
+            }
+            Subject::UserPrincipal(p) => {
+                if let Some(id) = local_user_id(p) {
+                    BindingSubject::UserId(id.to_string())
+                } else if kind == Kind::Global {
+                    // A GlobalRoleBinding takes only userId or groupPrincipalId.
+                    match self.user_for_principal(p).await? {
+                        Some(u) => BindingSubject::UserId(u.id),
+                        None => {
+                            return Err(IntegrationError::Invalid {
+                                message: format!(
+                                    "a global role needs an existing user, and no Rancher user has the principal \
+                                     {p}: the principal has never logged in to Rancher (or belongs to an auth \
+                                     provider Rancher does not use); ask them to log in once, or grant a cluster or \
+                                     project role, which Rancher binds to the principal directly"
+                                ),
+                            });
+                        }
+                    }
+                } else {
+                    BindingSubject::UserPrincipal(p.clone())
+                }
+            }
+            Subject::GroupPrincipal(g) => BindingSubject::GroupPrincipal(g.clone()),
+        };
+        let target = Target {
+            kind,
+            role: &r.role,
+            resource: &r.resource,
+            subject,
+        };
+        let (binding, binding_created) = self.ensure_binding(&target).await?;
+
+        if let Some(user) = &agent_user {
+            // Last, so that an attempt that stopped half-way (user made, bindings not) is told
+            // apart on the next try: the login binding is then new, and the user gets a fresh
+            // password since the first one was never handed out.
+            let login = Target {
+                kind: Kind::Global,
+                role: LOGIN_ROLE,
+                resource: &Resource::Global,
+                subject: BindingSubject::UserId(user.id.clone()),
+            };
+            let created_now = if kind == Kind::Global && r.role == LOGIN_ROLE {
+                binding_created
+            } else {
+                self.ensure_binding(&login).await?.1
+            };
+            if created_now && credentials.is_none() {
+                let username = user.username().unwrap_or_default().to_string();
+                let password = generate_password();
+                self.set_password(&user.id, &password).await?;
+                tracing::info!(user_id = %user.id, "finished setting up a user an earlier attempt created; new password set");
+                credentials = Some((username, password));
+            }
+        }
+
+        let user_id = match &target.subject {
+            BindingSubject::UserId(u) => u.clone(),
+            BindingSubject::UserPrincipal(p) => nonempty(&binding.user_id).unwrap_or(p).to_string(),
+            BindingSubject::GroupPrincipal(g) => g.clone(),
+        };
+        tracing::info!(binding = %binding.id, grant = %target.describe(), "granted");
+        Ok(GrantResult {
+            user_id,
+            binding_ids: vec![binding.id],
+            created_user: credentials.is_some(),
+            credentials: credentials.map(|(username, password)| Credentials { username, password }),
+            access_details: self.config.access_details(),
+        })
+    }
+
+    pub(super) async fn revoke_access(&self, r: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
+        check_role(&r.role)?;
+        let kind = Kind::of(&r.resource);
+        let (subject, matcher) = match &r.subject {
+            Subject::Username(name) => match self.find_user(name).await? {
+                None => return Ok(RevokeResult::default()),
+                Some(u) => (
+                    BindingSubject::UserId(u.id.clone()),
+                    SubjectMatch {
+                        user_id: Some(u.id),
+                        principals: u.principal_ids,
+                        group: None,
+                    },
+                ),
+            },
+            Subject::UserPrincipal(p) => {
+                if let Some(id) = local_user_id(p) {
+                    (
+                        BindingSubject::UserId(id.to_string()),
+                        SubjectMatch {
+                            user_id: Some(id.to_string()),
+                            principals: vec![p.clone()],
+                            group: None,
+                        },
+                    )
+                } else if kind == Kind::Global {
+                    match self.user_for_principal(p).await? {
+                        None => return Ok(RevokeResult::default()),
+                        Some(u) => (
+                            BindingSubject::UserId(u.id.clone()),
+                            SubjectMatch {
+                                user_id: Some(u.id),
+                                principals: vec![p.clone()],
+                                group: None,
+                            },
+                        ),
+                    }
+                } else {
+                    let s = BindingSubject::UserPrincipal(p.clone());
+                    let m = SubjectMatch::of(&s);
+                    (s, m)
+                }
+            }
+            Subject::GroupPrincipal(g) => {
+                let s = BindingSubject::GroupPrincipal(g.clone());
+                let m = SubjectMatch::of(&s);
+                (s, m)
+            }
+        };
+        let target = Target {
+            kind,
+            role: &r.role,
+            resource: &r.resource,
+            subject,
+        };
+        let found = self.find_bindings(&target, &matcher).await?;
+        let mut removed = Vec::with_capacity(found.len());
+        for b in found {
+            let url = self.client.url(&["v3", kind.collection(), &b.id], &[]);
+            match self.client.delete(url).await {
+                Ok(_) => removed.push(b.id),
+                // Already gone: someone (or a previous attempt) removed it.
+                Err(e) if e.status() == Some(404) => removed.push(b.id),
+                Err(e) => return Err(e.into_error()),
+            }
+        }
+        removed.sort();
+        removed.dedup();
+        tracing::info!(grant = %target.describe(), removed = removed.len(), "revoked");
+        Ok(RevokeResult {
+            removed_binding_ids: removed,
+        })
+    }
+
+    /// The user with this username, if any (`GET /v3/users?username=`, re-checked client-side).
+    pub(super) async fn find_user(&self, username: &str) -> Result<Option<User>, IntegrationError> {
+        self.client
+            .list::<User>(&["v3", "users"], &[("username", username)], "users")
+            .find(|u| u.username() == Some(username))
+            .await
+    }
+
+    /// The user that has `principal` among its principal ids. External users have a
+    /// deterministic id, so that one is read first (one request); otherwise every user is
+    /// scanned, as the Terraform provider does (`principalIds` cannot be filtered).
+    pub(super) async fn user_for_principal(&self, principal: &str) -> Result<Option<User>, IntegrationError> {
+        let guess = external_user_id(principal);
+        match self
+            .client
+            .get::<User>(self.client.url(&["v3", "users", &guess], &[]))
+            .await
+        {
+            Ok(u) if u.principal_ids.iter().any(|p| p == principal) => return Ok(Some(u)),
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(e.into_error()),
+        }
+        self.client
+            .list::<User>(&["v3", "users"], &[], "users")
+            .find(|u| u.principal_ids.iter().any(|p| p == principal))
+            .await
+    }
+
+    /// `POST /v3/users` for a new local user with a generated password and the agent's marker.
+    async fn create_local_user(&self, username: &str) -> Result<NewUser, IntegrationError> {
+        let password = generate_password();
+        let body = json!({
+            "type": "user",
+            "username": username,
+            "password": password.expose_secret(),
+            "name": username,
+            "enabled": true,
+            "mustChangePassword": false,
+            "description": CREATED_BY_DESCRIPTION,
+            "labels": {CREATED_BY_LABEL: CREATED_BY_VALUE},
+        });
+        match self
+            .client
+            .post::<User>(self.client.url(&["v3", "users"], &[]), &body)
+            .await
+        {
+            Ok(u) => {
+                tracing::info!(user_id = %u.id, username, "created a local Rancher user");
+                Ok(NewUser::Created(u, password))
+            }
+            Err(e) if e.code() == Some("NotUnique") || (e.status() == Some(422) && e.field() == Some("username")) => {
+                // Created concurrently (or by our own retried POST): read it back.
+                match self.find_user(username).await? {
+                    Some(u) => Ok(NewUser::Existing(u)),
+                    None => Err(IntegrationError::Unavailable {
+                        message: format!(
+                            "Rancher says the username \"{username}\" is taken, but no user has it yet; try again"
+                        ),
+                    }),
+                }
+            }
+            Err(e) if matches!(e.status(), Some(400 | 422)) => Err(IntegrationError::Invalid {
+                message: format!(
+                    "Rancher refused to create the user \"{username}\" ({}): {}",
+                    e.code().unwrap_or("invalid"),
+                    e.message()
+                ),
+            }),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
+    /// `POST /v3/users/{id}?action=setpassword`.
+    pub(super) async fn set_password(&self, user_id: &str, password: &SecretString) -> Result<(), IntegrationError> {
+        let url = self.client.url(&["v3", "users", user_id], &[("action", "setpassword")]);
+        let body = json!({"newPassword": password.expose_secret()});
+        match self.client.post::<Value>(url, &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Err(IntegrationError::NotFound {
+                message: format!("Rancher user {user_id} not found while setting its password"),
+            }),
+            Err(e) if matches!(e.status(), Some(400 | 422)) => Err(IntegrationError::Invalid {
+                message: format!("Rancher refused the new password for user {user_id}: {}", e.message()),
+            }),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
+    /// Creates the binding under its deterministic name, or finds it. Returns the binding and
+    /// whether this call created it.
+    pub(super) async fn ensure_binding(&self, target: &Target<'_>) -> Result<(Binding, bool), IntegrationError> {
+        let name = target.name();
+        let url = self.client.url(&["v3", target.kind.collection()], &[]);
+        let deadline = Instant::now() + self.config.status_timeout;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.client.post::<Binding>(url.clone(), &target.body(&name)).await {
+                Ok(b) => return Ok((self.settle(target, b).await?, true)),
+                // Kubernetes prefixes AlreadyExists with this when the object holding the name
+                // has a deletion timestamp: a revoke of the same access whose finalizers still
+                // run. Not granted until it is gone: wait for it, then create anew.
+                Err(e) if e.status() == Some(409) && e.message().starts_with("object is being deleted") => {
+                    if Instant::now() + delay > deadline {
+                        return Err(IntegrationError::InProgress {
+                            message: format!(
+                                "binding {name} ({}) is still being removed after an earlier revoke; the grant \
+                                 will be made once Rancher has finished removing it",
+                                target.describe()
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) if e.status() == Some(409) => {
+                    return Ok((self.existing_binding(target, &name, &e).await?, false));
+                }
+                Err(e) => return Err(binding_error(target, e)),
+            }
+        }
+    }
+
+    /// After a 409: the binding (or an equivalent one) exists.
+    async fn existing_binding(
+        &self,
+        target: &Target<'_>,
+        name: &str,
+        e: &ApiError,
+    ) -> Result<Binding, IntegrationError> {
+        let message = e.message().to_ascii_lowercase();
+        let already_exists =
+            e.code() == Some("AlreadyExists") || (e.code().is_none() && message.contains("already exists"));
+        if already_exists {
+            // Ours, from an earlier grant or from the first try of a retried POST.
+            match (target.kind, target.resource) {
+                (Kind::Global, _) => return Ok(Binding::with_id(name)),
+                (Kind::Cluster, Resource::Cluster(c)) => return Ok(Binding::with_id(&format!("{c}:{name}"))),
+                // The PRTB's namespace is `p-y` or `c-x-p-y` depending on the project's age:
+                // look it up rather than guess.
+                _ => {}
+            }
+        } else {
+            // 2.14+ webhook: "duplicate crtb not allowed", an equivalent binding under another name.
+            tracing::info!(grant = %target.describe(), "an equivalent binding exists under another name");
+        }
+        let matcher = SubjectMatch::of(&target.subject);
+        let mut found = self
+            .find_bindings_named(target, &matcher, already_exists.then_some(name))
+            .await?;
+        found.sort_by(|a, b| (a.object_name() != name, &a.id).cmp(&(b.object_name() != name, &b.id)));
+        found.into_iter().next().ok_or_else(|| IntegrationError::Unavailable {
+            message: format!(
+                "Rancher answered {} when binding {}, but no such binding can be found yet; try again",
+                e.summary(),
+                target.describe()
+            ),
+        })
+    }
+
+    /// Bindings of the target's role on its resource that belong to the subject (filtered on
+    /// the server, re-checked here).
+    pub(super) async fn find_bindings(
+        &self,
+        target: &Target<'_>,
+        matcher: &SubjectMatch,
+    ) -> Result<Vec<Binding>, IntegrationError> {
+        self.find_bindings_named(target, matcher, None).await
+    }
+
+    async fn find_bindings_named(
+        &self,
+        target: &Target<'_>,
+        matcher: &SubjectMatch,
+        name: Option<&str>,
+    ) -> Result<Vec<Binding>, IntegrationError> {
+        let mut filters = vec![(target.kind.role_field(), target.role)];
+        if let Some(field) = target.kind.resource_field() {
+            filters.push((field, target.resource.as_str()));
+        }
+        filters.push((target.subject.field(), target.subject.value()));
+        if let Some(n) = name {
+            filters.push(("name", n));
+        }
+        let what = format!("{} bindings", target.kind.noun());
+        self.client
+            .list::<Binding>(&["v3", target.kind.collection()], &filters, what)
+            .collect_matching(|b| {
+                target.same_grant(b) && matcher.matches(b) && name.is_none_or(|n| b.object_name() == n)
+            })
+            .await
+    }
+
+    /// Waits (bounded) for a new binding's `status.summary` to reach `Completed` (2.11+). No
+    /// status (older versions) means existence is success; `Completed` in the 201 costs nothing.
+    async fn settle(&self, target: &Target<'_>, mut b: Binding) -> Result<Binding, IntegrationError> {
+        let deadline = Instant::now() + self.config.status_timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let summary = b.status.as_ref().and_then(|s| nonempty(&s.summary)).map(str::to_string);
+            match summary.as_deref() {
+                None | Some("Completed") => return Ok(b),
+                Some(s) if s.eq_ignore_ascii_case("error") => {
+                    let messages = b.status.as_ref().map(|s| s.messages()).unwrap_or_default();
+                    let why = if messages.is_empty() {
+                        "no reason given".to_string()
+                    } else {
+                        messages.join("; ")
+                    };
+                    return Err(IntegrationError::Unavailable {
+                        message: format!(
+                            "Rancher created binding {} ({}) but reports an error applying it: {why}",
+                            b.id,
+                            target.describe()
+                        ),
+                    });
+                }
+                Some(s) => {
+                    if Instant::now() + delay > deadline {
+                        return Err(IntegrationError::InProgress {
+                            message: format!(
+                                "binding {} ({}) is still {s} after {}s: Rancher is still applying it to the \
+                                 cluster; the grant will be checked again",
+                                b.id,
+                                target.describe(),
+                                self.config.status_timeout.as_secs()
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    let url = self.client.url(&["v3", target.kind.collection(), &b.id], &[]);
+                    b = match self.client.get::<Binding>(url).await {
+                        Ok(b) => b,
+                        Err(e) if e.status() == Some(404) => {
+                            return Err(IntegrationError::Unavailable {
+                                message: format!(
+                                    "binding {} ({}) disappeared while Rancher applied it; try again",
+                                    b.id,
+                                    target.describe()
+                                ),
+                            });
+                        }
+                        Err(e) => return Err(e.into_error()),
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Binding {
+    fn with_id(id: &str) -> Binding {
+        Binding {
+            id: id.to_string(),
+            ..Binding::default()
+        }
+    }
+}
+
+/// Reads Rancher's refusal of a binding into an error that names the role, the resource or the
+/// subject, and says why. Uses Rancher's own 4xx answers: no request is spent checking first.
+pub(super) fn binding_error(target: &Target<'_>, e: ApiError) -> IntegrationError {
+    let status = e.status().unwrap_or(0);
+    if !matches!(status, 400 | 404 | 422) {
+        if status == 500
+            && let BindingSubject::UserPrincipal(p) = &target.subject
+        {
+            return IntegrationError::Unavailable {
+                message: format!(
+                    "Rancher failed binding {} ({}); if the principal {p} belongs to an auth provider other than \
+                     the API key owner's, Rancher cannot resolve it: use a key of a user of that provider",
+                    target.describe(),
+                    e.summary()
+                ),
+            };
+        }
+        return e.into_error();
+    }
+    let role = target.role;
+    let rancher = e.message().to_string();
+    let lower = rancher.to_ascii_lowercase();
+    let field = e.field().unwrap_or("");
+    let missing = [
+        "not found",
+        "does not exist",
+        "invalid reference",
+        "no such",
+        "not exist",
+    ]
+    .iter()
+    .any(|m| lower.contains(m))
+        || e.code() == Some("InvalidReference")
+        || status == 404;
+    if lower.contains("locked") {
+        return IntegrationError::Invalid {
+            message: format!(
+                "role \"{role}\" is locked in Rancher and cannot be assigned (Rancher: {rancher}); unlock the role \
+                 or choose another"
+            ),
+        };
+    }
+    if lower.contains("context") {
+        let context = bracketed(&rancher).unwrap_or_else(|| "different".to_string());
+        let where_ = match target.resource {
+            Resource::Global => "globally".to_string(),
+            Resource::Cluster(c) => format!("on cluster {c}"),
+            Resource::Project(p) => format!("on project {p}"),
+        };
+        return IntegrationError::Invalid {
+            message: format!(
+                "role \"{role}\" is a {context} role and cannot be bound {where_} (Rancher: {rancher}); choose a \
+                 {} role",
+                match target.kind {
+                    Kind::Global => "global",
+                    Kind::Cluster => "cluster",
+                    Kind::Project => "project",
+                }
+            ),
+        };
+    }
+    let resource_name = target.resource.as_str();
+    let about_role = matches!(field, "roleTemplateId" | "globalRoleId")
+        || (field.is_empty()
+            && (lower.contains(&format!("\"{}\"", role.to_ascii_lowercase()))
+                || lower.contains("roletemplate")
+                || lower.contains("globalrole ")
+                || lower.contains("globalroles")
+                || lower.contains("role template")
+                || lower.contains("role ")));
+    let about_resource = matches!(field, "clusterId" | "projectId")
+        || (field.is_empty()
+            && target.kind != Kind::Global
+            && lower.contains(&format!("\"{}\"", resource_name.to_ascii_lowercase())));
+    let about_subject = matches!(field, "userId" | "userPrincipalId" | "groupPrincipalId" | "groupId");
+    if missing && about_resource && !matches!(field, "roleTemplateId" | "globalRoleId") {
+        return IntegrationError::NotFound {
+            message: format!(
+                "{} not found in Rancher (Rancher: {rancher}); check the id (discover lists them)",
+                describe_resource(target.resource)
+            ),
+        };
+    }
+    if missing && about_role {
+        return IntegrationError::Invalid {
+            message: format!(
+                "role \"{role}\" does not exist in Rancher as a {} (Rancher: {rancher}); check the role id \
+                 (discover lists the roles)",
+                target.kind.noun()
+            ),
+        };
+    }
+    if missing && about_subject {
+        return IntegrationError::NotFound {
+            message: format!(
+                "{} not found in Rancher (Rancher: {rancher})",
+                describe_binding_subject(&target.subject)
+            ),
+        };
+    }
+    IntegrationError::Invalid {
+        message: format!("Rancher refused binding {} ({})", target.describe(), e.summary()),
+    }
+}
+
+/// `Cannot reference context [project] from [cluster] context` → `project`.
+fn bracketed(text: &str) -> Option<String> {
+    let start = text.find('[')?;
+    let end = text[start + 1..].find(']')?;
+    let inner = text[start + 1..start + 1 + end].trim();
+    (!inner.is_empty()).then(|| inner.to_string())
+}

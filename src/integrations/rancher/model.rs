@@ -1,0 +1,251 @@
+//! The v3 (Norman) objects this integration reads, as they come over the wire.
+//!
+//! Every field is defaulted: Rancher versions add and drop fields, and a missing one must not fail
+//! a whole page. Empty strings and nulls are both "absent" (see [`nonempty`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// A collection page: `{data: [...], pagination: {...}}`.
+#[derive(Debug, Deserialize)]
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
+pub struct Collection<T> {
+    #[serde(default = "Vec::new", deserialize_with = "null_as_default")]
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub pagination: Option<Pagination>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Pagination {
+    #[serde(default)]
+    pub partial: bool,
+    #[serde(default)]
+    pub next: Option<String>,
+    #[serde(default)]
+    pub total: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<u64>,
+}
+
+/// Objects in a collection have an `id`: pagination tracks them to detect a marker restart.
+pub trait HasId {
+    fn id(&self) -> &str;
+}
+
+macro_rules! has_id {
+    ($($t:ty),*) => {$(impl HasId for $t { fn id(&self) -> &str { &self.id } })*};
+}
+
+has_id!(
+    Cluster,
+    Project,
+    Namespace,
+    GlobalRole,
+    RoleTemplate,
+    User,
+    Binding,
+    Token
+);
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Project {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default)]
+    pub project_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalRole {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub builtin: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleTemplate {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub context: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub locked: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub principal_ids: Vec<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    /// Set on the caller's own user (`?me=true`).
+    #[serde(default)]
+    pub me: Option<bool>,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+impl User {
+    pub fn username(&self) -> Option<&str> {
+        nonempty(&self.username)
+    }
+}
+
+/// Any of the three binding kinds: GlobalRoleBinding, ClusterRoleTemplateBinding,
+/// ProjectRoleTemplateBinding. The fields a kind lacks stay `None`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Binding {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub global_role_id: Option<String>,
+    #[serde(default)]
+    pub role_template_id: Option<String>,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub user_principal_id: Option<String>,
+    #[serde(default)]
+    pub group_principal_id: Option<String>,
+    /// 2.11+: `summary` is `Completed`, `InProgress` or `Error`. Absent on older versions.
+    #[serde(default)]
+    pub status: Option<BindingStatus>,
+    /// Set while finalizers run after a DELETE: the binding is on its way out.
+    #[serde(default)]
+    pub removed: Option<String>,
+}
+
+impl Binding {
+    pub fn is_removed(&self) -> bool {
+        nonempty(&self.removed).is_some()
+    }
+
+    /// The metadata name: `name`, else the id's part after the namespace.
+    pub fn object_name(&self) -> &str {
+        nonempty(&self.name).unwrap_or_else(|| self.id.rsplit(':').next().unwrap_or(&self.id))
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BindingStatus {
+    #[serde(default)]
+    pub summary: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub local_conditions: Vec<Condition>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub remote_conditions: Vec<Condition>,
+}
+
+impl BindingStatus {
+    /// Messages of the conditions that carry one, for an `Error` summary.
+    pub fn messages(&self) -> Vec<String> {
+        self.local_conditions
+            .iter()
+            .chain(&self.remote_conditions)
+            .filter_map(|c| {
+                let m = nonempty(&c.message)?;
+                Some(match nonempty(&c.kind) {
+                    Some(t) => format!("{t}: {m}"),
+                    None => m.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Condition {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Token {
+    pub id: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// The key's scope: a cluster id, or empty for a no-scope key.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub expired: Option<bool>,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub ttl: Option<Value>,
+}
+
+/// `/v3/settings/{name}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Setting {
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// An `Option<String>` with empty strings treated as absent.
+pub fn nonempty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// `null` (which Norman writes for empty maps and lists) reads as the type's default.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}

@@ -1,0 +1,186 @@
+//! Pure helpers: deterministic binding names, Rancher's user ids for external principals,
+//! generated passwords and the marker on users the agent creates.
+
+use rand::RngExt;
+use rand::distr::Alphanumeric;
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+
+use crate::integrations::BindingScope;
+
+/// Label set on users the agent creates: rotation and deletion touch only those.
+pub const CREATED_BY_LABEL: &str = "apono.io/created-by";
+pub const CREATED_BY_VALUE: &str = "apono-connector";
+/// Description set on users the agent creates (a second marker, visible in the UI).
+pub const CREATED_BY_DESCRIPTION: &str = "created by apono-connector";
+/// Hex characters of the hash in a binding name: 64 bits, so names of different grants do not
+/// collide in practice, and the name stays a short DNS label.
+const NAME_HASH_CHARS: usize = 16;
+/// Generated password length; Rancher's default minimum is 12.
+pub const PASSWORD_LEN: usize = 32;
+
+/// The field a binding's subject goes in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindingSubject {
+    UserId(String),
+    UserPrincipal(String),
+    GroupPrincipal(String),
+}
+
+impl BindingSubject {
+    /// The v3 field name.
+    pub fn field(&self) -> &'static str {
+        match self {
+            BindingSubject::UserId(_) => "userId",
+            BindingSubject::UserPrincipal(_) => "userPrincipalId",
+            BindingSubject::GroupPrincipal(_) => "groupPrincipalId",
+        }
+    }
+
+    pub fn value(&self) -> &str {
+        match self {
+            BindingSubject::UserId(v) | BindingSubject::UserPrincipal(v) | BindingSubject::GroupPrincipal(v) => v,
+        }
+    }
+}
+
+/// `grb-`/`crtb-`/`prtb-` + hex(sha256(scope|subject|role|resource))[..16]: the same grant always
+/// gets the same name, so a repeated (or retried) POST answers 409 AlreadyExists on every Rancher
+/// version instead of creating a duplicate.
+pub fn binding_name(scope: BindingScope, subject: &BindingSubject, role: &str, resource: &str) -> String {
+    let prefix = match scope {
+        BindingScope::Global => "grb-",
+        BindingScope::Cluster => "crtb-",
+        BindingScope::Project => "prtb-",
+    };
+    let scope = match scope {
+        BindingScope::Global => "global",
+        BindingScope::Cluster => "cluster",
+        BindingScope::Project => "project",
+    };
+    let key = format!("{scope}|{}={}|{role}|{resource}", subject.field(), subject.value());
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{prefix}{}", &digest[..NAME_HASH_CHARS])
+}
+
+/// The id Rancher gives the user of an external principal: `u-` +
+/// lowercase(base32(sha256(principal)))[:10] (`pkg/auth/providers/common/usermanager.go`).
+pub fn external_user_id(principal: &str) -> String {
+    let digest = Sha256::digest(principal.as_bytes());
+    let encoded = base32(&digest);
+    format!("u-{}", encoded[..10].to_ascii_lowercase())
+}
+
+/// The user id in a `local://u-xxxxx` principal.
+pub fn local_user_id(principal: &str) -> Option<&str> {
+    principal
+        .strip_prefix("local://")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// RFC 4648 base32 (standard alphabet, no padding).
+fn base32(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(data.len().div_ceil(5) * 8);
+    let mut buffer: u32 = 0;
+    let mut bits = 0;
+    for &byte in data {
+        buffer = (buffer << 8) | u32::from(byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+        buffer &= (1 << bits) - 1;
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// A random password of letters and digits with at least one of each kind (upper, lower,
+/// digit), so common password policies accept it.
+pub fn generate_password() -> SecretString {
+    let mut rng = rand::rng();
+    loop {
+        let candidate: String = (&mut rng)
+            .sample_iter(Alphanumeric)
+            .take(PASSWORD_LEN)
+            .map(char::from)
+            .collect();
+        let has = |f: fn(&char) -> bool| candidate.chars().any(|c| f(&c));
+        if has(char::is_ascii_uppercase) && has(char::is_ascii_lowercase) && has(char::is_ascii_digit) {
+            return SecretString::from(candidate);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    #[test]
+    fn binding_names_are_deterministic_dns_labels() {
+        let s = BindingSubject::UserId("u-abc".into());
+        let a = binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9");
+        assert_eq!(a, binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9"));
+        assert!(a.starts_with("crtb-") && a.len() == 5 + NAME_HASH_CHARS, "{a}");
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
+        assert_ne!(a, binding_name(BindingScope::Cluster, &s, "cluster-owner", "c-7x2k9"));
+        assert_ne!(a, binding_name(BindingScope::Cluster, &s, "cluster-member", "c-other"));
+        let p = BindingSubject::UserPrincipal("u-abc".into());
+        assert_ne!(a, binding_name(BindingScope::Cluster, &p, "cluster-member", "c-7x2k9"));
+        assert!(binding_name(BindingScope::Global, &s, "admin", "global").starts_with("grb-"));
+        assert!(binding_name(BindingScope::Project, &s, "project-member", "c-1:p-2").starts_with("prtb-"));
+    }
+
+    #[test]
+    fn base32_matches_rfc4648() {
+        assert_eq!(base32(b""), "");
+        assert_eq!(base32(b"f"), "MY");
+        assert_eq!(base32(b"fo"), "MZXQ");
+        assert_eq!(base32(b"foo"), "MZXW6");
+        assert_eq!(base32(b"foob"), "MZXW6YQ");
+        assert_eq!(base32(b"fooba"), "MZXW6YTB");
+        assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
+    }
+
+    #[test]
+    fn external_user_ids_follow_rancher() {
+        let id = external_user_id("github_user://123");
+        assert!(id.starts_with("u-") && id.len() == 12, "{id}");
+        assert!(
+            id[2..]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
+        );
+        assert_eq!(id, external_user_id("github_user://123"));
+        // sha256 → base32 → lowercase, first 10 (computed independently).
+        assert_eq!(external_user_id("github_user://4242"), "u-t3pwg2epgg");
+        assert_eq!(external_user_id("github_user://5151"), "u-dpuo33tiay");
+        assert_ne!(id, external_user_id("github_user://124"));
+    }
+
+    #[test]
+    fn local_principals_name_their_user() {
+        assert_eq!(local_user_id("local://u-abc12"), Some("u-abc12"));
+        assert_eq!(local_user_id("local://"), None);
+        assert_eq!(local_user_id("github_user://1"), None);
+    }
+
+    #[test]
+    fn passwords_are_long_and_mixed() {
+        let a = generate_password();
+        let b = generate_password();
+        let s = a.expose_secret();
+        assert_eq!(s.len(), PASSWORD_LEN);
+        assert!(s.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(s, b.expose_secret());
+    }
+}

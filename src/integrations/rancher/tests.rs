@@ -1,0 +1,1502 @@
+//! Tests: the pure parts first, then the operations over HTTP against the simulator (`crate::sim`),
+//! counting requests at the simulator, and a scripted server for what the simulator cannot do.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::client::{ErrorKind, status_kind};
+use super::names::{CREATED_BY_LABEL, PASSWORD_LEN, external_user_id};
+use super::*;
+use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
+
+// ---------------------------------------------------------------------------------------------
+// Pure parts
+// ---------------------------------------------------------------------------------------------
+
+fn secret(pairs: &[(&str, &str)]) -> Secret {
+    Secret::new(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), SecretString::from(v.to_string())))
+            .collect(),
+    )
+}
+
+fn config_err(v: Value) -> String {
+    match RancherConfig::from_value(&v) {
+        Err(IntegrationError::Config { message }) => message,
+        other => panic!("expected a Config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn config_defaults_and_host_forms() {
+    let c = RancherConfig::from_value(&json!({"host": "rancher.example.com"})).unwrap();
+    assert_eq!(c.base_url.as_str(), "https://rancher.example.com/");
+    assert_eq!(c.page_size, 5000);
+    assert_eq!(c.concurrency, 8);
+    assert_eq!(c.timeout, Duration::from_secs(30));
+    assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    let c = RancherConfig::from_value(&json!({"host": "rancher.example.com", "port": 8443})).unwrap();
+    assert_eq!(c.base_url.as_str(), "https://rancher.example.com:8443/");
+    let c = RancherConfig::from_value(&json!({"host": "rancher.example.com:9443", "port": 8443})).unwrap();
+    assert_eq!(c.base_url.port(), Some(9443), "the host's own port wins");
+    let c = RancherConfig::from_value(&json!({"host": "http://127.0.0.1:8080"})).unwrap();
+    assert_eq!(c.base_url.as_str(), "http://127.0.0.1:8080/");
+    let c = RancherConfig::from_value(&json!({"host": "https://r.example.com/", "port": "8443"})).unwrap();
+    assert_eq!(c.base_url.as_str(), "https://r.example.com:8443/");
+    // Tolerant of the control plane's keys, as numbers or numeric strings, or empty.
+    let c = RancherConfig::from_value(&json!({
+        "host": "r.example.com", "credential_rotation_days": 30, "user_cleanup_days": "7",
+        "ui_url": "", "certificate_authority": null,
+    }))
+    .unwrap();
+    assert_eq!(c.credential_rotation_days, Some(30.0));
+    assert_eq!(c.user_cleanup_days, Some(7.0));
+    let c = RancherConfig::from_value(&json!({
+        "host": "r.example.com", "credential_rotation_days": 1e300, "user_cleanup_days": "1.5",
+    }))
+    .unwrap();
+    assert_eq!(c.user_cleanup_days, Some(1.5));
+    assert!(c.ui_url.is_none() && c.certificate_authority.is_none());
+}
+
+#[test]
+fn config_errors_name_every_key() {
+    let m = config_err(json!({"hostt": "x", "page_size": 0, "custom_access_details": "x".repeat(401)}));
+    assert!(m.contains("\"hostt\""), "{m}");
+    assert!(m.contains("host is required"), "{m}");
+    assert!(m.contains("page_size"), "{m}");
+    assert!(m.contains("custom_access_details") && m.contains("401"), "{m}");
+    let m = config_err(json!({"host": "r", "page_size": 10001, "concurrency": "many", "user_cleanup_days": -1}));
+    assert!(
+        m.contains("page_size") && m.contains("concurrency") && m.contains("user_cleanup_days"),
+        "{m}"
+    );
+    assert!(config_err(json!({"host": "ftp://r"})).contains("https"));
+    assert!(config_err(json!({"host": "https://u:p@r"})).contains("credentials"));
+    assert!(config_err(json!({"host": "r", "port": 70000})).contains("port"));
+    assert!(config_err(json!({"host": "r", "ui_url": "not a url"})).contains("ui_url"));
+    assert!(config_err(json!({"host": "r", "certificate_authority": "garbage"})).contains("certificate_authority"));
+    assert!(config_err(json!("r")).contains("object"));
+    assert!(RancherConfig::from_value(&json!({"host": "r", "custom_access_details": "é".repeat(400)})).is_ok());
+}
+
+#[test]
+fn access_details_use_ui_url_then_host() {
+    let c =
+        RancherConfig::from_value(&json!({"host": "r.example.com", "custom_access_details": "Use the VPN."})).unwrap();
+    assert_eq!(c.access_details(), "Rancher UI: https://r.example.com\nUse the VPN.");
+    let c =
+        RancherConfig::from_value(&json!({"host": "r.example.com", "ui_url": "https://ui.example.com/dash"})).unwrap();
+    assert_eq!(c.access_details(), "Rancher UI: https://ui.example.com/dash");
+}
+
+#[test]
+fn api_key_forms_and_redaction() {
+    let k = ApiKey::from_secret(&secret(&[
+        ("access_key", "token-abc12"),
+        ("secret_key", "canary-secret-1"),
+    ]))
+    .unwrap();
+    assert_eq!(k.token_name(), "token-abc12");
+    assert!(!format!("{k:?}").contains("canary"));
+    assert_eq!(k.bearer().expose_secret(), "Bearer token-abc12:canary-secret-1");
+    let k = ApiKey::from_secret(&secret(&[("token", "ext/tok-1:canary-secret-2")])).unwrap();
+    assert_eq!(k.token_name(), "tok-1");
+    assert!(k.is_ext());
+    let e = ApiKey::from_secret(&secret(&[("password", "canary-secret-3")])).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains("access_key") && m.contains("secret_key") && m.contains("token"),
+        "{m}"
+    );
+    assert!(
+        m.contains("password") && !m.contains("canary"),
+        "names the keys found, never values: {m}"
+    );
+    assert!(matches!(e, IntegrationError::Config { .. }));
+    let e = ApiKey::from_secret(&secret(&[("token", "canary-no-colon")])).unwrap_err();
+    assert!(!e.to_string().contains("canary"));
+    let e = ApiKey::from_secret(&secret(&[("access_key", "a b"), ("secret_key", "canary")])).unwrap_err();
+    assert!(!e.to_string().contains("canary"));
+}
+
+#[test]
+fn error_bodies_parse_string_or_int_status() {
+    let k = status_kind(
+        StatusCode::UNAUTHORIZED,
+        br#"{"type":"error","status":"401","message":"Unauthorized 401: must authenticate"}"#,
+        "s3cr3t",
+    );
+    match &k {
+        ErrorKind::Status {
+            status, code, message, ..
+        } => {
+            assert_eq!(*status, 401);
+            assert!(code.is_none());
+            assert_eq!(message, "Unauthorized 401: must authenticate");
+        }
+        other => panic!("{other:?}"),
+    }
+    let k = status_kind(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        br#"{"type":"error","status":422,"code":"NotUnique","message":"Username is already in use.","fieldName":"username"}"#,
+        "s3cr3t",
+    );
+    assert!(
+        matches!(&k, ErrorKind::Status { code: Some(c), field: Some(f), .. } if c == "NotUnique" && f == "username")
+    );
+    // A proxy's HTML page, and a body that echoes the secret.
+    let k = status_kind(StatusCode::BAD_GATEWAY, b"<html><body>bad</body></html>", "s3cr3t");
+    assert!(matches!(&k, ErrorKind::Status { message, .. } if message == "Bad Gateway"));
+    let k = status_kind(
+        StatusCode::BAD_REQUEST,
+        br#"{"message":"token x:s3cr3t is bad"}"#,
+        "s3cr3t",
+    );
+    assert!(matches!(&k, ErrorKind::Status { message, .. } if !message.contains("s3cr3t")));
+}
+
+fn api_error(status: u16, code: Option<&str>, message: &str, field: Option<&str>) -> client::ApiError {
+    client::ApiError {
+        method: reqwest::Method::POST,
+        path: "/v3/clusterroletemplatebindings".into(),
+        kind: Box::new(ErrorKind::Status {
+            status,
+            code: code.map(str::to_string),
+            message: message.into(),
+            field: field.map(str::to_string),
+        }),
+    }
+}
+
+#[test]
+fn status_mapping() {
+    let e = api_error(401, None, "Unauthorized 401: must authenticate", None).into_error();
+    assert!(matches!(e, IntegrationError::CredentialsRefused { .. }));
+    let m = e.to_string();
+    assert!(m.contains("401") && m.contains("no scope"), "{m}");
+    let e = api_error(401, None, "clusterID does not match", None).into_error();
+    assert!(e.to_string().contains("scoped to a cluster"), "{e}");
+    assert!(matches!(
+        api_error(403, Some("Forbidden"), "x", None).into_error(),
+        IntegrationError::PermissionDenied { .. }
+    ));
+    assert!(matches!(
+        api_error(404, None, "x", None).into_error(),
+        IntegrationError::NotFound { .. }
+    ));
+    assert!(matches!(
+        api_error(422, None, "x", None).into_error(),
+        IntegrationError::Invalid { .. }
+    ));
+    for s in [500, 502, 503, 504, 429] {
+        let e = api_error(s, None, "x", None);
+        assert!(e.is_transient(), "{s}");
+        assert!(e.into_error().retryable(), "{s}");
+    }
+    assert!(api_error(503, Some("ClusterUnavailable"), "x", None).is_transient());
+    assert!(!api_error(422, None, "x", None).is_transient());
+}
+
+#[test]
+fn binding_refusals_name_the_role_and_why() {
+    use super::grant::{Kind, Target, binding_error};
+    use super::names::BindingSubject;
+    let cluster = Resource::Cluster("c-7x2k9".into());
+    let t = |role: &'static str| Target {
+        kind: Kind::Cluster,
+        role,
+        resource: &cluster,
+        subject: BindingSubject::UserId("u-1".into()),
+    };
+    let e = binding_error(
+        &t("no-such-role"),
+        api_error(
+            422,
+            Some("InvalidReference"),
+            "roletemplates.management.cattle.io \"no-such-role\" not found",
+            Some("roleTemplateId"),
+        ),
+    );
+    assert!(matches!(e, IntegrationError::Invalid { .. }));
+    assert!(e.to_string().contains("role \"no-such-role\" does not exist"), "{e}");
+    let e = binding_error(
+        &t("rt-lock1"),
+        api_error(422, Some("InvalidState"), "Role is locked and cannot be assigned", None),
+    );
+    assert!(e.to_string().contains("role \"rt-lock1\" is locked"), "{e}");
+    let e = binding_error(
+        &t("project-member"),
+        api_error(
+            422,
+            Some("InvalidBodyContent"),
+            "Cannot reference context [project] from [cluster] context",
+            None,
+        ),
+    );
+    assert!(
+        e.to_string()
+            .contains("role \"project-member\" is a project role and cannot be bound on cluster c-7x2k9"),
+        "{e}"
+    );
+    let e = binding_error(
+        &t("cluster-member"),
+        api_error(
+            422,
+            Some("InvalidReference"),
+            "clusters.management.cattle.io \"c-7x2k9\" not found",
+            Some("clusterId"),
+        ),
+    );
+    assert!(
+        matches!(e, IntegrationError::NotFound { .. }) && e.to_string().contains("cluster c-7x2k9"),
+        "{e}"
+    );
+    assert!(!e.retryable());
+    // The webhook's words, with no field name.
+    let global = Resource::Global;
+    let g = Target {
+        kind: Kind::Global,
+        role: "no-such",
+        resource: &global,
+        subject: BindingSubject::UserId("u-1".into()),
+    };
+    let e = binding_error(
+        &g,
+        api_error(
+            400,
+            Some("BadRequest"),
+            "admission webhook denied the request: globalroles.management.cattle.io \"no-such\" not found",
+            None,
+        ),
+    );
+    assert!(e.to_string().contains("role \"no-such\" does not exist"), "{e}");
+    let e = binding_error(
+        &t("cluster-member"),
+        api_error(
+            400,
+            Some("BadRequest"),
+            "clusters.management.cattle.io \"c-7x2k9\" not found",
+            None,
+        ),
+    );
+    assert!(matches!(e, IntegrationError::NotFound { .. }), "{e}");
+}
+
+#[test]
+fn expiry_is_checked() {
+    let config = RancherConfig::from_value(&json!({"host": "r.example.com"})).unwrap();
+    let key = ApiKey::from_secret(&secret(&[("token", "token-abc:canary")])).unwrap();
+    let r = Rancher::from_parts(config, key).unwrap();
+    let now = chrono::Utc::now();
+    let token = |expires: Option<chrono::DateTime<chrono::Utc>>, cluster: Option<&str>| model::Token {
+        id: "token-abc".into(),
+        cluster_id: cluster.map(str::to_string),
+        expires_at: expires.map(|t| t.to_rfc3339()),
+        ..model::Token::default()
+    };
+    let mut res = ValidateResult::default();
+    r.check_token(&token(None, None), &mut res, now).unwrap();
+    assert!(res.warnings.is_empty());
+    let mut res = ValidateResult::default();
+    r.check_token(&token(Some(now + chrono::Duration::days(5)), None), &mut res, now)
+        .unwrap();
+    assert_eq!(res.warnings.len(), 1, "{res:?}");
+    assert_eq!(res.details["expires_in_days"], json!(5));
+    let mut res = ValidateResult::default();
+    r.check_token(&token(Some(now + chrono::Duration::days(60)), None), &mut res, now)
+        .unwrap();
+    assert!(res.warnings.is_empty());
+    let e = r
+        .check_token(&token(Some(now - chrono::Duration::days(1)), None), &mut res, now)
+        .unwrap_err();
+    assert!(matches!(e, IntegrationError::CredentialsRefused { .. }));
+    let e = r.check_token(&token(None, Some("c-7x2k9")), &mut res, now).unwrap_err();
+    assert!(matches!(e, IntegrationError::Invalid { .. }));
+    assert!(
+        e.to_string().contains("scoped to cluster c-7x2k9") && e.to_string().contains("no-scope"),
+        "{e}"
+    );
+    assert!(!format!("{r:?}").contains("canary"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against the simulator, over HTTP
+// ---------------------------------------------------------------------------------------------
+
+const FAST_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 3,
+    min_delay: Duration::from_millis(5),
+    max_delay: Duration::from_millis(20),
+};
+
+async fn sim_with(options: SimOptions) -> SimHandle {
+    SimHandle::start(options).await.expect("sim starts")
+}
+
+async fn sim() -> SimHandle {
+    sim_with(SimOptions::default()).await
+}
+
+fn rancher_with(sim: &SimHandle, extra: Value, secret_key: Option<&str>) -> Rancher {
+    let mut config = json!({"host": sim.base_url});
+    if let (Value::Object(c), Value::Object(e)) = (&mut config, extra) {
+        c.extend(e);
+    }
+    let (access, key) = sim.sim.api_key();
+    let key = ApiKey::from_secret(&secret(&[
+        ("access_key", &access),
+        ("secret_key", secret_key.unwrap_or(&key)),
+    ]))
+    .unwrap();
+    Rancher::from_parts(RancherConfig::from_value(&config).unwrap(), key)
+        .unwrap()
+        .with_retry(FAST_RETRY)
+}
+
+fn rancher(sim: &SimHandle) -> Rancher {
+    rancher_with(sim, json!({}), None)
+}
+
+fn grant_req(user: &str, role: &str, resource: &str) -> GrantRequest {
+    GrantRequest {
+        subject: Subject::user(user),
+        role: role.into(),
+        resource: Resource::parse(resource).unwrap(),
+        create_user: false,
+    }
+}
+
+fn revoke_req(user: &str, role: &str, resource: &str) -> RevokeRequest {
+    RevokeRequest {
+        subject: Subject::user(user),
+        role: role.into(),
+        resource: Resource::parse(resource).unwrap(),
+    }
+}
+
+fn group_grant(group: &str, role: &str, resource: &str) -> GrantRequest {
+    GrantRequest {
+        subject: Subject::GroupPrincipal(group.into()),
+        role: role.into(),
+        resource: Resource::parse(resource).unwrap(),
+        create_user: false,
+    }
+}
+
+fn matching(sim: &SimHandle, user_id: Option<&str>, role: &str, resource: &str) -> Vec<SimBinding> {
+    sim.sim
+        .bindings()
+        .into_iter()
+        .filter(|b| b.role_id == role && b.resource_id == resource)
+        .filter(|b| user_id.is_none() || b.user_id.as_deref() == user_id)
+        .collect()
+}
+
+/// Requests the simulator saw for `f`.
+async fn counted<T>(sim: &SimHandle, f: impl std::future::Future<Output = T>) -> (T, u64) {
+    sim.sim.reset_stats();
+    let out = f.await;
+    (out, sim.sim.stats().total)
+}
+
+#[tokio::test]
+async fn grant_by_username_costs_two_requests_and_a_repeat_is_one_binding() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    for (role, resource) in [("cluster-member", "c-7x2k9"), ("clusters-create", "global")] {
+        let req = grant_req("bob", role, resource);
+        let (first, n1) = counted(&sim, r.grant(&req)).await;
+        let first = first.unwrap();
+        assert!(n1 <= 2, "{role}: first grant took {n1} requests");
+        let (again, n2) = counted(&sim, r.grant(&req)).await;
+        let again = again.unwrap();
+        assert!(n2 <= 2, "{role}: repeat took {n2} requests");
+        assert_eq!(first.binding_ids, again.binding_ids);
+        assert_eq!(first.user_id, "u-bob01");
+        assert!(!first.created_user && first.credentials.is_none());
+        let found = matching(&sim, Some("u-bob01"), role, resource);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(first.binding_ids, vec![found[0].id.clone()]);
+        assert!(first.access_details.contains(&sim.base_url));
+    }
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn grant_by_principal_and_to_groups() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    // Never logged in: bound by principal at cluster scope, in one request; Rancher makes the user.
+    let (g, n) = counted(
+        &sim,
+        r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9")),
+    )
+    .await;
+    let g = g.unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(g.user_id, external_user_id("github_user://5151"));
+    assert_eq!(matching(&sim, Some(&g.user_id), "cluster-member", "c-7x2k9").len(), 1);
+    // A global role for an external user that exists: its deterministic id is read first.
+    let (g, n) = counted(
+        &sim,
+        r.grant(&grant_req("github_user://4242", "clusters-create", "global")),
+    )
+    .await;
+    let g = g.unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(g.user_id, external_user_id("github_user://4242"));
+    // A global role for a principal that never logged in: a clear refusal.
+    let e = r
+        .grant(&grant_req("github_user://6060", "clusters-create", "global"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IntegrationError::Invalid { .. }));
+    assert!(e.to_string().contains("never logged in"), "{e}");
+    // local://u-x names the user: bound by userId.
+    let g = r
+        .grant(&grant_req("local://u-alice1", "project-member", "c-7x2k9:p-abcde"))
+        .await
+        .unwrap();
+    assert_eq!(g.user_id, "u-alice1");
+    assert_eq!(
+        matching(&sim, Some("u-alice1"), "project-member", "c-7x2k9:p-abcde").len(),
+        1
+    );
+    let removed = r
+        .revoke(&revoke_req("local://u-alice1", "project-member", "c-7x2k9:p-abcde"))
+        .await
+        .unwrap();
+    assert_eq!(removed.removed_binding_ids, g.binding_ids);
+    // Revoke by principal.
+    let removed = r
+        .revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap();
+    assert_eq!(removed.removed_binding_ids.len(), 1);
+    let removed = r
+        .revoke(&revoke_req("github_user://4242", "clusters-create", "global"))
+        .await
+        .unwrap();
+    assert_eq!(removed.removed_binding_ids.len(), 1);
+
+    // Groups, at every scope.
+    for (role, resource) in [
+        ("cluster-owner", "c-m-4bq8z2lp"),
+        ("project-member", "c-7x2k9:p-x4m7q"),
+        ("clusters-create", "global"),
+    ] {
+        let req = group_grant("github_team://888", role, resource);
+        let (g, n) = counted(&sim, r.grant(&req)).await;
+        let g = g.unwrap();
+        assert_eq!(n, 1, "{role}");
+        assert_eq!(g.user_id, "github_team://888");
+        let in_sim: Vec<_> = matching(&sim, None, role, resource)
+            .into_iter()
+            .filter(|b| b.group_principal_id.as_deref() == Some("github_team://888"))
+            .collect();
+        assert_eq!(in_sim.len(), 1);
+        assert_eq!(g.binding_ids, vec![in_sim[0].id.clone()]);
+        let rv = RevokeRequest {
+            subject: req.subject.clone(),
+            role: role.into(),
+            resource: req.resource.clone(),
+        };
+        assert_eq!(r.revoke(&rv).await.unwrap().removed_binding_ids, g.binding_ids);
+    }
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn grant_with_user_creation_hands_out_credentials_once() {
+    let sim = sim().await;
+    let r = rancher_with(
+        &sim,
+        json!({"custom_access_details": "Log in with the password below."}),
+        None,
+    );
+    let mut req = grant_req("carol", "project-member", "c-7x2k9:p-x4m7q");
+    req.create_user = true;
+    let (g, n) = counted(&sim, r.grant(&req)).await;
+    let g = g.unwrap();
+    assert!(n <= 4, "create user flow took {n} requests");
+    assert!(g.created_user);
+    let creds = g.credentials.clone().expect("credentials for a created user");
+    assert_eq!(creds.username, "carol");
+    let password = creds.password.expose_secret().to_string();
+    assert!(password.len() >= 24 && password.chars().all(|c| c.is_ascii_alphanumeric()));
+    assert!(sim.sim.check_password(&g.user_id, &password));
+    assert!(
+        !format!("{g:?}").contains(&password),
+        "Debug of the result hides the password"
+    );
+    assert!(g.access_details.contains("Log in with the password below."));
+    let user: SimUser = sim.sim.users().into_iter().find(|u| u.id == g.user_id).unwrap();
+    assert_eq!(
+        user.labels.get(CREATED_BY_LABEL).map(String::as_str),
+        Some("apono-connector")
+    );
+    assert!(!user.must_change_password && user.enabled);
+    assert_eq!(
+        matching(&sim, Some(&g.user_id), "user", "global").len(),
+        1,
+        "the login role was added"
+    );
+    assert_eq!(
+        matching(&sim, Some(&g.user_id), "project-member", "c-7x2k9:p-x4m7q").len(),
+        1
+    );
+    assert!(g.binding_ids[0].starts_with("c-7x2k9-p-x4m7q:"), "{:?}", g.binding_ids);
+
+    // A repeat: the user exists, no credentials.
+    let again = r.grant(&req).await.unwrap();
+    assert!(!again.created_user && again.credentials.is_none());
+    assert_eq!(again.binding_ids, g.binding_ids);
+    assert_eq!(matching(&sim, Some(&g.user_id), "user", "global").len(), 1);
+
+    // An existing user with create_user: no credentials.
+    let mut alice = grant_req("alice", "cluster-member", "c-7x2k9");
+    alice.create_user = true;
+    let a = r.grant(&alice).await.unwrap();
+    assert!(!a.created_user && a.credentials.is_none());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_user_creation_never_shows_the_password() {
+    let sim = sim_with(SimOptions {
+        password_min_length: 40,
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let mut req = grant_req("dave", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    let e = r.grant(&req).await.unwrap_err();
+    assert!(matches!(e, IntegrationError::Invalid { .. }));
+    let text = format!("{e} {e:?}");
+    assert!(text.contains("dave") && text.contains("40"), "{text}");
+    // No generated password (32 letters and digits in a row) anywhere in the error.
+    let longest = text
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest < PASSWORD_LEN, "{text}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_user_creation_is_finished_with_a_new_password() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut req = grant_req("erin", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    // The user is created, then Rancher fails every binding POST (beyond the client's retries).
+    sim.sim
+        .fail_next_on("POST /v3/clusterroletemplatebindings", 3, 500, false);
+    let e = r.grant(&req).await.unwrap_err();
+    assert!(e.retryable(), "{e}");
+    assert!(sim.sim.users().iter().any(|u| u.username.as_deref() == Some("erin")));
+    // The job's retry: the user exists but never got its password: a fresh one is set and given.
+    let g = r.grant(&req).await.unwrap();
+    assert!(g.created_user);
+    let password = g.credentials.as_ref().unwrap().password.expose_secret().to_string();
+    assert!(sim.sim.check_password(&g.user_id, &password));
+    assert_eq!(matching(&sim, Some(&g.user_id), "user", "global").len(), 1);
+    // And once complete, a repeat hands out nothing.
+    let again = r.grant(&req).await.unwrap();
+    assert!(again.credentials.is_none());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn project_grants_and_revokes_with_both_id_forms() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    for (project, prefix) in [("c-7x2k9:p-abcde", "p-abcde:"), ("c-7x2k9:p-x4m7q", "c-7x2k9-p-x4m7q:")] {
+        let req = grant_req("alice", "project-owner", project);
+        let (g, n) = counted(&sim, r.grant(&req)).await;
+        let g = g.unwrap();
+        assert!(n <= 2, "{n}");
+        assert!(g.binding_ids[0].starts_with(prefix), "{:?}", g.binding_ids);
+        let (again, n) = counted(&sim, r.grant(&req)).await;
+        assert!(n <= 3, "a project repeat looks the binding up: {n}");
+        assert_eq!(again.unwrap().binding_ids, g.binding_ids);
+        assert_eq!(matching(&sim, Some("u-alice1"), "project-owner", project).len(), 1);
+        let (removed, n) = counted(&sim, r.revoke(&revoke_req("alice", "project-owner", project))).await;
+        assert!(n <= 3, "revoke took {n}");
+        assert_eq!(removed.unwrap().removed_binding_ids, g.binding_ids);
+        assert!(matching(&sim, Some("u-alice1"), "project-owner", project).is_empty());
+        let again = r.revoke(&revoke_req("alice", "project-owner", project)).await.unwrap();
+        assert!(again.removed_binding_ids.is_empty());
+    }
+    // A seeded binding (not ours) is revoked too.
+    let removed = r
+        .revoke(&revoke_req("bob", "project-member", "c-7x2k9:p-abcde"))
+        .await
+        .unwrap();
+    assert_eq!(removed.removed_binding_ids, vec!["p-abcde:prtb-b0b01".to_string()]);
+    sim.stop().await;
+}
+
+fn planted(id: &str, role: &str, resource: &str, user: &str) -> SimBinding {
+    SimBinding {
+        id: id.into(),
+        name: id.rsplit(':').next().unwrap().into(),
+        scope: Resource::parse(resource).unwrap().scope(),
+        role_id: role.into(),
+        resource_id: resource.into(),
+        user_id: Some(user.into()),
+        user_principal_id: Some(format!("local://{user}")),
+        group_principal_id: None,
+    }
+}
+
+#[tokio::test]
+async fn revoke_removes_duplicates_and_a_repeat_removes_nothing() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    // Duplicates an older Rancher allowed (or the UI made under other names).
+    sim.sim
+        .add_binding(planted("c-7x2k9:crtb-dup01", "cluster-member", "c-7x2k9", "u-bob01"))
+        .unwrap();
+    sim.sim
+        .add_binding(planted("c-7x2k9:crtb-dup02", "cluster-member", "c-7x2k9", "u-bob01"))
+        .unwrap();
+    // Someone else's binding of the same role stays.
+    sim.sim
+        .add_binding(planted("c-7x2k9:crtb-ali01", "cluster-member", "c-7x2k9", "u-alice1"))
+        .unwrap();
+    let (removed, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
+    let removed = removed.unwrap().removed_binding_ids;
+    assert_eq!(n, 2 + 3, "GET user + list + one DELETE each");
+    let mut expected = vec![
+        g.binding_ids[0].clone(),
+        "c-7x2k9:crtb-dup01".to_string(),
+        "c-7x2k9:crtb-dup02".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
+    assert_eq!(matching(&sim, Some("u-alice1"), "cluster-member", "c-7x2k9").len(), 1);
+    let (again, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
+    assert!(again.unwrap().removed_binding_ids.is_empty());
+    assert!(n <= 2);
+    // A user that does not exist: nothing to remove.
+    let none = r
+        .revoke(&revoke_req("nobody-here", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap();
+    assert!(none.removed_binding_ids.is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_grants_on_both_duplicate_behaviours() {
+    // The seeded binding c-7x2k9:crtb-grp01 gives github_team://777 cluster-member on c-7x2k9
+    // under a name that is not ours.
+    let req = group_grant("github_team://777", "cluster-member", "c-7x2k9");
+    // 2.14+: the webhook refuses a duplicate (409 Conflict): the existing binding is the answer.
+    let sim = sim_with(SimOptions {
+        version: RancherVersion::new(14),
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let g = r.grant(&req).await.unwrap();
+    assert_eq!(g.binding_ids, vec!["c-7x2k9:crtb-grp01".to_string()]);
+    let again = r.grant(&req).await.unwrap();
+    assert_eq!(again.binding_ids, g.binding_ids);
+    assert_eq!(
+        sim.sim
+            .bindings()
+            .iter()
+            .filter(|b| b.role_id == "cluster-member")
+            .count(),
+        1
+    );
+    // And for a user: the first grant creates, the repeat is AlreadyExists (same name).
+    let u = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert_eq!(
+        r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))
+            .await
+            .unwrap()
+            .binding_ids,
+        u.binding_ids
+    );
+    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1);
+    sim.stop().await;
+
+    // Before 2.14: a duplicate is allowed; the deterministic name still makes repeats one binding.
+    let sim = sim_with(SimOptions {
+        version: RancherVersion::new(13),
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let g = r.grant(&req).await.unwrap();
+    let again = r.grant(&req).await.unwrap();
+    assert_eq!(again.binding_ids, g.binding_ids);
+    let of_group = || {
+        sim.sim
+            .bindings()
+            .into_iter()
+            .filter(|b| b.role_id == "cluster-member" && b.group_principal_id.as_deref() == Some("github_team://777"))
+            .count()
+    };
+    assert_eq!(of_group(), 2, "the seeded one and ours, no more");
+    let removed = r
+        .revoke(&RevokeRequest {
+            subject: req.subject.clone(),
+            role: req.role.clone(),
+            resource: req.resource.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(removed.removed_binding_ids.len(), 2);
+    assert_eq!(of_group(), 0);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_name_the_role_the_resource_or_the_user() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let cases = [
+        (
+            grant_req("bob", "no-such-role", "c-7x2k9"),
+            "role \"no-such-role\" does not exist",
+        ),
+        (
+            grant_req("bob", "no-such-role", "global"),
+            "role \"no-such-role\" does not exist",
+        ),
+        (grant_req("bob", "rt-lock1", "c-7x2k9"), "role \"rt-lock1\" is locked"),
+        (
+            grant_req("bob", "project-member", "c-7x2k9"),
+            "role \"project-member\" is a project role and cannot be bound on cluster c-7x2k9",
+        ),
+        (
+            grant_req("bob", "cluster-member", "c-7x2k9:p-abcde"),
+            "role \"cluster-member\" is a cluster role and cannot be bound on project c-7x2k9:p-abcde",
+        ),
+        (
+            grant_req("bob", "cluster-member", "c-nope1"),
+            "cluster c-nope1 not found",
+        ),
+        (
+            grant_req("bob", "project-member", "c-7x2k9:p-nope1"),
+            "project c-7x2k9:p-nope1 not found",
+        ),
+        (
+            grant_req("nobody-here", "cluster-member", "c-7x2k9"),
+            "Rancher user \"nobody-here\" not found",
+        ),
+        (grant_req("local://u-ghost", "cluster-member", "c-7x2k9"), "u-ghost"),
+    ];
+    for (req, expect) in cases {
+        sim.sim.reset_stats();
+        let e = r.grant(&req).await.unwrap_err();
+        assert!(e.to_string().contains(expect), "{expect:?} not in {e}");
+        assert!(!e.retryable(), "{e}");
+        assert!(sim.sim.stats().total <= 2, "{expect}: no extra request to check first");
+    }
+    assert!(sim.sim.bindings().len() == crate::sim::Sim::new(SimOptions::default()).bindings().len());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn validate_reports_the_key_owner_scope_and_expiry() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let (v, n) = counted(&sim, r.validate()).await;
+    let v = v.unwrap();
+    assert!(n <= 3);
+    assert_eq!(v.principal, "admin");
+    assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+    assert_eq!(v.details["scope"], json!("none"));
+
+    // Expiring within 14 days: a warning and the details.
+    sim.sim
+        .set_key_expiry(Some(chrono::Utc::now() + chrono::Duration::days(3)));
+    let v = r.validate().await.unwrap();
+    assert_eq!(v.warnings.len(), 1, "{:?}", v.warnings);
+    assert!(v.warnings[0].contains("expires in 2 day") || v.warnings[0].contains("expires in 3 day"));
+    assert!(v.details.contains_key("expires_at") && v.details.contains_key("expires_in_days"));
+
+    // Expired: Rancher answers 401 to everything.
+    sim.sim
+        .set_key_expiry(Some(chrono::Utc::now() - chrono::Duration::hours(1)));
+    let e = r.validate().await.unwrap_err();
+    assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
+    sim.sim.set_key_expiry(None);
+
+    // Scoped to a cluster.
+    sim.sim.set_key_scope(Some("c-7x2k9"));
+    let e = r.validate().await.unwrap_err();
+    assert!(matches!(e, IntegrationError::Invalid { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("scoped to a cluster") && e.to_string().contains("no-scope"),
+        "{e}"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_key_is_credentials_refused_with_401_and_never_the_secret() {
+    const CANARY: &str = "canary-9f8e7d6c5b4a-secret";
+    let sim = sim().await;
+    let r = rancher_with(&sim, json!({}), Some(CANARY));
+    assert!(!format!("{r:?}").contains(CANARY));
+    let ops: Vec<IntegrationError> = vec![
+        r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))
+            .await
+            .unwrap_err(),
+        r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))
+            .await
+            .unwrap_err(),
+        r.validate().await.unwrap_err(),
+        r.discover(mpsc::channel(10).0).await.unwrap_err(),
+    ];
+    for e in ops {
+        assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("401"), "{text}");
+        assert!(!text.contains(CANARY), "{text}");
+        assert!(!e.retryable());
+    }
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_only_for_agent_created_users() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut req = grant_req("frank", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    let g = r.grant(&req).await.unwrap();
+    let old = g.credentials.unwrap().password.expose_secret().to_string();
+    let (rot, n) = counted(
+        &sim,
+        r.rotate_credentials(&RotateRequest {
+            user_id: g.user_id.clone(),
+        }),
+    )
+    .await;
+    let rot = rot.unwrap();
+    assert_eq!(n, 2);
+    let new = rot.credentials.as_ref().unwrap().password.expose_secret().to_string();
+    assert_ne!(old, new);
+    assert!(sim.sim.check_password(&g.user_id, &new) && !sim.sim.check_password(&g.user_id, &old));
+    assert_eq!(rot.credentials.as_ref().unwrap().username, "frank");
+    assert!(!rot.created_user && rot.binding_ids.is_empty());
+    assert!(!format!("{rot:?}").contains(&new));
+    let e = r
+        .rotate_credentials(&RotateRequest {
+            user_id: "u-alice1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IntegrationError::Invalid { .. }) && !e.retryable());
+    assert!(
+        sim.sim.check_password("u-alice1", "alice-sim-password-0001"),
+        "alice untouched"
+    );
+    let e = r
+        .rotate_credentials(&RotateRequest {
+            user_id: "u-ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IntegrationError::NotFound { .. }));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn delete_user_only_for_agent_created_users_without_bindings() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut req = grant_req("gina", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    let g = r.grant(&req).await.unwrap();
+    let del = DeleteUserRequest {
+        user_id: g.user_id.clone(),
+    };
+    let d = r.delete_user(&del).await.unwrap();
+    assert!(!d.deleted);
+    assert!(d.reason.as_deref().unwrap().contains(&g.binding_ids[0]), "{d:?}");
+    r.revoke(&revoke_req("gina", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap();
+    let (d, n) = counted(&sim, r.delete_user(&del)).await;
+    let d = d.unwrap();
+    assert!(d.deleted, "{d:?}");
+    assert!(n <= 5, "{n}");
+    assert!(!sim.sim.users().iter().any(|u| u.id == g.user_id));
+    let d = r.delete_user(&del).await.unwrap();
+    assert!(!d.deleted && d.reason.as_deref() == Some("already gone"));
+    let d = r
+        .delete_user(&DeleteUserRequest {
+            user_id: "u-alice1".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!d.deleted && d.reason.unwrap().contains("not created by apono-connector"));
+    assert!(sim.sim.users().iter().any(|u| u.id == "u-alice1"));
+    sim.stop().await;
+}
+
+async fn discover_all(r: &Rancher) -> (Vec<DiscoveredObject>, DiscoverySummary) {
+    let (tx, mut rx) = mpsc::channel(4);
+    let collect = async {
+        let mut all = Vec::new();
+        while let Some(o) = rx.recv().await {
+            all.push(o);
+        }
+        all
+    };
+    let (summary, all) = tokio::join!(r.discover(tx), collect);
+    (all, summary.unwrap())
+}
+
+#[tokio::test]
+async fn discovery_of_the_small_dataset_across_pages() {
+    let sim = sim().await;
+    let r = rancher_with(&sim, json!({"page_size": 2, "concurrency": 3}), None);
+    sim.sim.reset_stats();
+    let (all, summary) = discover_all(&r).await;
+    let of = |t: &str| all.iter().filter(|o| o.type_name() == t).count() as u64;
+    assert_eq!(of("cluster"), 3);
+    assert_eq!(of("project"), 6);
+    assert_eq!(of("namespace"), 13);
+    assert_eq!(of("global_role"), 6);
+    assert_eq!(of("role_template"), 8);
+    assert_eq!(of("user"), sim.sim.users().len() as u64);
+    assert_eq!(of("binding"), sim.sim.bindings().len() as u64);
+    assert_eq!(summary.objects, all.len() as u64);
+    assert_eq!(summary.requests, sim.sim.stats().total);
+    for t in [
+        "cluster",
+        "project",
+        "namespace",
+        "global_role",
+        "role_template",
+        "user",
+        "binding",
+    ] {
+        assert_eq!(summary.counts.get(t).copied(), Some(of(t)), "{t}");
+    }
+    // No duplicates across pages.
+    let mut keys: Vec<_> = all.iter().map(|o| serde_json::to_string(o).unwrap()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), all.len());
+    // Shapes.
+    let find = |id: &str| {
+        all.iter()
+            .find(|o| serde_json::to_value(o).unwrap()["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        matches!(find("c-7x2k9"), DiscoveredObject::Cluster { labels, .. } if labels.get("env").map(String::as_str) == Some("prod"))
+    );
+    assert!(matches!(find("c-7x2k9:p-x4m7q"), DiscoveredObject::Project { cluster_id, .. } if cluster_id == "c-7x2k9"));
+    assert!(
+        matches!(find("c-7x2k9:payments-api"), DiscoveredObject::Namespace { project_id: Some(p), .. } if p == "c-7x2k9:p-x4m7q")
+    );
+    assert!(matches!(
+        find("c-7x2k9:kube-system"),
+        DiscoveredObject::Namespace { project_id: None, .. }
+    ));
+    assert!(
+        matches!(find("rt-lock1"), DiscoveredObject::RoleTemplate { locked: true, context, .. } if context == "cluster")
+    );
+    assert!(matches!(find("u-alice1"), DiscoveredObject::User { username: Some(u), .. } if u == "alice"));
+    assert!(
+        matches!(find(&external_user_id("github_user://4242")), DiscoveredObject::User { username: None, principal_ids, .. } if principal_ids == vec!["github_user://4242".to_string()])
+    );
+    assert!(
+        matches!(find("p-abcde:prtb-b0b01"), DiscoveredObject::Binding { scope: BindingScope::Project, resource_id, user_id: Some(u), .. } if resource_id == "c-7x2k9:p-abcde" && u == "u-bob01")
+    );
+    assert!(
+        matches!(find("c-7x2k9:crtb-grp01"), DiscoveredObject::Binding { scope: BindingScope::Cluster, group_principal_id: Some(g), .. } if g == "github_team://777")
+    );
+    assert!(
+        matches!(find("grb-admin"), DiscoveredObject::Binding { scope: BindingScope::Global, resource_id, .. } if resource_id == "global")
+    );
+    // Page size 5000 (the default): one page per collection.
+    let big = rancher(&sim);
+    let (_, summary) = discover_all(&big).await;
+    assert_eq!(summary.requests, 7 + 1 + 3, "8 collections + 3 clusters' namespaces");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn discovery_skips_an_unavailable_cluster_and_stops_when_the_receiver_goes() {
+    let sim = sim().await;
+    let r = rancher_with(&sim, json!({"concurrency": 1}), None);
+    // Unavailable through the client's retries.
+    sim.sim
+        .fail_next_on("GET /v3/cluster/{id}/namespaces", FAST_RETRY.attempts, 503, false);
+    let (all, summary) = discover_all(&r).await;
+    assert_eq!(summary.counts.get("skipped_clusters"), Some(&1));
+    let ns = all.iter().filter(|o| o.type_name() == "namespace").count();
+    assert!(ns < 13 && ns > 0, "{ns}");
+    // A dropped receiver ends discovery early, with Ok.
+    let (tx, mut rx) = mpsc::channel(1);
+    let reader = tokio::spawn(async move {
+        let first = rx.recv().await;
+        drop(rx);
+        first
+    });
+    let summary = r.discover(tx).await.unwrap();
+    assert!(reader.await.unwrap().is_some());
+    assert!(summary.objects < 40, "{summary:?}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn paging_survives_a_marker_restart() {
+    let sim = sim().await;
+    for i in 0..5 {
+        sim.sim
+            .add_binding(planted(&format!("grb-x{i}"), "user", "global", "u-alice1"))
+            .unwrap();
+    }
+    // Sorted ids: grb-admin grb-al1ce | grb-b0b01 grb-x0 | grb-x1 grb-x2 | grb-x3 grb-x4
+    let r = rancher_with(&sim, json!({"page_size": 2}), None);
+    let mut pager = r
+        .client()
+        .list::<model::Binding>(&["v3", "globalrolebindings"], &[], "global role bindings");
+    let mut ids: Vec<String> = pager
+        .next_page()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    ids.extend(pager.next_page().await.unwrap().unwrap().into_iter().map(|b| b.id));
+    // The next page's marker (grb-x1) is deleted: Rancher restarts at item 0.
+    assert!(sim.sim.remove_binding("grb-x1"));
+    let mut pages = 0;
+    while let Some(page) = pager.next_page().await.unwrap() {
+        ids.extend(page.into_iter().map(|b| b.id));
+        pages += 1;
+        assert!(pages < 20, "a loop");
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "no item twice: {ids:?}");
+    for id in ["grb-admin", "grb-x0", "grb-x2", "grb-x3", "grb-x4"] {
+        assert!(ids.iter().any(|i| i == id), "{id} missing: {ids:?}");
+    }
+    sim.stop().await;
+}
+
+/// A server whose `next` always leads back to the same page: the pager must stop.
+#[tokio::test]
+async fn paging_that_never_converges_stops_with_a_protocol_error() {
+    use axum::Router;
+    use axum::extract::State;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let app = Router::new()
+        .route(
+            "/v3/users",
+            get(|State((base, hits)): State<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)>| async move {
+                hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                axum::Json(json!({
+                    "type": "collection",
+                    "data": [{"id": "u-a", "username": "a"}, {"id": "u-b", "username": "b"}],
+                    "pagination": {"partial": true, "limit": 2, "next": format!("{base}/v3/users?limit=2&marker=u-c")},
+                }))
+            }),
+        )
+        .with_state((base.clone(), hits.clone()));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = RancherConfig::from_value(&json!({"host": base, "page_size": 2})).unwrap();
+    let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
+    let r = Rancher::from_parts(config, key).unwrap();
+    let e = r
+        .grant(&grant_req("nobody", "cluster-member", "c-1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IntegrationError::Protocol { .. }), "{e:?}");
+    assert!(e.to_string().contains("users"), "{e}");
+    assert!(hits.load(std::sync::atomic::Ordering::Relaxed) < 10);
+    server.abort();
+}
+
+#[tokio::test]
+async fn transient_faults_are_absorbed_without_duplicate_bindings() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    // GETs answered 503 / 500 twice, then fine.
+    sim.sim.fail_next_on("GET /v3/users", 2, 503, false);
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1);
+    r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+
+    // A POST applied, then answered 500: the retry gets 409 AlreadyExists, which means done.
+    for (role, resource) in [
+        ("cluster-member", "c-7x2k9"),
+        ("project-member", "c-7x2k9:p-x4m7q"),
+        ("clusters-create", "global"),
+    ] {
+        let route = match Resource::parse(resource).unwrap() {
+            Resource::Global => "POST /v3/globalrolebindings",
+            Resource::Cluster(_) => "POST /v3/clusterroletemplatebindings",
+            Resource::Project(_) => "POST /v3/projectroletemplatebindings",
+        };
+        sim.sim.fail_next_on(route, 1, 500, true);
+        let g2 = r.grant(&grant_req("bob", role, resource)).await.unwrap();
+        let found = matching(&sim, Some("u-bob01"), role, resource);
+        assert_eq!(found.len(), 1, "{role}: {found:?}");
+        assert_eq!(g2.binding_ids, vec![found[0].id.clone()]);
+    }
+    // A DELETE applied, then answered 500: the retry's 404 means gone.
+    sim.sim
+        .fail_next_on("DELETE /v3/clusterroletemplatebindings/{id}", 1, 500, true);
+    let g3 = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert_eq!(g3.binding_ids, g.binding_ids, "deterministic: the same name as before");
+    let removed = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert_eq!(removed.removed_binding_ids, g3.binding_ids);
+    assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
+    // Beyond the retries: a retryable error.
+    sim.sim.fail_next(5, 500, false);
+    let e = r
+        .grant(&grant_req("bob", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::Unavailable { .. }) && e.retryable(),
+        "{e:?}"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn random_faults_converge_to_exactly_one_binding() {
+    let sim = sim_with(SimOptions {
+        faults: crate::sim::FaultOptions {
+            error_rate: 0.3,
+            after_commit_share: 0.5,
+            ..crate::sim::FaultOptions::default()
+        },
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let resources = ["c-7x2k9", "local", "c-m-4bq8z2lp"];
+    for resource in resources {
+        let req = grant_req("bob", "cluster-owner", resource);
+        // As the executor does: retry retryable failures.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match r.grant(&req).await {
+                Ok(_) => break,
+                Err(e) if e.retryable() && tries < 10 => continue,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+    for resource in resources {
+        assert_eq!(
+            matching(&sim, Some("u-bob01"), "cluster-owner", resource).len(),
+            1,
+            "{resource}"
+        );
+    }
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn in_progress_bindings_are_awaited_then_reported() {
+    let sim = sim_with(SimOptions {
+        settle: Duration::from_millis(400),
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
+    g.unwrap();
+    assert!(n > 2, "polled until Completed ({n} requests)");
+    // Settled already in the 201: no extra request.
+    sim.sim.set_settle(Duration::ZERO);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
+    assert_eq!(n, 2);
+    // Never settles within the wait: InProgress, retryable, naming the binding.
+    sim.sim.set_settle(Duration::from_secs(60));
+    let impatient = rancher_with(&sim, json!({"status_timeout_seconds": 1}), None);
+    let e = impatient
+        .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::InProgress { .. }) && e.retryable(),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("crtb-") && e.to_string().contains("InProgress"),
+        "{e}"
+    );
+    // The job's retry finds the binding in place (409: done), still one binding.
+    let g = impatient
+        .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
+        .await
+        .unwrap();
+    assert!(
+        e.to_string().contains(&g.binding_ids[0]),
+        "{e} names {:?}",
+        g.binding_ids
+    );
+    assert_eq!(matching(&sim, Some("u-bob01"), "nodes-view", "c-7x2k9").len(), 1);
+    // A principal bound while Rancher is still creating its user: the user id appears once settled.
+    sim.sim.set_settle(Duration::from_millis(300));
+    let g = r
+        .grant(&grant_req("github_user://6060", "cluster-member", "c-m-4bq8z2lp"))
+        .await
+        .unwrap();
+    assert_eq!(g.user_id, external_user_id("github_user://6060"));
+    // Before 2.11 there is no status: existence is success.
+    sim.sim.set_version(RancherVersion::new(10));
+    let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))).await;
+    g.unwrap();
+    assert_eq!(n, 2);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn principals_the_key_cannot_resolve_get_a_hint() {
+    let sim = sim_with(SimOptions {
+        resolve_external_principals: false,
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let e = r
+        .grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("auth provider"), "{e}");
+    sim.stop().await;
+}
+
+#[test]
+fn requests_are_counted_and_debug_is_redacted() {
+    let config = RancherConfig::from_value(&json!({"host": "r.example.com"})).unwrap();
+    let key = ApiKey::from_secret(&secret(&[("access_key", "token-a"), ("secret_key", "canary-zz")])).unwrap();
+    let r = Rancher::from_parts(config, key).unwrap();
+    assert_eq!(r.client().requests(), 0);
+    let text = format!("{r:?} {:?}", r.client());
+    assert!(!text.contains("canary"), "{text}");
+    let _unused: BTreeMap<String, u64> = BTreeMap::new();
+}
+
+/// The round trips of each operation on its happy path, as `docs/rancher.md` states them.
+#[tokio::test]
+async fn request_counts_per_operation() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut table = Vec::new();
+    let mut row = |name: &str, n: u64, bound: u64| {
+        table.push(format!("{name}: {n}"));
+        assert!(n <= bound, "{name}: {n} requests, expected at most {bound}");
+    };
+    let (_, n) = counted(&sim, r.validate()).await;
+    row("validate", n, 3);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("grant username cluster", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("grant username cluster (repeat)", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
+    row("grant username global", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
+    row("grant username global (repeat)", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
+    row("grant username project", n, 2);
+    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
+    row("grant username project (repeat)", n, 3);
+    let (_, n) = counted(
+        &sim,
+        r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9")),
+    )
+    .await;
+    row("grant principal cluster", n, 1);
+    let (_, n) = counted(
+        &sim,
+        r.grant(&grant_req("github_user://4242", "clusters-create", "global")),
+    )
+    .await;
+    row("grant principal global", n, 2);
+    let (_, n) = counted(
+        &sim,
+        r.grant(&group_grant("github_team://888", "cluster-member", "c-7x2k9")),
+    )
+    .await;
+    row("grant group cluster", n, 1);
+    let mut create = grant_req("henry", "cluster-member", "c-7x2k9");
+    create.create_user = true;
+    let (g, n) = counted(&sim, r.grant(&create)).await;
+    row("grant create_user", n, 4);
+    let (_, n) = counted(&sim, r.grant(&create)).await;
+    row("grant create_user (repeat)", n, 3);
+    let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("revoke username (1 binding)", n, 3);
+    let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
+    row("revoke username (repeat)", n, 2);
+    let (_, n) = counted(
+        &sim,
+        r.revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9")),
+    )
+    .await;
+    row("revoke principal cluster (1 binding)", n, 2);
+    let user_id = g.unwrap().user_id;
+    let (_, n) = counted(
+        &sim,
+        r.rotate_credentials(&RotateRequest {
+            user_id: user_id.clone(),
+        }),
+    )
+    .await;
+    row("rotate", n, 2);
+    r.revoke(&revoke_req("henry", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap();
+    let (_, n) = counted(&sim, r.delete_user(&DeleteUserRequest { user_id })).await;
+    row("delete_user", n, 5);
+    let (_, n) = counted(&sim, discover_all(&r)).await;
+    row("discover (small, page 5000)", n, 11);
+    eprintln!("{}", table.join("\n"));
+    sim.stop().await;
+}
+
+/// The large dataset (10,000 users, 50,000 bindings, 200 clusters) in pages of 5000.
+#[tokio::test]
+#[ignore = "large: run with --ignored"]
+async fn discovery_of_the_large_dataset() {
+    let sim = sim_with(SimOptions {
+        size: crate::sim::DatasetSize::Large,
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let started = std::time::Instant::now();
+    let (all, summary) = discover_all(&r).await;
+    eprintln!("{summary:?} in {:?}", started.elapsed());
+    assert_eq!(
+        all.iter().filter(|o| o.type_name() == "user").count(),
+        sim.sim.users().len()
+    );
+    assert_eq!(
+        all.iter().filter(|o| o.type_name() == "binding").count(),
+        sim.sim.bindings().len()
+    );
+    sim.stop().await;
+}
+
+/// A public root (ISRG Root X2), standing in for a private CA.
+const SOME_CA: &str = "-----BEGIN CERTIFICATE-----\nMIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw\nCQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg\nR3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00\nMDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT\nZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw\nEAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW\n+1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9\nItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T\nAQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI\nzj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW\ntL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1\n/q4AaOeMSQ+2b1tbFfLn\n-----END CERTIFICATE-----";
+
+#[test]
+fn a_certificate_authority_is_added_to_the_trust_roots() {
+    let config =
+        RancherConfig::from_value(&json!({"host": "r.example.com", "certificate_authority": SOME_CA})).unwrap();
+    assert!(config.certificate_authority.is_some());
+    let key = ApiKey::from_secret(&secret(&[("token", "token-a:b")])).unwrap();
+    Rancher::from_parts(config, key).expect("the client builds with the extra root");
+}
+
+/// Kubernetes answers a create whose name is held by an object being deleted (a revoke's
+/// finalizers still running) with 409 "object is being deleted: ... already exists". That is not
+/// "already granted": the grant waits for the old binding to go, then creates it.
+#[tokio::test]
+async fn a_grant_waits_for_a_binding_still_being_removed() {
+    use axum::Router;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let posts = Arc::new(AtomicU64::new(0));
+    let app = Router::new()
+        .route(
+            "/v3/users",
+            get(|| async { axum::Json(json!({"data": [{"id": "u-bob01", "username": "bob"}]})) }),
+        )
+        .route(
+            "/v3/clusterroletemplatebindings",
+            post(|State(posts): State<Arc<AtomicU64>>, body: axum::Json<Value>| async move {
+                let name = body["name"].as_str().unwrap_or_default().to_string();
+                if posts.fetch_add(1, Ordering::Relaxed) < 2 {
+                    let message = format!(
+                        "object is being deleted: clusterroletemplatebindings.management.cattle.io \"{name}\" already exists"
+                    );
+                    return (
+                        axum::http::StatusCode::CONFLICT,
+                        axum::Json(json!({"type": "error", "status": 409, "code": "AlreadyExists", "message": message})),
+                    );
+                }
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(json!({
+                        "id": format!("c-1:{name}"), "name": name, "clusterId": "c-1",
+                        "roleTemplateId": "cluster-member", "userId": "u-bob01",
+                    })),
+                )
+            }),
+        )
+        .with_state(posts.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
+    let r = Rancher::from_parts(RancherConfig::from_value(&json!({"host": base})).unwrap(), key.clone()).unwrap();
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap();
+    assert_eq!(posts.load(Ordering::Relaxed), 3);
+    assert!(g.binding_ids[0].starts_with("c-1:crtb-"), "{g:?}");
+    // Still not gone within the wait: InProgress, retryable.
+    posts.store(0, Ordering::Relaxed);
+    let config = json!({"host": base, "status_timeout_seconds": 0});
+    let r = Rancher::from_parts(RancherConfig::from_value(&config).unwrap(), key).unwrap();
+    let e = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::InProgress { .. }) && e.to_string().contains("being removed"),
+        "{e:?}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn bindings_still_being_removed_count_as_gone() {
+    let sim = sim().await;
+    sim.sim.set_removal_delay(Duration::from_secs(30));
+    let r = rancher(&sim);
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    let removed = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert_eq!(removed.removed_binding_ids, g.binding_ids);
+    // Still listed (with `removed` set) for a while: a repeat removes nothing, discovery skips it.
+    let again = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert!(again.removed_binding_ids.is_empty(), "{again:?}");
+    let (all, _) = discover_all(&r).await;
+    let id = &g.binding_ids[0];
+    assert!(
+        !all.iter()
+            .any(|o| serde_json::to_value(o).unwrap()["id"] == id.as_str())
+    );
+    sim.stop().await;
+}
