@@ -106,7 +106,7 @@ async fn a_job_whose_agent_died_is_handed_out_again_and_grants_once() {
         .create_access(access(
             Subject::Username("bob".into()),
             "project-member",
-            "c-7x2k9:p-abcde",
+            "c-7x2k9:p-x4m7q",
             60,
         ))
         .unwrap();
@@ -143,7 +143,7 @@ async fn a_job_whose_agent_died_is_handed_out_again_and_grants_once() {
     assert_eq!(record.attempt, 2, "handed out a second time");
     let matching: Vec<_> = bindings_of(&stack.sim, "bob")
         .into_iter()
-        .filter(|b| b.role_id == "project-member" && b.resource_id == "c-7x2k9:p-abcde")
+        .filter(|b| b.role_id == "project-member" && b.resource_id == "c-7x2k9:p-x4m7q")
         .collect();
     assert_eq!(matching.len(), 1, "one binding, not two: {matching:?}");
     assert_eq!(bindings_of(&stack.sim, "bob").len(), before);
