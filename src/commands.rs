@@ -83,7 +83,8 @@ pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Res
 /// `run`: the daemon. Standalone (embedded control plane + operator API + agent) unless
 /// `APONO_URL` is set.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let executor = Executor::new(SecretStores::default(), config.agent.job_attempts);
+    let stores = SecretStores::from_config(&config.secrets)?;
+    let executor = Executor::new(stores, config.agent.job_attempts);
     let readiness = Readiness::new();
     let health_stop = CancellationToken::new();
     let (health_addr, health) =
@@ -192,7 +193,7 @@ pub fn parse_integration(arg: &str) -> anyhow::Result<IntegrationSpec> {
 }
 
 async fn build_integration(spec: &IntegrationSpec) -> anyhow::Result<Box<dyn integrations::Integration>> {
-    let secret = SecretStores::default().fetch(&spec.secret_store).await?;
+    let secret = SecretStores::from_env()?.fetch(&spec.secret_store).await?;
     Ok(integrations::build(spec, &secret)?)
 }
 
@@ -247,7 +248,7 @@ pub async fn secret_get(store: &str, reveal: bool) -> anyhow::Result<Value> {
     let reference: SecretRef = serde_json::from_value(read_json_arg(store, "--store")?).context(
         "--store must be a secret reference such as {\"type\":\"AWS\",\"region\":\"...\",\"secret_id\":\"...\"}",
     )?;
-    let secret = SecretStores::default().fetch(&reference).await?;
+    let secret = SecretStores::from_env()?.fetch(&reference).await?;
     let mut map = serde_json::Map::new();
     for key in secret.keys() {
         let value = match (reveal, secret.get(key)) {
