@@ -340,7 +340,9 @@ pub async fn check(config_path: Option<&Path>) -> Vec<CheckRow> {
             return rows;
         }
     };
-    let source = config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults + environment".into());
+    let source = config_path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "defaults + environment".into());
     rows.push(("config".to_string(), Ok(source)));
     rows.push(check_control_plane(&config).await);
     let stores = match SecretStores::from_config(&config.secrets) {
@@ -354,7 +356,10 @@ pub async fn check(config_path: Option<&Path>) -> Vec<CheckRow> {
         let what = format!("secret of {} ({})", spec.name, spec.secret_store.describe());
         let secret = match stores.fetch(&spec.secret_store).await {
             Ok(secret) => {
-                rows.push((what, Ok(format!("keys: {}", secret.keys().collect::<Vec<_>>().join(", ")))));
+                rows.push((
+                    what,
+                    Ok(format!("keys: {}", secret.keys().collect::<Vec<_>>().join(", "))),
+                ));
                 secret
             }
             Err(e) => {
@@ -369,19 +374,32 @@ pub async fn check(config_path: Option<&Path>) -> Vec<CheckRow> {
         };
         rows.push(match validated {
             Ok(v) if v.warnings.is_empty() => (what, Ok(format!("key of {} works", v.principal))),
-            Ok(v) => (what, Ok(format!("key of {} works; WARNING: {}", v.principal, v.warnings.join("; ")))),
+            Ok(v) => (
+                what,
+                Ok(format!(
+                    "key of {} works; WARNING: {}",
+                    v.principal,
+                    v.warnings.join("; ")
+                )),
+            ),
             Err(e) => (what, Err(format!("{e} ({})", e.code()))),
         });
     }
     if config.integrations.is_empty() && config.control_plane.url.is_none() {
-        rows.push(("integrations".to_string(), Err("none configured: add [[integrations]] to the config file".into())));
+        rows.push((
+            "integrations".to_string(),
+            Err("none configured: add [[integrations]] to the config file".into()),
+        ));
     }
     rows
 }
 
 async fn check_control_plane(config: &Config) -> CheckRow {
     let Some(url) = &config.control_plane.url else {
-        return ("control plane".to_string(), Ok(format!("standalone, operator API on {}", config.standalone.listen)));
+        return (
+            "control plane".to_string(),
+            Ok(format!("standalone, operator API on {}", config.standalone.listen)),
+        );
     };
     let what = format!("control plane {url}");
     let cp = match normalize_url(url)
@@ -404,7 +422,11 @@ async fn check_control_plane(config: &Config) -> CheckRow {
 
 /// The HTTP control plane of remote mode, with the token from `APONO_TOKEN` or `APONO_TOKEN_FILE`.
 pub fn remote_control_plane(config: &Config, url: &str) -> anyhow::Result<HttpControlPlane> {
-    let cp = HttpControlPlane::new(url, &config.control_plane.connector_id, config.control_plane.token.clone())?;
+    let cp = HttpControlPlane::new(
+        url,
+        &config.control_plane.connector_id,
+        config.control_plane.token.clone(),
+    )?;
     Ok(match &config.control_plane.token_file {
         Some(path) => cp.with_token_file(path.clone()),
         None => cp,

@@ -323,7 +323,9 @@ impl Config {
         {
             problems.push(format!("control_plane.url (APONO_URL): {e}"));
         }
-        if self.control_plane.url.is_some() && self.control_plane.token.is_none() && self.control_plane.token_file.is_none()
+        if self.control_plane.url.is_some()
+            && self.control_plane.token.is_none()
+            && self.control_plane.token_file.is_none()
         {
             problems.push("APONO_TOKEN (or APONO_TOKEN_FILE) is required when APONO_URL is set".into());
         }

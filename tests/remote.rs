@@ -27,13 +27,22 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let sim_port = free_port();
         let sim = ChildGuard::spawn(
-            &["sim", "rancher", "--listen", &format!("127.0.0.1:{sim_port}"), "--latency-ms", &latency_ms.to_string()],
+            &[
+                "sim",
+                "rancher",
+                "--listen",
+                &format!("127.0.0.1:{sim_port}"),
+                "--latency-ms",
+                &latency_ms.to_string(),
+            ],
             &[],
             dir.path(),
         );
         wait_for_port(sim_port).await;
         let sim_url = format!("http://127.0.0.1:{sim_port}");
-        let SimOptions { access_key, secret_key, .. } = SimOptions::default();
+        let SimOptions {
+            access_key, secret_key, ..
+        } = SimOptions::default();
         let cp_port = free_port();
         let cp_config = dir.path().join("cp.toml");
         std::fs::write(
@@ -46,7 +55,12 @@ impl Setup {
             ),
         )
         .unwrap();
-        let setup = Setup { dir, sim_url, cp_port, cp_config: cp_config.to_string_lossy().into_owned() };
+        let setup = Setup {
+            dir,
+            sim_url,
+            cp_port,
+            cp_config: cp_config.to_string_lossy().into_owned(),
+        };
         (setup, sim)
     }
 
@@ -98,7 +112,10 @@ async fn wait_ready(port: u16, want: u16, needle: &str, timeout: Duration) -> St
         {
             return body;
         }
-        assert!(Instant::now() < deadline, "/readyz on {port} never answered {want} with {needle:?}");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz on {port} never answered {want} with {needle:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -126,7 +143,12 @@ fn access_request(cp_url: &str, role: &str, resource: &str, ttl: &str) -> Value 
 }
 
 async fn list(cp_url: &str) -> Vec<Value> {
-    reqwest::get(format!("{cp_url}/operator/v1/access-requests")).await.unwrap().json().await.unwrap()
+    reqwest::get(format!("{cp_url}/operator/v1/access-requests"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn wait_states(cp_url: &str, ids: &[String], state: &str, timeout: Duration) {
@@ -135,7 +157,12 @@ async fn wait_states(cp_url: &str, ids: &[String], state: &str, timeout: Duratio
         let all = list(cp_url).await;
         let states: Vec<_> = ids
             .iter()
-            .map(|id| all.iter().find(|a| a["id"] == id.as_str()).map(|a| a["state"].clone()).unwrap_or(Value::Null))
+            .map(|id| {
+                all.iter()
+                    .find(|a| a["id"] == id.as_str())
+                    .map(|a| a["state"].clone())
+                    .unwrap_or(Value::Null)
+            })
             .collect();
         if states.iter().all(|s| s == state) {
             return;
@@ -146,7 +173,12 @@ async fn wait_states(cp_url: &str, ids: &[String], state: &str, timeout: Duratio
 }
 
 async fn sim_bindings(sim_url: &str) -> Vec<Value> {
-    reqwest::get(format!("{sim_url}/sim/bindings")).await.unwrap().json().await.unwrap()
+    reqwest::get(format!("{sim_url}/sim/bindings"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Alice's bindings per (role, resource), as Rancher holds them.
@@ -180,13 +212,22 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     ];
     let ids: Vec<String> = targets
         .iter()
-        .map(|(role, resource)| access_request(&cp_url, role, resource, "12s")["id"].as_str().unwrap().to_string())
+        .map(|(role, resource)| {
+            access_request(&cp_url, role, resource, "12s")["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     // Wait until A holds them (leased), then kill it mid-job.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let jobs: Vec<Value> =
-            reqwest::get(format!("{cp_url}/operator/v1/jobs")).await.unwrap().json().await.unwrap();
+        let jobs: Vec<Value> = reqwest::get(format!("{cp_url}/operator/v1/jobs"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if jobs.iter().filter(|j| j["state"] == "leased").count() >= 2 {
             break;
         }
@@ -201,23 +242,37 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     wait_ready(health_b, 200, "ready", Duration::from_secs(20)).await;
     wait_ready(health_c, 200, "ready", Duration::from_secs(20)).await;
     wait_states(&cp_url, &ids, "active", Duration::from_secs(40)).await;
-    assert_eq!(alice_bindings(&setup.sim_url, &targets).await, vec![1; 4], "each grant made exactly one binding");
+    assert_eq!(
+        alice_bindings(&setup.sim_url, &targets).await,
+        vec![1; 4],
+        "each grant made exactly one binding"
+    );
 
     // Stop the control plane across the expiry; the agents wait and reconnect.
     let last_expiry = list(&cp_url)
         .await
         .iter()
-        .filter_map(|a| a["expires_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()))
+        .filter_map(|a| {
+            a["expires_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        })
         .max()
         .expect("expiry times");
     cp.kill();
     wait_ready(health_b, 503, "", Duration::from_secs(20)).await;
-    let until_expired = (last_expiry.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or_default();
+    let until_expired = (last_expiry.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
     tokio::time::sleep(until_expired + Duration::from_secs(1)).await;
     cp = setup.start_control_plane().await;
     wait_ready(health_b, 200, "ready", Duration::from_secs(40)).await;
     wait_states(&cp_url, &ids, "revoked", Duration::from_secs(60)).await;
-    assert_eq!(alice_bindings(&setup.sim_url, &targets).await, vec![0; 4], "every revoke happened");
+    assert_eq!(
+        alice_bindings(&setup.sim_url, &targets).await,
+        vec![0; 4],
+        "every revoke happened"
+    );
     drop(cp);
 }
 
@@ -231,15 +286,31 @@ async fn a_refused_token_is_reported_and_a_fixed_token_file_recovers_without_res
     let (_agent, health) = setup.start_agent(("APONO_TOKEN_FILE", token_path.as_str()));
     let body = wait_ready(health, 503, "refused the token", Duration::from_secs(20)).await;
     assert!(!body.contains("wrong-token"), "the token is not shown: {body}");
-    let healthz = reqwest::get(format!("http://127.0.0.1:{health}/healthz")).await.unwrap();
+    let healthz = reqwest::get(format!("http://127.0.0.1:{health}/healthz"))
+        .await
+        .unwrap();
     assert_eq!(healthz.status().as_u16(), 200, "alive while refused");
 
     // The operator fixes the token in the mounted file; the agent recovers by itself.
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     wait_ready(health, 200, "ready", Duration::from_secs(30)).await;
-    let id = access_request(&setup.cp_url(), "cluster-member", "c-7x2k9", "60s")["id"].as_str().unwrap().to_string();
+    let id = access_request(&setup.cp_url(), "cluster-member", "c-7x2k9", "60s")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     wait_states(&setup.cp_url(), &[id], "active", Duration::from_secs(20)).await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{health}/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("apono_connector_control_plane_errors_total{call=\"hello\",code=\"unauthorized\"}"), "{metrics}");
-    assert!(metrics.contains("apono_connector_jobs_total{kind=\"grant\",outcome=\"succeeded\"} 1"), "{metrics}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{health}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("apono_connector_control_plane_errors_total{call=\"hello\",code=\"unauthorized\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apono_connector_jobs_total{kind=\"grant\",outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
 }

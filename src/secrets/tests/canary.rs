@@ -47,8 +47,12 @@ async fn a_planted_value_never_leaks() {
         "secret_key",
         canary("K8S"),
     ));
-    failures.push(reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "unmarked"})));
-    failures.push(reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "nested"})));
+    failures.push(reference(
+        json!({"type": "KUBERNETES", "namespace": "apono", "name": "unmarked"}),
+    ));
+    failures.push(reference(
+        json!({"type": "KUBERNETES", "namespace": "apono", "name": "nested"}),
+    ));
 
     // Azure fake.
     let (vault, store, _, url) = super::azure_fake::fake().await;
@@ -59,7 +63,10 @@ async fn a_planted_value_never_leaks() {
         s.insert("unmarked".into(), (v, HashMap::new()));
         s.insert(
             "nested".into(),
-            (json!({"a": {"b": canary("AZURE")}}).to_string(), super::azure_fake::marked()),
+            (
+                json!({"a": {"b": canary("AZURE")}}).to_string(),
+                super::azure_fake::marked(),
+            ),
         );
     }
     stores = stores.with_store(Arc::new(store));
@@ -68,7 +75,9 @@ async fn a_planted_value_never_leaks() {
         "secret_key",
         canary("AZURE"),
     ));
-    failures.push(reference(json!({"type": "AZURE", "vault_url": url, "name": "unmarked"})));
+    failures.push(reference(
+        json!({"type": "AZURE", "vault_url": url, "name": "unmarked"}),
+    ));
     failures.push(reference(json!({"type": "AZURE", "vault_url": url, "name": "nested"})));
 
     // GCP fake.
@@ -80,7 +89,10 @@ async fn a_planted_value_never_leaks() {
         s.insert("unmarked".into(), (HashMap::new(), vec![v]));
         s.insert(
             "broken".into(),
-            (super::gcp_fake::marked(), vec![format!("{{\"k\": \"{}\"", canary("GCP")).into_bytes()]),
+            (
+                super::gcp_fake::marked(),
+                vec![format!("{{\"k\": \"{}\"", canary("GCP")).into_bytes()],
+            ),
         );
     }
     stores = stores.with_store(Arc::new(store));
@@ -89,7 +101,9 @@ async fn a_planted_value_never_leaks() {
         "secret_key",
         canary("GCP"),
     ));
-    failures.push(reference(json!({"type": "GCP", "project": "p", "secret_id": "unmarked"})));
+    failures.push(reference(
+        json!({"type": "GCP", "project": "p", "secret_id": "unmarked"}),
+    ));
     failures.push(reference(json!({"type": "GCP", "project": "p", "secret_id": "broken"})));
 
     // AWS (moto) and Vault (OpenBao), whose definition (with its token, a credential too) lives in AWS.
@@ -132,13 +146,17 @@ async fn a_planted_value_never_leaks() {
             "secret_key",
             canary("AWS"),
         ));
-        failures.push(reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "unmarked"})));
+        failures.push(reference(
+            json!({"type": "AWS", "region": "us-east-1", "secret_id": "unmarked"}),
+        ));
         reads.push((
             reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"})),
             "secret_key",
             canary("VAULT"),
         ));
-        failures.push(reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "nested"})));
+        failures.push(reference(
+            json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "nested"}),
+        ));
     }
 
     // Memory store (what other modules' tests use).
@@ -165,16 +183,22 @@ async fn a_planted_value_never_leaks() {
     }
     assert!(errors.iter().any(|e| e.code() == "secret_not_marked"));
     assert!(errors.iter().any(|e| e.code() == "secret_malformed"));
-    for row in stores.describe_all(&reads.iter().map(|(r, _, _)| r.clone()).collect::<Vec<_>>()).await {
+    for row in stores
+        .describe_all(&reads.iter().map(|(r, _, _)| r.clone()).collect::<Vec<_>>())
+        .await
+    {
         outputs.push(format!("{row:?}"));
     }
     outputs.push(format!("{stores:?}"));
     outputs.push(format!("{:?}", stores.metrics()));
     outputs.push(serde_json::to_string(&stores.metrics()).unwrap());
-    outputs.push(format!("{:?}", SecretsConfig {
-        hashicorp_vault_config: Some(SecretString::from(format!("[{{\"token\":\"{vault_token}\"}}]"))),
-        ..SecretsConfig::default()
-    }));
+    outputs.push(format!(
+        "{:?}",
+        SecretsConfig {
+            hashicorp_vault_config: Some(SecretString::from(format!("[{{\"token\":\"{vault_token}\"}}]"))),
+            ..SecretsConfig::default()
+        }
+    ));
 
     drop(_guard);
     let logs = logs.text();

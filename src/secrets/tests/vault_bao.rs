@@ -77,9 +77,13 @@ fn vault_ref(engine: &str, path: &str) -> SecretRef {
 async fn token_kv_v1_and_v2_rotation_and_not_found() {
     let Some(guard) = start_bao(false).await else { return };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"access_key": "token-a", "secret_key": "v1"}}))
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"access_key": "token-a", "secret_key": "v1"}}),
+    )
+    .await;
+    bao.post("sys/mounts/kv1", json!({"type": "kv", "options": {"version": "1"}}))
         .await;
-    bao.post("sys/mounts/kv1", json!({"type": "kv", "options": {"version": "1"}})).await;
     bao.post("kv1/apono/rancher", json!({"token": "old-style"})).await;
     let token = bao.reader_token().await;
 
@@ -92,8 +96,11 @@ async fn token_kv_v1_and_v2_rotation_and_not_found() {
     assert_eq!(value_of(&s, "token"), "old-style");
 
     // A new KV version: cached until invalidated.
-    bao.post("secret/data/apono/rancher", json!({"data": {"access_key": "token-a", "secret_key": "v2"}}))
-        .await;
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"access_key": "token-a", "secret_key": "v2"}}),
+    )
+    .await;
     assert_eq!(value_of(&stores.fetch(&v2).await.unwrap(), "secret_key"), "v1");
     stores.invalidate(&v2);
     assert_eq!(value_of(&stores.fetch(&v2).await.unwrap(), "secret_key"), "v2");
@@ -120,11 +127,15 @@ async fn token_kv_v1_and_v2_rotation_and_not_found() {
 async fn approle_login_and_named_vaults() {
     let Some(guard) = start_bao(false).await else { return };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}}))
+        .await;
     bao.reader_token().await; // creates the policy
     bao.post("sys/auth/approle", json!({"type": "approle"})).await;
-    bao.post("auth/approle/role/apono", json!({"token_policies": ["reader"]})).await;
-    let role_id = bao.call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None).await["data"]["role_id"]
+    bao.post("auth/approle/role/apono", json!({"token_policies": ["reader"]}))
+        .await;
+    let role_id = bao
+        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+        .await["data"]["role_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -137,10 +148,13 @@ async fn approle_login_and_named_vaults() {
         {"name": "unused", "address": "http://127.0.0.1:1", "token": "x"},
         {"name": "prod", "address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id},
     ]));
-    let r = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "prod"}));
+    let r = reference(
+        json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "prod"}),
+    );
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-approle");
 
-    let wrong = stores_with(json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": "wrong"}]));
+    let wrong =
+        stores_with(json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": "wrong"}]));
     let e = wrong.fetch(&vault_ref("secret", "apono/rancher")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(e.to_string().contains("AppRole"), "{e}");
@@ -154,9 +168,12 @@ async fn approle_login_and_named_vaults() {
 #[tokio::test]
 async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     let Some(guard) = start_bao(false).await else { return };
-    let Some(moto) = super::support::start_moto().await else { return };
+    let Some(moto) = super::support::start_moto().await else {
+        return;
+    };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-vault"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-vault"}}))
+        .await;
     let first = bao.reader_token().await;
 
     let sdk = super::aws_moto::sdk_config(&moto).await;
@@ -192,7 +209,13 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-vault");
 
     // A definition in AWS that is malformed: named, without its content.
-    super::aws_moto::create(&admin, "bad-definition", r#"{"address":"http://v","tokn":"canary-def-1"}"#, true).await;
+    super::aws_moto::create(
+        &admin,
+        "bad-definition",
+        r#"{"address":"http://v","tokn":"canary-def-1"}"#,
+        true,
+    )
+    .await;
     let definitions = crate::secrets::VaultDefinitions::parse(
         &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "bad-definition"}]).to_string(),
     )
@@ -200,7 +223,10 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
     let vault = crate::secrets::VaultStore::new(definitions, vec![aws]);
     let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
-    assert!(e.to_string().contains("bad-definition") && e.to_string().contains("tokn"), "{e}");
+    assert!(
+        e.to_string().contains("bad-definition") && e.to_string().contains("tokn"),
+        "{e}"
+    );
     assert!(!e.to_string().contains("canary"), "{e}");
 }
 
@@ -208,7 +234,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
 async fn definitions_file_is_reread_when_it_changes() {
     let Some(guard) = start_bao(false).await else { return };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}}))
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vault.json");
     std::fs::write(&path, json!([{"address": bao.base, "token": "wrong"}]).to_string()).unwrap();
@@ -220,7 +247,11 @@ async fn definitions_file_is_reread_when_it_changes() {
     let stores = SecretStores::from_config(&config).unwrap();
     let r = vault_ref("secret", "apono/rancher");
     assert_eq!(stores.fetch(&r).await.unwrap_err().code(), "secret_not_permitted");
-    std::fs::write(&path, json!([{"address": bao.base, "token": BAO_ROOT, "name": "fixed"}]).to_string()).unwrap();
+    std::fs::write(
+        &path,
+        json!([{"address": bao.base, "token": BAO_ROOT, "name": "fixed"}]).to_string(),
+    )
+    .unwrap();
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
 }
 
@@ -228,7 +259,8 @@ async fn definitions_file_is_reread_when_it_changes() {
 async fn tls_with_ca_certificate_and_with_skip_verify() {
     let Some(guard) = start_bao(true).await else { return };
     let bao = Bao::new(&guard, "https");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "over-tls"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "over-tls"}}))
+        .await;
     let ca = std::fs::read(guard.dir.path().join("vault-ca.pem")).expect("bao wrote its CA");
     let ca_b64 = base64::engine::general_purpose::STANDARD.encode(ca);
     let r = vault_ref("secret", "apono/rancher");
@@ -244,5 +276,8 @@ async fn tls_with_ca_certificate_and_with_skip_verify() {
     let e = neither.fetch(&r).await.unwrap_err();
     assert_eq!(e.code(), "secret_store_unreachable", "{e}");
     let msg = e.to_string().to_lowercase();
-    assert!(msg.contains("certificate") || msg.contains("tls") || msg.contains("issuer"), "{e}");
+    assert!(
+        msg.contains("certificate") || msg.contains("tls") || msg.contains("issuer"),
+        "{e}"
+    );
 }
