@@ -10,7 +10,8 @@ FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 # Dependencies first, so a change to the sources does not rebuild them.
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+RUN mkdir src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/rancher.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
