@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use apono_connector::agent::{Agent, AgentOptions, Executor};
 use apono_connector::control_plane::embedded::{EmbeddedControlPlane, Options};
 use apono_connector::control_plane::operator::{JobCreate, JobState};
-use apono_connector::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, Resource, RevokeRequest, Subject};
+use apono_connector::integrations::{
+    self, DiscoveredObject, GrantRequest, IntegrationSpec, Resource, RevokeRequest, Subject,
+};
 use apono_connector::secrets::SecretStores;
 use apono_connector::sim::{DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, DatasetSize, Sim, SimHandle, SimOptions};
 use serde_json::{Value, json};
@@ -41,7 +43,10 @@ impl Drop for Child_ {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 async fn wait_for_port(port: u16) {
@@ -87,22 +92,37 @@ async fn round_trips(rows: &mut Vec<String>) {
     let mut count = |label: &str, n: u64| rows.push(format!("| {label} | {n} |"));
     let grant = |resource: &str| GrantRequest {
         subject: Subject::Username("bob".into()),
-        role: if resource.contains(':') { "project-owner".into() } else { "cluster-member".into() },
+        role: if resource.contains(':') {
+            "project-owner".into()
+        } else {
+            "cluster-member".into()
+        },
         resource: Resource::parse(resource).expect("resource"),
         create_user: false,
     };
-    for (label, resource) in [("cluster", "c-7x2k9"), ("project", "c-7x2k9:p-x4m7q"), ("global", "global")] {
+    for (label, resource) in [
+        ("cluster", "c-7x2k9"),
+        ("project", "c-7x2k9:p-x4m7q"),
+        ("global", "global"),
+    ] {
         let mut g = grant(resource);
         if resource == "global" {
             g.role = "restricted-admin".into();
         }
         sim.sim.reset_stats();
         rancher.grant(&g).await.expect("grant");
-        count(&format!("grant, existing user by username, {label} scope"), sim.sim.stats().total);
+        count(
+            &format!("grant, existing user by username, {label} scope"),
+            sim.sim.stats().total,
+        );
         sim.sim.reset_stats();
         rancher.grant(&g).await.expect("repeat grant");
         count(&format!("repeated grant, {label} scope"), sim.sim.stats().total);
-        let r = RevokeRequest { subject: g.subject.clone(), role: g.role.clone(), resource: g.resource.clone() };
+        let r = RevokeRequest {
+            subject: g.subject.clone(),
+            role: g.role.clone(),
+            resource: g.resource.clone(),
+        };
         sim.sim.reset_stats();
         rancher.revoke(&r).await.expect("revoke");
         count(&format!("revoke (one binding), {label} scope"), sim.sim.stats().total);
@@ -126,7 +146,9 @@ async fn round_trips(rows: &mut Vec<String>) {
     count("validate", sim.sim.stats().total);
     sim.sim.reset_stats();
     rancher
-        .rotate_credentials(&integrations::RotateRequest { user_id: created.user_id.clone() })
+        .rotate_credentials(&integrations::RotateRequest {
+            user_id: created.user_id.clone(),
+        })
         .await
         .expect("rotate");
     count("rotate credentials", sim.sim.stats().total);
@@ -136,7 +158,14 @@ async fn round_trips(rows: &mut Vec<String>) {
 async fn discovery(rows: &mut Vec<String>, latency_ms: u64) {
     let port = free_port();
     let child = Command::new(BIN)
-        .args(["sim", "rancher", "--size", "large", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "sim",
+            "rancher",
+            "--size",
+            "large",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .args(["--latency-ms", &latency_ms.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -174,8 +203,18 @@ async fn discovery(rows: &mut Vec<String>, latency_ms: u64) {
 }
 
 async fn jobs_per_second(rows: &mut Vec<String>, latency_ms: u64, jobs: usize) {
-    let sim = Sim::new(SimOptions { size: DatasetSize::Large, latency: Duration::from_millis(latency_ms), ..SimOptions::default() });
-    let users: Vec<String> = sim.users().into_iter().filter_map(|u| u.username).filter(|u| u.starts_with("user")).take(jobs).collect();
+    let sim = Sim::new(SimOptions {
+        size: DatasetSize::Large,
+        latency: Duration::from_millis(latency_ms),
+        ..SimOptions::default()
+    });
+    let users: Vec<String> = sim
+        .users()
+        .into_iter()
+        .filter_map(|u| u.username)
+        .filter(|u| u.starts_with("user"))
+        .take(jobs)
+        .collect();
     let sim = SimHandle::start_sim(sim).await.expect("sim");
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = EmbeddedControlPlane::open(Options {
@@ -185,10 +224,15 @@ async fn jobs_per_second(rows: &mut Vec<String>, latency_ms: u64, jobs: usize) {
         ..Options::default()
     })
     .expect("control plane");
-    cp.register_integration(&spec(&sim.base_url, json!({}))).expect("register");
+    cp.register_integration(&spec(&sim.base_url, json!({})))
+        .expect("register");
     let stop = CancellationToken::new();
     let executor = Executor::new(SecretStores::default(), 3);
-    let options = AgentOptions { parallelism: 8, lease_wait_seconds: 1, shutdown_grace: Duration::from_secs(5) };
+    let options = AgentOptions {
+        parallelism: 8,
+        lease_wait_seconds: 1,
+        shutdown_grace: Duration::from_secs(5),
+    };
     let agent = tokio::spawn(Agent::new(cp.clone(), executor, options).run(stop.clone()));
     for kind in ["grant", "revoke"] {
         sim.sim.reset_stats();
@@ -197,7 +241,13 @@ async fn jobs_per_second(rows: &mut Vec<String>, latency_ms: u64, jobs: usize) {
             .iter()
             .map(|u| {
                 let params = json!({"user": u, "role": "cluster-member", "resource": "c-7x2k9"});
-                cp.create_job(JobCreate { kind: kind.into(), integration: json!("sim"), params }).expect("job").id
+                cp.create_job(JobCreate {
+                    kind: kind.into(),
+                    integration: json!("sim"),
+                    params,
+                })
+                .expect("job")
+                .id
             })
             .collect();
         wait_all(&cp, &ids).await;
@@ -265,7 +315,10 @@ async fn idle_memory(rows: &mut Vec<String>) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let latency = env_u64("BENCH_LATENCY_MS", 20);
     let jobs = env_u64("BENCH_JOBS", 400) as usize;
     runtime.block_on(async {

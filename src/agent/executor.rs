@@ -176,7 +176,21 @@ impl Executor {
         let integration = integrations::build(spec, &secret).map_err(|e| from_integration_error(&e))?;
         drop(secret);
         let result = match operation {
-            Operation::Validate => to_json(integration.validate().await),
+            Operation::Validate => {
+                let validated = integration.validate().await;
+                if let Ok(v) = &validated
+                    && let Some(days) = v.details.get("expires_in_days").and_then(Value::as_f64)
+                {
+                    // Alert on this before the key runs out (a warning is also in the result).
+                    crate::telemetry::metrics()
+                        .api_key_expires_in_days
+                        .get_or_create(&crate::telemetry::metrics::IntegrationLabels {
+                            integration: spec.name.clone(),
+                        })
+                        .set(days);
+                }
+                to_json(validated)
+            }
             Operation::Grant(r) => to_json(integration.grant(r).await),
             Operation::Revoke(r) => to_json(integration.revoke(r).await),
             Operation::RotateCredentials(r) => to_json(integration.rotate_credentials(r).await),

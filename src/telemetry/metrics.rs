@@ -45,6 +45,11 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreTypeLabels {
+    pub store: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IntegrationLabels {
     pub integration: String,
 }
@@ -76,7 +81,7 @@ pub struct Metrics {
     pub rancher_requests: Family<RancherLabels, Counter>,
     /// Secret-store reads by store type and outcome (`ok`, `cached`, or an error code).
     pub secret_store_calls: Family<StoreLabels, Counter>,
-    pub secret_store_latency: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub secret_store_latency: Family<StoreTypeLabels, Histogram, fn() -> Histogram>,
     /// Days until the integration's Rancher API key expires (set by `validate`).
     pub api_key_expires_in_days: Family<IntegrationLabels, Gauge<f64, AtomicU64>>,
     /// 1 while a session with the control plane is established and the worker pool runs.
@@ -195,8 +200,8 @@ impl Metrics {
             })
             .inc();
         self.secret_store_latency
-            .get_or_create(&KindLabels {
-                kind: store.to_string(),
+            .get_or_create(&StoreTypeLabels {
+                store: store.to_string(),
             })
             .observe(elapsed.as_secs_f64());
     }

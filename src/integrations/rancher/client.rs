@@ -235,8 +235,16 @@ impl Client {
             path: url.path().to_string(),
             kind: Box::new(kind),
         };
-        let resp = req.send().await.map_err(|e| err(self.transport_kind(&e)))?;
+        let operation = operation_label(method, url);
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                crate::telemetry::metrics().rancher_request(&operation, "error");
+                return Err(err(self.transport_kind(&e)));
+            }
+        };
         let status = resp.status();
+        crate::telemetry::metrics().rancher_request(&operation, status.as_str());
         let bytes: Vec<u8> = resp.bytes().await.map_err(|e| err(self.transport_kind(&e)))?.into();
         tracing::debug!(%method, path = url.path(), status = status.as_u16(), "rancher request");
         if status.is_success() {
@@ -255,6 +263,29 @@ impl Client {
         } else {
             ErrorKind::Transport(text)
         }
+    }
+}
+
+/// A bounded metric label for a request: the method and the collection, never an id
+/// (`GET users`, `POST clusterroletemplatebindings`, `GET namespaces`, `POST users?action=setpassword`).
+fn operation_label(method: &Method, url: &Url) -> String {
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let after_v3 = segments
+        .iter()
+        .position(|s| *s == "v3")
+        .map(|i| &segments[i + 1..])
+        .unwrap_or(&[]);
+    let collection = match after_v3 {
+        ["cluster", _, rest @ ..] => rest.first().copied().unwrap_or("cluster"),
+        [first, ..] => first,
+        [] => "root",
+    };
+    match url.query_pairs().find(|(k, _)| k == "action") {
+        Some((_, action)) => format!("{method} {collection}?action={action}"),
+        None => format!("{method} {collection}"),
     }
 }
 
@@ -653,4 +684,29 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_name_the_collection_never_an_id() {
+        let l = |m: Method, u: &str| operation_label(&m, &Url::parse(u).unwrap());
+        assert_eq!(l(Method::GET, "https://r/v3/users?username=alice"), "GET users");
+        assert_eq!(l(Method::GET, "https://r/v3/users/u-abc12"), "GET users");
+        assert_eq!(
+            l(Method::POST, "https://r/v3/users/u-abc12?action=setpassword"),
+            "POST users?action=setpassword"
+        );
+        assert_eq!(
+            l(Method::GET, "https://r/v3/cluster/c-7x2k9/namespaces?limit=5"),
+            "GET namespaces"
+        );
+        assert_eq!(
+            l(Method::DELETE, "https://r/v3/clusterroletemplatebindings/c-1:crtb-x"),
+            "DELETE clusterroletemplatebindings"
+        );
+        assert_eq!(l(Method::GET, "https://r/v3"), "GET root");
+    }
 }
