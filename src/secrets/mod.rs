@@ -258,6 +258,16 @@ impl SecretError {
     }
 
     /// The error for a secret that lacks the read mark, with how to add it.
+    #[cfg_attr(
+        not(all(
+            feature = "store-kubernetes",
+            feature = "store-aws",
+            feature = "store-azure",
+            feature = "store-gcp",
+            feature = "store-vault"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn not_marked(reference: &SecretRef, what: &str, how: String) -> SecretError {
         SecretError::NotMarked {
             reference: reference.describe(),
@@ -276,6 +286,16 @@ pub trait SecretStore: Send + Sync {
 }
 
 /// Is this label or tag map marked for the connector?
+#[cfg_attr(
+    not(all(
+        feature = "store-kubernetes",
+        feature = "store-aws",
+        feature = "store-azure",
+        feature = "store-gcp",
+        feature = "store-vault"
+    )),
+    allow(dead_code)
+)]
 pub(crate) fn is_marked<'a>(mut marks: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
     marks.any(|(k, v)| k == READ_MARK_KEY && v.trim().eq_ignore_ascii_case(READ_MARK_VALUE))
 }
@@ -346,6 +366,16 @@ impl SecretStores {
     }
 
     fn build(config: &SecretsConfig, strict: bool) -> Result<SecretStores, ConfigError> {
+        #[cfg_attr(
+            not(any(
+                feature = "store-kubernetes",
+                feature = "store-aws",
+                feature = "store-azure",
+                feature = "store-gcp",
+                feature = "store-vault"
+            )),
+            allow(unused_mut)
+        )]
         let mut stores: Vec<Arc<dyn SecretStore>> = vec![Arc::new(AponoStore)];
         #[cfg(feature = "store-kubernetes")]
         stores.push(Arc::new(KubernetesStore::new(config.allowed_secrets_to_read.clone())));
@@ -515,6 +545,16 @@ impl SecretStore for BrokenStore {
 }
 
 /// The error a store's `fetch` returns when handed another store's reference (a registry bug).
+#[cfg_attr(
+    not(all(
+        feature = "store-kubernetes",
+        feature = "store-aws",
+        feature = "store-azure",
+        feature = "store-gcp",
+        feature = "store-vault"
+    )),
+    allow(dead_code)
+)]
 pub(crate) fn wrong_store(reference: &SecretRef, store: &'static str) -> SecretError {
     SecretError::Misconfigured {
         store: store.to_string(),

@@ -42,7 +42,13 @@ async fn reads_gates_and_sees_a_rotation_after_invalidation() {
     let Some(moto) = start_moto().await else { return };
     let sdk = sdk_config(&moto).await;
     let admin = admin(&sdk);
-    create(&admin, "rancher-api-key", r#"{"access_key":"token-abc","secret_key":"s1"}"#, true).await;
+    create(
+        &admin,
+        "rancher-api-key",
+        r#"{"access_key":"token-abc","secret_key":"s1"}"#,
+        true,
+    )
+    .await;
     create(&admin, "plain-token", "token-abc:s1", true).await;
     create(&admin, "unmarked", r#"{"k":"v"}"#, false).await;
 
@@ -62,7 +68,10 @@ async fn reads_gates_and_sees_a_rotation_after_invalidation() {
         .arn()
         .unwrap()
         .to_string();
-    assert_eq!(value_of(&stores.fetch(&aws_ref(&arn)).await.unwrap(), "secret_key"), "s1");
+    assert_eq!(
+        value_of(&stores.fetch(&aws_ref(&arn)).await.unwrap(), "secret_key"),
+        "s1"
+    );
     assert_eq!(
         value_of(&stores.fetch(&aws_ref("plain-token")).await.unwrap(), "value"),
         "token-abc:s1"

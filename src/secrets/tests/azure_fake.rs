@@ -124,7 +124,12 @@ pub async fn fake() -> (Vault, AzureStore, Arc<FakeCredential>, String) {
     };
     let credential = Arc::new(FakeCredential::default());
     let store = AzureStore::with_credential(credential.clone(), options);
-    (vault, store, credential, format!("https://{VAULT_HOST}:{}", addr.port()))
+    (
+        vault,
+        store,
+        credential,
+        format!("https://{VAULT_HOST}:{}", addr.port()),
+    )
 }
 
 pub fn marked() -> HashMap<String, String> {
@@ -136,7 +141,10 @@ async fn reads_after_the_challenge_gates_not_found_and_forbidden() {
     let (vault, store, credential, url) = fake().await;
     {
         let mut s = vault.secrets.lock().unwrap();
-        s.insert("rancher".into(), (r#"{"access_key":"token-abc","secret_key":"s1"}"#.into(), marked()));
+        s.insert(
+            "rancher".into(),
+            (r#"{"access_key":"token-abc","secret_key":"s1"}"#.into(), marked()),
+        );
         s.insert("untagged".into(), (r#"{"k":"v"}"#.into(), HashMap::new()));
     }
     let stores = SecretStores::empty().with_store(Arc::new(store));
@@ -168,5 +176,8 @@ async fn reads_after_the_challenge_gates_not_found_and_forbidden() {
         (r#"{"access_key":"token-abc","secret_key":"s2"}"#.into(), marked()),
     );
     stores.invalidate(&r("rancher"));
-    assert_eq!(value_of(&stores.fetch(&r("rancher")).await.unwrap(), "secret_key"), "s2");
+    assert_eq!(
+        value_of(&stores.fetch(&r("rancher")).await.unwrap(), "secret_key"),
+        "s2"
+    );
 }

@@ -17,10 +17,40 @@ fn canary(store: &str) -> String {
     format!("{CANARY}-{store}")
 }
 
-#[tokio::test]
-async fn a_planted_value_never_leaks() {
+/// Runs [`canary_child`] in a child process (this test binary again): there it can install a
+/// global trace-level subscriber that sees every thread, without other tests' events or their
+/// races with callsite registration.
+#[test]
+fn a_planted_value_never_leaks() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "secrets::tests::canary::canary_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("APONO_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
+        eprintln!("{stderr}");
+    }
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "canary child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_planted_value_never_leaks in a child process"]
+async fn canary_child() {
+    if std::env::var_os("APONO_TEST_CHILD").is_none() {
+        return;
+    }
     let logs = LogCapture::default();
-    let _guard = logs.install();
+    logs.install_global();
 
     let mut stores = SecretStores::empty().with_store(Arc::new(crate::secrets::AponoStore));
     // (reference, key, planted value) read successfully; references expected to fail.
@@ -47,8 +77,12 @@ async fn a_planted_value_never_leaks() {
         "secret_key",
         canary("K8S"),
     ));
-    failures.push(reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "unmarked"})));
-    failures.push(reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "nested"})));
+    failures.push(reference(
+        json!({"type": "KUBERNETES", "namespace": "apono", "name": "unmarked"}),
+    ));
+    failures.push(reference(
+        json!({"type": "KUBERNETES", "namespace": "apono", "name": "nested"}),
+    ));
 
     // Azure fake.
     let (vault, store, _, url) = super::azure_fake::fake().await;
@@ -59,7 +93,10 @@ async fn a_planted_value_never_leaks() {
         s.insert("unmarked".into(), (v, HashMap::new()));
         s.insert(
             "nested".into(),
-            (json!({"a": {"b": canary("AZURE")}}).to_string(), super::azure_fake::marked()),
+            (
+                json!({"a": {"b": canary("AZURE")}}).to_string(),
+                super::azure_fake::marked(),
+            ),
         );
     }
     stores = stores.with_store(Arc::new(store));
@@ -68,7 +105,9 @@ async fn a_planted_value_never_leaks() {
         "secret_key",
         canary("AZURE"),
     ));
-    failures.push(reference(json!({"type": "AZURE", "vault_url": url, "name": "unmarked"})));
+    failures.push(reference(
+        json!({"type": "AZURE", "vault_url": url, "name": "unmarked"}),
+    ));
     failures.push(reference(json!({"type": "AZURE", "vault_url": url, "name": "nested"})));
 
     // GCP fake.
@@ -80,7 +119,10 @@ async fn a_planted_value_never_leaks() {
         s.insert("unmarked".into(), (HashMap::new(), vec![v]));
         s.insert(
             "broken".into(),
-            (super::gcp_fake::marked(), vec![format!("{{\"k\": \"{}\"", canary("GCP")).into_bytes()]),
+            (
+                super::gcp_fake::marked(),
+                vec![format!("{{\"k\": \"{}\"", canary("GCP")).into_bytes()],
+            ),
         );
     }
     stores = stores.with_store(Arc::new(store));
@@ -89,7 +131,9 @@ async fn a_planted_value_never_leaks() {
         "secret_key",
         canary("GCP"),
     ));
-    failures.push(reference(json!({"type": "GCP", "project": "p", "secret_id": "unmarked"})));
+    failures.push(reference(
+        json!({"type": "GCP", "project": "p", "secret_id": "unmarked"}),
+    ));
     failures.push(reference(json!({"type": "GCP", "project": "p", "secret_id": "broken"})));
 
     // AWS (moto) and Vault (OpenBao), whose definition (with its token, a credential too) lives in AWS.
@@ -132,13 +176,17 @@ async fn a_planted_value_never_leaks() {
             "secret_key",
             canary("AWS"),
         ));
-        failures.push(reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "unmarked"})));
+        failures.push(reference(
+            json!({"type": "AWS", "region": "us-east-1", "secret_id": "unmarked"}),
+        ));
         reads.push((
             reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"})),
             "secret_key",
             canary("VAULT"),
         ));
-        failures.push(reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "nested"})));
+        failures.push(reference(
+            json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "nested"}),
+        ));
     }
 
     // Memory store (what other modules' tests use).
@@ -165,18 +213,23 @@ async fn a_planted_value_never_leaks() {
     }
     assert!(errors.iter().any(|e| e.code() == "secret_not_marked"));
     assert!(errors.iter().any(|e| e.code() == "secret_malformed"));
-    for row in stores.describe_all(&reads.iter().map(|(r, _, _)| r.clone()).collect::<Vec<_>>()).await {
+    for row in stores
+        .describe_all(&reads.iter().map(|(r, _, _)| r.clone()).collect::<Vec<_>>())
+        .await
+    {
         outputs.push(format!("{row:?}"));
     }
     outputs.push(format!("{stores:?}"));
     outputs.push(format!("{:?}", stores.metrics()));
     outputs.push(serde_json::to_string(&stores.metrics()).unwrap());
-    outputs.push(format!("{:?}", SecretsConfig {
-        hashicorp_vault_config: Some(SecretString::from(format!("[{{\"token\":\"{vault_token}\"}}]"))),
-        ..SecretsConfig::default()
-    }));
+    outputs.push(format!(
+        "{:?}",
+        SecretsConfig {
+            hashicorp_vault_config: Some(SecretString::from(format!("[{{\"token\":\"{vault_token}\"}}]"))),
+            ..SecretsConfig::default()
+        }
+    ));
 
-    drop(_guard);
     let logs = logs.text();
     if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
         eprintln!("{logs}");

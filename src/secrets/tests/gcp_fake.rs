@@ -43,12 +43,18 @@ async fn handle(State(fake): State<Fake>, Path(rest): Path<String>) -> Response 
         return error(
             403,
             "PERMISSION_DENIED",
-            format!("Permission 'secretmanager.secrets.get' denied for resource 'projects/{project}/secrets/{secret}' (or it may not exist)."),
+            format!(
+                "Permission 'secretmanager.secrets.get' denied for resource 'projects/{project}/secrets/{secret}' (or it may not exist)."
+            ),
         );
     }
     let secrets = fake.secrets.lock().unwrap();
     let Some((labels, versions)) = secrets.get(&secret) else {
-        return error(404, "NOT_FOUND", format!("Secret [projects/{project}/secrets/{secret}] not found or has no versions."));
+        return error(
+            404,
+            "NOT_FOUND",
+            format!("Secret [projects/{project}/secrets/{secret}] not found or has no versions."),
+        );
     };
     let name = format!("projects/{project}/secrets/{secret}");
     match parts.as_slice() {
@@ -62,9 +68,17 @@ async fn handle(State(fake): State<Fake>, Path(rest): Path<String>) -> Response 
         .into_response(),
         [_, _, _, _, "versions", v] if v.ends_with(":access") => {
             let v = v.trim_end_matches(":access");
-            let index = if v == "latest" { versions.len() } else { v.parse().unwrap_or(0) };
+            let index = if v == "latest" {
+                versions.len()
+            } else {
+                v.parse().unwrap_or(0)
+            };
             let Some(data) = index.checked_sub(1).and_then(|i| versions.get(i)) else {
-                return error(404, "NOT_FOUND", format!("Secret Version [{name}/versions/{v}] not found."));
+                return error(
+                    404,
+                    "NOT_FOUND",
+                    format!("Secret Version [{name}/versions/{v}] not found."),
+                );
             };
             axum::Json(json!({
                 "name": format!("{name}/versions/{index}"),
@@ -98,7 +112,10 @@ async fn reads_versions_gates_not_found_and_forbidden() {
         let mut s = fake.secrets.lock().unwrap();
         s.insert(
             "rancher".into(),
-            (marked(), vec![br#"{"access_key":"token-abc","secret_key":"s1"}"#.to_vec()]),
+            (
+                marked(),
+                vec![br#"{"access_key":"token-abc","secret_key":"s1"}"#.to_vec()],
+            ),
         );
         s.insert("unlabelled".into(), (HashMap::new(), vec![b"v".to_vec()]));
     }
@@ -129,11 +146,16 @@ async fn reads_versions_gates_not_found_and_forbidden() {
         .1
         .push(br#"{"access_key":"token-abc","secret_key":"s2"}"#.to_vec());
     stores.invalidate(&r("p1", "rancher"));
-    assert_eq!(value_of(&stores.fetch(&r("p1", "rancher")).await.unwrap(), "secret_key"), "s2");
+    assert_eq!(
+        value_of(&stores.fetch(&r("p1", "rancher")).await.unwrap(), "secret_key"),
+        "s2"
+    );
     let pinned = reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher", "version": "1"}));
     assert_eq!(value_of(&stores.fetch(&pinned).await.unwrap(), "secret_key"), "s1");
     let e = stores
-        .fetch(&reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher", "version": "9"})))
+        .fetch(&reference(
+            json!({"type": "GCP", "project": "p1", "secret_id": "rancher", "version": "9"}),
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");

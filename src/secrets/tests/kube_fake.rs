@@ -32,7 +32,9 @@ async fn get_secret(State(secrets): State<Secrets>, Path((ns, name)): Path<(Stri
         return status(
             403,
             "Forbidden",
-            format!("secrets \"{name}\" is forbidden: User \"system:serviceaccount:apono:apono-connector\" cannot get resource \"secrets\" in API group \"\" in the namespace \"{ns}\""),
+            format!(
+                "secrets \"{name}\" is forbidden: User \"system:serviceaccount:apono:apono-connector\" cannot get resource \"secrets\" in API group \"\" in the namespace \"{ns}\""
+            ),
         );
     }
     match secrets.lock().unwrap().get(&(ns, name.clone())) {
@@ -51,7 +53,11 @@ pub fn secret(ns: &str, name: &str, labelled: bool, data: &[(&str, &[u8])]) -> K
             resource_version: Some("1".into()),
             ..ObjectMeta::default()
         },
-        data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                .collect(),
+        ),
         type_: Some("Opaque".into()),
         ..K8sSecret::default()
     }
@@ -79,7 +85,12 @@ pub async fn fake(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets) {
 #[tokio::test]
 async fn reads_gates_not_found_and_forbidden() {
     let (client, secrets) = fake(vec![
-        secret("apono", "rancher", true, &[("access_key", b"token-abc"), ("secret_key", b"s1")]),
+        secret(
+            "apono",
+            "rancher",
+            true,
+            &[("access_key", b"token-abc"), ("secret_key", b"s1")],
+        ),
         secret("apono", "unlabelled", false, &[("k", b"v")]),
         secret("apono", "binary", true, &[("blob", &[0xff, 0x00, 0xfe])]),
     ])
@@ -94,7 +105,10 @@ async fn reads_gates_not_found_and_forbidden() {
     let e = stores.fetch(&r("apono", "unlabelled")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_marked", "{e}");
     assert!(e.to_string().contains("label apono-connector-read=true"), "{e}");
-    assert!(e.to_string().contains("kubectl label secret -n apono unlabelled"), "{e}");
+    assert!(
+        e.to_string().contains("kubectl label secret -n apono unlabelled"),
+        "{e}"
+    );
 
     let e = stores.fetch(&r("apono", "missing")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");
@@ -109,11 +123,22 @@ async fn reads_gates_not_found_and_forbidden() {
     // Rotation, seen after invalidation.
     secrets.lock().unwrap().insert(
         ("apono".into(), "rancher".into()),
-        secret("apono", "rancher", true, &[("access_key", b"token-abc"), ("secret_key", b"s2")]),
+        secret(
+            "apono",
+            "rancher",
+            true,
+            &[("access_key", b"token-abc"), ("secret_key", b"s2")],
+        ),
     );
-    assert_eq!(value_of(&stores.fetch(&r("apono", "rancher")).await.unwrap(), "secret_key"), "s1");
+    assert_eq!(
+        value_of(&stores.fetch(&r("apono", "rancher")).await.unwrap(), "secret_key"),
+        "s1"
+    );
     stores.invalidate(&r("apono", "rancher"));
-    assert_eq!(value_of(&stores.fetch(&r("apono", "rancher")).await.unwrap(), "secret_key"), "s2");
+    assert_eq!(
+        value_of(&stores.fetch(&r("apono", "rancher")).await.unwrap(), "secret_key"),
+        "s2"
+    );
 
     // ALLOWED_SECRETS_TO_READ: refused before any call.
     let allow = SecretStores::empty().with_store(Arc::new(KubernetesStore::with_client(client, vec!["other".into()])));

@@ -31,10 +31,16 @@ fn refs_parse_with_apono_field_names_and_optional_fields() {
             json!({"type": "AWS", "region": "eu-west-1", "secret_id": "k", "role_arn": "arn:aws:iam::1:role/r"}),
             "AWS",
         ),
-        (json!({"type": "KUBERNETES", "namespace": "ns", "name": "k"}), "KUBERNETES"),
+        (
+            json!({"type": "KUBERNETES", "namespace": "ns", "name": "k"}),
+            "KUBERNETES",
+        ),
         (json!({"type": "AZURE", "vault_url": "https://v", "name": "k"}), "AZURE"),
         (json!({"type": "GCP", "project": "p", "secret_id": "k"}), "GCP"),
-        (json!({"type": "GCP", "project": "p", "secret_id": "k", "version": "3"}), "GCP"),
+        (
+            json!({"type": "GCP", "project": "p", "secret_id": "k", "version": "3"}),
+            "GCP",
+        ),
         (
             json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"}),
             "HASHICORP_VAULT",
@@ -90,7 +96,10 @@ fn default_registry_lists_the_features_stores() {
     assert_eq!(types.contains(&"AWS".to_string()), cfg!(feature = "store-aws"));
     assert_eq!(types.contains(&"AZURE".to_string()), cfg!(feature = "store-azure"));
     assert_eq!(types.contains(&"GCP".to_string()), cfg!(feature = "store-gcp"));
-    assert_eq!(types.contains(&"KUBERNETES".to_string()), cfg!(feature = "store-kubernetes"));
+    assert_eq!(
+        types.contains(&"KUBERNETES".to_string()),
+        cfg!(feature = "store-kubernetes")
+    );
     assert_eq!(
         types.contains(&"HASHICORP_VAULT".to_string()),
         cfg!(feature = "store-vault")
@@ -100,7 +109,11 @@ fn default_registry_lists_the_features_stores() {
 #[test]
 fn values_become_string_maps() {
     let r = reference(json!({"type": "AWS", "region": "r", "secret_id": "s"}));
-    let s = value::from_text(&r, r#"{"access_key":"a","secret_key":"b","port":443,"tls":true}"#.into()).unwrap();
+    let s = value::from_text(
+        &r,
+        r#"{"access_key":"a","secret_key":"b","port":443,"tls":true}"#.into(),
+    )
+    .unwrap();
     assert_eq!(value_of(&s, "access_key"), "a");
     assert_eq!(value_of(&s, "port"), "443");
     assert_eq!(value_of(&s, "tls"), "true");
@@ -112,7 +125,10 @@ fn values_become_string_maps() {
 
     let e = value::from_text(&r, r#"{"outer":{"inner":"canary-nested-1"}}"#.into()).unwrap_err();
     assert_eq!(e.code(), "secret_malformed");
-    assert!(e.to_string().contains("\"outer\"") && !e.to_string().contains("canary"), "{e}");
+    assert!(
+        e.to_string().contains("\"outer\"") && !e.to_string().contains("canary"),
+        "{e}"
+    );
     let e = value::from_text(&r, r#"{"k":"canary-broken-2""#.into()).unwrap_err();
     assert!(!e.to_string().contains("canary"), "{e}");
     let e = value::from_bytes(&r, vec![0xff, 0xfe, 0x00]).unwrap_err();
@@ -150,7 +166,9 @@ async fn cache_reuses_then_invalidate_rereads_a_rotated_value() {
 async fn ttl_zero_disables_the_cache_and_errors_are_not_cached() {
     let mem = Arc::new(MemoryStore::new("AWS"));
     let r = aws_ref();
-    let stores = SecretStores::empty().with_store(mem.clone()).with_cache_ttl(Duration::ZERO);
+    let stores = SecretStores::empty()
+        .with_store(mem.clone())
+        .with_cache_ttl(Duration::ZERO);
     let e = stores.fetch(&r).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_found");
     mem.set(&r, [("token", "t")]);
@@ -230,7 +248,10 @@ async fn describe_all_reports_keys_or_errors() {
     let stores = SecretStores::empty().with_store(mem);
     let rows = stores.describe_all(&[r, missing, gcp]).await;
     assert_eq!(rows[0].0, "AWS eu-west-1/rancher");
-    assert_eq!(rows[0].1.as_ref().unwrap(), &vec!["access_key".to_string(), "secret_key".to_string()]);
+    assert_eq!(
+        rows[0].1.as_ref().unwrap(),
+        &vec!["access_key".to_string(), "secret_key".to_string()]
+    );
     assert!(matches!(rows[1].1, Err(SecretError::NotFound { .. })));
     assert!(matches!(rows[2].1, Err(SecretError::Unsupported { .. })));
 }

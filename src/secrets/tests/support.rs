@@ -45,7 +45,9 @@ fn is_ci() -> bool {
 fn require(name: &str, found: Option<PathBuf>, env_var: &str) -> Option<PathBuf> {
     match found {
         Some(p) => Some(p),
-        None if is_ci() => panic!("{name} not found (set {env_var} or run tests/run, which installs it); CI=true: failing"),
+        None if is_ci() => {
+            panic!("{name} not found (set {env_var} or run tests/run, which installs it); CI=true: failing")
+        }
         None => {
             eprintln!(
                 "\n*** SKIPPED: {name} not found (set {env_var} or run tests/run to install it into .venv-test) ***\n"
@@ -99,12 +101,7 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], port: u16, dir: tempfi
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-    ServerGuard {
-        child,
-        port,
-        name,
-        dir,
-    }
+    ServerGuard { child, port, name, dir }
 }
 
 /// Polls `url` until it answers 2xx, or panics with the server's log after `deadline`.
@@ -203,6 +200,17 @@ impl LogCapture {
         tracing::subscriber::set_default(subscriber)
     }
 
+    /// Installs a trace-level subscriber for the whole process (a child test process only).
+    pub fn install_global(&self) {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no global subscriber yet");
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
@@ -230,9 +238,10 @@ pub async fn serve_http(app: axum::Router) -> std::net::SocketAddr {
 
 /// An axum app served over HTTPS with the given certificate.
 pub async fn serve_https(app: axum::Router, cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem(cert_pem.as_bytes().to_vec(), key_pem.as_bytes().to_vec())
-        .await
-        .expect("tls config");
+    let config =
+        axum_server::tls_rustls::RustlsConfig::from_pem(cert_pem.as_bytes().to_vec(), key_pem.as_bytes().to_vec())
+            .await
+            .expect("tls config");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("addr");

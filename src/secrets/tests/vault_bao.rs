@@ -1,9 +1,6 @@
 //! The Vault store against OpenBao (a real Vault API server): token, AppRole, KV v1 and v2,
 //! rotation, a 403 after token rotation, `from_secret_store` through AWS (moto), TLS.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use base64::Engine;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -77,9 +74,13 @@ fn vault_ref(engine: &str, path: &str) -> SecretRef {
 async fn token_kv_v1_and_v2_rotation_and_not_found() {
     let Some(guard) = start_bao(false).await else { return };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"access_key": "token-a", "secret_key": "v1"}}))
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"access_key": "token-a", "secret_key": "v1"}}),
+    )
+    .await;
+    bao.post("sys/mounts/kv1", json!({"type": "kv", "options": {"version": "1"}}))
         .await;
-    bao.post("sys/mounts/kv1", json!({"type": "kv", "options": {"version": "1"}})).await;
     bao.post("kv1/apono/rancher", json!({"token": "old-style"})).await;
     let token = bao.reader_token().await;
 
@@ -92,8 +93,11 @@ async fn token_kv_v1_and_v2_rotation_and_not_found() {
     assert_eq!(value_of(&s, "token"), "old-style");
 
     // A new KV version: cached until invalidated.
-    bao.post("secret/data/apono/rancher", json!({"data": {"access_key": "token-a", "secret_key": "v2"}}))
-        .await;
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"access_key": "token-a", "secret_key": "v2"}}),
+    )
+    .await;
     assert_eq!(value_of(&stores.fetch(&v2).await.unwrap(), "secret_key"), "v1");
     stores.invalidate(&v2);
     assert_eq!(value_of(&stores.fetch(&v2).await.unwrap(), "secret_key"), "v2");
@@ -120,11 +124,15 @@ async fn token_kv_v1_and_v2_rotation_and_not_found() {
 async fn approle_login_and_named_vaults() {
     let Some(guard) = start_bao(false).await else { return };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}}))
+        .await;
     bao.reader_token().await; // creates the policy
     bao.post("sys/auth/approle", json!({"type": "approle"})).await;
-    bao.post("auth/approle/role/apono", json!({"token_policies": ["reader"]})).await;
-    let role_id = bao.call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None).await["data"]["role_id"]
+    bao.post("auth/approle/role/apono", json!({"token_policies": ["reader"]}))
+        .await;
+    let role_id = bao
+        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+        .await["data"]["role_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -137,10 +145,13 @@ async fn approle_login_and_named_vaults() {
         {"name": "unused", "address": "http://127.0.0.1:1", "token": "x"},
         {"name": "prod", "address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id},
     ]));
-    let r = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "prod"}));
+    let r = reference(
+        json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "prod"}),
+    );
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-approle");
 
-    let wrong = stores_with(json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": "wrong"}]));
+    let wrong =
+        stores_with(json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": "wrong"}]));
     let e = wrong.fetch(&vault_ref("secret", "apono/rancher")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(e.to_string().contains("AppRole"), "{e}");
@@ -154,9 +165,12 @@ async fn approle_login_and_named_vaults() {
 #[tokio::test]
 async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     let Some(guard) = start_bao(false).await else { return };
-    let Some(moto) = super::support::start_moto().await else { return };
+    let Some(moto) = super::support::start_moto().await else {
+        return;
+    };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-vault"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-vault"}}))
+        .await;
     let first = bao.reader_token().await;
 
     let sdk = super::aws_moto::sdk_config(&moto).await;
@@ -165,7 +179,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     super::aws_moto::create(&admin, "vault-definition", &definition, true).await;
 
     // The Vault store reads its definition through the AWS store (pointed at moto).
-    let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk.clone()));
+    let aws: std::sync::Arc<dyn crate::secrets::SecretStore> =
+        std::sync::Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk.clone()));
     let definitions = crate::secrets::VaultDefinitions::parse(
         &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}]).to_string(),
     )
@@ -173,8 +188,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     let vault = crate::secrets::VaultStore::new(definitions, vec![aws.clone()]);
     let stores = SecretStores::empty()
         .with_store(aws)
-        .with_store(Arc::new(vault))
-        .with_cache_ttl(Duration::ZERO);
+        .with_store(std::sync::Arc::new(vault))
+        .with_cache_ttl(std::time::Duration::ZERO);
     let r = vault_ref("secret", "apono/rancher");
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-vault");
 
@@ -192,15 +207,25 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-vault");
 
     // A definition in AWS that is malformed: named, without its content.
-    super::aws_moto::create(&admin, "bad-definition", r#"{"address":"http://v","tokn":"canary-def-1"}"#, true).await;
+    super::aws_moto::create(
+        &admin,
+        "bad-definition",
+        r#"{"address":"http://v","tokn":"canary-def-1"}"#,
+        true,
+    )
+    .await;
     let definitions = crate::secrets::VaultDefinitions::parse(
         &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "bad-definition"}]).to_string(),
     )
     .unwrap();
-    let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
+    let aws: std::sync::Arc<dyn crate::secrets::SecretStore> =
+        std::sync::Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
     let vault = crate::secrets::VaultStore::new(definitions, vec![aws]);
     let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
-    assert!(e.to_string().contains("bad-definition") && e.to_string().contains("tokn"), "{e}");
+    assert!(
+        e.to_string().contains("bad-definition") && e.to_string().contains("tokn"),
+        "{e}"
+    );
     assert!(!e.to_string().contains("canary"), "{e}");
 }
 
@@ -208,7 +233,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
 async fn definitions_file_is_reread_when_it_changes() {
     let Some(guard) = start_bao(false).await else { return };
     let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}}))
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vault.json");
     std::fs::write(&path, json!([{"address": bao.base, "token": "wrong"}]).to_string()).unwrap();
@@ -220,7 +246,11 @@ async fn definitions_file_is_reread_when_it_changes() {
     let stores = SecretStores::from_config(&config).unwrap();
     let r = vault_ref("secret", "apono/rancher");
     assert_eq!(stores.fetch(&r).await.unwrap_err().code(), "secret_not_permitted");
-    std::fs::write(&path, json!([{"address": bao.base, "token": BAO_ROOT, "name": "fixed"}]).to_string()).unwrap();
+    std::fs::write(
+        &path,
+        json!([{"address": bao.base, "token": BAO_ROOT, "name": "fixed"}]).to_string(),
+    )
+    .unwrap();
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
 }
 
@@ -228,7 +258,8 @@ async fn definitions_file_is_reread_when_it_changes() {
 async fn tls_with_ca_certificate_and_with_skip_verify() {
     let Some(guard) = start_bao(true).await else { return };
     let bao = Bao::new(&guard, "https");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "over-tls"}})).await;
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "over-tls"}}))
+        .await;
     let ca = std::fs::read(guard.dir.path().join("vault-ca.pem")).expect("bao wrote its CA");
     let ca_b64 = base64::engine::general_purpose::STANDARD.encode(ca);
     let r = vault_ref("secret", "apono/rancher");
@@ -244,5 +275,101 @@ async fn tls_with_ca_certificate_and_with_skip_verify() {
     let e = neither.fetch(&r).await.unwrap_err();
     assert_eq!(e.code(), "secret_store_unreachable", "{e}");
     let msg = e.to_string().to_lowercase();
-    assert!(msg.contains("certificate") || msg.contains("tls") || msg.contains("issuer"), "{e}");
+    assert!(
+        msg.contains("certificate") || msg.contains("tls") || msg.contains("issuer"),
+        "{e}"
+    );
+}
+
+/// A Kubernetes API fake answering only TokenReview, as OpenBao's Kubernetes auth calls it.
+async fn token_review_fake(expected_jwt: String) -> std::net::SocketAddr {
+    use axum::Json;
+    use axum::http::HeaderMap;
+    let app = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        axum::routing::post(move |_headers: HeaderMap, Json(review): Json<Value>| {
+            let expected = expected_jwt.clone();
+            async move {
+                let authenticated = review["spec"]["token"].as_str() == Some(expected.as_str());
+                Json(json!({
+                    "kind": "TokenReview",
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "metadata": {"creationTimestamp": null},
+                    "spec": review["spec"].clone(),
+                    "status": if authenticated {
+                        json!({"authenticated": true, "user": {
+                            "username": "system:serviceaccount:apono:apono-connector",
+                            "uid": "6a6c3c2e-0d6f-4f57-9a3c-6a1e1c0e7b11",
+                            "groups": ["system:serviceaccounts", "system:serviceaccounts:apono"]}})
+                    } else {
+                        json!({"authenticated": false, "error": "invalid bearer token"})
+                    },
+                }))
+            }
+        }),
+    );
+    super::support::serve_http(app).await
+}
+
+/// A service account JWT as the kubelet mounts it (legacy claims; OpenBao does not verify the
+/// signature unless given keys, it asks TokenReview).
+fn service_account_jwt() -> String {
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.{}",
+        b64(json!({"alg": "RS256", "kid": "test"})),
+        b64(json!({
+            "iss": "kubernetes/serviceaccount",
+            "kubernetes.io/serviceaccount/namespace": "apono",
+            "kubernetes.io/serviceaccount/secret.name": "apono-connector-token",
+            "kubernetes.io/serviceaccount/service-account.name": "apono-connector",
+            "kubernetes.io/serviceaccount/service-account.uid": "6a6c3c2e-0d6f-4f57-9a3c-6a1e1c0e7b11",
+            "sub": "system:serviceaccount:apono:apono-connector",
+        })),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 64]),
+    )
+}
+
+#[tokio::test]
+async fn kubernetes_auth_login() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-k8s-auth"}}))
+        .await;
+    bao.reader_token().await; // creates the policy
+    let jwt = service_account_jwt();
+    let api = token_review_fake(jwt.clone()).await;
+    bao.post("sys/auth/kubernetes", json!({"type": "kubernetes"})).await;
+    bao.post(
+        "auth/kubernetes/config",
+        // The CA is required with disable_local_ca_jwt, though unused over http.
+        json!({"kubernetes_host": format!("http://{api}"), "disable_local_ca_jwt": true,
+               "kubernetes_ca_cert": super::support::self_signed(&["kubernetes"]).0}),
+    )
+    .await;
+    bao.post(
+        "auth/kubernetes/role/apono",
+        json!({"bound_service_account_names": ["apono-connector"], "bound_service_account_namespaces": ["apono"], "token_policies": ["reader"]}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &jwt).unwrap();
+
+    let stores =
+        stores_with(json!([{"address": bao.base, "auth": "kubernetes", "role": "apono", "token_file": token_file}]));
+    let r = vault_ref("secret", "apono/rancher");
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-k8s-auth");
+
+    let wrong_role =
+        stores_with(json!([{"address": bao.base, "auth": "kubernetes", "role": "nope", "token_file": token_file}]));
+    let e = wrong_role.fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("Kubernetes login"), "{e}");
+
+    let missing = stores_with(
+        json!([{"address": bao.base, "auth": "kubernetes", "role": "apono", "token_file": dir.path().join("nope")}]),
+    );
+    let e = missing.fetch(&r).await.unwrap_err();
+    assert!(e.to_string().contains("service account token"), "{e}");
 }

@@ -28,13 +28,19 @@ fn apono_documented_shapes_parse() {
     VaultDefinitions::parse(r#"[{"address":"http://v","auth":"kubernetes","role":"apono"}]"#).unwrap();
     let (cert, _) = super::support::self_signed(&["vault.local"]);
     let b64 = base64::engine::general_purpose::STANDARD.encode(cert);
-    VaultDefinitions::parse(&format!(r#"[{{"address":"https://v","token":"t","ca_cert_base64":"{b64}"}}]"#)).unwrap();
+    VaultDefinitions::parse(&format!(
+        r#"[{{"address":"https://v","token":"t","ca_cert_base64":"{b64}"}}]"#
+    ))
+    .unwrap();
 }
 
 #[test]
 fn malformed_definitions_name_the_variable_the_entry_and_the_field() {
     let e = err(r#"[{"address":"http://v","token":"canary-tok-1"},{"address":"http://w"}]"#);
-    assert!(e.contains("HASHICORP_VAULT_CONFIG") && e.contains("entry 1") && e.contains("\"token\""), "{e}");
+    assert!(
+        e.contains("HASHICORP_VAULT_CONFIG") && e.contains("entry 1") && e.contains("\"token\""),
+        "{e}"
+    );
     assert!(!e.contains("canary"), "{e}");
     let e = err(r#"[{"token":"canary-tok-2"}]"#);
     assert!(e.contains("entry 0") && e.contains("\"address\""), "{e}");
@@ -75,13 +81,20 @@ fn startup_fails_on_a_bad_variable_or_file_but_default_does_not_panic() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vault.json");
-    std::fs::write(&path, r#"[{"address":"http://v","token":"t","skip_verify":"sometimes"}]"#).unwrap();
+    std::fs::write(
+        &path,
+        r#"[{"address":"http://v","token":"t","skip_verify":"sometimes"}]"#,
+    )
+    .unwrap();
     let config = SecretsConfig {
         hashicorp_vault_config_file_path: Some(path.clone()),
         ..SecretsConfig::default()
     };
     let e = SecretStores::from_config(&config).unwrap_err().to_string();
-    assert!(e.contains("HASHICORP_VAULT_CONFIG_FILE_PATH") && e.contains("skip_verify"), "{e}");
+    assert!(
+        e.contains("HASHICORP_VAULT_CONFIG_FILE_PATH") && e.contains("skip_verify"),
+        "{e}"
+    );
     let missing = SecretsConfig {
         hashicorp_vault_config_file_path: Some(dir.path().join("nope.json")),
         ..SecretsConfig::default()
@@ -100,7 +113,8 @@ fn startup_fails_on_a_bad_variable_or_file_but_default_does_not_panic() {
 #[tokio::test]
 async fn no_vault_configured_is_a_clear_error() {
     let stores = SecretStores::from_config(&SecretsConfig::default()).unwrap();
-    let r = super::support::reference(serde_json::json!({"type":"HASHICORP_VAULT","secret_engine":"secret","path":"x"}));
+    let r =
+        super::support::reference(serde_json::json!({"type":"HASHICORP_VAULT","secret_engine":"secret","path":"x"}));
     let e = stores.fetch(&r).await.unwrap_err();
     assert_eq!(e.code(), "secret_store_misconfigured");
     assert!(e.to_string().contains("HASHICORP_VAULT_CONFIG"), "{e}");
