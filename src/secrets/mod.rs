@@ -308,6 +308,9 @@ pub struct SecretStores {
     stores: Vec<Arc<dyn SecretStore>>,
     cache: Arc<cache::Cache>,
     metrics: Arc<metrics::Metrics>,
+    /// Bounds one store call: a hung store must not hold a job (and, through the singleflight,
+    /// every job waiting on the same reference) forever.
+    fetch_timeout: Duration,
 }
 
 impl fmt::Debug for SecretStores {
@@ -318,6 +321,8 @@ impl fmt::Debug for SecretStores {
 
 /// The cache TTL when none is configured.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+/// How long one store call may take before it fails as `Unreachable` (retryable).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for SecretStores {
     /// APONO and every store of this build, configured from the process environment (Vault
@@ -340,6 +345,7 @@ impl SecretStores {
             stores: Vec::new(),
             cache: Arc::new(cache::Cache::new(DEFAULT_CACHE_TTL)),
             metrics: Arc::new(metrics::Metrics::default()),
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
         }
     }
 
@@ -404,6 +410,7 @@ impl SecretStores {
             stores,
             cache: Arc::new(cache::Cache::new(ttl)),
             metrics: Arc::new(metrics::Metrics::default()),
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
         })
     }
 
@@ -438,6 +445,13 @@ impl SecretStores {
         self
     }
 
+    /// Sets how long one store call may take (default [`DEFAULT_FETCH_TIMEOUT`]).
+    #[must_use]
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> SecretStores {
+        self.fetch_timeout = timeout;
+        self
+    }
+
     /// Store types this build can read (sent as capabilities in the session hello).
     pub fn types(&self) -> Vec<String> {
         self.stores.iter().map(|s| s.store_type().to_string()).collect()
@@ -469,7 +483,13 @@ impl SecretStores {
 
     async fn call(&self, store: &dyn SecretStore, reference: &SecretRef) -> Result<Secret, SecretError> {
         let started = Instant::now();
-        let result = store.fetch(reference).await;
+        let result = match tokio::time::timeout(self.fetch_timeout, store.fetch(reference)).await {
+            Ok(result) => result,
+            Err(_) => Err(SecretError::Unreachable {
+                reference: reference.describe(),
+                hint: format!("the store did not answer within {:?}", self.fetch_timeout),
+            }),
+        };
         let elapsed = started.elapsed();
         self.metrics.record(
             store.store_type(),
