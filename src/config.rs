@@ -156,6 +156,27 @@ impl Default for SecretsConfig {
 }
 
 impl SecretsConfig {
+    /// Pure checks of the secrets section (no file or network access): the Vault definitions in
+    /// `HASHICORP_VAULT_CONFIG`, each problem naming the variable, the entry's index and the field.
+    /// (The file at `HASHICORP_VAULT_CONFIG_FILE_PATH` is checked by `SecretStores::from_config`.)
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        #[cfg(feature = "store-vault")]
+        if let Some(text) = &self.hashicorp_vault_config {
+            use secrecy::ExposeSecret;
+            if let Err(e) = crate::secrets::VaultDefinitions::parse(text.expose_secret()) {
+                problems.push(e.0);
+            }
+        }
+        if self.allowed_secrets_to_read.iter().any(|s| s.contains('/')) {
+            problems.push(
+                "secrets.allowed_secrets_to_read (ALLOWED_SECRETS_TO_READ): list secret names, without a namespace"
+                    .into(),
+            );
+        }
+        problems
+    }
+
     /// The secrets section from environment variables alone (defaults for the rest), for one-shot
     /// CLI commands that take no config file.
     ///

@@ -189,12 +189,37 @@ async fn canary_child() {
         ));
     }
 
+    let mut outputs = Vec::new();
+
+    // Refused Vault credentials (a token, an AppRole secret_id) stay out of errors and logs too.
+    if let Some(bao_guard) = &bao {
+        let bao_api = super::vault_bao::Bao::new(bao_guard, "http");
+        bao_api.post("sys/auth/approle", json!({"type": "approle"})).await;
+        bao_api
+            .post("auth/approle/role/apono", json!({"token_policies": ["default"]}))
+            .await;
+        let r = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"}));
+        for definition in [
+            json!([{"address": bao_api.base, "token": canary("BAD-VAULT-TOKEN")}]),
+            json!([{"address": bao_api.base, "auth": "approle", "role_id": "apono", "secret_id": canary("BAD-SECRET-ID")}]),
+        ] {
+            let defs = VaultDefinitions::parse(&definition.to_string()).unwrap();
+            let store = VaultStore::new(defs, vec![]);
+            let e = crate::secrets::SecretStore::fetch(&store, &r).await.unwrap_err();
+            assert_eq!(e.code(), "secret_not_permitted", "{e}");
+            outputs.push(format!("{e} {e:?}"));
+        }
+    }
+
     // Memory store (what other modules' tests use).
-    let mem = Arc::new(MemoryStore::new("MEMORY"));
+    let mem = Arc::new(MemoryStore::new("AWS"));
     let mem_ref = reference(json!({"type": "AWS", "region": "x", "secret_id": "m"}));
     mem.set(&mem_ref, [("secret_key", canary("MEMORY"))]);
+    let mem_stores = SecretStores::empty().with_store(mem);
+    let s = mem_stores.fetch(&mem_ref).await.unwrap();
+    assert_eq!(value_of(&s, "secret_key"), canary("MEMORY"));
+    outputs.push(format!("{s:?} {mem_stores:?} {:?}", mem_stores.metrics()));
 
-    let mut outputs = Vec::new();
     for (r, key, planted) in &reads {
         let secret = stores
             .fetch(r)
