@@ -27,10 +27,24 @@ impl Bao {
     }
 
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        self.call_in(None, method, path, body).await
+    }
+
+    /// As `call`, inside a namespace.
+    pub async fn call_in(
+        &self,
+        namespace: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
         let mut req = self
             .http
             .request(method.clone(), format!("{}/v1/{path}", self.base))
             .header("X-Vault-Token", BAO_ROOT);
+        if let Some(ns) = namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -372,4 +386,32 @@ async fn kubernetes_auth_login() {
     );
     let e = missing.fetch(&r).await.unwrap_err();
     assert!(e.to_string().contains("service account token"), "{e}");
+}
+
+#[tokio::test]
+async fn namespaces() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    let post = reqwest::Method::POST;
+    bao.post("sys/namespaces/team", json!({})).await;
+    bao.call_in(
+        Some("team"),
+        post.clone(),
+        "sys/mounts/kv",
+        Some(json!({"type": "kv", "options": {"version": "2"}})),
+    )
+    .await;
+    bao.call_in(
+        Some("team"),
+        post,
+        "kv/data/apono/rancher",
+        Some(json!({"data": {"token": "in-namespace"}})),
+    )
+    .await;
+    let r = vault_ref("kv", "apono/rancher");
+    let stores = stores_with(json!([{"address": bao.base, "token": BAO_ROOT, "namespace": "team"}]));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "in-namespace");
+    // Outside the namespace the mount does not exist.
+    let root = stores_with(json!([{"address": bao.base, "token": BAO_ROOT}]));
+    assert!(root.fetch(&r).await.is_err());
 }
