@@ -160,6 +160,27 @@ impl Default for SecretsConfig {
 }
 
 impl SecretsConfig {
+    /// Pure checks of the secrets section (no file or network access): the Vault definitions in
+    /// `HASHICORP_VAULT_CONFIG`, each problem naming the variable, the entry's index and the field.
+    /// (The file at `HASHICORP_VAULT_CONFIG_FILE_PATH` is checked by `SecretStores::from_config`.)
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        #[cfg(feature = "store-vault")]
+        if let Some(text) = &self.hashicorp_vault_config {
+            use secrecy::ExposeSecret;
+            if let Err(e) = crate::secrets::VaultDefinitions::parse(text.expose_secret()) {
+                problems.push(e.0);
+            }
+        }
+        if self.allowed_secrets_to_read.iter().any(|s| s.contains('/')) {
+            problems.push(
+                "secrets.allowed_secrets_to_read (ALLOWED_SECRETS_TO_READ): list secret names, without a namespace"
+                    .into(),
+            );
+        }
+        problems
+    }
+
     /// The secrets section from environment variables alone (defaults for the rest), for one-shot
     /// CLI commands that take no config file.
     ///
@@ -302,7 +323,7 @@ impl Config {
     /// # Errors
     /// Every problem found, joined.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
+        let mut problems = self.secrets.problems();
         if self.agent.parallelism == 0 || self.agent.parallelism > 256 {
             problems.push(format!(
                 "agent.parallelism (APONO_ACTIONS_PARALLELISM) must be 1..=256, got {}",
@@ -473,5 +494,20 @@ mod tests {
     fn example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/connector.example.toml");
         Config::load_from(Some(&path), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn malformed_vault_config_fails_start_up_naming_variable_and_entry() {
+        let e = Config::load_from(
+            None,
+            env(&[("HASHICORP_VAULT_CONFIG", r#"[{"address": "https://v:8200"}]"#)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("HASHICORP_VAULT_CONFIG"), "{e}");
+        assert!(
+            e.contains("[0]") || e.contains("entry 0") || e.contains("index 0"),
+            "{e}"
+        );
     }
 }

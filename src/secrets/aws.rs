@@ -125,12 +125,24 @@ where
             }
         }
         _ => {
-            let detail = DisplayErrorContext(&err).to_string();
+            // The message chain (without the Debug dump DisplayErrorContext adds).
+            let mut detail = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            let mut no_credentials = false;
+            while let Some(s) = source {
+                let text = s.to_string();
+                no_credentials |= text.contains("no credentials found") || text.contains("not enabled");
+                if !detail.contains(&text) {
+                    detail.push_str(": ");
+                    detail.push_str(&text);
+                }
+                source = s.source();
+            }
             // No credentials at all is not something a retry fixes.
-            if detail.contains("credentials") && (detail.contains("no providers") || detail.contains("not load")) {
+            if no_credentials || format!("{}", DisplayErrorContext(&err)).contains("CredentialsNotLoaded") {
                 SecretError::NotPermitted {
                     reference: describe,
-                    hint: format!("no AWS credentials found (environment, web identity, ECS or IMDS): {detail}"),
+                    hint: format!("no AWS credentials found (environment, web identity / IRSA, ECS or IMDS): {detail}"),
                 }
             } else {
                 SecretError::Unreachable {

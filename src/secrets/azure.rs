@@ -42,6 +42,16 @@ impl AzureStore {
         }
     }
 
+    /// Credentials from the environment, with these client options for both the token requests
+    /// and the vault calls (a proxy, a transport).
+    pub fn with_client_options(client_options: ClientOptions) -> AzureStore {
+        AzureStore {
+            credential: Mutex::new(None),
+            client_options,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// A given credential and client options (tests).
     pub fn with_credential(credential: Arc<dyn TokenCredential>, client_options: ClientOptions) -> AzureStore {
         AzureStore {
@@ -56,7 +66,7 @@ impl AzureStore {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = credential_from_env().map_err(|e| SecretError::Misconfigured {
+        let c = credential_from_env(&self.client_options).map_err(|e| SecretError::Misconfigured {
             store: "AZURE".into(),
             hint: format!("cannot set up Azure credentials: {e}"),
         })?;
@@ -90,25 +100,30 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// Workload identity, client secret or managed identity, by what the environment holds.
-fn credential_from_env() -> azure_core::Result<Arc<dyn TokenCredential>> {
+fn credential_from_env(client_options: &ClientOptions) -> azure_core::Result<Arc<dyn TokenCredential>> {
     if env("AZURE_FEDERATED_TOKEN_FILE").is_some() {
-        return Ok(azure_identity::WorkloadIdentityCredential::new(None)?);
+        let mut options = azure_identity::WorkloadIdentityCredentialOptions::default();
+        options.credential_options.client_options = client_options.clone();
+        return Ok(azure_identity::WorkloadIdentityCredential::new(Some(options))?);
     }
     if let (Some(tenant), Some(client_id), Some(secret)) = (
         env("AZURE_TENANT_ID"),
         env("AZURE_CLIENT_ID"),
         env("AZURE_CLIENT_SECRET"),
     ) {
+        let options = azure_identity::ClientSecretCredentialOptions {
+            client_options: client_options.clone(),
+        };
         return Ok(azure_identity::ClientSecretCredential::new(
             &tenant,
             client_id,
             azure_core::credentials::Secret::from(secret),
-            None,
+            Some(options),
         )?);
     }
     let options = azure_identity::ManagedIdentityCredentialOptions {
         user_assigned_id: env("AZURE_CLIENT_ID").map(azure_identity::UserAssignedId::ClientId),
-        ..Default::default()
+        client_options: client_options.clone(),
     };
     Ok(azure_identity::ManagedIdentityCredential::new(Some(options))?)
 }

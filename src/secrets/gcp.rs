@@ -36,12 +36,16 @@ impl GcpStore {
         }
     }
 
-    /// Another endpoint and credentials (tests: a local fake and anonymous credentials).
-    pub fn with_endpoint(endpoint: String, credentials: google_cloud_auth::credentials::Credentials) -> GcpStore {
+    /// Another endpoint (a regional or private one; tests: a local fake), with the given
+    /// credentials or, when `None`, Application Default Credentials.
+    pub fn with_endpoint(
+        endpoint: String,
+        credentials: Option<google_cloud_auth::credentials::Credentials>,
+    ) -> GcpStore {
         GcpStore {
             client: OnceCell::new(),
             endpoint: Some(endpoint),
-            credentials: Some(credentials),
+            credentials,
         }
     }
 

@@ -258,6 +258,16 @@ impl SecretError {
     }
 
     /// The error for a secret that lacks the read mark, with how to add it.
+    #[cfg_attr(
+        not(all(
+            feature = "store-kubernetes",
+            feature = "store-aws",
+            feature = "store-azure",
+            feature = "store-gcp",
+            feature = "store-vault"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn not_marked(reference: &SecretRef, what: &str, how: String) -> SecretError {
         SecretError::NotMarked {
             reference: reference.describe(),
@@ -276,6 +286,16 @@ pub trait SecretStore: Send + Sync {
 }
 
 /// Is this label or tag map marked for the connector?
+#[cfg_attr(
+    not(all(
+        feature = "store-kubernetes",
+        feature = "store-aws",
+        feature = "store-azure",
+        feature = "store-gcp",
+        feature = "store-vault"
+    )),
+    allow(dead_code)
+)]
 pub(crate) fn is_marked<'a>(mut marks: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
     marks.any(|(k, v)| k == READ_MARK_KEY && v.trim().eq_ignore_ascii_case(READ_MARK_VALUE))
 }
@@ -288,6 +308,9 @@ pub struct SecretStores {
     stores: Vec<Arc<dyn SecretStore>>,
     cache: Arc<cache::Cache>,
     metrics: Arc<metrics::Metrics>,
+    /// Bounds one store call: a hung store must not hold a job (and, through the singleflight,
+    /// every job waiting on the same reference) forever.
+    fetch_timeout: Duration,
 }
 
 impl fmt::Debug for SecretStores {
@@ -298,6 +321,8 @@ impl fmt::Debug for SecretStores {
 
 /// The cache TTL when none is configured.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+/// How long one store call may take before it fails as `Unreachable` (retryable).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for SecretStores {
     /// APONO and every store of this build, configured from the process environment (Vault
@@ -320,6 +345,7 @@ impl SecretStores {
             stores: Vec::new(),
             cache: Arc::new(cache::Cache::new(DEFAULT_CACHE_TTL)),
             metrics: Arc::new(metrics::Metrics::default()),
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
         }
     }
 
@@ -346,6 +372,16 @@ impl SecretStores {
     }
 
     fn build(config: &SecretsConfig, strict: bool) -> Result<SecretStores, ConfigError> {
+        #[cfg_attr(
+            not(any(
+                feature = "store-kubernetes",
+                feature = "store-aws",
+                feature = "store-azure",
+                feature = "store-gcp",
+                feature = "store-vault"
+            )),
+            allow(unused_mut)
+        )]
         let mut stores: Vec<Arc<dyn SecretStore>> = vec![Arc::new(AponoStore)];
         #[cfg(feature = "store-kubernetes")]
         stores.push(Arc::new(KubernetesStore::new(config.allowed_secrets_to_read.clone())));
@@ -374,6 +410,7 @@ impl SecretStores {
             stores,
             cache: Arc::new(cache::Cache::new(ttl)),
             metrics: Arc::new(metrics::Metrics::default()),
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
         })
     }
 
@@ -405,6 +442,13 @@ impl SecretStores {
     #[must_use]
     pub fn with_cache_ttl(mut self, ttl: Duration) -> SecretStores {
         self.cache = Arc::new(cache::Cache::new(ttl));
+        self
+    }
+
+    /// Sets how long one store call may take (default [`DEFAULT_FETCH_TIMEOUT`]).
+    #[must_use]
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> SecretStores {
+        self.fetch_timeout = timeout;
         self
     }
 
@@ -440,7 +484,13 @@ impl SecretStores {
 
     async fn call(&self, store: &dyn SecretStore, reference: &SecretRef) -> Result<Secret, SecretError> {
         let started = Instant::now();
-        let result = store.fetch(reference).await;
+        let result = match tokio::time::timeout(self.fetch_timeout, store.fetch(reference)).await {
+            Ok(result) => result,
+            Err(_) => Err(SecretError::Unreachable {
+                reference: reference.describe(),
+                hint: format!("the store did not answer within {:?}", self.fetch_timeout),
+            }),
+        };
         let elapsed = started.elapsed();
         self.metrics.record(
             store.store_type(),
@@ -518,6 +568,16 @@ impl SecretStore for BrokenStore {
 }
 
 /// The error a store's `fetch` returns when handed another store's reference (a registry bug).
+#[cfg_attr(
+    not(all(
+        feature = "store-kubernetes",
+        feature = "store-aws",
+        feature = "store-azure",
+        feature = "store-gcp",
+        feature = "store-vault"
+    )),
+    allow(dead_code)
+)]
 pub(crate) fn wrong_store(reference: &SecretRef, store: &'static str) -> SecretError {
     SecretError::Misconfigured {
         store: store.to_string(),

@@ -611,9 +611,15 @@ impl VaultStore {
         Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
     }
 
-    /// The connections, (re)loading them when `force`d or when the definitions file changed.
-    async fn conns(&self, force: bool) -> Result<Arc<Loaded>, SecretError> {
+    /// The connections, (re)loading them when the definitions file changed, or when `stale` (the
+    /// set a caller got a 403 with) is still the current one: concurrent 403s reload once.
+    async fn conns(&self, stale: Option<&Arc<Loaded>>) -> Result<Arc<Loaded>, SecretError> {
         let mut slot = self.loaded.lock().await;
+        let force = match (stale, slot.as_ref()) {
+            (Some(stale), Some(current)) => Arc::ptr_eq(stale, current),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
         let (entries, stamp) = match &self.definitions.source {
             Source::None => {
                 return Err(misconfigured(&format!(
@@ -686,7 +692,8 @@ impl SecretStore for VaultStore {
         };
         let mount = secret_engine.trim_matches('/');
         let path = path.trim_matches('/');
-        let conn = Self::pick(&*self.conns(false).await?, vault.as_deref())?;
+        let loaded = self.conns(None).await?;
+        let conn = Self::pick(&loaded, vault.as_deref())?;
         match conn.read(reference, mount, path).await {
             Ok(s) => return Ok(s),
             Err(ReadError::Other(e)) => return Err(e),
@@ -694,7 +701,7 @@ impl SecretStore for VaultStore {
                 tracing::info!(vault = %conn.describe(), reason = %why, "vault answered 403; re-reading its definition and retrying once");
             }
         }
-        let conn = Self::pick(&*self.conns(true).await?, vault.as_deref())?;
+        let conn = Self::pick(&*self.conns(Some(&loaded)).await?, vault.as_deref())?;
         match conn.read(reference, mount, path).await {
             Ok(s) => Ok(s),
             Err(ReadError::Other(e)) => Err(e),

@@ -102,26 +102,75 @@ async fn get_secret_version(
     get_secret(state, headers, query, Path(name)).await
 }
 
-/// Starts the fake; returns it and an Azure store whose transport trusts its certificate and
-/// resolves the vault's host name to it.
-pub async fn fake() -> (Vault, AzureStore, Arc<FakeCredential>, String) {
+/// The Entra ID (login) host of the fake: `AZURE_AUTHORITY_HOST` points here.
+pub const LOGIN_HOST: &str = "login.apono-test.example";
+const CLIENT_SECRET: &str = "fake-client-secret";
+const FEDERATED_TOKEN: &str = "fake.federated.jwt";
+const IDENTITY_HEADER: &str = "fake-identity-header";
+
+/// Entra ID's token endpoint: client secret and client assertion (workload identity) grants.
+async fn token(Path(_tenant): Path<String>, axum::Form(form): axum::Form<HashMap<String, String>>) -> Response {
+    let field = |k: &str| form.get(k).map(String::as_str);
+    let scope_ok = field("scope") == Some("https://vault.azure.net/.default");
+    let secret_ok = field("client_secret") == Some(CLIENT_SECRET);
+    let assertion_ok = field("client_assertion") == Some(FEDERATED_TOKEN)
+        && field("client_assertion_type") == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    if field("grant_type") != Some("client_credentials") || !scope_ok || !(secret_ok || assertion_ok) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."})),
+        )
+            .into_response();
+    }
+    axum::Json(json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": TOKEN}))
+        .into_response()
+}
+
+/// The App Service managed identity endpoint (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`).
+async fn msi_token(headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+    if headers.get("x-identity-header").and_then(|v| v.to_str().ok()) != Some(IDENTITY_HEADER)
+        || query.get("resource").map(String::as_str) != Some("https://vault.azure.net")
+    {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "bad request"}))).into_response();
+    }
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    axum::Json(json!({"access_token": TOKEN, "expires_on": expires.to_string(), "resource": "https://vault.azure.net", "token_type": "Bearer"}))
+        .into_response()
+}
+
+/// The fake (Key Vault and Entra ID on one HTTPS port) and client options whose transport trusts
+/// its certificate and resolves both host names to it.
+pub async fn start() -> (Vault, ClientOptions, std::net::SocketAddr) {
     let vault = Vault::default();
     let app = Router::new()
         .route("/secrets/{name}", get(get_secret))
         .route("/secrets/{name}/", get(get_secret))
         .route("/secrets/{name}/{version}", get(get_secret_version))
+        .route("/{tenant}/oauth2/v2.0/token", axum::routing::post(token))
+        .route("/msi/token", get(msi_token))
         .with_state(vault.clone());
-    let (cert, key) = self_signed(&[VAULT_HOST]);
+    let (cert, key) = self_signed(&[VAULT_HOST, LOGIN_HOST]);
     let addr = serve_https(app, &cert, &key).await;
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(cert.as_bytes()).unwrap()])
         .resolve(VAULT_HOST, addr)
+        .resolve(LOGIN_HOST, addr)
         .build()
         .unwrap();
     let options = ClientOptions {
         transport: Some(Transport::new(Arc::new(http))),
         ..ClientOptions::default()
     };
+    (vault, options, addr)
+}
+
+/// Starts the fake; returns it and an Azure store with a fake credential.
+pub async fn fake() -> (Vault, AzureStore, Arc<FakeCredential>, String) {
+    let (vault, options, addr) = start().await;
     let credential = Arc::new(FakeCredential::default());
     let store = AzureStore::with_credential(credential.clone(), options);
     (
@@ -180,4 +229,113 @@ async fn reads_after_the_challenge_gates_not_found_and_forbidden() {
         value_of(&stores.fetch(&r("rancher")).await.unwrap(), "secret_key"),
         "s2"
     );
+}
+
+/// The credential chosen from the environment (client secret, workload identity, App Service
+/// managed identity), against the fake's Entra ID endpoints. The environment is process-wide, so
+/// each runs in a child process (this test binary again, running `env_credential_child`).
+#[tokio::test]
+async fn credentials_from_the_environment() {
+    let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("azure-identity-token");
+    std::fs::write(&token_file, FEDERATED_TOKEN).unwrap();
+    let client = |secret: &str| {
+        vec![
+            ("AZURE_TENANT_ID", tenant.to_string()),
+            ("AZURE_CLIENT_ID", "apono-connector".to_string()),
+            ("AZURE_CLIENT_SECRET", secret.to_string()),
+        ]
+    };
+    let modes: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("client secret", client(CLIENT_SECRET)),
+        (
+            "workload identity",
+            vec![
+                ("AZURE_TENANT_ID", tenant.into()),
+                ("AZURE_CLIENT_ID", "apono-connector".into()),
+                ("AZURE_FEDERATED_TOKEN_FILE", token_file.display().to_string()),
+            ],
+        ),
+        (
+            "managed identity (App Service)",
+            vec![("IDENTITY_HEADER", IDENTITY_HEADER.into())],
+        ),
+        ("wrong client secret", client("wrong-secret-value")),
+    ];
+    let (vault, _, addr) = start().await;
+    vault
+        .secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (r#"{"token":"t"}"#.into(), marked()));
+    for (mode, vars) in modes {
+        let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "secrets::tests::azure_fake::env_credential_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("APONO_TEST_AZURE_ADDR", addr.to_string())
+        .env(
+            "APONO_TEST_AZURE_EXPECT",
+            if mode.starts_with("wrong") { "refused" } else { "ok" },
+        )
+        .env("AZURE_AUTHORITY_HOST", format!("https://{LOGIN_HOST}:{}", addr.port()))
+        .env(
+            "IDENTITY_ENDPOINT",
+            format!("https://{LOGIN_HOST}:{}/msi/token", addr.port()),
+        );
+        for name in [
+            "AZURE_TENANT_ID",
+            "AZURE_CLIENT_ID",
+            "AZURE_CLIENT_SECRET",
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "IDENTITY_HEADER",
+            "MSI_ENDPOINT",
+        ] {
+            cmd.env_remove(name);
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{mode}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "run by credentials_from_the_environment in a child process"]
+async fn env_credential_child() {
+    let Some(addr) = std::env::var("APONO_TEST_AZURE_ADDR").ok() else {
+        return;
+    };
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    // The fake's certificate is not known here: a trust-all transport, names resolved to the fake.
+    let http = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .resolve(VAULT_HOST, addr)
+        .resolve(LOGIN_HOST, addr)
+        .build()
+        .unwrap();
+    let options = ClientOptions {
+        transport: Some(Transport::new(Arc::new(http))),
+        ..ClientOptions::default()
+    };
+    let stores = SecretStores::empty().with_store(Arc::new(AzureStore::with_client_options(options)));
+    let url = format!("https://{VAULT_HOST}:{}", addr.port());
+    let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
+    if std::env::var("APONO_TEST_AZURE_EXPECT").as_deref() == Ok("ok") {
+        assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+    } else {
+        let e = stores.fetch(&r).await.unwrap_err();
+        assert_eq!(e.code(), "secret_not_permitted", "{e}");
+        assert!(!e.to_string().contains("wrong-secret-value"), "{e}");
+    }
 }

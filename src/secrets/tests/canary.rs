@@ -17,10 +17,40 @@ fn canary(store: &str) -> String {
     format!("{CANARY}-{store}")
 }
 
-#[tokio::test]
-async fn a_planted_value_never_leaks() {
+/// Runs [`canary_child`] in a child process (this test binary again): there it can install a
+/// global trace-level subscriber that sees every thread, without other tests' events or their
+/// races with callsite registration.
+#[test]
+fn a_planted_value_never_leaks() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "secrets::tests::canary::canary_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("APONO_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
+        eprintln!("{stderr}");
+    }
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "canary child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_planted_value_never_leaks in a child process"]
+async fn canary_child() {
+    if std::env::var_os("APONO_TEST_CHILD").is_none() {
+        return;
+    }
     let logs = LogCapture::default();
-    let _guard = logs.install();
+    logs.install_global();
 
     let mut stores = SecretStores::empty().with_store(Arc::new(crate::secrets::AponoStore));
     // (reference, key, planted value) read successfully; references expected to fail.
@@ -159,12 +189,37 @@ async fn a_planted_value_never_leaks() {
         ));
     }
 
+    let mut outputs = Vec::new();
+
+    // Refused Vault credentials (a token, an AppRole secret_id) stay out of errors and logs too.
+    if let Some(bao_guard) = &bao {
+        let bao_api = super::vault_bao::Bao::new(bao_guard, "http");
+        bao_api.post("sys/auth/approle", json!({"type": "approle"})).await;
+        bao_api
+            .post("auth/approle/role/apono", json!({"token_policies": ["default"]}))
+            .await;
+        let r = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "k"}));
+        for definition in [
+            json!([{"address": bao_api.base, "token": canary("BAD-VAULT-TOKEN")}]),
+            json!([{"address": bao_api.base, "auth": "approle", "role_id": "apono", "secret_id": canary("BAD-SECRET-ID")}]),
+        ] {
+            let defs = VaultDefinitions::parse(&definition.to_string()).unwrap();
+            let store = VaultStore::new(defs, vec![]);
+            let e = crate::secrets::SecretStore::fetch(&store, &r).await.unwrap_err();
+            assert_eq!(e.code(), "secret_not_permitted", "{e}");
+            outputs.push(format!("{e} {e:?}"));
+        }
+    }
+
     // Memory store (what other modules' tests use).
-    let mem = Arc::new(MemoryStore::new("MEMORY"));
+    let mem = Arc::new(MemoryStore::new("AWS"));
     let mem_ref = reference(json!({"type": "AWS", "region": "x", "secret_id": "m"}));
     mem.set(&mem_ref, [("secret_key", canary("MEMORY"))]);
+    let mem_stores = SecretStores::empty().with_store(mem);
+    let s = mem_stores.fetch(&mem_ref).await.unwrap();
+    assert_eq!(value_of(&s, "secret_key"), canary("MEMORY"));
+    outputs.push(format!("{s:?} {mem_stores:?} {:?}", mem_stores.metrics()));
 
-    let mut outputs = Vec::new();
     for (r, key, planted) in &reads {
         let secret = stores
             .fetch(r)
@@ -200,7 +255,6 @@ async fn a_planted_value_never_leaks() {
         }
     ));
 
-    drop(_guard);
     let logs = logs.text();
     if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
         eprintln!("{logs}");

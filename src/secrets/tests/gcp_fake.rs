@@ -32,7 +32,13 @@ fn error(code: u16, status: &str, message: String) -> Response {
         .into_response()
 }
 
-async fn handle(State(fake): State<Fake>, Path(rest): Path<String>) -> Response {
+/// The last `Authorization` header the fake saw.
+pub static LAST_AUTHORIZATION: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(rest): Path<String>) -> Response {
+    if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        *LAST_AUTHORIZATION.lock().unwrap() = Some(auth.to_string());
+    }
     // projects/{p}/secrets/{s}[/versions/{v}:access]
     let parts: Vec<&str> = rest.split('/').collect();
     let (project, secret) = match parts.as_slice() {
@@ -90,13 +96,40 @@ async fn handle(State(fake): State<Fake>, Path(rest): Path<String>) -> Response 
     }
 }
 
-pub async fn fake() -> (Fake, GcpStore) {
+/// Google's OAuth token endpoint for an `authorized_user` refresh (google-cloud-auth posts JSON).
+async fn oauth_token(axum::Json(form): axum::Json<serde_json::Value>) -> Response {
+    let ok = form["grant_type"] == "refresh_token"
+        && form["refresh_token"] == "fake-refresh-token"
+        && form["client_secret"] == "fake-client-secret";
+    if !ok {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "invalid_grant", "error_description": "Bad Request"})),
+        )
+            .into_response();
+    }
+    axum::Json(json!({
+        "access_token": "gcp-access-token", "expires_in": 3599, "token_type": "Bearer",
+        "scope": "https://www.googleapis.com/auth/cloud-platform",
+    }))
+    .into_response()
+}
+
+/// The fake alone.
+pub async fn serve() -> (Fake, std::net::SocketAddr) {
     let fake = Fake::default();
-    let app = Router::new().route("/v1/{*rest}", get(handle)).with_state(fake.clone());
-    let addr = serve_http(app).await;
+    let app = Router::new()
+        .route("/v1/{*rest}", get(handle))
+        .route("/token", axum::routing::post(oauth_token))
+        .with_state(fake.clone());
+    (fake, serve_http(app).await)
+}
+
+pub async fn fake() -> (Fake, GcpStore) {
+    let (fake, addr) = serve().await;
     let store = GcpStore::with_endpoint(
         format!("http://{addr}"),
-        google_cloud_auth::credentials::anonymous::Builder::new().build(),
+        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
     );
     (fake, store)
 }
@@ -159,4 +192,60 @@ async fn reads_versions_gates_not_found_and_forbidden() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");
+}
+
+/// Application Default Credentials from `GOOGLE_APPLICATION_CREDENTIALS` (an `authorized_user`
+/// file whose `token_uri` is the fake), in a child process since the environment is process-wide.
+#[tokio::test]
+async fn application_default_credentials_from_the_environment() {
+    let (fake, addr) = serve().await;
+    fake.secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (marked(), vec![br#"{"token":"via-adc"}"#.to_vec()]));
+    let dir = tempfile::tempdir().unwrap();
+    let adc = dir.path().join("adc.json");
+    std::fs::write(
+        &adc,
+        json!({
+            "type": "authorized_user", "client_id": "fake-client.apps.googleusercontent.com",
+            "client_secret": "fake-client-secret", "refresh_token": "fake-refresh-token",
+            "token_uri": format!("http://{addr}/token"),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "secrets::tests::gcp_fake::adc_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("APONO_TEST_GCP_ENDPOINT", format!("http://{addr}"))
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &adc)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        LAST_AUTHORIZATION.lock().unwrap().as_deref(),
+        Some("Bearer gcp-access-token")
+    );
+}
+
+#[tokio::test]
+#[ignore = "run by application_default_credentials_from_the_environment in a child process"]
+async fn adc_child() {
+    let Ok(endpoint) = std::env::var("APONO_TEST_GCP_ENDPOINT") else {
+        return;
+    };
+    let stores = SecretStores::empty().with_store(Arc::new(GcpStore::with_endpoint(endpoint, None)));
+    let r = reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher"}));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-adc");
 }

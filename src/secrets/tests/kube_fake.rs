@@ -19,6 +19,9 @@ use crate::secrets::{KubernetesStore, SecretStores};
 
 type Secrets = Arc<std::sync::Mutex<BTreeMap<(String, String), K8sSecret>>>;
 
+/// The last `Authorization` header the fake saw.
+pub static LAST_AUTHORIZATION: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn status(code: u16, reason: &str, message: String) -> Response {
     let body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -27,7 +30,14 @@ fn status(code: u16, reason: &str, message: String) -> Response {
     (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
 }
 
-async fn get_secret(State(secrets): State<Secrets>, Path((ns, name)): Path<(String, String)>) -> Response {
+async fn get_secret(
+    State(secrets): State<Secrets>,
+    headers: axum::http::HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        *LAST_AUTHORIZATION.lock().unwrap() = Some(auth.to_string());
+    }
     if ns == "kube-system" {
         return status(
             403,
@@ -65,6 +75,13 @@ pub fn secret(ns: &str, name: &str, labelled: bool, data: &[(&str, &[u8])]) -> K
 
 /// A fake API server holding `secrets`; returns a kube client pointed at it.
 pub async fn fake(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets) {
+    let (addr, map) = serve(secrets).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    (kube::Client::try_from(config).unwrap(), map)
+}
+
+/// The fake API server alone.
+pub async fn serve(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets) {
     let map: Secrets = Arc::new(std::sync::Mutex::new(
         secrets
             .into_iter()
@@ -77,9 +94,7 @@ pub async fn fake(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets) {
     let app = Router::new()
         .route("/api/v1/namespaces/{ns}/secrets/{name}", get(get_secret))
         .with_state(map.clone());
-    let addr = serve_http(app).await;
-    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-    (kube::Client::try_from(config).unwrap(), map)
+    (serve_http(app).await, map)
 }
 
 #[tokio::test]
@@ -145,4 +160,57 @@ async fn reads_gates_not_found_and_forbidden() {
     let e = allow.fetch(&r("apono", "rancher")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(e.to_string().contains("ALLOWED_SECRETS_TO_READ"), "{e}");
+}
+
+/// `KubernetesStore::new` infers its client: here from a kubeconfig (`KUBECONFIG`) with a bearer
+/// token, in a child process since the environment is process-wide.
+#[tokio::test]
+async fn kubeconfig_from_the_environment() {
+    let (addr, _) = serve(vec![secret("apono", "rancher", true, &[("token", b"from-kubeconfig")])]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+             users:\n- name: apono\n  user:\n    token: kubeconfig-bearer-token\ncontexts:\n- name: fake\n  context:\n\
+             \x20   cluster: fake\n    user: apono\n    namespace: apono\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "secrets::tests::kube_fake::kubeconfig_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("APONO_TEST_CHILD", "1")
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        LAST_AUTHORIZATION.lock().unwrap().as_deref(),
+        Some("Bearer kubeconfig-bearer-token")
+    );
+}
+
+#[tokio::test]
+#[ignore = "run by kubeconfig_from_the_environment in a child process"]
+async fn kubeconfig_child() {
+    if std::env::var_os("APONO_TEST_CHILD").is_none() {
+        return;
+    }
+    let stores = SecretStores::empty().with_store(Arc::new(KubernetesStore::new(vec!["rancher".into()])));
+    let r = reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "rancher"}));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-kubeconfig");
 }

@@ -16,6 +16,8 @@ mod azure_fake;
     feature = "store-vault"
 ))]
 mod canary;
+#[cfg(all(feature = "store-aws", feature = "store-vault"))]
+mod env_default;
 #[cfg(feature = "store-gcp")]
 mod gcp_fake;
 #[cfg(feature = "store-kubernetes")]

@@ -277,3 +277,17 @@ fn secrets_config_from_env_and_ttl_variable() {
     assert_eq!(c.secrets.cache_ttl_seconds, 7);
     SecretStores::from_config(&c.secrets).unwrap();
 }
+
+#[tokio::test]
+async fn a_hung_store_times_out_as_unreachable() {
+    let mem = Arc::new(MemoryStore::new("AWS"));
+    mem.set_delay(Duration::from_secs(30));
+    let r = aws_ref();
+    mem.set(&r, [("token", "t")]);
+    let stores = SecretStores::empty()
+        .with_store(mem)
+        .with_fetch_timeout(Duration::from_millis(50));
+    let e = stores.fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    assert!(e.retryable());
+}

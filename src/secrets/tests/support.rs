@@ -104,18 +104,32 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], port: u16, dir: tempfi
     ServerGuard { child, port, name, dir }
 }
 
-/// Polls `url` until it answers 2xx, or panics with the server's log after `deadline`.
-pub async fn wait_ready(guard: &mut ServerGuard, url: &str, client: &reqwest::Client, deadline: Duration) {
+/// Why a server did not come up.
+pub enum NotReady {
+    /// It exited (typically: its port was taken between picking and binding); worth a new port.
+    Exited(String),
+}
+
+/// Polls `url` until it answers 2xx; panics with the server's log after `deadline`.
+pub async fn wait_ready(
+    guard: &mut ServerGuard,
+    url: &str,
+    client: &reqwest::Client,
+    deadline: Duration,
+) -> Result<(), NotReady> {
     let start = Instant::now();
     loop {
         if let Ok(r) = client.get(url).send().await
             && r.status().is_success()
         {
-            return;
+            return Ok(());
         }
         if let Ok(Some(status)) = guard.child.try_wait() {
             let log = std::fs::read_to_string(guard.dir.path().join("server.log")).unwrap_or_default();
-            panic!("{} exited ({status}) before it was ready:\n{log}", guard.name);
+            return Err(NotReady::Exited(format!(
+                "{} exited ({status}) before it was ready:\n{log}",
+                guard.name
+            )));
         }
         if start.elapsed() > deadline {
             let log = std::fs::read_to_string(guard.dir.path().join("server.log")).unwrap_or_default();
@@ -125,20 +139,41 @@ pub async fn wait_ready(guard: &mut ServerGuard, url: &str, client: &reqwest::Cl
     }
 }
 
+/// Starts a server with `start` (given a port) up to three times: tests run in parallel, and a
+/// port picked free can be taken before the server binds it.
+async fn start_with_retries<F, Fut>(mut start: F, pair: bool) -> ServerGuard
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Result<ServerGuard, NotReady>>,
+{
+    let mut last = String::new();
+    for _ in 0..3 {
+        match start(free_port(pair)).await {
+            Ok(g) => return g,
+            Err(NotReady::Exited(log)) => last = log,
+        }
+    }
+    panic!("{last}");
+}
+
 /// moto on a free port, ready.
 pub async fn start_moto() -> Option<ServerGuard> {
     let bin = moto_bin()?;
-    let port = free_port(false);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut guard = spawn(
-        "moto_server",
-        &bin,
-        &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
-        port,
-        dir,
-    );
-    let url = format!("http://127.0.0.1:{port}/moto-api/");
-    wait_ready(&mut guard, &url, &reqwest::Client::new(), Duration::from_secs(30)).await;
+    let guard = start_with_retries(
+        |port| {
+            let bin = bin.clone();
+            async move {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let args = ["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()];
+                let mut guard = spawn("moto_server", &bin, &args, port, dir);
+                let url = format!("http://127.0.0.1:{port}/moto-api/");
+                wait_ready(&mut guard, &url, &reqwest::Client::new(), Duration::from_secs(30)).await?;
+                Ok(guard)
+            }
+        },
+        false,
+    )
+    .await;
     Some(guard)
 }
 
@@ -148,29 +183,33 @@ pub const BAO_ROOT: &str = "root-token-for-tests";
 /// (the CA is then `dir/vault-ca.pem`).
 pub async fn start_bao(tls: bool) -> Option<ServerGuard> {
     let bin = bao_bin()?;
-    let port = free_port(true);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = vec![
-        "server".to_string(),
-        "-dev".into(),
-        format!("-dev-root-token-id={BAO_ROOT}"),
-        format!("-dev-listen-address=127.0.0.1:{port}"),
-    ];
-    if tls {
-        args.push("-dev-tls".into());
-        args.push(format!("-dev-tls-cert-dir={}", dir.path().display()));
-    }
-    let mut guard = spawn("bao", &bin, &args, port, dir);
-    let scheme = if tls { "https" } else { "http" };
-    let client = reqwest::Client::builder()
-        .tls_danger_accept_invalid_certs(true)
-        .build()
-        .expect("client");
-    wait_ready(
-        &mut guard,
-        &format!("{scheme}://127.0.0.1:{port}/v1/sys/health"),
-        &client,
-        Duration::from_secs(30),
+    let guard = start_with_retries(
+        |port| {
+            let bin = bin.clone();
+            async move {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let mut args = vec![
+                    "server".to_string(),
+                    "-dev".into(),
+                    format!("-dev-root-token-id={BAO_ROOT}"),
+                    format!("-dev-listen-address=127.0.0.1:{port}"),
+                ];
+                if tls {
+                    args.push("-dev-tls".into());
+                    args.push(format!("-dev-tls-cert-dir={}", dir.path().display()));
+                }
+                let mut guard = spawn("bao", &bin, &args, port, dir);
+                let scheme = if tls { "https" } else { "http" };
+                let client = reqwest::Client::builder()
+                    .tls_danger_accept_invalid_certs(true)
+                    .build()
+                    .expect("client");
+                let url = format!("{scheme}://127.0.0.1:{port}/v1/sys/health");
+                wait_ready(&mut guard, &url, &client, Duration::from_secs(30)).await?;
+                Ok(guard)
+            }
+        },
+        true,
     )
     .await;
     Some(guard)
@@ -198,6 +237,17 @@ impl LogCapture {
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::set_default(subscriber)
+    }
+
+    /// Installs a trace-level subscriber for the whole process (a child test process only).
+    pub fn install_global(&self) {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no global subscriber yet");
     }
 
     pub fn text(&self) -> String {

@@ -1,9 +1,6 @@
 //! The Vault store against OpenBao (a real Vault API server): token, AppRole, KV v1 and v2,
 //! rotation, a 403 after token rotation, `from_secret_store` through AWS (moto), TLS.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use base64::Engine;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -30,10 +27,24 @@ impl Bao {
     }
 
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        self.call_in(None, method, path, body).await
+    }
+
+    /// As `call`, inside a namespace.
+    pub async fn call_in(
+        &self,
+        namespace: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
         let mut req = self
             .http
             .request(method.clone(), format!("{}/v1/{path}", self.base))
             .header("X-Vault-Token", BAO_ROOT);
+        if let Some(ns) = namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -182,7 +193,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     super::aws_moto::create(&admin, "vault-definition", &definition, true).await;
 
     // The Vault store reads its definition through the AWS store (pointed at moto).
-    let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk.clone()));
+    let aws: std::sync::Arc<dyn crate::secrets::SecretStore> =
+        std::sync::Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk.clone()));
     let definitions = crate::secrets::VaultDefinitions::parse(
         &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}]).to_string(),
     )
@@ -190,8 +202,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     let vault = crate::secrets::VaultStore::new(definitions, vec![aws.clone()]);
     let stores = SecretStores::empty()
         .with_store(aws)
-        .with_store(Arc::new(vault))
-        .with_cache_ttl(Duration::ZERO);
+        .with_store(std::sync::Arc::new(vault))
+        .with_cache_ttl(std::time::Duration::ZERO);
     let r = vault_ref("secret", "apono/rancher");
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-vault");
 
@@ -220,7 +232,8 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
         &json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "bad-definition"}]).to_string(),
     )
     .unwrap();
-    let aws: Arc<dyn crate::secrets::SecretStore> = Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
+    let aws: std::sync::Arc<dyn crate::secrets::SecretStore> =
+        std::sync::Arc::new(crate::secrets::AwsStore::with_sdk_config(sdk));
     let vault = crate::secrets::VaultStore::new(definitions, vec![aws]);
     let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
     assert!(
@@ -280,4 +293,125 @@ async fn tls_with_ca_certificate_and_with_skip_verify() {
         msg.contains("certificate") || msg.contains("tls") || msg.contains("issuer"),
         "{e}"
     );
+}
+
+/// A Kubernetes API fake answering only TokenReview, as OpenBao's Kubernetes auth calls it.
+async fn token_review_fake(expected_jwt: String) -> std::net::SocketAddr {
+    use axum::Json;
+    use axum::http::HeaderMap;
+    let app = axum::Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        axum::routing::post(move |_headers: HeaderMap, Json(review): Json<Value>| {
+            let expected = expected_jwt.clone();
+            async move {
+                let authenticated = review["spec"]["token"].as_str() == Some(expected.as_str());
+                Json(json!({
+                    "kind": "TokenReview",
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "metadata": {"creationTimestamp": null},
+                    "spec": review["spec"].clone(),
+                    "status": if authenticated {
+                        json!({"authenticated": true, "user": {
+                            "username": "system:serviceaccount:apono:apono-connector",
+                            "uid": "6a6c3c2e-0d6f-4f57-9a3c-6a1e1c0e7b11",
+                            "groups": ["system:serviceaccounts", "system:serviceaccounts:apono"]}})
+                    } else {
+                        json!({"authenticated": false, "error": "invalid bearer token"})
+                    },
+                }))
+            }
+        }),
+    );
+    super::support::serve_http(app).await
+}
+
+/// A service account JWT as the kubelet mounts it (legacy claims; OpenBao does not verify the
+/// signature unless given keys, it asks TokenReview).
+fn service_account_jwt() -> String {
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.{}",
+        b64(json!({"alg": "RS256", "kid": "test"})),
+        b64(json!({
+            "iss": "kubernetes/serviceaccount",
+            "kubernetes.io/serviceaccount/namespace": "apono",
+            "kubernetes.io/serviceaccount/secret.name": "apono-connector-token",
+            "kubernetes.io/serviceaccount/service-account.name": "apono-connector",
+            "kubernetes.io/serviceaccount/service-account.uid": "6a6c3c2e-0d6f-4f57-9a3c-6a1e1c0e7b11",
+            "sub": "system:serviceaccount:apono:apono-connector",
+        })),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 64]),
+    )
+}
+
+#[tokio::test]
+async fn kubernetes_auth_login() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-k8s-auth"}}))
+        .await;
+    bao.reader_token().await; // creates the policy
+    let jwt = service_account_jwt();
+    let api = token_review_fake(jwt.clone()).await;
+    bao.post("sys/auth/kubernetes", json!({"type": "kubernetes"})).await;
+    bao.post(
+        "auth/kubernetes/config",
+        // The CA is required with disable_local_ca_jwt, though unused over http.
+        json!({"kubernetes_host": format!("http://{api}"), "disable_local_ca_jwt": true,
+               "kubernetes_ca_cert": super::support::self_signed(&["kubernetes"]).0}),
+    )
+    .await;
+    bao.post(
+        "auth/kubernetes/role/apono",
+        json!({"bound_service_account_names": ["apono-connector"], "bound_service_account_namespaces": ["apono"], "token_policies": ["reader"]}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &jwt).unwrap();
+
+    let stores =
+        stores_with(json!([{"address": bao.base, "auth": "kubernetes", "role": "apono", "token_file": token_file}]));
+    let r = vault_ref("secret", "apono/rancher");
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-k8s-auth");
+
+    let wrong_role =
+        stores_with(json!([{"address": bao.base, "auth": "kubernetes", "role": "nope", "token_file": token_file}]));
+    let e = wrong_role.fetch(&r).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("Kubernetes login"), "{e}");
+
+    let missing = stores_with(
+        json!([{"address": bao.base, "auth": "kubernetes", "role": "apono", "token_file": dir.path().join("nope")}]),
+    );
+    let e = missing.fetch(&r).await.unwrap_err();
+    assert!(e.to_string().contains("service account token"), "{e}");
+}
+
+#[tokio::test]
+async fn namespaces() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    let post = reqwest::Method::POST;
+    bao.post("sys/namespaces/team", json!({})).await;
+    bao.call_in(
+        Some("team"),
+        post.clone(),
+        "sys/mounts/kv",
+        Some(json!({"type": "kv", "options": {"version": "2"}})),
+    )
+    .await;
+    bao.call_in(
+        Some("team"),
+        post,
+        "kv/data/apono/rancher",
+        Some(json!({"data": {"token": "in-namespace"}})),
+    )
+    .await;
+    let r = vault_ref("kv", "apono/rancher");
+    let stores = stores_with(json!([{"address": bao.base, "token": BAO_ROOT, "namespace": "team"}]));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "in-namespace");
+    // Outside the namespace the mount does not exist.
+    let root = stores_with(json!([{"address": bao.base, "token": BAO_ROOT}]));
+    assert!(root.fetch(&r).await.is_err());
 }

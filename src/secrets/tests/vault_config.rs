@@ -119,3 +119,22 @@ async fn no_vault_configured_is_a_clear_error() {
     assert_eq!(e.code(), "secret_store_misconfigured");
     assert!(e.to_string().contains("HASHICORP_VAULT_CONFIG"), "{e}");
 }
+
+#[test]
+fn secrets_config_problems_are_pure_and_named() {
+    let config = SecretsConfig {
+        hashicorp_vault_config: Some(SecretString::from(
+            r#"[{"address":"http://v","token":"canary-tok-6","skip_verify":"x"}]"#,
+        )),
+        allowed_secrets_to_read: vec!["apono/rancher".into()],
+        ..SecretsConfig::default()
+    };
+    let problems = config.problems().join("; ");
+    assert!(
+        problems.contains("HASHICORP_VAULT_CONFIG: entry 0: field \"skip_verify\""),
+        "{problems}"
+    );
+    assert!(problems.contains("ALLOWED_SECRETS_TO_READ"), "{problems}");
+    assert!(!problems.contains("canary"), "{problems}");
+    assert!(SecretsConfig::default().problems().is_empty());
+}
