@@ -134,7 +134,10 @@ impl Rancher {
             &["v3", "projectroletemplatebindings"],
             "project role bindings",
             &emit,
-            |b| binding_object(b, BindingScope::Project),
+            |b| {
+                self.learn_project_namespace(&b);
+                binding_object(b, BindingScope::Project)
+            },
         );
 
         let outcome = tokio::try_join!(

@@ -2,8 +2,9 @@
 //!
 //! Round trips on the happy path (measured against the simulator in `tests.rs`):
 //! - grant to an existing user by username: `GET /v3/users?username=` + `POST` binding = 2;
-//!   a repeat is the same 2 (the POST answers 409 AlreadyExists: done). A project-scope repeat
-//!   costs one more filtered GET (the PRTB's namespace is opaque, so its id cannot be computed).
+//!   a repeat is the same 2 (the POST answers 409 AlreadyExists: done). At project scope the
+//!   binding's id has an opaque namespace part (`p-y` or `c-x-p-y`): known once this process has
+//!   seen a binding of the project (`project_ns`), else found with one filtered GET (3).
 //! - grant to a principal at cluster or project scope, or to a group: the `POST` alone = 1.
 //! - revoke: the user lookup (if any) + one filtered listing + one `DELETE` per binding found.
 
@@ -19,6 +20,7 @@ use super::names::{
     BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, binding_name, external_user_id,
     generate_password, local_user_id,
 };
+use super::project_ns;
 use crate::integrations::{
     BindingScope, Credentials, GrantRequest, GrantResult, IntegrationError, Resource, RevokeRequest, RevokeResult,
     Subject,
@@ -491,7 +493,10 @@ impl Rancher {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.client.post::<Binding>(url.clone(), &target.body(&name)).await {
-                Ok(b) => return Ok((self.settle(target, b).await?, true)),
+                Ok(b) => {
+                    self.learn_project_namespace(&b);
+                    return Ok((self.settle(target, b).await?, true));
+                }
                 // Kubernetes prefixes AlreadyExists with this when the object holding the name
                 // has a deletion timestamp: a revoke of the same access whose finalizers still
                 // run. Not granted until it is gone: wait for it, then create anew.
@@ -532,7 +537,12 @@ impl Rancher {
                 (Kind::Global, _) => return Ok(Binding::with_id(name)),
                 (Kind::Cluster, Resource::Cluster(c)) => return Ok(Binding::with_id(&format!("{c}:{name}"))),
                 // The PRTB's namespace is `p-y` or `c-x-p-y` depending on the project's age:
-                // look it up rather than guess.
+                // known if this process has seen a binding of the project, else looked up.
+                (Kind::Project, Resource::Project(p)) => {
+                    if let Some(ns) = project_ns::namespace_of(self.config.base_url.as_str(), p) {
+                        return Ok(Binding::with_id(&format!("{ns}:{name}")));
+                    }
+                }
                 _ => {}
             }
         } else {
@@ -578,12 +588,22 @@ impl Rancher {
             filters.push(("name", n));
         }
         let what = format!("{} bindings", target.kind.noun());
-        self.client
+        let found = self
+            .client
             .list::<Binding>(&["v3", target.kind.collection()], &filters, what)
             .collect_matching(|b| {
                 target.same_grant(b) && matcher.matches(b) && name.is_none_or(|n| b.object_name() == n)
             })
-            .await
+            .await?;
+        found.iter().for_each(|b| self.learn_project_namespace(b));
+        Ok(found)
+    }
+
+    /// Remembers which namespace holds a project's bindings (see `project_ns`).
+    pub(super) fn learn_project_namespace(&self, b: &Binding) {
+        if let Some(project) = b.project_id.as_deref() {
+            project_ns::learn(self.config.base_url.as_str(), project, &b.id);
+        }
     }
 
     /// Waits (bounded) for a new binding's `status.summary` to reach `Completed` (2.11+). No

@@ -20,6 +20,7 @@ mod discover;
 mod grant;
 pub mod model;
 pub mod names;
+mod project_ns;
 mod users;
 mod validate;
 
