@@ -152,31 +152,9 @@ async fn demo_runs_to_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let sim_port = free_port();
-    let _sim = ChildGuard::spawn(
-        &["sim", "rancher", "--listen", &format!("127.0.0.1:{sim_port}")],
-        &[],
-        dir.path(),
-    );
-    wait_for_port(sim_port).await;
-    let sim_url = format!("http://127.0.0.1:{sim_port}");
-    let SimOptions {
-        access_key, secret_key, ..
-    } = SimOptions::default();
-
+    let (_sim, sim_url) = common::spawn_sim(dir.path(), 0).await;
     let cp_port = free_port();
-    let config = dir.path().join("connector.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[standalone]\nlisten = \"127.0.0.1:{cp_port}\"\ndata_dir = \"{}\"\nlease_seconds = 5\n\n\
-             [[integrations]]\ntype = \"rancher\"\nname = \"sim\"\nconfig = {{ host = \"{sim_url}\" }}\n\
-             secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"{access_key}\", secret_key = \"{secret_key}\" }} }}\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let config = config.to_string_lossy().to_string();
+    let config = common::write_control_plane_config(dir.path(), cp_port, 5, &sim_url);
     let env = [("APONO_HEALTH_ADDR", "127.0.0.1:0")];
     let mut agent = ChildGuard::spawn(&["run", "--config", &config], &env, dir.path());
     wait_for_port(cp_port).await;

@@ -7,7 +7,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use apono_connector::sim::SimOptions;
 use common::{ChildGuard, free_port, run_cli, wait_for_port};
 use serde_json::Value;
 
@@ -25,41 +24,14 @@ impl Setup {
     /// A simulator answering every request after `latency_ms`, and a control-plane config.
     async fn new(latency_ms: u64, lease_seconds: u64) -> (Setup, ChildGuard) {
         let dir = tempfile::tempdir().unwrap();
-        let sim_port = free_port();
-        let sim = ChildGuard::spawn(
-            &[
-                "sim",
-                "rancher",
-                "--listen",
-                &format!("127.0.0.1:{sim_port}"),
-                "--latency-ms",
-                &latency_ms.to_string(),
-            ],
-            &[],
-            dir.path(),
-        );
-        wait_for_port(sim_port).await;
-        let sim_url = format!("http://127.0.0.1:{sim_port}");
-        let SimOptions {
-            access_key, secret_key, ..
-        } = SimOptions::default();
+        let (sim, sim_url) = common::spawn_sim(dir.path(), latency_ms).await;
         let cp_port = free_port();
-        let cp_config = dir.path().join("cp.toml");
-        std::fs::write(
-            &cp_config,
-            format!(
-                "[standalone]\nlisten = \"127.0.0.1:{cp_port}\"\ndata_dir = \"{}\"\nlease_seconds = {lease_seconds}\n\n\
-                 [[integrations]]\ntype = \"rancher\"\nname = \"sim\"\nconfig = {{ host = \"{sim_url}\" }}\n\
-                 secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"{access_key}\", secret_key = \"{secret_key}\" }} }}\n",
-                dir.path().join("cp-state").display()
-            ),
-        )
-        .unwrap();
+        let cp_config = common::write_control_plane_config(dir.path(), cp_port, lease_seconds, &sim_url);
         let setup = Setup {
             dir,
             sim_url,
             cp_port,
-            cp_config: cp_config.to_string_lossy().into_owned(),
+            cp_config,
         };
         (setup, sim)
     }

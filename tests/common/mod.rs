@@ -195,3 +195,42 @@ pub async fn wait_for_port(port: u16) {
     })
     .await;
 }
+
+/// Starts `apono-connector sim rancher` on a free port (latency in ms); returns it and its URL.
+pub async fn spawn_sim(dir: &Path, latency_ms: u64) -> (ChildGuard, String) {
+    let port = free_port();
+    let sim = ChildGuard::spawn(
+        &[
+            "sim",
+            "rancher",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--latency-ms",
+            &latency_ms.to_string(),
+        ],
+        &[],
+        dir,
+    );
+    wait_for_port(port).await;
+    (sim, format!("http://127.0.0.1:{port}"))
+}
+
+/// Writes a config file for an embedded control plane on `cp_port` (state in `dir/state`) with
+/// one integration `sim` pointing at `sim_url` with the simulator's key; returns its path.
+pub fn write_control_plane_config(dir: &Path, cp_port: u16, lease_seconds: u64, sim_url: &str) -> String {
+    let apono_connector::sim::SimOptions {
+        access_key, secret_key, ..
+    } = apono_connector::sim::SimOptions::default();
+    let path = dir.join("connector.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[standalone]\nlisten = \"127.0.0.1:{cp_port}\"\ndata_dir = \"{}\"\nlease_seconds = {lease_seconds}\n\n\
+             [[integrations]]\ntype = \"rancher\"\nname = \"sim\"\nconfig = {{ host = \"{sim_url}\" }}\n\
+             secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"{access_key}\", secret_key = \"{secret_key}\" }} }}\n",
+            dir.join("state").display()
+        ),
+    )
+    .expect("write the config");
+    path.to_string_lossy().into_owned()
+}
