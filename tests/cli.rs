@@ -242,3 +242,61 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     }
     assert_eq!(owner_bindings(sim_url).await, 0, "binding removed after the restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_every_dependency_and_fails_when_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, sim_url) = common::spawn_sim(dir.path(), 0).await;
+    let config = common::write_control_plane_config(dir.path(), free_port(), 5, &sim_url);
+    let run = |args: Vec<String>, envs: Vec<(&'static str, String)>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::BIN)
+                .args(&args)
+                .envs(envs)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(vec!["check".into(), "--config".into(), config.clone()], vec![])
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in ["config", "control plane", "secret of sim", "integration sim"] {
+        assert!(
+            table.lines().any(|l| l.starts_with("ok") && l.contains(row)),
+            "{row:?} not ok in:\n{table}"
+        );
+    }
+    assert!(table.contains("keys: access_key, secret_key"), "{table}");
+    assert!(
+        !table.contains(apono_connector::sim::DEFAULT_SECRET_KEY),
+        "no secret value in the table"
+    );
+
+    // A refused key and an unreachable control plane: each a FAILED row, and a non-zero exit.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(apono_connector::sim::DEFAULT_SECRET_KEY, "canary-wrong-key-31"),
+    )
+    .unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = run(
+        vec!["check".into(), "--config".into(), config],
+        vec![("APONO_URL", dead), ("APONO_TOKEN", "t".into())],
+    )
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{table}");
+    let failed = |row: &str| table.lines().any(|l| l.starts_with("FAILED") && l.contains(row));
+    assert!(failed("control plane"), "{table}");
+    assert!(failed("integration sim") && table.contains("401"), "{table}");
+    assert!(!table.contains("canary-wrong-key-31"), "no secret value in the table");
+}
