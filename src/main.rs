@@ -234,13 +234,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { config } => {
             quiet_logs();
             let rows = commands::check(config.as_deref()).await;
+            let width = rows.iter().map(|(what, _)| what.len()).max().unwrap_or(0);
             let mut ok = true;
             for (what, result) in &rows {
                 match result {
-                    Ok(detail) => println!("{:<8} {:<32} {detail}", "ok", what),
+                    Ok(detail) => println!("{:<8} {:<width$}  {detail}", "ok", what),
                     Err(e) => {
                         ok = false;
-                        println!("{:<8} {:<32} {e}", "FAILED", what)
+                        println!("{:<8} {:<width$}  {e}", "FAILED", what)
                     }
                 }
             }
