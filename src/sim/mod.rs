@@ -367,6 +367,11 @@ impl Sim {
             .await
     }
 
+    /// The HTTP app, to serve it another way (over TLS in tests of the integration's CA).
+    pub fn router(&self) -> axum::Router {
+        api::router(self.clone())
+    }
+
     /// Every user, ordered by id.
     pub fn users(&self) -> Vec<SimUser> {
         lock(&self.inner.state)
