@@ -64,6 +64,7 @@ pub fn embedded_options(config: &Config) -> embedded::Options {
         data_dir: config.standalone.data_dir.clone(),
         lease_duration: Duration::from_secs(config.standalone.lease_seconds),
         max_grant_attempts: config.standalone.max_grant_attempts,
+        retention: Duration::from_secs(config.standalone.retention_days.saturating_mul(86_400)),
         ..embedded::Options::default()
     }
 }

@@ -89,6 +89,9 @@ pub struct StandaloneConfig {
     pub data_dir: PathBuf,
     pub lease_seconds: u64,
     pub max_grant_attempts: u32,
+    /// Finished jobs, discovered objects and ended access requests are forgotten this many days
+    /// after they ended.
+    pub retention_days: u64,
 }
 
 impl Default for StandaloneConfig {
@@ -98,6 +101,7 @@ impl Default for StandaloneConfig {
             data_dir: PathBuf::from("./data"),
             lease_seconds: 60,
             max_grant_attempts: 5,
+            retention_days: 30,
         }
     }
 }
@@ -335,6 +339,9 @@ impl Config {
         }
         if self.agent.job_attempts == 0 {
             problems.push("agent.job_attempts must be at least 1".into());
+        }
+        if self.standalone.retention_days == 0 {
+            problems.push("standalone.retention_days must be at least 1".into());
         }
         if self.standalone.lease_seconds < 2 {
             problems.push("standalone.lease_seconds must be at least 2".into());

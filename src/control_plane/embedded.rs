@@ -60,6 +60,9 @@ pub struct Options {
     pub max_grant_attempts: u32,
     /// Length of a "day" for `credential_rotation_days` and `user_cleanup_days` (tests shrink it).
     pub day: Duration,
+    /// Finished jobs, their discovered objects, and ended access requests are forgotten this long
+    /// after they ended, so the state file does not grow without bound (`standalone.retention_days`).
+    pub retention: Duration,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
             max_retry_delay: Duration::from_secs(300),
             max_grant_attempts: 10,
             day: Duration::from_secs(86_400),
+            retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -88,7 +92,14 @@ pub struct EmbeddedControlPlane {
     /// One-time credentials by access-request id: never written to SQLite. Guarded together
     /// with the store's lock (taken after it) so a reader never sees `active` without them.
     credentials: Mutex<HashMap<String, Credentials>>,
+    /// When the scheduler last pruned old state (pruning runs at most every `PRUNE_EVERY`).
+    last_prune: Mutex<Option<DateTime<Utc>>>,
 }
+
+pub use super::store::Pruned;
+
+/// How often the scheduler forgets old state.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for EmbeddedControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,6 +210,7 @@ impl EmbeddedControlPlane {
             ready: Notify::new(),
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
+            last_prune: Mutex::new(None),
         }))
     }
 
@@ -867,12 +879,45 @@ impl EmbeddedControlPlane {
                 tracing::error!(user = %u.user_id, error = %e, "could not queue a user cleanup; retrying next tick");
             }
         }
+        self.prune_if_due(t);
         // A backoff ended or a lease ran out: wake long-polls (they also time their own waits).
         let next = store::next_ready_at(&self.store.lock())?;
         if next.is_some_and(|n| n <= t) {
             self.ready.notify_waiters();
         }
         Ok(())
+    }
+
+    fn prune_if_due(&self, t: DateTime<Utc>) {
+        {
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|l| (t - l).to_std().unwrap_or_default() < PRUNE_EVERY) {
+                return;
+            }
+            *last = Some(t);
+        }
+        if let Err(e) = self.prune(t) {
+            tracing::error!(error = %e, "could not prune old control-plane state; retrying later");
+        }
+    }
+
+    /// Forgets what ended more than `retention` before `t` (see [`Options::retention`]).
+    ///
+    /// # Errors
+    /// `Store` when the state cannot be written.
+    pub fn prune(&self, t: DateTime<Utc>) -> Result<store::Pruned, ControlPlaneError> {
+        let retention = chrono::Duration::from_std(self.options.retention).unwrap_or(chrono::Duration::MAX);
+        let cutoff = t.checked_sub_signed(retention).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let pruned = self.write(|c, _| Ok(store::prune(c, cutoff)?))?;
+        if pruned != store::Pruned::default() {
+            tracing::info!(
+                jobs = pruned.jobs,
+                resources = pruned.resources,
+                access_requests = pruned.access_requests,
+                "forgot state older than the retention"
+            );
+        }
+        Ok(pruned)
     }
 
     fn queue_rotation(

@@ -836,6 +836,50 @@ pub fn list_access(c: &Connection) -> Result<Vec<Result<AccessRow, StoreError>>,
 }
 
 /// Active accesses whose TTL has ended.
+/// What a prune removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub jobs: usize,
+    pub resources: usize,
+    pub access_requests: usize,
+}
+
+/// Forgets finished work last touched before `cutoff`: discovered objects of finished jobs,
+/// finished jobs, and access requests that ended (revoked or failed) with their jobs. Nothing
+/// pending, leased, active or revoking is touched, whatever its age.
+pub fn prune(c: &Connection, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError> {
+    let cutoff = to_ms(cutoff);
+    let ended_access = "SELECT id FROM access_requests WHERE state IN ('revoked', 'failed') \
+                        AND COALESCE(revoked_at, created_at) < ?1";
+    let old_job = format!(
+        "state IN ('succeeded', 'failed') AND updated_at < ?1 \
+         AND (access_id IS NULL OR access_id IN ({ended_access}))"
+    );
+    let resources = c
+        .execute(
+            &format!("DELETE FROM resources WHERE job_id IN (SELECT id FROM jobs WHERE {old_job})"),
+            [cutoff],
+        )
+        .map_err(sql("pruning discovered objects"))?;
+    let jobs = c
+        .execute(&format!("DELETE FROM jobs WHERE {old_job}"), [cutoff])
+        .map_err(sql("pruning finished jobs"))?;
+    let access_requests = c
+        .execute(
+            &format!(
+                "DELETE FROM access_requests WHERE id IN ({ended_access}) \
+                 AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.access_id = access_requests.id)"
+            ),
+            [cutoff],
+        )
+        .map_err(sql("pruning ended access requests"))?;
+    Ok(Pruned {
+        jobs,
+        resources,
+        access_requests,
+    })
+}
+
 pub fn expired_access(c: &Connection, now: DateTime<Utc>) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(c, "WHERE state = 'active' AND expires_at <= ?1", &[&to_ms(now)])
 }

@@ -1030,3 +1030,51 @@ async fn two_processes_on_one_state_never_hand_out_a_job_twice() {
     created.sort();
     assert_eq!(handed, created);
 }
+
+#[tokio::test]
+async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let stop = CancellationToken::new();
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
+    let agent = spawn_fake_agent(cp.clone(), stop.clone(), 0);
+
+    // One access runs to its end (revoked), one stays active; a raw discovery job with objects.
+    let ended = cp.create_access(access_create("alice", 1, false)).unwrap();
+    let live = cp.create_access(access_create("bob", 3600, false)).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        let e = cp.access(&ended.id).unwrap()?;
+        let l = cp.access(&live.id).unwrap()?;
+        (e.state == AccessState::Revoked && l.state == AccessState::Active).then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = tokio::join!(scheduler, agent);
+    let discovery = cp
+        .create_job(JobCreate {
+            kind: "discover".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let job = lease_one(&cp, 1).await.unwrap();
+    assert_eq!(job.id, discovery.id);
+    cp.upload_resources(&job, &[json!({"type": "cluster", "id": "c-1", "name": "one"})])
+        .await
+        .unwrap();
+    complete_ok(&cp, &job, json!({"objects": 1})).await;
+
+    // Within the retention: nothing goes.
+    assert_eq!(cp.prune(now()).unwrap(), Pruned::default());
+    // Past it: the ended access, its jobs, and the discovery with its objects go; the live one stays.
+    let later = now() + chrono::Duration::days(31);
+    let pruned = cp.prune(later).unwrap();
+    assert_eq!(pruned.access_requests, 1, "{pruned:?}");
+    assert_eq!(pruned.resources, 1, "{pruned:?}");
+    assert!(pruned.jobs >= 3, "grant, revoke and discovery jobs: {pruned:?}");
+    assert!(cp.access(&ended.id).unwrap().is_none());
+    assert!(cp.job(&discovery.id).unwrap().is_none());
+    let kept = cp.access(&live.id).unwrap().expect("the active access is kept");
+    assert_eq!(kept.state, AccessState::Active);
+    assert!(cp.job(&kept.grant_job_id).unwrap().is_some(), "its grant job is kept");
+}
