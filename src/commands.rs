@@ -158,22 +158,51 @@ async fn run_agent(
 
 /// `control-plane serve`: the embedded control plane alone, for remote agents.
 pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Agents lease jobs that carry inline credentials: without a token, only this host may ask.
+    if config.control_plane.token.is_none() && !config.standalone.listen.ip().is_loopback() {
+        bail!(
+            "control-plane serve on {} needs APONO_TOKEN: agents must authenticate when the control plane \
+             listens beyond loopback",
+            config.standalone.listen
+        );
+    }
     let cp = open_embedded(&config, embedded_options(&config))?;
     let listener = tokio::net::TcpListener::bind(config.standalone.listen)
         .await
         .with_context(|| format!("binding {}", config.standalone.listen))?;
     if config.control_plane.token.is_none() {
-        tracing::warn!("APONO_TOKEN is not set: agents are not authenticated; bind to loopback only");
+        tracing::warn!("APONO_TOKEN is not set: agents are not authenticated (loopback only)");
     }
-    tracing::info!(listen = %config.standalone.listen, data_dir = %config.standalone.data_dir.display(), "control plane serving");
+    let readiness = Readiness::new();
+    let health_stop = CancellationToken::new();
+    let (health_addr, health) =
+        telemetry::health::serve(config.telemetry.health_addr, readiness.clone(), health_stop.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the health server on {} (APONO_HEALTH_ADDR)",
+                    config.telemetry.health_addr
+                )
+            })?;
+    tracing::info!(
+        listen = %config.standalone.listen,
+        data_dir = %config.standalone.data_dir.display(),
+        %health_addr,
+        "control plane serving"
+    );
+    readiness.set_ready();
     let scheduler = tokio::spawn(cp.clone().run_scheduler(shutdown.clone()));
-    server::serve(
+    let served = server::serve(
         listener,
         server::router(cp, config.control_plane.token.clone()),
         shutdown,
     )
-    .await?;
+    .await;
+    readiness.set_not_ready("shutting down");
     let _ = scheduler.await;
+    health_stop.cancel();
+    let _ = health.await;
+    served?;
     Ok(())
 }
 

@@ -300,3 +300,19 @@ async fn check_reports_every_dependency_and_fails_when_one_does() {
     assert!(failed("integration sim") && table.contains("401"), "{table}");
     assert!(!table.contains("canary-wrong-key-31"), "no secret value in the table");
 }
+
+#[test]
+fn a_control_plane_beyond_loopback_without_a_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("0.0.0.0:{}", free_port());
+    let out = std::process::Command::new(common::BIN)
+        .args(["control-plane", "serve", "--listen", &listen, "--data-dir"])
+        .arg(dir.path())
+        .env_remove("APONO_TOKEN")
+        .env("APONO_HEALTH_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("APONO_TOKEN") && stderr.contains(&listen), "{stderr}");
+}
