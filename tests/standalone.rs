@@ -356,3 +356,37 @@ async fn a_rotated_key_is_picked_up_after_a_401_without_restart() {
     let _ = agent.await;
     sim.stop().await;
 }
+
+/// A key that expires within 14 days: the validate job succeeds with a warning, and the days
+/// left are exported as a metric an operator can alert on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_key_is_a_warning_and_a_metric() {
+    let stack = Stack::start().await;
+    stack.sim.sim.set_key_expiry(Some(
+        chrono::Utc::now() + chrono::Duration::days(5) + chrono::Duration::hours(1),
+    ));
+    let job = stack
+        .cp
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("sim"),
+            params: json!({}),
+        })
+        .unwrap();
+    let job = stack.wait_job(&job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let result = job.result.unwrap();
+    let warnings = result["warnings"].as_array().unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap_or("").contains("expires in 5 day")),
+        "{result}"
+    );
+    let metrics = apono_connector::telemetry::metrics().encode();
+    assert!(
+        metrics.contains("apono_connector_api_key_expires_in_days{integration=\"sim\"} 5"),
+        "{metrics}"
+    );
+    stack.shutdown().await;
+}
