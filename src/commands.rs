@@ -329,7 +329,7 @@ pub async fn access_request(
 /// Renders access requests as a table for people.
 pub fn access_table(list: &[AccessRequest]) -> String {
     let mut out = format!(
-        "{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
+        "{:<40} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
         "ID", "STATE", "INTEGRATION", "SUBJECT", "ROLE", "RESOURCE", "EXPIRES"
     );
     for a in list {
@@ -338,13 +338,13 @@ pub fn access_table(list: &[AccessRequest]) -> String {
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<38} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
+            "{:<40} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
             a.id,
             a.state.as_str(),
             a.integration,
             a.subject.as_str(),
             a.role,
-            a.resource,
+            a.resource.as_str(),
             expires
         ));
         if let Some(e) = &a.last_error {

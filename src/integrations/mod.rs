@@ -202,7 +202,8 @@ impl Resource {
 
 impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad` honours width and alignment (`{:<20}` in tables).
+        f.pad(self.as_str())
     }
 }
 
