@@ -11,7 +11,7 @@
 //! - [`secrets`]: the `SecretStore` trait and its stores.
 //! - [`integrations`]: the `Integration` trait and the Rancher integration.
 //! - [`sim`]: a wire-compatible Rancher simulator for the demo, tests and benchmarks.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logs, Prometheus metrics and the `/healthz` `/readyz` `/metrics` server.
 //! - [`commands`]: one function per CLI command.
 //! - [`demo`]: the one-command demo.
 //!
