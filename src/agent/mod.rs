@@ -109,8 +109,7 @@ impl Agent {
                     drop(first_permit);
                     if matches!(e, ControlPlaneError::Unauthorized { .. }) {
                         log_control_plane_error(&e, "lease", Duration::ZERO);
-                        self.readiness
-                            .set_not_ready(format!("the control plane refused the token: {e}"));
+                        self.readiness.set_not_ready(e.to_string());
                         session = false;
                         continue;
                     }
@@ -190,8 +189,12 @@ impl Agent {
                         ControlPlaneError::Unauthorized { .. } => refused_token_retry(failures),
                         _ => backoff(Duration::from_secs(1), failures),
                     };
-                    self.readiness
-                        .set_not_ready(format!("no session with the control plane: {e}"));
+                    // `e` reads "the control plane refused the token ..." for a 401/403.
+                    let reason = match e {
+                        ControlPlaneError::Unauthorized { .. } => e.to_string(),
+                        _ => format!("no session with the control plane: {e}"),
+                    };
+                    self.readiness.set_not_ready(reason);
                     log_control_plane_error(&e, "hello", delay);
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
