@@ -1,4 +1,5 @@
-"""Checks of the deployment artefacts: the Helm chart, the Dockerfile and the Terraform examples.
+"""Checks of the deployment artefacts (the Helm chart, the Dockerfile, the Terraform examples) and of
+the protocol's OpenAPI file.
 
 Renders the chart for the value sets an operator uses (defaults, the command line from the product
 docs, existing secrets, Vault definitions, HA), validates every render against the Kubernetes
@@ -243,6 +244,18 @@ def test_terraform():
         if "/vault/" not in path:
             check("apono-connector-read" in text, f"{path}: marks the secret for the agent")
         check("sensitive = true" in text, f"{path}: credentials are sensitive variables")
+
+
+def test_openapi():
+    # docs/openapi.yaml is the contract of protocol v1 and the operator API: it must stay valid.
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.readers import read_from_filename
+
+    spec, _ = read_from_filename(os.path.join(ROOT, "docs", "openapi.yaml"))
+    validate(spec)
+    paths = spec.get("paths", {})
+    for needle in ("sessions", "jobs:lease", ":renew", ":complete", "/resources", "access-requests"):
+        check(any(needle in p for p in paths), f"openapi.yaml documents {needle}")
 
 
 if __name__ == "__main__":
