@@ -20,6 +20,7 @@ use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessS
 use crate::control_plane::{ControlPlane, server};
 use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest};
 use crate::secrets::{SecretRef, SecretStores};
+use crate::telemetry::health::HealthServer;
 use crate::telemetry::{self, Readiness};
 
 /// Default address of the standalone control plane's operator API.
@@ -87,21 +88,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let stores = SecretStores::from_config(&config.secrets)?;
     let executor = Executor::new(stores, config.agent.job_attempts);
     let readiness = Readiness::new();
-    let health_stop = CancellationToken::new();
-    let (health_addr, health) =
-        telemetry::health::serve(config.telemetry.health_addr, readiness.clone(), health_stop.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "binding the health server on {} (APONO_HEALTH_ADDR)",
-                    config.telemetry.health_addr
-                )
-            })?;
-    tracing::info!(%health_addr, "serving /healthz, /readyz and /metrics");
+    let health = start_health_server(&config, &readiness).await?;
     let outcome = run_agent(config, executor, readiness, shutdown).await;
-    health_stop.cancel();
-    let _ = health.await;
+    health.stop().await;
     outcome
+}
+
+/// `/healthz`, `/readyz` and `/metrics` on `APONO_HEALTH_ADDR`, for `run` and `control-plane serve`.
+async fn start_health_server(config: &Config, readiness: &Readiness) -> anyhow::Result<HealthServer> {
+    let addr = config.telemetry.health_addr;
+    let server = telemetry::health::serve(addr, readiness.clone())
+        .await
+        .with_context(|| format!("binding the health server on {addr} (APONO_HEALTH_ADDR)"))?;
+    tracing::info!(health_addr = %server.addr, "serving /healthz, /readyz and /metrics");
+    Ok(server)
 }
 
 async fn run_agent(
@@ -174,20 +174,10 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
         tracing::warn!("APONO_TOKEN is not set: agents are not authenticated (loopback only)");
     }
     let readiness = Readiness::new();
-    let health_stop = CancellationToken::new();
-    let (health_addr, health) =
-        telemetry::health::serve(config.telemetry.health_addr, readiness.clone(), health_stop.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "binding the health server on {} (APONO_HEALTH_ADDR)",
-                    config.telemetry.health_addr
-                )
-            })?;
+    let health = start_health_server(&config, &readiness).await?;
     tracing::info!(
         listen = %config.standalone.listen,
         data_dir = %config.standalone.data_dir.display(),
-        %health_addr,
         "control plane serving"
     );
     readiness.set_ready();
@@ -200,8 +190,7 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
     .await;
     readiness.set_not_ready("shutting down");
     let _ = scheduler.await;
-    health_stop.cancel();
-    let _ = health.await;
+    health.stop().await;
     served?;
     Ok(())
 }

@@ -81,18 +81,32 @@ async fn metrics_text() -> impl IntoResponse {
     )
 }
 
-/// Binds `addr` and serves until `shutdown`. Returns the bound address (port 0 picks one).
+/// The running health server; [`HealthServer::stop`] ends it.
+pub struct HealthServer {
+    /// The bound address (port 0 picks one).
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HealthServer {
+    /// Stops serving and waits for the server to end.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until stopped.
 ///
 /// # Errors
 /// The address cannot be bound (in use, or not an address of this host).
-pub async fn serve(
-    addr: SocketAddr,
-    readiness: Readiness,
-    shutdown: CancellationToken,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<HealthServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = router(readiness);
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
     let task = tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -101,7 +115,11 @@ pub async fn serve(
             tracing::error!(error = %e, "health server stopped");
         }
     });
-    Ok((bound, task))
+    Ok(HealthServer {
+        addr: bound,
+        stop,
+        task,
+    })
 }
 
 #[cfg(test)]
@@ -111,10 +129,8 @@ mod tests {
     #[tokio::test]
     async fn endpoints_answer_and_readiness_follows_the_agent() {
         let readiness = Readiness::new();
-        let stop = CancellationToken::new();
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), readiness.clone(), stop.clone())
-            .await
-            .unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), readiness.clone()).await.unwrap();
+        let addr = server.addr;
         let get = |path: &'static str| async move {
             let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
             (r.status().as_u16(), r.text().await.unwrap())
@@ -132,7 +148,6 @@ mod tests {
         let (status, body) = get("/metrics").await;
         assert_eq!(status, 200);
         assert!(body.contains("apono_connector_ready"), "{body}");
-        stop.cancel();
-        task.await.unwrap();
+        server.stop().await;
     }
 }
