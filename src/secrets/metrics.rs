@@ -1,4 +1,5 @@
-//! Per-store counters, kept in the registry and read by the telemetry module.
+//! Per-store counters, kept per registry (for `SecretStores::metrics`) and exported to the
+//! process's Prometheus registry (`telemetry::metrics`) from the same recording point.
 //!
 //! Labels are the store type and the error code only: never a reference (a secret's name can be
 //! sensitive too) and never a value.
@@ -45,6 +46,7 @@ impl Metrics {
     }
 
     pub(super) fn record(&self, store: &'static str, elapsed: Duration, error_code: Option<&'static str>) {
+        crate::telemetry::metrics().secret_store_call(store, error_code.unwrap_or("ok"), elapsed);
         self.with(store, |m| {
             m.calls += 1;
             let secs = elapsed.as_secs_f64();
@@ -61,6 +63,7 @@ impl Metrics {
     }
 
     pub(super) fn cache_hit(&self, store: &'static str) {
+        crate::telemetry::metrics().secret_store_call(store, "cached", Duration::ZERO);
         self.with(store, |m| m.cache_hits += 1);
     }
 

@@ -477,7 +477,6 @@ impl SecretStores {
             .await;
         if from_cache {
             self.metrics.cache_hit(wanted);
-            crate::telemetry::metrics().secret_store_call(wanted, "cached", Duration::ZERO);
         }
         result
     }
@@ -497,8 +496,6 @@ impl SecretStores {
             elapsed,
             result.as_ref().err().map(SecretError::code),
         );
-        let outcome = result.as_ref().err().map(SecretError::code).unwrap_or("ok");
-        crate::telemetry::metrics().secret_store_call(store.store_type(), outcome, elapsed);
         match &result {
             Ok(secret) => tracing::debug!(
                 store = store.store_type(),
