@@ -12,7 +12,7 @@
 //!
 //! Knobs (environment): `BENCH_LATENCY_MS` (default 20), `BENCH_JOBS` (default 400).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,34 +27,14 @@ use apono_connector::sim::{DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, DatasetSize, 
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_apono-connector");
+// The tests' fixtures: child processes killed by their own PID, free ports, waiting for a port.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{BIN, ChildGuard, free_port, wait_for_port};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A child process killed by its own PID on drop.
-struct Child_(Child);
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-async fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `VmHWM` (peak RSS) or `VmRSS` of a process, in MiB.
@@ -172,7 +152,7 @@ async fn discovery(rows: &mut Vec<String>, latency_ms: u64) {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn simulator");
-    let _child = Child_(child);
+    let _child = ChildGuard(child);
     wait_for_port(port).await;
     let base = format!("http://127.0.0.1:{port}");
     for concurrency in [8u64, 32] {
@@ -305,7 +285,7 @@ async fn idle_memory(rows: &mut Vec<String>) {
         .spawn()
         .expect("spawn agent");
     let pid = child.id().to_string();
-    let _child = Child_(child);
+    let _child = ChildGuard(child);
     tokio::time::sleep(Duration::from_secs(3)).await;
     rows.push(format!(
         "| `run` standalone, idle after start-up | {:.1} MiB RSS | {:.1} MiB peak |",

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, free_port, run_cli, wait_for_port};
+use common::{ChildGuard, free_port, run_cli, wait_for_port, wait_ready};
 use serde_json::Value;
 
 const TOKEN: &str = "cp-token-5d1e";
@@ -67,28 +67,6 @@ impl Setup {
             self.dir.path(),
         );
         (agent, health)
-    }
-}
-
-async fn readyz(port: u16) -> Option<(u16, String)> {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
-    Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
-}
-
-async fn wait_ready(port: u16, want: u16, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some((status, body)) = readyz(port).await
-            && status == want
-            && body.contains(needle)
-        {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz on {port} never answered {want} with {needle:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

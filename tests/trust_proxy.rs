@@ -6,11 +6,11 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apono_connector::control_plane::embedded::{EmbeddedControlPlane, Options};
 use apono_connector::control_plane::server;
-use common::{ChildGuard, free_port};
+use common::{ChildGuard, free_port, wait_ready};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const TOKEN: &str = "tls-token-8c2a";
@@ -90,28 +90,6 @@ async fn connect_proxy() -> (String, Arc<AtomicU64>) {
     (format!("http://127.0.0.1:{}", addr.port()), tunnels)
 }
 
-async fn readyz(port: u16) -> Option<(u16, String)> {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
-    Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
-}
-
-async fn wait_ready(port: u16, want: u16, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some((status, body)) = readyz(port).await
-            && status == want
-            && body.contains(needle)
-        {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz on {port} never answered {want} with {needle:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn agent(dir: &std::path::Path, cp_url: &str, extra: &[(&str, &str)]) -> (ChildGuard, u16) {
     let health = free_port();
     let health_addr = format!("127.0.0.1:{health}");
@@ -147,7 +125,7 @@ async fn the_control_plane_certificate_comes_from_ssl_cert_file_and_traffic_goes
 
     // Not trusted: the agent is alive but not ready, and says why.
     let (_untrusting, health) = agent(dir.path(), &cp_url, &[]);
-    let body = wait_ready(health, 503, "certificate").await;
+    let body = wait_ready(health, 503, "certificate", Duration::from_secs(20)).await;
     assert!(body.contains("SSL_CERT_FILE"), "the reason says what to do: {body}");
 
     // Trusted through SSL_CERT_FILE, and through the proxy.
@@ -157,7 +135,7 @@ async fn the_control_plane_certificate_comes_from_ssl_cert_file_and_traffic_goes
         &cp_url,
         &[("SSL_CERT_FILE", &cert), ("HTTPS_PROXY", &proxy)],
     );
-    wait_ready(health, 200, "ready").await;
+    wait_ready(health, 200, "ready", Duration::from_secs(20)).await;
     assert!(
         tunnels.load(Ordering::SeqCst) >= 1,
         "the agent's connection went through HTTPS_PROXY"
@@ -174,7 +152,7 @@ async fn the_control_plane_certificate_comes_from_ssl_cert_file_and_traffic_goes
             ("NO_PROXY", "127.0.0.1"),
         ],
     );
-    wait_ready(health, 200, "ready").await;
+    wait_ready(health, 200, "ready", Duration::from_secs(20)).await;
     assert_eq!(tunnels.load(Ordering::SeqCst), before, "NO_PROXY bypasses the proxy");
 }
 

@@ -234,3 +234,27 @@ pub fn write_control_plane_config(dir: &Path, cp_port: u16, lease_seconds: u64, 
     .expect("write the config");
     path.to_string_lossy().into_owned()
 }
+
+/// `/readyz` of a health server on `port`: status and body, or None while nothing answers.
+pub async fn readyz(port: u16) -> Option<(u16, String)> {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
+    Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+}
+
+/// Polls `/readyz` until it answers `want` with a body containing `needle`.
+pub async fn wait_ready(port: u16, want: u16, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some((status, body)) = readyz(port).await
+            && status == want
+            && body.contains(needle)
+        {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz on {port} never answered {want} with {needle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
