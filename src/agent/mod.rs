@@ -184,15 +184,14 @@ impl Agent {
                 }
                 Err(e) => {
                     failures += 1;
-                    let delay = match e {
-                        // Slowly: hammering a control plane that refuses us helps no one.
-                        ControlPlaneError::Unauthorized { .. } => refused_token_retry(failures),
-                        _ => backoff(Duration::from_secs(1), failures),
-                    };
-                    // `e` reads "the control plane refused the token ..." for a 401/403.
-                    let reason = match e {
-                        ControlPlaneError::Unauthorized { .. } => e.to_string(),
-                        _ => format!("no session with the control plane: {e}"),
+                    let (delay, reason) = match e {
+                        // Slowly: hammering a control plane that refuses us helps no one. `e`
+                        // reads "the control plane refused the token ...".
+                        ControlPlaneError::Unauthorized { .. } => (refused_token_retry(failures), e.to_string()),
+                        _ => (
+                            backoff(Duration::from_secs(1), failures),
+                            format!("no session with the control plane: {e}"),
+                        ),
                     };
                     self.readiness.set_not_ready(reason);
                     log_control_plane_error(&e, "hello", delay);
