@@ -262,64 +262,33 @@ async fn a_refused_key_fails_the_job_and_never_shows_the_secret() {
 /// A key Rancher refuses that the store has not replaced fails the job as refused, for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_is_picked_up_after_a_401_without_restart() {
-    use apono_connector::agent::{Agent, AgentOptions, Executor};
-    use apono_connector::control_plane::embedded::{EmbeddedControlPlane, Options};
     use apono_connector::secrets::{MemoryStore, SecretRef};
-    use apono_connector::sim::{SimHandle, SimOptions};
-    use tokio_util::sync::CancellationToken;
 
-    let sim = SimHandle::start(SimOptions::default()).await.unwrap();
-    let (access_key, secret_key) = sim.sim.api_key();
     let reference: SecretRef =
         serde_json::from_value(json!({"type": "AWS", "region": "eu-west-1", "secret_id": "rancher-key"})).unwrap();
     let store = Arc::new(MemoryStore::new("AWS"));
+    let stores = SecretStores::default()
+        .with_store(store.clone())
+        .with_cache_ttl(Duration::from_secs(300));
+    let stack = Stack::start_with_stores(Duration::from_secs(10), true, stores).await;
+    let (sim, cp) = (&stack.sim, stack.cp.clone());
+    let (access_key, secret_key) = sim.sim.api_key();
     store.set(
         &reference,
         [("access_key", access_key.as_str()), ("secret_key", secret_key.as_str())],
     );
-    let stores = SecretStores::default()
-        .with_store(store.clone())
-        .with_cache_ttl(Duration::from_secs(300));
-
-    let dir = tempfile::tempdir().unwrap();
-    let cp = EmbeddedControlPlane::open(Options {
-        data_dir: dir.path().to_path_buf(),
-        tick: Duration::from_millis(100),
-        retry_base: Duration::from_millis(100),
-        ..Options::default()
-    })
-    .unwrap();
     let spec = serde_json::from_value(json!({
         "type": "rancher", "name": "aws-sim", "config": {"host": sim.base_url},
         "secret_store": {"type": "AWS", "region": "eu-west-1", "secret_id": "rancher-key"},
     }))
     .unwrap();
     cp.register_integration(&spec).unwrap();
-    let stop = CancellationToken::new();
-    let executor = Executor::new(stores, 3).with_backoff_base(Duration::from_millis(50));
-    let options = AgentOptions {
-        parallelism: 2,
-        lease_wait_seconds: 1,
-        shutdown_grace: Duration::from_secs(5),
-    };
-    let agent = tokio::spawn(Agent::new(cp.clone(), executor, options).run(stop.clone()));
     let grant = |resource: &str| JobCreate {
         kind: "grant".into(),
         integration: json!("aws-sim"),
         params: json!({"user": "alice", "role": "cluster-member", "resource": resource}),
     };
-    let wait = |id: String| {
-        let cp = cp.clone();
-        async move {
-            wait_until(Duration::from_secs(20), || {
-                let job = cp.job(&id).unwrap().unwrap();
-                matches!(job.state, JobState::Succeeded | JobState::Failed).then_some(job)
-            })
-            .await
-        }
-    };
-
-    let first = wait(cp.create_job(grant("c-7x2k9")).unwrap().id).await;
+    let first = stack.wait_job(&cp.create_job(grant("c-7x2k9")).unwrap().id).await;
     assert_eq!(first.state, JobState::Succeeded, "{first:?}");
     assert_eq!(store.calls(), 1, "the secret was read once");
 
@@ -332,7 +301,7 @@ async fn a_rotated_key_is_picked_up_after_a_401_without_restart() {
             ("secret_key", "rotated-secret-key-0002"),
         ],
     );
-    let second = wait(cp.create_job(grant("local")).unwrap().id).await;
+    let second = stack.wait_job(&cp.create_job(grant("local")).unwrap().id).await;
     assert_eq!(
         second.state,
         JobState::Succeeded,
@@ -343,7 +312,7 @@ async fn a_rotated_key_is_picked_up_after_a_401_without_restart() {
 
     // Rancher refuses a key the store has not replaced: refused for good, with the 401 named.
     sim.sim.set_api_key(&access_key, "rotated-again-0003");
-    let third = wait(cp.create_job(grant("c-m-4bq8z2lp")).unwrap().id).await;
+    let third = stack.wait_job(&cp.create_job(grant("c-m-4bq8z2lp")).unwrap().id).await;
     assert_eq!(third.state, JobState::Failed);
     let error = third.error.unwrap();
     assert_eq!(error.code, "credentials_refused");
@@ -352,9 +321,7 @@ async fn a_rotated_key_is_picked_up_after_a_401_without_restart() {
         !error.message.contains("rotated-secret-key-0002"),
         "no secret in the error"
     );
-    stop.cancel();
-    let _ = agent.await;
-    sim.stop().await;
+    stack.shutdown().await;
 }
 
 /// A key that expires within 14 days: the validate job succeeds with a warning, and the days

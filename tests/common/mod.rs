@@ -39,6 +39,8 @@ pub struct Stack {
     pub sim: SimHandle,
     pub cp: Arc<EmbeddedControlPlane>,
     pub dir: tempfile::TempDir,
+    /// The agents' secret stores.
+    stores: SecretStores,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -50,6 +52,11 @@ impl Stack {
 
     /// `with_agent: false` leaves the jobs for the test to lease by hand.
     pub async fn start_with(lease: Duration, with_agent: bool) -> Stack {
+        Stack::start_with_stores(lease, with_agent, SecretStores::default()).await
+    }
+
+    /// With the agent reading secrets through `stores` (e.g. a `MemoryStore` a test rotates).
+    pub async fn start_with_stores(lease: Duration, with_agent: bool, stores: SecretStores) -> Stack {
         let sim = SimHandle::start(SimOptions::default()).await.expect("sim starts");
         let dir = tempfile::tempdir().expect("tempdir");
         let cp = EmbeddedControlPlane::open(Options {
@@ -68,6 +75,7 @@ impl Stack {
             sim,
             cp,
             dir,
+            stores,
             stop,
             tasks: Vec::new(),
         };
@@ -79,7 +87,7 @@ impl Stack {
     }
 
     pub fn spawn_agent(&self) -> tokio::task::JoinHandle<()> {
-        let executor = Executor::new(SecretStores::default(), 3).with_backoff_base(Duration::from_millis(50));
+        let executor = Executor::new(self.stores.clone(), 3).with_backoff_base(Duration::from_millis(50));
         let options = AgentOptions {
             parallelism: 4,
             lease_wait_seconds: 1,
