@@ -191,20 +191,7 @@ impl SecretsConfig {
     /// # Errors
     /// A bad variable, named.
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<SecretsConfig, ConfigError> {
-        let mut overrides = Map::new();
-        let mut errors = Vec::new();
-        for (name, key, parse) in ENV_KEYS.iter().filter(|(_, k, _)| k.starts_with("secrets.")) {
-            let Some(raw) = env(name).filter(|v| !v.is_empty()) else {
-                continue;
-            };
-            match parse(name, &raw) {
-                Ok(value) => insert_dotted(&mut overrides, key, value),
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(ConfigError(errors.join("; ")));
-        }
+        let mut overrides = env_overrides(&env, |key| key.starts_with("secrets."))?;
         let section = overrides.remove("secrets").unwrap_or_else(|| Value::Object(Map::new()));
         Figment::from(Serialized::defaults(SecretsConfig::default()))
             .merge(Serialized::defaults(section))
@@ -219,6 +206,30 @@ impl SecretsConfig {
 pub struct ConfigError(pub String);
 
 type EnvParser = fn(&str, &str) -> Result<Value, String>;
+
+/// The set environment variables of [`ENV_KEYS`] whose config key `wanted` accepts, parsed and
+/// nested by key (`a.b` → `{"a": {"b": ..}}`). Every bad variable is reported, named.
+fn env_overrides(
+    env: &impl Fn(&str) -> Option<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Map<String, Value>, ConfigError> {
+    let mut overrides = Map::new();
+    let mut errors = Vec::new();
+    for (name, key, parse) in ENV_KEYS.iter().filter(|(_, key, _)| wanted(key)) {
+        let Some(raw) = env(name).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        match parse(name, &raw) {
+            Ok(value) => insert_dotted(&mut overrides, key, value),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(overrides)
+    } else {
+        Err(ConfigError(errors.join("; ")))
+    }
+}
 
 /// Environment variable → config key, with the parser for its value.
 const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
@@ -300,20 +311,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        let mut errors = Vec::new();
-        let mut overrides = Map::new();
-        for (name, key, parse) in ENV_KEYS {
-            let Some(raw) = env(name).filter(|v| !v.is_empty()) else {
-                continue;
-            };
-            match parse(name, &raw) {
-                Ok(value) => insert_dotted(&mut overrides, key, value),
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(ConfigError(errors.join("; ")));
-        }
+        let overrides = env_overrides(&env, |_| true)?;
         figment = figment.merge(Serialized::defaults(Value::Object(overrides)));
         let config: Config = figment
             .extract()
