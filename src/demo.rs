@@ -172,18 +172,10 @@ async fn story(
 
 /// Ids of the demo user's bindings of the demo role on the demo cluster, as Rancher holds them.
 fn bindings_of(sim: &SimHandle, username: &str) -> Vec<String> {
-    let Some(user) = sim
-        .sim
-        .users()
-        .into_iter()
-        .find(|u| u.username.as_deref() == Some(username))
-    else {
-        return Vec::new();
-    };
     sim.sim
-        .bindings()
+        .bindings_of_username(username)
         .into_iter()
-        .filter(|b| b.user_id.as_deref() == Some(user.id.as_str()) && b.role_id == ROLE && b.resource_id == CLUSTER)
+        .filter(|b| b.role_id == ROLE && b.resource_id == CLUSTER)
         .map(|b| b.id)
         .collect()
 }

@@ -367,6 +367,21 @@ impl Sim {
             .await
     }
 
+    /// Bindings (all three kinds) of the user with this username; none if there is no such user.
+    pub fn bindings_of_username(&self, username: &str) -> Vec<SimBinding> {
+        let Some(user) = self
+            .users()
+            .into_iter()
+            .find(|u| u.username.as_deref() == Some(username))
+        else {
+            return Vec::new();
+        };
+        self.bindings()
+            .into_iter()
+            .filter(|b| b.user_id.as_deref() == Some(user.id.as_str()))
+            .collect()
+    }
+
     /// The HTTP app, to serve it another way (over TLS in tests of the integration's CA).
     pub fn router(&self) -> axum::Router {
         api::router(self.clone())

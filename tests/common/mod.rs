@@ -135,19 +135,7 @@ pub async fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<
 
 /// Bindings of `username` in the simulator.
 pub fn bindings_of(sim: &SimHandle, username: &str) -> Vec<SimBinding> {
-    let Some(user) = sim
-        .sim
-        .users()
-        .into_iter()
-        .find(|u| u.username.as_deref() == Some(username))
-    else {
-        return Vec::new();
-    };
-    sim.sim
-        .bindings()
-        .into_iter()
-        .filter(|b| b.user_id.as_deref() == Some(user.id.as_str()))
-        .collect()
+    sim.sim.bindings_of_username(username)
 }
 
 /// A free loopback port (bound then released).
