@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::control_plane::protocol::{
-    Capabilities, CompleteRequest, Job, LeaseRequest, Outcome, RenewRequest, SessionHello,
+    Capabilities, CompleteRequest, Job, JobKind, LeaseRequest, Outcome, RenewRequest, SessionHello,
 };
 use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::integrations::INTEGRATION_TYPES;
@@ -251,6 +251,8 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
     async move {
         let started = std::time::Instant::now();
         let m = metrics();
+        // The kind comes from outside: an unknown one is one label, not a new series per value.
+        let kind_label = JobKind::parse(&job.kind).map_or("unknown", JobKind::as_str);
         m.jobs_in_flight.inc();
         // Decrements on every path out, including abandonment.
         struct InFlight;
@@ -271,7 +273,7 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
         };
         let Some(outcome) = outcome else {
             tracing::warn!("job abandoned (lease lost or shutdown grace over); it will be handed out again");
-            m.job_finished(&job.kind, "abandoned", started.elapsed());
+            m.job_finished(kind_label, "abandoned", started.elapsed());
             return;
         };
         let request = match outcome {
@@ -285,7 +287,7 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
             Outcome::Succeeded => "succeeded",
             Outcome::Failed => "failed",
         };
-        m.job_finished(&job.kind, outcome_label, started.elapsed());
+        m.job_finished(kind_label, outcome_label, started.elapsed());
         if report(cp, &job, &request, &abandon).await {
             tracing::info!(outcome = ?request.outcome, elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
         }
