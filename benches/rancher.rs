@@ -79,6 +79,8 @@ async fn round_trips(rows: &mut Vec<String>) {
         },
         resource: Resource::parse(resource).expect("resource"),
         create_user: false,
+        grant_id: None,
+        expires_at: None,
     };
     for (label, resource) in [
         ("cluster", "c-7x2k9"),
@@ -102,6 +104,10 @@ async fn round_trips(rows: &mut Vec<String>) {
             subject: g.subject.clone(),
             role: g.role.clone(),
             resource: g.resource.clone(),
+            grant_id: None,
+            user_id: None,
+            binding_ids: Vec::new(),
+            all: false,
         };
         sim.sim.reset_stats();
         rancher.revoke(&r).await.expect("revoke");
@@ -117,6 +123,8 @@ async fn round_trips(rows: &mut Vec<String>) {
             role: "cluster-member".into(),
             resource: Resource::Cluster("c-7x2k9".into()),
             create_user: true,
+            grant_id: None,
+            expires_at: None,
         })
         .await
         .expect("grant with user creation");

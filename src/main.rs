@@ -271,6 +271,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     role,
                     resource,
                     create_user,
+                    grant_id: None,
+                    expires_at: None,
                 },
             )
             .await?;
@@ -285,6 +287,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     subject,
                     role,
                     resource,
+                    grant_id: None,
+                    user_id: None,
+                    binding_ids: Vec::new(),
+                    all: false,
                 },
             )
             .await?;

@@ -18,7 +18,7 @@ use crate::control_plane::ControlPlane;
 use crate::control_plane::protocol::{Job, JobError, JobKind};
 use crate::integrations::{
     self, DeleteUserRequest, DiscoveredObject, GrantRequest, Integration, IntegrationError, IntegrationSpec,
-    RevokeRequest, RotateRequest,
+    RevokeRequest, RotateRequest, SweepRequest,
 };
 use crate::secrets::{SecretError, SecretStores};
 
@@ -34,6 +34,7 @@ pub enum Operation {
     Revoke(RevokeRequest),
     RotateCredentials(RotateRequest),
     DeleteUser(DeleteUserRequest),
+    Sweep(SweepRequest),
 }
 
 impl Operation {
@@ -59,6 +60,7 @@ impl Operation {
             JobKind::Revoke => Operation::Revoke(params_of(kind, params)?),
             JobKind::RotateCredentials => Operation::RotateCredentials(params_of(kind, params)?),
             JobKind::DeleteUser => Operation::DeleteUser(params_of(kind, params)?),
+            JobKind::Sweep => Operation::Sweep(params_of(kind, params)?),
         })
     }
 }
@@ -195,6 +197,7 @@ impl Executor {
             Operation::Revoke(r) => to_json(integration.revoke(r).await),
             Operation::RotateCredentials(r) => to_json(integration.rotate_credentials(r).await),
             Operation::DeleteUser(r) => to_json(integration.delete_user(r).await),
+            Operation::Sweep(r) => to_json(integration.sweep(r).await),
             Operation::Discover => return discover_and_upload(integration.as_ref(), job, cp).await,
         };
         result.map_err(|e| from_integration_error(&e))

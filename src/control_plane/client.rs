@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::operator::{AccessRequest, AccessRequestCreate, JobCreate, JobRecord, OPERATOR_PREFIX};
 use super::protocol::{
     API_PREFIX, ApiErrorBody, CompleteRequest, Job, LEASE_TOKEN_HEADER, LeaseRequest, LeaseResponse, MAX_WAIT_SECONDS,
-    RenewRequest, RenewResponse, SessionHello, SessionInfo,
+    ReleaseRequest, RenewRequest, RenewResponse, SessionHello, SessionInfo,
 };
 use super::{ControlPlane, ControlPlaneError};
 
@@ -255,6 +255,12 @@ impl ControlPlane for HttpControlPlane {
 
     async fn complete(&self, job_id: &str, request: &CompleteRequest) -> Result<(), ControlPlaneError> {
         let path = format!("{API_PREFIX}/jobs/{}:complete", segment(job_id));
+        self.post_json(&path, request, CALL_TIMEOUT, Some(job_id)).await?;
+        Ok(())
+    }
+
+    async fn release(&self, job_id: &str, request: &ReleaseRequest) -> Result<(), ControlPlaneError> {
+        let path = format!("{API_PREFIX}/jobs/{}:release", segment(job_id));
         self.post_json(&path, request, CALL_TIMEOUT, Some(job_id)).await?;
         Ok(())
     }

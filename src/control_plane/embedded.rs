@@ -31,8 +31,8 @@ use super::operator::{
     AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobRecord, JobState,
 };
 use super::protocol::{
-    CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, RenewRequest, RenewResponse,
-    SessionHello, SessionInfo,
+    CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, ReleaseRequest, RenewRequest,
+    RenewResponse, SessionHello, SessionInfo,
 };
 use super::store::{self, AccessRow, JobRow, ManagedUser, Store, StoreError, sql};
 use super::{ControlPlane, ControlPlaneError};
@@ -446,6 +446,8 @@ impl EmbeddedControlPlane {
             role: request.role.clone(),
             resource: request.resource.clone(),
             create_user: request.create_user,
+            grant_id: None,
+            expires_at: None,
         })
         .map_err(|e| bad_request(format!("the grant request does not serialize: {e}")))?;
         self.write(|c, fx| {
@@ -567,6 +569,10 @@ impl EmbeddedControlPlane {
             subject: a.subject.clone(),
             role: a.role.clone(),
             resource: a.resource.clone(),
+            grant_id: None,
+            user_id: None,
+            binding_ids: Vec::new(),
+            all: false,
         })
         .map_err(|e| ControlPlaneError::Store {
             message: format!("revoke params do not serialize: {e}"),
@@ -1131,6 +1137,31 @@ impl ControlPlane for EmbeddedControlPlane {
 
     async fn complete(&self, job_id: &str, request: &CompleteRequest) -> Result<(), ControlPlaneError> {
         self.complete_sync(job_id, request)
+    }
+
+    async fn release(&self, job_id: &str, request: &ReleaseRequest) -> Result<(), ControlPlaneError> {
+        self.write(|c, fx| {
+            let mut job = store::job(c, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
+                message: format!("no job {job_id:?}"),
+            })?;
+            if job.state != JobState::Leased || job.lease_token.as_deref() != Some(request.lease_token.as_str()) {
+                return Err(ControlPlaneError::LeaseLost {
+                    job_id: job_id.to_string(),
+                });
+            }
+            job.state = JobState::Pending;
+            job.lease_token = None;
+            job.lease_expires_at = None;
+            job.not_before = None;
+            if !request.started {
+                job.attempt = job.attempt.saturating_sub(1);
+            }
+            job.updated_at = now();
+            store::update_job(c, &job)?;
+            fx.wake = true;
+            tracing::info!(job = %job_id, kind = %job.kind, started = request.started, "lease released by the agent; the job is ready again");
+            Ok(())
+        })
     }
 
     async fn upload_resources(&self, job: &Job, batch: &[Value]) -> Result<(), ControlPlaneError> {

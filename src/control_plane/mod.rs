@@ -19,7 +19,9 @@ mod store;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use protocol::{CompleteRequest, Job, LeaseRequest, RenewRequest, RenewResponse, SessionHello, SessionInfo};
+use protocol::{
+    CompleteRequest, Job, LeaseRequest, ReleaseRequest, RenewRequest, RenewResponse, SessionHello, SessionInfo,
+};
 
 /// What the agent needs from a control plane: the embedded one in-process, or a remote one over
 /// HTTPS. Both answer the same way, so the agent cannot tell them apart.
@@ -35,6 +37,9 @@ pub trait ControlPlane: Send + Sync {
     async fn complete(&self, job_id: &str, request: &CompleteRequest) -> Result<(), ControlPlaneError>;
     /// Uploads a batch of discovered objects for a discovery job before it completes.
     async fn upload_resources(&self, job: &Job, batch: &[Value]) -> Result<(), ControlPlaneError>;
+    /// Gives a leased job back without an outcome (shutdown), so it can be handed out again at
+    /// once. `LeaseLost` when the lease was already lost.
+    async fn release(&self, job_id: &str, request: &ReleaseRequest) -> Result<(), ControlPlaneError>;
 }
 
 /// Why a call to the control plane failed.

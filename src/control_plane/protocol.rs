@@ -25,16 +25,19 @@ pub enum JobKind {
     Revoke,
     RotateCredentials,
     DeleteUser,
+    /// Remove the connector's own bindings whose marked expiry has passed.
+    Sweep,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 6] = [
+    pub const ALL: [JobKind; 7] = [
         JobKind::Validate,
         JobKind::Discover,
         JobKind::Grant,
         JobKind::Revoke,
         JobKind::RotateCredentials,
         JobKind::DeleteUser,
+        JobKind::Sweep,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl JobKind {
             JobKind::Revoke => "revoke",
             JobKind::RotateCredentials => "rotate_credentials",
             JobKind::DeleteUser => "delete_user",
+            JobKind::Sweep => "sweep",
         }
     }
 
@@ -125,6 +129,18 @@ pub struct RenewRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RenewResponse {
     pub lease_expires_at: DateTime<Utc>,
+}
+
+/// `POST /connector/v1/jobs/{job_id}:release`: the agent gives a leased job back without an
+/// outcome (it is shutting down), so another agent can take it at once instead of waiting out
+/// the lease. 204; 409 when the lease was already lost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub lease_token: String,
+    /// Whether the agent had started working on the job (false: it was leased but never run, so
+    /// the hand-out does not count as an attempt).
+    #[serde(default)]
+    pub started: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,7 +33,7 @@ use super::embedded::EmbeddedControlPlane;
 use super::operator::{AccessRequestCreate, JobCreate, OPERATOR_PREFIX};
 use super::protocol::{
     API_PREFIX, ApiError, ApiErrorBody, CompleteRequest, Job, LEASE_TOKEN_HEADER, LeaseRequest, LeaseResponse,
-    RenewRequest, SessionHello,
+    ReleaseRequest, RenewRequest, SessionHello,
 };
 use super::{ControlPlane, ControlPlaneError};
 use crate::integrations::IntegrationSpec;
@@ -258,7 +258,7 @@ async fn job_action(
     let Some((job_id, verb)) = split_action(&job) else {
         return Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!(
-                "no such endpoint: POST {API_PREFIX}/jobs/{job} (expected {{job_id}}:renew or {{job_id}}:complete)"
+                "no such endpoint: POST {API_PREFIX}/jobs/{job} (expected {{job_id}}:renew, {{job_id}}:complete or {{job_id}}:release)"
             ),
         }));
     };
@@ -270,6 +270,11 @@ async fn job_action(
         "complete" => {
             let request: CompleteRequest = parse_body(&body, "complete request")?;
             s.cp.complete(job_id, &request).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        "release" => {
+            let request: ReleaseRequest = parse_body(&body, "release request")?;
+            s.cp.release(job_id, &request).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         other => Err(ApiFailure(ControlPlaneError::NotFound {

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
@@ -75,6 +76,8 @@ pub trait Integration: Send + Sync {
     async fn revoke(&self, request: &RevokeRequest) -> Result<RevokeResult, IntegrationError>;
     async fn rotate_credentials(&self, request: &RotateRequest) -> Result<GrantResult, IntegrationError>;
     async fn delete_user(&self, request: &DeleteUserRequest) -> Result<DeleteUserResult, IntegrationError>;
+    /// Removes the connector's own bindings whose marked expiry has passed (see [`SweepRequest`]).
+    async fn sweep(&self, request: &SweepRequest) -> Result<SweepResult, IntegrationError>;
 }
 
 /// Who gets the access.
@@ -237,15 +240,80 @@ pub struct GrantRequest {
     pub resource: Resource,
     #[serde(default)]
     pub create_user: bool,
+    /// Which grant this is (the access request's id): written in the marker of every binding the
+    /// grant creates, so its revoke can tell the connector's bindings from anyone else's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    /// When the access ends: written in the marker of every binding the grant creates, so a sweep
+    /// can remove it even if the control plane's state is lost. A grant asked to create a
+    /// binding whose expiry has already passed is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// Params of a revoke job.
+/// Params of a revoke job. A revoke removes only what the connector made: the bindings its grant
+/// recorded (`binding_ids`, by id) and the connector's own marked bindings of the same grant;
+/// never a binding a person made, unless `all` (an operator cleaning up by hand).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokeRequest {
     #[serde(flatten)]
     pub subject: Subject,
     pub role: String,
     pub resource: Resource,
+    /// The grant being revoked (its marker's grant id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    /// The user the grant resolved. When given, the revoke uses it and never looks the subject up
+    /// by name (a lookup that finds nothing proves nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The bindings the grant recorded: deleted by id (404 is done) and checked gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binding_ids: Vec<String>,
+    /// Remove every binding that matches (subject, role, resource), whoever made it. Only for an
+    /// operator cleaning up by hand (`revoke --all`); the control plane never sets it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// Params of a sweep job: remove the connector's own bindings whose marked expiry has passed,
+/// except those an access that has not ended still holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepRequest {
+    /// Binding ids held by accesses that have not ended: never removed by the sweep.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_binding_ids: Vec<String>,
+    /// Report what would be removed; remove nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// One binding a sweep removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweptBinding {
+    pub id: String,
+    pub scope: BindingScope,
+    pub role_id: String,
+    pub resource_id: String,
+    /// `userId`, `userPrincipalId` or `groupPrincipalId` of the binding, whichever it has.
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SweepResult {
+    /// Expired connector bindings removed (or that would be, in a dry run).
+    pub removed: Vec<SweptBinding>,
+    /// Expired connector bindings left in place because an access still holds them.
+    #[serde(default)]
+    pub kept_binding_ids: Vec<String>,
+    /// Connector bindings looked at (expired or not).
+    #[serde(default)]
+    pub marked: u64,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// Params of a rotate-credentials job: the user whose password is replaced.
@@ -285,17 +353,42 @@ fn expose_secret<S: Serializer>(v: &SecretString, s: S) -> Result<S::Ok, S::Erro
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GrantResult {
     pub user_id: String,
+    /// The connector's own bindings that carry this access (made now, or made earlier by the
+    /// connector for the same subject, role and resource): what the revoke deletes by id.
     pub binding_ids: Vec<String>,
     pub created_user: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
     #[serde(default)]
     pub access_details: String,
+    /// Equal access was already there, made by someone else: nothing was created, and the
+    /// revoke leaves it in place.
+    #[serde(default)]
+    pub pre_existing: bool,
+    /// The equal bindings that were already there (never deleted by a revoke).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_existing_binding_ids: Vec<String>,
+    /// `user_id` is a user the connector created (tracked for rotation and cleanup).
+    #[serde(default)]
+    pub managed_user: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RevokeResult {
     pub removed_binding_ids: Vec<String>,
+    /// Bindings equal to the grant that the connector did not make: left in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_binding_ids: Vec<String>,
+    /// The user the revoke acted for, when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// `user_id` is a user the connector created (tracked for rotation and cleanup).
+    #[serde(default)]
+    pub managed_user: bool,
+    /// The user is one the connector created and this revoke removed its last access: it was
+    /// disabled (`enabled: false`); its next grant enables it again.
+    #[serde(default)]
+    pub user_disabled: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -318,6 +318,9 @@ impl Rancher {
             created_user: credentials.is_some(),
             credentials: credentials.map(|(username, password)| Credentials { username, password }),
             access_details: self.config.access_details(),
+            pre_existing: false,
+            pre_existing_binding_ids: Vec::new(),
+            managed_user: false,
         })
     }
 
@@ -392,6 +395,7 @@ impl Rancher {
         tracing::info!(grant = %target.describe(), removed = removed.len(), "revoked");
         Ok(RevokeResult {
             removed_binding_ids: removed,
+            ..RevokeResult::default()
         })
     }
 

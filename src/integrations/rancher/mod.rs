@@ -21,6 +21,7 @@ mod grant;
 pub mod model;
 pub mod names;
 mod project_ns;
+mod sweep;
 mod users;
 mod validate;
 
@@ -111,5 +112,9 @@ impl Integration for Rancher {
 
     async fn delete_user(&self, request: &DeleteUserRequest) -> Result<DeleteUserResult, IntegrationError> {
         self.delete_agent_user(request).await
+    }
+
+    async fn sweep(&self, request: &SweepRequest) -> Result<SweepResult, IntegrationError> {
+        self.sweep_expired(request).await
     }
 }

@@ -371,6 +371,8 @@ fn grant_req(user: &str, role: &str, resource: &str) -> GrantRequest {
         role: role.into(),
         resource: Resource::parse(resource).unwrap(),
         create_user: false,
+        grant_id: None,
+        expires_at: None,
     }
 }
 
@@ -379,6 +381,10 @@ fn revoke_req(user: &str, role: &str, resource: &str) -> RevokeRequest {
         subject: Subject::user(user),
         role: role.into(),
         resource: Resource::parse(resource).unwrap(),
+        grant_id: None,
+        user_id: None,
+        binding_ids: Vec::new(),
+        all: false,
     }
 }
 
@@ -388,6 +394,8 @@ fn group_grant(group: &str, role: &str, resource: &str) -> GrantRequest {
         role: role.into(),
         resource: Resource::parse(resource).unwrap(),
         create_user: false,
+        grant_id: None,
+        expires_at: None,
     }
 }
 
@@ -508,6 +516,10 @@ async fn grant_by_principal_and_to_groups() {
             subject: req.subject.clone(),
             role: role.into(),
             resource: req.resource.clone(),
+            grant_id: None,
+            user_id: None,
+            binding_ids: Vec::new(),
+            all: false,
         };
         assert_eq!(r.revoke(&rv).await.unwrap().removed_binding_ids, g.binding_ids);
     }
@@ -796,6 +808,10 @@ async fn repeated_grants_on_both_duplicate_behaviours() {
             subject: req.subject.clone(),
             role: req.role.clone(),
             resource: req.resource.clone(),
+            grant_id: None,
+            user_id: None,
+            binding_ids: Vec::new(),
+            all: false,
         })
         .await
         .unwrap();

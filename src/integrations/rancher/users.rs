@@ -46,6 +46,9 @@ impl Rancher {
             created_user: false,
             credentials: Some(Credentials { username, password }),
             access_details: self.config.access_details(),
+            pre_existing: false,
+            pre_existing_binding_ids: Vec::new(),
+            managed_user: true,
         })
     }
 
