@@ -18,7 +18,7 @@ use crate::control_plane::client::{HttpControlPlane, OperatorClient};
 use crate::control_plane::embedded::{self, EmbeddedControlPlane};
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
 use crate::control_plane::{ControlPlane, server};
-use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest};
+use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest, SweepRequest};
 use crate::secrets::{SecretRef, SecretStores};
 use crate::telemetry::health::HealthServer;
 use crate::telemetry::{self, Readiness};
@@ -260,6 +260,26 @@ pub async fn grant(spec: IntegrationSpec, request: GrantRequest) -> anyhow::Resu
 pub async fn revoke(spec: IntegrationSpec, request: RevokeRequest) -> anyhow::Result<Value> {
     let integration = build_integration(&spec).await?;
     Ok(serde_json::to_value(integration.revoke(&request).await?)?)
+}
+
+/// `sweep`: removes (or, in a dry run, lists) the connector's bindings whose marked expiry has
+/// passed. Run by hand there is no control plane to say which accesses still hold a binding, so
+/// nothing is kept beyond what has not expired yet.
+pub async fn sweep(spec: IntegrationSpec, dry_run: bool) -> anyhow::Result<Value> {
+    let integration = build_integration(&spec).await?;
+    let result = integration
+        .sweep(&SweepRequest {
+            keep_binding_ids: Vec::new(),
+            dry_run,
+        })
+        .await?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    eprintln!(
+        "sweep: {} of the connector's binding(s) seen; {verb} {} expired",
+        result.marked,
+        result.removed.len()
+    );
+    Ok(serde_json::to_value(result)?)
 }
 
 /// `secret get`: keys as JSON; values `***` unless `reveal`.

@@ -92,6 +92,10 @@ pub struct StandaloneConfig {
     /// Finished jobs, discovered objects and ended access requests are forgotten this many days
     /// after they ended.
     pub retention_days: u64,
+    /// How often the scheduler sweeps each integration for the connector's bindings whose
+    /// marked expiry has passed and that no access holds (0: never). The first sweep runs at
+    /// start, so a process that lost its database removes expired access at once.
+    pub sweep_interval_seconds: u64,
 }
 
 impl Default for StandaloneConfig {
@@ -102,6 +106,7 @@ impl Default for StandaloneConfig {
             lease_seconds: 60,
             max_grant_attempts: 5,
             retention_days: 30,
+            sweep_interval_seconds: 300,
         }
     }
 }

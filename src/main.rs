@@ -63,13 +63,27 @@ enum Command {
         target: Target,
         #[arg(long)]
         create_user: bool,
+        /// Mark the binding with an expiry this far ahead (e.g. 2h): a `sweep` removes it after.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
     },
-    /// One-shot revoke; prints the result as one JSON object.
+    /// One-shot revoke of the connector's own bindings; prints the result as one JSON object.
     Revoke {
         #[arg(long)]
         integration: String,
         #[command(flatten)]
         target: Target,
+        /// Remove every matching binding, also those the connector did not make (clean-up by hand).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove the connector's bindings whose marked expiry has passed; prints what it removed.
+    Sweep {
+        #[arg(long)]
+        integration: String,
+        /// Show what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Operator commands against a control plane (default: the standalone one on 127.0.0.1:8790).
     Access {
@@ -261,9 +275,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             integration,
             target,
             create_user,
+            ttl,
         } => {
             quiet_logs();
             let (subject, role, resource) = target.parts()?;
+            let expires_at = match ttl {
+                Some(ttl) => Some(
+                    chrono::Duration::from_std(ttl)
+                        .ok()
+                        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                        .context("--ttl is too long")?,
+                ),
+                None => None,
+            };
             let result = commands::grant(
                 commands::parse_integration(&integration)?,
                 GrantRequest {
@@ -271,14 +295,23 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     role,
                     resource,
                     create_user,
-                    grant_id: None,
-                    expires_at: None,
+                    grant_id: Some(format!("cli-{}", uuid::Uuid::now_v7())),
+                    expires_at,
                 },
             )
             .await?;
             print_json(&result)?;
         }
-        Command::Revoke { integration, target } => {
+        Command::Sweep { integration, dry_run } => {
+            quiet_logs();
+            let result = commands::sweep(commands::parse_integration(&integration)?, dry_run).await?;
+            print_json(&result)?;
+        }
+        Command::Revoke {
+            integration,
+            target,
+            all,
+        } => {
             quiet_logs();
             let (subject, role, resource) = target.parts()?;
             let result = commands::revoke(
@@ -290,7 +323,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     grant_id: None,
                     user_id: None,
                     binding_ids: Vec::new(),
-                    all: false,
+                    all,
                 },
             )
             .await?;

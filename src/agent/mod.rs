@@ -2,8 +2,10 @@
 //! completion, and graceful shutdown. What a job *does* is in [`executor`].
 //!
 //! Shutdown: the `shutdown` token stops leasing at once; in-flight jobs get `grace` to finish and
-//! report. Jobs still running then are abandoned without a report: their leases run out and the
-//! control plane hands them out again (every operation is idempotent, so that is safe).
+//! report. Jobs leased but not started (an answer that arrived as shutdown began) and jobs still
+//! running when the grace ends are *released* (`:release`), so another replica, or this one after
+//! its restart, takes them at once instead of waiting out the lease. A release that fails is
+//! harmless: the lease runs out and the job is handed out again (every operation is idempotent).
 
 pub mod executor;
 
@@ -17,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::control_plane::protocol::{
-    Capabilities, CompleteRequest, Job, JobKind, LeaseRequest, Outcome, RenewRequest, SessionHello,
+    Capabilities, CompleteRequest, Job, JobKind, LeaseRequest, Outcome, ReleaseRequest, RenewRequest, SessionHello,
 };
 use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::integrations::INTEGRATION_TYPES;
@@ -92,9 +94,18 @@ impl Agent {
                 max_jobs: (permits.available_permits() + 1) as u32,
                 wait_seconds: self.options.lease_wait_seconds,
             };
+            let lease = self.control_plane.lease(&request);
+            tokio::pin!(lease);
             let leased = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.control_plane.lease(&request) => r,
+                r = &mut lease => r,
+                _ = shutdown.cancelled() => {
+                    // The answer may already carry jobs leased to us: take it if it comes at once,
+                    // and give them back rather than leave them to a lease that runs out.
+                    if let Ok(Ok(jobs)) = tokio::time::timeout(SHUTDOWN_LEASE_WAIT, &mut lease).await {
+                        release_unstarted(self.control_plane.as_ref(), jobs).await;
+                    }
+                    break;
+                }
             };
             let jobs = match leased {
                 Ok(jobs) => {
@@ -123,13 +134,21 @@ impl Agent {
                 }
             };
             let mut first_permit = Some(first_permit);
-            for raw in jobs {
+            let mut jobs = jobs.into_iter();
+            while let Some(raw) = jobs.next() {
                 let permit = match first_permit.take() {
                     Some(p) => p,
-                    // The control plane sent more than asked: run them anyway, in turn.
-                    None => match permits.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break,
+                    // The control plane sent more than asked: run them anyway, in turn, unless
+                    // shutdown comes first (then the rest are given back unstarted).
+                    None => tokio::select! {
+                        p = permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                        _ = shutdown.cancelled() => {
+                            release_unstarted(self.control_plane.as_ref(), std::iter::once(raw).chain(jobs.by_ref()).collect()).await;
+                            break;
+                        }
                     },
                 };
                 let cp = self.control_plane.clone();
@@ -156,7 +175,7 @@ impl Agent {
         {
             tracing::warn!(
                 abandoned = tracker.len(),
-                "grace period over: abandoning jobs; their leases will run out and they will be handed out again"
+                "grace period over: abandoning jobs and releasing their leases so they are handed out again at once"
             );
             abandon.cancel();
             tracker.wait().await;
@@ -265,15 +284,21 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
         // Lost lease or grace over: stop working on the job, report nothing.
         let stop = abandon.child_token();
         let renewal = keep_lease(cp, &job, stop.clone());
+        tokio::pin!(renewal);
         let work = executor.execute(&job, cp, &stop);
         let outcome = tokio::select! {
             r = work => Some(r),
-            _ = renewal => None,
+            _ = &mut renewal => None,
             _ = stop.cancelled() => None,
         };
         let Some(outcome) = outcome else {
-            tracing::warn!("job abandoned (lease lost or shutdown grace over); it will be handed out again");
             m.job_finished(kind_label, "abandoned", started.elapsed());
+            if abandon.is_cancelled() {
+                tracing::warn!("shutdown grace over: job abandoned; releasing its lease");
+                release(cp, &job.id, &job.lease_token, true).await;
+            } else {
+                tracing::warn!("job abandoned: its lease was lost; the control plane has handed it out again");
+            }
             return;
         };
         let request = match outcome {
@@ -288,12 +313,50 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
             Outcome::Failed => "failed",
         };
         m.job_finished(kind_label, outcome_label, started.elapsed());
-        if report(cp, &job, &request, &abandon).await {
+        // Keep the lease alive while reporting: a report retried through a control-plane outage
+        // must not let the lease lapse and the job run a second time.
+        let reported = tokio::select! {
+            r = report(cp, &job, &request, &abandon) => r,
+            _ = &mut renewal => false,
+        };
+        stop.cancel();
+        if reported {
             tracing::info!(outcome = ?request.outcome, elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
         }
     }
     .instrument(span)
     .await
+}
+
+/// How long a lease answer that is in flight when shutdown begins is still waited for.
+const SHUTDOWN_LEASE_WAIT: Duration = Duration::from_secs(2);
+/// How long one release call may take at shutdown.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Gives back jobs that were leased but never started (shutdown).
+async fn release_unstarted(cp: &dyn ControlPlane, jobs: Vec<Value>) {
+    for raw in jobs {
+        match serde_json::from_value::<Job>(raw) {
+            Ok(job) => release(cp, &job.id, &job.lease_token, false).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "a leased job without a valid envelope cannot be released; its lease will run out")
+            }
+        }
+    }
+}
+
+/// Releases one lease, bounded in time; a failure only means the lease runs out instead.
+async fn release(cp: &dyn ControlPlane, job_id: &str, lease_token: &str, started: bool) {
+    let request = ReleaseRequest {
+        lease_token: lease_token.to_string(),
+        started,
+    };
+    match tokio::time::timeout(RELEASE_TIMEOUT, cp.release(job_id, &request)).await {
+        Ok(Ok(())) => tracing::info!(job = %job_id, started, "lease released: the job can be handed out again at once"),
+        Ok(Err(ControlPlaneError::LeaseLost { .. })) => {}
+        Ok(Err(e)) => tracing::warn!(job = %job_id, error = %e, "could not release the lease; it will run out instead"),
+        Err(_) => tracing::warn!(job = %job_id, "releasing the lease timed out; it will run out instead"),
+    }
 }
 
 /// Renews the lease at a third of its remaining time. Returns only when the lease is lost.
