@@ -254,7 +254,7 @@ def test_openapi():
     spec, _ = read_from_filename(os.path.join(ROOT, "docs", "openapi.yaml"))
     validate(spec)
     paths = spec.get("paths", {})
-    for needle in ("sessions", "jobs:lease", ":renew", ":complete", "/resources", "access-requests"):
+    for needle in ("sessions", "jobs:lease", ":renew", ":complete", ":release", "/resources", "access-requests"):
         check(any(needle in p for p in paths), f"openapi.yaml documents {needle}")
 
 
