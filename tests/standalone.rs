@@ -357,3 +357,55 @@ async fn an_expiring_key_is_a_warning_and_a_metric() {
     );
     stack.shutdown().await;
 }
+
+/// SIGTERM (the agent's shutdown token) with a job still running past the grace: its lease is
+/// released, so the job is ready again at once and another agent takes it, instead of waiting out
+/// a 60 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_lease_of_a_job_it_does_not_finish() {
+    use apono_connector::agent::{Agent, AgentOptions, Executor};
+    use tokio_util::sync::CancellationToken;
+
+    let stack = Stack::start_with(Duration::from_secs(60), false).await;
+    // The grant's first request hangs far longer than the grace.
+    stack
+        .sim
+        .sim
+        .slow_next_on("GET /v3/users", 1, Duration::from_secs(30));
+    let a = stack
+        .cp
+        .create_access(access(
+            Subject::Username("alice".into()),
+            "cluster-member",
+            "c-m-4bq8z2lp",
+            600,
+        ))
+        .unwrap();
+    let options = AgentOptions {
+        parallelism: 1,
+        lease_wait_seconds: 1,
+        shutdown_grace: Duration::from_millis(500),
+    };
+    let first_stop = CancellationToken::new();
+    let executor = Executor::new(SecretStores::default(), 1).with_backoff_base(Duration::from_millis(50));
+    let first = tokio::spawn(Agent::new(stack.cp.clone(), executor, options.clone()).run(first_stop.clone()));
+    wait_until(Duration::from_secs(20), || {
+        let job = stack.cp.job(&a.grant_job_id).unwrap().unwrap();
+        (job.state == JobState::Leased).then_some(())
+    })
+    .await;
+    first_stop.cancel();
+    first.await.unwrap();
+    let job = stack.cp.job(&a.grant_job_id).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Pending, "released, not left leased for 60 s: {job:?}");
+
+    let second_stop = CancellationToken::new();
+    let executor = Executor::new(SecretStores::default(), 3).with_backoff_base(Duration::from_millis(50));
+    let second = tokio::spawn(Agent::new(stack.cp.clone(), executor, options).run(second_stop.clone()));
+    stack
+        .wait_access(&a.id, AccessState::Active, Duration::from_secs(20))
+        .await;
+    second_stop.cancel();
+    second.await.unwrap();
+    stack.shutdown().await;
+}
