@@ -706,6 +706,8 @@ fn planted(id: &str, role: &str, resource: &str, user: &str) -> SimBinding {
         user_id: Some(user.into()),
         user_principal_id: Some(format!("local://{user}")),
         group_principal_id: None,
+        labels: Default::default(),
+        annotations: Default::default(),
     }
 }
 
