@@ -1776,9 +1776,8 @@ async fn a_user_is_disabled_and_enabled_again_by_put() {
     assert_eq!(c.get("/v3/users/u-bob01").await.1["enabled"], false);
     let enabled = |sim: &Sim| sim.users().iter().find(|u| u.id == "u-bob01").map(|u| u.enabled);
     assert_eq!(enabled(&c.h.sim), Some(false));
-    assert_eq!(
+    assert!(
         c.h.sim.check_password("u-bob01", "bob-sim-password-0001"),
-        true,
         "password kept"
     );
     let (status, on) = c.put("/v3/users/u-bob01", json!({"enabled": true})).await;
