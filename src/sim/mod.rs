@@ -9,6 +9,7 @@
 //!   Norman JSON shapes;
 //! - `data`: the small (fixed ids, tests depend on them) and large (generated) datasets;
 //! - `api`: the HTTP layer: auth, routing, filters, pagination, errors, latency, faults, stats;
+//! - `view`: what the key's owner is shown (RBAC for a non-admin owner, objects hidden from lists);
 //! - `tests`: behaviour tests over HTTP.
 //!
 //! Behaviour follows `rancher-api-notes.md` (the real server's quirks included: string `status` on
@@ -21,6 +22,10 @@
 //!   last page, which has no `next`; follow `next` while it is present.
 //! - Filters: `f=v`, `f_ne`, `f_in`, `f_notin`, `f_null`, `f_notnull` on the collection's known
 //!   fields only (listed in each answer's `filters`); `sort=<field>&order=desc`.
+//! - Bindings keep `labels` and `annotations` from the create body; `PUT /v3/<bindings>/{id}`
+//!   merges them (a `null` value removes a key) and refuses to change the role, the resource or
+//!   a set subject (400 `BadRequest` "field is immutable"). A create of a name whose binding is
+//!   being removed is 409 `AlreadyExists` "object is being deleted: ...".
 //! - Users created through the API get no global role binding. A binding made by
 //!   `userPrincipalId` alone creates the user (EnsureUser) and sets `userId`.
 //! - `GET /sim/stats`, `/sim/bindings`, `/sim/users` need no auth and are not counted.
@@ -30,12 +35,20 @@
 //! On [`SimOptions`]: `version`, `latency`, `settle` (new bindings `InProgress`, EnsureUser's
 //! `userId` and new users' `principalIds` hidden until then), `removal_delay` (deleted bindings
 //! linger with `removed`), `key_cluster_id` / `key_expires_at` (scoped or expiring key),
-//! `resolve_external_principals`, `password_min_length`, `faults` (seeded random 5xx / slow
-//! answers), `seed`. At run time on [`Sim`]: [`Sim::set_api_key`] (rotation),
+//! `resolve_external_principals`, `password_min_length`, `key_owner_admin` (lists filtered by
+//! RBAC when `false`), `faults` (seeded random 5xx / slow answers), `seed`. At run time on [`Sim`]: [`Sim::set_api_key`] (rotation),
 //! [`Sim::set_key_scope`], [`Sim::set_key_expiry`], [`Sim::set_version`], [`Sim::set_latency`],
 //! [`Sim::set_settle`], [`Sim::set_removal_delay`], [`Sim::fail_next`] / [`Sim::fail_next_on`]
 //! (exact faults, optionally after the change is committed), [`Sim::set_faults`],
-//! [`Sim::add_user`], [`Sim::add_binding`], [`Sim::remove_binding`], [`Sim::check_password`].
+//! [`Sim::add_user`], [`Sim::add_binding`], [`Sim::remove_binding`], [`Sim::check_password`],
+//! [`Sim::set_key_owner_admin`], [`Sim::set_new_user_default`], [`Sim::empty_lists_on`] /
+//! [`Sim::hide_from_lists`] / [`Sim::unhide`] / [`Sim::clear_list_faults`] (lists that miss
+//! objects still there), [`Sim::slow_next_on`] (a slow route that still applies the change).
+//!
+//! Route keys (for `fail_next_on`, `empty_lists_on`, `slow_next_on` and [`SimStats::routes`]):
+//! `METHOD /v3/<collection>[/{id}][?action=<a>]`, collection in lowercase, ids as `{id}`, e.g.
+//! `GET /v3/clusterroletemplatebindings`, `DELETE /v3/clusterroletemplatebindings/{id}`,
+//! `POST /v3/users/{id}?action=setpassword`, `GET /v3/cluster/{id}/namespaces`.
 
 mod api;
 mod data;

@@ -1490,7 +1490,7 @@ impl State {
         if let Some((f, internal)) = resource {
             fixed.push((f, internal, Some(b.resource_id.as_str())));
         }
-        // Subject fields may be set once, then never changed.
+        // A subject field already set cannot change (an unset one given here is ignored).
         fixed.push(("userId", "userName", b.user_id.as_deref()));
         fixed.push(("userPrincipalId", "userPrincipalName", b.user_principal_id.as_deref()));
         fixed.push((

@@ -1277,10 +1277,25 @@ async fn objects_have_the_norman_shape_and_their_self_links_resolve() {
     c.stop().await;
 }
 
+/// Polls `path` until it answers 404 (bounded, so a regression fails instead of hanging).
+async fn wait_for_404(c: &Client, path: &str) {
+    for _ in 0..200 {
+        if c.get(path).await.0 == 404 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} still readable after 10 s");
+}
+
+/// Rancher: a DELETE answers 200 with `removed` set while finalizers run and GET still finds the
+/// object (rancher-api-notes §1, §4); a create of the same name meanwhile is Kubernetes' 409
+/// AlreadyExists "object is being deleted: ..." (k8s.io/apiserver
+/// `pkg/registry/generic/registry/store.go`; review rancher.md F9/S9), a wait, not "done".
 #[tokio::test]
-async fn with_a_removal_delay_a_deleted_binding_lingers_with_removed_set() {
+async fn with_a_removal_delay_a_deleted_binding_lingers_and_its_name_is_being_deleted() {
     let c = Client::start(SimOptions {
-        removal_delay: Duration::from_millis(300),
+        removal_delay: Duration::from_secs(2),
         ..SimOptions::default()
     })
     .await;
@@ -1293,9 +1308,33 @@ async fn with_a_removal_delay_a_deleted_binding_lingers_with_removed_set() {
     assert_eq!(status, 200, "still there while finalizers run");
     assert!(still["removed"].is_string());
     assert_eq!(c.ids("/v3/projectroletemplatebindings?userId=u-bob01").await, [id]);
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    assert_error(&c.get(&path).await, 404, "NotFound");
+
+    let mut again = prtb("u-bob01", "project-member", "c-7x2k9:p-abcde");
+    again["name"] = json!("prtb-b0b01");
+    let refused = c.post("/v3/projectroletemplatebindings", again.clone()).await;
+    assert_error(&refused, 409, "AlreadyExists");
+    let message = refused.1["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("object is being deleted: "),
+        "the old binding is on its way out: {message}"
+    );
+
+    wait_for_404(&c, &path).await;
     assert!(c.h.sim.bindings().iter().all(|b| b.id != id));
+    let (status, created) = c.post("/v3/projectroletemplatebindings", again).await;
+    assert_eq!(status, 201, "the name is free once the old binding is gone: {created}");
+    assert_eq!(created["id"], id);
+    // A live binding's name gives the plain AlreadyExists.
+    let mut third = prtb("u-bob01", "project-member", "c-7x2k9:p-abcde");
+    third["name"] = json!("prtb-b0b01");
+    let plain = c.post("/v3/projectroletemplatebindings", third).await;
+    assert_error(&plain, 409, "AlreadyExists");
+    assert!(
+        !plain.1["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("object is being deleted")
+    );
     c.stop().await;
 }
 
@@ -1368,4 +1407,385 @@ fn external_user_id_matches_an_independent_base32() {
     // Python: "u-" + base64.b32encode(hashlib.sha256(p.encode()).digest()).decode()[:10].lower()
     assert_eq!(external_user_id("github_user://4242"), "u-t3pwg2epgg");
     assert_eq!(external_user_id("github_user://5151"), "u-dpuo33tiay");
+}
+
+// ----- issue 9: the situations a revoke must survive, as real Rancher has them -----
+
+/// Rancher keeps `labels` and `annotations` on create and merges them on update like every
+/// Norman object (rancher-api-notes §6, rancher/norman `types/mapper/metadata.go`; updates go to
+/// Kubernetes as a strategic merge patch, rancher/norman `store/proxy/proxy_store.go` Update,
+/// so `null` removes a key). The webhook refuses to change the role, the resource or a set
+/// subject (rancher/webhook `clusterroletemplatebinding/validator.go` `validateUpdateFields`).
+#[tokio::test]
+async fn bindings_keep_labels_and_annotations_and_put_changes_only_those() {
+    let c = Client::start(SimOptions::default()).await;
+    let mut body = crtb("u-bob01", "cluster-member", "c-7x2k9");
+    body["labels"] = json!({"apono.io/managed": "true"});
+    body["annotations"] = json!({"apono.io/grant": "g-1", "apono.io/expires-at": "2030-01-01T00:00:00Z"});
+    let (status, made) = c.post("/v3/clusterroletemplatebindings", body).await;
+    assert_eq!(status, 201, "{made}");
+    let id = made["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(made["labels"]["apono.io/managed"], "true");
+    assert_eq!(made["annotations"]["apono.io/grant"], "g-1");
+    let path = format!("/v3/clusterroletemplatebindings/{id}");
+    let (_, read) = c.get(&path).await;
+    assert_eq!(read["annotations"]["apono.io/expires-at"], "2030-01-01T00:00:00Z");
+    let listed = c.all("/v3/clusterroletemplatebindings?userId=u-bob01").await;
+    assert!(
+        listed
+            .iter()
+            .any(|b| b["id"] == id.as_str() && b["labels"]["apono.io/managed"] == "true"),
+        "lists show the labels too"
+    );
+
+    // PUT merges: a new key is added, a null removes one, the rest stay.
+    let (status, updated) = c
+        .put(
+            &path,
+            json!({"annotations": {"apono.io/grant": null, "apono.io/grants": "g-1,g-2"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["annotations"]["apono.io/grants"], "g-1,g-2");
+    assert!(updated["annotations"].get("apono.io/grant").is_none(), "{updated}");
+    assert_eq!(updated["annotations"]["apono.io/expires-at"], "2030-01-01T00:00:00Z");
+    assert_eq!(updated["labels"]["apono.io/managed"], "true", "labels untouched");
+    let sim =
+        c.h.sim
+            .bindings()
+            .into_iter()
+            .find(|b| b.id == id)
+            .expect("in Sim::bindings");
+    assert_eq!(
+        sim.annotations.get("apono.io/grants").map(String::as_str),
+        Some("g-1,g-2")
+    );
+    assert_eq!(sim.labels.get("apono.io/managed").map(String::as_str), Some("true"));
+
+    // Sending back the object as read is fine; changing what it grants is not.
+    let (status, _) = c.put(&path, read.clone()).await;
+    assert_eq!(status, 200);
+    for (field, value) in [
+        ("roleTemplateId", "cluster-owner"),
+        ("clusterId", "local"),
+        ("userId", "u-alice1"),
+    ] {
+        let refused = c.put(&path, json!({ field: value })).await;
+        assert_error(&refused, 400, "BadRequest");
+        assert!(
+            refused.1["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("field is immutable"),
+            "{}",
+            refused.1
+        );
+    }
+    let (_, after) = c.get(&path).await;
+    assert_eq!(after["roleTemplateId"], "cluster-member");
+    assert_eq!(after["userId"], "u-bob01");
+    assert_error(
+        &c.put(
+            "/v3/clusterroletemplatebindings/c-7x2k9:crtb-nope1",
+            json!({"labels": {}}),
+        )
+        .await,
+        404,
+        "NotFound",
+    );
+
+    // A binding planted out of band keeps what it was given: a person's (no labels) ...
+    c.h.sim
+        .add_binding(SimBinding {
+            id: "c-7x2k9:crtb-stand".into(),
+            name: "crtb-stand".into(),
+            scope: BindingScope::Cluster,
+            role_id: "cluster-member".into(),
+            resource_id: "c-7x2k9".into(),
+            user_id: Some("u-alice1".into()),
+            user_principal_id: Some("local://u-alice1".into()),
+            group_principal_id: None,
+            labels: BTreeMap::from([("team".to_string(), "payments".to_string())]),
+            annotations: BTreeMap::new(),
+        })
+        .expect("planted");
+    let (_, planted) = c.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-stand").await;
+    assert_eq!(planted["labels"]["team"], "payments");
+    assert_eq!(planted["annotations"], json!({}));
+    let raw: Vec<SimBinding> = reqwest::get(format!("{}/sim/bindings", c.h.base_url))
+        .await
+        .expect("sim bindings")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        raw.iter()
+            .any(|b| b.id == id && b.labels.contains_key("apono.io/managed"))
+    );
+    c.stop().await;
+}
+
+/// Rancher filters lists by the caller's RBAC without a word (rancher/norman
+/// `store/proxy/proxy_store.go` `FilterList`, rancher `pkg/rbac/user_based.go`); one object is
+/// read and written as the caller (`doAuthed`, Kubernetes RBAC: 403 Forbidden); creates are
+/// refused by Norman's schema check (rancher/norman `authorization/all.go`: PermissionDenied).
+#[tokio::test]
+async fn a_key_owner_who_is_not_admin_gets_lists_filtered_silently() {
+    let admin_probe = format!("/v3/globalrolebindings?userId={ADMIN_USER_ID}&globalRoleId=admin");
+    let c = Client::start(SimOptions::default()).await;
+    assert_eq!(
+        c.ids(&admin_probe).await,
+        ["grb-admin"],
+        "a default key belongs to an admin"
+    );
+    c.stop().await;
+
+    let c = Client::start(SimOptions {
+        key_owner_admin: false,
+        ..SimOptions::default()
+    })
+    .await;
+    assert!(c.ids(&admin_probe).await.is_empty(), "no admin binding to be seen");
+    assert_eq!(c.ids("/v3/globalrolebindings").await, ["grb-owner"], "only its own");
+    assert_eq!(c.ids("/v3/users").await, [ADMIN_USER_ID]);
+    assert_eq!(c.ids("/v3/users?username=bob").await, Vec::<String>::new());
+    assert_eq!(c.ids("/v3/users?me=true").await, [ADMIN_USER_ID]);
+    for path in [
+        "/v3/clusterroletemplatebindings",
+        "/v3/projectroletemplatebindings?userId=u-bob01",
+        "/v3/clusters",
+        "/v3/projects",
+        "/v3/cluster/c-7x2k9/namespaces",
+    ] {
+        let (status, page) = c.get(path).await;
+        assert_eq!(status, 200, "no error says anything was hidden: {page}");
+        assert_eq!(page["data"], json!([]), "{path}");
+        assert_eq!(page["pagination"]["total"], 0, "{path}");
+    }
+    assert!(c.ids("/v3/globalroles").await.contains(&"admin".to_string()));
+    assert!(c.ids("/v3/roletemplates").await.contains(&"cluster-member".to_string()));
+
+    assert_error(&c.get("/v3/users/u-bob01").await, 403, "Forbidden");
+    let (status, me) = c.get(&format!("/v3/users/{ADMIN_USER_ID}")).await;
+    assert_eq!((status, me["id"].as_str()), (200, Some(ADMIN_USER_ID)));
+    let other = "/v3/projectroletemplatebindings/p-abcde:prtb-b0b01";
+    let read = c.get(other).await;
+    assert_error(&read, 403, "Forbidden");
+    assert!(
+        read.1["message"].as_str().unwrap_or_default().contains("cannot get"),
+        "{}",
+        read.1
+    );
+    assert_error(&c.delete(other).await, 403, "Forbidden");
+    assert_error(&c.put(other, json!({"labels": {}})).await, 403, "Forbidden");
+    let create = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-bob01", "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    assert_error(&create, 403, "PermissionDenied");
+    assert_eq!(create.1["message"], "can not create clusterRoleTemplateBinding");
+    assert_error(
+        &c.post(
+            "/v3/users",
+            json!({"username": "carol", "password": "long-enough-password"}),
+        )
+        .await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &c.put("/v3/users/u-bob01", json!({"enabled": false})).await,
+        403,
+        "Forbidden",
+    );
+    assert_error(&c.delete("/v3/users/u-bob01").await, 403, "Forbidden");
+    assert!(
+        c.h.sim.bindings().iter().any(|b| b.id == "p-abcde:prtb-b0b01"),
+        "nothing was deleted"
+    );
+    assert!(c.h.sim.users().iter().all(|u| u.enabled));
+
+    // Its own bindings reach what it may see: a project membership shows that project only.
+    c.h.sim
+        .add_binding(SimBinding {
+            id: "p-x4m7q:prtb-own01".into(),
+            name: "prtb-own01".into(),
+            scope: BindingScope::Project,
+            role_id: "project-member".into(),
+            resource_id: "c-7x2k9:p-x4m7q".into(),
+            user_id: Some(ADMIN_USER_ID.into()),
+            user_principal_id: Some(format!("local://{ADMIN_USER_ID}")),
+            group_principal_id: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        })
+        .expect("planted");
+    assert_eq!(c.ids("/v3/projectroletemplatebindings").await, ["p-x4m7q:prtb-own01"]);
+    assert_eq!(c.ids("/v3/clusters").await, ["c-7x2k9"]);
+    assert_eq!(c.ids("/v3/projects").await, ["c-7x2k9:p-x4m7q"]);
+    assert_eq!(
+        c.ids("/v3/cluster/c-7x2k9/namespaces").await,
+        ["payments-api", "payments-db"]
+    );
+
+    // Made admin again, it sees everything.
+    c.h.sim.set_key_owner_admin(true);
+    assert_eq!(c.ids(&admin_probe).await.len(), 1);
+    assert_eq!(c.ids("/v3/users").await.len(), 4);
+    assert!(c.ids("/v3/clusterroletemplatebindings").await.len() >= 2);
+    let (status, _) = c.get(other).await;
+    assert_eq!(status, 200);
+    c.h.sim.set_key_owner_admin(false);
+    assert!(c.ids(&admin_probe).await.is_empty());
+    c.stop().await;
+}
+
+/// An RBAC-filtered or lagging listing (rancher-api-notes §6: "an empty listing proves
+/// nothing"; informer caches behind Norman's lists) while the object is there: lists are
+/// empty or miss one binding, reads by id and deletes still work.
+#[tokio::test]
+async fn lists_can_come_back_empty_or_miss_one_object_that_is_still_there() {
+    let c = Client::start(SimOptions::default()).await;
+    let route = "GET /v3/clusterroletemplatebindings";
+    let list = "/v3/clusterroletemplatebindings";
+    let all = c.ids(list).await;
+    assert_eq!(all, ["c-7x2k9:crtb-grp01", "local:crtb-al1ce"]);
+
+    c.h.sim.empty_lists_on(route, 1);
+    let (status, page) = c.get(list).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (page["data"].clone(), page["pagination"]["total"].clone()),
+        (json!([]), json!(0))
+    );
+    assert_eq!(c.ids(list).await, all, "one request only");
+
+    c.h.sim.empty_lists_on(route, usize::MAX);
+    for _ in 0..3 {
+        assert!(c.ids(list).await.is_empty());
+    }
+    assert_eq!(c.get("/v3/clusterroletemplatebindings/local:crtb-al1ce").await.0, 200);
+    assert_eq!(
+        c.ids("/v3/projectroletemplatebindings").await.len(),
+        1,
+        "other routes whole"
+    );
+    c.h.sim.clear_list_faults();
+    assert_eq!(c.ids(list).await, all);
+
+    c.h.sim.hide_from_lists("local:crtb-al1ce");
+    assert_eq!(c.ids(list).await, ["c-7x2k9:crtb-grp01"]);
+    assert!(
+        c.ids("/v3/clusterroletemplatebindings?userId=u-alice1")
+            .await
+            .is_empty()
+    );
+    let path = "/v3/clusterroletemplatebindings/local:crtb-al1ce";
+    assert_eq!(c.get(path).await.0, 200, "readable by id");
+    assert!(c.h.sim.unhide("local:crtb-al1ce"));
+    assert_eq!(c.ids(list).await, all);
+    c.h.sim.hide_from_lists("local:crtb-al1ce");
+    assert_eq!(c.delete(path).await.0, 200, "deletable");
+    assert_error(&c.get(path).await, 404, "NotFound");
+    c.stop().await;
+}
+
+/// A slow Rancher (rancher-api-notes §6: a disconnected cluster's requests wait 20-40 s) still
+/// carries out a change after the client has stopped waiting for the answer.
+#[tokio::test]
+async fn a_slow_delete_is_applied_even_after_the_client_gave_up() {
+    let c = Client::start(SimOptions::default()).await;
+    let path = "/v3/clusterroletemplatebindings/local:crtb-al1ce";
+    c.h.sim
+        .slow_next_on("DELETE /v3/clusterroletemplatebindings/{id}", 1, Duration::from_secs(2));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .expect("client");
+    let gave_up = impatient
+        .delete(c.url(path))
+        .header("Authorization", &c.auth)
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()), "the client timed out");
+    assert_eq!(c.get(path).await.0, 200, "not yet applied while the server is slow");
+    wait_for_404(&c, path).await;
+    assert!(c.h.sim.bindings().iter().all(|b| b.id != "local:crtb-al1ce"));
+    assert_eq!(c.h.sim.stats().route("DELETE /v3/clusterroletemplatebindings/{id}"), 1);
+    c.stop().await;
+}
+
+/// A refused login binding: Norman's PermissionDenied shape (rancher/norman
+/// `httperror/handler/handler.go`; webhook escalation refusals pass through as 403 too).
+#[tokio::test]
+async fn a_403_on_the_login_binding_has_the_norman_shape_and_creates_nothing() {
+    let c = Client::start(SimOptions::default()).await;
+    c.h.sim.fail_next_on("POST /v3/globalrolebindings", 1, 403, false);
+    let body = json!({"globalRoleId": "user-base", "userId": "u-bob01"});
+    let refused = c.post("/v3/globalrolebindings", body.clone()).await;
+    assert_error(&refused, 403, "PermissionDenied");
+    assert!(refused.1["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        c.h.sim
+            .bindings()
+            .iter()
+            .all(|b| !(b.role_id == "user-base" && b.user_id.as_deref() == Some("u-bob01")))
+    );
+    let (status, _) = c.post("/v3/globalrolebindings", body).await;
+    assert_eq!(status, 201, "one request only");
+    c.stop().await;
+}
+
+/// A default install's global roles (rancher `pkg/data/management/role_data.go`): `user` is the
+/// new-user default, `user-base` is login only; the install may switch `newUserDefault`.
+#[tokio::test]
+async fn global_roles_show_new_user_default_as_a_default_install_has_it() {
+    let c = Client::start(SimOptions::default()).await;
+    let roles = c.all("/v3/globalroles").await;
+    let flag = |id: &str| {
+        roles
+            .iter()
+            .find(|r| r["id"] == id)
+            .map(|r| r["newUserDefault"].clone())
+    };
+    assert_eq!(flag("user"), Some(json!(true)));
+    assert_eq!(flag("user-base"), Some(json!(false)));
+    assert_eq!(flag("admin"), Some(json!(false)));
+    assert_eq!(flag("restricted-admin"), Some(json!(false)));
+    assert_eq!(c.ids("/v3/globalroles?newUserDefault=true").await, ["user"]);
+
+    assert!(c.h.sim.set_new_user_default("user-base", true));
+    assert!(c.h.sim.set_new_user_default("user", false));
+    assert!(!c.h.sim.set_new_user_default("no-such-role", true));
+    assert_eq!(c.ids("/v3/globalroles?newUserDefault=true").await, ["user-base"]);
+    c.stop().await;
+}
+
+/// Disabling a user: `PUT /v3/users/{id}` with `enabled: false` (rancher-api-notes §1, §6).
+#[tokio::test]
+async fn a_user_is_disabled_and_enabled_again_by_put() {
+    let c = Client::start(SimOptions::default()).await;
+    let (status, off) = c.put("/v3/users/u-bob01", json!({"enabled": false})).await;
+    assert_eq!(status, 200, "{off}");
+    assert_eq!(
+        (off["enabled"].clone(), off["state"].clone()),
+        (json!(false), json!("inactive"))
+    );
+    assert_eq!(c.get("/v3/users/u-bob01").await.1["enabled"], false);
+    let enabled = |sim: &Sim| sim.users().iter().find(|u| u.id == "u-bob01").map(|u| u.enabled);
+    assert_eq!(enabled(&c.h.sim), Some(false));
+    assert!(
+        c.h.sim.check_password("u-bob01", "bob-sim-password-0001"),
+        "password kept"
+    );
+    let (status, on) = c.put("/v3/users/u-bob01", json!({"enabled": true})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (on["enabled"].clone(), on["state"].clone()),
+        (json!(true), json!("active"))
+    );
+    assert_eq!(enabled(&c.h.sim), Some(true));
+    c.stop().await;
 }
