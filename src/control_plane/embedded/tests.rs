@@ -1,5 +1,6 @@
 use super::*;
-use crate::integrations::{Resource, Subject};
+use crate::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef};
+use crate::integrations::{IntegrationSpec, Resource, Subject};
 use serde_json::json;
 use std::time::Instant;
 
@@ -32,7 +33,7 @@ pub(crate) fn options(dir: &std::path::Path) -> Options {
 pub(crate) fn open_with(options: Options, extra_config: Value) -> Arc<EmbeddedControlPlane> {
     let cp = EmbeddedControlPlane::open(options).expect("open");
     let spec: IntegrationSpec = serde_json::from_value(spec_json("test", extra_config)).expect("spec");
-    cp.register_integration(&spec).expect("register");
+    cp.register_integration(&spec, IntegrationSource::Config).expect("register");
     cp
 }
 
@@ -360,22 +361,37 @@ async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() 
 }
 
 #[tokio::test]
-async fn a_non_retryable_failure_is_final_at_once() {
+async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     let access = cp.create_access(access_create("nobody", 60, false)).unwrap();
     let job = lease_one(&cp, 0).await.unwrap();
     assert_eq!(job.id, access.grant_job_id);
+    let expires = cp.access(&access.id).unwrap().unwrap().expires_at.expect("TTL started at hand-out");
     assert_eq!(
         job.params,
-        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false})
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false,
+               "grant_id": access.id, "expires_at": expires})
     );
     cp.complete(&job.id, &failed(&job, false)).await.unwrap();
     let record = cp.job(&job.id).unwrap().unwrap();
     assert_eq!((record.state, record.attempt), (JobState::Failed, 1));
-    let access = cp.access(&access.id).unwrap().unwrap();
-    assert_eq!(access.state, AccessState::Failed);
-    assert_eq!(access.last_error.map(|e| e.code), Some("unavailable".to_string()));
+    let a = cp.access(&access.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoking, "the failed grant is cleaned up");
+    let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke");
+    assert_eq!(Some(cleanup.id.clone()), a.revoke_job_id);
+    assert_eq!(
+        cleanup.params,
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "grant_id": access.id})
+    );
+    complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
+    let a = cp.access(&access.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoked);
+    assert_eq!(
+        a.last_error.map(|e| e.code),
+        Some("unavailable".to_string()),
+        "the grant's error is kept"
+    );
 }
 
 #[tokio::test]
@@ -406,7 +422,9 @@ async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forev
     assert_eq!(active.binding_ids, vec!["c-1:crtb-apono-1".to_string()]);
     assert_eq!(active.access_details.as_deref(), Some("Log in as alice"));
     let (granted, expires) = (active.granted_at.unwrap(), active.expires_at.unwrap());
-    assert_eq!(expires - granted, chrono::Duration::seconds(1));
+    // The TTL started when the grant was handed out, just before it completed.
+    assert!(expires - granted <= chrono::Duration::seconds(1));
+    assert!(expires - active.created_at >= chrono::Duration::seconds(1));
 
     let revoked = wait_for(Duration::from_secs(10), || {
         cp.access(&created.id)
@@ -457,7 +475,9 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     assert_eq!(revoke.kind, "revoke");
     assert_eq!(
         revoke.params,
-        json!({"user": "bob", "role": "cluster-member", "resource": "c-1"})
+        json!({"user": "bob", "role": "cluster-member", "resource": "c-1", "grant_id": b.id,
+               "user_id": "u-bob", "binding_ids": ["c-1:crtb-apono-1"]}),
+        "the revoke carries what the grant recorded"
     );
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
     assert_eq!(cp.access(&b.id).unwrap().unwrap().state, AccessState::Revoked);
@@ -982,53 +1002,30 @@ async fn a_queued_revoke_survives_a_restart() {
     assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoked);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_on_one_state_never_hand_out_a_job_twice() {
+#[tokio::test]
+async fn a_second_open_of_one_data_dir_fails_at_once_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
-    let a = open_with(options(dir.path()), json!({}));
-    let b = EmbeddedControlPlane::open(options(dir.path())).unwrap();
-    let mut created = Vec::new();
-    for _ in 0..40 {
-        created.push(
-            a.create_job(JobCreate {
-                kind: "validate".into(),
-                integration: json!("test"),
-                params: json!({}),
-            })
-            .unwrap()
-            .id,
-        );
-    }
-    let mut workers = Vec::new();
-    for cp in [a.clone(), b.clone(), a.clone(), b.clone()] {
-        workers.push(tokio::spawn(async move {
-            let mut got = Vec::new();
-            loop {
-                let jobs = cp
-                    .lease(&LeaseRequest {
-                        max_jobs: 2,
-                        wait_seconds: 0,
-                    })
-                    .await
-                    .expect("lease");
-                if jobs.is_empty() {
-                    return got;
-                }
-                for raw in jobs {
-                    let job: Job = serde_json::from_value(raw).unwrap();
-                    complete_ok(&cp, &job, json!({})).await;
-                    got.push(job.id);
-                }
-            }
-        }));
-    }
-    let mut handed = Vec::new();
-    for w in workers {
-        handed.extend(w.await.unwrap());
-    }
-    handed.sort();
-    created.sort();
-    assert_eq!(handed, created);
+    let first = open_with(options(dir.path()), json!({}));
+    let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Store { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&dir.path().display().to_string())
+            && text.contains(&format!("pid {}", std::process::id()))
+            && text.contains("give this one its own data_dir"),
+        "{text}"
+    );
+    // The first keeps working; once it is gone the directory can be opened again.
+    first
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    drop(first);
+    let again = EmbeddedControlPlane::open(options(dir.path())).expect("the lock went with the first");
+    assert_eq!(again.list_jobs().unwrap().len(), 1);
 }
 
 #[tokio::test]
