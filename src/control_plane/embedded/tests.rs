@@ -37,7 +37,7 @@ pub(crate) fn open_with(options: Options, extra_config: Value) -> Arc<EmbeddedCo
     cp
 }
 
-fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessRequestCreate {
+pub(crate) fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessRequestCreate {
     AccessRequestCreate {
         integration: IntegrationRef::Name("test".into()),
         subject: Subject::Username(user.into()),
@@ -48,7 +48,7 @@ fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessReque
     }
 }
 
-async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> {
+pub(crate) async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> {
     let jobs = cp
         .lease(&LeaseRequest {
             max_jobs: 1,
@@ -60,7 +60,7 @@ async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> 
         .map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
 }
 
-async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
+pub(crate) async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
     cp.complete(
         &job.id,
         &CompleteRequest {
@@ -74,7 +74,7 @@ async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
     .expect("complete");
 }
 
-fn failed(job: &Job, retryable: bool) -> CompleteRequest {
+pub(crate) fn failed(job: &Job, retryable: bool) -> CompleteRequest {
     CompleteRequest {
         lease_token: job.lease_token.clone(),
         outcome: Outcome::Failed,
@@ -87,7 +87,7 @@ fn failed(job: &Job, retryable: bool) -> CompleteRequest {
     }
 }
 
-fn grant_result(user_id: &str, created_user: bool, password: Option<&str>) -> Value {
+pub(crate) fn grant_result(user_id: &str, created_user: bool, password: Option<&str>) -> Value {
     let mut v = json!({
         "user_id": user_id,
         "binding_ids": ["c-1:crtb-apono-1"],
@@ -137,7 +137,7 @@ fn spawn_fake_agent(
     })
 }
 
-async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub(crate) async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
