@@ -6,6 +6,9 @@
 //! send) cannot replace an integration the operator declared in the config file, nor move an
 //! inline one (host, port, secret store) while accesses on it have not ended.
 
+#[cfg(test)]
+mod tests;
+
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;

@@ -5,6 +5,9 @@
 //! access that has not ended holds (`keep_binding_ids`, computed again when the job is handed
 //! out). This is what ends access when the control plane's state is lost.
 
+#[cfg(test)]
+mod tests;
+
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;

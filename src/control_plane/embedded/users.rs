@@ -2,6 +2,9 @@
 //! user is the connector's, so they are always rotated (`credential_rotation_days`, while an
 //! access of theirs is active) and deleted (`user_cleanup_days` after their last access ended).
 
+#[cfg(test)]
+mod tests;
+
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;
