@@ -1075,3 +1075,124 @@ async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
     assert_eq!(kept.state, AccessState::Active);
     assert!(cp.job(&kept.grant_job_id).unwrap().is_some(), "its grant job is kept");
 }
+
+#[tokio::test]
+async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_json("test", json!({}));
+    {
+        // A state file as a build with schema v1 left it: an active access, no pinned spec.
+        let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).unwrap();
+        conn.execute_batch(include_str!("testdata/schema_v1.sql")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO integrations (name, spec, updated_at) VALUES ('test', ?1, 0)",
+            [spec.to_string()],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO access_requests (id, integration, subject, role, resource, ttl_seconds, create_user, state,
+                 created_at, granted_at, expires_at, grant_job_id, user_id, binding_ids)
+             VALUES ('ar-old', 'test', '{\"user\":\"alice\"}', 'cluster-member', 'c-1', 3600, 0, 'active',
+                 0, 0, 4102444800000, 'j-old', 'u-alice', '[\"c-1:crtb-old\"]')",
+            [],
+        )
+        .unwrap();
+    }
+    let cp = EmbeddedControlPlane::open(options(dir.path())).expect("a v1 file opens");
+    let old = cp.access("ar-old").unwrap().expect("kept");
+    assert_eq!((old.state, old.pre_existing), (AccessState::Active, false));
+    let version: i64 = cp
+        .store
+        .lock()
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, store::SCHEMA_VERSION);
+    // Its revoke falls back to the named integration and carries what the grant recorded.
+    assert_eq!(cp.revoke_access("ar-old").unwrap().state, AccessState::Revoking);
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
+    assert_eq!(revoke.params["binding_ids"], json!(["c-1:crtb-old"]));
+    assert_eq!(revoke.params["user_id"], "u-alice");
+    // A v1 integration counts as declared in the config file.
+    let inline: IntegrationSpec = serde_json::from_value(spec_json("test", json!({"host": "x.example.com"}))).unwrap();
+    let e = cp
+        .create_access(AccessRequestCreate {
+            integration: IntegrationRef::Inline(Box::new(inline)),
+            ..access_create("bob", 60, false)
+        })
+        .unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Rejected { status: 409, .. }), "{e:?}");
+    drop(cp);
+    EmbeddedControlPlane::open(options(dir.path())).expect("opens again once migrated");
+}
+
+#[tokio::test]
+async fn reclaimed_leases_of_a_dead_process_are_handed_out_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        lease_duration: Duration::from_secs(3600),
+        ..options(dir.path())
+    };
+    let (created, stale) = {
+        let cp = open_with(opts.clone(), json!({}));
+        let a = cp.create_access(access_create("alice", 3600, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+        cp.revoke_access(&a.id).unwrap();
+        let revoke = lease_one(&cp, 0).await.unwrap(); // the process dies during the revoke
+        (a.id, revoke)
+    };
+    let cp = EmbeddedControlPlane::open(opts).unwrap();
+    assert!(lease_one(&cp, 0).await.is_none(), "without reclaim the dead lease would be waited out");
+    assert_eq!(cp.reclaim_leases().unwrap(), 1);
+    let revoke = lease_one(&cp, 0).await.expect("handed out again at once");
+    assert_eq!((revoke.id.as_str(), revoke.attempt), (stale.id.as_str(), 2));
+    assert!(matches!(
+        cp.complete(&stale.id, &failed(&stale, true)).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
+    assert_eq!(cp.access(&created).unwrap().unwrap().state, AccessState::Revoked);
+    assert_eq!(cp.reclaim_leases().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_released_job_is_ready_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            lease_duration: Duration::from_secs(3600),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let created = cp
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let job = lease_one(&cp, 0).await.unwrap();
+    let release = |token: &str, started: bool| ReleaseRequest {
+        lease_token: token.to_string(),
+        started,
+    };
+    let e = cp.release(&job.id, &release("lt-not-mine", false)).await.unwrap_err();
+    assert!(matches!(e, ControlPlaneError::LeaseLost { .. }));
+    assert_eq!(e.status(), 409);
+    cp.release(&job.id, &release(&job.lease_token, false)).await.unwrap();
+    let again = lease_one(&cp, 0).await.expect("leased again at once");
+    assert_eq!((again.id.as_str(), again.attempt), (created.id.as_str(), 1), "not started: no attempt");
+    assert!(matches!(
+        cp.release(&job.id, &release(&job.lease_token, false)).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    cp.release(&again.id, &release(&again.lease_token, true)).await.unwrap();
+    let third = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(third.attempt, 2, "a started run counts");
+}
