@@ -245,7 +245,10 @@ impl EmbeddedControlPlane {
             Ok(n)
         })?;
         if n > 0 {
-            tracing::info!(jobs = n, "leases of a previous process handed back; those jobs run again now");
+            tracing::info!(
+                jobs = n,
+                "leases of a previous process handed back; those jobs run again now"
+            );
         }
         Ok(n)
     }

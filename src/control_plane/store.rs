@@ -350,7 +350,8 @@ fn migrate_in_transaction(conn: &Connection) -> Result<(), StoreError> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .partition(|s| !s.starts_with("CREATE INDEX"));
-    conn.execute_batch(&tables.concat()).map_err(sql("creating the schema"))?;
+    conn.execute_batch(&tables.concat())
+        .map_err(sql("creating the schema"))?;
     for (table, column, definition) in ADDED_COLUMNS {
         if !has_column(conn, table, column)? {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))
@@ -358,7 +359,8 @@ fn migrate_in_transaction(conn: &Connection) -> Result<(), StoreError> {
             tracing::info!(table, column, "state database migrated: column added");
         }
     }
-    conn.execute_batch(&indexes.concat()).map_err(sql("creating the indexes"))?;
+    conn.execute_batch(&indexes.concat())
+        .map_err(sql("creating the indexes"))?;
     conn.execute("DELETE FROM schema_version", [])
         .map_err(sql("writing the schema version"))?;
     conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])

@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;
 
-use super::{EmbeddedControlPlane, Effects, bad_request, later, now, skip_corrupt, view};
+use super::{Effects, EmbeddedControlPlane, bad_request, later, now, skip_corrupt, view};
 use crate::control_plane::ControlPlaneError;
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobState};
 use crate::control_plane::protocol::{JobError, JobKind};
@@ -215,7 +215,13 @@ impl EmbeddedControlPlane {
     fn same_key(&self, c: &Connection, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
-        for o in skip_corrupt(store::live_access_on_key(c, &a.integration, &a.subject, &a.role, &a.resource)?) {
+        for o in skip_corrupt(store::live_access_on_key(
+            c,
+            &a.integration,
+            &a.subject,
+            &a.role,
+            &a.resource,
+        )?) {
             if o.id != a.id && self.effective_spec(c, &o)? == spec {
                 out.push(o);
             }
@@ -234,7 +240,12 @@ impl EmbeddedControlPlane {
     /// The one place an access that may hold bindings ends (expiry, operator revoke, failed or
     /// cancelled grant): hand its bindings to the holders of its key, or queue its revoke when
     /// it is the last one. Returns true when a job was queued.
-    pub(super) fn end_access(&self, c: &Connection, a: &mut AccessRow, t: DateTime<Utc>) -> Result<bool, ControlPlaneError> {
+    pub(super) fn end_access(
+        &self,
+        c: &Connection,
+        a: &mut AccessRow,
+        t: DateTime<Utc>,
+    ) -> Result<bool, ControlPlaneError> {
         let holders: Vec<AccessRow> = self
             .same_key(c, a)?
             .into_iter()
@@ -341,7 +352,11 @@ impl EmbeddedControlPlane {
             }
         };
         if a.state != AccessState::Pending {
-            let why = format!("access request {} is {}; its grant no longer runs", a.id, a.state.as_str());
+            let why = format!(
+                "access request {} is {}; its grant no longer runs",
+                a.id,
+                a.state.as_str()
+            );
             job.state = JobState::Failed;
             job.error = Some(cancelled(why));
             job.lease_token = None;
@@ -366,7 +381,11 @@ impl EmbeddedControlPlane {
             fx.wake |= self.cancel_grant(c, job, &mut a, why, t)?;
             return Ok(GrantGate::Cancelled);
         }
-        if let Some(other) = self.same_key(c, &a)?.into_iter().find(|o| o.state == AccessState::Revoking) {
+        if let Some(other) = self
+            .same_key(c, &a)?
+            .into_iter()
+            .find(|o| o.state == AccessState::Revoking)
+        {
             tracing::debug!(access = %a.id, revoking = %other.id, "grant waits: a revoke on the same binding is in flight");
             job.state = JobState::Pending;
             job.lease_token = None;
@@ -495,7 +514,12 @@ impl EmbeddedControlPlane {
     }
 
     /// Revoke attempt failed: it is retried forever; the operator sees why in `last_error`.
-    pub(super) fn on_revoke_failed(&self, c: &Connection, a: &mut AccessRow, error: &JobError) -> Result<(), ControlPlaneError> {
+    pub(super) fn on_revoke_failed(
+        &self,
+        c: &Connection,
+        a: &mut AccessRow,
+        error: &JobError,
+    ) -> Result<(), ControlPlaneError> {
         if a.state == AccessState::Revoking {
             a.last_error = Some(error.clone());
             store::update_access(c, a)?;

@@ -42,7 +42,11 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Rejected` 400 when the spec has no name or fails `integrations::validate_spec`; 409 for an
     /// inline registration that may not replace the registered one.
-    pub fn register_integration(&self, spec: &IntegrationSpec, source: IntegrationSource) -> Result<(), ControlPlaneError> {
+    pub fn register_integration(
+        &self,
+        spec: &IntegrationSpec,
+        source: IntegrationSource,
+    ) -> Result<(), ControlPlaneError> {
         let value = Self::checked_spec(spec)?;
         self.write(|c, _| self.register_in(c, &spec.name, &value, source, now()))
     }

@@ -33,7 +33,8 @@ pub(crate) fn options(dir: &std::path::Path) -> Options {
 pub(crate) fn open_with(options: Options, extra_config: Value) -> Arc<EmbeddedControlPlane> {
     let cp = EmbeddedControlPlane::open(options).expect("open");
     let spec: IntegrationSpec = serde_json::from_value(spec_json("test", extra_config)).expect("spec");
-    cp.register_integration(&spec, IntegrationSource::Config).expect("register");
+    cp.register_integration(&spec, IntegrationSource::Config)
+        .expect("register");
     cp
 }
 
@@ -367,7 +368,12 @@ async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     let access = cp.create_access(access_create("nobody", 60, false)).unwrap();
     let job = lease_one(&cp, 0).await.unwrap();
     assert_eq!(job.id, access.grant_job_id);
-    let expires = cp.access(&access.id).unwrap().unwrap().expires_at.expect("TTL started at hand-out");
+    let expires = cp
+        .access(&access.id)
+        .unwrap()
+        .unwrap()
+        .expires_at
+        .expect("TTL started at hand-out");
     assert_eq!(
         job.params,
         json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false,
@@ -1147,7 +1153,10 @@ async fn reclaimed_leases_of_a_dead_process_are_handed_out_at_once() {
         (a.id, revoke)
     };
     let cp = EmbeddedControlPlane::open(opts).unwrap();
-    assert!(lease_one(&cp, 0).await.is_none(), "without reclaim the dead lease would be waited out");
+    assert!(
+        lease_one(&cp, 0).await.is_none(),
+        "without reclaim the dead lease would be waited out"
+    );
     assert_eq!(cp.reclaim_leases().unwrap(), 1);
     let revoke = lease_one(&cp, 0).await.expect("handed out again at once");
     assert_eq!((revoke.id.as_str(), revoke.attempt), (stale.id.as_str(), 2));
@@ -1187,7 +1196,11 @@ async fn a_released_job_is_ready_again_at_once() {
     assert_eq!(e.status(), 409);
     cp.release(&job.id, &release(&job.lease_token, false)).await.unwrap();
     let again = lease_one(&cp, 0).await.expect("leased again at once");
-    assert_eq!((again.id.as_str(), again.attempt), (created.id.as_str(), 1), "not started: no attempt");
+    assert_eq!(
+        (again.id.as_str(), again.attempt),
+        (created.id.as_str(), 1),
+        "not started: no attempt"
+    );
     assert!(matches!(
         cp.release(&job.id, &release(&job.lease_token, false)).await,
         Err(ControlPlaneError::LeaseLost { .. })

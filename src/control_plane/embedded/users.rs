@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;
 
-use super::{CLEANUP_DAYS_KEY, EmbeddedControlPlane, Effects, ROTATION_DAYS_KEY, config_days, days_of, later, skip_corrupt};
+use super::{
+    CLEANUP_DAYS_KEY, Effects, EmbeddedControlPlane, ROTATION_DAYS_KEY, config_days, days_of, later, skip_corrupt,
+};
 use crate::control_plane::ControlPlaneError;
 use crate::control_plane::operator::AccessState;
 use crate::control_plane::protocol::JobKind;

@@ -50,7 +50,10 @@ async fn overlapping_accesses_keep_the_binding_until_the_last_one_ends() {
     let a = cp.access(&first).unwrap().unwrap();
     assert_eq!(a.state, AccessState::Revoked, "ended without a revoke");
     assert!(a.revoke_job_id.is_none());
-    assert!(lease_all(&cp).await.is_empty(), "no revoke job while the second holds the binding");
+    assert!(
+        lease_all(&cp).await.is_empty(),
+        "no revoke job while the second holds the binding"
+    );
     let b = cp.access(&second).unwrap().unwrap();
     assert_eq!(b.state, AccessState::Active);
     assert_eq!(b.binding_ids, vec!["c-1:crtb-second", "c-1:crtb-first"], "handed over");
@@ -61,8 +64,16 @@ async fn overlapping_accesses_keep_the_binding_until_the_last_one_ends() {
     let revoke = lease_one(&cp, 0).await.expect("the last one revokes");
     assert_eq!(revoke.kind, "revoke");
     assert_eq!(revoke.params["grant_id"], json!(second));
-    assert_eq!(revoke.params["binding_ids"], json!(["c-1:crtb-second", "c-1:crtb-first"]));
-    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-second", "c-1:crtb-first"]})).await;
+    assert_eq!(
+        revoke.params["binding_ids"],
+        json!(["c-1:crtb-second", "c-1:crtb-first"])
+    );
+    complete_ok(
+        &cp,
+        &revoke,
+        json!({"removed_binding_ids": ["c-1:crtb-second", "c-1:crtb-first"]}),
+    )
+    .await;
     assert_eq!(state(&cp, &second), AccessState::Revoked);
 }
 
@@ -91,7 +102,11 @@ async fn a_pending_access_on_the_key_holds_the_binding_and_keeps_it_after_its_gr
     complete_ok(&cp, &grant, granted("u-alice", "c-1:crtb-y")).await;
     let b = cp.access(&second.id).unwrap().unwrap();
     assert_eq!(b.state, AccessState::Active);
-    assert_eq!(b.binding_ids, vec!["c-1:crtb-x", "c-1:crtb-y"], "handed-over ids survive the grant result");
+    assert_eq!(
+        b.binding_ids,
+        vec!["c-1:crtb-x", "c-1:crtb-y"],
+        "handed-over ids survive the grant result"
+    );
 }
 
 #[tokio::test]
@@ -177,11 +192,18 @@ async fn a_grant_cancelled_after_it_started_is_cleaned_up() {
     let a = cp.create_access(access_create("erin", 60, false)).unwrap();
     let grant = lease_one(&cp, 0).await.unwrap();
     cp.complete(&grant.id, &failed(&grant, true)).await.unwrap();
-    assert_eq!(cp.job(&a.grant_job_id).unwrap().unwrap().state, JobState::Pending, "requeued");
+    assert_eq!(
+        cp.job(&a.grant_job_id).unwrap().unwrap().state,
+        JobState::Pending,
+        "requeued"
+    );
     let r = cp.revoke_access(&a.id).unwrap();
     assert_eq!(r.state, AccessState::Revoking, "an attempt ran: clean up");
     let g = cp.job(&a.grant_job_id).unwrap().unwrap();
-    assert_eq!((g.state, g.error.map(|e| e.code)), (JobState::Failed, Some("cancelled".into())));
+    assert_eq!(
+        (g.state, g.error.map(|e| e.code)),
+        (JobState::Failed, Some("cancelled".into()))
+    );
     let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke, not the grant");
     assert_eq!(cleanup.kind, "revoke");
     complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
@@ -206,7 +228,10 @@ async fn a_grant_revoked_while_a_dead_agent_held_it_is_not_handed_out_again() {
     let next = lease_one(&cp, 5).await.expect("something after the dead lease ran out");
     assert_eq!(next.kind, "revoke", "the cleanup, not the grant again");
     let g = cp.job(&a.grant_job_id).unwrap().unwrap();
-    assert_eq!((g.state, g.error.map(|e| e.code)), (JobState::Failed, Some("cancelled".into())));
+    assert_eq!(
+        (g.state, g.error.map(|e| e.code)),
+        (JobState::Failed, Some("cancelled".into()))
+    );
     assert_eq!(state(&cp, &a.id), AccessState::Revoking);
 }
 

@@ -35,8 +35,11 @@ async fn an_access_keeps_the_integration_it_was_granted_with() {
     complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
 
     // The operator moves `test` to another Rancher in the config and restarts.
-    cp.register_integration(&spec("test", json!({"host": "other.example.com"})), IntegrationSource::Config)
-        .unwrap();
+    cp.register_integration(
+        &spec("test", json!({"host": "other.example.com"})),
+        IntegrationSource::Config,
+    )
+    .unwrap();
     cp.revoke_access(&old.id).unwrap();
     let revoke = lease_one(&cp, 0).await.unwrap();
     assert_eq!(revoke.kind, "revoke");
@@ -56,7 +59,10 @@ async fn an_inline_integration_cannot_replace_one_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     let message = conflict_message(cp.create_access(inline("test", json!({"host": "evil.example.com"}), "alice")));
-    assert!(message.contains("\"test\"") && message.contains("config file"), "{message}");
+    assert!(
+        message.contains("\"test\"") && message.contains("config file"),
+        "{message}"
+    );
     assert!(cp.list_access().unwrap().is_empty(), "nothing was created");
     // The same spec inline changes nothing and is accepted.
     cp.create_access(inline("test", json!({}), "alice")).unwrap();
@@ -68,7 +74,9 @@ async fn an_inline_integration_cannot_replace_one_from_the_config_file() {
 async fn an_inline_integration_cannot_move_while_accesses_on_it_have_not_ended() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
-    let live = cp.create_access(inline("inl", json!({"host": "one.example.com"}), "alice")).unwrap();
+    let live = cp
+        .create_access(inline("inl", json!({"host": "one.example.com"}), "alice"))
+        .unwrap();
     let moves = [
         json!({"host": "two.example.com"}),
         json!({"host": "one.example.com", "port": 8443}),
@@ -85,20 +93,32 @@ async fn an_inline_integration_cannot_move_while_accesses_on_it_have_not_ended()
         ..access_create("bob", 60, false)
     }));
     assert!(message.contains("secret_store"), "{message}");
-    assert_eq!(cp.list_access().unwrap().len(), 1, "the refused requests created nothing");
+    assert_eq!(
+        cp.list_access().unwrap().len(),
+        1,
+        "the refused requests created nothing"
+    );
 
     // What does not move the target may change.
     let friendly = cp
-        .create_access(inline("inl", json!({"host": "one.example.com", "ui_url": "https://ui.example.com"}), "carol"))
+        .create_access(inline(
+            "inl",
+            json!({"host": "one.example.com", "ui_url": "https://ui.example.com"}),
+            "carol",
+        ))
         .unwrap();
     // Once every access on it has ended, it may move.
     for id in [&live.id, &friendly.id] {
         assert_eq!(cp.revoke_access(id).unwrap().state, AccessState::Revoked);
     }
-    cp.create_access(inline("inl", json!({"host": "two.example.com"}), "dave")).unwrap();
-    // And the config file may always take a name over.
-    cp.register_integration(&spec("inl", json!({"host": "three.example.com"})), IntegrationSource::Config)
+    cp.create_access(inline("inl", json!({"host": "two.example.com"}), "dave"))
         .unwrap();
+    // And the config file may always take a name over.
+    cp.register_integration(
+        &spec("inl", json!({"host": "three.example.com"})),
+        IntegrationSource::Config,
+    )
+    .unwrap();
     let message = conflict_message(cp.create_access(inline("inl", json!({"host": "two.example.com"}), "erin")));
     assert!(message.contains("config file"), "{message}");
 }

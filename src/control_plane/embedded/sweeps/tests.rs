@@ -48,7 +48,10 @@ async fn a_sweep_per_integration_is_queued_at_start_and_never_twice_at_once() {
     assert_eq!(sweep_jobs(&cp), 2, "one per integration at the first tick");
     cp.tick_once().unwrap();
     assert_eq!(sweep_jobs(&cp), 2, "not again before the interval");
-    assert!(cp.queue_sweeps().unwrap().is_empty(), "not while the previous ones are pending");
+    assert!(
+        cp.queue_sweeps().unwrap().is_empty(),
+        "not while the previous ones are pending"
+    );
 
     let jobs = lease_all(&cp).await;
     assert_eq!(jobs.len(), 2);
@@ -72,7 +75,10 @@ async fn a_moved_integration_is_also_swept_where_its_live_accesses_were_granted(
     assert_eq!(cp.queue_sweeps().unwrap().len(), 2);
     let jobs = lease_all(&cp).await;
     let by_host = |h: &str| jobs.iter().find(|j| j.integration["config"]["host"] == h).unwrap();
-    assert_eq!(by_host("rancher.example.com").params["keep_binding_ids"], json!(["c-1:crtb-apono-1"]));
+    assert_eq!(
+        by_host("rancher.example.com").params["keep_binding_ids"],
+        json!(["c-1:crtb-apono-1"])
+    );
     assert_eq!(by_host("new.example.com").params["keep_binding_ids"], json!([]));
 }
 

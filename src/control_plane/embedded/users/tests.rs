@@ -11,7 +11,10 @@ async fn a_user_the_connector_created_is_tracked_from_a_revoke_result() {
     let a = cp.create_access(access_create("alice", 3600, false)).unwrap();
     let grant = lease_one(&cp, 0).await.unwrap();
     complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
-    assert!(cp.managed_users().unwrap().is_empty(), "not reported as the connector's yet");
+    assert!(
+        cp.managed_users().unwrap().is_empty(),
+        "not reported as the connector's yet"
+    );
     cp.revoke_access(&a.id).unwrap();
     let revoke = lease_one(&cp, 0).await.unwrap();
     complete_ok(
@@ -22,8 +25,14 @@ async fn a_user_the_connector_created_is_tracked_from_a_revoke_result() {
     .await;
     let users = cp.managed_users().unwrap();
     assert_eq!(users.len(), 1);
-    assert_eq!((users[0].integration.as_str(), users[0].user_id.as_str()), ("test", "u-alice"));
-    assert!(users[0].cleanup_at.is_some(), "its last access ended: cleanup scheduled");
+    assert_eq!(
+        (users[0].integration.as_str(), users[0].user_id.as_str()),
+        ("test", "u-alice")
+    );
+    assert!(
+        users[0].cleanup_at.is_some(),
+        "its last access ended: cleanup scheduled"
+    );
 }
 
 #[tokio::test]
@@ -41,7 +50,10 @@ async fn a_user_is_tracked_from_a_cleanup_revoke_after_a_failed_grant() {
     )
     .await;
     let users = cp.managed_users().unwrap();
-    assert_eq!(users.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>(), vec!["u-bob"]);
+    assert_eq!(
+        users.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>(),
+        vec!["u-bob"]
+    );
 }
 
 #[tokio::test]
