@@ -13,8 +13,9 @@
 //!   back; `started: false` does not count the attempt) make a job ready at once;
 //! - a grant job is handed out only while its access may still be granted and no revoke on its key
 //!   is in flight; its first hand-out starts the access's TTL (see [`access`]);
-//! - a job of an access goes to the integration spec the access was created with (pinned); other
-//!   jobs go to the named integration's current spec, or the inline spec they were created with;
+//! - a job of an access goes to the Rancher (host, port) the access was created with (pinned; with
+//!   the current spec's credentials while the named integration still points there); other jobs go
+//!   to the named integration's current spec, or the inline spec they were created with;
 //! - `complete` is idempotent on `(job_id, lease_token)`; a stale token is `LeaseLost`;
 //! - a retryable failure is requeued with exponential backoff and jitter, up to
 //!   `max_grant_attempts` hand-outs; a revoke that serves an access request is requeued whatever
@@ -443,9 +444,14 @@ impl EmbeddedControlPlane {
         row.updated_at = t;
         store::update_job(c, &row)?;
         // The pinned (or inline) spec first: a later registration under the name must not
-        // re-target this job.
+        // re-target this job. While the named one still points at the same Rancher, its current
+        // spec goes (a rotated key or CA in the config reaches jobs pinned before the change).
         let integration = match (&row.integration, &row.integration_name) {
-            (Some(spec), _) => spec.clone(),
+            (Some(pinned), Some(name)) => match store::integration(c, name)? {
+                Some(current) if registry::same_target(pinned, &current) => current,
+                _ => pinned.clone(),
+            },
+            (Some(spec), None) => spec.clone(),
             (None, Some(name)) => store::integration(c, name)?.unwrap_or_else(|| {
                 // Cannot happen (integrations are never deleted); the agent fails the job clearly.
                 serde_json::json!({"name": name})

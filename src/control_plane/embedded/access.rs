@@ -9,9 +9,11 @@
 //!   completed): `expires_at` is set then and written into the grant's params, so every attempt
 //!   marks the binding with the same expiry, and the agent refuses a grant whose expiry has passed.
 //! - **Pinning.** An access keeps the integration spec it was created with, and so do its jobs: a
-//!   later config edit that moves the named integration does not re-target its revoke.
+//!   later config edit that moves the named integration (host, port) does not re-target its
+//!   revoke. While the target is unchanged, jobs get the current spec, so a rotated key or a new
+//!   CA in the config reaches old accesses too.
 //! - **Overlap.** Accesses on one key (integration, subject, role, resource, on the same pinned
-//!   spec) share the binding. When one ends while another on the key is `active` or `pending` (a
+//!   Rancher) share the binding. When one ends while another on the key is `active` or `pending` (a
 //!   holder), no revoke is queued: its binding ids are merged into each holder's, and it is
 //!   `revoked` at once ("binding kept: still held by access X"). Only the last one revokes, with
 //!   every id handed to it. A grant whose key has a revoke in flight waits (1 s steps) until that
@@ -30,6 +32,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;
 
+use super::registry::same_target;
 use super::{Effects, EmbeddedControlPlane, bad_request, later, now, skip_corrupt, view};
 use crate::control_plane::ControlPlaneError;
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobState};
@@ -211,7 +214,7 @@ impl EmbeddedControlPlane {
         Ok(view(row, None))
     }
 
-    /// The other accesses on `a`'s key that have not ended, on the same integration spec.
+    /// The other accesses on `a`'s key that have not ended, on the same Rancher (pinned target).
     fn same_key(&self, c: &Connection, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
@@ -222,7 +225,7 @@ impl EmbeddedControlPlane {
             &a.role,
             &a.resource,
         )?) {
-            if o.id != a.id && self.effective_spec(c, &o)? == spec {
+            if o.id != a.id && same_target(&self.effective_spec(c, &o)?, &spec) {
                 out.push(o);
             }
         }

@@ -29,6 +29,17 @@ fn at<'v>(v: &'v Value, path: &[&str]) -> Option<&'v Value> {
     path.iter().try_fold(v, |v, k| v.get(*k))
 }
 
+/// Where a spec sends jobs: its Rancher's `config.host` and `config.port`. Accesses are pinned to
+/// this; credentials and other settings (a rotated key, a new CA) follow the registration.
+pub(super) fn target(spec: &Value) -> (Option<&Value>, Option<&Value>) {
+    (at(spec, &["config", "host"]), at(spec, &["config", "port"]))
+}
+
+/// Two specs send jobs to the same Rancher.
+pub(super) fn same_target(a: &Value, b: &Value) -> bool {
+    target(a) == target(b)
+}
+
 fn conflict(message: String) -> ControlPlaneError {
     ControlPlaneError::Rejected { status: 409, message }
 }

@@ -1,6 +1,6 @@
 //! Sweep scheduling: at start and every `Options::sweep_interval`, one `sweep` job per registered
-//! integration, and one per distinct pinned spec of an access that has not ended and differs from
-//! the current one (an integration moved in the config: its old Rancher still needs sweeping).
+//! integration, and one per distinct pinned Rancher (host, port) of an access that has not ended
+//! where it differs from the current one (an integration moved in the config: its old Rancher still needs sweeping).
 //! The agent removes the connector's bindings whose marked expiry has passed, except those an
 //! access that has not ended holds (`keep_binding_ids`, computed again when the job is handed
 //! out). This is what ends access when the control plane's state is lost.
@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;
 
+use super::registry::same_target;
 use super::{EmbeddedControlPlane, now, skip_corrupt};
 use crate::control_plane::ControlPlaneError;
 use crate::control_plane::protocol::JobKind;
@@ -33,10 +34,9 @@ impl EmbeddedControlPlane {
                 .collect();
             let mut queued = Vec::new();
             for (name, spec) in Self::sweep_targets(c)? {
-                if open
-                    .iter()
-                    .any(|(n, s)| n.as_deref() == Some(name.as_str()) && s.as_ref() == Some(&spec))
-                {
+                if open.iter().any(|(n, s)| {
+                    n.as_deref() == Some(name.as_str()) && s.as_ref().is_some_and(|s| same_target(s, &spec))
+                }) {
                     tracing::debug!(integration = %name, "a sweep is still pending or running; not queueing another");
                     continue;
                 }
@@ -58,7 +58,7 @@ impl EmbeddedControlPlane {
     }
 
     /// `(name, spec)` pairs to sweep: every registered integration, then the pinned specs of
-    /// accesses that have not ended where they differ from the registered one.
+    /// accesses that have not ended where their Rancher differs from the registered one.
     fn sweep_targets(c: &Connection) -> Result<Vec<(String, Value)>, ControlPlaneError> {
         let mut targets = Vec::new();
         for name in store::integration_names(c)? {
@@ -68,7 +68,9 @@ impl EmbeddedControlPlane {
         }
         for a in skip_corrupt(store::live_access(c)?) {
             if let Some(spec) = a.integration_spec
-                && !targets.iter().any(|(n, s)| *n == a.integration && *s == spec)
+                && !targets
+                    .iter()
+                    .any(|(n, s)| *n == a.integration && same_target(s, &spec))
             {
                 targets.push((a.integration, spec));
             }
@@ -76,11 +78,11 @@ impl EmbeddedControlPlane {
         Ok(targets)
     }
 
-    /// Binding ids held by accesses on `name` (going to `spec`) that have not ended.
+    /// Binding ids held by accesses on `name` (on `spec`'s Rancher) that have not ended.
     fn keep_binding_ids(&self, c: &Connection, name: &str, spec: &Value) -> Result<Vec<String>, ControlPlaneError> {
         let mut ids = Vec::new();
         for a in skip_corrupt(store::live_access(c)?) {
-            if a.integration == name && self.effective_spec(c, &a)? == *spec {
+            if a.integration == name && same_target(&self.effective_spec(c, &a)?, spec) {
                 ids.extend(a.binding_ids);
             }
         }

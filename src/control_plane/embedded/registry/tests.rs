@@ -122,3 +122,23 @@ async fn an_inline_integration_cannot_move_while_accesses_on_it_have_not_ended()
     let message = conflict_message(cp.create_access(inline("inl", json!({"host": "two.example.com"}), "erin")));
     assert!(message.contains("config file"), "{message}");
 }
+
+#[tokio::test]
+async fn a_key_rotated_in_the_config_reaches_accesses_granted_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let old = cp.create_access(access_create("alice", 3600, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+    let mut rotated = spec_json("test", json!({}));
+    rotated["secret_store"]["credentials"]["access_key"] = json!("token-rotated");
+    let rotated: IntegrationSpec = serde_json::from_value(rotated).unwrap();
+    cp.register_integration(&rotated, IntegrationSource::Config).unwrap();
+    cp.revoke_access(&old.id).unwrap();
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
+    assert_eq!(
+        revoke.integration["secret_store"]["credentials"]["access_key"], "token-rotated",
+        "same Rancher: the current key is used"
+    );
+}
