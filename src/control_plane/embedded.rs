@@ -584,18 +584,26 @@ impl EmbeddedControlPlane {
                     let delay = backoff(self.options.retry_base, self.options.max_retry_delay, job.attempt);
                     job.state = JobState::Pending;
                     job.not_before = Some(later(t, delay));
-                    tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, retry_in_ms = delay.as_millis() as u64, "job failed; requeued");
                 } else {
                     job.state = JobState::Failed;
-                    tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good");
                 }
                 if let Some(mut a) = access {
                     match JobKind::parse(&job.kind) {
+                        // May stop the retry: a grant revoked meanwhile is cleaned up instead.
                         Some(JobKind::Grant) => {
                             wake |= self.on_grant_failed(&tx, &mut job, &mut a, &error, retry, t)?;
                         }
                         Some(JobKind::Revoke) => self.on_revoke_failed(&tx, &mut a, &error)?,
                         _ => {}
+                    }
+                }
+                match (job.state, job.not_before) {
+                    (JobState::Pending, Some(at)) => {
+                        let retry_in_ms = (at - t).num_milliseconds().max(0);
+                        tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, retry_in_ms, "job failed; requeued");
+                    }
+                    _ => {
+                        tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good")
                     }
                 }
                 store::update_job(&tx, &job)?;

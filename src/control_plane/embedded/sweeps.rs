@@ -1,7 +1,7 @@
 //! Sweep scheduling: at start and every `Options::sweep_interval`, one `sweep` job per registered
 //! integration, and one per distinct pinned Rancher (host, port) of an access that has not ended
-//! where it differs from the current one (an integration moved in the config: its old Rancher still needs sweeping).
-//! The agent removes the connector's bindings whose marked expiry has passed, except those an
+//! where it differs from the current one (an integration moved in the config: its old Rancher
+//! still needs sweeping). The agent removes the connector's bindings whose marked expiry has passed, except those an
 //! access that has not ended holds (`keep_binding_ids`, computed again when the job is handed
 //! out). This is what ends access when the control plane's state is lost.
 
