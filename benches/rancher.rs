@@ -212,8 +212,11 @@ async fn jobs_per_second(rows: &mut Vec<String>, latency_ms: u64, jobs: usize) {
         ..Options::default()
     })
     .expect("control plane");
-    cp.register_integration(&spec(&sim.base_url, json!({})))
-        .expect("register");
+    cp.register_integration(
+        &spec(&sim.base_url, json!({})),
+        apono_connector::control_plane::embedded::IntegrationSource::Config,
+    )
+    .expect("register");
     let stop = CancellationToken::new();
     let executor = Executor::new(SecretStores::default(), 3);
     let options = AgentOptions {

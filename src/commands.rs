@@ -76,7 +76,7 @@ pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Res
     let cp =
         EmbeddedControlPlane::open(options).with_context(|| format!("opening the control-plane state in {dir}"))?;
     for spec in &config.integrations {
-        cp.register_integration(spec)
+        cp.register_integration(spec, embedded::IntegrationSource::Config)
             .with_context(|| format!("registering integration {:?}", spec.name))?;
     }
     Ok(cp)

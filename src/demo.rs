@@ -56,7 +56,7 @@ async fn run_in(out: &mut (impl Write + Send), ttl: Duration, data_dir: &std::pa
         "config": {"host": sim.base_url, "ui_url": format!("{}/dashboard", sim.base_url)},
         "secret_store": {"type": "APONO", "credentials": {"access_key": access_key, "secret_key": secret_key}},
     }))?;
-    cp.register_integration(&spec)?;
+    cp.register_integration(&spec, embedded::IntegrationSource::Config)?;
     writeln!(
         out,
         "==> embedded control plane ready (state in {})",

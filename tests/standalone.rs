@@ -282,7 +282,11 @@ async fn a_rotated_key_is_picked_up_after_a_401_without_restart() {
         "secret_store": {"type": "AWS", "region": "eu-west-1", "secret_id": "rancher-key"},
     }))
     .unwrap();
-    cp.register_integration(&spec).unwrap();
+    cp.register_integration(
+        &spec,
+        apono_connector::control_plane::embedded::IntegrationSource::Config,
+    )
+    .unwrap();
     let grant = |resource: &str| JobCreate {
         kind: "grant".into(),
         integration: json!("aws-sim"),

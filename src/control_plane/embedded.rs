@@ -1,19 +1,38 @@
-//! The embedded control plane: the job queue with its leases, the access-request state machine,
-//! and the scheduler that queues revokes at `expires_at` (and credential rotations and cleanup of
-//! agent-created users). State is in SQLite (`store`), so all of it survives a restart.
+//! The embedded control plane: the job queue with its leases, job completion, and the scheduler.
+//! The access lifecycle (states, TTL, overlap, cleanup: why a binding is granted, kept or removed)
+//! is in [`access`]; integration registration and pinning in `registry`; users the agent created
+//! in `users`; sweep scheduling in `sweeps`. State is in SQLite (`store`), so all of it survives a
+//! restart.
 //!
 //! Rules, in one place:
+//! - one control plane per `data_dir`: `open` takes an exclusive lock on `<data_dir>/lock`, held
+//!   while the control plane lives; a second open fails at once, naming the holder's pid;
 //! - a job is *ready* when it is pending and past its backoff, or leased with an expired lease;
-//!   each hand-out gets a new random lease token and `attempt + 1`;
+//!   each hand-out gets a new random lease token and `attempt + 1`. `reclaim_leases` (standalone,
+//!   at start: every lease then belongs to a dead process) and `release` (an agent giving a job
+//!   back; `started: false` does not count the attempt) make a job ready at once;
+//! - a grant job is handed out only while its access may still be granted and no revoke on its key
+//!   is in flight; its first hand-out starts the access's TTL (see [`access`]);
+//! - a job of an access goes to the Rancher (host, port) the access was created with (pinned; with
+//!   the current spec's credentials while the named integration still points there); other jobs go
+//!   to the named integration's current spec, or the inline spec they were created with;
 //! - `complete` is idempotent on `(job_id, lease_token)`; a stale token is `LeaseLost`;
 //! - a retryable failure is requeued with exponential backoff and jitter, up to
 //!   `max_grant_attempts` hand-outs; a revoke that serves an access request is requeued whatever
-//!   the error, forever (capped backoff): access must never outlive its TTL;
+//!   the error, forever (capped backoff): access must never outlive its TTL; a grant that will not
+//!   run again is cleaned up by a revoke;
+//! - the scheduler, once at start and then every `tick`, ends expired accesses, queues due
+//!   credential rotations and user cleanups, sweeps every `sweep_interval` (at start too) and
+//!   forgets old finished state;
 //! - credentials a grant or rotation generates are stripped from the stored result and kept in
 //!   memory until the access request is read once.
 
+pub mod access;
+mod registry;
+mod sweeps;
 #[cfg(test)]
 pub(crate) mod tests;
+mod users;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,16 +46,18 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::operator::{
-    AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobRecord, JobState,
-};
+use super::operator::{AccessRequest, JobCreate, JobRecord, JobState};
 use super::protocol::{
     CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, ReleaseRequest, RenewRequest,
     RenewResponse, SessionHello, SessionInfo,
 };
-use super::store::{self, AccessRow, JobRow, ManagedUser, Store, StoreError, sql};
+use super::store::{self, AccessRow, JobRow, Store, StoreError, sql};
 use super::{ControlPlane, ControlPlaneError};
-use crate::integrations::{self, Credentials, GrantRequest, IntegrationSpec, RevokeRequest};
+use crate::integrations::Credentials;
+
+pub use access::MAX_TTL_SECONDS;
+pub use store::IntegrationSource;
+pub use users::ScheduledUser;
 
 /// Integration config key: rotate the password of agent-created users every N days (0/absent: off).
 pub const ROTATION_DAYS_KEY: &str = "credential_rotation_days";
@@ -63,6 +84,9 @@ pub struct Options {
     /// Finished jobs, their discovered objects, and ended access requests are forgotten this long
     /// after they ended, so the state file does not grow without bound (`standalone.retention_days`).
     pub retention: Duration,
+    /// How often a `sweep` job is queued per integration, the first at start
+    /// (`standalone.sweep_interval_seconds`). Zero: no sweeps.
+    pub sweep_interval: Duration,
 }
 
 impl Default for Options {
@@ -76,6 +100,8 @@ impl Default for Options {
             max_grant_attempts: 10,
             day: Duration::from_secs(86_400),
             retention: Duration::from_secs(30 * 86_400),
+            // Off unless asked for: the daemon sets it from its config (default 300 s there).
+            sweep_interval: Duration::ZERO,
         }
     }
 }
@@ -94,6 +120,8 @@ pub struct EmbeddedControlPlane {
     credentials: Mutex<HashMap<String, Credentials>>,
     /// When the scheduler last pruned old state (pruning runs at most every `PRUNE_EVERY`).
     last_prune: Mutex<Option<DateTime<Utc>>>,
+    /// When the scheduler last queued sweeps (every `options.sweep_interval`).
+    last_sweep: Mutex<Option<DateTime<Utc>>>,
 }
 
 pub use super::store::Pruned;
@@ -107,17 +135,6 @@ impl std::fmt::Debug for EmbeddedControlPlane {
             .field("db", &self.store.path())
             .finish_non_exhaustive()
     }
-}
-
-/// A user the agent created, with its scheduled credential rotation and cleanup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScheduledUser {
-    pub integration: String,
-    pub user_id: String,
-    /// When the next `rotate_credentials` job is due (while an access of the user is active).
-    pub next_rotation_at: Option<DateTime<Utc>>,
-    /// When its `delete_user` job is due (set when its last access was revoked).
-    pub cleanup_at: Option<DateTime<Utc>>,
 }
 
 /// What a committed change asks for afterwards.
@@ -143,9 +160,6 @@ fn later(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 fn days_of(day: Duration, days: f64) -> Duration {
     Duration::try_from_secs_f64(day.as_secs_f64() * days).unwrap_or(Duration::MAX)
 }
-
-/// Longest TTL an access request may ask for (ten years).
-pub const MAX_TTL_SECONDS: u64 = 10 * 366 * 86_400;
 
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -197,11 +211,14 @@ fn config_days(spec: &Value, key: &str) -> Option<f64> {
 }
 
 impl EmbeddedControlPlane {
-    /// Opens (or creates) the state in `options.data_dir`. Jobs leased by a process that died are
-    /// handed out again when their leases run out; due revokes are queued by the scheduler.
+    /// Opens (or creates) the state in `options.data_dir` and locks the directory for as long as
+    /// the control plane lives. Jobs leased by a process that died are handed out again when their
+    /// leases run out, or at once after [`EmbeddedControlPlane::reclaim_leases`]; due revokes are
+    /// queued by the scheduler.
     ///
     /// # Errors
-    /// `Store` when the directory or database cannot be created or read.
+    /// `Store` when the directory or database cannot be created or read, or when another control
+    /// plane (in this process or another) has the directory open.
     pub fn open(options: Options) -> Result<Arc<EmbeddedControlPlane>, ControlPlaneError> {
         let store = Store::open(&options.data_dir)?;
         Ok(Arc::new(EmbeddedControlPlane {
@@ -211,7 +228,30 @@ impl EmbeddedControlPlane {
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
             last_prune: Mutex::new(None),
+            last_sweep: Mutex::new(None),
         }))
+    }
+
+    /// Makes every leased job pending again at once (lease token cleared, attempt kept). For
+    /// standalone `run`, right after `open`: the in-process agent is the only holder of leases,
+    /// so every lease found at start belongs to a process that died, and waiting it out would only
+    /// delay revokes that fell due meanwhile. Returns how many jobs were handed back.
+    ///
+    /// # Errors
+    /// `Store` when the state cannot be written.
+    pub fn reclaim_leases(&self) -> Result<usize, ControlPlaneError> {
+        let n = self.write(|c, fx| {
+            let n = store::reclaim_leases(c, now())?;
+            fx.wake = n > 0;
+            Ok(n)
+        })?;
+        if n > 0 {
+            tracing::info!(
+                jobs = n,
+                "leases of a previous process handed back; those jobs run again now"
+            );
+        }
+        Ok(n)
     }
 
     pub fn options(&self) -> &Options {
@@ -242,38 +282,6 @@ impl EmbeddedControlPlane {
 
     fn credentials_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Credentials>> {
         self.credentials.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers (or replaces) an integration under its name.
-    ///
-    /// # Errors
-    /// `Rejected` (400) when the spec fails `integrations::validate_spec` or has no name.
-    pub fn register_integration(&self, spec: &IntegrationSpec) -> Result<(), ControlPlaneError> {
-        if spec.name.trim().is_empty() {
-            return Err(bad_request("an integration needs a non-empty \"name\"".into()));
-        }
-        integrations::validate_spec(spec)
-            .map_err(|e| bad_request(format!("integration {:?} is invalid: {e}", spec.name)))?;
-        let value = serde_json::to_value(spec)
-            .map_err(|e| bad_request(format!("integration {:?} does not serialize: {e}", spec.name)))?;
-        self.write(|c, _| Ok(store::upsert_integration(c, &spec.name, &value, now())?))
-    }
-
-    /// Names of the registered integrations.
-    pub fn integration_names(&self) -> Result<Vec<String>, ControlPlaneError> {
-        Ok(store::integration_names(&self.store.lock())?)
-    }
-
-    fn unknown_integration(c: &Connection, name: &str) -> ControlPlaneError {
-        let known = store::integration_names(c).unwrap_or_default();
-        let known = if known.is_empty() {
-            "none".to_string()
-        } else {
-            known.join(", ")
-        };
-        bad_request(format!(
-            "unknown integration {name:?}: declare it in the config's [[integrations]] or give it inline as JSON (known: {known})"
-        ))
     }
 
     // ----- jobs -----
@@ -342,12 +350,21 @@ impl EmbeddedControlPlane {
         Ok(store::resources(&self.store.lock(), job_id)?)
     }
 
-    fn new_job(kind: JobKind, integration: &str, params: Value, access_id: &str, t: DateTime<Utc>) -> JobRow {
+    /// A new pending job. `spec`: the integration spec it is pinned to (`None`: the named
+    /// integration's spec at lease time).
+    fn new_job(
+        kind: JobKind,
+        integration: &str,
+        spec: Option<Value>,
+        params: Value,
+        access_id: Option<&str>,
+        t: DateTime<Utc>,
+    ) -> JobRow {
         JobRow {
             id: new_id(),
             kind: kind.as_str().to_string(),
             integration_name: Some(integration.to_string()),
-            integration: None,
+            integration: spec,
             params,
             state: JobState::Pending,
             attempt: 0,
@@ -357,7 +374,7 @@ impl EmbeddedControlPlane {
             completed_token: None,
             result: None,
             error: None,
-            access_id: Some(access_id.to_string()),
+            access_id: access_id.map(str::to_string),
             created_at: t,
             updated_at: t,
         }
@@ -365,51 +382,23 @@ impl EmbeddedControlPlane {
 
     /// Hands out up to `max` ready jobs. Also returns when the next not-yet-ready job becomes ready.
     fn try_lease(&self, max: u32) -> Result<(Vec<Value>, Option<DateTime<Utc>>), ControlPlaneError> {
-        self.write(|c, _| {
+        self.write(|c, fx| {
             let t = now();
             let mut out = Vec::new();
-            for row in store::ready_jobs(c, t, max)? {
-                let mut row = match row {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Fail it for good so it is not looked at again on every lease.
-                        tracing::error!(error = %e, "a job cannot be read; marking it failed");
-                        if let Some(id) = e.corrupt_key() {
-                            store::fail_corrupt_job(c, id, &e.to_string(), t)?;
-                        }
-                        continue;
-                    }
-                };
-                if row.state == JobState::Leased {
-                    tracing::info!(job = %row.id, kind = %row.kind, attempt = row.attempt, "lease expired; handing the job out again");
+            // A few rounds: a grant held back (revoke in flight) or cancelled leaves room for others.
+            for _ in 0..4 {
+                let want = max.saturating_sub(u32::try_from(out.len()).unwrap_or(u32::MAX));
+                if want == 0 {
+                    break;
                 }
-                row.state = JobState::Leased;
-                row.attempt = row.attempt.saturating_add(1);
-                row.lease_token = Some(new_lease_token());
-                row.lease_expires_at = Some(later(t, self.options.lease_duration));
-                row.not_before = None;
-                row.updated_at = t;
-                store::update_job(c, &row)?;
-                let integration = match (&row.integration_name, &row.integration) {
-                    (Some(name), _) => store::integration(c, name)?.unwrap_or_else(|| {
-                        // Cannot happen (integrations are never deleted); the agent fails the job clearly.
-                        serde_json::json!({"name": name})
-                    }),
-                    (None, Some(inline)) => inline.clone(),
-                    (None, None) => Value::Null,
-                };
-                let job = Job {
-                    id: row.id.clone(),
-                    kind: row.kind.clone(),
-                    attempt: row.attempt,
-                    lease_token: row.lease_token.clone().unwrap_or_default(),
-                    lease_expires_at: row.lease_expires_at.unwrap_or(t),
-                    integration,
-                    params: row.params.clone(),
-                };
-                match serde_json::to_value(&job) {
-                    Ok(v) => out.push(v),
-                    Err(e) => tracing::error!(job = %row.id, error = %e, "a job does not serialize; skipping it"),
+                let rows = store::ready_jobs(c, t, want)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in rows {
+                    if let Some(job) = self.hand_out(c, fx, row, t)? {
+                        out.push(job);
+                    }
                 }
             }
             let next = store::next_ready_at(c)?;
@@ -417,173 +406,74 @@ impl EmbeddedControlPlane {
         })
     }
 
-    // ----- access requests -----
-
-    /// Creates an access request (`pending`) and queues its grant job. An inline integration is
-    /// validated and registered under its name.
-    ///
-    /// # Errors
-    /// `Rejected` (400) for an unknown integration name, an invalid inline integration, or a zero TTL.
-    pub fn create_access(&self, request: AccessRequestCreate) -> Result<AccessRequest, ControlPlaneError> {
-        if request.ttl_seconds == 0 || request.ttl_seconds > MAX_TTL_SECONDS {
-            return Err(bad_request(format!(
-                "ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (ten years), not {}",
-                request.ttl_seconds
-            )));
-        }
-        if request.role.trim().is_empty() {
-            return Err(bad_request("role must not be empty".into()));
-        }
-        let name = match &request.integration {
-            IntegrationRef::Name(name) => name.clone(),
-            IntegrationRef::Inline(spec) => {
-                self.register_integration(spec)?;
-                spec.name.clone()
+    /// Leases one ready row, or leaves it (corrupt, held back, cancelled): `None`.
+    fn hand_out(
+        &self,
+        c: &Connection,
+        fx: &mut Effects,
+        row: Result<JobRow, StoreError>,
+        t: DateTime<Utc>,
+    ) -> Result<Option<Value>, ControlPlaneError> {
+        let mut row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                // Fail it for good so it is not looked at again on every lease.
+                tracing::error!(error = %e, "a job cannot be read; marking it failed");
+                if let Some(id) = e.corrupt_key() {
+                    store::fail_corrupt_job(c, id, &e.to_string(), t)?;
+                }
+                return Ok(None);
             }
         };
-        let params = serde_json::to_value(GrantRequest {
-            subject: request.subject.clone(),
-            role: request.role.clone(),
-            resource: request.resource.clone(),
-            create_user: request.create_user,
-            grant_id: None,
-            expires_at: None,
-        })
-        .map_err(|e| bad_request(format!("the grant request does not serialize: {e}")))?;
-        self.write(|c, fx| {
-            if store::integration(c, &name)?.is_none() {
-                return Err(Self::unknown_integration(c, &name));
-            }
-            let t = now();
-            let id = format!("ar-{}", uuid::Uuid::now_v7());
-            let grant = Self::new_job(JobKind::Grant, &name, params, &id, t);
-            let row = AccessRow {
-                id: id.clone(),
-                integration: name.clone(),
-                subject: request.subject,
-                role: request.role,
-                resource: request.resource,
-                ttl_seconds: request.ttl_seconds,
-                create_user: request.create_user,
-                state: AccessState::Pending,
-                created_at: t,
-                granted_at: None,
-                expires_at: None,
-                revoked_at: None,
-                grant_job_id: grant.id.clone(),
-                revoke_job_id: None,
-                user_id: None,
-                binding_ids: Vec::new(),
-                access_details: None,
-                last_error: None,
-                revoke_requested: false,
-            };
-            store::insert_job(c, &grant)?;
-            store::insert_access(c, &row)?;
-            fx.wake = true;
-            tracing::info!(access = %id, integration = %name, subject = %row.subject, role = %row.role, resource = %row.resource, ttl_s = row.ttl_seconds, "access requested");
-            Ok(view(row, None))
-        })
-    }
-
-    /// One access request. One-time credentials (from its grant or a rotation) are included in
-    /// the first read after they arrived, and then forgotten.
-    pub fn access(&self, id: &str) -> Result<Option<AccessRequest>, ControlPlaneError> {
-        let conn = self.store.lock();
-        let Some(row) = store::access(&conn, id)? else {
-            return Ok(None);
+        match JobKind::parse(&row.kind) {
+            Some(JobKind::Grant) => match self.gate_grant(c, fx, &mut row, t)? {
+                access::GrantGate::HandOut => {}
+                access::GrantGate::Deferred | access::GrantGate::Cancelled => return Ok(None),
+            },
+            Some(JobKind::Sweep) => self.refresh_sweep(c, &mut row)?,
+            _ => {}
+        }
+        if row.state == JobState::Leased {
+            tracing::info!(job = %row.id, kind = %row.kind, attempt = row.attempt, "lease expired; handing the job out again");
+        }
+        row.state = JobState::Leased;
+        row.attempt = row.attempt.saturating_add(1);
+        row.lease_token = Some(new_lease_token());
+        row.lease_expires_at = Some(later(t, self.options.lease_duration));
+        row.not_before = None;
+        row.updated_at = t;
+        store::update_job(c, &row)?;
+        // The pinned (or inline) spec first: a later registration under the name must not
+        // re-target this job. While the named one still points at the same Rancher, its current
+        // spec goes (a rotated key or CA in the config reaches jobs pinned before the change).
+        let integration = match (&row.integration, &row.integration_name) {
+            (Some(pinned), Some(name)) => match store::integration(c, name)? {
+                Some(current) if registry::same_target(pinned, &current) => current,
+                _ => pinned.clone(),
+            },
+            (Some(spec), None) => spec.clone(),
+            (None, Some(name)) => store::integration(c, name)?.unwrap_or_else(|| {
+                // Cannot happen (integrations are never deleted); the agent fails the job clearly.
+                serde_json::json!({"name": name})
+            }),
+            (None, None) => Value::Null,
         };
-        let creds = self.credentials_map().remove(id);
-        drop(conn);
-        Ok(Some(view(row, creds)))
-    }
-
-    /// Every access request, oldest first (without credentials). A corrupt row is logged and left out.
-    pub fn list_access(&self) -> Result<Vec<AccessRequest>, ControlPlaneError> {
-        let rows = store::list_access(&self.store.lock())?;
-        Ok(skip_corrupt(rows).into_iter().map(|r| view(r, None)).collect())
-    }
-
-    /// Ends an access now: `active` → `revoking` (the revoke job is queued). A `pending` one whose
-    /// grant has not been handed out yet is cancelled (`revoked`; nothing was granted); one whose
-    /// grant is running is revoked as soon as the grant settles. Idempotent on `revoking`,
-    /// `revoked` and `failed`.
-    ///
-    /// # Errors
-    /// `NotFound` for an unknown id.
-    pub fn revoke_access(&self, id: &str) -> Result<AccessRequest, ControlPlaneError> {
-        let row = self.write(|c, fx| {
-            let mut a = store::access(c, id)?.ok_or_else(|| ControlPlaneError::NotFound {
-                message: format!("no access request {id:?}"),
-            })?;
-            let t = now();
-            match a.state {
-                AccessState::Revoking | AccessState::Revoked | AccessState::Failed => {}
-                AccessState::Active => {
-                    self.queue_revoke(c, &mut a, t)?;
-                    fx.wake = true;
-                    tracing::info!(access = %id, "access revoked by the operator; revoke queued");
-                }
-                AccessState::Pending => {
-                    let grant = store::job(c, &a.grant_job_id)?;
-                    match grant {
-                        Some(mut g) if g.state == JobState::Pending => {
-                            g.state = JobState::Failed;
-                            g.error = Some(JobError {
-                                code: "cancelled".into(),
-                                message: format!("access request {id} was revoked before the grant ran"),
-                                retryable: false,
-                            });
-                            g.not_before = None;
-                            g.updated_at = t;
-                            store::update_job(c, &g)?;
-                            if g.attempt == 0 {
-                                a.state = AccessState::Revoked;
-                                a.revoked_at = Some(t);
-                                store::update_access(c, &a)?;
-                            } else {
-                                // An earlier attempt may have granted part of it: revoke to be sure.
-                                self.queue_revoke(c, &mut a, t)?;
-                                fx.wake = true;
-                            }
-                        }
-                        Some(g) if g.state == JobState::Leased => {
-                            a.revoke_requested = true;
-                            store::update_access(c, &a)?;
-                        }
-                        _ => {
-                            self.queue_revoke(c, &mut a, t)?;
-                            fx.wake = true;
-                        }
-                    }
-                }
+        let job = Job {
+            id: row.id.clone(),
+            kind: row.kind.clone(),
+            attempt: row.attempt,
+            lease_token: row.lease_token.clone().unwrap_or_default(),
+            lease_expires_at: row.lease_expires_at.unwrap_or(t),
+            integration,
+            params: row.params.clone(),
+        };
+        match serde_json::to_value(&job) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                tracing::error!(job = %row.id, error = %e, "a job does not serialize; skipping it");
+                Ok(None)
             }
-            Ok(a)
-        })?;
-        Ok(view(row, None))
-    }
-
-    /// Queues the revoke job of an access and moves it to `revoking`.
-    fn queue_revoke(&self, c: &Connection, a: &mut AccessRow, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
-        let params = serde_json::to_value(RevokeRequest {
-            subject: a.subject.clone(),
-            role: a.role.clone(),
-            resource: a.resource.clone(),
-            grant_id: None,
-            user_id: None,
-            binding_ids: Vec::new(),
-            all: false,
-        })
-        .map_err(|e| ControlPlaneError::Store {
-            message: format!("revoke params do not serialize: {e}"),
-        })?;
-        let job = Self::new_job(JobKind::Revoke, &a.integration, params, &a.id, t);
-        store::insert_job(c, &job)?;
-        a.state = AccessState::Revoking;
-        a.revoke_job_id = Some(job.id);
-        a.revoke_requested = false;
-        store::update_access(c, a)?;
-        Ok(())
+        }
     }
 
     /// Ends pending long-polls at once and makes later ones answer empty (shutdown).
@@ -649,7 +539,7 @@ impl EmbeddedControlPlane {
                             }
                         }
                         Some(JobKind::Revoke) => {
-                            self.on_revoke_succeeded(&tx, &mut a, t)?;
+                            self.on_revoke_succeeded(&tx, &mut a, job.result.as_ref(), t)?;
                             forget_creds = Some(a.id.clone());
                         }
                         Some(JobKind::RotateCredentials) => {
@@ -665,6 +555,18 @@ impl EmbeddedControlPlane {
                     && let Some(integration) = &job.integration_name
                 {
                     store::delete_managed_user(&tx, integration, user_id)?;
+                }
+                // A raw grant or revoke (no access) that reports a user the connector created.
+                if job.access_id.is_none()
+                    && matches!(JobKind::parse(&job.kind), Some(JobKind::Grant | JobKind::Revoke))
+                    && let Some(integration) = &job.integration_name
+                    && let Some(result) = &job.result
+                    && let Some(user_id) = result.get("user_id").and_then(Value::as_str)
+                    && ["managed_user", "created_user"]
+                        .iter()
+                        .any(|k| result.get(*k).and_then(Value::as_bool) == Some(true))
+                {
+                    Self::ensure_tracked(&tx, integration, user_id)?;
                 }
             }
             Outcome::Failed => {
@@ -682,26 +584,27 @@ impl EmbeddedControlPlane {
                     let delay = backoff(self.options.retry_base, self.options.max_retry_delay, job.attempt);
                     job.state = JobState::Pending;
                     job.not_before = Some(later(t, delay));
-                    tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, retry_in_ms = delay.as_millis() as u64, "job failed; requeued");
                 } else {
                     job.state = JobState::Failed;
-                    tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good");
                 }
-                let serves_access = matches!(JobKind::parse(&job.kind), Some(JobKind::Grant | JobKind::Revoke));
-                if let Some(mut a) = access.filter(|_| serves_access) {
-                    a.last_error = Some(error);
-                    if job.kind == JobKind::Grant.as_str() && a.state == AccessState::Pending {
-                        if !retry {
-                            a.state = AccessState::Failed;
-                        } else if a.revoke_requested {
-                            // Revoked while this attempt ran: stop granting, clean up what it may have done.
-                            job.state = JobState::Failed;
-                            job.not_before = None;
-                            self.queue_revoke(&tx, &mut a, t)?;
-                            wake = true;
+                if let Some(mut a) = access {
+                    match JobKind::parse(&job.kind) {
+                        // May stop the retry: a grant revoked meanwhile is cleaned up instead.
+                        Some(JobKind::Grant) => {
+                            wake |= self.on_grant_failed(&tx, &mut job, &mut a, &error, retry, t)?;
                         }
+                        Some(JobKind::Revoke) => self.on_revoke_failed(&tx, &mut a, &error)?,
+                        _ => {}
                     }
-                    store::update_access(&tx, &a)?;
+                }
+                match (job.state, job.not_before) {
+                    (JobState::Pending, Some(at)) => {
+                        let retry_in_ms = (at - t).num_milliseconds().max(0);
+                        tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, retry_in_ms, "job failed; requeued");
+                    }
+                    _ => {
+                        tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good")
+                    }
                 }
                 store::update_job(&tx, &job)?;
                 wake |= job.state == JobState::Pending;
@@ -734,106 +637,10 @@ impl EmbeddedControlPlane {
         Ok(())
     }
 
-    /// Grant done: `active` (or straight to `revoking` if a revoke was asked meanwhile). Returns
-    /// true when a job was queued.
-    fn on_grant_succeeded(
-        &self,
-        c: &Connection,
-        a: &mut AccessRow,
-        result: Option<&Value>,
-        t: DateTime<Utc>,
-    ) -> Result<bool, ControlPlaneError> {
-        if a.state != AccessState::Pending {
-            tracing::warn!(access = %a.id, state = a.state.as_str(), "grant completed for an access that is no longer pending");
-            return Ok(false);
-        }
-        let empty = Value::Null;
-        let result = result.unwrap_or(&empty);
-        a.user_id = result.get("user_id").and_then(Value::as_str).map(str::to_string);
-        a.binding_ids = result
-            .get("binding_ids")
-            .and_then(Value::as_array)
-            .map(|ids| ids.iter().filter_map(Value::as_str).map(str::to_string).collect())
-            .unwrap_or_default();
-        a.access_details = result.get("access_details").and_then(Value::as_str).map(str::to_string);
-        a.granted_at = Some(t);
-        a.expires_at = Some(later(t, Duration::from_secs(a.ttl_seconds)));
-        a.last_error = None;
-        let created_user = result.get("created_user").and_then(Value::as_bool).unwrap_or(false);
-        if let Some(user_id) = a.user_id.clone() {
-            let existing = store::managed_user(c, &a.integration, &user_id)?;
-            if created_user || existing.is_some() {
-                let spec = store::integration(c, &a.integration)?.unwrap_or(Value::Null);
-                let rotation = config_days(&spec, ROTATION_DAYS_KEY).map(|d| later(t, days_of(self.options.day, d)));
-                let mut user = existing.unwrap_or(ManagedUser {
-                    integration: a.integration.clone(),
-                    user_id: user_id.clone(),
-                    next_rotation_at: None,
-                    cleanup_at: None,
-                });
-                if user.cleanup_at.take().is_some() {
-                    tracing::info!(user = %user_id, "a new access became active: the user's cleanup is cancelled");
-                }
-                if user.next_rotation_at.is_none() {
-                    user.next_rotation_at = rotation;
-                }
-                store::upsert_managed_user(c, &user)?;
-            }
-        }
-        if a.revoke_requested {
-            self.queue_revoke(c, a, t)?;
-            tracing::info!(access = %a.id, "granted, but revoked meanwhile: revoke queued");
-            return Ok(true);
-        }
-        a.state = AccessState::Active;
-        store::update_access(c, a)?;
-        tracing::info!(access = %a.id, expires_at = %a.expires_at.map(|e| e.to_rfc3339()).unwrap_or_default(), "access active");
-        Ok(false)
-    }
-
-    /// Revoke done: `revoked`; if that was the last access of a user the agent created,
-    /// schedule its cleanup.
-    fn on_revoke_succeeded(
-        &self,
-        c: &Connection,
-        a: &mut AccessRow,
-        t: DateTime<Utc>,
-    ) -> Result<(), ControlPlaneError> {
-        a.state = AccessState::Revoked;
-        a.revoked_at = Some(t);
-        a.last_error = None;
-        store::update_access(c, a)?;
-        tracing::info!(access = %a.id, "access revoked");
-        let Some(user_id) = a.user_id.clone() else {
-            return Ok(());
-        };
-        let Some(mut user) = store::managed_user(c, &a.integration, &user_id)? else {
-            return Ok(());
-        };
-        let others = skip_corrupt(store::access_of_user(c, &a.integration, &user_id)?)
-            .into_iter()
-            .filter(|o| {
-                o.id != a.id
-                    && matches!(
-                        o.state,
-                        AccessState::Active | AccessState::Revoking | AccessState::Pending
-                    )
-            })
-            .count();
-        if others > 0 {
-            return Ok(());
-        }
-        let spec = store::integration(c, &a.integration)?.unwrap_or(Value::Null);
-        user.next_rotation_at = None;
-        user.cleanup_at = config_days(&spec, CLEANUP_DAYS_KEY).map(|d| later(t, days_of(self.options.day, d)));
-        store::upsert_managed_user(c, &user)?;
-        Ok(())
-    }
-
     // ----- scheduler -----
 
-    /// Every `tick`: queues revokes of expired accesses, due credential rotations and due user
-    /// cleanups. Runs once at start (revokes that fell due while the process was down go out at
+    /// Every `tick`: ends expired accesses, queues due credential rotations, due user cleanups and
+    /// (every `sweep_interval`) sweeps. Runs once at start (revokes that fell due while the process was down go out at
     /// once). Returns when `stop` is cancelled. Errors are logged, never fatal.
     pub async fn run_scheduler(self: Arc<Self>, stop: CancellationToken) {
         tracing::debug!(
@@ -855,24 +662,7 @@ impl EmbeddedControlPlane {
     /// One pass of the scheduler (public for tests and one-shot tools).
     pub fn tick_once(&self) -> Result<(), ControlPlaneError> {
         let t = now();
-        let expired = skip_corrupt(store::expired_access(&self.store.lock(), t)?);
-        for a in expired {
-            let r = self.write(|c, fx| {
-                // Re-read inside the transaction: it may have changed since.
-                let Some(mut a) = store::access(c, &a.id)? else {
-                    return Ok(());
-                };
-                if a.state == AccessState::Active && a.expires_at.is_some_and(|e| e <= t) {
-                    self.queue_revoke(c, &mut a, t)?;
-                    fx.wake = true;
-                    tracing::info!(access = %a.id, "access expired; revoke queued");
-                }
-                Ok(())
-            });
-            if let Err(e) = r {
-                tracing::error!(access = %a.id, error = %e, "could not queue the revoke of an expired access; retrying next tick");
-            }
-        }
+        self.expire_due(t)?;
         let rotations = skip_corrupt(store::due_rotations(&self.store.lock(), t)?);
         for u in rotations {
             if let Err(e) = self.write(|c, fx| self.queue_rotation(c, fx, &u, t)) {
@@ -885,6 +675,7 @@ impl EmbeddedControlPlane {
                 tracing::error!(user = %u.user_id, error = %e, "could not queue a user cleanup; retrying next tick");
             }
         }
+        self.sweep_if_due(t);
         self.prune_if_due(t);
         // A backoff ended or a lease ran out: wake long-polls (they also time their own waits).
         let next = store::next_ready_at(&self.store.lock())?;
@@ -924,84 +715,6 @@ impl EmbeddedControlPlane {
             );
         }
         Ok(pruned)
-    }
-
-    fn queue_rotation(
-        &self,
-        c: &Connection,
-        fx: &mut Effects,
-        u: &ManagedUser,
-        t: DateTime<Utc>,
-    ) -> Result<(), ControlPlaneError> {
-        let Some(mut user) = store::managed_user(c, &u.integration, &u.user_id)? else {
-            return Ok(());
-        };
-        let spec = store::integration(c, &user.integration)?.unwrap_or(Value::Null);
-        let active = skip_corrupt(store::access_of_user(c, &user.integration, &user.user_id)?)
-            .into_iter()
-            .rfind(|a| a.state == AccessState::Active);
-        match (config_days(&spec, ROTATION_DAYS_KEY), active) {
-            (Some(days), Some(a)) => {
-                let params = serde_json::json!({"user_id": user.user_id});
-                let job = Self::new_job(JobKind::RotateCredentials, &user.integration, params, &a.id, t);
-                store::insert_job(c, &job)?;
-                fx.wake = true;
-                user.next_rotation_at = Some(later(t, days_of(self.options.day, days)));
-                tracing::info!(user = %user.user_id, access = %a.id, job = %job.id, "credential rotation queued");
-            }
-            // Rotation turned off, or no active access: nothing to rotate until one becomes active.
-            _ => user.next_rotation_at = None,
-        }
-        store::upsert_managed_user(c, &user)?;
-        Ok(())
-    }
-
-    fn queue_cleanup(
-        &self,
-        c: &Connection,
-        fx: &mut Effects,
-        u: &ManagedUser,
-        t: DateTime<Utc>,
-    ) -> Result<(), ControlPlaneError> {
-        let Some(mut user) = store::managed_user(c, &u.integration, &u.user_id)? else {
-            return Ok(());
-        };
-        if user.cleanup_at.is_none_or(|at| at > t) {
-            return Ok(());
-        }
-        user.cleanup_at = None;
-        let still_used = skip_corrupt(store::access_of_user(c, &user.integration, &user.user_id)?)
-            .into_iter()
-            .any(|a| {
-                matches!(
-                    a.state,
-                    AccessState::Active | AccessState::Revoking | AccessState::Pending
-                )
-            });
-        if !still_used {
-            let params = serde_json::json!({"user_id": user.user_id});
-            let mut job = Self::new_job(JobKind::DeleteUser, &user.integration, params, "", t);
-            job.access_id = None;
-            store::insert_job(c, &job)?;
-            fx.wake = true;
-            tracing::info!(user = %user.user_id, job = %job.id, "cleanup of an agent-created user queued");
-        }
-        store::upsert_managed_user(c, &user)?;
-        Ok(())
-    }
-
-    /// Users the agent created that the control plane tracks (for rotation and cleanup).
-    pub fn managed_users(&self) -> Result<Vec<ScheduledUser>, ControlPlaneError> {
-        let rows = skip_corrupt(store::list_managed_users(&self.store.lock())?);
-        Ok(rows
-            .into_iter()
-            .map(|u| ScheduledUser {
-                integration: u.integration,
-                user_id: u.user_id,
-                next_rotation_at: u.next_rotation_at,
-                cleanup_at: u.cleanup_at,
-            })
-            .collect())
     }
 }
 
@@ -1062,6 +775,7 @@ fn view(a: AccessRow, credentials: Option<Credentials>) -> AccessRequest {
         user_id: a.user_id,
         binding_ids: a.binding_ids,
         access_details: a.access_details,
+        pre_existing: a.pre_existing,
         last_error: a.last_error,
         credentials,
     }

@@ -3,7 +3,8 @@
 //! - `protocol`: wire types of protocol v1, shared by client and server.
 //! - `operator`: the operator API's types (`access ...` commands).
 //! - `client`: the HTTP client (remote mode, and the CLI's operator commands).
-//! - `embedded`: the in-process control plane (SQLite `store`, expiry `scheduler`, lease logic).
+//! - `embedded`: the in-process control plane (SQLite `store`, job queue and leases, scheduler);
+//!   its `access` module holds the access lifecycle (TTL, overlap, cleanup, pinning).
 //! - `server`: the axum routes serving `embedded` over HTTP (agent protocol + operator API).
 //!
 //! **Architecture invariant:** nothing here knows Rancher or any secret store; jobs carry the

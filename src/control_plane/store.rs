@@ -27,16 +27,20 @@ use super::protocol::JobError;
 use crate::integrations::{Resource, Subject};
 
 /// Version of the schema below. Bump it and add a migration step in [`migrate`] when it changes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Name of the state file inside `data_dir`.
 pub const DB_FILE: &str = "control-plane.sqlite3";
+
+/// Name of the lock file inside `data_dir` (holds the owner's pid, for the error message).
+pub const LOCK_FILE: &str = "lock";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS integrations (
     name        TEXT PRIMARY KEY,
     spec        TEXT NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    source      TEXT NOT NULL DEFAULT 'config'
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -78,9 +82,12 @@ CREATE TABLE IF NOT EXISTS access_requests (
     binding_ids       TEXT NOT NULL,
     access_details    TEXT,
     last_error        TEXT,
-    revoke_requested  INTEGER NOT NULL DEFAULT 0
+    revoke_requested  INTEGER NOT NULL DEFAULT 0,
+    integration_spec  TEXT,
+    pre_existing      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS access_due ON access_requests (state, expires_at);
+CREATE INDEX IF NOT EXISTS access_key ON access_requests (integration, role, resource, state);
 CREATE TABLE IF NOT EXISTS managed_users (
     integration       TEXT NOT NULL,
     user_id           TEXT NOT NULL,
@@ -120,6 +127,9 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Version(String),
+    /// Another process (or another instance in this one) holds the data directory's lock.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl StoreError {
@@ -150,6 +160,10 @@ pub fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Exclusive lock on `data_dir/lock`, released when the store is dropped (or the process
+    /// dies). Two control planes on one state would each keep one-time credentials the other
+    /// never sees, and `reclaim_leases` at start is only right when nobody else holds leases.
+    _lock: std::fs::File,
 }
 
 impl Store {
@@ -161,6 +175,7 @@ impl Store {
     /// written by a newer schema version.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         create_dir(data_dir)?;
+        let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join(DB_FILE);
         create_private_file(&path)?;
         let conn = Connection::open(&path).map_err(sql("opening the state database"))?;
@@ -174,6 +189,7 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
             path,
+            _lock: lock,
         })
     }
 
@@ -187,6 +203,45 @@ impl Store {
     pub fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Takes the exclusive lock on `data_dir/lock` and writes this process's pid into it.
+///
+/// # Errors
+/// `InUse` when another holder has it (another process, or another open in this one), naming its
+/// pid; `Io` when the file cannot be created or locked.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let io = |context: &str| {
+        let context = format!("{context} {}", path.display());
+        move |source| StoreError::Io { context, source }
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("creating the lock file"))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let pid = text.trim();
+            let pid = if pid.is_empty() { "unknown" } else { pid };
+            return Err(StoreError::InUse(format!(
+                "data_dir {} is in use by another apono-connector process (pid {pid}): stop it, or give this one its own data_dir",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io("locking")(e)),
+    }
+    file.set_len(0).map_err(io("writing the pid into"))?;
+    file.rewind().map_err(io("writing the pid into"))?;
+    write!(file, "{}", std::process::id()).map_err(io("writing the pid into"))?;
+    Ok(file)
 }
 
 fn create_dir(dir: &Path) -> Result<(), StoreError> {
@@ -239,6 +294,31 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Columns added after schema v1, as `(table, column, definition)`: added with `ALTER TABLE` to a
+/// database written by an older build, so existing state keeps working.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // v2: where an integration came from (`config` or `inline`), so an inline registration cannot
+    // replace one the operator declared in the config file.
+    ("integrations", "source", "TEXT NOT NULL DEFAULT 'config'"),
+    // v2: the integration spec an access was granted with; its revoke goes to the same place even
+    // if the named integration changes later (NULL on older rows: the named one is used).
+    ("access_requests", "integration_spec", "TEXT"),
+    // v2: the grant found equal access already there (made by someone else).
+    ("access_requests", "pre_existing", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+        .map_err(sql("reading the table layout"))?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(sql("reading the table layout"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql("reading the table layout"))?;
+    Ok(names.iter().any(|n| n == column))
+}
+
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);")
         .map_err(sql("creating the schema version table"))?;
@@ -252,14 +332,40 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         ))),
         Some(v) if v == SCHEMA_VERSION => Ok(()),
         _ => {
-            conn.execute_batch(SCHEMA).map_err(sql("creating the schema"))?;
-            conn.execute("DELETE FROM schema_version", [])
-                .map_err(sql("writing the schema version"))?;
-            conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])
-                .map_err(sql("writing the schema version"))?;
-            Ok(())
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(sql("starting the schema migration"))?;
+            let r = migrate_in_transaction(conn);
+            let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            conn.execute_batch(end).map_err(sql("ending the schema migration"))?;
+            r
         }
     }
+}
+
+/// Creates what is missing (a fresh file), or adds the columns of later versions (an older file).
+fn migrate_in_transaction(conn: &Connection) -> Result<(), StoreError> {
+    // The tables first without the new index, which needs the new columns on an older file.
+    let (tables, indexes): (Vec<&str>, Vec<&str>) = SCHEMA
+        .split_inclusive(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .partition(|s| !s.starts_with("CREATE INDEX"));
+    conn.execute_batch(&tables.concat())
+        .map_err(sql("creating the schema"))?;
+    for (table, column, definition) in ADDED_COLUMNS {
+        if !has_column(conn, table, column)? {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+                .map_err(sql("adding a column to an older state database"))?;
+            tracing::info!(table, column, "state database migrated: column added");
+        }
+    }
+    conn.execute_batch(&indexes.concat())
+        .map_err(sql("creating the indexes"))?;
+    conn.execute("DELETE FROM schema_version", [])
+        .map_err(sql("writing the schema version"))?;
+    conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])
+        .map_err(sql("writing the schema version"))?;
+    Ok(())
 }
 
 // ----- time and JSON helpers -----
@@ -342,14 +448,57 @@ fn access_state_parse(s: &str) -> Option<AccessState> {
 
 // ----- integrations -----
 
-pub fn upsert_integration(c: &Connection, name: &str, spec: &Value, now: DateTime<Utc>) -> Result<(), StoreError> {
+/// Where a registered integration came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntegrationSource {
+    /// Declared in the config file (registered at start; may change anything).
+    Config,
+    /// Given inline as JSON in an access request.
+    Inline,
+}
+
+impl IntegrationSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationSource::Config => "config",
+            IntegrationSource::Inline => "inline",
+        }
+    }
+}
+
+pub fn upsert_integration(
+    c: &Connection,
+    name: &str,
+    spec: &Value,
+    source: IntegrationSource,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO integrations (name, spec, updated_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
-        params![name, json_text(spec)?, to_ms(now)],
+        "INSERT INTO integrations (name, spec, updated_at, source) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at,
+             source = excluded.source",
+        params![name, json_text(spec)?, to_ms(now), source.as_str()],
     )
     .map_err(sql("saving an integration"))?;
     Ok(())
+}
+
+/// The registered spec and where it came from.
+pub fn integration_with_source(c: &Connection, name: &str) -> Result<Option<(Value, IntegrationSource)>, StoreError> {
+    let row: Option<(String, String)> = c
+        .query_row("SELECT spec, source FROM integrations WHERE name = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+        .map_err(sql("reading an integration"))?;
+    let Some((text, source)) = row else { return Ok(None) };
+    let spec = parse_json("integrations", name, "spec", &text)?;
+    let source = if source == "inline" {
+        IntegrationSource::Inline
+    } else {
+        IntegrationSource::Config
+    };
+    Ok(Some((spec, source)))
 }
 
 /// The registered spec, as JSON (including inline credentials, to hand to the agent).
@@ -509,7 +658,7 @@ pub fn insert_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
 pub fn update_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
     c.execute(
         "UPDATE jobs SET state = ?2, attempt = ?3, lease_token = ?4, lease_expires_at = ?5, not_before = ?6,
-             completed_token = ?7, result = ?8, error = ?9, updated_at = ?10
+             completed_token = ?7, result = ?8, error = ?9, updated_at = ?10, params = ?11
          WHERE id = ?1",
         params![
             j.id,
@@ -522,6 +671,7 @@ pub fn update_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
             j.result.as_ref().map(json_text).transpose()?,
             j.error.as_ref().map(json_text).transpose()?,
             to_ms(j.updated_at),
+            json_text(&j.params)?,
         ],
     )
     .map_err(sql("updating a job"))?;
@@ -586,6 +736,26 @@ pub fn ready_jobs(
     )
 }
 
+/// Sweep jobs not yet settled (pending or leased).
+pub fn open_sweeps(c: &Connection) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+    jobs_where(
+        c,
+        "WHERE kind = 'sweep' AND state IN ('pending', 'leased') ORDER BY seq",
+        &[],
+    )
+}
+
+/// Every leased job becomes pending at once (lease cleared, attempt kept). Returns how many.
+pub fn reclaim_leases(c: &Connection, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    c.execute(
+        "UPDATE jobs SET state = 'pending', lease_token = NULL, lease_expires_at = NULL, not_before = NULL,
+             updated_at = ?1
+         WHERE state = 'leased'",
+        [to_ms(now)],
+    )
+    .map_err(sql("handing back the leases of a dead process"))
+}
+
 /// Marks a job whose row does not decode as failed for good, touching only columns that cannot
 /// be corrupt, so it stops being looked at.
 pub fn fail_corrupt_job(c: &Connection, id: &str, message: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -644,11 +814,16 @@ pub struct AccessRow {
     pub last_error: Option<JobError>,
     /// `revoke` was asked while the grant was running: revoke as soon as it settles.
     pub revoke_requested: bool,
+    /// The integration spec the access was created with; its jobs go there whatever the named
+    /// integration says later. `None` on rows written before schema v2 (the named one is used).
+    pub integration_spec: Option<Value>,
+    /// The grant found equal access already there, made by someone else.
+    pub pre_existing: bool,
 }
 
 const ACCESS_COLUMNS: &str = "id, integration, subject, role, resource, ttl_seconds, create_user, state, created_at, \
      granted_at, expires_at, revoked_at, grant_job_id, revoke_job_id, user_id, binding_ids, access_details, \
-     last_error, revoke_requested";
+     last_error, revoke_requested, integration_spec, pre_existing";
 
 struct RawAccess {
     id: String,
@@ -670,6 +845,8 @@ struct RawAccess {
     access_details: Option<String>,
     last_error: Option<String>,
     revoke_requested: bool,
+    integration_spec: Option<String>,
+    pre_existing: bool,
 }
 
 fn raw_access(r: &Row<'_>) -> rusqlite::Result<RawAccess> {
@@ -693,6 +870,8 @@ fn raw_access(r: &Row<'_>) -> rusqlite::Result<RawAccess> {
         access_details: r.get(16)?,
         last_error: r.get(17)?,
         revoke_requested: r.get(18)?,
+        integration_spec: r.get(19)?,
+        pre_existing: r.get(20)?,
     })
 }
 
@@ -729,6 +908,8 @@ impl RawAccess {
             access_details: self.access_details,
             last_error: opt_json(T, &id, "last_error", self.last_error)?,
             revoke_requested: self.revoke_requested,
+            integration_spec: opt_json(T, &id, "integration_spec", self.integration_spec)?,
+            pre_existing: self.pre_existing,
             id,
         })
     }
@@ -738,7 +919,7 @@ pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO access_requests ({ACCESS_COLUMNS}) VALUES
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
         ),
         params![
             a.id,
@@ -760,6 +941,8 @@ pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
             a.access_details,
             a.last_error.as_ref().map(json_text).transpose()?,
             a.revoke_requested,
+            a.integration_spec.as_ref().map(json_text).transpose()?,
+            a.pre_existing,
         ],
     )
     .map_err(sql("inserting an access request"))?;
@@ -770,7 +953,8 @@ pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
 pub fn update_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
     c.execute(
         "UPDATE access_requests SET state = ?2, granted_at = ?3, expires_at = ?4, revoked_at = ?5, revoke_job_id = ?6,
-             user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10, revoke_requested = ?11
+             user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10, revoke_requested = ?11,
+             pre_existing = ?12
          WHERE id = ?1",
         params![
             a.id,
@@ -784,6 +968,7 @@ pub fn update_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
             a.access_details,
             a.last_error.as_ref().map(json_text).transpose()?,
             a.revoke_requested,
+            a.pre_existing,
         ],
     )
     .map_err(sql("updating an access request"))?;
@@ -835,7 +1020,6 @@ pub fn list_access(c: &Connection) -> Result<Vec<Result<AccessRow, StoreError>>,
     access_where(c, "", &[])
 }
 
-/// Active accesses whose TTL has ended.
 /// What a prune removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
@@ -880,6 +1064,7 @@ pub fn prune(c: &Connection, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError
     })
 }
 
+/// Active accesses whose TTL has ended.
 pub fn expired_access(c: &Connection, now: DateTime<Utc>) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(c, "WHERE state = 'active' AND expires_at <= ?1", &[&to_ms(now)])
 }
@@ -891,6 +1076,27 @@ pub fn access_of_user(
     user_id: &str,
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(c, "WHERE integration = ?1 AND user_id = ?2", &[&integration, &user_id])
+}
+
+/// Accesses that have not ended (pending, active or revoking), oldest first.
+pub fn live_access(c: &Connection) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    access_where(c, "WHERE state IN ('pending', 'active', 'revoking')", &[])
+}
+
+/// Accesses that have not ended on one (integration, subject, role, resource), oldest first.
+pub fn live_access_on_key(
+    c: &Connection,
+    integration: &str,
+    subject: &Subject,
+    role: &str,
+    resource: &Resource,
+) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    access_where(
+        c,
+        "WHERE integration = ?1 AND role = ?2 AND resource = ?3 AND subject = ?4
+             AND state IN ('pending', 'active', 'revoking')",
+        &[&integration, &role, &resource.as_str(), &json_text(subject)?],
+    )
 }
 
 // ----- users the agent created -----

@@ -68,7 +68,11 @@ impl Stack {
         })
         .expect("control plane opens");
         let spec = serde_json::from_value(sim_integration(&sim, "sim")).expect("spec");
-        cp.register_integration(&spec).expect("register");
+        cp.register_integration(
+            &spec,
+            apono_connector::control_plane::embedded::IntegrationSource::Config,
+        )
+        .expect("register");
         let stop = CancellationToken::new();
         let mut tasks = vec![tokio::spawn(cp.clone().run_scheduler(stop.clone()))];
         let mut stack = Stack {

@@ -1,5 +1,6 @@
 use super::*;
-use crate::integrations::{Resource, Subject};
+use crate::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef};
+use crate::integrations::{IntegrationSpec, Resource, Subject};
 use serde_json::json;
 use std::time::Instant;
 
@@ -32,11 +33,12 @@ pub(crate) fn options(dir: &std::path::Path) -> Options {
 pub(crate) fn open_with(options: Options, extra_config: Value) -> Arc<EmbeddedControlPlane> {
     let cp = EmbeddedControlPlane::open(options).expect("open");
     let spec: IntegrationSpec = serde_json::from_value(spec_json("test", extra_config)).expect("spec");
-    cp.register_integration(&spec).expect("register");
+    cp.register_integration(&spec, IntegrationSource::Config)
+        .expect("register");
     cp
 }
 
-fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessRequestCreate {
+pub(crate) fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessRequestCreate {
     AccessRequestCreate {
         integration: IntegrationRef::Name("test".into()),
         subject: Subject::Username(user.into()),
@@ -47,7 +49,7 @@ fn access_create(user: &str, ttl_seconds: u64, create_user: bool) -> AccessReque
     }
 }
 
-async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> {
+pub(crate) async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> {
     let jobs = cp
         .lease(&LeaseRequest {
             max_jobs: 1,
@@ -59,7 +61,7 @@ async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> Option<Job> 
         .map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
 }
 
-async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
+pub(crate) async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
     cp.complete(
         &job.id,
         &CompleteRequest {
@@ -73,7 +75,7 @@ async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
     .expect("complete");
 }
 
-fn failed(job: &Job, retryable: bool) -> CompleteRequest {
+pub(crate) fn failed(job: &Job, retryable: bool) -> CompleteRequest {
     CompleteRequest {
         lease_token: job.lease_token.clone(),
         outcome: Outcome::Failed,
@@ -86,7 +88,7 @@ fn failed(job: &Job, retryable: bool) -> CompleteRequest {
     }
 }
 
-fn grant_result(user_id: &str, created_user: bool, password: Option<&str>) -> Value {
+pub(crate) fn grant_result(user_id: &str, created_user: bool, password: Option<&str>) -> Value {
     let mut v = json!({
         "user_id": user_id,
         "binding_ids": ["c-1:crtb-apono-1"],
@@ -136,7 +138,7 @@ fn spawn_fake_agent(
     })
 }
 
-async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub(crate) async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
@@ -360,22 +362,42 @@ async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() 
 }
 
 #[tokio::test]
-async fn a_non_retryable_failure_is_final_at_once() {
+async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     let access = cp.create_access(access_create("nobody", 60, false)).unwrap();
     let job = lease_one(&cp, 0).await.unwrap();
     assert_eq!(job.id, access.grant_job_id);
+    let expires = cp
+        .access(&access.id)
+        .unwrap()
+        .unwrap()
+        .expires_at
+        .expect("TTL started at hand-out");
     assert_eq!(
         job.params,
-        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false})
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false,
+               "grant_id": access.id, "expires_at": expires})
     );
     cp.complete(&job.id, &failed(&job, false)).await.unwrap();
     let record = cp.job(&job.id).unwrap().unwrap();
     assert_eq!((record.state, record.attempt), (JobState::Failed, 1));
-    let access = cp.access(&access.id).unwrap().unwrap();
-    assert_eq!(access.state, AccessState::Failed);
-    assert_eq!(access.last_error.map(|e| e.code), Some("unavailable".to_string()));
+    let a = cp.access(&access.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoking, "the failed grant is cleaned up");
+    let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke");
+    assert_eq!(Some(cleanup.id.clone()), a.revoke_job_id);
+    assert_eq!(
+        cleanup.params,
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "grant_id": access.id})
+    );
+    complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
+    let a = cp.access(&access.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoked);
+    assert_eq!(
+        a.last_error.map(|e| e.code),
+        Some("unavailable".to_string()),
+        "the grant's error is kept"
+    );
 }
 
 #[tokio::test]
@@ -406,7 +428,9 @@ async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forev
     assert_eq!(active.binding_ids, vec!["c-1:crtb-apono-1".to_string()]);
     assert_eq!(active.access_details.as_deref(), Some("Log in as alice"));
     let (granted, expires) = (active.granted_at.unwrap(), active.expires_at.unwrap());
-    assert_eq!(expires - granted, chrono::Duration::seconds(1));
+    // The TTL started when the grant was handed out, just before it completed.
+    assert!(expires - granted <= chrono::Duration::seconds(1));
+    assert!(expires - active.created_at >= chrono::Duration::seconds(1));
 
     let revoked = wait_for(Duration::from_secs(10), || {
         cp.access(&created.id)
@@ -457,7 +481,9 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     assert_eq!(revoke.kind, "revoke");
     assert_eq!(
         revoke.params,
-        json!({"user": "bob", "role": "cluster-member", "resource": "c-1"})
+        json!({"user": "bob", "role": "cluster-member", "resource": "c-1", "grant_id": b.id,
+               "user_id": "u-bob", "binding_ids": ["c-1:crtb-apono-1"]}),
+        "the revoke carries what the grant recorded"
     );
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
     assert_eq!(cp.access(&b.id).unwrap().unwrap().state, AccessState::Revoked);
@@ -982,53 +1008,30 @@ async fn a_queued_revoke_survives_a_restart() {
     assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoked);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_on_one_state_never_hand_out_a_job_twice() {
+#[tokio::test]
+async fn a_second_open_of_one_data_dir_fails_at_once_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
-    let a = open_with(options(dir.path()), json!({}));
-    let b = EmbeddedControlPlane::open(options(dir.path())).unwrap();
-    let mut created = Vec::new();
-    for _ in 0..40 {
-        created.push(
-            a.create_job(JobCreate {
-                kind: "validate".into(),
-                integration: json!("test"),
-                params: json!({}),
-            })
-            .unwrap()
-            .id,
-        );
-    }
-    let mut workers = Vec::new();
-    for cp in [a.clone(), b.clone(), a.clone(), b.clone()] {
-        workers.push(tokio::spawn(async move {
-            let mut got = Vec::new();
-            loop {
-                let jobs = cp
-                    .lease(&LeaseRequest {
-                        max_jobs: 2,
-                        wait_seconds: 0,
-                    })
-                    .await
-                    .expect("lease");
-                if jobs.is_empty() {
-                    return got;
-                }
-                for raw in jobs {
-                    let job: Job = serde_json::from_value(raw).unwrap();
-                    complete_ok(&cp, &job, json!({})).await;
-                    got.push(job.id);
-                }
-            }
-        }));
-    }
-    let mut handed = Vec::new();
-    for w in workers {
-        handed.extend(w.await.unwrap());
-    }
-    handed.sort();
-    created.sort();
-    assert_eq!(handed, created);
+    let first = open_with(options(dir.path()), json!({}));
+    let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Store { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&dir.path().display().to_string())
+            && text.contains(&format!("pid {}", std::process::id()))
+            && text.contains("give this one its own data_dir"),
+        "{text}"
+    );
+    // The first keeps working; once it is gone the directory can be opened again.
+    first
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    drop(first);
+    let again = EmbeddedControlPlane::open(options(dir.path())).expect("the lock went with the first");
+    assert_eq!(again.list_jobs().unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -1077,4 +1080,132 @@ async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
     let kept = cp.access(&live.id).unwrap().expect("the active access is kept");
     assert_eq!(kept.state, AccessState::Active);
     assert!(cp.job(&kept.grant_job_id).unwrap().is_some(), "its grant job is kept");
+}
+
+#[tokio::test]
+async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_json("test", json!({}));
+    {
+        // A state file as a build with schema v1 left it: an active access, no pinned spec.
+        let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).unwrap();
+        conn.execute_batch(include_str!("testdata/schema_v1.sql")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO integrations (name, spec, updated_at) VALUES ('test', ?1, 0)",
+            [spec.to_string()],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO access_requests (id, integration, subject, role, resource, ttl_seconds, create_user, state,
+                 created_at, granted_at, expires_at, grant_job_id, user_id, binding_ids)
+             VALUES ('ar-old', 'test', '{\"user\":\"alice\"}', 'cluster-member', 'c-1', 3600, 0, 'active',
+                 0, 0, 4102444800000, 'j-old', 'u-alice', '[\"c-1:crtb-old\"]')",
+            [],
+        )
+        .unwrap();
+    }
+    let cp = EmbeddedControlPlane::open(options(dir.path())).expect("a v1 file opens");
+    let old = cp.access("ar-old").unwrap().expect("kept");
+    assert_eq!((old.state, old.pre_existing), (AccessState::Active, false));
+    let version: i64 = cp
+        .store
+        .lock()
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, store::SCHEMA_VERSION);
+    // Its revoke falls back to the named integration and carries what the grant recorded.
+    assert_eq!(cp.revoke_access("ar-old").unwrap().state, AccessState::Revoking);
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
+    assert_eq!(revoke.params["binding_ids"], json!(["c-1:crtb-old"]));
+    assert_eq!(revoke.params["user_id"], "u-alice");
+    // A v1 integration counts as declared in the config file.
+    let inline: IntegrationSpec = serde_json::from_value(spec_json("test", json!({"host": "x.example.com"}))).unwrap();
+    let e = cp
+        .create_access(AccessRequestCreate {
+            integration: IntegrationRef::Inline(Box::new(inline)),
+            ..access_create("bob", 60, false)
+        })
+        .unwrap_err();
+    assert!(matches!(e, ControlPlaneError::Rejected { status: 409, .. }), "{e:?}");
+    drop(cp);
+    EmbeddedControlPlane::open(options(dir.path())).expect("opens again once migrated");
+}
+
+#[tokio::test]
+async fn reclaimed_leases_of_a_dead_process_are_handed_out_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        lease_duration: Duration::from_secs(3600),
+        ..options(dir.path())
+    };
+    let (created, stale) = {
+        let cp = open_with(opts.clone(), json!({}));
+        let a = cp.create_access(access_create("alice", 3600, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+        cp.revoke_access(&a.id).unwrap();
+        let revoke = lease_one(&cp, 0).await.unwrap(); // the process dies during the revoke
+        (a.id, revoke)
+    };
+    let cp = EmbeddedControlPlane::open(opts).unwrap();
+    assert!(
+        lease_one(&cp, 0).await.is_none(),
+        "without reclaim the dead lease would be waited out"
+    );
+    assert_eq!(cp.reclaim_leases().unwrap(), 1);
+    let revoke = lease_one(&cp, 0).await.expect("handed out again at once");
+    assert_eq!((revoke.id.as_str(), revoke.attempt), (stale.id.as_str(), 2));
+    assert!(matches!(
+        cp.complete(&stale.id, &failed(&stale, true)).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
+    assert_eq!(cp.access(&created).unwrap().unwrap().state, AccessState::Revoked);
+    assert_eq!(cp.reclaim_leases().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_released_job_is_ready_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            lease_duration: Duration::from_secs(3600),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let created = cp
+        .create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let job = lease_one(&cp, 0).await.unwrap();
+    let release = |token: &str, started: bool| ReleaseRequest {
+        lease_token: token.to_string(),
+        started,
+    };
+    let e = cp.release(&job.id, &release("lt-not-mine", false)).await.unwrap_err();
+    assert!(matches!(e, ControlPlaneError::LeaseLost { .. }));
+    assert_eq!(e.status(), 409);
+    cp.release(&job.id, &release(&job.lease_token, false)).await.unwrap();
+    let again = lease_one(&cp, 0).await.expect("leased again at once");
+    assert_eq!(
+        (again.id.as_str(), again.attempt),
+        (created.id.as_str(), 1),
+        "not started: no attempt"
+    );
+    assert!(matches!(
+        cp.release(&job.id, &release(&job.lease_token, false)).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    cp.release(&again.id, &release(&again.lease_token, true)).await.unwrap();
+    let third = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(third.attempt, 2, "a started run counts");
 }

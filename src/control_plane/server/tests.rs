@@ -236,6 +236,53 @@ async fn the_operator_api_manages_access_requests() {
         matches!(&e, ControlPlaneError::Rejected { status: 400, message } if message.contains("prod")),
         "{e:?}"
     );
+
+    // An inline integration may not replace the one from the config file: 409 with the reason.
+    let replacing = AccessRequestCreate {
+        integration: IntegrationRef::Inline(Box::new(
+            serde_json::from_value(fixtures::spec_json("test", json!({"host": "elsewhere.example.com"}))).unwrap(),
+        )),
+        ..unknown
+    };
+    let e = operator.create_access(&replacing).await.unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Rejected { status: 409, message } if message.contains("config file")),
+        "{e:?}"
+    );
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_released_job_is_leased_again_at_once_over_http() {
+    let s = serve_cp(Some(TOKEN)).await;
+    let agent = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from(TOKEN))).unwrap();
+    let created =
+        s.cp.create_job(JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .unwrap();
+    let lease = LeaseRequest {
+        max_jobs: 1,
+        wait_seconds: 0,
+    };
+    let job: Job = serde_json::from_value(agent.lease(&lease).await.unwrap()[0].clone()).unwrap();
+    let wrong = ReleaseRequest {
+        lease_token: "lt-stale".into(),
+        started: false,
+    };
+    assert!(matches!(
+        agent.release(&job.id, &wrong).await,
+        Err(ControlPlaneError::LeaseLost { .. })
+    ));
+    let release = ReleaseRequest {
+        lease_token: job.lease_token.clone(),
+        started: false,
+    };
+    agent.release(&job.id, &release).await.unwrap();
+    let again: Job = serde_json::from_value(agent.lease(&lease).await.unwrap()[0].clone()).unwrap();
+    assert_eq!((again.id.as_str(), again.attempt), (created.id.as_str(), 1));
     s.shutdown.cancel();
 }
 

@@ -1,0 +1,327 @@
+//! The access lifecycle, driven as an agent would: lease, complete, and the scheduler's tick.
+
+use super::super::tests::{access_create, complete_ok, failed, lease_one, open_with, options};
+use super::super::{EmbeddedControlPlane, Options};
+use crate::control_plane::ControlPlane;
+use crate::control_plane::operator::{AccessState, JobState};
+use crate::control_plane::protocol::{Job, LeaseRequest};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn granted(user_id: &str, binding: &str) -> Value {
+    json!({"user_id": user_id, "binding_ids": [binding], "created_user": false, "access_details": ""})
+}
+
+async fn lease_all(cp: &EmbeddedControlPlane) -> Vec<Job> {
+    cp.lease(&LeaseRequest {
+        max_jobs: 10,
+        wait_seconds: 0,
+    })
+    .await
+    .expect("lease")
+    .into_iter()
+    .map(|v| serde_json::from_value(v).expect("job"))
+    .collect()
+}
+
+/// Creates an access and runs its grant to `active` with `binding` recorded.
+async fn active(cp: &EmbeddedControlPlane, user: &str, ttl: u64, binding: &str) -> String {
+    let a = cp.create_access(access_create(user, ttl, false)).unwrap();
+    let grant = lease_one(cp, 0).await.expect("grant");
+    assert_eq!(grant.id, a.grant_job_id);
+    complete_ok(cp, &grant, granted(&format!("u-{user}"), binding)).await;
+    assert_eq!(cp.access(&a.id).unwrap().unwrap().state, AccessState::Active);
+    a.id
+}
+
+fn state(cp: &EmbeddedControlPlane, id: &str) -> AccessState {
+    cp.access(id).unwrap().unwrap().state
+}
+
+#[tokio::test]
+async fn overlapping_accesses_keep_the_binding_until_the_last_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let first = active(&cp, "alice", 1, "c-1:crtb-first").await;
+    let second = active(&cp, "alice", 2, "c-1:crtb-second").await;
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    cp.tick_once().unwrap();
+    let a = cp.access(&first).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoked, "ended without a revoke");
+    assert!(a.revoke_job_id.is_none());
+    assert!(
+        lease_all(&cp).await.is_empty(),
+        "no revoke job while the second holds the binding"
+    );
+    let b = cp.access(&second).unwrap().unwrap();
+    assert_eq!(b.state, AccessState::Active);
+    assert_eq!(b.binding_ids, vec!["c-1:crtb-second", "c-1:crtb-first"], "handed over");
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cp.tick_once().unwrap();
+    assert_eq!(state(&cp, &second), AccessState::Revoking);
+    let revoke = lease_one(&cp, 0).await.expect("the last one revokes");
+    assert_eq!(revoke.kind, "revoke");
+    assert_eq!(revoke.params["grant_id"], json!(second));
+    assert_eq!(
+        revoke.params["binding_ids"],
+        json!(["c-1:crtb-second", "c-1:crtb-first"])
+    );
+    complete_ok(
+        &cp,
+        &revoke,
+        json!({"removed_binding_ids": ["c-1:crtb-second", "c-1:crtb-first"]}),
+    )
+    .await;
+    assert_eq!(state(&cp, &second), AccessState::Revoked);
+}
+
+#[tokio::test]
+async fn accesses_of_other_subjects_or_roles_do_not_hold_a_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let alice = active(&cp, "alice", 3600, "c-1:crtb-a").await;
+    let _bob = active(&cp, "bob", 3600, "c-1:crtb-b").await;
+    cp.revoke_access(&alice).unwrap();
+    assert_eq!(state(&cp, &alice), AccessState::Revoking, "bob's access is another key");
+    assert_eq!(lease_one(&cp, 0).await.unwrap().kind, "revoke");
+}
+
+#[tokio::test]
+async fn a_pending_access_on_the_key_holds_the_binding_and_keeps_it_after_its_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let first = active(&cp, "alice", 3600, "c-1:crtb-x").await;
+    let second = cp.create_access(access_create("alice", 3600, false)).unwrap();
+    cp.revoke_access(&first).unwrap();
+    assert_eq!(state(&cp, &first), AccessState::Revoked, "the pending one holds it");
+    let grant = lease_one(&cp, 0).await.expect("the second's grant");
+    assert_eq!(grant.id, second.grant_job_id);
+    // The grant reports the connector's existing binding under its own id, plus one more.
+    complete_ok(&cp, &grant, granted("u-alice", "c-1:crtb-y")).await;
+    let b = cp.access(&second.id).unwrap().unwrap();
+    assert_eq!(b.state, AccessState::Active);
+    assert_eq!(
+        b.binding_ids,
+        vec!["c-1:crtb-x", "c-1:crtb-y"],
+        "handed-over ids survive the grant result"
+    );
+}
+
+#[tokio::test]
+async fn a_grant_waits_while_a_revoke_on_its_key_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let first = active(&cp, "alice", 3600, "c-1:crtb-x").await;
+    cp.revoke_access(&first).unwrap();
+    let second = cp.create_access(access_create("alice", 3600, false)).unwrap();
+    let jobs = lease_all(&cp).await;
+    assert_eq!(jobs.len(), 1, "only the revoke: {jobs:?}");
+    assert_eq!(jobs[0].kind, "revoke");
+    assert!(lease_all(&cp).await.is_empty(), "the grant still waits");
+    assert_eq!(cp.job(&second.grant_job_id).unwrap().unwrap().state, JobState::Pending);
+    complete_ok(&cp, &jobs[0], json!({"removed_binding_ids": ["c-1:crtb-x"]})).await;
+    let grant = lease_one(&cp, 5).await.expect("handed out once the revoke settled");
+    assert_eq!(grant.id, second.grant_job_id);
+    assert_eq!(grant.attempt, 1, "holding it back did not count as an attempt");
+}
+
+#[tokio::test]
+async fn a_grant_out_of_attempts_is_cleaned_up_with_what_it_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            max_grant_attempts: 2,
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let a = cp.create_access(access_create("carol", 60, true)).unwrap();
+    for attempt in 1..=2 {
+        let grant = lease_one(&cp, 5).await.expect("grant attempt");
+        assert_eq!(grant.attempt, attempt);
+        cp.complete(&grant.id, &failed(&grant, true)).await.unwrap();
+    }
+    assert_eq!(cp.job(&a.grant_job_id).unwrap().unwrap().state, JobState::Failed);
+    assert_eq!(state(&cp, &a.id), AccessState::Revoking);
+    let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke");
+    assert_eq!(
+        cleanup.params,
+        json!({"user": "carol", "role": "cluster-member", "resource": "c-1", "grant_id": a.id}),
+        "nothing recorded: the agent removes the connector's marked bindings of this grant id"
+    );
+    complete_ok(&cp, &cleanup, json!({"removed_binding_ids": ["c-1:crtb-c"]})).await;
+    let a = cp.access(&a.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoked);
+    assert_eq!(a.last_error.map(|e| e.code).as_deref(), Some("unavailable"));
+}
+
+#[tokio::test]
+async fn a_revoke_asked_during_a_running_grant_is_carried_out_when_the_grant_fails() {
+    for retryable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = open_with(options(dir.path()), json!({}));
+        let a = cp.create_access(access_create("dave", 60, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        let during = cp.revoke_access(&a.id).unwrap();
+        assert_eq!(during.state, AccessState::Pending, "carried out when the grant settles");
+        cp.complete(&grant.id, &failed(&grant, retryable)).await.unwrap();
+        let g = cp.job(&a.grant_job_id).unwrap().unwrap();
+        assert_eq!(g.state, JobState::Failed, "retryable={retryable}: not granted again");
+        assert_eq!(state(&cp, &a.id), AccessState::Revoking, "retryable={retryable}");
+        let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke");
+        assert_eq!(cleanup.kind, "revoke");
+        complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
+        let a = cp.access(&a.id).unwrap().unwrap();
+        assert_eq!(a.state, AccessState::Revoked);
+        assert_eq!(a.last_error.map(|e| e.code).as_deref(), Some("unavailable"));
+    }
+}
+
+#[tokio::test]
+async fn a_grant_cancelled_after_it_started_is_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            retry_base: Duration::from_secs(30),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let a = cp.create_access(access_create("erin", 60, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    cp.complete(&grant.id, &failed(&grant, true)).await.unwrap();
+    assert_eq!(
+        cp.job(&a.grant_job_id).unwrap().unwrap().state,
+        JobState::Pending,
+        "requeued"
+    );
+    let r = cp.revoke_access(&a.id).unwrap();
+    assert_eq!(r.state, AccessState::Revoking, "an attempt ran: clean up");
+    let g = cp.job(&a.grant_job_id).unwrap().unwrap();
+    assert_eq!(
+        (g.state, g.error.map(|e| e.code)),
+        (JobState::Failed, Some("cancelled".into()))
+    );
+    let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke, not the grant");
+    assert_eq!(cleanup.kind, "revoke");
+    complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
+    let a = cp.access(&a.id).unwrap().unwrap();
+    assert_eq!(a.state, AccessState::Revoked);
+    assert_eq!(a.last_error.map(|e| e.code).as_deref(), Some("cancelled"));
+}
+
+#[tokio::test]
+async fn a_grant_revoked_while_a_dead_agent_held_it_is_not_handed_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            lease_duration: Duration::from_millis(300),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let a = cp.create_access(access_create("frank", 60, false)).unwrap();
+    let _held_by_a_dead_agent = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(cp.revoke_access(&a.id).unwrap().state, AccessState::Pending);
+    let next = lease_one(&cp, 5).await.expect("something after the dead lease ran out");
+    assert_eq!(next.kind, "revoke", "the cleanup, not the grant again");
+    let g = cp.job(&a.grant_job_id).unwrap().unwrap();
+    assert_eq!(
+        (g.state, g.error.map(|e| e.code)),
+        (JobState::Failed, Some("cancelled".into()))
+    );
+    assert_eq!(state(&cp, &a.id), AccessState::Revoking);
+}
+
+#[tokio::test]
+async fn the_ttl_starts_at_the_first_hand_out_and_every_attempt_marks_the_same_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let a = cp.create_access(access_create("gina", 60, false)).unwrap();
+    assert!(a.expires_at.is_none(), "not before the grant is handed out");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = lease_one(&cp, 0).await.unwrap();
+    let expires = cp.access(&a.id).unwrap().unwrap().expires_at.expect("started");
+    assert!(expires - a.created_at >= chrono::Duration::milliseconds(60_300));
+    assert_eq!(first.params["expires_at"], json!(expires));
+    assert_eq!(first.params["grant_id"], json!(a.id));
+    cp.complete(&first.id, &failed(&first, true)).await.unwrap();
+    let second = lease_one(&cp, 5).await.expect("retry");
+    assert_eq!(second.params["expires_at"], json!(expires), "the same expiry");
+    complete_ok(&cp, &second, granted("u-gina", "c-1:crtb-g")).await;
+    let done = cp.access(&a.id).unwrap().unwrap();
+    assert_eq!(done.expires_at, Some(expires), "success does not restart the TTL");
+}
+
+#[tokio::test]
+async fn a_grant_whose_expiry_passed_before_it_ran_is_cleaned_up_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            retry_base: Duration::from_millis(1500),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let a = cp.create_access(access_create("hank", 1, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    cp.complete(&grant.id, &failed(&grant, true)).await.unwrap();
+    let next = lease_one(&cp, 5).await.expect("a job after the backoff");
+    assert_eq!(next.kind, "revoke", "the expired grant is not handed out");
+    let g = cp.job(&a.grant_job_id).unwrap().unwrap();
+    assert!(g.error.unwrap().message.contains("expired"));
+    complete_ok(&cp, &next, json!({"removed_binding_ids": []})).await;
+    assert_eq!(state(&cp, &a.id), AccessState::Revoked);
+}
+
+#[tokio::test]
+async fn revoke_works_on_every_access_that_has_not_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    // A legacy `failed` access (older builds): revoke queues the cleanup it never had.
+    let legacy = active(&cp, "ivan", 3600, "c-1:crtb-i").await;
+    cp.store
+        .lock()
+        .execute("UPDATE access_requests SET state = 'failed' WHERE id = ?1", [&legacy])
+        .unwrap();
+    assert_eq!(cp.revoke_access(&legacy).unwrap().state, AccessState::Revoking);
+    let revoke = lease_one(&cp, 0).await.expect("cleanup revoke");
+    assert_eq!(revoke.params["binding_ids"], json!(["c-1:crtb-i"]));
+    // Revoking, then revoked: nothing more is queued.
+    assert_eq!(cp.revoke_access(&legacy).unwrap().state, AccessState::Revoking);
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-i"]})).await;
+    assert_eq!(cp.revoke_access(&legacy).unwrap().state, AccessState::Revoked);
+    assert!(lease_all(&cp).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_grant_on_a_held_key_ends_without_a_revoke_and_keeps_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let holder = active(&cp, "judy", 3600, "c-1:crtb-j").await;
+    let b = cp.create_access(access_create("judy", 60, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    cp.complete(&grant.id, &failed(&grant, false)).await.unwrap();
+    let b = cp.access(&b.id).unwrap().unwrap();
+    assert_eq!(b.state, AccessState::Revoked);
+    assert_eq!(b.last_error.map(|e| e.code).as_deref(), Some("unavailable"));
+    assert!(lease_all(&cp).await.is_empty(), "no revoke under the active holder");
+    assert_eq!(state(&cp, &holder), AccessState::Active);
+}
+
+#[tokio::test]
+async fn the_grant_result_says_when_equal_access_was_already_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let a = cp.create_access(access_create("kim", 60, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    let mut result = granted("u-kim", "c-1:crtb-k");
+    result["pre_existing"] = json!(true);
+    result["binding_ids"] = json!([]);
+    complete_ok(&cp, &grant, result).await;
+    let a = cp.access(&a.id).unwrap().unwrap();
+    assert!(a.pre_existing);
+    assert!(serde_json::to_value(&a).unwrap()["pre_existing"].as_bool().unwrap());
+}
