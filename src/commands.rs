@@ -66,6 +66,7 @@ pub fn embedded_options(config: &Config) -> embedded::Options {
         lease_duration: Duration::from_secs(config.standalone.lease_seconds),
         max_grant_attempts: config.standalone.max_grant_attempts,
         retention: Duration::from_secs(config.standalone.retention_days.saturating_mul(86_400)),
+        sweep_interval: Duration::from_secs(config.standalone.sweep_interval_seconds),
         ..embedded::Options::default()
     }
 }
@@ -130,6 +131,17 @@ async fn run_agent(
                 );
             }
             let cp = open_embedded(&config, embedded_options(&config))?;
+            // In standalone the in-process agent is the only holder of leases, and `open` has
+            // locked the data dir: every lease still recorded belongs to our own dead process.
+            // Taking them back now runs a revoke that fell due while we were down at once,
+            // instead of after a lease.
+            let reclaimed = cp.reclaim_leases().context("reclaiming the leases of a previous run")?;
+            if reclaimed > 0 {
+                tracing::info!(
+                    jobs = reclaimed,
+                    "took back the leases of a previous run that ended without releasing them"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(config.standalone.listen)
                 .await
                 .with_context(|| format!("binding the operator API on {}", config.standalone.listen))?;

@@ -102,9 +102,16 @@ impl Daemon {
     }
 
     async fn request(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
-        self.request_with(IntegrationRef::Name("prod".into()), user, role, resource, ttl_seconds, false)
-            .await
-            .expect("access request accepted")
+        self.request_with(
+            IntegrationRef::Name("prod".into()),
+            user,
+            role,
+            resource,
+            ttl_seconds,
+            false,
+        )
+        .await
+        .expect("access request accepted")
     }
 
     async fn request_with(
@@ -129,7 +136,11 @@ impl Daemon {
     }
 
     async fn get(&self, id: &str) -> AccessRequest {
-        self.op.access(id).await.expect("operator API answers").expect("access exists")
+        self.op
+            .access(id)
+            .await
+            .expect("operator API answers")
+            .expect("access exists")
     }
 
     /// Waits for `state`; the access as it was then.
@@ -170,16 +181,6 @@ fn user_id_of(sim: &SimHandle, username: &str) -> Option<String> {
 
 async fn sim() -> SimHandle {
     SimHandle::start(SimOptions::default()).await.expect("sim starts")
-}
-
-/// A binding a person made (no connector marker), planted in the simulator.
-fn plant_standing(sim: &SimHandle, id: &str, user_id: &str, role: &str, cluster: &str) {
-    let b: SimBinding = serde_json::from_value(json!({
-        "id": format!("{cluster}:{id}"), "name": id, "scope": "cluster", "role_id": role,
-        "resource_id": cluster, "user_id": user_id, "user_principal_id": null, "group_principal_id": null,
-    }))
-    .expect("binding");
-    sim.sim.add_binding(b).expect("planted");
 }
 
 fn inline_integration(name: &str, sim: &SimHandle) -> IntegrationRef {
@@ -293,7 +294,8 @@ async fn an_empty_listing_does_not_pass_for_a_revoke() {
     assert_eq!(active.binding_ids.len(), 1);
     // From now on every listing of bindings and users is empty (a lagging or RBAC-filtered
     // answer): the revoke must still remove the binding, by the id its grant recorded.
-    sim.sim.empty_lists_on("GET /v3/clusterroletemplatebindings", usize::MAX);
+    sim.sim
+        .empty_lists_on("GET /v3/clusterroletemplatebindings", usize::MAX);
     sim.sim.empty_lists_on("GET /v3/users", usize::MAX);
     d.wait_state(&a.id, AccessState::Revoked, LONG).await;
     assert!(
@@ -365,7 +367,8 @@ async fn a_grant_that_fails_after_it_made_a_binding_cleans_up() {
 async fn a_revoke_asked_for_during_a_grant_that_then_fails_is_carried_out() {
     let sim = sim().await;
     let d = Daemon::start(integration_toml("prod", &sim)).await;
-    sim.sim.slow_next_on("POST /v3/globalrolebindings", 1, Duration::from_secs(3));
+    sim.sim
+        .slow_next_on("POST /v3/globalrolebindings", 1, Duration::from_secs(3));
     sim.sim.fail_next_on("POST /v3/globalrolebindings", 1, 403, false);
     let a = d
         .request_with(
@@ -405,7 +408,14 @@ async fn moving_an_integration_does_not_retarget_the_revokes_of_its_accesses() {
 
     // An inline registration cannot replace the config's `prod`.
     let refused = d
-        .request_with(inline_integration("prod", &second), "bob", "cluster-member", "c-7x2k9", 60, false)
+        .request_with(
+            inline_integration("prod", &second),
+            "bob",
+            "cluster-member",
+            "c-7x2k9",
+            60,
+            false,
+        )
         .await
         .expect_err("refused");
     assert_eq!(refused.status(), 409, "{refused}");
@@ -431,12 +441,26 @@ async fn an_inline_integration_with_accesses_cannot_change_host() {
     let second = sim().await;
     let d = Daemon::start(integration_toml("prod", &first)).await;
     let a = d
-        .request_with(inline_integration("adhoc", &first), "bob", "cluster-member", "c-7x2k9", 3600, false)
+        .request_with(
+            inline_integration("adhoc", &first),
+            "bob",
+            "cluster-member",
+            "c-7x2k9",
+            3600,
+            false,
+        )
         .await
         .expect("inline registration");
     d.wait_state(&a.id, AccessState::Active, LONG).await;
     let refused = d
-        .request_with(inline_integration("adhoc", &second), "alice", "cluster-member", "c-7x2k9", 60, false)
+        .request_with(
+            inline_integration("adhoc", &second),
+            "alice",
+            "cluster-member",
+            "c-7x2k9",
+            60,
+            false,
+        )
         .await
         .expect_err("refused");
     assert_eq!(refused.status(), 409, "{refused}");
@@ -505,14 +529,14 @@ async fn a_non_admin_key_never_reports_a_revoke_done() {
     assert_eq!(bindings(&sim, "u-alice1", "cluster-member", "c-m-4bq8z2lp").len(), 1);
     // An admin key again: the retried revoke goes through.
     sim.sim.set_key_owner_admin(true);
-    d.wait_state(&a.id, AccessState::Revoked, Duration::from_secs(120)).await;
+    d.wait_state(&a.id, AccessState::Revoked, Duration::from_secs(120))
+        .await;
     assert!(bindings(&sim, "u-alice1", "cluster-member", "c-m-4bq8z2lp").is_empty());
 
     // validate says why.
     sim.sim.set_key_owner_admin(false);
-    let job = d
-        .op
-        .create_job(&JobCreate {
+    let job =
+        d.op.create_job(&JobCreate {
             kind: "validate".into(),
             integration: json!("prod"),
             params: json!({}),
@@ -543,8 +567,11 @@ async fn after_kill_9_a_due_revoke_runs_within_seconds_of_the_restart() {
     let a = d.request("bob", "cluster-member", "c-m-4bq8z2lp", 2).await;
     d.wait_state(&a.id, AccessState::Active, LONG).await;
     // The revoke's DELETE hangs; the daemon dies in the middle of it.
-    sim.sim
-        .slow_next_on("DELETE /v3/clusterroletemplatebindings/{id}", 1, Duration::from_secs(20));
+    sim.sim.slow_next_on(
+        "DELETE /v3/clusterroletemplatebindings/{id}",
+        1,
+        Duration::from_secs(20),
+    );
     d.wait_state(&a.id, AccessState::Revoking, LONG).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     d.kill9();
@@ -647,7 +674,9 @@ async fn kill_9_at_random_moments_leaves_no_binding_and_revokes_promptly() {
             "trial {trial}: killed {kill_after:.1?} after the request, down {down_for:.1?}; revoked {delay:.1?} after it was due"
         );
     }
-    eprintln!("kill -9 trials: {trials}; bindings left: {left}; worst revoke delay after expiry or restart: {worst:.1?}");
+    eprintln!(
+        "kill -9 trials: {trials}; bindings left: {left}; worst revoke delay after expiry or restart: {worst:.1?}"
+    );
     assert_eq!(left, 0, "bindings left behind");
     // The goal is 5 s; a lease (60 s) is what a restart waited before leases were reclaimed.
     assert!(worst < Duration::from_secs(15), "worst revoke delay {worst:?}");

@@ -372,10 +372,7 @@ async fn shutdown_releases_the_lease_of_a_job_it_does_not_finish() {
 
     let stack = Stack::start_with(Duration::from_secs(60), false).await;
     // The grant's first request hangs far longer than the grace.
-    stack
-        .sim
-        .sim
-        .slow_next_on("GET /v3/users", 1, Duration::from_secs(30));
+    stack.sim.sim.slow_next_on("GET /v3/users", 1, Duration::from_secs(30));
     let a = stack
         .cp
         .create_access(access(
@@ -401,7 +398,11 @@ async fn shutdown_releases_the_lease_of_a_job_it_does_not_finish() {
     first_stop.cancel();
     first.await.unwrap();
     let job = stack.cp.job(&a.grant_job_id).unwrap().unwrap();
-    assert_eq!(job.state, JobState::Pending, "released, not left leased for 60 s: {job:?}");
+    assert_eq!(
+        job.state,
+        JobState::Pending,
+        "released, not left leased for 60 s: {job:?}"
+    );
 
     let second_stop = CancellationToken::new();
     let executor = Executor::new(SecretStores::default(), 3).with_backoff_base(Duration::from_millis(50));
