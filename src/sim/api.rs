@@ -19,6 +19,7 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 
 use super::store::{self, ApiError, Ctx, Item, k8s_not_found};
+use super::view::{View, binding_schema};
 use super::{FaultOptions, KeyState, Sim, lock};
 use crate::integrations::BindingScope;
 
@@ -53,12 +54,37 @@ struct Pending {
     after_commit: bool,
 }
 
-/// Pending exact faults (`fail_next`) and the seeded random ones.
+/// A per-route fault counted down per request; `usize::MAX` never runs out.
+#[derive(Debug)]
+struct RouteFault<T> {
+    route: String,
+    remaining: usize,
+    what: T,
+}
+
+/// Takes the first fault for `route` (counting it down) and returns what it does.
+fn take<T: Clone>(faults: &mut Vec<RouteFault<T>>, route: &str) -> Option<T> {
+    let i = faults.iter().position(|f| f.route == route)?;
+    let f = &mut faults[i];
+    let what = f.what.clone();
+    if f.remaining != usize::MAX {
+        f.remaining -= 1;
+        if f.remaining == 0 {
+            faults.remove(i);
+        }
+    }
+    Some(what)
+}
+
+/// Pending exact faults (`fail_next`, `empty_lists_on`, `slow_next_on`) and the seeded random
+/// ones.
 #[derive(Debug)]
 pub(crate) struct FaultState {
     options: FaultOptions,
     counter: u64,
     queue: Vec<Pending>,
+    empty_lists: Vec<RouteFault<()>>,
+    slow: Vec<RouteFault<Duration>>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +92,8 @@ struct Decision {
     /// `(status, after_commit)`
     error: Option<(u16, bool)>,
     slow: Option<Duration>,
+    /// Answer a list with no items (RBAC-filtered or lagging informer).
+    empty_list: bool,
 }
 
 impl FaultState {
@@ -74,6 +102,32 @@ impl FaultState {
             options,
             counter: 0,
             queue: Vec::new(),
+            empty_lists: Vec::new(),
+            slow: Vec::new(),
+        }
+    }
+
+    pub fn push_empty_lists(&mut self, route: &str, n: usize) {
+        if n > 0 {
+            self.empty_lists.push(RouteFault {
+                route: route.to_string(),
+                remaining: n,
+                what: (),
+            });
+        }
+    }
+
+    pub fn clear_empty_lists(&mut self) {
+        self.empty_lists.clear();
+    }
+
+    pub fn push_slow(&mut self, route: &str, n: usize, delay: Duration) {
+        if n > 0 {
+            self.slow.push(RouteFault {
+                route: route.to_string(),
+                remaining: n,
+                what: delay,
+            });
         }
     }
 
@@ -94,7 +148,11 @@ impl FaultState {
     }
 
     fn decide(&mut self, route: &str, write: bool) -> Decision {
-        let mut d = Decision::default();
+        let mut d = Decision {
+            slow: take(&mut self.slow, route),
+            empty_list: take(&mut self.empty_lists, route).is_some(),
+            ..Decision::default()
+        };
         if let Some(i) = self
             .queue
             .iter()
@@ -123,7 +181,7 @@ impl FaultState {
             d.error = Some((if after { 500 } else { status }, after));
         }
         if draw(4) < o.slow_rate {
-            d.slow = Some(o.slow_delay);
+            d.slow = Some(d.slow.unwrap_or_default() + o.slow_delay);
         }
         d
     }
@@ -211,6 +269,8 @@ pub(crate) struct Req {
     /// The raw request path (for links and `next`).
     path: String,
     body: Vec<u8>,
+    /// Answer lists with no items (an [`super::Sim::empty_lists_on`] fault).
+    empty_list: bool,
     /// A list's page, serialized straight from the store by [`list`] and spliced into the
     /// envelope as `data` when answering (pages of thousands never become `Value` trees).
     page: std::cell::RefCell<Option<Vec<u8>>>,
@@ -377,42 +437,60 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
     let decision = lock(&sim.inner.faults).decide(&route, write);
     let latency = *sim.inner.latency.read().unwrap_or_else(|e| e.into_inner());
     let delay = latency + decision.slow.unwrap_or_default();
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+    // Read before any wait: the body belongs to the connection, the wait does not.
+    let body = match axum::body::to_bytes(body, 16 << 20).await {
+        Ok(b) => b.to_vec(),
+        Err(e) => {
+            let err = ApiError::invalid_body(format!("Failed to read body: {e}"));
+            return json_response(err.status, &err.to_json());
+        }
+    };
+    let req = Req {
+        method: parts.method.clone(),
+        segs,
+        query,
+        base: base_url(&parts.headers),
+        path,
+        body,
+        empty_list: decision.empty_list,
+        page: Default::default(),
+    };
+    if delay.is_zero() {
+        return answer(&sim, decision, &req, &parts.headers);
     }
-    let injected = decision.error.is_some() || decision.slow.is_some();
+    // A slow server finishes the request even when the client has given up: the work runs in
+    // its own task, which dropping this handler (the client hanging up) does not cancel.
+    let headers = parts.headers;
+    let task = tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        answer(&sim, decision, &req, &headers)
+    });
+    task.await.unwrap_or_else(|e| {
+        let err = ApiError::new(500, "ServerError", format!("simulator request task failed: {e}"));
+        json_response(err.status, &err.to_json())
+    })
+}
+
+/// Handles the request, or answers the injected fault instead (after applying it when the fault
+/// is after-commit).
+fn answer(sim: &Sim, decision: Decision, req: &Req, headers: &HeaderMap) -> Response {
+    let injected = decision.error.is_some() || decision.slow.is_some() || decision.empty_list;
     let (status, value) = match decision.error {
         Some((status, false)) => (status, fault_error(status).to_json()),
         _ => {
-            let body = match axum::body::to_bytes(body, 16 << 20).await {
-                Ok(b) => b.to_vec(),
-                Err(e) => {
-                    let err = ApiError::invalid_body(format!("Failed to read body: {e}"));
-                    return json_response(err.status, &err.to_json());
-                }
-            };
-            let req = Req {
-                method: parts.method.clone(),
-                segs,
-                query,
-                base: base_url(&parts.headers),
-                path,
-                body,
-                page: Default::default(),
-            };
-            let answer = handle(&sim, &req, &parts.headers).unwrap_or_else(|e| (e.status, e.to_json()));
+            let answer = handle(sim, req, headers).unwrap_or_else(|e| (e.status, e.to_json()));
             match (decision.error, req.page.take()) {
                 (Some((status, true)), _) => (status, fault_error(status).to_json()),
                 (None, Some(page)) => {
                     let (status, envelope) = answer;
-                    finish_stats(&sim, status, injected);
+                    finish_stats(sim, status, injected);
                     return bytes_response(status, splice(&envelope, page));
                 }
                 _ => answer,
             }
         }
     };
-    finish_stats(&sim, status, injected);
+    finish_stats(sim, status, injected);
     json_response(status, &value)
 }
 
@@ -462,7 +540,7 @@ fn allow(req: &Req, methods: &[Method]) -> Result<(), ApiError> {
 const CLUSTER_FILTERS: &[&str] = &["id", "name"];
 const PROJECT_FILTERS: &[&str] = &["id", "name", "clusterId"];
 const NAMESPACE_FILTERS: &[&str] = &["id", "name", "projectId"];
-const GLOBAL_ROLE_FILTERS: &[&str] = &["id", "name"];
+const GLOBAL_ROLE_FILTERS: &[&str] = &["id", "name", "builtin", "newUserDefault"];
 const ROLE_TEMPLATE_FILTERS: &[&str] = &["id", "name", "context", "locked", "hidden"];
 const USER_FILTERS: &[&str] = &["id", "username", "me"];
 const GRB_FILTERS: &[&str] = &["id", "name", "userId", "groupPrincipalId", "globalRoleId"];
@@ -490,6 +568,7 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
     let ctx_base = req.base.clone();
     let owner = key.owner.clone();
     let ctx = st.ctx(&ctx_base, &owner);
+    let view = View::new(st, &owner);
     let segs: Vec<&str> = req.segs.iter().map(String::as_str).collect();
     let Some((first, rest)) = segs.split_first() else {
         allow(req, &[Method::GET])?;
@@ -500,10 +579,15 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
     match (coll.as_str(), rest) {
         ("clusters", []) => {
             allow(req, &[Method::GET])?;
-            Ok((200, list(st.clusters.values(), CLUSTER_FILTERS, "cluster", req, &ctx)))
+            let visible = st
+                .clusters
+                .values()
+                .filter(|c| view.listed(&c.id) && view.cluster(&c.id));
+            Ok((200, list(visible, CLUSTER_FILTERS, "cluster", req, &ctx)))
         }
         ("clusters", [id]) => {
             allow(req, &[Method::GET])?;
+            view.may("get", view.cluster(id), "clusters", id)?;
             st.clusters
                 .get(*id)
                 .map(|c| (200, c.render(&ctx)))
@@ -511,11 +595,14 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
         }
         ("projects", []) => {
             allow(req, &[Method::GET])?;
-            Ok((200, list(st.projects.values(), PROJECT_FILTERS, "project", req, &ctx)))
+            let visible = st.projects.values().filter(|p| view.listed(&p.id) && view.project(p));
+            Ok((200, list(visible, PROJECT_FILTERS, "project", req, &ctx)))
         }
         ("projects", [id]) => {
             allow(req, &[Method::GET])?;
             let name = id.split_once(':').map_or(*id, |(_, p)| p);
+            let allowed = st.projects.get(*id).is_some_and(|p| view.project(p));
+            view.may("get", allowed, "projects", id)?;
             st.projects
                 .get(*id)
                 .map(|p| (200, p.render(&ctx)))
@@ -527,11 +614,16 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
                 return Err(k8s_not_found("clusters", cid));
             };
             match tail {
-                [] => Ok((200, list(nss.values(), NAMESPACE_FILTERS, "namespace", req, &ctx))),
-                [ns] => nss
-                    .get(*ns)
-                    .map(|n| (200, n.render(&ctx)))
-                    .ok_or_else(|| ApiError::not_found(format!("namespaces \"{ns}\" not found"))),
+                [] => {
+                    let visible = nss.values().filter(|n| view.listed(&n.name) && view.namespace(n));
+                    Ok((200, list(visible, NAMESPACE_FILTERS, "namespace", req, &ctx)))
+                }
+                [ns] => {
+                    view.may("get", nss.get(*ns).is_some_and(|n| view.namespace(n)), "namespaces", ns)?;
+                    nss.get(*ns)
+                        .map(|n| (200, n.render(&ctx)))
+                        .ok_or_else(|| ApiError::not_found(format!("namespaces \"{ns}\" not found")))
+                }
                 _ => Err(ApiError::not_found(format!("{} not found", req.path))),
             }
         }
@@ -539,7 +631,13 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             allow(req, &[Method::GET])?;
             Ok((
                 200,
-                list(st.global_roles.values(), GLOBAL_ROLE_FILTERS, "globalRole", req, &ctx),
+                list(
+                    st.global_roles.values().filter(|r| view.listed(&r.id)),
+                    GLOBAL_ROLE_FILTERS,
+                    "globalRole",
+                    req,
+                    &ctx,
+                ),
             ))
         }
         ("globalroles", [id]) => {
@@ -554,7 +652,7 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             Ok((
                 200,
                 list(
-                    st.role_templates.values(),
+                    st.role_templates.values().filter(|r| view.listed(&r.id)),
                     ROLE_TEMPLATE_FILTERS,
                     "roleTemplate",
                     req,
@@ -570,8 +668,12 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
                 .ok_or_else(|| k8s_not_found("roletemplates", id))
         }
         ("users", []) => match (&req.method, action) {
-            (&Method::GET, _) => Ok((200, list(st.users.values(), USER_FILTERS, "user", req, &ctx))),
+            (&Method::GET, _) => {
+                let visible = st.users.values().filter(|u| view.listed(&u.id) && view.user(u));
+                Ok((200, list(visible, USER_FILTERS, "user", req, &ctx)))
+            }
             (&Method::POST, None) => {
+                view.may_create("user")?;
                 let user = st.create_user(&req.body_object()?)?;
                 Ok((201, user.render(&ctx)))
             }
@@ -594,20 +696,25 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             _ => Err(method_error(req)),
         },
         ("users", [id]) => match (&req.method, action) {
-            (&Method::GET, _) => st
-                .users
-                .get(*id)
-                .map(|u| (200, u.render(&ctx)))
-                .ok_or_else(|| k8s_not_found("users", id)),
+            (&Method::GET, _) => {
+                view.may("get", *id == owner, "users", id)?;
+                st.users
+                    .get(*id)
+                    .map(|u| (200, u.render(&ctx)))
+                    .ok_or_else(|| k8s_not_found("users", id))
+            }
             (&Method::PUT, _) => {
+                view.may("update", false, "users", id)?;
                 let user = st.update_user(id, &req.body_object()?, &owner)?;
                 Ok((200, user.render(&ctx)))
             }
             (&Method::DELETE, _) => {
+                view.may("delete", false, "users", id)?;
                 let user = st.delete_user(id, &owner)?;
                 Ok((200, user.render(&ctx)))
             }
             (&Method::POST, Some("setpassword")) => {
+                view.may("update", false, "users", id)?;
                 let user = st.set_password(id, &req.body_object()?)?;
                 Ok((200, user.render(&ctx)))
             }
@@ -667,9 +774,9 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
                 .map(|p| (200, p.render(&ctx)))
                 .ok_or_else(|| ApiError::not_found(format!("principal {id} not found")))
         }
-        ("globalrolebindings", rest) => bindings(st, req, &ctx, BindingScope::Global, rest),
-        ("clusterroletemplatebindings", rest) => bindings(st, req, &ctx, BindingScope::Cluster, rest),
-        ("projectroletemplatebindings", rest) => bindings(st, req, &ctx, BindingScope::Project, rest),
+        ("globalrolebindings", rest) => bindings(st, req, &ctx, &view, BindingScope::Global, rest),
+        ("clusterroletemplatebindings", rest) => bindings(st, req, &ctx, &view, BindingScope::Cluster, rest),
+        ("projectroletemplatebindings", rest) => bindings(st, req, &ctx, &view, BindingScope::Project, rest),
         ("settings", []) => {
             allow(req, &[Method::GET])?;
             let all: Vec<Value> = settings(st)
@@ -702,6 +809,7 @@ fn bindings(
     st: &mut store::State,
     req: &Req,
     ctx: &Ctx,
+    view: &View,
     scope: BindingScope,
     rest: &[&str],
 ) -> Result<(u16, Value), ApiError> {
@@ -720,8 +828,15 @@ fn bindings(
     };
     match rest {
         [] => match req.method {
-            Method::GET => Ok((200, list(st.binding_map(scope).values(), filters, kind, req, ctx))),
+            Method::GET => {
+                let visible = st
+                    .binding_map(scope)
+                    .values()
+                    .filter(|b| view.listed(&b.id) && view.binding(b));
+                Ok((200, list(visible, filters, kind, req, ctx)))
+            }
             Method::POST => {
+                view.may_create(binding_schema(scope))?;
                 let b = st.create_binding(scope, &req.body_object()?)?;
                 Ok((201, b.render(ctx)))
             }
@@ -730,12 +845,23 @@ fn bindings(
         [id] => {
             let name = id.split_once(':').map_or(*id, |(_, n)| n);
             match req.method {
-                Method::GET => st
-                    .binding_map(scope)
-                    .get(*id)
-                    .map(|b| (200, b.render(ctx)))
-                    .ok_or_else(|| k8s_not_found(plural, name)),
-                Method::DELETE => st.delete_binding(scope, id).map(|b| (200, b.render(ctx))),
+                Method::GET => {
+                    let allowed = st.binding_map(scope).get(*id).is_some_and(|b| view.binding(b));
+                    view.may("get", allowed, plural, id)?;
+                    st.binding_map(scope)
+                        .get(*id)
+                        .map(|b| (200, b.render(ctx)))
+                        .ok_or_else(|| k8s_not_found(plural, name))
+                }
+                Method::PUT => {
+                    view.may("update", false, plural, id)?;
+                    let b = st.update_binding(scope, id, &req.body_object()?)?;
+                    Ok((200, b.render(ctx)))
+                }
+                Method::DELETE => {
+                    view.may("delete", false, plural, id)?;
+                    st.delete_binding(scope, id).map(|b| (200, b.render(ctx)))
+                }
                 _ => Err(method_error(req)),
             }
         }
@@ -928,6 +1054,7 @@ fn list<'a, T: Item + 'a>(
 ) -> Value {
     let conds = conditions(&req.query, filters);
     let mut matched: Vec<&T> = items
+        .filter(|_| !req.empty_list)
         .filter(|it| conds.iter().all(|c| c.matches(it.field(c.field, ctx))))
         .collect();
     let sort = req

@@ -2,7 +2,7 @@
 //! the small one plus generated objects (deterministic for a seed, built in well under a second in
 //! release).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
 
@@ -43,11 +43,15 @@ pub(crate) fn build(options: &SimOptions) -> State {
         crtbs: BTreeMap::new(),
         prtbs: BTreeMap::new(),
         directory: BTreeMap::new(),
+        hidden: BTreeSet::new(),
         rng: Rng::new(options.seed),
     };
     small(&mut st);
     if options.size == DatasetSize::Large {
         large(&mut st, options.seed);
+    }
+    if !options.key_owner_admin {
+        st.set_admin(ADMIN_USER_ID, false);
     }
     st
 }
@@ -170,6 +174,7 @@ fn binding(st: &mut State, s: Seed) {
         user_principal_id,
         group_principal_id: s.group.map(str::to_string),
         labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
         created: at(40),
         settles_at: None,
         ensured_user: false,

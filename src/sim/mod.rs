@@ -42,6 +42,7 @@ mod data;
 mod store;
 #[cfg(test)]
 mod tests;
+mod view;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -194,6 +195,10 @@ pub struct SimOptions {
     pub resolve_external_principals: bool,
     /// The `password-min-length` setting. Default 12.
     pub password_min_length: usize,
+    /// Whether the key's owner holds the `admin` global role (GRB `grb-admin`). `false`: it holds
+    /// only `user` (GRB `grb-owner`) and Rancher filters every list down to what it may see.
+    /// Default `true`.
+    pub key_owner_admin: bool,
     /// Random faults; default none.
     pub faults: FaultOptions,
     /// Seed for generated ids and the large dataset. Default fixed.
@@ -214,6 +219,7 @@ impl Default for SimOptions {
             removal_delay: Duration::ZERO,
             resolve_external_principals: true,
             password_min_length: 12,
+            key_owner_admin: true,
             faults: FaultOptions::default(),
             seed: 0x4150_4f4e_4f53_494d,
         }
@@ -234,6 +240,7 @@ impl fmt::Debug for SimOptions {
             .field("removal_delay", &self.removal_delay)
             .field("resolve_external_principals", &self.resolve_external_principals)
             .field("password_min_length", &self.password_min_length)
+            .field("key_owner_admin", &self.key_owner_admin)
             .field("faults", &self.faults)
             .field("seed", &self.seed)
             .finish()
@@ -271,6 +278,11 @@ pub struct SimBinding {
     pub user_id: Option<String>,
     pub user_principal_id: Option<String>,
     pub group_principal_id: Option<String>,
+    /// Kept from the create body and changed by `PUT` (Norman's `metadata` mapper).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Request counts since start (or the last [`Sim::reset_stats`]), `/v3` only.
@@ -504,6 +516,66 @@ impl Sim {
             .users
             .get(user_id)
             .is_some_and(|u| u.password.as_deref() == Some(password))
+    }
+
+    /// Makes the key's owner an admin (GRB `admin`, id `grb-admin`) or takes that away (its
+    /// admin GRBs deleted, a `user` GRB `grb-owner` kept so it can log in), as another admin
+    /// would. A non-admin owner sees lists filtered silently by RBAC (rancher/norman
+    /// `store/proxy/proxy_store.go` `FilterList`, rancher `pkg/rbac/user_based.go`): `/v3/users`
+    /// holds only itself; binding lists only its own bindings; clusters, projects and namespaces
+    /// only those its bindings reach; global roles and role templates everything. Reading one
+    /// object it may not see, and every PUT/DELETE of users and bindings, is 403 `Forbidden`
+    /// (Kubernetes RBAC, the caller impersonated); a POST of a user or binding is 403
+    /// `PermissionDenied` "can not create <type>".
+    pub fn set_key_owner_admin(&self, admin: bool) {
+        let owner = self.key().owner;
+        lock(&self.inner.state).set_admin(&owner, admin);
+    }
+
+    /// Sets `newUserDefault` on a global role (`pkg/data/management/role_data.go`: a default
+    /// install has it on `user` only; `user-base` is login only). `false` if there is no such
+    /// role.
+    pub fn set_new_user_default(&self, role_id: &str, on: bool) -> bool {
+        lock(&self.inner.state)
+            .global_roles
+            .get_mut(role_id)
+            .map(|r| r.new_user_default = on)
+            .is_some()
+    }
+
+    /// The next `n` GET list requests on `route` answer 200 with an empty collection (what an
+    /// RBAC-filtered or lagging listing looks like); `usize::MAX` means until
+    /// [`Sim::clear_list_faults`]. `route` is a route key as in [`SimStats::routes`]:
+    /// `METHOD /v3/<collection>` in lowercase, e.g. `GET /v3/clusterroletemplatebindings`,
+    /// `GET /v3/users`, `GET /v3/cluster/{id}/namespaces`.
+    pub fn empty_lists_on(&self, route: &str, n: usize) {
+        lock(&self.inner.faults).push_empty_lists(route, n);
+    }
+
+    /// Ends every [`Sim::empty_lists_on`] fault and un-hides every [`Sim::hide_from_lists`]
+    /// object: lists are whole again.
+    pub fn clear_list_faults(&self) {
+        lock(&self.inner.faults).clear_empty_lists();
+        lock(&self.inner.state).hidden.clear();
+    }
+
+    /// Leaves the object with this id (a binding, user, cluster, project, namespace name or
+    /// role) out of every list, while it stays readable by id, changeable and deletable: an
+    /// informer that has not caught up with one object.
+    pub fn hide_from_lists(&self, id: &str) {
+        lock(&self.inner.state).hidden.insert(id.to_string());
+    }
+
+    /// Lists show the object again; `true` if it was hidden.
+    pub fn unhide(&self, id: &str) -> bool {
+        lock(&self.inner.state).hidden.remove(id)
+    }
+
+    /// The next `n` requests on `route` (a route key as in [`SimStats::routes`], e.g.
+    /// `DELETE /v3/clusterroletemplatebindings/{id}`) wait `delay` before they are handled. The
+    /// change is applied after the wait even when the client has given up, as on a slow Rancher.
+    pub fn slow_next_on(&self, route: &str, n: usize, delay: Duration) {
+        lock(&self.inner.faults).push_slow(route, n, delay);
     }
 
     fn key(&self) -> KeyState {

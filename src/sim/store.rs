@@ -5,7 +5,7 @@
 //! (sorted by `id`) and a page costs a filter pass plus rendering the page only.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -565,6 +565,7 @@ pub(crate) struct Binding {
     pub user_principal_id: Option<String>,
     pub group_principal_id: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     pub created: DateTime<Utc>,
     /// `status.summary` is `InProgress` until then.
     pub settles_at: Option<Instant>,
@@ -587,6 +588,8 @@ impl Binding {
             user_id: self.user_id.clone(),
             user_principal_id: self.user_principal_id.clone(),
             group_principal_id: self.group_principal_id.clone(),
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
         }
     }
 
@@ -651,7 +654,7 @@ impl Item for Binding {
 #[serde(rename_all = "camelCase")]
 struct BindingWire<'a> {
     actions: Empty,
-    annotations: Empty,
+    annotations: &'a BTreeMap<String, String>,
     base_type: &'static str,
     created: Rfc3339,
     #[serde(rename = "createdTS")]
@@ -774,7 +777,7 @@ impl Binding {
         });
         BindingWire {
             actions: Empty {},
-            annotations: Empty {},
+            annotations: &self.annotations,
             base_type: kind,
             created: Rfc3339(self.created),
             created_ts: self.created.timestamp_millis(),
@@ -864,6 +867,8 @@ pub(crate) struct State {
     pub prtbs: BTreeMap<String, Binding>,
     /// External principals the key owner's auth provider can resolve.
     pub directory: BTreeMap<String, Principal>,
+    /// Ids left out of every list though readable by id (an informer that has not caught up).
+    pub hidden: BTreeSet<String>,
     pub rng: Rng,
 }
 
@@ -898,6 +903,44 @@ fn opt_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<Str
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map(Some),
         Some(_) => Err(ApiError::new(422, "InvalidType", format!("{field}: expected a map of strings")).field(field)),
+    }
+}
+
+/// A map in a merge patch: `key: "v"` sets, `key: null` removes (Norman sends updates to
+/// Kubernetes as a strategic merge patch: rancher/norman `store/proxy/proxy_store.go` Update).
+fn patch_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<String, Option<String>>>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), Some(s.clone()))),
+                Value::Null => Ok((k.clone(), None)),
+                _ => Err(
+                    ApiError::new(422, "InvalidType", format!("{field}.{k}: expected a string or null")).field(field),
+                ),
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map(Some),
+        Some(_) => Err(ApiError::new(422, "InvalidType", format!("{field}: expected a map of strings")).field(field)),
+    }
+}
+
+fn apply_patch(map: &mut BTreeMap<String, String>, patch: BTreeMap<String, Option<String>>) {
+    for (k, v) in patch {
+        match v {
+            Some(v) => map.insert(k, v),
+            None => map.remove(&k),
+        };
+    }
+}
+
+/// The collection name of a binding kind.
+pub(crate) fn binding_plural(scope: BindingScope) -> &'static str {
+    match scope {
+        BindingScope::Global => "globalrolebindings",
+        BindingScope::Cluster => "clusterroletemplatebindings",
+        BindingScope::Project => "projectroletemplatebindings",
     }
 }
 
@@ -1206,6 +1249,9 @@ impl State {
         let mut upid = opt_str(body, "userPrincipalId")?;
         let gpid = opt_str(body, "groupPrincipalId")?;
         let group_id = opt_str(body, "groupId")?;
+        // Norman's `metadata` mapper keeps both maps on create (rancher-api-notes §6).
+        let labels = opt_map(body, "labels")?.unwrap_or_default();
+        let annotations = opt_map(body, "annotations")?.unwrap_or_default();
 
         // Subject, role and resource (Norman validators).
         let (role_id, resource_id, namespace) = match scope {
@@ -1309,12 +1355,19 @@ impl State {
             BindingScope::Project => "projectroletemplatebindings",
         };
         if let Some(n) = &name
-            && self.binding_map(scope).contains_key(&id_of(n))
+            && let Some(existing) = self.binding_map(scope).get(&id_of(n))
         {
+            // Kubernetes' registry says so while finalizers still hold the old object
+            // (`staging/src/k8s.io/apiserver/pkg/registry/generic/registry/store.go`, review F9/S9).
+            let prefix = if existing.removing.is_some() {
+                "object is being deleted: "
+            } else {
+                ""
+            };
             return Err(ApiError::new(
                 409,
                 "AlreadyExists",
-                format!("{plural}.management.cattle.io \"{n}\" already exists"),
+                format!("{prefix}{plural}.management.cattle.io \"{n}\" already exists"),
             ));
         }
 
@@ -1393,7 +1446,8 @@ impl State {
             user_id,
             user_principal_id: upid,
             group_principal_id: gpid.or(group_id),
-            labels: BTreeMap::new(),
+            labels,
+            annotations,
             created: Utc::now(),
             settles_at: (!settle.is_zero()).then(|| Instant::now() + settle),
             ensured_user,
@@ -1401,6 +1455,75 @@ impl State {
         };
         self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
         Ok(binding)
+    }
+
+    /// `PUT /v3/{bindings}/{id}`: merges `labels` and `annotations` (a `null` value removes a
+    /// key). The admission webhook refuses a change of role, resource or an already set subject
+    /// with 400 BadRequest "field is immutable" (rancher/webhook
+    /// `pkg/resources/management.cattle.io/v3/clusterroletemplatebinding/validator.go`
+    /// `validateUpdateFields`, likewise for PRTBs and GRBs); a field repeated unchanged is fine,
+    /// as when a client sends back the object it read.
+    pub fn update_binding(
+        &mut self,
+        scope: BindingScope,
+        id: &str,
+        body: &Map<String, Value>,
+    ) -> Result<Binding, ApiError> {
+        let plural = binding_plural(scope);
+        let name = id.split_once(':').map_or(id, |(_, n)| n);
+        let labels = patch_map(body, "labels")?;
+        let annotations = patch_map(body, "annotations")?;
+        let b = self
+            .binding_map(scope)
+            .get(id)
+            .ok_or_else(|| k8s_not_found(plural, name))?;
+        let (role_field, role_internal) = match scope {
+            BindingScope::Global => ("globalRoleId", "globalRoleName"),
+            _ => ("roleTemplateId", "roleTemplateName"),
+        };
+        let resource = match scope {
+            BindingScope::Global => None,
+            BindingScope::Cluster => Some(("clusterId", "clusterName")),
+            BindingScope::Project => Some(("projectId", "projectName")),
+        };
+        let mut fixed: Vec<(&str, &str, Option<&str>)> = vec![(role_field, role_internal, Some(b.role_id.as_str()))];
+        if let Some((f, internal)) = resource {
+            fixed.push((f, internal, Some(b.resource_id.as_str())));
+        }
+        // Subject fields may be set once, then never changed.
+        fixed.push(("userId", "userName", b.user_id.as_deref()));
+        fixed.push(("userPrincipalId", "userPrincipalName", b.user_principal_id.as_deref()));
+        fixed.push((
+            "groupPrincipalId",
+            "groupPrincipalName",
+            b.group_principal_id.as_deref(),
+        ));
+        let kind = plural.trim_end_matches('s');
+        for (field, internal, current) in fixed {
+            if let (Some(new), Some(old)) = (opt_str(body, field)?, current)
+                && new != old
+            {
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!(
+                        "admission webhook \"rancher.cattle.io.{plural}.management.cattle.io\" denied the request: \
+                         {kind}.{internal}: Invalid value: \"{new}\": field is immutable"
+                    ),
+                ));
+            }
+        }
+        let b = self
+            .binding_map_mut(scope)
+            .get_mut(id)
+            .ok_or_else(|| k8s_not_found(plural, name))?;
+        if let Some(l) = labels {
+            apply_patch(&mut b.labels, l);
+        }
+        if let Some(a) = annotations {
+            apply_patch(&mut b.annotations, a);
+        }
+        Ok(b.clone())
     }
 
     /// Deletes a binding. The answer carries `removed` (finalizers run on the real server); with
@@ -1451,6 +1574,61 @@ impl State {
         self.lingering = left;
     }
 
+    /// Whether `user` holds the `admin` global role (a live GRB to it).
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.grbs
+            .values()
+            .any(|b| b.removing.is_none() && b.role_id == super::view::ADMIN_ROLE && b.user_id.as_deref() == Some(user))
+    }
+
+    /// Makes `user` an admin (a GRB `admin`, id `grb-admin` when free) or not (its admin GRBs
+    /// removed, a `user` GRB `grb-owner` added so it can still log in), as another admin would.
+    pub fn set_admin(&mut self, user: &str, on: bool) {
+        if on == self.is_admin(user) {
+            return;
+        }
+        if on {
+            let id = if self.grbs.contains_key("grb-admin") {
+                let grbs = &self.grbs;
+                unique_name(&mut self.rng, "grb-", |n| grbs.contains_key(n))
+            } else {
+                "grb-admin".to_string()
+            };
+            self.grbs
+                .insert(id.clone(), self.owner_grb(&id, user, super::view::ADMIN_ROLE));
+            return;
+        }
+        self.grbs
+            .retain(|_, b| !(b.role_id == super::view::ADMIN_ROLE && b.user_id.as_deref() == Some(user)));
+        let has_user = self
+            .grbs
+            .values()
+            .any(|b| b.role_id == "user" && b.user_id.as_deref() == Some(user));
+        if !has_user && !self.grbs.contains_key("grb-owner") {
+            self.grbs
+                .insert("grb-owner".into(), self.owner_grb("grb-owner", user, "user"));
+        }
+    }
+
+    fn owner_grb(&self, id: &str, user: &str, role: &str) -> Binding {
+        Binding {
+            id: id.into(),
+            name: id.into(),
+            scope: BindingScope::Global,
+            role_id: role.into(),
+            resource_id: "global".into(),
+            user_id: Some(user.into()),
+            user_principal_id: Some(format!("local://{user}")),
+            group_principal_id: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            created: Utc::now(),
+            settles_at: None,
+            ensured_user: false,
+            removing: None,
+        }
+    }
+
     pub fn remove_binding(&mut self, id: &str) -> Option<Binding> {
         self.grbs
             .remove(id)
@@ -1486,7 +1664,8 @@ impl State {
             user_id: b.user_id,
             user_principal_id: b.user_principal_id,
             group_principal_id: b.group_principal_id,
-            labels: BTreeMap::new(),
+            labels: b.labels,
+            annotations: b.annotations,
             created: Utc::now(),
             settles_at: None,
             ensured_user: false,
