@@ -781,10 +781,8 @@ fn marked(mut b: SimBinding, grant_id: Option<&str>, expires_at: Option<DateTime
 async fn a_standing_binding_survives_grant_and_revoke() {
     let sim = sim().await;
     let r = rancher(&sim);
-    // Alice holds cluster-owner on local, made by a person: no marker.
-    sim.sim
-        .add_binding(planted("local:crtb-al1ce", "cluster-owner", "local", "u-alice1"))
-        .unwrap();
+    // Alice holds cluster-owner on local (seeded `local:crtb-al1ce`), made by a person: no marker.
+    assert_eq!(matching(&sim, Some("u-alice1"), "cluster-owner", "local").len(), 1);
     let mut req = grant_req("alice", "cluster-owner", "local");
     req.grant_id = Some("acc-1".into());
     req.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
@@ -1487,7 +1485,7 @@ async fn in_progress_bindings_are_awaited_then_reported() {
     sim.sim.set_version(RancherVersion::new(10));
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))).await;
     g.unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
     sim.stop().await;
 }
 
@@ -1645,7 +1643,7 @@ fn a_certificate_authority_is_added_to_the_trust_roots() {
 async fn a_grant_waits_for_a_binding_still_being_removed() {
     use axum::Router;
     use axum::extract::State;
-    use axum::routing::{get, post};
+    use axum::routing::get;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1732,6 +1730,7 @@ async fn revoke_by_recorded_id_while_listings_come_back_empty() {
     let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
     req.grant_id = Some("acc-1".into());
     let g = r.grant(&req).await.unwrap();
+    admin_proven(&r).await;
     // A lagging informer: every listing of users and bindings is empty.
     sim.sim.empty_lists_on("GET /v3/clusterroletemplatebindings", usize::MAX);
     sim.sim.empty_lists_on("GET /v3/users", usize::MAX);
@@ -1751,6 +1750,7 @@ async fn revoke_of_a_user_hidden_from_lists_uses_the_recorded_user() {
     let sim = sim().await;
     let r = rancher(&sim);
     let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    admin_proven(&r).await;
     // The user is filtered out of `/v3/users`: a lookup by name would find nothing.
     sim.sim.hide_from_lists("u-bob01");
     // Only the user was recorded (a grant from before binding ids were kept): the listing by
