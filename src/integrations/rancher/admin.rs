@@ -68,9 +68,7 @@ impl Rancher {
     /// `PermissionDenied` when it does not.
     pub(super) async fn prove_admin(&self, user_id: &str) -> Result<(), IntegrationError> {
         let is_admin = |b: &Binding| {
-            !b.is_removed()
-                && nonempty(&b.user_id) == Some(user_id)
-                && nonempty(&b.global_role_id) == Some(ADMIN_ROLE)
+            !b.is_removed() && nonempty(&b.user_id) == Some(user_id) && nonempty(&b.global_role_id) == Some(ADMIN_ROLE)
         };
         let found = self
             .client

@@ -232,11 +232,10 @@ pub(super) fn is_agent_created(u: &User) -> bool {
         || nonempty(&u.description) == Some(CREATED_BY_DESCRIPTION)
 }
 
-
 /// What [`Rancher::ensure_binding`] found or made.
 pub(super) enum Ensured {
     /// The connector's binding: made by this call (`created`) or found.
-    Ours { binding: Binding, created: bool },
+    Ours { binding: Box<Binding>, created: bool },
     /// Equal access someone else made: nothing was created, and no revoke deletes these.
     PreExisting(Vec<Binding>),
 }
@@ -345,7 +344,8 @@ impl Rancher {
                 };
                 // Shared by every access of the user: the label, no grant id, no expiry (never swept).
                 let m = SubjectMatch::of(&login.subject);
-                self.ensure_binding(&login, &m, &Marker::default(), !created_user).await?;
+                self.ensure_binding(&login, &m, &Marker::default(), !created_user)
+                    .await?;
             }
             // Credentials are never lost (an earlier attempt may have made the user and died
             // before its password was handed out, or `setpassword` may have failed after it
@@ -524,7 +524,7 @@ impl Rancher {
         if let Some(b) = ours.into_iter().next() {
             let binding = self.extend_marker(target, b, marker).await?;
             return Ok(Some(Ensured::Ours {
-                binding,
+                binding: Box::new(binding),
                 created: false,
             }));
         }
@@ -550,7 +550,7 @@ impl Rancher {
             match self.client.post::<Binding>(url.clone(), &body).await {
                 Ok(b) => {
                     self.learn_project_namespace(&b);
-                    let binding = self.settle(target, b).await?;
+                    let binding = Box::new(self.settle(target, b).await?);
                     return Ok(Ensured::Ours { binding, created: true });
                 }
                 // Kubernetes prefixes AlreadyExists with this when the object holding the name
@@ -573,7 +573,7 @@ impl Rancher {
                     // Our own name: an earlier attempt (or the first try of this retried POST)
                     // made it, or the listing lagged. Ours; marked and extended as needed.
                     let b = self.read_back(target, matcher, &name, &e).await?;
-                    let binding = self.extend_marker(target, b, marker).await?;
+                    let binding = Box::new(self.extend_marker(target, b, marker).await?);
                     return Ok(Ensured::Ours {
                         binding,
                         created: false,
@@ -792,7 +792,6 @@ impl Rancher {
         }
     }
 }
-
 
 /// A 409 that means "the name is taken" (not the 2.14+ webhook's "duplicate ... not allowed").
 fn is_already_exists(e: &ApiError) -> bool {

@@ -209,11 +209,20 @@ mod tests {
             grant_id: Some("acc-1".into()),
             expires_at: Some(t),
         };
-        assert_eq!(m.labels().get(CREATED_BY_LABEL).map(String::as_str), Some(CREATED_BY_VALUE));
+        assert_eq!(
+            m.labels().get(CREATED_BY_LABEL).map(String::as_str),
+            Some(CREATED_BY_VALUE)
+        );
         let a = m.annotations();
         assert_eq!(a.get(GRANT_ID_ANNOTATION).map(String::as_str), Some("acc-1"));
-        assert_eq!(a.get(EXPIRES_AT_ANNOTATION).map(String::as_str), Some("2030-01-02T01:04:05Z"));
-        assert_eq!(parse_expiry("2030-01-02T01:04:05Z").map(|p| p.timestamp()), Some(t.timestamp()));
+        assert_eq!(
+            a.get(EXPIRES_AT_ANNOTATION).map(String::as_str),
+            Some("2030-01-02T01:04:05Z")
+        );
+        assert_eq!(
+            parse_expiry("2030-01-02T01:04:05Z").map(|p| p.timestamp()),
+            Some(t.timestamp())
+        );
         assert_eq!(parse_expiry("tomorrow"), None);
         assert!(Marker::default().annotations().is_empty());
     }

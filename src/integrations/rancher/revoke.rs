@@ -60,8 +60,7 @@ impl Rancher {
             if removed.contains(&b.id) {
                 continue;
             }
-            let ours_of_grant =
-                b.is_connectors() && (r.grant_id.is_none() || b.grant_id() == r.grant_id.as_deref());
+            let ours_of_grant = b.is_connectors() && (r.grant_id.is_none() || b.grant_id() == r.grant_id.as_deref());
             if r.all || ours_of_grant {
                 self.delete_confirmed(kind, &b.id).await?;
                 removed.push(b.id);

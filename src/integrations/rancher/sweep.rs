@@ -30,11 +30,9 @@ impl Rancher {
         for kind in [Kind::Global, Kind::Cluster, Kind::Project] {
             // Listed in full before any delete: a delete between pages can restart the paging.
             let mut expired = Vec::new();
-            let mut pager = self.client.list::<Binding>(
-                &["v3", kind.collection()],
-                &[],
-                format!("{} bindings", kind.noun()),
-            );
+            let mut pager =
+                self.client
+                    .list::<Binding>(&["v3", kind.collection()], &[], format!("{} bindings", kind.noun()));
             while let Some(page) = pager.next_page().await? {
                 for b in page.into_iter().filter(Binding::is_connectors) {
                     result.marked += 1;

@@ -569,7 +569,10 @@ async fn grant_with_user_creation_hands_out_working_credentials_every_time() {
     let login = matching(&sim, Some(&g.user_id), "user-base", "global");
     assert_eq!(login.len(), 1, "the login role was added");
     assert!(matching(&sim, Some(&g.user_id), "user", "global").is_empty());
-    assert_eq!(login[0].labels.get(CREATED_BY_LABEL).map(String::as_str), Some("apono-connector"));
+    assert_eq!(
+        login[0].labels.get(CREATED_BY_LABEL).map(String::as_str),
+        Some("apono-connector")
+    );
     assert!(!login[0].annotations.contains_key(EXPIRES_AT_ANNOTATION), "never swept");
     assert_eq!(
         matching(&sim, Some(&g.user_id), "project-member", "c-7x2k9:p-x4m7q").len(),
@@ -580,7 +583,13 @@ async fn grant_with_user_creation_hands_out_working_credentials_every_time() {
     // A repeat (a retried job whose result was lost): a fresh working password, the old one gone.
     let again = r.grant(&req).await.unwrap();
     assert!(!again.created_user && again.managed_user);
-    let fresh = again.credentials.as_ref().expect("credentials again").password.expose_secret().to_string();
+    let fresh = again
+        .credentials
+        .as_ref()
+        .expect("credentials again")
+        .password
+        .expose_secret()
+        .to_string();
     assert!(sim.sim.check_password(&g.user_id, &fresh) && !sim.sim.check_password(&g.user_id, &password));
     assert_eq!(again.binding_ids, g.binding_ids);
     assert_eq!(matching(&sim, Some(&g.user_id), "user-base", "global").len(), 1);
@@ -597,10 +606,12 @@ async fn grant_with_user_creation_hands_out_working_credentials_every_time() {
 #[tokio::test]
 async fn new_users_get_the_roles_the_install_marks_new_user_default_but_never_user() {
     let sim = sim().await;
-    assert!(RancherConfig::from_value(&json!({"host": "r", "new_user_roles": "user"}))
-        .unwrap_err()
-        .to_string()
-        .contains("new_user_roles"));
+    assert!(
+        RancherConfig::from_value(&json!({"host": "r", "new_user_roles": "user"}))
+            .unwrap_err()
+            .to_string()
+            .contains("new_user_roles")
+    );
     let r = rancher_with(&sim, json!({"new_user_roles": "newUserDefault"}), None);
     // A default install marks `user`: replaced by `user-base`.
     let mut req = grant_req("nina", "cluster-member", "c-7x2k9");
@@ -716,7 +727,10 @@ async fn project_grants_and_revokes_with_both_id_forms() {
         .unwrap();
     assert!(left.removed_binding_ids.is_empty(), "{left:?}");
     assert_eq!(left.left_binding_ids, vec!["p-abcde:prtb-b0b01".to_string()]);
-    assert_eq!(matching(&sim, Some("u-bob01"), "project-member", "c-7x2k9:p-abcde").len(), 1);
+    assert_eq!(
+        matching(&sim, Some("u-bob01"), "project-member", "c-7x2k9:p-abcde").len(),
+        1
+    );
     sim.stop().await;
 }
 
@@ -812,9 +826,7 @@ async fn revoke_removes_its_own_marked_duplicates_and_leaves_other_grants() {
     let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
     req.grant_id = Some("acc-1".into());
     let g = r.grant(&req).await.unwrap();
-    let ours = |id: &str, grant: &str| {
-        marked(planted(id, "cluster-member", "c-7x2k9", "u-bob01"), Some(grant), None)
-    };
+    let ours = |id: &str, grant: &str| marked(planted(id, "cluster-member", "c-7x2k9", "u-bob01"), Some(grant), None);
     // A duplicate of this grant (an older Rancher allowed it), one of another grant, and one a
     // person made.
     sim.sim.add_binding(ours("c-7x2k9:crtb-dup01", "acc-1")).unwrap();
@@ -828,7 +840,11 @@ async fn revoke_removes_its_own_marked_duplicates_and_leaves_other_grants() {
     rv.binding_ids = g.binding_ids.clone();
     let (out, n) = counted(&sim, r.revoke(&rv)).await;
     let out = out.unwrap();
-    assert_eq!(n, 2 + 1 + 2 + 1, "DELETE+GET, listing, DELETE+GET of the duplicate, the user");
+    assert_eq!(
+        n,
+        2 + 1 + 2 + 1,
+        "DELETE+GET, listing, DELETE+GET of the duplicate, the user"
+    );
     let mut expected = vec![g.binding_ids[0].clone(), "c-7x2k9:crtb-dup01".to_string()];
     expected.sort();
     assert_eq!(out.removed_binding_ids, expected);
@@ -838,7 +854,10 @@ async fn revoke_removes_its_own_marked_duplicates_and_leaves_other_grants() {
         .into_iter()
         .map(|b| b.id)
         .collect();
-    assert_eq!(left, vec!["c-7x2k9:crtb-oth01".to_string(), "c-7x2k9:crtb-per01".to_string()]);
+    assert_eq!(
+        left,
+        vec!["c-7x2k9:crtb-oth01".to_string(), "c-7x2k9:crtb-per01".to_string()]
+    );
     // A repeat removes nothing more.
     let again = r.revoke(&rv).await.unwrap();
     assert!(again.removed_binding_ids.is_empty() || again.removed_binding_ids == g.binding_ids);
@@ -878,9 +897,20 @@ async fn overlapping_grants_share_the_connectors_binding_with_the_later_expiry()
             .find(|b| b.id == id)
             .and_then(|b| b.annotations.get(EXPIRES_AT_ANNOTATION).cloned())
     };
-    let b = sim.sim.bindings().into_iter().find(|b| b.id == g1.binding_ids[0]).unwrap();
-    assert_eq!(b.labels.get(CREATED_BY_LABEL).map(String::as_str), Some("apono-connector"));
-    assert_eq!(b.annotations.get(GRANT_ID_ANNOTATION).map(String::as_str), Some("acc-1"));
+    let b = sim
+        .sim
+        .bindings()
+        .into_iter()
+        .find(|b| b.id == g1.binding_ids[0])
+        .unwrap();
+    assert_eq!(
+        b.labels.get(CREATED_BY_LABEL).map(String::as_str),
+        Some("apono-connector")
+    );
+    assert_eq!(
+        b.annotations.get(GRANT_ID_ANNOTATION).map(String::as_str),
+        Some("acc-1")
+    );
     assert_eq!(expiry(&b.id), Some(format_expiry(soon)));
     // A second access on the same triple, ending later: finds ours, moves the expiry later.
     let mut second = first.clone();
@@ -912,7 +942,10 @@ async fn an_expired_access_is_refused_before_any_request() {
     let (e, n) = counted(&sim, r.grant(&req)).await;
     let e = e.unwrap_err();
     assert!(matches!(e, IntegrationError::Invalid { .. }) && !e.retryable(), "{e:?}");
-    assert!(e.to_string().contains("expired") && e.to_string().contains("nothing was created"), "{e}");
+    assert!(
+        e.to_string().contains("expired") && e.to_string().contains("nothing was created"),
+        "{e}"
+    );
     assert_eq!(n, 0);
     sim.stop().await;
 }
@@ -1712,7 +1745,10 @@ async fn a_binding_still_being_removed_is_awaited_then_reported_in_progress() {
     rv.user_id = Some("u-bob01".into());
     rv.binding_ids = g.binding_ids.clone();
     let e = r.revoke(&rv).await.unwrap_err();
-    assert!(matches!(e, IntegrationError::InProgress { .. }) && e.retryable(), "{e:?}");
+    assert!(
+        matches!(e, IntegrationError::InProgress { .. }) && e.retryable(),
+        "{e:?}"
+    );
     assert!(e.to_string().contains(&g.binding_ids[0]), "{e}");
     // Discovery skips a binding on its way out.
     let (all, _) = discover_all(&r).await;
@@ -1732,7 +1768,8 @@ async fn revoke_by_recorded_id_while_listings_come_back_empty() {
     let g = r.grant(&req).await.unwrap();
     admin_proven(&r).await;
     // A lagging informer: every listing of users and bindings is empty.
-    sim.sim.empty_lists_on("GET /v3/clusterroletemplatebindings", usize::MAX);
+    sim.sim
+        .empty_lists_on("GET /v3/clusterroletemplatebindings", usize::MAX);
     sim.sim.empty_lists_on("GET /v3/users", usize::MAX);
     let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
     rv.grant_id = req.grant_id.clone();
@@ -1759,7 +1796,11 @@ async fn revoke_of_a_user_hidden_from_lists_uses_the_recorded_user() {
     rv.user_id = Some(g.user_id.clone());
     let (out, n) = counted(&sim, r.revoke(&rv)).await;
     let out = out.unwrap();
-    assert_eq!(sim.sim.stats().route("GET /v3/users"), 0, "never looked up by name ({n} requests)");
+    assert_eq!(
+        sim.sim.stats().route("GET /v3/users"),
+        0,
+        "never looked up by name ({n} requests)"
+    );
     assert_eq!(out.removed_binding_ids, g.binding_ids);
     assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
     sim.stop().await;
@@ -1806,8 +1847,14 @@ async fn a_binding_still_readable_after_its_delete_is_a_retryable_error() {
     rv.user_id = Some("u-bob01".into());
     rv.binding_ids = vec!["c-1:crtb-stays".into()];
     let e = r.revoke(&rv).await.unwrap_err();
-    assert!(matches!(e, IntegrationError::Unavailable { .. }) && e.retryable(), "{e:?}");
-    assert!(e.to_string().contains("c-1:crtb-stays") && e.to_string().contains("still there"), "{e}");
+    assert!(
+        matches!(e, IntegrationError::Unavailable { .. }) && e.retryable(),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("c-1:crtb-stays") && e.to_string().contains("still there"),
+        "{e}"
+    );
     server.abort();
 }
 
@@ -1818,21 +1865,30 @@ async fn a_key_whose_owner_is_not_an_admin_is_refused_and_nothing_is_trusted() {
     let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
     sim.sim.set_key_owner_admin(false);
     let e = r.validate().await.unwrap_err();
-    assert!(matches!(e, IntegrationError::PermissionDenied { .. }) && !e.retryable(), "{e:?}");
+    assert!(
+        matches!(e, IntegrationError::PermissionDenied { .. }) && !e.retryable(),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("not an admin"), "{e}");
     let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
     rv.user_id = Some("u-bob01".into());
     rv.binding_ids = g.binding_ids.clone();
     for e in [
         r.revoke(&rv).await.unwrap_err(),
-        r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap_err(),
+        r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))
+            .await
+            .unwrap_err(),
         r.sweep(&SweepRequest::default()).await.unwrap_err(),
         r.discover(mpsc::channel(10).0).await.unwrap_err(),
     ] {
         assert_eq!(e.code(), "permission_denied", "{e:?}");
         assert!(!e.retryable());
     }
-    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1, "the binding stays");
+    assert_eq!(
+        matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(),
+        1,
+        "the binding stays"
+    );
     // Made an admin again: a failed proof was not cached.
     sim.sim.set_key_owner_admin(true);
     assert_eq!(r.revoke(&rv).await.unwrap().removed_binding_ids, g.binding_ids);
@@ -1889,17 +1945,45 @@ async fn the_sweep_removes_only_the_connectors_expired_bindings_not_kept() {
     let past = Utc::now() - chrono::Duration::minutes(5);
     let future = Utc::now() + chrono::Duration::hours(1);
     let plant = |b: SimBinding| sim.sim.add_binding(b).unwrap();
-    plant(marked(planted("c-7x2k9:crtb-exp01", "cluster-member", "c-7x2k9", "u-bob01"), Some("acc-1"), Some(past)));
-    plant(marked(planted("p-abcde:prtb-exp02", "project-member", "c-7x2k9:p-abcde", "u-alice1"), None, Some(past)));
-    plant(marked(planted("c-7x2k9:crtb-kep01", "cluster-owner", "c-7x2k9", "u-bob01"), Some("acc-2"), Some(past)));
-    plant(marked(planted("c-7x2k9:crtb-fut01", "cluster-owner", "c-7x2k9", "u-alice1"), Some("acc-3"), Some(future)));
-    plant(marked(planted("grb-login01", "user-base", "global", "u-bob01"), None, None));
-    let mut unreadable = marked(planted("local:crtb-bad01", "cluster-member", "local", "u-bob01"), None, None);
-    unreadable.annotations.insert(EXPIRES_AT_ANNOTATION.into(), "tomorrow".into());
+    plant(marked(
+        planted("c-7x2k9:crtb-exp01", "cluster-member", "c-7x2k9", "u-bob01"),
+        Some("acc-1"),
+        Some(past),
+    ));
+    plant(marked(
+        planted("p-abcde:prtb-exp02", "project-member", "c-7x2k9:p-abcde", "u-alice1"),
+        None,
+        Some(past),
+    ));
+    plant(marked(
+        planted("c-7x2k9:crtb-kep01", "cluster-owner", "c-7x2k9", "u-bob01"),
+        Some("acc-2"),
+        Some(past),
+    ));
+    plant(marked(
+        planted("c-7x2k9:crtb-fut01", "cluster-owner", "c-7x2k9", "u-alice1"),
+        Some("acc-3"),
+        Some(future),
+    ));
+    plant(marked(
+        planted("grb-login01", "user-base", "global", "u-bob01"),
+        None,
+        None,
+    ));
+    let mut unreadable = marked(
+        planted("local:crtb-bad01", "cluster-member", "local", "u-bob01"),
+        None,
+        None,
+    );
+    unreadable
+        .annotations
+        .insert(EXPIRES_AT_ANNOTATION.into(), "tomorrow".into());
     plant(unreadable);
     // A person's binding, expired by its look: no label, never touched.
     let mut theirs = planted("local:crtb-per01", "cluster-owner", "local", "u-alice1");
-    theirs.annotations.insert(EXPIRES_AT_ANNOTATION.into(), format_expiry(past));
+    theirs
+        .annotations
+        .insert(EXPIRES_AT_ANNOTATION.into(), format_expiry(past));
     plant(theirs);
     let keep = SweepRequest {
         keep_binding_ids: vec!["c-7x2k9:crtb-kep01".into()],
@@ -1910,20 +1994,22 @@ async fn the_sweep_removes_only_the_connectors_expired_bindings_not_kept() {
     assert!(dry.dry_run);
     assert_eq!(sim.sim.bindings().len(), before, "a dry run removes nothing");
     let ids = |res: &SweepResult| res.removed.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
-    assert_eq!(ids(&dry), vec!["c-7x2k9:crtb-exp01".to_string(), "p-abcde:prtb-exp02".to_string()]);
-    let real = r
-        .sweep(&SweepRequest {
-            dry_run: false,
-            ..keep
-        })
-        .await
-        .unwrap();
+    assert_eq!(
+        ids(&dry),
+        vec!["c-7x2k9:crtb-exp01".to_string(), "p-abcde:prtb-exp02".to_string()]
+    );
+    let real = r.sweep(&SweepRequest { dry_run: false, ..keep }).await.unwrap();
     assert_eq!(ids(&real), ids(&dry));
     assert_eq!(real.kept_binding_ids, vec!["c-7x2k9:crtb-kep01".to_string()]);
     assert_eq!(real.marked, 6);
     let first = &real.removed[0];
     assert_eq!(
-        (first.scope, first.role_id.as_str(), first.resource_id.as_str(), first.subject.as_str()),
+        (
+            first.scope,
+            first.role_id.as_str(),
+            first.resource_id.as_str(),
+            first.subject.as_str()
+        ),
         (BindingScope::Cluster, "cluster-member", "c-7x2k9", "u-bob01")
     );
     assert_eq!(first.grant_id.as_deref(), Some("acc-1"));
@@ -1932,7 +2018,13 @@ async fn the_sweep_removes_only_the_connectors_expired_bindings_not_kept() {
     for gone in ["c-7x2k9:crtb-exp01", "p-abcde:prtb-exp02"] {
         assert!(!left.iter().any(|i| i == gone), "{gone}");
     }
-    for kept in ["c-7x2k9:crtb-kep01", "c-7x2k9:crtb-fut01", "grb-login01", "local:crtb-bad01", "local:crtb-per01"] {
+    for kept in [
+        "c-7x2k9:crtb-kep01",
+        "c-7x2k9:crtb-fut01",
+        "grb-login01",
+        "local:crtb-bad01",
+        "local:crtb-per01",
+    ] {
         assert!(left.iter().any(|i| i == kept), "{kept}");
     }
     sim.stop().await;
@@ -1945,13 +2037,21 @@ async fn a_failed_delete_does_not_stop_the_sweep() {
     let past = Utc::now() - chrono::Duration::minutes(5);
     for id in ["c-7x2k9:crtb-exp01", "c-7x2k9:crtb-exp02"] {
         sim.sim
-            .add_binding(marked(planted(id, "cluster-member", "c-7x2k9", "u-bob01"), None, Some(past)))
+            .add_binding(marked(
+                planted(id, "cluster-member", "c-7x2k9", "u-bob01"),
+                None,
+                Some(past),
+            ))
             .unwrap();
     }
     admin_proven(&r).await;
     // The first DELETE fails through the client's retries.
-    sim.sim
-        .fail_next_on("DELETE /v3/clusterroletemplatebindings/{id}", FAST_RETRY.attempts, 500, false);
+    sim.sim.fail_next_on(
+        "DELETE /v3/clusterroletemplatebindings/{id}",
+        FAST_RETRY.attempts,
+        500,
+        false,
+    );
     let e = r.sweep(&SweepRequest::default()).await.unwrap_err();
     assert!(e.retryable(), "{e:?}");
     assert!(e.to_string().contains("c-7x2k9:crtb-exp01"), "{e}");

@@ -205,7 +205,11 @@ impl Rancher {
     /// `PUT /v3/users/{id} {"enabled": ...}`. A disabled user's tokens get 401.
     pub(super) async fn set_enabled(&self, user_id: &str, enabled: bool) -> Result<(), IntegrationError> {
         let url = self.client.url(&["v3", "users", user_id], &[]);
-        match self.client.put::<serde_json::Value>(url, &json!({"enabled": enabled})).await {
+        match self
+            .client
+            .put::<serde_json::Value>(url, &json!({"enabled": enabled}))
+            .await
+        {
             Ok(_) => {
                 if enabled {
                     tracing::info!(user_id, "enabled an agent-created user again for a new access");
