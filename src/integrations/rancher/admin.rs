@@ -23,7 +23,8 @@ pub(super) const ADMIN_ROLE: &str = "admin";
 pub(super) const PROOF_TTL: Duration = Duration::from_secs(600);
 
 /// Proofs that succeeded, by `base URL|access key id` (never the secret). Process-wide: an
-/// integration is built per job, the proof outlives it. A failure is never cached.
+/// integration is built per job, the proof outlives it. A failure is never cached, and ends an
+/// earlier proof of the same key.
 static PROVEN: LazyLock<Mutex<HashMap<String, Instant>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 impl Rancher {
@@ -35,6 +36,13 @@ impl Rancher {
         let key = self.proof_key();
         let map = PROVEN.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&key).is_some_and(|at| at.elapsed() < PROOF_TTL)
+    }
+
+    fn forget_proof(&self) {
+        PROVEN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.proof_key());
     }
 
     fn remember_proof(&self) {
@@ -80,6 +88,8 @@ impl Rancher {
             .find(is_admin)
             .await?;
         if found.is_none() {
+            // A key found wanting is not trusted on an older proof either.
+            self.forget_proof();
             return Err(IntegrationError::PermissionDenied {
                 message: format!(
                     "the API key's owner {user_id} is not an admin: Rancher silently hides what a non-admin cannot \
