@@ -164,6 +164,13 @@ impl Client {
         self.decode(&Method::POST, &url, &bytes)
     }
 
+    /// PUT a JSON body (Norman replaces the top-level fields given) and decode the answer.
+    /// Retried like a POST: every PUT this integration makes sets fields to fixed values.
+    pub async fn put<T: DeserializeOwned>(&self, url: Url, body: &Value) -> Result<T, ApiError> {
+        let bytes = self.request(Method::PUT, url.clone(), Some(body)).await?;
+        self.decode(&Method::PUT, &url, &bytes)
+    }
+
     /// DELETE. Returns the body (Rancher answers 200 with the object, possibly with `removed`
     /// set, or 204 with nothing).
     pub async fn delete(&self, url: Url) -> Result<Option<Value>, ApiError> {

@@ -41,7 +41,37 @@ const KNOWN_KEYS: &[&str] = &[
     "timeout_seconds",
     "connect_timeout_seconds",
     "status_timeout_seconds",
+    "new_user_roles",
 ];
+
+/// Which global roles the users the agent creates get, so they can log in
+/// (`new_user_roles` in the integration config).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NewUserRoles {
+    /// `"user-base"` (the default): the login-only global role. Never `user`, which can create
+    /// clusters and own them beyond the access (rancher-api-notes §6).
+    #[default]
+    UserBase,
+    /// `"newUserDefault"`: the global roles the install marks `newUserDefault: true`, with
+    /// `user` replaced by `user-base`; `user-base` when none is marked.
+    NewUserDefault,
+}
+
+impl NewUserRoles {
+    pub const KEY: &'static str = "new_user_roles";
+
+    fn parse(s: &str) -> Result<NewUserRoles, String> {
+        match s {
+            "user-base" => Ok(NewUserRoles::UserBase),
+            "newUserDefault" => Ok(NewUserRoles::NewUserDefault),
+            other => Err(format!(
+                "{} {other:?} is not known: use \"user-base\" (the login-only role, the default) or \
+                 \"newUserDefault\" (the global roles the install gives new users)",
+                NewUserRoles::KEY
+            )),
+        }
+    }
+}
 
 /// A validated Rancher integration config.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +92,8 @@ pub struct RancherConfig {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub status_timeout: Duration,
+    /// The global roles of the users the agent creates.
+    pub new_user_roles: NewUserRoles,
 }
 
 impl RancherConfig {
@@ -171,6 +203,14 @@ impl RancherConfig {
             &mut errors,
         );
 
+        let new_user_roles = match opt_string(map, NewUserRoles::KEY, &mut errors) {
+            None => NewUserRoles::default(),
+            Some(s) => NewUserRoles::parse(&s).unwrap_or_else(|e| {
+                errors.push(e);
+                NewUserRoles::default()
+            }),
+        };
+
         match base_url {
             Some(base_url) if errors.is_empty() => Ok(RancherConfig {
                 base_url,
@@ -184,6 +224,7 @@ impl RancherConfig {
                 timeout: Duration::from_secs(timeout),
                 connect_timeout: Duration::from_secs(connect_timeout),
                 status_timeout: Duration::from_secs(status_timeout),
+                new_user_roles,
             }),
             _ => Err(config_err(errors)),
         }

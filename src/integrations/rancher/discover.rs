@@ -59,6 +59,9 @@ impl Rancher {
         &self,
         sink: mpsc::Sender<DiscoveredObject>,
     ) -> Result<DiscoverySummary, IntegrationError> {
+        // An admin sees everything; anyone else gets silently partial listings, from which
+        // objects would look gone.
+        self.ensure_admin().await?;
         let started = Instant::now();
         let requests_before = self.client.requests();
         let emit = Emitter {

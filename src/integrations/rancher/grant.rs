@@ -1,15 +1,28 @@
-//! Grant and revoke: find the subject, then create (or find) and delete role bindings.
+//! Grant: find (or create) the subject, then find or create the connector's marked binding.
+//!
+//! Every binding the connector creates carries its marker (`names::Marker`): the label
+//! `apono.io/created-by: apono-connector`, and the annotations `apono.io/grant-id` and
+//! `apono.io/expires-at` when the grant has them. Before creating, the equal bindings (same role,
+//! resource and subject, not being removed) are listed:
+//! - one with the label is the connector's (an earlier attempt, or another access on the same
+//!   subject, role and resource): it is recorded, and its expiry annotation moved later if this
+//!   access ends later (one `PUT`), so a sweep never removes it while an access needs it;
+//! - else one without the label is equal access someone else made: nothing is created, the
+//!   result says `pre_existing`, and no revoke ever deletes it;
+//! - else the binding is created under its deterministic name, so a retried POST is 409
+//!   AlreadyExists (read back and treated as the connector's).
 //!
 //! Round trips on the happy path (measured against the simulator in `tests.rs`):
-//! - grant to an existing user by username: `GET /v3/users?username=` + `POST` binding = 2;
-//!   a repeat is the same 2 (the POST answers 409 AlreadyExists: done). At project scope the
-//!   binding's id has an opaque namespace part (`p-y` or `c-x-p-y`): known once this process has
-//!   seen a binding of the project (`project_ns`), else found with one filtered GET (3).
-//! - grant to a principal at cluster or project scope, or to a group: the `POST` alone = 1.
-//! - revoke: the user lookup (if any) + one filtered listing + one `DELETE` per binding found.
+//! - grant to an existing user by username: `GET /v3/users?username=` + listing + `POST` = 3;
+//!   a repeat is 2 (the listing finds the connector's binding; +1 `PUT` if the expiry moves).
+//! - grant to a principal at cluster or project scope, or to a group: listing + `POST` = 2.
+//! - grant with `create_user` to a new user: user lookup + `POST /v3/users` + `POST` binding +
+//!   `POST` login binding = 4 (a new user has no bindings: nothing is listed). A repeat sets a
+//!   fresh password and returns it (credentials are never lost): lookup + 2 listings + setpassword.
 
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
 
@@ -17,19 +30,19 @@ use super::Rancher;
 use super::client::ApiError;
 use super::model::{Binding, User, nonempty};
 use super::names::{
-    BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, binding_name, external_user_id,
-    generate_password, local_user_id,
+    BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION, MarkedExpiry,
+    Marker, binding_name, external_user_id, format_expiry, generate_password, local_user_id,
 };
 use super::project_ns;
-use crate::integrations::{
-    BindingScope, Credentials, GrantRequest, GrantResult, IntegrationError, Resource, RevokeRequest, RevokeResult,
-    Subject,
-};
+use crate::integrations::{BindingScope, Credentials, GrantRequest, GrantResult, IntegrationError, Resource, Subject};
 
-/// The global role every user needs to log in. Users created through the API get no default
-/// global role bindings (`usermanager.go`), so the agent adds this one to the users it creates.
-pub(super) const LOGIN_ROLE: &str = "user";
-/// Global roles Rancher gives users by default; delete-user ignores bindings of these.
+/// The login-only global role (rancher `pkg/data/management/role_data.go`). Users created
+/// through the API get no default global role bindings (`usermanager.go`), so the agent adds this
+/// one to the users it creates. Never `user`: it can create clusters and own them beyond the
+/// access (rancher-api-notes §6).
+pub(super) const LOGIN_ROLE: &str = "user-base";
+/// Global roles Rancher gives users by default (login roles); delete-user and the "last access
+/// of the user" check of a revoke ignore bindings of these.
 pub(super) const DEFAULT_GLOBAL_ROLES: &[&str] = &["user", "user-base"];
 
 /// The three kinds of binding, by the scope of the resource.
@@ -57,7 +70,7 @@ impl Kind {
         }
     }
 
-    fn scope(self) -> BindingScope {
+    pub(super) fn scope(self) -> BindingScope {
         match self {
             Kind::Global => BindingScope::Global,
             Kind::Cluster => BindingScope::Cluster,
@@ -65,7 +78,7 @@ impl Kind {
         }
     }
 
-    fn role_field(self) -> &'static str {
+    pub(super) fn role_field(self) -> &'static str {
         match self {
             Kind::Global => "globalRoleId",
             Kind::Cluster | Kind::Project => "roleTemplateId",
@@ -80,7 +93,7 @@ impl Kind {
         }
     }
 
-    fn noun(self) -> &'static str {
+    pub(super) fn noun(self) -> &'static str {
         match self {
             Kind::Global => "global role",
             Kind::Cluster => "cluster role",
@@ -99,7 +112,7 @@ pub(super) struct SubjectMatch {
 }
 
 impl SubjectMatch {
-    fn of(subject: &BindingSubject) -> SubjectMatch {
+    pub(super) fn of(subject: &BindingSubject) -> SubjectMatch {
         match subject {
             BindingSubject::UserId(u) => SubjectMatch {
                 user_id: Some(u.clone()),
@@ -116,7 +129,7 @@ impl SubjectMatch {
         }
     }
 
-    fn matches(&self, b: &Binding) -> bool {
+    pub(super) fn matches(&self, b: &Binding) -> bool {
         if let Some(group) = &self.group {
             return nonempty(&b.group_principal_id) == Some(group.as_str());
         }
@@ -136,13 +149,18 @@ pub(super) struct Target<'a> {
 }
 
 impl Target<'_> {
-    fn name(&self) -> String {
+    pub(super) fn name(&self) -> String {
         binding_name(self.kind.scope(), &self.subject, self.role, self.resource.as_str())
     }
 
-    fn body(&self, name: &str) -> Value {
+    fn body(&self, name: &str, marker: &Marker) -> Value {
         let mut body = Map::new();
         body.insert("name".into(), Value::from(name));
+        body.insert("labels".into(), json!(marker.labels()));
+        let annotations = marker.annotations();
+        if !annotations.is_empty() {
+            body.insert("annotations".into(), json!(annotations));
+        }
         body.insert(self.kind.role_field().into(), Value::from(self.role));
         if let Some(field) = self.kind.resource_field() {
             body.insert(field.into(), Value::from(self.resource.as_str()));
@@ -166,7 +184,7 @@ impl Target<'_> {
         !b.is_removed() && nonempty(role) == Some(self.role) && resource_ok
     }
 
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         format!(
             "{} \"{}\" on {} for {}",
             self.kind.noun(),
@@ -193,7 +211,7 @@ fn describe_binding_subject(s: &BindingSubject) -> String {
     }
 }
 
-fn check_role(role: &str) -> Result<(), IntegrationError> {
+pub(super) fn check_role(role: &str) -> Result<(), IntegrationError> {
     if role.trim().is_empty() || role.contains(['/', '?', '#', ' ']) {
         return Err(IntegrationError::Invalid {
             message: format!("role {role:?} is not a Rancher role id (for example cluster-member or rt-abcde)"),
@@ -214,20 +232,41 @@ pub(super) fn is_agent_created(u: &User) -> bool {
         || nonempty(&u.description) == Some(CREATED_BY_DESCRIPTION)
 }
 
+/// What [`Rancher::ensure_binding`] found or made.
+pub(super) enum Ensured {
+    /// The connector's binding: made by this call (`created`) or found.
+    Ours { binding: Box<Binding>, created: bool },
+    /// Equal access someone else made: nothing was created, and no revoke deletes these.
+    PreExisting(Vec<Binding>),
+}
+
 impl Rancher {
     pub(super) async fn grant_access(&self, r: &GrantRequest) -> Result<GrantResult, IntegrationError> {
         check_role(&r.role)?;
+        if let Some(t) = r.expires_at
+            && t <= Utc::now()
+        {
+            return Err(IntegrationError::Invalid {
+                message: format!(
+                    "the access expired at {} before it was granted; nothing was created",
+                    format_expiry(t)
+                ),
+            });
+        }
         let kind = Kind::of(&r.resource);
-        // The password of a user this call created, with its username.
+        // Whether this call created the user, and its generated password.
+        let mut created_user = false;
         let mut credentials: Option<(String, SecretString)> = None;
-        // Whether the user is one the agent creates, whose login role must be ensured.
-        let mut agent_user: Option<User> = None;
+        // A user the agent created (now or earlier): enabled, given its login roles, tracked.
+        let mut managed: Option<User> = None;
+        let mut principals = Vec::new();
         let subject = match &r.subject {
             Subject::Username(name) => {
                 let user = match self.find_user(name).await? {
                     Some(u) => u,
                     None if r.create_user => match self.create_local_user(name).await? {
                         NewUser::Created(u, password) => {
+                            created_user = true;
                             credentials = Some((name.clone(), password));
                             u
                         }
@@ -243,11 +282,14 @@ impl Rancher {
                         });
                     }
                 };
-                // The agent's own users (just made, or left half-made by an earlier attempt)
-                // need the login role; `credentials` covers a POST answer without the marker.
-                if r.create_user && (credentials.is_some() || is_agent_created(&user)) {
-                    agent_user = Some(user.clone());
+                if created_user || is_agent_created(&user) {
+                    // Disabled by the revoke of its last access: this grant gives it access again.
+                    if user.enabled == Some(false) {
+                        self.set_enabled(&user.id, true).await?;
+                    }
+                    managed = Some(user.clone());
                 }
+                principals = user.principal_ids.clone();
                 BindingSubject::UserId(user.id)
             }
             Subject::UserPrincipal(p) => {
@@ -280,122 +322,81 @@ impl Rancher {
             resource: &r.resource,
             subject,
         };
-        let (binding, binding_created) = self.ensure_binding(&target).await?;
+        let mut matcher = SubjectMatch::of(&target.subject);
+        matcher.principals.extend(principals);
+        let marker = Marker {
+            grant_id: r.grant_id.clone(),
+            expires_at: r.expires_at,
+        };
+        // A user this call created has no binding yet: nothing to look for.
+        let ensured = self.ensure_binding(&target, &matcher, &marker, !created_user).await?;
 
-        if let Some(user) = &agent_user {
-            // Last, so that an attempt that stopped half-way (user made, bindings not) is told
-            // apart on the next try: the login binding is then new, and the user gets a fresh
-            // password since the first one was never handed out.
-            let login = Target {
-                kind: Kind::Global,
-                role: LOGIN_ROLE,
-                resource: &Resource::Global,
-                subject: BindingSubject::UserId(user.id.clone()),
-            };
-            let created_now = if kind == Kind::Global && r.role == LOGIN_ROLE {
-                binding_created
-            } else {
-                self.ensure_binding(&login).await?.1
-            };
-            if created_now && credentials.is_none() {
-                let username = user.username().unwrap_or_default().to_string();
+        if let Some(user) = &managed {
+            for role in self.login_roles().await? {
+                if kind == Kind::Global && role == r.role {
+                    continue;
+                }
+                let login = Target {
+                    kind: Kind::Global,
+                    role: &role,
+                    resource: &Resource::Global,
+                    subject: BindingSubject::UserId(user.id.clone()),
+                };
+                // Shared by every access of the user: the label, no grant id, no expiry (never swept).
+                let m = SubjectMatch::of(&login.subject);
+                self.ensure_binding(&login, &m, &Marker::default(), !created_user)
+                    .await?;
+            }
+            // Credentials are never lost (an earlier attempt may have made the user and died
+            // before its password was handed out, or `setpassword` may have failed after it
+            // changed the password): every create-user grant of an agent-created user that did
+            // not create it now sets a fresh password and returns it. Last, once the access exists.
+            if r.create_user && !created_user {
+                let Some(username) = user.username().map(str::to_string) else {
+                    return Err(IntegrationError::Invalid {
+                        message: format!(
+                            "Rancher user {} carries the apono-connector marker but has no username: it is not a \
+                             local user, so no password can be set for it",
+                            user.id
+                        ),
+                    });
+                };
                 let password = generate_password();
                 self.set_password(&user.id, &password).await?;
-                tracing::info!(user_id = %user.id, "finished setting up a user an earlier attempt created; new password set");
+                tracing::info!(user_id = %user.id, "set a fresh password for an agent-created user");
                 credentials = Some((username, password));
             }
         }
 
+        let (binding_ids, pre_existing_binding_ids, bound_user) = match ensured {
+            Ensured::Ours { binding, created } => {
+                tracing::info!(binding = %binding.id, grant = %target.describe(), created, "granted");
+                (vec![binding.id.clone()], Vec::new(), binding.user_id)
+            }
+            Ensured::PreExisting(found) => {
+                let mut ids: Vec<String> = found.iter().map(|b| b.id.clone()).collect();
+                ids.sort();
+                tracing::info!(
+                    grant = %target.describe(), existing = ?ids,
+                    "equal access was already there (not made by the connector): nothing created"
+                );
+                (Vec::new(), ids, found.into_iter().find_map(|b| b.user_id))
+            }
+        };
         let user_id = match &target.subject {
             BindingSubject::UserId(u) => u.clone(),
-            BindingSubject::UserPrincipal(p) => nonempty(&binding.user_id).unwrap_or(p).to_string(),
+            BindingSubject::UserPrincipal(p) => nonempty(&bound_user).unwrap_or(p).to_string(),
             BindingSubject::GroupPrincipal(g) => g.clone(),
         };
-        tracing::info!(binding = %binding.id, grant = %target.describe(), "granted");
         Ok(GrantResult {
             user_id,
-            binding_ids: vec![binding.id],
-            created_user: credentials.is_some(),
+            binding_ids,
+            created_user,
             credentials: credentials.map(|(username, password)| Credentials { username, password }),
             access_details: self.config.access_details(),
-            pre_existing: false,
-            pre_existing_binding_ids: Vec::new(),
-            managed_user: false,
-        })
-    }
-
-    pub(super) async fn revoke_access(&self, r: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
-        check_role(&r.role)?;
-        let kind = Kind::of(&r.resource);
-        let (subject, matcher) = match &r.subject {
-            Subject::Username(name) => match self.find_user(name).await? {
-                None => return Ok(RevokeResult::default()),
-                Some(u) => (
-                    BindingSubject::UserId(u.id.clone()),
-                    SubjectMatch {
-                        user_id: Some(u.id),
-                        principals: u.principal_ids,
-                        group: None,
-                    },
-                ),
-            },
-            Subject::UserPrincipal(p) => {
-                if let Some(id) = local_user_id(p) {
-                    (
-                        BindingSubject::UserId(id.to_string()),
-                        SubjectMatch {
-                            user_id: Some(id.to_string()),
-                            principals: vec![p.clone()],
-                            group: None,
-                        },
-                    )
-                } else if kind == Kind::Global {
-                    match self.user_for_principal(p).await? {
-                        None => return Ok(RevokeResult::default()),
-                        Some(u) => (
-                            BindingSubject::UserId(u.id.clone()),
-                            SubjectMatch {
-                                user_id: Some(u.id),
-                                principals: vec![p.clone()],
-                                group: None,
-                            },
-                        ),
-                    }
-                } else {
-                    let s = BindingSubject::UserPrincipal(p.clone());
-                    let m = SubjectMatch::of(&s);
-                    (s, m)
-                }
-            }
-            Subject::GroupPrincipal(g) => {
-                let s = BindingSubject::GroupPrincipal(g.clone());
-                let m = SubjectMatch::of(&s);
-                (s, m)
-            }
-        };
-        let target = Target {
-            kind,
-            role: &r.role,
-            resource: &r.resource,
-            subject,
-        };
-        let found = self.find_bindings(&target, &matcher).await?;
-        let mut removed = Vec::with_capacity(found.len());
-        for b in found {
-            let url = self.client.url(&["v3", kind.collection(), &b.id], &[]);
-            match self.client.delete(url).await {
-                Ok(_) => removed.push(b.id),
-                // Already gone: someone (or a previous attempt) removed it.
-                Err(e) if e.status() == Some(404) => removed.push(b.id),
-                Err(e) => return Err(e.into_error()),
-            }
-        }
-        removed.sort();
-        removed.dedup();
-        tracing::info!(grant = %target.describe(), removed = removed.len(), "revoked");
-        Ok(RevokeResult {
-            removed_binding_ids: removed,
-            ..RevokeResult::default()
+            pre_existing: !pre_existing_binding_ids.is_empty(),
+            pre_existing_binding_ids,
+            managed_user: managed.is_some(),
         })
     }
 
@@ -489,17 +490,68 @@ impl Rancher {
     }
 
     /// Creates the binding under its deterministic name, or finds it. Returns the binding and
-    /// whether this call created it.
-    pub(super) async fn ensure_binding(&self, target: &Target<'_>) -> Result<(Binding, bool), IntegrationError> {
+    /// The connector's binding for `target`, found (`look_first`: the equal bindings are listed
+    /// before anything is created) or made with `marker`; or the equal bindings someone else
+    /// made, in which case nothing is created.
+    pub(super) async fn ensure_binding(
+        &self,
+        target: &Target<'_>,
+        matcher: &SubjectMatch,
+        marker: &Marker,
+        look_first: bool,
+    ) -> Result<Ensured, IntegrationError> {
+        if look_first {
+            let found = self.find_bindings(target, matcher).await?;
+            if let Some(ensured) = self.adopt(target, marker, found).await? {
+                return Ok(ensured);
+            }
+        }
+        self.create_binding(target, matcher, marker).await
+    }
+
+    /// Reads the equal bindings found: the connector's (its expiry moved later if needed), else
+    /// someone else's, else nothing.
+    async fn adopt(
+        &self,
+        target: &Target<'_>,
+        marker: &Marker,
+        found: Vec<Binding>,
+    ) -> Result<Option<Ensured>, IntegrationError> {
+        let name = target.name();
+        let (mut ours, theirs): (Vec<Binding>, Vec<Binding>) = found.into_iter().partition(Binding::is_connectors);
+        // The deterministic name first, then by id: the same choice on every attempt.
+        ours.sort_by(|a, b| (a.object_name() != name, &a.id).cmp(&(b.object_name() != name, &b.id)));
+        if let Some(b) = ours.into_iter().next() {
+            let binding = self.extend_marker(target, b, marker).await?;
+            return Ok(Some(Ensured::Ours {
+                binding: Box::new(binding),
+                created: false,
+            }));
+        }
+        if !theirs.is_empty() {
+            return Ok(Some(Ensured::PreExisting(theirs)));
+        }
+        Ok(None)
+    }
+
+    /// `POST` under the deterministic name with the marker.
+    async fn create_binding(
+        &self,
+        target: &Target<'_>,
+        matcher: &SubjectMatch,
+        marker: &Marker,
+    ) -> Result<Ensured, IntegrationError> {
         let name = target.name();
         let url = self.client.url(&["v3", target.kind.collection()], &[]);
+        let body = target.body(&name, marker);
         let deadline = Instant::now() + self.config.status_timeout;
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.client.post::<Binding>(url.clone(), &target.body(&name)).await {
+            match self.client.post::<Binding>(url.clone(), &body).await {
                 Ok(b) => {
                     self.learn_project_namespace(&b);
-                    return Ok((self.settle(target, b).await?, true));
+                    let binding = Box::new(self.settle(target, b).await?);
+                    return Ok(Ensured::Ours { binding, created: true });
                 }
                 // Kubernetes prefixes AlreadyExists with this when the object holding the name
                 // has a deletion timestamp: a revoke of the same access whose finalizers still
@@ -517,54 +569,127 @@ impl Rancher {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
+                Err(e) if e.status() == Some(409) && is_already_exists(&e) => {
+                    // Our own name: an earlier attempt (or the first try of this retried POST)
+                    // made it, or the listing lagged. Ours; marked and extended as needed.
+                    let b = self.read_back(target, matcher, &name, &e).await?;
+                    let binding = Box::new(self.extend_marker(target, b, marker).await?);
+                    return Ok(Ensured::Ours {
+                        binding,
+                        created: false,
+                    });
+                }
                 Err(e) if e.status() == Some(409) => {
-                    return Ok((self.existing_binding(target, &name, &e).await?, false));
+                    // 2.14+ webhook: "duplicate crtb not allowed", an equal binding under another
+                    // name (the listing missed it): ours if it carries the label.
+                    tracing::info!(grant = %target.describe(), "an equal binding exists under another name");
+                    let found = self.find_bindings(target, matcher).await?;
+                    return match self.adopt(target, marker, found).await? {
+                        Some(ensured) => Ok(ensured),
+                        None => Err(IntegrationError::Unavailable {
+                            message: format!(
+                                "Rancher answered {} when binding {}, but no such binding can be found yet; try \
+                                 again",
+                                e.summary(),
+                                target.describe()
+                            ),
+                        }),
+                    };
                 }
                 Err(e) => return Err(binding_error(target, e)),
             }
         }
     }
 
-    /// After a 409: the binding (or an equivalent one) exists.
-    async fn existing_binding(
+    /// The binding holding our deterministic name after a 409 AlreadyExists: `GET` by id when
+    /// the id is known, else the listing by name.
+    async fn read_back(
         &self,
         target: &Target<'_>,
+        matcher: &SubjectMatch,
         name: &str,
         e: &ApiError,
     ) -> Result<Binding, IntegrationError> {
-        let message = e.message().to_ascii_lowercase();
-        let already_exists =
-            e.code() == Some("AlreadyExists") || (e.code().is_none() && message.contains("already exists"));
-        if already_exists {
-            // Ours, from an earlier grant or from the first try of a retried POST.
-            match (target.kind, target.resource) {
-                (Kind::Global, _) => return Ok(Binding::with_id(name)),
-                (Kind::Cluster, Resource::Cluster(c)) => return Ok(Binding::with_id(&format!("{c}:{name}"))),
-                // The PRTB's namespace is `p-y` or `c-x-p-y` depending on the project's age:
-                // known if this process has seen a binding of the project, else looked up.
-                (Kind::Project, Resource::Project(p)) => {
-                    if let Some(ns) = project_ns::namespace_of(self.config.base_url.as_str(), p) {
-                        return Ok(Binding::with_id(&format!("{ns}:{name}")));
-                    }
-                }
-                _ => {}
+        let id = match (target.kind, target.resource) {
+            (Kind::Global, _) => Some(name.to_string()),
+            (Kind::Cluster, Resource::Cluster(c)) => Some(format!("{c}:{name}")),
+            // The PRTB's namespace is `p-y` or `c-x-p-y` depending on the project's age: known
+            // if this process has seen a binding of the project, else looked up by name.
+            (Kind::Project, Resource::Project(p)) => {
+                project_ns::namespace_of(self.config.base_url.as_str(), p).map(|ns| format!("{ns}:{name}"))
             }
-        } else {
-            // 2.14+ webhook: "duplicate crtb not allowed", an equivalent binding under another name.
-            tracing::info!(grant = %target.describe(), "an equivalent binding exists under another name");
-        }
-        let matcher = SubjectMatch::of(&target.subject);
-        let mut found = self
-            .find_bindings_named(target, &matcher, already_exists.then_some(name))
-            .await?;
-        found.sort_by(|a, b| (a.object_name() != name, &a.id).cmp(&(b.object_name() != name, &b.id)));
-        found.into_iter().next().ok_or_else(|| IntegrationError::Unavailable {
+            _ => None,
+        };
+        let gone = || IntegrationError::Unavailable {
             message: format!(
-                "Rancher answered {} when binding {}, but no such binding can be found yet; try again",
+                "Rancher answered {} when binding {}, but the binding cannot be read yet; try again",
                 e.summary(),
                 target.describe()
             ),
-        })
+        };
+        if let Some(id) = id {
+            let url = self.client.url(&["v3", target.kind.collection(), &id], &[]);
+            return match self.client.get::<Binding>(url).await {
+                Ok(b) => {
+                    self.learn_project_namespace(&b);
+                    Ok(b)
+                }
+                Err(e) if e.status() == Some(404) => Err(gone()),
+                Err(e) => Err(e.into_error()),
+            };
+        }
+        self.find_bindings_named(target, matcher, Some(name))
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(gone)
+    }
+
+    /// Makes sure the connector's binding `b` carries the label and an expiry no earlier than
+    /// `marker`'s, so a sweep never removes it while this access still needs it. One `PUT` of
+    /// the binding's labels and annotations (the others kept) when something changes.
+    async fn extend_marker(
+        &self,
+        target: &Target<'_>,
+        b: Binding,
+        marker: &Marker,
+    ) -> Result<Binding, IntegrationError> {
+        let mut labels = b.labels.clone();
+        let mut annotations = b.annotations.clone();
+        let mut changed = false;
+        if !b.is_connectors() {
+            labels.insert(CREATED_BY_LABEL.to_string(), CREATED_BY_VALUE.to_string());
+            changed = true;
+        }
+        if let Some(ours) = marker.expires_at {
+            let later = match b.marked_expiry() {
+                MarkedExpiry::At(theirs) => ours.timestamp() > theirs.timestamp(),
+                MarkedExpiry::None | MarkedExpiry::Unreadable(_) => true,
+            };
+            if later {
+                annotations.insert(EXPIRES_AT_ANNOTATION.to_string(), format_expiry(ours));
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(b);
+        }
+        let url = self.client.url(&["v3", target.kind.collection(), &b.id], &[]);
+        let body = json!({"labels": labels, "annotations": annotations});
+        match self.client.put::<Binding>(url, &body).await {
+            Ok(updated) => {
+                tracing::info!(binding = %b.id, grant = %target.describe(), "marked the connector's binding with the later expiry");
+                Ok(updated)
+            }
+            Err(e) if e.status() == Some(404) => Err(IntegrationError::Unavailable {
+                message: format!(
+                    "binding {} ({}) went away while its expiry was extended; try again",
+                    b.id,
+                    target.describe()
+                ),
+            }),
+            Err(e) => Err(e.into_error()),
+        }
     }
 
     /// Bindings of the target's role on its resource that belong to the subject (filtered on
@@ -668,13 +793,10 @@ impl Rancher {
     }
 }
 
-impl Binding {
-    fn with_id(id: &str) -> Binding {
-        Binding {
-            id: id.to_string(),
-            ..Binding::default()
-        }
-    }
+/// A 409 that means "the name is taken" (not the 2.14+ webhook's "duplicate ... not allowed").
+fn is_already_exists(e: &ApiError) -> bool {
+    e.code() == Some("AlreadyExists")
+        || (e.code().is_none() && e.message().to_ascii_lowercase().contains("already exists"))
 }
 
 /// Reads Rancher's refusal of a binding into an error that names the role, the resource or the

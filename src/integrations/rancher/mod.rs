@@ -5,8 +5,8 @@
 //! - [`client`]: HTTP, authentication, retries, error mapping, pagination with its loop guard.
 //! - [`model`]: the v3 objects as they come over the wire.
 //! - [`names`]: deterministic binding names, external user ids, generated passwords.
-//! - `validate`, `discover`, `grant` (grant and revoke), `users` (create, rotate, delete): the
-//!   operations, one file each.
+//! - `validate`, `discover`, `grant`, `revoke`, `sweep`, `users` (create, rotate, delete,
+//!   enable/disable): the operations, one file each; `admin`: the admin proof they rely on.
 //!
 //! Facts about the API and their sources: `rancher-api-notes.md`; what each call costs and what
 //! each error means for an operator: `docs/rancher.md`.
@@ -14,6 +14,7 @@
 //! **Architecture invariant:** only this module speaks HTTP to Rancher, and the API key never
 //! leaves [`client::Client`]'s sensitive header: not in `Debug`, errors, logs or results.
 
+mod admin;
 pub mod client;
 pub mod config;
 mod discover;
@@ -21,6 +22,7 @@ mod grant;
 pub mod model;
 pub mod names;
 mod project_ns;
+mod revoke;
 mod sweep;
 mod users;
 mod validate;
@@ -36,7 +38,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::secrets::Secret;
 pub use client::{Client, RetryPolicy};
-pub use config::{ApiKey, RancherConfig};
+pub use config::{ApiKey, NewUserRoles, RancherConfig};
 
 pub const TYPE: &str = "rancher";
 

@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+use super::names::{
+    CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION, GRANT_ID_ANNOTATION, MarkedExpiry, parse_expiry,
+};
+
 /// A collection page: `{data: [...], pagination: {...}}`.
 #[derive(Debug, Deserialize)]
 #[serde(bound(deserialize = "T: Deserialize<'de>"))]
@@ -92,6 +96,9 @@ pub struct GlobalRole {
     pub name: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub builtin: bool,
+    /// The install gives this role to every new user (`GlobalRole.NewUserDefault`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub new_user_default: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -161,11 +168,47 @@ pub struct Binding {
     /// Set while finalizers run after a DELETE: the binding is on its way out.
     #[serde(default)]
     pub removed: Option<String>,
+    /// Where the connector's marker lives (`names::CREATED_BY_LABEL`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    /// The marker's grant id and expiry (`names::GRANT_ID_ANNOTATION`, `names::EXPIRES_AT_ANNOTATION`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl Binding {
     pub fn is_removed(&self) -> bool {
         nonempty(&self.removed).is_some()
+    }
+
+    /// Made by the connector: it carries the created-by label.
+    pub fn is_connectors(&self) -> bool {
+        self.labels.get(CREATED_BY_LABEL).map(String::as_str) == Some(CREATED_BY_VALUE)
+    }
+
+    /// The grant id in the connector's marker.
+    pub fn grant_id(&self) -> Option<&str> {
+        self.annotations
+            .get(GRANT_ID_ANNOTATION)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The expiry in the connector's marker.
+    pub fn marked_expiry(&self) -> MarkedExpiry {
+        match self.annotations.get(EXPIRES_AT_ANNOTATION) {
+            None => MarkedExpiry::None,
+            Some(s) if s.trim().is_empty() => MarkedExpiry::None,
+            Some(s) => parse_expiry(s).map_or_else(|| MarkedExpiry::Unreadable(s.clone()), MarkedExpiry::At),
+        }
+    }
+
+    /// `userId`, `userPrincipalId` or `groupPrincipalId`, whichever the binding has.
+    pub fn subject(&self) -> &str {
+        nonempty(&self.user_id)
+            .or_else(|| nonempty(&self.user_principal_id))
+            .or_else(|| nonempty(&self.group_principal_id))
+            .unwrap_or_default()
     }
 
     /// The metadata name: `name`, else the id's part after the namespace.

@@ -1,6 +1,9 @@
 //! Pure helpers: deterministic binding names, Rancher's user ids for external principals,
-//! generated passwords and the marker on users the agent creates.
+//! generated passwords, and the marker on the users and bindings the agent creates.
 
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
 use rand::RngExt;
 use rand::distr::Alphanumeric;
 use secrecy::SecretString;
@@ -8,9 +11,18 @@ use sha2::{Digest, Sha256};
 
 use crate::integrations::BindingScope;
 
-/// Label set on users the agent creates: rotation and deletion touch only those.
+/// Label set on every user and binding the agent creates. Rotation and deletion touch only
+/// users with it; a revoke or a sweep deletes only bindings with it (a binding is "the
+/// connector's" iff it carries this label with [`CREATED_BY_VALUE`]).
 pub const CREATED_BY_LABEL: &str = "apono.io/created-by";
 pub const CREATED_BY_VALUE: &str = "apono-connector";
+/// Annotation on a binding the connector created: the grant (access request) it was made for,
+/// so a revoke removes the connector's duplicates of its own grant and no other grant's.
+pub const GRANT_ID_ANNOTATION: &str = "apono.io/grant-id";
+/// Annotation on a binding the connector created: when the access it carries ends (RFC 3339,
+/// UTC). The sweep removes the binding once this has passed, even if the control plane's state
+/// is lost. Login bindings of created users carry the label but no expiry: never swept.
+pub const EXPIRES_AT_ANNOTATION: &str = "apono.io/expires-at";
 /// Description set on users the agent creates (a second marker, visible in the UI).
 pub const CREATED_BY_DESCRIPTION: &str = "created by apono-connector";
 /// Hex characters of the hash in a binding name: 64 bits, so names of different grants do not
@@ -18,6 +30,54 @@ pub const CREATED_BY_DESCRIPTION: &str = "created by apono-connector";
 const NAME_HASH_CHARS: usize = 16;
 /// Generated password length; Rancher's default minimum is 12.
 pub const PASSWORD_LEN: usize = 32;
+
+/// The marker written on a binding the connector creates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Marker {
+    pub grant_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Marker {
+    /// The labels of a new binding: only the created-by label.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(CREATED_BY_LABEL.to_string(), CREATED_BY_VALUE.to_string())])
+    }
+
+    /// The annotations of a new binding: grant id and expiry, each when known.
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        let mut a = BTreeMap::new();
+        if let Some(g) = self.grant_id.as_deref().filter(|g| !g.is_empty()) {
+            a.insert(GRANT_ID_ANNOTATION.to_string(), g.to_string());
+        }
+        if let Some(t) = self.expires_at {
+            a.insert(EXPIRES_AT_ANNOTATION.to_string(), format_expiry(t));
+        }
+        a
+    }
+}
+
+/// An expiry as written in the annotation: RFC 3339, UTC, whole seconds (`2030-01-02T03:04:05Z`).
+pub fn format_expiry(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// An expiry annotation read back; `None` when it is not RFC 3339.
+pub fn parse_expiry(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// What a binding's expiry annotation says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkedExpiry {
+    /// No annotation (a login binding, or a grant without a TTL): never swept.
+    None,
+    /// An annotation that is not a time: never swept, worth a warning.
+    Unreadable(String),
+    At(DateTime<Utc>),
+}
 
 /// The field a binding's subject goes in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +198,33 @@ mod tests {
         assert_ne!(a, binding_name(BindingScope::Cluster, &p, "cluster-member", "c-7x2k9"));
         assert!(binding_name(BindingScope::Global, &s, "admin", "global").starts_with("grb-"));
         assert!(binding_name(BindingScope::Project, &s, "project-member", "c-1:p-2").starts_with("prtb-"));
+    }
+
+    #[test]
+    fn the_marker_round_trips() {
+        let t = DateTime::parse_from_rfc3339("2030-01-02T03:04:05.678+02:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        let m = Marker {
+            grant_id: Some("acc-1".into()),
+            expires_at: Some(t),
+        };
+        assert_eq!(
+            m.labels().get(CREATED_BY_LABEL).map(String::as_str),
+            Some(CREATED_BY_VALUE)
+        );
+        let a = m.annotations();
+        assert_eq!(a.get(GRANT_ID_ANNOTATION).map(String::as_str), Some("acc-1"));
+        assert_eq!(
+            a.get(EXPIRES_AT_ANNOTATION).map(String::as_str),
+            Some("2030-01-02T01:04:05Z")
+        );
+        assert_eq!(
+            parse_expiry("2030-01-02T01:04:05Z").map(|p| p.timestamp()),
+            Some(t.timestamp())
+        );
+        assert_eq!(parse_expiry("tomorrow"), None);
+        assert!(Marker::default().annotations().is_empty());
     }
 
     #[test]

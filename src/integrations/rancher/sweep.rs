@@ -1,14 +1,101 @@
 //! The sweep: removes the connector's own bindings whose marked expiry has passed and that no
 //! access still holds, so access ends even when the control plane's state is lost.
+//!
+//! A binding is swept iff it carries the connector's label, a readable `apono.io/expires-at` in
+//! the past, is not being removed, and is not in `keep_binding_ids`. One without an expiry (the
+//! login bindings of created users, grants without a TTL) is never swept; an unreadable expiry is
+//! logged and left. Labels cannot be filtered on v3 collections, so the three binding collections
+//! are read in full (paged) after the admin proof: one failed delete does not stop the others.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
 
 use super::Rancher;
-use crate::integrations::{IntegrationError, SweepRequest, SweepResult};
+use super::grant::Kind;
+use super::model::{Binding, nonempty};
+use super::names::MarkedExpiry;
+use crate::integrations::{IntegrationError, SweepRequest, SweepResult, SweptBinding};
 
 impl Rancher {
     pub(super) async fn sweep_expired(&self, request: &SweepRequest) -> Result<SweepResult, IntegrationError> {
-        let _ = request;
-        Err(IntegrationError::Invalid {
-            message: "sweep is not implemented yet".into(),
-        })
+        self.ensure_admin().await?;
+        let now = Utc::now();
+        let keep: HashSet<&str> = request.keep_binding_ids.iter().map(String::as_str).collect();
+        let mut result = SweepResult {
+            dry_run: request.dry_run,
+            ..SweepResult::default()
+        };
+        let mut failed = Vec::new();
+        for kind in [Kind::Global, Kind::Cluster, Kind::Project] {
+            // Listed in full before any delete: a delete between pages can restart the paging.
+            let mut expired = Vec::new();
+            let mut pager =
+                self.client
+                    .list::<Binding>(&["v3", kind.collection()], &[], format!("{} bindings", kind.noun()));
+            while let Some(page) = pager.next_page().await? {
+                for b in page.into_iter().filter(Binding::is_connectors) {
+                    result.marked += 1;
+                    if b.is_removed() {
+                        continue;
+                    }
+                    match b.marked_expiry() {
+                        MarkedExpiry::At(t) if t <= now => expired.push(swept(kind, &b, t)),
+                        MarkedExpiry::At(_) | MarkedExpiry::None => {}
+                        MarkedExpiry::Unreadable(value) => tracing::warn!(
+                            binding = %b.id, value,
+                            "the connector's binding has an unreadable apono.io/expires-at; the sweep leaves it"
+                        ),
+                    }
+                }
+            }
+            for s in expired {
+                if keep.contains(s.id.as_str()) {
+                    result.kept_binding_ids.push(s.id);
+                    continue;
+                }
+                if !request.dry_run {
+                    if let Err(e) = self.delete_confirmed(kind, &s.id).await {
+                        tracing::warn!(binding = %s.id, error = %e, "sweep: could not remove an expired binding");
+                        failed.push(format!("{} ({e})", s.id));
+                        continue;
+                    }
+                    tracing::info!(
+                        binding = %s.id, role = %s.role_id, resource = %s.resource_id, subject = %s.subject,
+                        grant = s.grant_id.as_deref().unwrap_or(""), expires_at = %s.expires_at,
+                        "sweep: removed the connector's expired binding"
+                    );
+                }
+                result.removed.push(s);
+            }
+        }
+        if !failed.is_empty() {
+            return Err(IntegrationError::Unavailable {
+                message: format!(
+                    "the sweep removed {} expired binding(s) but could not remove {}: {}; the next sweep tries again",
+                    result.removed.len(),
+                    failed.len(),
+                    failed.join("; ")
+                ),
+            });
+        }
+        Ok(result)
+    }
+}
+
+fn swept(kind: Kind, b: &Binding, expires_at: DateTime<Utc>) -> SweptBinding {
+    let (role, resource) = match kind {
+        Kind::Global => (&b.global_role_id, None),
+        Kind::Cluster => (&b.role_template_id, nonempty(&b.cluster_id)),
+        Kind::Project => (&b.role_template_id, nonempty(&b.project_id)),
+    };
+    SweptBinding {
+        id: b.id.clone(),
+        scope: kind.scope(),
+        role_id: nonempty(role).unwrap_or_default().to_string(),
+        resource_id: resource.unwrap_or("global").to_string(),
+        subject: b.subject().to_string(),
+        grant_id: b.grant_id().map(str::to_string),
+        expires_at,
     }
 }

@@ -4,13 +4,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::client::{ErrorKind, status_kind};
-use super::names::{CREATED_BY_LABEL, PASSWORD_LEN, external_user_id};
+use super::names::{
+    CREATED_BY_LABEL, EXPIRES_AT_ANNOTATION, GRANT_ID_ANNOTATION, PASSWORD_LEN, external_user_id, format_expiry,
+};
 use super::*;
 use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
@@ -408,6 +411,11 @@ fn matching(sim: &SimHandle, user_id: Option<&str>, role: &str, resource: &str) 
         .collect()
 }
 
+/// Proves the key's owner an admin now, so the (cached) proof does not count in what follows.
+async fn admin_proven(r: &Rancher) {
+    r.ensure_admin().await.expect("the simulator's key belongs to an admin");
+}
+
 /// Requests the simulator saw for `f`.
 async fn counted<T>(sim: &SimHandle, f: impl std::future::Future<Output = T>) -> (T, u64) {
     sim.sim.reset_stats();
@@ -416,20 +424,21 @@ async fn counted<T>(sim: &SimHandle, f: impl std::future::Future<Output = T>) ->
 }
 
 #[tokio::test]
-async fn grant_by_username_costs_two_requests_and_a_repeat_is_one_binding() {
+async fn grant_by_username_costs_three_requests_and_a_repeat_is_one_binding() {
     let sim = sim().await;
     let r = rancher(&sim);
     for (role, resource) in [("cluster-member", "c-7x2k9"), ("clusters-create", "global")] {
         let req = grant_req("bob", role, resource);
         let (first, n1) = counted(&sim, r.grant(&req)).await;
         let first = first.unwrap();
-        assert!(n1 <= 2, "{role}: first grant took {n1} requests");
+        assert!(n1 <= 3, "{role}: first grant took {n1} requests");
         let (again, n2) = counted(&sim, r.grant(&req)).await;
         let again = again.unwrap();
         assert!(n2 <= 2, "{role}: repeat took {n2} requests");
         assert_eq!(first.binding_ids, again.binding_ids);
         assert_eq!(first.user_id, "u-bob01");
         assert!(!first.created_user && first.credentials.is_none());
+        assert!(!first.pre_existing && !first.managed_user);
         let found = matching(&sim, Some("u-bob01"), role, resource);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(first.binding_ids, vec![found[0].id.clone()]);
@@ -449,7 +458,7 @@ async fn grant_by_principal_and_to_groups() {
     )
     .await;
     let g = g.unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, 2, "the listing, then the POST");
     assert_eq!(g.user_id, external_user_id("github_user://5151"));
     assert_eq!(matching(&sim, Some(&g.user_id), "cluster-member", "c-7x2k9").len(), 1);
     // A global role for an external user that exists: its deterministic id is read first.
@@ -459,7 +468,7 @@ async fn grant_by_principal_and_to_groups() {
     )
     .await;
     let g = g.unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(n, 3, "the user by its deterministic id, the listing, the POST");
     assert_eq!(g.user_id, external_user_id("github_user://4242"));
     // A global role for a principal that never logged in: a clear refusal.
     let e = r
@@ -504,7 +513,7 @@ async fn grant_by_principal_and_to_groups() {
         let req = group_grant("github_team://888", role, resource);
         let (g, n) = counted(&sim, r.grant(&req)).await;
         let g = g.unwrap();
-        assert_eq!(n, 1, "{role}");
+        assert_eq!(n, 2, "{role}");
         assert_eq!(g.user_id, "github_team://888");
         let in_sim: Vec<_> = matching(&sim, None, role, resource)
             .into_iter()
@@ -527,7 +536,7 @@ async fn grant_by_principal_and_to_groups() {
 }
 
 #[tokio::test]
-async fn grant_with_user_creation_hands_out_credentials_once() {
+async fn grant_with_user_creation_hands_out_working_credentials_every_time() {
     let sim = sim().await;
     let r = rancher_with(
         &sim,
@@ -539,7 +548,7 @@ async fn grant_with_user_creation_hands_out_credentials_once() {
     let (g, n) = counted(&sim, r.grant(&req)).await;
     let g = g.unwrap();
     assert!(n <= 4, "create user flow took {n} requests");
-    assert!(g.created_user);
+    assert!(g.created_user && g.managed_user);
     let creds = g.credentials.clone().expect("credentials for a created user");
     assert_eq!(creds.username, "carol");
     let password = creds.password.expose_secret().to_string();
@@ -556,28 +565,82 @@ async fn grant_with_user_creation_hands_out_credentials_once() {
         Some("apono-connector")
     );
     assert!(!user.must_change_password && user.enabled);
+    // The login-only role, never `user` (which can create clusters and own them).
+    let login = matching(&sim, Some(&g.user_id), "user-base", "global");
+    assert_eq!(login.len(), 1, "the login role was added");
+    assert!(matching(&sim, Some(&g.user_id), "user", "global").is_empty());
     assert_eq!(
-        matching(&sim, Some(&g.user_id), "user", "global").len(),
-        1,
-        "the login role was added"
+        login[0].labels.get(CREATED_BY_LABEL).map(String::as_str),
+        Some("apono-connector")
     );
+    assert!(!login[0].annotations.contains_key(EXPIRES_AT_ANNOTATION), "never swept");
     assert_eq!(
         matching(&sim, Some(&g.user_id), "project-member", "c-7x2k9:p-x4m7q").len(),
         1
     );
     assert!(g.binding_ids[0].starts_with("c-7x2k9-p-x4m7q:"), "{:?}", g.binding_ids);
 
-    // A repeat: the user exists, no credentials.
+    // A repeat (a retried job whose result was lost): a fresh working password, the old one gone.
     let again = r.grant(&req).await.unwrap();
-    assert!(!again.created_user && again.credentials.is_none());
+    assert!(!again.created_user && again.managed_user);
+    let fresh = again
+        .credentials
+        .as_ref()
+        .expect("credentials again")
+        .password
+        .expose_secret()
+        .to_string();
+    assert!(sim.sim.check_password(&g.user_id, &fresh) && !sim.sim.check_password(&g.user_id, &password));
     assert_eq!(again.binding_ids, g.binding_ids);
-    assert_eq!(matching(&sim, Some(&g.user_id), "user", "global").len(), 1);
+    assert_eq!(matching(&sim, Some(&g.user_id), "user-base", "global").len(), 1);
 
-    // An existing user with create_user: no credentials.
+    // An existing user that is not the agent's, with create_user: no credentials, untouched.
     let mut alice = grant_req("alice", "cluster-member", "c-7x2k9");
     alice.create_user = true;
     let a = r.grant(&alice).await.unwrap();
-    assert!(!a.created_user && a.credentials.is_none());
+    assert!(!a.created_user && a.credentials.is_none() && !a.managed_user);
+    assert!(sim.sim.check_password("u-alice1", "alice-sim-password-0001"));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn new_users_get_the_roles_the_install_marks_new_user_default_but_never_user() {
+    let sim = sim().await;
+    assert!(
+        RancherConfig::from_value(&json!({"host": "r", "new_user_roles": "user"}))
+            .unwrap_err()
+            .to_string()
+            .contains("new_user_roles")
+    );
+    let r = rancher_with(&sim, json!({"new_user_roles": "newUserDefault"}), None);
+    // A default install marks `user`: replaced by `user-base`.
+    let mut req = grant_req("nina", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    let g = r.grant(&req).await.unwrap();
+    assert_eq!(matching(&sim, Some(&g.user_id), "user-base", "global").len(), 1);
+    assert!(matching(&sim, Some(&g.user_id), "user", "global").is_empty());
+    // A hardened install marks another role: that one (with `user` still replaced).
+    assert!(sim.sim.set_new_user_default("clusters-create", true));
+    let mut req = grant_req("oscar", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    let g = r.grant(&req).await.unwrap();
+    assert_eq!(matching(&sim, Some(&g.user_id), "clusters-create", "global").len(), 1);
+    assert_eq!(matching(&sim, Some(&g.user_id), "user-base", "global").len(), 1);
+    assert!(matching(&sim, Some(&g.user_id), "user", "global").is_empty());
+    // Nothing marked: user-base.
+    assert!(sim.sim.set_new_user_default("user", false));
+    assert!(sim.sim.set_new_user_default("clusters-create", false));
+    let mut req = grant_req("pia", "cluster-member", "c-7x2k9");
+    req.create_user = true;
+    let g = r.grant(&req).await.unwrap();
+    let globals: Vec<String> = sim
+        .sim
+        .bindings()
+        .into_iter()
+        .filter(|b| b.scope == BindingScope::Global && b.user_id.as_deref() == Some(g.user_id.as_str()))
+        .map(|b| b.role_id)
+        .collect();
+    assert_eq!(globals, vec!["user-base".to_string()]);
     sim.stop().await;
 }
 
@@ -617,15 +680,21 @@ async fn an_interrupted_user_creation_is_finished_with_a_new_password() {
     let e = r.grant(&req).await.unwrap_err();
     assert!(e.retryable(), "{e}");
     assert!(sim.sim.users().iter().any(|u| u.username.as_deref() == Some("erin")));
-    // The job's retry: the user exists but never got its password: a fresh one is set and given.
+    // The job's retry: the user exists but its password was never handed out: a fresh one.
     let g = r.grant(&req).await.unwrap();
-    assert!(g.created_user);
+    assert!(!g.created_user && g.managed_user, "created by the earlier attempt");
     let password = g.credentials.as_ref().unwrap().password.expose_secret().to_string();
     assert!(sim.sim.check_password(&g.user_id, &password));
-    assert_eq!(matching(&sim, Some(&g.user_id), "user", "global").len(), 1);
-    // And once complete, a repeat hands out nothing.
+    assert_eq!(matching(&sim, Some(&g.user_id), "user-base", "global").len(), 1);
+    // setpassword fails (after it changed the password, as Rancher's can): the next retry still
+    // hands out a working one.
+    sim.sim
+        .fail_next_on("POST /v3/users/{id}?action=setpassword", 3, 500, true);
+    assert!(r.grant(&req).await.unwrap_err().retryable());
+    assert!(!sim.sim.check_password(&g.user_id, &password));
     let again = r.grant(&req).await.unwrap();
-    assert!(again.credentials.is_none());
+    let fresh = again.credentials.as_ref().unwrap().password.expose_secret().to_string();
+    assert!(sim.sim.check_password(&g.user_id, &fresh));
     sim.stop().await;
 }
 
@@ -633,40 +702,42 @@ async fn an_interrupted_user_creation_is_finished_with_a_new_password() {
 async fn project_grants_and_revokes_with_both_id_forms() {
     let sim = sim().await;
     let r = rancher(&sim);
+    admin_proven(&r).await;
     for (project, prefix) in [("c-7x2k9:p-abcde", "p-abcde:"), ("c-7x2k9:p-x4m7q", "c-7x2k9-p-x4m7q:")] {
         let req = grant_req("alice", "project-owner", project);
         let (g, n) = counted(&sim, r.grant(&req)).await;
         let g = g.unwrap();
-        assert!(n <= 2, "{n}");
+        assert!(n <= 3, "{n}");
         assert!(g.binding_ids[0].starts_with(prefix), "{:?}", g.binding_ids);
         let (again, n) = counted(&sim, r.grant(&req)).await;
-        assert!(
-            n <= 2,
-            "a project repeat names its binding from the namespace this process learned: {n}"
-        );
+        assert!(n <= 2, "a repeat finds the connector's binding in the listing: {n}");
         assert_eq!(again.unwrap().binding_ids, g.binding_ids);
         assert_eq!(matching(&sim, Some("u-alice1"), "project-owner", project).len(), 1);
         let (removed, n) = counted(&sim, r.revoke(&revoke_req("alice", "project-owner", project))).await;
-        assert!(n <= 3, "revoke took {n}");
+        assert!(n <= 5, "user lookup + listing + DELETE + GET + the user: {n}");
         assert_eq!(removed.unwrap().removed_binding_ids, g.binding_ids);
         assert!(matching(&sim, Some("u-alice1"), "project-owner", project).is_empty());
         let again = r.revoke(&revoke_req("alice", "project-owner", project)).await.unwrap();
         assert!(again.removed_binding_ids.is_empty());
     }
-    // A seeded binding (not ours) is revoked too.
-    let removed = r
+    // A seeded binding (not the connector's) is left, and said so.
+    let left = r
         .revoke(&revoke_req("bob", "project-member", "c-7x2k9:p-abcde"))
         .await
         .unwrap();
-    assert_eq!(removed.removed_binding_ids, vec!["p-abcde:prtb-b0b01".to_string()]);
+    assert!(left.removed_binding_ids.is_empty(), "{left:?}");
+    assert_eq!(left.left_binding_ids, vec!["p-abcde:prtb-b0b01".to_string()]);
+    assert_eq!(
+        matching(&sim, Some("u-bob01"), "project-member", "c-7x2k9:p-abcde").len(),
+        1
+    );
     sim.stop().await;
 }
 
-/// A project grant made by another process (or before a restart): the namespace of the project's
-/// bindings is unknown here, so the repeat looks the binding up once (3 requests), and from then
-/// on knows it (2).
+/// A project grant made by another process (or before a restart): the listing finds the
+/// connector's binding whatever namespace holds it, so the repeat costs what any repeat does.
 #[tokio::test]
-async fn a_project_repeat_from_another_process_looks_up_once() {
+async fn a_project_repeat_from_another_process_finds_the_binding() {
     let sim = sim().await;
     let first = rancher(&sim);
     // The same server under another name: a separate memory, as in another process.
@@ -684,10 +755,7 @@ async fn a_project_repeat_from_another_process_looks_up_once() {
     let req = grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q");
     let g = first.grant(&req).await.unwrap();
     let (again, n) = counted(&sim, other.grant(&req)).await;
-    assert_eq!(n, 3, "unknown namespace: one lookup");
-    assert_eq!(again.unwrap().binding_ids, g.binding_ids);
-    let (again, n) = counted(&sim, other.grant(&req)).await;
-    assert_eq!(n, 2, "learned from the lookup");
+    assert_eq!(n, 2, "user lookup + listing");
     assert_eq!(again.unwrap().binding_ids, g.binding_ids);
     assert_eq!(
         matching(&sim, Some("u-bob01"), "project-owner", "c-7x2k9:p-x4m7q").len(),
@@ -706,43 +774,107 @@ fn planted(id: &str, role: &str, resource: &str, user: &str) -> SimBinding {
         user_id: Some(user.into()),
         user_principal_id: Some(format!("local://{user}")),
         group_principal_id: None,
-        labels: Default::default(),
-        annotations: Default::default(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
     }
 }
 
+/// A binding as the connector marks it: its label, and the grant id and expiry when given.
+fn marked(mut b: SimBinding, grant_id: Option<&str>, expires_at: Option<DateTime<Utc>>) -> SimBinding {
+    b.labels.insert(CREATED_BY_LABEL.into(), "apono-connector".into());
+    if let Some(g) = grant_id {
+        b.annotations.insert(GRANT_ID_ANNOTATION.into(), g.into());
+    }
+    if let Some(t) = expires_at {
+        b.annotations.insert(EXPIRES_AT_ANNOTATION.into(), format_expiry(t));
+    }
+    b
+}
+
 #[tokio::test]
-async fn revoke_removes_duplicates_and_a_repeat_removes_nothing() {
+async fn a_standing_binding_survives_grant_and_revoke() {
     let sim = sim().await;
     let r = rancher(&sim);
-    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
-    // Duplicates an older Rancher allowed (or the UI made under other names).
+    // Alice holds cluster-owner on local (seeded `local:crtb-al1ce`), made by a person: no marker.
+    assert_eq!(matching(&sim, Some("u-alice1"), "cluster-owner", "local").len(), 1);
+    let mut req = grant_req("alice", "cluster-owner", "local");
+    req.grant_id = Some("acc-1".into());
+    req.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
+    let (g, n) = counted(&sim, r.grant(&req)).await;
+    let g = g.unwrap();
+    assert_eq!(n, 2, "user lookup + listing: nothing created");
+    assert!(g.pre_existing && g.binding_ids.is_empty(), "{g:?}");
+    assert_eq!(g.pre_existing_binding_ids, vec!["local:crtb-al1ce".to_string()]);
+    let mut rv = revoke_req("alice", "cluster-owner", "local");
+    rv.grant_id = Some("acc-1".into());
+    rv.user_id = Some(g.user_id.clone());
+    let out = r.revoke(&rv).await.unwrap();
+    assert!(out.removed_binding_ids.is_empty(), "{out:?}");
+    assert_eq!(out.left_binding_ids, vec!["local:crtb-al1ce".to_string()]);
+    // The one-shot CLI revoke (no grant id) follows the same rule.
+    let out = r.revoke(&revoke_req("alice", "cluster-owner", "local")).await.unwrap();
+    assert!(out.removed_binding_ids.is_empty());
+    assert_eq!(matching(&sim, Some("u-alice1"), "cluster-owner", "local").len(), 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_removes_its_own_marked_duplicates_and_leaves_other_grants() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
+    req.grant_id = Some("acc-1".into());
+    let g = r.grant(&req).await.unwrap();
+    let ours = |id: &str, grant: &str| marked(planted(id, "cluster-member", "c-7x2k9", "u-bob01"), Some(grant), None);
+    // A duplicate of this grant (an older Rancher allowed it), one of another grant, and one a
+    // person made.
+    sim.sim.add_binding(ours("c-7x2k9:crtb-dup01", "acc-1")).unwrap();
+    sim.sim.add_binding(ours("c-7x2k9:crtb-oth01", "acc-2")).unwrap();
     sim.sim
-        .add_binding(planted("c-7x2k9:crtb-dup01", "cluster-member", "c-7x2k9", "u-bob01"))
+        .add_binding(planted("c-7x2k9:crtb-per01", "cluster-member", "c-7x2k9", "u-bob01"))
         .unwrap();
-    sim.sim
-        .add_binding(planted("c-7x2k9:crtb-dup02", "cluster-member", "c-7x2k9", "u-bob01"))
-        .unwrap();
-    // Someone else's binding of the same role stays.
-    sim.sim
-        .add_binding(planted("c-7x2k9:crtb-ali01", "cluster-member", "c-7x2k9", "u-alice1"))
-        .unwrap();
-    let (removed, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
-    let removed = removed.unwrap().removed_binding_ids;
-    assert_eq!(n, 2 + 3, "GET user + list + one DELETE each");
-    let mut expected = vec![
-        g.binding_ids[0].clone(),
-        "c-7x2k9:crtb-dup01".to_string(),
-        "c-7x2k9:crtb-dup02".to_string(),
-    ];
+    let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+    rv.grant_id = Some("acc-1".into());
+    rv.user_id = Some("u-bob01".into());
+    rv.binding_ids = g.binding_ids.clone();
+    let (out, n) = counted(&sim, r.revoke(&rv)).await;
+    let out = out.unwrap();
+    assert_eq!(
+        n,
+        2 + 1 + 2 + 1,
+        "DELETE+GET, listing, DELETE+GET of the duplicate, the user"
+    );
+    let mut expected = vec![g.binding_ids[0].clone(), "c-7x2k9:crtb-dup01".to_string()];
     expected.sort();
-    assert_eq!(removed, expected);
+    assert_eq!(out.removed_binding_ids, expected);
+    assert_eq!(out.left_binding_ids, vec!["c-7x2k9:crtb-per01".to_string()]);
+    assert_eq!(out.user_id.as_deref(), Some("u-bob01"));
+    let left: Vec<String> = matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9")
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["c-7x2k9:crtb-oth01".to_string(), "c-7x2k9:crtb-per01".to_string()]
+    );
+    // A repeat removes nothing more.
+    let again = r.revoke(&rv).await.unwrap();
+    assert_eq!(
+        again.removed_binding_ids, g.binding_ids,
+        "a recorded binding already gone (404) counts as removed"
+    );
+    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 2);
+    // `--all`: every equal binding, whoever made it, each reported.
+    let mut all = revoke_req("bob", "cluster-member", "c-7x2k9");
+    all.all = true;
+    let out = r.revoke(&all).await.unwrap();
+    assert_eq!(
+        out.removed_binding_ids,
+        vec!["c-7x2k9:crtb-oth01".to_string(), "c-7x2k9:crtb-per01".to_string()]
+    );
     assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
-    assert_eq!(matching(&sim, Some("u-alice1"), "cluster-member", "c-7x2k9").len(), 1);
-    let (again, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
-    assert!(again.unwrap().removed_binding_ids.is_empty());
-    assert!(n <= 2);
-    // A user that does not exist: nothing to remove.
+    // A user that does not exist, nothing recorded: nothing to remove.
     let none = r
         .revoke(&revoke_req("nobody-here", "cluster-member", "c-7x2k9"))
         .await
@@ -752,74 +884,127 @@ async fn revoke_removes_duplicates_and_a_repeat_removes_nothing() {
 }
 
 #[tokio::test]
-async fn repeated_grants_on_both_duplicate_behaviours() {
-    // The seeded binding c-7x2k9:crtb-grp01 gives github_team://777 cluster-member on c-7x2k9
-    // under a name that is not ours.
-    let req = group_grant("github_team://777", "cluster-member", "c-7x2k9");
-    // 2.14+: the webhook refuses a duplicate (409 Conflict): the existing binding is the answer.
-    let sim = sim_with(SimOptions {
-        version: RancherVersion::new(14),
-        ..SimOptions::default()
-    })
-    .await;
+async fn overlapping_grants_share_the_connectors_binding_with_the_later_expiry() {
+    let sim = sim().await;
     let r = rancher(&sim);
-    let g = r.grant(&req).await.unwrap();
-    assert_eq!(g.binding_ids, vec!["c-7x2k9:crtb-grp01".to_string()]);
-    let again = r.grant(&req).await.unwrap();
-    assert_eq!(again.binding_ids, g.binding_ids);
-    assert_eq!(
-        sim.sim
-            .bindings()
-            .iter()
-            .filter(|b| b.role_id == "cluster-member")
-            .count(),
-        1
-    );
-    // And for a user: the first grant creates, the repeat is AlreadyExists (same name).
-    let u = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
-    assert_eq!(
-        r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))
-            .await
-            .unwrap()
-            .binding_ids,
-        u.binding_ids
-    );
-    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1);
-    sim.stop().await;
-
-    // Before 2.14: a duplicate is allowed; the deterministic name still makes repeats one binding.
-    let sim = sim_with(SimOptions {
-        version: RancherVersion::new(13),
-        ..SimOptions::default()
-    })
-    .await;
-    let r = rancher(&sim);
-    let g = r.grant(&req).await.unwrap();
-    let again = r.grant(&req).await.unwrap();
-    assert_eq!(again.binding_ids, g.binding_ids);
-    let of_group = || {
+    let soon = Utc::now() + chrono::Duration::minutes(5);
+    let later = Utc::now() + chrono::Duration::hours(2);
+    let mut first = grant_req("bob", "cluster-owner", "c-7x2k9");
+    first.grant_id = Some("acc-1".into());
+    first.expires_at = Some(soon);
+    let g1 = r.grant(&first).await.unwrap();
+    let expiry = |id: &str| {
         sim.sim
             .bindings()
             .into_iter()
-            .filter(|b| b.role_id == "cluster-member" && b.group_principal_id.as_deref() == Some("github_team://777"))
-            .count()
+            .find(|b| b.id == id)
+            .and_then(|b| b.annotations.get(EXPIRES_AT_ANNOTATION).cloned())
     };
-    assert_eq!(of_group(), 2, "the seeded one and ours, no more");
-    let removed = r
-        .revoke(&RevokeRequest {
-            subject: req.subject.clone(),
-            role: req.role.clone(),
-            resource: req.resource.clone(),
-            grant_id: None,
-            user_id: None,
-            binding_ids: Vec::new(),
-            all: false,
-        })
-        .await
+    let b = sim
+        .sim
+        .bindings()
+        .into_iter()
+        .find(|b| b.id == g1.binding_ids[0])
         .unwrap();
-    assert_eq!(removed.removed_binding_ids.len(), 2);
-    assert_eq!(of_group(), 0);
+    assert_eq!(
+        b.labels.get(CREATED_BY_LABEL).map(String::as_str),
+        Some("apono-connector")
+    );
+    assert_eq!(
+        b.annotations.get(GRANT_ID_ANNOTATION).map(String::as_str),
+        Some("acc-1")
+    );
+    assert_eq!(expiry(&b.id), Some(format_expiry(soon)));
+    // A second access on the same triple, ending later: finds ours, moves the expiry later.
+    let mut second = first.clone();
+    second.grant_id = Some("acc-2".into());
+    second.expires_at = Some(later);
+    let (g2, n) = counted(&sim, r.grant(&second)).await;
+    let g2 = g2.unwrap();
+    assert_eq!(n, 3, "user lookup + listing + PUT");
+    assert_eq!(g2.binding_ids, g1.binding_ids);
+    assert!(!g2.pre_existing);
+    assert_eq!(expiry(&b.id), Some(format_expiry(later)));
+    // A third ending sooner: recorded, the expiry stays the later one.
+    let mut third = first.clone();
+    third.grant_id = Some("acc-3".into());
+    let (g3, n) = counted(&sim, r.grant(&third)).await;
+    assert_eq!(n, 2);
+    assert_eq!(g3.unwrap().binding_ids, g1.binding_ids);
+    assert_eq!(expiry(&b.id), Some(format_expiry(later)));
+    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-owner", "c-7x2k9").len(), 1);
     sim.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_access_is_refused_before_any_request() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut req = grant_req("bob", "cluster-owner", "c-7x2k9");
+    req.expires_at = Some(Utc::now() - chrono::Duration::seconds(1));
+    let (e, n) = counted(&sim, r.grant(&req)).await;
+    let e = e.unwrap_err();
+    assert!(matches!(e, IntegrationError::Invalid { .. }) && !e.retryable(), "{e:?}");
+    assert!(
+        e.to_string().contains("expired") && e.to_string().contains("nothing was created"),
+        "{e}"
+    );
+    assert_eq!(n, 0);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_grants_on_both_duplicate_behaviours() {
+    // The seeded binding c-7x2k9:crtb-grp01 gives github_team://777 cluster-member on c-7x2k9
+    // under a name that is not ours, with no marker: equal access that was already there.
+    let req = group_grant("github_team://777", "cluster-member", "c-7x2k9");
+    let revoke = RevokeRequest {
+        subject: req.subject.clone(),
+        role: req.role.clone(),
+        resource: req.resource.clone(),
+        grant_id: None,
+        user_id: None,
+        binding_ids: Vec::new(),
+        all: false,
+    };
+    for minor in [13, 14] {
+        let sim = sim_with(SimOptions {
+            version: RancherVersion::new(minor),
+            ..SimOptions::default()
+        })
+        .await;
+        let r = rancher(&sim);
+        let g = r.grant(&req).await.unwrap();
+        assert!(g.pre_existing && g.binding_ids.is_empty(), "2.{minor}: {g:?}");
+        assert_eq!(g.pre_existing_binding_ids, vec!["c-7x2k9:crtb-grp01".to_string()]);
+        // 2.14+: a listing that misses it (lagging) leads to the POST, which the webhook refuses
+        // as a duplicate (409 Conflict): read as the same pre-existing access.
+        if minor >= 14 {
+            sim.sim.empty_lists_on("GET /v3/clusterroletemplatebindings", 1);
+            let again = r.grant(&req).await.unwrap();
+            assert!(again.pre_existing, "{again:?}");
+            assert_eq!(again.pre_existing_binding_ids, g.pre_existing_binding_ids);
+        }
+        let out = r.revoke(&revoke).await.unwrap();
+        assert!(out.removed_binding_ids.is_empty());
+        assert_eq!(out.left_binding_ids, vec!["c-7x2k9:crtb-grp01".to_string()]);
+        let of_group = sim
+            .sim
+            .bindings()
+            .into_iter()
+            .filter(|b| b.role_id == "cluster-member" && b.group_principal_id.as_deref() == Some("github_team://777"))
+            .count();
+        assert_eq!(of_group, 1, "2.{minor}: the seeded one only");
+        // For a user: the first grant creates, the repeat finds it; a POST whose answer was lost
+        // is 409 AlreadyExists on our own name: read back, ours.
+        let u = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+        sim.sim.empty_lists_on("GET /v3/clusterroletemplatebindings", 1);
+        let again = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+        assert_eq!(again.binding_ids, u.binding_ids);
+        assert!(!again.pre_existing);
+        assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1);
+        sim.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -863,7 +1048,10 @@ async fn refusals_name_the_role_the_resource_or_the_user() {
         let e = r.grant(&req).await.unwrap_err();
         assert!(e.to_string().contains(expect), "{expect:?} not in {e}");
         assert!(!e.retryable(), "{e}");
-        assert!(sim.sim.stats().total <= 2, "{expect}: no extra request to check first");
+        assert!(
+            sim.sim.stats().total <= 3,
+            "{expect}: lookup, listing and POST; no extra request to check first"
+        );
     }
     assert!(sim.sim.bindings().len() == crate::sim::Sim::new(SimOptions::default()).bindings().len());
     sim.stop().await;
@@ -875,7 +1063,7 @@ async fn validate_reports_the_key_owner_scope_and_expiry() {
     let r = rancher(&sim);
     let (v, n) = counted(&sim, r.validate()).await;
     let v = v.unwrap();
-    assert!(n <= 3);
+    assert!(n <= 4);
     assert_eq!(v.principal, "admin");
     assert!(v.warnings.is_empty(), "{:?}", v.warnings);
     assert_eq!(v.details["scope"], json!("none"));
@@ -1027,6 +1215,7 @@ async fn discover_all(r: &Rancher) -> (Vec<DiscoveredObject>, DiscoverySummary) 
 async fn discovery_of_the_small_dataset_across_pages() {
     let sim = sim().await;
     let r = rancher_with(&sim, json!({"page_size": 2, "concurrency": 3}), None);
+    admin_proven(&r).await;
     sim.sim.reset_stats();
     let (all, summary) = discover_all(&r).await;
     let of = |t: &str| all.iter().filter(|o| o.type_name() == t).count() as u64;
@@ -1294,7 +1483,7 @@ async fn in_progress_bindings_are_awaited_then_reported() {
     // Settled already in the 201: no extra request.
     sim.sim.set_settle(Duration::ZERO);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
     // Never settles within the wait: InProgress, retryable, naming the binding.
     sim.sim.set_settle(Duration::from_secs(60));
     let impatient = rancher_with(&sim, json!({"status_timeout_seconds": 1}), None);
@@ -1332,7 +1521,7 @@ async fn in_progress_bindings_are_awaited_then_reported() {
     sim.sim.set_version(RancherVersion::new(10));
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))).await;
     g.unwrap();
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
     sim.stop().await;
 }
 
@@ -1374,17 +1563,18 @@ async fn request_counts_per_operation() {
         assert!(n <= bound, "{name}: {n} requests, expected at most {bound}");
     };
     let (_, n) = counted(&sim, r.validate()).await;
-    row("validate", n, 3);
+    row("validate (with the admin proof)", n, 4);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("grant username cluster", n, 2);
+    row("grant username cluster", n, 3);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
     row("grant username cluster (repeat)", n, 2);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
-    row("grant username global", n, 2);
+    row("grant username global", n, 3);
+    let bob_owner = r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9")).await.unwrap();
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
     row("grant username global (repeat)", n, 2);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
-    row("grant username project", n, 2);
+    row("grant username project", n, 3);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
     row("grant username project (repeat)", n, 2);
     let (_, n) = counted(
@@ -1392,35 +1582,40 @@ async fn request_counts_per_operation() {
         r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9")),
     )
     .await;
-    row("grant principal cluster", n, 1);
+    row("grant principal cluster", n, 2);
     let (_, n) = counted(
         &sim,
         r.grant(&grant_req("github_user://4242", "clusters-create", "global")),
     )
     .await;
-    row("grant principal global", n, 2);
+    row("grant principal global", n, 3);
     let (_, n) = counted(
         &sim,
         r.grant(&group_grant("github_team://888", "cluster-member", "c-7x2k9")),
     )
     .await;
-    row("grant group cluster", n, 1);
+    row("grant group cluster", n, 2);
     let mut create = grant_req("henry", "cluster-member", "c-7x2k9");
     create.create_user = true;
     let (g, n) = counted(&sim, r.grant(&create)).await;
     row("grant create_user", n, 4);
     let (_, n) = counted(&sim, r.grant(&create)).await;
-    row("grant create_user (repeat)", n, 3);
+    row("grant create_user (repeat: a fresh password)", n, 4);
     let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("revoke username (1 binding)", n, 3);
+    row("revoke username (1 binding)", n, 5);
+    let mut recorded = revoke_req("bob", "cluster-owner", "c-7x2k9");
+    recorded.user_id = Some("u-bob01".into());
+    recorded.binding_ids = bob_owner.binding_ids.clone();
+    let (_, n) = counted(&sim, r.revoke(&recorded)).await;
+    row("revoke recorded (1 binding)", n, 4);
     let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("revoke username (repeat)", n, 2);
+    row("revoke username (repeat)", n, 3);
     let (_, n) = counted(
         &sim,
         r.revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9")),
     )
     .await;
-    row("revoke principal cluster (1 binding)", n, 2);
+    row("revoke principal cluster (1 binding)", n, 3);
     let user_id = g.unwrap().user_id;
     let (_, n) = counted(
         &sim,
@@ -1484,7 +1679,7 @@ fn a_certificate_authority_is_added_to_the_trust_roots() {
 async fn a_grant_waits_for_a_binding_still_being_removed() {
     use axum::Router;
     use axum::extract::State;
-    use axum::routing::{get, post};
+    use axum::routing::get;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1497,7 +1692,7 @@ async fn a_grant_waits_for_a_binding_still_being_removed() {
         )
         .route(
             "/v3/clusterroletemplatebindings",
-            post(|State(posts): State<Arc<AtomicU64>>, body: axum::Json<Value>| async move {
+            get(|| async { axum::Json(json!({"data": []})) }).post(|State(posts): State<Arc<AtomicU64>>, body: axum::Json<Value>| async move {
                 let name = body["name"].as_str().unwrap_or_default().to_string();
                 if posts.fetch_add(1, Ordering::Relaxed) < 2 {
                     let message = format!(
@@ -1537,21 +1732,337 @@ async fn a_grant_waits_for_a_binding_still_being_removed() {
 }
 
 #[tokio::test]
-async fn bindings_still_being_removed_count_as_gone() {
+async fn a_binding_still_being_removed_is_awaited_then_reported_in_progress() {
     let sim = sim().await;
-    sim.sim.set_removal_delay(Duration::from_secs(30));
-    let r = rancher(&sim);
+    let r = rancher_with(&sim, json!({"status_timeout_seconds": 1}), None);
+    // Finalizers run a little while: the revoke waits for the 404.
+    sim.sim.set_removal_delay(Duration::from_millis(300));
     let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
     let removed = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
     assert_eq!(removed.removed_binding_ids, g.binding_ids);
-    // Still listed (with `removed` set) for a while: a repeat removes nothing, discovery skips it.
-    let again = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
-    assert!(again.removed_binding_ids.is_empty(), "{again:?}");
+    assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
+    // They run longer than the wait: not done, retryable, naming the binding.
+    sim.sim.set_removal_delay(Duration::from_secs(30));
+    let g = r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9")).await.unwrap();
+    let mut rv = revoke_req("bob", "cluster-owner", "c-7x2k9");
+    rv.user_id = Some("u-bob01".into());
+    rv.binding_ids = g.binding_ids.clone();
+    let e = r.revoke(&rv).await.unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::InProgress { .. }) && e.retryable(),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&g.binding_ids[0]), "{e}");
+    // Discovery skips a binding on its way out.
     let (all, _) = discover_all(&r).await;
-    let id = &g.binding_ids[0];
     assert!(
         !all.iter()
-            .any(|o| serde_json::to_value(o).unwrap()["id"] == id.as_str())
+            .any(|o| serde_json::to_value(o).unwrap()["id"] == g.binding_ids[0].as_str())
     );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_by_recorded_id_while_listings_come_back_empty() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
+    req.grant_id = Some("acc-1".into());
+    let g = r.grant(&req).await.unwrap();
+    admin_proven(&r).await;
+    // A lagging informer: every listing of users and bindings is empty.
+    sim.sim
+        .empty_lists_on("GET /v3/clusterroletemplatebindings", usize::MAX);
+    sim.sim.empty_lists_on("GET /v3/users", usize::MAX);
+    let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+    rv.grant_id = req.grant_id.clone();
+    rv.user_id = Some(g.user_id.clone());
+    rv.binding_ids = g.binding_ids.clone();
+    let out = r.revoke(&rv).await.unwrap();
+    assert_eq!(out.removed_binding_ids, g.binding_ids);
+    assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
+    sim.sim.clear_list_faults();
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_of_a_user_hidden_from_lists_uses_the_recorded_user() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    admin_proven(&r).await;
+    // The user is filtered out of `/v3/users`: a lookup by name would find nothing.
+    sim.sim.hide_from_lists("u-bob01");
+    // Only the user was recorded (a grant from before binding ids were kept): the listing by
+    // `userId` still finds the connector's binding.
+    let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+    rv.user_id = Some(g.user_id.clone());
+    let (out, n) = counted(&sim, r.revoke(&rv)).await;
+    let out = out.unwrap();
+    assert_eq!(
+        sim.sim.stats().route("GET /v3/users"),
+        0,
+        "never looked up by name ({n} requests)"
+    );
+    assert_eq!(out.removed_binding_ids, g.binding_ids);
+    assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
+    sim.stop().await;
+}
+
+/// A DELETE that Rancher accepts while the binding stays, not being removed (a webhook or a
+/// controller that put it back): never success.
+#[tokio::test]
+async fn a_binding_still_readable_after_its_delete_is_a_retryable_error() {
+    use axum::Router;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let binding = json!({
+        "id": "c-1:crtb-stays", "name": "crtb-stays", "clusterId": "c-1", "roleTemplateId": "cluster-member",
+        "userId": "u-bob01", "labels": {CREATED_BY_LABEL: "apono-connector"},
+    });
+    let app = Router::new()
+        .route(
+            "/v3/users",
+            get(|| async { axum::Json(json!({"data": [{"id": "user-admin1", "username": "admin", "me": true}]})) }),
+        )
+        .route(
+            "/v3/globalrolebindings",
+            get(|| async {
+                axum::Json(json!({"data": [{"id": "grb-admin", "globalRoleId": "admin", "userId": "user-admin1"}]}))
+            }),
+        )
+        .route(
+            "/v3/clusterroletemplatebindings/{id}",
+            get({
+                let b = binding.clone();
+                move || async move { axum::Json(b) }
+            })
+            .delete({
+                let b = binding.clone();
+                move || async move { axum::Json(b) }
+            }),
+        );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
+    let r = Rancher::from_parts(RancherConfig::from_value(&json!({"host": base})).unwrap(), key).unwrap();
+    let mut rv = revoke_req("bob", "cluster-member", "c-1");
+    rv.user_id = Some("u-bob01".into());
+    rv.binding_ids = vec!["c-1:crtb-stays".into()];
+    let e = r.revoke(&rv).await.unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::Unavailable { .. }) && e.retryable(),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("c-1:crtb-stays") && e.to_string().contains("still there"),
+        "{e}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_key_whose_owner_is_not_an_admin_is_refused_and_nothing_is_trusted() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let g = r.grant(&grant_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    sim.sim.set_key_owner_admin(false);
+    let e = r.validate().await.unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::PermissionDenied { .. }) && !e.retryable(),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not an admin"), "{e}");
+    let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+    rv.user_id = Some("u-bob01".into());
+    rv.binding_ids = g.binding_ids.clone();
+    for e in [
+        r.revoke(&rv).await.unwrap_err(),
+        r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))
+            .await
+            .unwrap_err(),
+        r.sweep(&SweepRequest::default()).await.unwrap_err(),
+        r.discover(mpsc::channel(10).0).await.unwrap_err(),
+    ] {
+        assert_eq!(e.code(), "permission_denied", "{e:?}");
+        assert!(!e.retryable());
+    }
+    assert_eq!(
+        matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(),
+        1,
+        "the binding stays"
+    );
+    // Made an admin again: a failed proof was not cached.
+    sim.sim.set_key_owner_admin(true);
+    assert_eq!(r.revoke(&rv).await.unwrap().removed_binding_ids, g.binding_ids);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_last_revoke_disables_an_agent_created_user_and_the_next_grant_enables_it() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let enabled = |id: &str| sim.sim.users().into_iter().find(|u| u.id == id).map(|u| u.enabled);
+    let mut a = grant_req("quinn", "cluster-member", "c-7x2k9");
+    a.create_user = true;
+    let ga = r.grant(&a).await.unwrap();
+    let mut b = grant_req("quinn", "project-member", "c-7x2k9:p-x4m7q");
+    b.create_user = true;
+    let gb = r.grant(&b).await.unwrap();
+    assert!(ga.managed_user && gb.managed_user);
+    let revoke = |req: &GrantRequest, g: &GrantResult| {
+        let mut rv = revoke_req("quinn", &req.role, req.resource.as_str());
+        rv.user_id = Some(g.user_id.clone());
+        rv.binding_ids = g.binding_ids.clone();
+        rv
+    };
+    // One access left: still enabled.
+    let out = r.revoke(&revoke(&a, &ga)).await.unwrap();
+    assert!(out.managed_user && !out.user_disabled, "{out:?}");
+    assert_eq!(enabled(&ga.user_id), Some(true));
+    // The last: disabled; its login binding stays (the user is kept for rotation and cleanup).
+    let out = r.revoke(&revoke(&b, &gb)).await.unwrap();
+    assert!(out.managed_user && out.user_disabled, "{out:?}");
+    assert_eq!(out.user_id.as_deref(), Some(ga.user_id.as_str()));
+    assert_eq!(enabled(&ga.user_id), Some(false));
+    assert_eq!(matching(&sim, Some(&ga.user_id), "user-base", "global").len(), 1);
+    // The next grant enables it again, with working credentials.
+    let g = r.grant(&a).await.unwrap();
+    assert_eq!(enabled(&ga.user_id), Some(true));
+    let password = g.credentials.unwrap().password.expose_secret().to_string();
+    assert!(sim.sim.check_password(&ga.user_id, &password));
+    // A person's user is never disabled.
+    let g = r.grant(&grant_req("alice", "cluster-member", "c-7x2k9")).await.unwrap();
+    let mut rv = revoke_req("alice", "cluster-member", "c-7x2k9");
+    rv.binding_ids = g.binding_ids.clone();
+    let out = r.revoke(&rv).await.unwrap();
+    assert!(!out.managed_user && !out.user_disabled);
+    assert_eq!(enabled("u-alice1"), Some(true));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweep_removes_only_the_connectors_expired_bindings_not_kept() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let past = Utc::now() - chrono::Duration::minutes(5);
+    let future = Utc::now() + chrono::Duration::hours(1);
+    let plant = |b: SimBinding| sim.sim.add_binding(b).unwrap();
+    plant(marked(
+        planted("c-7x2k9:crtb-exp01", "cluster-member", "c-7x2k9", "u-bob01"),
+        Some("acc-1"),
+        Some(past),
+    ));
+    plant(marked(
+        planted("p-abcde:prtb-exp02", "project-member", "c-7x2k9:p-abcde", "u-alice1"),
+        None,
+        Some(past),
+    ));
+    plant(marked(
+        planted("c-7x2k9:crtb-kep01", "cluster-owner", "c-7x2k9", "u-bob01"),
+        Some("acc-2"),
+        Some(past),
+    ));
+    plant(marked(
+        planted("c-7x2k9:crtb-fut01", "cluster-owner", "c-7x2k9", "u-alice1"),
+        Some("acc-3"),
+        Some(future),
+    ));
+    plant(marked(
+        planted("grb-login01", "user-base", "global", "u-bob01"),
+        None,
+        None,
+    ));
+    let mut unreadable = marked(
+        planted("local:crtb-bad01", "cluster-member", "local", "u-bob01"),
+        None,
+        None,
+    );
+    unreadable
+        .annotations
+        .insert(EXPIRES_AT_ANNOTATION.into(), "tomorrow".into());
+    plant(unreadable);
+    // A person's binding, expired by its look: no label, never touched.
+    let mut theirs = planted("local:crtb-per01", "cluster-owner", "local", "u-alice1");
+    theirs
+        .annotations
+        .insert(EXPIRES_AT_ANNOTATION.into(), format_expiry(past));
+    plant(theirs);
+    let keep = SweepRequest {
+        keep_binding_ids: vec!["c-7x2k9:crtb-kep01".into()],
+        dry_run: true,
+    };
+    let before = sim.sim.bindings().len();
+    let dry = r.sweep(&keep).await.unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(sim.sim.bindings().len(), before, "a dry run removes nothing");
+    let ids = |res: &SweepResult| res.removed.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&dry),
+        vec!["c-7x2k9:crtb-exp01".to_string(), "p-abcde:prtb-exp02".to_string()]
+    );
+    let real = r.sweep(&SweepRequest { dry_run: false, ..keep }).await.unwrap();
+    assert_eq!(ids(&real), ids(&dry));
+    assert_eq!(real.kept_binding_ids, vec!["c-7x2k9:crtb-kep01".to_string()]);
+    assert_eq!(real.marked, 6);
+    let first = &real.removed[0];
+    assert_eq!(
+        (
+            first.scope,
+            first.role_id.as_str(),
+            first.resource_id.as_str(),
+            first.subject.as_str()
+        ),
+        (BindingScope::Cluster, "cluster-member", "c-7x2k9", "u-bob01")
+    );
+    assert_eq!(first.grant_id.as_deref(), Some("acc-1"));
+    assert_eq!(first.expires_at.timestamp(), past.timestamp());
+    let left: Vec<String> = sim.sim.bindings().into_iter().map(|b| b.id).collect();
+    for gone in ["c-7x2k9:crtb-exp01", "p-abcde:prtb-exp02"] {
+        assert!(!left.iter().any(|i| i == gone), "{gone}");
+    }
+    for kept in [
+        "c-7x2k9:crtb-kep01",
+        "c-7x2k9:crtb-fut01",
+        "grb-login01",
+        "local:crtb-bad01",
+        "local:crtb-per01",
+    ] {
+        assert!(left.iter().any(|i| i == kept), "{kept}");
+    }
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_delete_does_not_stop_the_sweep() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let past = Utc::now() - chrono::Duration::minutes(5);
+    for id in ["c-7x2k9:crtb-exp01", "c-7x2k9:crtb-exp02"] {
+        sim.sim
+            .add_binding(marked(
+                planted(id, "cluster-member", "c-7x2k9", "u-bob01"),
+                None,
+                Some(past),
+            ))
+            .unwrap();
+    }
+    admin_proven(&r).await;
+    // The first DELETE fails through the client's retries.
+    sim.sim.fail_next_on(
+        "DELETE /v3/clusterroletemplatebindings/{id}",
+        FAST_RETRY.attempts,
+        500,
+        false,
+    );
+    let e = r.sweep(&SweepRequest::default()).await.unwrap_err();
+    assert!(e.retryable(), "{e:?}");
+    assert!(e.to_string().contains("c-7x2k9:crtb-exp01"), "{e}");
+    let left: Vec<String> = sim.sim.bindings().into_iter().map(|b| b.id).collect();
+    assert!(left.iter().any(|i| i == "c-7x2k9:crtb-exp01"));
+    assert!(!left.iter().any(|i| i == "c-7x2k9:crtb-exp02"), "the other was removed");
+    // The next sweep finishes.
+    let out = r.sweep(&SweepRequest::default()).await.unwrap();
+    assert_eq!(out.removed.len(), 1);
     sim.stop().await;
 }

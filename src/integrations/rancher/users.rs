@@ -1,15 +1,29 @@
-//! Credential rotation and deletion of the local users the agent created.
+//! The local users the agent creates: their login roles, enabling and disabling them, credential
+//! rotation and deletion.
 //!
-//! Both touch only users carrying the agent's marker (label `apono.io/created-by` or the
-//! description "created by apono-connector"): a person's own account is never changed.
+//! Rotation, deletion and disabling touch only users carrying the agent's marker (label
+//! `apono.io/created-by` or the description "created by apono-connector"): a person's own account
+//! is never changed.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::json;
 
 use super::Rancher;
-use super::grant::{DEFAULT_GLOBAL_ROLES, is_agent_created};
-use super::model::{Binding, User, nonempty};
+use super::config::NewUserRoles;
+use super::grant::{DEFAULT_GLOBAL_ROLES, LOGIN_ROLE, is_agent_created};
+use super::model::{Binding, GlobalRole, User, nonempty};
 use super::names::generate_password;
 use crate::integrations::{
     Credentials, DeleteUserRequest, DeleteUserResult, GrantResult, IntegrationError, RotateRequest,
 };
+
+/// The role an install may mark `newUserDefault` that the agent never gives: it can create
+/// clusters and own them beyond the access (rancher-api-notes §6).
+const STANDARD_USER_ROLE: &str = "user";
+/// Logged once per process: `user` was marked `newUserDefault` and replaced by `user-base`.
+static REPLACED_USER_LOGGED: AtomicBool = AtomicBool::new(false);
 
 impl Rancher {
     /// `GET /v3/users/{id}` + `POST /v3/users/{id}?action=setpassword`: 2 requests.
@@ -53,7 +67,8 @@ impl Rancher {
     }
 
     /// `GET /v3/users/{id}`, then (for an agent-created user) its CRTBs, PRTBs and GRBs listed
-    /// concurrently, then `DELETE /v3/users/{id}`: 5 requests when the user is deleted.
+    /// concurrently (+ `GET /v3/globalroles` with `new_user_roles: newUserDefault`), then
+    /// `DELETE /v3/users/{id}`: 5 requests when the user is deleted.
     pub(super) async fn delete_agent_user(&self, r: &DeleteUserRequest) -> Result<DeleteUserResult, IntegrationError> {
         let not_deleted = |reason: String| DeleteUserResult {
             user_id: r.user_id.clone(),
@@ -69,30 +84,7 @@ impl Rancher {
             ));
         }
         let id = user.id.as_str();
-        let of_user = |b: &Binding| !b.is_removed() && nonempty(&b.user_id) == Some(id);
-        let filters = [("userId", id)];
-        let (crtbs, prtbs, grbs) = tokio::try_join!(
-            self.client
-                .list::<Binding>(
-                    &["v3", "clusterroletemplatebindings"],
-                    &filters,
-                    "cluster role bindings"
-                )
-                .collect_matching(of_user),
-            self.client
-                .list::<Binding>(
-                    &["v3", "projectroletemplatebindings"],
-                    &filters,
-                    "project role bindings"
-                )
-                .collect_matching(of_user),
-            self.client
-                .list::<Binding>(&["v3", "globalrolebindings"], &filters, "global role bindings")
-                .collect_matching(|b| {
-                    of_user(b) && !nonempty(&b.global_role_id).is_some_and(|g| DEFAULT_GLOBAL_ROLES.contains(&g))
-                }),
-        )?;
-        let left: Vec<String> = crtbs.iter().chain(&prtbs).chain(&grbs).map(|b| b.id.clone()).collect();
+        let left = self.remaining_access(id).await?;
         if !left.is_empty() {
             let mut shown = left.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
             if left.len() > 10 {
@@ -131,6 +123,105 @@ impl Rancher {
         {
             Ok(u) => Ok(Some(u)),
             Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
+    /// The global roles a user the agent creates gets so it can log in (`new_user_roles`):
+    /// `user-base`, or the roles the install marks `newUserDefault` (`GET /v3/globalroles`,
+    /// re-checked client-side) with `user` replaced by `user-base`, or `user-base` when none is.
+    pub(super) async fn login_roles(&self) -> Result<Vec<String>, IntegrationError> {
+        if self.config.new_user_roles == NewUserRoles::UserBase {
+            return Ok(vec![LOGIN_ROLE.to_string()]);
+        }
+        let mut roles = BTreeSet::new();
+        for role in self.new_user_default_roles().await? {
+            if role == STANDARD_USER_ROLE {
+                if !REPLACED_USER_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the global role \"user\" is marked newUserDefault; users the agent creates get \"user-base\" \
+                         instead: \"user\" can create clusters and own them beyond the access"
+                    );
+                }
+                roles.insert(LOGIN_ROLE.to_string());
+            } else {
+                roles.insert(role);
+            }
+        }
+        if roles.is_empty() {
+            roles.insert(LOGIN_ROLE.to_string());
+        }
+        Ok(roles.into_iter().collect())
+    }
+
+    /// Ids of the global roles marked `newUserDefault: true`.
+    async fn new_user_default_roles(&self) -> Result<Vec<String>, IntegrationError> {
+        Ok(self
+            .client
+            .list::<GlobalRole>(&["v3", "globalroles"], &[("newUserDefault", "true")], "global roles")
+            .collect_matching(|g| g.new_user_default)
+            .await?
+            .into_iter()
+            .map(|g| g.id)
+            .collect())
+    }
+
+    /// Ids of the user's bindings other than its login roles (`user`, `user-base`, and with
+    /// `new_user_roles: newUserDefault` the roles marked so): its CRTBs, PRTBs and GRBs listed
+    /// concurrently by `userId`, re-checked client-side; bindings being removed do not count.
+    pub(super) async fn remaining_access(&self, user_id: &str) -> Result<Vec<String>, IntegrationError> {
+        let login: BTreeSet<String> = match self.config.new_user_roles {
+            NewUserRoles::UserBase => BTreeSet::new(),
+            NewUserRoles::NewUserDefault => self.new_user_default_roles().await?.into_iter().collect(),
+        };
+        let of_user = |b: &Binding| !b.is_removed() && nonempty(&b.user_id) == Some(user_id);
+        let filters = [("userId", user_id)];
+        let (crtbs, prtbs, grbs) = tokio::try_join!(
+            self.client
+                .list::<Binding>(
+                    &["v3", "clusterroletemplatebindings"],
+                    &filters,
+                    "cluster role bindings"
+                )
+                .collect_matching(of_user),
+            self.client
+                .list::<Binding>(
+                    &["v3", "projectroletemplatebindings"],
+                    &filters,
+                    "project role bindings"
+                )
+                .collect_matching(of_user),
+            self.client
+                .list::<Binding>(&["v3", "globalrolebindings"], &filters, "global role bindings")
+                .collect_matching(|b| {
+                    of_user(b)
+                        && !nonempty(&b.global_role_id)
+                            .is_some_and(|g| DEFAULT_GLOBAL_ROLES.contains(&g) || login.contains(g))
+                }),
+        )?;
+        Ok(crtbs.iter().chain(&prtbs).chain(&grbs).map(|b| b.id.clone()).collect())
+    }
+
+    /// `PUT /v3/users/{id} {"enabled": ...}`. A disabled user's tokens get 401.
+    pub(super) async fn set_enabled(&self, user_id: &str, enabled: bool) -> Result<(), IntegrationError> {
+        let url = self.client.url(&["v3", "users", user_id], &[]);
+        match self
+            .client
+            .put::<serde_json::Value>(url, &json!({"enabled": enabled}))
+            .await
+        {
+            Ok(_) => {
+                if enabled {
+                    tracing::info!(user_id, "enabled an agent-created user again for a new access");
+                }
+                Ok(())
+            }
+            Err(e) if e.status() == Some(404) => Err(IntegrationError::NotFound {
+                message: format!(
+                    "Rancher user {user_id} not found while {} it",
+                    if enabled { "enabling" } else { "disabling" }
+                ),
+            }),
             Err(e) => Err(e.into_error()),
         }
     }

@@ -1,12 +1,14 @@
-//! Validate: the key works, has no scope, and is not about to expire.
+//! Validate: the key works, has no scope, is not about to expire, and belongs to an admin.
 //!
 //! `GET /v3/users?me=true` (whose key), `GET /v3/tokens/{accessKey}` (scope and expiry) and
-//! `GET /v3/settings/server-version` (optional, for the details): 3 requests, run concurrently.
+//! `GET /v3/settings/server-version` (optional, for the details), run concurrently, then the admin
+//! proof (`GET /v3/globalrolebindings?userId=<me>&globalRoleId=admin`, see `admin`): 4 requests.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::Rancher;
+use super::admin::owner_of;
 use super::client::ApiError;
 use super::model::{Collection, Setting, Token, User, nonempty};
 use crate::integrations::{IntegrationError, ValidateResult};
@@ -24,17 +26,7 @@ impl Rancher {
             self.client.get::<Token>(token_url),
             self.client.get::<Setting>(version_url),
         );
-        let me = me.map_err(scoped_or_refused)?;
-        // With `me=true` ignored, the whole list comes back: pick the caller's own entry.
-        let user = match me.data.iter().find(|u| u.me == Some(true)) {
-            Some(u) => u.clone(),
-            None if me.data.len() == 1 => me.data[0].clone(),
-            None => {
-                return Err(IntegrationError::Protocol {
-                    message: "GET /v3/users?me=true did not say which user the API key belongs to".into(),
-                });
-            }
-        };
+        let user = owner_of(me.map_err(scoped_or_refused)?)?;
         let principal = user.username().map(str::to_string).unwrap_or_else(|| user.id.clone());
         let mut result = ValidateResult {
             principal,
@@ -67,6 +59,8 @@ impl Rancher {
             }
             Err(e) => return Err(scoped_or_refused(e)),
         }
+        // Last: a key that fails the checks above is better told about those first.
+        self.prove_admin(&user.id).await?;
         result
             .details
             .insert("request_count".into(), Value::from(self.client.requests()));

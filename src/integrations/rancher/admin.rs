@@ -1,0 +1,117 @@
+//! The admin proof: Rancher filters every listing by the caller's RBAC and says nothing about it
+//! (rancher/norman `store/proxy/proxy_store.go` ends `List` with `FilterList`; rancher
+//! `pkg/rbac/user_based.go` drops what the caller cannot get). An empty answer proves nothing
+//! unless the key's owner can see everything: an admin. Revoke, sweep and discover prove it
+//! before trusting any listing; validate says so up front.
+//!
+//! `GET /v3/users?me=true` (whose key) + `GET /v3/globalrolebindings?userId=<me>&globalRoleId=admin`
+//! (re-checked client-side): 2 requests, then cached per key for [`PROOF_TTL`].
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Rancher;
+use super::client::ApiError;
+use super::model::{Binding, Collection, User, nonempty};
+use crate::integrations::IntegrationError;
+
+/// The global role that sees everything.
+pub(super) const ADMIN_ROLE: &str = "admin";
+/// How long a proof holds. Short enough that a key whose owner lost admin is caught within
+/// minutes; long enough that a burst of revokes costs the proof once.
+pub(super) const PROOF_TTL: Duration = Duration::from_secs(600);
+
+/// Proofs that succeeded, by `base URL|access key id` (never the secret). Process-wide: an
+/// integration is built per job, the proof outlives it. A failure is never cached, and ends an
+/// earlier proof of the same key.
+static PROVEN: LazyLock<Mutex<HashMap<String, Instant>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+impl Rancher {
+    fn proof_key(&self) -> String {
+        format!("{}|{}", self.config.base_url.as_str(), self.key.token_name())
+    }
+
+    fn proven_recently(&self) -> bool {
+        let key = self.proof_key();
+        let map = PROVEN.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&key).is_some_and(|at| at.elapsed() < PROOF_TTL)
+    }
+
+    fn forget_proof(&self) {
+        PROVEN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.proof_key());
+    }
+
+    fn remember_proof(&self) {
+        let mut map = PROVEN.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, at| at.elapsed() < PROOF_TTL);
+        map.insert(self.proof_key(), Instant::now());
+    }
+
+    /// Proves the API key's owner is an admin, unless proven for this key within [`PROOF_TTL`].
+    ///
+    /// # Errors
+    /// `PermissionDenied` when it is not; the request's failure otherwise.
+    pub(super) async fn ensure_admin(&self) -> Result<(), IntegrationError> {
+        if self.proven_recently() {
+            return Ok(());
+        }
+        let me = self.key_owner().await?;
+        self.prove_admin(&me.id).await
+    }
+
+    /// The key's owner (`GET /v3/users?me=true`).
+    pub(super) async fn key_owner(&self) -> Result<User, IntegrationError> {
+        let url = self.client.url(&["v3", "users"], &[("me", "true")]);
+        let me: Collection<User> = self.client.get(url).await.map_err(ApiError::into_error)?;
+        owner_of(me)
+    }
+
+    /// Proves `user_id` (the key's owner) holds the global role admin, and caches the proof.
+    ///
+    /// # Errors
+    /// `PermissionDenied` when it does not.
+    pub(super) async fn prove_admin(&self, user_id: &str) -> Result<(), IntegrationError> {
+        let is_admin = |b: &Binding| {
+            !b.is_removed() && nonempty(&b.user_id) == Some(user_id) && nonempty(&b.global_role_id) == Some(ADMIN_ROLE)
+        };
+        let found = self
+            .client
+            .list::<Binding>(
+                &["v3", "globalrolebindings"],
+                &[("userId", user_id), ("globalRoleId", ADMIN_ROLE)],
+                "the key owner's global role bindings",
+            )
+            .find(is_admin)
+            .await?;
+        if found.is_none() {
+            // A key found wanting is not trusted on an older proof either.
+            self.forget_proof();
+            return Err(IntegrationError::PermissionDenied {
+                message: format!(
+                    "the API key's owner {user_id} is not an admin: Rancher silently hides what a non-admin cannot \
+                     see, so revokes could not be proven; use a key of a user with the global role admin"
+                ),
+            });
+        }
+        self.remember_proof();
+        Ok(())
+    }
+}
+
+/// The caller's own entry in a `?me=true` answer (the whole list comes back if the filter is
+/// ignored: pick the entry marked `me`).
+pub(super) fn owner_of(me: Collection<User>) -> Result<User, IntegrationError> {
+    let only = me.data.len() == 1;
+    let mut data = me.data;
+    match data.iter().position(|u| u.me == Some(true)) {
+        Some(i) => Ok(data.swap_remove(i)),
+        None if only => Ok(data.swap_remove(0)),
+        None => Err(IntegrationError::Protocol {
+            message: "GET /v3/users?me=true did not say which user the API key belongs to".into(),
+        }),
+    }
+}

@@ -1,0 +1,231 @@
+//! Revoke: remove only what the connector made, and fail closed.
+//!
+//! 1. The key's owner is proven an admin (cached, see `admin`): Rancher filters listings by RBAC
+//!    without a word, so only an admin's empty answer means "nothing there".
+//! 2. Each binding the grant recorded is deleted by id (404 is done) and proven gone: a `GET`
+//!    answering 404. One still readable is a retryable error, never success.
+//! 3. The equal bindings (role, resource, subject) are listed: the connector's own duplicates of
+//!    this grant (label, and grant id equal to the revoke's; any grant id when the revoke names
+//!    none) are deleted and proven gone; bindings someone else made are left and reported in
+//!    `left_binding_ids`; `all` (an operator's `revoke --all`) deletes every equal binding.
+//! 4. A user the agent created that has no access left but its login roles is disabled.
+//!
+//! Round trips, grant recorded (`user_id`, one binding id), user not agent-created: `DELETE` +
+//! `GET` + listing + `GET /v3/users/{id}` = 4 (+2 for the admin proof once per key in 10 min).
+//! For an agent-created user, +3 listings of its bindings (+1 `PUT` when it is disabled).
+
+use std::time::{Duration, Instant};
+
+use super::Rancher;
+use super::grant::{Kind, SubjectMatch, Target, check_role, is_agent_created};
+use super::model::Binding;
+use super::names::{BindingSubject, local_user_id};
+use crate::integrations::{IntegrationError, RevokeRequest, RevokeResult, Subject};
+
+/// Whom the equal bindings belong to, as far as the revoke can tell.
+struct RevokeSubject {
+    subject: BindingSubject,
+    matcher: SubjectMatch,
+    /// The Rancher user to check for "last access" (users the agent creates are local users,
+    /// bound by `userId`; external principals and groups are never agent-created).
+    user_id: Option<String>,
+}
+
+impl Rancher {
+    pub(super) async fn revoke_access(&self, r: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
+        check_role(&r.role)?;
+        self.ensure_admin().await?;
+        let kind = Kind::of(&r.resource);
+        let mut result = RevokeResult::default();
+        let mut removed = Vec::new();
+        for id in r.binding_ids.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            self.delete_confirmed(kind, id).await?;
+            removed.push(id.to_string());
+        }
+
+        let Some(who) = self.revoke_subject(r, kind).await? else {
+            // Looked up by name and not found (and the admin proof makes that answer
+            // trustworthy): no binding of ours can name it.
+            tracing::info!(subject = %r.subject, "revoke: no such user in Rancher; nothing else to remove");
+            return Ok(finish(result, removed));
+        };
+        result.user_id = who.user_id.clone();
+        let target = Target {
+            kind,
+            role: &r.role,
+            resource: &r.resource,
+            subject: who.subject,
+        };
+        for b in self.find_bindings(&target, &who.matcher).await? {
+            if removed.contains(&b.id) {
+                continue;
+            }
+            let ours_of_grant = b.is_connectors() && (r.grant_id.is_none() || b.grant_id() == r.grant_id.as_deref());
+            if r.all || ours_of_grant {
+                self.delete_confirmed(kind, &b.id).await?;
+                removed.push(b.id);
+            } else if b.is_connectors() {
+                tracing::info!(
+                    binding = %b.id, grant = %target.describe(), other_grant = b.grant_id().unwrap_or(""),
+                    "left the connector's binding of another grant in place"
+                );
+            } else {
+                tracing::info!(
+                    binding = %b.id, grant = %target.describe(),
+                    "left an equal binding the connector did not make in place"
+                );
+                result.left_binding_ids.push(b.id);
+            }
+        }
+
+        if let Some(user_id) = &who.user_id {
+            self.disable_if_unused(user_id, &mut result).await?;
+        }
+        result.left_binding_ids.sort();
+        let result = finish(result, removed);
+        tracing::info!(
+            grant = %target.describe(), removed = result.removed_binding_ids.len(),
+            left = result.left_binding_ids.len(), user_disabled = result.user_disabled, "revoked"
+        );
+        Ok(result)
+    }
+
+    /// The subject of the equal bindings. A recorded `user_id` is used as is: a lookup by name
+    /// that finds nothing proves nothing. `None`: looked up by name, and no such user.
+    async fn revoke_subject(&self, r: &RevokeRequest, kind: Kind) -> Result<Option<RevokeSubject>, IntegrationError> {
+        let recorded = r
+            .user_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty() && !u.contains("://"))
+            .map(str::to_string);
+        let by_id = |id: String, principals: Vec<String>| RevokeSubject {
+            subject: BindingSubject::UserId(id.clone()),
+            matcher: SubjectMatch {
+                user_id: Some(id.clone()),
+                principals,
+                group: None,
+            },
+            user_id: Some(id),
+        };
+        Ok(match &r.subject {
+            Subject::Username(name) => match recorded {
+                Some(id) => Some(by_id(id, Vec::new())),
+                None => self.find_user(name).await?.map(|u| by_id(u.id, u.principal_ids)),
+            },
+            Subject::UserPrincipal(p) => {
+                if let Some(id) = local_user_id(p) {
+                    Some(by_id(id.to_string(), vec![p.clone()]))
+                } else if kind == Kind::Global {
+                    match recorded {
+                        Some(id) => Some(by_id(id, vec![p.clone()])),
+                        None => self.user_for_principal(p).await?.map(|u| by_id(u.id, vec![p.clone()])),
+                    }
+                } else {
+                    // Bound by principal; Rancher's controller fills `userId` later, which the
+                    // grant may have recorded.
+                    Some(RevokeSubject {
+                        subject: BindingSubject::UserPrincipal(p.clone()),
+                        matcher: SubjectMatch {
+                            user_id: recorded,
+                            principals: vec![p.clone()],
+                            group: None,
+                        },
+                        user_id: None,
+                    })
+                }
+            }
+            Subject::GroupPrincipal(g) => {
+                let subject = BindingSubject::GroupPrincipal(g.clone());
+                Some(RevokeSubject {
+                    matcher: SubjectMatch::of(&subject),
+                    subject,
+                    user_id: None,
+                })
+            }
+        })
+    }
+
+    /// For a user the agent created: once no access is left but its login roles, disable it
+    /// (`PUT /v3/users/{id} {"enabled": false}`: its tokens then get 401), so a password handed
+    /// out once does not outlive the access.
+    ///
+    /// Race: a grant for the same user may run at the same time and create a binding after the
+    /// listing; it then re-enables the user itself (the grant enables a disabled agent-created user
+    /// before it binds), and the control plane serialises grant and revoke of one subject, role
+    /// and resource. A grant of another role that lands between this listing and the `PUT` leaves
+    /// the user disabled until its own retry or the next grant enables it.
+    async fn disable_if_unused(&self, user_id: &str, result: &mut RevokeResult) -> Result<(), IntegrationError> {
+        let Some(user) = self.get_user(user_id).await? else {
+            return Ok(());
+        };
+        if !is_agent_created(&user) {
+            return Ok(());
+        }
+        result.managed_user = true;
+        let left = self.remaining_access(user_id).await?;
+        if !left.is_empty() {
+            return Ok(());
+        }
+        if user.enabled != Some(false) {
+            self.set_enabled(user_id, false).await?;
+            tracing::info!(user_id, "disabled an agent-created user: its last access was revoked");
+        }
+        result.user_disabled = true;
+        Ok(())
+    }
+
+    /// Deletes a binding by id and proves it gone: `DELETE` (404: already gone), then `GET`
+    /// until 404. While Rancher's finalizers run the binding stays readable with `removed` set:
+    /// polled within the config's status timeout.
+    ///
+    /// # Errors
+    /// `InProgress` (retryable) when it is still being removed at the deadline; `Unavailable`
+    /// (retryable) when it is readable and not being removed after its delete; the request's
+    /// failure otherwise.
+    pub(super) async fn delete_confirmed(&self, kind: Kind, id: &str) -> Result<(), IntegrationError> {
+        let url = self.client.url(&["v3", kind.collection(), id], &[]);
+        match self.client.delete(url.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => return Ok(()),
+            Err(e) => return Err(e.into_error()),
+        }
+        let deadline = Instant::now() + self.config.status_timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.client.get::<Binding>(url.clone()).await {
+                Err(e) if e.status() == Some(404) => return Ok(()),
+                Err(e) => return Err(e.into_error()),
+                Ok(b) if !b.is_removed() => {
+                    return Err(IntegrationError::Unavailable {
+                        message: format!(
+                            "binding {id} is still there after its delete (Rancher accepted the DELETE but the \
+                             binding is not being removed); the revoke will be tried again"
+                        ),
+                    });
+                }
+                Ok(_) => {
+                    if Instant::now() + delay > deadline {
+                        return Err(IntegrationError::InProgress {
+                            message: format!(
+                                "binding {id} is still being removed by Rancher (its finalizers are running) after \
+                                 {}s; the revoke will check again",
+                                self.config.status_timeout.as_secs()
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// `removed` sorted and deduplicated, into the result.
+fn finish(mut result: RevokeResult, mut removed: Vec<String>) -> RevokeResult {
+    removed.sort();
+    removed.dedup();
+    result.removed_binding_ids = removed;
+    result
+}
