@@ -696,3 +696,134 @@ async fn kill_9_at_random_moments_leaves_no_binding_and_revokes_promptly() {
     assert!(worst < Duration::from_secs(15), "worst revoke delay {worst:?}");
     sim.stop().await;
 }
+
+// ----- credentials of a create-user grant cut short -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_user_grant_cut_by_kill_9_still_hands_out_working_credentials() {
+    let sim = sim().await;
+    let mut d = Daemon::start(integration_toml("prod", &sim)).await;
+    // The user and its binding are made; the daemon dies while the login binding is in flight.
+    sim.sim
+        .slow_next_on("POST /v3/globalrolebindings", 1, Duration::from_secs(3));
+    let a = d
+        .request_with(
+            IntegrationRef::Name("prod".into()),
+            "frank",
+            "cluster-member",
+            "c-7x2k9",
+            3600,
+            true,
+        )
+        .await
+        .expect("accepted");
+    let frank = common::wait_until(LONG, || user_id_of(&sim, "frank")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    d.kill9();
+    d.spawn().await;
+    let active = d.wait_state(&a.id, AccessState::Active, LONG).await;
+    let creds = active.credentials.expect("the retried grant hands out credentials");
+    assert_eq!(creds.username, "frank");
+    assert!(
+        sim.sim.check_password(&frank, creds.password.expose_secret()),
+        "the password handed out is the one Rancher has"
+    );
+    sim.stop().await;
+}
+
+// ----- SIGTERM in remote mode -----
+
+/// A remote agent told to stop while a job runs past its grace gives the lease back over
+/// `:release`: the job is ready again at once and another agent finishes it, long before the
+/// 60 s lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_the_lease_of_a_job_it_cannot_finish() {
+    const TOKEN: &str = "release-test-token";
+    let sim = sim().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp_port = free_port();
+    let cp_config = dir.path().join("cp.toml");
+    std::fs::write(
+        &cp_config,
+        format!(
+            "[standalone]\nlisten = \"127.0.0.1:{cp_port}\"\ndata_dir = \"{}\"\nlease_seconds = 60\n\n{}",
+            dir.path().join("cp-state").display(),
+            integration_toml("prod", &sim)
+        ),
+    )
+    .expect("cp config");
+    let cp_config = cp_config.to_string_lossy().into_owned();
+    let _cp = ChildGuard::spawn(
+        &["control-plane", "serve", "--config", &cp_config],
+        &[("APONO_TOKEN", TOKEN), ("APONO_HEALTH_ADDR", "127.0.0.1:0")],
+        dir.path(),
+    );
+    wait_for_port(cp_port).await;
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(&agent_config, "[agent]\nshutdown_grace_seconds = 1\n").expect("agent config");
+    let agent_config = agent_config.to_string_lossy().into_owned();
+    let cp_url = format!("http://127.0.0.1:{cp_port}");
+    let agent = |health: u16| {
+        ChildGuard::spawn(
+            &["run", "--config", &agent_config],
+            &[
+                ("APONO_URL", cp_url.as_str()),
+                ("APONO_TOKEN", TOKEN),
+                ("APONO_CONNECTOR_ID", "release-test"),
+                ("APONO_HEALTH_ADDR", &format!("127.0.0.1:{health}")),
+            ],
+            dir.path(),
+        )
+    };
+    let op = OperatorClient::new(&cp_url).expect("operator client");
+
+    // The grant's binding POST hangs far past the agent's grace (a route the control plane's
+    // sweep never uses, so the sweep cannot take the fault).
+    sim.sim
+        .slow_next_on("POST /v3/clusterroletemplatebindings", 1, Duration::from_secs(30));
+    let mut first = agent(free_port());
+    let a = op
+        .create_access(&AccessRequestCreate {
+            integration: IntegrationRef::Name("prod".into()),
+            subject: Subject::user("bob"),
+            role: "cluster-member".into(),
+            resource: Resource::parse("c-m-4bq8z2lp").expect("resource"),
+            ttl_seconds: 600,
+            create_user: false,
+        })
+        .await
+        .expect("accepted");
+    let deadline = Instant::now() + LONG;
+    while op.job(&a.grant_job_id).await.expect("read").expect("job").state != JobState::Leased {
+        assert!(Instant::now() < deadline, "the grant was never leased");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = first.0.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let stopped = Instant::now();
+    while first.0.try_wait().expect("wait").is_none() {
+        assert!(stopped.elapsed() < LONG, "the agent did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = op.job(&a.grant_job_id).await.expect("read").expect("job");
+    assert_eq!(job.state, JobState::Pending, "released, not left leased: {job:?}");
+
+    let _second = agent(free_port());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = op.access(&a.id).await.expect("read").expect("access");
+        if now.state == AccessState::Active {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second agent did not take the job: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sim.stop().await;
+}

@@ -371,8 +371,11 @@ async fn shutdown_releases_the_lease_of_a_job_it_does_not_finish() {
     use tokio_util::sync::CancellationToken;
 
     let stack = Stack::start_with(Duration::from_secs(60), false).await;
-    // The grant's first request hangs far longer than the grace.
-    stack.sim.sim.slow_next_on("GET /v3/users", 1, Duration::from_secs(30));
+    // The grant's binding POST hangs far longer than the grace.
+    stack
+        .sim
+        .sim
+        .slow_next_on("POST /v3/clusterroletemplatebindings", 1, Duration::from_secs(30));
     let a = stack
         .cp
         .create_access(access(
