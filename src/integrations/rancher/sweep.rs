@@ -6,6 +6,9 @@
 //! login bindings of created users, grants without a TTL) is never swept; an unreadable expiry is
 //! logged and left. Labels cannot be filtered on v3 collections, so the three binding collections
 //! are read in full (paged) after the admin proof: one failed delete does not stop the others.
+//! Each expired binding is read again right before its delete (one `GET`), so a grant that moved
+//! its expiry later in the meantime keeps it; what is left is the moment between that `GET` and
+//! the `DELETE` (v3 has no conditional delete).
 
 use std::collections::HashSet;
 
@@ -55,6 +58,14 @@ impl Rancher {
                     continue;
                 }
                 if !request.dry_run {
+                    match self.still_expired(kind, &s.id, now).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            failed.push(format!("{} ({e})", s.id));
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.delete_confirmed(kind, &s.id).await {
                         tracing::warn!(binding = %s.id, error = %e, "sweep: could not remove an expired binding");
                         failed.push(format!("{} ({e})", s.id));
@@ -80,6 +91,21 @@ impl Rancher {
             });
         }
         Ok(result)
+    }
+}
+
+impl Rancher {
+    /// Reads an expired binding again just before its delete: a grant that started after the
+    /// listing may have found it and moved its expiry later (a new access on the same subject,
+    /// role and resource, e.g. right after a restart that lost the control plane's state).
+    /// False when it is gone or no longer expired.
+    async fn still_expired(&self, kind: Kind, id: &str, now: DateTime<Utc>) -> Result<bool, IntegrationError> {
+        let url = self.client.url(&["v3", kind.collection(), id], &[]);
+        match self.client.get::<Binding>(url).await {
+            Ok(b) => Ok(!b.is_removed() && matches!(b.marked_expiry(), MarkedExpiry::At(t) if t <= now)),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e.into_error()),
+        }
     }
 }
 
