@@ -114,6 +114,20 @@ impl Daemon {
         .expect("access request accepted")
     }
 
+    /// An access for a user the connector creates (`create_user`).
+    async fn request_new_user(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
+        self.request_with(
+            IntegrationRef::Name("prod".into()),
+            user,
+            role,
+            resource,
+            ttl_seconds,
+            true,
+        )
+        .await
+        .expect("access request accepted")
+    }
+
     async fn request_with(
         &self,
         integration: IntegrationRef,
@@ -338,17 +352,7 @@ async fn a_grant_that_fails_after_it_made_a_binding_cleans_up() {
     let d = Daemon::start(integration_toml("prod", &sim)).await;
     // The cluster binding is made, then the login binding of the new user is refused for good.
     sim.sim.fail_next_on("POST /v3/globalrolebindings", 1, 403, false);
-    let a = d
-        .request_with(
-            IntegrationRef::Name("prod".into()),
-            "carol",
-            "cluster-member",
-            "c-7x2k9",
-            3600,
-            true,
-        )
-        .await
-        .expect("accepted");
+    let a = d.request_new_user("carol", "cluster-member", "c-7x2k9", 3600).await;
     let ended = d.wait_state(&a.id, AccessState::Revoked, LONG).await;
     let error = ended.last_error.expect("the grant's error is kept");
     assert_eq!(error.code, "permission_denied", "{error:?}");
@@ -370,17 +374,7 @@ async fn a_revoke_asked_for_during_a_grant_that_then_fails_is_carried_out() {
     sim.sim
         .slow_next_on("POST /v3/globalrolebindings", 1, Duration::from_secs(3));
     sim.sim.fail_next_on("POST /v3/globalrolebindings", 1, 403, false);
-    let a = d
-        .request_with(
-            IntegrationRef::Name("prod".into()),
-            "dave",
-            "cluster-member",
-            "c-7x2k9",
-            3600,
-            true,
-        )
-        .await
-        .expect("accepted");
+    let a = d.request_new_user("dave", "cluster-member", "c-7x2k9", 3600).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     d.op.revoke_access(&a.id).await.expect("revoke accepted");
     let ended = d.wait_state(&a.id, AccessState::Revoked, LONG).await;
@@ -475,17 +469,7 @@ async fn an_inline_integration_with_accesses_cannot_change_host() {
 async fn a_created_user_logs_in_only_and_is_disabled_when_its_access_ends() {
     let sim = sim().await;
     let d = Daemon::start(integration_toml("prod", &sim)).await;
-    let a = d
-        .request_with(
-            IntegrationRef::Name("prod".into()),
-            "erin",
-            "project-member",
-            "c-7x2k9:p-abcde",
-            3,
-            true,
-        )
-        .await
-        .expect("accepted");
+    let a = d.request_new_user("erin", "project-member", "c-7x2k9:p-abcde", 3).await;
     let active = d.wait_state(&a.id, AccessState::Active, LONG).await;
     let erin = user_id_of(&sim, "erin").expect("created");
     let creds = active.credentials.expect("credentials on the first read");
@@ -706,17 +690,7 @@ async fn a_create_user_grant_cut_by_kill_9_still_hands_out_working_credentials()
     // The user and its binding are made; the daemon dies while the login binding is in flight.
     sim.sim
         .slow_next_on("POST /v3/globalrolebindings", 1, Duration::from_secs(3));
-    let a = d
-        .request_with(
-            IntegrationRef::Name("prod".into()),
-            "frank",
-            "cluster-member",
-            "c-7x2k9",
-            3600,
-            true,
-        )
-        .await
-        .expect("accepted");
+    let a = d.request_new_user("frank", "cluster-member", "c-7x2k9", 3600).await;
     let frank = common::wait_until(LONG, || user_id_of(&sim, "frank")).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     d.kill9();

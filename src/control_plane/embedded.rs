@@ -781,6 +781,20 @@ fn view(a: AccessRow, credentials: Option<Credentials>) -> AccessRequest {
     }
 }
 
+/// The job whose lease `token` holds: `NotFound` for an unknown job, `LeaseLost` when the lease
+/// is no longer this token's (renew, release and upload all take that rule).
+fn leased_job(c: &Connection, job_id: &str, token: &str) -> Result<JobRow, ControlPlaneError> {
+    let job = store::job(c, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
+        message: format!("no job {job_id:?}"),
+    })?;
+    if job.state != JobState::Leased || job.lease_token.as_deref() != Some(token) {
+        return Err(ControlPlaneError::LeaseLost {
+            job_id: job_id.to_string(),
+        });
+    }
+    Ok(job)
+}
+
 #[async_trait]
 impl ControlPlane for EmbeddedControlPlane {
     async fn hello(&self, hello: &SessionHello) -> Result<SessionInfo, ControlPlaneError> {
@@ -830,14 +844,7 @@ impl ControlPlane for EmbeddedControlPlane {
 
     async fn renew(&self, job_id: &str, request: &RenewRequest) -> Result<RenewResponse, ControlPlaneError> {
         self.write(|c, _| {
-            let mut job = store::job(c, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
-                message: format!("no job {job_id:?}"),
-            })?;
-            if job.state != JobState::Leased || job.lease_token.as_deref() != Some(request.lease_token.as_str()) {
-                return Err(ControlPlaneError::LeaseLost {
-                    job_id: job_id.to_string(),
-                });
-            }
+            let mut job = leased_job(c, job_id, &request.lease_token)?;
             let t = now();
             let expires = later(t, self.options.lease_duration);
             job.lease_expires_at = Some(expires);
@@ -855,14 +862,7 @@ impl ControlPlane for EmbeddedControlPlane {
 
     async fn release(&self, job_id: &str, request: &ReleaseRequest) -> Result<(), ControlPlaneError> {
         self.write(|c, fx| {
-            let mut job = store::job(c, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
-                message: format!("no job {job_id:?}"),
-            })?;
-            if job.state != JobState::Leased || job.lease_token.as_deref() != Some(request.lease_token.as_str()) {
-                return Err(ControlPlaneError::LeaseLost {
-                    job_id: job_id.to_string(),
-                });
-            }
+            let mut job = leased_job(c, job_id, &request.lease_token)?;
             job.state = JobState::Pending;
             job.lease_token = None;
             job.lease_expires_at = None;
@@ -880,12 +880,7 @@ impl ControlPlane for EmbeddedControlPlane {
 
     async fn upload_resources(&self, job: &Job, batch: &[Value]) -> Result<(), ControlPlaneError> {
         self.write(|c, _| {
-            let row = store::job(c, &job.id)?.ok_or_else(|| ControlPlaneError::NotFound {
-                message: format!("no job {:?}", job.id),
-            })?;
-            if row.state != JobState::Leased || row.lease_token.as_deref() != Some(job.lease_token.as_str()) {
-                return Err(ControlPlaneError::LeaseLost { job_id: job.id.clone() });
-            }
+            leased_job(c, &job.id, &job.lease_token)?;
             store::insert_resources(c, &job.id, batch)?;
             Ok(())
         })
