@@ -143,6 +143,19 @@ async fn story(
     if bindings.is_empty() {
         bail!("the grant reported success but Rancher has no binding");
     }
+    // The marker that lets a revoke (or a sweep, if this state were lost) tell it is ours.
+    for b in sim.sim.bindings_of_username(USER) {
+        if b.role_id == ROLE && b.resource_id == CLUSTER {
+            let marker: Vec<String> = b
+                .labels
+                .iter()
+                .chain(&b.annotations)
+                .filter(|(k, _)| k.starts_with("apono.io/"))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            writeln!(out, "    marker on {}: {}", b.id, marker.join(", "))?;
+        }
+    }
 
     // 3. Wait for the TTL: the control plane queues the revoke, the agent runs it.
     writeln!(out, "\n==> waiting {} s for the access to expire...", ttl.as_secs())?;
