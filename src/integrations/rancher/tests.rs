@@ -17,6 +17,10 @@ use super::names::{
 use super::*;
 use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
+mod discovery;
+mod grant_revoke;
+mod transport;
+
 // ---------------------------------------------------------------------------------------------
 // Pure parts
 // ---------------------------------------------------------------------------------------------
