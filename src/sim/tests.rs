@@ -263,7 +263,10 @@ async fn an_ext_key_authenticates_with_its_prefix_and_reads_its_token() {
     let c = Client::start(SimOptions::default()).await;
     c.h.sim.set_api_key("ext/tok-ext01", "3xts3cr3t");
     c.h.sim.set_key_expiry(Some(Utc::now() + chrono::Duration::days(30)));
-    assert_eq!(c.h.sim.api_key(), ("ext/tok-ext01".to_string(), "3xts3cr3t".to_string()));
+    assert_eq!(
+        c.h.sim.api_key(),
+        ("ext/tok-ext01".to_string(), "3xts3cr3t".to_string())
+    );
     let with = |path: &str, auth: &str| c.http.get(c.url(path)).header("Authorization", auth.to_string());
     let ext = "Bearer ext/tok-ext01:3xts3cr3t";
     assert_eq!(c.send(with("/v3/users?me=true", ext)).await.0, 200);
@@ -664,8 +667,16 @@ async fn prtb_ids_use_the_project_namespace_in_both_forms() {
     );
     assert_eq!(b["userPrincipalId"], Value::Null, "the 201 is what was posted");
     c.h.sim.reconcile_now();
-    let (_, later) = c.get(&format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default())).await;
-    assert_eq!(later["userPrincipalId"], "local://u-alice1", "backfilled by the controller");
+    let (_, later) = c
+        .get(&format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        ))
+        .await;
+    assert_eq!(
+        later["userPrincipalId"], "local://u-alice1",
+        "backfilled by the controller"
+    );
     // Before 2.12 there is no backingNamespace and every project uses p-y.
     let old_version = Client::start(version(11)).await;
     let (_, p) = old_version.get("/v3/projects/c-7x2k9:p-x4m7q").await;
@@ -697,7 +708,10 @@ async fn a_binding_by_user_principal_ensures_the_user() {
         b["annotations"]["auth.cattle.io/principal-display-name"], "Hubot Robot",
         "rtb_store.go puts the principal's display name on the binding"
     );
-    let path = format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default());
+    let path = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b["id"].as_str().unwrap_or_default()
+    );
     assert_eq!(c.get(&path).await.1["userId"], Value::Null);
     assert_error(&c.get(&format!("/v3/users/{uid}")).await, 404, "NotFound");
 
@@ -715,8 +729,20 @@ async fn a_binding_by_user_principal_ensures_the_user() {
     let body = json!({"projectId": "c-7x2k9:p-abcde", "roleTemplateId": "read-only", "userPrincipalId": principal});
     assert_eq!(c.post("/v3/projectroletemplatebindings", body).await.0, 201);
     c.h.sim.reconcile_now();
-    assert_eq!(c.h.sim.users().iter().filter(|u| u.principal_ids == [principal]).count(), 1);
-    assert_eq!(c.ids(&format!("/v3/projectroletemplatebindings?userId={uid}")).await.len(), 1);
+    assert_eq!(
+        c.h.sim
+            .users()
+            .iter()
+            .filter(|u| u.principal_ids == [principal])
+            .count(),
+        1
+    );
+    assert_eq!(
+        c.ids(&format!("/v3/projectroletemplatebindings?userId={uid}"))
+            .await
+            .len(),
+        1
+    );
 
     // With `user-base` as the only default, that is what a new external user gets.
     c.h.sim.set_new_user_default("user", false);
@@ -725,7 +751,9 @@ async fn a_binding_by_user_principal_ensures_the_user() {
     let body = json!({"clusterId": "local", "roleTemplateId": "nodes-view", "userPrincipalId": mona});
     assert_eq!(c.post("/v3/clusterroletemplatebindings", body).await.0, 201);
     c.h.sim.reconcile_now();
-    let grbs = c.all(&format!("/v3/globalrolebindings?userId={}", external_user_id(mona))).await;
+    let grbs = c
+        .all(&format!("/v3/globalrolebindings?userId={}", external_user_id(mona)))
+        .await;
     let roles: Vec<&str> = grbs.iter().filter_map(|g| g["globalRoleId"].as_str()).collect();
     assert_eq!(roles, ["user-base"]);
 
@@ -737,11 +765,21 @@ async fn a_binding_by_user_principal_ensures_the_user() {
     let (status, ghost) = c.post("/v3/clusterroletemplatebindings", body).await;
     assert_eq!(status, 201, "{ghost}");
     c.h.sim.reconcile_now();
-    let read = |b: &Value| format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default());
+    let read = |b: &Value| {
+        format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        )
+    };
     assert_eq!(c.get(&read(&bob)).await.1["userId"], "u-bob01");
     let ghost_user = external_user_id("local://u-nope");
     assert_eq!(c.get(&read(&ghost)).await.1["userId"], ghost_user.as_str());
-    assert!(c.h.sim.users().iter().any(|u| u.id == ghost_user && u.principal_ids == ["local://u-nope"]));
+    assert!(
+        c.h.sim
+            .users()
+            .iter()
+            .any(|u| u.id == ghost_user && u.principal_ids == ["local://u-nope"])
+    );
     c.stop().await;
 
     // A key whose provider cannot resolve external principals: 500, as with a local admin's key.
@@ -771,14 +809,25 @@ async fn principal_backfill_is_local_only_and_duplicates_compare_raw_fields() {
     let octo_principal = "github_user://4242";
     let octo = external_user_id(octo_principal);
     let (status, by_id) = c
-        .post("/v3/clusterroletemplatebindings", crtb(&octo, "cluster-member", "c-7x2k9"))
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb(&octo, "cluster-member", "c-7x2k9"),
+        )
         .await;
     assert_eq!(status, 201, "{by_id}");
     let (_, alice) = c
-        .post("/v3/clusterroletemplatebindings", crtb("u-alice1", "cluster-member", "c-7x2k9"))
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-alice1", "cluster-member", "c-7x2k9"),
+        )
         .await;
     c.h.sim.reconcile_now();
-    let read = |b: &Value| format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default());
+    let read = |b: &Value| {
+        format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        )
+    };
     assert_eq!(
         c.get(&read(&by_id)).await.1["userPrincipalId"],
         Value::Null,
@@ -786,9 +835,11 @@ async fn principal_backfill_is_local_only_and_duplicates_compare_raw_fields() {
     );
     assert_eq!(c.get(&read(&alice)).await.1["userPrincipalId"], "local://u-alice1");
     assert!(
-        c.ids(&format!("/v3/clusterroletemplatebindings?userPrincipalId={octo_principal}"))
-            .await
-            .is_empty(),
+        c.ids(&format!(
+            "/v3/clusterroletemplatebindings?userPrincipalId={octo_principal}"
+        ))
+        .await
+        .is_empty(),
         "a revoke that lists by principal does not see the userId binding"
     );
     // The same person by principal is not a duplicate of the userId binding.
@@ -796,7 +847,12 @@ async fn principal_backfill_is_local_only_and_duplicates_compare_raw_fields() {
     let (status, by_principal) = c.post("/v3/clusterroletemplatebindings", body.clone()).await;
     assert_eq!(status, 201, "{by_principal}");
     c.h.sim.reconcile_now();
-    assert_eq!(c.ids(&format!("/v3/clusterroletemplatebindings?userId={octo}")).await.len(), 2);
+    assert_eq!(
+        c.ids(&format!("/v3/clusterroletemplatebindings?userId={octo}"))
+            .await
+            .len(),
+        2
+    );
     // The same raw principal again is.
     assert_error(&c.post("/v3/clusterroletemplatebindings", body).await, 409, "Conflict");
     c.stop().await;
@@ -821,7 +877,10 @@ async fn a_grb_by_user_principal_alone_is_422() {
         )
         .await;
     assert_error(&unknown, 404, "NotFound");
-    assert_eq!(unknown.1["message"], "globalroles.management.cattle.io \"nope\" not found");
+    assert_eq!(
+        unknown.1["message"],
+        "globalroles.management.cattle.io \"nope\" not found"
+    );
     c.stop().await;
 }
 
@@ -917,15 +976,26 @@ async fn bad_bindings_get_the_rancher_answers_and_create_nothing() {
 async fn an_unknown_user_id_is_accepted_and_the_controller_reports_error() {
     let c = Client::start(SimOptions::default()).await;
     let (status, b) = c
-        .post("/v3/clusterroletemplatebindings", crtb("u-nobody", "cluster-member", "c-7x2k9"))
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-nobody", "cluster-member", "c-7x2k9"),
+        )
         .await;
     assert_eq!(status, 201, "{b}");
     assert_eq!(b["userId"], "u-nobody");
-    assert!(c.h.sim.bindings().iter().any(|x| x.user_id.as_deref() == Some("u-nobody")));
+    assert!(
+        c.h.sim
+            .bindings()
+            .iter()
+            .any(|x| x.user_id.as_deref() == Some("u-nobody"))
+    );
     assert!(c.h.sim.users().iter().all(|u| u.id != "u-nobody"), "no user was made");
     c.h.sim.reconcile_now();
     let (_, read) = c
-        .get(&format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default()))
+        .get(&format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        ))
         .await;
     assert_eq!(read["status"]["summary"], "Error", "{read}");
     c.stop().await;
@@ -1205,13 +1275,24 @@ async fn latency_and_slow_faults_delay_v3_answers_only() {
     let held = tokio::spawn({
         let http = c.http.clone();
         let (url, auth) = (c.url("/v3/users"), c.auth.clone());
-        async move { http.get(url).header("Authorization", auth).send().await.map(|r| r.status()) }
+        async move {
+            http.get(url)
+                .header("Authorization", auth)
+                .send()
+                .await
+                .map(|r| r.status())
+        }
     });
     while c.h.sim.stats().route("GET /v3/users") < 2 {
         tokio::task::yield_now().await;
     }
     assert_eq!(c.get("/v3/clusters").await.0, 200);
-    let stats: SimStats = reqwest::get(c.url("/sim/stats")).await.expect("stats").json().await.expect("json");
+    let stats: SimStats = reqwest::get(c.url("/sim/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(stats.route("GET /v3/clusters"), 2);
     assert!(!held.is_finished(), "the held request is still waiting");
     held.abort();
@@ -1299,7 +1380,10 @@ async fn a_new_binding_has_no_status_then_in_progress_then_completed() {
         .await;
     assert_eq!(status, 201, "{b}");
     assert!(b.get("status").is_none(), "the 201 has no status: {b}");
-    let path = format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default());
+    let path = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b["id"].as_str().unwrap_or_default()
+    );
     let (_, read) = c.get(&path).await;
     assert!(read.get("status").is_none(), "not before the controller's pass: {read}");
     assert_eq!(read["userPrincipalId"], Value::Null);
@@ -1313,7 +1397,10 @@ async fn a_new_binding_has_no_status_then_in_progress_then_completed() {
         )
         .await;
     assert!(b2.get("status").is_none(), "{b2}");
-    let path2 = format!("/v3/clusterroletemplatebindings/{}", b2["id"].as_str().unwrap_or_default());
+    let path2 = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b2["id"].as_str().unwrap_or_default()
+    );
     let (_, read) = c.get(&path2).await;
     assert_eq!(read["status"]["summary"], "InProgress", "{read}");
     assert_eq!(read["userPrincipalId"], "local://u-alice1");
@@ -1335,7 +1422,10 @@ async fn a_new_binding_has_no_status_then_in_progress_then_completed() {
             crtb("u-bob01", "cluster-member", "c-7x2k9"),
         )
         .await;
-    let path = format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default());
+    let path = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b["id"].as_str().unwrap_or_default()
+    );
     let mut summary = Value::Null;
     for _ in 0..200 {
         summary = c.get(&path).await.1["status"]["summary"].clone();
@@ -1352,14 +1442,23 @@ async fn a_new_binding_has_no_status_then_in_progress_then_completed() {
     assert!(b.get("status").is_none(), "{b}");
     old.h.sim.reconcile_now();
     let (_, b) = old
-        .post("/v3/clusterroletemplatebindings", crtb("u-bob01", "cluster-member", "c-7x2k9"))
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-bob01", "cluster-member", "c-7x2k9"),
+        )
         .await;
     old.h.sim.reconcile_now();
     let (_, b) = old
-        .get(&format!("/v3/clusterroletemplatebindings/{}", b["id"].as_str().unwrap_or_default()))
+        .get(&format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        ))
         .await;
     assert!(b.get("status").is_none(), "{b}");
-    assert_eq!(b["userPrincipalId"], "local://u-bob01", "the controller still backfills");
+    assert_eq!(
+        b["userPrincipalId"], "local://u-bob01",
+        "the controller still backfills"
+    );
     old.stop().await;
 }
 

@@ -464,6 +464,24 @@ async fn an_ext_key_has_its_expiry_checked_through_the_ext_tokens_api() {
     assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
     assert!(e.to_string().contains("tok-1 has expired"), "{e}");
 
+    // Through the simulator's ext tokens (sent as `ext/<name>:<secret>`, read at `/v1`).
+    let sim = sim().await;
+    sim.sim.set_api_key("ext/tok-sim", "canary-ext-secret");
+    sim.sim
+        .set_key_expiry(Some(now + chrono::Duration::days(5) + chrono::Duration::hours(1)));
+    let r = rancher(&sim);
+    let v = r.validate().await.unwrap();
+    assert!(
+        v.warnings.len() == 1 && v.warnings[0].contains("tok-sim expires in 5 day"),
+        "{:?}",
+        v.warnings
+    );
+    sim.sim.set_key_scope(Some("c-7x2k9"));
+    let e = r.validate().await.unwrap_err();
+    assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
+    assert!(!e.to_string().contains("canary"), "{e}");
+    sim.stop().await;
+
     // A server without the ext API (before 2.12): the key works, the check is said to be skipped.
     let script = Script::default();
     let addr = serve_http(&script).await;
