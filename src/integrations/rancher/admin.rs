@@ -12,7 +12,6 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Rancher;
-use super::client::ApiError;
 use super::model::{Binding, Collection, User, nonempty};
 use crate::integrations::IntegrationError;
 
@@ -63,11 +62,14 @@ impl Rancher {
         self.prove_admin(&me.id).await
     }
 
-    /// The key's owner (`GET /v3/users?me=true`).
+    /// The key's owner (`GET /v3/users?me=true`). Being the first request of revoke, sweep and
+    /// discover, its 401 is the one probed for a cluster scope (see `validate`).
     pub(super) async fn key_owner(&self) -> Result<User, IntegrationError> {
         let url = self.client.url(&["v3", "users"], &[("me", "true")]);
-        let me: Collection<User> = self.client.get(url).await.map_err(ApiError::into_error)?;
-        owner_of(me)
+        match self.client.get::<Collection<User>>(url).await {
+            Ok(me) => owner_of(me),
+            Err(e) => Err(self.explain_refusal(e, &[]).await),
+        }
     }
 
     /// Proves `user_id` (the key's owner) holds the global role admin, and caches the proof.

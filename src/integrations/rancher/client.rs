@@ -1,5 +1,5 @@
-//! The HTTP client for Rancher's v3 (Norman) API: authentication, retries, error mapping and
-//! pagination.
+//! The HTTP client for Rancher's v3 (Norman) API: authentication, retries (honouring
+//! `Retry-After`), error mapping, capped (and gzip-decoded) bodies, and pagination.
 //!
 //! **Invariant:** the API key lives in one sensitive header value and nowhere else; messages taken
 //! from response bodies are scrubbed of the secret before they go into an error.
@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
+use chrono::{DateTime, Utc};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -30,6 +31,15 @@ const MAX_PAGES: u32 = 100_000;
 const MAX_RESTARTS: u32 = 2;
 /// Longest message kept from a response body.
 const MAX_MESSAGE: usize = 400;
+/// Largest success body read. A page of 5000 bindings is about 5-10 MB; 64 MiB leaves room for
+/// fat objects without letting one answer (or a gzip bomb: the cap counts decoded bytes) exhaust
+/// the agent's memory while 8 listings run at once.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// Largest error body read: only its message is kept, so the rest is not even read.
+pub const MAX_ERROR_BODY_BYTES: usize = 1 << 20;
+/// Longest wait a `Retry-After` can impose before a retry: a server asking for more is retried
+/// after this anyway, and the job's own retries take over from there.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// How transient failures (5xx, 429, timeouts, connection errors) are retried within one call.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +73,8 @@ pub struct Client {
     page_size: u32,
     timeout: Duration,
     retry: RetryPolicy,
+    /// [`MAX_BODY_BYTES`]; smaller in tests.
+    max_body: usize,
 }
 
 impl fmt::Debug for Client {
@@ -111,11 +123,19 @@ impl Client {
             page_size: config.page_size,
             timeout: config.timeout,
             retry: RetryPolicy::default(),
+            max_body: MAX_BODY_BYTES,
         })
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Client {
         self.retry = retry;
+        self
+    }
+
+    /// Lowers the success-body cap, so tests need not send 64 MiB.
+    #[cfg(test)]
+    pub(crate) fn with_max_body(mut self, bytes: usize) -> Client {
+        self.max_body = bytes;
         self
     }
 
@@ -207,7 +227,8 @@ impl Client {
         })
     }
 
-    /// One logical request: retried with exponential backoff and jitter on transient failures.
+    /// One logical request: retried with exponential backoff and jitter on transient failures,
+    /// waiting at least what a 429's or 503's `Retry-After` asks (up to [`MAX_RETRY_AFTER`]).
     async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
         let policy = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
@@ -216,17 +237,21 @@ impl Client {
             .with_jitter();
         (|| self.send_once(&method, &url, body))
             .retry(policy)
-            .when(ApiError::is_transient)
-            .notify(|e, delay| {
+            .when(|f: &Failure| f.error.is_transient())
+            // `None` means the tries are spent: keep it so.
+            .adjust(|f, delay| delay.map(|d| f.retry_after.map_or(d, |asked| d.max(asked))))
+            .notify(|f, delay| {
+                let e = &f.error;
                 tracing::warn!(
                     method = %e.method, path = %e.path, error = %e.summary(), delay_ms = delay.as_millis() as u64,
                     "Rancher request failed; retrying"
                 );
             })
             .await
+            .map_err(|f| f.error)
     }
 
-    async fn send_once(&self, method: &Method, url: &Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+    async fn send_once(&self, method: &Method, url: &Url, body: Option<&Value>) -> Result<Vec<u8>, Failure> {
         let _permit = self.limiter.acquire().await;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
@@ -237,13 +262,16 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let err = |kind| ApiError {
-            method: method.clone(),
-            path: url.path().to_string(),
-            kind: Box::new(kind),
+        let err = |kind| Failure {
+            error: ApiError {
+                method: method.clone(),
+                path: url.path().to_string(),
+                kind: Box::new(kind),
+            },
+            retry_after: None,
         };
         let operation = operation_label(method, url);
-        let resp = match req.send().await {
+        let mut resp = match req.send().await {
             Ok(resp) => resp,
             Err(e) => {
                 crate::telemetry::metrics().rancher_request(&operation, "error");
@@ -252,12 +280,34 @@ impl Client {
         };
         let status = resp.status();
         crate::telemetry::metrics().rancher_request(&operation, status.as_str());
-        let bytes: Vec<u8> = resp.bytes().await.map_err(|e| err(self.transport_kind(&e)))?.into();
         tracing::debug!(%method, path = url.path(), status = status.as_u16(), "rancher request");
         if status.is_success() {
-            Ok(bytes)
+            let too_large = || {
+                err(ErrorKind::TooLarge {
+                    limit: self.max_body,
+                    page_size: self.page_size,
+                })
+            };
+            if resp.content_length().is_some_and(|n| n > self.max_body as u64) {
+                return Err(too_large());
+            }
+            match read_capped(&mut resp, self.max_body).await {
+                Ok((bytes, false)) => Ok(bytes),
+                Ok((_, true)) => Err(too_large()),
+                Err(e) => Err(err(self.transport_kind(&e))),
+            }
         } else {
-            Err(err(status_kind(status, &bytes, self.scrub.expose_secret())))
+            let retry_after = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+                .then(|| retry_after(resp.headers(), Utc::now()))
+                .flatten();
+            // An error body cut short at the cap still yields the status; its message may be lost.
+            let bytes = read_capped(&mut resp, MAX_ERROR_BODY_BYTES)
+                .await
+                .map(|(b, _)| b)
+                .unwrap_or_default();
+            let mut failure = err(status_kind(status, &bytes, self.scrub.expose_secret()));
+            failure.retry_after = retry_after;
+            Err(failure)
         }
     }
 
@@ -296,12 +346,56 @@ fn operation_label(method: &Method, url: &Url) -> String {
     }
 }
 
+/// `64 MiB`, `1 KiB`, `100 bytes`.
+fn byte_size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// One try's failure, with the wait the server asked for before the next try.
+struct Failure {
+    error: ApiError,
+    retry_after: Option<Duration>,
+}
+
+/// Reads at most `cap` bytes of the (decoded) body; `true` when there was more.
+async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if out.len() + chunk.len() > cap {
+            out.extend_from_slice(&chunk[..cap - out.len()]);
+            return Ok((out, true));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok((out, false))
+}
+
+/// The wait a `Retry-After` header asks for: delay-seconds or an HTTP date (RFC 9110 §10.2.3),
+/// at most [`MAX_RETRY_AFTER`]; a date in the past asks for none. `None` when absent or unreadable.
+pub fn retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is an RFC 2822 date.
+        Err(_) => {
+            let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+            (at - now).to_std().unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
 /// Pages of one listing, fetched on demand (bounded memory: one page at a time).
 ///
 /// Guards the marker-restart trap: when the item a `next` marker names is deleted between
 /// pages, Rancher silently restarts the listing at item 0. Items already seen are dropped, a
 /// restart is tolerated [`MAX_RESTARTS`] times, and a run of pages with nothing new longer than
-/// the listing so far ends it with a `Protocol` error rather than a loop.
+/// the listing so far ends it with a retryable `Unavailable` error rather than a loop: on a busy
+/// install (objects deleted while paging, Apono's own revokes among them) a later try converges.
 pub struct Pager<'c, T> {
     client: &'c Client,
     next: Option<Url>,
@@ -319,7 +413,8 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
     /// The next page's new items, or `None` when the listing is done.
     ///
     /// # Errors
-    /// The request's failure, or `Protocol` when the listing does not converge.
+    /// The request's failure, `Unavailable` when the listing does not converge, or `Protocol`
+    /// when Rancher's `next` cannot be followed.
     pub async fn next_page(&mut self) -> Result<Option<Vec<T>>, IntegrationError> {
         self.next_page_raw().await.map_err(|e| match e {
             PageError::Api(e) => e.into_error(),
@@ -331,14 +426,16 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
     /// that treat some statuses specially.
     ///
     /// # Errors
-    /// The request's failure, or a `Protocol` error when the listing does not converge.
+    /// The request's failure, or (as `Loop`) the listing's own failure, as [`Pager::next_page`].
     pub async fn next_page_raw(&mut self) -> Result<Option<Vec<T>>, PageError> {
         let Some(url) = self.next.take() else {
             return Ok(None);
         };
         self.pages += 1;
         if self.pages > MAX_PAGES {
-            return Err(PageError::Loop(self.protocol(format!("more than {MAX_PAGES} pages"))));
+            return Err(PageError::Loop(
+                self.not_converged(format!("more than {MAX_PAGES} pages")),
+            ));
         }
         let page: Collection<T> = self.client.get(url.clone()).await.map_err(PageError::Api)?;
         let first_seen = page.data.first().is_some_and(|o| self.seen.contains(o.id()));
@@ -349,7 +446,7 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
                 "Rancher restarted the listing from the beginning (its page marker was deleted); skipping items already seen"
             );
             if self.restarts > MAX_RESTARTS {
-                return Err(PageError::Loop(self.protocol(format!(
+                return Err(PageError::Loop(self.not_converged(format!(
                     "the listing restarted from the beginning {} times (objects deleted while paging)",
                     self.restarts
                 ))));
@@ -377,7 +474,7 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
             && let Some(next) = pagination.next.as_deref().filter(|n| !n.is_empty())
         {
             if self.stalled > self.fresh_pages + 1 {
-                return Err(PageError::Loop(self.protocol(format!(
+                return Err(PageError::Loop(self.not_converged(format!(
                     "{} pages in a row brought nothing new (a paging loop)",
                     self.stalled
                 ))));
@@ -432,10 +529,21 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
         Ok(url)
     }
 
+    /// Objects changing while paging: transient, so the job's retry gets another go.
+    fn not_converged(&self, why: String) -> IntegrationError {
+        IntegrationError::Unavailable {
+            message: format!(
+                "listing {} from Rancher did not converge: {why}; stopped after {} pages (objects are changing \
+                 while paging; a retry usually succeeds)",
+                self.what, self.pages
+            ),
+        }
+    }
+
     fn protocol(&self, why: String) -> IntegrationError {
         IntegrationError::Protocol {
             message: format!(
-                "listing {} from Rancher did not converge: {why}; stopped after {} pages",
+                "listing {} from Rancher failed: {why}; stopped after {} pages",
                 self.what, self.pages
             ),
         }
@@ -446,7 +554,8 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
 #[derive(Debug)]
 pub enum PageError {
     Api(ApiError),
-    /// The listing does not converge (marker restarts, a paging loop, an unusable `next`).
+    /// The listing does not converge (marker restarts, a paging loop: `Unavailable`) or its
+    /// `next` cannot be followed (`Protocol`).
     Loop(IntegrationError),
 }
 
@@ -475,6 +584,11 @@ pub enum ErrorKind {
     Transport(String),
     /// A success answer that is not the JSON expected.
     Decode(String),
+    /// A success answer larger than `limit` bytes (decoded), read no further.
+    TooLarge {
+        limit: usize,
+        page_size: u32,
+    },
 }
 
 impl ApiError {
@@ -505,6 +619,7 @@ impl ApiError {
             ErrorKind::Status { message, .. } => message,
             ErrorKind::Timeout(_) => "timed out",
             ErrorKind::Tls(m) | ErrorKind::Transport(m) | ErrorKind::Decode(m) => m,
+            ErrorKind::TooLarge { .. } => "answer too large",
         }
     }
 
@@ -514,7 +629,7 @@ impl ApiError {
         match &*self.kind {
             ErrorKind::Status { status, .. } => *status >= 500 || *status == 429,
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
-            ErrorKind::Tls(_) | ErrorKind::Decode(_) => false,
+            ErrorKind::Tls(_) | ErrorKind::Decode(_) | ErrorKind::TooLarge { .. } => false,
         }
     }
 
@@ -537,6 +652,12 @@ impl ApiError {
             ErrorKind::Decode(m) => format!(
                 "{} {} answered JSON this agent does not understand: {m}",
                 self.method, self.path
+            ),
+            ErrorKind::TooLarge { limit, .. } => format!(
+                "{} {} answered more than {}, the most this agent reads",
+                self.method,
+                self.path,
+                byte_size(*limit)
             ),
         }
     }
@@ -578,6 +699,12 @@ impl ApiError {
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => IntegrationError::Unavailable {
                 message: format!("cannot reach Rancher ({summary})"),
             },
+            ErrorKind::TooLarge { page_size, .. } => IntegrationError::Protocol {
+                message: format!(
+                    "{summary}; lower page_size in the integration config (now {page_size}) so each page of a \
+                     listing is smaller"
+                ),
+            },
             ErrorKind::Tls(_) => IntegrationError::Config {
                 message: format!(
                     "cannot reach Rancher securely ({summary}); if Rancher uses a private CA, set \
@@ -588,25 +715,20 @@ impl ApiError {
     }
 }
 
-/// A 401: what it means for the operator, and never the key.
+/// A 401: what it means for the operator, and never the key. Rancher's auth filter always answers
+/// "Unauthorized 401: must authenticate", whatever the cause (`pkg/auth/requests/filter.go`), so
+/// every cause is listed; validate probes for a cluster scope (see `validate`).
 fn refused(method: &Method, path: &str, message: &str) -> IntegrationError {
     let detail = if message.is_empty() {
         String::new()
     } else {
         format!(": {message}")
     };
-    if message.contains("clusterID does not match") {
-        return IntegrationError::CredentialsRefused {
-            message: format!(
-                "Rancher refused the API key (HTTP 401 on {method} {path}{detail}): the key is scoped to a cluster; \
-                 create an API key with no scope and update the secret"
-            ),
-        };
-    }
     IntegrationError::CredentialsRefused {
         message: format!(
-            "Rancher refused the API key (HTTP 401 on {method} {path}{detail}): the key is expired, disabled or was \
-             rotated (or its user was disabled); create a new API key with no scope and update the secret"
+            "Rancher refused the API key (HTTP 401 on {method} {path}{detail}); Rancher does not say why: the key is \
+             expired, disabled or was rotated, its user was disabled, or it is scoped to a cluster (a scoped key is \
+             refused outside its cluster); create a new API key with no scope and update the secret"
         ),
     }
 }

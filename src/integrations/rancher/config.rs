@@ -42,6 +42,7 @@ const KNOWN_KEYS: &[&str] = &[
     "connect_timeout_seconds",
     "status_timeout_seconds",
     "new_user_roles",
+    "insecure_http",
 ];
 
 /// Which global roles the users the agent creates get, so they can log in
@@ -120,6 +121,15 @@ impl RancherConfig {
             }
         }
 
+        let insecure_http = match map.get("insecure_http") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) if matches!(s.trim(), "true" | "false") => s.trim() == "true",
+            Some(other) => {
+                errors.push(format!("insecure_http must be true or false, got {other}"));
+                false
+            }
+        };
         let port = match opt_uint(map, "port", &mut errors) {
             Some(p) if (1..=65535).contains(&p) => Some(p as u16),
             Some(p) => {
@@ -133,7 +143,7 @@ impl RancherConfig {
                 errors.push("host is required: the Rancher server's hostname (rancher.example.com)".into());
                 None
             }
-            Some(host) => match parse_host(&host, port) {
+            Some(host) => match parse_host(&host, port, insecure_http) {
                 Ok(u) => Some(u),
                 Err(e) => {
                     errors.push(e);
@@ -321,7 +331,9 @@ fn bounded(map: &Map<String, Value>, key: &str, default: u64, min: u64, max: u64
 
 /// `rancher.example.com`, `rancher.example.com:8443`, `https://rancher.example.com` or
 /// `http://127.0.0.1:8080` (test servers) → the API origin. `port` applies when the host has none.
-fn parse_host(host: &str, port: Option<u16>) -> Result<Url, String> {
+/// `http://` sends the API key in cleartext: allowed for a loopback host (the simulator, tests),
+/// elsewhere only with `insecure_http`.
+fn parse_host(host: &str, port: Option<u16>, insecure_http: bool) -> Result<Url, String> {
     let with_scheme = host.contains("://");
     let text = if with_scheme {
         host.to_string()
@@ -331,7 +343,13 @@ fn parse_host(host: &str, port: Option<u16>) -> Result<Url, String> {
     let mut url = Url::parse(&text).map_err(|e| format!("host {host:?} is not a hostname or URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
-            "host {host:?} must use https:// (or http:// for a test server)"
+            "host {host:?} must use https:// (or http:// for a test server on this machine)"
+        ));
+    }
+    if url.scheme() == "http" && !insecure_http && !is_loopback(&url) {
+        return Err(format!(
+            "host {host:?} uses http://, which would send the API key in cleartext: use https://, or set \
+             insecure_http: true to allow http:// to a host that is not this machine"
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -357,6 +375,16 @@ fn parse_host(host: &str, port: Option<u16>) -> Result<Url, String> {
     let path = url.path().trim_end_matches('/').to_string();
     url.set_path(&path);
     Ok(url)
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`: traffic that never leaves the machine.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// The API key: `access_key` (a token name such as `token-abc12`, or `ext/name` from 2.12) and its

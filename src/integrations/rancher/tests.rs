@@ -188,9 +188,9 @@ fn status_mapping() {
     let e = api_error(401, None, "Unauthorized 401: must authenticate", None).into_error();
     assert!(matches!(e, IntegrationError::CredentialsRefused { .. }));
     let m = e.to_string();
+    // Rancher's 401 never says why: every cause is listed, a cluster scope among them.
     assert!(m.contains("401") && m.contains("no scope"), "{m}");
-    let e = api_error(401, None, "clusterID does not match", None).into_error();
-    assert!(e.to_string().contains("scoped to a cluster"), "{e}");
+    assert!(m.contains("expired") && m.contains("scoped to a cluster"), "{m}");
     assert!(matches!(
         api_error(403, Some("Forbidden"), "x", None).into_error(),
         IntegrationError::PermissionDenied { .. }
@@ -1087,12 +1087,21 @@ async fn validate_reports_the_key_owner_scope_and_expiry() {
     assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
     sim.sim.set_key_expiry(None);
 
-    // Scoped to a cluster.
+    // Scoped to a downstream cluster: refused everywhere the agent can ask, with a 401 that never
+    // says why, so the scope is named among the causes.
     sim.sim.set_key_scope(Some("c-7x2k9"));
     let e = r.validate().await.unwrap_err();
-    assert!(matches!(e, IntegrationError::Invalid { .. }), "{e:?}");
+    assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
     assert!(
-        e.to_string().contains("scoped to a cluster") && e.to_string().contains("no-scope"),
+        e.to_string().contains("scoped to a cluster") && e.to_string().contains("no scope"),
+        "{e}"
+    );
+    // Scoped to `local`: the probe finds the one cluster the key works on, and names it.
+    sim.sim.set_key_scope(Some("local"));
+    let e = r.validate().await.unwrap_err();
+    assert!(matches!(e, IntegrationError::CredentialsRefused { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("scoped to cluster local") && e.to_string().contains("no scope"),
         "{e}"
     );
     sim.stop().await;
@@ -1353,9 +1362,10 @@ async fn paging_survives_a_marker_restart() {
     sim.stop().await;
 }
 
-/// A server whose `next` always leads back to the same page: the pager must stop.
+/// A server whose `next` always leads back to the same page: the pager must stop, with an error
+/// the job retries (on a busy install a later listing converges).
 #[tokio::test]
-async fn paging_that_never_converges_stops_with_a_protocol_error() {
+async fn paging_that_never_converges_stops_with_a_retryable_error() {
     use axum::Router;
     use axum::extract::State;
     use axum::routing::get;
@@ -1383,8 +1393,12 @@ async fn paging_that_never_converges_stops_with_a_protocol_error() {
         .grant(&grant_req("nobody", "cluster-member", "c-1"))
         .await
         .unwrap_err();
-    assert!(matches!(e, IntegrationError::Protocol { .. }), "{e:?}");
-    assert!(e.to_string().contains("users"), "{e}");
+    assert!(matches!(e, IntegrationError::Unavailable { .. }), "{e:?}");
+    assert!(e.retryable());
+    assert!(
+        e.to_string().contains("users") && e.to_string().contains("did not converge"),
+        "{e}"
+    );
     assert!(hits.load(std::sync::atomic::Ordering::Relaxed) < 10);
     server.abort();
 }
@@ -1545,101 +1559,6 @@ async fn principals_the_key_cannot_resolve_get_a_hint() {
     sim.stop().await;
 }
 
-#[test]
-fn requests_are_counted_and_debug_is_redacted() {
-    let config = RancherConfig::from_value(&json!({"host": "r.example.com"})).unwrap();
-    let key = ApiKey::from_secret(&secret(&[("access_key", "token-a"), ("secret_key", "canary-zz")])).unwrap();
-    let r = Rancher::from_parts(config, key).unwrap();
-    assert_eq!(r.client().requests(), 0);
-    let text = format!("{r:?} {:?}", r.client());
-    assert!(!text.contains("canary"), "{text}");
-    let _unused: BTreeMap<String, u64> = BTreeMap::new();
-}
-
-/// The round trips of each operation on its happy path, as `docs/rancher.md` states them.
-#[tokio::test]
-async fn request_counts_per_operation() {
-    let sim = sim().await;
-    let r = rancher(&sim);
-    let mut table = Vec::new();
-    let mut row = |name: &str, n: u64, bound: u64| {
-        table.push(format!("{name}: {n}"));
-        assert!(n <= bound, "{name}: {n} requests, expected at most {bound}");
-    };
-    let (_, n) = counted(&sim, r.validate()).await;
-    row("validate (with the admin proof)", n, 4);
-    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("grant username cluster", n, 3);
-    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("grant username cluster (repeat)", n, 2);
-    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
-    row("grant username global", n, 3);
-    let bob_owner = r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9")).await.unwrap();
-    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
-    row("grant username global (repeat)", n, 2);
-    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
-    row("grant username project", n, 3);
-    let (_, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q"))).await;
-    row("grant username project (repeat)", n, 2);
-    let (_, n) = counted(
-        &sim,
-        r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9")),
-    )
-    .await;
-    row("grant principal cluster", n, 2);
-    let (_, n) = counted(
-        &sim,
-        r.grant(&grant_req("github_user://4242", "clusters-create", "global")),
-    )
-    .await;
-    row("grant principal global", n, 3);
-    let (_, n) = counted(
-        &sim,
-        r.grant(&group_grant("github_team://888", "cluster-member", "c-7x2k9")),
-    )
-    .await;
-    row("grant group cluster", n, 2);
-    let mut create = grant_req("henry", "cluster-member", "c-7x2k9");
-    create.create_user = true;
-    let (g, n) = counted(&sim, r.grant(&create)).await;
-    row("grant create_user", n, 4);
-    let (_, n) = counted(&sim, r.grant(&create)).await;
-    row("grant create_user (repeat: a fresh password)", n, 4);
-    let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("revoke username (1 binding)", n, 5);
-    let mut recorded = revoke_req("bob", "cluster-owner", "c-7x2k9");
-    recorded.user_id = Some("u-bob01".into());
-    recorded.binding_ids = bob_owner.binding_ids.clone();
-    let (_, n) = counted(&sim, r.revoke(&recorded)).await;
-    row("revoke recorded (1 binding)", n, 4);
-    let (_, n) = counted(&sim, r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9"))).await;
-    row("revoke username (repeat)", n, 3);
-    let (_, n) = counted(
-        &sim,
-        r.revoke(&revoke_req("github_user://5151", "cluster-member", "c-7x2k9")),
-    )
-    .await;
-    row("revoke principal cluster (1 binding)", n, 3);
-    let user_id = g.unwrap().user_id;
-    let (_, n) = counted(
-        &sim,
-        r.rotate_credentials(&RotateRequest {
-            user_id: user_id.clone(),
-        }),
-    )
-    .await;
-    row("rotate", n, 2);
-    r.revoke(&revoke_req("henry", "cluster-member", "c-7x2k9"))
-        .await
-        .unwrap();
-    let (_, n) = counted(&sim, r.delete_user(&DeleteUserRequest { user_id })).await;
-    row("delete_user", n, 5);
-    let (_, n) = counted(&sim, discover_all(&r)).await;
-    row("discover (small, page 5000)", n, 11);
-    eprintln!("{}", table.join("\n"));
-    sim.stop().await;
-}
-
 /// The large dataset (10,000 users, 50,000 bindings, 200 clusters) in pages of 5000.
 #[tokio::test]
 #[ignore = "large: run with --ignored"]
@@ -1662,18 +1581,6 @@ async fn discovery_of_the_large_dataset() {
         sim.sim.bindings().len()
     );
     sim.stop().await;
-}
-
-/// A public root (ISRG Root X2), standing in for a private CA.
-const SOME_CA: &str = "-----BEGIN CERTIFICATE-----\nMIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw\nCQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg\nR3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00\nMDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT\nZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw\nEAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW\n+1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9\nItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T\nAQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI\nzj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW\ntL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1\n/q4AaOeMSQ+2b1tbFfLn\n-----END CERTIFICATE-----";
-
-#[test]
-fn a_certificate_authority_is_added_to_the_trust_roots() {
-    let config =
-        RancherConfig::from_value(&json!({"host": "r.example.com", "certificate_authority": SOME_CA})).unwrap();
-    assert!(config.certificate_authority.is_some());
-    let key = ApiKey::from_secret(&secret(&[("token", "token-a:b")])).unwrap();
-    Rancher::from_parts(config, key).expect("the client builds with the extra root");
 }
 
 /// Kubernetes answers a create whose name is held by an object being deleted (a revoke's

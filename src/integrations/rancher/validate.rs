@@ -1,10 +1,18 @@
 //! Validate: the key works, has no scope, is not about to expire, and belongs to an admin.
 //!
-//! `GET /v3/users?me=true` (whose key), `GET /v3/tokens/{accessKey}` (scope and expiry) and
+//! `GET /v3/users?me=true` (whose key), the key's token (scope and expiry: `GET /v3/tokens/{name}`,
+//! or `GET /v1/ext.cattle.io.tokens/{name}` for a 2.12+ `ext/` key) and
 //! `GET /v3/settings/server-version` (optional, for the details), run concurrently, then the admin
 //! proof (`GET /v3/globalrolebindings?userId=<me>&globalRoleId=admin`, see `admin`): 4 requests.
+//!
+//! A 401 never says why (`pkg/auth/requests/filter.go` always writes "must authenticate"), and a
+//! cluster-scoped key is refused on every path outside its cluster, its own token included. So a
+//! refused key is probed: a key that works on `GET /v3/clusters/{id}` is scoped to that cluster.
+//! The cluster list is not readable with such a key, so only ids known up front can be probed
+//! (`local`, plus any a caller knows); otherwise the message lists the scope among the causes.
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::Rancher;
@@ -19,14 +27,17 @@ pub(super) const EXPIRY_WARNING_DAYS: i64 = 14;
 impl Rancher {
     pub(super) async fn validate_key(&self) -> Result<ValidateResult, IntegrationError> {
         let me_url = self.client.url(&["v3", "users"], &[("me", "true")]);
-        let token_url = self.client.url(&["v3", "tokens", self.key.token_name()], &[]);
         let version_url = self.client.url(&["v3", "settings", "server-version"], &[]);
         let (me, token, version) = tokio::join!(
             self.client.get::<Collection<User>>(me_url),
-            self.client.get::<Token>(token_url),
+            self.own_token(),
             self.client.get::<Setting>(version_url),
         );
-        let user = owner_of(me.map_err(scoped_or_refused)?)?;
+        let me = match me {
+            Ok(me) => me,
+            Err(e) => return Err(self.explain_refusal(e, &[]).await),
+        };
+        let user = owner_of(me)?;
         let principal = user.username().map(str::to_string).unwrap_or_else(|| user.id.clone());
         let mut result = ValidateResult {
             principal,
@@ -50,14 +61,14 @@ impl Rancher {
         match token {
             Ok(token) => self.check_token(&token, &mut result, Utc::now())?,
             Err(e) if matches!(e.status(), Some(403 | 404)) => {
-                // 2.12+ `ext/` tokens are not v3 tokens; a key may also lack read access to its
-                // own token. Neither stops the key from working.
+                // A key may lack read access to its own token (or an `ext/` key meet a server
+                // without the ext API). Neither stops the key from working.
                 result.warnings.push(format!(
                     "could not read the API key's own token ({}): its scope and expiry are not checked",
                     e.summary()
                 ));
             }
-            Err(e) => return Err(scoped_or_refused(e)),
+            Err(e) => return Err(self.explain_refusal(e, &[]).await),
         }
         // Last: a key that fails the checks above is better told about those first.
         self.prove_admin(&user.id).await?;
@@ -65,6 +76,52 @@ impl Rancher {
             .details
             .insert("request_count".into(), Value::from(self.client.requests()));
         Ok(result)
+    }
+
+    /// The key's token: a v3 token, or for an `ext/` key (2.12+) its ext token read as one.
+    async fn own_token(&self) -> Result<Token, ApiError> {
+        let name = self.key.token_name();
+        if self.key.is_ext() {
+            let url = self.client.url(&["v1", "ext.cattle.io.tokens", name], &[]);
+            self.client.get::<ExtToken>(url).await.map(|t| t.into_token(name))
+        } else {
+            let url = self.client.url(&["v3", "tokens", name], &[]);
+            self.client.get::<Token>(url).await
+        }
+    }
+
+    /// Turns a failed request into the error to report. A 401 is probed for a cluster scope:
+    /// `GET /v3/clusters/{id}` for `local` and each of `clusters` (ids the caller knows), one
+    /// request each, stopping at the first the key gets past authentication on. Other failures
+    /// map as usual.
+    pub(super) async fn explain_refusal(&self, e: ApiError, clusters: &[&str]) -> IntegrationError {
+        if e.status() != Some(401) {
+            return e.into_error();
+        }
+        let mut candidates = vec!["local"];
+        candidates.extend(clusters.iter().copied().filter(|c| !c.is_empty() && *c != "local"));
+        candidates.dedup();
+        for cluster in candidates.into_iter().take(MAX_SCOPE_PROBES) {
+            let url = self.client.url(&["v3", "clusters", cluster], &[]);
+            let authenticated = match self.client.get::<Value>(url).await {
+                Ok(_) => true,
+                // Any status but 401 means the authenticator let the key through here.
+                Err(probe) => probe.status().is_some_and(|s| s != 401),
+            };
+            if authenticated {
+                return IntegrationError::CredentialsRefused {
+                    message: format!(
+                        "the API key {} is scoped to cluster {cluster}: Rancher refuses it (HTTP 401 on {} {}) \
+                         everywhere outside that cluster; create an API key with no scope from an admin user and \
+                         update the secret",
+                        self.key.token_name(),
+                        e.method,
+                        e.path
+                    ),
+                };
+            }
+        }
+        e.into_error()
     }
 
     /// Scope and expiry of the key's token.
@@ -76,6 +133,8 @@ impl Rancher {
     ) -> Result<(), IntegrationError> {
         let name = self.key.token_name();
         result.details.insert("token_id".into(), Value::from(name));
+        // A scoped key cannot read its own token (401 outside its cluster): kept for a server
+        // that lets it, at no cost.
         if let Some(cluster) = nonempty(&token.cluster_id) {
             return Err(IntegrationError::Invalid {
                 message: format!(
@@ -124,17 +183,50 @@ impl Rancher {
     }
 }
 
-/// A scoped key gets 401 "clusterID does not match" outside its cluster: say so plainly.
-fn scoped_or_refused(e: ApiError) -> IntegrationError {
-    if e.status() == Some(401) && e.message().contains("clusterID does not match") {
-        return IntegrationError::Invalid {
-            message: format!(
-                "the API key is scoped to a cluster (Rancher answered 401 on {} {}: clusterID does not match): the \
-                 integration needs a key with no scope; create a no-scope API key from an admin user and update the \
-                 secret",
-                e.method, e.path
-            ),
-        };
+/// Clusters probed at most for a refused key's scope.
+const MAX_SCOPE_PROBES: usize = 4;
+
+/// A 2.12+ ext token as `/v1/ext.cattle.io.tokens/{name}` serves it (rancher
+/// `pkg/apis/ext.cattle.io/v1/types.go`: `spec.clusterName`, `spec.enabled`, `status.expired`,
+/// `status.expiresAt`, empty when it never expires).
+#[derive(Debug, Default, Deserialize)]
+struct ExtToken {
+    #[serde(default)]
+    spec: ExtTokenSpec,
+    #[serde(default)]
+    status: ExtTokenStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExtTokenSpec {
+    #[serde(default, rename = "userID")]
+    user_id: Option<String>,
+    #[serde(default)]
+    cluster_name: Option<String>,
+    #[serde(default)]
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExtTokenStatus {
+    #[serde(default)]
+    expired: Option<bool>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+impl ExtToken {
+    fn into_token(self, name: &str) -> Token {
+        Token {
+            id: name.to_string(),
+            user_id: self.spec.user_id,
+            cluster_id: self.spec.cluster_name,
+            expires_at: self.status.expires_at,
+            expired: self.status.expired,
+            enabled: self.spec.enabled,
+            ..Token::default()
+        }
     }
-    e.into_error()
 }
