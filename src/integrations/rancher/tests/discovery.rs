@@ -78,37 +78,72 @@ async fn baseline(sim: &SimHandle) -> Discovered {
     d
 }
 
-#[tokio::test]
-async fn a_cluster_that_stalls_is_skipped_after_its_deadline_and_named() {
-    // A disconnected cluster agent stalls 20-40 s before Rancher answers (rancher
-    // `pkg/dialer/factory.go`); the stall here is far longer than the 1 s deadline.
-    let sim = sim().await;
-    let healthy = baseline(&sim).await;
-    let r = rancher_with(&sim, json!({"cluster_timeout_seconds": 1, "concurrency": 1}), None);
-    admin_proven(&r).await;
-    sim.sim.slow_next_on(NAMESPACES, 1, Duration::from_secs(60));
-    let started = Instant::now();
-    let d = Discovered::of(&r).await;
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(30), "waited through the stall: {took:?}");
+/// Checks a discovery that skipped exactly `cluster` against a healthy one: the cluster is named
+/// and flagged, and everything else is there.
+fn assert_only_skipped(d: &Discovered, healthy: &Discovered, cluster: &str) -> String {
     assert_eq!(d.summary.skipped_clusters.len(), 1, "{:?}", d.summary);
     let skipped = &d.summary.skipped_clusters[0];
-    assert!(
-        skipped.reason.contains("no answer within 1s") && skipped.reason.contains("cluster_timeout_seconds"),
-        "{}",
-        skipped.reason
-    );
-    assert_eq!(d.clusters().get(&skipped.id), Some(&false));
-    // Everything else is there: the other clusters' namespaces and every other collection.
+    assert_eq!(skipped.id, cluster);
+    assert_eq!(d.clusters().get(cluster), Some(&false));
     let mut expected = healthy.namespaces();
-    expected.remove(&skipped.id);
+    expected.remove(cluster);
     let mut got = d.namespaces();
-    assert_eq!(got.remove(&skipped.id), None, "nothing listed for the skipped cluster");
+    assert_eq!(got.remove(cluster), None, "nothing listed for the skipped cluster");
     assert_eq!(got, expected);
     for kind in ["cluster", "project", "user", "binding", "role_template", "global_role"] {
         assert_eq!(d.count(kind), healthy.count(kind), "{kind}");
     }
     assert_eq!(d.summary.objects, d.all.len() as u64);
+    skipped.reason.clone()
+}
+
+#[tokio::test]
+async fn one_disconnected_cluster_is_skipped_after_the_deadline_not_the_stall() {
+    // A disconnected cluster agent stalls 20-40 s before Rancher answers (rancher
+    // `pkg/dialer/factory.go`); here far longer than the 1 s deadline.
+    let sim = sim_with(SimOptions {
+        disconnect_stall: Duration::from_secs(60),
+        ..SimOptions::default()
+    })
+    .await;
+    let healthy = baseline(&sim).await;
+    assert!(sim.sim.disconnect_cluster("c-7x2k9", true));
+    let r = rancher_with(&sim, json!({"cluster_timeout_seconds": 1}), None);
+    admin_proven(&r).await;
+    let started = Instant::now();
+    let d = Discovered::of(&r).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "waited through the stall: {took:?}");
+    let reason = assert_only_skipped(&d, &healthy, "c-7x2k9");
+    assert!(
+        reason.contains("no answer within 1s") && reason.contains("cluster_timeout_seconds"),
+        "{reason}"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnected_cluster_that_answers_500_in_time_is_skipped_after_one_retry() {
+    // The dialer's stall varies (jitter): when Rancher's 500 "cluster agent disconnected" comes
+    // before the deadline, it is retried once, then the cluster is skipped.
+    let sim = sim_with(SimOptions {
+        disconnect_stall: Duration::from_millis(20),
+        ..SimOptions::default()
+    })
+    .await;
+    let healthy = baseline(&sim).await;
+    let clusters = healthy.clusters().len() as u64;
+    assert!(sim.sim.disconnect_cluster("local", true));
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    sim.sim.reset_stats();
+    let d = Discovered::of(&r).await;
+    let reason = assert_only_skipped(&d, &healthy, "local");
+    assert!(
+        reason.contains("500") && reason.contains("cluster agent disconnected"),
+        "{reason}"
+    );
+    assert_eq!(sim.sim.stats().route(NAMESPACES), clusters + 1, "one retry, no more");
     sim.stop().await;
 }
 
