@@ -362,3 +362,33 @@ async fn a_discovery_that_fails_after_uploading_is_retried_under_a_new_lease_wit
     assert!(keys.contains(&"binding/p-abcde:prtb-b0b01".to_string()), "{keys:?}");
     sim.stop().await;
 }
+
+/// The large dataset (200 clusters) with 5 % of its clusters disconnected, at Rancher's own
+/// stall (25 s) and the default deadline: every disconnected cluster is skipped and named, and
+/// every other one listed.
+#[tokio::test]
+#[ignore = "large: run with --ignored"]
+async fn discovery_of_a_large_fleet_with_disconnected_clusters() {
+    let sim = sim_with(SimOptions {
+        size: crate::sim::DatasetSize::Large,
+        disconnected_share: 0.05,
+        ..SimOptions::default()
+    })
+    .await;
+    let disconnected = sim.sim.disconnected_clusters();
+    assert!(disconnected.len() >= 5, "{disconnected:?}");
+    let r = rancher(&sim);
+    let started = Instant::now();
+    let d = Discovered::of(&r).await;
+    eprintln!(
+        "{} objects, {} requests, {} skipped, in {:?}",
+        d.all.len(),
+        d.summary.requests,
+        d.summary.skipped_clusters.len(),
+        started.elapsed()
+    );
+    let skipped: Vec<String> = d.summary.skipped_clusters.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(skipped, disconnected);
+    assert_eq!(d.clusters().values().filter(|listed| **listed).count(), 200 - disconnected.len());
+    sim.stop().await;
+}
