@@ -389,6 +389,9 @@ async fn discovery_of_a_large_fleet_with_disconnected_clusters() {
     );
     let skipped: Vec<String> = d.summary.skipped_clusters.iter().map(|s| s.id.clone()).collect();
     assert_eq!(skipped, disconnected);
-    assert_eq!(d.clusters().values().filter(|listed| **listed).count(), 200 - disconnected.len());
+    assert_eq!(
+        d.clusters().values().filter(|listed| **listed).count(),
+        200 - disconnected.len()
+    );
     sim.stop().await;
 }
