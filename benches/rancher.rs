@@ -6,6 +6,10 @@
 //!   users, 50,000 bindings) with injected latency: wall time, requests, the lower bound
 //!   (requests ÷ concurrency × latency) and the ratio to it, peak RSS of the discovering process.
 //!   The simulator runs in a child process so the RSS is the agent's own.
+//! - **Discovery with disconnected clusters**: the same instance with 5 % of its clusters'
+//!   agents down (their namespaces stall 25 s, as Rancher's dialer does, then answer 500): wall
+//!   time against the per-cluster deadline (`cluster_timeout_seconds`, default 10 s), and the
+//!   clusters skipped. Lower bound: (requests × latency + skipped × deadline) ÷ concurrency.
 //! - **Jobs per second**: grant then revoke jobs end to end through the embedded control plane
 //!   (SQLite on disk) and the agent (8 workers), against the simulator with injected latency.
 //! - **Idle memory** of `apono-connector run` (standalone, one integration) after start-up.
@@ -211,6 +215,54 @@ async fn discovery(rows: &mut Vec<String>, latency_ms: u64) {
     }
 }
 
+/// Share of the large instance's clusters whose agent is disconnected.
+const DISCONNECTED_SHARE: f64 = 0.05;
+/// What Rancher's dialer waits before "cluster agent disconnected" (20-40 s).
+const DISCONNECT_STALL: Duration = Duration::from_secs(25);
+
+async fn discovery_with_disconnected_clusters(rows: &mut Vec<String>, latency_ms: u64) {
+    // In process: the simulator's switches are options, not command-line flags (no RSS here).
+    let sim = SimHandle::start(SimOptions {
+        size: DatasetSize::Large,
+        latency: Duration::from_millis(latency_ms),
+        disconnected_share: DISCONNECTED_SHARE,
+        disconnect_stall: DISCONNECT_STALL,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let disconnected = sim.sim.disconnected_clusters().len();
+    let deadline = apono_connector::integrations::rancher::config::DEFAULT_CLUSTER_TIMEOUT_SECONDS;
+    for concurrency in [8u64, 32] {
+        let rancher = integration(&spec(&sim.base_url, json!({"concurrency": concurrency}))).await;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<DiscoveredObject>(1024);
+        let drain = tokio::spawn(async move {
+            let mut n = 0u64;
+            while rx.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        let started = Instant::now();
+        let summary = rancher.discover(tx).await.expect("discovery");
+        let wall = started.elapsed();
+        let objects = drain.await.expect("drain");
+        let skipped = summary.skipped_clusters.len() as u64;
+        let bound = Duration::from_millis((summary.requests * latency_ms + skipped * deadline * 1000) / concurrency);
+        rows.push(format!(
+            "| large instance, {disconnected} of its clusters disconnected (stall {} s, deadline {deadline} s), \
+             concurrency {concurrency}, latency {latency_ms} ms | {objects} objects | {} requests | {skipped} skipped | \
+             {:.2} s | {:.2} s | {:.1}× |",
+            DISCONNECT_STALL.as_secs(),
+            summary.requests,
+            wall.as_secs_f64(),
+            bound.as_secs_f64(),
+            wall.as_secs_f64() / bound.as_secs_f64().max(1e-9),
+        ));
+    }
+    sim.stop().await;
+}
+
 async fn jobs_per_second(rows: &mut Vec<String>, latency_ms: u64, jobs: usize) {
     let sim = Sim::new(SimOptions {
         size: DatasetSize::Large,
@@ -362,6 +414,13 @@ fn main() {
         rows.push("| discovery | objects | requests | wall | lower bound | ratio | peak RSS |".into());
         rows.push("|---|---|---|---|---|---|---|".into());
         discovery(&mut rows, latency).await;
+        rows.push(String::new());
+        rows.push(
+            "| discovery, disconnected clusters | objects | requests | skipped clusters | wall | lower bound | ratio |"
+                .into(),
+        );
+        rows.push("|---|---|---|---|---|---|---|".into());
+        discovery_with_disconnected_clusters(&mut rows, latency).await;
         rows.push(String::new());
         rows.push("| job path | jobs | wall | throughput | Rancher requests per job |".into());
         rows.push("|---|---|---|---|---|".into());

@@ -261,6 +261,12 @@ pub async fn discover(spec: IntegrationSpec) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    for skipped in &summary.skipped_clusters {
+        eprintln!(
+            "cluster {} skipped: its namespaces were not listed ({})",
+            skipped.id, skipped.reason
+        );
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! retryable flag. No message carries a secret value: secrets stay inside `Secret`, and the
 //! integration's errors are built to name objects, never credentials.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -134,12 +135,25 @@ impl Executor {
         // 2-4. Resolve the secret, build the integration, run; retry what can be retried.
         let mut refreshed_secret = false;
         let mut attempt = 1;
+        let uploaded = AtomicBool::new(false);
         loop {
-            let outcome = self.run_once(&spec, &operation, job, cp).await;
+            let outcome = self.run_once(&spec, &operation, job, cp, &uploaded).await;
             let error = match outcome {
                 Ok(value) => return Ok(value),
                 Err(e) => e,
             };
+            let worth_retrying = error.retryable || (error.code == "credentials_refused" && !refreshed_secret);
+            if worth_retrying && uploaded.load(Ordering::Relaxed) {
+                // Uploads belong to the lease: a rerun under this one would upload every object
+                // twice. The control plane retries the job under a new lease, which starts over.
+                if error.code == "credentials_refused" {
+                    self.secrets.invalidate(&spec.secret_store);
+                }
+                return Err(JobError {
+                    retryable: true,
+                    ..error
+                });
+            }
             if error.code == "credentials_refused" && !refreshed_secret {
                 // The key may have been rotated: drop any cached copy and read it again, once.
                 tracing::warn!(
@@ -169,6 +183,7 @@ impl Executor {
         operation: &Operation,
         job: &Job,
         cp: &dyn ControlPlane,
+        uploaded: &AtomicBool,
     ) -> Result<Value, JobError> {
         let secret = self
             .secrets
@@ -198,7 +213,7 @@ impl Executor {
             Operation::RotateCredentials(r) => to_json(integration.rotate_credentials(r).await),
             Operation::DeleteUser(r) => to_json(integration.delete_user(r).await),
             Operation::Sweep(r) => to_json(integration.sweep(r).await),
-            Operation::Discover => return discover_and_upload(integration.as_ref(), job, cp).await,
+            Operation::Discover => return discover_and_upload(integration.as_ref(), job, cp, uploaded).await,
         };
         result.map_err(|e| from_integration_error(&e))
     }
@@ -212,14 +227,21 @@ fn to_json<T: Serialize>(r: Result<T, IntegrationError>) -> Result<Value, Integr
 }
 
 /// Streams discovery into batched uploads; the job's result is the summary.
+///
+/// The uploads belong to this job's lease: if the job fails after some batches, the control plane
+/// discards them when it hands the job out again, and the next attempt uploads everything anew
+/// (docs/protocol.md, the resources upload).
 async fn discover_and_upload(
     integration: &dyn Integration,
     job: &Job,
     cp: &dyn ControlPlane,
+    uploaded_any: &AtomicBool,
 ) -> Result<Value, JobError> {
     let (tx, mut rx) = mpsc::channel::<DiscoveredObject>(UPLOAD_BATCH * 2);
     let discovery = integration.discover(tx);
-    let upload = async {
+    // Owns the receiver, so a failed upload drops it and discovery stops at its next send
+    // instead of waiting forever on a full channel.
+    let upload = async move {
         let mut batch = Vec::with_capacity(UPLOAD_BATCH);
         let mut uploaded = 0u64;
         loop {
@@ -235,6 +257,7 @@ async fn discover_and_upload(
                     retryable: e.retryable(),
                 })?;
                 uploaded += batch.len() as u64;
+                uploaded_any.store(true, Ordering::Relaxed);
                 batch.clear();
             }
             if done {

@@ -436,6 +436,12 @@ impl EmbeddedControlPlane {
         if row.state == JobState::Leased {
             tracing::info!(job = %row.id, kind = %row.kind, attempt = row.attempt, "lease expired; handing the job out again");
         }
+        // Uploads belong to a lease: what an earlier attempt uploaded before it failed or lost its
+        // lease would otherwise be counted twice once this attempt uploads everything again.
+        let discarded = store::discard_resources(c, &row.id)?;
+        if discarded > 0 {
+            tracing::info!(job = %row.id, discarded, "discarding the discovered objects of the job's earlier attempt");
+        }
         row.state = JobState::Leased;
         row.attempt = row.attempt.saturating_add(1);
         row.lease_token = Some(new_lease_token());

@@ -1203,6 +1203,12 @@ pub fn insert_resources(c: &Connection, job_id: &str, objects: &[Value]) -> Resu
     Ok(())
 }
 
+/// Drops a job's uploads: they belong to the lease that made them, and a new lease starts over.
+pub fn discard_resources(c: &Connection, job_id: &str) -> Result<usize, StoreError> {
+    c.execute("DELETE FROM resources WHERE job_id = ?1", [job_id])
+        .map_err(sql("discarding an earlier attempt's discovered objects"))
+}
+
 pub fn resources(c: &Connection, job_id: &str) -> Result<Vec<Value>, StoreError> {
     let mut stmt = c
         .prepare("SELECT seq, object FROM resources WHERE job_id = ?1 ORDER BY seq")

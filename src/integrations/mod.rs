@@ -414,19 +414,43 @@ pub struct DiscoverySummary {
     pub objects: u64,
     pub requests: u64,
     pub elapsed_ms: u64,
+    /// Objects emitted, per `type`.
     #[serde(default)]
     pub counts: BTreeMap<String, u64>,
+    /// Clusters whose namespaces could not be listed (a disconnected cluster agent, a timeout,
+    /// a 403...). Discovery went on without them; their `cluster` objects say
+    /// `namespaces_listed: false`, so a consumer never takes "not listed" for "deleted".
+    #[serde(default)]
+    pub skipped_clusters: Vec<SkippedCluster>,
+}
+
+/// A cluster whose namespaces were not listed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedCluster {
+    pub id: String,
+    /// What went wrong, for a person (never a credential).
+    pub reason: String,
+}
+
+/// Old data (before `namespaces_listed` existed) was only ever uploaded with every namespace listed.
+fn listed_by_default() -> bool {
+    true
 }
 
 /// One discovered object: a line of the discovery NDJSON (DESIGN.md §8).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DiscoveredObject {
+    /// Emitted once the cluster's namespace listing has settled (after its `namespace` lines).
     Cluster {
         id: String,
         name: String,
         #[serde(default)]
         labels: BTreeMap<String, String>,
+        /// `false`: the cluster's namespaces could not be listed (its `namespace` lines are
+        /// missing or incomplete), which says nothing about whether they still exist.
+        #[serde(default = "listed_by_default")]
+        namespaces_listed: bool,
     },
     Project {
         id: String,

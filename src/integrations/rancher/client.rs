@@ -169,7 +169,13 @@ impl Client {
     /// # Errors
     /// The failure as an [`ApiError`] (the caller decides what a 404 means).
     pub async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T, ApiError> {
-        let bytes = self.request(Method::GET, url.clone(), None).await?;
+        self.get_tries(url, self.retry.attempts).await
+    }
+
+    /// GET and decode, with at most `attempts` tries (a route that must give up fast).
+    async fn get_tries<T: DeserializeOwned>(&self, url: Url, attempts: usize) -> Result<T, ApiError> {
+        let retry = RetryPolicy { attempts, ..self.retry };
+        let bytes = self.request_with(Method::GET, url.clone(), None, retry).await?;
         self.decode(&Method::GET, &url, &bytes)
     }
 
@@ -210,6 +216,7 @@ impl Client {
             next: Some(self.url(segments, &query)),
             what: what.into(),
             seen: HashSet::new(),
+            attempts: self.retry.attempts,
             pages: 0,
             fresh_pages: 0,
             stalled: 0,
@@ -230,10 +237,20 @@ impl Client {
     /// One logical request: retried with exponential backoff and jitter on transient failures,
     /// waiting at least what a 429's or 503's `Retry-After` asks (up to [`MAX_RETRY_AFTER`]).
     async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+        self.request_with(method, url, body, self.retry).await
+    }
+
+    async fn request_with(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+        retry: RetryPolicy,
+    ) -> Result<Vec<u8>, ApiError> {
         let policy = ExponentialBuilder::default()
-            .with_min_delay(self.retry.min_delay)
-            .with_max_delay(self.retry.max_delay)
-            .with_max_times(self.retry.attempts.saturating_sub(1))
+            .with_min_delay(retry.min_delay)
+            .with_max_delay(retry.max_delay)
+            .with_max_times(retry.attempts.saturating_sub(1))
             .with_jitter();
         (|| self.send_once(&method, &url, body))
             .retry(policy)
@@ -401,6 +418,8 @@ pub struct Pager<'c, T> {
     next: Option<Url>,
     what: String,
     seen: HashSet<String>,
+    /// Tries per page (the client's retry policy, unless [`Pager::with_attempts`] lowered it).
+    attempts: usize,
     pages: u32,
     fresh_pages: u32,
     stalled: u32,
@@ -410,6 +429,14 @@ pub struct Pager<'c, T> {
 }
 
 impl<T: DeserializeOwned + HasId> Pager<'_, T> {
+    /// At most `attempts` tries per page (at least 1, never more than the client's policy): for
+    /// a route where waiting through every retry costs more than giving up.
+    #[must_use]
+    pub fn with_attempts(mut self, attempts: usize) -> Self {
+        self.attempts = attempts.clamp(1, self.attempts.max(1));
+        self
+    }
+
     /// The next page's new items, or `None` when the listing is done.
     ///
     /// # Errors
@@ -437,7 +464,11 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
                 self.not_converged(format!("more than {MAX_PAGES} pages")),
             ));
         }
-        let page: Collection<T> = self.client.get(url.clone()).await.map_err(PageError::Api)?;
+        let page: Collection<T> = self
+            .client
+            .get_tries(url.clone(), self.attempts)
+            .await
+            .map_err(PageError::Api)?;
         let first_seen = page.data.first().is_some_and(|o| self.seen.contains(o.id()));
         if first_seen && !self.prev_last_seen {
             self.restarts += 1;

@@ -24,6 +24,10 @@ pub const DEFAULT_TIMEOUT_SECONDS: u64 = 30;
 pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: u64 = 10;
 /// How long a grant waits for a new binding's `status.summary` to reach `Completed` (2.11+).
 pub const DEFAULT_STATUS_TIMEOUT_SECONDS: u64 = 10;
+/// How long discovery gives one cluster's namespace listing (all pages, its one retry included).
+/// Short on purpose: a disconnected cluster stalls 20-40 s before Rancher answers 500
+/// (rancher `pkg/dialer/factory.go`), and it must not hold a request slot that long.
+pub const DEFAULT_CLUSTER_TIMEOUT_SECONDS: u64 = 10;
 /// Apono's limit on the instructions shown to end users.
 pub const MAX_CUSTOM_ACCESS_DETAILS: usize = 400;
 
@@ -43,6 +47,7 @@ const KNOWN_KEYS: &[&str] = &[
     "status_timeout_seconds",
     "new_user_roles",
     "insecure_http",
+    "cluster_timeout_seconds",
 ];
 
 /// Which global roles the users the agent creates get, so they can log in
@@ -95,6 +100,8 @@ pub struct RancherConfig {
     pub status_timeout: Duration,
     /// The global roles of the users the agent creates.
     pub new_user_roles: NewUserRoles,
+    /// Discovery's deadline for one cluster's namespaces; a cluster past it is skipped.
+    pub cluster_timeout: Duration,
 }
 
 impl RancherConfig {
@@ -221,6 +228,15 @@ impl RancherConfig {
             }),
         };
 
+        let cluster_timeout = bounded(
+            map,
+            "cluster_timeout_seconds",
+            DEFAULT_CLUSTER_TIMEOUT_SECONDS,
+            1,
+            600,
+            &mut errors,
+        );
+
         match base_url {
             Some(base_url) if errors.is_empty() => Ok(RancherConfig {
                 base_url,
@@ -235,6 +251,7 @@ impl RancherConfig {
                 connect_timeout: Duration::from_secs(connect_timeout),
                 status_timeout: Duration::from_secs(status_timeout),
                 new_user_roles,
+                cluster_timeout: Duration::from_secs(cluster_timeout),
             }),
             _ => Err(config_err(errors)),
         }

@@ -3,13 +3,23 @@
 //! The eight top-level collections are listed in parallel; once the clusters are known, their
 //! namespaces (`GET /v3/cluster/{id}/namespaces`) are listed `concurrency` clusters at a time. The
 //! client's semaphore bounds requests in flight overall. Memory stays bounded: each page is
-//! streamed into the sink before the next is fetched (only ids are kept, for the loop guard and
-//! the cluster list). A cluster whose namespaces answer 503 (ClusterUnavailable: its agent is
-//! disconnected) is skipped and counted, not fatal.
+//! streamed into the sink before the next is fetched (only ids are kept, for the loop guard, and
+//! the clusters themselves until their namespaces are listed).
+//!
+//! **One bad cluster does not fail discovery.** A cluster's namespaces are served through its
+//! agent's tunnel: a disconnected agent stalls 20-40 s, then Rancher answers 500 "cluster agent
+//! disconnected" (rancher `pkg/dialer/factory.go`, norman `httperror/handler/handler.go`). So any
+//! failure of that route (5xx, 429, 403, 404, a timeout, a broken connection, a listing that does
+//! not converge) skips the cluster, with a short deadline (`cluster_timeout_seconds`) and at most
+//! one retry, and is reported in the summary. A 401 is the key's problem, not the cluster's, and
+//! still fails discovery, as does any failure of the top-level listings.
+//!
+//! **Order.** A `cluster` object is emitted after its namespace listing has settled, so it can say
+//! whether its namespaces were listed (`namespaces_listed`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -18,7 +28,10 @@ use tokio::sync::mpsc;
 use super::Rancher;
 use super::client::PageError;
 use super::model::{Binding, Cluster, GlobalRole, HasId, Namespace, Project, RoleTemplate, User, nonempty};
-use crate::integrations::{BindingScope, DiscoveredObject, DiscoverySummary, IntegrationError};
+use crate::integrations::{BindingScope, DiscoveredObject, DiscoverySummary, IntegrationError, SkippedCluster};
+
+/// Tries per page of a cluster's namespaces: one retry at most, so a dead cluster gives up fast.
+const NAMESPACE_ATTEMPTS: usize = 2;
 
 /// Why discovery stopped early.
 enum Stop {
@@ -33,10 +46,11 @@ impl From<IntegrationError> for Stop {
     }
 }
 
-/// The sink, with counts per type.
+/// The sink, with counts per type and the clusters whose namespaces were not listed.
 struct Emitter<'a> {
     sink: &'a mpsc::Sender<DiscoveredObject>,
     counts: Mutex<BTreeMap<String, u64>>,
+    skipped: Mutex<Vec<SkippedCluster>>,
 }
 
 impl Emitter<'_> {
@@ -50,6 +64,12 @@ impl Emitter<'_> {
     fn count(&self, kind: &str) {
         if let Ok(mut counts) = self.counts.lock() {
             *counts.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    fn skip(&self, cluster: SkippedCluster) {
+        if let Ok(mut skipped) = self.skipped.lock() {
+            skipped.push(cluster);
         }
     }
 }
@@ -67,22 +87,35 @@ impl Rancher {
         let emit = Emitter {
             sink: &sink,
             counts: Mutex::new(BTreeMap::new()),
+            skipped: Mutex::new(Vec::new()),
         };
 
-        let clusters_then_namespaces = async {
-            let mut cluster_ids = Vec::new();
-            self.stream::<Cluster, _>(&["v3", "clusters"], "clusters", &emit, |c| {
-                cluster_ids.push(c.id.clone());
-                Some(DiscoveredObject::Cluster {
-                    name: display(&c.name, &c.id),
-                    id: c.id,
-                    labels: c.labels,
-                })
-            })
-            .await?;
+        let namespaces_then_clusters = async {
+            // Kept until its namespaces are listed: a cluster's line says how that went.
+            let mut clusters = Vec::new();
+            let mut pager = self.client.list::<Cluster>(&["v3", "clusters"], &[], "clusters");
+            while let Some(page) = pager.next_page().await? {
+                clusters.extend(page);
+            }
             let emit = &emit;
-            let mut listings = futures::stream::iter(cluster_ids)
-                .map(|id: String| async move { self.cluster_namespaces(&id, emit).await })
+            let mut listings = futures::stream::iter(clusters)
+                .map(|c: Cluster| async move {
+                    let skipped = self.cluster_namespaces(&c.id, emit).await?;
+                    let namespaces_listed = skipped.is_none();
+                    if let Some(reason) = skipped {
+                        emit.skip(SkippedCluster {
+                            id: c.id.clone(),
+                            reason,
+                        });
+                    }
+                    emit.send(DiscoveredObject::Cluster {
+                        name: display(&c.name, &c.id),
+                        id: c.id,
+                        labels: c.labels,
+                        namespaces_listed,
+                    })
+                    .await
+                })
                 .buffer_unordered(self.config.concurrency);
             while let Some(r) = listings.next().await {
                 r?;
@@ -144,7 +177,7 @@ impl Rancher {
         );
 
         let outcome = tokio::try_join!(
-            clusters_then_namespaces,
+            namespaces_then_clusters,
             projects,
             global_roles,
             role_templates,
@@ -159,16 +192,14 @@ impl Rancher {
             Err(Stop::Failed(e)) => return Err(e),
         }
         let counts = emit.counts.into_inner().unwrap_or_default();
-        let objects = counts
-            .iter()
-            .filter(|(k, _)| k.as_str() != "skipped_clusters")
-            .map(|(_, v)| v)
-            .sum();
+        let mut skipped_clusters = emit.skipped.into_inner().unwrap_or_default();
+        skipped_clusters.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(DiscoverySummary {
-            objects,
+            objects: counts.values().sum(),
             requests: self.client.requests().saturating_sub(requests_before),
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             counts,
+            skipped_clusters,
         })
     }
 
@@ -189,40 +220,58 @@ impl Rancher {
         Ok(())
     }
 
-    /// One cluster's namespaces; a cluster that is unavailable (503) or gone (404) is skipped.
-    async fn cluster_namespaces(&self, cluster_id: &str, emit: &Emitter<'_>) -> Result<(), Stop> {
+    /// One cluster's namespaces, streamed into the sink. `Some(reason)` when they could not all
+    /// be listed: the cluster is skipped, not fatal (see the module doc). The deadline counts only
+    /// the time spent waiting on Rancher, not on a slow receiver.
+    async fn cluster_namespaces(&self, cluster_id: &str, emit: &Emitter<'_>) -> Result<Option<String>, Stop> {
         let what = format!("namespaces of cluster {cluster_id}");
         let mut pager = self
             .client
-            .list::<Namespace>(&["v3", "cluster", cluster_id, "namespaces"], &[], what);
+            .list::<Namespace>(&["v3", "cluster", cluster_id, "namespaces"], &[], what)
+            .with_attempts(NAMESPACE_ATTEMPTS);
+        let mut budget = self.config.cluster_timeout;
         loop {
-            let page = match pager.next_page_raw().await {
-                Ok(Some(page)) => page,
-                Ok(None) => return Ok(()),
-                Err(PageError::Api(e)) if matches!(e.status(), Some(503 | 404)) => {
-                    tracing::warn!(
-                        cluster = cluster_id, error = %e.summary(),
-                        "skipping the namespaces of a cluster that is unavailable"
-                    );
-                    emit.count("skipped_clusters");
-                    return Ok(());
+            let asked = Instant::now();
+            let next = tokio::time::timeout(budget, pager.next_page_raw()).await;
+            budget = budget.saturating_sub(asked.elapsed());
+            let failure = match next {
+                Ok(Ok(Some(page))) => {
+                    for ns in page {
+                        let name = display(&ns.name, &ns.id);
+                        emit.send(DiscoveredObject::Namespace {
+                            // Namespace names repeat across clusters: the id carries the cluster.
+                            id: format!("{cluster_id}:{}", ns.id),
+                            name,
+                            cluster_id: cluster_id.to_string(),
+                            project_id: nonempty(&ns.project_id).map(str::to_string),
+                        })
+                        .await?;
+                    }
+                    continue;
                 }
-                Err(PageError::Api(e)) => return Err(Stop::Failed(e.into_error())),
-                Err(PageError::Loop(e)) => return Err(Stop::Failed(e)),
+                Ok(Ok(None)) => return Ok(None),
+                // A refused key fails every request, not this cluster's alone: the executor
+                // re-reads the secret on CredentialsRefused.
+                Ok(Err(PageError::Api(e))) if e.status() == Some(401) => return Err(Stop::Failed(e.into_error())),
+                Ok(Err(PageError::Api(e))) => e.summary(),
+                Ok(Err(PageError::Loop(e))) => e.to_string(),
+                Err(_) => timed_out(cluster_id, self.config.cluster_timeout),
             };
-            for ns in page {
-                let name = display(&ns.name, &ns.id);
-                emit.send(DiscoveredObject::Namespace {
-                    // Namespace names repeat across clusters: the id carries the cluster.
-                    id: format!("{cluster_id}:{}", ns.id),
-                    name,
-                    cluster_id: cluster_id.to_string(),
-                    project_id: nonempty(&ns.project_id).map(str::to_string),
-                })
-                .await?;
-            }
+            tracing::warn!(
+                cluster = cluster_id, error = %failure,
+                "skipping the namespaces of a cluster that cannot be listed (is its agent disconnected?); discovery goes on"
+            );
+            return Ok(Some(failure));
         }
     }
+}
+
+fn timed_out(cluster_id: &str, deadline: Duration) -> String {
+    format!(
+        "GET /v3/cluster/{cluster_id}/namespaces got no answer within {}s (cluster_timeout_seconds); \
+         a cluster whose agent is disconnected stalls like this",
+        deadline.as_secs()
+    )
 }
 
 /// A display name, or the id when there is none.
