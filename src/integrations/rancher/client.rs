@@ -164,6 +164,21 @@ impl Client {
         self.decode(&Method::POST, &url, &bytes)
     }
 
+    /// POST like [`Client::post`], except that a failure `is_final` says is final is not retried
+    /// even when transient by status: Rancher answers some refusals with a 500 (an unknown role
+    /// template, a principal the key's auth provider cannot resolve), and retrying them only
+    /// costs requests.
+    pub async fn post_unless<T: DeserializeOwned>(
+        &self,
+        url: Url,
+        body: &Value,
+        is_final: impl Fn(&ApiError) -> bool,
+    ) -> Result<T, ApiError> {
+        let retry_if = |e: &ApiError| e.is_transient() && !is_final(e);
+        let bytes = self.request_when(Method::POST, url.clone(), Some(body), retry_if).await?;
+        self.decode(&Method::POST, &url, &bytes)
+    }
+
     /// PUT a JSON body (Norman replaces the top-level fields given) and decode the answer.
     /// Retried like a POST: every PUT this integration makes sets fields to fixed values.
     pub async fn put<T: DeserializeOwned>(&self, url: Url, body: &Value) -> Result<T, ApiError> {
@@ -209,6 +224,17 @@ impl Client {
 
     /// One logical request: retried with exponential backoff and jitter on transient failures.
     async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+        self.request_when(method, url, body, ApiError::is_transient).await
+    }
+
+    /// [`Client::request`], retrying the failures `retry_if` accepts.
+    async fn request_when(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+        retry_if: impl Fn(&ApiError) -> bool,
+    ) -> Result<Vec<u8>, ApiError> {
         let policy = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
@@ -216,7 +242,7 @@ impl Client {
             .with_jitter();
         (|| self.send_once(&method, &url, body))
             .retry(policy)
-            .when(ApiError::is_transient)
+            .when(|e| retry_if(e))
             .notify(|e, delay| {
                 tracing::warn!(
                     method = %e.method, path = %e.path, error = %e.summary(), delay_ms = delay.as_millis() as u64,
