@@ -259,9 +259,31 @@ fn pct_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Which API a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Root {
+    /// Norman, `/v3`.
+    V3,
+    /// Steve, `/v1` (only `ext.cattle.io.tokens` here).
+    V1,
+    /// The downstream clusters' Kubernetes API through Rancher, `/k8s`.
+    K8s,
+}
+
+impl Root {
+    fn prefix(self) -> &'static str {
+        match self {
+            Root::V3 => "/v3",
+            Root::V1 => "/v1",
+            Root::K8s => "/k8s",
+        }
+    }
+}
+
 pub(crate) struct Req {
     method: Method,
-    /// Decoded path segments after `/v3`.
+    root: Root,
+    /// Decoded path segments after the root (`/v3`, `/v1`, `/k8s`).
     segs: Vec<String>,
     query: Vec<(String, String)>,
     /// `scheme://host`
@@ -326,12 +348,12 @@ fn base_url(headers: &HeaderMap) -> String {
     format!("{scheme}://{host}")
 }
 
-/// `METHOD /v3/<collection>[/{id}][?action=<a>]`, ids replaced by `{id}`.
-fn route_key(method: &Method, segs: &[String], action: Option<&str>) -> String {
-    let mut k = format!("{method} /v3");
+/// `METHOD /v3/<collection>[/{id}][?action=<a>]` (or `/v1`, `/k8s`), ids replaced by `{id}`.
+fn route_key(method: &Method, root: Root, segs: &[String], action: Option<&str>) -> String {
+    let mut k = format!("{method} {}", root.prefix());
     match segs {
         [] => {}
-        [c, rest @ ..] if c.eq_ignore_ascii_case("cluster") => {
+        [c, rest @ ..] if root == Root::V3 && c.eq_ignore_ascii_case("cluster") => {
             k.push_str("/cluster");
             for (i, _) in rest.iter().enumerate().take(3) {
                 match i {
@@ -385,9 +407,9 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// `(access_key, secret_key)` from `Authorization: Bearer a:s`, `Basic base64(a:s)` or the
-/// `R_SESS` cookie; an `ext/` prefix on the access key is dropped.
-fn credentials(headers: &HeaderMap) -> Option<(String, String)> {
+/// `(access_key, secret_key, ext)` from `Authorization: Bearer a:s`, `Basic base64(a:s)` or the
+/// `R_SESS` cookie; an `ext/` prefix on the access key is dropped and reported as `ext`.
+fn credentials(headers: &HeaderMap) -> Option<(String, String, bool)> {
     let raw = if let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
         let (scheme, value) = auth.trim().split_once(' ')?;
         if scheme.eq_ignore_ascii_case("bearer") {
@@ -404,8 +426,20 @@ fn credentials(headers: &HeaderMap) -> Option<(String, String)> {
             .find_map(|c| c.trim().strip_prefix("R_SESS=").map(pct_decode))?
     };
     let (access, secret) = raw.split_once(':')?;
-    let access = access.strip_prefix("ext/").unwrap_or(access);
-    Some((access.to_string(), secret.to_string()))
+    let (access, ext) = match access.strip_prefix("ext/") {
+        Some(name) => (name, true),
+        None => (access, false),
+    };
+    Some((access.to_string(), secret.to_string(), ext))
+}
+
+/// Whether the request carries the current key, unexpired, of an enabled owner. An `ext/` key
+/// is looked up among ext tokens only, a plain one among v3 tokens only
+/// (`pkg/auth/requests/authenticate.go`).
+fn authenticates(key: &KeyState, headers: &HeaderMap, st: &store::State) -> bool {
+    credentials(headers).is_some_and(|(a, s, ext)| a == key.access_key && s == key.secret_key && ext == key.ext)
+        && key.expires_at.is_none_or(|t| t > Utc::now())
+        && st.users.get(&key.owner).is_some_and(|u| u.enabled)
 }
 
 // ----- the /v3 entry point -----
@@ -413,10 +447,13 @@ fn credentials(headers: &HeaderMap) -> Option<(String, String)> {
 async fn entry(State(sim): State<Sim>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_string();
-    if path != "/v3" && !path.starts_with("/v3/") {
+    let Some(root) = [Root::V3, Root::V1, Root::K8s]
+        .into_iter()
+        .find(|r| path == r.prefix() || path.starts_with(&format!("{}/", r.prefix())))
+    else {
         return json_response(404, &ApiError::not_found(format!("{path} not found")).to_json());
-    }
-    let segs: Vec<String> = path["/v3".len()..]
+    };
+    let segs: Vec<String> = path[root.prefix().len()..]
         .split('/')
         .filter(|s| !s.is_empty())
         .map(pct_decode)
@@ -427,7 +464,7 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
         .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     let action = query.iter().find(|(k, _)| k == "action").map(|(_, v)| v.clone());
-    let route = route_key(&parts.method, &segs, action.as_deref());
+    let route = route_key(&parts.method, root, &segs, action.as_deref());
     {
         let mut stats = lock(&sim.inner.stats);
         stats.total += 1;
@@ -436,7 +473,7 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
     let write = matches!(parts.method, Method::POST | Method::PUT | Method::DELETE);
     let decision = lock(&sim.inner.faults).decide(&route, write);
     let latency = *sim.inner.latency.read().unwrap_or_else(|e| e.into_inner());
-    let delay = latency + decision.slow.unwrap_or_default();
+    let delay = latency + decision.slow.unwrap_or_default() + disconnect_stall(&sim, root, &segs, &parts.headers);
     // Read before any wait: the body belongs to the connection, the wait does not.
     let body = match axum::body::to_bytes(body, 16 << 20).await {
         Ok(b) => b.to_vec(),
@@ -447,6 +484,7 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
     };
     let req = Req {
         method: parts.method.clone(),
+        root,
         segs,
         query,
         base: base_url(&parts.headers),
@@ -504,25 +542,80 @@ fn finish_stats(sim: &Sim, status: u16, injected: bool) {
     }
 }
 
-/// Authenticates, checks the key's scope, then routes.
+/// How long an authenticated request to a disconnected cluster waits in Rancher's dialer
+/// (`pkg/dialer/factory.go`: four tries with a jittered 5 s sleep) before it fails.
+fn disconnect_stall(sim: &Sim, root: Root, segs: &[String], headers: &HeaderMap) -> Duration {
+    if root != Root::V3 || segs.len() < 2 || !segs[0].eq_ignore_ascii_case("cluster") {
+        return Duration::ZERO;
+    }
+    let key = sim.key();
+    let st = lock(&sim.inner.state);
+    if st.disconnected.contains(&segs[1]) && authenticates(&key, headers, &st) {
+        st.disconnect_stall
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Authenticates, checks the key's scope, then routes. Every refusal is the same 401 body
+/// (`pkg/auth/requests/filter.go`): it never says whether the key is wrong, expired, disabled
+/// or scoped to another cluster.
 fn handle(sim: &Sim, req: &Req, headers: &HeaderMap) -> Result<(u16, Value), ApiError> {
     let key = sim.key();
     let mut st = lock(&sim.inner.state);
-    let valid = credentials(headers).is_some_and(|(a, s)| a == key.access_key && s == key.secret_key)
-        && key.expires_at.is_none_or(|t| t > Utc::now())
-        && st.users.get(&key.owner).is_some_and(|u| u.enabled);
-    if !valid {
+    if !authenticates(&key, headers, &st) {
         return Ok(unauthorized("Unauthorized 401: must authenticate"));
     }
     if let Some(scope) = &key.cluster_id {
-        let routed = req.segs.len() >= 2
-            && (req.segs[0].eq_ignore_ascii_case("clusters") || req.segs[0].eq_ignore_ascii_case("cluster"))
-            && &req.segs[1] == scope;
-        if !routed {
-            return Ok(unauthorized("Unauthorized 401: clusterID does not match"));
+        let segs = &req.segs;
+        let cluster_path = match req.root {
+            Root::V3 => {
+                segs.len() >= 2
+                    && (segs[0].eq_ignore_ascii_case("clusters") || segs[0].eq_ignore_ascii_case("cluster"))
+            }
+            Root::K8s => segs.len() >= 2 && segs[0] == "clusters",
+            Root::V1 => false,
+        };
+        if !(cluster_path && &segs[1] == scope) {
+            return Ok(unauthorized("Unauthorized 401: must authenticate"));
         }
     }
-    route(&mut st, req, &key)
+    match req.root {
+        Root::V3 => route(&mut st, req, &key),
+        Root::V1 => route_v1(&st, req, &key),
+        Root::K8s => route_k8s(&st, req),
+    }
+}
+
+/// Steve's `/v1`: only `GET /v1/ext.cattle.io.tokens/{name}`, the 2.12+ ext token of the key
+/// (rancher `pkg/apis/ext.cattle.io/v1/types.go` Token; `pkg/ext/stores/tokens`).
+fn route_v1(st: &store::State, req: &Req, key: &KeyState) -> Result<(u16, Value), ApiError> {
+    match req.segs.as_slice() {
+        [kind, name] if kind == "ext.cattle.io.tokens" => {
+            allow(req, &[Method::GET])?;
+            if key.ext && *name == key.access_key {
+                Ok((200, ext_token_json(key, st, &req.base)))
+            } else {
+                Err(ApiError::not_found(format!("tokens.ext.cattle.io \"{name}\" not found")))
+            }
+        }
+        _ => Err(ApiError::not_found(format!("{} not found", req.path))),
+    }
+}
+
+/// `/k8s/clusters/{id}/version`: the downstream cluster's Kubernetes version through Rancher's
+/// proxy, enough to tell that a cluster-scoped key works on its own cluster.
+fn route_k8s(st: &store::State, req: &Req) -> Result<(u16, Value), ApiError> {
+    match req.segs.as_slice() {
+        [c, id, v] if c == "clusters" && v == "version" && st.clusters.contains_key(id) => {
+            allow(req, &[Method::GET])?;
+            Ok((
+                200,
+                json!({"major": "1", "minor": "31", "gitVersion": "v1.31.4+rke2r1", "platform": "linux/amd64"}),
+            ))
+        }
+        _ => Err(ApiError::not_found(format!("{} not found", req.path))),
+    }
 }
 
 fn allow(req: &Req, methods: &[Method]) -> Result<(), ApiError> {
@@ -537,34 +630,68 @@ fn allow(req: &Req, methods: &[Method]) -> Result<(), ApiError> {
     }
 }
 
-const CLUSTER_FILTERS: &[&str] = &["id", "name"];
-const PROJECT_FILTERS: &[&str] = &["id", "name", "clusterId"];
-const NAMESPACE_FILTERS: &[&str] = &["id", "name", "projectId"];
-const GLOBAL_ROLE_FILTERS: &[&str] = &["id", "name", "builtin", "newUserDefault"];
-const ROLE_TEMPLATE_FILTERS: &[&str] = &["id", "name", "context", "locked", "hidden"];
-const USER_FILTERS: &[&str] = &["id", "username", "me"];
-const GRB_FILTERS: &[&str] = &["id", "name", "userId", "groupPrincipalId", "globalRoleId"];
-const CRTB_FILTERS: &[&str] = &[
-    "id",
-    "name",
-    "clusterId",
-    "userId",
-    "userPrincipalId",
-    "groupPrincipalId",
-    "roleTemplateId",
+/// A filterable field and its Norman type, which decides its modifiers (rancher/norman
+/// `types/reflection.go` setupFilters).
+type Filter = (&'static str, Kind);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// string, enum, date or `reference[...]`: `eq`, `ne`, `in`, `notin`.
+    Str,
+    /// boolean: `eq`, `ne` only.
+    Bool,
+}
+
+use Kind::{Bool, Str};
+
+const CLUSTER_FILTERS: &[Filter] = &[("id", Str), ("name", Str)];
+const PROJECT_FILTERS: &[Filter] = &[("id", Str), ("name", Str), ("clusterId", Str)];
+const NAMESPACE_FILTERS: &[Filter] = &[("id", Str), ("name", Str), ("projectId", Str)];
+const GLOBAL_ROLE_FILTERS: &[Filter] = &[("id", Str), ("name", Str), ("builtin", Bool), ("newUserDefault", Bool)];
+const ROLE_TEMPLATE_FILTERS: &[Filter] = &[
+    ("id", Str),
+    ("name", Str),
+    ("context", Str),
+    ("builtin", Bool),
+    ("locked", Bool),
+    ("hidden", Bool),
 ];
-const PRTB_FILTERS: &[&str] = &[
-    "id",
-    "name",
-    "projectId",
-    "userId",
-    "userPrincipalId",
-    "groupPrincipalId",
-    "roleTemplateId",
+const USER_FILTERS: &[Filter] = &[
+    ("id", Str),
+    ("username", Str),
+    ("me", Bool),
+    ("enabled", Bool),
+    ("mustChangePassword", Bool),
+];
+const GRB_FILTERS: &[Filter] = &[
+    ("id", Str),
+    ("name", Str),
+    ("userId", Str),
+    ("groupPrincipalId", Str),
+    ("globalRoleId", Str),
+];
+const CRTB_FILTERS: &[Filter] = &[
+    ("id", Str),
+    ("name", Str),
+    ("clusterId", Str),
+    ("userId", Str),
+    ("userPrincipalId", Str),
+    ("groupPrincipalId", Str),
+    ("roleTemplateId", Str),
+];
+const PRTB_FILTERS: &[Filter] = &[
+    ("id", Str),
+    ("name", Str),
+    ("projectId", Str),
+    ("userId", Str),
+    ("userPrincipalId", Str),
+    ("groupPrincipalId", Str),
+    ("roleTemplateId", Str),
 ];
 
 fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value), ApiError> {
     st.purge();
+    st.reconcile(std::time::Instant::now());
     let ctx_base = req.base.clone();
     let owner = key.owner.clone();
     let ctx = st.ctx(&ctx_base, &owner);
@@ -613,6 +740,10 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             let Some(nss) = st.namespaces.get(*cid).filter(|_| st.clusters.contains_key(*cid)) else {
                 return Err(k8s_not_found("clusters", cid));
             };
+            if st.disconnected.contains(*cid) {
+                // A plain Go error from the dialer: Norman's handler makes it a 500.
+                return Err(ApiError::new(500, "ServerError", "cluster agent disconnected"));
+            }
             match tail {
                 [] => {
                     let visible = nss.values().filter(|n| view.listed(&n.name) && view.namespace(n));
@@ -729,13 +860,12 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
         },
         ("tokens", []) => {
             allow(req, &[Method::GET])?;
-            let token = token_json(key, &ctx);
-            Ok((200, collection("token", vec![token], req, None)))
+            let tokens = if key.ext { Vec::new() } else { vec![token_json(key, &ctx)] };
+            Ok((200, collection("token", tokens, req, None)))
         }
         ("tokens", [id]) => {
             allow(req, &[Method::GET])?;
-            let id = id.strip_prefix("ext/").unwrap_or(id);
-            if id == key.access_key {
+            if !key.ext && *id == key.access_key {
                 Ok((200, token_json(key, &ctx)))
             } else {
                 Err(k8s_not_found("tokens", id))
@@ -922,6 +1052,45 @@ fn token_json(key: &KeyState, ctx: &Ctx) -> Value {
     })
 }
 
+/// An ext token as `GET /v1/ext.cattle.io.tokens/{name}` shows it (rancher
+/// `pkg/apis/ext.cattle.io/v1/types.go`: `spec.ttl` in ms, `status.expiresAt` empty when it never
+/// expires), wrapped by Steve (`id`, `type`, `links`).
+fn ext_token_json(key: &KeyState, st: &store::State, base: &str) -> Value {
+    let now = Utc::now();
+    let ttl = key
+        .expires_at
+        .map_or(0, |t| (t - key.created).num_milliseconds().max(0));
+    let owner = st.users.get(&key.owner);
+    json!({
+        "id": key.access_key,
+        "type": "ext.cattle.io.token",
+        "links": {"self": format!("{base}/v1/ext.cattle.io.tokens/{}", key.access_key)},
+        "apiVersion": "ext.cattle.io/v1",
+        "kind": "Token",
+        "metadata": {
+            "name": key.access_key,
+            "creationTimestamp": key.created.to_rfc3339_opts(SecondsFormat::Secs, true),
+        },
+        "spec": {
+            "userID": key.owner,
+            "description": "simulator API key",
+            "clusterName": key.cluster_id.clone().unwrap_or_default(),
+            "ttl": ttl,
+            "enabled": true,
+            "kind": "",
+        },
+        "status": {
+            "current": true,
+            "expired": key.expires_at.is_some_and(|t| t <= now),
+            "expiresAt": key.expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default(),
+            "authProvider": "local",
+            "displayName": owner.map(|u| u.name.clone()).unwrap_or_default(),
+            "userName": owner.and_then(|u| u.username.clone()).unwrap_or_default(),
+            "lastUpdateTime": "",
+        },
+    })
+}
+
 fn settings(st: &store::State) -> Vec<(String, String, String)> {
     vec![
         ("auth-token-max-ttl-minutes".into(), "129600".into(), "129600".into()),
@@ -954,21 +1123,19 @@ fn setting_json(id: &str, value: &str, default: &str, ctx: &Ctx) -> Value {
 enum Modifier {
     Eq,
     Ne,
-    Null,
-    NotNull,
     In,
     NotIn,
 }
 
 impl Modifier {
-    fn parse(s: &str) -> Option<Modifier> {
-        Some(match s {
-            "eq" => Modifier::Eq,
-            "ne" => Modifier::Ne,
-            "null" => Modifier::Null,
-            "notnull" => Modifier::NotNull,
-            "in" => Modifier::In,
-            "notin" => Modifier::NotIn,
+    /// The modifiers a field of this kind takes; `null`/`notnull` exist in Norman's condition
+    /// code but no field is given them, so they are ignored like any unknown modifier.
+    fn parse(s: &str, kind: Kind) -> Option<Modifier> {
+        Some(match (s, kind) {
+            ("eq", _) => Modifier::Eq,
+            ("ne", _) => Modifier::Ne,
+            ("in", Str) => Modifier::In,
+            ("notin", Str) => Modifier::NotIn,
             _ => return None,
         })
     }
@@ -976,15 +1143,16 @@ impl Modifier {
         match self {
             Modifier::Eq => "eq",
             Modifier::Ne => "ne",
-            Modifier::Null => "null",
-            Modifier::NotNull => "notnull",
             Modifier::In => "in",
             Modifier::NotIn => "notin",
         }
     }
 }
 
+/// One query key's condition (rancher/norman `types/condition.go`): `eq`/`ne` compare the first
+/// value given for the key, `in`/`notin` the set; a null field compares as "".
 struct Condition {
+    key: String,
     field: &'static str,
     modifier: Modifier,
     values: Vec<String>,
@@ -993,35 +1161,36 @@ struct Condition {
 impl Condition {
     fn matches(&self, value: Option<Cow<'_, str>>) -> bool {
         let v = value.as_deref().unwrap_or_default();
+        let first = self.values.first().map(String::as_str).unwrap_or_default();
         match self.modifier {
-            Modifier::Eq => self.values.iter().all(|x| x == v),
-            Modifier::Ne => self.values.iter().all(|x| x != v),
-            Modifier::Null => v.is_empty(),
-            Modifier::NotNull => !v.is_empty(),
+            Modifier::Eq => first == v,
+            Modifier::Ne => first != v,
             Modifier::In => self.values.iter().any(|x| x == v),
             Modifier::NotIn => !self.values.iter().any(|x| x == v),
         }
     }
 }
 
-/// The query's conditions on known fields with known modifiers. Anything else is silently
-/// ignored, as Norman does.
-fn conditions(query: &[(String, String)], filters: &[&'static str]) -> Vec<Condition> {
+/// The query's conditions, parsed as rancher/norman `parse/collection.go` does: the key splits
+/// on its **last** `_` into field and modifier (`userId_notin`); a field that is not filterable
+/// or a modifier its type does not take is silently ignored.
+fn conditions(query: &[(String, String)], filters: &[Filter]) -> Vec<Condition> {
     let mut out: Vec<Condition> = Vec::new();
     for (k, v) in query {
-        let (name, modifier) = match k.split_once('_') {
-            Some((n, m)) => match Modifier::parse(m) {
-                Some(m) => (n, m),
-                None => continue,
-            },
-            None => (k.as_str(), Modifier::Eq),
+        let (name, op) = match k.rfind('_') {
+            Some(i) if i > 0 => (&k[..i], &k[i + 1..]),
+            _ => (k.as_str(), "eq"),
         };
-        let Some(field) = filters.iter().copied().find(|f| *f == name) else {
+        let Some((field, kind)) = filters.iter().copied().find(|(f, _)| *f == name) else {
             continue;
         };
-        match out.iter_mut().find(|c| c.field == field && c.modifier == modifier) {
+        let Some(modifier) = Modifier::parse(op, kind) else {
+            continue;
+        };
+        match out.iter_mut().find(|c| c.key == *k) {
             Some(c) => c.values.push(v.clone()),
             None => out.push(Condition {
+                key: k.clone(),
                 field,
                 modifier,
                 values: vec![v.clone()],
@@ -1047,7 +1216,7 @@ fn limit_of(req: &Req) -> i64 {
 /// item 0 when the marker id is not in the list), with `next` as a full URL.
 fn list<'a, T: Item + 'a>(
     items: impl Iterator<Item = &'a T>,
-    filters: &[&'static str],
+    filters: &[Filter],
     resource_type: &str,
     req: &Req,
     ctx: &Ctx,
@@ -1059,7 +1228,7 @@ fn list<'a, T: Item + 'a>(
         .collect();
     let sort = req
         .param("sort")
-        .and_then(|s| filters.iter().copied().find(|f| *f == s && *f != "id"));
+        .and_then(|s| filters.iter().map(|(f, _)| *f).find(|f| *f == s && *f != "id"));
     if let Some(field) = sort {
         matched.sort_by_cached_key(|it| it.field(field, ctx).map(Cow::into_owned).unwrap_or_default());
     }
@@ -1111,7 +1280,7 @@ fn list<'a, T: Item + 'a>(
     *req.page.borrow_mut() = Some(data);
 
     let mut filter_json = Map::new();
-    for f in filters {
+    for (f, _) in filters {
         let given: Vec<Value> = conds
             .iter()
             .filter(|c| c.field == *f)

@@ -29,6 +29,11 @@ pub(crate) fn build(options: &SimOptions) -> State {
     let mut st = State {
         version: options.version,
         settle: options.settle,
+        controller_delay: options.controller_delay,
+        pending: Vec::new(),
+        disconnected: BTreeSet::new(),
+        disconnect_stall: options.disconnect_stall,
+        fail_user_password: 0,
         removal_delay: options.removal_delay,
         lingering: 0,
         resolve_external: options.resolve_external_principals,
@@ -50,6 +55,7 @@ pub(crate) fn build(options: &SimOptions) -> State {
     if options.size == DatasetSize::Large {
         large(&mut st, options.seed);
     }
+    disconnect_share(&mut st, options.disconnected_share, options.seed);
     if !options.key_owner_admin {
         st.set_admin(ADMIN_USER_ID, false);
     }
@@ -160,10 +166,12 @@ struct Seed<'a> {
 }
 
 fn binding(st: &mut State, s: Seed) {
+    // As the binding controller leaves it: only a principal ending with the user id
+    // (`crtb_handler.go` reconcileSubject), so an external user's bindings have none.
     let user_principal_id = s
         .user
         .and_then(|u| st.users.get(u))
-        .and_then(|u| u.principal_ids.first().cloned());
+        .and_then(|u| u.principal_ids.iter().find(|p| p.ends_with(u.id.as_str())).cloned());
     let b = Binding {
         id: s.id.into(),
         name: s.id.split_once(':').map_or(s.id, |(_, n)| n).into(),
@@ -177,7 +185,8 @@ fn binding(st: &mut State, s: Seed) {
         annotations: BTreeMap::new(),
         created: at(40),
         settles_at: None,
-        ensured_user: false,
+        reconcile_at: None,
+        subject_error: false,
         removing: None,
     };
     let map = match s.scope {
@@ -528,4 +537,23 @@ fn subject(rng: &mut Rng, users: &[String]) -> (Option<String>, Option<String>) 
     } else {
         (Some(users[rng.below(users.len())].clone()), None)
     }
+}
+
+/// Marks `share` (0.0-1.0) of the clusters other than `local` (Rancher's own, never behind an
+/// agent tunnel) as disconnected, picked by the seed: the same clusters for the same seed.
+fn disconnect_share(st: &mut State, share: f64, seed: u64) {
+    if share <= 0.0 {
+        return;
+    }
+    let mut ids: Vec<(u64, &String)> = st
+        .clusters
+        .keys()
+        .filter(|id| id.as_str() != "local")
+        .enumerate()
+        .map(|(i, id)| (super::store::mix(seed ^ 0xd15c_0bad ^ i as u64), id))
+        .collect();
+    ids.sort();
+    let n = ((share.min(1.0) * ids.len() as f64).round() as usize).min(ids.len());
+    let chosen: Vec<String> = ids.iter().take(n).map(|(_, id)| (*id).clone()).collect();
+    st.disconnected.extend(chosen);
 }

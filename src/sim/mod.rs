@@ -20,25 +20,45 @@
 //!
 //! - Pagination is Norman's: `pagination.partial` is **omitted** when false and stays `true` on the
 //!   last page, which has no `next`; follow `next` while it is present.
-//! - Filters: `f=v`, `f_ne`, `f_in`, `f_notin`, `f_null`, `f_notnull` on the collection's known
-//!   fields only (listed in each answer's `filters`); `sort=<field>&order=desc`.
+//! - Filters as Norman parses them: the key splits on its last `_`; string/reference fields take
+//!   `f=v`, `f_ne`, `f_in`, `f_notin`, booleans `f=v` and `f_ne` only; `eq`/`ne` use the first
+//!   value given. There is no `_null`/`_notnull`: an unknown field or modifier is ignored (the
+//!   list comes back unfiltered). `sort=<field>&order=desc`.
 //! - Bindings keep `labels` and `annotations` from the create body; `PUT /v3/<bindings>/{id}`
 //!   merges them (a `null` value removes a key) and refuses to change the role, the resource or
 //!   a set subject (400 `BadRequest` "field is immutable"). A create of a name whose binding is
 //!   being removed is 409 `AlreadyExists` "object is being deleted: ...".
-//! - Users created through the API get no global role binding. A binding made by
-//!   `userPrincipalId` alone creates the user (EnsureUser) and sets `userId`.
+//! - Binding creates are checked in Rancher's order and with its answers: an unknown role
+//!   template is 500 `ServerError` "Error getting role template: ...", an unknown global role 404,
+//!   an unknown cluster or project 404 (its namespace), an unknown `userId` is accepted (201).
+//! - A binding's 201 is what was posted: no `status`, no `userId` for a principal-only binding,
+//!   no backfilled `userPrincipalId`. After `controller_delay` the controller fills `userId`
+//!   (EnsureUser: the user, plus GRBs for the `newUserDefault` global roles), backfills
+//!   `userPrincipalId` only with `local://<userId>`, and on 2.11+ `status.summary` appears:
+//!   `InProgress` until `settle` has passed, then `Completed` (`Error` for a missing user).
+//! - Users created through the API get no global role binding; `POST /v3/users` is not atomic
+//!   ([`Sim::fail_user_password_next`]).
+//! - Every 401 body is `{"type":"error","status":"401","message":"Unauthorized 401: must
+//!   authenticate"}`, for a scoped key used outside its cluster too.
+//! - A disconnected cluster's `/v3/cluster/{id}/...` stalls, then answers 500 "cluster agent
+//!   disconnected".
+//! - `GET /v1/ext.cattle.io.tokens/{name}` shows an `ext/` key (2.12+);
+//!   `GET /k8s/clusters/{id}/version` answers for any cluster.
 //! - `GET /sim/stats`, `/sim/bindings`, `/sim/users` need no auth and are not counted.
 //!
 //! # Fidelity controls
 //!
-//! On [`SimOptions`]: `version`, `latency`, `settle` (new bindings `InProgress`, EnsureUser's
-//! `userId` and new users' `principalIds` hidden until then), `removal_delay` (deleted bindings
+//! On [`SimOptions`]: `version`, `latency`, `settle` (new bindings `InProgress` until then),
+//! `controller_delay` (a new binding's `status`, EnsureUser'd `userId`, backfilled
+//! `userPrincipalId` and a new user's `principalIds` arrive then), `disconnect_stall` and
+//! `disconnected_share` (clusters whose agent is down), `removal_delay` (deleted bindings
 //! linger with `removed`), `key_cluster_id` / `key_expires_at` (scoped or expiring key),
 //! `resolve_external_principals`, `password_min_length`, `key_owner_admin` (lists filtered by
 //! RBAC when `false`), `faults` (seeded random 5xx / slow answers), `seed`. At run time on [`Sim`]: [`Sim::set_api_key`] (rotation),
 //! [`Sim::set_key_scope`], [`Sim::set_key_expiry`], [`Sim::set_version`], [`Sim::set_latency`],
-//! [`Sim::set_settle`], [`Sim::set_removal_delay`], [`Sim::fail_next`] / [`Sim::fail_next_on`]
+//! [`Sim::set_settle`], [`Sim::set_controller_delay`], [`Sim::reconcile_now`],
+//! [`Sim::disconnect_cluster`], [`Sim::disconnected_clusters`], [`Sim::set_disconnect_stall`],
+//! [`Sim::fail_user_password_next`], [`Sim::set_removal_delay`], [`Sim::fail_next`] / [`Sim::fail_next_on`]
 //! (exact faults, optionally after the change is committed), [`Sim::set_faults`],
 //! [`Sim::add_user`], [`Sim::add_binding`], [`Sim::remove_binding`], [`Sim::check_password`],
 //! [`Sim::set_key_owner_admin`], [`Sim::set_new_user_default`], [`Sim::empty_lists_on`] /
@@ -192,13 +212,24 @@ pub struct SimOptions {
     /// Default 2.13.
     pub version: RancherVersion,
     /// The key's cluster scope: `Some(c)` makes a scoped key that only works on paths routed to
-    /// cluster `c` (others get 401 "clusterID does not match"). Default `None` (no scope).
+    /// cluster `c` (`/v3/clusters/c`, `/v3/cluster/c/...`, `/k8s/clusters/c/...`); everything else
+    /// gets the plain 401 "must authenticate", which never says why. Default `None` (no scope).
     pub key_cluster_id: Option<String>,
     /// When the key expires (after which every request gets 401). Default `None` (never).
     pub key_expires_at: Option<DateTime<Utc>>,
-    /// New bindings report `status.summary: InProgress` for this long, then `Completed`
-    /// (2.11+ only). Default 0.
+    /// How long after its create a binding reports `status.summary: InProgress` (2.11+) before
+    /// `Completed` (counted from the create; never before the controller's pass). Default 0.
     pub settle: Duration,
+    /// How long after a write the controllers act on it: a new binding has no `status`, no
+    /// EnsureUser'd `userId` and no backfilled `userPrincipalId` until then; a new local user
+    /// shows `principalIds: []` until then. The 201 never carries them. Default 200 ms.
+    pub controller_delay: Duration,
+    /// How long `/v3/cluster/{id}/...` of a disconnected cluster waits (Rancher's dialer retries
+    /// for 20-40 s) before its 500 "cluster agent disconnected". Default 25 s.
+    pub disconnect_stall: Duration,
+    /// Share (0.0-1.0) of the clusters other than `local` whose agent is disconnected, picked by
+    /// `seed` (e.g. 0.05 on the large dataset: 10 of its 199). Default 0.
+    pub disconnected_share: f64,
     /// A deleted binding stays listed (with `removed` set and `state: removing`, its name still
     /// taken) for this long, as while Rancher's finalizers run. Default 0 (gone at once).
     pub removal_delay: Duration,
@@ -229,6 +260,9 @@ impl Default for SimOptions {
             key_cluster_id: None,
             key_expires_at: None,
             settle: Duration::ZERO,
+            controller_delay: Duration::from_millis(200),
+            disconnect_stall: Duration::from_secs(25),
+            disconnected_share: 0.0,
             removal_delay: Duration::ZERO,
             resolve_external_principals: true,
             password_min_length: 12,
@@ -250,6 +284,9 @@ impl fmt::Debug for SimOptions {
             .field("key_cluster_id", &self.key_cluster_id)
             .field("key_expires_at", &self.key_expires_at)
             .field("settle", &self.settle)
+            .field("controller_delay", &self.controller_delay)
+            .field("disconnect_stall", &self.disconnect_stall)
+            .field("disconnected_share", &self.disconnected_share)
             .field("removal_delay", &self.removal_delay)
             .field("resolve_external_principals", &self.resolve_external_principals)
             .field("password_min_length", &self.password_min_length)
@@ -298,7 +335,7 @@ pub struct SimBinding {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// Request counts since start (or the last [`Sim::reset_stats`]), `/v3` only.
+/// Request counts since start (or the last [`Sim::reset_stats`]): `/v3`, `/v1` and `/k8s`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimStats {
     /// Every `/v3` request, whatever its answer.
@@ -331,7 +368,10 @@ struct Inner {
 
 #[derive(Debug, Clone)]
 struct KeyState {
+    /// Without the `ext/` prefix.
     access_key: String,
+    /// A 2.12+ `ext.cattle.io` token, sent as `ext/<name>:<secret>`.
+    ext: bool,
     secret_key: String,
     cluster_id: Option<String>,
     expires_at: Option<DateTime<Utc>>,
@@ -353,8 +393,10 @@ impl Sim {
     /// Builds the simulator with its dataset (the large one takes about a second in a debug build).
     pub fn new(options: SimOptions) -> Sim {
         let state = data::build(&options);
+        let (access_key, ext) = split_ext(&options.access_key);
         let key = KeyState {
-            access_key: options.access_key.clone(),
+            access_key,
+            ext,
             secret_key: options.secret_key.clone(),
             cluster_id: options.key_cluster_id.clone(),
             expires_at: options.key_expires_at,
@@ -372,10 +414,12 @@ impl Sim {
         }
     }
 
-    /// The current API key: `(access_key, secret_key)`.
+    /// The current API key: `(access_key, secret_key)`, the access key as a client sends it
+    /// (`ext/<name>` for an ext token).
     pub fn api_key(&self) -> (String, String) {
         let k = self.key();
-        (k.access_key, k.secret_key)
+        let access = if k.ext { format!("ext/{}", k.access_key) } else { k.access_key };
+        (access, k.secret_key)
     }
 
     /// Serves the simulator on `listener` until `shutdown` completes.
@@ -412,10 +456,11 @@ impl Sim {
         api::router(self.clone())
     }
 
-    /// Every user, ordered by id.
+    /// Every user, ordered by id (after the controllers have done what is due).
     pub fn users(&self) -> Vec<SimUser> {
-        lock(&self.inner.state)
-            .users
+        let mut st = lock(&self.inner.state);
+        st.reconcile(std::time::Instant::now());
+        st.users
             .values()
             .map(store::User::to_sim)
             .collect()
@@ -425,6 +470,7 @@ impl Sim {
     pub fn bindings(&self) -> Vec<SimBinding> {
         let mut st = lock(&self.inner.state);
         st.purge();
+        st.reconcile(std::time::Instant::now());
         st.grbs
             .values()
             .chain(st.crtbs.values())
@@ -442,9 +488,14 @@ impl Sim {
     }
 
     /// Key rotation: from now on only `(access, secret)` authenticates; the old key gets 401.
+    /// An `ext/<name>` access key makes a 2.12+ ext token: it authenticates only when sent with
+    /// its `ext/` prefix (`pkg/auth/requests/authenticate.go` strips it and looks in the ext
+    /// token store) and is read at `GET /v1/ext.cattle.io.tokens/<name>`, not `/v3/tokens`.
     pub fn set_api_key(&self, access: &str, secret: &str) {
+        let (access, ext) = split_ext(access);
         let mut k = self.inner.key.write().unwrap_or_else(|e| e.into_inner());
-        k.access_key = access.to_string();
+        k.access_key = access;
+        k.ext = ext;
         k.secret_key = secret.to_string();
         k.created = Utc::now();
     }
@@ -473,9 +524,58 @@ impl Sim {
         *self.inner.latency.write().unwrap_or_else(|e| e.into_inner()) = latency;
     }
 
-    /// Changes how long new bindings stay `InProgress`.
+    /// Changes how long new bindings stay `InProgress` (bindings made from now on).
     pub fn set_settle(&self, settle: Duration) {
         lock(&self.inner.state).settle = settle;
+    }
+
+    /// Changes how long the controllers take to act on new bindings and users (from now on).
+    pub fn set_controller_delay(&self, delay: Duration) {
+        lock(&self.inner.state).controller_delay = delay;
+    }
+
+    /// Makes every controller finish now: pending bindings get their `userId` (EnsureUser),
+    /// `userPrincipalId` and `status` (`Completed`, or `Error` for a missing user), new users
+    /// their `principalIds`. For tests that need the "later" state without waiting.
+    pub fn reconcile_now(&self) {
+        lock(&self.inner.state).reconcile_all();
+    }
+
+    /// Disconnects (`on`) or reconnects a cluster's agent: while disconnected, every
+    /// `/v3/cluster/{id}/...` request (its namespaces) waits `disconnect_stall`, then answers
+    /// 500 `ServerError` "cluster agent disconnected" (rancher `pkg/dialer/factory.go`
+    /// `ErrAgentDisconnected`, turned into a 500 by rancher/norman
+    /// `httperror/handler/handler.go`). The cluster stays in `/v3/clusters`. A request stalling
+    /// when the cluster comes back is served. `false` if there is no such cluster.
+    pub fn disconnect_cluster(&self, id: &str, on: bool) -> bool {
+        let mut st = lock(&self.inner.state);
+        if !st.clusters.contains_key(id) {
+            return false;
+        }
+        if on {
+            st.disconnected.insert(id.to_string());
+        } else {
+            st.disconnected.remove(id);
+        }
+        true
+    }
+
+    /// The clusters disconnected now, ordered by id.
+    pub fn disconnected_clusters(&self) -> Vec<String> {
+        lock(&self.inner.state).disconnected.iter().cloned().collect()
+    }
+
+    /// Changes how long a request to a disconnected cluster stalls before its 500.
+    pub fn set_disconnect_stall(&self, stall: Duration) {
+        lock(&self.inner.state).disconnect_stall = stall;
+    }
+
+    /// The next `n` `POST /v3/users` create the user and then fail to store its password
+    /// (rancher `pkg/auth/api/user/user_store.go` Create makes the User, then the password
+    /// Secret): the answer is 500 `ServerError` while the user exists with no password
+    /// (`SimUser::password_set == false`).
+    pub fn fail_user_password_next(&self, n: usize) {
+        lock(&self.inner.state).fail_user_password = n;
     }
 
     /// Changes how long deleted bindings stay listed with `removed` set.
@@ -653,6 +753,14 @@ impl SimHandle {
                 join.abort();
             }
         }
+    }
+}
+
+/// `ext/<name>` → (`name`, true); anything else as is.
+fn split_ext(access: &str) -> (String, bool) {
+    match access.strip_prefix("ext/") {
+        Some(name) => (name.to_string(), true),
+        None => (access.to_string(), false),
     }
 }
 

@@ -42,9 +42,6 @@ impl ApiError {
     pub fn invalid_body(message: impl Into<String>) -> ApiError {
         ApiError::new(422, "InvalidBodyContent", message)
     }
-    pub fn invalid_reference(field: &str, message: impl Into<String>) -> ApiError {
-        ApiError::new(422, "InvalidReference", message).field(field)
-    }
     pub fn missing(field: &str) -> ApiError {
         ApiError::new(422, "MissingRequired", format!("{field} is required")).field(field)
     }
@@ -62,6 +59,10 @@ impl ApiError {
         v
     }
 }
+
+/// The annotation Rancher puts on a binding by external principal (`rtb_store.go`), read by
+/// EnsureUser for the new user's display name.
+pub(crate) const PRINCIPAL_DISPLAY_NAME: &str = "auth.cattle.io/principal-display-name";
 
 /// `{resource}.management.cattle.io "{name}" not found`, as the Kubernetes store says it.
 pub(crate) fn k8s_not_found(resource: &str, name: &str) -> ApiError {
@@ -503,6 +504,8 @@ impl Item for User {
             "id" => Some(Cow::Borrowed(self.id.as_str())),
             "username" => self.username.as_deref().map(Cow::Borrowed),
             "me" => Some(Cow::Owned((self.id == ctx.owner).to_string())),
+            "enabled" => Some(Cow::Owned(self.enabled.to_string())),
+            "mustChangePassword" => Some(Cow::Owned(self.must_change_password.to_string())),
             _ => None,
         }
     }
@@ -567,11 +570,15 @@ pub(crate) struct Binding {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub created: DateTime<Utc>,
-    /// `status.summary` is `InProgress` until then.
+    /// After the controller's pass, `status.summary` is `InProgress` until then (2.11+).
     pub settles_at: Option<Instant>,
-    /// Created by `userPrincipalId` alone: `userId` is set by the controller (EnsureUser), so
-    /// the API shows it only once the binding has settled.
-    pub ensured_user: bool,
+    /// When the binding controller first handles it (`None` once it has): until then the object
+    /// is exactly what was posted, with no `status`, no EnsureUser'd `userId` and no backfilled
+    /// `userPrincipalId` (rancher `pkg/controllers/management/auth/crtb_handler.go`).
+    pub reconcile_at: Option<Instant>,
+    /// The controller could not find or make the subject (a `userId` with no such user):
+    /// `status.summary` is `Error` (`crtb_handler.go` reconcileSubject, FailedToGetSubject).
+    pub subject_error: bool,
     /// Deleted while finalizers run: `(removed timestamp, purge time)`. Still listed, with
     /// `removed` set, until the purge time (only with a `removal_delay`).
     pub removing: Option<(DateTime<Utc>, Instant)>,
@@ -605,15 +612,8 @@ impl Binding {
         self.settles_at.is_none_or(|t| now >= t)
     }
 
-    /// `userId` as the API shows it: empty until the controller's EnsureUser has run.
-    fn visible_user_id(&self, now: Instant) -> Option<&str> {
-        if self.ensured_user && !self.settled(now) {
-            None
-        } else {
-            self.user_id.as_deref()
-        }
-    }
-
+    /// The webhook's `isDuplicate`: raw fields compared, principals never resolved to users
+    /// (rancher/webhook `clusterroletemplatebinding/validator.go`).
     fn same_subject(&self, user_id: &Option<String>, upid: &Option<String>, gpid: &Option<String>) -> bool {
         let eq = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
         eq(&self.user_id, user_id) || eq(&self.user_principal_id, upid) || eq(&self.group_principal_id, gpid)
@@ -624,7 +624,7 @@ impl Item for Binding {
     fn id(&self) -> &str {
         &self.id
     }
-    fn field(&self, name: &str, ctx: &Ctx) -> Option<Cow<'_, str>> {
+    fn field(&self, name: &str, _: &Ctx) -> Option<Cow<'_, str>> {
         match (name, self.scope) {
             ("id", _) => Some(Cow::Borrowed(self.id.as_str())),
             ("name", _) => Some(Cow::Borrowed(self.name.as_str())),
@@ -634,7 +634,7 @@ impl Item for Binding {
             }
             ("clusterId", BindingScope::Cluster) => Some(Cow::Borrowed(self.resource_id.as_str())),
             ("projectId", BindingScope::Project) => Some(Cow::Borrowed(self.resource_id.as_str())),
-            ("userId", _) => self.visible_user_id(ctx.now).map(Cow::Borrowed),
+            ("userId", _) => self.user_id.as_deref().map(Cow::Borrowed),
             ("userPrincipalId", _) => self.user_principal_id.as_deref().map(Cow::Borrowed),
             ("groupPrincipalId", _) => self.group_principal_id.as_deref().map(Cow::Borrowed),
             _ => None,
@@ -761,8 +761,11 @@ impl Binding {
             id: &self.id,
         };
         let global = self.scope == BindingScope::Global;
-        let status = (ctx.version.minor >= 11).then(|| {
-            let summary = if self.settled(ctx.now) {
+        // No status until the controller's first pass (the 201 never has one).
+        let status = (ctx.version.minor >= 11 && self.reconcile_at.is_none()).then(|| {
+            let summary = if self.subject_error {
+                "Error"
+            } else if self.settled(ctx.now) {
                 "Completed"
             } else {
                 "InProgress"
@@ -803,7 +806,7 @@ impl Binding {
             group_id: (!global).then_some(None),
             namespace_id: (!global).then_some(None),
             service_account: (self.scope == BindingScope::Project).then_some(None),
-            user_id: self.visible_user_id(ctx.now),
+            user_id: self.user_id.as_deref(),
             user_principal_id: self.user_principal_id.as_deref(),
             group_principal_id: self.group_principal_id.as_deref(),
             status,
@@ -850,6 +853,16 @@ impl Principal {
 pub(crate) struct State {
     pub version: RancherVersion,
     pub settle: Duration,
+    /// How long after a write the controllers act on it (bindings, new users' principals).
+    pub controller_delay: Duration,
+    /// Bindings the controller has not handled yet: `(scope, id)`.
+    pub pending: Vec<(BindingScope, String)>,
+    /// Clusters whose agent is disconnected (`/v3/cluster/{id}/...` stalls, then 500).
+    pub disconnected: BTreeSet<String>,
+    /// How long a request to a disconnected cluster waits in the dialer before its 500.
+    pub disconnect_stall: Duration,
+    /// `POST /v3/users` calls left that create the user but fail storing its password.
+    pub fail_user_password: usize,
     pub removal_delay: Duration,
     /// How many bindings are `removing` (so the purge pass is skipped when none are).
     pub lingering: usize,
@@ -1073,6 +1086,11 @@ impl State {
         self.check_password(Some(&username), &password)?;
         let users = &self.users;
         let id = unique_name(&mut self.rng, "u-", |n| users.contains_key(n));
+        // `user_store.go` Create makes the User, then its password Secret: not atomic.
+        let password_fails = self.fail_user_password > 0;
+        if password_fails {
+            self.fail_user_password -= 1;
+        }
         let user = User {
             principal_ids: vec![format!("local://{id}")],
             id: id.clone(),
@@ -1083,11 +1101,18 @@ impl State {
             annotations: opt_map(body, "annotations")?.unwrap_or_default(),
             enabled: opt_bool(body, "enabled")?.unwrap_or(true),
             must_change_password: opt_bool(body, "mustChangePassword")?.unwrap_or(false),
-            password: Some(password),
-            principals_at: (!self.settle.is_zero()).then(|| Instant::now() + self.settle),
+            password: (!password_fails).then_some(password),
+            principals_at: (!self.controller_delay.is_zero()).then(|| Instant::now() + self.controller_delay),
             created: Utc::now(),
         };
-        self.users.insert(id, user.clone());
+        self.users.insert(id.clone(), user.clone());
+        if password_fails {
+            return Err(ApiError::new(
+                500,
+                "ServerError",
+                format!("Internal error occurred: failed to create the password secret for user {id} (simulated fault)"),
+            ));
+        }
         Ok(user)
     }
 
@@ -1182,46 +1207,33 @@ impl State {
 
     // ----- bindings -----
 
-    /// The existing user behind a `userPrincipalId` (`None`: EnsureUser will create it), or the
-    /// error Rancher gives when the principal cannot be resolved.
-    fn principal_user(&self, principal: &str) -> Result<Option<String>, ApiError> {
-        if let Some(uid) = principal.strip_prefix("local://") {
-            return if self.users.contains_key(uid) {
-                Ok(Some(uid.to_string()))
-            } else {
-                Err(ApiError::invalid_reference(
-                    "userPrincipalId",
-                    format!("principal {principal} not found: no local user {uid}"),
-                ))
-            };
+    /// The user EnsureUser finds for a principal: any user listing it, and every user under
+    /// `local://<its id>` (`usermanager.go` `userByPrincipal` indexes that one for all users).
+    fn user_by_principal(&self, principal: &str) -> Option<String> {
+        if let Some(uid) = principal.strip_prefix("local://")
+            && self.users.contains_key(uid)
+        {
+            return Some(uid.to_string());
         }
-        if let Some(u) = self
-            .users
+        self.users
             .values()
             .find(|u| u.principal_ids.iter().any(|p| p == principal))
-        {
-            return Ok(Some(u.id.clone()));
-        }
-        if !self.resolve_external {
-            return Err(ApiError::new(
-                500,
-                "ServerError",
-                format!("error getting principal {principal}: the API key's auth provider (local) cannot resolve it"),
-            ));
-        }
-        Ok(None)
+            .map(|u| u.id.clone())
     }
 
-    /// EnsureUser: the user behind a `userPrincipalId`, created (external) when missing.
-    fn ensure_user(&mut self, principal: &str) -> Result<String, ApiError> {
-        if let Some(id) = self.principal_user(principal)? {
-            return Ok(id);
+    /// EnsureUser (`pkg/auth/providers/common/usermanager.go`): the user behind a principal,
+    /// created when missing as `u-<base32(sha256(principal))[:10]>` with the GRBs of every global
+    /// role marked `newUserDefault` (`createUsersBindings`). It does not check that a `local://`
+    /// principal names a real user: `local://u-ghost` gets a user of its own.
+    fn ensure_user(&mut self, principal: &str, display_name: Option<&str>) -> String {
+        if let Some(id) = self.user_by_principal(principal) {
+            return id;
         }
         let id = external_user_id(principal);
-        let name = self
-            .directory
-            .get(principal)
-            .map_or_else(|| principal.to_string(), |p| p.name.clone());
+        let name = display_name
+            .map(str::to_string)
+            .or_else(|| self.directory.get(principal).map(|p| p.name.clone()))
+            .unwrap_or_default();
         self.users.insert(
             id.clone(),
             User {
@@ -1239,38 +1251,148 @@ impl State {
                 created: Utc::now(),
             },
         );
-        Ok(id)
+        let defaults: Vec<String> = self
+            .global_roles
+            .values()
+            .filter(|r| r.new_user_default)
+            .map(|r| r.id.clone())
+            .collect();
+        for role in defaults {
+            let grbs = &self.grbs;
+            let grb = unique_name(&mut self.rng, "grb-", |n| grbs.contains_key(n));
+            let mut b = self.owner_grb(&grb, &id, &role);
+            b.user_principal_id = None;
+            self.grbs.insert(grb, b);
+        }
+        id
     }
 
-    /// `POST /v3/{globalrolebindings|clusterroletemplatebindings|projectroletemplatebindings}`.
+    /// Runs the binding controller on every binding whose time has come (lazily, on the next
+    /// request or [`super::Sim`] read).
+    pub fn reconcile(&mut self, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(scope, id)| {
+            self.binding_map(*scope)
+                .get(id)
+                .is_none_or(|b| b.reconcile_at.is_none_or(|t| t <= now))
+        });
+        self.pending = later;
+        for (scope, id) in due {
+            self.reconcile_binding(scope, &id);
+        }
+    }
+
+    /// Makes every controller finish at once: bindings handled and settled, new users'
+    /// principals filled.
+    pub fn reconcile_all(&mut self) {
+        let now = Instant::now();
+        for map in [&mut self.grbs, &mut self.crtbs, &mut self.prtbs] {
+            for b in map.values_mut() {
+                b.settles_at = None;
+                if b.reconcile_at.is_some() {
+                    b.reconcile_at = Some(now);
+                }
+            }
+        }
+        for u in self.users.values_mut() {
+            u.principals_at = None;
+        }
+        self.reconcile(now);
+    }
+
+    /// `crtb_handler.go` reconcileSubject (the PRTB and GRB handlers alike): a principal alone
+    /// gets its user from EnsureUser; a `userId` alone gets `userPrincipalId` only from a
+    /// principal that ends with the user id (`local://u-x`, never an external one).
+    fn reconcile_binding(&mut self, scope: BindingScope, id: &str) {
+        let Some(b) = self.binding_map(scope).get(id) else {
+            return; // deleted meanwhile
+        };
+        let (user_id, upid, group) = (b.user_id.clone(), b.user_principal_id.clone(), b.group_principal_id.is_some());
+        let display = b.annotations.get(PRINCIPAL_DISPLAY_NAME).cloned();
+        let mut set_user = None;
+        let mut set_upid = None;
+        let mut error = false;
+        match (&user_id, &upid) {
+            _ if group => {}
+            (Some(_), Some(_)) => {}
+            (None, Some(p)) => set_user = Some(self.ensure_user(p, display.as_deref())),
+            (Some(uid), None) => match self.users.get(uid) {
+                Some(u) => set_upid = u.principal_ids.iter().find(|p| p.ends_with(uid.as_str())).cloned(),
+                None => error = true,
+            },
+            (None, None) => error = true,
+        }
+        if let Some(b) = self.binding_map_mut(scope).get_mut(id) {
+            if set_user.is_some() {
+                b.user_id = set_user;
+            }
+            if set_upid.is_some() {
+                b.user_principal_id = set_upid;
+            }
+            b.subject_error = error;
+            b.reconcile_at = None;
+        }
+    }
+
+    /// `POST /v3/{globalrolebindings|clusterroletemplatebindings|projectroletemplatebindings}`,
+    /// checked in Rancher's order: Norman's validator (role template, then subject), the store
+    /// (principal lookup, global role lookup), Kubernetes (namespace, name), the webhook
+    /// (duplicates). The object is stored as posted; the controller fills the rest later.
     pub fn create_binding(&mut self, scope: BindingScope, body: &Map<String, Value>) -> Result<Binding, ApiError> {
         let name = opt_str(body, "name")?;
-        let mut user_id = opt_str(body, "userId")?;
-        let mut upid = opt_str(body, "userPrincipalId")?;
+        let user_id = opt_str(body, "userId")?;
+        let upid = opt_str(body, "userPrincipalId")?;
         let gpid = opt_str(body, "groupPrincipalId")?;
         let group_id = opt_str(body, "groupId")?;
         // Norman's `metadata` mapper keeps both maps on create (rancher-api-notes §6).
         let labels = opt_map(body, "labels")?.unwrap_or_default();
-        let annotations = opt_map(body, "annotations")?.unwrap_or_default();
+        let mut annotations = opt_map(body, "annotations")?.unwrap_or_default();
+        let plural = binding_plural(scope);
 
-        // Subject, role and resource (Norman validators).
         let (role_id, resource_id, namespace) = match scope {
             BindingScope::Global => {
+                // `customization/globalrolebinding/validator.go`: userId or groupPrincipalId only.
                 if user_id.is_some() == gpid.is_some() {
                     return Err(ApiError::invalid_body(
                         "must target a user [userId] OR a group [groupPrincipalId]; userPrincipalId alone is not accepted",
                     ));
                 }
                 let role = opt_str(body, "globalRoleId")?.ok_or_else(|| ApiError::missing("globalRoleId"))?;
+                // `store/globalrolebindings/globalrolebinding_store.go` addOwnerReference: the
+                // lister's NotFound becomes Norman's 404.
                 if !self.global_roles.contains_key(&role) {
-                    return Err(ApiError::invalid_reference(
-                        "globalRoleId",
-                        format!("globalroles.management.cattle.io \"{role}\" not found"),
-                    ));
+                    return Err(k8s_not_found("globalroles", &role));
                 }
                 (role, "global".to_string(), None)
             }
             BindingScope::Cluster | BindingScope::Project => {
+                let (context, resource_field) = if scope == BindingScope::Cluster {
+                    ("cluster", "clusterId")
+                } else {
+                    ("project", "projectId")
+                };
+                // `customization/roletemplatebinding/validator.go`: the role template first.
+                let role = opt_str(body, "roleTemplateId")?.ok_or_else(|| {
+                    ApiError::new(422, "MissingRequired", "Request does not have a valid roleTemplateId")
+                })?;
+                let rt = self.role_templates.get(&role).ok_or_else(|| {
+                    ApiError::new(
+                        500,
+                        "ServerError",
+                        format!("Error getting role template: roletemplates.management.cattle.io \"{role}\" not found"),
+                    )
+                })?;
+                if rt.locked {
+                    return Err(ApiError::new(422, "InvalidState", "Role is locked and cannot be assigned"));
+                }
+                if rt.context != context {
+                    return Err(ApiError::invalid_body(format!(
+                        "Cannot reference context [{}] from [{context}] context",
+                        rt.context
+                    )));
+                }
                 let has_user = user_id.is_some() || upid.is_some();
                 let has_group = gpid.is_some() || group_id.is_some();
                 if has_user == has_group {
@@ -1278,60 +1400,42 @@ impl State {
                         "must target a user [userId]/[userPrincipalId] OR a group [groupId]/[groupPrincipalId]",
                     ));
                 }
-                let (context, resource_field) = if scope == BindingScope::Cluster {
-                    ("cluster", "clusterId")
-                } else {
-                    ("project", "projectId")
-                };
-                let role = opt_str(body, "roleTemplateId")?.ok_or_else(|| ApiError::missing("roleTemplateId"))?;
-                let rt = self.role_templates.get(&role).ok_or_else(|| {
-                    ApiError::invalid_reference(
-                        "roleTemplateId",
-                        format!("roletemplates.management.cattle.io \"{role}\" not found"),
-                    )
-                })?;
-                if rt.locked {
-                    return Err(
-                        ApiError::new(422, "InvalidState", "Role is locked and cannot be assigned")
-                            .field("roleTemplateId"),
-                    );
-                }
-                if rt.context != context {
-                    return Err(ApiError::invalid_body(format!(
-                        "Cannot reference context [{}] from [{context}] context",
-                        rt.context
-                    ))
-                    .field("roleTemplateId"));
+                // `customization/authn/rtb_store.go` Create: an external principal is looked up
+                // with the key owner's auth provider (`local://` ones are not).
+                if let Some(p) = upid.as_deref().filter(|p| !p.starts_with("local://")) {
+                    if !self.resolve_external {
+                        return Err(ApiError::new(
+                            500,
+                            "ServerError",
+                            format!("error getting principal {p}: the API key's auth provider (local) cannot resolve it"),
+                        ));
+                    }
+                    if let Some(found) = self.directory.get(p).filter(|d| !d.name.is_empty()) {
+                        annotations.insert(PRINCIPAL_DISPLAY_NAME.to_string(), found.name.clone());
+                    }
                 }
                 let resource = opt_str(body, resource_field)?.ok_or_else(|| ApiError::missing(resource_field))?;
+                // The binding lives in the cluster's (or project's) namespace: Kubernetes'
+                // NamespaceLifecycle admission refuses a create in one that does not exist.
                 let namespace = if scope == BindingScope::Cluster {
                     if !self.clusters.contains_key(&resource) {
-                        return Err(ApiError::invalid_reference(
-                            "clusterId",
-                            format!("clusters.management.cattle.io \"{resource}\" not found"),
-                        ));
+                        return Err(ApiError::not_found(format!("namespaces \"{resource}\" not found")));
                     }
                     resource.clone()
                 } else {
-                    let project = self.projects.get(&resource).ok_or_else(|| {
-                        ApiError::invalid_reference(
-                            "projectId",
-                            format!("projects.management.cattle.io \"{resource}\" not found"),
-                        )
-                    })?;
-                    project.prtb_namespace(self.version)
+                    match self.projects.get(&resource) {
+                        Some(project) => project.prtb_namespace(self.version),
+                        None => {
+                            let short = resource.split_once(':').map_or(resource.as_str(), |(_, p)| p);
+                            return Err(ApiError::not_found(format!("namespaces \"{short}\" not found")));
+                        }
+                    }
                 };
                 (role, resource, Some(namespace))
             }
         };
-        if let Some(uid) = &user_id
-            && !self.users.contains_key(uid)
-        {
-            return Err(ApiError::invalid_reference(
-                "userId",
-                format!("users.management.cattle.io \"{uid}\" not found"),
-            ));
-        }
+        // No reference validation: a `userId` naming no user is stored as given (the controller
+        // then reports `Error`).
         if let Some(n) = &name
             && !valid_name(n)
         {
@@ -1348,11 +1452,6 @@ impl State {
         let id_of = |n: &str| match &namespace {
             Some(ns) => format!("{ns}:{n}"),
             None => n.to_string(),
-        };
-        let plural = match scope {
-            BindingScope::Global => "globalrolebindings",
-            BindingScope::Cluster => "clusterroletemplatebindings",
-            BindingScope::Project => "projectroletemplatebindings",
         };
         if let Some(n) = &name
             && let Some(existing) = self.binding_map(scope).get(&id_of(n))
@@ -1371,33 +1470,20 @@ impl State {
             ));
         }
 
-        // EnsureUser (the controller's job, done at once here) so duplicates compare resolved users.
-        let pending_user = match (&user_id, &upid) {
-            (None, Some(p)) => Some(p.clone()),
-            _ => None,
-        };
-        let resolved_user = match &pending_user {
-            Some(p) => self.principal_user(p)?,
-            None => user_id.clone(),
-        };
-
-        // The admission webhook's duplicate check (2.14+ for CRTBs, 2.15+ for PRTBs).
+        // The admission webhook's duplicate check (2.14+ for CRTBs, 2.15+ for PRTBs), on the raw
+        // fields: a binding by principal and one by the same person's `userId` are not duplicates.
         let webhook_blocks = match scope {
             BindingScope::Global => false,
             BindingScope::Cluster => self.version.minor >= 14,
             BindingScope::Project => self.version.minor >= 15,
         };
+        let group = gpid.clone().or_else(|| group_id.clone());
         if webhook_blocks {
-            let group = gpid.clone().or_else(|| group_id.clone());
             let dup = self
                 .binding_map(scope)
                 .values()
                 .filter(|b| b.removing.is_none())
-                .any(|b| {
-                    b.role_id == role_id
-                        && b.resource_id == resource_id
-                        && b.same_subject(&resolved_user, &upid, &group)
-                });
+                .any(|b| b.role_id == role_id && b.resource_id == resource_id && b.same_subject(&user_id, &upid, &group));
             if dup {
                 let short = if scope == BindingScope::Cluster { "crtb" } else { "prtb" };
                 return Err(ApiError::new(
@@ -1411,15 +1497,6 @@ impl State {
             }
         }
 
-        let ensured_user = pending_user.is_some();
-        if let Some(p) = &pending_user {
-            user_id = Some(self.ensure_user(p)?);
-        }
-        if upid.is_none()
-            && let Some(uid) = &user_id
-        {
-            upid = self.users.get(uid).and_then(|u| u.principal_ids.first().cloned());
-        }
         let prefix = match scope {
             BindingScope::Global => "grb-",
             BindingScope::Cluster => "crtb-",
@@ -1436,7 +1513,7 @@ impl State {
                 unique_name(&mut self.rng, prefix, |n| map.contains_key(&id_of(n)))
             }
         };
-        let settle = self.settle;
+        let now = Instant::now();
         let binding = Binding {
             id: id_of(&name),
             name,
@@ -1449,14 +1526,15 @@ impl State {
             labels,
             annotations,
             created: Utc::now(),
-            settles_at: (!settle.is_zero()).then(|| Instant::now() + settle),
-            ensured_user,
+            settles_at: (!self.settle.is_zero()).then(|| now + self.settle),
+            reconcile_at: Some(now + self.controller_delay),
+            subject_error: false,
             removing: None,
         };
+        self.pending.push((scope, binding.id.clone()));
         self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
         Ok(binding)
     }
-
     /// `PUT /v3/{bindings}/{id}`: merges `labels` and `annotations` (a `null` value removes a
     /// key). The admission webhook refuses a change of role, resource or an already set subject
     /// with 400 BadRequest "field is immutable" (rancher/webhook
@@ -1624,7 +1702,8 @@ impl State {
             annotations: BTreeMap::new(),
             created: Utc::now(),
             settles_at: None,
-            ensured_user: false,
+            reconcile_at: None,
+            subject_error: false,
             removing: None,
         }
     }
@@ -1668,7 +1747,8 @@ impl State {
             annotations: b.annotations,
             created: Utc::now(),
             settles_at: None,
-            ensured_user: false,
+            reconcile_at: None,
+            subject_error: false,
             removing: None,
         };
         self.binding_map_mut(b.scope).insert(b.id, binding);
