@@ -896,10 +896,18 @@ pub(super) fn binding_error(target: &Target<'_>, e: ApiError) -> IntegrationErro
                 || lower.contains("globalroles")
                 || lower.contains("role template")
                 || lower.contains("role ")));
+    // A PRTB lives in its project's namespace (`p-y`, or `c-x-p-y` on 2.12+ backing
+    // namespaces): an unknown project is Kubernetes' 404 `namespaces "p-y" not found`.
+    let quoted = |s: &str| format!("\"{}\"", s.to_ascii_lowercase());
+    let mut resource_names = vec![quoted(resource_name)];
+    if let Resource::Project(p) = target.resource
+        && let Some((cluster, project)) = p.split_once(':')
+    {
+        resource_names.push(quoted(project));
+        resource_names.push(quoted(&format!("{cluster}-{project}")));
+    }
     let about_resource = matches!(field, "clusterId" | "projectId")
-        || (field.is_empty()
-            && target.kind != Kind::Global
-            && lower.contains(&format!("\"{}\"", resource_name.to_ascii_lowercase())));
+        || (field.is_empty() && target.kind != Kind::Global && resource_names.iter().any(|n| lower.contains(n)));
     let about_subject = matches!(field, "userId" | "userPrincipalId" | "groupPrincipalId" | "groupId");
     if missing && about_resource && !matches!(field, "roleTemplateId" | "globalRoleId") {
         return IntegrationError::NotFound {

@@ -7,9 +7,9 @@
 //! `userId` (EnsureUser) later. Older versions never write a status: existence is success.
 //!
 //! Which of the two a server is, is learned per base URL: from any binding that carries a status,
-//! else from `GET /v3/settings/server-version` (the first time a binding without status is met,
-//! then once per [`VERSION_TTL`]). Pre-2.11, a new binding therefore costs nothing more than its
-//! POST; on 2.11+ at least one `GET` proves it `Completed`.
+//! else from `GET /v3/settings/server-version` (when a binding read back shows none, then once per
+//! [`VERSION_TTL`]). On 2.11+ at least one `GET` of a new binding proves it `Completed`; before,
+//! a new binding costs nothing more than its POST once the version is known.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -54,16 +54,20 @@ impl Rancher {
         }
     }
 
-    /// Whether the server writes binding status (2.11+): remembered, else read from
-    /// `GET /v3/settings/server-version`.
-    async fn writes_status(&self) -> Result<bool, IntegrationError> {
-        let known = WRITES_STATUS
+    /// What is remembered about the server writing binding status.
+    fn known_writes_status(&self) -> Option<bool> {
+        WRITES_STATUS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(self.config.base_url.as_str())
             .filter(|(_, at)| at.elapsed() < VERSION_TTL)
-            .map(|(w, _)| *w);
-        match known {
+            .map(|(w, _)| *w)
+    }
+
+    /// Whether the server writes binding status (2.11+): remembered, else read from
+    /// `GET /v3/settings/server-version`.
+    async fn writes_status(&self) -> Result<bool, IntegrationError> {
+        match self.known_writes_status() {
             Some(w) => Ok(w),
             None => self.read_writes_status().await,
         }
@@ -110,7 +114,8 @@ impl Rancher {
         created: bool,
     ) -> Result<Binding, IntegrationError> {
         let deadline = Instant::now() + self.config.status_timeout;
-        let mut delay = Duration::from_millis(50);
+        // Rancher's controllers take a moment: reading at once would mostly cost a request.
+        let mut delay = Duration::from_millis(250);
         let mut read = !created;
         let mut ever_status = false;
         let by_principal = matches!(target.subject, BindingSubject::UserPrincipal(_));
@@ -122,7 +127,10 @@ impl Rancher {
                 Some(s) if s.eq_ignore_ascii_case("error") => return Err(status_error(target, &b)),
                 Some(s) if s.eq_ignore_ascii_case("completed") => None,
                 Some(s) => Some(format!("is still {s}")),
-                // On 2.11+ the status comes later (never in the 201): not yet.
+                // The 201 never has the status the controllers write later: read the binding
+                // (which shows whether this server writes one) unless it is known not to.
+                None if !read => (self.known_writes_status() != Some(false)).then(|| "has no status yet".to_string()),
+                // On 2.11+ the status comes later: not yet.
                 None if self.writes_status().await? => Some("has no status yet".to_string()),
                 None => None,
             };
