@@ -570,8 +570,7 @@ fn handle(sim: &Sim, req: &Req, headers: &HeaderMap) -> Result<(u16, Value), Api
         let segs = &req.segs;
         let cluster_path = match req.root {
             Root::V3 => {
-                segs.len() >= 2
-                    && (segs[0].eq_ignore_ascii_case("clusters") || segs[0].eq_ignore_ascii_case("cluster"))
+                segs.len() >= 2 && (segs[0].eq_ignore_ascii_case("clusters") || segs[0].eq_ignore_ascii_case("cluster"))
             }
             Root::K8s => segs.len() >= 2 && segs[0] == "clusters",
             Root::V1 => false,
@@ -596,7 +595,9 @@ fn route_v1(st: &store::State, req: &Req, key: &KeyState) -> Result<(u16, Value)
             if key.ext && *name == key.access_key {
                 Ok((200, ext_token_json(key, st, &req.base)))
             } else {
-                Err(ApiError::not_found(format!("tokens.ext.cattle.io \"{name}\" not found")))
+                Err(ApiError::not_found(format!(
+                    "tokens.ext.cattle.io \"{name}\" not found"
+                )))
             }
         }
         _ => Err(ApiError::not_found(format!("{} not found", req.path))),
@@ -860,7 +861,11 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
         },
         ("tokens", []) => {
             allow(req, &[Method::GET])?;
-            let tokens = if key.ext { Vec::new() } else { vec![token_json(key, &ctx)] };
+            let tokens = if key.ext {
+                Vec::new()
+            } else {
+                vec![token_json(key, &ctx)]
+            };
             Ok((200, collection("token", tokens, req, None)))
         }
         ("tokens", [id]) => {

@@ -418,7 +418,11 @@ impl Sim {
     /// (`ext/<name>` for an ext token).
     pub fn api_key(&self) -> (String, String) {
         let k = self.key();
-        let access = if k.ext { format!("ext/{}", k.access_key) } else { k.access_key };
+        let access = if k.ext {
+            format!("ext/{}", k.access_key)
+        } else {
+            k.access_key
+        };
         (access, k.secret_key)
     }
 
@@ -460,10 +464,7 @@ impl Sim {
     pub fn users(&self) -> Vec<SimUser> {
         let mut st = lock(&self.inner.state);
         st.reconcile(std::time::Instant::now());
-        st.users
-            .values()
-            .map(store::User::to_sim)
-            .collect()
+        st.users.values().map(store::User::to_sim).collect()
     }
 
     /// Every binding of the three kinds: GRBs, then CRTBs, then PRTBs, each ordered by id.

@@ -1110,7 +1110,9 @@ impl State {
             return Err(ApiError::new(
                 500,
                 "ServerError",
-                format!("Internal error occurred: failed to create the password secret for user {id} (simulated fault)"),
+                format!(
+                    "Internal error occurred: failed to create the password secret for user {id} (simulated fault)"
+                ),
             ));
         }
         Ok(user)
@@ -1309,7 +1311,11 @@ impl State {
         let Some(b) = self.binding_map(scope).get(id) else {
             return; // deleted meanwhile
         };
-        let (user_id, upid, group) = (b.user_id.clone(), b.user_principal_id.clone(), b.group_principal_id.is_some());
+        let (user_id, upid, group) = (
+            b.user_id.clone(),
+            b.user_principal_id.clone(),
+            b.group_principal_id.is_some(),
+        );
         let display = b.annotations.get(PRINCIPAL_DISPLAY_NAME).cloned();
         let mut set_user = None;
         let mut set_upid = None;
@@ -1385,7 +1391,11 @@ impl State {
                     )
                 })?;
                 if rt.locked {
-                    return Err(ApiError::new(422, "InvalidState", "Role is locked and cannot be assigned"));
+                    return Err(ApiError::new(
+                        422,
+                        "InvalidState",
+                        "Role is locked and cannot be assigned",
+                    ));
                 }
                 if rt.context != context {
                     return Err(ApiError::invalid_body(format!(
@@ -1407,7 +1417,9 @@ impl State {
                         return Err(ApiError::new(
                             500,
                             "ServerError",
-                            format!("error getting principal {p}: the API key's auth provider (local) cannot resolve it"),
+                            format!(
+                                "error getting principal {p}: the API key's auth provider (local) cannot resolve it"
+                            ),
                         ));
                     }
                     if let Some(found) = self.directory.get(p).filter(|d| !d.name.is_empty()) {
@@ -1483,7 +1495,9 @@ impl State {
                 .binding_map(scope)
                 .values()
                 .filter(|b| b.removing.is_none())
-                .any(|b| b.role_id == role_id && b.resource_id == resource_id && b.same_subject(&user_id, &upid, &group));
+                .any(|b| {
+                    b.role_id == role_id && b.resource_id == resource_id && b.same_subject(&user_id, &upid, &group)
+                });
             if dup {
                 let short = if scope == BindingScope::Cluster { "crtb" } else { "prtb" };
                 return Err(ApiError::new(

@@ -175,7 +175,9 @@ impl Client {
         is_final: impl Fn(&ApiError) -> bool,
     ) -> Result<T, ApiError> {
         let retry_if = |e: &ApiError| e.is_transient() && !is_final(e);
-        let bytes = self.request_when(Method::POST, url.clone(), Some(body), retry_if).await?;
+        let bytes = self
+            .request_when(Method::POST, url.clone(), Some(body), retry_if)
+            .await?;
         self.decode(&Method::POST, &url, &bytes)
     }
 

@@ -248,7 +248,8 @@ impl Rancher {
                         // may still grant the access (through the authorized cluster endpoint).
                         let since = nonempty(&b.removed).unwrap_or("an unknown time");
                         tracing::warn!(
-                            binding = id, removed_since = since,
+                            binding = id,
+                            removed_since = since,
                             "a revoked binding is still being removed: its finalizers may be stuck"
                         );
                         return Err(IntegrationError::InProgress {

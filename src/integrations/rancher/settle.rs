@@ -145,7 +145,9 @@ impl Rancher {
             if read && Instant::now() + delay > deadline {
                 // Never a status on a server remembered as writing one: the memory (per base
                 // URL) may be stale; ask the server itself before failing.
-                if !ever_status && !(by_principal && nonempty(&b.user_id).is_none()) && !self.read_writes_status().await?
+                if !ever_status
+                    && !(by_principal && nonempty(&b.user_id).is_none())
+                    && !self.read_writes_status().await?
                 {
                     return Ok(b);
                 }

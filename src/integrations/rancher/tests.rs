@@ -263,7 +263,12 @@ fn binding_refusals_name_the_role_and_why() {
         resource: &cluster,
         subject: BindingSubject::UserPrincipal("activedirectory_user://CN=x".into()),
     };
-    let unresolved = api_error(500, Some("ServerError"), "users.management.cattle.io \"CN=x\" not found", None);
+    let unresolved = api_error(
+        500,
+        Some("ServerError"),
+        "users.management.cattle.io \"CN=x\" not found",
+        None,
+    );
     assert!(super::grant::is_final_refusal(&by_principal, &unresolved));
     let e = binding_error(&by_principal, unresolved);
     assert!(matches!(e, IntegrationError::Config { .. }) && !e.retryable(), "{e:?}");
@@ -516,7 +521,10 @@ async fn grant_by_principal_and_to_groups() {
     )
     .await;
     let g = g.unwrap();
-    assert_eq!(n, 3, "the listing, the POST, then the binding read back once Rancher filled it in");
+    assert_eq!(
+        n, 3,
+        "the listing, the POST, then the binding read back once Rancher filled it in"
+    );
     assert_eq!(g.user_id, external_user_id("github_user://5151"));
     assert_eq!(matching(&sim, Some(&g.user_id), "cluster-member", "c-7x2k9").len(), 1);
     // A global role for an external user that exists: its deterministic id is read first.
@@ -556,9 +564,12 @@ async fn grant_by_principal_and_to_groups() {
         .await
         .unwrap();
     assert_eq!(removed.removed_binding_ids.len(), 1);
-    assert!(matching(&sim, None, "cluster-member", "c-7x2k9").iter().all(|b| b.user_principal_id.as_deref()
-        != Some("github_user://5151")
-        && b.user_id.as_deref() != Some(external_user_id("github_user://5151").as_str())));
+    assert!(
+        matching(&sim, None, "cluster-member", "c-7x2k9")
+            .iter()
+            .all(|b| b.user_principal_id.as_deref() != Some("github_user://5151")
+                && b.user_id.as_deref() != Some(external_user_id("github_user://5151").as_str()))
+    );
     let removed = r
         .revoke(&revoke_req("github_user://4242", "clusters-create", "global"))
         .await
@@ -1590,7 +1601,11 @@ async fn in_progress_bindings_are_awaited_then_reported() {
     let (g, n) = counted(&sim, impatient.grant(&grant_req("bob", "nodes-view", "c-7x2k9"))).await;
     let g = g.unwrap();
     assert_eq!(n, 2, "lookup + listing (which shows Completed)");
-    assert!(e.to_string().contains(&g.binding_ids[0]), "{e} names {:?}", g.binding_ids);
+    assert!(
+        e.to_string().contains(&g.binding_ids[0]),
+        "{e} names {:?}",
+        g.binding_ids
+    );
     assert_eq!(matching(&sim, Some("u-bob01"), "nodes-view", "c-7x2k9").len(), 1);
     sim.stop().await;
 }
@@ -1605,7 +1620,10 @@ async fn before_2_11_existence_is_success_and_the_principals_user_is_awaited() {
     })
     .await;
     let r = rancher(&sim);
-    let g = r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde")).await.unwrap();
+    let g = r
+        .grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))
+        .await
+        .unwrap();
     assert_eq!(g.binding_ids.len(), 1);
     // The version is known now: a new binding costs its POST and nothing more.
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
