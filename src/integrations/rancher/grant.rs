@@ -12,13 +12,20 @@
 //! - else the binding is created under its deterministic name, so a retried POST is 409
 //!   AlreadyExists (read back and treated as the connector's).
 //!
-//! Round trips on the happy path (measured against the simulator in `tests.rs`):
-//! - grant to an existing user by username: `GET /v3/users?username=` + listing + `POST` = 3;
-//!   a repeat is 2 (the listing finds the connector's binding; +1 `PUT` if the expiry moves).
-//! - grant to a principal at cluster or project scope, or to a group: listing + `POST` = 2.
+//! Round trips on the happy path on 2.11+ (measured against the simulator in `tests.rs`); each
+//! binding created is read back until `Completed` (`settle`), one `GET` counted here:
+//! - grant to an existing user by username: `GET /v3/users?username=` + listing + `POST` + `GET`
+//!   = 4; a repeat is 2 (the listing finds the connector's binding; +1 `PUT` if the expiry moves).
+//! - grant to a principal at cluster or project scope, or to a group: listing + `POST` + `GET` = 3
+//!   (for a principal, until Rancher has filled in its user: that is the grant's `user_id`).
+//! - grant to `local://u-x`: `GET /v3/users/u-x` first (Rancher would bind a ghost) = 4.
 //! - grant with `create_user` to a new user: user lookup + `POST /v3/users` + `POST` binding +
-//!   `POST` login binding = 4 (a new user has no bindings: nothing is listed). A repeat sets a
-//!   fresh password and returns it (credentials are never lost): lookup + 2 listings + setpassword.
+//!   `GET` + `POST` login binding + `GET` = 6 (a new user has no bindings: nothing is listed). A
+//!   repeat sets a fresh password and returns it (credentials are never lost): lookup + 2
+//!   listings + setpassword.
+//!
+//! Rancher refuses some bindings with a 500 (an unknown role template; an external principal the
+//! key's auth provider cannot resolve): those are final, not retried ([`is_final_refusal`]).
 
 use std::time::{Duration, Instant};
 

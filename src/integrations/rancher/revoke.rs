@@ -10,6 +10,11 @@
 //!    `left_binding_ids`; `all` (an operator's `revoke --all`) deletes every equal binding.
 //! 4. A user the agent created that has no access left but its login roles is disabled.
 //!
+//! An external principal's equal bindings are listed by `userPrincipalId` and by its user's
+//! `userId` (Rancher never fills an external principal into a binding made by `userId`). The
+//! connector's bindings already being removed are proven gone too: a removal stuck on its
+//! finalizers fails the revoke (`InProgress`, with a warning), never reports it done.
+//!
 //! Round trips, grant recorded (`user_id`, one binding id), user not agent-created: `DELETE` +
 //! `GET` + listing + `GET /v3/users/{id}` = 4 (+2 for the admin proof once per key in 10 min).
 //! For an agent-created user, +3 listings of its bindings (+1 `PUT` when it is disabled).

@@ -134,10 +134,9 @@ impl Rancher {
                 None if self.writes_status().await? => Some("has no status yet".to_string()),
                 None => None,
             };
-            let pending = pending.or_else(|| {
-                (by_principal && nonempty(&b.user_id).is_none())
-                    .then(|| "has no user yet (Rancher creates the principal's user)".to_string())
-            });
+            let user_pending = by_principal && nonempty(&b.user_id).is_none();
+            let pending = pending
+                .or_else(|| user_pending.then(|| "has no user yet (Rancher creates the principal's user)".to_string()));
             let Some(pending) = pending else {
                 return Ok(b);
             };
@@ -145,10 +144,8 @@ impl Rancher {
             if read && Instant::now() + delay > deadline {
                 // Never a status on a server remembered as writing one: the memory (per base
                 // URL) may be stale; ask the server itself before failing.
-                if !ever_status
-                    && !(by_principal && nonempty(&b.user_id).is_none())
-                    && !self.read_writes_status().await?
-                {
+                let status_expected = ever_status || user_pending || self.read_writes_status().await?;
+                if !status_expected {
                     return Ok(b);
                 }
                 return Err(IntegrationError::InProgress {
