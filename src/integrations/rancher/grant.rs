@@ -25,7 +25,7 @@
 //!   listings + setpassword.
 //!
 //! Rancher refuses some bindings with a 500 (an unknown role template; an external principal the
-//! key's auth provider cannot resolve): those are final, not retried ([`is_final_refusal`]).
+//! key's auth provider cannot resolve): those are final, not retried (`is_final_refusal`).
 
 use std::time::{Duration, Instant};
 
