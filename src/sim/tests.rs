@@ -163,11 +163,12 @@ async fn auth_failures_answer_401_with_a_string_status_and_no_code() {
         .await;
     assert_eq!(wrong, (401, expected.clone()));
 
-    // Bearer with the ext/ prefix, and Basic, both authenticate.
+    // A v3 key sent as an ext token is looked up among ext tokens: not there
+    // (`pkg/auth/requests/authenticate.go`). Basic auth works.
     let ext = format!("Bearer ext/{DEFAULT_ACCESS_KEY}:{DEFAULT_SECRET_KEY}");
     assert_eq!(
-        c.send(c.http.get(c.url("/v3")).header("Authorization", ext)).await.0,
-        200
+        c.send(c.http.get(c.url("/v3")).header("Authorization", ext)).await,
+        (401, expected.clone())
     );
     let basic = c
         .http
@@ -209,8 +210,11 @@ async fn an_expired_key_or_a_disabled_owner_gets_401() {
     c.stop().await;
 }
 
+/// A cluster-scoped key authenticates only on paths routed to its cluster; everywhere else it
+/// gets the one 401 body Rancher has, which never names the scope (`pkg/auth/requests/filter.go`
+/// writes "must authenticate" whatever `authenticate.go` wrapped; review F5/S6).
 #[tokio::test]
-async fn tokens_endpoint_and_a_cluster_scoped_key() {
+async fn tokens_endpoint_and_a_cluster_scoped_key_refused_with_the_plain_401() {
     let c = Client::start(SimOptions::default()).await;
     let (status, token) = c.get(&format!("/v3/tokens/{DEFAULT_ACCESS_KEY}")).await;
     assert_eq!(status, 200);
@@ -222,22 +226,23 @@ async fn tokens_endpoint_and_a_cluster_scoped_key() {
     assert_eq!(token["enabled"], true);
     assert_error(&c.get("/v3/tokens/token-other").await, 404, "NotFound");
 
+    let plain = json!({"type": "error", "status": "401", "message": "Unauthorized 401: must authenticate"});
     c.h.sim.set_key_scope(Some("c-7x2k9"));
-    let (status, token) = c.get(&format!("/v3/tokens/{DEFAULT_ACCESS_KEY}")).await;
-    assert_eq!(status, 401, "a scoped key fails outside its cluster: {token}");
-    assert_eq!(token["status"], "401");
-    assert!(
-        token["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("clusterID does not match"),
-        "{token}"
-    );
+    for path in [
+        format!("/v3/tokens/{DEFAULT_ACCESS_KEY}"),
+        "/v3/users?me=true".to_string(),
+        "/v3/clusters".to_string(),
+        "/v3/clusters/local".to_string(),
+        "/k8s/clusters/local/version".to_string(),
+    ] {
+        assert_eq!(c.get(&path).await, (401, plain.clone()), "{path}");
+    }
     assert_eq!(c.get("/v3/clusters/c-7x2k9").await.0, 200);
     assert_eq!(c.get("/v3/cluster/c-7x2k9/namespaces").await.0, 200);
-    assert_eq!(c.get("/v3/clusters/local").await.0, 401);
-    assert_eq!(c.get("/v3/users").await.0, 401);
+    let (status, version) = c.get("/k8s/clusters/c-7x2k9/version").await;
+    assert_eq!((status, version["major"].as_str()), (200, Some("1")));
     c.h.sim.set_key_scope(None);
+    assert_eq!(c.get("/v3/users?me=true").await.0, 200);
 
     let scoped = Client::start(SimOptions {
         key_cluster_id: Some("local".into()),
@@ -245,8 +250,45 @@ async fn tokens_endpoint_and_a_cluster_scoped_key() {
     })
     .await;
     assert_eq!(scoped.get("/v3/clusters/local").await.0, 200);
-    assert_eq!(scoped.get("/v3/clusters").await.0, 401);
+    assert_eq!(scoped.get("/v3/clusters").await, (401, plain));
     scoped.stop().await;
+    c.stop().await;
+}
+
+/// 2.12+ ext tokens (rancher-api-notes §3, §5; rancher `pkg/apis/ext.cattle.io/v1/types.go`):
+/// sent as `ext/<name>:<secret>`, read at `/v1/ext.cattle.io.tokens/<name>` with `spec.ttl` in ms
+/// and `status.expiresAt`; not a v3 token.
+#[tokio::test]
+async fn an_ext_key_authenticates_with_its_prefix_and_reads_its_token() {
+    let c = Client::start(SimOptions::default()).await;
+    c.h.sim.set_api_key("ext/tok-ext01", "3xts3cr3t");
+    c.h.sim.set_key_expiry(Some(Utc::now() + chrono::Duration::days(30)));
+    assert_eq!(
+        c.h.sim.api_key(),
+        ("ext/tok-ext01".to_string(), "3xts3cr3t".to_string())
+    );
+    let with = |path: &str, auth: &str| c.http.get(c.url(path)).header("Authorization", auth.to_string());
+    let ext = "Bearer ext/tok-ext01:3xts3cr3t";
+    assert_eq!(c.send(with("/v3/users?me=true", ext)).await.0, 200);
+    assert_eq!(
+        c.send(with("/v3/users?me=true", "Bearer tok-ext01:3xts3cr3t")).await.0,
+        401,
+        "without its prefix it is looked up among v3 tokens"
+    );
+    let (status, token) = c.send(with("/v1/ext.cattle.io.tokens/tok-ext01", ext)).await;
+    assert_eq!(status, 200, "{token}");
+    assert_eq!(token["metadata"]["name"], "tok-ext01");
+    assert_eq!(token["spec"]["userID"], ADMIN_USER_ID);
+    assert_eq!(token["spec"]["enabled"], true);
+    assert_eq!(token["spec"]["clusterName"], "");
+    assert!(token["spec"]["ttl"].as_i64().is_some_and(|t| t > 0), "{token}");
+    assert_eq!(token["status"]["expired"], false);
+    let expires = token["status"]["expiresAt"].as_str().unwrap_or_default();
+    assert!(DateTime::parse_from_rfc3339(expires).is_ok(), "{token}");
+    let (status, missing) = c.send(with("/v1/ext.cattle.io.tokens/tok-other", ext)).await;
+    assert_eq!((status, missing["code"].as_str()), (404, Some("NotFound")));
+    assert_error(&c.send(with("/v3/tokens/tok-ext01", ext)).await, 404, "NotFound");
+    assert_eq!(c.h.sim.stats().route("GET /v1/ext.cattle.io.tokens/{id}"), 2);
     c.stop().await;
 }
 
@@ -514,7 +556,9 @@ async fn duplicate_bindings_follow_the_version() {
         "admission webhook \"rancher.cattle.io.clusterroletemplatebindings.management.cattle.io\" denied the \
          request: duplicate crtb not allowed"
     );
-    // Same subject by principal is also a duplicate; another role is not.
+    // Once the controller has backfilled `local://u-bob01`, the same principal is a duplicate
+    // (the webhook compares raw fields); another role is not.
+    c.h.sim.reconcile_now();
     let by_principal =
         json!({"clusterId": "c-7x2k9", "roleTemplateId": "cluster-member", "userPrincipalId": "local://u-bob01"});
     assert_error(
@@ -621,7 +665,18 @@ async fn prtb_ids_use_the_project_namespace_in_both_forms() {
         b["id"].as_str().unwrap_or_default().starts_with("c-m-4bq8z2lp:crtb-"),
         "{b}"
     );
-    assert_eq!(b["userPrincipalId"], "local://u-alice1", "filled in from the user");
+    assert_eq!(b["userPrincipalId"], Value::Null, "the 201 is what was posted");
+    c.h.sim.reconcile_now();
+    let (_, later) = c
+        .get(&format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        ))
+        .await;
+    assert_eq!(
+        later["userPrincipalId"], "local://u-alice1",
+        "backfilled by the controller"
+    );
     // Before 2.12 there is no backingNamespace and every project uses p-y.
     let old_version = Client::start(version(11)).await;
     let (_, p) = old_version.get("/v3/projects/c-7x2k9:p-x4m7q").await;
@@ -630,26 +685,50 @@ async fn prtb_ids_use_the_project_namespace_in_both_forms() {
     old_version.stop().await;
 }
 
+/// A binding by principal alone: the 201 has no `userId`; the controller's EnsureUser
+/// (`crtb_handler.go` reconcileSubject, `usermanager.go` EnsureUser) makes the user
+/// `u-<base32(sha256(principal))[:10]>` with a GRB for every `newUserDefault` global role
+/// (`createUsersBindings`), and the binding shows `userId` on the next read (review S7, S11).
 #[tokio::test]
 async fn a_binding_by_user_principal_ensures_the_user() {
-    let c = Client::start(SimOptions::default()).await;
+    let c = Client::start(SimOptions {
+        controller_delay: Duration::from_secs(3600),
+        ..SimOptions::default()
+    })
+    .await;
     let principal = "github_user://5151";
+    let uid = external_user_id(principal);
     let body = json!({"clusterId": "c-7x2k9", "roleTemplateId": "cluster-member", "userPrincipalId": principal});
     let (status, b) = c.post("/v3/clusterroletemplatebindings", body).await;
     assert_eq!(status, 201, "{b}");
-    let uid = external_user_id(principal);
-    assert_eq!(b["userId"], uid.as_str());
+    assert_eq!(b["userId"], Value::Null, "EnsureUser has not run: {b}");
     assert_eq!(b["userPrincipalId"], principal);
+    assert!(b.get("status").is_none(), "{b}");
+    assert_eq!(
+        b["annotations"]["auth.cattle.io/principal-display-name"], "Hubot Robot",
+        "rtb_store.go puts the principal's display name on the binding"
+    );
+    let path = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b["id"].as_str().unwrap_or_default()
+    );
+    assert_eq!(c.get(&path).await.1["userId"], Value::Null);
+    assert_error(&c.get(&format!("/v3/users/{uid}")).await, 404, "NotFound");
+
+    c.h.sim.reconcile_now();
+    assert_eq!(c.get(&path).await.1["userId"], uid.as_str());
     let (status, user) = c.get(&format!("/v3/users/{uid}")).await;
     assert_eq!(status, 200);
     assert_eq!(user["principalIds"], json!([principal]));
     assert_eq!(user["name"], "Hubot Robot");
+    let grbs = c.all(&format!("/v3/globalrolebindings?userId={uid}")).await;
+    let roles: Vec<&str> = grbs.iter().filter_map(|g| g["globalRoleId"].as_str()).collect();
+    assert_eq!(roles, ["user"], "the install's newUserDefault roles");
+
     // A second binding reuses the user.
     let body = json!({"projectId": "c-7x2k9:p-abcde", "roleTemplateId": "read-only", "userPrincipalId": principal});
-    assert_eq!(
-        c.post("/v3/projectroletemplatebindings", body).await.1["userId"],
-        uid.as_str()
-    );
+    assert_eq!(c.post("/v3/projectroletemplatebindings", body).await.0, 201);
+    c.h.sim.reconcile_now();
     assert_eq!(
         c.h.sim
             .users()
@@ -658,17 +737,48 @@ async fn a_binding_by_user_principal_ensures_the_user() {
             .count(),
         1
     );
-    // local://u-x resolves to the existing user; a missing local user is an invalid reference.
-    let body = json!({"clusterId": "local", "roleTemplateId": "cluster-member", "userPrincipalId": "local://u-bob01"});
     assert_eq!(
-        c.post("/v3/clusterroletemplatebindings", body).await.1["userId"],
-        "u-bob01"
+        c.ids(&format!("/v3/projectroletemplatebindings?userId={uid}"))
+            .await
+            .len(),
+        1
     );
+
+    // With `user-base` as the only default, that is what a new external user gets.
+    c.h.sim.set_new_user_default("user", false);
+    c.h.sim.set_new_user_default("user-base", true);
+    let mona = "github_user://6060";
+    let body = json!({"clusterId": "local", "roleTemplateId": "nodes-view", "userPrincipalId": mona});
+    assert_eq!(c.post("/v3/clusterroletemplatebindings", body).await.0, 201);
+    c.h.sim.reconcile_now();
+    let grbs = c
+        .all(&format!("/v3/globalrolebindings?userId={}", external_user_id(mona)))
+        .await;
+    let roles: Vec<&str> = grbs.iter().filter_map(|g| g["globalRoleId"].as_str()).collect();
+    assert_eq!(roles, ["user-base"]);
+
+    // `local://u-x` is not looked up on create: an existing user is found by EnsureUser, a
+    // missing one is accepted (201) and EnsureUser makes a user for that principal.
+    let body = json!({"clusterId": "local", "roleTemplateId": "cluster-member", "userPrincipalId": "local://u-bob01"});
+    let (_, bob) = c.post("/v3/clusterroletemplatebindings", body).await;
     let body = json!({"clusterId": "local", "roleTemplateId": "cluster-member", "userPrincipalId": "local://u-nope"});
-    assert_error(
-        &c.post("/v3/clusterroletemplatebindings", body).await,
-        422,
-        "InvalidReference",
+    let (status, ghost) = c.post("/v3/clusterroletemplatebindings", body).await;
+    assert_eq!(status, 201, "{ghost}");
+    c.h.sim.reconcile_now();
+    let read = |b: &Value| {
+        format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        )
+    };
+    assert_eq!(c.get(&read(&bob)).await.1["userId"], "u-bob01");
+    let ghost_user = external_user_id("local://u-nope");
+    assert_eq!(c.get(&read(&ghost)).await.1["userId"], ghost_user.as_str());
+    assert!(
+        c.h.sim
+            .users()
+            .iter()
+            .any(|u| u.id == ghost_user && u.principal_ids == ["local://u-nope"])
     );
     c.stop().await;
 
@@ -688,6 +798,66 @@ async fn a_binding_by_user_principal_ensures_the_user() {
     local_only.stop().await;
 }
 
+/// S8: for a binding made with `userId` only, the controller fills `userPrincipalId` only with
+/// a principal ending with the user id (`crtb_handler.go` reconcileSubject: `strings.HasSuffix`),
+/// never the user's external principal; the 2.14+ webhook's duplicate check compares raw fields
+/// and never resolves a principal to its user (rancher/webhook
+/// `clusterroletemplatebinding/validator.go` isDuplicate).
+#[tokio::test]
+async fn principal_backfill_is_local_only_and_duplicates_compare_raw_fields() {
+    let c = Client::start(version(14)).await;
+    let octo_principal = "github_user://4242";
+    let octo = external_user_id(octo_principal);
+    let (status, by_id) = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb(&octo, "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    assert_eq!(status, 201, "{by_id}");
+    let (_, alice) = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-alice1", "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    c.h.sim.reconcile_now();
+    let read = |b: &Value| {
+        format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        )
+    };
+    assert_eq!(
+        c.get(&read(&by_id)).await.1["userPrincipalId"],
+        Value::Null,
+        "an external user's principal is never backfilled"
+    );
+    assert_eq!(c.get(&read(&alice)).await.1["userPrincipalId"], "local://u-alice1");
+    assert!(
+        c.ids(&format!(
+            "/v3/clusterroletemplatebindings?userPrincipalId={octo_principal}"
+        ))
+        .await
+        .is_empty(),
+        "a revoke that lists by principal does not see the userId binding"
+    );
+    // The same person by principal is not a duplicate of the userId binding.
+    let body = json!({"clusterId": "c-7x2k9", "roleTemplateId": "cluster-member", "userPrincipalId": octo_principal});
+    let (status, by_principal) = c.post("/v3/clusterroletemplatebindings", body.clone()).await;
+    assert_eq!(status, 201, "{by_principal}");
+    c.h.sim.reconcile_now();
+    assert_eq!(
+        c.ids(&format!("/v3/clusterroletemplatebindings?userId={octo}"))
+            .await
+            .len(),
+        2
+    );
+    // The same raw principal again is.
+    assert_error(&c.post("/v3/clusterroletemplatebindings", body).await, 409, "Conflict");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn a_grb_by_user_principal_alone_is_422() {
     let c = Client::start(SimOptions::default()).await;
@@ -698,22 +868,49 @@ async fn a_grb_by_user_principal_alone_is_422() {
     let (status, g) = c.post("/v3/globalrolebindings", group).await;
     assert_eq!(status, 201);
     assert!(g["id"].as_str().unwrap_or_default().starts_with("grb-"), "{g}");
-    assert_error(
-        &c.post(
+    // An unknown global role: the GRB store's lister NotFound becomes Norman's 404
+    // (`store/globalrolebindings/globalrolebinding_store.go` addOwnerReference; review S4).
+    let unknown = c
+        .post(
             "/v3/globalrolebindings",
             json!({"globalRoleId": "nope", "userId": "u-bob01"}),
         )
-        .await,
-        422,
-        "InvalidReference",
+        .await;
+    assert_error(&unknown, 404, "NotFound");
+    assert_eq!(
+        unknown.1["message"],
+        "globalroles.management.cattle.io \"nope\" not found"
     );
     c.stop().await;
 }
 
+/// Refused binding creates, with Rancher's answers in Rancher's order: Norman's validator
+/// (`customization/roletemplatebinding/validator.go`: the role template first, an unknown one a
+/// 500 "Error getting role template"; locked 422; wrong context 422; then the subject 422), then
+/// Kubernetes (a cluster or project that does not exist: its namespace is not found, 404).
+/// Rancher has no reference validator, so nothing here is a 422 `InvalidReference` (review S3).
 #[tokio::test]
-async fn bad_bindings_get_the_rancher_422s() {
+async fn bad_bindings_get_the_rancher_answers_and_create_nothing() {
     let c = Client::start(SimOptions::default()).await;
     let post = |body: Value| c.post("/v3/clusterroletemplatebindings", body);
+    let unknown = post(crtb("u-bob01", "no-such-role", "c-7x2k9")).await;
+    assert_error(&unknown, 500, "ServerError");
+    assert_eq!(
+        unknown.1["message"],
+        "Error getting role template: roletemplates.management.cattle.io \"no-such-role\" not found"
+    );
+    let unknown_prtb = c
+        .post(
+            "/v3/projectroletemplatebindings",
+            prtb("u-bob01", "no-such-role", "c-7x2k9:p-abcde"),
+        )
+        .await;
+    assert_error(&unknown_prtb, 500, "ServerError");
+    // The role is checked before the subject.
+    let no_subject_bad_role = post(json!({"clusterId": "c-7x2k9", "roleTemplateId": "nope"})).await;
+    assert_error(&no_subject_bad_role, 500, "ServerError");
+    let missing = post(json!({"clusterId": "c-7x2k9", "userId": "u-bob01"})).await;
+    assert_error(&missing, 422, "MissingRequired");
     let locked = post(crtb("u-bob01", "rt-lock1", "c-7x2k9")).await;
     assert_error(&locked, 422, "InvalidState");
     assert_eq!(locked.1["message"], "Role is locked and cannot be assigned");
@@ -733,32 +930,17 @@ async fn bad_bindings_get_the_rancher_422s() {
         context.1["message"],
         "Cannot reference context [cluster] from [project] context"
     );
-    let unknown = post(crtb("u-bob01", "no-such-role", "c-7x2k9")).await;
-    assert_error(&unknown, 422, "InvalidReference");
-    assert!(
-        unknown.1["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no-such-role")
-    );
-    assert_error(
-        &post(crtb("u-bob01", "cluster-member", "c-nope")).await,
-        422,
-        "InvalidReference",
-    );
-    assert_error(
-        &post(crtb("u-nobody", "cluster-member", "c-7x2k9")).await,
-        422,
-        "InvalidReference",
-    );
+    let no_cluster = post(crtb("u-bob01", "cluster-member", "c-nope")).await;
+    assert_error(&no_cluster, 404, "NotFound");
+    assert_eq!(no_cluster.1["message"], "namespaces \"c-nope\" not found");
     assert_error(
         &c.post(
             "/v3/projectroletemplatebindings",
             prtb("u-bob01", "read-only", "c-7x2k9:p-nope"),
         )
         .await,
-        422,
-        "InvalidReference",
+        404,
+        "NotFound",
     );
     let none = post(json!({"clusterId": "c-7x2k9", "roleTemplateId": "cluster-member"})).await;
     assert_error(&none, 422, "InvalidBodyContent");
@@ -783,6 +965,39 @@ async fn bad_bindings_get_the_rancher_422s() {
         .await;
     assert_error(&bad_json, 422, "InvalidBodyContent");
     assert_eq!(c.h.sim.bindings().len(), 6, "nothing was created");
+    c.stop().await;
+}
+
+/// S5: no reference validation on `userId` (no `ReferenceValidator` in Rancher; the webhook's
+/// `validateCreateFields` does not look users up): the create is a 201 and the binding exists,
+/// pointing at no user; on 2.11+ the controller then reports `Error` (`crtb_handler.go`
+/// reconcileSubject: FailedToGetSubject).
+#[tokio::test]
+async fn an_unknown_user_id_is_accepted_and_the_controller_reports_error() {
+    let c = Client::start(SimOptions::default()).await;
+    let (status, b) = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-nobody", "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    assert_eq!(status, 201, "{b}");
+    assert_eq!(b["userId"], "u-nobody");
+    assert!(
+        c.h.sim
+            .bindings()
+            .iter()
+            .any(|x| x.user_id.as_deref() == Some("u-nobody"))
+    );
+    assert!(c.h.sim.users().iter().all(|u| u.id != "u-nobody"), "no user was made");
+    c.h.sim.reconcile_now();
+    let (_, read) = c
+        .get(&format!(
+            "/v3/clusterroletemplatebindings/{}",
+            b["id"].as_str().unwrap_or_default()
+        ))
+        .await;
+    assert_eq!(read["status"]["summary"], "Error", "{read}");
     c.stop().await;
 }
 
@@ -834,7 +1049,12 @@ async fn users_are_created_with_the_password_rules_and_no_default_binding() {
     assert_eq!(status, 201, "{carol}");
     let id = carol["id"].as_str().unwrap_or_default().to_string();
     assert!(id.starts_with("u-") && id.len() == 7, "{id}");
-    assert_eq!(carol["principalIds"], json!([format!("local://{id}")]));
+    assert_eq!(carol["principalIds"], json!([]), "filled by a controller, later");
+    c.h.sim.reconcile_now();
+    assert_eq!(
+        c.get(&format!("/v3/users/{id}")).await.1["principalIds"],
+        json!([format!("local://{id}")])
+    );
     assert_eq!(carol["labels"]["apono.io/managed"], "true");
     assert_eq!(carol["description"], "made by apono");
     assert_eq!(carol["mustChangePassword"], true);
@@ -1035,6 +1255,8 @@ async fn random_faults_are_seeded_and_deterministic() {
     assert!(runs[0].iter().all(|s| [200, 500, 503].contains(s)));
 }
 
+/// Latency and slow faults delay `/v3` answers (a lower bound only), requests are served
+/// concurrently (a fast one is answered while a slow one still waits), `/sim` is never delayed.
 #[tokio::test]
 async fn latency_and_slow_faults_delay_v3_answers_only() {
     let c = Client::start(SimOptions {
@@ -1045,15 +1267,36 @@ async fn latency_and_slow_faults_delay_v3_answers_only() {
     let t = Instant::now();
     let (a, b) = tokio::join!(c.get("/v3/clusters"), c.get("/v3/users"));
     assert_eq!((a.0, b.0), (200, 200));
-    let took = t.elapsed();
-    assert!(
-        took >= Duration::from_millis(150) && took < Duration::from_millis(290),
-        "concurrent: {took:?}"
-    );
-    let t = Instant::now();
-    reqwest::get(c.url("/sim/stats")).await.expect("stats");
-    assert!(t.elapsed() < Duration::from_millis(150), "/sim is not delayed");
+    assert!(t.elapsed() >= Duration::from_millis(150), "{:?}", t.elapsed());
     c.h.sim.set_latency(Duration::ZERO);
+
+    // One request held for an hour does not hold up the others, nor /sim.
+    c.h.sim.slow_next_on("GET /v3/users", 1, Duration::from_secs(3600));
+    let held = tokio::spawn({
+        let http = c.http.clone();
+        let (url, auth) = (c.url("/v3/users"), c.auth.clone());
+        async move {
+            http.get(url)
+                .header("Authorization", auth)
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    while c.h.sim.stats().route("GET /v3/users") < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(c.get("/v3/clusters").await.0, 200);
+    let stats: SimStats = reqwest::get(c.url("/sim/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats.route("GET /v3/clusters"), 2);
+    assert!(!held.is_finished(), "the held request is still waiting");
+    held.abort();
+
     c.h.sim.set_faults(FaultOptions {
         slow_rate: 1.0,
         slow_delay: Duration::from_millis(120),
@@ -1116,72 +1359,111 @@ async fn stats_count_v3_requests_per_route() {
     c.stop().await;
 }
 
+/// S7: the binding controller writes `status` after the 201 (rancher
+/// `pkg/controllers/management/auth/crtb_handler.go`: `setCRTBAsInProgress`, the reconcile,
+/// `setCRTBAsCompleted`; 2.11+): the 201 and reads before the controller's pass have no
+/// `status`, then `InProgress`, then `Completed`. Before 2.11 there is never a status.
 #[tokio::test]
-async fn new_bindings_settle_and_status_appears_from_2_11() {
+async fn a_new_binding_has_no_status_then_in_progress_then_completed() {
+    let hour = Duration::from_secs(3600);
     let c = Client::start(SimOptions {
-        settle: Duration::from_millis(300),
+        controller_delay: hour,
+        settle: hour,
         ..SimOptions::default()
     })
     .await;
+    let (status, b) = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-bob01", "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    assert_eq!(status, 201, "{b}");
+    assert!(b.get("status").is_none(), "the 201 has no status: {b}");
+    let path = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b["id"].as_str().unwrap_or_default()
+    );
+    let (_, read) = c.get(&path).await;
+    assert!(read.get("status").is_none(), "not before the controller's pass: {read}");
+    assert_eq!(read["userPrincipalId"], Value::Null);
+
+    // The controller has run (at once), the binding is still being pushed downstream.
+    c.h.sim.set_controller_delay(Duration::ZERO);
+    let (_, b2) = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-alice1", "nodes-view", "c-7x2k9"),
+        )
+        .await;
+    assert!(b2.get("status").is_none(), "{b2}");
+    let path2 = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b2["id"].as_str().unwrap_or_default()
+    );
+    let (_, read) = c.get(&path2).await;
+    assert_eq!(read["status"]["summary"], "InProgress", "{read}");
+    assert_eq!(read["userPrincipalId"], "local://u-alice1");
+
+    c.h.sim.reconcile_now();
+    for p in [&path, &path2] {
+        assert_eq!(c.get(p).await.1["status"]["summary"], "Completed", "{p}");
+    }
+    let (status, gone) = c.delete(&path).await;
+    assert_eq!(status, 200);
+    assert!(gone["removed"].is_string(), "{gone}");
+    c.stop().await;
+
+    // With the default delays the status arrives without help (polled, bounded).
+    let c = Client::start(SimOptions::default()).await;
     let (_, b) = c
         .post(
             "/v3/clusterroletemplatebindings",
             crtb("u-bob01", "cluster-member", "c-7x2k9"),
         )
         .await;
-    assert_eq!(b["status"]["summary"], "InProgress");
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let (_, b) = c
+    let path = format!(
+        "/v3/clusterroletemplatebindings/{}",
+        b["id"].as_str().unwrap_or_default()
+    );
+    let mut summary = Value::Null;
+    for _ in 0..200 {
+        summary = c.get(&path).await.1["status"]["summary"].clone();
+        if summary == "Completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(summary, "Completed");
+    c.stop().await;
+
+    let old = Client::start(version(10)).await;
+    let (_, b) = old.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
+    assert!(b.get("status").is_none(), "{b}");
+    old.h.sim.reconcile_now();
+    let (_, b) = old
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-bob01", "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    old.h.sim.reconcile_now();
+    let (_, b) = old
         .get(&format!(
             "/v3/clusterroletemplatebindings/{}",
             b["id"].as_str().unwrap_or_default()
         ))
         .await;
-    assert_eq!(b["status"]["summary"], "Completed");
-    // By principal alone: userId appears only once the controller (EnsureUser) has run.
-    let body = json!({"clusterId": "local", "roleTemplateId": "nodes-view", "userPrincipalId": "github_user://6060"});
-    let (status, b) = c.post("/v3/clusterroletemplatebindings", body).await;
-    assert_eq!(status, 201, "{b}");
-    assert_eq!(b["userId"], Value::Null);
-    let uid = external_user_id("github_user://6060");
-    assert!(
-        c.ids(&format!("/v3/clusterroletemplatebindings?userId={uid}"))
-            .await
-            .is_empty()
-    );
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let id = b["id"].as_str().unwrap_or_default().to_string();
-    let (_, b) = c.get(&format!("/v3/clusterroletemplatebindings/{id}")).await;
-    assert_eq!(b["userId"], uid.as_str());
-    assert_eq!(
-        c.ids(&format!("/v3/clusterroletemplatebindings?userId={uid}")).await,
-        [id.as_str()]
-    );
-    let (status, gone) = c.delete(&format!("/v3/clusterroletemplatebindings/{id}")).await;
-    assert_eq!(status, 200);
-    assert!(gone["removed"].is_string(), "{gone}");
-    // A new local user's principalIds arrive with the controller too.
-    let (_, dave) = c
-        .post("/v3/users", json!({"username": "dave", "password": "long-enough-pw-1"}))
-        .await;
-    assert_eq!(dave["principalIds"], json!([]));
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let (_, dave) = c
-        .get(&format!("/v3/users/{}", dave["id"].as_str().unwrap_or_default()))
-        .await;
-    assert_eq!(
-        dave["principalIds"],
-        json!([format!("local://{}", dave["id"].as_str().unwrap_or_default())])
-    );
-    c.stop().await;
-    let old = Client::start(version(10)).await;
-    let (_, b) = old.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
     assert!(b.get("status").is_none(), "{b}");
+    assert_eq!(
+        b["userPrincipalId"], "local://u-bob01",
+        "the controller still backfills"
+    );
     old.stop().await;
 }
 
 #[tokio::test]
-async fn the_large_dataset_has_the_documented_sizes_and_pages_fast() {
+async fn the_large_dataset_has_the_documented_sizes() {
     let t = Instant::now();
     let sim = Sim::new(SimOptions {
         size: DatasetSize::Large,
@@ -1215,8 +1497,8 @@ async fn the_large_dataset_has_the_documented_sizes_and_pages_fast() {
     let paged = t.elapsed();
     assert_eq!(status, 200);
     assert_eq!(page["data"].as_array().map(Vec::len), Some(5000));
+    // Timings are printed for the reader, not asserted (a loaded CI machine is slow).
     eprintln!("large dataset built in {built:?}; a page of 5000 PRTBs in {paged:?} (debug build)");
-    assert!(built < Duration::from_secs(10), "{built:?}");
     // Deterministic for a seed.
     let again = Sim::new(SimOptions {
         size: DatasetSize::Large,
@@ -1398,7 +1680,13 @@ async fn malformed_input_gets_rancher_shaped_errors() {
     assert_eq!(basic.0, 401);
     let cookie = format!("R_SESS={DEFAULT_ACCESS_KEY}:{DEFAULT_SECRET_KEY}");
     assert_eq!(c.send(c.http.get(c.url("/v3")).header("Cookie", cookie)).await.0, 200);
-    assert_error(&c.send(c.http.get(c.url("/k8s/clusters/local"))).await, 404, "NotFound");
+    assert_eq!(
+        c.send(c.http.get(c.url("/k8s/clusters/local/version"))).await.0,
+        401,
+        "authentication comes first"
+    );
+    assert_error(&c.get("/k8s/clusters/local/nothing").await, 404, "NotFound");
+    assert_error(&c.send(c.http.get(c.url("/nope"))).await, 404, "NotFound");
     c.stop().await;
 }
 
@@ -1787,5 +2075,184 @@ async fn a_user_is_disabled_and_enabled_again_by_put() {
         (json!(true), json!("active"))
     );
     assert_eq!(enabled(&c.h.sim), Some(true));
+    c.stop().await;
+}
+
+// ----- issue 10: the simulator tells the truth (review rancher.md §2) -----
+
+/// S1: a disconnected cluster's namespaces wait in Rancher's dialer (`pkg/dialer/factory.go`:
+/// four tries with a jittered 5 s sleep, then `ErrAgentDisconnected`) and answer 500
+/// `ServerError` "cluster agent disconnected" (a plain Go error, which rancher/norman
+/// `httperror/handler/handler.go` turns into a 500). The cluster stays listed and readable;
+/// other clusters answer meanwhile.
+#[tokio::test]
+async fn a_disconnected_cluster_stalls_then_answers_500_and_stays_listed() {
+    let stall = Duration::from_millis(300);
+    let c = Client::start(SimOptions {
+        disconnect_stall: stall,
+        ..SimOptions::default()
+    })
+    .await;
+    assert!(c.h.sim.disconnect_cluster("c-7x2k9", true));
+    assert!(!c.h.sim.disconnect_cluster("c-nope", true));
+    assert_eq!(c.h.sim.disconnected_clusters(), ["c-7x2k9"]);
+
+    let t = Instant::now();
+    let (dead, alive) = tokio::join!(
+        async {
+            let answer = c.get("/v3/cluster/c-7x2k9/namespaces").await;
+            (answer, t.elapsed())
+        },
+        async {
+            let answer = c.get("/v3/cluster/c-m-4bq8z2lp/namespaces").await;
+            (answer, t.elapsed())
+        }
+    );
+    let ((dead, dead_at), (alive, alive_at)) = (dead, alive);
+    assert_error(&dead, 500, "ServerError");
+    assert_eq!(dead.1["message"], "cluster agent disconnected");
+    assert!(dead_at >= stall, "{dead_at:?}");
+    assert_eq!(alive.0, 200);
+    assert!(alive_at < dead_at, "the other cluster is not held up");
+    assert_error(
+        &c.get("/v3/cluster/c-7x2k9/namespaces/default").await,
+        500,
+        "ServerError",
+    );
+    assert!(c.ids("/v3/clusters").await.contains(&"c-7x2k9".to_string()));
+    assert_eq!(c.get("/v3/clusters/c-7x2k9").await.0, 200);
+    assert_eq!(
+        c.ids("/v3/projects?clusterId=c-7x2k9").await.len(),
+        2,
+        "management data is local"
+    );
+
+    // A wrong key is refused by authentication, before any dialing.
+    let refused = c
+        .send(
+            c.http
+                .get(c.url("/v3/cluster/c-7x2k9/namespaces"))
+                .header("Authorization", "Bearer token-sim01:wrong"),
+        )
+        .await;
+    assert_eq!(refused.0, 401);
+
+    assert!(c.h.sim.disconnect_cluster("c-7x2k9", false));
+    assert_eq!(c.ids("/v3/cluster/c-7x2k9/namespaces").await.len(), 5);
+    assert!(c.h.sim.disconnected_clusters().is_empty());
+    c.stop().await;
+}
+
+/// `disconnected_share` picks that share of the clusters other than `local` by the seed: the same
+/// clusters for the same seed (the benchmark's fleet with 5 % down), others for another seed.
+#[test]
+fn a_share_of_the_large_fleet_is_disconnected_by_seed() {
+    let fleet = |seed: u64| {
+        Sim::new(SimOptions {
+            size: DatasetSize::Large,
+            disconnected_share: 0.05,
+            seed,
+            ..SimOptions::default()
+        })
+        .disconnected_clusters()
+    };
+    let down = fleet(7);
+    assert_eq!(down.len(), 10, "5 % of the 199 downstream clusters");
+    assert!(!down.contains(&"local".to_string()));
+    assert_eq!(fleet(7), down, "deterministic");
+    assert_ne!(fleet(8), down, "another seed, other clusters");
+    let none = Sim::new(SimOptions {
+        size: DatasetSize::Large,
+        ..SimOptions::default()
+    });
+    assert!(none.disconnected_clusters().is_empty());
+}
+
+/// S10: filters as rancher/norman parses them (`parse/collection.go` parseNameAndOp splits the key
+/// on its last `_`; `types/reflection.go` setupFilters gives strings and references
+/// `eq`/`ne`/`in`/`notin` and booleans `eq`/`ne`; `types/condition.go`: `eq` compares the first
+/// value). `_null`/`_notnull` are given to no field: ignored, the list comes back unfiltered.
+#[tokio::test]
+async fn filters_parse_as_norman_does() {
+    let c = Client::start(SimOptions::default()).await;
+    let all_crtbs = c.ids("/v3/clusterroletemplatebindings").await;
+    assert_eq!(all_crtbs.len(), 2);
+    for ignored in [
+        "userId_null=true",
+        "userId_notnull=true",
+        "groupPrincipalId_null=",
+        "userId_gt=a",
+        "user_Id=u-alice1",
+    ] {
+        assert_eq!(
+            c.ids(&format!("/v3/clusterroletemplatebindings?{ignored}")).await,
+            all_crtbs,
+            "{ignored}"
+        );
+    }
+    assert_eq!(
+        c.ids("/v3/clusterroletemplatebindings?userId_notin=u-alice1").await,
+        ["c-7x2k9:crtb-grp01"],
+        "split on the last _"
+    );
+    assert_eq!(
+        c.ids("/v3/clusterroletemplatebindings?groupPrincipalId_ne=github_team://777")
+            .await,
+        ["local:crtb-al1ce"]
+    );
+    assert_eq!(c.ids("/v3/clusters?name_eq=prod-eu").await, ["c-7x2k9"]);
+    assert_eq!(
+        c.ids("/v3/users?username=alice&username=bob").await,
+        ["u-alice1"],
+        "eq takes the first value"
+    );
+    assert_eq!(
+        c.ids("/v3/users?username_in=alice&username_in=bob").await,
+        ["u-alice1", "u-bob01"]
+    );
+    // Booleans: eq and ne only.
+    let templates = c.ids("/v3/roletemplates").await.len();
+    assert_eq!(c.ids("/v3/roletemplates?locked_in=true").await.len(), templates);
+    assert_eq!(c.ids("/v3/roletemplates?locked=true").await, ["rt-lock1"]);
+    assert_eq!(c.ids("/v3/roletemplates?locked_ne=false").await, ["rt-lock1"]);
+    assert_eq!(c.ids("/v3/users?enabled=false").await.len(), 0);
+    // The answer echoes only the conditions it applied.
+    let (_, page) = c.get("/v3/users?username_null=1&username_ne=bob").await;
+    assert_eq!(page["filters"]["username"], json!([{"modifier": "ne", "value": "bob"}]));
+    c.stop().await;
+}
+
+/// S12: `POST /v3/users` creates the User, then its password Secret (rancher
+/// `pkg/auth/api/user/user_store.go` Create): when the second step fails the answer is a 500 while
+/// the user exists without a password; a retry of the same POST is then 422 NotUnique.
+#[tokio::test]
+async fn a_user_create_can_fail_after_the_user_exists() {
+    let c = Client::start(SimOptions::default()).await;
+    c.h.sim.fail_user_password_next(1);
+    let body = json!({"username": "erin", "password": "long-enough-pw-1", "name": "Erin"});
+    let failed = c.post("/v3/users", body.clone()).await;
+    assert_error(&failed, 500, "ServerError");
+    let erin =
+        c.h.sim
+            .users()
+            .into_iter()
+            .find(|u| u.username.as_deref() == Some("erin"))
+            .expect("the user exists");
+    assert!(!erin.password_set, "no password was stored");
+    assert!(!failed.1.to_string().contains("long-enough-pw-1"), "{}", failed.1);
+    assert_eq!(c.ids("/v3/users?username=erin").await, std::slice::from_ref(&erin.id));
+    let again = c.post("/v3/users", body).await;
+    assert_error(&again, 422, "NotUnique");
+    // Setting the password finishes the user; the fault was for one create only.
+    let path = format!("/v3/users/{}?action=setpassword", erin.id);
+    assert_eq!(c.post(&path, json!({"newPassword": "long-enough-pw-2"})).await.0, 200);
+    assert!(c.h.sim.check_password(&erin.id, "long-enough-pw-2"));
+    let (status, frank) = c
+        .post(
+            "/v3/users",
+            json!({"username": "frank", "password": "long-enough-pw-3"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{frank}");
     c.stop().await;
 }
