@@ -175,7 +175,9 @@ impl Client {
     /// GET and decode, with at most `attempts` tries (a route that must give up fast).
     async fn get_tries<T: DeserializeOwned>(&self, url: Url, attempts: usize) -> Result<T, ApiError> {
         let retry = RetryPolicy { attempts, ..self.retry };
-        let bytes = self.request_with(Method::GET, url.clone(), None, retry).await?;
+        let bytes = self
+            .request_with(Method::GET, url.clone(), None, retry, ApiError::is_transient)
+            .await?;
         self.decode(&Method::GET, &url, &bytes)
     }
 
@@ -187,6 +189,23 @@ impl Client {
     /// the caller reads as "done"; setting a password twice sets it once.
     pub async fn post<T: DeserializeOwned>(&self, url: Url, body: &Value) -> Result<T, ApiError> {
         let bytes = self.request(Method::POST, url.clone(), Some(body)).await?;
+        self.decode(&Method::POST, &url, &bytes)
+    }
+
+    /// POST like [`Client::post`], except that a failure `is_final` says is final is not retried
+    /// even when transient by status: Rancher answers some refusals with a 500 (an unknown role
+    /// template, a principal the key's auth provider cannot resolve), and retrying them only
+    /// costs requests.
+    pub async fn post_unless<T: DeserializeOwned>(
+        &self,
+        url: Url,
+        body: &Value,
+        is_final: impl Fn(&ApiError) -> bool,
+    ) -> Result<T, ApiError> {
+        let retry_if = |e: &ApiError| e.is_transient() && !is_final(e);
+        let bytes = self
+            .request_with(Method::POST, url.clone(), Some(body), self.retry, retry_if)
+            .await?;
         self.decode(&Method::POST, &url, &bytes)
     }
 
@@ -237,15 +256,18 @@ impl Client {
     /// One logical request: retried with exponential backoff and jitter on transient failures,
     /// waiting at least what a 429's or 503's `Retry-After` asks (up to [`MAX_RETRY_AFTER`]).
     async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
-        self.request_with(method, url, body, self.retry).await
+        self.request_with(method, url, body, self.retry, ApiError::is_transient)
+            .await
     }
 
+    /// [`Client::request`] with its own retry policy, retrying the failures `retry_if` accepts.
     async fn request_with(
         &self,
         method: Method,
         url: Url,
         body: Option<&Value>,
         retry: RetryPolicy,
+        retry_if: impl Fn(&ApiError) -> bool,
     ) -> Result<Vec<u8>, ApiError> {
         let policy = ExponentialBuilder::default()
             .with_min_delay(retry.min_delay)
@@ -254,7 +276,7 @@ impl Client {
             .with_jitter();
         (|| self.send_once(&method, &url, body))
             .retry(policy)
-            .when(|f: &Failure| f.error.is_transient())
+            .when(|f: &Failure| retry_if(&f.error))
             // `None` means the tries are spent: keep it so.
             .adjust(|f, delay| delay.map(|d| f.retry_after.map_or(d, |asked| d.max(asked))))
             .notify(|f, delay| {

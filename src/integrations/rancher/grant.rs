@@ -12,13 +12,20 @@
 //! - else the binding is created under its deterministic name, so a retried POST is 409
 //!   AlreadyExists (read back and treated as the connector's).
 //!
-//! Round trips on the happy path (measured against the simulator in `tests.rs`):
-//! - grant to an existing user by username: `GET /v3/users?username=` + listing + `POST` = 3;
-//!   a repeat is 2 (the listing finds the connector's binding; +1 `PUT` if the expiry moves).
-//! - grant to a principal at cluster or project scope, or to a group: listing + `POST` = 2.
+//! Round trips on the happy path on 2.11+ (measured against the simulator in `tests.rs`); each
+//! binding created is read back until `Completed` (`settle`), one `GET` counted here:
+//! - grant to an existing user by username: `GET /v3/users?username=` + listing + `POST` + `GET`
+//!   = 4; a repeat is 2 (the listing finds the connector's binding; +1 `PUT` if the expiry moves).
+//! - grant to a principal at cluster or project scope, or to a group: listing + `POST` + `GET` = 3
+//!   (for a principal, until Rancher has filled in its user: that is the grant's `user_id`).
+//! - grant to `local://u-x`: `GET /v3/users/u-x` first (Rancher would bind a ghost) = 4.
 //! - grant with `create_user` to a new user: user lookup + `POST /v3/users` + `POST` binding +
-//!   `POST` login binding = 4 (a new user has no bindings: nothing is listed). A repeat sets a
-//!   fresh password and returns it (credentials are never lost): lookup + 2 listings + setpassword.
+//!   `GET` + `POST` login binding + `GET` = 6 (a new user has no bindings: nothing is listed). A
+//!   repeat sets a fresh password and returns it (credentials are never lost): lookup + 2
+//!   listings + setpassword.
+//!
+//! Rancher refuses some bindings with a 500 (an unknown role template; an external principal the
+//! key's auth provider cannot resolve): those are final, not retried (`is_final_refusal`).
 
 use std::time::{Duration, Instant};
 
@@ -172,6 +179,11 @@ impl Target<'_> {
     /// Same role on the same resource (the subject is checked by a [`SubjectMatch`]); not
     /// being removed.
     fn same_grant(&self, b: &Binding) -> bool {
+        !b.is_removed() && self.same_role_and_resource(b)
+    }
+
+    /// Same role on the same resource, whether or not it is being removed.
+    fn same_role_and_resource(&self, b: &Binding) -> bool {
         let role = match self.kind {
             Kind::Global => &b.global_role_id,
             Kind::Cluster | Kind::Project => &b.role_template_id,
@@ -181,7 +193,7 @@ impl Target<'_> {
             Kind::Cluster => nonempty(&b.cluster_id) == Some(self.resource.as_str()),
             Kind::Project => nonempty(&b.project_id) == Some(self.resource.as_str()),
         };
-        !b.is_removed() && nonempty(role) == Some(self.role) && resource_ok
+        nonempty(role) == Some(self.role) && resource_ok
     }
 
     pub(super) fn describe(&self) -> String {
@@ -294,7 +306,24 @@ impl Rancher {
             }
             Subject::UserPrincipal(p) => {
                 if let Some(id) = local_user_id(p) {
-                    BindingSubject::UserId(id.to_string())
+                    // Rancher binds a userId that names no user with a 201 (no reference
+                    // validation, rancher-api-notes §6): a typo would be "granted". One GET first.
+                    let Some(user) = self.get_user(id).await? else {
+                        return Err(IntegrationError::NotFound {
+                            message: format!(
+                                "Rancher user {id} (principal {p}) not found: check the id (discover lists the users); \
+                                 nothing was created"
+                            ),
+                        });
+                    };
+                    if is_agent_created(&user) {
+                        if user.enabled == Some(false) {
+                            self.set_enabled(&user.id, true).await?;
+                        }
+                        managed = Some(user.clone());
+                    }
+                    principals = user.principal_ids.clone();
+                    BindingSubject::UserId(user.id)
                 } else if kind == Kind::Global {
                     // A GlobalRoleBinding takes only userId or groupPrincipalId.
                     match self.user_for_principal(p).await? {
@@ -522,7 +551,9 @@ impl Rancher {
         // The deterministic name first, then by id: the same choice on every attempt.
         ours.sort_by(|a, b| (a.object_name() != name, &a.id).cmp(&(b.object_name() != name, &b.id)));
         if let Some(b) = ours.into_iter().next() {
-            let binding = self.extend_marker(target, b, marker).await?;
+            // Found is not settled: an earlier attempt may have stopped while it was InProgress.
+            let b = self.extend_marker(target, b, marker).await?;
+            let binding = self.settle(target, b, false).await?;
             return Ok(Some(Ensured::Ours {
                 binding: Box::new(binding),
                 created: false,
@@ -547,10 +578,14 @@ impl Rancher {
         let deadline = Instant::now() + self.config.status_timeout;
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.client.post::<Binding>(url.clone(), &body).await {
+            match self
+                .client
+                .post_unless::<Binding>(url.clone(), &body, |e| is_final_refusal(target, e))
+                .await
+            {
                 Ok(b) => {
                     self.learn_project_namespace(&b);
-                    let binding = Box::new(self.settle(target, b).await?);
+                    let binding = Box::new(self.settle(target, b, true).await?);
                     return Ok(Ensured::Ours { binding, created: true });
                 }
                 // Kubernetes prefixes AlreadyExists with this when the object holding the name
@@ -573,7 +608,8 @@ impl Rancher {
                     // Our own name: an earlier attempt (or the first try of this retried POST)
                     // made it, or the listing lagged. Ours; marked and extended as needed.
                     let b = self.read_back(target, matcher, &name, &e).await?;
-                    let binding = Box::new(self.extend_marker(target, b, marker).await?);
+                    let b = self.extend_marker(target, b, marker).await?;
+                    let binding = Box::new(self.settle(target, b, false).await?);
                     return Ok(Ensured::Ours {
                         binding,
                         created: false,
@@ -638,7 +674,7 @@ impl Rancher {
                 Err(e) => Err(e.into_error()),
             };
         }
-        self.find_bindings_named(target, matcher, Some(name))
+        self.find_bindings_named(target, matcher, Some(name), false)
             .await?
             .into_iter()
             .next()
@@ -699,7 +735,17 @@ impl Rancher {
         target: &Target<'_>,
         matcher: &SubjectMatch,
     ) -> Result<Vec<Binding>, IntegrationError> {
-        self.find_bindings_named(target, matcher, None).await
+        self.find_bindings_named(target, matcher, None, false).await
+    }
+
+    /// [`Rancher::find_bindings`], with the bindings being removed too (a revoke proves its own
+    /// gone, even when their finalizers are stuck).
+    pub(super) async fn find_bindings_with_removed(
+        &self,
+        target: &Target<'_>,
+        matcher: &SubjectMatch,
+    ) -> Result<Vec<Binding>, IntegrationError> {
+        self.find_bindings_named(target, matcher, None, true).await
     }
 
     async fn find_bindings_named(
@@ -707,6 +753,7 @@ impl Rancher {
         target: &Target<'_>,
         matcher: &SubjectMatch,
         name: Option<&str>,
+        with_removed: bool,
     ) -> Result<Vec<Binding>, IntegrationError> {
         let mut filters = vec![(target.kind.role_field(), target.role)];
         if let Some(field) = target.kind.resource_field() {
@@ -721,10 +768,18 @@ impl Rancher {
             .client
             .list::<Binding>(&["v3", target.kind.collection()], &filters, what)
             .collect_matching(|b| {
-                target.same_grant(b) && matcher.matches(b) && name.is_none_or(|n| b.object_name() == n)
+                (if with_removed {
+                    target.same_role_and_resource(b)
+                } else {
+                    target.same_grant(b)
+                }) && matcher.matches(b)
+                    && name.is_none_or(|n| b.object_name() == n)
             })
             .await?;
-        found.iter().for_each(|b| self.learn_project_namespace(b));
+        for b in &found {
+            self.learn_project_namespace(b);
+            self.learn_status(b);
+        }
         Ok(found)
     }
 
@@ -732,63 +787,6 @@ impl Rancher {
     pub(super) fn learn_project_namespace(&self, b: &Binding) {
         if let Some(project) = b.project_id.as_deref() {
             project_ns::learn(self.config.base_url.as_str(), project, &b.id);
-        }
-    }
-
-    /// Waits (bounded) for a new binding's `status.summary` to reach `Completed` (2.11+). No
-    /// status (older versions) means existence is success; `Completed` in the 201 costs nothing.
-    async fn settle(&self, target: &Target<'_>, mut b: Binding) -> Result<Binding, IntegrationError> {
-        let deadline = Instant::now() + self.config.status_timeout;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let summary = b.status.as_ref().and_then(|s| nonempty(&s.summary)).map(str::to_string);
-            match summary.as_deref() {
-                None | Some("Completed") => return Ok(b),
-                Some(s) if s.eq_ignore_ascii_case("error") => {
-                    let messages = b.status.as_ref().map(|s| s.messages()).unwrap_or_default();
-                    let why = if messages.is_empty() {
-                        "no reason given".to_string()
-                    } else {
-                        messages.join("; ")
-                    };
-                    return Err(IntegrationError::Unavailable {
-                        message: format!(
-                            "Rancher created binding {} ({}) but reports an error applying it: {why}",
-                            b.id,
-                            target.describe()
-                        ),
-                    });
-                }
-                Some(s) => {
-                    if Instant::now() + delay > deadline {
-                        return Err(IntegrationError::InProgress {
-                            message: format!(
-                                "binding {} ({}) is still {s} after {}s: Rancher is still applying it to the \
-                                 cluster; the grant will be checked again",
-                                b.id,
-                                target.describe(),
-                                self.config.status_timeout.as_secs()
-                            ),
-                        });
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                    let url = self.client.url(&["v3", target.kind.collection(), &b.id], &[]);
-                    b = match self.client.get::<Binding>(url).await {
-                        Ok(b) => b,
-                        Err(e) if e.status() == Some(404) => {
-                            return Err(IntegrationError::Unavailable {
-                                message: format!(
-                                    "binding {} ({}) disappeared while Rancher applied it; try again",
-                                    b.id,
-                                    target.describe()
-                                ),
-                            });
-                        }
-                        Err(e) => return Err(e.into_error()),
-                    };
-                }
-            }
         }
     }
 }
@@ -799,23 +797,58 @@ fn is_already_exists(e: &ApiError) -> bool {
         || (e.code().is_none() && e.message().to_ascii_lowercase().contains("already exists"))
 }
 
+/// A 500 that is Rancher's final answer to a binding create, not a failure: retrying cannot help
+/// (the client does not retry these).
+pub(super) fn is_final_refusal(target: &Target<'_>, e: &ApiError) -> bool {
+    is_unknown_role_template(e) || unresolvable_principal(target, e).is_some()
+}
+
+/// CRTB/PRTB create with an unknown role template: Norman's validator answers **500**
+/// `ServerError` "Error getting role template: roletemplates.management.cattle.io \"x\" not
+/// found" (rancher `pkg/api/norman/customization/roletemplatebinding/validator.go`).
+fn is_unknown_role_template(e: &ApiError) -> bool {
+    let lower = e.message().to_ascii_lowercase();
+    e.status() == Some(500) && lower.starts_with("error getting role template") && lower.contains("not found")
+}
+
+/// The external principal of a binding create answered 500: Rancher resolves it through the key
+/// owner's auth provider before storing anything (`providers.GetPrincipal` in rancher
+/// `pkg/api/norman/customization/authn/rtb_store.go`), and any failure there is a plain error
+/// Norman answers as 500. Permanent until the key changes.
+fn unresolvable_principal<'t>(target: &'t Target<'_>, e: &ApiError) -> Option<&'t str> {
+    match &target.subject {
+        BindingSubject::UserPrincipal(p) if e.status() == Some(500) && !p.starts_with("local://") => Some(p),
+        _ => None,
+    }
+}
+
 /// Reads Rancher's refusal of a binding into an error that names the role, the resource or the
-/// subject, and says why. Uses Rancher's own 4xx answers: no request is spent checking first.
+/// subject, and says why. Uses Rancher's own answers: no request is spent checking first.
 pub(super) fn binding_error(target: &Target<'_>, e: ApiError) -> IntegrationError {
     let status = e.status().unwrap_or(0);
+    if is_unknown_role_template(&e) {
+        return IntegrationError::Invalid {
+            message: format!(
+                "role \"{}\" does not exist in Rancher as a {} (Rancher: {}); check the role id (discover lists the \
+                 roles); nothing was created",
+                target.role,
+                target.kind.noun(),
+                e.message()
+            ),
+        };
+    }
+    if let Some(p) = unresolvable_principal(target, &e) {
+        return IntegrationError::Config {
+            message: format!(
+                "Rancher cannot resolve the principal {p} when binding {} ({}): Rancher looks principals up through \
+                 the auth provider of the API key's owner; use a key of an admin who logs in through the same \
+                 provider as {p} (or check the principal id)",
+                target.describe(),
+                e.summary()
+            ),
+        };
+    }
     if !matches!(status, 400 | 404 | 422) {
-        if status == 500
-            && let BindingSubject::UserPrincipal(p) = &target.subject
-        {
-            return IntegrationError::Unavailable {
-                message: format!(
-                    "Rancher failed binding {} ({}); if the principal {p} belongs to an auth provider other than \
-                     the API key owner's, Rancher cannot resolve it: use a key of a user of that provider",
-                    target.describe(),
-                    e.summary()
-                ),
-            };
-        }
         return e.into_error();
     }
     let role = target.role;
@@ -866,13 +899,22 @@ pub(super) fn binding_error(target: &Target<'_>, e: ApiError) -> IntegrationErro
             && (lower.contains(&format!("\"{}\"", role.to_ascii_lowercase()))
                 || lower.contains("roletemplate")
                 || lower.contains("globalrole ")
+                || lower.contains("globalrole.")
                 || lower.contains("globalroles")
                 || lower.contains("role template")
                 || lower.contains("role ")));
+    // A PRTB lives in its project's namespace (`p-y`, or `c-x-p-y` on 2.12+ backing
+    // namespaces): an unknown project is Kubernetes' 404 `namespaces "p-y" not found`.
+    let quoted = |s: &str| format!("\"{}\"", s.to_ascii_lowercase());
+    let mut resource_names = vec![quoted(resource_name)];
+    if let Resource::Project(p) = target.resource
+        && let Some((cluster, project)) = p.split_once(':')
+    {
+        resource_names.push(quoted(project));
+        resource_names.push(quoted(&format!("{cluster}-{project}")));
+    }
     let about_resource = matches!(field, "clusterId" | "projectId")
-        || (field.is_empty()
-            && target.kind != Kind::Global
-            && lower.contains(&format!("\"{}\"", resource_name.to_ascii_lowercase())));
+        || (field.is_empty() && target.kind != Kind::Global && resource_names.iter().any(|n| lower.contains(n)));
     let about_subject = matches!(field, "userId" | "userPrincipalId" | "groupPrincipalId" | "groupId");
     if missing && about_resource && !matches!(field, "roleTemplateId" | "globalRoleId") {
         return IntegrationError::NotFound {

@@ -6,7 +6,8 @@
 //! - [`model`]: the v3 objects as they come over the wire.
 //! - [`names`]: deterministic binding names, external user ids, generated passwords.
 //! - `validate`, `discover`, `grant`, `revoke`, `sweep`, `users` (create, rotate, delete,
-//!   enable/disable): the operations, one file each; `admin`: the admin proof they rely on.
+//!   enable/disable): the operations, one file each; `admin`: the admin proof they rely on;
+//!   `settle`: waiting for a new binding to be applied (2.11+ status, EnsureUser's `userId`).
 //!
 //! Facts about the API and their sources: `rancher-api-notes.md`; what each call costs and what
 //! each error means for an operator: `docs/rancher.md`.
@@ -23,6 +24,7 @@ pub mod model;
 pub mod names;
 mod project_ns;
 mod revoke;
+mod settle;
 mod sweep;
 mod users;
 mod validate;

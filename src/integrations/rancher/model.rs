@@ -181,6 +181,11 @@ impl Binding {
         nonempty(&self.removed).is_some()
     }
 
+    /// `status.summary` (2.11+, written by Rancher's controllers after the create).
+    pub fn summary(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| nonempty(&s.summary))
+    }
+
     /// Made by the connector: it carries the created-by label.
     pub fn is_connectors(&self) -> bool {
         self.labels.get(CREATED_BY_LABEL).map(String::as_str) == Some(CREATED_BY_VALUE)

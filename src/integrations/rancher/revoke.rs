@@ -10,6 +10,11 @@
 //!    `left_binding_ids`; `all` (an operator's `revoke --all`) deletes every equal binding.
 //! 4. A user the agent created that has no access left but its login roles is disabled.
 //!
+//! An external principal's equal bindings are listed by `userPrincipalId` and by its user's
+//! `userId` (Rancher never fills an external principal into a binding made by `userId`). The
+//! connector's bindings already being removed are proven gone too: a removal stuck on its
+//! finalizers fails the revoke (`InProgress`, with a warning), never reports it done.
+//!
 //! Round trips, grant recorded (`user_id`, one binding id), user not agent-created: `DELETE` +
 //! `GET` + listing + `GET /v3/users/{id}` = 4 (+2 for the admin proof once per key in 10 min).
 //! For an agent-created user, +3 listings of its bindings (+1 `PUT` when it is disabled).
@@ -18,17 +23,21 @@ use std::time::{Duration, Instant};
 
 use super::Rancher;
 use super::grant::{Kind, SubjectMatch, Target, check_role, is_agent_created};
-use super::model::Binding;
+use super::model::{Binding, nonempty};
 use super::names::{BindingSubject, local_user_id};
 use crate::integrations::{IntegrationError, RevokeRequest, RevokeResult, Subject};
 
 /// Whom the equal bindings belong to, as far as the revoke can tell.
 struct RevokeSubject {
-    subject: BindingSubject,
+    /// The subject fields the equal bindings are listed by (one listing each): an external
+    /// principal's bindings may be made by `userPrincipalId` or by its user's `userId`.
+    subjects: Vec<BindingSubject>,
     matcher: SubjectMatch,
-    /// The Rancher user to check for "last access" (users the agent creates are local users,
-    /// bound by `userId`; external principals and groups are never agent-created).
+    /// The Rancher user the revoke acts for, when known.
     user_id: Option<String>,
+    /// Whether `user_id` may be a user the agent created, to check for "last access" (users the
+    /// agent creates are local users; external principals and groups never are).
+    may_be_managed: bool,
 }
 
 impl Rancher {
@@ -50,18 +59,37 @@ impl Rancher {
             return Ok(finish(result, removed));
         };
         result.user_id = who.user_id.clone();
-        let target = Target {
-            kind,
-            role: &r.role,
-            resource: &r.resource,
-            subject: who.subject,
-        };
-        for b in self.find_bindings(&target, &who.matcher).await? {
+        let targets: Vec<Target<'_>> = who
+            .subjects
+            .iter()
+            .map(|subject| Target {
+                kind,
+                role: &r.role,
+                resource: &r.resource,
+                subject: subject.clone(),
+            })
+            .collect();
+        let target = &targets[0];
+        let mut equal = Vec::new();
+        for t in &targets {
+            for b in self.find_bindings_with_removed(t, &who.matcher).await? {
+                if !equal.iter().any(|e: &Binding| e.id == b.id) {
+                    equal.push(b);
+                }
+            }
+        }
+        for b in equal {
             if removed.contains(&b.id) {
                 continue;
             }
             let ours_of_grant = b.is_connectors() && (r.grant_id.is_none() || b.grant_id() == r.grant_id.as_deref());
+            if b.is_removed() && !(r.all || ours_of_grant) {
+                // Someone else's, already on its way out.
+                continue;
+            }
             if r.all || ours_of_grant {
+                // Being removed already (an earlier revoke): proven gone all the same, so a
+                // removal stuck on its finalizers is not reported as done.
                 self.delete_confirmed(kind, &b.id).await?;
                 removed.push(b.id);
             } else if b.is_connectors() {
@@ -78,7 +106,7 @@ impl Rancher {
             }
         }
 
-        if let Some(user_id) = &who.user_id {
+        if let Some(user_id) = who.user_id.as_deref().filter(|_| who.may_be_managed) {
             self.disable_if_unused(user_id, &mut result).await?;
         }
         result.left_binding_ids.sort();
@@ -100,13 +128,14 @@ impl Rancher {
             .filter(|u| !u.is_empty() && !u.contains("://"))
             .map(str::to_string);
         let by_id = |id: String, principals: Vec<String>| RevokeSubject {
-            subject: BindingSubject::UserId(id.clone()),
+            subjects: vec![BindingSubject::UserId(id.clone())],
             matcher: SubjectMatch {
                 user_id: Some(id.clone()),
                 principals,
                 group: None,
             },
             user_id: Some(id),
+            may_be_managed: true,
         };
         Ok(match &r.subject {
             Subject::Username(name) => match recorded {
@@ -117,21 +146,33 @@ impl Rancher {
                 if let Some(id) = local_user_id(p) {
                     Some(by_id(id.to_string(), vec![p.clone()]))
                 } else if kind == Kind::Global {
-                    match recorded {
-                        Some(id) => Some(by_id(id, vec![p.clone()])),
-                        None => self.user_for_principal(p).await?.map(|u| by_id(u.id, vec![p.clone()])),
-                    }
+                    let user = match recorded {
+                        Some(id) => Some(id),
+                        None => self.user_for_principal(p).await?.map(|u| u.id),
+                    };
+                    user.map(|id| RevokeSubject {
+                        may_be_managed: false,
+                        ..by_id(id, vec![p.clone()])
+                    })
                 } else {
-                    // Bound by principal; Rancher's controller fills `userId` later, which the
-                    // grant may have recorded.
+                    // Bound by principal, or (Terraform, the UI, an older agent) by the same
+                    // person's `userId`: Rancher fills `userPrincipalId` in on those only with
+                    // `local://<userId>` (`crtb_handler.go`), so they are listed by `userId` too.
+                    let user = match recorded {
+                        Some(id) => Some(id),
+                        None => self.user_for_principal(p).await?.map(|u| u.id),
+                    };
+                    let mut subjects = vec![BindingSubject::UserPrincipal(p.clone())];
+                    subjects.extend(user.iter().cloned().map(BindingSubject::UserId));
                     Some(RevokeSubject {
-                        subject: BindingSubject::UserPrincipal(p.clone()),
+                        subjects,
                         matcher: SubjectMatch {
-                            user_id: recorded,
+                            user_id: user.clone(),
                             principals: vec![p.clone()],
                             group: None,
                         },
-                        user_id: None,
+                        user_id: user,
+                        may_be_managed: false,
                     })
                 }
             }
@@ -139,8 +180,9 @@ impl Rancher {
                 let subject = BindingSubject::GroupPrincipal(g.clone());
                 Some(RevokeSubject {
                     matcher: SubjectMatch::of(&subject),
-                    subject,
+                    subjects: vec![subject],
                     user_id: None,
+                    may_be_managed: false,
                 })
             }
         })
@@ -204,12 +246,24 @@ impl Rancher {
                         ),
                     });
                 }
-                Ok(_) => {
+                Ok(b) => {
                     if Instant::now() + delay > deadline {
+                        // Finalizers that do not finish usually wait on a downstream cluster
+                        // (its agent disconnected): until they do, the cluster's RoleBindings
+                        // may still grant the access (through the authorized cluster endpoint).
+                        let since = nonempty(&b.removed).unwrap_or("an unknown time");
+                        tracing::warn!(
+                            binding = id,
+                            removed_since = since,
+                            "a revoked binding is still being removed: its finalizers may be stuck"
+                        );
                         return Err(IntegrationError::InProgress {
                             message: format!(
-                                "binding {id} is still being removed by Rancher (its finalizers are running) after \
-                                 {}s; the revoke will check again",
+                                "binding {id} is still being removed by Rancher {}s after its delete (marked removed \
+                                 at {since}): its finalizers may be stuck, usually on a downstream cluster whose agent \
+                                 is disconnected, and the access may remain in effect there until they finish; check \
+                                 the cluster's state in Rancher and the binding's finalizers; the revoke will check \
+                                 again",
                                 self.config.status_timeout.as_secs()
                             ),
                         });

@@ -234,6 +234,45 @@ fn binding_refusals_name_the_role_and_why() {
     );
     assert!(matches!(e, IntegrationError::Invalid { .. }));
     assert!(e.to_string().contains("role \"no-such-role\" does not exist"), "{e}");
+    // What Rancher really answers for an unknown role template: Norman's validator's 500
+    // (rancher `pkg/api/norman/customization/roletemplatebinding/validator.go`). Final: the
+    // client does not retry it, and it is not "Rancher is unavailable".
+    let real = api_error(
+        500,
+        Some("ServerError"),
+        "Error getting role template: roletemplates.management.cattle.io \"no-such-role\" not found",
+        None,
+    );
+    assert!(super::grant::is_final_refusal(&t("no-such-role"), &real));
+    let e = binding_error(&t("no-such-role"), real);
+    assert!(matches!(e, IntegrationError::Invalid { .. }) && !e.retryable(), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("role \"no-such-role\" does not exist in Rancher as a cluster role"),
+        "{e}"
+    );
+    // Any other 500 stays retryable, and is retried.
+    let other = api_error(500, Some("ServerError"), "etcdserver: request timed out", None);
+    assert!(!super::grant::is_final_refusal(&t("cluster-member"), &other));
+    assert!(binding_error(&t("cluster-member"), other).retryable());
+    // A principal the key's auth provider cannot resolve: a 500 from GetPrincipal, permanent
+    // until the key changes (rancher `pkg/api/norman/customization/authn/rtb_store.go`).
+    let by_principal = Target {
+        kind: Kind::Cluster,
+        role: "cluster-member",
+        resource: &cluster,
+        subject: BindingSubject::UserPrincipal("activedirectory_user://CN=x".into()),
+    };
+    let unresolved = api_error(
+        500,
+        Some("ServerError"),
+        "users.management.cattle.io \"CN=x\" not found",
+        None,
+    );
+    assert!(super::grant::is_final_refusal(&by_principal, &unresolved));
+    let e = binding_error(&by_principal, unresolved);
+    assert!(matches!(e, IntegrationError::Config { .. }) && !e.retryable(), "{e:?}");
+    assert!(e.to_string().contains("auth provider"), "{e}");
     let e = binding_error(
         &t("rt-lock1"),
         api_error(422, Some("InvalidState"), "Role is locked and cannot be assigned", None),
@@ -285,6 +324,23 @@ fn binding_refusals_name_the_role_and_why() {
         ),
     );
     assert!(e.to_string().contains("role \"no-such\" does not exist"), "{e}");
+    // What Rancher answers for an unknown global role: 404 from the GRB store's owner reference
+    // (rancher `pkg/api/norman/store/globalrolebindings/globalrolebinding_store.go`).
+    let e = binding_error(
+        &g,
+        api_error(
+            404,
+            Some("NotFound"),
+            "globalrole.management.cattle.io \"no-such\" not found",
+            None,
+        ),
+    );
+    assert!(
+        matches!(e, IntegrationError::Invalid { .. })
+            && e.to_string()
+                .contains("role \"no-such\" does not exist in Rancher as a global role"),
+        "{e:?}"
+    );
     let e = binding_error(
         &t("cluster-member"),
         api_error(
@@ -428,14 +484,15 @@ async fn counted<T>(sim: &SimHandle, f: impl std::future::Future<Output = T>) ->
 }
 
 #[tokio::test]
-async fn grant_by_username_costs_three_requests_and_a_repeat_is_one_binding() {
+async fn grant_by_username_costs_four_requests_and_a_repeat_is_one_binding() {
     let sim = sim().await;
     let r = rancher(&sim);
     for (role, resource) in [("cluster-member", "c-7x2k9"), ("clusters-create", "global")] {
         let req = grant_req("bob", role, resource);
         let (first, n1) = counted(&sim, r.grant(&req)).await;
         let first = first.unwrap();
-        assert!(n1 <= 3, "{role}: first grant took {n1} requests");
+        // Lookup, listing, POST, and a GET that sees `Completed` (2.11+ writes it after the 201).
+        assert!(n1 <= 4, "{role}: first grant took {n1} requests");
         let (again, n2) = counted(&sim, r.grant(&req)).await;
         let again = again.unwrap();
         assert!(n2 <= 2, "{role}: repeat took {n2} requests");
@@ -455,14 +512,19 @@ async fn grant_by_username_costs_three_requests_and_a_repeat_is_one_binding() {
 async fn grant_by_principal_and_to_groups() {
     let sim = sim().await;
     let r = rancher(&sim);
-    // Never logged in: bound by principal at cluster scope, in one request; Rancher makes the user.
+    // Never logged in: bound by principal at cluster scope. The 201 has no userId (EnsureUser
+    // runs in Rancher's controller): the binding is read again until it has its user and
+    // `Completed`, and that user is the grant's user_id, not the principal.
     let (g, n) = counted(
         &sim,
         r.grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9")),
     )
     .await;
     let g = g.unwrap();
-    assert_eq!(n, 2, "the listing, then the POST");
+    assert_eq!(
+        n, 3,
+        "the listing, the POST, then the binding read back once Rancher filled it in"
+    );
     assert_eq!(g.user_id, external_user_id("github_user://5151"));
     assert_eq!(matching(&sim, Some(&g.user_id), "cluster-member", "c-7x2k9").len(), 1);
     // A global role for an external user that exists: its deterministic id is read first.
@@ -472,7 +534,7 @@ async fn grant_by_principal_and_to_groups() {
     )
     .await;
     let g = g.unwrap();
-    assert_eq!(n, 3, "the user by its deterministic id, the listing, the POST");
+    assert_eq!(n, 4, "the user by its deterministic id, the listing, the POST, the GET");
     assert_eq!(g.user_id, external_user_id("github_user://4242"));
     // A global role for a principal that never logged in: a clear refusal.
     let e = r
@@ -481,7 +543,7 @@ async fn grant_by_principal_and_to_groups() {
         .unwrap_err();
     assert!(matches!(e, IntegrationError::Invalid { .. }));
     assert!(e.to_string().contains("never logged in"), "{e}");
-    // local://u-x names the user: bound by userId.
+    // local://u-x names the user: checked to exist (Rancher would bind a ghost), bound by userId.
     let g = r
         .grant(&grant_req("local://u-alice1", "project-member", "c-7x2k9:p-abcde"))
         .await
@@ -502,6 +564,12 @@ async fn grant_by_principal_and_to_groups() {
         .await
         .unwrap();
     assert_eq!(removed.removed_binding_ids.len(), 1);
+    assert!(
+        matching(&sim, None, "cluster-member", "c-7x2k9")
+            .iter()
+            .all(|b| b.user_principal_id.as_deref() != Some("github_user://5151")
+                && b.user_id.as_deref() != Some(external_user_id("github_user://5151").as_str()))
+    );
     let removed = r
         .revoke(&revoke_req("github_user://4242", "clusters-create", "global"))
         .await
@@ -517,7 +585,7 @@ async fn grant_by_principal_and_to_groups() {
         let req = group_grant("github_team://888", role, resource);
         let (g, n) = counted(&sim, r.grant(&req)).await;
         let g = g.unwrap();
-        assert_eq!(n, 2, "{role}");
+        assert_eq!(n, 3, "{role}: the listing, the POST, the GET that sees Completed");
         assert_eq!(g.user_id, "github_team://888");
         let in_sim: Vec<_> = matching(&sim, None, role, resource)
             .into_iter()
@@ -551,7 +619,10 @@ async fn grant_with_user_creation_hands_out_working_credentials_every_time() {
     req.create_user = true;
     let (g, n) = counted(&sim, r.grant(&req)).await;
     let g = g.unwrap();
-    assert!(n <= 4, "create user flow took {n} requests");
+    assert!(
+        n <= 6,
+        "lookup, user, binding, login binding, and each binding read back until Completed: {n}"
+    );
     assert!(g.created_user && g.managed_user);
     let creds = g.credentials.clone().expect("credentials for a created user");
     assert_eq!(creds.username, "carol");
@@ -711,7 +782,7 @@ async fn project_grants_and_revokes_with_both_id_forms() {
         let req = grant_req("alice", "project-owner", project);
         let (g, n) = counted(&sim, r.grant(&req)).await;
         let g = g.unwrap();
-        assert!(n <= 3, "{n}");
+        assert!(n <= 4, "lookup, listing, POST, GET until Completed: {n}");
         assert!(g.binding_ids[0].starts_with(prefix), "{:?}", g.binding_ids);
         let (again, n) = counted(&sim, r.grant(&req)).await;
         assert!(n <= 2, "a repeat finds the connector's binding in the listing: {n}");
@@ -1045,18 +1116,30 @@ async fn refusals_name_the_role_the_resource_or_the_user() {
             grant_req("nobody-here", "cluster-member", "c-7x2k9"),
             "Rancher user \"nobody-here\" not found",
         ),
-        (grant_req("local://u-ghost", "cluster-member", "c-7x2k9"), "u-ghost"),
     ];
     for (req, expect) in cases {
         sim.sim.reset_stats();
         let e = r.grant(&req).await.unwrap_err();
         assert!(e.to_string().contains(expect), "{expect:?} not in {e}");
         assert!(!e.retryable(), "{e}");
+        // Rancher answers an unknown role template with a 500: not retried either.
         assert!(
             sim.sim.stats().total <= 3,
-            "{expect}: lookup, listing and POST; no extra request to check first"
+            "{expect}: lookup, listing and one POST; no extra request to check first, no retry"
         );
     }
+    // Rancher binds a userId that names no user (201): the agent checks the user first, with
+    // one GET, and creates nothing.
+    sim.sim.reset_stats();
+    let e = r
+        .grant(&grant_req("local://u-ghost", "cluster-member", "c-7x2k9"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, IntegrationError::NotFound { .. }) && e.to_string().contains("u-ghost"),
+        "{e:?}"
+    );
+    assert_eq!(sim.sim.stats().total, 1);
     assert!(sim.sim.bindings().len() == crate::sim::Sim::new(SimOptions::default()).bindings().len());
     sim.stop().await;
 }
@@ -1507,23 +1590,26 @@ async fn random_faults_converge_to_exactly_one_binding() {
     sim.stop().await;
 }
 
+/// 2.11+ writes a binding's `status` after the 201 (Rancher's controllers): a new binding with no
+/// status is "not yet", read again until `Completed`; the same holds for one found in place.
 #[tokio::test]
 async fn in_progress_bindings_are_awaited_then_reported() {
     let sim = sim_with(SimOptions {
-        settle: Duration::from_millis(400),
+        settle: Duration::from_millis(600),
         ..SimOptions::default()
     })
     .await;
     let r = rancher(&sim);
+    admin_proven(&r).await;
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
     g.unwrap();
-    assert!(n > 2, "polled until Completed ({n} requests)");
-    // Settled already in the 201: no extra request.
+    assert!(n > 4, "read again past InProgress until Completed ({n} requests)");
+    // Settling at once: the 201 still has no status, one GET sees `Completed`.
     sim.sim.set_settle(Duration::ZERO);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
-    assert_eq!(n, 3);
+    assert_eq!(n, 4, "lookup, listing, POST, GET");
     // Never settles within the wait: InProgress, retryable, naming the binding.
-    sim.sim.set_settle(Duration::from_secs(60));
+    sim.sim.set_settle(Duration::from_secs(600));
     let impatient = rancher_with(&sim, json!({"status_timeout_seconds": 1}), None);
     let e = impatient
         .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
@@ -1537,29 +1623,52 @@ async fn in_progress_bindings_are_awaited_then_reported() {
         e.to_string().contains("crtb-") && e.to_string().contains("InProgress"),
         "{e}"
     );
-    // The job's retry finds the binding in place (409: done), still one binding.
-    let g = impatient
+    // The job's retry finds the binding in place, but in place is not granted: still InProgress.
+    let again = impatient
         .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(matches!(again, IntegrationError::InProgress { .. }), "{again:?}");
+    assert_eq!(matching(&sim, Some("u-bob01"), "nodes-view", "c-7x2k9").len(), 1);
+    // Once Rancher has applied it, the retry succeeds with that one binding, from the listing.
+    sim.sim.reconcile_now();
+    let (g, n) = counted(&sim, impatient.grant(&grant_req("bob", "nodes-view", "c-7x2k9"))).await;
+    let g = g.unwrap();
+    assert_eq!(n, 2, "lookup + listing (which shows Completed)");
     assert!(
         e.to_string().contains(&g.binding_ids[0]),
         "{e} names {:?}",
         g.binding_ids
     );
     assert_eq!(matching(&sim, Some("u-bob01"), "nodes-view", "c-7x2k9").len(), 1);
-    // A principal bound while Rancher is still creating its user: the user id appears once settled.
-    sim.sim.set_settle(Duration::from_millis(300));
+    sim.stop().await;
+}
+
+/// Before 2.11 Rancher writes no binding status: existence is success (the version is read once
+/// when a binding read back has none). A principal's user still arrives later.
+#[tokio::test]
+async fn before_2_11_existence_is_success_and_the_principals_user_is_awaited() {
+    let sim = sim_with(SimOptions {
+        version: RancherVersion::new(10),
+        ..SimOptions::default()
+    })
+    .await;
+    let r = rancher(&sim);
+    let g = r
+        .grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))
+        .await
+        .unwrap();
+    assert_eq!(g.binding_ids.len(), 1);
+    // The version is known now: a new binding costs its POST and nothing more.
+    let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
+    g.unwrap();
+    assert_eq!(n, 3, "lookup, listing, POST");
+    // EnsureUser fills the principal's user in later: read back until it is there.
     let g = r
         .grant(&grant_req("github_user://6060", "cluster-member", "c-m-4bq8z2lp"))
         .await
         .unwrap();
     assert_eq!(g.user_id, external_user_id("github_user://6060"));
-    // Before 2.11 there is no status: existence is success.
-    sim.sim.set_version(RancherVersion::new(10));
-    let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))).await;
-    g.unwrap();
-    assert_eq!(n, 3);
     sim.stop().await;
 }
 
@@ -1571,11 +1680,18 @@ async fn principals_the_key_cannot_resolve_get_a_hint() {
     })
     .await;
     let r = rancher(&sim);
+    sim.sim.reset_stats();
     let e = r
         .grant(&grant_req("github_user://5151", "cluster-member", "c-7x2k9"))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("auth provider"), "{e}");
+    // Permanent until the key changes: a configuration error with the hint, not retried.
+    assert!(matches!(e, IntegrationError::Config { .. }) && !e.retryable(), "{e:?}");
+    assert!(
+        e.to_string().contains("auth provider") && e.to_string().contains("github_user://5151"),
+        "{e}"
+    );
+    assert_eq!(sim.sim.stats().route("POST /v3/clusterroletemplatebindings"), 1);
     sim.stop().await;
 }
 
@@ -1620,6 +1736,15 @@ async fn a_grant_waits_for_a_binding_still_being_removed() {
         .route(
             "/v3/users",
             get(|| async { axum::Json(json!({"data": [{"id": "u-bob01", "username": "bob"}]})) }),
+        )
+        .route(
+            "/v3/clusterroletemplatebindings/{id}",
+            get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
+                axum::Json(json!({
+                    "id": id, "clusterId": "c-1", "roleTemplateId": "cluster-member", "userId": "u-bob01",
+                    "status": {"summary": "Completed"},
+                }))
+            }),
         )
         .route(
             "/v3/clusterroletemplatebindings",
