@@ -607,7 +607,8 @@ async fn csrf_dns_rebinding_and_tokenless_calls_are_refused_and_nothing_is_grant
     let url = format!("{}/operator/v1/access-requests", s.url);
     let own_host = format!("127.0.0.1:{port}");
     // (what, content type, Origin, Host, token, expected status)
-    let cases: [(&str, &str, Option<&str>, &str, Option<&str>, u16); 7] = [
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, Option<&'a str>, u16);
+    let cases: [Case; 7] = [
         ("text/plain POST", "text/plain", None, &own_host, Some(OP_TOKEN), 415),
         (
             "form POST",
