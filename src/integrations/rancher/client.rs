@@ -705,6 +705,16 @@ impl ApiError {
         }
     }
 
+    /// The same failure with `secret` removed from the message Rancher (or a proxy) sent: for a
+    /// request whose body carried a generated password, which some servers echo in a 4xx.
+    #[must_use]
+    pub fn scrubbed(mut self, secret: &str) -> ApiError {
+        if let ErrorKind::Status { message, .. } = &mut *self.kind {
+            *message = scrub(message, secret);
+        }
+        self
+    }
+
     /// Worth retrying: 5xx (a 503 ClusterUnavailable too: a downstream cluster's agent
     /// reconnects), 429, timeouts, broken connections.
     pub fn is_transient(&self) -> bool {

@@ -482,6 +482,8 @@ impl Rancher {
                 &body,
             )
             .await
+            // A server that echoes the body in its error must not put the password in ours.
+            .map_err(|e| e.scrubbed(password.expose_secret()))
         {
             Ok(u) => {
                 tracing::info!(user_id = %u.id, username, "created a local Rancher user");
@@ -516,7 +518,12 @@ impl Rancher {
             .url(&["v3", "users", user_id], &[("action", "setpassword")])
             .map_err(ApiError::into_error)?;
         let body = json!({"newPassword": password.expose_secret()});
-        match self.client.post::<Value>(url, &body).await {
+        match self
+            .client
+            .post::<Value>(url, &body)
+            .await
+            .map_err(|e| e.scrubbed(password.expose_secret()))
+        {
             Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) => Err(IntegrationError::NotFound {
                 message: format!("Rancher user {user_id} not found while setting its password"),
