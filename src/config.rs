@@ -444,9 +444,41 @@ fn describe_figment_error(e: figment::Error, file: Option<&Path>) -> String {
             None if key.is_empty() => format!("config{source}"),
             None => format!("{key}{source}"),
         };
-        out.push(format!("{what}: {}", err.kind));
+        out.push(format!("{what}: {}", kind_without_values(&err.kind)));
     }
     out.join("; ")
+}
+
+/// figment's error kind, naming what was found by its type only: its own `Display` quotes the
+/// value (`invalid type: found string "…"`), which may be a token or an inline credential.
+fn kind_without_values(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let shape = |a: &Actual| match a {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a number",
+        Actual::Char(_) => "a character",
+        Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit => "nothing",
+        Actual::Option => "an option",
+        Actual::Seq => "a list",
+        Actual::Map => "a map",
+        Actual::NewtypeStruct
+        | Actual::Enum
+        | Actual::UnitVariant
+        | Actual::NewtypeVariant
+        | Actual::TupleVariant
+        | Actual::StructVariant
+        | Actual::Other(_) => "a value of another type",
+    };
+    match kind {
+        Kind::InvalidType(a, expected) => format!("invalid type: found {}, expected {expected}", shape(a)),
+        Kind::InvalidValue(a, expected) => format!("invalid value: found {}, expected {expected}", shape(a)),
+        Kind::Unsupported(a) => format!("unsupported type: {}", shape(a)),
+        Kind::UnsupportedKey(a, need) => format!("unsupported key type: {}, need {need}", shape(a)),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

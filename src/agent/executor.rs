@@ -289,6 +289,75 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A job whose integration carries inline credentials of the wrong shape, or whose params
+    /// carry an id that would change a Rancher URL, fails as `malformed_job` naming the field,
+    /// never quoting the credential, and before any request.
+    #[tokio::test]
+    async fn hostile_jobs_fail_as_malformed_without_quoting_credentials() {
+        const CANARY: &str = "CANARY-job-77e1";
+        let executor = Executor::new(crate::secrets::SecretStores::empty(), 1);
+        // Never called: the job fails while it is parsed.
+        let cp = crate::control_plane::client::HttpControlPlane::new("http://127.0.0.1:1", "c", None).unwrap();
+        let job = |integration: Value, kind: &str, params: Value| Job {
+            id: "j-1".into(),
+            kind: kind.into(),
+            attempt: 1,
+            lease_token: "t".into(),
+            lease_expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+            integration,
+            params,
+        };
+        let spec = |credentials: Value| {
+            json!({"type": "rancher", "name": "r", "config": {"host": "https://127.0.0.1:1"},
+                   "secret_store": {"type": "APONO", "credentials": credentials}})
+        };
+        let grant = json!({"user": "bob", "role": "cluster-member", "resource": "c-1"});
+        for credentials in [json!(format!("token-a:{CANARY}")), json!({"secret_key": [CANARY]})] {
+            let e = executor
+                .execute(
+                    &job(spec(credentials), "grant", grant.clone()),
+                    &cp,
+                    &CancellationToken::new(),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, "malformed_job");
+            assert!(e.message.contains("credentials"), "{}", e.message);
+            assert!(
+                !format!("{} {e:?}", e.message).contains(CANARY),
+                "canary leaked: {}",
+                e.message
+            );
+        }
+        let good = spec(json!({"token": "token-a:b"}));
+        for (kind, params, field) in [
+            (
+                "grant",
+                json!({"user": "bob", "role": "r", "resource": "c-x/../../users"}),
+                "resource",
+            ),
+            (
+                "grant",
+                json!({"user": "bob", "role": "r", "resource": "c-x?userId=y"}),
+                "resource",
+            ),
+            (
+                "revoke",
+                json!({"user": "bob", "role": "r", "resource": "c-1", "binding_ids": ["local%2F.."]}),
+                "binding_ids",
+            ),
+            ("rotate_credentials", json!({"user_id": ".."}), "user_id"),
+            ("delete_user", json!({"user_id": "u-x/../../clusters"}), "user_id"),
+        ] {
+            let e = executor
+                .execute(&job(good.clone(), kind, params), &cp, &CancellationToken::new())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, "malformed_job", "{kind}: {}", e.message);
+            assert!(e.message.contains(field), "{kind}: {}", e.message);
+        }
+    }
+
     #[test]
     fn parse_rejects_unknown_kind_and_bad_params() {
         let e = Operation::parse("teleport", &json!({})).unwrap_err();

@@ -26,6 +26,13 @@ use super::{ControlPlane, ControlPlaneError};
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Added to `wait_seconds` for a lease call's timeout.
 const LEASE_MARGIN: Duration = Duration::from_secs(15);
+/// Most of a success answer read (a lease of many jobs is the largest); the server accepts
+/// bodies of the same size.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// Most of an error answer read: only its message is kept.
+pub const MAX_ERROR_ANSWER_BYTES: usize = 64 << 10;
+/// Longest id put in a URL path.
+const MAX_ID_LEN: usize = 256;
 
 fn base_url(base_url: &str) -> Result<String, ControlPlaneError> {
     let trimmed = base_url.trim().trim_end_matches('/');
@@ -53,7 +60,14 @@ fn build_client() -> Result<reqwest::Client, ControlPlaneError> {
 }
 
 /// Percent-encodes one path segment (ids are opaque strings).
+///
+/// A `.` or `..` segment would be resolved by the URL parser (`/jobs/../resources` is
+/// `/resources`), whatever its encoding (`%2e%2e` too): it is sent double-encoded, so it names
+/// an id that does not exist instead of another route. [`id_segment`] refuses it outright.
 fn segment(s: &str) -> String {
+    if s == "." || s == ".." {
+        return s.replace('.', "%252E");
+    }
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -63,6 +77,66 @@ fn segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// An id checked before it goes into a URL path: non-empty, at most 256 characters of
+/// `[A-Za-z0-9._~:-]`, not `.` or `..`. The protocol's ids (job and connector ids) never need more.
+///
+/// # Errors
+/// `Protocol` naming `field`; no request is made.
+fn id_segment(field: &str, id: &str) -> Result<String, ControlPlaneError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':'));
+    if ok {
+        Ok(segment(id))
+    } else {
+        let shown: String = id.chars().take(80).collect();
+        Err(ControlPlaneError::Protocol {
+            message: format!(
+                "{field} {shown:?} is not an id (ids use letters, digits, '-', '_', '.', '~' and ':', at most \
+                 {MAX_ID_LEN} characters, and are not \".\" or \"..\"); no request was sent"
+            ),
+        })
+    }
+}
+
+/// `16 MiB`, `64 KiB`.
+fn byte_size(n: usize) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{} KiB", n >> 10)
+    }
+}
+
+/// Reads at most `cap` bytes of the body; `None` when there was more (the rest is not read).
+async fn read_capped(resp: &mut Response, cap: usize) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if out.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Some(out))
+}
+
+fn too_large(what: &str, cap: usize) -> ControlPlaneError {
+    ControlPlaneError::Protocol {
+        message: format!(
+            "the control plane's answer to {what} is larger than {}, the most this agent reads; check APONO_URL \
+             points at the control plane",
+            byte_size(cap)
+        ),
+    }
 }
 
 fn transport(e: reqwest::Error) -> ControlPlaneError {
@@ -92,10 +166,19 @@ fn transport(e: reqwest::Error) -> ControlPlaneError {
     ControlPlaneError::Unavailable { message }
 }
 
-/// The error body's message, or the start of the body text.
-async fn error_message(resp: Response) -> String {
+/// The error body's message, or the start of the body text (read up to
+/// [`MAX_ERROR_ANSWER_BYTES`]: a longer one is not read at all).
+async fn error_message(mut resp: Response) -> String {
     let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
+    let text = match read_capped(&mut resp, MAX_ERROR_ANSWER_BYTES).await {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        Ok(None) => format!(
+            "{} (the error answer is larger than {}; not read)",
+            status.canonical_reason().unwrap_or("no message"),
+            byte_size(MAX_ERROR_ANSWER_BYTES)
+        ),
+        Err(_) => String::new(),
+    };
     match serde_json::from_str::<ApiErrorBody>(&text) {
         Ok(body) => body.error.message,
         Err(_) if text.trim().is_empty() => status.canonical_reason().unwrap_or("no message").to_string(),
@@ -116,6 +199,12 @@ async fn check(resp: Response, job_id: Option<&str>) -> Result<Response, Control
             job_id: job_id.unwrap_or_default().to_string(),
         },
         StatusCode::NOT_FOUND => ControlPlaneError::NotFound { message },
+        // Timed out, too early, too many requests: the same request can succeed later.
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS => {
+            ControlPlaneError::Unavailable {
+                message: format!("{} {message}", status.as_u16()),
+            }
+        }
         s if s.is_client_error() => ControlPlaneError::Rejected {
             status: s.as_u16(),
             message,
@@ -126,8 +215,11 @@ async fn check(resp: Response, job_id: Option<&str>) -> Result<Response, Control
     })
 }
 
-async fn decode<T: DeserializeOwned>(resp: Response, what: &str) -> Result<T, ControlPlaneError> {
-    let bytes = resp.bytes().await.map_err(transport)?;
+async fn decode<T: DeserializeOwned>(mut resp: Response, what: &str) -> Result<T, ControlPlaneError> {
+    let bytes = read_capped(&mut resp, MAX_ANSWER_BYTES)
+        .await
+        .map_err(transport)?
+        .ok_or_else(|| too_large(what, MAX_ANSWER_BYTES))?;
     serde_json::from_slice(&bytes).map_err(|e| ControlPlaneError::Protocol {
         message: format!("{what} answer does not parse: {e}"),
     })
@@ -227,6 +319,10 @@ impl HttpControlPlane {
     fn connector_path(&self, tail: &str) -> String {
         format!("{API_PREFIX}/connectors/{}/{tail}", segment(&self.connector_id))
     }
+
+    fn job_path(job_id: &str, tail: &str) -> Result<String, ControlPlaneError> {
+        Ok(format!("{API_PREFIX}/jobs/{}{tail}", id_segment("job id", job_id)?))
+    }
 }
 
 #[async_trait::async_trait]
@@ -248,19 +344,19 @@ impl ControlPlane for HttpControlPlane {
     }
 
     async fn renew(&self, job_id: &str, request: &RenewRequest) -> Result<RenewResponse, ControlPlaneError> {
-        let path = format!("{API_PREFIX}/jobs/{}:renew", segment(job_id));
+        let path = Self::job_path(job_id, ":renew")?;
         let resp = self.post_json(&path, request, CALL_TIMEOUT, Some(job_id)).await?;
         decode(resp, "renew").await
     }
 
     async fn complete(&self, job_id: &str, request: &CompleteRequest) -> Result<(), ControlPlaneError> {
-        let path = format!("{API_PREFIX}/jobs/{}:complete", segment(job_id));
+        let path = Self::job_path(job_id, ":complete")?;
         self.post_json(&path, request, CALL_TIMEOUT, Some(job_id)).await?;
         Ok(())
     }
 
     async fn release(&self, job_id: &str, request: &ReleaseRequest) -> Result<(), ControlPlaneError> {
-        let path = format!("{API_PREFIX}/jobs/{}:release", segment(job_id));
+        let path = Self::job_path(job_id, ":release")?;
         self.post_json(&path, request, CALL_TIMEOUT, Some(job_id)).await?;
         Ok(())
     }
@@ -274,7 +370,7 @@ impl ControlPlane for HttpControlPlane {
             body.push_str(&line);
             body.push('\n');
         }
-        let path = format!("{API_PREFIX}/jobs/{}/resources", segment(&job.id));
+        let path = Self::job_path(&job.id, "/resources")?;
         let resp = self
             .request(Method::POST, &path, CALL_TIMEOUT)?
             .header(CONTENT_TYPE, "application/x-ndjson")
@@ -440,6 +536,121 @@ mod tests {
     fn segments_are_encoded() {
         assert_eq!(segment("a b/c:d"), "a%20b%2Fc%3Ad");
         assert_eq!(segment("ar-0190-x_y.z~"), "ar-0190-x_y.z~");
+    }
+
+    #[test]
+    fn dot_segments_never_resolve() {
+        // Sent double-encoded: the server sees the id "%2E%2E", never another route.
+        assert_eq!(segment(".."), "%252E%252E");
+        assert_eq!(segment("."), "%252E");
+        for bad in ["..", ".", "", "a/b", "a?b", "a#b", "a%2F..", "a b"] {
+            let e = id_segment("job id", bad).unwrap_err();
+            assert!(
+                matches!(&e, ControlPlaneError::Protocol { message } if message.contains("job id")),
+                "{bad:?}: {e}"
+            );
+        }
+        assert_eq!(id_segment("job id", "j-0190:x_y.z~").unwrap(), "j-0190%3Ax_y.z~");
+    }
+
+    /// A fake control plane on 127.0.0.1 that answers every request with `status` and `body`,
+    /// counting the requests it gets.
+    async fn fake(status: u16, body: axum::body::Body) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let body = std::sync::Arc::new(std::sync::Mutex::new(Some(body)));
+        let app = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let body = body.lock().ok().and_then(|mut b| b.take()).unwrap_or_default();
+            async move {
+                axum::response::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), hits)
+    }
+
+    /// A streamed body of `n` bytes with no Content-Length, like a hostile server's.
+    fn endless(n: usize) -> axum::body::Body {
+        let chunk = axum::body::Bytes::from(vec![b' '; 1 << 20]);
+        let chunks = (0..n.div_ceil(1 << 20)).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+        axum::body::Body::from_stream(futures::stream::iter(chunks))
+    }
+
+    #[tokio::test]
+    async fn an_oversized_lease_answer_is_a_protocol_error() {
+        let (url, _) = fake(200, endless(MAX_ANSWER_BYTES + (2 << 20))).await;
+        let cp = HttpControlPlane::new(&url, "c", None).unwrap();
+        let e = cp
+            .lease(&LeaseRequest {
+                max_jobs: 1,
+                wait_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ControlPlaneError::Protocol { message }
+                if message.contains("answer to lease is larger than 16 MiB")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_error_answer_keeps_the_status_and_drops_the_body() {
+        let (url, _) = fake(400, endless(4 << 20)).await;
+        let cp = HttpControlPlane::new(&url, "c", None).unwrap();
+        let e = cp
+            .lease(&LeaseRequest {
+                max_jobs: 1,
+                wait_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ControlPlaneError::Rejected { status: 400, message } if message.contains("larger than 64 KiB")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_and_throttling_are_retryable() {
+        for status in [408, 425, 429] {
+            let (url, _) = fake(status, r#"{"error":{"code":"x","message":"slow down"}}"#.into()).await;
+            let cp = HttpControlPlane::new(&url, "c", None).unwrap();
+            let request = CompleteRequest {
+                lease_token: "t".into(),
+                outcome: super::super::protocol::Outcome::Succeeded,
+                error: None,
+                result: None,
+            };
+            let e = cp.complete("j-1", &request).await.unwrap_err();
+            assert!(
+                matches!(&e, ControlPlaneError::Unavailable { message } if message.contains("slow down"))
+                    && e.retryable(),
+                "{status}: {e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hostile_job_id_sends_no_request() {
+        let (url, hits) = fake(204, axum::body::Body::empty()).await;
+        let cp = HttpControlPlane::new(&url, "c", None).unwrap();
+        let renew = RenewRequest {
+            lease_token: "t".into(),
+        };
+        for id in ["..", "x/../../resources", "x?y=z", "local%2F.."] {
+            let e = cp.renew(id, &renew).await.unwrap_err();
+            assert!(matches!(e, ControlPlaneError::Protocol { .. }), "{id}: {e}");
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! An integration is built per job from its spec and its freshly resolved secret; it knows nothing
 //! of the control plane in use. `rancher/` is the one implementation today.
 
+pub mod ids;
 pub mod rancher;
 
 use std::collections::BTreeMap;
@@ -178,9 +179,19 @@ impl Resource {
         if s == "global" {
             return Ok(Resource::Global);
         }
+        // Checked here, where ids enter, so a hostile id never reaches a URL (see `ids`).
         match s.split_once(':') {
-            None => Ok(Resource::Cluster(s.to_string())),
-            Some((c, p)) if !c.is_empty() && !p.is_empty() && !p.contains(':') => Ok(Resource::Project(s.to_string())),
+            None => {
+                ids::check_plain("resource", s).map_err(|e| {
+                    format!("{e}; give \"global\", a cluster id (c-xxxxx) or a project id (c-xxxxx:p-yyyyy)")
+                })?;
+                Ok(Resource::Cluster(s.to_string()))
+            }
+            Some((c, p)) if !c.is_empty() && !p.is_empty() && !p.contains(':') => {
+                ids::check_namespaced("resource", s)
+                    .map_err(|e| format!("{e}; a project id has the form c-xxxxx:p-yyyyy"))?;
+                Ok(Resource::Project(s.to_string()))
+            }
             Some(_) => Err(format!(
                 "resource {s:?} is not a project id of the form c-xxxxx:p-yyyyy"
             )),
@@ -265,10 +276,18 @@ pub struct RevokeRequest {
     pub grant_id: Option<String>,
     /// The user the grant resolved. When given, the revoke uses it and never looks the subject up
     /// by name (a lookup that finds nothing proves nothing).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ids::de_opt_user_id"
+    )]
     pub user_id: Option<String>,
     /// The bindings the grant recorded: deleted by id (404 is done) and checked gone.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "ids::de_revoke_binding_ids"
+    )]
     pub binding_ids: Vec<String>,
     /// Remove every binding that matches (subject, role, resource), whoever made it. Only for an
     /// operator cleaning up by hand (`revoke --all`); the control plane never sets it.
@@ -281,7 +300,11 @@ pub struct RevokeRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SweepRequest {
     /// Binding ids held by accesses that have not ended: never removed by the sweep.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "ids::de_keep_binding_ids"
+    )]
     pub keep_binding_ids: Vec<String>,
     /// Report what would be removed; remove nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -319,12 +342,14 @@ pub struct SweepResult {
 /// Params of a rotate-credentials job: the user whose password is replaced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotateRequest {
+    #[serde(deserialize_with = "ids::de_user_id")]
     pub user_id: String,
 }
 
 /// Params of a delete-user job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteUserRequest {
+    #[serde(deserialize_with = "ids::de_user_id")]
     pub user_id: String,
 }
 

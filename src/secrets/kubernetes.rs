@@ -42,8 +42,9 @@ impl KubernetesStore {
                 let config = kube::Config::infer().await.map_err(|e| SecretError::Misconfigured {
                     store: "KUBERNETES".into(),
                     hint: format!(
-                        "no in-cluster service account and no usable kubeconfig for {}: {e}",
-                        reference.describe()
+                        "no in-cluster service account and no usable kubeconfig for {}: {}",
+                        reference.describe(),
+                        infer_error_text(&e)
                     ),
                 })?;
                 kube::Client::try_from(config).map_err(|e| SecretError::Misconfigured {
@@ -53,6 +54,23 @@ impl KubernetesStore {
             })
             .await
             .cloned()
+    }
+}
+
+/// Why the client config could not be inferred, without the kubeconfig's text: a YAML parse
+/// error renders a snippet of the file, which may hold its `token:` or `client-key-data:`.
+fn infer_error_text(e: &kube::config::InferConfigError) -> String {
+    let parse_failed = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<kube::config::KubeconfigError>())
+        .is_some_and(|k| matches!(k, kube::config::KubeconfigError::Parse(_)));
+    if parse_failed {
+        let path = std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into());
+        format!(
+            "the kubeconfig at {path} could not be parsed as YAML (its text is not shown: it holds credentials); \
+             check it with `kubectl config view`"
+        )
+    } else {
+        e.to_string()
     }
 }
 

@@ -98,8 +98,47 @@ impl fmt::Debug for Secret {
 
 /// Credentials given inline (the `APONO` store). Serializable because the control plane must hand
 /// them to the agent inside the job; `Debug` is redacted.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default)]
 pub struct InlineCredentials(pub BTreeMap<String, SecretString>);
+
+/// Hand-written: serde's own errors quote the value they could not use (`invalid type: string
+/// "token-…:secret", expected a map`), and these values are credentials. A wrong shape is named
+/// by its field and type only.
+impl<'de> Deserialize<'de> for InlineCredentials {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // `Value` takes any shape, so this step cannot fail on a value (only on broken input).
+        let value = serde_json::Value::deserialize(d)?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(D::Error::custom(format!(
+                "credentials must be a map of keys to string values (like {{ access_key = \"...\", secret_key =                  \"...\" }}), not {} (the value is not shown)",
+                shape(&value)
+            )));
+        };
+        map.into_iter()
+            .map(|(key, v)| match v {
+                serde_json::Value::String(s) => Ok((key, SecretString::from(s))),
+                other => Err(D::Error::custom(format!(
+                    "credentials.{key} must be a string, not {} (the value is not shown)",
+                    shape(&other)
+                ))),
+            })
+            .collect::<Result<_, _>>()
+            .map(InlineCredentials)
+    }
+}
+
+/// What kind of JSON value `v` is, never what it holds.
+fn shape(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "a map",
+    }
+}
 
 impl Serialize for InlineCredentials {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -12,6 +12,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Rancher;
+use super::client::ApiError;
 use super::model::{Binding, Collection, User, nonempty};
 use crate::integrations::IntegrationError;
 
@@ -65,7 +66,10 @@ impl Rancher {
     /// The key's owner (`GET /v3/users?me=true`). Being the first request of revoke, sweep and
     /// discover, its 401 is the one probed for a cluster scope (see `validate`).
     pub(super) async fn key_owner(&self) -> Result<User, IntegrationError> {
-        let url = self.client.url(&["v3", "users"], &[("me", "true")]);
+        let url = self
+            .client
+            .url(&["v3", "users"], &[("me", "true")])
+            .map_err(ApiError::into_error)?;
         match self.client.get::<Collection<User>>(url).await {
             Ok(me) => owner_of(me),
             Err(e) => Err(self.explain_refusal(e, &[]).await),

@@ -152,8 +152,24 @@ impl Client {
         self.page_size
     }
 
-    /// `base` + path segments (each percent-encoded as needed) + query pairs.
-    pub fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+    /// `base` + path segments + query pairs.
+    ///
+    /// # Errors
+    /// `BadSegment` (no request is made) for a segment that is not an id's characters: `url`
+    /// would drop a `.` or `..` segment and turn `GET /v3/users/..` into `GET /v3/users`. Ids are
+    /// checked where they enter (`integrations::ids`); this is the last line of defence.
+    pub fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Url, ApiError> {
+        if let Some(Err(why)) = segments
+            .iter()
+            .map(|s| crate::integrations::ids::check_segment(s))
+            .find(Result::is_err)
+        {
+            return Err(ApiError {
+                method: Method::GET,
+                path: format!("/{}", segments.first().copied().unwrap_or_default()),
+                kind: Box::new(ErrorKind::BadSegment(why)),
+            });
+        }
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().extend(segments);
@@ -161,7 +177,7 @@ impl Client {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        url
+        Ok(url)
     }
 
     /// GET and decode.
@@ -230,9 +246,14 @@ impl Client {
         let limit = self.page_size.to_string();
         let mut query = vec![("limit", limit.as_str())];
         query.extend_from_slice(filters);
+        let (next, refused) = match self.url(segments, &query) {
+            Ok(url) => (Some(url), None),
+            Err(e) => (None, Some(e)),
+        };
         Pager {
             client: self,
-            next: Some(self.url(segments, &query)),
+            next,
+            refused,
             what: what.into(),
             seen: HashSet::new(),
             attempts: self.retry.attempts,
@@ -438,6 +459,8 @@ pub fn retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration> 
 pub struct Pager<'c, T> {
     client: &'c Client,
     next: Option<Url>,
+    /// The listing's URL could not be built: its first page is this error.
+    refused: Option<ApiError>,
     what: String,
     seen: HashSet<String>,
     /// Tries per page (the client's retry policy, unless [`Pager::with_attempts`] lowered it).
@@ -477,6 +500,9 @@ impl<T: DeserializeOwned + HasId> Pager<'_, T> {
     /// # Errors
     /// The request's failure, or (as `Loop`) the listing's own failure, as [`Pager::next_page`].
     pub async fn next_page_raw(&mut self) -> Result<Option<Vec<T>>, PageError> {
+        if let Some(e) = self.refused.take() {
+            return Err(PageError::Api(e));
+        }
         let Some(url) = self.next.take() else {
             return Ok(None);
         };
@@ -642,6 +668,8 @@ pub enum ErrorKind {
         limit: usize,
         page_size: u32,
     },
+    /// A URL path segment that is not an id (`..`, `/`, `?`...): refused before any request.
+    BadSegment(String),
 }
 
 impl ApiError {
@@ -673,7 +701,18 @@ impl ApiError {
             ErrorKind::Timeout(_) => "timed out",
             ErrorKind::Tls(m) | ErrorKind::Transport(m) | ErrorKind::Decode(m) => m,
             ErrorKind::TooLarge { .. } => "answer too large",
+            ErrorKind::BadSegment(m) => m,
         }
+    }
+
+    /// The same failure with `secret` removed from the message Rancher (or a proxy) sent: for a
+    /// request whose body carried a generated password, which some servers echo in a 4xx.
+    #[must_use]
+    pub fn scrubbed(mut self, secret: &str) -> ApiError {
+        if let ErrorKind::Status { message, .. } = &mut *self.kind {
+            *message = scrub(message, secret);
+        }
+        self
     }
 
     /// Worth retrying: 5xx (a 503 ClusterUnavailable too: a downstream cluster's agent
@@ -682,7 +721,7 @@ impl ApiError {
         match &*self.kind {
             ErrorKind::Status { status, .. } => *status >= 500 || *status == 429,
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
-            ErrorKind::Tls(_) | ErrorKind::Decode(_) | ErrorKind::TooLarge { .. } => false,
+            ErrorKind::Tls(_) | ErrorKind::Decode(_) | ErrorKind::TooLarge { .. } | ErrorKind::BadSegment(_) => false,
         }
     }
 
@@ -712,6 +751,7 @@ impl ApiError {
                 self.path,
                 byte_size(*limit)
             ),
+            ErrorKind::BadSegment(m) => format!("no request was sent: {m}"),
         }
     }
 
@@ -757,6 +797,9 @@ impl ApiError {
                     "{summary}; lower page_size in the integration config (now {page_size}) so each page of a \
                      listing is smaller"
                 ),
+            },
+            ErrorKind::BadSegment(_) => IntegrationError::Invalid {
+                message: format!("{summary}; the job carries an id that is not a Rancher id"),
             },
             ErrorKind::Tls(_) => IntegrationError::Config {
                 message: format!(

@@ -444,7 +444,11 @@ impl Rancher {
         let guess = external_user_id(principal);
         match self
             .client
-            .get::<User>(self.client.url(&["v3", "users", &guess], &[]))
+            .get::<User>(
+                self.client
+                    .url(&["v3", "users", &guess], &[])
+                    .map_err(ApiError::into_error)?,
+            )
             .await
         {
             Ok(u) if u.principal_ids.iter().any(|p| p == principal) => return Ok(Some(u)),
@@ -473,8 +477,13 @@ impl Rancher {
         });
         match self
             .client
-            .post::<User>(self.client.url(&["v3", "users"], &[]), &body)
+            .post::<User>(
+                self.client.url(&["v3", "users"], &[]).map_err(ApiError::into_error)?,
+                &body,
+            )
             .await
+            // A server that echoes the body in its error must not put the password in ours.
+            .map_err(|e| e.scrubbed(password.expose_secret()))
         {
             Ok(u) => {
                 tracing::info!(user_id = %u.id, username, "created a local Rancher user");
@@ -504,9 +513,17 @@ impl Rancher {
 
     /// `POST /v3/users/{id}?action=setpassword`.
     pub(super) async fn set_password(&self, user_id: &str, password: &SecretString) -> Result<(), IntegrationError> {
-        let url = self.client.url(&["v3", "users", user_id], &[("action", "setpassword")]);
+        let url = self
+            .client
+            .url(&["v3", "users", user_id], &[("action", "setpassword")])
+            .map_err(ApiError::into_error)?;
         let body = json!({"newPassword": password.expose_secret()});
-        match self.client.post::<Value>(url, &body).await {
+        match self
+            .client
+            .post::<Value>(url, &body)
+            .await
+            .map_err(|e| e.scrubbed(password.expose_secret()))
+        {
             Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) => Err(IntegrationError::NotFound {
                 message: format!("Rancher user {user_id} not found while setting its password"),
@@ -573,7 +590,10 @@ impl Rancher {
         marker: &Marker,
     ) -> Result<Ensured, IntegrationError> {
         let name = target.name();
-        let url = self.client.url(&["v3", target.kind.collection()], &[]);
+        let url = self
+            .client
+            .url(&["v3", target.kind.collection()], &[])
+            .map_err(ApiError::into_error)?;
         let body = target.body(&name, marker);
         let deadline = Instant::now() + self.config.status_timeout;
         let mut delay = Duration::from_millis(200);
@@ -664,7 +684,10 @@ impl Rancher {
             ),
         };
         if let Some(id) = id {
-            let url = self.client.url(&["v3", target.kind.collection(), &id], &[]);
+            let url = self
+                .client
+                .url(&["v3", target.kind.collection(), &id], &[])
+                .map_err(ApiError::into_error)?;
             return match self.client.get::<Binding>(url).await {
                 Ok(b) => {
                     self.learn_project_namespace(&b);
@@ -710,7 +733,10 @@ impl Rancher {
         if !changed {
             return Ok(b);
         }
-        let url = self.client.url(&["v3", target.kind.collection(), &b.id], &[]);
+        let url = self
+            .client
+            .url(&["v3", target.kind.collection(), &b.id], &[])
+            .map_err(ApiError::into_error)?;
         let body = json!({"labels": labels, "annotations": annotations});
         match self.client.put::<Binding>(url, &body).await {
             Ok(updated) => {

@@ -22,6 +22,7 @@
 use std::time::{Duration, Instant};
 
 use super::Rancher;
+use super::client::ApiError;
 use super::grant::{Kind, SubjectMatch, Target, check_role, is_agent_created};
 use super::model::{Binding, nonempty};
 use super::names::{BindingSubject, local_user_id};
@@ -226,7 +227,10 @@ impl Rancher {
     /// (retryable) when it is readable and not being removed after its delete; the request's
     /// failure otherwise.
     pub(super) async fn delete_confirmed(&self, kind: Kind, id: &str) -> Result<(), IntegrationError> {
-        let url = self.client.url(&["v3", kind.collection(), id], &[]);
+        let url = self
+            .client
+            .url(&["v3", kind.collection(), id], &[])
+            .map_err(ApiError::into_error)?;
         match self.client.delete(url.clone()).await {
             Ok(_) => {}
             Err(e) if e.status() == Some(404) => return Ok(()),

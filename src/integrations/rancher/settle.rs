@@ -16,6 +16,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Rancher;
+use super::client::ApiError;
 use super::grant::Target;
 use super::model::{Binding, Setting, nonempty};
 use super::names::BindingSubject;
@@ -77,7 +78,10 @@ impl Rancher {
     /// build, or a setting the key cannot read) is taken as one without status, with a warning: waiting for a status that never
     /// comes would fail every grant, while not waiting only reports a grant before it settled.
     async fn read_writes_status(&self) -> Result<bool, IntegrationError> {
-        let url = self.client.url(&["v3", "settings", "server-version"], &[]);
+        let url = self
+            .client
+            .url(&["v3", "settings", "server-version"], &[])
+            .map_err(ApiError::into_error)?;
         let version = match self.client.get::<Setting>(url).await {
             Ok(setting) => setting.value.unwrap_or_default(),
             // Hidden by a proxy, or not readable by the key: unknown, as below.
@@ -161,7 +165,10 @@ impl Rancher {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
             read = true;
-            let url = self.client.url(&["v3", target.kind.collection(), &b.id], &[]);
+            let url = self
+                .client
+                .url(&["v3", target.kind.collection(), &b.id], &[])
+                .map_err(ApiError::into_error)?;
             b = match self.client.get::<Binding>(url).await {
                 Ok(b) => b,
                 Err(e) if e.status() == Some(404) => {

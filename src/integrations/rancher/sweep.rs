@@ -15,6 +15,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 
 use super::Rancher;
+use super::client::ApiError;
 use super::grant::Kind;
 use super::model::{Binding, nonempty};
 use super::names::MarkedExpiry;
@@ -100,7 +101,10 @@ impl Rancher {
     /// role and resource, e.g. right after a restart that lost the control plane's state).
     /// False when it is gone or no longer expired.
     async fn still_expired(&self, kind: Kind, id: &str, now: DateTime<Utc>) -> Result<bool, IntegrationError> {
-        let url = self.client.url(&["v3", kind.collection(), id], &[]);
+        let url = self
+            .client
+            .url(&["v3", kind.collection(), id], &[])
+            .map_err(ApiError::into_error)?;
         match self.client.get::<Binding>(url).await {
             Ok(b) => Ok(!b.is_removed() && matches!(b.marked_expiry(), MarkedExpiry::At(t) if t <= now)),
             Err(e) if e.status() == Some(404) => Ok(false),

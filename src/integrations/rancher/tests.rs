@@ -2122,3 +2122,125 @@ async fn a_failed_delete_does_not_stop_the_sweep() {
     assert_eq!(out.removed.len(), 1);
     sim.stop().await;
 }
+
+/// Ids that would change the request (`..` dropped by the URL builder, `/`, `?`, `%`) are
+/// refused before any request reaches Rancher, whichever way they come in.
+#[tokio::test]
+async fn hostile_ids_make_no_request() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    let before = sim.sim.stats().total;
+    for id in [
+        "..",
+        ".",
+        "u-x/../../clusters",
+        "u-x?action=setpassword",
+        "local%2F..",
+        "",
+    ] {
+        let e = r
+            .rotate_credentials(&RotateRequest { user_id: id.into() })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, IntegrationError::Invalid { .. }) && !e.retryable(),
+            "{id:?}: {e:?}"
+        );
+        let e = r
+            .delete_user(&DeleteUserRequest { user_id: id.into() })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IntegrationError::Invalid { .. }), "{id:?}: {e:?}");
+    }
+    assert_eq!(sim.sim.stats().total, before, "no request reached Rancher");
+    sim.stop().await;
+}
+
+/// The same ids in job params are refused when the params are read, naming the field.
+#[test]
+fn hostile_ids_in_params_are_refused() {
+    for id in ["c-x/../../users", "c-x?userId=y", "local%2F..", "..", "c-x:..", "C-X"] {
+        let e = Resource::parse(id).unwrap_err();
+        assert!(e.contains("resource"), "{e}");
+        let e =
+            serde_json::from_value::<GrantRequest>(json!({"user": "bob", "role": "cluster-member", "resource": id}))
+                .unwrap_err();
+        assert!(e.to_string().contains("resource"), "{e}");
+        let e = serde_json::from_value::<RevokeRequest>(
+            json!({"user": "bob", "role": "r", "resource": "c-1", "binding_ids": [id]}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("binding_ids"), "{e}");
+        let e = serde_json::from_value::<RevokeRequest>(
+            json!({"user": "bob", "role": "r", "resource": "c-1", "user_id": id}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("user_id"), "{e}");
+        let e = serde_json::from_value::<RotateRequest>(json!({"user_id": id})).unwrap_err();
+        assert!(e.to_string().contains("user_id"), "{e}");
+        let e = serde_json::from_value::<SweepRequest>(json!({"keep_binding_ids": [id]})).unwrap_err();
+        assert!(e.to_string().contains("keep_binding_ids"), "{e}");
+    }
+    let ok: RevokeRequest = serde_json::from_value(json!({
+        "user": "bob", "role": "r", "resource": "c-1:p-2", "user_id": "u-bob01",
+        "binding_ids": ["c-1:crtb-x", "p-2:prtb-y", "grb-z"],
+    }))
+    .unwrap();
+    assert_eq!(ok.binding_ids.len(), 3);
+}
+
+/// A server (Rancher behind a WAF or proxy) that echoes the request body in a 422: the
+/// generated password never reaches the error.
+#[tokio::test]
+async fn a_password_echoed_in_a_422_is_scrubbed() {
+    use axum::Router;
+    use axum::routing::{get, post};
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route(
+            "/v3/users/{id}",
+            get(|| async {
+                axum::Json(
+                    json!({"id": "u-new01", "username": "newbie", "labels": {CREATED_BY_LABEL: "apono-connector"}}),
+                )
+            })
+            .post({
+                let sent = sent.clone();
+                move |body: String| async move {
+                    *sent.lock().unwrap() = body.clone();
+                    (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        axum::Json(json!({
+                            "type": "error", "status": 422, "code": "InvalidBodyContent",
+                            "message": format!("invalid body: {body}"),
+                        })),
+                    )
+                }
+            }),
+        )
+        .route("/v3/users", post(|| async { StatusCode::NOT_FOUND }));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
+    let r = Rancher::from_parts(RancherConfig::from_value(&json!({"host": base})).unwrap(), key).unwrap();
+    let e = r
+        .rotate_credentials(&RotateRequest {
+            user_id: "u-new01".into(),
+        })
+        .await
+        .unwrap_err();
+    let body = sent.lock().unwrap().clone();
+    let password = serde_json::from_str::<Value>(&body).unwrap()["newPassword"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(password.len(), 32, "{body}");
+    let text = format!("{e} {e:?}");
+    assert!(
+        text.contains("invalid body") && text.contains("[REDACTED]"),
+        "the echo is kept, scrubbed: {text}"
+    );
+    assert!(!text.contains(&password), "the password leaked: {text}");
+    server.abort();
+}

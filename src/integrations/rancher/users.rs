@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::json;
 
 use super::Rancher;
+use super::client::ApiError;
 use super::config::NewUserRoles;
 use super::grant::{DEFAULT_GLOBAL_ROLES, LOGIN_ROLE, is_agent_created};
 use super::model::{Binding, GlobalRole, User, nonempty};
@@ -95,7 +96,15 @@ impl Rancher {
                 left.len()
             )));
         }
-        match self.client.delete(self.client.url(&["v3", "users", id], &[])).await {
+        match self
+            .client
+            .delete(
+                self.client
+                    .url(&["v3", "users", id], &[])
+                    .map_err(ApiError::into_error)?,
+            )
+            .await
+        {
             Ok(_) => {
                 tracing::info!(user_id = id, "deleted an agent-created user");
                 Ok(DeleteUserResult {
@@ -118,7 +127,11 @@ impl Rancher {
         }
         match self
             .client
-            .get::<User>(self.client.url(&["v3", "users", id], &[]))
+            .get::<User>(
+                self.client
+                    .url(&["v3", "users", id], &[])
+                    .map_err(ApiError::into_error)?,
+            )
             .await
         {
             Ok(u) => Ok(Some(u)),
@@ -204,7 +217,10 @@ impl Rancher {
 
     /// `PUT /v3/users/{id} {"enabled": ...}`. A disabled user's tokens get 401.
     pub(super) async fn set_enabled(&self, user_id: &str, enabled: bool) -> Result<(), IntegrationError> {
-        let url = self.client.url(&["v3", "users", user_id], &[]);
+        let url = self
+            .client
+            .url(&["v3", "users", user_id], &[])
+            .map_err(ApiError::into_error)?;
         match self
             .client
             .put::<serde_json::Value>(url, &json!({"enabled": enabled}))

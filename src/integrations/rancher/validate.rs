@@ -26,8 +26,14 @@ pub(super) const EXPIRY_WARNING_DAYS: i64 = 14;
 
 impl Rancher {
     pub(super) async fn validate_key(&self) -> Result<ValidateResult, IntegrationError> {
-        let me_url = self.client.url(&["v3", "users"], &[("me", "true")]);
-        let version_url = self.client.url(&["v3", "settings", "server-version"], &[]);
+        let me_url = self
+            .client
+            .url(&["v3", "users"], &[("me", "true")])
+            .map_err(ApiError::into_error)?;
+        let version_url = self
+            .client
+            .url(&["v3", "settings", "server-version"], &[])
+            .map_err(ApiError::into_error)?;
         let (me, token, version) = tokio::join!(
             self.client.get::<Collection<User>>(me_url),
             self.own_token(),
@@ -82,10 +88,10 @@ impl Rancher {
     async fn own_token(&self) -> Result<Token, ApiError> {
         let name = self.key.token_name();
         if self.key.is_ext() {
-            let url = self.client.url(&["v1", "ext.cattle.io.tokens", name], &[]);
+            let url = self.client.url(&["v1", "ext.cattle.io.tokens", name], &[])?;
             self.client.get::<ExtToken>(url).await.map(|t| t.into_token(name))
         } else {
-            let url = self.client.url(&["v3", "tokens", name], &[]);
+            let url = self.client.url(&["v3", "tokens", name], &[])?;
             self.client.get::<Token>(url).await
         }
     }
@@ -102,7 +108,10 @@ impl Rancher {
         candidates.extend(clusters.iter().copied().filter(|c| !c.is_empty() && *c != "local"));
         candidates.dedup();
         for cluster in candidates.into_iter().take(MAX_SCOPE_PROBES) {
-            let url = self.client.url(&["v3", "clusters", cluster], &[]);
+            // A cluster id that is not an id cannot be probed (and names no cluster).
+            let Ok(url) = self.client.url(&["v3", "clusters", cluster], &[]) else {
+                continue;
+            };
             let authenticated = match self.client.get::<Value>(url).await {
                 Ok(_) => true,
                 // Any status but 401 means the authenticator let the key through here.

@@ -267,3 +267,98 @@ async fn canary_child() {
         eprintln!("*** canary test ran without AWS/Vault (servers missing) ***");
     }
 }
+
+/// L1: inline credentials of the wrong shape are named by field and type, never quoted: through
+/// a job's integration spec (serde_json) and through a TOML config (figment).
+#[test]
+fn inline_credentials_of_the_wrong_shape_are_not_quoted() {
+    let secret = canary("INLINE");
+    for credentials in [
+        json!(secret),
+        json!({"secret_key": 12345678}),
+        json!({"secret_key": {"nested": secret}}),
+        json!([secret]),
+    ] {
+        let spec = json!({
+            "type": "rancher", "name": "r", "config": {},
+            "secret_store": {"type": "APONO", "credentials": credentials},
+        });
+        let e = serde_json::from_value::<crate::integrations::IntegrationSpec>(spec).unwrap_err();
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("credentials"), "the field is named: {text}");
+        assert!(
+            !text.contains(CANARY) && !text.contains("12345678"),
+            "canary leaked: {text}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for credentials in [format!("\"{secret}\""), "{ secret_key = 12345678 }".to_string()] {
+        std::fs::write(
+            &path,
+            format!(
+                "[[integrations]]\ntype = \"rancher\"\nname = \"r\"\nconfig = {{ host = \"https://rancher.example\" }}\n\
+                 secret_store = {{ type = \"APONO\", credentials = {credentials} }}\n"
+            ),
+        )
+        .unwrap();
+        let e = crate::config::Config::load_from(Some(&path), |_| None).unwrap_err();
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("credentials"), "the field is named: {text}");
+        assert!(
+            !text.contains(CANARY) && !text.contains("12345678"),
+            "canary leaked: {text}"
+        );
+    }
+}
+
+/// L2: a kubeconfig that does not parse, with a token next to the error, is named by path only.
+/// In a child process: `KUBECONFIG` is process-wide.
+#[test]
+fn a_broken_kubeconfig_is_not_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user:\n    token: {}\n    bad: [unclosed\n",
+            canary("KUBECONFIG")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "secrets::tests::canary::kubeconfig_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("APONO_TEST_CHILD", "1")
+        .env("KUBECONFIG", &path)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "kubeconfig child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "run by a_broken_kubeconfig_is_not_quoted in a child process"]
+async fn kubeconfig_child() {
+    if std::env::var_os("APONO_TEST_CHILD").is_none() {
+        return;
+    }
+    let store = crate::secrets::KubernetesStore::new(vec![]);
+    let r = reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "k"}));
+    let e = crate::secrets::SecretStore::fetch(&store, &r).await.unwrap_err();
+    let text = format!("{e} {e:?}");
+    assert!(text.contains("could not be parsed"), "{text}");
+    assert!(text.contains("kubeconfig"), "{text}");
+    assert!(!text.contains(CANARY), "canary leaked: {text}");
+}
