@@ -502,17 +502,30 @@ fn the_operator_api_answers_any_body_with_2xx_or_4xx() {
                 Ok(resp) => (resp.status().as_u16(), resp.text().await.unwrap_or_default()),
                 // A server may answer and close before reading a big body; the write then fails.
                 // Whether it still answers is checked below.
-                Err(_) if body.len() > 64 * 1024 => (400, r#"{"error":{"code":"x","message":"closed early"}}"#.to_string()),
+                Err(_) if body.len() > 64 * 1024 => {
+                    (400, r#"{"error":{"code":"x","message":"closed early"}}"#.to_string())
+                }
                 Err(e) => return Err(TestCaseError::fail(format!("POST {}: {e}", short(&url)))),
             };
-            prop_assert!(status < 500, "POST {} answered {status}: {}\nbody: {}", short(&url), short(&text), short(&body));
+            prop_assert!(
+                status < 500,
+                "POST {} answered {status}: {}\nbody: {}",
+                short(&url),
+                short(&text),
+                short(&body)
+            );
             if status >= 400 && status != 401 {
                 // Another helper is adding the operator token: a 401 is a refusal too.
-                let error: Value = serde_json::from_str(&text)
-                    .map_err(|e| TestCaseError::fail(format!("{status} without a JSON error body ({e}): {}", short(&text))))?;
+                let error: Value = serde_json::from_str(&text).map_err(|e| {
+                    TestCaseError::fail(format!("{status} without a JSON error body ({e}): {}", short(&text)))
+                })?;
                 let code = error["error"]["code"].as_str().unwrap_or("");
                 let message = error["error"]["message"].as_str().unwrap_or("");
-                prop_assert!(!code.is_empty() && !message.trim().is_empty(), "{status}: {}", short(&text));
+                prop_assert!(
+                    !code.is_empty() && !message.trim().is_empty(),
+                    "{status}: {}",
+                    short(&text)
+                );
             }
             let alive = client
                 .get(format!("{base}/jobs"))
