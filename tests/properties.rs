@@ -52,7 +52,7 @@ fn json_text(base: Value) -> impl Strategy<Value = String> {
             let text = v.to_string();
             let cut = i.index(text.len() + 1);
             // Cut on a char boundary: the parsers read `&str` here.
-            text.char_indices().map(|(n, _)| n).filter(|n| *n <= cut).last().map_or(String::new(), |n| text[..n].to_string())
+            text.char_indices().map(|(n, _)| n).rfind(|n| *n <= cut).map_or(String::new(), |n| text[..n].to_string())
         }),
         1 => (1usize..400).prop_map(|depth| "[".repeat(depth) + &"]".repeat(depth)),
         1 => (1usize..400).prop_map(|depth| "{\"a\":".repeat(depth) + "1" + &"}".repeat(depth)),
@@ -135,12 +135,12 @@ proptest! {
     /// one passes `validate_spec` or gets a typed integration error.
     #[test]
     fn integration_specs_parse_and_validate_or_fail_typed(text in json_text(valid_integration("http://127.0.0.1:9"))) {
-        if let Some(spec) = parse_or_explain::<IntegrationSpec>(&text)? {
-            if let Err(e) = integrations::validate_spec(&spec) {
-                prop_assert!(!e.code().is_empty());
-                prop_assert!(!e.to_string().trim().is_empty(), "{} without a message", e.code());
-                prop_assert!(!e.retryable(), "a bad spec is not worth retrying: {e:?}");
-            }
+        if let Some(spec) = parse_or_explain::<IntegrationSpec>(&text)?
+            && let Err(e) = integrations::validate_spec(&spec)
+        {
+            prop_assert!(!e.code().is_empty());
+            prop_assert!(!e.to_string().trim().is_empty(), "{} without a message", e.code());
+            prop_assert!(!e.retryable(), "a bad spec is not worth retrying: {e:?}");
         }
     }
 
