@@ -564,3 +564,158 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+// ----- Rancher's pagination, through the client -----
+
+/// What a fake Rancher answers, page after page, and what it was asked.
+#[derive(Default)]
+struct Script {
+    pages: std::collections::VecDeque<(u16, String)>,
+    requests: Vec<String>,
+}
+
+type SharedScript = Arc<std::sync::Mutex<Script>>;
+
+async fn scripted_rancher(
+    axum::extract::State(script): axum::extract::State<SharedScript>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut script = script.lock().expect("lock");
+    script.requests.push(uri.to_string());
+    let (status, body) = script.pages.pop_front().unwrap_or_else(|| {
+        (
+            200,
+            r#"{"type":"collection","data":[],"pagination":{"partial":false}}"#.into(),
+        )
+    });
+    let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK);
+    (status, [("content-type", "application/json")], body).into_response()
+}
+
+/// `next` links a broken or hostile Rancher (or a proxy in front of it) may send.
+fn hostile_next(evil: String) -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => prop::sample::select(vec![
+            format!("{evil}/v3/users?marker=u-2"),
+            format!("{}/v3/users", evil.replacen("http:", "", 1)),
+            "https://rancher.example.com/v3/users?limit=2&marker=u-2".to_string(),
+            "../../v3/tokens".to_string(),
+            "?marker=u-2".to_string(),
+            "javascript:alert(1)".to_string(),
+            "file:///etc/passwd".to_string(),
+            "http://user:pass@rancher.example.com/v3/users".to_string(),
+            "http://[::1/v3/users".to_string(),
+            String::new(),
+        ]).prop_map(Value::String),
+        1 => hostile_string().prop_map(Value::String),
+        1 => arbitrary_json(),
+    ]
+}
+
+/// A page of users with hostile parts: ids that repeat, a `next` anywhere, wrong types.
+fn hostile_page(evil: String) -> impl Strategy<Value = (u16, String)> {
+    let page = (
+        prop::collection::vec(prop_oneof![Just("u-1"), Just("u-2"), Just("u-3"), Just("")], 0..4),
+        any::<bool>(),
+        hostile_next(evil),
+    )
+        .prop_flat_map(|(ids, partial, next)| {
+            let data: Vec<Value> = ids.iter().map(|id| json!({"id": id, "username": id})).collect();
+            json_text(json!({"type": "collection", "data": data, "pagination": {"partial": partial, "next": next, "limit": 2}}))
+        });
+    prop_oneof![
+        8 => page.prop_map(|body| (200, body)),
+        1 => (prop::sample::select(vec![400u16, 401, 403, 404, 409, 422, 429, 500, 502, 503]), json_text(json!({"type": "error", "status": "503", "code": "ClusterUnavailable", "message": "down"}))),
+    ]
+}
+
+/// A listing through `Client::list` against pages a broken Rancher sends: it ends (bounded) in
+/// items or a typed error, and never follows a `next` to another host.
+#[test]
+fn pagination_ends_typed_and_stays_on_the_rancher_host() {
+    use apono_connector::integrations::rancher::model::User;
+    use apono_connector::integrations::rancher::{ApiKey, Client, RetryPolicy};
+    use apono_connector::secrets::Secret;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let script: SharedScript = Arc::default();
+    let evil_script: SharedScript = Arc::default();
+    let serve = |script: SharedScript| {
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let app = axum::Router::new().fallback(scripted_rancher).with_state(script);
+            tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+            format!("http://{addr}")
+        })
+    };
+    let rancher = serve(script.clone());
+    let evil = serve(evil_script.clone());
+
+    let config = RancherConfig::from_value(
+        &json!({"host": rancher, "insecure_http": true, "page_size": 2, "timeout_seconds": 5}),
+    )
+    .expect("a valid config");
+    let key = ApiKey::from_secret(&Secret::new(
+        [(
+            "token".to_string(),
+            "token-abcde:not-a-real-secret-0123456789".to_string().into(),
+        )]
+        .into(),
+    ))
+    .expect("a valid key");
+    let client = Client::new(&config, &key).expect("client").with_retry(RetryPolicy {
+        attempts: 2,
+        min_delay: std::time::Duration::from_millis(1),
+        max_delay: std::time::Duration::from_millis(5),
+    });
+
+    let mut runner = TestRunner::new(ProptestConfig {
+        failure_persistence: None,
+        ..config_cases()
+    });
+    let strategy = prop::collection::vec(hostile_page(evil), 1..8);
+    let outcome = runner.run(&strategy, |pages| {
+        {
+            let mut s = script.lock().expect("lock");
+            s.pages = pages.iter().cloned().collect();
+            s.requests.clear();
+        }
+        let listed = rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                client.list::<User>(&["users"], &[], "users").collect_matching(|_| true),
+            )
+            .await
+        });
+        let listed = listed.map_err(|_| TestCaseError::fail("the listing did not end within 20 s"))?;
+        if let Err(e) = &listed {
+            prop_assert!(!e.code().is_empty() && !e.to_string().trim().is_empty(), "{e:?}");
+        }
+        let evil_requests = std::mem::take(&mut evil_script.lock().expect("lock").requests);
+        prop_assert!(
+            evil_requests.is_empty(),
+            "a next link was followed to another host: {evil_requests:?}"
+        );
+        let requests = script.lock().expect("lock").requests.len();
+        prop_assert!(
+            requests <= 2 * pages.len() + 2,
+            "{requests} requests for {} pages",
+            pages.len()
+        );
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+}
+
+/// The suite's config (cases from `PROPTEST_CASES`), for tests driving a `TestRunner` by hand.
+fn config_cases() -> ProptestConfig {
+    config()
+}
