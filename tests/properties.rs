@@ -291,23 +291,49 @@ proptest! {
     #![proptest_config(config())]
 
     /// The config loader on any file and environment: a config, or a `ConfigError` saying what
-    /// is wrong. Never a panic, never an empty message.
+    /// is wrong. Never a panic, never an empty message, and never the token's value, however
+    /// wrong the token or the rest of the config is.
     #[test]
     fn the_config_loads_or_explains(
         file in prop::option::of(toml_text()),
-        env in prop::collection::btree_map(prop::sample::select(ENV_NAMES), hostile_string(), 0..5),
+        mut env in prop::collection::btree_map(prop::sample::select(ENV_NAMES), hostile_string(), 0..5),
+        token_in_env in any::<bool>(),
+        token_in_file in prop::option::of(prop::sample::select(vec![
+            format!("\"{TOKEN_CANARY}\""),
+            format!("[\"{TOKEN_CANARY}\"]"),
+            format!("{{ value = \"{TOKEN_CANARY}\" }}"),
+            format!("\"{TOKEN_CANARY}\\u0000\""),
+        ])),
     ) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("connector.toml");
+        let file = match (file, token_in_file) {
+            (Some(text), Some(token)) => Some(format!("{text}\n[control_plane]\ntoken = {token}\n")),
+            (None, Some(token)) => Some(format!("[control_plane]\ntoken = {token}\n")),
+            (file, None) => file,
+        };
         if let Some(text) = &file {
             std::fs::write(&path, text).expect("write the config");
         }
+        if token_in_env {
+            env.insert("APONO_TOKEN", format!(" {TOKEN_CANARY} "));
+        }
         let loaded = Config::load_from(file.as_ref().map(|_| path.as_path()), |name| env.get(name).cloned());
-        if let Err(e) = loaded {
-            prop_assert!(!e.0.trim().is_empty(), "a config error without a message");
+        match loaded {
+            Err(e) => {
+                prop_assert!(!e.0.trim().is_empty(), "a config error without a message");
+                prop_assert!(!e.0.contains(TOKEN_CANARY), "the token in a config error: {}", e.0);
+            }
+            Ok(config) => {
+                let debug = format!("{config:?}");
+                prop_assert!(!debug.contains(TOKEN_CANARY), "the token in the config's Debug output");
+            }
         }
     }
 }
+
+/// A token value that must never show in an error or a Debug print.
+const TOKEN_CANARY: &str = "tok-canary-7f3e1d9a";
 
 // ----- Rancher's answers -----
 
