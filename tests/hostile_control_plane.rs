@@ -326,3 +326,32 @@ async fn the_agent_survives_a_hostile_control_plane_and_fails_bad_jobs_typed() {
     assert!(!log.contains("panicked"), "a task panicked:\n{}", log_tail());
     agent.kill();
 }
+
+/// A job id too long for any URL (the HTTP stack refuses URIs past 64 KiB) cannot be reported:
+/// that is not transient, so the agent gives up at once instead of holding a worker through a
+/// minute of retries, and the error does not repeat the huge URL.
+#[tokio::test]
+async fn an_id_too_long_for_a_url_is_not_retried() {
+    use apono_connector::control_plane::ControlPlane;
+    use apono_connector::control_plane::client::HttpControlPlane;
+    use apono_connector::control_plane::protocol::RenewRequest;
+
+    let cp = serve(Router::new().fallback(|| async { StatusCode::NO_CONTENT })).await;
+    let client = HttpControlPlane::new(&cp, "hostile", None).expect("client");
+    let id = "\r".repeat(30_000);
+    let error = client
+        .renew(
+            &id,
+            &RenewRequest {
+                lease_token: "t".into(),
+            },
+        )
+        .await
+        .expect_err("a URL past the HTTP limit cannot be sent");
+    assert!(!error.retryable(), "retried: {error}");
+    assert!(
+        error.to_string().len() < 1_000,
+        "the error repeats the URL: {} bytes",
+        error.to_string().len()
+    );
+}
