@@ -17,7 +17,7 @@ use crate::config::{Config, normalize_url};
 use crate::control_plane::client::{HttpControlPlane, OperatorClient};
 use crate::control_plane::embedded::{self, EmbeddedControlPlane};
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
-use crate::control_plane::{ControlPlane, server};
+use crate::control_plane::{ControlPlane, operator_token, server};
 use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest, SweepRequest};
 use crate::secrets::{SecretRef, SecretStores};
 use crate::telemetry::health::HealthServer;
@@ -122,11 +122,12 @@ async fn run_agent(
                 .await;
         }
         None => {
-            // The operator API grants access to whoever can reach it: it stays on loopback until
-            // it has authentication of its own.
+            // The operator API grants access: even with its token it is for this host only.
+            // `control-plane serve` is the way to serve beyond it.
             if !config.standalone.listen.ip().is_loopback() {
                 bail!(
-                    "standalone.listen (APONO_LISTEN_ADDR) is {}: the operator API has no authentication, bind it to a loopback address",
+                    "standalone.listen (APONO_LISTEN_ADDR) is {}: `run` serves the operator API on a loopback address only; \
+                     bind it to 127.0.0.1 (or run `control-plane serve` for remote agents)",
                     config.standalone.listen
                 );
             }
@@ -142,9 +143,20 @@ async fn run_agent(
                     "took back the leases of a previous run that ended without releasing them"
                 );
             }
+            let operator_token = operator_token::ensure(&config.standalone.data_dir)?;
             let listener = tokio::net::TcpListener::bind(config.standalone.listen)
                 .await
                 .with_context(|| format!("binding the operator API on {}", config.standalone.listen))?;
+            // The in-process agent needs no agent protocol: serving it here would hand leased
+            // jobs (and inline credentials) to any local process (reliability F3).
+            let router = server::router(
+                cp.clone(),
+                server::Access {
+                    agent_token: None,
+                    operator_token,
+                    listen: listener.local_addr().context("reading the operator API's address")?,
+                },
+            )?;
             tracing::info!(
                 operator_api = %config.standalone.listen,
                 data_dir = %config.standalone.data_dir.display(),
@@ -153,7 +165,6 @@ async fn run_agent(
             );
             let background = CancellationToken::new();
             let scheduler = tokio::spawn(cp.clone().run_scheduler(background.clone()));
-            let router = server::router(cp.clone(), None);
             let api = tokio::spawn(server::serve(listener, router, background.clone()));
             Agent::new(cp.clone(), executor, agent_options(&config))
                 .with_readiness(readiness)
@@ -170,21 +181,23 @@ async fn run_agent(
 
 /// `control-plane serve`: the embedded control plane alone, for remote agents.
 pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    // Agents lease jobs that carry inline credentials: without a token, only this host may ask.
-    if config.control_plane.token.is_none() && !config.standalone.listen.ip().is_loopback() {
-        bail!(
-            "control-plane serve on {} needs APONO_TOKEN: agents must authenticate when the control plane \
-             listens beyond loopback",
-            config.standalone.listen
-        );
-    }
+    // Leased jobs carry inline credentials and a completed revoke ends an access: the agent
+    // protocol always needs a token. "Loopback only" is no substitute: behind a same-host proxy,
+    // a port-forward or a mesh sidecar every caller is loopback (reliability F3, F10).
+    let agent_token = serve_agent_token(&config)?;
     let cp = open_embedded(&config, embedded_options(&config))?;
+    let operator_token = operator_token::ensure(&config.standalone.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.standalone.listen)
         .await
         .with_context(|| format!("binding {}", config.standalone.listen))?;
-    if config.control_plane.token.is_none() {
-        tracing::warn!("APONO_TOKEN is not set: agents are not authenticated (loopback only)");
-    }
+    let router = server::router(
+        cp.clone(),
+        server::Access {
+            agent_token: Some(agent_token),
+            operator_token,
+            listen: listener.local_addr().context("reading the listen address")?,
+        },
+    )?;
     let readiness = Readiness::new();
     let health = start_health_server(&config, &readiness).await?;
     tracing::info!(
@@ -194,17 +207,33 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
     );
     readiness.set_ready();
     let scheduler = tokio::spawn(cp.clone().run_scheduler(shutdown.clone()));
-    let served = server::serve(
-        listener,
-        server::router(cp, config.control_plane.token.clone()),
-        shutdown,
-    )
-    .await;
+    let served = server::serve(listener, router, shutdown).await;
     readiness.set_not_ready("shutting down");
     let _ = scheduler.await;
     health.stop().await;
     served?;
     Ok(())
+}
+
+/// The token agents must present to `control-plane serve`: `APONO_TOKEN`, else the content of
+/// `APONO_TOKEN_FILE` (read once, at start). Blank is an error, never "no authentication".
+fn serve_agent_token(config: &Config) -> anyhow::Result<secrecy::SecretString> {
+    if let Some(token) = &config.control_plane.token {
+        return Ok(operator_token::non_blank("APONO_TOKEN", token.expose_secret())?);
+    }
+    if let Some(path) = &config.control_plane.token_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading APONO_TOKEN_FILE {}", path.display()))?;
+        return Ok(operator_token::non_blank(
+            &format!("APONO_TOKEN_FILE {}", path.display()),
+            &text,
+        )?);
+    }
+    bail!(
+        "control-plane serve on {} needs APONO_TOKEN (or APONO_TOKEN_FILE): agents must authenticate, \
+         also on loopback; set the same token on the agents",
+        config.standalone.listen
+    )
 }
 
 /// Reads `JSON` or `@FILE`.
@@ -317,9 +346,30 @@ pub async fn secret_get(store: &str, reveal: bool) -> anyhow::Result<Value> {
     Ok(Value::Object(map))
 }
 
+/// The operator API client of the `access` commands: the operator token from
+/// `APONO_OPERATOR_TOKEN`, else from `<data_dir>/operator.token` with the data dir found as `run`
+/// finds it (`config`, `APONO_DATA_DIR`, default `./data`).
+///
+/// # Errors
+/// No token found, a blank one, a token file readable by others, or a config that does not load.
+pub fn operator_client(control_plane: &str, config: Option<&Path>) -> anyhow::Result<OperatorClient> {
+    let token = operator_token::for_client(
+        |name| std::env::var(name).ok(),
+        || {
+            Config::load(config).map(|c| c.standalone.data_dir).map_err(|e| {
+                operator_token::TokenError::Config(format!(
+                    "finding the daemon's data dir (for its operator token): {e}; or set {}",
+                    operator_token::TOKEN_ENV
+                ))
+            })
+        },
+    )?;
+    Ok(OperatorClient::new(control_plane)?.with_token(token))
+}
+
 /// `access request`: creates the request and, unless `wait` is zero, waits for the grant to settle.
 pub async fn access_request(
-    control_plane: &str,
+    client: &OperatorClient,
     integration: &str,
     create: impl FnOnce(IntegrationRef) -> AccessRequestCreate,
     wait: Duration,
@@ -329,7 +379,6 @@ pub async fn access_request(
     } else {
         IntegrationRef::Name(integration.to_string())
     };
-    let client = OperatorClient::new(control_plane)?;
     let mut access = client
         .create_access(&create(integration))
         .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -354,6 +354,17 @@ impl Config {
         {
             problems.push(format!("control_plane.url (APONO_URL): {e}"));
         }
+        // A blank token must never mean "authentication off" (reliability F10).
+        if self
+            .control_plane
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().trim().is_empty())
+        {
+            problems.push(
+                "APONO_TOKEN (control_plane.token) is empty or only whitespace: set the real token, or unset it".into(),
+            );
+        }
         if self.control_plane.url.is_some()
             && self.control_plane.token.is_none()
             && self.control_plane.token_file.is_none()
@@ -492,6 +503,25 @@ mod tests {
         std::fs::write(&path, "[agent]\nparalelism = 3\n").unwrap();
         let e = Config::load_from(Some(&path), env(&[])).unwrap_err();
         assert!(e.to_string().contains("paralelism"), "{e}");
+    }
+
+    #[test]
+    fn a_blank_token_is_an_error_naming_the_variable() {
+        for blank in [" ", "\n", "\t \n"] {
+            let e = Config::load_from(None, env(&[("APONO_TOKEN", blank)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("APONO_TOKEN") && e.contains("empty"), "{blank:?}: {e}");
+            let e = Config::load_from(None, env(&[("APONO_URL", "cp"), ("APONO_TOKEN", blank)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("APONO_TOKEN"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[control_plane]\ntoken = \"  \"\n").unwrap();
+        let e = Config::load_from(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("control_plane.token"), "{e}");
     }
 
     #[test]

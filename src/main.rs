@@ -141,6 +141,23 @@ enum SecretCommand {
     },
 }
 
+/// Where the operator API is and where its token comes from.
+#[derive(clap::Args)]
+struct OperatorEndpoint {
+    #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
+    control_plane: String,
+    /// The daemon's config file: its data dir holds the operator token (`operator.token`). Without
+    /// it the data dir is `APONO_DATA_DIR`, else `./data`; `APONO_OPERATOR_TOKEN` overrides both.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl OperatorEndpoint {
+    fn client(&self) -> anyhow::Result<OperatorClient> {
+        commands::operator_client(&self.control_plane, self.config.as_deref())
+    }
+}
+
 #[derive(Subcommand)]
 enum AccessCommand {
     /// Request time-boxed access.
@@ -157,22 +174,22 @@ enum AccessCommand {
         /// Return at once instead of waiting for the grant to settle.
         #[arg(long)]
         no_wait: bool,
-        #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
-        control_plane: String,
+        #[command(flatten)]
+        endpoint: OperatorEndpoint,
     },
     /// List access requests.
     List {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
-        control_plane: String,
+        #[command(flatten)]
+        endpoint: OperatorEndpoint,
     },
     /// End an access now.
     Revoke {
         id: String,
-        #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
-        control_plane: String,
+        #[command(flatten)]
+        endpoint: OperatorEndpoint,
     },
 }
 
@@ -388,7 +405,7 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
             ttl,
             create_user,
             no_wait,
-            control_plane,
+            endpoint,
         } => {
             let (subject, role, resource) = target.parts()?;
             if ttl.as_secs() == 0 {
@@ -400,7 +417,7 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
                 Duration::from_secs(60)
             };
             let access = commands::access_request(
-                &control_plane,
+                &endpoint.client()?,
                 &integration,
                 |integration| AccessRequestCreate {
                     integration,
@@ -415,16 +432,16 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
             .await?;
             print_json(&access)?;
         }
-        AccessCommand::List { json, control_plane } => {
-            let list = OperatorClient::new(&control_plane)?.list_access().await?;
+        AccessCommand::List { json, endpoint } => {
+            let list = endpoint.client()?.list_access().await?;
             if json {
                 print_json(&list)?;
             } else {
                 print!("{}", commands::access_table(&list));
             }
         }
-        AccessCommand::Revoke { id, control_plane } => {
-            print_json(&OperatorClient::new(&control_plane)?.revoke_access(&id).await?)?;
+        AccessCommand::Revoke { id, endpoint } => {
+            print_json(&endpoint.client()?.revoke_access(&id).await?)?;
         }
     }
     Ok(())

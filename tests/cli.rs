@@ -162,6 +162,7 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
 
     let request = {
         let cp_url = cp_url.clone();
+        let config = config.clone();
         tokio::task::spawn_blocking(move || {
             run_cli(&[
                 "access",
@@ -178,6 +179,8 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
                 "4s",
                 "--control-plane",
                 &cp_url,
+                "--config",
+                &config,
             ])
         })
     };
@@ -185,11 +188,20 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     assert_eq!(access["state"], "active", "{access}");
     let id = access["id"].as_str().unwrap().to_string();
 
-    let list = |cp_url: String| async move {
-        let out =
-            tokio::task::spawn_blocking(move || run_cli(&["access", "list", "--json", "--control-plane", &cp_url]))
-                .await
-                .unwrap();
+    let list = |cp_url: String, config: String| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            run_cli(&[
+                "access",
+                "list",
+                "--json",
+                "--control-plane",
+                &cp_url,
+                "--config",
+                &config,
+            ])
+        })
+        .await
+        .unwrap();
         stdout_json(&out)
     };
     let state_of = |list: &Value, id: &str| {
@@ -199,10 +211,14 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
             .find(|a| a["id"] == id)
             .map(|a| a["state"].clone())
     };
-    assert_eq!(state_of(&list(cp_url.clone()).await, &id), Some(Value::from("active")));
+    assert_eq!(
+        state_of(&list(cp_url.clone(), config.clone()).await, &id),
+        Some(Value::from("active"))
+    );
     let table = tokio::task::spawn_blocking({
         let cp_url = cp_url.clone();
-        move || run_cli(&["access", "list", "--control-plane", &cp_url])
+        let config = config.clone();
+        move || run_cli(&["access", "list", "--control-plane", &cp_url, "--config", &config])
     })
     .await
     .unwrap();
@@ -234,7 +250,7 @@ async fn the_revoke_still_happens_after_the_agent_and_control_plane_restart() {
     wait_for_port(cp_port).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if state_of(&list(cp_url.clone()).await, &id) == Some(Value::from("revoked")) {
+        if state_of(&list(cp_url.clone(), config.clone()).await, &id) == Some(Value::from("revoked")) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "not revoked after restart");

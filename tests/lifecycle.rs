@@ -92,6 +92,8 @@ impl Daemon {
             self.dir.path(),
         ));
         wait_for_port(self.port).await;
+        // The daemon writes the operator token at start (again after its data dir was lost).
+        self.op = common::operator_client(&format!("http://127.0.0.1:{}", self.port), &self.data_dir()).await;
     }
 
     /// `kill -9`: no shutdown, no release, leases left behind.
@@ -749,7 +751,7 @@ async fn sigterm_hands_back_the_lease_of_a_job_it_cannot_finish() {
             dir.path(),
         )
     };
-    let op = OperatorClient::new(&cp_url).expect("operator client");
+    let op = common::operator_client(&cp_url, &dir.path().join("cp-state")).await;
 
     // The grant's binding POST hangs far past the agent's grace (a route the control plane's
     // sweep never uses, so the sweep cannot take the fault).

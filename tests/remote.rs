@@ -70,7 +70,8 @@ impl Setup {
     }
 }
 
-fn access_request(cp_url: &str, role: &str, resource: &str, ttl: &str) -> Value {
+fn access_request(setup: &Setup, role: &str, resource: &str, ttl: &str) -> Value {
+    let cp_url = setup.cp_url();
     let out = run_cli(&[
         "access",
         "request",
@@ -86,14 +87,21 @@ fn access_request(cp_url: &str, role: &str, resource: &str, ttl: &str) -> Value 
         ttl,
         "--no-wait",
         "--control-plane",
-        cp_url,
+        &cp_url,
+        "--config",
+        &setup.cp_config,
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-async fn list(cp_url: &str) -> Vec<Value> {
-    reqwest::get(format!("{cp_url}/operator/v1/access-requests"))
+/// `GET /operator/v1/{tail}` with the operator token the control plane wrote into its data dir.
+async fn operator_get(setup: &Setup, tail: &str) -> Vec<Value> {
+    let token = common::operator_token(&setup.dir.path().join("state")).await;
+    reqwest::Client::new()
+        .get(format!("{}/operator/v1/{tail}", setup.cp_url()))
+        .bearer_auth(token)
+        .send()
         .await
         .unwrap()
         .json()
@@ -101,10 +109,14 @@ async fn list(cp_url: &str) -> Vec<Value> {
         .unwrap()
 }
 
-async fn wait_states(cp_url: &str, ids: &[String], state: &str, timeout: Duration) {
+async fn list(setup: &Setup) -> Vec<Value> {
+    operator_get(setup, "access-requests").await
+}
+
+async fn wait_states(setup: &Setup, ids: &[String], state: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let all = list(cp_url).await;
+        let all = list(setup).await;
         let states: Vec<_> = ids
             .iter()
             .map(|id| {
@@ -149,7 +161,6 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     // Slow Rancher answers (400 ms) keep jobs in flight long enough to kill an agent mid-job.
     let (setup, _sim) = Setup::new(400, 3).await;
     let mut cp = setup.start_control_plane().await;
-    let cp_url = setup.cp_url();
 
     // Agent A alone takes the first jobs.
     let (mut agent_a, health_a) = setup.start_agent(("APONO_TOKEN", TOKEN));
@@ -163,7 +174,7 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     let ids: Vec<String> = targets
         .iter()
         .map(|(role, resource)| {
-            access_request(&cp_url, role, resource, "12s")["id"]
+            access_request(&setup, role, resource, "12s")["id"]
                 .as_str()
                 .unwrap()
                 .to_string()
@@ -172,12 +183,7 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     // Wait until A holds them (leased), then kill it mid-job.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let jobs: Vec<Value> = reqwest::get(format!("{cp_url}/operator/v1/jobs"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let jobs = operator_get(&setup, "jobs").await;
         if jobs.iter().filter(|j| j["state"] == "leased").count() >= 2 {
             break;
         }
@@ -191,7 +197,7 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     let (_agent_c, health_c) = setup.start_agent(("APONO_TOKEN", TOKEN));
     wait_ready(health_b, 200, "ready", Duration::from_secs(20)).await;
     wait_ready(health_c, 200, "ready", Duration::from_secs(20)).await;
-    wait_states(&cp_url, &ids, "active", Duration::from_secs(40)).await;
+    wait_states(&setup, &ids, "active", Duration::from_secs(40)).await;
     assert_eq!(
         alice_bindings(&setup.sim_url, &targets).await,
         vec![1; 4],
@@ -199,7 +205,7 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     );
 
     // Stop the control plane across the expiry; the agents wait and reconnect.
-    let last_expiry = list(&cp_url)
+    let last_expiry = list(&setup)
         .await
         .iter()
         .filter_map(|a| {
@@ -217,7 +223,7 @@ async fn two_agents_one_control_plane_every_job_once_and_nothing_lost() {
     tokio::time::sleep(until_expired + Duration::from_secs(1)).await;
     cp = setup.start_control_plane().await;
     wait_ready(health_b, 200, "ready", Duration::from_secs(40)).await;
-    wait_states(&cp_url, &ids, "revoked", Duration::from_secs(60)).await;
+    wait_states(&setup, &ids, "revoked", Duration::from_secs(60)).await;
     assert_eq!(
         alice_bindings(&setup.sim_url, &targets).await,
         vec![0; 4],
@@ -244,11 +250,11 @@ async fn a_refused_token_is_reported_and_a_fixed_token_file_recovers_without_res
     // The operator fixes the token in the mounted file; the agent recovers by itself.
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     wait_ready(health, 200, "ready", Duration::from_secs(30)).await;
-    let id = access_request(&setup.cp_url(), "cluster-member", "c-7x2k9", "60s")["id"]
+    let id = access_request(&setup, "cluster-member", "c-7x2k9", "60s")["id"]
         .as_str()
         .unwrap()
         .to_string();
-    wait_states(&setup.cp_url(), &[id], "active", Duration::from_secs(20)).await;
+    wait_states(&setup, &[id], "active", Duration::from_secs(20)).await;
     let metrics = reqwest::get(format!("http://127.0.0.1:{health}/metrics"))
         .await
         .unwrap()

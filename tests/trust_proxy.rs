@@ -25,7 +25,6 @@ async fn https_control_plane(dir: &std::path::Path) -> (String, std::path::PathB
         ..Options::default()
     })
     .unwrap();
-    let app = server::router(cp.clone(), Some(TOKEN.to_string().into()));
     let config = axum_server::tls_rustls::RustlsConfig::from_pem(
         ck.cert.pem().into_bytes(),
         ck.signing_key.serialize_pem().into_bytes(),
@@ -35,6 +34,15 @@ async fn https_control_plane(dir: &std::path::Path) -> (String, std::path::PathB
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
+    let app = server::router(
+        cp.clone(),
+        server::Access {
+            agent_token: Some(TOKEN.to_string().into()),
+            operator_token: "operator-token-unused".to_string().into(),
+            listen: addr,
+        },
+    )
+    .unwrap();
     let server = axum_server::from_tcp_rustls(listener, config).unwrap();
     tokio::spawn(async move {
         let _ = server.serve(app.into_make_service()).await;

@@ -300,10 +300,21 @@ impl ControlPlane for HttpControlPlane {
 }
 
 /// The operator API of an embedded control plane (`/operator/v1`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OperatorClient {
     http: reqwest::Client,
     base: String,
+    /// The operator token (`<data_dir>/operator.token`), sent as a bearer token.
+    token: Option<SecretString>,
+}
+
+impl std::fmt::Debug for OperatorClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorClient")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl OperatorClient {
@@ -313,7 +324,15 @@ impl OperatorClient {
         Ok(OperatorClient {
             http: build_client()?,
             base: base_url(base_url_)?,
+            token: None,
         })
+    }
+
+    /// Sends `token` (the operator token) with every call; the operator API refuses calls without it.
+    #[must_use]
+    pub fn with_token(mut self, token: SecretString) -> Self {
+        self.token = Some(token);
+        self
     }
 
     fn url(&self, tail: &str) -> String {
@@ -321,6 +340,19 @@ impl OperatorClient {
     }
 
     async fn send(&self, rb: RequestBuilder) -> Result<Response, ControlPlaneError> {
+        let rb = match &self.token {
+            Some(token) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).map_err(|_| {
+                    ControlPlaneError::Rejected {
+                        status: 400,
+                        message: "the operator token contains characters not allowed in an HTTP header".into(),
+                    }
+                })?;
+                value.set_sensitive(true);
+                rb.header(AUTHORIZATION, value)
+            }
+            None => rb,
+        };
         let resp = rb.timeout(CALL_TIMEOUT).send().await.map_err(|e| {
             let mut err = transport(e);
             if let ControlPlaneError::Unavailable { message } = &mut err {

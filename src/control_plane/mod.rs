@@ -13,6 +13,7 @@
 pub mod client;
 pub mod embedded;
 pub mod operator;
+pub mod operator_token;
 pub mod protocol;
 pub mod server;
 mod store;

@@ -1,5 +1,6 @@
-//! HTTP server for the embedded control plane (axum): the agent protocol under `/connector/v1`
-//! (bearer-token check when a token is configured) and the operator API under `/operator/v1`.
+//! HTTP server for the embedded control plane (axum): the operator API under `/operator/v1`
+//! (operator token, JSON bodies, this server's own `Host`/`Origin` only) and, in
+//! `control-plane serve` only, the agent protocol under `/connector/v1` (agent token).
 //!
 //! Every non-2xx answer is an `ApiErrorBody` with the status of `ControlPlaneError::status()`.
 //! Bodies are parsed by hand (not with axum's `Json` extractor) so that a bad body gets the same
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -152,15 +153,59 @@ fn split_action(segment: &str) -> Option<(&str, &str)> {
         .filter(|(id, verb)| !id.is_empty() && !verb.is_empty())
 }
 
-/// The routes: agent protocol (bearer check when `token` is `Some`) and operator API (no
-/// authentication in v1: bind it to loopback).
-pub fn router(cp: Arc<EmbeddedControlPlane>, token: Option<SecretString>) -> Router {
-    let token_digest = token
+/// What the server serves and who may call it.
+pub struct Access {
+    /// The agent protocol's bearer token; `None`: the agent protocol is not served at all (`run`
+    /// standalone, whose agent talks to the control plane in-process).
+    pub agent_token: Option<SecretString>,
+    /// The operator API's bearer token (`<data_dir>/operator.token`). The agent token is not
+    /// accepted in its place: an agent may lease jobs, it may not grant access.
+    pub operator_token: SecretString,
+    /// The address the server listens on: the `Host` (and any `Origin`) of an operator call must
+    /// name it, which defeats DNS rebinding.
+    pub listen: SocketAddr,
+}
+
+/// A token the server cannot use. Never carries the token.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AccessError(String);
+
+fn token_digest(token: &SecretString, what: &str) -> Result<[u8; 32], AccessError> {
+    let t = token.expose_secret().trim();
+    if t.is_empty() {
+        // A blank token never means "authentication off" (reliability F10).
+        return Err(AccessError(format!(
+            "{what} is empty or only whitespace: set a real token"
+        )));
+    }
+    Ok(digest(t))
+}
+
+/// The routes: the operator API (operator token, JSON bodies, own `Host`/`Origin` only) and, when
+/// `access.agent_token` is set, the agent protocol (agent token).
+///
+/// # Errors
+/// A token that is empty or only whitespace.
+pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, AccessError> {
+    let agent_digest = access
+        .agent_token
         .as_ref()
-        .map(|t| t.expose_secret().trim().to_string())
-        .filter(|t| !t.is_empty())
-        .map(|t| digest(&t));
-    let state = AppState { cp, token_digest };
+        .map(|t| token_digest(t, "APONO_TOKEN"))
+        .transpose()?;
+    let operator_digest = token_digest(&access.operator_token, "the operator token")?;
+    let agent_state = AppState {
+        cp: cp.clone(),
+        token_digest: agent_digest,
+    };
+    let operator_state = AppState {
+        cp,
+        token_digest: Some(operator_digest),
+    };
+    let guard = OperatorGuard {
+        state: operator_state.clone(),
+        listen: access.listen,
+    };
     let operator = Router::new()
         .route(
             &format!("{OPERATOR_PREFIX}/access-requests"),
@@ -177,34 +222,128 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, token: Option<SecretString>) -> Rou
         .route(&format!("{OPERATOR_PREFIX}/jobs"), post(create_job).get(list_jobs))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}"), get(get_job))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}/resources"), get(job_resources))
-        .route_layer(middleware::from_fn_with_state(state.clone(), operator_guard));
-    Router::new()
-        .route(&format!("{API_PREFIX}/connectors/{{id}}/sessions"), post(hello))
-        .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))
-        .route(&format!("{API_PREFIX}/jobs/{{job}}"), post(job_action))
-        .route(&format!("{API_PREFIX}/jobs/{{job}}/resources"), post(upload))
-        .merge(operator)
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+        .route_layer(middleware::from_fn_with_state(guard, operator_guard))
+        .with_state(operator_state);
+    let mut app = Router::new().merge(operator);
+    if agent_digest.is_some() {
+        let agent = Router::new()
+            .route(&format!("{API_PREFIX}/connectors/{{id}}/sessions"), post(hello))
+            .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))
+            .route(&format!("{API_PREFIX}/jobs/{{job}}"), post(job_action))
+            .route(&format!("{API_PREFIX}/jobs/{{job}}/resources"), post(upload))
+            .with_state(agent_state);
+        app = app.merge(agent);
+    }
+    Ok(app.fallback(not_found).layer(DefaultBodyLimit::max(MAX_BODY)))
 }
 
-/// The operator API grants access to whoever can reach it, and has no credentials of its own in
-/// v1: it answers loopback callers, and others only when they carry the agent token (when one is
-/// configured). Without peer information (the router used in-process) it answers.
-async fn operator_guard(State(s): State<AppState>, request: Request, next: Next) -> Response {
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    if let Some(peer) = peer
-        && !peer.ip().to_canonical().is_loopback()
-    {
-        let allowed = s.token_digest.is_some() && check_token(&s, request.headers()).is_ok();
-        if !allowed {
-            tracing::warn!(peer = %peer, "operator API call from a non-loopback address refused");
-            return ApiFailure(ControlPlaneError::Unauthorized {
-                message: "the operator API answers loopback callers only (or callers with the bearer token)".into(),
-            })
-            .into_response();
+#[derive(Clone)]
+struct OperatorGuard {
+    state: AppState,
+    listen: SocketAddr,
+}
+
+fn forbidden(message: String) -> Response {
+    rejected(403, message).into_response()
+}
+
+/// Whether `authority` (`host[:port]` of a `Host` header or an `Origin`) names this server: a
+/// loopback name or IP literal on the listen port when listening on loopback; an IP literal or
+/// `localhost` otherwise (behind a port-forward or a proxy the port differs). A DNS name never
+/// does, which is what defeats DNS rebinding; the operator token does the rest.
+fn names_this_server(authority: &str, listen: SocketAddr) -> bool {
+    let Ok(parsed) = url::Url::parse(&format!("http://{authority}")) else {
+        return false;
+    };
+    if parsed.path() != "/" || parsed.username() != "" || parsed.query().is_some() {
+        return false;
+    }
+    let port = parsed.port().unwrap_or(80);
+    let (is_local_name, ip) = match parsed.host() {
+        Some(url::Host::Domain(d)) => (d.eq_ignore_ascii_case("localhost"), None),
+        Some(url::Host::Ipv4(ip)) => (false, Some(std::net::IpAddr::V4(ip))),
+        Some(url::Host::Ipv6(ip)) => (false, Some(std::net::IpAddr::V6(ip))),
+        None => return false,
+    };
+    if listen.ip().is_loopback() {
+        port == listen.port() && (is_local_name || ip.is_some_and(|ip| ip.to_canonical().is_loopback()))
+    } else if listen.ip().is_unspecified() {
+        is_local_name || ip.is_some()
+    } else {
+        is_local_name || ip.is_some_and(|ip| ip.to_canonical() == listen.ip().to_canonical() || ip.is_loopback())
+    }
+}
+
+/// Whether a request carries a body (`Content-Length` above 0, or chunked).
+fn has_body(headers: &HeaderMap) -> bool {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The operator API grants access, so it answers only (1) requests that name this server in
+/// `Host` and, if they carry one, in `Origin` (no DNS rebinding, no cross-site page: 403), (2) whose
+/// body, if any, is declared JSON (a browser's "simple" `text/plain` POST needs no preflight: 415),
+/// (3) with the operator token (401).
+async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    // HTTP/2 carries the host in the URI's authority instead of a `Host` header.
+    let authority = request.uri().authority().map(|a| a.as_str().to_string());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or(authority.as_deref());
+    if !host.is_some_and(|h| names_this_server(h, g.listen)) {
+        tracing::warn!(host = ?host, "operator API call with a foreign Host refused");
+        return forbidden(format!(
+            "the Host header must name this server ({}, or localhost on its port): the operator API does not answer other names",
+            g.listen
+        ));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let same = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")))
+            .is_some_and(|authority| names_this_server(authority, g.listen));
+        if !same {
+            tracing::warn!(origin = ?origin, "operator API call from a foreign Origin refused");
+            return forbidden(
+                "cross-origin requests to the operator API are refused (the Origin is not this server)".into(),
+            );
         }
+    }
+    if has_body(headers) && !is_json(headers) {
+        return rejected(
+            415,
+            "the operator API takes JSON bodies only: send \"Content-Type: application/json\"".into(),
+        )
+        .into_response();
+    }
+    if let Err(e) = check_token(&g.state, headers) {
+        return ApiFailure(ControlPlaneError::Unauthorized {
+            message: format!(
+                "{}: the operator API needs \"Authorization: Bearer <operator token>\" (the token is in <data_dir>/operator.token)",
+                match &e.0 {
+                    ControlPlaneError::Unauthorized { message } => message.as_str(),
+                    _ => "not authorized",
+                }
+            ),
+        })
+        .into_response();
     }
     next.run(request).await
 }

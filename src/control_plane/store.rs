@@ -130,6 +130,9 @@ pub enum StoreError {
     /// Another process (or another instance in this one) holds the data directory's lock.
     #[error("{0}")]
     InUse(String),
+    /// The data dir is not writable, or a state file is readable by others: the path and the fix.
+    #[error("{0}")]
+    Unsafe(String),
 }
 
 impl StoreError {
@@ -175,6 +178,7 @@ impl Store {
     /// written by a newer schema version.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         create_dir(data_dir)?;
+        check_writable(data_dir)?;
         let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join(DB_FILE);
         create_private_file(&path)?;
@@ -265,8 +269,37 @@ fn create_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Creates the file with mode 0600 (or tightens an existing one) before SQLite opens it: it may
-/// hold inline credentials. SQLite gives its `-wal` and `-shm` files the same mode.
+/// Stops start-up when the data dir cannot be written, naming it and the fix, instead of failing
+/// later at the first write (or as an opaque SQLite error). The owner's write bit is checked too,
+/// as root writes through missing permission bits.
+fn check_writable(dir: &Path) -> Result<(), StoreError> {
+    let fix = |why: String| {
+        StoreError::Unsafe(format!(
+            "data_dir {} is not writable ({why}): make it writable by the user running apono-connector \
+             (e.g. `chown $(id -u) {0} && chmod 700 {0}`), or set APONO_DATA_DIR to a writable directory",
+            dir.display()
+        ))
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(dir).map_err(|e| fix(e.to_string()))?;
+        if !meta.is_dir() {
+            return Err(fix("it is not a directory".into()));
+        }
+        if meta.permissions().mode() & 0o200 == 0 {
+            return Err(fix(format!("mode {:o}", meta.permissions().mode() & 0o777)));
+        }
+    }
+    let probe = dir.join(".write-check");
+    std::fs::write(&probe, b"").map_err(|e| fix(e.to_string()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Creates the file with mode 0600 before SQLite opens it: it may hold inline credentials. SQLite
+/// gives its `-wal` and `-shm` files the same mode. An existing file readable by others stops
+/// start-up: its secrets may already have been read, which the operator must know.
 fn create_private_file(path: &Path) -> Result<(), StoreError> {
     let io = |source| StoreError::Io {
         context: format!("creating {}", path.display()),
@@ -275,13 +308,23 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            return Err(StoreError::Unsafe(format!(
+                "the state database {} has permissions {:o}, wider than 0600 (it may hold credentials): \
+                 run `chmod 600 {}`",
+                path.display(),
+                meta.permissions().mode() & 0o777,
+                path.display()
+            )));
+        }
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(path)
             .map_err(io)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     }
     #[cfg(not(unix))]
     {
@@ -1222,4 +1265,40 @@ pub fn resources(c: &Connection, job_id: &str) -> Result<Vec<Value>, StoreError>
         out.push(parse_json("resources", &seq.to_string(), "object", &text)?);
     }
     Ok(out)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_database_readable_by_others_stops_start_up_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let db = dir.path().join(DB_FILE);
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(
+            e.contains(&db.display().to_string()) && e.contains("chmod 600") && e.contains("644"),
+            "{e}"
+        );
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Store::open(dir.path()).expect("opens once fixed");
+    }
+
+    #[test]
+    fn a_data_dir_that_is_not_writable_stops_start_up_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("state");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let e = Store::open(&data).err().expect("refused").to_string();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(
+            e.contains(&data.display().to_string()) && e.contains("not writable") && e.contains("APONO_DATA_DIR"),
+            "{e}"
+        );
+        Store::open(&data).expect("opens once fixed");
+    }
 }

@@ -258,3 +258,21 @@ pub async fn wait_ready(port: u16, want: u16, needle: &str, timeout: Duration) -
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The operator token a daemon wrote into `data_dir` (waits for it: the daemon writes it at start).
+pub async fn operator_token(data_dir: &Path) -> String {
+    let path = data_dir.join(apono_connector::control_plane::operator_token::TOKEN_FILE);
+    wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&path).ok().filter(|t| !t.trim().is_empty())
+    })
+    .await
+    .trim()
+    .to_string()
+}
+
+/// An operator API client for the daemon at `url` whose data dir is `data_dir`.
+pub async fn operator_client(url: &str, data_dir: &Path) -> apono_connector::control_plane::client::OperatorClient {
+    apono_connector::control_plane::client::OperatorClient::new(url)
+        .expect("operator client")
+        .with_token(operator_token(data_dir).await.into())
+}

@@ -923,6 +923,7 @@ async fn absurd_ttls_and_rotation_periods_are_refused_or_saturated() {
 fn a_file_that_is_not_a_database_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(store::DB_FILE), vec![0x42u8; 4096]).unwrap();
+    private(&dir.path().join(store::DB_FILE));
     let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
     assert!(matches!(e, ControlPlaneError::Store { .. }));
     assert!(e.to_string().contains("not a database"), "{e}");
@@ -1108,6 +1109,7 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
         )
         .unwrap();
     }
+    private(&dir.path().join(store::DB_FILE));
     let cp = EmbeddedControlPlane::open(options(dir.path())).expect("a v1 file opens");
     let old = cp.access("ar-old").unwrap().expect("kept");
     assert_eq!((old.state, old.pre_existing), (AccessState::Active, false));
@@ -1208,4 +1210,15 @@ async fn a_released_job_is_ready_again_at_once() {
     cp.release(&again.id, &release(&again.lease_token, true)).await.unwrap();
     let third = lease_one(&cp, 0).await.unwrap();
     assert_eq!(third.attempt, 2, "a started run counts");
+}
+
+/// Gives a state file written by a test the mode `open` requires (it refuses one readable by others).
+fn private(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }

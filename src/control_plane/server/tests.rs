@@ -8,6 +8,7 @@ use serde_json::json;
 use std::time::Instant;
 
 const TOKEN: &str = "agent-token-c4n4ry";
+const OP_TOKEN: &str = "operator-token-c4n4ry";
 
 struct Served {
     cp: Arc<EmbeddedControlPlane>,
@@ -17,6 +18,23 @@ struct Served {
     _dir: tempfile::TempDir,
 }
 
+impl Served {
+    fn operator(&self) -> OperatorClient {
+        OperatorClient::new(&self.url)
+            .unwrap()
+            .with_token(SecretString::from(OP_TOKEN))
+    }
+}
+
+fn access(agent_token: Option<&str>, listen: SocketAddr) -> Access {
+    Access {
+        agent_token: agent_token.map(SecretString::from),
+        operator_token: SecretString::from(OP_TOKEN),
+        listen,
+    }
+}
+
+/// `token`: the agent token; `None` serves the operator API only, as `run` standalone does.
 async fn serve_cp(token: Option<&str>) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let cp = fixtures::open_with(
@@ -29,7 +47,7 @@ async fn serve_cp(token: Option<&str>) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let app = router(cp.clone(), token.map(SecretString::from));
+    let app = router(cp.clone(), access(token, listener.local_addr().unwrap())).unwrap();
     let task = tokio::spawn(serve(listener, app, shutdown.clone()));
     Served {
         cp,
@@ -58,7 +76,7 @@ async fn the_agent_protocol_works_over_http_with_the_client() {
     let session = agent.hello(&hello_body()).await.unwrap();
     assert_eq!(session.lease_seconds, 5);
 
-    let operator = OperatorClient::new(&s.url).unwrap();
+    let operator = s.operator();
     let created = operator
         .create_job(&JobCreate {
             kind: "discover".into(),
@@ -175,28 +193,60 @@ async fn a_wrong_or_missing_token_is_unauthorized() {
 }
 
 #[tokio::test]
-async fn without_a_token_the_agent_protocol_is_open() {
+async fn without_an_agent_token_the_agent_protocol_is_not_served() {
+    // `run` standalone: a local process cannot lease jobs (and their credentials) or complete a
+    // revoke it never ran (reliability F3, T5).
     let s = serve_cp(None).await;
-    let agent = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from("anything"))).unwrap();
-    agent.hello(&hello_body()).await.unwrap();
-    let agent = HttpControlPlane::new(&s.url, "conn-1", None).unwrap();
-    assert!(
-        agent
-            .lease(&LeaseRequest {
-                max_jobs: 1,
-                wait_seconds: 0
-            })
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    s.operator()
+        .create_job(&JobCreate {
+            kind: "validate".into(),
+            integration: json!("test"),
+            params: json!({}),
+        })
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    for token in [None, Some(TOKEN), Some(OP_TOKEN)] {
+        let mut rb = http
+            .post(format!("{}/connector/v1/connectors/x/jobs:lease", s.url))
+            .json(&json!({"max_jobs": 1, "wait_seconds": 0}));
+        if let Some(token) = token {
+            rb = rb.bearer_auth(token);
+        }
+        let resp = rb.send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{token:?}");
+        assert!(!resp.text().await.unwrap().contains("lease_token"));
+    }
+    let agent = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from(OP_TOKEN))).unwrap();
+    assert!(matches!(
+        agent.hello(&hello_body()).await,
+        Err(ControlPlaneError::NotFound { .. })
+    ));
+    assert_eq!(s.operator().list_jobs().await.unwrap()[0].state, JobState::Pending);
     s.shutdown.cancel();
+}
+
+#[test]
+fn a_blank_token_is_an_error_never_authentication_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = fixtures::open_with(fixtures::options(dir.path()), json!({}));
+    let listen: SocketAddr = "127.0.0.1:8790".parse().unwrap();
+    for blank in ["", " ", "\n\t"] {
+        let e = router(cp.clone(), access(Some(blank), listen)).unwrap_err().to_string();
+        assert!(e.contains("APONO_TOKEN") && e.contains("empty"), "{e}");
+        let mut a = access(Some(TOKEN), listen);
+        a.operator_token = SecretString::from(blank);
+        let e = router(cp.clone(), a).unwrap_err().to_string();
+        assert!(e.contains("operator token"), "{e}");
+    }
 }
 
 #[tokio::test]
 async fn the_operator_api_manages_access_requests() {
     let s = serve_cp(None).await;
-    let operator = OperatorClient::new(&format!("{}/", s.url)).unwrap();
+    let operator = OperatorClient::new(&format!("{}/", s.url))
+        .unwrap()
+        .with_token(SecretString::from(OP_TOKEN));
     let request = AccessRequestCreate {
         integration: IntegrationRef::Name("test".into()),
         subject: Subject::Username("alice".into()),
@@ -220,6 +270,7 @@ async fn the_operator_api_manages_access_requests() {
     let b = operator.create_access(&request).await.unwrap();
     let resp = reqwest::Client::new()
         .post(format!("{}/operator/v1/access-requests/{}:revoke", s.url, b.id))
+        .bearer_auth(OP_TOKEN)
         .send()
         .await
         .unwrap();
@@ -288,7 +339,7 @@ async fn a_released_job_is_leased_again_at_once_over_http() {
 
 #[tokio::test]
 async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
-    let s = serve_cp(None).await;
+    let s = serve_cp(Some(TOKEN)).await;
     let http = reqwest::Client::new();
     let cases: [(&str, &str, u16, &str); 9] = [
         (
@@ -325,6 +376,7 @@ async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
         let resp = http
             .post(format!("{}{path}", s.url))
             .header("content-type", "application/json")
+            .bearer_auth(if path.starts_with("/operator") { OP_TOKEN } else { TOKEN })
             .body(body)
             .send()
             .await
@@ -337,10 +389,16 @@ async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
             err.error.message
         );
     }
-    let resp = http.get(format!("{}/operator/v1/nothing", s.url)).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/operator/v1/nothing", s.url))
+        .bearer_auth(OP_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     let resp = http
         .post(format!("{}/connector/v1/jobs/abc/resources", s.url))
+        .bearer_auth(TOKEN)
         .body("{}\n")
         .send()
         .await
@@ -348,6 +406,7 @@ async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
     assert_eq!(resp.status(), 400, "missing lease token header");
     let resp = http
         .post(format!("{}/connector/v1/jobs/abc/resources", s.url))
+        .bearer_auth(TOKEN)
         .header(LEASE_TOKEN_HEADER, "lt-x")
         .body("{}\nnot json\n")
         .send()
@@ -361,8 +420,8 @@ async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
 
 #[tokio::test]
 async fn serve_ends_promptly_with_a_long_poll_open() {
-    let s = serve_cp(None).await;
-    let agent = HttpControlPlane::new(&s.url, "conn-1", None).unwrap();
+    let s = serve_cp(Some(TOKEN)).await;
+    let agent = HttpControlPlane::new(&s.url, "conn-1", Some(SecretString::from(TOKEN))).unwrap();
     let poll = tokio::spawn(async move {
         agent
             .lease(&LeaseRequest {
@@ -447,7 +506,7 @@ fn local_non_loopback_ip() -> Option<std::net::IpAddr> {
 }
 
 #[tokio::test]
-async fn the_operator_api_refuses_non_loopback_callers_without_the_token() {
+async fn beyond_loopback_the_operator_api_takes_the_operator_token_only() {
     let Some(ip) = local_non_loopback_ip() else {
         eprintln!("no non-loopback interface here: skipped");
         return;
@@ -455,26 +514,30 @@ async fn the_operator_api_refuses_non_loopback_callers_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let cp = fixtures::open_with(fixtures::options(dir.path()), json!({}));
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{addr}");
     let stop = CancellationToken::new();
     tokio::spawn(serve(
         listener,
-        router(cp, Some(SecretString::from(TOKEN))),
+        router(cp, access(Some(TOKEN), addr)).unwrap(),
         stop.clone(),
     ));
     let e = OperatorClient::new(&url).unwrap().list_jobs().await.unwrap_err();
     assert!(
-        matches!(&e, ControlPlaneError::Unauthorized { message } if message.contains("loopback")),
+        matches!(&e, ControlPlaneError::Unauthorized { message } if message.contains("operator token")),
         "{e:?}"
     );
-    let ok = reqwest::Client::new()
-        .get(format!("{url}/operator/v1/jobs"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200, "with the token it answers");
-    // The agent protocol is reachable from anywhere with the token.
+    // The agent token lets an agent lease jobs; it does not let it grant access.
+    let with_agent_token = OperatorClient::new(&url).unwrap().with_token(SecretString::from(TOKEN));
+    assert!(matches!(
+        with_agent_token.list_jobs().await,
+        Err(ControlPlaneError::Unauthorized { .. })
+    ));
+    let operator = OperatorClient::new(&url)
+        .unwrap()
+        .with_token(SecretString::from(OP_TOKEN));
+    assert!(operator.list_jobs().await.unwrap().is_empty());
+    // The agent protocol is reachable from anywhere with the agent token.
     let agent = HttpControlPlane::new(&url, "c", Some(SecretString::from(TOKEN))).unwrap();
     agent.hello(&hello_body()).await.unwrap();
     stop.cancel();
@@ -494,7 +557,7 @@ async fn the_real_agent_runs_jobs_over_http_and_stops_promptly() {
     let executor = Executor::new(crate::secrets::SecretStores::default(), 1);
     let agent = tokio::spawn(Agent::new(Arc::new(cp), executor, options).run(stop.clone()));
 
-    let operator = OperatorClient::new(&s.url).unwrap();
+    let operator = s.operator();
     let job = operator
         .create_job(&JobCreate {
             kind: "teleport".into(),
@@ -531,4 +594,143 @@ async fn the_real_agent_runs_jobs_over_http_and_stops_promptly() {
         .unwrap()
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// Browser-style and foreign calls to the operator API (reliability F3, T4): each is refused, and
+/// no access is created.
+#[tokio::test]
+async fn csrf_dns_rebinding_and_tokenless_calls_are_refused_and_nothing_is_granted() {
+    let s = serve_cp(None).await;
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let body = r#"{"integration":"test","user":"bob","role":"cluster-owner","resource":"c-1","ttl_seconds":3600}"#;
+    let http = reqwest::Client::new();
+    let url = format!("{}/operator/v1/access-requests", s.url);
+    let own_host = format!("127.0.0.1:{port}");
+    // (what, content type, Origin, Host, token, expected status)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, Option<&'a str>, u16);
+    let cases: [Case; 7] = [
+        ("text/plain POST", "text/plain", None, &own_host, Some(OP_TOKEN), 415),
+        (
+            "form POST",
+            "application/x-www-form-urlencoded",
+            None,
+            &own_host,
+            Some(OP_TOKEN),
+            415,
+        ),
+        (
+            "foreign Origin",
+            "application/json",
+            Some("http://evil.example"),
+            &own_host,
+            Some(OP_TOKEN),
+            403,
+        ),
+        (
+            "null Origin",
+            "application/json",
+            Some("null"),
+            &own_host,
+            Some(OP_TOKEN),
+            403,
+        ),
+        (
+            "foreign Host (DNS rebinding)",
+            "application/json",
+            None,
+            "evil.example:18790",
+            Some(OP_TOKEN),
+            403,
+        ),
+        ("no token", "application/json", None, &own_host, None, 401),
+        (
+            "the T4 request",
+            "text/plain",
+            Some("http://evil.example"),
+            "evil.example:18790",
+            None,
+            403,
+        ),
+    ];
+    for (what, content_type, origin, host, token, status) in cases {
+        let mut rb = http
+            .post(&url)
+            .header("content-type", content_type)
+            .header("host", host)
+            .body(body);
+        if let Some(origin) = origin {
+            rb = rb.header("origin", origin);
+        }
+        if let Some(token) = token {
+            rb = rb.bearer_auth(token);
+        }
+        let resp = rb.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        let err: ApiErrorBody = resp.json().await.unwrap();
+        assert!(!err.error.message.is_empty(), "{what}");
+    }
+    // Reads need the token too (the list holds every id, and a grant's one-time password).
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let list = s.operator().list_access().await.unwrap();
+    assert!(list.is_empty(), "nothing granted: {list:?}");
+
+    // The operator's own calls work: same-origin Origin, localhost Host.
+    for (origin, host) in [
+        (Some(format!("http://localhost:{port}")), format!("localhost:{port}")),
+        (None, own_host.clone()),
+    ] {
+        let mut rb = http
+            .post(&url)
+            .header("content-type", "application/json; charset=utf-8")
+            .header("host", host)
+            .bearer_auth(OP_TOKEN)
+            .body(body);
+        if let Some(origin) = origin {
+            rb = rb.header("origin", origin);
+        }
+        assert_eq!(rb.send().await.unwrap().status(), 201);
+    }
+    // A bodiless revoke needs no content type.
+    let id = &s.operator().list_access().await.unwrap()[0].id;
+    let resp = http
+        .post(format!("{url}/{id}/revoke"))
+        .bearer_auth(OP_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    s.shutdown.cancel();
+}
+
+#[test]
+fn host_names_this_server_only_by_address() {
+    let loopback: SocketAddr = "127.0.0.1:8790".parse().unwrap();
+    for ok in [
+        "127.0.0.1:8790",
+        "localhost:8790",
+        "LOCALHOST:8790",
+        "[::1]:8790",
+        "127.0.0.2:8790",
+    ] {
+        assert!(names_this_server(ok, loopback), "{ok}");
+    }
+    for bad in [
+        "evil.example:8790",
+        "127.0.0.1:8791",
+        "127.0.0.1",
+        "10.0.0.5:8790",
+        "localhost.evil.example:8790",
+        "127.0.0.1:8790/x",
+        "user@127.0.0.1:8790",
+        "",
+    ] {
+        assert!(!names_this_server(bad, loopback), "{bad}");
+    }
+    let any: SocketAddr = "0.0.0.0:8790".parse().unwrap();
+    assert!(names_this_server("10.0.0.5:30080", any));
+    assert!(!names_this_server("cp.evil.example:8790", any));
+    let one: SocketAddr = "10.0.0.5:8790".parse().unwrap();
+    assert!(names_this_server("10.0.0.5:8790", one));
+    assert!(!names_this_server("10.0.0.6:8790", one));
 }
