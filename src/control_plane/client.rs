@@ -140,6 +140,17 @@ fn too_large(what: &str, cap: usize) -> ControlPlaneError {
 }
 
 fn transport(e: reqwest::Error) -> ControlPlaneError {
+    if e.is_builder() {
+        // Not transient: a request that cannot be built (a job id too long for a URL, found by
+        // tests/hostile_control_plane.rs) never will be, and retrying it held a worker for a
+        // minute. The URL is left out: it may be that huge id.
+        return ControlPlaneError::Protocol {
+            message: format!(
+                "the request to the control plane cannot be built (an id in its path is too long or invalid): {}",
+                e.without_url()
+            ),
+        };
+    }
     // reqwest's message names the URL and the cause, never the headers.
     let what = if e.is_timeout() {
         "timed out"
