@@ -109,7 +109,12 @@ pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<He
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(super::serve::serve(listener, router(readiness), Limits::HEALTH, stop.clone()));
+    let task = tokio::spawn(super::serve::serve(
+        listener,
+        router(readiness),
+        Limits::HEALTH,
+        stop.clone(),
+    ));
     Ok(HealthServer {
         addr: bound,
         stop,

@@ -104,7 +104,14 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
             }
             continue;
         };
-        connections.spawn(serve_connection(stream, peer, router.clone(), limits, shutdown.clone(), permit));
+        connections.spawn(serve_connection(
+            stream,
+            peer,
+            router.clone(),
+            limits,
+            shutdown.clone(),
+            permit,
+        ));
     }
     connections.close();
     // Each connection ends itself within the grace; the extra second only covers scheduling.

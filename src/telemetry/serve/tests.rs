@@ -23,12 +23,10 @@ struct Running {
 async fn start(limits: Limits) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new()
-        .route("/ok", get(|| async { "ok" }))
-        .route(
-            "/peer",
-            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
-        );
+    let app = Router::new().route("/ok", get(|| async { "ok" })).route(
+        "/peer",
+        get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+    );
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, app, limits, stop.clone()));
     Running { addr, stop, task }
