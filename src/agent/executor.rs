@@ -199,12 +199,7 @@ impl Executor {
                     && let Some(days) = v.details.get("expires_in_days").and_then(Value::as_f64)
                 {
                     // Alert on this before the key runs out (a warning is also in the result).
-                    crate::telemetry::metrics()
-                        .api_key_expires_in_days
-                        .get_or_create(&crate::telemetry::metrics::IntegrationLabels {
-                            integration: spec.name.clone(),
-                        })
-                        .set(days);
+                    crate::telemetry::metrics().api_key_expiry(&spec.name, days);
                 }
                 to_json(validated)
             }

@@ -541,30 +541,22 @@ async fn job_resources(State(s): State<AppState>, Path(id): Path<String>) -> Api
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled. Open long-polls answer at once
-/// (empty); other requests get a short grace to finish, after which this returns anyway.
+/// Serves `router` on `listener` until `shutdown` is cancelled, through the hardened accept loop
+/// ([`crate::telemetry::serve_hardened`]: header timeout, connection cap). Open long-polls answer
+/// at once (empty); other requests get a short grace to finish, after which this returns anyway.
 ///
 /// # Errors
-/// The listener failed.
+/// None today (accept errors are retried); the `Result` is kept for callers.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router
-        .layer(Extension(ShutdownSignal(shutdown.clone())))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r,
-        _ = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("control-plane server: requests still open after the shutdown grace; closing");
-            Ok(())
-        }
-    }
+    let app = router.layer(Extension(ShutdownSignal(shutdown.clone())));
+    let limits = crate::telemetry::Limits {
+        shutdown_grace: SHUTDOWN_GRACE,
+        ..crate::telemetry::Limits::API
+    };
+    crate::telemetry::serve_hardened(listener, app, limits, shutdown).await;
+    Ok(())
 }

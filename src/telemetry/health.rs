@@ -12,6 +12,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::metrics;
+use super::serve::Limits;
 
 /// Whether the agent is ready, and if not, why. Shared by the agent (which sets it) and the
 /// health server (which reports it).
@@ -90,31 +91,30 @@ pub struct HealthServer {
 }
 
 impl HealthServer {
-    /// Stops serving and waits for the server to end.
+    /// Stops serving and waits for the server to end: at most [`Limits::HEALTH`]'s shutdown grace
+    /// (plus a second), whatever the clients do.
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
     }
 }
 
-/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until stopped.
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until stopped, within
+/// [`Limits::HEALTH`]: the port is often reachable from the whole network, so a client that never
+/// finishes a request neither holds the process at exit nor uses up its file descriptors.
 ///
 /// # Errors
 /// The address cannot be bound (in use, or not an address of this host).
 pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<HealthServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(readiness);
     let stop = CancellationToken::new();
-    let shutdown = stop.clone();
-    let task = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "health server stopped");
-        }
-    });
+    let task = tokio::spawn(super::serve::serve(
+        listener,
+        router(readiness),
+        Limits::HEALTH,
+        stop.clone(),
+    ));
     Ok(HealthServer {
         addr: bound,
         stop,

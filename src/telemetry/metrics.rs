@@ -4,8 +4,9 @@
 //! through its constructors; `/metrics` encodes it. Label values are codes and names (job kind,
 //! outcome, store type, HTTP status), never free text and never a secret.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -59,6 +60,15 @@ struct BuildLabels {
     version: String,
 }
 
+/// Distinct `integration` label values; later integrations share [`OTHER_INTEGRATIONS`]. Names
+/// come from jobs (inline integrations), so without a bound a control plane could grow the
+/// registry and every scrape without limit (reliability review F19).
+pub const MAX_INTEGRATION_LABELS: usize = 100;
+/// The label value of integrations beyond [`MAX_INTEGRATION_LABELS`].
+pub const OTHER_INTEGRATIONS: &str = "other";
+/// Longest integration name used as a label value as it is; longer ones are cut.
+const MAX_LABEL_CHARS: usize = 64;
+
 fn duration_histogram() -> Histogram {
     // 10 ms .. ~5 min.
     Histogram::new(exponential_buckets(0.01, 2.0, 15))
@@ -82,8 +92,11 @@ pub struct Metrics {
     /// Secret-store reads by store type and outcome (`ok`, `cached`, or an error code).
     pub secret_store_calls: Family<StoreLabels, Counter>,
     pub secret_store_latency: Family<StoreTypeLabels, Histogram, fn() -> Histogram>,
-    /// Days until the integration's Rancher API key expires (set by `validate`).
+    /// Days until the integration's Rancher API key expires (set by `validate`, through
+    /// [`Metrics::api_key_expiry`], which bounds the label values).
     pub api_key_expires_in_days: Family<IntegrationLabels, Gauge<f64, AtomicU64>>,
+    /// Integration names already used as a label value (at most [`MAX_INTEGRATION_LABELS`]).
+    integration_labels: Mutex<HashSet<String>>,
     /// 1 while a session with the control plane is established and the worker pool runs.
     pub ready: Gauge,
 }
@@ -103,6 +116,7 @@ impl Metrics {
             secret_store_calls: Family::default(),
             secret_store_latency: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             api_key_expires_in_days: Family::default(),
+            integration_labels: Mutex::new(HashSet::new()),
             ready: Gauge::default(),
         };
         registry.register("jobs", "Jobs finished, by kind and outcome", m.jobs.clone());
@@ -174,6 +188,29 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Records the days until `integration`'s API key expires, under a bounded label.
+    pub fn api_key_expiry(&self, integration: &str, days: f64) {
+        let label = self.integration_label(integration);
+        self.api_key_expires_in_days
+            .get_or_create(&IntegrationLabels { integration: label })
+            .set(days);
+    }
+
+    fn integration_label(&self, integration: &str) -> String {
+        let name: String = integration.chars().take(MAX_LABEL_CHARS).collect();
+        let Ok(mut seen) = self.integration_labels.lock() else {
+            return OTHER_INTEGRATIONS.to_string();
+        };
+        if seen.contains(&name) {
+            return name;
+        }
+        if seen.len() < MAX_INTEGRATION_LABELS {
+            seen.insert(name.clone());
+            return name;
+        }
+        OTHER_INTEGRATIONS.to_string()
+    }
+
     pub fn control_plane_error(&self, call: &str, code: &str) {
         self.control_plane_errors
             .get_or_create(&ControlPlaneLabels {
@@ -239,5 +276,28 @@ mod tests {
                 .filter(|l| !l.starts_with('#'))
                 .all(|l| l.is_empty() || l.starts_with("apono_connector_"))
         );
+    }
+
+    #[test]
+    fn integration_labels_are_bounded() {
+        // Its own registry: the process-wide one is shared with other tests.
+        let m = Metrics::new();
+        for i in 0..MAX_INTEGRATION_LABELS + 50 {
+            m.api_key_expiry(&format!("inline-{i}"), 10.0);
+        }
+        m.api_key_expiry("inline-0", 3.0);
+        m.api_key_expiry(&"x".repeat(10_000), 1.0);
+        let text = m.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("apono_connector_api_key_expires_in_days{"))
+            .collect();
+        assert_eq!(series.len(), MAX_INTEGRATION_LABELS + 1, "{text}");
+        assert!(text.contains("integration=\"inline-0\"} 3.0"), "{text}");
+        assert!(
+            text.contains(&format!("integration=\"{OTHER_INTEGRATIONS}\"")),
+            "{text}"
+        );
+        assert!(!text.contains(&"x".repeat(65)));
     }
 }

@@ -1,0 +1,148 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::get;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Limits, Throttled, serve};
+
+/// Guards a test against hanging; far longer than any limit under test.
+const GUARD: Duration = Duration::from_secs(20);
+
+struct Running {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+async fn start(limits: Limits) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/ok", get(|| async { "ok" })).route(
+        "/peer",
+        get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, app, limits, stop.clone()));
+    Running { addr, stop, task }
+}
+
+fn limits(header_read_timeout: Duration, max_connections: usize) -> Limits {
+    Limits {
+        header_read_timeout,
+        max_connections,
+        shutdown_grace: Duration::from_millis(200),
+    }
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(GUARD, stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn get_path(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // A refused connection may be closed before the request is written: that reads as "".
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    read_to_close(&mut s).await
+}
+
+#[tokio::test]
+async fn a_half_open_request_is_closed_after_the_header_timeout() {
+    let server = start(limits(Duration::from_millis(300), 8)).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let answer = read_to_close(&mut s).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    // The server still serves others.
+    assert!(get_path(server.addr, "/ok").await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_silent_or_idle_keep_alive_connection_is_closed() {
+    let server = start(limits(Duration::from_millis(300), 8)).await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    read_to_close(&mut silent).await;
+
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let answer = read_to_close(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_and_the_slots_come_back() {
+    let server = start(limits(Duration::from_secs(60), 2)).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        // A half request: the connection is accepted and holds a slot.
+        s.write_all(b"GET /ok HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    // Both slots are taken only once the server has accepted both; poll until a third is refused.
+    let refused = tokio::time::timeout(GUARD, async {
+        loop {
+            let answer = get_path(server.addr, "/ok").await;
+            if answer.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "a third connection was served with two slots held");
+
+    drop(held.pop());
+    let served = tokio::time::timeout(GUARD, async {
+        loop {
+            if get_path(server.addr, "/ok").await.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "a freed slot was not reused");
+}
+
+#[tokio::test]
+async fn shutdown_is_not_held_by_a_half_open_request() {
+    let server = start(limits(Duration::from_secs(3600), 8)).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // Let the server accept it before it is told to stop.
+    assert!(get_path(server.addr, "/ok").await.starts_with("HTTP/1.1 200"));
+    server.stop.cancel();
+    let ended = tokio::time::timeout(GUARD, server.task).await;
+    assert!(ended.is_ok(), "serve still running with a half-open client");
+    read_to_close(&mut s).await;
+}
+
+#[tokio::test]
+async fn handlers_see_the_peer_address() {
+    let server = start(limits(Duration::from_secs(5), 8)).await;
+    let answer = get_path(server.addr, "/peer").await;
+    assert!(answer.contains("127.0.0.1:"), "{answer}");
+}
+
+#[test]
+fn throttled_logs_once_per_interval_and_counts_the_rest() {
+    let mut t = Throttled::new();
+    assert_eq!(t.tick(), Some(0));
+    assert_eq!(t.tick(), None);
+    assert_eq!(t.tick(), None);
+    t.last = t.last.and_then(|l| l.checked_sub(super::LOG_EVERY));
+    assert_eq!(t.tick(), Some(2));
+}
