@@ -155,6 +155,11 @@ pub struct SecretsConfig {
     /// `APONO_SECRET_CACHE_TTL_SECONDS`: how long a fetched secret is reused. Short, because a
     /// rotation should be seen soon even when no integration refuses the old key; 0 disables it.
     pub cache_ttl_seconds: u64,
+    /// `APONO_REQUIRE_READ_MARK` (comma-separated store types, `AZURE` and/or `GCP`): also require
+    /// the mark `apono-connector-read=true` there. Off by default because Apono's own docs create
+    /// those secrets unmarked and leave access to the cloud's IAM; Kubernetes and AWS always
+    /// require it.
+    pub require_read_mark: Vec<String>,
 }
 
 impl Default for SecretsConfig {
@@ -164,6 +169,7 @@ impl Default for SecretsConfig {
             hashicorp_vault_config: None,
             hashicorp_vault_config_file_path: None,
             cache_ttl_seconds: 300,
+            require_read_mark: Vec::new(),
         }
     }
 }
@@ -187,7 +193,25 @@ impl SecretsConfig {
                     .into(),
             );
         }
+        for store in &self.require_read_mark {
+            if !OPTIONAL_READ_MARK_STORES
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(store.trim()))
+            {
+                problems.push(format!(
+                    "secrets.require_read_mark (APONO_REQUIRE_READ_MARK): {store:?} is not one of {OPTIONAL_READ_MARK_STORES:?} \
+                     (Kubernetes and AWS always require the mark)"
+                ));
+            }
+        }
         problems
+    }
+
+    /// Whether `store_type` (`AZURE`, `GCP`) must find the read mark on a secret before reading it.
+    pub fn requires_read_mark(&self, store_type: &str) -> bool {
+        self.require_read_mark
+            .iter()
+            .any(|s| s.trim().eq_ignore_ascii_case(store_type))
     }
 
     /// The secrets section from environment variables alone (defaults for the rest), for one-shot
@@ -204,6 +228,9 @@ impl SecretsConfig {
             .map_err(|e| ConfigError(describe_figment_error(e, None)))
     }
 }
+
+/// The stores whose read mark is opt-in (`secrets.require_read_mark`).
+pub const OPTIONAL_READ_MARK_STORES: &[&str] = &["AZURE", "GCP"];
 
 /// A configuration that cannot be used: names the key or variable and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +283,7 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
         "secrets.hashicorp_vault_config_file_path",
         parse_string,
     ),
+    ("APONO_REQUIRE_READ_MARK", "secrets.require_read_mark", parse_list),
     (
         "APONO_SECRET_CACHE_TTL_SECONDS",
         "secrets.cache_ttl_seconds",

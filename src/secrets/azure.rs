@@ -3,7 +3,10 @@
 //! Credentials (azure_identity), picked from the environment the way Azure's own tooling does:
 //! workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set (AKS), a client secret when
 //! `AZURE_CLIENT_SECRET` is, else managed identity (user-assigned when `AZURE_CLIENT_ID` is set).
-//! The gate: the secret's tag `apono-connector-read=true`.
+//! Access is governed by Key Vault's own RBAC or access policies, as in Apono. The read mark
+//! (tag `apono-connector-read=true`) is opt-in (`secrets.require_read_mark`); when asked for, it
+//! is read from the secret's version list before the value, and any enabled version carrying it
+//! marks the secret, because `az keyvault secret set` (a rotation) creates an untagged version.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ pub struct AzureStore {
     /// Client options (tests give a transport that trusts their certificate).
     client_options: ClientOptions,
     clients: Mutex<HashMap<String, Arc<SecretClient>>>,
+    /// Whether a secret must carry the read mark (`secrets.require_read_mark` has `AZURE`).
+    require_mark: bool,
 }
 
 impl Default for AzureStore {
@@ -39,6 +44,7 @@ impl AzureStore {
             credential: Mutex::new(None),
             client_options: ClientOptions::default(),
             clients: Mutex::new(HashMap::new()),
+            require_mark: false,
         }
     }
 
@@ -49,6 +55,7 @@ impl AzureStore {
             credential: Mutex::new(None),
             client_options,
             clients: Mutex::new(HashMap::new()),
+            require_mark: false,
         }
     }
 
@@ -58,7 +65,14 @@ impl AzureStore {
             credential: Mutex::new(Some(credential)),
             client_options,
             clients: Mutex::new(HashMap::new()),
+            require_mark: false,
         }
+    }
+
+    /// Also require the read mark on every secret read (off by default).
+    pub fn requiring_read_mark(mut self, require: bool) -> AzureStore {
+        self.require_mark = require;
+        self
     }
 
     async fn credential(&self) -> Result<Arc<dyn TokenCredential>, SecretError> {
@@ -143,7 +157,8 @@ fn map_error(reference: &SecretRef, err: azure_core::Error) -> SecretError {
                     reference: describe,
                     hint: format!(
                         "the connector's identity may not get secrets in this vault: give it the \"Key Vault Secrets User\" \
-                         role (RBAC vaults) or an access policy with secret permission Get ({code})"
+                         role (RBAC vaults) or an access policy with secret permissions Get (and List when AZURE is in \
+                         secrets.require_read_mark) ({code})"
                     ),
                 },
                 401 => SecretError::NotPermitted {
@@ -186,6 +201,23 @@ fn summarize(err: &azure_core::Error) -> String {
     out
 }
 
+/// Whether an enabled version of the secret carries the read mark, from the version list (tags
+/// without values, so an unmarked value is never fetched).
+async fn any_version_marked(client: &SecretClient, reference: &SecretRef, name: &str) -> Result<bool, SecretError> {
+    use futures::TryStreamExt;
+    let mut versions = client
+        .list_secret_properties_versions(name, None)
+        .map_err(|e| map_error(reference, e))?;
+    while let Some(version) = versions.try_next().await.map_err(|e| map_error(reference, e))? {
+        let enabled = version.attributes.as_ref().and_then(|a| a.enabled).unwrap_or(true);
+        let tags = version.tags.unwrap_or_default();
+        if enabled && is_marked(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[async_trait]
 impl SecretStore for AzureStore {
     fn store_type(&self) -> &'static str {
@@ -197,22 +229,23 @@ impl SecretStore for AzureStore {
             return Err(wrong_store(reference, "AZURE"));
         };
         let client = self.client(vault_url).await?;
+        if self.require_mark && !any_version_marked(&client, reference, name).await? {
+            return Err(SecretError::not_marked(
+                reference,
+                "tag",
+                format!(
+                    "az keyvault secret set-attributes --vault-name <VAULT> --name {name} --tags {}=true \
+                     (this replaces the version's other tags: list them too); \
+                     or remove AZURE from secrets.require_read_mark",
+                    super::READ_MARK_KEY
+                ),
+            ));
+        }
         let response = client
             .get_secret(name, None)
             .await
             .map_err(|e| map_error(reference, e))?;
         let secret = response.into_model().map_err(|e| map_error(reference, e))?;
-        let tags = secret.tags.unwrap_or_default();
-        if !is_marked(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
-            return Err(SecretError::not_marked(
-                reference,
-                "tag",
-                format!(
-                    "az keyvault secret set-attributes --vault-name <VAULT> --name {name} --tags {}=true",
-                    super::READ_MARK_KEY
-                ),
-            ));
-        }
         match secret.value {
             Some(text) => value::from_text(reference, text),
             None => Err(SecretError::Malformed {

@@ -1,9 +1,13 @@
 //! The `GCP` store: Google Secret Manager, through the official `google-cloud-secretmanager-v1`
 //! (HTTP/JSON) with Application Default Credentials.
 //!
-//! The gate: the secret's label `apono-connector-read=true`, read with `GetSecret` before
-//! `AccessSecretVersion` (so the connector needs `secretmanager.secrets.get` and
-//! `secretmanager.versions.access`).
+//! Access is governed by Google's IAM, as in Apono: a read needs only
+//! `secretmanager.versions.access` (`roles/secretmanager.secretAccessor`). The read mark (label
+//! `apono-connector-read=true`) is opt-in (`secrets.require_read_mark`); when asked for, it is read
+//! with `GetSecret` before `AccessSecretVersion`, which also needs `secretmanager.secrets.get`.
+//!
+//! `secret_id` is a short id, or a full resource name as Apono's Terraform examples give it
+//! (`projects/P/secrets/S`, `projects/P/locations/L/secrets/S`, optionally `/versions/V`).
 
 use async_trait::async_trait;
 use google_cloud_gax::error::rpc::Code;
@@ -18,6 +22,8 @@ pub struct GcpStore {
     /// Endpoint and credentials overrides (tests); `None` means Google's endpoint and ADC.
     endpoint: Option<String>,
     credentials: Option<google_cloud_auth::credentials::Credentials>,
+    /// Whether a secret must carry the read mark (`secrets.require_read_mark` has `GCP`).
+    require_mark: bool,
 }
 
 impl Default for GcpStore {
@@ -33,6 +39,7 @@ impl GcpStore {
             client: OnceCell::new(),
             endpoint: None,
             credentials: None,
+            require_mark: false,
         }
     }
 
@@ -46,7 +53,14 @@ impl GcpStore {
             client: OnceCell::new(),
             endpoint: Some(endpoint),
             credentials,
+            require_mark: false,
         }
+    }
+
+    /// Also require the read mark on every secret read (off by default).
+    pub fn requiring_read_mark(mut self, require: bool) -> GcpStore {
+        self.require_mark = require;
+        self
     }
 
     async fn client(&self) -> Result<SecretManagerService, SecretError> {
@@ -81,8 +95,9 @@ fn map_error(reference: &SecretRef, action: &str, err: google_cloud_gax::error::
             Code::PermissionDenied => SecretError::NotPermitted {
                 reference: describe,
                 hint: format!(
-                    "the connector's service account lacks {action} permission (roles/secretmanager.secretAccessor \
-                     and secretmanager.secrets.get, e.g. roles/secretmanager.viewer) ({message})"
+                    "the connector's service account lacks {action} permission (reading needs \
+                     roles/secretmanager.secretAccessor; with GCP in secrets.require_read_mark also \
+                     secretmanager.secrets.get, e.g. roles/secretmanager.viewer) ({message})"
                 ),
             },
             Code::Unauthenticated => SecretError::NotPermitted {
@@ -125,10 +140,33 @@ fn map_error(reference: &SecretRef, action: &str, err: google_cloud_gax::error::
             },
         };
     }
+    if err.is_binding() {
+        // The client refused to build the request: the name is not a Secret Manager name.
+        return SecretError::Malformed {
+            reference: describe,
+            hint: format!("the secret name is not a Secret Manager resource name ({action}): {err}"),
+        };
+    }
     SecretError::Unreachable {
         reference: describe,
         hint: format!("{action}: {err}"),
     }
+}
+
+/// The secret's resource name and the version to read: `secret_id` as a short id in `project`,
+/// or a full resource name (its `/versions/V` suffix, when present, is the default version).
+fn resource_name(project: &str, secret_id: &str, version: Option<&str>) -> (String, String) {
+    let secret_id = secret_id.trim().trim_start_matches('/');
+    let (name, named_version) = if secret_id.starts_with("projects/") {
+        match secret_id.split_once("/versions/") {
+            Some((name, v)) => (name.to_string(), Some(v)),
+            None => (secret_id.to_string(), None),
+        }
+    } else {
+        (format!("projects/{project}/secrets/{secret_id}"), None)
+    };
+    let version = version.or(named_version).unwrap_or("latest").to_string();
+    (name, version)
 }
 
 #[async_trait]
@@ -147,24 +185,26 @@ impl SecretStore for GcpStore {
             return Err(wrong_store(reference, "GCP"));
         };
         let client = self.client().await?;
-        let name = format!("projects/{project}/secrets/{secret_id}");
-        let meta = client
-            .get_secret()
-            .set_name(&name)
-            .send()
-            .await
-            .map_err(|e| map_error(reference, "secretmanager.secrets.get", e))?;
-        if !is_marked(meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
-            return Err(SecretError::not_marked(
-                reference,
-                "label",
-                format!(
-                    "gcloud secrets update {secret_id} --project {project} --update-labels={}=true",
-                    super::READ_MARK_KEY
-                ),
-            ));
+        let (name, version) = resource_name(project, secret_id, version.as_deref());
+        if self.require_mark {
+            let meta = client
+                .get_secret()
+                .set_name(&name)
+                .send()
+                .await
+                .map_err(|e| map_error(reference, "secretmanager.secrets.get", e))?;
+            if !is_marked(meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+                return Err(SecretError::not_marked(
+                    reference,
+                    "label",
+                    format!(
+                        "gcloud secrets update {name} --update-labels={}=true; \
+                         or remove GCP from secrets.require_read_mark",
+                        super::READ_MARK_KEY
+                    ),
+                ));
+            }
         }
-        let version = version.as_deref().unwrap_or("latest");
         let out = client
             .access_secret_version()
             .set_name(format!("{name}/versions/{version}"))
@@ -178,5 +218,32 @@ impl SecretStore for GcpStore {
                 hint: "the secret version has no payload".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_name;
+
+    #[test]
+    fn secret_id_may_be_a_full_resource_name() {
+        let n = |id, v| resource_name("p", id, v);
+        assert_eq!(n("s", None), ("projects/p/secrets/s".into(), "latest".into()));
+        assert_eq!(
+            n("projects/123/secrets/s", None),
+            ("projects/123/secrets/s".into(), "latest".into())
+        );
+        assert_eq!(
+            n("projects/123/secrets/s/versions/4", None),
+            ("projects/123/secrets/s".into(), "4".into())
+        );
+        assert_eq!(
+            n("projects/123/secrets/s/versions/4", Some("2")),
+            ("projects/123/secrets/s".into(), "2".into())
+        );
+        assert_eq!(
+            n("projects/1/locations/eu/secrets/s", None),
+            ("projects/1/locations/eu/secrets/s".into(), "latest".into())
+        );
     }
 }

@@ -427,9 +427,13 @@ impl SecretStores {
         #[cfg(feature = "store-aws")]
         stores.push(Arc::new(AwsStore::new()));
         #[cfg(feature = "store-azure")]
-        stores.push(Arc::new(AzureStore::new()));
+        stores.push(Arc::new(
+            AzureStore::new().requiring_read_mark(config.requires_read_mark("AZURE")),
+        ));
         #[cfg(feature = "store-gcp")]
-        stores.push(Arc::new(GcpStore::new()));
+        stores.push(Arc::new(
+            GcpStore::new().requiring_read_mark(config.requires_read_mark("GCP")),
+        ));
         #[cfg(feature = "store-vault")]
         {
             let definitions = match VaultDefinitions::from_config(config) {

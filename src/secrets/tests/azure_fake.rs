@@ -43,8 +43,79 @@ pub type Entry = (String, HashMap<String, String>);
 
 #[derive(Clone, Default)]
 pub struct Vault {
-    /// name → (value, tags)
+    /// name → (value, tags) of the current version
     pub secrets: Arc<Mutex<HashMap<String, Entry>>>,
+    /// name → tags of the older versions (what `az keyvault secret set` leaves behind)
+    pub older_versions: Arc<Mutex<HashMap<String, Vec<HashMap<String, String>>>>>,
+    /// The names whose value was sent, in order (Key Vault's `SecretGet` audit events).
+    pub value_reads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Vault {
+    /// `az keyvault secret set` on an existing secret: a new current version with these tags.
+    pub fn rotate(&self, name: &str, value: &str, tags: HashMap<String, String>) {
+        let mut secrets = self.secrets.lock().unwrap();
+        if let Some((_, old_tags)) = secrets.insert(name.into(), (value.into(), tags)) {
+            self.older_versions
+                .lock()
+                .unwrap()
+                .entry(name.into())
+                .or_default()
+                .push(old_tags);
+        }
+    }
+}
+
+fn authorized(headers: &HeaderMap) -> Option<Response> {
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}")) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(
+                "WWW-Authenticate",
+                "Bearer authorization=\"https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47\", resource=\"https://vault.azure.net\"",
+            )],
+            axum::Json(json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}})),
+        )
+            .into_response(),
+    )
+}
+
+/// `GET /secrets/{name}/versions`: every version's properties and tags, never a value.
+async fn list_versions(State(vault): State<Vault>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    if let Some(challenge) = authorized(&headers) {
+        return challenge;
+    }
+    let secrets = vault.secrets.lock().unwrap();
+    let Some((_, current)) = secrets.get(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "SecretNotFound",
+            &format!("A secret with (name/id) {name} was not found in this key vault."),
+        );
+    };
+    let older = vault
+        .older_versions
+        .lock()
+        .unwrap()
+        .get(&name)
+        .cloned()
+        .unwrap_or_default();
+    let items: Vec<Value> = older
+        .iter()
+        .chain(std::iter::once(current))
+        .enumerate()
+        .map(|(i, tags)| {
+            json!({
+                "id": format!("https://{VAULT_HOST}/secrets/{name}/v{i}"),
+                "attributes": {"enabled": true, "created": 1_700_000_000 + i, "updated": 1_700_000_000 + i},
+                "tags": tags,
+            })
+        })
+        .collect();
+    axum::Json(json!({"value": items, "nextLink": null})).into_response()
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -57,16 +128,8 @@ async fn get_secret(
     Query(query): Query<HashMap<String, String>>,
     Path(name): Path<String>,
 ) -> Response {
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(
-                "WWW-Authenticate",
-                "Bearer authorization=\"https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47\", resource=\"https://vault.azure.net\"",
-            )],
-            axum::Json(json!({"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}})),
-        )
-            .into_response();
+    if let Some(challenge) = authorized(&headers) {
+        return challenge;
     }
     assert!(query.contains_key("api-version"), "api-version missing");
     if name == "forbidden" {
@@ -84,6 +147,7 @@ async fn get_secret(
             &format!("A secret with (name/id) {name} was not found in this key vault."),
         );
     };
+    vault.value_reads.lock().unwrap().push(name.clone());
     let body: Value = json!({
         "value": value,
         "id": format!("https://{VAULT_HOST}/secrets/{name}/4387e9f3d6e14c459867679a90fd0f79"),
@@ -97,8 +161,11 @@ async fn get_secret_version(
     state: State<Vault>,
     headers: HeaderMap,
     query: Query<HashMap<String, String>>,
-    Path((name, _version)): Path<(String, String)>,
+    Path((name, version)): Path<(String, String)>,
 ) -> Response {
+    if version == "versions" {
+        return list_versions(state, headers, Path(name)).await;
+    }
     get_secret(state, headers, query, Path(name)).await
 }
 
@@ -208,9 +275,8 @@ async fn reads_after_the_challenge_gates_not_found_and_forbidden() {
         "scope from the challenge"
     );
 
-    let e = stores.fetch(&r("untagged")).await.unwrap_err();
-    assert_eq!(e.code(), "secret_not_marked", "{e}");
-    assert!(e.to_string().contains("tag apono-connector-read=true"), "{e}");
+    // Access is Key Vault's RBAC: an untagged secret (the seed's `az keyvault secret set`) is read.
+    assert_eq!(value_of(&stores.fetch(&r("untagged")).await.unwrap(), "k"), "v");
 
     let e = stores.fetch(&r("missing")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");
@@ -229,6 +295,34 @@ async fn reads_after_the_challenge_gates_not_found_and_forbidden() {
         value_of(&stores.fetch(&r("rancher")).await.unwrap(), "secret_key"),
         "s2"
     );
+}
+
+/// With `AZURE` in `secrets.require_read_mark`: the tag is read from the version list before the
+/// value (an untagged value never leaves the vault), and a rotation that creates an untagged
+/// version (`az keyvault secret set`) keeps the secret readable.
+#[tokio::test]
+async fn opt_in_mark_is_checked_on_the_secret_before_its_value() {
+    let (vault, store, _, url) = fake().await;
+    vault.rotate("rancher", r#"{"token":"t1"}"#, marked());
+    vault.rotate("untagged", r#"{"k":"v"}"#, HashMap::new());
+    let stores = SecretStores::empty().with_store(Arc::new(store.requiring_read_mark(true)));
+    let r = |name: &str| reference(json!({"type": "AZURE", "vault_url": url, "name": name}));
+
+    assert_eq!(value_of(&stores.fetch(&r("rancher")).await.unwrap(), "token"), "t1");
+
+    let e = stores.fetch(&r("untagged")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_marked", "{e}");
+    assert!(e.to_string().contains("--tags apono-connector-read=true"), "{e}");
+    assert!(e.to_string().contains("require_read_mark"), "{e}");
+    assert_eq!(
+        *vault.value_reads.lock().unwrap(),
+        ["rancher"],
+        "the untagged value was not fetched"
+    );
+
+    vault.rotate("rancher", r#"{"token":"t2"}"#, HashMap::new());
+    stores.invalidate(&r("rancher"));
+    assert_eq!(value_of(&stores.fetch(&r("rancher")).await.unwrap(), "token"), "t2");
 }
 
 /// The credential chosen from the environment (client secret, workload identity, App Service

@@ -99,7 +99,8 @@ async fn canary_child() {
             ),
         );
     }
-    stores = stores.with_store(Arc::new(store));
+    // With the opt-in mark, so the refusal path is covered too.
+    stores = stores.with_store(Arc::new(store.requiring_read_mark(true)));
     reads.push((
         reference(json!({"type": "AZURE", "vault_url": url, "name": "k"})),
         "secret_key",
@@ -125,7 +126,7 @@ async fn canary_child() {
             ),
         );
     }
-    stores = stores.with_store(Arc::new(store));
+    stores = stores.with_store(Arc::new(store.requiring_read_mark(true)));
     reads.push((
         reference(json!({"type": "GCP", "project": "p", "secret_id": "k"})),
         "secret_key",

@@ -54,6 +54,16 @@ async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(r
             ),
         );
     }
+    // roles/secretmanager.secretAccessor: versions.access only, no secrets.get.
+    if project == "accessor-only" && parts.len() == 4 {
+        return error(
+            403,
+            "PERMISSION_DENIED",
+            format!(
+                "Permission 'secretmanager.secrets.get' denied for resource 'projects/{project}/secrets/{secret}' (or it may not exist)."
+            ),
+        );
+    }
     let secrets = fake.secrets.lock().unwrap();
     let Some((labels, versions)) = secrets.get(&secret) else {
         return error(
@@ -152,7 +162,7 @@ async fn reads_versions_gates_not_found_and_forbidden() {
         );
         s.insert("unlabelled".into(), (HashMap::new(), vec![b"v".to_vec()]));
     }
-    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let stores = SecretStores::empty().with_store(Arc::new(store.requiring_read_mark(true)));
     let r = |project: &str, id: &str| reference(json!({"type": "GCP", "project": project, "secret_id": id}));
 
     let s = stores.fetch(&r("p1", "rancher")).await.unwrap();
@@ -162,6 +172,7 @@ async fn reads_versions_gates_not_found_and_forbidden() {
     assert_eq!(e.code(), "secret_not_marked", "{e}");
     assert!(e.to_string().contains("label apono-connector-read=true"), "{e}");
     assert!(e.to_string().contains("--update-labels"), "{e}");
+    assert!(e.to_string().contains("require_read_mark"), "{e}");
 
     let e = stores.fetch(&r("p1", "missing")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");
@@ -192,6 +203,52 @@ async fn reads_versions_gates_not_found_and_forbidden() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");
+}
+
+/// By default access is Google's IAM, as in Apono: the seed's unlabelled secret is read by an
+/// identity with `roles/secretmanager.secretAccessor` only (GetSecret would be refused).
+#[tokio::test]
+async fn unlabelled_secret_is_read_with_access_permission_only() {
+    let (fake, store) = fake().await;
+    fake.secrets.lock().unwrap().insert(
+        "unlabelled".into(),
+        (HashMap::new(), vec![br#"{"token":"t"}"#.to_vec()]),
+    );
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let r = reference(json!({"type": "GCP", "project": "accessor-only", "secret_id": "unlabelled"}));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+}
+
+/// Apono's Terraform example gives `secret_id` as a full resource name, with or without a version.
+#[tokio::test]
+async fn secret_id_as_a_full_resource_name() {
+    let (fake, store) = fake().await;
+    fake.secrets.lock().unwrap().insert(
+        "rancher".into(),
+        (
+            HashMap::new(),
+            vec![br#"{"token":"s1"}"#.to_vec(), br#"{"token":"s2"}"#.to_vec()],
+        ),
+    );
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let r = |id: &str| reference(json!({"type": "GCP", "project": "gcp-secrets-project", "secret_id": id}));
+    assert_eq!(
+        value_of(&stores.fetch(&r("projects/p1/secrets/rancher")).await.unwrap(), "token"),
+        "s2"
+    );
+    assert_eq!(
+        value_of(
+            &stores
+                .fetch(&r("projects/p1/secrets/rancher/versions/1"))
+                .await
+                .unwrap(),
+            "token"
+        ),
+        "s1"
+    );
+    // A name the client cannot bind is the reference's fault, not a retryable outage.
+    let e = stores.fetch(&r("projects/p1/buckets/rancher")).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
 }
 
 /// Application Default Credentials from `GOOGLE_APPLICATION_CREDENTIALS` (an `authorized_user`

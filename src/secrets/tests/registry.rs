@@ -278,6 +278,24 @@ fn secrets_config_from_env_and_ttl_variable() {
     SecretStores::from_config(&c.secrets).unwrap();
 }
 
+#[test]
+fn require_read_mark_is_opt_in_per_store() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    };
+    let c = SecretsConfig::from_env(env(&[])).unwrap();
+    assert!(!c.requires_read_mark("AZURE") && !c.requires_read_mark("GCP"));
+    let c = SecretsConfig::from_env(env(&[("APONO_REQUIRE_READ_MARK", "azure")])).unwrap();
+    assert!(c.requires_read_mark("AZURE") && !c.requires_read_mark("GCP"));
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    let c = SecretsConfig::from_env(env(&[("APONO_REQUIRE_READ_MARK", "GCP,VAULT")])).unwrap();
+    let problems = c.problems().join("; ");
+    assert!(
+        problems.contains("require_read_mark") && problems.contains("VAULT"),
+        "{problems}"
+    );
+}
+
 #[tokio::test]
 async fn a_hung_store_times_out_as_unreachable() {
     let mem = Arc::new(MemoryStore::new("AWS"));
