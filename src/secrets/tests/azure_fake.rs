@@ -40,13 +40,15 @@ impl TokenCredential for FakeCredential {
 
 /// A secret's value and tags.
 pub type Entry = (String, HashMap<String, String>);
+/// A version's tags.
+pub type Tags = HashMap<String, String>;
 
 #[derive(Clone, Default)]
 pub struct Vault {
     /// name → (value, tags) of the current version
     pub secrets: Arc<Mutex<HashMap<String, Entry>>>,
     /// name → tags of the older versions (what `az keyvault secret set` leaves behind)
-    pub older_versions: Arc<Mutex<HashMap<String, Vec<HashMap<String, String>>>>>,
+    pub older_versions: Arc<Mutex<HashMap<String, Vec<Tags>>>>,
     /// The names whose value was sent, in order (Key Vault's `SecretGet` audit events).
     pub value_reads: Arc<Mutex<Vec<String>>>,
 }
