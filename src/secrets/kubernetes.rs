@@ -134,19 +134,33 @@ impl SecretStore for KubernetesStore {
                 ),
             });
         }
-        let client = self.client(reference).await?;
-        let api: Api<K8sSecret> = Api::namespaced(client, namespace);
-        let secret = api.get(name).await.map_err(|e| map_error(reference, namespace, e))?;
-        let labels = secret.metadata.labels.unwrap_or_default();
-        if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
-            return Err(SecretError::not_marked(
+        let not_marked = || {
+            SecretError::not_marked(
                 reference,
                 "label",
                 format!(
                     "kubectl label secret -n {namespace} {name} {}=true",
                     super::READ_MARK_KEY
                 ),
-            ));
+            )
+        };
+        let client = self.client(reference).await?;
+        let api: Api<K8sSecret> = Api::namespaced(client, namespace);
+        // The label first, from the metadata alone (the same `get` verb), so an unmarked value is
+        // never fetched (nor recorded as read in the API server's audit log).
+        let meta = api
+            .get_metadata(name)
+            .await
+            .map_err(|e| map_error(reference, namespace, e))?;
+        let labels = meta.metadata.labels.unwrap_or_default();
+        if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            return Err(not_marked());
+        }
+        let secret = api.get(name).await.map_err(|e| map_error(reference, namespace, e))?;
+        // Re-checked on the object read: the label may have been removed in between.
+        let labels = secret.metadata.labels.clone().unwrap_or_default();
+        if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            return Err(not_marked());
         }
         let data = secret.data.unwrap_or_default();
         value::from_bytes_map(reference, data.into_iter().map(|(k, v)| (k, v.0)))

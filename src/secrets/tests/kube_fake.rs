@@ -19,6 +19,9 @@ use crate::secrets::{KubernetesStore, SecretStores};
 
 type Secrets = Arc<std::sync::Mutex<BTreeMap<(String, String), K8sSecret>>>;
 
+/// The names whose full object (with `data`) the fake sent: the API server's audit of value reads.
+pub static FULL_GETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// The last `Authorization` header the fake saw.
 pub static LAST_AUTHORIZATION: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
@@ -47,8 +50,23 @@ async fn get_secret(
             ),
         );
     }
+    // `Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`: metadata only, as
+    // the API server's metadata transform does.
+    let metadata_only = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     match secrets.lock().unwrap().get(&(ns, name.clone())) {
-        Some(s) => axum::Json(s.clone()).into_response(),
+        Some(s) if metadata_only => axum::Json(json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": s.metadata,
+        }))
+        .into_response(),
+        Some(s) => {
+            FULL_GETS.lock().unwrap().push(name);
+            axum::Json(s.clone()).into_response()
+        }
         None => status(404, "NotFound", format!("secrets \"{name}\" not found")),
     }
 }
@@ -124,6 +142,11 @@ async fn reads_gates_not_found_and_forbidden() {
         e.to_string().contains("kubectl label secret -n apono unlabelled"),
         "{e}"
     );
+    assert!(
+        !FULL_GETS.lock().unwrap().contains(&"unlabelled".to_string()),
+        "the unlabelled secret's data was not fetched"
+    );
+    assert!(FULL_GETS.lock().unwrap().contains(&"rancher".to_string()));
 
     let e = stores.fetch(&r("apono", "missing")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_found", "{e}");
