@@ -83,6 +83,8 @@ enum Source {
 #[derive(Clone)]
 pub struct VaultDefinitions {
     source: Source,
+    /// `VAULT_NAMESPACE`, for definitions that name no namespace.
+    default_namespace: Option<String>,
 }
 
 impl VaultDefinitions {
@@ -100,21 +102,27 @@ impl VaultDefinitions {
             }
             return Ok(VaultDefinitions {
                 source: Source::Env(entries),
+                default_namespace: default_namespace(config),
             });
         }
         if let Some(path) = &config.hashicorp_vault_config_file_path {
             read_file(path).map_err(ConfigError)?;
             return Ok(VaultDefinitions {
                 source: Source::File(path.clone()),
+                default_namespace: default_namespace(config),
             });
         }
-        Ok(VaultDefinitions { source: Source::None })
+        Ok(VaultDefinitions {
+            source: Source::None,
+            default_namespace: None,
+        })
     }
 
     /// Definitions that fail every read with `why`.
     pub(crate) fn broken(why: String) -> VaultDefinitions {
         VaultDefinitions {
             source: Source::Broken(why),
+            default_namespace: None,
         }
     }
 
@@ -125,6 +133,7 @@ impl VaultDefinitions {
     pub fn parse(text: &str) -> Result<VaultDefinitions, ConfigError> {
         Ok(VaultDefinitions {
             source: Source::Env(parse_list(text, ENV_CONFIG).map_err(ConfigError)?),
+            default_namespace: None,
         })
     }
 }
@@ -155,6 +164,11 @@ fn strip_trailing_commas(text: &str) -> (String, Vec<usize>) {
         out.push(c);
     }
     (out, lines)
+}
+
+fn default_namespace(config: &SecretsConfig) -> Option<String> {
+    let ns = config.vault_namespace.as_deref()?.trim().trim_matches('/');
+    (!ns.is_empty()).then(|| ns.to_string())
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -619,7 +633,7 @@ impl VaultStore {
     }
 
     async fn resolve(&self, entry: Entry) -> Result<Arc<Conn>, SecretError> {
-        let def = match entry {
+        let mut def = match entry {
             Entry::Direct(def) => *def,
             Entry::FromSecretStore(reference) => {
                 let store = self
@@ -646,6 +660,9 @@ impl VaultStore {
                 })?
             }
         };
+        if def.namespace.is_none() {
+            def.namespace.clone_from(&self.definitions.default_namespace);
+        }
         Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
     }
 
