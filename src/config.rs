@@ -294,6 +294,9 @@ fn parse_log_format(name: &str, v: &str) -> Result<Value, String> {
 }
 
 fn parse_list(_: &str, v: &str) -> Result<Value, String> {
+    // Helm's list syntax (`{a,b}`) copied into a plain variable means the same list.
+    let v = v.trim();
+    let v = v.strip_prefix('{').and_then(|v| v.strip_suffix('}')).unwrap_or(v);
     Ok(Value::Array(
         v.split(',')
             .map(str::trim)

@@ -71,6 +71,19 @@ fn bad_refs_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("type"), "{e}");
+    // A misspelt optional field is named, not silently ignored.
+    let e = serde_json::from_value::<SecretRef>(
+        json!({"type": "GCP", "project": "p", "secret_id": "s", "versoin": "3"}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown field `versoin`"), "{e}");
+    let e = serde_json::from_value::<SecretRef>(
+        json!({"type": "AWS", "region": "r", "secret_id": "s", "roleArn": "arn:aws:iam::1:role/x"}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown field `roleArn`") && e.contains("role_arn"), "{e}");
 }
 
 #[tokio::test]
@@ -270,6 +283,9 @@ fn secrets_config_from_env_and_ttl_variable() {
     .unwrap();
     assert_eq!(c.cache_ttl_seconds, 0);
     assert_eq!(c.allowed_secrets_to_read, vec!["a", "b"]);
+    // Helm's brace form, copied into a plain variable (Docker users), means the same list.
+    let c = SecretsConfig::from_env(env(&[("ALLOWED_SECRETS_TO_READ", "{secret1,secret2, secret3}")])).unwrap();
+    assert_eq!(c.allowed_secrets_to_read, vec!["secret1", "secret2", "secret3"]);
     let e = SecretsConfig::from_env(env(&[("APONO_SECRET_CACHE_TTL_SECONDS", "5m")])).unwrap_err();
     assert!(e.to_string().contains("APONO_SECRET_CACHE_TTL_SECONDS"), "{e}");
     // Through the full loader too.
