@@ -159,16 +159,19 @@ mod tests {
     #[tokio::test]
     async fn a_fresh_secret_is_kept_and_empty_slots_are_removed() {
         let cache = Cache::new(Duration::from_secs(3600));
-        cache.get_or_fetch("kept", || async { Ok(secret("v")) }).await;
+        let (first, _) = cache.get_or_fetch("kept", || async { Ok(secret("v")) }).await;
+        assert!(first.is_ok());
         let (_, spared) = cache.get_or_fetch("kept", || async { Ok(secret("other")) }).await;
         assert!(spared, "a fresh secret is reused");
         let gone: Outcome = Err(SecretError::NotFound {
             reference: "x".into(),
             hint: "h".into(),
         });
-        cache.get_or_fetch("failed", || async { gone }).await;
+        let (failed, _) = cache.get_or_fetch("failed", || async { gone }).await;
+        assert!(failed.is_err());
         // Making a new slot sweeps the one that holds only an error.
-        cache.get_or_fetch("new", || async { Ok(secret("n")) }).await;
+        let (new, _) = cache.get_or_fetch("new", || async { Ok(secret("n")) }).await;
+        assert!(new.is_ok());
         let keys: Vec<String> = cache.slots.lock().unwrap().keys().cloned().collect();
         assert!(
             keys.contains(&"kept".to_string()) && !keys.contains(&"failed".to_string()),
