@@ -152,6 +152,9 @@ pub struct SecretsConfig {
     /// `HASHICORP_VAULT_CONFIG_FILE_PATH`: the same list in a file (a mounted secret), re-read when
     /// it changes.
     pub hashicorp_vault_config_file_path: Option<PathBuf>,
+    /// `VAULT_NAMESPACE`: the Vault Enterprise / HCP namespace for a definition that names none
+    /// (as the `vault` CLI does; HCP Vault's is `admin`).
+    pub vault_namespace: Option<String>,
     /// `APONO_SECRET_CACHE_TTL_SECONDS`: how long a fetched secret is reused. Short, because a
     /// rotation should be seen soon even when no integration refuses the old key; 0 disables it.
     pub cache_ttl_seconds: u64,
@@ -168,6 +171,7 @@ impl Default for SecretsConfig {
             allowed_secrets_to_read: Vec::new(),
             hashicorp_vault_config: None,
             hashicorp_vault_config_file_path: None,
+            vault_namespace: None,
             cache_ttl_seconds: 300,
             require_read_mark: Vec::new(),
         }
@@ -284,6 +288,7 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
         parse_string,
     ),
     ("APONO_REQUIRE_READ_MARK", "secrets.require_read_mark", parse_list),
+    ("VAULT_NAMESPACE", "secrets.vault_namespace", parse_string),
     (
         "APONO_SECRET_CACHE_TTL_SECONDS",
         "secrets.cache_ttl_seconds",
@@ -317,6 +322,9 @@ fn parse_log_format(name: &str, v: &str) -> Result<Value, String> {
 }
 
 fn parse_list(_: &str, v: &str) -> Result<Value, String> {
+    // Helm's list syntax (`{a,b}`) copied into a plain variable means the same list.
+    let v = v.trim();
+    let v = v.strip_prefix('{').and_then(|v| v.strip_suffix('}')).unwrap_or(v);
     Ok(Value::Array(
         v.split(',')
             .map(str::trim)

@@ -5,6 +5,10 @@
 //! is the singleflight, and it needs no extra bookkeeping: a waiter knows the outcome is new to it
 //! because it was completed after the waiter arrived. A success is then reused until the TTL runs
 //! out; an error is never reused by a later caller.
+//!
+//! Values live only as long as they may be reused: a success is dropped from its slot when its TTL
+//! runs out (a timer per fetch), so a rotated-away or no-longer-used key does not stay in memory.
+//! Slots left empty are removed from the map whenever a new slot is made.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +41,17 @@ impl Cache {
 
     fn slot(&self, key: &str) -> Arc<tokio::sync::Mutex<Slot>> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get(key) {
+            return slot.clone();
+        }
+        // A slot nobody else holds and that keeps no reusable secret can go.
+        let ttl = self.ttl;
+        slots.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot
+                    .try_lock()
+                    .map_or(true, |s| matches!(&s.last, Some((Ok(_), at)) if at.elapsed() < ttl))
+        });
         slots.entry(key.to_string()).or_default().clone()
     }
 
@@ -48,8 +63,8 @@ impl Cache {
         Fut: Future<Output = Outcome>,
     {
         let arrived = Instant::now();
-        let slot = self.slot(key);
-        let mut slot = slot.lock().await;
+        let key_slot = self.slot(key);
+        let mut slot = key_slot.lock().await;
         if let Some((outcome, at)) = &slot.last {
             // Completed while we waited for the lock: the singleflight leader's outcome.
             if *at >= arrived {
@@ -62,13 +77,105 @@ impl Cache {
             }
         }
         let outcome = fetch().await;
-        slot.last = Some((outcome.clone(), Instant::now()));
+        let done = Instant::now();
+        slot.last = Some((outcome.clone(), done));
+        drop(slot);
+        if outcome.is_ok() {
+            self.evict_after_ttl(&key_slot, done);
+        }
         (outcome, false)
+    }
+
+    /// Drops the secret completed at `done` from `slot` once the TTL runs out (unless a newer
+    /// fetch replaced it). The timer holds no strong reference: an invalidated slot is freed.
+    fn evict_after_ttl(&self, slot: &Arc<tokio::sync::Mutex<Slot>>, done: Instant) {
+        let slot = Arc::downgrade(slot);
+        let ttl = self.ttl;
+        tokio::spawn(async move {
+            tokio::time::sleep_until((done + ttl).into()).await;
+            let Some(slot) = slot.upgrade() else { return };
+            let mut slot = slot.lock().await;
+            if matches!(&slot.last, Some((_, at)) if *at == done) {
+                slot.last = None;
+            }
+        });
+    }
+
+    /// How many slots hold a secret (tests: eviction).
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .values()
+            .filter(|s| s.try_lock().map_or(true, |s| matches!(s.last, Some((Ok(_), _)))))
+            .count()
     }
 
     /// Drops the slot: the next fetch calls the store. A fetch already running keeps its own slot,
     /// so its (possibly stale) outcome is not reused by later callers.
     pub(super) fn invalidate(&self, key: &str) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn secret(v: &str) -> Secret {
+        Secret::new(BTreeMap::from([(
+            "token".to_string(),
+            SecretString::from(v.to_string()),
+        )]))
+    }
+
+    /// Waits (bounded generously, never asserting on speed) until `done` holds.
+    async fn eventually(done: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        done()
+    }
+
+    #[tokio::test]
+    async fn an_expired_secret_is_evicted_without_another_read() {
+        let cache = Cache::new(Duration::from_millis(50));
+        let (outcome, _) = cache.get_or_fetch("a", || async { Ok(secret("old")) }).await;
+        assert!(outcome.is_ok());
+        assert_eq!(cache.held(), 1);
+        assert!(
+            eventually(|| cache.held() == 0).await,
+            "the expired secret is still held"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fresh_secret_is_kept_and_empty_slots_are_removed() {
+        let cache = Cache::new(Duration::from_secs(3600));
+        let (first, _) = cache.get_or_fetch("kept", || async { Ok(secret("v")) }).await;
+        assert!(first.is_ok());
+        let (_, spared) = cache.get_or_fetch("kept", || async { Ok(secret("other")) }).await;
+        assert!(spared, "a fresh secret is reused");
+        let gone: Outcome = Err(SecretError::NotFound {
+            reference: "x".into(),
+            hint: "h".into(),
+        });
+        let (failed, _) = cache.get_or_fetch("failed", || async { gone }).await;
+        assert!(failed.is_err());
+        // Making a new slot sweeps the one that holds only an error.
+        let (new, _) = cache.get_or_fetch("new", || async { Ok(secret("n")) }).await;
+        assert!(new.is_ok());
+        let keys: Vec<String> = cache.slots.lock().unwrap().keys().cloned().collect();
+        assert!(
+            keys.contains(&"kept".to_string()) && !keys.contains(&"failed".to_string()),
+            "{keys:?}"
+        );
     }
 }

@@ -155,8 +155,10 @@ impl fmt::Debug for InlineCredentials {
 }
 
 /// Where a secret lives. Field names are Apono's (DESIGN.md §5); the optional ones are ours.
+/// Unknown fields are refused by name: a misspelt optional field (`versoin`, `roleArn`) would
+/// otherwise be silently ignored, as Vault definitions already refuse them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE", deny_unknown_fields)]
 pub enum SecretRef {
     Apono {
         credentials: InlineCredentials,

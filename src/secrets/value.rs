@@ -1,7 +1,8 @@
 //! Turning what a store holds into a [`Secret`]: a map of string keys to string values.
 //!
 //! - a JSON object: its fields (strings; numbers and booleans as their JSON text);
-//! - any other text: one key, `value`;
+//! - any other text: one key, `value`; and when the text is one `access_key:secret_key` pair (how
+//!   one Rancher API key is naturally stored as plain text), also `token`, the key Rancher reads;
 //! - a key/value map from the store (Kubernetes data, a Vault KV entry): as is.
 //!
 //! Nested, null or binary values are refused with an error that names the key, never the value.
@@ -56,8 +57,21 @@ pub(crate) fn from_text(reference: &SecretRef, text: String) -> Result<Secret, S
         }
     }
     let mut map = BTreeMap::new();
+    if is_key_pair(&text) {
+        map.insert(TOKEN_KEY.to_string(), SecretString::from(text.trim().to_string()));
+    }
     map.insert(PLAIN_VALUE_KEY.to_string(), SecretString::from(text));
     Ok(Secret::new(map))
+}
+
+/// The key a plain `access_key:secret_key` value is also stored under.
+pub const TOKEN_KEY: &str = "token";
+
+/// One `name:secret` pair: a single colon, both sides non-empty, no whitespace inside.
+fn is_key_pair(text: &str) -> bool {
+    let text = text.trim();
+    matches!(text.split_once(':'), Some((a, k)) if !a.is_empty() && !k.is_empty() && !k.contains(':'))
+        && !text.chars().any(char::is_whitespace)
 }
 
 /// A secret stored as bytes (must be UTF-8 text).

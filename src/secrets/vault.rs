@@ -83,6 +83,8 @@ enum Source {
 #[derive(Clone)]
 pub struct VaultDefinitions {
     source: Source,
+    /// `VAULT_NAMESPACE`, for definitions that name no namespace.
+    default_namespace: Option<String>,
 }
 
 impl VaultDefinitions {
@@ -100,21 +102,27 @@ impl VaultDefinitions {
             }
             return Ok(VaultDefinitions {
                 source: Source::Env(entries),
+                default_namespace: default_namespace(config),
             });
         }
         if let Some(path) = &config.hashicorp_vault_config_file_path {
             read_file(path).map_err(ConfigError)?;
             return Ok(VaultDefinitions {
                 source: Source::File(path.clone()),
+                default_namespace: default_namespace(config),
             });
         }
-        Ok(VaultDefinitions { source: Source::None })
+        Ok(VaultDefinitions {
+            source: Source::None,
+            default_namespace: None,
+        })
     }
 
     /// Definitions that fail every read with `why`.
     pub(crate) fn broken(why: String) -> VaultDefinitions {
         VaultDefinitions {
             source: Source::Broken(why),
+            default_namespace: None,
         }
     }
 
@@ -125,8 +133,42 @@ impl VaultDefinitions {
     pub fn parse(text: &str) -> Result<VaultDefinitions, ConfigError> {
         Ok(VaultDefinitions {
             source: Source::Env(parse_list(text, ENV_CONFIG).map_err(ConfigError)?),
+            default_namespace: None,
         })
     }
+}
+
+/// `text` without the commas that directly precede a `}` or `]` (outside strings), and the 1-based
+/// lines they were on.
+fn strip_trailing_commas(text: &str) -> (String, Vec<usize>) {
+    let mut out = String::with_capacity(text.len());
+    let mut lines = Vec::new();
+    let (mut in_string, mut escaped, mut line) = (false, false, 1);
+    for (i, c) in text.char_indices() {
+        if c == '\n' {
+            line += 1;
+        }
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if c == ',' && matches!(text[i + 1..].trim_start().chars().next(), Some('}' | ']')) {
+            lines.push(line);
+            continue;
+        }
+        out.push(c);
+    }
+    (out, lines)
+}
+
+fn default_namespace(config: &SecretsConfig) -> Option<String> {
+    let ns = config.vault_namespace.as_deref()?.trim().trim_matches('/');
+    (!ns.is_empty()).then(|| ns.to_string())
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -142,7 +184,16 @@ fn read_file(path: &Path) -> Result<Vec<Entry>, String> {
 /// Parses the list. Errors name `origin`, the entry's index and the field, never a value (not even
 /// serde_json's messages, which may quote the input).
 fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
+    // Apono's documentation has a trailing comma in its `from_secret_store` example; users copy it.
+    let (text, comma_lines) = strip_trailing_commas(text);
+    if !comma_lines.is_empty() {
+        let lines: Vec<String> = comma_lines.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            "{origin}: ignored a trailing comma (line {}); JSON does not allow it, remove it",
+            lines.join(", ")
+        );
+    }
+    let value: Value = serde_json::from_str(&text).map_err(|e| {
         format!(
             "{origin} is not valid JSON (line {}, column {}): expected a list such as [{{\"address\":\"https://vault:8200\",\"token\":\"...\"}}]",
             e.line(),
@@ -276,7 +327,8 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         None => None,
         Some(b64) => {
             let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
+                // `base64` wraps at 76 columns and Go's decoder (Apono's connector) skips line breaks.
+                .decode(b64.chars().filter(|c| !c.is_ascii_whitespace()).collect::<String>())
                 .map_err(|_| {
                     "field \"ca_cert_base64\" is not base64 (encode the CA's PEM file with base64)".to_string()
                 })?;
@@ -581,7 +633,7 @@ impl VaultStore {
     }
 
     async fn resolve(&self, entry: Entry) -> Result<Arc<Conn>, SecretError> {
-        let def = match entry {
+        let mut def = match entry {
             Entry::Direct(def) => *def,
             Entry::FromSecretStore(reference) => {
                 let store = self
@@ -608,6 +660,9 @@ impl VaultStore {
                 })?
             }
         };
+        if def.namespace.is_none() {
+            def.namespace.clone_from(&self.definitions.default_namespace);
+        }
         Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
     }
 

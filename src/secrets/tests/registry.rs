@@ -71,6 +71,18 @@ fn bad_refs_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("type"), "{e}");
+    // A misspelt optional field is named, not silently ignored.
+    let e =
+        serde_json::from_value::<SecretRef>(json!({"type": "GCP", "project": "p", "secret_id": "s", "versoin": "3"}))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("unknown field `versoin`"), "{e}");
+    let e = serde_json::from_value::<SecretRef>(
+        json!({"type": "AWS", "region": "r", "secret_id": "s", "roleArn": "arn:aws:iam::1:role/x"}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown field `roleArn`") && e.contains("role_arn"), "{e}");
 }
 
 #[tokio::test]
@@ -119,6 +131,9 @@ fn values_become_string_maps() {
     assert_eq!(value_of(&s, "tls"), "true");
     let s = value::from_text(&r, "token-xyz:abc".into()).unwrap();
     assert_eq!(value_of(&s, "value"), "token-xyz:abc");
+    // Other plain text is only `value`.
+    let s = value::from_text(&r, "my super secret data".into()).unwrap();
+    assert_eq!(s.keys().collect::<Vec<_>>(), vec!["value"]);
     // A JSON string or list is not an object: kept whole as the plain value.
     let s = value::from_text(&r, "[1,2]".into()).unwrap();
     assert_eq!(value_of(&s, "value"), "[1,2]");
@@ -137,6 +152,24 @@ fn values_become_string_maps() {
     assert!(e.to_string().contains("\"cert\""), "{e}");
     let e = value::from_text(&r, r#"{"k":null}"#.into()).unwrap_err();
     assert!(e.to_string().contains("\"k\""), "{e}");
+}
+
+#[test]
+fn a_plain_text_access_key_pair_is_a_rancher_key() {
+    use crate::integrations::rancher::ApiKey;
+    let r = reference(json!({"type": "AWS", "region": "r", "secret_id": "s"}));
+    // As `aws secretsmanager create-secret --secret-string 'token-abc:xyz'` (or `echo ... |` with
+    // its newline) stores it.
+    for text in ["token-abc:xyz", "token-abc:xyz\n"] {
+        let s = value::from_text(&r, text.into()).unwrap();
+        assert!(ApiKey::from_secret(&s).is_ok(), "{text:?}");
+    }
+    // Text that is not one pair still names the keys Rancher needs.
+    let s = value::from_text(&r, "just-a-password".into()).unwrap();
+    let e = ApiKey::from_secret(&s).unwrap_err().to_string();
+    assert!(e.contains("access_key") && e.contains("keys: value"), "{e}");
+    let s = value::from_text(&r, "a:b:c".into()).unwrap();
+    assert!(ApiKey::from_secret(&s).is_err());
 }
 
 fn aws_ref() -> SecretRef {
@@ -270,6 +303,9 @@ fn secrets_config_from_env_and_ttl_variable() {
     .unwrap();
     assert_eq!(c.cache_ttl_seconds, 0);
     assert_eq!(c.allowed_secrets_to_read, vec!["a", "b"]);
+    // Helm's brace form, copied into a plain variable (Docker users), means the same list.
+    let c = SecretsConfig::from_env(env(&[("ALLOWED_SECRETS_TO_READ", "{secret1,secret2, secret3}")])).unwrap();
+    assert_eq!(c.allowed_secrets_to_read, vec!["secret1", "secret2", "secret3"]);
     let e = SecretsConfig::from_env(env(&[("APONO_SECRET_CACHE_TTL_SECONDS", "5m")])).unwrap_err();
     assert!(e.to_string().contains("APONO_SECRET_CACHE_TTL_SECONDS"), "{e}");
     // Through the full loader too.

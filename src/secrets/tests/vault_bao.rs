@@ -414,4 +414,26 @@ async fn namespaces() {
     // Outside the namespace the mount does not exist.
     let root = stores_with(json!([{"address": bao.base, "token": BAO_ROOT}]));
     assert!(root.fetch(&r).await.is_err());
+    // `VAULT_NAMESPACE`, as the seed's HCP steps export it, applies to a definition without one.
+    let env = |k: &str| match k {
+        "VAULT_NAMESPACE" => Some("team".to_string()),
+        "HASHICORP_VAULT_CONFIG" => Some(json!([{"address": bao.base, "token": BAO_ROOT}]).to_string()),
+        _ => None,
+    };
+    let config = SecretsConfig::from_env(env).unwrap();
+    let from_env = SecretStores::from_config(&config).unwrap();
+    assert_eq!(value_of(&from_env.fetch(&r).await.unwrap(), "token"), "in-namespace");
+    // A definition's own namespace wins over the variable.
+    let config = SecretsConfig {
+        vault_namespace: Some("elsewhere".into()),
+        ..config
+    };
+    let own = SecretsConfig {
+        hashicorp_vault_config: Some(SecretString::from(
+            json!([{"address": bao.base, "token": BAO_ROOT, "namespace": "team"}]).to_string(),
+        )),
+        ..config
+    };
+    let own = SecretStores::from_config(&own).unwrap();
+    assert_eq!(value_of(&own.fetch(&r).await.unwrap(), "token"), "in-namespace");
 }

@@ -13,15 +13,60 @@ fn err(text: &str) -> String {
     }
 }
 
+/// Apono's documentation, verbatim: the AWS line has a trailing comma (JSON does not allow it).
+const SEED_FROM_SECRET_STORE: &str = r#"[{"address":"http://HASHICORP_VAULT_URL","token":"HASHICORP_VAULT_TOKEN"},
+{"from_secret_store": "AWS", "region": "AWS_REGION", "secret_id": "AWS_SECRET_ID",},
+{"from_secret_store": "GCP", "project": "GCP_PROJECT_ID", "secret_id": "GCP_SECRET_ID"},
+{"from_secret_store": "AZURE", "AZURE_KEY_VAULT_URL": "vault_url", "name": "SECRET_NAME"},
+{"from_secret_store": "KUBERNETES", "NAMESPACE": "namespace", "name": "SECRET_NAME"}
+]"#;
+
+#[test]
+fn seed_list_with_trailing_comma_is_accepted_with_a_warning_naming_it() {
+    let logs = super::support::LogCapture::default();
+    let _guard = logs.install();
+    VaultDefinitions::parse(SEED_FROM_SECRET_STORE).unwrap();
+    let text = logs.text();
+    assert!(
+        text.contains("WARN") && text.contains("HASHICORP_VAULT_CONFIG") && text.contains("trailing comma (line 2)"),
+        "{text}"
+    );
+    // A comma inside a string value is data, not a trailing comma.
+    let logs = super::support::LogCapture::default();
+    let _guard = logs.install();
+    VaultDefinitions::parse(r#"[{"address":"http://v","token":"t,}","namespace":"a,]"}]"#).unwrap();
+    assert!(!logs.text().contains("trailing comma"), "{}", logs.text());
+    // Still not JSON: a missing comma is refused.
+    let e = err(r#"[{"address":"http://v" "token":"t"}]"#);
+    assert!(e.contains("not valid JSON"), "{e}");
+}
+
+#[test]
+fn line_wrapped_ca_cert_base64_is_accepted() {
+    let (cert, _) = super::support::self_signed(&["vault.local"]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(cert);
+    // As `base64 ca.pem` prints it: wrapped at 76 columns (and JSON-escaped newlines inside the string).
+    let wrapped: Vec<String> = b64
+        .as_bytes()
+        .chunks(76)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    assert!(wrapped.len() > 1);
+    VaultDefinitions::parse(&format!(
+        r#"[{{"address":"https://v","token":"t","ca_cert_base64":"{}"}}]"#,
+        wrapped.join("\\n")
+    ))
+    .unwrap();
+    VaultDefinitions::parse(&format!(
+        r#"[{{"address":"https://v","token":"t","ca_cert_base64":"{}"}}]"#,
+        wrapped.join("\\r\\n")
+    ))
+    .unwrap();
+}
+
 #[test]
 fn apono_documented_shapes_parse() {
-    // As in Apono's documentation (the AWS line there has a trailing comma; JSON does not allow it).
-    let doc = r#"[{"address":"http://HASHICORP_VAULT_URL","token":"HASHICORP_VAULT_TOKEN"},
-        {"from_secret_store": "AWS", "region": "AWS_REGION", "secret_id": "AWS_SECRET_ID"},
-        {"from_secret_store": "GCP", "project": "GCP_PROJECT_ID", "secret_id": "GCP_SECRET_ID"},
-        {"from_secret_store": "AZURE", "AZURE_KEY_VAULT_URL": "vault_url", "name": "SECRET_NAME"},
-        {"from_secret_store": "KUBERNETES", "NAMESPACE": "namespace", "name": "SECRET_NAME"}]"#;
-    VaultDefinitions::parse(doc).unwrap();
+    VaultDefinitions::parse(SEED_FROM_SECRET_STORE).unwrap();
     VaultDefinitions::parse(r#"[{"address":"http://v","token":"t","skip_verify":"true"}]"#).unwrap();
     VaultDefinitions::parse(r#"[{"address":"http://v","token":"t","skip_verify":false,"namespace":"admin"}]"#).unwrap();
     VaultDefinitions::parse(r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s"}]"#).unwrap();
