@@ -84,6 +84,10 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let describe = reference.describe();
+    let (region, secret_id) = match reference {
+        SecretRef::Aws { region, secret_id, .. } => (region.as_str(), secret_id.as_str()),
+        _ => ("<region>", "<secret>"),
+    };
     match &err {
         SdkError::ServiceError(service) => {
             let e = service.err();
@@ -94,10 +98,23 @@ where
                     reference: describe,
                     hint: format!("Secrets Manager has no such secret in this region ({message})"),
                 },
+                // Apono's IAM policy grants both actions only on secrets tagged
+                // apono-connector-read=true, so a missing tag looks like a missing permission.
                 "AccessDeniedException" => SecretError::NotPermitted {
                     reference: describe,
                     hint: format!(
-                        "the connector's AWS identity lacks secretsmanager:{action} on this secret ({message})"
+                        "AWS denied secretsmanager:{action} ({message}). If the connector's IAM policy is \
+                         conditioned on aws:ResourceTag/apono-connector-read (as Apono's is), add the tag \
+                         apono-connector-read=true: aws secretsmanager tag-resource --region {region} \
+                         --secret-id {secret_id} --tags Key=apono-connector-read,Value=true; otherwise \
+                         grant secretsmanager:{action} on this secret"
+                    ),
+                },
+                "DecryptionFailure" | "DecryptionFailureException" => SecretError::NotPermitted {
+                    reference: describe,
+                    hint: format!(
+                        "Secrets Manager cannot decrypt the secret: grant kms:Decrypt on the secret's KMS key \
+                         to the connector's AWS identity ({message})"
                     ),
                 },
                 "UnrecognizedClientException"
@@ -118,10 +135,22 @@ where
                         hint: format!("{code} ({message})"),
                     }
                 }
-                _ => SecretError::Unreachable {
-                    reference: describe,
-                    hint: format!("{action} failed: {code} ({message})"),
-                },
+                // Anything else is classed by its HTTP status: a 4xx is the request's fault
+                // (InvalidParameterException, ValidationException, ...) and a retry cannot fix it.
+                _ => {
+                    let status = service.raw().status().as_u16();
+                    if (400..500).contains(&status) && status != 429 {
+                        SecretError::Misconfigured {
+                            store: "AWS".into(),
+                            hint: format!("{action} of {describe} was refused: {code} ({message})"),
+                        }
+                    } else {
+                        SecretError::Unreachable {
+                            reference: describe,
+                            hint: format!("{action} failed: HTTP {status} {code} ({message})"),
+                        }
+                    }
+                }
             }
         }
         _ => {

@@ -144,3 +144,82 @@ async fn unreachable_endpoint_is_retryable() {
     assert_eq!(e.code(), "secret_store_unreachable", "{e}");
     assert!(e.retryable());
 }
+
+/// A Secrets Manager that answers DescribeSecret with the read tag and GetSecretValue with
+/// `status` and the JSON error `{"__type": kind, ...}` (the AWS JSON 1.1 protocol's error shape).
+async fn failing_get(status: u16, kind: &'static str) -> SdkConfig {
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().fallback(move |headers: HeaderMap| async move {
+        let target = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let (code, body) = if target.ends_with("DescribeSecret") {
+            (
+                StatusCode::OK,
+                json!({"Name": "s", "Tags": [{"Key": "apono-connector-read", "Value": "true"}]}),
+            )
+        } else {
+            (
+                StatusCode::from_u16(status).unwrap(),
+                json!({"__type": kind, "message": format!("{kind} from the fake")}),
+            )
+        };
+        (code, [("content-type", "application/x-amz-json-1.1")], body.to_string())
+    });
+    let addr = super::support::serve_http(app).await;
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(format!("http://{addr}"))
+        .region("us-east-1")
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .load()
+        .await
+}
+
+#[tokio::test]
+async fn a_kms_decryption_failure_is_not_retried_and_names_kms_decrypt() {
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(
+        failing_get(400, "DecryptionFailure").await,
+    )));
+    let e = stores.fetch(&aws_ref("s")).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("kms:Decrypt"), "{e}");
+    assert!(e.to_string().contains("DecryptionFailure from the fake"), "{e}");
+}
+
+#[tokio::test]
+async fn an_invalid_parameter_is_not_retried_and_carries_the_store_message() {
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(
+        failing_get(400, "InvalidParameterException").await,
+    )));
+    let e = stores.fetch(&aws_ref("s")).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
+    assert!(e.to_string().contains("InvalidParameterException from the fake"), "{e}");
+}
+
+#[tokio::test]
+async fn an_unknown_server_error_stays_retryable() {
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(
+        failing_get(500, "SomethingNew").await,
+    )));
+    let e = stores.fetch(&aws_ref("s")).await.unwrap_err();
+    assert!(e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+}
+
+/// Apono's IAM policy allows GetSecretValue only on tagged secrets: the denial says to add the tag.
+#[tokio::test]
+async fn access_denied_under_a_tag_conditioned_policy_says_add_the_tag() {
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(
+        failing_get(400, "AccessDeniedException").await,
+    )));
+    let e = stores.fetch(&aws_ref("s")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(!e.retryable());
+    let text = e.to_string();
+    assert!(text.contains("add the tag apono-connector-read=true"), "{e}");
+    assert!(text.contains("tag-resource --region us-east-1 --secret-id s"), "{e}");
+}
