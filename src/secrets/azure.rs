@@ -165,9 +165,14 @@ fn map_error(reference: &SecretRef, err: azure_core::Error) -> SecretError {
                     reference: describe,
                     hint: format!("the key vault refused the connector's token ({code})"),
                 },
+                // Any other 4xx (400 BadParameter for a name with `_`, ...) is the request's fault.
+                400..=499 if status != 408 && status != 429 => SecretError::Misconfigured {
+                    store: "AZURE".into(),
+                    hint: format!("the key vault refused {describe}: {status} {code}: {err}"),
+                },
                 _ => SecretError::Unreachable {
                     reference: describe,
-                    hint: format!("the key vault answered {status} ({code})"),
+                    hint: format!("the key vault answered {status} ({code}): {err}"),
                 },
             }
         }

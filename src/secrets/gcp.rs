@@ -112,9 +112,19 @@ fn map_error(reference: &SecretRef, action: &str, err: google_cloud_gax::error::
                 reference: describe,
                 hint: format!("Secret Manager refused the request: {message}"),
             },
-            code => SecretError::Unreachable {
+            // Only transient conditions are worth a retry; the rest is the request's fault.
+            code @ (Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
+            | Code::Unknown) => SecretError::Unreachable {
                 reference: describe,
                 hint: format!("{action}: {code:?} ({message})"),
+            },
+            code => SecretError::Misconfigured {
+                store: "GCP".into(),
+                hint: format!("Secret Manager refused {action} of {describe}: {code:?} ({message})"),
             },
         };
     }
@@ -134,9 +144,13 @@ fn map_error(reference: &SecretRef, action: &str, err: google_cloud_gax::error::
                 reference: describe,
                 hint: format!("Secret Manager answered 403 to {action}"),
             },
+            400..=499 if code != 408 && code != 429 => SecretError::Misconfigured {
+                store: "GCP".into(),
+                hint: format!("Secret Manager answered {code} to {action} of {describe}: {err}"),
+            },
             _ => SecretError::Unreachable {
                 reference: describe,
-                hint: format!("Secret Manager answered {code} to {action}"),
+                hint: format!("Secret Manager answered {code} to {action}: {err}"),
             },
         };
     }

@@ -39,7 +39,7 @@ impl KubernetesStore {
     async fn client(&self, reference: &SecretRef) -> Result<kube::Client, SecretError> {
         self.client
             .get_or_try_init(|| async {
-                let config = kube::Config::infer().await.map_err(|e| SecretError::Misconfigured {
+                let mut config = kube::Config::infer().await.map_err(|e| SecretError::Misconfigured {
                     store: "KUBERNETES".into(),
                     hint: format!(
                         "no in-cluster service account and no usable kubeconfig for {}: {}",
@@ -47,6 +47,9 @@ impl KubernetesStore {
                         infer_error_text(&e)
                     ),
                 })?;
+                // kube's default retry (15 tries, backoff up to 1000 s on 429/503/504) would stack
+                // under the agent's own retries and hide the cause behind the registry's timeout.
+                config.default_retry = false;
                 kube::Client::try_from(config).map_err(|e| SecretError::Misconfigured {
                     store: "KUBERNETES".into(),
                     hint: format!("cannot build a Kubernetes client: {e}"),
@@ -97,14 +100,15 @@ fn map_error(reference: &SecretRef, namespace: &str, err: kube::Error) -> Secret
                     status.message
                 ),
             },
-            code if code >= 500 || code == 429 => SecretError::Unreachable {
+            code if code >= 500 || code == 429 || code == 408 => SecretError::Unreachable {
                 reference: describe,
                 hint: format!("the Kubernetes API answered {code} ({})", status.message),
             },
-            code => SecretError::Unreachable {
-                reference: describe,
+            // 400/422 and the like: the request is wrong (a bad name), a retry cannot fix it.
+            code => SecretError::Misconfigured {
+                store: "KUBERNETES".into(),
                 hint: format!(
-                    "the Kubernetes API answered {code} ({}: {})",
+                    "the Kubernetes API refused {describe}: {code} ({}: {})",
                     status.reason, status.message
                 ),
             },

@@ -141,6 +141,14 @@ async fn get_secret(
             "The user, group or application 'appid=...' does not have secrets get permission on key vault 'apono-test'.",
         );
     }
+    // Key Vault names allow only letters, digits and dashes; anything else is a 400 BadParameter.
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            &format!("The request URI contains an invalid name: {name}"),
+        );
+    }
     let secrets = vault.secrets.lock().unwrap();
     let Some((value, tags)) = secrets.get(&name) else {
         return error(
@@ -434,4 +442,16 @@ async fn env_credential_child() {
         assert_eq!(e.code(), "secret_not_permitted", "{e}");
         assert!(!e.to_string().contains("wrong-secret-value"), "{e}");
     }
+}
+
+#[tokio::test]
+async fn a_bad_name_is_not_retried_and_carries_key_vaults_message() {
+    let (vault, store, _, url) = fake().await;
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher_key"}));
+    let e = stores.fetch(&r).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+    assert!(e.to_string().contains("invalid name: rancher_key"), "{e}");
+    assert!(vault.value_reads.lock().unwrap().is_empty());
 }

@@ -50,6 +50,22 @@ async fn get_secret(
             ),
         );
     }
+    // Two namespaces that stand for API-server failures: a request it rejects (400, as
+    // apiserver's responsewriters answer a malformed request) and an overloaded server (503).
+    if ns == "badrequest" {
+        return status(
+            400,
+            "BadRequest",
+            format!("the request for secrets \"{name}\" is invalid"),
+        );
+    }
+    if ns == "overloaded" {
+        return status(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request".into(),
+        );
+    }
     // `Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`: metadata only, as
     // the API server's metadata transform does.
     let metadata_only = headers
@@ -94,7 +110,9 @@ pub fn secret(ns: &str, name: &str, labelled: bool, data: &[(&str, &[u8])]) -> K
 /// A fake API server holding `secrets`; returns a kube client pointed at it.
 pub async fn fake(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets) {
     let (addr, map) = serve(secrets).await;
-    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    // As the store's own client: the agent retries, not kube.
+    config.default_retry = false;
     (kube::Client::try_from(config).unwrap(), map)
 }
 
@@ -236,4 +254,23 @@ async fn kubeconfig_child() {
     let stores = SecretStores::empty().with_store(Arc::new(KubernetesStore::new(vec!["rancher".into()])));
     let r = reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "rancher"}));
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-kubeconfig");
+}
+
+#[tokio::test]
+async fn a_rejected_request_is_not_retried_but_an_overloaded_server_is() {
+    let (client, _) = fake(vec![]).await;
+    let stores = SecretStores::empty().with_store(Arc::new(KubernetesStore::with_client(client, vec![])));
+    let r = |ns: &str| reference(json!({"type": "KUBERNETES", "namespace": ns, "name": "rancher"}));
+
+    let e = stores.fetch(&r("badrequest")).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+    assert!(
+        e.to_string().contains("the request for secrets \"rancher\" is invalid"),
+        "{e}"
+    );
+
+    let e = stores.fetch(&r("overloaded")).await.unwrap_err();
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("503"), "{e}");
 }
