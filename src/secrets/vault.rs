@@ -11,8 +11,9 @@
 //! A reference that names no `vault` (Apono's never do) is served by the first definition that
 //! holds the path; a vault that lacks it, refuses it or is unreachable passes to the next.
 //!
-//! A 403 from Vault re-reads every definition (the token may have been rotated in the file or in
-//! the other store), logs in again and retries once. The KV version of a mount is asked of
+//! A 403 with a token Vault no longer accepts re-reads every definition (the token may have been
+//! rotated in the file or in the other store), logs in again and retries once; a 403 with a token
+//! Vault still accepts is a policy denial and is reported as such, without a new login. The KV version of a mount is asked of
 //! `sys/internal/ui/mounts/{mount}` (allowed by Vault's default policy) and remembered.
 
 use std::collections::HashMap;
@@ -393,9 +394,14 @@ struct Conn {
     kv_versions: Mutex<HashMap<String, u8>>,
 }
 
-/// Vault's answer, before it becomes a `SecretError` (a 403 is retried first).
+/// Vault's answer, before it becomes a `SecretError`.
 enum ReadError {
+    /// A 403 with a token Vault no longer accepts (expired, revoked, rotated): worth re-reading
+    /// the definition and logging in again.
     Forbidden(String),
+    /// A 403 with a token Vault still accepts: its policy denies the path, so logging in again
+    /// would only spend a use of an AppRole secret ID.
+    Denied(String),
     Other(SecretError),
 }
 
@@ -546,6 +552,19 @@ impl Conn {
         Some(version)
     }
 
+    /// Whether Vault still accepts `token` (`auth/token/lookup-self`, allowed by the default
+    /// policy). False when it cannot tell, so a doubtful token is replaced.
+    async fn token_accepted(&self, token: &SecretString) -> bool {
+        let Ok(url) = self.def.address.join("v1/auth/token/lookup-self") else {
+            return false;
+        };
+        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
+        if let Some(ns) = &self.def.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        matches!(request.send().await, Ok(r) if r.status().is_success())
+    }
+
     async fn read(&self, reference: &SecretRef, mount: &str, path: &str) -> Result<Secret, ReadError> {
         let token = self.token(reference).await.map_err(ReadError::Other)?;
         let client = self
@@ -565,7 +584,14 @@ impl Conn {
         let describe = || reference.describe();
         match result {
             Ok(data) => value::from_json_map(reference, data).map_err(ReadError::Other),
-            Err(ClientError::APIError { code: 403, errors }) => Err(ReadError::Forbidden(errors.join("; "))),
+            Err(ClientError::APIError { code: 403, errors }) => {
+                let why = errors.join("; ");
+                if self.token_accepted(&token).await {
+                    Err(ReadError::Denied(why))
+                } else {
+                    Err(ReadError::Forbidden(why))
+                }
+            }
             Err(ClientError::APIError { code: 404, .. })
             | Err(ClientError::ResponseEmptyError)
             | Err(ClientError::ResponseDataEmptyError) => Err(ReadError::Other(SecretError::NotFound {
@@ -585,6 +611,15 @@ impl Conn {
             })),
             Err(e) => Err(ReadError::Other(unreachable_error(reference, &self.describe(), &e))),
         }
+    }
+}
+
+fn denied(reference: &SecretRef, why: &str, mount: &str, path: &str) -> SecretError {
+    SecretError::NotPermitted {
+        reference: reference.describe(),
+        hint: format!(
+            "{why}: the token's policy must allow \"read\" on {mount}/data/{path} (KV v2) or {mount}/{path} (KV v1)"
+        ),
     }
 }
 
@@ -810,12 +845,13 @@ impl VaultStore {
                 Err(ReadError::Forbidden(why)) => {
                     Err(ReadError::Forbidden(format!("vault {}: {why}", conn.describe())))
                 }
+                Err(ReadError::Denied(why)) => Err(ReadError::Denied(format!("vault {}: {why}", conn.describe()))),
                 other => other,
             };
         }
         let conns = self.resolve_all(loaded).await;
         let several = conns.len() > 1;
-        let (mut forbidden, mut first_error, mut not_found) = (None, None, None);
+        let (mut forbidden, mut denied, mut first_error, mut not_found) = (None, None, None, None);
         for conn in conns {
             let conn = match conn {
                 Ok(c) => c,
@@ -832,7 +868,10 @@ impl VaultStore {
                     return Ok(s);
                 }
                 Err(ReadError::Forbidden(why)) => {
-                    forbidden.get_or_insert((conn.describe(), why));
+                    forbidden.get_or_insert(format!("vault {}: {why}", conn.describe()));
+                }
+                Err(ReadError::Denied(why)) => {
+                    denied.get_or_insert(format!("vault {}: {why}", conn.describe()));
                 }
                 Err(ReadError::Other(e @ SecretError::NotFound { .. })) => {
                     not_found.get_or_insert(e);
@@ -842,8 +881,11 @@ impl VaultStore {
                 }
             }
         }
-        if let Some((vault, why)) = forbidden {
-            return Err(ReadError::Forbidden(format!("vault {vault}: {why}")));
+        if let Some(why) = forbidden {
+            return Err(ReadError::Forbidden(why));
+        }
+        if let Some(why) = denied {
+            return Err(ReadError::Denied(why));
         }
         match first_error.or(not_found) {
             Some(e) => Err(ReadError::Other(e)),
@@ -873,6 +915,7 @@ impl SecretStore for VaultStore {
         match self.read_once(&loaded, reference, vault.as_deref(), mount, path).await {
             Ok(s) => return Ok(s),
             Err(ReadError::Other(e)) => return Err(e),
+            Err(ReadError::Denied(why)) => return Err(denied(reference, &why, mount, path)),
             Err(ReadError::Forbidden(why)) => {
                 tracing::info!(reason = %why, "vault answered 403; re-reading its definition and retrying once");
             }
@@ -881,12 +924,7 @@ impl SecretStore for VaultStore {
         match self.read_once(&loaded, reference, vault.as_deref(), mount, path).await {
             Ok(s) => Ok(s),
             Err(ReadError::Other(e)) => Err(e),
-            Err(ReadError::Forbidden(why)) => Err(SecretError::NotPermitted {
-                reference: reference.describe(),
-                hint: format!(
-                    "{why}: the token's policy must allow \"read\" on {mount}/data/{path} (KV v2) or {mount}/{path} (KV v1)"
-                ),
-            }),
+            Err(ReadError::Forbidden(why) | ReadError::Denied(why)) => Err(denied(reference, &why, mount, path)),
         }
     }
 }

@@ -536,3 +536,37 @@ async fn an_unreachable_definition_does_not_stop_the_others() {
     let s = crate::secrets::SecretStore::fetch(&vault, &named).await.unwrap();
     assert_eq!(value_of(&s, "token"), "from-second");
 }
+
+#[tokio::test]
+async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/other/x", json!({"data": {"k": "v"}})).await;
+    bao.reader_token().await; // creates the policy, which does not cover other/
+    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
+    bao.post(
+        "auth/approle/role/apono",
+        json!({"token_policies": ["reader"], "secret_id_num_uses": 2}),
+    )
+    .await;
+    let role_id = bao
+        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+        .await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vault = vault_over_memory(
+        json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
+        &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
+    );
+    let r = vault_ref("secret", "other/x");
+    for attempt in 1..=3 {
+        let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
+        assert_eq!(e.code(), "secret_not_permitted", "attempt {attempt}: {e}");
+        assert!(e.to_string().contains("policy must allow"), "attempt {attempt}: {e}");
+    }
+}
