@@ -390,8 +390,27 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
 struct Conn {
     def: Definition,
     http: reqwest::Client,
-    token: Mutex<Option<SecretString>>,
+    token: Mutex<Option<Held>>,
     kv_versions: Mutex<HashMap<String, u8>>,
+}
+
+/// A token in use, and when to renew it (None: a configured token, or one that does not expire).
+struct Held {
+    token: SecretString,
+    renew_at: Option<Instant>,
+    renewable: bool,
+}
+
+impl Held {
+    /// Renewed once two thirds of its life have passed, so a read never races its expiry.
+    fn new(token: SecretString, lease_seconds: u64, renewable: bool) -> Held {
+        let renew_at = (lease_seconds > 0).then(|| Instant::now() + Duration::from_secs(lease_seconds) * 2 / 3);
+        Held {
+            token,
+            renew_at,
+            renewable,
+        }
+    }
 }
 
 /// Vault's answer, before it becomes a `SecretError`.
@@ -467,11 +486,33 @@ impl Conn {
         })
     }
 
-    /// The token to send: the configured one, or one from logging in (kept until a 403).
+    /// The token to send: the configured one, or one from logging in, renewed before it expires
+    /// (logged in again, and the old one revoked, when it cannot be renewed).
     async fn token(&self, reference: &SecretRef) -> Result<SecretString, SecretError> {
         let mut slot = self.token.lock().await;
-        if let Some(t) = slot.as_ref() {
-            return Ok(t.clone());
+        let mut expiring = None;
+        if let Some(held) = slot.as_ref() {
+            match held.renew_at {
+                Some(at) if Instant::now() >= at => {
+                    if held.renewable
+                        && let Ok(client) = self.client(held.token.expose_secret())
+                    {
+                        match vaultrs::token::renew_self(&client, None).await {
+                            Ok(auth) => {
+                                let renewed = Held::new(held.token.clone(), auth.lease_duration, auth.renewable);
+                                let token = renewed.token.clone();
+                                *slot = Some(renewed);
+                                return Ok(token);
+                            }
+                            Err(e) => {
+                                tracing::info!(vault = %self.describe(), error = %e, "cannot renew the vault token; logging in again");
+                            }
+                        }
+                    }
+                    expiring = Some(held.token.clone());
+                }
+                _ => return Ok(held.token.clone()),
+            }
         }
         let login_error = |method: &str, e: ClientError| match e {
             ClientError::APIError { code, errors } if code < 500 => SecretError::NotPermitted {
@@ -484,8 +525,8 @@ impl Conn {
             },
             other => unreachable_error(reference, &self.describe(), &other),
         };
-        let token = match &self.def.auth {
-            Auth::Token(t) => t.clone(),
+        let held = match &self.def.auth {
+            Auth::Token(t) => Held::new(t.clone(), 0, false),
             Auth::AppRole {
                 mount,
                 role_id,
@@ -495,7 +536,11 @@ impl Conn {
                 let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
                     .await
                     .map_err(|e| login_error("AppRole", e))?;
-                SecretString::from(auth.client_token)
+                Held::new(
+                    SecretString::from(auth.client_token),
+                    auth.lease_duration,
+                    auth.renewable,
+                )
             }
             Auth::Kubernetes {
                 mount,
@@ -516,10 +561,21 @@ impl Conn {
                 let auth = vaultrs::auth::kubernetes::login(&client, mount, role, jwt.trim())
                     .await
                     .map_err(|e| login_error("Kubernetes", e))?;
-                SecretString::from(auth.client_token)
+                Held::new(
+                    SecretString::from(auth.client_token),
+                    auth.lease_duration,
+                    auth.renewable,
+                )
             }
         };
-        *slot = Some(token.clone());
+        if let Some(old) = expiring
+            && let Ok(client) = self.client(old.expose_secret())
+            && let Err(e) = vaultrs::token::revoke_self(&client).await
+        {
+            tracing::debug!(vault = %self.describe(), error = %e, "cannot revoke the replaced vault token");
+        }
+        let token = held.token.clone();
+        *slot = Some(held);
         Ok(token)
     }
 

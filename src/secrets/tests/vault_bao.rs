@@ -570,3 +570,44 @@ async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
         assert!(e.to_string().contains("policy must allow"), "attempt {attempt}: {e}");
     }
 }
+
+#[tokio::test]
+async fn approle_tokens_are_renewed_before_they_expire() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"token": "still-readable"}}),
+    )
+    .await;
+    bao.reader_token().await; // creates the policy
+    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
+    // A 4 s token and a secret ID good for one login: only renewal keeps reads working.
+    bao.post(
+        "auth/approle/role/apono",
+        json!({"token_policies": ["reader"], "token_ttl": "4s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
+    )
+    .await;
+    let role_id = bao
+        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+        .await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vault = vault_over_memory(
+        json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
+        &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
+    );
+    let r = vault_ref("secret", "apono/rancher");
+    // Reads past two thirds of the token's life renew it; the last one is past the first token's
+    // expiry, when a new login would be refused.
+    for _ in 0..3 {
+        let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
+        assert_eq!(value_of(&s, "token"), "still-readable");
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+}
