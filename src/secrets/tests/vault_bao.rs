@@ -611,3 +611,56 @@ async fn approle_tokens_are_renewed_before_they_expire() {
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     }
 }
+
+/// An AWS stand-in whose reads each wait until `barrier` has as many readers waiting: reads made one
+/// after another never get through.
+struct BarrierStore {
+    barrier: tokio::sync::Barrier,
+    address: String,
+}
+
+#[async_trait::async_trait]
+impl crate::secrets::SecretStore for BarrierStore {
+    fn store_type(&self) -> &'static str {
+        "AWS"
+    }
+
+    async fn fetch(&self, _reference: &SecretRef) -> Result<crate::secrets::Secret, crate::secrets::SecretError> {
+        self.barrier.wait().await;
+        let values = [("address", self.address.as_str()), ("token", BAO_ROOT)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), SecretString::from(v.to_string())))
+            .collect();
+        Ok(crate::secrets::Secret::new(values))
+    }
+}
+
+#[tokio::test]
+async fn from_secret_store_definitions_are_resolved_in_parallel() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "parallel"}}))
+        .await;
+    let store: std::sync::Arc<dyn crate::secrets::SecretStore> = std::sync::Arc::new(BarrierStore {
+        barrier: tokio::sync::Barrier::new(2),
+        address: bao.base.clone(),
+    });
+    let definitions = crate::secrets::VaultDefinitions::parse(
+        &json!([
+            {"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "first"},
+            {"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "second"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let vault = crate::secrets::VaultStore::new(definitions, vec![store]);
+    // Resolved one after the other, the first read would wait for the second forever; the timeout
+    // only turns that hang into a failure.
+    let r = vault_ref("secret", "apono/rancher");
+    let read = crate::secrets::SecretStore::fetch(&vault, &r);
+    let s = tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the definitions were resolved one after the other")
+        .unwrap();
+    assert_eq!(value_of(&s, "token"), "parallel");
+}
