@@ -4,16 +4,22 @@
 //! `HASHICORP_VAULT_CONFIG_FILE_PATH` (re-read when it changes). An entry is either a vault
 //! (`address` + token, AppRole or Kubernetes auth, TLS options) or `{"from_secret_store": ...}`: a
 //! pointer to a secret in another store that holds such a definition. Those are resolved on first
-//! use, not at start-up, so a connector starts even when that store is briefly unreachable.
+//! use, not at start-up, so a connector starts even when that store is briefly unreachable; all at
+//! once, so one slow store does not add up with the others; and again after a failure (with
+//! backoff), so a transient failure heals without a restart.
 //!
-//! A 403 from Vault re-reads every definition (the token may have been rotated in the file or in
-//! the other store), logs in again and retries once. The KV version of a mount is asked of
+//! A reference that names no `vault` (Apono's never do) is served by the first definition that
+//! holds the path; a vault that lacks it, refuses it or is unreachable passes to the next.
+//!
+//! A 403 with a token Vault no longer accepts re-reads every definition (the token may have been
+//! rotated in the file or in the other store), logs in again and retries once; a 403 with a token
+//! Vault still accepts is a policy denial and is reported as such, without a new login. The KV version of a mount is asked of
 //! `sys/internal/ui/mounts/{mount}` (allowed by Vault's default policy) and remembered.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -384,13 +390,37 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
 struct Conn {
     def: Definition,
     http: reqwest::Client,
-    token: Mutex<Option<SecretString>>,
+    token: Mutex<Option<Held>>,
     kv_versions: Mutex<HashMap<String, u8>>,
 }
 
-/// Vault's answer, before it becomes a `SecretError` (a 403 is retried first).
+/// A token in use, and when to renew it (None: a configured token, or one that does not expire).
+struct Held {
+    token: SecretString,
+    renew_at: Option<Instant>,
+    renewable: bool,
+}
+
+impl Held {
+    /// Renewed once two thirds of its life have passed, so a read never races its expiry.
+    fn new(token: SecretString, lease_seconds: u64, renewable: bool) -> Held {
+        let renew_at = (lease_seconds > 0).then(|| Instant::now() + Duration::from_secs(lease_seconds) * 2 / 3);
+        Held {
+            token,
+            renew_at,
+            renewable,
+        }
+    }
+}
+
+/// Vault's answer, before it becomes a `SecretError`.
 enum ReadError {
+    /// A 403 with a token Vault no longer accepts (expired, revoked, rotated): worth re-reading
+    /// the definition and logging in again.
     Forbidden(String),
+    /// A 403 with a token Vault still accepts: its policy denies the path, so logging in again
+    /// would only spend a use of an AppRole secret ID.
+    Denied(String),
     Other(SecretError),
 }
 
@@ -456,11 +486,33 @@ impl Conn {
         })
     }
 
-    /// The token to send: the configured one, or one from logging in (kept until a 403).
+    /// The token to send: the configured one, or one from logging in, renewed before it expires
+    /// (logged in again, and the old one revoked, when it cannot be renewed).
     async fn token(&self, reference: &SecretRef) -> Result<SecretString, SecretError> {
         let mut slot = self.token.lock().await;
-        if let Some(t) = slot.as_ref() {
-            return Ok(t.clone());
+        let mut expiring = None;
+        if let Some(held) = slot.as_ref() {
+            match held.renew_at {
+                Some(at) if Instant::now() >= at => {
+                    if held.renewable
+                        && let Ok(client) = self.client(held.token.expose_secret())
+                    {
+                        match vaultrs::token::renew_self(&client, None).await {
+                            Ok(auth) => {
+                                let renewed = Held::new(held.token.clone(), auth.lease_duration, auth.renewable);
+                                let token = renewed.token.clone();
+                                *slot = Some(renewed);
+                                return Ok(token);
+                            }
+                            Err(e) => {
+                                tracing::info!(vault = %self.describe(), error = %e, "cannot renew the vault token; logging in again");
+                            }
+                        }
+                    }
+                    expiring = Some(held.token.clone());
+                }
+                _ => return Ok(held.token.clone()),
+            }
         }
         let login_error = |method: &str, e: ClientError| match e {
             ClientError::APIError { code, errors } if code < 500 => SecretError::NotPermitted {
@@ -473,8 +525,8 @@ impl Conn {
             },
             other => unreachable_error(reference, &self.describe(), &other),
         };
-        let token = match &self.def.auth {
-            Auth::Token(t) => t.clone(),
+        let held = match &self.def.auth {
+            Auth::Token(t) => Held::new(t.clone(), 0, false),
             Auth::AppRole {
                 mount,
                 role_id,
@@ -484,7 +536,11 @@ impl Conn {
                 let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
                     .await
                     .map_err(|e| login_error("AppRole", e))?;
-                SecretString::from(auth.client_token)
+                Held::new(
+                    SecretString::from(auth.client_token),
+                    auth.lease_duration,
+                    auth.renewable,
+                )
             }
             Auth::Kubernetes {
                 mount,
@@ -505,10 +561,21 @@ impl Conn {
                 let auth = vaultrs::auth::kubernetes::login(&client, mount, role, jwt.trim())
                     .await
                     .map_err(|e| login_error("Kubernetes", e))?;
-                SecretString::from(auth.client_token)
+                Held::new(
+                    SecretString::from(auth.client_token),
+                    auth.lease_duration,
+                    auth.renewable,
+                )
             }
         };
-        *slot = Some(token.clone());
+        if let Some(old) = expiring
+            && let Ok(client) = self.client(old.expose_secret())
+            && let Err(e) = vaultrs::token::revoke_self(&client).await
+        {
+            tracing::debug!(vault = %self.describe(), error = %e, "cannot revoke the replaced vault token");
+        }
+        let token = held.token.clone();
+        *slot = Some(held);
         Ok(token)
     }
 
@@ -541,6 +608,19 @@ impl Conn {
         Some(version)
     }
 
+    /// Whether Vault still accepts `token` (`auth/token/lookup-self`, allowed by the default
+    /// policy). False when it cannot tell, so a doubtful token is replaced.
+    async fn token_accepted(&self, token: &SecretString) -> bool {
+        let Ok(url) = self.def.address.join("v1/auth/token/lookup-self") else {
+            return false;
+        };
+        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
+        if let Some(ns) = &self.def.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        matches!(request.send().await, Ok(r) if r.status().is_success())
+    }
+
     async fn read(&self, reference: &SecretRef, mount: &str, path: &str) -> Result<Secret, ReadError> {
         let token = self.token(reference).await.map_err(ReadError::Other)?;
         let client = self
@@ -560,7 +640,14 @@ impl Conn {
         let describe = || reference.describe();
         match result {
             Ok(data) => value::from_json_map(reference, data).map_err(ReadError::Other),
-            Err(ClientError::APIError { code: 403, errors }) => Err(ReadError::Forbidden(errors.join("; "))),
+            Err(ClientError::APIError { code: 403, errors }) => {
+                let why = errors.join("; ");
+                if self.token_accepted(&token).await {
+                    Err(ReadError::Denied(why))
+                } else {
+                    Err(ReadError::Forbidden(why))
+                }
+            }
             Err(ClientError::APIError { code: 404, .. })
             | Err(ClientError::ResponseEmptyError)
             | Err(ClientError::ResponseDataEmptyError) => Err(ReadError::Other(SecretError::NotFound {
@@ -580,6 +667,15 @@ impl Conn {
             })),
             Err(e) => Err(ReadError::Other(unreachable_error(reference, &self.describe(), &e))),
         }
+    }
+}
+
+fn denied(reference: &SecretRef, why: &str, mount: &str, path: &str) -> SecretError {
+    SecretError::NotPermitted {
+        reference: reference.describe(),
+        hint: format!(
+            "{why}: the token's policy must allow \"read\" on {mount}/data/{path} (KV v2) or {mount}/{path} (KV v1)"
+        ),
     }
 }
 
@@ -607,11 +703,62 @@ fn unreachable_error(reference: &SecretRef, vault: &str, e: &ClientError) -> Sec
     }
 }
 
-/// The definitions resolved into connections (a `from_secret_store` entry that failed keeps its
-/// error, reported when that vault is wanted).
+/// First wait before a failed definition is resolved again; doubled on each failure up to
+/// `RETRY_MAX`, so a store that is down is not hammered, yet a transient failure heals quickly.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+enum SlotState {
+    Unresolved,
+    Ready(Arc<Conn>),
+    /// Resolving failed at `at`; `error` is answered until `backoff` has passed.
+    Failed {
+        error: SecretError,
+        at: Instant,
+        backoff: Duration,
+    },
+}
+
+/// One configured entry and what resolving it gave. Resolved on first use, not at start-up, and
+/// resolved again after a failure (with backoff) rather than remembered as failed until a restart.
+struct Slot {
+    entry: Entry,
+    state: Mutex<SlotState>,
+}
+
+impl Slot {
+    async fn conn(&self, store: &VaultStore) -> Result<Arc<Conn>, SecretError> {
+        // Held while resolving, so concurrent reads resolve a definition once.
+        let mut state = self.state.lock().await;
+        let previous = match &*state {
+            SlotState::Ready(c) => return Ok(c.clone()),
+            SlotState::Failed { error, at, backoff } if at.elapsed() < *backoff => return Err(error.clone()),
+            SlotState::Failed { backoff, .. } => Some(*backoff),
+            SlotState::Unresolved => None,
+        };
+        match store.resolve(self.entry.clone()).await {
+            Ok(c) => {
+                *state = SlotState::Ready(c.clone());
+                Ok(c)
+            }
+            Err(error) => {
+                let backoff = previous.map_or(RETRY_MIN, |b| (b * 2).min(RETRY_MAX));
+                tracing::warn!(error = %error, retry_in_s = backoff.as_secs(), "cannot resolve a vault definition; will retry");
+                *state = SlotState::Failed {
+                    error: error.clone(),
+                    at: Instant::now(),
+                    backoff,
+                };
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The configured definitions, each resolved lazily.
 struct Loaded {
     stamp: Option<(SystemTime, u64)>,
-    conns: Vec<Result<Arc<Conn>, SecretError>>,
+    slots: Vec<Slot>,
 }
 
 /// Reads HashiCorp Vault / OpenBao KV entries.
@@ -666,8 +813,8 @@ impl VaultStore {
         Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
     }
 
-    /// The connections, (re)loading them when the definitions file changed, or when `stale` (the
-    /// set a caller got a 403 with) is still the current one: concurrent 403s reload once.
+    /// The definitions, re-read when the definitions file changed, or when `stale` (the set a
+    /// caller got a 403 with) is still the current one: concurrent 403s reload once.
     async fn conns(&self, stale: Option<&Arc<Loaded>>) -> Result<Arc<Loaded>, SecretError> {
         let mut slot = self.loaded.lock().await;
         let force = match (stale, slot.as_ref()) {
@@ -700,33 +847,106 @@ impl VaultStore {
                 (entries, stamp)
             }
         };
-        let mut conns = Vec::with_capacity(entries.len());
-        for entry in entries {
-            conns.push(self.resolve(entry).await);
+        if entries.is_empty() {
+            return Err(misconfigured(&format!("{ENV_CONFIG} lists no vault")));
         }
-        let loaded = Arc::new(Loaded { stamp, conns });
+        let slots = entries
+            .into_iter()
+            .map(|entry| Slot {
+                entry,
+                state: Mutex::new(SlotState::Unresolved),
+            })
+            .collect();
+        let loaded = Arc::new(Loaded { stamp, slots });
         *slot = Some(loaded.clone());
         Ok(loaded)
     }
 
-    fn pick(loaded: &Loaded, wanted: Option<&str>) -> Result<Arc<Conn>, SecretError> {
-        let Some(wanted) = wanted else {
-            return match loaded.conns.first() {
-                Some(c) => c.clone(),
-                None => Err(misconfigured(&format!("{ENV_CONFIG} lists no vault"))),
-            };
-        };
-        if let Some(c) = loaded.conns.iter().flatten().find(|c| c.matches(wanted)) {
+    /// Every definition resolved, in parallel: one slow or unreachable store costs its own time
+    /// once, not once per definition per read.
+    async fn resolve_all(&self, loaded: &Loaded) -> Vec<Result<Arc<Conn>, SecretError>> {
+        futures::future::join_all(loaded.slots.iter().map(|s| s.conn(self))).await
+    }
+
+    /// The vault named (or addressed) `wanted`.
+    async fn pick(&self, loaded: &Loaded, wanted: &str) -> Result<Arc<Conn>, SecretError> {
+        let conns = self.resolve_all(loaded).await;
+        if let Some(c) = conns.iter().flatten().find(|c| c.matches(wanted)) {
             return Ok(c.clone());
         }
-        if let Some(Err(e)) = loaded.conns.iter().find(|c| c.is_err()) {
+        if let Some(Err(e)) = conns.iter().find(|c| c.is_err()) {
             return Err(e.clone());
         }
-        let known: Vec<String> = loaded.conns.iter().flatten().map(|c| c.describe()).collect();
+        let known: Vec<String> = conns.iter().flatten().map(|c| c.describe()).collect();
         Err(misconfigured(&format!(
             "no vault named {wanted:?} is configured (known: {})",
             known.join(", ")
         )))
+    }
+
+    /// One attempt at the read. Without `wanted`, the definitions are tried in order (Apono's
+    /// references name no vault, yet its documentation lists several): the first that holds the
+    /// path serves it; a vault that lacks it, refuses it or cannot be reached passes to the next.
+    async fn read_once(
+        &self,
+        loaded: &Loaded,
+        reference: &SecretRef,
+        wanted: Option<&str>,
+        mount: &str,
+        path: &str,
+    ) -> Result<Secret, ReadError> {
+        if let Some(wanted) = wanted {
+            let conn = self.pick(loaded, wanted).await.map_err(ReadError::Other)?;
+            return match conn.read(reference, mount, path).await {
+                Err(ReadError::Forbidden(why)) => {
+                    Err(ReadError::Forbidden(format!("vault {}: {why}", conn.describe())))
+                }
+                Err(ReadError::Denied(why)) => Err(ReadError::Denied(format!("vault {}: {why}", conn.describe()))),
+                other => other,
+            };
+        }
+        let conns = self.resolve_all(loaded).await;
+        let several = conns.len() > 1;
+        let (mut forbidden, mut denied, mut first_error, mut not_found) = (None, None, None, None);
+        for conn in conns {
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            match conn.read(reference, mount, path).await {
+                Ok(s) => {
+                    if several {
+                        tracing::info!(vault = %conn.describe(), path = %format!("{mount}/{path}"), "read from the first configured vault that holds the path");
+                    }
+                    return Ok(s);
+                }
+                Err(ReadError::Forbidden(why)) => {
+                    forbidden.get_or_insert(format!("vault {}: {why}", conn.describe()));
+                }
+                Err(ReadError::Denied(why)) => {
+                    denied.get_or_insert(format!("vault {}: {why}", conn.describe()));
+                }
+                Err(ReadError::Other(e @ SecretError::NotFound { .. })) => {
+                    not_found.get_or_insert(e);
+                }
+                Err(ReadError::Other(e)) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(why) = forbidden {
+            return Err(ReadError::Forbidden(why));
+        }
+        if let Some(why) = denied {
+            return Err(ReadError::Denied(why));
+        }
+        match first_error.or(not_found) {
+            Some(e) => Err(ReadError::Other(e)),
+            None => Err(ReadError::Other(misconfigured(&format!("{ENV_CONFIG} lists no vault")))),
+        }
     }
 }
 
@@ -748,25 +968,19 @@ impl SecretStore for VaultStore {
         let mount = secret_engine.trim_matches('/');
         let path = path.trim_matches('/');
         let loaded = self.conns(None).await?;
-        let conn = Self::pick(&loaded, vault.as_deref())?;
-        match conn.read(reference, mount, path).await {
+        match self.read_once(&loaded, reference, vault.as_deref(), mount, path).await {
             Ok(s) => return Ok(s),
             Err(ReadError::Other(e)) => return Err(e),
+            Err(ReadError::Denied(why)) => return Err(denied(reference, &why, mount, path)),
             Err(ReadError::Forbidden(why)) => {
-                tracing::info!(vault = %conn.describe(), reason = %why, "vault answered 403; re-reading its definition and retrying once");
+                tracing::info!(reason = %why, "vault answered 403; re-reading its definition and retrying once");
             }
         }
-        let conn = Self::pick(&*self.conns(Some(&loaded)).await?, vault.as_deref())?;
-        match conn.read(reference, mount, path).await {
+        let loaded = self.conns(Some(&loaded)).await?;
+        match self.read_once(&loaded, reference, vault.as_deref(), mount, path).await {
             Ok(s) => Ok(s),
             Err(ReadError::Other(e)) => Err(e),
-            Err(ReadError::Forbidden(why)) => Err(SecretError::NotPermitted {
-                reference: reference.describe(),
-                hint: format!(
-                    "vault {} denied the read ({why}): the token's policy must allow \"read\" on {mount}/data/{path} (KV v2) or {mount}/{path} (KV v1)",
-                    conn.describe()
-                ),
-            }),
+            Err(ReadError::Forbidden(why) | ReadError::Denied(why)) => Err(denied(reference, &why, mount, path)),
         }
     }
 }

@@ -437,3 +437,230 @@ async fn namespaces() {
     let own = SecretStores::from_config(&own).unwrap();
     assert_eq!(value_of(&own.fetch(&r).await.unwrap(), "token"), "in-namespace");
 }
+
+/// A Vault store whose definitions may point at `memory` (standing in for AWS).
+fn vault_over_memory(
+    config: Value,
+    memory: &std::sync::Arc<crate::secrets::MemoryStore>,
+) -> crate::secrets::VaultStore {
+    let definitions = crate::secrets::VaultDefinitions::parse(&config.to_string()).unwrap();
+    let other: std::sync::Arc<dyn crate::secrets::SecretStore> = memory.clone();
+    crate::secrets::VaultStore::new(definitions, vec![other])
+}
+
+fn definition_ref() -> SecretRef {
+    reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}))
+}
+
+fn unreachable_store() -> crate::secrets::SecretError {
+    crate::secrets::SecretError::Unreachable {
+        reference: "AWS secret vault-definition".into(),
+        hint: "connection refused".into(),
+    }
+}
+
+#[tokio::test]
+async fn from_secret_store_failure_heals_on_a_later_read() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "healed"}}))
+        .await;
+    let memory = std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS"));
+    memory.fail_with(&definition_ref(), unreachable_store());
+    let vault = vault_over_memory(
+        json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}]),
+        &memory,
+    );
+    let r = vault_ref("secret", "apono/rancher");
+    let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
+    assert_eq!(e.code(), unreachable_store().code(), "{e}");
+
+    // The store comes back; after the (first, one-second) backoff the definition is fetched again.
+    memory.set(&definition_ref(), [("address", bao.base.as_str()), ("token", BAO_ROOT)]);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "healed");
+}
+
+#[tokio::test]
+async fn reference_without_vault_uses_the_first_definition_that_holds_the_path() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("sys/namespaces/team", json!({})).await;
+    bao.post("secret/data/other/x", json!({"data": {"token": "in-root"}}))
+        .await;
+    let reader = bao.reader_token().await;
+    // 0: a namespace without the path (404); 1: a token not allowed to read it (403); 2: holds it.
+    let vault = vault_over_memory(
+        json!([
+            {"address": bao.base, "token": BAO_ROOT, "namespace": "team", "name": "team"},
+            {"address": bao.base, "token": reader, "name": "reader"},
+            {"address": bao.base, "token": BAO_ROOT, "name": "root"},
+        ]),
+        &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
+    );
+    let s = crate::secrets::SecretStore::fetch(&vault, &vault_ref("secret", "other/x"))
+        .await
+        .unwrap();
+    assert_eq!(value_of(&s, "token"), "in-root");
+    // Held by none: the 403 is what the user must fix, and it names the vault.
+    let e = crate::secrets::SecretStore::fetch(&vault, &vault_ref("secret", "other/missing"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("reader"), "{e}");
+}
+
+#[tokio::test]
+async fn an_unreachable_definition_does_not_stop_the_others() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-second"}}))
+        .await;
+    let memory = std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS"));
+    memory.fail_with(&definition_ref(), unreachable_store());
+    let vault = vault_over_memory(
+        json!([
+            {"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"},
+            {"address": bao.base, "token": BAO_ROOT, "name": "second"},
+        ]),
+        &memory,
+    );
+    let s = crate::secrets::SecretStore::fetch(&vault, &vault_ref("secret", "apono/rancher"))
+        .await
+        .unwrap();
+    assert_eq!(value_of(&s, "token"), "from-second");
+    let named = reference(
+        json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "second"}),
+    );
+    let s = crate::secrets::SecretStore::fetch(&vault, &named).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "from-second");
+}
+
+#[tokio::test]
+async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/other/x", json!({"data": {"k": "v"}})).await;
+    bao.reader_token().await; // creates the policy, which does not cover other/
+    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
+    bao.post(
+        "auth/approle/role/apono",
+        json!({"token_policies": ["reader"], "secret_id_num_uses": 2}),
+    )
+    .await;
+    let role_id = bao
+        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+        .await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vault = vault_over_memory(
+        json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
+        &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
+    );
+    let r = vault_ref("secret", "other/x");
+    for attempt in 1..=3 {
+        let e = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap_err();
+        assert_eq!(e.code(), "secret_not_permitted", "attempt {attempt}: {e}");
+        assert!(e.to_string().contains("policy must allow"), "attempt {attempt}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn approle_tokens_are_renewed_before_they_expire() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"token": "still-readable"}}),
+    )
+    .await;
+    bao.reader_token().await; // creates the policy
+    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
+    // A 4 s token and a secret ID good for one login: only renewal keeps reads working.
+    bao.post(
+        "auth/approle/role/apono",
+        json!({"token_policies": ["reader"], "token_ttl": "4s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
+    )
+    .await;
+    let role_id = bao
+        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+        .await["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vault = vault_over_memory(
+        json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
+        &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
+    );
+    let r = vault_ref("secret", "apono/rancher");
+    // Reads past two thirds of the token's life renew it; the last one is past the first token's
+    // expiry, when a new login would be refused.
+    for _ in 0..3 {
+        let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
+        assert_eq!(value_of(&s, "token"), "still-readable");
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+}
+
+/// An AWS stand-in whose reads each wait until `barrier` has as many readers waiting: reads made one
+/// after another never get through.
+struct BarrierStore {
+    barrier: tokio::sync::Barrier,
+    address: String,
+}
+
+#[async_trait::async_trait]
+impl crate::secrets::SecretStore for BarrierStore {
+    fn store_type(&self) -> &'static str {
+        "AWS"
+    }
+
+    async fn fetch(&self, _reference: &SecretRef) -> Result<crate::secrets::Secret, crate::secrets::SecretError> {
+        self.barrier.wait().await;
+        let values = [("address", self.address.as_str()), ("token", BAO_ROOT)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), SecretString::from(v.to_string())))
+            .collect();
+        Ok(crate::secrets::Secret::new(values))
+    }
+}
+
+#[tokio::test]
+async fn from_secret_store_definitions_are_resolved_in_parallel() {
+    let Some(guard) = start_bao(false).await else { return };
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "parallel"}}))
+        .await;
+    let store: std::sync::Arc<dyn crate::secrets::SecretStore> = std::sync::Arc::new(BarrierStore {
+        barrier: tokio::sync::Barrier::new(2),
+        address: bao.base.clone(),
+    });
+    let definitions = crate::secrets::VaultDefinitions::parse(
+        &json!([
+            {"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "first"},
+            {"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "second"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let vault = crate::secrets::VaultStore::new(definitions, vec![store]);
+    // Resolved one after the other, the first read would wait for the second forever; the timeout
+    // only turns that hang into a failure.
+    let r = vault_ref("secret", "apono/rancher");
+    let read = crate::secrets::SecretStore::fetch(&vault, &r);
+    let s = tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the definitions were resolved one after the other")
+        .unwrap();
+    assert_eq!(value_of(&s, "token"), "parallel");
+}
