@@ -582,10 +582,12 @@ async fn approle_tokens_are_renewed_before_they_expire() {
     .await;
     bao.reader_token().await; // creates the policy
     bao.post("sys/auth/approle", json!({"type": "approle"})).await;
-    // A 4 s token and a secret ID good for one login: only renewal keeps reads working.
+    // A 9 s token and a secret ID good for one login: only renewal keeps reads working. Reads
+    // come 6.5 s apart: past two thirds of the token's life (6 s), with 2.5 s to spare before it
+    // expires, so a loaded machine does not make the test flaky.
     bao.post(
         "auth/approle/role/apono",
-        json!({"token_policies": ["reader"], "token_ttl": "4s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
+        json!({"token_policies": ["reader"], "token_ttl": "9s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
     )
     .await;
     let role_id = bao
@@ -608,7 +610,7 @@ async fn approle_tokens_are_renewed_before_they_expire() {
     for _ in 0..3 {
         let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
         assert_eq!(value_of(&s, "token"), "still-readable");
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
     }
 }
 
