@@ -59,6 +59,24 @@ impl Bao {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Enables AppRole, creates the role `apono` with `role` settings, and returns its role id and
+    /// a new secret id.
+    pub async fn approle(&self, role: Value) -> (String, String) {
+        self.post("sys/auth/approle", json!({"type": "approle"})).await;
+        self.post("auth/approle/role/apono", role).await;
+        let role_id = self
+            .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
+            .await["data"]["role_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let secret_id = self.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (role_id, secret_id)
+    }
+
     /// A token limited to `policy` (which allows reading everything under `secret/` and `kv1/`).
     pub async fn reader_token(&self) -> String {
         self.post(
@@ -141,19 +159,7 @@ async fn approle_login_and_named_vaults() {
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}}))
         .await;
     bao.reader_token().await; // creates the policy
-    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
-    bao.post("auth/approle/role/apono", json!({"token_policies": ["reader"]}))
-        .await;
-    let role_id = bao
-        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
-        .await["data"]["role_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (role_id, secret_id) = bao.approle(json!({"token_policies": ["reader"]})).await;
 
     let stores = stores_with(json!([
         {"name": "unused", "address": "http://127.0.0.1:1", "token": "x"},
@@ -543,22 +549,9 @@ async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/other/x", json!({"data": {"k": "v"}})).await;
     bao.reader_token().await; // creates the policy, which does not cover other/
-    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
-    bao.post(
-        "auth/approle/role/apono",
-        json!({"token_policies": ["reader"], "secret_id_num_uses": 2}),
-    )
-    .await;
-    let role_id = bao
-        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
-        .await["data"]["role_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (role_id, secret_id) = bao
+        .approle(json!({"token_policies": ["reader"], "secret_id_num_uses": 2}))
+        .await;
     let vault = vault_over_memory(
         json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
         &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
@@ -581,25 +574,14 @@ async fn approle_tokens_are_renewed_before_they_expire() {
     )
     .await;
     bao.reader_token().await; // creates the policy
-    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
     // A 9 s token and a secret ID good for one login: only renewal keeps reads working. Reads
     // come 6.5 s apart: past two thirds of the token's life (6 s), with 2.5 s to spare before it
     // expires, so a loaded machine does not make the test flaky.
-    bao.post(
-        "auth/approle/role/apono",
-        json!({"token_policies": ["reader"], "token_ttl": "9s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
-    )
-    .await;
-    let role_id = bao
-        .call(reqwest::Method::GET, "auth/approle/role/apono/role-id", None)
-        .await["data"]["role_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let secret_id = bao.post("auth/approle/role/apono/secret-id", json!({})).await["data"]["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (role_id, secret_id) = bao
+        .approle(
+            json!({"token_policies": ["reader"], "token_ttl": "9s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
+        )
+        .await;
     let vault = vault_over_memory(
         json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
         &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
