@@ -161,20 +161,25 @@ impl Daemon {
 
     /// Waits for `state`; the access as it was then.
     async fn wait_state(&self, id: &str, state: AccessState, timeout: Duration) -> AccessRequest {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(a)) = self.op.access(id).await
-                && a.state == state
-            {
-                return a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "access {id} did not reach {state:?} within {timeout:?}: {:?}",
-                self.op.access(id).await
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_state(&self.op, id, state, timeout).await
+    }
+}
+
+/// Waits for an access to reach `state` on the operator API behind `op`; the access as it was then.
+async fn wait_state(op: &OperatorClient, id: &str, state: AccessState, timeout: Duration) -> AccessRequest {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(a)) = op.access(id).await
+            && a.state == state
+        {
+            return a;
         }
+        assert!(
+            Instant::now() < deadline,
+            "access {id} did not reach {state:?} within {timeout:?}: {:?}",
+            op.access(id).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -789,17 +794,7 @@ async fn sigterm_hands_back_the_lease_of_a_job_it_cannot_finish() {
     assert_eq!(job.state, JobState::Pending, "released, not left leased: {job:?}");
 
     let _second = agent(free_port());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let now = op.access(&a.id).await.expect("read").expect("access");
-        if now.state == AccessState::Active {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second agent did not take the job: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The second agent takes it at once, long before the first lease would have run out.
+    wait_state(&op, &a.id, AccessState::Active, Duration::from_secs(20)).await;
     sim.stop().await;
 }
