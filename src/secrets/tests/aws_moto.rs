@@ -37,9 +37,13 @@ fn aws_ref(secret_id: &str) -> SecretRef {
     reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": secret_id}))
 }
 
+#[cfg_attr(
+    not(apono_test_moto),
+    ignore = "needs moto: run tests/run, or set APONO_TEST_MOTO_SERVER"
+)]
 #[tokio::test]
 async fn reads_gates_and_sees_a_rotation_after_invalidation() {
-    let Some(moto) = start_moto().await else { return };
+    let moto = start_moto().await;
     let sdk = sdk_config(&moto).await;
     let admin = admin(&sdk);
     create(
@@ -116,9 +120,13 @@ async fn reads_gates_and_sees_a_rotation_after_invalidation() {
     assert!(m[0].errors.contains_key("secret_not_marked"));
 }
 
+#[cfg_attr(
+    not(apono_test_moto),
+    ignore = "needs moto: run tests/run, or set APONO_TEST_MOTO_SERVER"
+)]
 #[tokio::test]
 async fn role_arn_assumes_the_role_through_sts() {
-    let Some(moto) = start_moto().await else { return };
+    let moto = start_moto().await;
     let sdk = sdk_config(&moto).await;
     create(&admin(&sdk), "cross-account", r#"{"token":"t"}"#, true).await;
     let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk)));

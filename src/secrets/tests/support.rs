@@ -36,28 +36,17 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn is_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
-}
-
-/// The server binary, or `None` (after a loud message) when it is missing outside CI. Under
-/// `CI=true` a missing binary fails the test: CI installs it (tests/run), so missing means broken.
-fn require(name: &str, found: Option<PathBuf>, env_var: &str) -> Option<PathBuf> {
+/// The server binary. A test that needs one is compiled as ignored unless `CI=true` or the
+/// server's variable is set (see `build.rs`), so reaching here without the binary means the test
+/// was asked to run: fail, naming what to install.
+fn require(name: &str, found: Option<PathBuf>, env_var: &str) -> PathBuf {
     match found {
-        Some(p) => Some(p),
-        None if is_ci() => {
-            panic!("{name} not found (set {env_var} or run tests/run, which installs it); CI=true: failing")
-        }
-        None => {
-            eprintln!(
-                "\n*** SKIPPED: {name} not found (set {env_var} or run tests/run to install it into .venv-test) ***\n"
-            );
-            None
-        }
+        Some(p) => p,
+        None => panic!("{name} not found: set {env_var}, or run tests/run, which installs it into .venv-test"),
     }
 }
 
-pub fn moto_bin() -> Option<PathBuf> {
+pub fn moto_bin() -> PathBuf {
     let found = std::env::var_os("APONO_TEST_MOTO_SERVER")
         .map(PathBuf::from)
         .or_else(|| Some(manifest_dir().join(".venv-test/bin/moto_server")))
@@ -65,7 +54,7 @@ pub fn moto_bin() -> Option<PathBuf> {
     require("moto_server", found, "APONO_TEST_MOTO_SERVER")
 }
 
-pub fn bao_bin() -> Option<PathBuf> {
+pub fn bao_bin() -> PathBuf {
     let found = std::env::var_os("APONO_TEST_BAO").map(PathBuf::from).or_else(|| {
         let python = manifest_dir().join(".venv-test/bin/python");
         let out = Command::new(python)
@@ -157,9 +146,9 @@ where
 }
 
 /// moto on a free port, ready.
-pub async fn start_moto() -> Option<ServerGuard> {
-    let bin = moto_bin()?;
-    let guard = start_with_retries(
+pub async fn start_moto() -> ServerGuard {
+    let bin = moto_bin();
+    start_with_retries(
         |port| {
             let bin = bin.clone();
             async move {
@@ -173,17 +162,16 @@ pub async fn start_moto() -> Option<ServerGuard> {
         },
         false,
     )
-    .await;
-    Some(guard)
+    .await
 }
 
 pub const BAO_ROOT: &str = "root-token-for-tests";
 
 /// OpenBao in dev mode (root token [`BAO_ROOT`], `secret/` = KV v2), plain HTTP or its own dev TLS
 /// (the CA is then `dir/vault-ca.pem`).
-pub async fn start_bao(tls: bool) -> Option<ServerGuard> {
-    let bin = bao_bin()?;
-    let guard = start_with_retries(
+pub async fn start_bao(tls: bool) -> ServerGuard {
+    let bin = bao_bin();
+    start_with_retries(
         |port| {
             let bin = bin.clone();
             async move {
@@ -211,8 +199,7 @@ pub async fn start_bao(tls: bool) -> Option<ServerGuard> {
         },
         true,
     )
-    .await;
-    Some(guard)
+    .await
 }
 
 /// A self-signed certificate for `names`: (certificate PEM, key PEM).

@@ -102,9 +102,10 @@ fn vault_ref(engine: &str, path: &str) -> SecretRef {
     reference(json!({"type": "HASHICORP_VAULT", "secret_engine": engine, "path": path}))
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn token_kv_v1_and_v2_rotation_and_not_found() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post(
         "secret/data/apono/rancher",
@@ -152,9 +153,10 @@ async fn token_kv_v1_and_v2_rotation_and_not_found() {
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn approle_login_and_named_vaults() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-approle"}}))
         .await;
@@ -182,12 +184,14 @@ async fn approle_login_and_named_vaults() {
 }
 
 #[cfg(feature = "store-aws")]
+#[cfg_attr(
+    not(all(apono_test_moto, apono_test_bao)),
+    ignore = "needs moto and OpenBao: run tests/run, or set APONO_TEST_MOTO_SERVER and APONO_TEST_BAO"
+)]
 #[tokio::test]
 async fn from_secret_store_through_aws_and_token_rotation_on_403() {
-    let Some(guard) = start_bao(false).await else { return };
-    let Some(moto) = super::support::start_moto().await else {
-        return;
-    };
+    let guard = start_bao(false).await;
+    let moto = super::support::start_moto().await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-vault"}}))
         .await;
@@ -249,9 +253,10 @@ async fn from_secret_store_through_aws_and_token_rotation_on_403() {
     assert!(!e.to_string().contains("canary"), "{e}");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn definitions_file_is_reread_when_it_changes() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}}))
         .await;
@@ -274,9 +279,10 @@ async fn definitions_file_is_reread_when_it_changes() {
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn tls_with_ca_certificate_and_with_skip_verify() {
-    let Some(guard) = start_bao(true).await else { return };
+    let guard = start_bao(true).await;
     let bao = Bao::new(&guard, "https");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "over-tls"}}))
         .await;
@@ -350,9 +356,10 @@ fn service_account_jwt() -> String {
     )
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn kubernetes_auth_login() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "via-k8s-auth"}}))
         .await;
@@ -394,9 +401,10 @@ async fn kubernetes_auth_login() {
     assert!(e.to_string().contains("service account token"), "{e}");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn namespaces() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     let post = reqwest::Method::POST;
     bao.post("sys/namespaces/team", json!({})).await;
@@ -465,9 +473,10 @@ fn unreachable_store() -> crate::secrets::SecretError {
     }
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn from_secret_store_failure_heals_on_a_later_read() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "healed"}}))
         .await;
@@ -488,9 +497,10 @@ async fn from_secret_store_failure_heals_on_a_later_read() {
     assert_eq!(value_of(&s, "token"), "healed");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn reference_without_vault_uses_the_first_definition_that_holds_the_path() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("sys/namespaces/team", json!({})).await;
     bao.post("secret/data/other/x", json!({"data": {"token": "in-root"}}))
@@ -517,9 +527,10 @@ async fn reference_without_vault_uses_the_first_definition_that_holds_the_path()
     assert!(e.to_string().contains("reader"), "{e}");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn an_unreachable_definition_does_not_stop_the_others() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-second"}}))
         .await;
@@ -543,9 +554,10 @@ async fn an_unreachable_definition_does_not_stop_the_others() {
     assert_eq!(value_of(&s, "token"), "from-second");
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/other/x", json!({"data": {"k": "v"}})).await;
     bao.reader_token().await; // creates the policy, which does not cover other/
@@ -564,9 +576,10 @@ async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
     }
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn approle_tokens_are_renewed_before_they_expire() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post(
         "secret/data/apono/rancher",
@@ -619,9 +632,10 @@ impl crate::secrets::SecretStore for BarrierStore {
     }
 }
 
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn from_secret_store_definitions_are_resolved_in_parallel() {
-    let Some(guard) = start_bao(false).await else { return };
+    let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
     bao.post("secret/data/apono/rancher", json!({"data": {"token": "parallel"}}))
         .await;
