@@ -1,8 +1,15 @@
-# A Kubernetes Secret with the Rancher API key, labelled for the agent, and the agent installed
-# with Helm, allowed to read that Secret and nothing else.
+# The agent installed with Helm, and a Kubernetes Secret with the Rancher API key, labelled for
+# the agent, that the agent is allowed to read.
+#
+# The agent talks to the control plane at apono_url, or, with control_plane_in_cluster = true, to
+# one the chart runs in the cluster (controlPlane.enabled: `apono-connector control-plane serve`).
+# There is no default address: nothing leaves the cluster unless you say where to.
 
 terraform {
+  required_version = ">= 1.3"
   required_providers {
+    # The seed pins kubernetes 2.32.0 and helm 2.15.0; these ranges include them. Helm provider
+    # 3.x writes `set = [...]` instead of `set {}` blocks, so it stays out.
     kubernetes = {
       source  = "hashicorp/kubernetes"
       version = "~> 2.32"
@@ -20,13 +27,60 @@ variable "kubeconfig" {
 }
 
 variable "namespace" {
-  type    = string
-  default = "apono-connector"
+  type        = string
+  default     = "apono-connector"
+  description = "Namespace of the release, created when missing (an existing one is fine)."
+}
+
+variable "apono_url" {
+  type        = string
+  default     = null
+  description = "Address of the control plane (APONO_URL). Required unless control_plane_in_cluster is true."
+}
+
+variable "control_plane_in_cluster" {
+  type        = bool
+  default     = false
+  description = "Run the control plane in the cluster too (chart value controlPlane.enabled) and point the agent at it."
+}
+
+variable "connector_id" {
+  type = string
+}
+
+variable "apono_token" {
+  type        = string
+  default     = null
+  sensitive   = true
+  description = "The connector's token. Prefer apono_token_secret: a token given here is kept in the Terraform state."
+}
+
+variable "apono_token_secret" {
+  type        = string
+  default     = null
+  description = "Name of an existing Secret in the namespace holding the token (chart value apono.existingSecret): the token stays out of the Terraform state."
+}
+
+variable "apono_token_secret_key" {
+  type        = string
+  default     = "APONO_TOKEN"
+  description = "Key of the token in apono_token_secret."
+}
+
+variable "image_registry" {
+  type        = string
+  description = "Registry you pushed the image built from this repository's Dockerfile to."
 }
 
 variable "secret_name" {
   type    = string
   default = "rancher-api-key"
+}
+
+variable "other_allowed_secrets" {
+  type        = list(string)
+  default     = []
+  description = "More Secrets the agent may read: a bare name is in the release namespace, namespace/name elsewhere."
 }
 
 variable "rancher_access_key" {
@@ -39,25 +93,6 @@ variable "rancher_secret_key" {
   sensitive = true
 }
 
-variable "apono_token" {
-  type      = string
-  sensitive = true
-}
-
-variable "connector_id" {
-  type = string
-}
-
-variable "apono_url" {
-  type    = string
-  default = "api.apono.io"
-}
-
-variable "image_registry" {
-  type    = string
-  default = ""
-}
-
 provider "kubernetes" {
   config_path = var.kubeconfig
 }
@@ -68,36 +103,49 @@ provider "helm" {
   }
 }
 
-resource "kubernetes_namespace" "apono" {
-  metadata {
-    name = var.namespace
-  }
-}
-
-resource "kubernetes_secret" "rancher_api_key" {
-  metadata {
-    name      = var.secret_name
-    namespace = kubernetes_namespace.apono.metadata[0].name
-    labels = {
-      # The agent reads only secrets carrying this label.
-      "apono-connector-read" = "true"
-    }
-  }
-  data = {
-    access_key = var.rancher_access_key
-    secret_key = var.rancher_secret_key
-  }
-  type = "Opaque"
+locals {
+  apono_url_given = var.apono_url != null && var.apono_url != ""
+  allowed_secrets = concat([var.secret_name], var.other_allowed_secrets)
+  # Helm's list syntax, {a,b,c}. Apono's docs write "{secret1\,secret2\,secret3}", which Terraform
+  # refuses ("\," is not an HCL escape): the backslashes are for the shell, where they stop brace
+  # expansion. Terraform hands the value to Helm with no shell in between, so plain commas are
+  # right here. ("{a\\,b\\,c}" also works: Helm then reads one item holding commas, which the chart
+  # splits.)
+  allowed_secrets_value = "{${join(",", local.allowed_secrets)}}"
 }
 
 resource "helm_release" "apono_connector" {
-  name      = "apono-connector"
-  chart     = "${path.module}/../../helm/apono-connector"
-  namespace = kubernetes_namespace.apono.metadata[0].name
+  name             = "apono-connector"
+  chart            = "${path.module}/../../helm/apono-connector"
+  namespace        = var.namespace
+  create_namespace = true
 
+  lifecycle {
+    precondition {
+      condition     = local.apono_url_given != var.control_plane_in_cluster
+      error_message = "Set apono_url to your control plane's address, or control_plane_in_cluster = true to run one in the cluster (not both)."
+    }
+    precondition {
+      condition     = (var.apono_token != null) != (var.apono_token_secret != null)
+      error_message = "Set apono_token_secret (an existing Secret holding the token) or apono_token (one of the two)."
+    }
+  }
+
+  # set_sensitive keeps the token out of plans and logs, not out of the state: apono.existingSecret
+  # (apono_token_secret) does.
   set_sensitive {
     name  = "apono.token"
-    value = var.apono_token
+    value = var.apono_token == null ? "" : var.apono_token
+    type  = "string"
+  }
+  set {
+    name  = "apono.existingSecret"
+    value = var.apono_token_secret == null ? "" : var.apono_token_secret
+    type  = "string"
+  }
+  set {
+    name  = "apono.existingSecretKey"
+    value = var.apono_token_secret_key
     type  = "string"
   }
   set {
@@ -107,21 +155,48 @@ resource "helm_release" "apono_connector" {
   }
   set {
     name  = "apono.url"
-    value = var.apono_url
+    value = local.apono_url_given ? var.apono_url : ""
+    type  = "string"
+  }
+  set {
+    name  = "controlPlane.enabled"
+    value = tostring(var.control_plane_in_cluster)
   }
   set {
     name  = "image.registry"
     value = var.image_registry
+    type  = "string"
   }
+  # Apono's name for "let the agent read Kubernetes Secrets": the chart makes, in each namespace
+  # that holds a listed Secret, a Role with `get` on those Secrets only (resourceNames), bound to
+  # the agent's ServiceAccount. Nothing cluster-wide.
   set {
     name  = "serviceAccount.manageClusterRoles"
     value = "true"
   }
-  # A list of one: the agent may `get` this Secret and no other.
   set {
     name  = "allowedSecretsToRead"
-    value = "{${kubernetes_secret.rancher_api_key.metadata[0].name}}"
+    value = local.allowed_secrets_value
+    type  = "string"
   }
+}
+
+resource "kubernetes_secret" "rancher_api_key" {
+  metadata {
+    name      = var.secret_name
+    namespace = var.namespace
+    labels = {
+      # The agent reads only Secrets carrying this label.
+      "apono-connector-read" = "true"
+    }
+  }
+  data = {
+    access_key = var.rancher_access_key
+    secret_key = var.rancher_secret_key
+  }
+  type = "Opaque"
+  # The release creates the namespace when it is missing.
+  depends_on = [helm_release.apono_connector]
 }
 
 output "secret_store" {
