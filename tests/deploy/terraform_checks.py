@@ -1,0 +1,1201 @@
+"""Checks of the Terraform examples in deploy/terraform (run by tests/deploy/check.py).
+
+`terraform validate` needs the providers, which cannot be downloaded here, so the examples are
+checked in four other ways:
+
+1. Syntax: python-hcl2 parses each file, and `escape_errors` finds what python-hcl2 lets through
+   but Terraform refuses: an escape other than \\n \\r \\t \\" \\\\ \\uNNNN \\UNNNNNNNN in a quoted
+   string (the seed's "{a\\,b}"), or a quoted string running past the end of its line.
+2. Style: `terraform fmt -check -recursive` on a copy, when `terraform` is on PATH; the same binary
+   then confirms that `escape_errors` agrees with it on a set of samples.
+3. Meaning: a small evaluator of HCL expressions (variables, locals, conditionals, the few
+   functions the examples call) runs each example for every setting of its switches, and the
+   checks below assert what each store needs (README, "permissions the connector needs"):
+   exactly those grants, the read mark only with the opt-in, a Vault definition list with a login
+   the agent renews, no default control plane address.
+4. Each semantic check is itself checked: `MUTATIONS` breaks an example on purpose and the check
+   must then report a problem, so none of them can pass vacuously.
+
+With APONO_TEST_TF_PLUGIN_DIR naming a local provider mirror (`terraform init -plugin-dir`), the
+examples whose providers it holds also go through `terraform validate`.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import hcl2
+import helm_python as helm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(ROOT, "deploy", "terraform")
+MARK = "apono-connector-read"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Escapes, the way Terraform's HCL scanner reads them.
+
+SIMPLE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
+HEX = set("0123456789abcdefABCDEF")
+
+
+def _position(text, i):
+    line = text.count("\n", 0, i) + 1
+    return line, i - (text.rfind("\n", 0, i) + 1) + 1
+
+
+def escape_errors(text):
+    """Terraform's syntax errors in quoted strings, as [(line, column, message)]."""
+    errors = []
+    n = len(text)
+
+    def string(i):  # i: just after the opening quote; returns the index after the closing one
+        while i < n:
+            c = text[i]
+            if c == '"':
+                return i + 1
+            if c == "\n":
+                errors.append((*_position(text, i), "Unterminated template string: a quoted string ends on its line (use a heredoc)"))
+                return i + 1
+            if c == "\\":
+                selector = text[i + 1] if i + 1 < n else ""
+                if selector in SIMPLE_ESCAPES:
+                    i += 2
+                elif selector in ("u", "U"):
+                    width = 4 if selector == "u" else 8
+                    digits = text[i + 2:i + 2 + width]
+                    if len(digits) != width or not set(digits) <= HEX:
+                        errors.append((*_position(text, i), f"Invalid escape sequence: \\{selector} needs {width} hexadecimal digits"))
+                    i += 2 + width
+                else:
+                    errors.append((*_position(text, i), f'Invalid escape sequence: The symbol "{selector}" is not a valid escape sequence selector.'))
+                    i += 2
+                continue
+            if text.startswith(("$${", "%%{"), i):
+                i += 3
+            elif text.startswith(("${", "%{"), i):
+                i = interpolation(i + 2)
+            else:
+                i += 1
+        errors.append((*_position(text, n), "Unterminated template string"))
+        return n
+
+    def interpolation(i):  # i: just after ${ ; returns the index after the matching }
+        depth = 0
+        while i < n:
+            c = text[i]
+            if c == '"':
+                i = string(i + 1)
+                continue
+            if c in "{([":
+                depth += 1
+            elif c in ")]" or (c == "}" and depth > 0):
+                depth -= 1
+            elif c == "}":
+                return i + 1
+            i += 1
+        return n
+
+    heredoc = re.compile(r"<<-?([A-Za-z_][A-Za-z0-9_-]*)[ \t]*\n")
+    i = 0
+    while i < n:
+        c = text[i]
+        if c == "#" or text.startswith("//", i):
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        elif c == '"':
+            i = string(i + 1)
+        elif (m := heredoc.match(text, i)):
+            # Backslashes are literal in a heredoc; only its interpolations hold quoted strings.
+            close = re.compile(r"^[ \t]*" + re.escape(m.group(1)) + r"[ \t]*$", re.M).search(text, m.end())
+            end = close.start() if close else n
+            j = m.end()
+            while j < end:
+                if text.startswith(("$${", "%%{"), j):
+                    j += 3
+                elif text.startswith(("${", "%{"), j):
+                    j = interpolation(j + 2)
+                else:
+                    j += 1
+            i = close.end() if close else n
+        else:
+            i += 1
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A small evaluator of HCL expressions, enough for the examples' switches.
+
+
+class Unknown:
+    """A value known only after apply (a resource attribute), named by its reference."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __repr__(self):
+        return f"<{self.path}>"
+
+    def __eq__(self, other):
+        return isinstance(other, Unknown) and other.path == self.path
+
+    def __hash__(self):
+        return hash(self.path)
+
+
+class EvalError(Exception):
+    pass
+
+
+TOKEN = re.compile(r"""
+    (?P<skip>\s+|\#[^\n]*|//[^\n]*|/\*.*?\*/)
+  | (?P<num>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_-]*)
+  | (?P<op>==|!=|<=|>=|&&|\|\||=>|\.\.\.|[?:!+\-*/%<>()\[\]{},.=])
+""", re.X | re.S)
+
+
+def _template_end(text, i):
+    """Index after the } that closes an interpolation starting at i (just after ${)."""
+    depth = 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            i = _string(text, i + 1)[1]
+            continue
+        if c in "{([":
+            depth += 1
+        elif c in ")]" or (c == "}" and depth > 0):
+            depth -= 1
+        elif c == "}":
+            return i + 1
+        i += 1
+    raise EvalError("unclosed interpolation")
+
+
+def _template_parts(text, i, end_quote=True, escapes=True):
+    """Parts of a template from i: literal strings and parsed interpolations."""
+    parts, buf = [], []
+    while i < len(text):
+        c = text[i]
+        if end_quote and c == '"':
+            break
+        if escapes and c == "\\":
+            selector = text[i + 1]
+            if selector in SIMPLE_ESCAPES:
+                buf.append(SIMPLE_ESCAPES[selector])
+                i += 2
+            elif selector in "uU":
+                width = 4 if selector == "u" else 8
+                buf.append(chr(int(text[i + 2:i + 2 + width], 16)))
+                i += 2 + width
+            else:
+                raise EvalError(f"invalid escape \\{selector}")
+            continue
+        if text.startswith(("$${", "%%{"), i):
+            buf.append(text[i + 1:i + 3])
+            i += 3
+        elif text.startswith("${", i):
+            end = _template_end(text, i + 2)
+            if buf:
+                parts.append("".join(buf))
+                buf = []
+            parts.append(parse_expression(text[i + 2:end - 1].strip("~ \t\n")))
+            i = end
+        elif text.startswith("%{", i):
+            raise EvalError("template directives (%{...}) are not supported by this evaluator")
+        else:
+            buf.append(c)
+            i += 1
+    if buf:
+        parts.append("".join(buf))
+    return parts, i
+
+
+def _string(text, i):
+    parts, i = _template_parts(text, i)
+    return parts, i + 1
+
+
+def _tokens(text):
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == '"':
+            parts, i = _string(text, i + 1)
+            out.append(("str", parts))
+            continue
+        m = TOKEN.match(text, i)
+        if not m:
+            raise EvalError(f"cannot read {text[i:i + 20]!r}")
+        i = m.end()
+        if m.lastgroup == "num":
+            out.append(("num", float(m.group()) if "." in m.group() or "e" in m.group().lower() else int(m.group())))
+        elif m.lastgroup in ("ident", "op"):
+            out.append((m.lastgroup, m.group()))
+    out.append(("end", None))
+    return out
+
+
+BINARY = [("||",), ("&&",), ("==", "!="), ("<", ">", "<=", ">="), ("+", "-"), ("*", "/", "%")]
+
+
+class _Parser:
+    def __init__(self, text):
+        self.toks = _tokens(text)
+        self.i = 0
+
+    def peek(self, k=0):
+        return self.toks[self.i + k]
+
+    def take(self):
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def accept(self, value):
+        if self.peek()[1] == value and self.peek()[0] in ("op", "ident"):
+            self.i += 1
+            return True
+        return False
+
+    def expect(self, value):
+        if not self.accept(value):
+            raise EvalError(f"expected {value!r}, found {self.peek()[1]!r}")
+
+    def expression(self):
+        cond = self.binary(0)
+        if self.accept("?"):
+            yes = self.expression()
+            self.expect(":")
+            no = self.expression()
+            return ("cond", cond, yes, no)
+        return cond
+
+    def binary(self, level):
+        if level == len(BINARY):
+            return self.unary()
+        left = self.binary(level + 1)
+        while self.peek()[0] == "op" and self.peek()[1] in BINARY[level]:
+            op = self.take()[1]
+            left = ("bin", op, left, self.binary(level + 1))
+        return left
+
+    def unary(self):
+        if self.accept("!"):
+            return ("not", self.unary())
+        if self.accept("-"):
+            return ("neg", self.unary())
+        return self.postfix(self.primary())
+
+    def postfix(self, node):
+        while True:
+            if self.accept("."):
+                kind, value = self.take()
+                if value == "*":
+                    node = ("splat", node)
+                else:
+                    node = ("attr", node, value) if kind == "ident" else ("index", node, ("lit", value))
+            elif self.peek()[1] == "[" and self.peek()[0] == "op":
+                self.take()
+                if self.accept("*"):
+                    self.expect("]")
+                    node = ("splat", node)
+                else:
+                    index = self.expression()
+                    self.expect("]")
+                    node = ("index", node, index)
+            else:
+                return node
+
+    def primary(self):
+        kind, value = self.take()
+        if kind == "num":
+            return ("lit", value)
+        if kind == "str":
+            return ("tmpl", value)
+        if kind == "ident":
+            if value in ("true", "false"):
+                return ("lit", value == "true")
+            if value == "null":
+                return ("lit", None)
+            if self.accept("("):
+                args = []
+                while not self.accept(")"):
+                    args.append(self.expression())
+                    self.accept("...")
+                    self.accept(",")
+                return ("call", value, args)
+            return ("ref", value)
+        if value == "(":
+            inner = self.expression()
+            self.expect(")")
+            return inner
+        if value == "[":
+            if self.peek() == ("ident", "for"):
+                return self.for_expression("]")
+            items = []
+            while not self.accept("]"):
+                items.append(self.expression())
+                self.accept(",")
+            return ("list", items)
+        if value == "{":
+            if self.peek() == ("ident", "for") and self.peek(1)[0] == "ident":
+                return self.for_expression("}")
+            items = []
+            while not self.accept("}"):
+                if self.peek()[0] == "ident" and self.peek(1)[1] in ("=", ":"):
+                    key = ("lit", self.take()[1])
+                else:
+                    key = self.expression()
+                if not (self.accept("=") or self.accept(":")):
+                    raise EvalError("expected = in an object")
+                items.append((key, self.expression()))
+                self.accept(",")
+            return ("object", items)
+        raise EvalError(f"unexpected {value!r}")
+
+    def for_expression(self, closer):
+        self.expect("for")
+        names = [self.take()[1]]
+        if self.accept(","):
+            names.append(self.take()[1])
+        self.expect("in")
+        collection = self.expression()
+        self.expect(":")
+        first = self.expression()
+        second = self.expression() if self.accept("=>") else None
+        self.accept("...")
+        cond = self.expression() if self.accept("if") else None
+        self.expect(closer)
+        return ("for", closer, names, collection, first, second, cond)
+
+
+def parse_expression(text):
+    parser = _Parser(text)
+    node = parser.expression()
+    if parser.peek()[0] != "end":
+        raise EvalError(f"unexpected {parser.peek()[1]!r} after the expression in {text!r}")
+    return node
+
+
+def _to_string(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        raise EvalError("null in a string template")
+    return str(value)
+
+
+def _has_unknown(value):
+    if isinstance(value, Unknown):
+        return True
+    if isinstance(value, list):
+        return any(_has_unknown(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_unknown(v) for v in value.values())
+    return False
+
+
+def _jsonencode(value):
+    # Unknown values become "<reference>" strings, so a check can still read the structure.
+    return json.dumps(value, separators=(",", ":"), default=lambda u: f"<{u.path}>")
+
+
+def _merge(*maps):
+    out = {}
+    for m in maps:
+        out.update(m)
+    return out
+
+
+FUNCTIONS = {
+    "jsonencode": _jsonencode,
+    "join": lambda sep, items: sep.join(_to_string(v) for v in items),
+    "concat": lambda *lists: [v for lst in lists for v in lst],
+    "merge": _merge,
+    "length": len,
+    "tostring": _to_string,
+    "contains": lambda items, v: v in items,
+    "compact": lambda items: [v for v in items if v not in (None, "")],
+    "lower": str.lower,
+    "upper": str.upper,
+    "keys": lambda m: sorted(m),
+    "tolist": list,
+}
+
+
+class _Namespace:
+    def __init__(self, lookup):
+        self.lookup = lookup
+
+
+class Evaluation:
+    """One example evaluated with given variable values."""
+
+    def __init__(self, module, values):
+        self.module = module
+        self.values = dict(values)
+        unknown = set(values) - set(module.variables)
+        if unknown:
+            raise EvalError(f"no variable {sorted(unknown)} in {module.name}")
+        self._locals = {}
+
+    def var(self, name):
+        if name in self.values:
+            return self.values[name]
+        body = self.module.variables.get(name)
+        if body is None:
+            raise EvalError(f"{self.module.name}: no variable {name!r}")
+        if "default" not in body:
+            raise EvalError(f"{self.module.name}: variable {name!r} is required and the check gave no value")
+        return self.value(body["default"])
+
+    def local(self, name):
+        if name not in self._locals:
+            if name not in self.module.locals:
+                raise EvalError(f"{self.module.name}: no local {name!r}")
+            self._locals[name] = self.value(self.module.locals[name])
+        return self._locals[name]
+
+    def value(self, raw, scope=None):
+        """The value of an attribute as python-hcl2 gives it (a literal, an expression or a block)."""
+        if raw is None or isinstance(raw, (bool, int, float)):
+            return raw
+        if isinstance(raw, list):
+            return [self.value(v, scope) for v in raw]
+        if isinstance(raw, dict):
+            return {_unquote(k): self.value(v, scope) for k, v in raw.items() if not k.startswith("__")}
+        if raw.startswith("${") and raw.endswith("}"):
+            return self.eval(parse_expression(raw[2:-1]), scope or {})
+        if raw.startswith('"<<'):
+            return self.eval(("tmpl", _heredoc(raw[1:-1])), scope or {})
+        return self.eval(parse_expression(raw), scope or {})
+
+    def eval(self, node, scope):
+        kind = node[0]
+        if kind == "lit":
+            return node[1]
+        if kind == "tmpl":
+            out = []
+            for part in node[1]:
+                if isinstance(part, str):
+                    out.append(part)
+                    continue
+                v = self.eval(part, scope)
+                if _has_unknown(v):
+                    return Unknown("template")
+                out.append(_to_string(v))
+            return "".join(out)
+        if kind == "ref":
+            name = node[1]
+            if name in scope:
+                return scope[name]
+            if name == "var":
+                return _Namespace(self.var)
+            if name == "local":
+                return _Namespace(self.local)
+            return Unknown(name)
+        if kind == "attr":
+            base = self.eval(node[1], scope)
+            if isinstance(base, _Namespace):
+                return base.lookup(node[2])
+            if isinstance(base, Unknown):
+                return Unknown(f"{base.path}.{node[2]}")
+            if isinstance(base, dict) and node[2] in base:
+                return base[node[2]]
+            raise EvalError(f"no attribute {node[2]!r} in {base!r}")
+        if kind == "index":
+            base = self.eval(node[1], scope)
+            index = self.eval(node[2], scope)
+            if isinstance(base, Unknown):
+                return Unknown(f"{base.path}[{index}]")
+            try:
+                return base[index]
+            except (KeyError, IndexError, TypeError) as e:
+                raise EvalError(f"invalid index {index!r} into {base!r}") from e
+        if kind == "splat":
+            base = self.eval(node[1], scope)
+            return Unknown(f"{base.path}[*]") if isinstance(base, Unknown) else base
+        if kind == "cond":
+            cond = self.eval(node[1], scope)
+            if isinstance(cond, Unknown):
+                return Unknown("conditional")
+            return self.eval(node[2] if cond else node[3], scope)
+        if kind == "not":
+            v = self.eval(node[1], scope)
+            return v if isinstance(v, Unknown) else not v
+        if kind == "neg":
+            v = self.eval(node[1], scope)
+            return v if isinstance(v, Unknown) else -v
+        if kind == "bin":
+            op, left, right = node[1], self.eval(node[2], scope), self.eval(node[3], scope)
+            if isinstance(left, Unknown) or isinstance(right, Unknown):
+                return Unknown(f"({op})")
+            return {
+                "||": lambda: left or right, "&&": lambda: left and right,
+                "==": lambda: left == right, "!=": lambda: left != right,
+                "<": lambda: left < right, ">": lambda: left > right,
+                "<=": lambda: left <= right, ">=": lambda: left >= right,
+                "+": lambda: left + right, "-": lambda: left - right,
+                "*": lambda: left * right, "/": lambda: left / right, "%": lambda: left % right,
+            }[op]()
+        if kind == "list":
+            return [self.eval(v, scope) for v in node[1]]
+        if kind == "object":
+            return {self.eval(k, scope): self.eval(v, scope) for k, v in node[1]}
+        if kind == "call":
+            fn = FUNCTIONS.get(node[1])
+            if fn is None:
+                raise EvalError(f"function {node[1]}() is not known to the checker: add it to FUNCTIONS")
+            args = [self.eval(a, scope) for a in node[2]]
+            # Functions that only arrange values keep unknown parts in place; the others need them.
+            structural = node[1] in ("jsonencode", "merge", "concat", "length", "keys", "tolist", "compact")
+            if any(isinstance(a, Unknown) or (not structural and _has_unknown(a)) for a in args):
+                return Unknown(f"{node[1]}()")
+            return fn(*args)
+        if kind == "for":
+            _, closer, names, coll, first, second, cond = node
+            collection = self.eval(coll, scope)
+            if isinstance(collection, Unknown):
+                return collection
+            pairs = collection.items() if isinstance(collection, dict) else enumerate(collection)
+            out_list, out_map = [], {}
+            for k, v in pairs:
+                inner = dict(scope)
+                if len(names) == 2:
+                    inner[names[0]], inner[names[1]] = k, v
+                else:
+                    inner[names[0]] = v
+                if cond is not None and not self.eval(cond, inner):
+                    continue
+                if closer == "]":
+                    out_list.append(self.eval(first, inner))
+                else:
+                    out_map[self.eval(first, inner)] = self.eval(second, inner)
+            return out_list if closer == "]" else out_map
+        raise EvalError(f"cannot evaluate {kind}")
+
+    # Resources
+
+    def count(self, rtype, rname):
+        body = self.module.resources[(rtype, rname)]
+        if "count" in body:
+            return self.value(body["count"])
+        if "for_each" in body:
+            return len(self.value(body["for_each"]))
+        return 1
+
+    def active(self, rtype):
+        """[(name, body)] of the resources of a type that this evaluation creates."""
+        return [(n, b) for (t, n), b in self.module.resources.items() if t == rtype and self.count(t, n) > 0]
+
+    def attr(self, body, key, default=None):
+        return self.value(body[key]) if key in body else default
+
+    def preconditions(self, rtype, rname):
+        """[(holds, error_message)] of a resource's lifecycle preconditions."""
+        out = []
+        for lifecycle in self.module.resources[(rtype, rname)].get("lifecycle", []):
+            for pre in lifecycle.get("precondition", []):
+                out.append((self.value(pre["condition"]), self.value(pre["error_message"])))
+        return out
+
+
+def _unquote(s):
+    return s[1:-1] if len(s) >= 2 and s[0] == s[-1] == '"' else s
+
+
+def _heredoc(raw):
+    """The template parts of a heredoc as python-hcl2 gives it ("<<-EOT\\n...\\n  EOT")."""
+    first, _, rest = raw.partition("\n")
+    body = rest[:rest.rstrip().rfind("\n") + 1]
+    if first.startswith("<<-"):
+        lines = body.splitlines(keepends=True)
+        indent = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
+        body = "".join(l[indent:] for l in lines)
+    return _template_parts(body, 0, end_quote=False, escapes=False)[0]
+
+
+class Module:
+    """One example: its blocks as python-hcl2 parses them."""
+
+    def __init__(self, name, text):
+        self.name = name
+        self.text = text
+        parsed = hcl2.loads(text)
+        self.variables = {_unquote(k): v for block in parsed.get("variable", []) for k, v in block.items()}
+        self.locals = {k: v for block in parsed.get("locals", []) for k, v in block.items() if not k.startswith("__")}
+        self.outputs = {_unquote(k): v for block in parsed.get("output", []) for k, v in block.items()}
+        self.providers = {_unquote(k): v for block in parsed.get("provider", []) for k, v in block.items()}
+        self.resources = {}
+        for block in parsed.get("resource", []):
+            for rtype, named in block.items():
+                for rname, body in named.items():
+                    self.resources[(_unquote(rtype), _unquote(rname))] = body
+        self.required_providers = {}
+        for block in parsed.get("terraform", []):
+            for req in block.get("required_providers", []):
+                for k, v in req.items():
+                    if not k.startswith("__"):
+                        self.required_providers[k] = {a: _unquote(b) for a, b in v.items()}
+
+    def evaluate(self, **values):
+        return Evaluation(self, values)
+
+
+def _ref_target(value):
+    """(type, name) of the resource an Unknown value refers to."""
+    if not isinstance(value, Unknown):
+        return None
+    m = re.match(r"([a-z0-9_]+)\.([A-Za-z0-9_-]+)", value.path)
+    return (m.group(1), m.group(2)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. What each example must do (README "permissions the connector needs").
+
+CREDENTIALS = {"rancher_access_key": "ak-sample", "rancher_secret_key": "sk-sample"}
+SECRET_STORE_FIELDS = {
+    "gcp": ("GCP", {"project", "secret_id"}),
+    "azure": ("AZURE", {"vault_url", "name"}),
+    "aws": ("AWS", {"region", "secret_id"}),
+    "vault": ("HASHICORP_VAULT", {"secret_engine", "path"}),
+    "kubernetes": ("KUBERNETES", {"namespace", "name"}),
+}
+
+
+def check_common(name, mod, ev):
+    problems = []
+    for var in CREDENTIALS:
+        if mod.variables.get(var, {}).get("sensitive") is not True:
+            problems.append(f"{name}: variable {var} must be sensitive (keeps the key out of plans and logs)")
+    store_type, fields = SECRET_STORE_FIELDS[name]
+    if "secret_store" not in mod.outputs:
+        return problems + [f"{name}: no output secret_store (the integration's secret_store JSON)"]
+    store = json.loads(ev.value(mod.outputs["secret_store"]["value"]))
+    if store.get("type") != store_type or set(store) - {"type"} != fields:
+        problems.append(f"{name}: secret_store output {store} is not {{type: {store_type}, {', '.join(sorted(fields))}}}")
+    return problems
+
+
+GCP_ROLES = {
+    "roles/secretmanager.secretAccessor": {"secretmanager.versions.access"},
+    "roles/secretmanager.viewer": {
+        "secretmanager.secrets.get", "secretmanager.secrets.list", "secretmanager.versions.get",
+        "secretmanager.versions.list", "secretmanager.locations.get", "secretmanager.locations.list",
+    },
+    "roles/secretmanager.admin": {"secretmanager.*"},
+}
+
+
+def check_gcp(mod):
+    problems = []
+    base = dict(CREDENTIALS, project="p1", agent_service_account="agent@p1.iam.gserviceaccount.com")
+    if "require_read_mark" not in mod.variables:
+        return ["gcp: no variable require_read_mark (the opt-in APONO_REQUIRE_READ_MARK=GCP)"]
+    for mark in (False, True):
+        ev = mod.evaluate(**base, require_read_mark=mark)
+        where = f"gcp (require_read_mark={str(mark).lower()})"
+        if mark is False:
+            problems += check_common("gcp", mod, ev)
+        granted = set()
+        for rtype in ("google_secret_manager_secret_iam_member", "google_secret_manager_secret_iam_binding"):
+            for rname, body in ev.active(rtype):
+                role = ev.attr(body, "role")
+                members = [ev.attr(body, "member")] if "member" in body else ev.attr(body, "members", [])
+                if members != [f"serviceAccount:{base['agent_service_account']}"]:
+                    problems.append(f"{where}: {rtype}.{rname} grants to {members}, not the agent's service account")
+                if (_ref_target(ev.attr(body, "secret_id")) or ("",))[0] != "google_secret_manager_secret":
+                    problems.append(f"{where}: {rtype}.{rname} is not on the example's secret")
+                target = _ref_target(role)
+                if target and target[0] == "google_project_iam_custom_role":
+                    if ev.count(*target) == 0:
+                        problems.append(f"{where}: {rtype}.{rname} uses custom role {target[1]}, which is not created")
+                        continue
+                    granted |= set(ev.attr(ev.module.resources[target], "permissions"))
+                elif role in GCP_ROLES:
+                    granted |= GCP_ROLES[role]
+                else:
+                    problems.append(f"{where}: {rtype}.{rname} grants {role!r}, a role this check does not know")
+        for rtype in ("google_project_iam_member", "google_project_iam_binding", "google_project_iam_policy"):
+            if ev.active(rtype):
+                problems.append(f"{where}: grants at project level ({rtype}); the agent needs access to one secret")
+        want = {"secretmanager.versions.access"} | ({"secretmanager.secrets.get"} if mark else set())
+        if granted != want:
+            problems.append(f"{where}: the agent is granted {sorted(granted)}; it needs exactly {sorted(want)}")
+        secrets = ev.active("google_secret_manager_secret")
+        labels = ev.attr(secrets[0][1], "labels", {}) if secrets else {}
+        if (labels.get(MARK) == "true") != mark:
+            problems.append(f"{where}: the secret {'lacks' if mark else 'carries'} the label {MARK}=true")
+    return problems
+
+
+AZURE_ROLES = {  # data actions on secrets, short names
+    "Key Vault Secrets User": {"getSecret", "readMetadata"},
+    "Key Vault Reader": {"readMetadata"},
+    "Key Vault Secrets Officer": {"getSecret", "readMetadata", "setSecret", "delete", "backup", "restore", "purge", "recover"},
+    "Key Vault Administrator": {"*"},
+}
+AZURE_POLICY_PERMISSIONS = {"Get": "getSecret", "List": "readMetadata"}
+
+
+def check_azure(mod):
+    problems = []
+    principal = "00000000-0000-0000-0000-0000000000a1"
+    base = dict(CREDENTIALS, key_vault_name="kv1", key_vault_resource_group_name="rg1", agent_principal_id=principal)
+    for var in ("require_read_mark", "permission_model", "agent_principal_id"):
+        if var not in mod.variables:
+            problems.append(f"azure: no variable {var}")
+    if "subscription_id" not in mod.providers.get("azurerm", {}):
+        problems.append("azure: the azurerm provider does not take subscription_id (azurerm 4.x requires it, or ARM_SUBSCRIPTION_ID)")
+    if problems:
+        return problems
+    for model in ("rbac", "access_policy"):
+        for mark in (False, True):
+            ev = mod.evaluate(**base, permission_model=model, require_read_mark=mark)
+            where = f"azure ({model}, require_read_mark={str(mark).lower()})"
+            if (model, mark) == ("rbac", False):
+                problems += check_common("azure", mod, ev)
+            assignments = ev.active("azurerm_role_assignment")
+            policies = ev.active("azurerm_key_vault_access_policy")
+            granted = set()
+            for rname, body in assignments:
+                role = ev.attr(body, "role_definition_name")
+                scope = ev.attr(body, "scope")
+                if ev.attr(body, "principal_id") != principal:
+                    problems.append(f"{where}: azurerm_role_assignment.{rname} is not for agent_principal_id")
+                if not (isinstance(scope, Unknown) and scope.path.startswith("azurerm_key_vault_secret.")):
+                    problems.append(f"{where}: azurerm_role_assignment.{rname} is scoped to {scope!r}, not to the secret")
+                granted |= AZURE_ROLES.get(role, {f"unknown role {role}"})
+            for rname, body in policies:
+                if ev.attr(body, "object_id") != principal:
+                    problems.append(f"{where}: azurerm_key_vault_access_policy.{rname} is not for agent_principal_id")
+                for p in ev.attr(body, "secret_permissions", []):
+                    granted.add(AZURE_POLICY_PERMISSIONS.get(p, p))
+                for kind in ("key_permissions", "certificate_permissions", "storage_permissions"):
+                    if ev.attr(body, kind):
+                        problems.append(f"{where}: the access policy also grants {kind}")
+            if model == "rbac" and (policies or not assignments):
+                problems.append(f"{where}: an RBAC vault needs a role assignment and no access policy")
+            if model == "access_policy" and (assignments or not policies):
+                problems.append(f"{where}: an access-policy vault needs an access policy and no role assignment")
+            need = {"getSecret"} | ({"readMetadata"} if mark else set())
+            # RBAC: Key Vault Secrets User is the narrowest built-in role that reads a value, and
+            # it holds readMetadata too. An access policy can be exact.
+            allowed = {"getSecret", "readMetadata"} if model == "rbac" else need
+            if not need <= granted or not granted <= allowed:
+                problems.append(f"{where}: the agent is granted {sorted(granted)}; it needs {sorted(need)}")
+            secrets = ev.active("azurerm_key_vault_secret")
+            tags = ev.attr(secrets[0][1], "tags", {}) if secrets else {}
+            if (tags.get(MARK) == "true") != mark:
+                problems.append(f"{where}: the secret {'lacks' if mark else 'carries'} the tag {MARK}=true")
+    return problems
+
+
+def check_aws(mod):
+    problems = []
+    base = dict(CREDENTIALS, region="eu-west-1")
+    for var in ("agent_role_name", "kms_key_arn"):
+        if var not in mod.variables:
+            problems.append(f"aws: no variable {var}")
+    if problems:
+        return problems
+    key = "arn:aws:kms:eu-west-1:111122223333:key/k1"
+    for role in (None, "agent-role"):
+        for kms in (None, key):
+            ev = mod.evaluate(**base, agent_role_name=role, kms_key_arn=kms)
+            where = f"aws (agent_role_name={role}, kms_key_arn={'set' if kms else 'null'})"
+            if (role, kms) == (None, None):
+                problems += check_common("aws", mod, ev)
+            policies = ev.active("aws_iam_policy")
+            if len(policies) != 1:
+                problems.append(f"{where}: expected one aws_iam_policy, found {len(policies)}")
+                continue
+            pname, pbody = policies[0]
+            name = pbody.get("name")
+            if isinstance(name, str) and name.startswith('"') and "${" not in name:
+                problems.append(f"{where}: the policy's fixed name {name} collides on a second apply in the account (use name_prefix)")
+            statements = json.loads(ev.attr(pbody, "policy"))["Statement"]
+            actions = set()
+            for st in statements:
+                acts = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+                actions |= set(acts)
+                if any(a.startswith("secretsmanager:") for a in acts):
+                    cond = st.get("Condition", {}).get("StringEquals", {})
+                    if not any(k.endswith(f"ResourceTag/{MARK}") and v == "true" for k, v in cond.items()):
+                        problems.append(f"{where}: {acts} are not limited to secrets tagged {MARK}=true")
+                if "kms:Decrypt" in acts and st.get("Resource") != kms:
+                    problems.append(f"{where}: kms:Decrypt on {st.get('Resource')!r}, not on the given key")
+            want = {"secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"} | ({"kms:Decrypt"} if kms else set())
+            if actions != want:
+                problems.append(f"{where}: the policy allows {sorted(actions)}; the agent needs exactly {sorted(want)}")
+            attachments = [b for _, b in ev.active("aws_iam_role_policy_attachment")
+                           if _ref_target(ev.attr(b, "policy_arn")) == ("aws_iam_policy", pname)]
+            if role is not None and [ev.attr(b, "role") for b in attachments] != [role]:
+                problems.append(f"{where}: the policy is not attached to the role named by agent_role_name")
+            if role is None and attachments:
+                problems.append(f"{where}: the policy is attached although no role was named")
+            outputs = [ev.value(o["value"]) for o in mod.outputs.values()]
+            if role is None and Unknown(f"aws_iam_policy.{pname}.arn") not in outputs:
+                problems.append(f"{where}: the policy is neither attached nor its ARN output")
+            secret = ev.active("aws_secretsmanager_secret")[0][1]
+            if ev.attr(secret, "tags", {}).get(MARK) != "true":
+                problems.append(f"{where}: the secret is not tagged {MARK}=true")
+            if ev.attr(secret, "kms_key_id") != kms:
+                problems.append(f"{where}: the secret is not encrypted with kms_key_arn")
+    return problems
+
+
+def _vault_policy_paths(text):
+    paths = {}
+    for block in hcl2.loads(text).get("path", []):
+        for path, body in block.items():
+            paths[_unquote(path)] = [_unquote(c) for c in body["capabilities"]]
+    return paths
+
+
+def check_vault(mod):
+    problems = []
+    address = "https://vault.example.test:8200"
+    base = dict(CREDENTIALS, vault_address=address)
+    if "auth_method" not in mod.variables:
+        return ["vault: no variable auth_method (approle or kubernetes)"]
+    for method in ("approle", "kubernetes"):
+        for namespace in (None, "admin"):
+            ev = mod.evaluate(**base, auth_method=method, vault_namespace=namespace)
+            where = f"vault (auth_method={method}, vault_namespace={namespace})"
+            if (method, namespace) == ("approle", None):
+                problems += check_common("vault", mod, ev)
+            if ev.active("vault_token"):
+                problems.append(f"{where}: makes a vault_token, which the agent never renews: it stops working at its TTL")
+            output = mod.outputs.get("hashicorp_vault_config")
+            if output is None:
+                problems.append(f"{where}: no output hashicorp_vault_config")
+                continue
+            if output.get("sensitive") is not True:
+                problems.append(f"{where}: output hashicorp_vault_config must be sensitive (it holds the login)")
+            definitions = json.loads(ev.value(output["value"]))
+            if not isinstance(definitions, list) or len(definitions) != 1 or not isinstance(definitions[0], dict):
+                problems.append(f"{where}: HASHICORP_VAULT_CONFIG must be a JSON list of one definition, got {definitions!r}")
+                continue
+            d = definitions[0]
+            if d.get("address") != address:
+                problems.append(f"{where}: the definition's address is {d.get('address')!r}, not vault_address")
+            if d.get("namespace") != namespace:
+                problems.append(f"{where}: the definition's namespace is {d.get('namespace')!r}, expected {namespace!r}")
+            if "token" in d or d.get("auth") != method:
+                problems.append(f"{where}: the definition must log in with {method} (which the agent renews), got {d}")
+            kind = "vault_approle_auth_backend_role" if method == "approle" else "vault_kubernetes_auth_backend_role"
+            roles = ev.active(kind)
+            if len(roles) != 1:
+                problems.append(f"{where}: expected one {kind}, found {len(roles)}")
+                continue
+            role = roles[0][1]
+            if ev.attr(role, "token_type", "default") == "batch":
+                problems.append(f"{where}: batch tokens cannot be renewed")
+            policies = ev.attr(role, "token_policies", [])
+            if [_ref_target(p) for p in policies] != [("vault_policy", n) for n, _ in ev.active("vault_policy")]:
+                problems.append(f"{where}: the login's token_policies {policies} are not the example's read policy")
+            expected = ({"auth", "mount", "role_id", "secret_id"} if method == "approle" else {"auth", "mount", "role"})
+            expected |= {"address"} | ({"namespace"} if namespace else set())
+            if set(d) != expected:
+                problems.append(f"{where}: the definition has fields {sorted(d)}, expected {sorted(expected)}")
+            if method == "approle":
+                # The agent logs in again with the same secret_id whenever a token reaches its max
+                # TTL: a secret_id that expires or runs out of uses stops it.
+                for field in ("secret_id_ttl", "secret_id_num_uses"):
+                    if ev.attr(role, field) != 0:
+                        problems.append(f"{where}: {field} must be 0 (unlimited), or the agent's next login fails")
+                for _, sid in ev.active("vault_approle_auth_backend_role_secret_id"):
+                    if ev.attr(sid, "ttl", 0) or ev.attr(sid, "num_uses", 0):
+                        problems.append(f"{where}: the secret_id expires or runs out of uses")
+            else:
+                if d.get("role") not in (ev.attr(role, "role_name"), f"<{kind}.{roles[0][0]}[0].role_name>"):
+                    problems.append(f"{where}: the definition's role is not the Kubernetes auth role")
+        mount, path = ev.var("mount"), ev.var("path")
+        for _, policy in ev.active("vault_policy"):
+            paths = _vault_policy_paths(ev.attr(policy, "policy"))
+            allowed = {f"{mount}/data/{path}": ["read"], f"sys/internal/ui/mounts/{mount}": ["read"]}
+            if paths.get(f"{mount}/data/{path}") != ["read"] or any(allowed.get(p) != c for p, c in paths.items()):
+                problems.append(f"vault: the policy grants {paths}; the agent needs read on {mount}/data/{path} only")
+    return problems
+
+
+def _set_values(ev, release):
+    """The chart values a helm_release's `set` blocks give, parsed as the helm provider does."""
+    values = {}
+    for block in release.get("set", []) + release.get("set_sensitive", []):
+        name, value = ev.attr(block, "name"), ev.attr(block, "value")
+        text = f"{name}={_to_string(value)}"
+        try:
+            parsed = helm.parse_set_string_values(text) if ev.attr(block, "type") == "string" else helm.parse_set_string(text)
+        except Exception as e:  # helm_python's parse errors
+            raise EvalError(f"Helm refuses the value of set {name!r}: {e}") from e
+        _deep_merge(values, parsed)
+    return values
+
+
+def _deep_merge(a, b):
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            _deep_merge(a[k], v)
+        else:
+            a[k] = v
+
+
+def _admits(constraint, version):
+    """Whether a Terraform version constraint ("~> 2.32", ">= 1.0, < 3.0", "2.15.0") admits a version."""
+    v = tuple(int(x) for x in version.split("."))
+    for part in constraint.split(","):
+        op, want = re.match(r"\s*(~>|>=|<=|!=|=|>|<)?\s*([\d.]+)\s*$", part).groups()
+        w = tuple(int(x) for x in want.split("."))
+        pad = lambda t: t + (0,) * (3 - len(t))  # noqa: E731
+        if op == "~>":
+            upper = w[:-1][:-1] + (w[:-1][-1] + 1,) if len(w) > 1 else (w[0] + 1,)
+            ok = pad(v) >= pad(w) and pad(v) < pad(upper)
+        else:
+            ok = {None: v == w, "=": v == w, "!=": v != w, ">=": pad(v) >= pad(w), "<=": pad(v) <= pad(w),
+                  ">": pad(v) > pad(w), "<": pad(v) < pad(w)}[op]
+        if not ok:
+            return False
+    return True
+
+
+def check_kubernetes(mod):
+    problems = []
+    url_var = mod.variables.get("apono_url")
+    if url_var is None or "control_plane_in_cluster" not in mod.variables:
+        return ["kubernetes: needs variables apono_url and control_plane_in_cluster"]
+    if url_var.get("default") is not None:
+        problems.append(f"kubernetes: apono_url defaults to {url_var['default']}: the token would go there unasked")
+    base = dict(CREDENTIALS, connector_id="c1", image_registry="registry.example.test", apono_token="t0ken")
+    releases = [n for (t, n) in mod.resources if t == "helm_release"]
+    if len(releases) != 1:
+        return problems + [f"kubernetes: expected one helm_release, found {releases}"]
+    release_name = releases[0]
+    release = mod.resources[("helm_release", release_name)]
+    cases = [  # (apono_url, in-cluster control plane, must the plan be refused)
+        (None, False, True),
+        (None, True, False),
+        ("https://control-plane.example.test", False, False),
+    ]
+    for url, in_cluster, refused in cases:
+        ev = mod.evaluate(**base, apono_url=url, control_plane_in_cluster=in_cluster,
+                          other_allowed_secrets=["team-b/other-key"])
+        where = f"kubernetes (apono_url={url}, control_plane_in_cluster={str(in_cluster).lower()})"
+        if (url, in_cluster) == cases[2][:2]:
+            problems += check_common("kubernetes", mod, ev)
+        failing = [msg for holds, msg in ev.preconditions("helm_release", release_name) if holds is False]
+        if refused and not failing:
+            problems.append(f"{where}: the plan goes ahead with no control plane address")
+        if not refused and failing:
+            problems.append(f"{where}: refused: {failing}")
+        if refused:
+            continue
+        values = _set_values(ev, release)
+        if values.get("controlPlane", {}).get("enabled") is not in_cluster:
+            problems.append(f"{where}: controlPlane.enabled is {values.get('controlPlane')}, expected {in_cluster}")
+        if (values.get("apono", {}).get("url") or None) != url:
+            problems.append(f"{where}: apono.url is {values.get('apono', {}).get('url')!r}")
+        listed = values.get("allowedSecretsToRead")
+        # The chart splits items on commas, as Apono's "{a\,b}" form needs.
+        names = [x.strip() for item in listed for x in item.split(",")] if isinstance(listed, list) else listed
+        if names != [ev.var("secret_name"), "team-b/other-key"]:
+            problems.append(f"{where}: Helm reads allowedSecretsToRead as {listed!r}, not the example's secret and other_allowed_secrets")
+        if values.get("serviceAccount", {}).get("manageClusterRoles") is not True:
+            problems.append(f"{where}: serviceAccount.manageClusterRoles is not true: the agent may read no Secret")
+    ev = mod.evaluate(**dict(base, apono_token=None), apono_url="https://cp.example.test", apono_token_secret="apono-token")
+    values = _set_values(ev, release)
+    if values.get("apono", {}).get("existingSecret") != "apono-token" or values["apono"].get("token"):
+        problems.append(f"kubernetes: with apono_token_secret the chart must get apono.existingSecret and no token, got {values.get('apono')}")
+    if [m for holds, m in ev.preconditions("helm_release", release_name) if holds is False]:
+        problems.append("kubernetes: apono_token_secret alone (without apono_token) is refused")
+    if ev.attr(release, "create_namespace") is not True or any(t == "kubernetes_namespace" for t, _ in mod.resources):
+        problems.append("kubernetes: the namespace must come from the release's create_namespace (a kubernetes_namespace fails where it exists)")
+    secrets = [b for (t, _), b in mod.resources.items() if t in ("kubernetes_secret", "kubernetes_secret_v1")]
+    if not secrets or ev.value(secrets[0]["metadata"][0].get("labels", "${{}}")).get(MARK) != "true":
+        problems.append(f"kubernetes: the Secret is not labelled {MARK}=true")
+    pins = mod.required_providers
+    if not _admits(pins.get("kubernetes", {}).get("version", "0"), "2.32.0"):
+        problems.append("kubernetes: the kubernetes provider constraint excludes the seed's 2.32.0")
+    helm_pin = pins.get("helm", {}).get("version", "0")
+    if not _admits(helm_pin, "2.15.0") or _admits(helm_pin, "3.0.0"):
+        problems.append("kubernetes: the helm provider constraint must admit the seed's 2.15.0 and not 3.x (set {} blocks)")
+    return problems
+
+
+CHECKS = {"gcp": check_gcp, "azure": check_azure, "aws": check_aws, "vault": check_vault, "kubernetes": check_kubernetes}
+
+
+def problems_of(name, text):
+    """Everything wrong with one example's text: syntax, escapes, meaning."""
+    problems = [f"{name}/main.tf:{line}:{col}: {msg}" for line, col, msg in escape_errors(text)]
+    try:
+        mod = Module(name, text)
+    except Exception as e:  # python-hcl2 raises lark errors of several kinds
+        return problems + [f"{name}/main.tf does not parse: {e}"]
+    try:
+        problems += CHECKS[name](mod)
+    except (EvalError, KeyError, TypeError, ValueError) as e:
+        problems.append(f"{name}: cannot evaluate the example: {type(e).__name__}: {e}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Each semantic check must fail when its point breaks: (example, [(old, new)], what breaks).
+
+SEED_LIST = 'value = "{secret1\\,secret2\\,secret3}"'
+
+MUTATIONS = [
+    ("gcp", [('role      = "roles/secretmanager.secretAccessor"', 'role      = "roles/secretmanager.viewer"')],
+     "GCP: a role without versions.access"),
+    ("gcp", [("count     = var.require_read_mark ? 1 : 0\n  secret_id", "count     = 1\n  secret_id")],
+     "GCP: secrets.get granted without the opt-in"),
+    ("gcp", [("labels = var.require_read_mark ?", "labels = true ?")], "GCP: the label without the opt-in"),
+    ("azure", [('role_definition_name = "Key Vault Secrets User"', 'role_definition_name = "Key Vault Reader"')],
+     "Azure: no read role"),
+    ("azure", [("scope                = azurerm_key_vault_secret.rancher_api_key.resource_versionless_id",
+                "scope                = data.azurerm_key_vault.vault.id")], "Azure: the role on the whole vault"),
+    ("azure", [('var.require_read_mark ? ["Get", "List"] : ["Get"]', '["Get"]')],
+     "Azure: access policy without List under the opt-in"),
+    ("azure", [("  subscription_id = var.subscription_id\n", "")], "Azure: azurerm 4.x without subscription_id"),
+    ("aws", [("count      = var.agent_role_name == null ? 0 : 1", "count      = 0")], "AWS: the policy not attached"),
+    ("aws", [('name_prefix = "apono-connector-read-"', 'name        = "apono-connector-read"')],
+     "AWS: a fixed policy name"),
+    ("aws", [("var.kms_key_arn == null ? [] : [local.decrypt_with_customer_key]", "[]")],
+     "AWS: no kms:Decrypt for a customer key"),
+    ("aws", [('"secretsmanager:ResourceTag/apono-connector-read" = "true"', '"secretsmanager:ResourceTag/team" = "x"')],
+     "AWS: reads untagged secrets"),
+    ("vault", [("value = jsonencode([\n", "value = jsonencode(\n"), ("\n  ])\n}", "\n  )\n}")],
+     "Vault: a definition object instead of a list"),
+    ("vault", [("secret_id_ttl      = 0", "secret_id_ttl      = 3600")], "Vault: a secret_id that expires"),
+    ("vault", [('token_type     = "service"', 'token_type     = "batch"')], "Vault: batch (non-renewable) tokens"),
+    ("kubernetes", [('default     = null\n  description = "Address of the control plane',
+                     'default     = "api.apono.io"\n  description = "Address of the control plane')],
+     "Kubernetes: a default control plane address"),
+    ("kubernetes", [("condition     = local.apono_url_given != var.control_plane_in_cluster",
+                     "condition     = true")], "Kubernetes: no address and no in-cluster control plane accepted"),
+    ("kubernetes", [('"{${join(",", local.allowed_secrets)}}"', 'join(",", local.allowed_secrets)')],
+     "Kubernetes: the list without Helm's braces"),
+    ("kubernetes", [("create_namespace = true", "create_namespace = false")], "Kubernetes: no create_namespace"),
+    ("kubernetes", [("value = local.allowed_secrets_value", SEED_LIST)], "Kubernetes: the seed's invalid escape"),
+]
+
+
+def mutation_failures(texts):
+    """Mutations that the checks did not notice (each is a check that cannot fail)."""
+    missed = []
+    for name, edits, what in MUTATIONS:
+        text = texts[name]
+        for old, new in edits:
+            if old not in text:
+                missed.append(f"mutation '{what}': {old!r} is no longer in {name}/main.tf: update MUTATIONS")
+                break
+            text = text.replace(old, new, 1)
+        else:
+            if not problems_of(name, text):
+                missed.append(f"mutation '{what}': the checks still pass, so they do not guard it")
+    return missed
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Terraform itself, when it is installed.
+
+ESCAPE_SAMPLES = {  # quoted string -> valid in Terraform
+    '"{a\\,b}"': False, '"{a\\\\,b}"': True, '"\\u00e9"': True, '"\\u00e"': False, '"\\U0001F600"': True,
+    '"$${x}"': True, '"%%{x}"': True, '"a${"\\q"}b"': False, '"\\x41"': False, '"tab\\tquote\\""': True,
+}
+
+
+def terraform_problems(tf):
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "terraform")
+        shutil.copytree(EXAMPLES, copy, ignore=shutil.ignore_patterns(".terraform*", "*.tfstate*"))
+        run = subprocess.run([tf, "fmt", "-check", "-recursive", "-diff", "-no-color", copy], capture_output=True, text=True)
+        if run.returncode != 0:
+            problems.append(f"terraform fmt -check: not formatted or not parsed:\n{run.stdout}{run.stderr}")
+    for sample, valid in ESCAPE_SAMPLES.items():
+        run = subprocess.run([tf, "fmt", "-no-color", "-"], input=f"x = {sample}\n", capture_output=True, text=True)
+        if (run.returncode == 0) != valid:
+            problems.append(f"terraform says {sample} is {'valid' if run.returncode == 0 else 'invalid'}; ESCAPE_SAMPLES is wrong")
+        if (not escape_errors(f"x = {sample}\n")) != valid:
+            problems.append(f"escape_errors disagrees with Terraform on {sample}")
+    return problems
+
+
+def validate_problems(tf, plugin_dir):
+    """`terraform validate` of each example whose providers the local mirror holds."""
+    problems, validated = [], []
+    held = {d for d in os.listdir(os.path.join(plugin_dir, "registry.terraform.io", "hashicorp"))} \
+        if os.path.isdir(os.path.join(plugin_dir, "registry.terraform.io", "hashicorp")) else set()
+    for name in sorted(CHECKS):
+        mod = Module(name, open(os.path.join(EXAMPLES, name, "main.tf")).read())
+        if not set(mod.required_providers) <= held:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(os.path.join(EXAMPLES, name, "main.tf"), tmp)
+            for step in (["init", "-backend=false", "-input=false", f"-plugin-dir={plugin_dir}"], ["validate"]):
+                run = subprocess.run([tf, f"-chdir={tmp}", *step, "-no-color"], capture_output=True, text=True)
+                if run.returncode != 0:
+                    problems.append(f"terraform {step[0]} {name}: {run.stdout}{run.stderr}")
+                    break
+            else:
+                validated.append(name)
+    return problems, validated
+
+
+def run(check):
+    """Runs every Terraform check, reporting each problem through check(False, message)."""
+    check(escape_errors('value = "{secret1\\,secret2\\,secret3}"\n'), "the escape check refuses the seed's \"{a\\,b}\"")
+    check(not escape_errors('value = "{secret1\\\\,secret2\\\\,secret3}"\n'), "the escape check accepts \"{a\\\\,b}\"")
+    check(not escape_errors('p = <<-EOT\n  a\\,b "${var.x}"\n  EOT\n'), "backslashes in a heredoc are literal")
+    try:
+        hcl2.loads('resource "x" "y" { a = }')
+        check(False, "the HCL parser accepts broken input")
+    except Exception:
+        pass
+    texts = {}
+    for name in sorted(CHECKS):
+        path = os.path.join(EXAMPLES, name, "main.tf")
+        check(os.path.exists(path), f"example {path} exists")
+        if os.path.exists(path):
+            with open(path) as f:
+                texts[name] = f.read()
+    found = sorted(os.path.relpath(os.path.join(d, f), EXAMPLES) for d, _, fs in os.walk(EXAMPLES) for f in fs if f.endswith(".tf"))
+    check(found == [f"{n}/main.tf" for n in sorted(CHECKS)], f"the Terraform files are the five checked examples: {found}")
+    for name, text in texts.items():
+        for problem in problems_of(name, text):
+            check(False, problem)
+    for missed in mutation_failures(texts):
+        check(False, missed)
+    tf = shutil.which("terraform")
+    if tf is None:
+        print("terraform is not on PATH: skipping terraform fmt -check and the escape cross-check")
+        return
+    for problem in terraform_problems(tf):
+        check(False, problem)
+    plugin_dir = os.environ.get("APONO_TEST_TF_PLUGIN_DIR")
+    if plugin_dir:
+        problems, validated = validate_problems(tf, plugin_dir)
+        for problem in problems:
+            check(False, problem)
+        print(f"terraform validate (providers from {plugin_dir}): {', '.join(validated) or 'none held there'}")
+
+
+if __name__ == "__main__":
+    failures = []
+
+    def _check(cond, what):
+        if not cond:
+            failures.append(what)
+            print(f"FAIL {what}")
+
+    run(_check)
+    print(f"terraform checks: {len(failures)} failures")
+    raise SystemExit(1 if failures else 0)
