@@ -1130,12 +1130,14 @@ def terraform_problems(tf):
 
 
 def validate_problems(tf, plugin_dir):
-    """`terraform validate` of each example whose providers the local mirror holds."""
-    problems, validated = [], []
-    held = {d for d in os.listdir(os.path.join(plugin_dir, "registry.terraform.io", "hashicorp"))} \
-        if os.path.isdir(os.path.join(plugin_dir, "registry.terraform.io", "hashicorp")) else set()
+    """`terraform validate` of each example whose providers the local mirror holds; the AWS one is
+    also applied to moto when APONO_TEST_MOTO_SERVER names it."""
+    problems, done = [], []
+    hashicorp = os.path.join(plugin_dir, "registry.terraform.io", "hashicorp")
+    held = set(os.listdir(hashicorp)) if os.path.isdir(hashicorp) else set()
     for name in sorted(CHECKS):
-        mod = Module(name, open(os.path.join(EXAMPLES, name, "main.tf")).read())
+        with open(os.path.join(EXAMPLES, name, "main.tf")) as f:
+            mod = Module(name, f.read())
         if not set(mod.required_providers) <= held:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -1146,8 +1148,84 @@ def validate_problems(tf, plugin_dir):
                     problems.append(f"terraform {step[0]} {name}: {run.stdout}{run.stderr}")
                     break
             else:
-                validated.append(name)
-    return problems, validated
+                done.append(f"{name} validated")
+                if name == "aws" and os.environ.get("APONO_TEST_MOTO_SERVER"):
+                    found = aws_apply_problems(tf, tmp)
+                    problems += found
+                    done.append("aws applied to moto" + (" (with problems)" if found else ""))
+    return problems, done
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def aws_apply_problems(tf, workdir):
+    """Applies the AWS example to moto (a real Secrets Manager, IAM and KMS API) with a role and a
+    customer key, then reads back what it made; a second copy in the same account must not collide."""
+    import time
+    import urllib.request
+
+    try:
+        import boto3
+    except ImportError:
+        return ["aws on moto: boto3 is not installed next to moto (pip install 'moto[server]')"]
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([os.environ["APONO_TEST_MOTO_SERVER"], "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    problems = []
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                   AWS_REGION="eu-west-1")
+        session = boto3.session.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="eu-west-1")
+        iam = session.client("iam", endpoint_url=endpoint)
+        iam.create_role(RoleName="agent-role", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []}))
+        key = session.client("kms", endpoint_url=endpoint).create_key()["KeyMetadata"]["Arn"]
+        second = os.path.join(workdir, "second")
+        os.makedirs(second)
+        shutil.copy(os.path.join(workdir, "main.tf"), second)
+        shutil.copytree(os.path.join(workdir, ".terraform"), os.path.join(second, ".terraform"), symlinks=True)
+        shutil.copy(os.path.join(workdir, ".terraform.lock.hcl"), second)
+        for where, extra in ((workdir, ["-var", "agent_role_name=agent-role", "-var", f"kms_key_arn={key}"]),
+                             (second, ["-var", "secret_name=rancher-api-key-2", "-var", "agent_role_name=agent-role"])):
+            run = subprocess.run([tf, f"-chdir={where}", "apply", "-auto-approve", "-input=false", "-no-color",
+                                  "-var", "region=eu-west-1", "-var", "rancher_access_key=ak-sample",
+                                  "-var", "rancher_secret_key=sk-sample", *extra], capture_output=True, text=True, env=env)
+            if run.returncode != 0:
+                return [f"aws on moto: terraform apply failed:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"]
+        sm = session.client("secretsmanager", endpoint_url=endpoint)
+        meta = sm.describe_secret(SecretId="rancher-api-key")
+        if {"Key": MARK, "Value": "true"} not in meta.get("Tags", []):
+            problems.append(f"aws on moto: the secret's tags are {meta.get('Tags')}")
+        if meta.get("KmsKeyId") != key:
+            problems.append(f"aws on moto: the secret is encrypted with {meta.get('KmsKeyId')!r}, not the given key")
+        if set(json.loads(sm.get_secret_value(SecretId="rancher-api-key")["SecretString"])) != {"access_key", "secret_key"}:
+            problems.append("aws on moto: the secret does not hold access_key and secret_key")
+        attached = iam.list_attached_role_policies(RoleName="agent-role")["AttachedPolicies"]
+        if len(attached) != 2:
+            problems.append(f"aws on moto: two applies should attach two policies to the role, found {attached}")
+        for policy in attached:
+            version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
+            doc = iam.get_policy_version(PolicyArn=policy["PolicyArn"], VersionId=version)["PolicyVersion"]["Document"]
+            doc = json.loads(doc) if isinstance(doc, str) else doc
+            actions = {a for st in doc["Statement"] for a in (st["Action"] if isinstance(st["Action"], list) else [st["Action"]])}
+            if not {"secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"} <= actions:
+                problems.append(f"aws on moto: policy {policy['PolicyName']} allows {sorted(actions)}")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return problems
 
 
 def run(check):
@@ -1182,10 +1260,10 @@ def run(check):
         check(False, problem)
     plugin_dir = os.environ.get("APONO_TEST_TF_PLUGIN_DIR")
     if plugin_dir:
-        problems, validated = validate_problems(tf, plugin_dir)
+        problems, done = validate_problems(tf, plugin_dir)
         for problem in problems:
             check(False, problem)
-        print(f"terraform validate (providers from {plugin_dir}): {', '.join(validated) or 'none held there'}")
+        print(f"terraform with the providers in {plugin_dir}: {', '.join(done) or 'none held there'}")
 
 
 if __name__ == "__main__":
