@@ -1029,6 +1029,49 @@ def check_kubernetes(mod):
     return problems
 
 
+CHART = os.path.join(ROOT, "deploy", "helm", "apono-connector")
+
+
+def kubernetes_chart_problems(mod):
+    """Renders the chart with the values the Kubernetes example sets (real Helm engine), and checks
+    that the agent may `get` exactly the listed Secrets, each in its namespace."""
+    import yaml
+
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        if "controlPlane" not in (yaml.safe_load(f) or {}):
+            return None  # the chart predates controlPlane.enabled, which the example sets
+    release = next(b for (t, _), b in mod.resources.items() if t == "helm_release")
+    namespace = "apono-connector"
+    problems = []
+    for url, in_cluster in (("https://control-plane.example.test", False), (None, True)):
+        where = f"kubernetes example in the chart (apono_url={url}, control_plane_in_cluster={str(in_cluster).lower()})"
+        ev = mod.evaluate(**CREDENTIALS, connector_id="c1", image_registry="registry.example.test", apono_token="t0ken",
+                          apono_url=url, control_plane_in_cluster=in_cluster, namespace=namespace,
+                          other_allowed_secrets=["team-b/other-key"])
+        try:
+            out = helm.Chart.load(CHART).render(values=_set_values(ev, release), name="apono-connector",
+                                                namespace=namespace, is_install=True)
+        except Exception as e:  # helm_python.HelmError: the chart refused the values
+            problems.append(f"{where}: the chart refuses the example's values: {e}")
+            continue
+        docs = [d for path, text in out.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+        granted = set()
+        for doc in docs:
+            for rule in doc.get("rules", []) if doc.get("kind") in ("Role", "ClusterRole") else []:
+                if "secrets" not in rule.get("resources", []):
+                    continue
+                if doc["kind"] == "ClusterRole" or not rule.get("resourceNames"):
+                    names = rule.get("resourceNames") or "every Secret"
+                    problems.append(f"{where}: {doc['kind']} {doc['metadata']['name']} grants {rule.get('verbs')} on {names} in every namespace")
+                    continue
+                ns = doc["metadata"].get("namespace", namespace)
+                granted |= {(ns, n) for n in rule["resourceNames"]}
+        want = {(namespace, ev.var("secret_name")), ("team-b", "other-key")}
+        if granted != want:
+            problems.append(f"{where}: the agent may get Secrets {sorted(granted)}, expected {sorted(want)}")
+    return problems
+
+
 CHECKS = {"gcp": check_gcp, "azure": check_azure, "aws": check_aws, "vault": check_vault, "kubernetes": check_kubernetes}
 
 
@@ -1252,6 +1295,12 @@ def run(check):
             check(False, problem)
     for missed in mutation_failures(texts):
         check(False, missed)
+    if "kubernetes" in texts:
+        chart = kubernetes_chart_problems(Module("kubernetes", texts["kubernetes"]))
+        if chart is None:
+            print("the chart has no controlPlane value yet: the Kubernetes example is not rendered")
+        for problem in chart or []:
+            check(False, problem)
     tf = shutil.which("terraform")
     if tf is None:
         print("terraform is not on PATH: skipping terraform fmt -check and the escape cross-check")
