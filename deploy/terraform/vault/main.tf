@@ -68,8 +68,8 @@ variable "kubernetes_mount" {
 
 variable "agent_service_account" {
   type        = string
-  default     = "apono-connector"
-  description = "Kubernetes auth: the agent's ServiceAccount (the chart's serviceAccount.name)."
+  default     = "apono-connector-service-account"
+  description = "Kubernetes auth: the agent's ServiceAccount (the chart's serviceAccount.name; this is its default)."
 }
 
 variable "agent_namespace" {
