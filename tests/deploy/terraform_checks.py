@@ -540,6 +540,7 @@ def mutation_failures(texts):
 ESCAPE_SAMPLES = {  # quoted string -> valid in Terraform
     '"{a\\,b}"': False, '"{a\\\\,b}"': True, '"\\u00e9"': True, '"\\u00e"': False, '"\\U0001F600"': True,
     '"$${x}"': True, '"%%{x}"': True, '"a${"\\q"}b"': False, '"\\x41"': False, '"tab\\tquote\\""': True,
+    '"a\nb"': False, '"a${\n1}b"': True,
 }
 
 
