@@ -424,9 +424,15 @@ def kubernetes_chart_problems(mod):
     release = next(b for (t, _), b in mod.resources.items() if t == "helm_release")
     namespace = "apono-connector"
     problems = []
-    for url, in_cluster in (("https://control-plane.example.test", False), (None, True)):
-        where = f"kubernetes example in the chart (apono_url={url}, control_plane_in_cluster={str(in_cluster).lower()})"
-        ev = mod.evaluate(**CREDENTIALS, connector_id="c1", image_registry="registry.example.test", apono_token="t0ken",
+    cases = [  # (apono_url, in-cluster control plane, token variables)
+        ("https://control-plane.example.test", False, {"apono_token": "t0ken"}),
+        (None, True, {"apono_token": "t0ken"}),
+        ("https://control-plane.example.test", False, {"apono_token_secret": "apono-token"}),
+    ]
+    for url, in_cluster, token in cases:
+        where = (f"kubernetes example in the chart (apono_url={url}, control_plane_in_cluster={str(in_cluster).lower()}, "
+                 f"{', '.join(token)})")
+        ev = mod.evaluate(**CREDENTIALS, **token, connector_id="c1", image_registry="registry.example.test",
                           apono_url=url, control_plane_in_cluster=in_cluster, namespace=namespace,
                           other_allowed_secrets=["team-b/other-key"])
         try:
