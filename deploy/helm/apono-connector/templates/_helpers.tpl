@@ -243,6 +243,8 @@ false
 
 {{/* Settings that contradict each other fail the install with what to change. */}}
 {{- define "apono-connector.validate" -}}
+{{- /* Checks every allow-list entry, whether or not the chart makes RBAC. */ -}}
+{{- $_ := include "apono-connector.allowedSecretsByNamespace" . -}}
 {{- if and .Values.allowAllSecrets (include "apono-connector.allowedSecrets" . | fromJsonArray) -}}
 {{- fail "allowAllSecrets=true and allowedSecretsToRead both set: list the Secrets the agent may read, or allow all of them, not both" -}}
 {{- end -}}
