@@ -261,6 +261,24 @@ def test_docs_command_line():
     check("Secret access:  get on secret1, secret2, secret3" in r.notes, "NOTES states the Secret access")
 
 
+def test_readme_command_line():
+    # The install line of README.md's "### Helm" section, placeholders filled in, renders.
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("### Helm", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    command = next(c for c in block.replace("\\\n", " ").splitlines() if c.startswith("helm upgrade"))
+    filled = {"<YOUR_REGISTRY>": "registry.example.com", "<YOUR_CONTROL_PLANE>": "connector.example.com",
+              "<APONO_TOKEN>": "tok-canary-123", "<CONNECTOR_NAME>": "prod"}
+    for placeholder, value in filled.items():
+        check(placeholder in command, f"README's helm line has {placeholder}")
+        command = command.replace(placeholder, value)
+    r = render(values_from_command_line(command))
+    validate("README's command line", r)
+    check(sorted(role["metadata"]["namespace"] for role in r.kinds("Role")) == ["apono-connector", "team-a"],
+          "README's line: a Role in each namespace it names")
+    check("image.registry is empty" not in r.notes, "README's line names a registry")
+
+
 def test_terraform_form_of_the_list():
     # Apono's Terraform example sets "{secret1\,secret2\,secret3}" (in HCL: "{a\\,b}"), which Helm
     # parses to ONE list item holding commas: the chart must read the same three names.
