@@ -438,6 +438,10 @@ def test_control_plane():
     check(cp_env["APONO_TOKEN_FILE"]["value"] == "/var/run/secrets/apono/token" and "APONO_TOKEN" not in cp_env,
           "the control plane takes the agents' token from the same file")
     check(cp_env["APONO_DATA_DIR"]["value"] == "/var/lib/apono-connector", "exec'd access commands find the operator token")
+    rotated = render(merge(json.loads(json.dumps(vals)), {"apono": {"token": "tok-rotated-456"}}))
+    annotations = lambda r: r.one("StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    check(annotations(rotated) != annotations(r),
+          "a new token rolls the control plane, which reads it only at start (the agents re-read theirs)")
     service = r.one("Service", "apono-connector-control-plane")
     check(service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"], "the Service selects the control plane")
     check({p["name"]: p["port"] for p in service["spec"]["ports"]}["api"] == 8790, "the Service's API port")
