@@ -389,6 +389,8 @@ def test_apono_values_file():
         check(ignored in r.notes, f"NOTES names the ignored value {ignored}")
     check("Apono's registry" in r.notes, "NOTES warns that Apono's image is Apono's connector")
     check(r.container()["resources"]["requests"] == {"cpu": "500m", "memory": "512Mi"}, "resources carried over")
+    check("port-forward svc/apono-connector 8080:80" in r.notes and "curl -s http://127.0.0.1:8080/readyz" in r.notes,
+          "NOTES forwards a local unprivileged port to Apono's Service port 80")
 
     # Apono's Terraform modules `set` the token without type = "string": an all-digit token is a number.
     vals = merge(helm.parse_set_string("apono.token=123456,apono.connectorId=42"), {"apono": {"url": "cp.example.com"}})
@@ -455,7 +457,7 @@ def test_control_plane():
     check("connector.toml" in secret["data"], "the config is kept in a Secret")
     check("operator" not in json.dumps(r.docs).lower().replace("operator commands", ""),
           "the chart makes no operator token: control-plane serve writes it in its data dir")
-    check("exec statefulset/apono-connector-control-plane -- apono-connector access list" in r.notes, "NOTES: operator commands")
+    check("exec statefulset/apono-connector-control-plane -- apono-connector access list --control-plane http://127.0.0.1:8790" in r.notes, "NOTES: operator commands")
     render_fails(values({"controlPlane": {"enabled": True}}), ["apono.url and controlPlane.enabled"],
                  "apono.url and controlPlane.enabled together")
     r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True, "persistence": {"existingClaim": "cp-state"}}}))
