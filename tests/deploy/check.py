@@ -15,7 +15,6 @@ Run: tests/deploy/run   (installs the tools into .venv-test, then runs this file
 import glob
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
