@@ -1,17 +1,22 @@
 """Checks of the deployment artefacts (the Helm chart, the Dockerfile, the Terraform examples) and of
 the protocol's OpenAPI file.
 
-Renders the chart for the value sets an operator uses (defaults, the command line from the product
-docs, existing secrets, Vault definitions, HA), validates every render against the Kubernetes
-schemas (kubernetes-validate --strict), and asserts the RBAC and environment wiring a security
-reviewer and an operator rely on. Lints the Dockerfile with hadolint and parses the Terraform.
+Renders the chart with the real Helm engine for the value sets an operator uses (the command line
+from the product docs, a values file written for Apono's chart, the in-cluster control plane,
+existing secrets, Vault, HA, the optional objects), validates every render against the Kubernetes
+schemas of the oldest and the newest Kubernetes the chart supports (kubernetes-validate --strict),
+and asserts the RBAC, token and environment wiring a security reviewer and an operator rely on.
+Keeps the chart's README in step with values.yaml. Lints the Dockerfile with hadolint and parses
+the Terraform.
 
-Run: .venv-test/bin/python tests/deploy/check.py   (tests/run installs the tools)
+Run: tests/deploy/run   (installs the tools into .venv-test, then runs this file)
 """
 
 import glob
+import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,11 +24,16 @@ import tempfile
 import hcl2
 import helm_python as helm
 import yaml
+from helm_python import _native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHART = os.path.join(ROOT, "deploy", "helm", "apono-connector")
+HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
-KUBE_VERSION = "1.33.0"
+# The oldest (Chart.yaml `kubeVersion`) and the newest Kubernetes the chart supports; both ship
+# with kubernetes-validate (pinned in requirements.txt).
+KUBE_VERSIONS = ("1.27.0", "1.37.0")
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 FAILURES = []
 
 
@@ -42,60 +52,121 @@ def merge(a, b):
     return a
 
 
+def values(*layers):
+    """REQUIRED overlaid with each layer, deep-merged; the layers are not modified."""
+    out = json.loads(json.dumps(REQUIRED))
+    for layer in layers:
+        merge(out, json.loads(json.dumps(layer)))
+    return out
+
+
 def values_from_command_line(command):
     """The values a `helm upgrade ...` command line sets, parsed as a shell and Helm would."""
     args = shlex.split(command)
-    values = {}
+    out = {}
     i = 0
     while i < len(args):
         if args[i] in ("--set", "--set-string"):
             parse = helm.parse_set_string if args[i] == "--set" else helm.parse_set_string_values
-            merge(values, parse(args[i + 1]))
+            merge(out, parse(args[i + 1]))
             i += 2
         else:
             i += 1
-    return values
+    return out
 
 
-def render(values):
+class Render:
+    """One render: the manifests as dicts, and NOTES.txt."""
+
+    def __init__(self, docs, notes):
+        self.docs = docs
+        self.notes = notes
+
+    def kinds(self, kind):
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def one(self, kind, name=None):
+        found = [d for d in self.kinds(kind) if name is None or d["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+        return found[0]
+
+    def pod(self, kind="Deployment"):
+        return self.one(kind)["spec"]["template"]["spec"]
+
+    def container(self, kind="Deployment"):
+        return self.pod(kind)["containers"][0]
+
+    def env(self, kind="Deployment"):
+        return {e["name"]: e for e in self.container(kind).get("env", [])}
+
+    def volumes(self, kind="Deployment"):
+        return {v["name"]: v for v in self.pod(kind).get("volumes", [])}
+
+    def mounts(self, kind="Deployment"):
+        return {m["name"]: m for m in self.container(kind).get("volumeMounts", [])}
+
+
+def render(vals, name="apono-connector", namespace="apono-connector", api_versions=()):
+    """Renders with the real Helm engine. helm-python-sdk's public `Chart.render` does not pass
+    the capabilities, so the native call (same library, same options as `helm template
+    --kube-version --api-versions`) is used to render as a cluster that serves `api_versions`."""
     chart = helm.Chart.load(CHART)
-    out = chart.render(values=values, name="apono-connector", namespace="apono-connector", is_install=True)
-    docs = []
+    opts = {"name": name, "namespace": namespace, "is_install": True, "kube_version": "v" + KUBE_VERSIONS[-1]}
+    if api_versions:
+        opts["api_versions"] = list(api_versions)
+    out = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(vals), json.dumps(opts)))
+    docs, notes = [], ""
     for path, text in out.items():
-        if path.endswith(".yaml"):
+        if path.endswith("NOTES.txt"):
+            notes = text
+        elif path.endswith(".yaml"):
             docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
+    return Render(docs, notes)
 
 
-def kinds(docs, kind):
-    return [d for d in docs if d["kind"] == kind]
+def render_fails(vals, needles, what, **kw):
+    """The render must fail, and its message must contain every needle."""
+    try:
+        render(vals, **kw)
+    except helm.HelmError as e:
+        for needle in needles:
+            check(needle in str(e), f"{what}: the error names {needle!r}: {e}")
+        return str(e)
+    check(False, f"{what}: the render must fail")
+    return ""
 
 
-def one(docs, kind):
-    found = kinds(docs, kind)
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
-
-
-def env_of(docs):
-    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e for e in container.get("env", [])}, container
-
-
-def validate(name, docs):
+def validate(name, r):
+    """kubernetes-validate --strict against the oldest and the newest supported Kubernetes. Kinds
+    of CRDs (ServiceMonitor) have no schema there and are checked by their own tests."""
+    docs = [d for d in r.docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump_all(docs, f)
         path = f.name
-    result = subprocess.run(
-        [os.path.join(BIN, "kubernetes-validate"), "-k", KUBE_VERSION, "--strict", path],
-        capture_output=True,
-        text=True,
-    )
-    os.unlink(path)
-    check(result.returncode == 0, f"{name}: kubernetes-validate --strict: {result.stdout}{result.stderr}")
+    try:
+        for version in KUBE_VERSIONS:
+            result = subprocess.run(
+                [os.path.join(BIN, "kubernetes-validate"), "-k", version, "--strict", "--quiet", path],
+                capture_output=True,
+                text=True,
+            )
+            check(result.returncode == 0,
+                  f"{name}: kubernetes-validate --strict -k {version}: {result.stdout}{result.stderr}")
+    finally:
+        os.unlink(path)
 
 
-REQUIRED = {"apono": {"token": "tok-canary-123", "connectorId": "prod-connector"}}
+def secret_rules(r):
+    """Every RBAC rule on Secrets, with the kind and namespace of its role."""
+    out = []
+    for role in r.kinds("Role") + r.kinds("ClusterRole"):
+        for rule in role["rules"]:
+            if "secrets" in rule.get("resources", []):
+                out.append((role["kind"], role["metadata"].get("namespace"), rule))
+    return out
+
+
+REQUIRED = {"apono": {"token": "tok-canary-123", "connectorId": "prod-connector", "url": "https://connector.example.com"}}
 
 # The command line of the product docs, exactly as written there (placeholders filled in).
 DOCS_COMMAND = (
@@ -109,110 +180,510 @@ DOCS_COMMAND = (
 
 
 def test_lint():
-    for values in (REQUIRED, values_from_command_line(DOCS_COMMAND)):
-        result = helm.lint(CHART, values=values, strict=True)
-        check(not result.get("errors"), f"helm lint --strict: {result}")
+    seed = merge(values_from_command_line(DOCS_COMMAND), {"apono": {"url": "https://connector.example.com"}})
+    for vals in (REQUIRED, seed):
+        for version in KUBE_VERSIONS:
+            result = helm.lint(CHART, values=vals, strict=True, namespace="apono-connector", kube_version="v" + version)
+            check(not result.get("errors"), f"helm lint --strict (Kubernetes {version}): {result}")
+
+
+def test_kube_version_range():
+    with open(os.path.join(CHART, "Chart.yaml")) as f:
+        chart = yaml.safe_load(f)
+    check(chart.get("kubeVersion") == f">={KUBE_VERSIONS[0]}-0",
+          f"Chart.yaml kubeVersion names the oldest validated version {KUBE_VERSIONS[0]}: {chart.get('kubeVersion')}")
 
 
 def test_defaults():
-    docs = render(merge({}, REQUIRED))
-    validate("defaults", docs)
-    env, container = env_of(docs)
+    r = render(values())
+    validate("defaults", r)
+    env, container, pod = r.env(), r.container(), r.pod()
     check(env["APONO_CONNECTOR_ID"]["value"] == "prod-connector", "connector id wired")
-    check(env["APONO_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "apono-connector", "key": "APONO_TOKEN"},
-          "token comes from the chart's Secret")
-    check(env["APONO_URL"]["value"], "APONO_URL set")
+    check(env["APONO_URL"]["value"] == "https://connector.example.com", "APONO_URL is the one given")
     check(env["APONO_HEALTH_ADDR"]["value"] == "0.0.0.0:8080", "health address")
     check("ALLOWED_SECRETS_TO_READ" not in env, "no allow-list by default")
-    check(not kinds(docs, "ClusterRole") and not kinds(docs, "Role"), "no RBAC unless manageClusterRoles")
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    check(not secret_rules(r) and not r.kinds("RoleBinding") and not r.kinds("ClusterRoleBinding"),
+          "no RBAC by default")
     check(pod["automountServiceAccountToken"] is False, "no API token mounted when the agent needs none")
+    check(r.one("ServiceAccount")["automountServiceAccountToken"] is False, "the ServiceAccount itself mounts nothing")
+    check(pod["serviceAccountName"] == "apono-connector-service-account",
+          "the ServiceAccount keeps Apono's name, which existing cloud trust bindings name")
     check(pod["securityContext"]["runAsNonRoot"] is True, "runAsNonRoot")
     sc = container["securityContext"]
     check(sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, "read-only root, no escalation")
     check(container["livenessProbe"]["httpGet"]["path"] == "/healthz", "liveness on /healthz")
     check(container["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness on /readyz")
+    check(container["startupProbe"]["httpGet"]["path"] == "/healthz", "startup probe on /healthz")
     check(container["args"] == ["run"], "runs the daemon")
-    check(not kinds(docs, "PodDisruptionBudget"), "no PDB for one replica")
-    deployment_text = yaml.safe_dump(one(docs, "Deployment"))
-    check("tok-canary-123" not in deployment_text, "the token is not in the Deployment")
+    check(not r.kinds("PodDisruptionBudget"), "no PDB for one replica")
+    check(not r.kinds("NetworkPolicy") and not r.kinds("ServiceMonitor") and not r.kinds("StatefulSet"),
+          "optional objects are off by default")
+    service = r.one("Service")
+    check([p["name"] for p in service["spec"]["ports"]] == ["metrics"], "the Service's port is named metrics")
+    check(r.one("Deployment")["spec"]["revisionHistoryLimit"] == 10, "revisionHistoryLimit")
+    rendered = yaml.safe_dump_all(r.docs)
+    check("tok-canary-123" not in yaml.safe_dump(r.one("Deployment")), "the token is not in the Deployment")
+    check("tok-canary-123" not in r.notes and "tok-canary-123" not in rendered.replace(
+        yaml.safe_dump(r.one("Secret")), ""), "the token is only in its Secret")
+    check("WARNING: image.registry is empty" in r.notes, "NOTES warns that the default image is nowhere")
+    check("port-forward svc/apono-connector 8080:8080" in r.notes and "curl -s http://127.0.0.1:8080/readyz" in r.notes,
+          f"NOTES shows how to check /readyz: {r.notes}")
+
+
+def test_no_default_control_plane():
+    # Nothing leaves the cluster unasked: no URL, no render.
+    no_url = {"apono": {"token": "t", "connectorId": "c"}}
+    render_fails(no_url, ["apono.url is required", "controlPlane.enabled=true"], "no apono.url")
+    check(not helm.Chart.load(CHART).values["apono"]["url"], "apono.url has no default")
 
 
 def test_docs_command_line():
-    values = values_from_command_line(DOCS_COMMAND)
-    docs = render(values)
-    validate("docs command line", docs)
-    env, _ = env_of(docs)
+    seed = values_from_command_line(DOCS_COMMAND)
+    # As written, the seed's line names no control plane: the chart says so.
+    render_fails(seed, ["apono.url is required"], "the seed's line without apono.url")
+    r = render(merge(seed, {"apono": {"url": "connector.example.com"}}))
+    validate("docs command line", r)
+    env = r.env()
     check(env["ALLOWED_SECRETS_TO_READ"]["value"] == "secret1,secret2,secret3", "allow-list env from the command line")
-    role = one(docs, "ClusterRole")
+    check(not r.kinds("ClusterRole") and not r.kinds("ClusterRoleBinding"), "no ClusterRole for named secrets")
+    role = r.one("Role")
+    check(role["metadata"]["namespace"] == "apono-connector", "bare names: a Role in the release namespace")
     check(role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
                              "resourceNames": ["secret1", "secret2", "secret3"]}],
           f"RBAC is get on the three named secrets only: {role['rules']}")
-    binding = one(docs, "ClusterRoleBinding")
-    check(binding["subjects"][0]["name"] == one(docs, "ServiceAccount")["metadata"]["name"], "bound to the agent's SA")
-    check(one(docs, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True,
-          "API token mounted when the agent reads secrets")
+    binding = r.one("RoleBinding")
+    check(binding["metadata"]["namespace"] == "apono-connector" and binding["roleRef"]["name"] == role["metadata"]["name"],
+          "the RoleBinding binds that Role in its namespace")
+    check(binding["subjects"] == [{"kind": "ServiceAccount", "name": r.one("ServiceAccount")["metadata"]["name"],
+                                   "namespace": "apono-connector"}], "bound to the agent's SA")
+    check(r.pod()["automountServiceAccountToken"] is True, "API token mounted when the agent reads secrets")
+    check("Secret access:  get on secret1, secret2, secret3" in r.notes, "NOTES states the Secret access")
+
+
+def test_readme_command_line():
+    # The install line of README.md's "### Helm" section, placeholders filled in, renders.
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("### Helm", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    command = next(c for c in block.replace("\\\n", " ").splitlines() if c.startswith("helm upgrade"))
+    filled = {"<YOUR_REGISTRY>": "registry.example.com", "<YOUR_CONTROL_PLANE>": "connector.example.com",
+              "<APONO_TOKEN>": "tok-canary-123", "<CONNECTOR_NAME>": "prod"}
+    for placeholder, value in filled.items():
+        check(placeholder in command, f"README's helm line has {placeholder}")
+        command = command.replace(placeholder, value)
+    r = render(values_from_command_line(command))
+    validate("README's command line", r)
+    check(sorted(role["metadata"]["namespace"] for role in r.kinds("Role")) == ["apono-connector", "team-a"],
+          "README's line: a Role in each namespace it names")
+    check("image.registry is empty" not in r.notes, "README's line names a registry")
 
 
 def test_terraform_form_of_the_list():
-    # Apono's Terraform example sets "{secret1\,secret2\,secret3}", which Helm parses to ONE
-    # list item holding commas: the chart must read the same three names.
-    values = merge(merge({}, REQUIRED), helm.parse_set_string(r"allowedSecretsToRead={secret1\,secret2\,secret3}"))
-    values["serviceAccount"] = {"manageClusterRoles": True}
-    docs = render(values)
-    check(one(docs, "ClusterRole")["rules"][0].get("resourceNames") == ["secret1", "secret2", "secret3"],
+    # Apono's Terraform example sets "{secret1\,secret2\,secret3}" (in HCL: "{a\\,b}"), which Helm
+    # parses to ONE list item holding commas: the chart must read the same three names.
+    vals = values(helm.parse_set_string(r"allowedSecretsToRead={secret1\,secret2\,secret3}"),
+                  {"serviceAccount": {"manageClusterRoles": True}})
+    check(vals["allowedSecretsToRead"] == ["secret1,secret2,secret3"], f"Helm gives one item: {vals['allowedSecretsToRead']}")
+    r = render(vals)
+    check(r.one("Role")["rules"][0].get("resourceNames") == ["secret1", "secret2", "secret3"],
           "escaped-comma list gives three names")
-    values["allowedSecretsToRead"] = []
-    docs = render(values)
-    rule = one(docs, "ClusterRole")["rules"][0]
-    check(rule["verbs"] == ["get"] and "resourceNames" not in rule, "without a list: get on secrets, no names")
+    check(r.env()["ALLOWED_SECRETS_TO_READ"]["value"] == "secret1,secret2,secret3", "and the same three for the agent")
+
+
+def test_empty_allow_list_grants_nothing():
+    for listed in ([], "", None):
+        r = render(values({"serviceAccount": {"manageClusterRoles": True}, "allowedSecretsToRead": listed}))
+        validate(f"empty allow-list {listed!r}", r)
+        check(not secret_rules(r), f"empty allow-list {listed!r}: no Secret rule at all: {secret_rules(r)}")
+        check(not r.kinds("RoleBinding") and not r.kinds("ClusterRoleBinding"), "and no binding")
+        check("ALLOWED_SECRETS_TO_READ" not in r.env(), "and no allow-list env")
+        check(r.pod()["automountServiceAccountToken"] is False, "and no API token")
+        check("Secret access:  none" in r.notes, "NOTES says there is no Secret access")
+
+
+def test_namespaced_entries():
+    vals = values({"serviceAccount": {"manageClusterRoles": True},
+                   "allowedSecretsToRead": ["team-a/rancher-key", "local-key", "team-b/k1", "team-a/other.key"]})
+    r = render(vals)
+    validate("namespace/name entries", r)
+    roles = {role["metadata"]["namespace"]: role for role in r.kinds("Role")}
+    check(sorted(roles) == ["apono-connector", "team-a", "team-b"], f"one Role per namespace: {sorted(roles)}")
+    check(roles["team-a"]["rules"][0]["resourceNames"] == ["rancher-key", "other.key"], "team-a's names")
+    check(roles["team-b"]["rules"][0]["resourceNames"] == ["k1"], "team-b's name")
+    check(roles["apono-connector"]["rules"][0]["resourceNames"] == ["local-key"], "a bare name is in the release namespace")
+    bindings = {b["metadata"]["namespace"]: b for b in r.kinds("RoleBinding")}
+    check(sorted(bindings) == sorted(roles), "a RoleBinding next to each Role")
+    for ns, b in bindings.items():
+        check(b["subjects"][0]["namespace"] == "apono-connector", f"{ns}: binds the agent's SA in its own namespace")
+    check(not r.kinds("ClusterRole"), "never a ClusterRole for named secrets")
+    check(r.env()["ALLOWED_SECRETS_TO_READ"]["value"] == "team-a/rancher-key,local-key,team-b/k1,team-a/other.key",
+          "the agent gets the entries as written")
+    render_fails(values({"allowedSecretsToRead": ["a/b/c"]}), ["a/b/c", "namespace/name"], "an entry with two slashes")
+    render_fails(values({"allowedSecretsToRead": ["Team/Key"]}), ["Team/Key"], "an entry that is no Kubernetes name")
+
+
+def test_allow_all_secrets():
+    r = render(values({"serviceAccount": {"manageClusterRoles": True}, "allowAllSecrets": True}))
+    validate("allowAllSecrets", r)
+    role = r.one("ClusterRole")
+    check(role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}], "get on all Secrets")
+    check(role["metadata"]["name"] == "apono-connector-apono-connector-secret-reader",
+          "the ClusterRole's name carries the release namespace")
+    check("WARNING: allowAllSecrets=true" in r.notes and "EVERY Secret in EVERY namespace" in r.notes,
+          "NOTES warns about allowAllSecrets")
+    render_fails(values({"allowAllSecrets": True, "allowedSecretsToRead": ["a"]}),
+                 ["allowAllSecrets=true and allowedSecretsToRead"], "both allowAllSecrets and a list")
+
+
+def test_typos_fail():
+    for typo in ({"allowedSecretToRead": ["a"]}, {"replicacount": 2}, {"apono": {"tokn": "x"}},
+                 {"serviceAccount": {"manageClusterRole": True}}, {"networkPolicy": {"enable": True}}):
+        render_fails(values(typo), ["additional properties"], f"unknown key {typo}")
+    r = render(values({"global": {"imageRegistry": "x"}}))
+    check(r.kinds("Deployment"), "`global` (umbrella charts) is accepted")
+
+
+def test_service_account():
+    render_fails(values({"serviceAccount": {"create": False}}),
+                 ["serviceAccount.name is required when serviceAccount.create=false"], "create=false without a name")
+    r = render(values({"serviceAccount": {"create": False, "name": "mine", "manageClusterRoles": True},
+                       "allowedSecretsToRead": ["s"]}))
+    validate("own ServiceAccount", r)
+    check(not r.kinds("ServiceAccount"), "no ServiceAccount made")
+    check(r.pod()["serviceAccountName"] == "mine", "the pod runs as the named account")
+    check(r.one("RoleBinding")["subjects"][0]["name"] == "mine", "the Role is bound to it, never to `default`")
+    r = render(values({"serviceAccount": {"name": "apono"}}))
+    check(r.one("ServiceAccount")["metadata"]["name"] == "apono", "serviceAccount.name names it")
+
+
+def test_two_releases_in_two_namespaces():
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    names = {}
+    for ns in ("team-a", "team-b"):
+        for extra in ({"allowAllSecrets": True}, {"allowedSecretsToRead": ["shared/rancher-key"]}):
+            r = render(values({"serviceAccount": {"manageClusterRoles": True}}, extra), namespace=ns)
+            for d in r.docs:
+                if d["kind"] in cluster_scoped or d["metadata"].get("namespace") == "shared":
+                    key = (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+                    check(names.setdefault(key, ns) == ns, f"{key} is claimed by the releases in {names[key]} and {ns}")
+    check(len(names) == 8, f"both releases made their cluster-scoped and shared-namespace objects: {sorted(names)}")
+
+
+def test_apono_values_file():
+    # A values file as written for Apono's own chart: it renders, validates, and means the same.
+    with open(os.path.join(HERE, "apono-values.yaml")) as f:
+        apono = yaml.safe_load(f)
+    r = render(apono)
+    validate("Apono's values file", r)
+    annotations = r.one("ServiceAccount")["metadata"]["annotations"]
+    check(annotations.get("iam.gke.io/gcp-service-account") == apono["serviceAccount"]["gcpServiceAccountEmail"],
+          "gcpServiceAccountEmail becomes the GKE Workload Identity annotation")
+    check(annotations.get("eks.amazonaws.com/role-arn") == "arn:aws:iam::123456789012:role/apono-connector",
+          f"awsRoleName + awsRoleAccountId become the IRSA annotation: {annotations}")
+    check(r.one("ServiceAccount")["metadata"]["name"] == "apono-connector-service-account",
+          "the ServiceAccount keeps the name Apono's GKE module binds")
+    check(r.container()["image"] == "registry.apono.io/apono-connector:v1.7.1", f"image from Apono's names: {r.container()['image']}")
+    check("APONO_ACTIONS_PARALLELISM" not in r.env(), "actionsParallelism \"\" keeps the agent's default")
+    for ignored in ("apono.actionsQueueSize", "apono.websocketSsl", "apono.actionsParallelism"):
+        check(ignored in r.notes, f"NOTES names the ignored value {ignored}")
+    check("Apono's registry" in r.notes, "NOTES warns that Apono's image is Apono's connector")
+    check(r.container()["resources"]["requests"] == {"cpu": "500m", "memory": "512Mi"}, "resources carried over")
+    check("port-forward svc/apono-connector 8080:80" in r.notes and "curl -s http://127.0.0.1:8080/readyz" in r.notes,
+          "NOTES forwards a local unprivileged port to Apono's Service port 80")
+
+    # Apono's Terraform modules `set` the token without type = "string": an all-digit token is a number.
+    vals = merge(helm.parse_set_string("apono.token=123456,apono.connectorId=42"), {"apono": {"url": "cp.example.com"}})
+    check(vals["apono"]["token"] == 123456, "Helm parses the token as a number")
+    r = render(vals)
+    check(r.one("Secret")["data"]["APONO_TOKEN"] == "MTIzNDU2", "a numeric token is stored as its digits")
+    check(r.env()["APONO_CONNECTOR_ID"]["value"] == "42", "a numeric connector id too")
+    r = render(values({"apono": {"token": 123456789012345}}))
+    check(r.one("Secret")["data"]["APONO_TOKEN"] == "MTIzNDU2Nzg5MDEyMzQ1", "a long numeric token from a values file is not 1.2e+14")
+    r = render(values({"apono": {"actionsParallelism": "16"}, "image": {"repository": "ghcr.io/me/ac", "tag": "1.0"}}))
+    check(r.env()["APONO_ACTIONS_PARALLELISM"]["value"] == "16", "a numeric string parallelism is used")
+    check(r.container()["image"] == "ghcr.io/me/ac:1.0", "image.repository replaces registry/name")
+    render_fails(values({"serviceAccount": {"awsRoleName": "r"}}), ["awsRoleAccountId"], "awsRoleName alone")
+
+
+def test_name_overrides():
+    r = render(values({"nameOverride": "jit"}), name="prod")
+    check(r.one("Deployment")["metadata"]["name"] == "prod-jit", "nameOverride shapes the full name")
+    check(r.one("Deployment")["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "jit", "and the name label")
+    r = render(values({"fullnameOverride": "rancher-jit", "controlPlane": {"enabled": True}, "apono": {"url": ""}}))
+    validate("fullnameOverride", r)
+    check(r.one("Deployment")["metadata"]["name"] == "rancher-jit", "fullnameOverride names the Deployment")
+    check(r.one("StatefulSet")["metadata"]["name"] == "rancher-jit-control-plane", "and the control plane")
+    check(r.one("Secret")["metadata"]["name"] == "rancher-jit", "and the token Secret")
+
+
+def test_control_plane():
+    vals = values({"apono": {"url": ""}, "controlPlane": {
+        "enabled": True, "config": '[[integrations]]\ntype = "rancher"\nname = "prod"\n',
+        "persistence": {"storageClass": "fast", "size": "2Gi"}}})
+    r = render(vals)
+    validate("in-cluster control plane", r)
+    sts = r.one("StatefulSet")
+    check(sts["spec"]["replicas"] == 1, "one replica")
+    container = r.container("StatefulSet")
+    check(container["args"][:2] == ["control-plane", "serve"], f"runs control-plane serve: {container['args']}")
+    args = container["args"]
+    check(args[args.index("--listen") + 1] == "0.0.0.0:8790", "listens on its port")
+    check(args[args.index("--data-dir") + 1] == "/var/lib/apono-connector", "state in /var/lib/apono-connector")
+    check(args[args.index("--config") + 1] == "/etc/apono-connector/control-plane/connector.toml", "its config file")
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    check(claim["spec"]["resources"]["requests"]["storage"] == "2Gi" and claim["spec"]["storageClassName"] == "fast",
+          "the PVC as asked")
+    mounts = r.mounts("StatefulSet")
+    check(mounts[claim["metadata"]["name"]]["mountPath"] == "/var/lib/apono-connector", "the PVC holds the data dir")
+    cp_env = r.env("StatefulSet")
+    check(cp_env["APONO_TOKEN_FILE"]["value"] == "/var/run/secrets/apono/token" and "APONO_TOKEN" not in cp_env,
+          "the control plane takes the agents' token from the same file")
+    check(cp_env["APONO_DATA_DIR"]["value"] == "/var/lib/apono-connector", "exec'd access commands find the operator token")
+    rotated = render(merge(json.loads(json.dumps(vals)), {"apono": {"token": "tok-rotated-456"}}))
+    annotations = lambda r: r.one("StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    check(annotations(rotated) != annotations(r),
+          "a new token rolls the control plane, which reads it only at start (the agents re-read theirs)")
+    service = r.one("Service", "apono-connector-control-plane")
+    check(service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"], "the Service selects the control plane")
+    check({p["name"]: p["port"] for p in service["spec"]["ports"]}["api"] == 8790, "the Service's API port")
+    check(r.env()["APONO_URL"]["value"] == "http://apono-connector-control-plane.apono-connector.svc:8790",
+          f"the agent connects to that Service: {r.env()['APONO_URL']}")
+    agent_selector = r.one("Deployment")["spec"]["selector"]["matchLabels"]
+    cp_labels = sts["spec"]["template"]["metadata"]["labels"]
+    check(not all(cp_labels.get(k) == v for k, v in agent_selector.items()),
+          "the agent's selector (and its Service, PDB) does not match the control plane's pod")
+    secret = r.one("Secret", "apono-connector-control-plane")
+    check("connector.toml" in secret["data"], "the config is kept in a Secret")
+    check("operator" not in json.dumps(r.docs).lower().replace("operator commands", ""),
+          "the chart makes no operator token: control-plane serve writes it in its data dir")
+    check("exec statefulset/apono-connector-control-plane -- apono-connector access list --control-plane http://127.0.0.1:8790" in r.notes, "NOTES: operator commands")
+    render_fails(values({"controlPlane": {"enabled": True}}), ["apono.url and controlPlane.enabled"],
+                 "apono.url and controlPlane.enabled together")
+    r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True, "persistence": {"existingClaim": "cp-state"}}}))
+    validate("control plane on an existing claim", r)
+    check("volumeClaimTemplates" not in r.one("StatefulSet")["spec"], "no claim template with an existing claim")
+    check(r.volumes("StatefulSet")["data"]["persistentVolumeClaim"]["claimName"] == "cp-state", "the existing claim")
+    check("--config" not in r.container("StatefulSet")["args"], "no --config without one")
+
+
+def test_token_file():
+    for vals, secret, key in ((values(), "apono-connector", "APONO_TOKEN"),
+                              ({"apono": {"existingSecret": "rotated-by-eso", "existingSecretKey": "token",
+                                          "connectorId": "c", "url": "cp.example.com"}}, "rotated-by-eso", "token")):
+        r = render(vals)
+        validate(f"token from {secret}", r)
+        env = r.env()
+        check("APONO_TOKEN" not in env, "no APONO_TOKEN variable: the token is a file")
+        check(env["APONO_TOKEN_FILE"]["value"] == "/var/run/secrets/apono/token", "APONO_TOKEN_FILE")
+        volume = r.volumes()["apono-token"]["secret"]
+        check(volume["secretName"] == secret and volume["items"] == [{"key": key, "path": "token"}],
+              f"the token file comes from {secret}/{key}: {volume}")
+        mount = r.mounts()["apono-token"]
+        check(mount["mountPath"] == "/var/run/secrets/apono" and "subPath" not in mount,
+              "mounted as a directory (a subPath mount would never see a rotated token)")
+    check(not [s for s in r.kinds("Secret") if s["metadata"]["name"] == "apono-connector"],
+          "no token Secret of the chart's with existingSecret")
 
 
 def test_existing_secrets_and_vault():
-    values = {
-        "apono": {"existingSecret": "my-apono-token", "existingSecretKey": "token", "connectorId": "c1"},
+    vals = {
+        "apono": {"existingSecret": "my-apono-token", "existingSecretKey": "token", "connectorId": "c", "url": "cp.example.com"},
         "hashicorpVault": {"existingSecret": "vault-defs", "existingSecretKey": "vault.json"},
     }
-    docs = render(values)
-    validate("existing secrets", docs)
-    env, container = env_of(docs)
-    check(env["APONO_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-apono-token", "key": "token"},
-          "token from the existing secret")
-    check(not kinds(docs, "Secret"), "no Secret made when both are existing")
+    r = render(vals)
+    validate("existing secrets", r)
+    env = r.env()
+    check(not r.kinds("Secret"), "no Secret made when both are existing")
     check(env["HASHICORP_VAULT_CONFIG_FILE_PATH"]["value"] == "/etc/apono-connector/vault/vault.json", "vault file path")
     check("HASHICORP_VAULT_CONFIG" not in env, "vault definitions never in the environment")
-    volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
-    check(volumes["vault-config"]["secret"]["secretName"] == "vault-defs", "vault secret mounted")
+    check(r.volumes()["vault-config"]["secret"]["secretName"] == "vault-defs", "vault secret mounted")
 
-    inline = merge(merge({}, REQUIRED), {"hashicorpVault": {"config": '[{"address":"https://vault:8200","token":"hvs.canary"}]'}})
-    docs = render(inline)
-    validate("inline vault config", docs)
-    secrets = {s["metadata"]["name"]: s for s in kinds(docs, "Secret")}
-    check("apono-connector-vault" in secrets, "vault definitions stored in a Secret")
-    check("hvs.canary" not in yaml.safe_dump(one(docs, "Deployment")), "vault token not in the Deployment")
+    r = render(values({"hashicorpVault": {"config": '[{"address":"https://vault:8200","token":"hvs.canary"}]'}}))
+    validate("inline vault config", r)
+    check("apono-connector-vault" in {s["metadata"]["name"] for s in r.kinds("Secret")}, "vault definitions stored in a Secret")
+    check("hvs.canary" not in yaml.safe_dump(r.one("Deployment")), "vault token not in the Deployment")
 
 
-def test_high_availability():
-    values = merge(merge({}, REQUIRED), {"replicaCount": 3})
-    docs = render(values)
-    validate("HA", docs)
-    check(one(docs, "Deployment")["spec"]["replicas"] == 3, "three replicas")
-    pdb = one(docs, "PodDisruptionBudget")
-    check(pdb["spec"]["minAvailable"] == 1, "PDB keeps one serving")
+def test_automount_switch():
+    k8s_auth_text = '[{"address": "https://vault:8200", "auth": "kubernetes", "role": "apono"}]'
+    k8s_auth_list = [{"address": "https://vault:8200", "auth": "kubernetes", "role": "apono"}]
+    token_auth = '[{"address": "https://vault:8200", "auth": "approle", "role_id": "r", "secret_id": "s"}]'
+    cases = (
+        ({}, False, "nothing needs the API"),
+        ({"hashicorpVault": {"config": k8s_auth_text}}, True, "Vault Kubernetes auth (JSON text)"),
+        ({"hashicorpVault": {"config": k8s_auth_list}}, True, "Vault Kubernetes auth (a list)"),
+        ({"hashicorpVault": {"config": token_auth}}, False, "Vault AppRole"),
+        ({"hashicorpVault": {"config": k8s_auth_text}, "serviceAccount": {"automount": False}}, False, "asked off"),
+        ({"serviceAccount": {"automount": True}}, True, "asked on"),
+        ({"allowedSecretsToRead": ["s"]}, True, "the agent reads Kubernetes Secrets"),
+    )
+    for layer, expected, what in cases:
+        r = render(values(layer))
+        check(r.pod()["automountServiceAccountToken"] is expected, f"automount {expected} when {what}")
+    validate("automount", render(values({"hashicorpVault": {"config": k8s_auth_list}})))
+
+
+def test_service_monitor():
+    r = render(values({"serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prom"}}}),
+               api_versions=[SERVICE_MONITOR_API, "monitoring.coreos.com/v1"])
+    validate("ServiceMonitor", r)
+    sm = r.one("ServiceMonitor")
+    check(sm["spec"]["endpoints"][0]["port"] == "metrics", "scrapes the port named metrics")
+    check(sm["metadata"]["labels"].get("release") == "prom", "additionalLabels")
+    service = r.one("Service")
+    check(all(service["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()),
+          "selects the agent's Service")
+    check("metrics" in [p["name"] for p in service["spec"]["ports"]], "whose port is named metrics")
+    r = render(values({"serviceMonitor": {"enabled": True}}))
+    check(not r.kinds("ServiceMonitor"), "no ServiceMonitor where the cluster has no such API")
+    check("--api-versions monitoring.coreos.com/v1/ServiceMonitor" in r.notes, "NOTES says why and what to do")
+    r = render(values(), api_versions=[SERVICE_MONITOR_API])
+    check(not r.kinds("ServiceMonitor"), "none unless enabled")
+
+
+def test_network_policy():
+    rancher = [{"to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]
+    vault = [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}}}],
+              "ports": [{"port": 8200, "protocol": "TCP"}]}]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    r = render(values({"networkPolicy": {"enabled": True, "rancher": rancher, "secretStores": vault,
+                                         "metricsFrom": monitoring}}))
+    validate("NetworkPolicy", r)
+    policy = r.one("NetworkPolicy")
+    check(policy["spec"]["podSelector"]["matchLabels"] == r.one("Deployment")["spec"]["selector"]["matchLabels"],
+          "applies to the agent's pods")
+    check(sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"], "both directions")
+    egress = policy["spec"]["egress"]
+    check(egress == helm.Chart.load(CHART).values["networkPolicy"]["dns"] + rancher + vault,
+          f"egress: DNS, Rancher and the secret stores, nothing else: {egress}")
+    ingress = policy["spec"]["ingress"]
+    check(len(ingress) == 1 and ingress[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}],
+          "ingress to the metrics port only")
+    check(monitoring[0] in ingress[0]["from"], "from what the values name")
+    test_pod = r.one("Pod")
+    check(any(all(test_pod["metadata"]["labels"].get(k) == v for k, v in peer.get("podSelector", {}).get("matchLabels", {}).items())
+              and "podSelector" in peer for peer in ingress[0]["from"]), "and from the helm test pod")
+
+    r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True}, "networkPolicy": {"enabled": True}}))
+    validate("NetworkPolicy with the control plane", r)
+    agent = r.one("NetworkPolicy", "apono-connector")
+    cp_pod_labels = r.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    check(any(rule["to"][0].get("podSelector", {}).get("matchLabels", {}).items() <= cp_pod_labels.items()
+              and rule["ports"] == [{"port": "api", "protocol": "TCP"}] for rule in agent["spec"]["egress"]),
+          "the agent may reach the in-cluster control plane")
+    cp = r.one("NetworkPolicy", "apono-connector-control-plane")
+    check(cp["spec"]["egress"] == [] and "Egress" in cp["spec"]["policyTypes"], "the control plane connects nowhere")
+    check(cp["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == r.one("Deployment")["spec"]["selector"]["matchLabels"],
+          "its API only from the agents")
+
+
+def test_pod_disruption_budget():
+    r = render(values({"replicaCount": 3}))
+    validate("HA", r)
+    check(r.one("Deployment")["spec"]["replicas"] == 3, "three replicas")
+    pdb = r.one("PodDisruptionBudget")
+    check(pdb["spec"] == {"minAvailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                          "selector": {"matchLabels": r.one("Deployment")["spec"]["selector"]["matchLabels"]}},
+          f"PDB keeps one serving and lets unready pods be evicted: {pdb['spec']}")
+    r = render(values({"replicaCount": 3, "podDisruptionBudget": {"maxUnavailable": "50%"}}))
+    validate("PDB maxUnavailable", r)
+    spec = r.one("PodDisruptionBudget")["spec"]
+    check(spec.get("maxUnavailable") == "50%" and "minAvailable" not in spec, f"maxUnavailable instead: {spec}")
+    check(not render(values({"replicaCount": 3, "podDisruptionBudget": {"enabled": False}})).kinds("PodDisruptionBudget"),
+          "podDisruptionBudget.enabled=false")
+
+
+def test_helm_test_hook():
+    r = render(values({"service": {"port": 9090}}), namespace="jit")
+    validate("helm test hook", r)
+    pod = r.one("Pod")
+    check(pod["metadata"]["annotations"]["helm.sh/hook"] == "test", "a helm test hook")
+    container = pod["spec"]["containers"][0]
+    service = r.one("Service")
+    url = f"http://{service['metadata']['name']}.jit.svc:9090/readyz"
+    check(container["args"] == ["healthcheck", "--url", url], f"checks /readyz through the Service: {container['args']}")
+    check(container["image"] == r.container()["image"], "with the image's own binary")
+    check(pod["spec"]["automountServiceAccountToken"] is False, "and no API token")
+    check(not render(values({"helmTest": {"enabled": False}})).kinds("Pod"), "helmTest.enabled=false")
+
+
+def test_image():
+    digest = "sha256:" + "a" * 64
+    cases = (
+        ({}, "apono-connector:0.1.0"),
+        ({"image": {"registry": "registry.example.com/team"}}, "registry.example.com/team/apono-connector:0.1.0"),
+        ({"image": {"registry": "registry.example.com", "digest": digest}}, f"registry.example.com/apono-connector@{digest}"),
+        ({"image": {"tag": None}}, "apono-connector:0.1.0"),
+        ({"image": {"tag": 1.7}}, "apono-connector:1.7"),
+        ({"image": {"tag": "v2"}}, "apono-connector:v2"),
+    )
+    for layer, expected in cases:
+        r = render(values(layer))
+        check(r.container()["image"] == expected, f"image {layer}: {r.container()['image']} != {expected}")
+    r = render(values({"image": {"registry": "registry.example.com", "digest": digest}}))
+    validate("image digest", r)
+    check("image.registry is empty" not in r.notes, "no registry warning once a registry is set")
+    render_fails(values({"image": {"digest": "latest"}}), ["digest"], "a digest that is no digest")
+
+
+def test_knobs():
+    ca = {"name": "corp-ca", "configMap": {"name": "corp-ca"}}
+    ca_mount = {"name": "corp-ca", "mountPath": "/etc/apono-connector/ca", "readOnly": True}
+    spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "apono-connector"}}}]
+    r = render(values({
+        "extraEnv": [{"name": "SSL_CERT_FILE", "value": "/etc/apono-connector/ca/ca.crt"}],
+        "envFrom": [{"configMapRef": {"name": "proxy"}}],
+        "extraVolumes": [ca], "extraVolumeMounts": [ca_mount],
+        "topologySpreadConstraints": spread, "priorityClassName": "critical", "revisionHistoryLimit": 3,
+        "livenessProbe": {"periodSeconds": 30}, "readinessProbe": None, "strategy": {"type": "Recreate"},
+    }))
+    validate("knobs", r)
+    pod, container = r.pod(), r.container()
+    check(r.env()["SSL_CERT_FILE"]["value"] == "/etc/apono-connector/ca/ca.crt", "extraEnv")
+    check(container["envFrom"] == [{"configMapRef": {"name": "proxy"}}], "envFrom")
+    check(r.volumes()["corp-ca"] == ca and r.mounts()["corp-ca"] == ca_mount, "a CA bundle mounted with extraVolumes")
+    check(pod["topologySpreadConstraints"] == spread, "topologySpreadConstraints")
+    check(pod["priorityClassName"] == "critical", "priorityClassName")
+    check(r.one("Deployment")["spec"]["revisionHistoryLimit"] == 3, "revisionHistoryLimit")
+    check(r.one("Deployment")["spec"]["strategy"] == {"type": "Recreate"}, "strategy")
+    check(container["livenessProbe"]["periodSeconds"] == 30 and container["livenessProbe"]["httpGet"]["path"] == "/healthz",
+          "a probe setting overrides one field")
+    check("readinessProbe" not in container, "null turns a probe off")
 
 
 def test_missing_values_fail_clearly():
-    for values, needle in (({"apono": {"connectorId": "c"}}, "apono.token"), ({"apono": {"token": "t"}}, "apono.connectorId")):
-        try:
-            render(values)
-            check(False, f"render without {needle} must fail")
-        except helm.HelmError as e:
-            check(needle in str(e), f"error names {needle}: {e}")
-    try:
-        render(merge(merge({}, REQUIRED), {"replicaCount": "many"}))
-        check(False, "schema rejects a non-integer replicaCount")
-    except helm.HelmError:
-        pass
+    for vals, needle in (({"apono": {"connectorId": "c", "url": "u"}}, "apono.token"),
+                         ({"apono": {"token": "t", "url": "u"}}, "apono.connectorId")):
+        render_fails(vals, [needle], f"without {needle}")
+    render_fails(values({"replicaCount": "many"}), ["replicaCount"], "a non-integer replicaCount")
+
+
+def readme_generator():
+    """The pinned @bitnami/readme-generator-for-helm that tests/deploy/run installs with npm."""
+    path = os.environ.get("APONO_README_GENERATOR") or os.path.join(
+        os.path.dirname(BIN), "readme-generator", "node_modules", ".bin", "readme-generator")
+    return path if os.path.exists(path) else None
+
+
+def test_chart_readme():
+    # The chart's README.md is generated from the `## @param` comments of values.yaml; the
+    # committed one must be what the generator makes (and the generator fails on an undocumented value).
+    generator = readme_generator()
+    if generator is None:
+        check(False, "readme-generator-for-helm is not installed: run tests/deploy/run (it installs it with npm), "
+                     "or point APONO_README_GENERATOR at one")
+        return
+    readme = os.path.join(CHART, "README.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "README.md")
+        shutil.copy(readme, copy)
+        result = subprocess.run([generator, "--values", os.path.join(CHART, "values.yaml"), "--readme", copy],
+                                capture_output=True, text=True)
+        check(result.returncode == 0, f"readme-generator: {result.stdout}{result.stderr}")
+        with open(copy) as a, open(readme) as b:
+            check(a.read() == b.read(), "deploy/helm/apono-connector/README.md is out of date: run "
+                  f"{generator} --values deploy/helm/apono-connector/values.yaml --readme deploy/helm/apono-connector/README.md")
 
 
 def test_dockerfile():

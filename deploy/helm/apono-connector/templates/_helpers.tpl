@@ -1,14 +1,33 @@
-{{/* Names and labels. */}}
+{{/* Names and labels (the usual `helm create` helpers, so nameOverride/fullnameOverride work). */}}
 {{- define "apono-connector.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "apono-connector.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Names of the control plane's objects: a DNS label, so at most 63 characters. */}}
+{{- define "apono-connector.controlPlaneName" -}}
+{{- printf "%s-control-plane" (include "apono-connector.fullname" . | trunc 49 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/*
+Name of the Secret-reading Role, RoleBinding, ClusterRole and ClusterRoleBinding. It carries the
+release namespace: Roles land in other namespaces and ClusterRoles are cluster-wide, so two
+releases of the same name in two namespaces must not claim the same object.
+*/}}
+{{- define "apono-connector.secretReaderName" -}}
+{{- printf "%s-%s-secret-reader" .Release.Namespace (include "apono-connector.fullname" .) -}}
 {{- end -}}
 
 {{- define "apono-connector.selectorLabels" -}}
@@ -16,36 +35,116 @@ app.kubernetes.io/name: {{ include "apono-connector.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{- define "apono-connector.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "apono-connector.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{/*
+The control plane's pods get their own `name` label: the agent Deployment's selector (name +
+instance, immutable since chart 0.1.0) must not match them.
+*/}}
+{{- define "apono-connector.controlPlaneSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-control-plane" (include "apono-connector.name" . | trunc 49 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- define "apono-connector.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: apono-connector
+{{- end -}}
+
+{{- define "apono-connector.labels" -}}
+{{ include "apono-connector.commonLabels" . }}
+{{ include "apono-connector.selectorLabels" . }}
+app.kubernetes.io/component: agent
+{{- end -}}
+
+{{- define "apono-connector.controlPlaneLabels" -}}
+{{ include "apono-connector.commonLabels" . }}
+{{ include "apono-connector.controlPlaneSelectorLabels" . }}
+app.kubernetes.io/component: control-plane
+{{- end -}}
+
+{{/*
+A value from --set or a values file as text. Values files reach templates as JSON numbers
+(float64), so a numeric token or account id would print as 1.23456789012e+11: whole numbers
+are printed as integers.
+*/}}
+{{- define "apono-connector.scalar" -}}
+{{- if and (kindIs "float64" .) (eq (. | int64 | float64) .) -}}
+{{- . | int64 -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The ServiceAccount's name. Created: `serviceAccount.name`, else Apono's own name
+`apono-connector-service-account`, which existing GKE Workload Identity and IRSA trust bindings
+name. Not created: the name must be given; the namespace's `default` account is never used
+silently (it would receive the Secret-reading RBAC).
+*/}}
 {{- define "apono-connector.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
-{{- default (include "apono-connector.fullname" .) .Values.serviceAccount.name -}}
+{{- default "apono-connector-service-account" .Values.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- required "serviceAccount.name is required when serviceAccount.create=false: name the existing ServiceAccount the agent runs as (the chart never falls back to the namespace's `default` account)" .Values.serviceAccount.name -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The ServiceAccount's annotations: yours, plus those Apono's value names stand for. */}}
+{{- define "apono-connector.serviceAccountAnnotations" -}}
+{{- $sa := .Values.serviceAccount -}}
+{{- $out := dict -}}
+{{- with $sa.gcpServiceAccountEmail -}}
+{{- $_ := set $out "iam.gke.io/gcp-service-account" . -}}
+{{- end -}}
+{{- if or $sa.awsRoleName $sa.awsRoleAccountId -}}
+{{- if not (and $sa.awsRoleName $sa.awsRoleAccountId) -}}
+{{- fail "serviceAccount.awsRoleName and serviceAccount.awsRoleAccountId go together (they make the IRSA annotation eks.amazonaws.com/role-arn: arn:aws:iam::<awsRoleAccountId>:role/<awsRoleName>): set both, or neither" -}}
+{{- end -}}
+{{- $_ := set $out "eks.amazonaws.com/role-arn" (printf "arn:aws:iam::%s:role/%s" (include "apono-connector.scalar" $sa.awsRoleAccountId) $sa.awsRoleName) -}}
+{{- end -}}
+{{- /* Annotations written out win over the ones derived above. */ -}}
+{{- $out = merge (deepCopy (default dict $sa.annotations)) $out -}}
+{{- if $out -}}{{- toYaml $out -}}{{- end -}}
 {{- end -}}
 
 {{- define "apono-connector.image" -}}
-{{- $tag := default .Chart.AppVersion (toString .Values.image.tag) -}}
-{{- if .Values.image.registry -}}
-{{- printf "%s/%s:%s" .Values.image.registry .Values.image.name $tag -}}
+{{- $image := .Values.image -}}
+{{- $repository := $image.repository -}}
+{{- if not $repository -}}
+{{- if $image.registry -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $image.registry) $image.name -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.name $tag -}}
+{{- $repository = $image.name -}}
+{{- end -}}
+{{- end -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repository (include "apono-connector.scalar" (default .Chart.AppVersion $image.tag)) -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Secret holding the control-plane token, and its key. */}}
+{{/* Secret holding the control-plane token, its key, and where it is mounted. */}}
 {{- define "apono-connector.tokenSecretName" -}}
 {{- default (include "apono-connector.fullname" .) .Values.apono.existingSecret -}}
 {{- end -}}
 {{- define "apono-connector.tokenSecretKey" -}}
 {{- if .Values.apono.existingSecret -}}{{ .Values.apono.existingSecretKey }}{{- else -}}APONO_TOKEN{{- end -}}
+{{- end -}}
+{{- define "apono-connector.tokenDir" -}}/var/run/secrets/apono{{- end -}}
+
+{{/*
+The token as a volume: a whole-Secret mount (no subPath), so the kubelet updates the file when
+the Secret is rotated and the agent, which re-reads APONO_TOKEN_FILE when refused, follows.
+*/}}
+{{- define "apono-connector.tokenVolume" -}}
+- name: apono-token
+  secret:
+    secretName: {{ include "apono-connector.tokenSecretName" . }}
+    items:
+      - key: {{ include "apono-connector.tokenSecretKey" . }}
+        path: token
 {{- end -}}
 
 {{/* Vault definitions: a Secret of ours, or the user's. */}}
@@ -59,20 +158,94 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.hashicorpVault.existingSecret -}}{{ .Values.hashicorpVault.existingSecretKey }}{{- else -}}config.json{{- end -}}
 {{- end -}}
 
+{{/* Whether a Vault definition in the values logs in with Vault's Kubernetes auth. */}}
+{{- define "apono-connector.vaultKubernetesAuth" -}}
+{{- $config := .Values.hashicorpVault.config -}}
+{{- if $config -}}
+{{- $text := kindIs "string" $config | ternary $config (toJson $config) -}}
+{{- if regexMatch "\"auth\"\\s*:\\s*\"kubernetes\"" $text -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
-allowedSecretsToRead as a JSON list of names. Accepts a list (--set allowedSecretsToRead={a,b}),
-a string ("a,b"), or list items holding commas (what `{a\,b}` gives, as in Apono's Terraform
-example), so every documented way of setting it yields the same names.
+allowedSecretsToRead as a JSON list of entries, as written (`name` or `namespace/name`). Accepts
+a list (--set allowedSecretsToRead={a,b}), a string ("a,b"), or list items holding commas (what
+`{a\,b}` gives, as in Apono's Terraform example), so every documented way of setting it yields
+the same entries.
 */}}
 {{- define "apono-connector.allowedSecrets" -}}
 {{- $raw := .Values.allowedSecretsToRead -}}
 {{- if kindIs "string" $raw -}}{{- $raw = list $raw -}}{{- end -}}
-{{- $names := list -}}
+{{- $entries := list -}}
 {{- range $raw -}}
 {{- range splitList "," (toString .) -}}
-{{- $name := trim . | trimPrefix "{" | trimSuffix "}" | trim -}}
-{{- if $name -}}{{- $names = append $names $name -}}{{- end -}}
+{{- $entry := trim . | trimPrefix "{" | trimSuffix "}" | trim -}}
+{{- if $entry -}}{{- $entries = append $entries $entry -}}{{- end -}}
 {{- end -}}
 {{- end -}}
-{{- toJson (uniq $names) -}}
+{{- toJson (uniq $entries) -}}
+{{- end -}}
+
+{{/*
+The allow-list grouped by namespace, as JSON {namespace: [names]}: one Role per namespace. A
+bare name means the release namespace.
+*/}}
+{{- define "apono-connector.allowedSecretsByNamespace" -}}
+{{- $byNamespace := dict -}}
+{{- range (include "apono-connector.allowedSecrets" . | fromJsonArray) -}}
+{{- $parts := splitList "/" . -}}
+{{- $namespace := $.Release.Namespace -}}
+{{- $name := . -}}
+{{- if eq (len $parts) 2 -}}
+{{- $namespace = index $parts 0 -}}
+{{- $name = index $parts 1 -}}
+{{- end -}}
+{{- if or (gt (len $parts) 2) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $namespace)) (not (regexMatch "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$" $name)) -}}
+{{- fail (printf "allowedSecretsToRead: %q is not a Secret name or namespace/name (lowercase letters, digits, '-' and '.'; one '/' at most)" .) -}}
+{{- end -}}
+{{- $names := get $byNamespace $namespace | default list -}}
+{{- $_ := set $byNamespace $namespace (append $names $name | uniq) -}}
+{{- end -}}
+{{- toJson $byNamespace -}}
+{{- end -}}
+
+{{/* Whether the agent may read Kubernetes Secrets at all (a non-empty allow-list, or all). */}}
+{{- define "apono-connector.readsKubernetesSecrets" -}}
+{{- if or .Values.allowAllSecrets (include "apono-connector.allowedSecrets" . | fromJsonArray) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The pod's ServiceAccount token mount: `serviceAccount.automount` when set; otherwise on only when
+the agent calls the Kubernetes API (it reads Kubernetes Secrets) or logs in to Vault with the
+token (a definition with "auth": "kubernetes").
+*/}}
+{{- define "apono-connector.automount" -}}
+{{- if kindIs "bool" .Values.serviceAccount.automount -}}
+{{- .Values.serviceAccount.automount -}}
+{{- else if or (include "apono-connector.readsKubernetesSecrets" .) (include "apono-connector.vaultKubernetesAuth" .) -}}
+true
+{{- else -}}
+false
+{{- end -}}
+{{- end -}}
+
+{{/* The control plane the agent connects to. */}}
+{{- define "apono-connector.controlPlaneUrl" -}}
+{{- if .Values.controlPlane.enabled -}}
+{{- if .Values.apono.url -}}
+{{- fail "apono.url and controlPlane.enabled=true both name a control plane: leave apono.url empty (the agent then connects to the one this chart runs) or set controlPlane.enabled=false" -}}
+{{- end -}}
+{{- printf "http://%s.%s.svc:%v" (include "apono-connector.controlPlaneName" .) .Release.Namespace .Values.controlPlane.service.port -}}
+{{- else -}}
+{{- required "apono.url is required: the address of the control plane this agent connects to (APONO_URL; a bare host means https). The chart has no default, so the token goes nowhere you did not name. Or set controlPlane.enabled=true to run a control plane in this cluster" .Values.apono.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Settings that contradict each other fail the install with what to change. */}}
+{{- define "apono-connector.validate" -}}
+{{- /* Checks every allow-list entry, whether or not the chart makes RBAC. */ -}}
+{{- $_ := include "apono-connector.allowedSecretsByNamespace" . -}}
+{{- if and .Values.allowAllSecrets (include "apono-connector.allowedSecrets" . | fromJsonArray) -}}
+{{- fail "allowAllSecrets=true and allowedSecretsToRead both set: list the Secrets the agent may read, or allow all of them, not both" -}}
+{{- end -}}
 {{- end -}}
