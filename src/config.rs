@@ -3,6 +3,10 @@
 //! Environment names are Apono's connector's (`APONO_TOKEN`, `APONO_CONNECTOR_ID`, ...), mapped
 //! explicitly below: each variable is parsed here so that a bad value fails at start-up with the
 //! variable's name. Loading never reads a secret store or opens a connection.
+//!
+//! This module sits above the ones it configures: it composes their settings types
+//! (`secrets::SecretsSettings` as `[secrets]`, `integrations::IntegrationSpec` as
+//! `[[integrations]]`) and converts their errors into [`ConfigError`]; they never import it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -144,9 +148,8 @@ impl Default for TelemetryConfig {
 /// this module says where they come from. The name `SecretsConfig` stays for callers that think
 /// of it as a config section.
 pub use crate::secrets::SecretsSettings as SecretsConfig;
-pub use crate::secrets::OPTIONAL_READ_MARK_STORES;
 
-/// Implemented here rather than in `secrets` because the variable table ([`ENV_KEYS`]) is this
+/// Implemented here rather than in `secrets` because the variable table (`ENV_KEYS`) is this
 /// module's: `secrets` never reads the environment for its settings.
 impl SecretsConfig {
     /// The secrets section from environment variables alone (defaults for the rest), for one-shot

@@ -174,7 +174,10 @@ impl SecretStore for KubernetesStore {
         if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
             return Err(not_marked());
         }
-        let secret = api.get(name).await.map_err(|e| map_error(reference, namespace, name, e))?;
+        let secret = api
+            .get(name)
+            .await
+            .map_err(|e| map_error(reference, namespace, name, e))?;
         // Re-checked on the object read: the label may have been removed in between.
         let labels = secret.metadata.labels.clone().unwrap_or_default();
         if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {

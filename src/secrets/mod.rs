@@ -376,8 +376,7 @@ impl Default for SecretStores {
     /// definitions, the default cache TTL. It reads none of the connector's variables (the cloud
     /// SDKs still read their own); a program that has settings uses [`SecretStores::from_config`].
     fn default() -> Self {
-        SecretStores::build(&SecretsSettings::default(), false)
-            .unwrap_or_else(|e| SecretStores::broken(e.to_string()))
+        SecretStores::build(&SecretsSettings::default(), false).unwrap_or_else(|e| SecretStores::broken(e.to_string()))
     }
 }
 

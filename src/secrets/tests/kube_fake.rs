@@ -250,10 +250,7 @@ async fn allow_list_entries_may_name_the_namespace() {
             calls.lock().unwrap().clear();
             let e = stores.fetch(&r(ns, name)).await.unwrap_err();
             assert_eq!(e.code(), "secret_not_permitted", "{e}");
-            assert!(
-                e.to_string().contains(&format!("add {ns}/{name} there")),
-                "{e}"
-            );
+            assert!(e.to_string().contains(&format!("add {ns}/{name} there")), "{e}");
             assert_eq!(*calls.lock().unwrap(), Vec::<String>::new(), "{ns}/{name}");
         }
     };
