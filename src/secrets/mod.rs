@@ -402,8 +402,17 @@ impl SecretStores {
     /// allow-list entry, an unknown store in `require_read_mark`) or an unreadable definitions
     /// file.
     pub fn from_config(settings: &SecretsSettings) -> Result<SecretStores, SettingsError> {
-        settings.validate()?;
-        SecretStores::build(settings, true)
+        // The Vault definitions are checked by `build`, which parses them anyway.
+        let mut problems = settings.problems_besides_vault();
+        let built = SecretStores::build(settings, true);
+        if let Err(e) = &built {
+            problems.push(e.0.clone());
+        }
+        if problems.is_empty() {
+            built
+        } else {
+            Err(SettingsError(problems.join("; ")))
+        }
     }
 
     fn build(config: &SecretsSettings, strict: bool) -> Result<SecretStores, SettingsError> {

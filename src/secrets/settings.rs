@@ -77,6 +77,14 @@ impl SecretsSettings {
                 problems.push(e.0);
             }
         }
+        problems.extend(self.problems_besides_vault());
+        problems
+    }
+
+    /// [`SecretsSettings::problems`] without the Vault definitions, for a caller that parses them
+    /// anyway (parsing logs its warnings, such as a trailing comma, and once is enough).
+    pub(super) fn problems_besides_vault(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         for entry in &self.allowed_secrets_to_read {
             if let Err(why) = AllowedSecret::parse(entry) {
                 problems.push(format!(
@@ -96,19 +104,6 @@ impl SecretsSettings {
             }
         }
         problems
-    }
-
-    /// [`SecretsSettings::problems`] as one error.
-    ///
-    /// # Errors
-    /// Every problem found, joined.
-    pub fn validate(&self) -> Result<(), SettingsError> {
-        let problems = self.problems();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(SettingsError(problems.join("; ")))
-        }
     }
 
     /// Whether `store_type` (`AZURE`, `GCP`) must find the read mark on a secret before reading it.

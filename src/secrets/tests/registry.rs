@@ -455,3 +455,23 @@ fn secrets_never_import_config() {
         offences.join("\n")
     );
 }
+
+/// What the one-shot commands build their stores with: every bad setting named at once.
+#[cfg(feature = "store-vault")]
+#[test]
+fn from_config_names_every_bad_setting() {
+    let settings = SecretsConfig {
+        allowed_secrets_to_read: vec!["apono/rancher/x".into()],
+        hashicorp_vault_config: Some(secrecy::SecretString::from(r#"[{"address": "https://v:8200"}]"#)),
+        require_read_mark: vec!["VAULT".into()],
+        ..SecretsConfig::default()
+    };
+    let e = SecretStores::from_config(&settings).unwrap_err().to_string();
+    for named in [
+        "\"apono/rancher/x\"",
+        "HASHICORP_VAULT_CONFIG",
+        "APONO_REQUIRE_READ_MARK",
+    ] {
+        assert!(e.contains(named), "{named} not named: {e}");
+    }
+}
