@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentOptions, Executor};
-use crate::config::{Config, normalize_url};
+use crate::config::{Config, SecretsConfig, normalize_url};
 use crate::control_plane::client::{HttpControlPlane, OperatorClient};
 use crate::control_plane::embedded::{self, EmbeddedControlPlane};
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
@@ -252,8 +252,15 @@ pub fn parse_integration(arg: &str) -> anyhow::Result<IntegrationSpec> {
     Ok(spec)
 }
 
+/// The secret stores of a one-shot command, which takes no config file: settings from the
+/// environment alone, checked as the daemon's are.
+pub fn secret_stores_from_env() -> anyhow::Result<SecretStores> {
+    let settings = SecretsConfig::from_env(|name| std::env::var(name).ok())?;
+    Ok(SecretStores::from_config(&settings)?)
+}
+
 async fn build_integration(spec: &IntegrationSpec) -> anyhow::Result<Box<dyn integrations::Integration>> {
-    let secret = SecretStores::from_env()?.fetch(&spec.secret_store).await?;
+    let secret = secret_stores_from_env()?.fetch(&spec.secret_store).await?;
     Ok(integrations::build(spec, &secret)?)
 }
 
@@ -334,7 +341,7 @@ pub async fn secret_get(store: &str, reveal: bool) -> anyhow::Result<Value> {
     let reference: SecretRef = serde_json::from_value(read_json_arg(store, "--store")?).context(
         "--store must be a secret reference such as {\"type\":\"AWS\",\"region\":\"...\",\"secret_id\":\"...\"}",
     )?;
-    let secret = SecretStores::from_env()?.fetch(&reference).await?;
+    let secret = secret_stores_from_env()?.fetch(&reference).await?;
     let mut map = serde_json::Map::new();
     for key in secret.keys() {
         let value = match (reveal, secret.get(key)) {

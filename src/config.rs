@@ -3,6 +3,10 @@
 //! Environment names are Apono's connector's (`APONO_TOKEN`, `APONO_CONNECTOR_ID`, ...), mapped
 //! explicitly below: each variable is parsed here so that a bad value fails at start-up with the
 //! variable's name. Loading never reads a secret store or opens a connection.
+//!
+//! This module sits above the ones it configures: it composes their settings types
+//! (`secrets::SecretsSettings` as `[secrets]`, `integrations::IntegrationSpec` as
+//! `[[integrations]]`) and converts their errors into [`ConfigError`]; they never import it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::integrations::{self, IntegrationSpec};
+use crate::secrets::SettingsError;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -139,87 +144,18 @@ impl Default for TelemetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SecretsConfig {
-    /// `ALLOWED_SECRETS_TO_READ` (comma-separated): when set, only these Kubernetes secrets may be
-    /// read (the same list the Helm chart turns into the service account's `resourceNames`).
-    pub allowed_secrets_to_read: Vec<String>,
-    /// `HASHICORP_VAULT_CONFIG`: a JSON list of Vault definitions. A `SecretString` because the
-    /// definitions carry tokens.
-    #[serde(skip_serializing)]
-    pub hashicorp_vault_config: Option<SecretString>,
-    /// `HASHICORP_VAULT_CONFIG_FILE_PATH`: the same list in a file (a mounted secret), re-read when
-    /// it changes.
-    pub hashicorp_vault_config_file_path: Option<PathBuf>,
-    /// `VAULT_NAMESPACE`: the Vault Enterprise / HCP namespace for a definition that names none
-    /// (as the `vault` CLI does; HCP Vault's is `admin`).
-    pub vault_namespace: Option<String>,
-    /// `APONO_SECRET_CACHE_TTL_SECONDS`: how long a fetched secret is reused. Short, because a
-    /// rotation should be seen soon even when no integration refuses the old key; 0 disables it.
-    pub cache_ttl_seconds: u64,
-    /// `APONO_REQUIRE_READ_MARK` (comma-separated store types, `AZURE` and/or `GCP`): also require
-    /// the mark `apono-connector-read=true` there. Off by default because Apono's own docs create
-    /// those secrets unmarked and leave access to the cloud's IAM; Kubernetes and AWS always
-    /// require it.
-    pub require_read_mark: Vec<String>,
-}
+/// The `[secrets]` section. The type belongs to `secrets` (which checks what its values mean);
+/// this module says where they come from. The name `SecretsConfig` stays for callers that think
+/// of it as a config section.
+pub use crate::secrets::SecretsSettings as SecretsConfig;
 
-impl Default for SecretsConfig {
-    fn default() -> Self {
-        SecretsConfig {
-            allowed_secrets_to_read: Vec::new(),
-            hashicorp_vault_config: None,
-            hashicorp_vault_config_file_path: None,
-            vault_namespace: None,
-            cache_ttl_seconds: 300,
-            require_read_mark: Vec::new(),
-        }
-    }
-}
-
+/// Implemented here rather than in `secrets` because the variable table (`ENV_KEYS`) is this
+/// module's: `secrets` never reads the environment for its settings.
 impl SecretsConfig {
-    /// Pure checks of the secrets section (no file or network access): the Vault definitions in
-    /// `HASHICORP_VAULT_CONFIG`, each problem naming the variable, the entry's index and the field.
-    /// (The file at `HASHICORP_VAULT_CONFIG_FILE_PATH` is checked by `SecretStores::from_config`.)
-    pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        #[cfg(feature = "store-vault")]
-        if let Some(text) = &self.hashicorp_vault_config {
-            use secrecy::ExposeSecret;
-            if let Err(e) = crate::secrets::VaultDefinitions::parse(text.expose_secret()) {
-                problems.push(e.0);
-            }
-        }
-        if self.allowed_secrets_to_read.iter().any(|s| s.contains('/')) {
-            problems.push(
-                "secrets.allowed_secrets_to_read (ALLOWED_SECRETS_TO_READ): list secret names, without a namespace"
-                    .into(),
-            );
-        }
-        for store in &self.require_read_mark {
-            if !OPTIONAL_READ_MARK_STORES
-                .iter()
-                .any(|s| s.eq_ignore_ascii_case(store.trim()))
-            {
-                problems.push(format!(
-                    "secrets.require_read_mark (APONO_REQUIRE_READ_MARK): {store:?} is not one of {OPTIONAL_READ_MARK_STORES:?} \
-                     (Kubernetes and AWS always require the mark)"
-                ));
-            }
-        }
-        problems
-    }
-
-    /// Whether `store_type` (`AZURE`, `GCP`) must find the read mark on a secret before reading it.
-    pub fn requires_read_mark(&self, store_type: &str) -> bool {
-        self.require_read_mark
-            .iter()
-            .any(|s| s.trim().eq_ignore_ascii_case(store_type))
-    }
-
     /// The secrets section from environment variables alone (defaults for the rest), for one-shot
-    /// CLI commands that take no config file.
+    /// CLI commands that take no config file. Not validated: [`SecretStores::from_config`] does that.
+    ///
+    /// [`SecretStores::from_config`]: crate::secrets::SecretStores::from_config
     ///
     /// # Errors
     /// A bad variable, named.
@@ -233,13 +169,17 @@ impl SecretsConfig {
     }
 }
 
-/// The stores whose read mark is opt-in (`secrets.require_read_mark`).
-pub const OPTIONAL_READ_MARK_STORES: &[&str] = &["AZURE", "GCP"];
-
 /// A configuration that cannot be used: names the key or variable and what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
+
+impl From<SettingsError> for ConfigError {
+    /// The message already names the key and its variable.
+    fn from(e: SettingsError) -> Self {
+        ConfigError(e.0)
+    }
+}
 
 type EnvParser = fn(&str, &str) -> Result<Value, String>;
 
@@ -604,6 +544,9 @@ mod tests {
         Config::load_from(Some(&path), env(&[])).unwrap();
     }
 
+    // A build without Vault does not read the definitions (its Vault references answer
+    // `secret_store_unsupported`), so there is nothing to refuse.
+    #[cfg(feature = "store-vault")]
     #[test]
     fn malformed_vault_config_fails_start_up_naming_variable_and_entry() {
         let e = Config::load_from(

@@ -1,22 +1,33 @@
 //! The `KUBERNETES` store: a Secret in the cluster.
 //!
 //! The client comes from the in-cluster service account or the kubeconfig (kube-rs's inference).
-//! Gates: when `ALLOWED_SECRETS_TO_READ` is set the name must be in it (checked before any call),
-//! and the Secret must carry the label `apono-connector-read=true`.
+//! Gates: when `ALLOWED_SECRETS_TO_READ` is set the secret must be in it (checked before any
+//! call: `namespace/name` allows that secret, a bare `name` that name in any namespace), and the
+//! Secret must carry the label `apono-connector-read=true`.
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Secret as K8sSecret;
 use kube::Api;
 use tokio::sync::OnceCell;
 
-use super::{Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
+use super::{AllowedSecret, Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
 
 /// Reads Kubernetes Secrets.
 pub struct KubernetesStore {
     /// Built on first use (inferring it reads files and the environment).
     client: OnceCell<kube::Client>,
-    /// `ALLOWED_SECRETS_TO_READ`; empty means any (labelled) secret.
-    allowed: Vec<String>,
+    /// `ALLOWED_SECRETS_TO_READ`, parsed; `None` (the list is empty) means any labelled secret.
+    allowed: Option<Vec<AllowedSecret>>,
+}
+
+/// The allow-list, parsed. A malformed entry (refused at start-up by the settings' checks, so
+/// only possible when a caller builds the store directly) allows nothing: it is dropped, but the
+/// list stays a list, so an unparsable list refuses every secret instead of allowing them all.
+fn allow_list(entries: Vec<String>) -> Option<Vec<AllowedSecret>> {
+    if entries.is_empty() {
+        return None;
+    }
+    Some(entries.iter().filter_map(|e| AllowedSecret::parse(e).ok()).collect())
 }
 
 impl KubernetesStore {
@@ -24,7 +35,7 @@ impl KubernetesStore {
     pub fn new(allowed: Vec<String>) -> KubernetesStore {
         KubernetesStore {
             client: OnceCell::new(),
-            allowed,
+            allowed: allow_list(allowed),
         }
     }
 
@@ -32,7 +43,7 @@ impl KubernetesStore {
     pub fn with_client(client: kube::Client, allowed: Vec<String>) -> KubernetesStore {
         KubernetesStore {
             client: OnceCell::new_with(Some(client)),
-            allowed,
+            allowed: allow_list(allowed),
         }
     }
 
@@ -77,7 +88,7 @@ fn infer_error_text(e: &kube::config::InferConfigError) -> String {
     }
 }
 
-fn map_error(reference: &SecretRef, namespace: &str, err: kube::Error) -> SecretError {
+fn map_error(reference: &SecretRef, namespace: &str, name: &str, err: kube::Error) -> SecretError {
     let describe = reference.describe();
     match err {
         kube::Error::Api(status) => match status.code {
@@ -88,8 +99,8 @@ fn map_error(reference: &SecretRef, namespace: &str, err: kube::Error) -> Secret
             403 => SecretError::NotPermitted {
                 reference: describe,
                 hint: format!(
-                    "the connector's service account may not get secrets in namespace {namespace}: grant it \
-                     get on secrets (Helm: serviceAccount.manageClusterRoles=true and allowedSecretsToRead) ({})",
+                    "the connector's service account may not get this secret in namespace {namespace}: grant it \
+                     get on it (Helm: list {namespace}/{name} in allowedSecretsToRead) ({})",
                     status.message
                 ),
             },
@@ -130,11 +141,14 @@ impl SecretStore for KubernetesStore {
         let SecretRef::Kubernetes { namespace, name } = reference else {
             return Err(wrong_store(reference, "KUBERNETES"));
         };
-        if !self.allowed.is_empty() && !self.allowed.iter().any(|a| a == name) {
+        if let Some(allowed) = &self.allowed
+            && !allowed.iter().any(|a| a.allows(namespace, name))
+        {
             return Err(SecretError::NotPermitted {
                 reference: reference.describe(),
                 hint: format!(
-                    "{name} is not in ALLOWED_SECRETS_TO_READ; add it there (Helm value allowedSecretsToRead)"
+                    "{namespace}/{name} is not in ALLOWED_SECRETS_TO_READ; add {namespace}/{name} there \
+                     (Helm value allowedSecretsToRead)"
                 ),
             });
         }
@@ -155,12 +169,15 @@ impl SecretStore for KubernetesStore {
         let meta = api
             .get_metadata(name)
             .await
-            .map_err(|e| map_error(reference, namespace, e))?;
+            .map_err(|e| map_error(reference, namespace, name, e))?;
         let labels = meta.metadata.labels.unwrap_or_default();
         if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
             return Err(not_marked());
         }
-        let secret = api.get(name).await.map_err(|e| map_error(reference, namespace, e))?;
+        let secret = api
+            .get(name)
+            .await
+            .map_err(|e| map_error(reference, namespace, name, e))?;
         // Re-checked on the object read: the label may have been removed in between.
         let labels = secret.metadata.labels.clone().unwrap_or_default();
         if !is_marked(labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {

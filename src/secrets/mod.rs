@@ -12,14 +12,21 @@
 //! - one file per store, each behind its cargo feature (`store-kubernetes`, `store-aws`,
 //!   `store-azure`, `store-gcp`, `store-vault`; all on by default). A build without a store answers
 //!   [`SecretError::Unsupported`] for it;
+//! - `settings.rs`: [`SecretsSettings`], what the stores are told at start-up (the `[secrets]`
+//!   section, which `config` composes), and its checks; [`SettingsError`] when they fail;
 //! - `value.rs`: turns what a store holds (JSON text, a key/value map) into a [`Secret`];
 //! - `memory.rs`: an in-memory store for tests of other modules (always compiled: it has no
 //!   dependencies and is never registered unless a caller asks for it).
+//!
+//! **Architecture invariant:** nothing here imports `crate::config` (or any module above it):
+//! `config` composes [`SecretsSettings`], not the other way round (checked by
+//! `tests::registry::secrets_never_import_config`).
 
 mod apono;
 mod cache;
 mod memory;
 mod metrics;
+mod settings;
 mod value;
 
 #[cfg(feature = "store-aws")]
@@ -45,8 +52,6 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::{ConfigError, SecretsConfig};
-
 pub use apono::AponoStore;
 #[cfg(feature = "store-aws")]
 pub use aws::AwsStore;
@@ -58,6 +63,7 @@ pub use gcp::GcpStore;
 pub use kubernetes::KubernetesStore;
 pub use memory::MemoryStore;
 pub use metrics::StoreMetrics;
+pub use settings::{AllowedSecret, OPTIONAL_READ_MARK_STORES, SecretsSettings, SettingsError};
 #[cfg(feature = "store-vault")]
 pub use vault::{VaultDefinitions, VaultStore};
 
@@ -366,16 +372,11 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for SecretStores {
-    /// APONO and every store of this build, configured from the process environment (Vault
-    /// definitions from `HASHICORP_VAULT_CONFIG*`, `ALLOWED_SECRETS_TO_READ`, the cloud SDKs' own
-    /// variables). A bad variable does not panic here: the store it concerns answers
-    /// [`SecretError::Misconfigured`] when used. Prefer [`SecretStores::from_env`] or
-    /// [`SecretStores::from_config`] where an error can be reported at start-up.
+    /// APONO and every store of this build, with default settings: no allow-list, no Vault
+    /// definitions, the default cache TTL. It reads none of the connector's variables (the cloud
+    /// SDKs still read their own); a program that has settings uses [`SecretStores::from_config`].
     fn default() -> Self {
-        match SecretsConfig::from_env(|name| std::env::var(name).ok()) {
-            Ok(config) => SecretStores::build(&config, false).unwrap_or_else(|e| SecretStores::broken(e.to_string())),
-            Err(e) => SecretStores::broken(e.to_string()),
-        }
+        SecretStores::build(&SecretsSettings::default(), false).unwrap_or_else(|e| SecretStores::broken(e.to_string()))
     }
 }
 
@@ -390,29 +391,31 @@ impl SecretStores {
         }
     }
 
-    /// The stores for the daemon, from its loaded configuration.
+    /// The stores for the daemon and the one-shot commands, from their settings.
     ///
-    /// Validates what can be validated without I/O (the Vault definitions in
-    /// `HASHICORP_VAULT_CONFIG` or the file at `HASHICORP_VAULT_CONFIG_FILE_PATH`); clients for the
-    /// cloud stores are built on first use.
-    ///
-    /// # Errors
-    /// A malformed Vault definition (naming the variable, the entry's index and the field) or an
-    /// unreadable definitions file.
-    pub fn from_config(config: &SecretsConfig) -> Result<SecretStores, ConfigError> {
-        SecretStores::build(config, true)
-    }
-
-    /// [`SecretStores::from_config`] with the configuration read from the process environment only
-    /// (for one-shot CLI commands such as `secret get`).
+    /// Validates what can be validated without network access ([`SecretsSettings::problems`],
+    /// and the file at `HASHICORP_VAULT_CONFIG_FILE_PATH`); clients for the cloud stores are built
+    /// on first use.
     ///
     /// # Errors
-    /// As [`SecretStores::from_config`], and a bad secrets variable.
-    pub fn from_env() -> Result<SecretStores, ConfigError> {
-        SecretStores::from_config(&SecretsConfig::from_env(|name| std::env::var(name).ok())?)
+    /// A bad setting (naming the key, its variable and the entry: a malformed Vault definition, an
+    /// allow-list entry, an unknown store in `require_read_mark`) or an unreadable definitions
+    /// file.
+    pub fn from_config(settings: &SecretsSettings) -> Result<SecretStores, SettingsError> {
+        // The Vault definitions are checked by `build`, which parses them anyway.
+        let mut problems = settings.problems_besides_vault();
+        let built = SecretStores::build(settings, true);
+        if let Err(e) = &built {
+            problems.push(e.0.clone());
+        }
+        if problems.is_empty() {
+            built
+        } else {
+            Err(SettingsError(problems.join("; ")))
+        }
     }
 
-    fn build(config: &SecretsConfig, strict: bool) -> Result<SecretStores, ConfigError> {
+    fn build(config: &SecretsSettings, strict: bool) -> Result<SecretStores, SettingsError> {
         #[cfg_attr(
             not(any(
                 feature = "store-kubernetes",

@@ -30,7 +30,7 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
 use super::{Secret, SecretError, SecretRef, SecretStore, value, wrong_store};
-use crate::config::{ConfigError, SecretsConfig};
+use crate::secrets::settings::{SecretsSettings as SecretsConfig, SettingsError as ConfigError};
 
 const STORE: &str = "HASHICORP_VAULT";
 const ENV_CONFIG: &str = "HASHICORP_VAULT_CONFIG";

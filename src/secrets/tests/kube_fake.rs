@@ -19,6 +19,15 @@ use crate::secrets::{KubernetesStore, SecretStores};
 
 type Secrets = Arc<std::sync::Mutex<BTreeMap<(String, String), K8sSecret>>>;
 
+/// Every request one fake answered, as `namespace/name`, metadata reads included.
+pub type Calls = Arc<std::sync::Mutex<Vec<String>>>;
+
+#[derive(Clone)]
+struct FakeState {
+    secrets: Secrets,
+    calls: Calls,
+}
+
 /// The names whose full object (with `data`) the fake sent: the API server's audit of value reads.
 pub static FULL_GETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
@@ -34,10 +43,11 @@ fn status(code: u16, reason: &str, message: String) -> Response {
 }
 
 async fn get_secret(
-    State(secrets): State<Secrets>,
+    State(FakeState { secrets, calls }): State<FakeState>,
     headers: axum::http::HeaderMap,
     Path((ns, name)): Path<(String, String)>,
 ) -> Response {
+    calls.lock().unwrap().push(format!("{ns}/{name}"));
     if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         *LAST_AUTHORIZATION.lock().unwrap() = Some(auth.to_string());
     }
@@ -109,15 +119,26 @@ pub fn secret(ns: &str, name: &str, labelled: bool, data: &[(&str, &[u8])]) -> K
 
 /// A fake API server holding `secrets`; returns a kube client pointed at it.
 pub async fn fake(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets) {
-    let (addr, map) = serve(secrets).await;
+    let (client, map, _) = fake_with_calls(secrets).await;
+    (client, map)
+}
+
+/// [`fake`], with the log of the requests it answered.
+pub async fn fake_with_calls(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets, Calls) {
+    let (addr, map, calls) = serve_with_calls(secrets).await;
     let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     // As the store's own client: the agent retries, not kube.
     config.default_retry = false;
-    (kube::Client::try_from(config).unwrap(), map)
+    (kube::Client::try_from(config).unwrap(), map, calls)
 }
 
 /// The fake API server alone.
 pub async fn serve(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets) {
+    let (addr, map, _) = serve_with_calls(secrets).await;
+    (addr, map)
+}
+
+async fn serve_with_calls(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets, Calls) {
     let map: Secrets = Arc::new(std::sync::Mutex::new(
         secrets
             .into_iter()
@@ -127,10 +148,14 @@ pub async fn serve(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets) {
             })
             .collect(),
     ));
+    let calls = Calls::default();
     let app = Router::new()
         .route("/api/v1/namespaces/{ns}/secrets/{name}", get(get_secret))
-        .with_state(map.clone());
-    (serve_http(app).await, map)
+        .with_state(FakeState {
+            secrets: map.clone(),
+            calls: calls.clone(),
+        });
+    (serve_http(app).await, map, calls)
 }
 
 #[tokio::test]
@@ -201,6 +226,85 @@ async fn reads_gates_not_found_and_forbidden() {
     let e = allow.fetch(&r("apono", "rancher")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(e.to_string().contains("ALLOWED_SECRETS_TO_READ"), "{e}");
+}
+
+/// `ALLOWED_SECRETS_TO_READ` entries: `namespace/name` allows exactly that secret (the Helm chart
+/// grants `get` on it in that namespace), a bare name that name in any namespace, as Apono's
+/// connector reads it. A refusal is made before any call to the API server.
+#[tokio::test]
+async fn allow_list_entries_may_name_the_namespace() {
+    let (client, _, calls) = fake_with_calls(vec![
+        secret("apono", "rancher", true, &[("token", b"in-apono")]),
+        secret("team-b", "rancher", true, &[("token", b"in-team-b")]),
+        secret("team-b", "other", true, &[("token", b"other")]),
+    ])
+    .await;
+    let stores = |allowed: &[&str]| {
+        let allowed = allowed.iter().map(|a| a.to_string()).collect();
+        SecretStores::empty().with_store(Arc::new(KubernetesStore::with_client(client.clone(), allowed)))
+    };
+    let r = |ns: &str, name: &str| reference(json!({"type": "KUBERNETES", "namespace": ns, "name": name}));
+    let refused_without_a_call = |stores: SecretStores, ns: &'static str, name: &'static str| {
+        let calls = calls.clone();
+        async move {
+            calls.lock().unwrap().clear();
+            let e = stores.fetch(&r(ns, name)).await.unwrap_err();
+            assert_eq!(e.code(), "secret_not_permitted", "{e}");
+            assert!(e.to_string().contains(&format!("add {ns}/{name} there")), "{e}");
+            assert_eq!(*calls.lock().unwrap(), Vec::<String>::new(), "{ns}/{name}");
+        }
+    };
+
+    let namespaced = stores(&["apono/rancher"]);
+    assert_eq!(
+        value_of(&namespaced.fetch(&r("apono", "rancher")).await.unwrap(), "token"),
+        "in-apono"
+    );
+    refused_without_a_call(namespaced.clone(), "team-b", "rancher").await;
+    refused_without_a_call(namespaced, "apono", "other").await;
+
+    let bare = stores(&["rancher"]);
+    assert_eq!(
+        value_of(&bare.fetch(&r("apono", "rancher")).await.unwrap(), "token"),
+        "in-apono"
+    );
+    assert_eq!(
+        value_of(&bare.fetch(&r("team-b", "rancher")).await.unwrap(), "token"),
+        "in-team-b"
+    );
+    refused_without_a_call(bare, "team-b", "other").await;
+
+    // Both forms in one list, with the spaces a comma-separated variable leaves.
+    let mixed = stores(&[" team-b / other ", "rancher"]);
+    mixed.fetch(&r("team-b", "other")).await.unwrap();
+    mixed.fetch(&r("team-b", "rancher")).await.unwrap();
+
+    // A store given only malformed entries (start-up refuses them; see below) allows nothing,
+    // rather than everything.
+    refused_without_a_call(stores(&["apono/rancher/x"]), "apono", "rancher").await;
+}
+
+/// Malformed allow-list entries stop start-up, each named; well-formed ones are not.
+#[test]
+fn malformed_allow_list_entries_are_named_at_start_up() {
+    let variable = "apono/rancher, a/b/c, /x, ns/, rancher, //";
+    let env = |name: &str| (name == "ALLOWED_SECRETS_TO_READ").then(|| variable.to_string());
+    let e = crate::config::Config::load_from(None, env).unwrap_err().to_string();
+    for entry in ["\"a/b/c\"", "\"/x\"", "\"ns/\"", "\"//\""] {
+        assert!(e.contains(entry), "{entry} not named: {e}");
+    }
+    assert!(e.contains("ALLOWED_SECRETS_TO_READ"), "{e}");
+    assert!(!e.contains("\"apono/rancher\"") && !e.contains("\"rancher\""), "{e}");
+
+    // The one-shot commands (`secret get`), which take their settings from the environment
+    // alone, refuse them too.
+    let settings = crate::config::SecretsConfig::from_env(env).unwrap();
+    let e = SecretStores::from_config(&settings).unwrap_err().to_string();
+    assert!(e.contains("\"a/b/c\""), "{e}");
+
+    let ok = |name: &str| (name == "ALLOWED_SECRETS_TO_READ").then(|| "apono/rancher, rancher".to_string());
+    let config = crate::config::Config::load_from(None, ok).unwrap();
+    assert_eq!(config.secrets.allowed_secrets_to_read, ["apono/rancher", "rancher"]);
 }
 
 /// `KubernetesStore::new` infers its client: here from a kubeconfig (`KUBECONFIG`) with a bearer

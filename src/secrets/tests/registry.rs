@@ -345,3 +345,133 @@ async fn a_hung_store_times_out_as_unreachable() {
     assert_eq!(e.code(), "secret_store_unreachable", "{e}");
     assert!(e.retryable());
 }
+
+/// Modules above `secrets`: it is composed by them and must not import them. Above all `config`:
+/// it owns where settings come from, `secrets` owns what they mean (`SecretsSettings`).
+const ABOVE_SECRETS: &[&str] = &[
+    "config",
+    "commands",
+    "agent",
+    "control_plane",
+    "integrations",
+    "demo",
+    "sim",
+];
+
+/// The modules of `ABOVE_SECRETS` that `code` (Rust source) refers to through `crate::` or
+/// `super::super::` (from `src/secrets/`), plain or in a `crate::{...}` group. Comments are
+/// skipped; a path inside a string literal counts, which errs on the safe side.
+fn modules_above_named_in(code: &str) -> Vec<&'static str> {
+    let mut without_comments = String::with_capacity(code.len());
+    let mut rest = code;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("//") {
+            rest = after.find('\n').map_or("", |i| &after[i..]);
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.find("*/").map_or("", |i| &after[i + 2..]);
+        } else {
+            let c = rest.chars().next().unwrap_or_default();
+            without_comments.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    let compact: String = without_comments.chars().filter(|c| !c.is_whitespace()).collect();
+    // The items of every `crate::{...}` group, top level only (`a::{b,c}` is item `a::{b,c}`).
+    let mut grouped = Vec::new();
+    for (start, _) in compact.match_indices("crate::{") {
+        let (mut depth, mut item) = (0, String::new());
+        for c in compact[start + "crate::{".len()..].chars() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    grouped.push(std::mem::take(&mut item));
+                    continue;
+                }
+                _ => {}
+            }
+            item.push(c);
+        }
+        grouped.push(item);
+    }
+    ABOVE_SECRETS
+        .iter()
+        .copied()
+        .filter(|m| {
+            compact.contains(&format!("crate::{m}"))
+                || compact.contains(&format!("super::super::{m}"))
+                || grouped
+                    .iter()
+                    .any(|item| item == m || item.starts_with(&format!("{m}::")) || item.starts_with(&format!("{m}as")))
+        })
+        .collect()
+}
+
+#[test]
+fn the_import_check_sees_every_form() {
+    for code in [
+        "use crate::config::{ConfigError, SecretsConfig};",
+        "use crate :: config;",
+        "use crate::{secrets::Secret, config::ConfigError};",
+        "use crate::{config as c};",
+        "fn f() -> crate::config::ConfigError { todo!() }",
+        "use super::super::config::Config;",
+    ] {
+        assert_eq!(modules_above_named_in(code), ["config"], "{code}");
+    }
+    for code in [
+        "// use crate::config;\nuse super::settings::SecretsSettings;",
+        "/* crate::config */ use crate::telemetry::metrics;",
+        "use crate::{telemetry, secrets::settings::configure};",
+    ] {
+        assert!(modules_above_named_in(code).is_empty(), "{code}");
+    }
+}
+
+/// `config` composes `secrets`, never the reverse: no non-test file of `src/secrets/` names
+/// `crate::config` or another module above the stores (the test modules may, to load a config).
+#[test]
+fn secrets_never_import_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/secrets");
+    let mut checked = 0;
+    let mut offences = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        checked += 1;
+        let code = std::fs::read_to_string(&path).unwrap();
+        for module in modules_above_named_in(&code) {
+            offences.push(format!("{} uses crate::{module}", path.display()));
+        }
+    }
+    assert!(checked >= 8, "only {checked} files found in {}", dir.display());
+    assert!(
+        offences.is_empty(),
+        "secrets must depend on nothing above it (take the value as a parameter, or move the type \
+         into secrets::settings):\n{}",
+        offences.join("\n")
+    );
+}
+
+/// What the one-shot commands build their stores with: every bad setting named at once.
+#[cfg(feature = "store-vault")]
+#[test]
+fn from_config_names_every_bad_setting() {
+    let settings = SecretsConfig {
+        allowed_secrets_to_read: vec!["apono/rancher/x".into()],
+        hashicorp_vault_config: Some(secrecy::SecretString::from(r#"[{"address": "https://v:8200"}]"#)),
+        require_read_mark: vec!["VAULT".into()],
+        ..SecretsConfig::default()
+    };
+    let e = SecretStores::from_config(&settings).unwrap_err().to_string();
+    for named in [
+        "\"apono/rancher/x\"",
+        "HASHICORP_VAULT_CONFIG",
+        "APONO_REQUIRE_READ_MARK",
+    ] {
+        assert!(e.contains(named), "{named} not named: {e}");
+    }
+}

@@ -171,7 +171,7 @@ fn secrets_config_problems_are_pure_and_named() {
         hashicorp_vault_config: Some(SecretString::from(
             r#"[{"address":"http://v","token":"canary-tok-6","skip_verify":"x"}]"#,
         )),
-        allowed_secrets_to_read: vec!["apono/rancher".into()],
+        allowed_secrets_to_read: vec!["apono/rancher/x".into()],
         ..SecretsConfig::default()
     };
     let problems = config.problems().join("; ");
