@@ -12,7 +12,6 @@ the Terraform.
 Run: tests/deploy/run   (installs the tools into .venv-test, then runs this file)
 """
 
-import glob
 import json
 import os
 import shlex
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 
-import hcl2
 import helm_python as helm
 import yaml
 from helm_python import _native

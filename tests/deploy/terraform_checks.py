@@ -30,6 +30,7 @@ import tempfile
 
 import hcl2
 import helm_python as helm
+import yaml
 
 from hcl_eval import EvalError, Module, Unknown, escape_errors, ref_target, to_string, unquote
 
@@ -416,11 +417,6 @@ CHART = os.path.join(ROOT, "deploy", "helm", "apono-connector")
 def kubernetes_chart_problems(mod):
     """Renders the chart with the values the Kubernetes example sets (real Helm engine), and checks
     that the agent may `get` exactly the listed Secrets, each in its namespace."""
-    import yaml
-
-    with open(os.path.join(CHART, "values.yaml")) as f:
-        if "controlPlane" not in (yaml.safe_load(f) or {}):
-            return None  # the chart predates controlPlane.enabled, which the example sets
     release = next(b for (t, _), b in mod.resources.items() if t == "helm_release")
     namespace = "apono-connector"
     problems = []
@@ -691,10 +687,7 @@ def run(check):
     for missed in mutation_failures(texts):
         check(False, missed)
     if "kubernetes" in texts:
-        chart = kubernetes_chart_problems(Module("kubernetes", texts["kubernetes"]))
-        if chart is None:
-            print("the chart has no controlPlane value yet: the Kubernetes example is not rendered")
-        for problem in chart or []:
+        for problem in kubernetes_chart_problems(Module("kubernetes", texts["kubernetes"])):
             check(False, problem)
     tf = shutil.which("terraform")
     if tf is None:
