@@ -1,0 +1,330 @@
+//! Vault auth methods against OpenBao: JWT/OIDC (a JWT signed by a key made here), TLS certificate
+//! (a CA and client certificate made here, OpenBao on its dev TLS), a client certificate with token
+//! auth, AWS IAM (OpenBao asks moto's STS who signed the request); and what their definitions and
+//! errors may not show.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use super::support::{BAO_ROOT, LogCapture, reference, start_bao, value_of};
+use super::vault_bao::Bao;
+use crate::config::SecretsConfig;
+use crate::secrets::{SecretError, SecretRef, SecretStore, SecretStores, VaultDefinitions, VaultStore};
+
+fn vault(definitions: Value) -> VaultStore {
+    VaultStore::new(VaultDefinitions::parse(&definitions.to_string()).unwrap(), vec![])
+}
+
+fn rancher_ref() -> SecretRef {
+    reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher"}))
+}
+
+async fn read(store: &VaultStore) -> Result<String, SecretError> {
+    store.fetch(&rancher_ref()).await.map(|s| value_of(&s, "token"))
+}
+
+/// OpenBao with `secret/apono/rancher` = {token: `value`} and the `reader` policy.
+async fn bao_with_secret(tls: bool, value: &str) -> (super::support::ServerGuard, Bao) {
+    let guard = start_bao(tls).await;
+    let bao = Bao::new(&guard, if tls { "https" } else { "http" });
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": value}}))
+        .await;
+    bao.reader_token().await; // creates the policy
+    (guard, bao)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// An RS256 JWT signed with `key`.
+fn sign_jwt(key: &rcgen::KeyPair, claims: &Value) -> String {
+    use rcgen::SigningKey;
+    let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+    let input = format!(
+        "{}.{}",
+        b64(json!({"alg": "RS256", "typ": "JWT"}).to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature = key.sign(input.as_bytes()).unwrap();
+    format!("{input}.{}", b64(&signature))
+}
+
+fn claims(audience: &str) -> Value {
+    json!({
+        "iss": "https://ci.example.com",
+        "sub": "system:serviceaccount:apono:apono-connector",
+        "aud": audience,
+        "iat": now() - 10,
+        "nbf": now() - 10,
+        "exp": now() + 600,
+    })
+}
+
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
+    let (_guard, bao) = bao_with_secret(false, "via-jwt").await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    bao.post("sys/auth/jwt", json!({"type": "jwt"})).await;
+    bao.post(
+        "auth/jwt/config",
+        json!({"jwt_validation_pubkeys": [key.public_key_pem()], "bound_issuer": "https://ci.example.com"}),
+    )
+    .await;
+    bao.post(
+        "auth/jwt/role/apono",
+        json!({"role_type": "jwt", "user_claim": "sub", "bound_audiences": ["vault"],
+               "bound_subject": "system:serviceaccount:apono:apono-connector", "token_policies": ["reader"]}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwt_file = dir.path().join("token");
+
+    // A JWT for another audience: refused, not retryable, naming the role and what to check.
+    std::fs::write(&jwt_file, sign_jwt(&key, &claims("not-vault"))).unwrap();
+    let store = vault(json!([{"address": bao.base, "auth": "jwt", "role": "apono", "jwt_file": jwt_file}]));
+    let e = read(&store).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(!e.retryable());
+    let text = e.to_string();
+    assert!(
+        text.contains("JWT login") && text.contains("role \"apono\"") && text.contains("bound_audiences"),
+        "{e}"
+    );
+
+    // The file is re-read at the next login (a projected token rotated): the same store now reads.
+    std::fs::write(&jwt_file, sign_jwt(&key, &claims("vault"))).unwrap();
+    assert_eq!(read(&store).await.unwrap(), "via-jwt");
+
+    // The JWT inline, and the role from a custom mount path.
+    bao.post("sys/auth/ci-jwt", json!({"type": "jwt"})).await;
+    bao.post(
+        "auth/ci-jwt/config",
+        json!({"jwt_validation_pubkeys": [key.public_key_pem()]}),
+    )
+    .await;
+    bao.post(
+        "auth/ci-jwt/role/ci",
+        json!({"role_type": "jwt", "user_claim": "sub", "bound_audiences": ["vault"], "token_policies": ["reader"]}),
+    )
+    .await;
+    let inline = vault(json!([{"address": bao.base, "auth": "jwt", "mount": "ci-jwt", "role": "ci",
+                               "jwt": sign_jwt(&key, &claims("vault"))}]));
+    assert_eq!(read(&inline).await.unwrap(), "via-jwt");
+
+    // Signed by a key the mount does not trust; expired.
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let unsigned = vault(json!([{"address": bao.base, "auth": "jwt", "role": "apono",
+                                 "jwt": sign_jwt(&stranger, &claims("vault"))}]));
+    let e = read(&unsigned).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    let mut old = claims("vault");
+    old["exp"] = json!(now() - 3600);
+    let expired = vault(json!([{"address": bao.base, "auth": "jwt", "role": "apono", "jwt": sign_jwt(&key, &old)}]));
+    let e = read(&expired).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    // No file: says which file, and that it is a configuration problem.
+    let missing = vault(json!([{"address": bao.base, "auth": "jwt", "role": "apono",
+                                "jwt_file": dir.path().join("nope")}]));
+    let e = read(&missing).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+    assert!(e.to_string().contains("jwt_file") && e.to_string().contains("nope"), "{e}");
+}
+
+/// A CA, and a client certificate it signed for `name`: (CA PEM, certificate PEM, key PEM).
+fn client_certificate(name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "apono test CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn cert_auth_and_a_client_certificate_with_token_auth() {
+    let (guard, bao) = bao_with_secret(true, "via-cert").await;
+    let bao_ca = STANDARD.encode(std::fs::read(guard.dir.path().join("vault-ca.pem")).unwrap());
+    let (ca, cert, key) = client_certificate("apono-connector");
+    bao.post("sys/auth/cert", json!({"type": "cert"})).await;
+    bao.post(
+        "auth/cert/certs/apono",
+        json!({"certificate": ca, "allowed_common_names": ["apono-connector"], "token_policies": ["reader"]}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+
+    // Files; inline base64. A successful login proves the certificate was presented: OpenBao
+    // has no other way to know it.
+    let files = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert", "role": "apono",
+                              "client_cert": cert_file, "client_key": key_file}]));
+    assert_eq!(read(&files).await.unwrap(), "via-cert");
+    let inline = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert",
+                               "client_cert_base64": STANDARD.encode(&cert), "client_key_base64": STANDARD.encode(&key)}]));
+    assert_eq!(read(&inline).await.unwrap(), "via-cert");
+
+    // Token auth over a connection that presents a client certificate.
+    let token = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "token": BAO_ROOT,
+                              "client_cert": cert_file, "client_key": key_file}]));
+    assert_eq!(read(&token).await.unwrap(), "via-cert");
+
+    // A certificate from a CA the mount does not trust: refused, naming the method and the role.
+    let (_, other_cert, other_key) = client_certificate("apono-connector");
+    let unknown = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert", "role": "apono",
+                                "client_cert_base64": STANDARD.encode(other_cert),
+                                "client_key_base64": STANDARD.encode(other_key)}]));
+    let e = read(&unknown).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(!e.retryable());
+    assert!(
+        e.to_string().contains("TLS certificate login") && e.to_string().contains("role \"apono\""),
+        "{e}"
+    );
+
+    // A key file that is not there: the field and the path.
+    let missing = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert",
+                                "client_cert": cert_file, "client_key": dir.path().join("missing.key")}]));
+    let e = read(&missing).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+    assert!(
+        e.to_string().contains("client_key") && e.to_string().contains("missing.key"),
+        "{e}"
+    );
+
+    // A renewed certificate (cert-manager rewrites the files), from a new CA whose role also
+    // grants `rotated/`: the same store reconnects with it and logs in again, so it can read
+    // what the first login's token could not.
+    bao.post("secret/data/rotated/x", json!({"data": {"token": "after-renewal"}}))
+        .await;
+    bao.post(
+        "sys/policies/acl/rotated",
+        json!({"policy": "path \"secret/data/rotated/*\" { capabilities = [\"read\"] }"}),
+    )
+    .await;
+    let (new_ca, new_cert, new_key) = client_certificate("apono-connector");
+    bao.post(
+        "auth/cert/certs/apono",
+        json!({"certificate": new_ca, "allowed_common_names": ["apono-connector"], "token_policies": ["reader", "rotated"]}),
+    )
+    .await;
+    std::fs::write(&cert_file, &new_cert).unwrap();
+    std::fs::write(&key_file, format!("{new_key}\n")).unwrap();
+    let rotated = reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "rotated/x"}));
+    let s = files.fetch(&rotated).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "after-renewal");
+}
+
+/// A definition holding a planted JWT, client key and token shows them in no parse error, login
+/// error, `Debug` output or log line (trace level).
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn planted_jwt_key_and_token_never_show() {
+    const CANARY: &str = "CANARY-vault-auth-5f3a";
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let (_bao_guard, bao) = bao_with_secret(false, "x").await;
+    bao.post("sys/auth/jwt", json!({"type": "jwt"})).await;
+    let (_, cert, key) = client_certificate("apono-connector");
+    // The canary inside a PEM key (as a comment line before the block) and as the JWT.
+    let key_with_canary = format!("{CANARY}\n{key}");
+    let definitions = json!([
+        {"address": bao.base, "auth": "jwt", "role": "apono", "jwt": format!("{CANARY}.{CANARY}.{CANARY}")},
+        {"address": bao.base, "auth": "approle", "role_id": "r", "secret_id": CANARY,
+         "client_cert_base64": STANDARD.encode(&cert), "client_key_base64": STANDARD.encode(&key_with_canary)},
+        {"address": bao.base, "token": CANARY, "name": "t"},
+    ]);
+    let config = SecretsConfig {
+        hashicorp_vault_config: Some(SecretString::from(definitions.to_string())),
+        cache_ttl_seconds: 0,
+        ..SecretsConfig::default()
+    };
+    let mut shown = vec![format!("{config:?}")];
+    let stores = SecretStores::from_config(&config).unwrap();
+    shown.push(stores.fetch(&rancher_ref()).await.unwrap_err().to_string());
+    for (i, definition) in definitions.as_array().unwrap().iter().enumerate() {
+        shown.push(vault(json!([definition])).fetch(&rancher_ref()).await.unwrap_err().to_string());
+        // Broken in another field: the parse error names it, not the secret beside it.
+        let mut broken = definition.clone();
+        broken["skip_verify"] = json!("sometimes");
+        let e = VaultDefinitions::parse(&json!([broken]).to_string()).err().unwrap();
+        shown.push(format!("{e} {e:?}"));
+        let mut misplaced = definition.clone();
+        misplaced["region"] = json!(CANARY);
+        if let Err(e) = VaultDefinitions::parse(&json!([misplaced]).to_string()) {
+            shown.push(format!("{e} {e:?}"));
+        } else {
+            panic!("definition {i}: region accepted outside aws auth");
+        }
+    }
+    // A key that does not match its certificate, inline: refused at parse, without the key.
+    let (_, _, other_key) = client_certificate("x");
+    let e = VaultDefinitions::parse(
+        &json!([{"address": "https://v", "token": "t", "client_cert_base64": STANDARD.encode(&cert),
+                 "client_key_base64": STANDARD.encode(format!("{CANARY}\n{other_key}"))}])
+        .to_string(),
+    );
+    if let Err(e) = e {
+        shown.push(e.to_string());
+    }
+    shown.push(logs.text());
+    for text in shown {
+        assert!(!text.contains(CANARY), "leaked: {text}");
+    }
+}
+
+#[test]
+fn new_fields_are_checked_by_name() {
+    let err = |v: Value| match VaultDefinitions::parse(&v.to_string()) {
+        Ok(_) => panic!("accepted: {v}"),
+        Err(e) => e.to_string(),
+    };
+    let e = err(json!([{"address": "http://v", "auth": "jwt", "role": "r"}]));
+    assert!(e.contains("jwt_file"), "{e}");
+    let e = err(json!([{"address": "http://v", "auth": "jwt", "jwt": "a", "jwt_file": "/f"}]));
+    assert!(e.contains("not both"), "{e}");
+    let e = err(json!([{"address": "http://v", "token": "t", "jwt": "a"}]));
+    assert!(e.contains("\"jwt\" is only used with \"auth\": \"jwt\""), "{e}");
+    let e = err(json!([{"address": "http://v", "auth": "cert"}]));
+    assert!(e.contains("client_cert") && e.contains("client_key"), "{e}");
+    let e = err(json!([{"address": "http://v", "token": "t", "client_cert": "/c"}]));
+    assert!(e.contains("\"client_key\""), "{e}");
+    let e = err(json!([{"address": "http://v", "token": "t", "client_cert_base64": "!!", "client_key": "/k"}]));
+    assert!(e.contains("\"client_cert_base64\""), "{e}");
+    let e = err(json!([{"address": "http://v", "auth": "kerberos"}]));
+    assert!(e.contains("jwt, cert or aws"), "{e}");
+    let e = err(json!([{"address": "http://v", "auth": "jwt", "jwt": "a", "jwtfile": "/f"}]));
+    assert!(e.contains("unknown field \"jwtfile\""), "{e}");
+    // An EC key as `openssl ecparam -genkey` writes it (parameters block first) is accepted.
+    let (_, cert, key) = client_certificate("x");
+    let key = format!("-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n{key}");
+    VaultDefinitions::parse(
+        &json!([{"address": "https://v", "auth": "cert", "client_cert_base64": STANDARD.encode(cert),
+                 "client_key_base64": STANDARD.encode(key)}])
+        .to_string(),
+    )
+    .unwrap();
+    #[cfg(feature = "vault-aws-auth")]
+    VaultDefinitions::parse(
+        &json!([{"address": "https://v", "auth": "aws", "role": "r", "region": "eu-west-1", "header_value": "v"}])
+            .to_string(),
+    )
+    .unwrap();
+}
