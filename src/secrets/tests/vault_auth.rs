@@ -113,8 +113,10 @@ async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
         json!({"role_type": "jwt", "user_claim": "sub", "bound_audiences": ["vault"], "token_policies": ["reader"]}),
     )
     .await;
-    let inline = vault(json!([{"address": bao.base, "auth": "jwt", "mount": "ci-jwt", "role": "ci",
-                               "jwt": sign_jwt(&key, &claims("vault"))}]));
+    let inline = vault(
+        json!([{"address": bao.base, "auth": "jwt", "mount": "ci-jwt", "role": "ci",
+                               "jwt": sign_jwt(&key, &claims("vault"))}]),
+    );
     assert_eq!(read(&inline).await.unwrap(), "via-jwt");
 
     // Signed by a key the mount does not trust; expired.
@@ -135,7 +137,10 @@ async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
                                 "jwt_file": dir.path().join("nope")}]));
     let e = read(&missing).await.unwrap_err();
     assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
-    assert!(e.to_string().contains("jwt_file") && e.to_string().contains("nope"), "{e}");
+    assert!(
+        e.to_string().contains("jwt_file") && e.to_string().contains("nope"),
+        "{e}"
+    );
 }
 
 /// A CA, and a client certificate it signed for `name`: (CA PEM, certificate PEM, key PEM).
@@ -144,7 +149,10 @@ fn client_certificate(name: &str) -> (String, String, String) {
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.distinguished_name.push(rcgen::DnType::CommonName, "apono test CA");
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -174,23 +182,29 @@ async fn cert_auth_and_a_client_certificate_with_token_auth() {
 
     // Files; inline base64. A successful login proves the certificate was presented: OpenBao
     // has no other way to know it.
-    let files = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert", "role": "apono",
-                              "client_cert": cert_file, "client_key": key_file}]));
+    let files = vault(
+        json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert", "role": "apono",
+                              "client_cert": cert_file, "client_key": key_file}]),
+    );
     assert_eq!(read(&files).await.unwrap(), "via-cert");
     let inline = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert",
                                "client_cert_base64": STANDARD.encode(&cert), "client_key_base64": STANDARD.encode(&key)}]));
     assert_eq!(read(&inline).await.unwrap(), "via-cert");
 
     // Token auth over a connection that presents a client certificate.
-    let token = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "token": BAO_ROOT,
-                              "client_cert": cert_file, "client_key": key_file}]));
+    let token = vault(
+        json!([{"address": bao.base, "ca_cert_base64": bao_ca, "token": BAO_ROOT,
+                              "client_cert": cert_file, "client_key": key_file}]),
+    );
     assert_eq!(read(&token).await.unwrap(), "via-cert");
 
     // A certificate from a CA the mount does not trust: refused, naming the method and the role.
     let (_, other_cert, other_key) = client_certificate("apono-connector");
-    let unknown = vault(json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert", "role": "apono",
+    let unknown = vault(
+        json!([{"address": bao.base, "ca_cert_base64": bao_ca, "auth": "cert", "role": "apono",
                                 "client_cert_base64": STANDARD.encode(other_cert),
-                                "client_key_base64": STANDARD.encode(other_key)}]));
+                                "client_key_base64": STANDARD.encode(other_key)}]),
+    );
     let e = read(&unknown).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(!e.retryable());
@@ -260,7 +274,13 @@ async fn planted_jwt_key_and_token_never_show() {
     let stores = SecretStores::from_config(&config).unwrap();
     shown.push(stores.fetch(&rancher_ref()).await.unwrap_err().to_string());
     for (i, definition) in definitions.as_array().unwrap().iter().enumerate() {
-        shown.push(vault(json!([definition])).fetch(&rancher_ref()).await.unwrap_err().to_string());
+        shown.push(
+            vault(json!([definition]))
+                .fetch(&rancher_ref())
+                .await
+                .unwrap_err()
+                .to_string(),
+        );
         // Broken in another field: the parse error names it, not the secret beside it.
         let mut broken = definition.clone();
         broken["skip_verify"] = json!("sometimes");
@@ -327,4 +347,251 @@ fn new_fields_are_checked_by_name() {
             .to_string(),
     )
     .unwrap();
+}
+
+/// The caller moto's STS names for keys it did not issue.
+#[cfg(feature = "vault-aws-auth")]
+const MOTO_CALLER: &str = "arn:aws:sts::123456789012:user/moto";
+
+/// OpenBao (2.x) ships no `aws` auth method ("plugin not found in the catalog: aws"), and no
+/// registry reachable here has HashiCorp Vault or the plugin. So this fake stands in for Vault's
+/// `auth/aws/login` alone, doing what Vault's IAM login does: it checks the method, body, URL and
+/// the signed `X-Vault-AWS-IAM-Server-ID` header, verifies the SigV4 signature over what was sent
+/// (moto does not), sends the request to STS (moto) and binds the caller it names to the role.
+/// Every other path is passed to OpenBao, which serves the KV read with the token it returns.
+#[cfg(feature = "vault-aws-auth")]
+async fn vault_aws_login_fake(
+    bao: String,
+    sts: String,
+    token: String,
+    roles: Vec<(&'static str, &'static str)>,
+) -> String {
+    use axum::Json;
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use axum::response::{IntoResponse, Response};
+
+    const SERVER_ID: &str = "vault.apono.test";
+    fn refuse(why: String) -> Response {
+        (StatusCode::BAD_REQUEST, Json(json!({"errors": [why]}))).into_response()
+    }
+    let http = reqwest::Client::new();
+    let login = {
+        let http = http.clone();
+        // vaultrs sends JSON without a Content-Type, which axum's `Json` refuses.
+        move |raw: Bytes| {
+            let (http, sts, roles, token) = (http.clone(), sts.clone(), roles.clone(), token.clone());
+            async move {
+                let login: Value = serde_json::from_slice(&raw).unwrap_or_default();
+                let decode = |field: &str| {
+                    login[field]
+                        .as_str()
+                        .and_then(|s| STANDARD.decode(s).ok())
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .unwrap_or_default()
+                };
+                if login["iam_http_request_method"] != "POST" {
+                    return refuse("iam_http_request_method must be POST".into());
+                }
+                let body = decode("iam_request_body");
+                if body != "Action=GetCallerIdentity&Version=2011-06-15" {
+                    return refuse(format!("invalid request body {body:?}"));
+                }
+                let url = decode("iam_request_url");
+                let Ok(parsed) = url::Url::parse(&url) else {
+                    return refuse(format!("invalid iam_request_url {url:?}"));
+                };
+                let headers: Value = serde_json::from_str(&decode("iam_request_headers")).unwrap_or_default();
+                let header = |name: &str| {
+                    headers
+                        .as_object()
+                        .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)))
+                        .and_then(|(_, v)| v[0].as_str())
+                        .map(String::from)
+                };
+                let authorization = header("authorization").unwrap_or_default();
+                let signed: Vec<&str> = authorization
+                    .split("SignedHeaders=")
+                    .nth(1)
+                    .and_then(|s| s.split(',').next())
+                    .map(|s| s.split(';').collect())
+                    .unwrap_or_default();
+                if header("x-vault-aws-iam-server-id").as_deref() != Some(SERVER_ID)
+                    || !signed.contains(&"x-vault-aws-iam-server-id")
+                {
+                    return refuse("missing or invalid signed X-Vault-AWS-IAM-Server-ID header".into());
+                }
+                // The signature over the headers, URL and body as sent (the keys are moto's `test`).
+                let Some(date) = header("x-amz-date") else {
+                    return refuse("no X-Amz-Date".into());
+                };
+                let time = chrono::NaiveDateTime::parse_from_str(&date, "%Y%m%dT%H%M%SZ")
+                    .unwrap()
+                    .and_utc();
+                let time = UNIX_EPOCH + std::time::Duration::from_secs(time.timestamp() as u64);
+                let region = authorization.split('/').nth(2).unwrap_or_default().to_string();
+                let identity = aws_credential_types::Credentials::new("test", "test", None, None, "fake").into();
+                let params = aws_sigv4::sign::v4::SigningParams::builder()
+                    .identity(&identity)
+                    .region(&region)
+                    .name("sts")
+                    .time(time)
+                    .settings(aws_sigv4::http_request::SigningSettings::default())
+                    .build()
+                    .unwrap()
+                    .into();
+                let values: Vec<(String, String)> = signed
+                    .iter()
+                    .filter(|h| !matches!(**h, "x-amz-date" | "x-amz-security-token"))
+                    .map(|h| (h.to_string(), header(h).unwrap_or_default()))
+                    .collect();
+                let request = aws_sigv4::http_request::SignableRequest::new(
+                    "POST",
+                    url.as_str(),
+                    values.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    aws_sigv4::http_request::SignableBody::Bytes(body.as_bytes()),
+                )
+                .unwrap();
+                let (expected, _) = aws_sigv4::http_request::sign(request, &params).unwrap().into_parts();
+                let expected = expected
+                    .headers()
+                    .find(|(k, _)| *k == "authorization")
+                    .map(|(_, v)| v.to_string());
+                if expected.as_deref() != Some(authorization.as_str()) {
+                    return refuse(format!(
+                        "signature mismatch for {}",
+                        parsed.host_str().unwrap_or_default()
+                    ));
+                }
+                // As Vault: the request goes to the configured STS endpoint, not the URL's host.
+                let mut forward = http.post(format!("{sts}/")).body(body);
+                for (name, values) in headers.as_object().unwrap() {
+                    if !name.eq_ignore_ascii_case("host") {
+                        forward = forward.header(name.as_str(), values[0].as_str().unwrap_or_default());
+                    }
+                }
+                let answer = forward.send().await.unwrap().text().await.unwrap();
+                let Some(arn) = answer.split("<Arn>").nth(1).and_then(|s| s.split("</Arn>").next()) else {
+                    return refuse(format!("STS did not name the caller: {answer}"));
+                };
+                let role = login["role"].as_str().unwrap_or_default();
+                if !roles.iter().any(|(r, bound)| *r == role && *bound == arn) {
+                    return refuse(format!("IAM Principal {arn:?} does not belong to the role {role:?}"));
+                }
+                Json(json!({"request_id": "fake", "lease_id": "", "renewable": false, "lease_duration": 0,
+                    "data": null, "wrap_info": null, "warnings": null, "auth": {"client_token": token, "accessor": "", "policies": ["reader"],
+                    "token_policies": ["reader"], "metadata": null, "lease_duration": 0, "renewable": false,
+                    "entity_id": "", "token_type": "service", "orphan": true}}))
+                .into_response()
+            }
+        }
+    };
+    let proxy = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let (http, bao) = (http.clone(), bao.clone());
+        async move {
+            let mut request = http.request(method, format!("{bao}{uri}")).body(body);
+            for name in ["x-vault-token", "x-vault-namespace", "content-type"] {
+                if let Some(v) = headers.get(name) {
+                    request = request.header(name, v);
+                }
+            }
+            let answer = request.send().await.unwrap();
+            let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
+            (status, answer.bytes().await.unwrap()).into_response()
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v1/auth/aws/login", axum::routing::post(login))
+        .fallback(proxy);
+    format!("http://{}", super::support::serve_http(app).await)
+}
+
+/// AWS IAM auth: the signed GetCallerIdentity goes (through the fake Vault login above) to moto's
+/// STS, which names the caller; the role is bound to that ARN; the token reads from OpenBao. The
+/// AWS credentials come from the SDK's default chain, which reads the process environment, so the
+/// logins run in a child process.
+#[cfg(feature = "vault-aws-auth")]
+#[cfg_attr(
+    not(all(apono_test_moto, apono_test_bao)),
+    ignore = "needs moto and OpenBao: run tests/run, or set APONO_TEST_MOTO_SERVER and APONO_TEST_BAO"
+)]
+#[tokio::test]
+async fn aws_iam_auth_through_moto_sts() {
+    let moto = super::support::start_moto().await;
+    let (_guard, bao) = bao_with_secret(false, "via-aws-iam").await;
+    let vault = vault_aws_login_fake(
+        bao.base.clone(),
+        moto.url("http"),
+        bao.reader_token().await,
+        vec![
+            ("apono", MOTO_CALLER),
+            ("someone-else", "arn:aws:iam::123456789012:role/other"),
+        ],
+    )
+    .await;
+    let cases = json!([
+        {"definition": {"address": vault, "auth": "aws", "role": "apono", "header_value": "vault.apono.test"},
+         "value": "via-aws-iam"},
+        {"definition": {"address": vault, "auth": "aws", "role": "apono", "header_value": "vault.apono.test",
+                        "region": "eu-west-1"},
+         "value": "via-aws-iam"},
+        {"definition": {"address": vault, "auth": "aws", "role": "someone-else", "header_value": "vault.apono.test"},
+         "refused": "role \"someone-else\""},
+        {"definition": {"address": vault, "auth": "aws", "role": "apono"},
+         "refused": "X-Vault-AWS-IAM-Server-ID"},
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "secrets::tests::vault_auth::aws_iam_child",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("APONO_TEST_CHILD", "1")
+    .env("APONO_TEST_CASES", cases.to_string())
+    .env("AWS_ACCESS_KEY_ID", "test")
+    .env("AWS_SECRET_ACCESS_KEY", "test")
+    .env("AWS_EC2_METADATA_DISABLED", "true")
+    .env("AWS_CONFIG_FILE", dir.path().join("none"))
+    .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"));
+    for name in [
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ] {
+        cmd.env_remove(name);
+    }
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[cfg(feature = "vault-aws-auth")]
+#[tokio::test]
+#[ignore = "run by aws_iam_auth_through_moto_sts in a child process"]
+async fn aws_iam_child() {
+    if std::env::var_os("APONO_TEST_CHILD").is_none() {
+        return;
+    }
+    let cases: Value = serde_json::from_str(&std::env::var("APONO_TEST_CASES").unwrap()).unwrap();
+    for case in cases.as_array().unwrap() {
+        let store = vault(json!([case["definition"]]));
+        match (case["value"].as_str(), case["refused"].as_str()) {
+            (Some(value), _) => assert_eq!(read(&store).await.unwrap(), value, "{case}"),
+            (None, Some(words)) => {
+                let e = read(&store).await.unwrap_err();
+                assert_eq!(e.code(), "secret_not_permitted", "{case}: {e}");
+                assert!(e.to_string().contains(words) && !e.retryable(), "{case}: {e}");
+            }
+            _ => panic!("bad case {case}"),
+        }
+    }
 }

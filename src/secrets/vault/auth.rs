@@ -27,7 +27,8 @@ impl JwtSource {
             (Some(path), None) => Ok(JwtSource::File(PathBuf::from(path))),
             (None, Some(jwt)) => Ok(JwtSource::Inline(SecretString::from(jwt.trim().to_string()))),
             (None, None) => Err(
-                "\"auth\": \"jwt\" needs \"jwt_file\" (a file holding the JWT, re-read at each login) or \"jwt\"".into(),
+                "\"auth\": \"jwt\" needs \"jwt_file\" (a file holding the JWT, re-read at each login) or \"jwt\""
+                    .into(),
             ),
         }
     }
@@ -95,9 +96,8 @@ impl ClientIdentity {
             }
         };
         if let (Pem::Inline(c), Pem::Inline(k)) = (&cert, &key) {
-            identity_from(c.expose_secret().as_bytes(), k.expose_secret().as_bytes()).map_err(|e| {
-                format!("fields \"client_cert_base64\" and \"client_key_base64\": {e}")
-            })?;
+            identity_from(c.expose_secret().as_bytes(), k.expose_secret().as_bytes())
+                .map_err(|e| format!("fields \"client_cert_base64\" and \"client_key_base64\": {e}"))?;
         }
         Ok(Some(ClientIdentity { cert, key }))
     }
@@ -185,7 +185,11 @@ fn identity_from(cert: &[u8], key: &[u8]) -> Result<reqwest::Identity, String> {
 
 impl Held {
     fn from_login(auth: AuthInfo) -> Held {
-        Held::new(SecretString::from(auth.client_token), auth.lease_duration, auth.renewable)
+        Held::new(
+            SecretString::from(auth.client_token),
+            auth.lease_duration,
+            auth.renewable,
+        )
     }
 }
 
@@ -288,7 +292,10 @@ impl Conn {
         }
         let auth: AuthInfo = serde_json::from_value(body["auth"].clone()).map_err(|_| SecretError::Unreachable {
             reference: reference.describe(),
-            hint: format!("vault {}: its TLS certificate login answer holds no token", self.describe()),
+            hint: format!(
+                "vault {}: its TLS certificate login answer holds no token",
+                self.describe()
+            ),
         })?;
         Ok(Held::from_login(auth))
     }

@@ -189,7 +189,12 @@ mod tests {
         assert_eq!(decode(&data.url), "https://sts.amazonaws.com/");
         assert_eq!(decode(&data.body), BODY);
         let headers: Value = serde_json::from_str(&decode(&data.headers)).unwrap();
-        let one = |name: &str| headers[name][0].as_str().unwrap_or_else(|| panic!("no {name}: {headers}")).to_string();
+        let one = |name: &str| {
+            headers[name][0]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name}: {headers}"))
+                .to_string()
+        };
         assert_eq!(one("Host"), "sts.amazonaws.com");
         assert_eq!(one("X-Vault-Aws-Iam-Server-Id"), "vault.example.com");
         assert_eq!(one("X-Amz-Security-Token"), "SESSION-2");
@@ -199,7 +204,13 @@ mod tests {
             authorization.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/19700101/us-east-1/sts/aws4_request"),
             "{authorization}"
         );
-        let signed = authorization.split("SignedHeaders=").nth(1).unwrap().split(',').next().unwrap();
+        let signed = authorization
+            .split("SignedHeaders=")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
         for header in ["host", "content-type", "x-amz-date", "x-vault-aws-iam-server-id"] {
             assert!(signed.split(';').any(|h| h == header), "{header} not signed: {signed}");
         }
