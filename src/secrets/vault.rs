@@ -2,7 +2,8 @@
 //!
 //! Vaults are defined in `HASHICORP_VAULT_CONFIG` (a JSON list) or in the file at
 //! `HASHICORP_VAULT_CONFIG_FILE_PATH` (re-read when it changes). An entry is either a vault
-//! (`address` + token, AppRole or Kubernetes auth, TLS options) or `{"from_secret_store": ...}`: a
+//! (`address` + token, AppRole, Kubernetes, JWT, TLS certificate or AWS IAM auth, TLS options and a
+//! client certificate; the logins are in `vault/auth.rs`) or `{"from_secret_store": ...}`: a
 //! pointer to a secret in another store that holds such a definition. Those are resolved on first
 //! use, not at start-up, so a connector starts even when that store is briefly unreachable; all at
 //! once, so one slow store does not add up with the others; and again after a failure (with
