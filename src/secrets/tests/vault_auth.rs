@@ -341,6 +341,11 @@ fn new_fields_are_checked_by_name() {
         .to_string(),
     )
     .unwrap();
+    #[cfg(not(feature = "vault-aws-auth"))]
+    {
+        let e = err(json!([{"address": "http://v", "auth": "aws", "role": "r"}]));
+        assert!(e.contains("vault-aws-auth"), "{e}");
+    }
     #[cfg(feature = "vault-aws-auth")]
     VaultDefinitions::parse(
         &json!([{"address": "https://v", "auth": "aws", "role": "r", "region": "eu-west-1", "header_value": "v"}])
