@@ -105,7 +105,7 @@ async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
     bao.post("sys/auth/ci-jwt", json!({"type": "jwt"})).await;
     bao.post(
         "auth/ci-jwt/config",
-        json!({"jwt_validation_pubkeys": [key.public_key_pem()]}),
+        json!({"jwt_validation_pubkeys": [key.public_key_pem()], "default_role": "ci"}),
     )
     .await;
     bao.post(
@@ -118,6 +118,10 @@ async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
                                "jwt": sign_jwt(&key, &claims("vault"))}]),
     );
     assert_eq!(read(&inline).await.unwrap(), "via-jwt");
+    // No role: the mount's default_role.
+    let default_role = vault(json!([{"address": bao.base, "auth": "jwt", "mount": "ci-jwt",
+                                     "jwt": sign_jwt(&key, &claims("vault"))}]));
+    assert_eq!(read(&default_role).await.unwrap(), "via-jwt");
 
     // Signed by a key the mount does not trust; expired.
     let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
@@ -322,8 +326,10 @@ fn new_fields_are_checked_by_name() {
     assert!(e.contains("not both"), "{e}");
     let e = err(json!([{"address": "http://v", "token": "t", "jwt": "a"}]));
     assert!(e.contains("\"jwt\" is only used with \"auth\": \"jwt\""), "{e}");
-    let e = err(json!([{"address": "http://v", "auth": "cert"}]));
+    let e = err(json!([{"address": "https://v", "auth": "cert"}]));
     assert!(e.contains("client_cert") && e.contains("client_key"), "{e}");
+    let e = err(json!([{"address": "http://v", "auth": "cert", "client_cert": "/c", "client_key": "/k"}]));
+    assert!(e.contains("https://"), "{e}");
     let e = err(json!([{"address": "http://v", "token": "t", "client_cert": "/c"}]));
     assert!(e.contains("\"client_key\""), "{e}");
     let e = err(json!([{"address": "http://v", "token": "t", "client_cert_base64": "!!", "client_key": "/k"}]));
