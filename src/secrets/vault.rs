@@ -440,7 +440,10 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         },
         "cert" => {
             if address.scheme() != "https" {
-                return Err("\"auth\": \"cert\" presents the client certificate over TLS: \"address\" must start with https://".into());
+                return Err(
+                    "\"auth\": \"cert\" presents the client certificate over TLS: \"address\" must start with https://"
+                        .into(),
+                );
             }
             if client_identity.is_none() {
                 return Err("\"auth\": \"cert\" needs the client certificate: set \"client_cert\" and \"client_key\" (PEM file paths) or \"client_cert_base64\" and \"client_key_base64\"".into());

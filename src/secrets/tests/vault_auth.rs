@@ -606,3 +606,103 @@ async fn aws_iam_child() {
         }
     }
 }
+
+/// OpenBao in dev mode with a second listener that requires a client certificate signed by
+/// `client_ca` (what a listener with `tls_require_and_verify_client_cert`, or an mTLS proxy in
+/// front of Vault, does). Killed by its own PID when dropped.
+struct MtlsBao {
+    child: std::process::Child,
+    /// Plain HTTP, for setting up.
+    dev: Bao,
+    /// `https://127.0.0.1:PORT` of the listener that requires the client certificate.
+    mtls: String,
+    /// Its server certificate (self-signed), base64 for `ca_cert_base64`.
+    server_ca_base64: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for MtlsBao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_mtls_bao(client_ca: &str) -> MtlsBao {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_cert, server_key) = super::support::self_signed(&["127.0.0.1"]);
+    for (name, pem) in [
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+        ("client-ca.pem", &client_ca.to_string()),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let mut last_log = String::new();
+    for _ in 0..3 {
+        let (dev_port, mtls_port) = (super::support::free_port(true), super::support::free_port(false));
+        let config = dir.path().join("mtls.hcl");
+        std::fs::write(
+            &config,
+            format!(
+                "listener \"tcp\" {{\n  address = \"127.0.0.1:{mtls_port}\"\n  tls_cert_file = \"{0}/server.pem\"\n  tls_key_file = \"{0}/server.key\"\n  tls_client_ca_file = \"{0}/client-ca.pem\"\n  tls_require_and_verify_client_cert = true\n}}\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("server.log");
+        let mut child = std::process::Command::new(super::support::bao_bin())
+            .args([
+                "server".to_string(),
+                "-dev".into(),
+                format!("-dev-root-token-id={BAO_ROOT}"),
+                format!("-dev-listen-address=127.0.0.1:{dev_port}"),
+                format!("-config={}", config.display()),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let health = format!("http://127.0.0.1:{dev_port}/v1/sys/health");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if reqwest::get(&health).await.is_ok_and(|r| r.status().is_success()) {
+                return MtlsBao {
+                    child,
+                    dev: Bao::new_at(format!("http://127.0.0.1:{dev_port}")),
+                    mtls: format!("https://127.0.0.1:{mtls_port}"),
+                    server_ca_base64: STANDARD.encode(&server_cert),
+                    _dir: dir,
+                };
+            }
+            if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                last_log = std::fs::read_to_string(&log).unwrap_or_default();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    panic!("bao with an mTLS listener did not start:\n{last_log}");
+}
+
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn token_auth_through_a_listener_that_requires_a_client_certificate() {
+    let (ca, cert, key) = client_certificate("apono-connector");
+    let bao = start_mtls_bao(&ca).await;
+    bao.dev
+        .post("secret/data/apono/rancher", json!({"data": {"token": "over-mtls"}}))
+        .await;
+    let with_cert = vault(
+        json!([{"address": bao.mtls, "ca_cert_base64": bao.server_ca_base64, "token": BAO_ROOT,
+                                  "client_cert_base64": STANDARD.encode(&cert), "client_key_base64": STANDARD.encode(&key)}]),
+    );
+    assert_eq!(read(&with_cert).await.unwrap(), "over-mtls");
+    // Without it the listener ends the handshake: the certificate above is what let the read in.
+    let without = vault(json!([{"address": bao.mtls, "ca_cert_base64": bao.server_ca_base64, "token": BAO_ROOT}]));
+    let e = read(&without).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+}
