@@ -136,6 +136,13 @@ async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(e.to_string().contains("expired"), "{e}");
 
+    // A role the mount does not have: Vault's answer names it.
+    let no_role =
+        vault(json!([{"address": bao.base, "auth": "jwt", "role": "nope", "jwt": sign_jwt(&key, &claims("vault"))}]));
+    let e = read(&no_role).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("role \"nope\""), "{e}");
+
     // No file: says which file, and that it is a configuration problem.
     let missing = vault(json!([{"address": bao.base, "auth": "jwt", "role": "apono",
                                 "jwt_file": dir.path().join("nope")}]));
@@ -145,6 +152,37 @@ async fn jwt_auth_reads_rereads_the_file_and_names_the_role_it_was_refused() {
         e.to_string().contains("jwt_file") && e.to_string().contains("nope"),
         "{e}"
     );
+}
+
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn jwt_tokens_are_renewed_before_they_expire() {
+    let (_guard, bao) = bao_with_secret(false, "still-readable").await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    bao.post("sys/auth/jwt", json!({"type": "jwt"})).await;
+    bao.post(
+        "auth/jwt/config",
+        json!({"jwt_validation_pubkeys": [key.public_key_pem()]}),
+    )
+    .await;
+    // A 9 s token; reads 6.5 s apart (past two thirds of its life, 2.5 s before it expires).
+    bao.post(
+        "auth/jwt/role/apono",
+        json!({"role_type": "jwt", "user_claim": "sub", "bound_audiences": ["vault"], "token_policies": ["reader"],
+               "token_ttl": "9s", "token_max_ttl": "60s"}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwt_file = dir.path().join("token");
+    std::fs::write(&jwt_file, sign_jwt(&key, &claims("vault"))).unwrap();
+    let store = vault(json!([{"address": bao.base, "auth": "jwt", "role": "apono", "jwt_file": jwt_file}]));
+    assert_eq!(read(&store).await.unwrap(), "still-readable");
+    // After the first login the JWT is gone: only renewing the token keeps reads working.
+    std::fs::write(&jwt_file, "not-a-jwt").unwrap();
+    for _ in 0..2 {
+        tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
+        assert_eq!(read(&store).await.unwrap(), "still-readable");
+    }
 }
 
 /// A CA, and a client certificate it signed for `name`: (CA PEM, certificate PEM, key PEM).
