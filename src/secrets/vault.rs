@@ -33,15 +33,15 @@ use vaultrs::error::ClientError;
 use super::{Secret, SecretError, SecretRef, SecretStore, value, wrong_store};
 use crate::config::{ConfigError, SecretsConfig};
 
-mod auth;
-#[cfg(feature = "vault-aws-auth")]
-mod aws_iam;
-
 const STORE: &str = "HASHICORP_VAULT";
 const ENV_CONFIG: &str = "HASHICORP_VAULT_CONFIG";
 const ENV_FILE: &str = "HASHICORP_VAULT_CONFIG_FILE_PATH";
 const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+mod auth;
+#[cfg(feature = "vault-aws-auth")]
+mod aws_iam;
 
 /// How the connector logs in to a vault.
 #[derive(Clone)]
