@@ -2,7 +2,8 @@
 //!
 //! Vaults are defined in `HASHICORP_VAULT_CONFIG` (a JSON list) or in the file at
 //! `HASHICORP_VAULT_CONFIG_FILE_PATH` (re-read when it changes). An entry is either a vault
-//! (`address` + token, AppRole or Kubernetes auth, TLS options) or `{"from_secret_store": ...}`: a
+//! (`address` + token, AppRole, Kubernetes, JWT, TLS certificate or AWS IAM auth, TLS options and a
+//! client certificate; the logins are in `vault/auth.rs`) or `{"from_secret_store": ...}`: a
 //! pointer to a secret in another store that holds such a definition. Those are resolved on first
 //! use, not at start-up, so a connector starts even when that store is briefly unreachable; all at
 //! once, so one slow store does not add up with the others; and again after a failure (with
@@ -38,6 +39,10 @@ const ENV_FILE: &str = "HASHICORP_VAULT_CONFIG_FILE_PATH";
 const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+mod auth;
+#[cfg(feature = "vault-aws-auth")]
+mod aws_iam;
+
 /// How the connector logs in to a vault.
 #[derive(Clone)]
 enum Auth {
@@ -52,6 +57,37 @@ enum Auth {
         role: String,
         token_file: PathBuf,
     },
+    /// Vault's `jwt` auth method (JWT/OIDC): a JWT signed by an issuer the mount trusts.
+    Jwt {
+        mount: String,
+        /// None: the mount's `default_role`.
+        role: Option<String>,
+        jwt: auth::JwtSource,
+    },
+    /// Vault's `cert` auth method: the client certificate presented on the TLS connection.
+    Cert {
+        mount: String,
+        /// The certificate role to log in as; None: any role whose CA signed the certificate.
+        role: Option<String>,
+    },
+    /// Vault's `aws` auth method, `iam` type: a signed `sts:GetCallerIdentity` request.
+    #[cfg(feature = "vault-aws-auth")]
+    Aws(aws_iam::AwsIam),
+}
+
+impl Auth {
+    /// The method's name as Vault's documentation spells it, for errors.
+    fn method(&self) -> &'static str {
+        match self {
+            Auth::Token(_) => "token",
+            Auth::AppRole { .. } => "AppRole",
+            Auth::Kubernetes { .. } => "Kubernetes",
+            Auth::Jwt { .. } => "JWT",
+            Auth::Cert { .. } => "TLS certificate",
+            #[cfg(feature = "vault-aws-auth")]
+            Auth::Aws(_) => "AWS IAM",
+        }
+    }
 }
 
 /// One vault, parsed and checked. `Debug` is not derived: it holds credentials.
@@ -62,6 +98,9 @@ struct Definition {
     /// PEM (or DER) bytes of the CA that signed the vault's certificate.
     ca_cert: Option<Vec<u8>>,
     skip_verify: bool,
+    /// The client certificate presented on every connection (`cert` auth, or a listener or proxy
+    /// that requires mTLS).
+    client_identity: Option<auth::ClientIdentity>,
     namespace: Option<String>,
     name: Option<String>,
 }
@@ -309,6 +348,23 @@ const DEFINITION_FIELDS: &[&str] = &[
     "role",
     "token_file",
     "mount",
+    "jwt",
+    "jwt_file",
+    "client_cert",
+    "client_key",
+    "client_cert_base64",
+    "client_key_base64",
+    "header_value",
+    "region",
+];
+
+/// Fields that mean something to one method only: given with another, they would be silently
+/// ignored, so the definition is refused instead.
+const METHOD_FIELDS: &[(&str, &str)] = &[
+    ("jwt", "jwt"),
+    ("jwt_file", "jwt"),
+    ("header_value", "aws"),
+    ("region", "aws"),
 ];
 
 fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
@@ -332,12 +388,9 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
     let ca_cert = match field_str(map, &["ca_cert_base64"])? {
         None => None,
         Some(b64) => {
-            let bytes = base64::engine::general_purpose::STANDARD
-                // `base64` wraps at 76 columns and Go's decoder (Apono's connector) skips line breaks.
-                .decode(b64.chars().filter(|c| !c.is_ascii_whitespace()).collect::<String>())
-                .map_err(|_| {
-                    "field \"ca_cert_base64\" is not base64 (encode the CA's PEM file with base64)".to_string()
-                })?;
+            let bytes = decode_base64(&b64).ok_or_else(|| {
+                "field \"ca_cert_base64\" is not base64 (encode the CA's PEM file with base64)".to_string()
+            })?;
             let parses = if bytes.starts_with(b"-----BEGIN") {
                 reqwest::Certificate::from_pem_bundle(&bytes).is_ok()
             } else {
@@ -349,29 +402,74 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
             Some(bytes)
         }
     };
+    let client_identity = auth::ClientIdentity::parse(map)?;
     let auth_kind = field_str(map, &["auth"])?.map(|a| a.to_ascii_lowercase());
     let auth_kind = match auth_kind {
         Some(a) => a,
         None if map.contains_key("role_id") => "approle".into(),
         None => "token".into(),
     };
+    for (field, method) in METHOD_FIELDS {
+        if map.get(*field).is_some_and(|v| !v.is_null()) && auth_kind != *method {
+            return Err(format!(
+                "field {field:?} is only used with \"auth\": \"{method}\" (this definition's auth is {auth_kind:?})"
+            ));
+        }
+    }
+    let mount = |default: &str| -> Result<String, String> {
+        Ok(field_str(map, &["mount"])?.map_or_else(|| default.to_string(), |m| m.trim_matches('/').to_string()))
+    };
     let auth = match auth_kind.as_str() {
         "token" => Auth::Token(SecretString::from(required(map, &["token"])?)),
         "approle" => Auth::AppRole {
-            mount: field_str(map, &["mount"])?.unwrap_or_else(|| "approle".into()),
+            mount: mount("approle")?,
             role_id: required(map, &["role_id"])?,
             secret_id: SecretString::from(required(map, &["secret_id"])?),
         },
         "kubernetes" => Auth::Kubernetes {
-            mount: field_str(map, &["mount"])?.unwrap_or_else(|| "kubernetes".into()),
+            mount: mount("kubernetes")?,
             role: required(map, &["role"])?,
             token_file: PathBuf::from(
                 field_str(map, &["token_file"])?.unwrap_or_else(|| DEFAULT_K8S_TOKEN_FILE.into()),
             ),
         },
+        "jwt" => Auth::Jwt {
+            mount: mount("jwt")?,
+            role: field_str(map, &["role"])?,
+            jwt: auth::JwtSource::parse(map)?,
+        },
+        "cert" => {
+            if address.scheme() != "https" {
+                return Err(
+                    "\"auth\": \"cert\" presents the client certificate over TLS: \"address\" must start with https://"
+                        .into(),
+                );
+            }
+            if client_identity.is_none() {
+                return Err("\"auth\": \"cert\" needs the client certificate: set \"client_cert\" and \"client_key\" (PEM file paths) or \"client_cert_base64\" and \"client_key_base64\"".into());
+            }
+            Auth::Cert {
+                mount: mount("cert")?,
+                role: field_str(map, &["role"])?,
+            }
+        }
+        #[cfg(feature = "vault-aws-auth")]
+        "aws" => Auth::Aws(aws_iam::AwsIam {
+            mount: mount("aws")?,
+            role: field_str(map, &["role"])?,
+            header_value: field_str(map, &["header_value"])?,
+            region: field_str(map, &["region"])?,
+        }),
+        #[cfg(not(feature = "vault-aws-auth"))]
+        "aws" => {
+            return Err(
+                "field \"auth\": this build has no AWS IAM auth for Vault (built without the cargo feature vault-aws-auth)"
+                    .into(),
+            );
+        }
         other => {
             return Err(format!(
-                "field \"auth\": unknown method {other:?} (expected token, approle or kubernetes)"
+                "field \"auth\": unknown method {other:?} (expected token, approle, kubernetes, jwt, cert or aws)"
             ));
         }
     };
@@ -380,9 +478,18 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         auth,
         ca_cert,
         skip_verify,
+        client_identity,
         namespace: field_str(map, &["namespace"])?,
         name: field_str(map, &["name"])?,
     })
+}
+
+/// Standard base64, line breaks allowed: `base64` wraps at 76 columns and Go's decoder (Apono's
+/// connector) skips them.
+fn decode_base64(b64: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.chars().filter(|c| !c.is_ascii_whitespace()).collect::<String>())
+        .ok()
 }
 
 /// A vault ready to be used: the definition, its HTTP client, the login token and the KV versions
@@ -390,8 +497,14 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
 struct Conn {
     def: Definition,
     http: reqwest::Client,
+    /// The client certificate and key files as they were when `http` was built (None: none, or
+    /// given inline): a renewed certificate (cert-manager, Vault Agent) means a new client.
+    identity_stamp: Option<auth::IdentityStamp>,
     token: Mutex<Option<Held>>,
     kv_versions: Mutex<HashMap<String, u8>>,
+    /// The AWS credential chain, built on the first AWS IAM login.
+    #[cfg(feature = "vault-aws-auth")]
+    aws_credentials: tokio::sync::OnceCell<aws_iam::Credentials>,
 }
 
 /// A token in use, and when to renew it (None: a configured token, or one that does not expire).
@@ -440,15 +553,33 @@ impl Conn {
             };
             builder = builder.tls_certs_merge(certs);
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let mut identity_stamp = None;
+        if let Some(identity) = &def.client_identity {
+            let (identity, stamp) = identity.load()?;
+            builder = builder.identity(identity);
+            identity_stamp = stamp;
+        }
+        let http = builder.build().map_err(|e| {
+            if def.client_identity.is_some() {
+                format!("cannot build an HTTP client with the client certificate (does client_key belong to client_cert?): {e}")
+            } else {
+                format!("cannot build an HTTP client: {e}")
+            }
+        })?;
         Ok(Conn {
             def,
             http,
+            identity_stamp,
             token: Mutex::new(None),
             kv_versions: Mutex::new(HashMap::new()),
+            #[cfg(feature = "vault-aws-auth")]
+            aws_credentials: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Whether the client certificate or key file changed since the client was built.
+    fn identity_changed(&self) -> bool {
+        self.identity_stamp.as_ref().is_some_and(auth::IdentityStamp::changed)
     }
 
     fn describe(&self) -> String {
@@ -514,60 +645,7 @@ impl Conn {
                 _ => return Ok(held.token.clone()),
             }
         }
-        let login_error = |method: &str, e: ClientError| match e {
-            ClientError::APIError { code, errors } if code < 500 => SecretError::NotPermitted {
-                reference: reference.describe(),
-                hint: format!(
-                    "{method} login to vault {} refused ({code}: {})",
-                    self.describe(),
-                    errors.join("; ")
-                ),
-            },
-            other => unreachable_error(reference, &self.describe(), &other),
-        };
-        let held = match &self.def.auth {
-            Auth::Token(t) => Held::new(t.clone(), 0, false),
-            Auth::AppRole {
-                mount,
-                role_id,
-                secret_id,
-            } => {
-                let client = self.client("").map_err(|e| misconfigured(&e))?;
-                let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id.expose_secret())
-                    .await
-                    .map_err(|e| login_error("AppRole", e))?;
-                Held::new(
-                    SecretString::from(auth.client_token),
-                    auth.lease_duration,
-                    auth.renewable,
-                )
-            }
-            Auth::Kubernetes {
-                mount,
-                role,
-                token_file,
-            } => {
-                let jwt = tokio::fs::read_to_string(token_file)
-                    .await
-                    .map_err(|e| SecretError::Misconfigured {
-                        store: STORE.into(),
-                        hint: format!(
-                            "Kubernetes auth for vault {}: cannot read the service account token {}: {e}",
-                            self.describe(),
-                            token_file.display()
-                        ),
-                    })?;
-                let client = self.client("").map_err(|e| misconfigured(&e))?;
-                let auth = vaultrs::auth::kubernetes::login(&client, mount, role, jwt.trim())
-                    .await
-                    .map_err(|e| login_error("Kubernetes", e))?;
-                Held::new(
-                    SecretString::from(auth.client_token),
-                    auth.lease_duration,
-                    auth.renewable,
-                )
-            }
-        };
+        let held = self.login(reference).await?;
         if let Some(old) = expiring
             && let Ok(client) = self.client(old.expose_secret())
             && let Err(e) = vaultrs::token::revoke_self(&client).await
@@ -731,6 +809,10 @@ impl Slot {
         // Held while resolving, so concurrent reads resolve a definition once.
         let mut state = self.state.lock().await;
         let previous = match &*state {
+            SlotState::Ready(c) if c.identity_changed() => {
+                tracing::info!(vault = %c.describe(), "the vault client certificate changed; reconnecting with it");
+                None
+            }
             SlotState::Ready(c) => return Ok(c.clone()),
             SlotState::Failed { error, at, backoff } if at.elapsed() < *backoff => return Err(error.clone()),
             SlotState::Failed { backoff, .. } => Some(*backoff),

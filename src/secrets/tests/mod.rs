@@ -23,6 +23,8 @@ mod gcp_fake;
 #[cfg(feature = "store-kubernetes")]
 mod kube_fake;
 #[cfg(feature = "store-vault")]
+mod vault_auth;
+#[cfg(feature = "store-vault")]
 mod vault_bao;
 #[cfg(feature = "store-vault")]
 mod vault_config;

@@ -17,8 +17,13 @@ pub struct Bao {
 
 impl Bao {
     pub fn new(guard: &ServerGuard, scheme: &str) -> Bao {
+        Bao::new_at(guard.url(scheme))
+    }
+
+    /// At `base` (`http://127.0.0.1:PORT`), for a server started without [`start_bao`].
+    pub fn new_at(base: String) -> Bao {
         Bao {
-            base: guard.url(scheme),
+            base,
             http: reqwest::Client::builder()
                 .tls_danger_accept_invalid_certs(true)
                 .build()
