@@ -31,7 +31,7 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
 use super::{Secret, SecretError, SecretRef, SecretStore, value, wrong_store};
-use crate::secrets::settings::{SecretsSettings as SecretsConfig, SettingsError as ConfigError};
+use crate::secrets::settings::{SecretsSettings, SettingsError};
 
 const STORE: &str = "HASHICORP_VAULT";
 const ENV_CONFIG: &str = "HASHICORP_VAULT_CONFIG";
@@ -139,9 +139,9 @@ impl VaultDefinitions {
     /// # Errors
     /// Malformed JSON or entries (naming the variable, the entry's index and the field), or an
     /// unreadable file.
-    pub fn from_config(config: &SecretsConfig) -> Result<VaultDefinitions, ConfigError> {
+    pub fn from_config(config: &SecretsSettings) -> Result<VaultDefinitions, SettingsError> {
         if let Some(text) = &config.hashicorp_vault_config {
-            let entries = parse_list(text.expose_secret(), ENV_CONFIG).map_err(ConfigError)?;
+            let entries = parse_list(text.expose_secret(), ENV_CONFIG).map_err(SettingsError)?;
             if config.hashicorp_vault_config_file_path.is_some() {
                 tracing::warn!("both {ENV_CONFIG} and {ENV_FILE} are set; using {ENV_CONFIG}");
             }
@@ -151,7 +151,7 @@ impl VaultDefinitions {
             });
         }
         if let Some(path) = &config.hashicorp_vault_config_file_path {
-            read_file(path).map_err(ConfigError)?;
+            read_file(path).map_err(SettingsError)?;
             return Ok(VaultDefinitions {
                 source: Source::File(path.clone()),
                 default_namespace: default_namespace(config),
@@ -175,9 +175,9 @@ impl VaultDefinitions {
     ///
     /// # Errors
     /// As [`VaultDefinitions::from_config`].
-    pub fn parse(text: &str) -> Result<VaultDefinitions, ConfigError> {
+    pub fn parse(text: &str) -> Result<VaultDefinitions, SettingsError> {
         Ok(VaultDefinitions {
-            source: Source::Env(parse_list(text, ENV_CONFIG).map_err(ConfigError)?),
+            source: Source::Env(parse_list(text, ENV_CONFIG).map_err(SettingsError)?),
             default_namespace: None,
         })
     }
@@ -211,7 +211,7 @@ fn strip_trailing_commas(text: &str) -> (String, Vec<usize>) {
     (out, lines)
 }
 
-fn default_namespace(config: &SecretsConfig) -> Option<String> {
+fn default_namespace(config: &SecretsSettings) -> Option<String> {
     let ns = config.vault_namespace.as_deref()?.trim().trim_matches('/');
     (!ns.is_empty()).then(|| ns.to_string())
 }
