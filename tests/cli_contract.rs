@@ -307,3 +307,20 @@ fn a_closed_stdout_ends_a_printing_command_quietly() {
         }
     }
 }
+
+#[test]
+fn the_default_config_file_is_read_when_it_exists_and_none_is_named() {
+    use apono_connector::config::{Config, DEFAULT_CONFIG_FILE};
+    assert_eq!(DEFAULT_CONFIG_FILE, "/etc/apono-connector/connector.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let default = dir.path().join("connector.toml");
+    assert_eq!(Config::file_to_read(None, &default), None, "a missing default is no error");
+    std::fs::write(&default, "").unwrap();
+    assert_eq!(Config::file_to_read(None, &default), Some(default.clone()));
+    let named = dir.path().join("named.toml");
+    assert_eq!(
+        Config::file_to_read(Some(&named), &default),
+        Some(named),
+        "a named file wins (and must exist)"
+    );
+}
