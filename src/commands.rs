@@ -318,13 +318,15 @@ async fn run_agent(
                 .await;
         }
         None => {
-            // The operator API grants access: even with its token it is for this host only.
-            // `control-plane serve` is the way to serve beyond it.
+            // The operator API grants access, so it wants the operator token (always) and the
+            // `Host`/`Origin` checks wherever it listens. Beyond loopback only when asked: a
+            // container's loopback cannot be published, so there `APONO_LISTEN_ADDR=0.0.0.0:8790`
+            // with `-p 127.0.0.1:8790:8790` keeps it on the host's loopback.
             if !config.standalone.listen.ip().is_loopback() {
-                bail!(
-                    "standalone.listen (APONO_LISTEN_ADDR) is {}: `run` serves the operator API on a loopback address only; \
-                     bind it to 127.0.0.1 (or run `control-plane serve` for remote agents)",
-                    config.standalone.listen
+                tracing::warn!(
+                    operator_api = %config.standalone.listen,
+                    "the operator API listens beyond loopback (APONO_LISTEN_ADDR): whoever reaches it with the operator \
+                     token can grant access; publish it on a loopback address only (docker run -p 127.0.0.1:8790:8790)"
                 );
             }
             let cp = open_embedded(&config, embedded_options(&config))?;

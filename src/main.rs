@@ -34,7 +34,7 @@ Environment (each overrides the config file's key):
   APONO_CONNECTOR_ID, CONNECTOR_ID  connector id [default: standalone]
   APONO_ACTIONS_PARALLELISM         jobs run at once [default: 8]
   APONO_DATA_DIR                    standalone state (SQLite, operator token) [default: ./data]
-  APONO_LISTEN_ADDR                 standalone operator API, loopback only [default: 127.0.0.1:8790]
+  APONO_LISTEN_ADDR                 standalone operator API [default: 127.0.0.1:8790]
   APONO_LOG_FORMAT                  text or json [default: text]
   APONO_LOG_LEVEL                   tracing filter [default: info]
   APONO_HEALTH_ADDR                 /healthz, /readyz, /metrics [default: 0.0.0.0:8080]
