@@ -53,10 +53,12 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 /// The `access` commands' errors: a refused operator token says which token is meant (not the
 /// agent's `APONO_TOKEN`, which the generic message names) and exits [`EXIT_NOT_READY`].
 pub fn operator_refusal(error: anyhow::Error, control_plane: &str) -> anyhow::Error {
-    let refused = error.chain().find_map(|cause| match cause.downcast_ref::<ControlPlaneError>() {
-        Some(ControlPlaneError::Unauthorized { message }) => Some(message.clone()),
-        _ => None,
-    });
+    let refused = error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<ControlPlaneError>() {
+            Some(ControlPlaneError::Unauthorized { message }) => Some(message.clone()),
+            _ => None,
+        });
     match refused {
         Some(message) => Refused(format!(
             "error: the operator API at {control_plane} refused the operator token ({message}): use the token of \

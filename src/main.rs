@@ -295,8 +295,10 @@ enum AccessCommand {
 enum ControlPlaneCommand {
     /// Serve the embedded control plane (agent protocol and operator API) for remote agents,
     /// which set APONO_URL to it and APONO_TOKEN to the same token.
-    #[command(after_help = "Environment: APONO_TOKEN or APONO_TOKEN_FILE (required: the token agents present), \
-                            APONO_HEALTH_ADDR, APONO_LOG_FORMAT, APONO_LOG_LEVEL.")]
+    #[command(
+        after_help = "Environment: APONO_TOKEN or APONO_TOKEN_FILE (required: the token agents present), \
+                            APONO_HEALTH_ADDR, APONO_LOG_FORMAT, APONO_LOG_LEVEL."
+    )]
     Serve {
         /// Address to serve on (agents and operators connect here).
         #[arg(long, env = "APONO_LISTEN_ADDR", value_name = "ADDR", value_parser = listen_addr)]

@@ -121,7 +121,11 @@ async fn healthcheck_exit_codes_and_the_refusals_that_exit_3() {
         stderr(&out)
     );
     // The right token (from the data dir APONO_CONFIG names) is accepted: the 3 above was the token.
-    let out = cli_async(&["access", "list", "--control-plane", &cp], &[("APONO_CONFIG", &config)]).await;
+    let out = cli_async(
+        &["access", "list", "--control-plane", &cp],
+        &[("APONO_CONFIG", &config)],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     // A second `run` on the locked data dir: 3.
@@ -129,7 +133,10 @@ async fn healthcheck_exit_codes_and_the_refusals_that_exit_3() {
     let other_health = format!("127.0.0.1:{}", free_port());
     let out = cli_async(
         &["run", "--config", &config],
-        &[("APONO_LISTEN_ADDR", &other_listen), ("APONO_HEALTH_ADDR", &other_health)],
+        &[
+            ("APONO_LISTEN_ADDR", &other_listen),
+            ("APONO_HEALTH_ADDR", &other_health),
+        ],
     )
     .await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
@@ -191,10 +198,17 @@ fn check_exits_3_when_a_check_fails_and_reads_the_config_that_apono_config_names
     assert_eq!(out.status.code(), Some(3), "{}{}", stdout(&out), stderr(&out));
     let table = stdout(&out);
     assert!(
-        table.lines().any(|l| l.starts_with("ok") && l.contains("config") && l.contains(&config)),
+        table
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("config") && l.contains(&config)),
         "{table}"
     );
-    assert!(table.lines().any(|l| l.starts_with("FAILED") && l.contains("integrations")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("FAILED") && l.contains("integrations")),
+        "{table}"
+    );
 
     // A file APONO_CONFIG names must exist.
     let missing = dir.path().join("missing.toml");
@@ -258,7 +272,11 @@ fn completions_and_the_man_page() {
     let dir = tempfile::tempdir().unwrap();
     let out = cli(&["man", "--out-dir", &dir.path().to_string_lossy()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    for page in ["apono-connector.1", "apono-connector-healthcheck.1", "apono-connector-access-list.1"] {
+    for page in [
+        "apono-connector.1",
+        "apono-connector-healthcheck.1",
+        "apono-connector-access-list.1",
+    ] {
         let text = std::fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
         assert!(text.contains(".TH"), "{page}");
     }
@@ -275,7 +293,10 @@ fn logs_carry_no_escape_codes_when_stderr_is_not_a_terminal() {
         let out = cli(&["check"], &envs);
         let logs = stderr(&out);
         assert!(logs.contains("APONO_LOG_LEVEL does not parse"), "{logs}");
-        assert!(!logs.contains('\u{1b}'), "escape codes in a pipe (NO_COLOR {no_color:?}): {logs:?}");
+        assert!(
+            !logs.contains('\u{1b}'),
+            "escape codes in a pipe (NO_COLOR {no_color:?}): {logs:?}"
+        );
     }
 }
 
@@ -314,7 +335,11 @@ fn the_default_config_file_is_read_when_it_exists_and_none_is_named() {
     assert_eq!(DEFAULT_CONFIG_FILE, "/etc/apono-connector/connector.toml");
     let dir = tempfile::tempdir().unwrap();
     let default = dir.path().join("connector.toml");
-    assert_eq!(Config::file_to_read(None, &default), None, "a missing default is no error");
+    assert_eq!(
+        Config::file_to_read(None, &default),
+        None,
+        "a missing default is no error"
+    );
     std::fs::write(&default, "").unwrap();
     assert_eq!(Config::file_to_read(None, &default), Some(default.clone()));
     let named = dir.path().join("named.toml");

@@ -147,7 +147,10 @@ mod tests {
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {
         assert!(colour_allowed(true, None));
-        assert!(colour_allowed(true, Some("".into())), "an empty NO_COLOR does not count");
+        assert!(
+            colour_allowed(true, Some("".into())),
+            "an empty NO_COLOR does not count"
+        );
         assert!(!colour_allowed(true, Some("1".into())));
         assert!(!colour_allowed(false, None));
     }
