@@ -2,7 +2,6 @@
 //! modules. `main.rs` parses arguments and calls these; `demo` lives in its own module.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,211 +17,21 @@ use crate::config::{Config, DEFAULT_CONFIG_FILE, normalize_url};
 use crate::control_plane::client::{HttpControlPlane, OperatorClient};
 use crate::control_plane::embedded::{self, EmbeddedControlPlane};
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
-use crate::control_plane::{ControlPlane, ControlPlaneError, operator_token, server};
+use crate::control_plane::{ControlPlane, operator_token, server};
 use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest, SweepRequest};
 use crate::secrets::{SecretRef, SecretStores};
 use crate::telemetry::health::HealthServer;
 use crate::telemetry::{self, Readiness};
 
+mod healthcheck;
+mod output;
+
+pub use healthcheck::{health_url, healthcheck};
+use output::say;
+pub use output::{EXIT_NOT_READY, Refused, Stdout, exit_code, operator_refusal, print_bytes, print_line};
+
 /// Default address of the standalone control plane's operator API.
 pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:8790";
-
-/// Exit code of "not ready or refused" (README "Command line"): distinct from 1 (failed) so a
-/// probe or a script can tell "try again later / fix the token" from "broken".
-pub const EXIT_NOT_READY: u8 = 3;
-
-/// A failure that exits [`EXIT_NOT_READY`]: not ready, or refused. The message is the whole line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
-
-/// The process exit code for a failed command: [`EXIT_NOT_READY`] for [`Refused`], for the operator
-/// API refusing the token and for a data dir locked by another process; 1 otherwise. (Clap exits
-/// 2 on usage errors before a command runs.)
-pub fn exit_code(error: &anyhow::Error) -> u8 {
-    let not_ready = error.chain().any(|cause| {
-        cause.is::<Refused>()
-            || matches!(
-                cause.downcast_ref::<ControlPlaneError>(),
-                Some(ControlPlaneError::Unauthorized { .. } | ControlPlaneError::InUse { .. })
-            )
-    });
-    if not_ready { EXIT_NOT_READY } else { 1 }
-}
-
-/// The `access` commands' errors: a refused operator token says which token is meant (not the
-/// agent's `APONO_TOKEN`, which the generic message names) and exits [`EXIT_NOT_READY`].
-pub fn operator_refusal(error: anyhow::Error, control_plane: &str) -> anyhow::Error {
-    let refused = error
-        .chain()
-        .find_map(|cause| match cause.downcast_ref::<ControlPlaneError>() {
-            Some(ControlPlaneError::Unauthorized { message }) => Some(message.clone()),
-            _ => None,
-        });
-    match refused {
-        Some(message) => Refused(format!(
-            "error: the operator API at {control_plane} refused the operator token ({message}): use the token of \
-             the daemon behind that address: pass its --config (its data dir holds operator.token), run where \
-             APONO_DATA_DIR points to it, or set {}",
-            operator_token::TOKEN_ENV
-        ))
-        .into(),
-        None => error,
-    }
-}
-
-/// Stdout for results. When the reader goes away (`... | head -1`) the rest of the output is
-/// dropped and the command ends normally: `println!` would panic on the closed pipe, and an error
-/// about a pipe the user closed on purpose is noise.
-#[derive(Default)]
-pub struct Stdout {
-    closed: bool,
-}
-
-impl Write for Stdout {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if !self.closed {
-            match io::stdout().write_all(buf) {
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.closed = true,
-                other => other?,
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.closed {
-            match io::stdout().flush() {
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.closed = true,
-                other => other?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// One line of a result on stdout (see [`Stdout`]).
-///
-/// # Errors
-/// Stdout fails other than by a closed pipe (a full disk).
-pub fn print_line(line: &str) -> io::Result<()> {
-    let mut out = Stdout::default();
-    out.write_all(line.as_bytes())?;
-    out.write_all(b"\n")?;
-    out.flush()
-}
-
-/// Bytes on stdout as they are (a script, a man page, a table; see [`Stdout`]).
-///
-/// # Errors
-/// Stdout fails other than by a closed pipe.
-pub fn print_bytes(bytes: &[u8]) -> io::Result<()> {
-    let mut out = Stdout::default();
-    out.write_all(bytes)?;
-    out.flush()
-}
-
-/// A line on stderr (progress, notices); a closed stderr loses it instead of panicking.
-fn say(line: &str) {
-    let _ = writeln!(io::stderr(), "{line}");
-}
-
-/// The health server's URL for `healthcheck`: `/readyz` (`/healthz` when `live`) on `addr`, with an
-/// address that binds every interface (`0.0.0.0`, `[::]`) asked on loopback.
-///
-/// # Errors
-/// Port 0 (the daemon picks a port at random): there is nothing to ask; give `--url`.
-pub fn health_url(addr: SocketAddr, live: bool) -> anyhow::Result<String> {
-    if addr.port() == 0 {
-        bail!(
-            "the health address {addr} (APONO_HEALTH_ADDR) has port 0, so the daemon picked one at random: \
-             give --url with the port it logged"
-        );
-    }
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let path = if live { "healthz" } else { "readyz" };
-    Ok(format!("http://{addr}/{path}"))
-}
-
-/// The start of an answer's body kept for `healthcheck`'s line (`/readyz` gives its reason there).
-const HEALTH_BODY_BYTES: usize = 300;
-
-/// `healthcheck`: GETs `url` (no proxy, no redirect) and returns the line to print when it answers
-/// 200 within `timeout`.
-///
-/// # Errors
-/// [`Refused`] (exit 3) when it answers another status, refuses the connection or does not answer
-/// in time, saying which; a URL that is not one.
-pub async fn healthcheck(url: &str, timeout: Duration) -> anyhow::Result<String> {
-    let parsed = url::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        bail!("--url {url:?}: expected an http:// or https:// URL");
-    }
-    // A proxy from the environment has no business with a probe of this host's own port.
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .build()
-        .context("building the HTTP client")?;
-    let mut resp = match client.get(parsed).send().await {
-        Ok(resp) => resp,
-        Err(e) if e.is_timeout() => {
-            return Err(Refused(format!(
-                "not ready: {url} did not answer within {} s",
-                timeout.as_secs_f64()
-            ))
-            .into());
-        }
-        Err(e) if e.is_connect() => {
-            return Err(Refused(format!(
-                "not ready: {url} refused the connection (is the daemon running, and is APONO_HEALTH_ADDR its address?)"
-            ))
-            .into());
-        }
-        Err(e) => return Err(Refused(format!("not ready: {url}: {}", error_chain(&e))).into()),
-    };
-    let status = resp.status();
-    let mut body = Vec::new();
-    while body.len() < HEALTH_BODY_BYTES {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            // A body cut short (or too slow) still leaves the status to report.
-            Ok(None) | Err(_) => break,
-        }
-    }
-    body.truncate(HEALTH_BODY_BYTES);
-    let text = String::from_utf8_lossy(&body);
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let said = if text.is_empty() {
-        String::new()
-    } else {
-        format!(": {text}")
-    };
-    if status == reqwest::StatusCode::OK {
-        Ok(format!("ready: {url} answered {status}{said}"))
-    } else {
-        Err(Refused(format!("not ready: {url} answered {status}{said}")).into())
-    }
-}
-
-/// An error and its causes on one line (reqwest's own message is only the outermost).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 /// A token cancelled on SIGINT or SIGTERM.
 pub fn shutdown_on_signal() -> CancellationToken {
