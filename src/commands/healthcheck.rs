@@ -103,3 +103,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_that_binds_everything_is_asked_on_loopback() {
+        let url = |addr: &str, live| health_url(addr.parse().unwrap(), live).unwrap();
+        assert_eq!(url("0.0.0.0:8080", false), "http://127.0.0.1:8080/readyz");
+        assert_eq!(url("[::]:8080", false), "http://[::1]:8080/readyz");
+        assert_eq!(url("10.1.2.3:9000", true), "http://10.1.2.3:9000/healthz");
+        let e = health_url("0.0.0.0:0".parse().unwrap(), false).unwrap_err();
+        assert!(e.to_string().contains("--url"), "{e}");
+    }
+}
