@@ -7,6 +7,8 @@
 
 # Base images, pinned by digest: the tag says what the digest is of; bump both together, e.g.
 #   docker buildx imagetools inspect rust:1.95-slim-bookworm   (the "Digest:" line)
+# (These two were taken from public Dockerfiles that pin the same tags, not looked up in the
+# registry itself: confirm them with the command above when you bump.)
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 ARG RUST_DIGEST=sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082
