@@ -53,8 +53,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
-        tracing::info!("shutdown signal received: no new jobs will be leased");
+        // Cancel before logging: nothing a log write does can keep the daemon from stopping.
         t.cancel();
+        tracing::info!("shutdown signal received: no new jobs will be leased");
     });
     token
 }
