@@ -1,7 +1,7 @@
 //! One function per CLI command: build what the command needs from the config and call into the
 //! modules. `main.rs` parses arguments and calls these; `demo` lives in its own module.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentOptions, Executor};
-use crate::config::{Config, SecretsConfig, normalize_url};
+use crate::config::{Config, DEFAULT_CONFIG_FILE, SecretsConfig, normalize_url};
 use crate::control_plane::client::{HttpControlPlane, OperatorClient};
 use crate::control_plane::embedded::{self, EmbeddedControlPlane};
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
@@ -22,6 +22,13 @@ use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec,
 use crate::secrets::{SecretRef, SecretStores};
 use crate::telemetry::health::HealthServer;
 use crate::telemetry::{self, Readiness};
+
+mod healthcheck;
+mod output;
+
+pub use healthcheck::{health_url, healthcheck};
+use output::say;
+pub use output::{EXIT_NOT_READY, Refused, Stdout, exit_code, operator_refusal, print_bytes, print_line};
 
 /// Default address of the standalone control plane's operator API.
 pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:8790";
@@ -46,8 +53,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
-        tracing::info!("shutdown signal received: no new jobs will be leased");
+        // Cancel before logging: nothing a log write does can keep the daemon from stopping.
         t.cancel();
+        tracing::info!("shutdown signal received: no new jobs will be leased");
     });
     token
 }
@@ -122,13 +130,15 @@ async fn run_agent(
                 .await;
         }
         None => {
-            // The operator API grants access: even with its token it is for this host only.
-            // `control-plane serve` is the way to serve beyond it.
+            // The operator API grants access, so it wants the operator token (always) and the
+            // `Host`/`Origin` checks wherever it listens. Beyond loopback only when asked: a
+            // container's loopback cannot be published, so there `APONO_LISTEN_ADDR=0.0.0.0:8790`
+            // with `-p 127.0.0.1:8790:8790` keeps it on the host's loopback.
             if !config.standalone.listen.ip().is_loopback() {
-                bail!(
-                    "standalone.listen (APONO_LISTEN_ADDR) is {}: `run` serves the operator API on a loopback address only; \
-                     bind it to 127.0.0.1 (or run `control-plane serve` for remote agents)",
-                    config.standalone.listen
+                tracing::warn!(
+                    operator_api = %config.standalone.listen,
+                    "the operator API listens beyond loopback (APONO_LISTEN_ADDR): whoever reaches it with the operator \
+                     token can grant access; publish it on a loopback address only (docker run -p 127.0.0.1:8790:8790)"
                 );
             }
             let cp = open_embedded(&config, embedded_options(&config))?;
@@ -268,25 +278,36 @@ async fn build_integration(spec: &IntegrationSpec) -> anyhow::Result<Box<dyn int
 pub async fn discover(spec: IntegrationSpec) -> anyhow::Result<()> {
     let integration = build_integration(&spec).await?;
     let (tx, mut rx) = mpsc::channel::<DiscoveredObject>(1024);
-    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+    // Writes until the objects end or the reader goes away (`discover | head`): then it drops
+    // the receiver, which stops the discovery, and says so with `None`.
+    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<u64>> {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
         let mut n = 0u64;
+        let closed = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
         while let Some(object) = rx.blocking_recv() {
-            serde_json::to_writer(&mut out, &object)?;
-            out.write_all(b"\n")?;
+            let mut line = serde_json::to_vec(&object)?;
+            line.push(b'\n');
+            match out.write_all(&line) {
+                Err(e) if closed(&e) => return Ok(None),
+                other => other?,
+            }
             n += 1;
             if n.is_multiple_of(10_000) {
-                eprintln!("discovered {n} objects...");
+                say(&format!("discovered {n} objects..."));
             }
         }
-        out.flush()?;
-        Ok(n)
+        match out.flush() {
+            Err(e) if closed(&e) => Ok(None),
+            other => other.map(|()| Some(n)).map_err(Into::into),
+        }
     });
     let summary = integration.discover(tx).await;
-    let written = writer.await.context("writer task")??;
+    let Some(written) = writer.await.context("writer task")?? else {
+        return Ok(());
+    };
     let summary = summary?;
-    eprintln!(
+    say(&format!(
         "discovery done: {written} objects, {} requests, {} ms ({})",
         summary.requests,
         summary.elapsed_ms,
@@ -296,12 +317,12 @@ pub async fn discover(spec: IntegrationSpec) -> anyhow::Result<()> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" ")
-    );
+    ));
     for skipped in &summary.skipped_clusters {
-        eprintln!(
+        say(&format!(
             "cluster {} skipped: its namespaces were not listed ({})",
             skipped.id, skipped.reason
-        );
+        ));
     }
     Ok(())
 }
@@ -328,11 +349,11 @@ pub async fn sweep(spec: IntegrationSpec, dry_run: bool) -> anyhow::Result<Value
         })
         .await?;
     let verb = if dry_run { "would remove" } else { "removed" };
-    eprintln!(
+    say(&format!(
         "sweep: {} of the connector's binding(s) seen; {verb} {} expired",
         result.marked,
         result.removed.len()
-    );
+    ));
     Ok(serde_json::to_value(result)?)
 }
 
@@ -453,7 +474,7 @@ pub async fn check(config_path: Option<&Path>) -> Vec<CheckRow> {
             return rows;
         }
     };
-    let source = config_path
+    let source = Config::file_to_read(config_path, Path::new(DEFAULT_CONFIG_FILE))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "defaults + environment".into());
     rows.push(("config".to_string(), Ok(source)));

@@ -274,13 +274,28 @@ fn parse_list(_: &str, v: &str) -> Result<Value, String> {
     ))
 }
 
+/// The config file read when none is named (`--config`, `APONO_CONFIG`), if it exists: where a
+/// package or a bare-metal install puts it.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/apono-connector/connector.toml";
+
 impl Config {
-    /// Loads defaults < `file` < the process environment.
+    /// Loads defaults < the config file < the process environment. The file is `file` (the CLI
+    /// fills it from `--config` or `APONO_CONFIG`), else [`DEFAULT_CONFIG_FILE`] when it exists.
     ///
     /// # Errors
     /// A missing or malformed file, a bad variable or key, or a config that fails [`Config::validate`].
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load_from(file, |name| std::env::var(name).ok())
+        let file = Config::file_to_read(file, Path::new(DEFAULT_CONFIG_FILE));
+        Config::load_from(file.as_deref(), |name| std::env::var(name).ok())
+    }
+
+    /// The config file [`Config::load`] reads: the one named (which must then exist), else
+    /// `default` if it exists (a missing default is no error: most installs have none).
+    pub fn file_to_read(named: Option<&Path>, default: &Path) -> Option<PathBuf> {
+        match named {
+            Some(path) => Some(path.to_path_buf()),
+            None => default.is_file().then(|| default.to_path_buf()),
+        }
     }
 
     /// As [`Config::load`], with the environment given as a lookup (tests).

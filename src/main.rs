@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use apono_connector::commands::{self, DEFAULT_CONTROL_PLANE};
+use apono_connector::commands::{self, DEFAULT_CONTROL_PLANE, Refused, Stdout};
 use apono_connector::config::{Config, TelemetryConfig};
 use apono_connector::control_plane::client::OperatorClient;
 use apono_connector::control_plane::operator::AccessRequestCreate;
@@ -15,23 +15,74 @@ use apono_connector::integrations::{GrantRequest, Resource, RevokeRequest, Subje
 use apono_connector::sim::{DatasetSize, Sim, SimOptions};
 use apono_connector::telemetry;
 
+/// Shown by `--help` of every command: scripts branch on these.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (one line on stderr says what is wrong)
+  2  usage error (unknown flag, missing or malformed argument)
+  3  not ready or refused: `healthcheck` got no 200 answer; `check` has a FAILED row; the operator
+     API refused the operator token (`access ...`); the data dir is locked by another process
+     (`run`, `control-plane serve`)";
+
+/// `run --help`: the daemon's settings that have no flag (DESIGN.md §9; README \"Configuration\").
+const RUN_ENV: &str = "\
+Environment (each overrides the config file's key):
+  APONO_URL                         remote control plane (a bare host means https); unset: standalone
+  APONO_TOKEN                       token for the remote control plane
+  APONO_TOKEN_FILE                  read the token from this file (re-read when refused)
+  APONO_CONNECTOR_ID, CONNECTOR_ID  connector id [default: standalone]
+  APONO_ACTIONS_PARALLELISM         jobs run at once [default: 8]
+  APONO_DATA_DIR                    standalone state (SQLite, operator token) [default: ./data]
+  APONO_LISTEN_ADDR                 standalone operator API [default: 127.0.0.1:8790]
+  APONO_LOG_FORMAT                  text or json [default: text]
+  APONO_LOG_LEVEL                   tracing filter [default: info]
+  APONO_HEALTH_ADDR                 /healthz, /readyz, /metrics [default: 0.0.0.0:8080]
+  ALLOWED_SECRETS_TO_READ           comma-separated Kubernetes secrets the agent may read
+  HASHICORP_VAULT_CONFIG            Vault definitions (JSON list)
+  HASHICORP_VAULT_CONFIG_FILE_PATH  the same list in a file (re-read when it changes)
+  VAULT_NAMESPACE                   Vault namespace of a definition that names none
+  APONO_SECRET_CACHE_TTL_SECONDS    how long a read secret is reused [default: 300; 0: never]
+  APONO_REQUIRE_READ_MARK           AZURE and/or GCP: require the read mark there too
+  HTTPS_PROXY, NO_PROXY             proxy for the control plane and Rancher
+  SSL_CERT_FILE                     extra trusted CA certificates
+  NO_COLOR                          no colour in logs (there is none when stderr is not a terminal)";
+
+/// `--help` of the one-shot commands that read a secret store.
+const SECRET_ENV: &str = "\
+Environment: the secret stores' settings (ALLOWED_SECRETS_TO_READ, HASHICORP_VAULT_CONFIG,
+HASHICORP_VAULT_CONFIG_FILE_PATH, VAULT_NAMESPACE, APONO_REQUIRE_READ_MARK) and each cloud SDK's
+own variables (AWS_REGION, AWS_ENDPOINT_URL, ...); APONO_LOG_LEVEL (default warn) for logs.";
+
 #[derive(Parser)]
 #[command(
     name = "apono-connector",
     version,
-    about = "Just-in-time access to Rancher, with credentials that stay in your secret stores"
+    about = "Just-in-time access to Rancher, with credentials that stay in your secret stores",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// The config file, for every command that reads one.
+#[derive(Args)]
+struct ConfigFile {
+    /// TOML config file (`config/connector.example.toml` documents every key); environment
+    /// variables override its keys. Without it, /etc/apono-connector/connector.toml is read when
+    /// it exists.
+    #[arg(long, env = "APONO_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (remote mode if APONO_URL is set, else standalone with the embedded control plane).
+    #[command(after_help = RUN_ENV)]
     Run {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// One command, nothing to install: simulator + embedded control plane + agent; grant with TTL, auto-revoke.
     Demo {
@@ -39,10 +90,29 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
-    /// Validate the configuration and print a table of checks; non-zero exit on failure.
+    /// Validate the configuration, reach the control plane, every secret and every integration;
+    /// print a table of checks. Exit 3 when a check fails.
+    #[command(after_help = RUN_ENV)]
     Check {
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Ask the health server whether the daemon is ready (the image's HEALTHCHECK, the chart's
+    /// `helm test`): exit 0 on a 200 answer, 3 otherwise.
+    Healthcheck {
+        /// The URL to ask. Default: /readyz (or /healthz with --live) on the port of
+        /// APONO_HEALTH_ADDR (from the environment or the config file), on loopback when it binds
+        /// every address.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Ask /healthz (the process answers) instead of /readyz (it can take jobs).
+        #[arg(long, conflicts_with = "url")]
+        live: bool,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout_seconds: u64,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Secret-store commands.
     Secret {
@@ -50,26 +120,32 @@ enum Command {
         command: SecretCommand,
     },
     /// One-shot discovery: NDJSON on stdout, progress on stderr.
+    #[command(after_help = SECRET_ENV)]
     Discover {
         /// Integration JSON, or @FILE.
-        #[arg(long)]
+        #[arg(long, value_name = "JSON|@FILE")]
         integration: String,
     },
     /// One-shot grant; prints the result as one JSON object.
+    #[command(after_help = SECRET_ENV)]
     Grant {
-        #[arg(long)]
+        /// Integration JSON, or @FILE.
+        #[arg(long, value_name = "JSON|@FILE")]
         integration: String,
         #[command(flatten)]
         target: Target,
+        /// Create a missing local user with a generated password (shown once in the result).
         #[arg(long)]
         create_user: bool,
         /// Mark the binding with an expiry this far ahead (e.g. 2h): a `sweep` removes it after.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
     /// One-shot revoke of the connector's own bindings; prints the result as one JSON object.
+    #[command(after_help = SECRET_ENV)]
     Revoke {
-        #[arg(long)]
+        /// Integration JSON, or @FILE.
+        #[arg(long, value_name = "JSON|@FILE")]
         integration: String,
         #[command(flatten)]
         target: Target,
@@ -78,8 +154,10 @@ enum Command {
         all: bool,
     },
     /// Remove the connector's bindings whose marked expiry has passed; prints what it removed.
+    #[command(after_help = SECRET_ENV)]
     Sweep {
-        #[arg(long)]
+        /// Integration JSON, or @FILE.
+        #[arg(long, value_name = "JSON|@FILE")]
         integration: String,
         /// Show what would be removed; remove nothing.
         #[arg(long)]
@@ -99,6 +177,17 @@ enum Command {
     Sim {
         #[command(subcommand)]
         command: SimCommand,
+    },
+    /// Print a shell completion script (e.g. `apono-connector completions bash > /etc/bash_completion.d/apono-connector`).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write apono-connector.1 and one page per subcommand here instead of printing the main page.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -133,9 +222,13 @@ impl Target {
 #[derive(Subcommand)]
 enum SecretCommand {
     /// Resolve a secret reference; print its keys as JSON, values shown as "***" unless --reveal.
+    #[command(after_help = SECRET_ENV)]
     Get {
-        #[arg(long)]
+        /// The secret reference, as in an integration's `secret_store` (JSON or @FILE), e.g.
+        /// {"type":"AWS","region":"eu-west-1","secret_id":"rancher-api-key"}.
+        #[arg(long, value_name = "JSON|@FILE")]
         store: String,
+        /// Print the values themselves (they end up in your terminal's scrollback).
         #[arg(long)]
         reveal: bool,
     },
@@ -144,11 +237,13 @@ enum SecretCommand {
 /// Where the operator API is and where its token comes from.
 #[derive(clap::Args)]
 struct OperatorEndpoint {
-    #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
+    /// The operator API of `run` (standalone) or `control-plane serve`.
+    #[arg(long, env = "APONO_CONTROL_PLANE", value_name = "URL", default_value = DEFAULT_CONTROL_PLANE)]
     control_plane: String,
     /// The daemon's config file: its data dir holds the operator token (`operator.token`). Without
-    /// it the data dir is `APONO_DATA_DIR`, else `./data`; `APONO_OPERATOR_TOKEN` overrides both.
-    #[arg(long)]
+    /// it the data dir is APONO_DATA_DIR, else ./data; APONO_OPERATOR_TOKEN overrides both. Default:
+    /// /etc/apono-connector/connector.toml when it exists.
+    #[arg(long, env = "APONO_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
@@ -163,12 +258,14 @@ enum AccessCommand {
     /// Request time-boxed access.
     Request {
         /// An integration name declared in the control plane, or integration JSON / @FILE.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME|JSON|@FILE")]
         integration: String,
         #[command(flatten)]
         target: Target,
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// How long the access lasts (e.g. 30m, 2h, 1d); revoked when it ends.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Create a missing local user with a generated password (shown once in the result).
         #[arg(long)]
         create_user: bool,
         /// Return at once instead of waiting for the grant to settle.
@@ -187,6 +284,7 @@ enum AccessCommand {
     },
     /// End an access now.
     Revoke {
+        /// The access request's id (the `id` of `access request`, the ID column of `access list`).
         id: String,
         #[command(flatten)]
         endpoint: OperatorEndpoint,
@@ -195,13 +293,21 @@ enum AccessCommand {
 
 #[derive(Subcommand)]
 enum ControlPlaneCommand {
+    /// Serve the embedded control plane (agent protocol and operator API) for remote agents,
+    /// which set APONO_URL to it and APONO_TOKEN to the same token.
+    #[command(
+        after_help = "Environment: APONO_TOKEN or APONO_TOKEN_FILE (required: the token agents present), \
+                            APONO_HEALTH_ADDR, APONO_LOG_FORMAT, APONO_LOG_LEVEL."
+    )]
     Serve {
-        #[arg(long)]
+        /// Address to serve on (agents and operators connect here).
+        #[arg(long, env = "APONO_LISTEN_ADDR", value_name = "ADDR", value_parser = listen_addr)]
         listen: Option<std::net::SocketAddr>,
-        #[arg(long)]
+        /// The state (SQLite) and the operator token.
+        #[arg(long, env = "APONO_DATA_DIR", value_name = "DIR")]
         data_dir: Option<PathBuf>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
 }
 
@@ -209,13 +315,23 @@ enum ControlPlaneCommand {
 enum SimCommand {
     /// Serve the Rancher simulator.
     Rancher {
-        #[arg(long, default_value = "127.0.0.1:8443")]
+        /// Address to serve on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
+        /// Dataset: `small` (a few objects with fixed ids) or `large` (about 82,000 objects).
         #[arg(long, default_value = "small")]
         size: DatasetSize,
-        #[arg(long, default_value_t = 0)]
+        /// Latency added to every request, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 0)]
         latency_ms: u64,
     },
+}
+
+/// `--listen` / `APONO_LISTEN_ADDR`: the error names both, since either may have given it.
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address such as 0.0.0.0:8790 (from --listen or APONO_LISTEN_ADDR)"))
 }
 
 fn main() -> ExitCode {
@@ -230,8 +346,13 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            say_error(&format!("{e:#}").replace('\n', " "));
-            ExitCode::FAILURE
+            let code = commands::exit_code(&e);
+            match e.downcast_ref::<Refused>() {
+                // Already one line that says what was refused.
+                Some(refused) => say(&refused.to_string()),
+                None => say_error(&format!("{e:#}").replace('\n', " ")),
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -239,12 +360,16 @@ fn main() -> ExitCode {
 /// The one-line error on stderr. A closed stderr (`... 2>&1 | head`) must not turn a failure
 /// into a panic: `eprintln!` would panic, so the write error is ignored.
 fn say_error(message: &str) {
+    say(&format!("error: {message}"));
+}
+
+fn say(line: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "error: {message}");
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    commands::print_line(&serde_json::to_string(value)?)?;
     Ok(())
 }
 
@@ -260,30 +385,51 @@ fn quiet_logs() {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
-            let config = Config::load(config.as_deref())?;
+            let config = Config::load(config.config.as_deref())?;
             telemetry::init(&config.telemetry);
             commands::run(config, commands::shutdown_on_signal()).await?;
         }
         Command::Demo { ttl } => {
             quiet_logs();
-            let mut out = std::io::stdout();
-            apono_connector::demo::run(&mut out, ttl).await?;
+            apono_connector::demo::run(&mut Stdout::default(), ttl).await?;
         }
         Command::Check { config } => {
             quiet_logs();
-            let rows = commands::check(config.as_deref()).await;
+            let rows = commands::check(config.config.as_deref()).await;
             let width = rows.iter().map(|(what, _)| what.len()).max().unwrap_or(0);
             let mut ok = true;
             for (what, result) in &rows {
-                match result {
-                    Ok(detail) => println!("{:<8} {:<width$}  {detail}", "ok", what),
+                let line = match result {
+                    Ok(detail) => format!("{:<8} {:<width$}  {detail}", "ok", what),
                     Err(e) => {
                         ok = false;
-                        println!("{:<8} {:<width$}  {e}", "FAILED", what)
+                        format!("{:<8} {:<width$}  {e}", "FAILED", what)
                     }
-                }
+                };
+                commands::print_line(&line)?;
             }
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(commands::EXIT_NOT_READY)
+            });
+        }
+        Command::Healthcheck {
+            url,
+            live,
+            timeout_seconds,
+            config,
+        } => {
+            let url = match url {
+                Some(url) => url,
+                None => {
+                    let config = Config::load(config.config.as_deref())
+                        .context("finding the health address (APONO_HEALTH_ADDR); or give --url")?;
+                    commands::health_url(config.telemetry.health_addr, live)?
+                }
+            };
+            let answer = commands::healthcheck(&url, Duration::from_secs(timeout_seconds)).await?;
+            commands::print_line(&answer)?;
         }
         Command::Secret {
             command: SecretCommand::Get { store, reveal },
@@ -365,7 +511,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     config,
                 },
         } => {
-            let mut config = Config::load(config.as_deref())?;
+            let mut config = Config::load(config.config.as_deref())?;
             if let Some(listen) = listen {
                 config.standalone.listen = listen;
             }
@@ -394,12 +540,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
-            eprintln!(
+            say(&format!(
                 "Rancher simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
-            );
+            ));
             let shutdown = commands::shutdown_on_signal();
             sim.serve(listener, async move { shutdown.cancelled().await }).await?;
         }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "apono-connector", &mut script);
+            commands::print_bytes(&script)?;
+        }
+        Command::Man { out_dir } => match out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            }
+            None => {
+                let mut page = Vec::new();
+                clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+                commands::print_bytes(&page)?;
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -436,20 +599,70 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
                 },
                 wait,
             )
-            .await?;
+            .await
+            .map_err(|e| commands::operator_refusal(e, &endpoint.control_plane))?;
             print_json(&access)?;
         }
         AccessCommand::List { json, endpoint } => {
-            let list = endpoint.client()?.list_access().await?;
+            let list = endpoint
+                .client()?
+                .list_access()
+                .await
+                .map_err(|e| commands::operator_refusal(e.into(), &endpoint.control_plane))?;
             if json {
                 print_json(&list)?;
             } else {
-                print!("{}", commands::access_table(&list));
+                commands::print_bytes(commands::access_table(&list).as_bytes())?;
             }
         }
         AccessCommand::Revoke { id, endpoint } => {
-            print_json(&endpoint.client()?.revoke_access(&id).await?)?;
+            let access = endpoint
+                .client()?
+                .revoke_access(&id)
+                .await
+                .map_err(|e| commands::operator_refusal(e.into(), &endpoint.control_plane))?;
+            print_json(&access)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command explains itself in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && !cmd.is_hide_set() {
+                missing.push(format!("{path} (the command itself)"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        let mut cmd = Cli::command();
+        cmd.build();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

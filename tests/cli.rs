@@ -310,7 +310,7 @@ async fn check_reports_every_dependency_and_fails_when_one_does() {
     .await
     .unwrap();
     let table = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(!out.status.success(), "{table}");
+    assert_eq!(out.status.code(), Some(3), "a failed check exits 3: {table}");
     let failed = |row: &str| table.lines().any(|l| l.starts_with("FAILED") && l.contains(row));
     assert!(failed("control plane"), "{table}");
     assert!(failed("integration sim") && table.contains("401"), "{table}");

@@ -66,6 +66,9 @@ pub enum ControlPlaneError {
     /// The embedded control plane's state could not be read or written.
     #[error("control-plane state error: {message}")]
     Store { message: String },
+    /// Another process holds the data dir's lock (the CLI exits 3 on it).
+    #[error("{message}")]
+    InUse { message: String },
 }
 
 impl ControlPlaneError {
@@ -80,7 +83,7 @@ impl ControlPlaneError {
     pub fn status(&self) -> u16 {
         match self {
             ControlPlaneError::Unauthorized { .. } => 401,
-            ControlPlaneError::LeaseLost { .. } => 409,
+            ControlPlaneError::LeaseLost { .. } | ControlPlaneError::InUse { .. } => 409,
             ControlPlaneError::NotFound { .. } => 404,
             ControlPlaneError::Rejected { status, .. } => *status,
             ControlPlaneError::Unavailable { .. } => 503,
@@ -97,6 +100,7 @@ impl ControlPlaneError {
             ControlPlaneError::Unavailable { .. } => "unavailable",
             ControlPlaneError::Protocol { .. } => "protocol_error",
             ControlPlaneError::Store { .. } => "store_error",
+            ControlPlaneError::InUse { .. } => "in_use",
         }
     }
 }

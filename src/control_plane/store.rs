@@ -147,7 +147,10 @@ impl StoreError {
 
 impl From<StoreError> for ControlPlaneError {
     fn from(e: StoreError) -> Self {
-        ControlPlaneError::Store { message: e.to_string() }
+        match e {
+            StoreError::InUse(message) => ControlPlaneError::InUse { message },
+            e => ControlPlaneError::Store { message: e.to_string() },
+        }
     }
 }
 

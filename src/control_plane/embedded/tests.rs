@@ -1014,7 +1014,7 @@ async fn a_second_open_of_one_data_dir_fails_at_once_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let first = open_with(options(dir.path()), json!({}));
     let e = EmbeddedControlPlane::open(options(dir.path())).unwrap_err();
-    assert!(matches!(e, ControlPlaneError::Store { .. }), "{e:?}");
+    assert!(matches!(e, ControlPlaneError::InUse { .. }), "{e:?}");
     let text = e.to_string();
     assert!(
         text.contains(&dir.path().display().to_string())

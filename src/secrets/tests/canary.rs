@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use serde_json::json;
 
 use super::support::{LogCapture, reference, start_bao, start_moto, value_of};
-use crate::config::SecretsConfig;
+use crate::config::{LogFormat, SecretsConfig};
 use crate::secrets::{MemoryStore, SecretError, SecretRef, SecretStores, VaultDefinitions, VaultStore};
 
 const CANARY: &str = "CANARY-d41d8cd98f00b204";
@@ -17,30 +17,36 @@ fn canary(store: &str) -> String {
     format!("{CANARY}-{store}")
 }
 
-/// Runs [`canary_child`] in a child process (this test binary again): there it can install a
-/// global trace-level subscriber that sees every thread, without other tests' events or their
-/// races with callsite registration.
+/// The log format a [`canary_child`] installs (`text` or `json`).
+const CHILD_LOG_FORMAT: &str = "APONO_TEST_LOG_FORMAT";
+
+/// Runs [`canary_child`] in a child process (this test binary again), once per log format: there
+/// it can install the production subscriber globally at trace level, seeing every thread, without
+/// other tests' events or their races with callsite registration.
 #[test]
 fn a_planted_value_never_leaks() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "secrets::tests::canary::canary_child",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("APONO_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
-        eprintln!("{stderr}");
+    for format in ["text", "json"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "secrets::tests::canary::canary_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("APONO_TEST_CHILD", "1")
+            .env(CHILD_LOG_FORMAT, format)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if std::env::var_os("APONO_TEST_DUMP_LOGS").is_some() {
+            eprintln!("{stderr}");
+        }
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "canary child ({format} logs) failed:\n{stdout}\n{stderr}"
+        );
     }
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "canary child failed:\n{stdout}\n{stderr}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,8 +55,12 @@ async fn canary_child() {
     if std::env::var_os("APONO_TEST_CHILD").is_none() {
         return;
     }
+    let format = match std::env::var(CHILD_LOG_FORMAT).as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
     let logs = LogCapture::default();
-    logs.install_global();
+    logs.install_global(format);
 
     let mut stores = SecretStores::empty().with_store(Arc::new(crate::secrets::AponoStore));
     // (reference, key, planted value) read successfully; references expected to fail.
@@ -265,6 +275,15 @@ async fn canary_child() {
         eprintln!("{logs}");
     }
     assert!(logs.contains("secret read"), "trace logging was captured:\n{logs}");
+    // The format asked for is the one that wrote: every JSON line parses, no text line does.
+    let json_lines = logs
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        .count();
+    match format {
+        LogFormat::Json => assert_eq!(json_lines, logs.lines().count(), "JSON logs:\n{logs}"),
+        LogFormat::Text => assert_eq!(json_lines, 0, "text logs:\n{logs}"),
+    }
     for text in outputs.iter().chain(std::iter::once(&logs)) {
         assert!(!text.contains(CANARY), "canary leaked:\n{text}");
     }

@@ -226,15 +226,19 @@ impl LogCapture {
         tracing::subscriber::set_default(subscriber)
     }
 
-    /// Installs a trace-level subscriber for the whole process (a child test process only).
-    pub fn install_global(&self) {
+    /// Installs the production subscriber (`telemetry::subscriber`: the daemon's filter, format,
+    /// fields and span data) at trace level for the whole process, writing here instead of to
+    /// stderr (a child test process only): what it captures is what the daemon would print.
+    pub fn install_global(&self, format: crate::config::LogFormat) {
         let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("no global subscriber yet");
+        let config = crate::config::TelemetryConfig {
+            log_format: format,
+            log_level: "trace".into(),
+            ..crate::config::TelemetryConfig::default()
+        };
+        let logs = crate::telemetry::subscriber(&config, move || writer.clone(), false);
+        assert!(logs.bad_filter.is_none(), "trace is a filter");
+        tracing::dispatcher::set_global_default(logs.dispatch).expect("no global subscriber yet");
     }
 
     pub fn text(&self) -> String {
