@@ -1,8 +1,10 @@
 //! The GCP store against a wire-level Secret Manager fake (the official client speaks HTTP/JSON):
 //! `GET /v1/projects/{p}/secrets/{s}` and `GET .../versions/{v}:access`, Google's error JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -18,10 +20,29 @@ use crate::secrets::{GcpStore, SecretStores};
 /// A secret's labels and versions (version n at index n-1).
 pub type Entry = (HashMap<String, String>, Vec<Vec<u8>>);
 
+/// An error answer: HTTP status, Google's status name, message.
+pub type Failure = (u16, &'static str, &'static str);
+
 #[derive(Clone, Default)]
 pub struct Fake {
     /// secret id → entry
     pub secrets: Arc<Mutex<HashMap<String, Entry>>>,
+    /// Requests to the Secret Manager API (`/v1/...`) seen so far.
+    pub requests: Arc<AtomicUsize>,
+    /// Answers for the next requests, before any secret is looked up.
+    pub fail_next: Arc<Mutex<VecDeque<Failure>>>,
+    /// Accept requests and never answer.
+    pub stall: Arc<AtomicBool>,
+}
+
+impl Fake {
+    /// The next `times` requests get this error.
+    pub fn fail(&self, times: usize, failure: Failure) {
+        self.fail_next
+            .lock()
+            .unwrap()
+            .extend(std::iter::repeat_n(failure, times));
+    }
 }
 
 fn error(code: u16, status: &str, message: String) -> Response {
@@ -38,6 +59,14 @@ pub static LAST_AUTHORIZATION: std::sync::Mutex<Option<String>> = std::sync::Mut
 async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(rest): Path<String>) -> Response {
     if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         *LAST_AUTHORIZATION.lock().unwrap() = Some(auth.to_string());
+    }
+    fake.requests.fetch_add(1, Ordering::SeqCst);
+    if fake.stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let failure = fake.fail_next.lock().unwrap().pop_front();
+    if let Some((code, status, message)) = failure {
+        return error(code, status, message.to_string());
     }
     // projects/{p}/secrets/{s}[/versions/{v}:access]
     let parts: Vec<&str> = rest.split('/').collect();
@@ -305,4 +334,174 @@ async fn adc_child() {
     let stores = SecretStores::empty().with_store(Arc::new(GcpStore::with_endpoint(endpoint, None)));
     let r = reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher"}));
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-adc");
+}
+
+fn gcp_ref() -> crate::secrets::SecretRef {
+    reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher"}))
+}
+
+/// A fake holding `rancher`, and a registry over it (no cache, so every fetch reaches the fake).
+async fn failing_fake(attempt_timeout: Duration) -> (Fake, SecretStores, std::net::SocketAddr) {
+    let (fake, addr) = serve().await;
+    fake.secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (HashMap::new(), vec![br#"{"token":"t"}"#.to_vec()]));
+    let store = GcpStore::with_endpoint(
+        format!("http://{addr}"),
+        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
+    )
+    .with_attempt_timeout(attempt_timeout);
+    let stores = SecretStores::empty()
+        .with_cache_ttl(Duration::ZERO)
+        .with_store(Arc::new(store));
+    (fake, stores, addr)
+}
+
+/// Hang guard only: a capped client answers in seconds, the registry's own limit is 60 s.
+async fn fetch_bounded(stores: &SecretStores) -> crate::secrets::SecretError {
+    tokio::time::timeout(Duration::from_secs(45), stores.fetch(&gcp_ref()))
+        .await
+        .expect("the GCP store gave up by itself, well inside the registry's limit")
+        .unwrap_err()
+}
+
+/// K2: UNAVAILABLE is retried once by the client (not 10 times over 60 s), then reported as
+/// retryable with Google's status and message, not as "did not answer within 60s".
+#[tokio::test]
+async fn unavailable_is_tried_twice_and_reported_with_its_status() {
+    let (fake, stores, addr) = failing_fake(Duration::from_secs(10)).await;
+    fake.fail(8, (503, "UNAVAILABLE", "The service is currently unavailable."));
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    let text = e.to_string();
+    assert!(text.contains("Unavailable"), "{e}");
+    assert!(text.contains("The service is currently unavailable."), "{e}");
+    assert!(text.contains(&addr.to_string()), "{e}");
+    assert!(!text.contains("did not answer within"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 2, "one try and one retry");
+
+    // A blip that the one retry covers is not an error at all.
+    fake.fail_next.lock().unwrap().clear();
+    fake.fail(1, (503, "UNAVAILABLE", "The service is currently unavailable."));
+    assert_eq!(value_of(&stores.fetch(&gcp_ref()).await.unwrap(), "token"), "t");
+}
+
+/// K2: quota exhaustion (429 RESOURCE_EXHAUSTED) is the agent's to retry with its backoff.
+#[tokio::test]
+async fn quota_exhaustion_is_retryable_and_not_retried_by_the_client() {
+    let (fake, stores, _) = failing_fake(Duration::from_secs(10)).await;
+    fake.fail(
+        8,
+        (
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Quota exceeded for quota metric 'Access requests' of service 'secretmanager.googleapis.com'.",
+        ),
+    );
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("ResourceExhausted"), "{e}");
+    assert!(e.to_string().contains("Quota exceeded"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 1);
+}
+
+/// K2: an endpoint that accepts and never answers fails after one bounded attempt (the client
+/// does not retry a timeout), naming the host and the limit.
+#[tokio::test]
+async fn a_stalled_endpoint_times_out_per_attempt_and_names_the_host() {
+    let (fake, stores, addr) = failing_fake(Duration::from_millis(500)).await;
+    fake.stall.store(true, Ordering::SeqCst);
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string().contains(&format!("timed out after 0.5 s at {addr}")),
+        "{e}"
+    );
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_refused_connection_names_the_host() {
+    let port = super::support::free_port(false);
+    let store = GcpStore::with_endpoint(
+        format!("http://127.0.0.1:{port}"),
+        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
+    );
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    let text = e.to_string();
+    assert!(text.contains(&format!("cannot connect to 127.0.0.1:{port}")), "{e}");
+    assert!(text.to_lowercase().contains("refused"), "{e}");
+}
+
+/// E1: Google's 4xx answers (its real error JSON) are not retried, carry Google's message and
+/// map to what the user must fix; 5xx stay retryable.
+#[tokio::test]
+async fn google_error_statuses_map_to_their_meaning() {
+    let (fake, stores, _) = failing_fake(Duration::from_secs(10)).await;
+    let cases: [(Failure, &str, bool); 6] = [
+        (
+            (400, "INVALID_ARGUMENT", "Invalid resource field value in the request."),
+            "secret_store_misconfigured",
+            false,
+        ),
+        (
+            (
+                404,
+                "NOT_FOUND",
+                "Secret [projects/p1/secrets/rancher] not found or has no versions.",
+            ),
+            "secret_not_found",
+            false,
+        ),
+        (
+            (
+                403,
+                "PERMISSION_DENIED",
+                "Permission 'secretmanager.versions.access' denied for resource 'projects/p1/secrets/rancher/versions/latest' (or it may not exist).",
+            ),
+            "secret_not_permitted",
+            false,
+        ),
+        (
+            (
+                400,
+                "FAILED_PRECONDITION",
+                "Secret Version [projects/p1/secrets/rancher/versions/1] is in DISABLED state.",
+            ),
+            "secret_not_found",
+            false,
+        ),
+        (
+            (
+                401,
+                "UNAUTHENTICATED",
+                "Request had invalid authentication credentials.",
+            ),
+            "secret_not_permitted",
+            false,
+        ),
+        (
+            (500, "INTERNAL", "Internal error encountered."),
+            "secret_store_unreachable",
+            true,
+        ),
+    ];
+    for ((http, status, message), code, retryable) in cases {
+        fake.requests.store(0, Ordering::SeqCst);
+        fake.fail(1, (http, status, message));
+        let e = fetch_bounded(&stores).await;
+        assert_eq!(e.code(), code, "{status}: {e}");
+        assert_eq!(e.retryable(), retryable, "{status}: {e}");
+        assert!(e.to_string().contains(message), "{status}: {e}");
+        assert_eq!(
+            fake.requests.load(Ordering::SeqCst),
+            1,
+            "{status}: not retried by the client"
+        );
+        fake.fail_next.lock().unwrap().clear();
+    }
 }
