@@ -2,8 +2,10 @@
 //! `*.vault.azure.net`, the 401 `WWW-Authenticate: Bearer authorization=..., resource=...`
 //! challenge first (the client discovers its token scope from it), then Key Vault's JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
@@ -51,7 +53,16 @@ pub struct Vault {
     pub older_versions: Arc<Mutex<HashMap<String, Vec<Tags>>>>,
     /// The names whose value was sent, in order (Key Vault's `SecretGet` audit events).
     pub value_reads: Arc<Mutex<Vec<String>>>,
+    /// Authenticated `GET /secrets/{name}` requests seen.
+    pub requests: Arc<AtomicUsize>,
+    /// Answers for the next authenticated reads.
+    pub fail_next: Arc<Mutex<VecDeque<Failure>>>,
+    /// Accept authenticated reads and never answer.
+    pub stall: Arc<AtomicBool>,
 }
+
+/// An error answer: HTTP status, Key Vault's error code, message, `Retry-After` seconds.
+pub type Failure = (u16, &'static str, &'static str, Option<u32>);
 
 impl Vault {
     /// `az keyvault secret set` on an existing secret: a new current version with these tags.
@@ -134,6 +145,20 @@ async fn get_secret(
         return challenge;
     }
     assert!(query.contains_key("api-version"), "api-version missing");
+    vault.requests.fetch_add(1, Ordering::SeqCst);
+    if vault.stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let failure = vault.fail_next.lock().unwrap().pop_front();
+    if let Some((status, code, message, retry_after)) = failure {
+        let mut response = error(StatusCode::from_u16(status).unwrap(), code, message);
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.to_string().parse().unwrap());
+        }
+        return response;
+    }
     if name == "forbidden" {
         return error(
             StatusCode::FORBIDDEN,
@@ -454,4 +479,125 @@ async fn a_bad_name_is_not_retried_and_carries_key_vaults_message() {
     assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
     assert!(e.to_string().contains("invalid name: rancher_key"), "{e}");
     assert!(vault.value_reads.lock().unwrap().is_empty());
+}
+
+/// A registry over a fresh fake holding `rancher`, without a cache.
+async fn failing_fake(attempt_timeout: Duration) -> (Vault, SecretStores, crate::secrets::SecretRef, String) {
+    let (vault, store, _, url) = fake().await;
+    vault
+        .secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (r#"{"token":"t"}"#.into(), HashMap::new()));
+    let stores = SecretStores::empty()
+        .with_cache_ttl(Duration::ZERO)
+        .with_store(Arc::new(store.with_attempt_timeout(attempt_timeout)));
+    let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
+    let host = url.trim_start_matches("https://").to_string();
+    (vault, stores, r, host)
+}
+
+/// Hang guard only: a capped client answers in seconds, the registry's own limit is 60 s.
+async fn fetch_bounded(stores: &SecretStores, r: &crate::secrets::SecretRef) -> crate::secrets::SecretError {
+    tokio::time::timeout(Duration::from_secs(45), stores.fetch(r))
+        .await
+        .expect("the Azure store gave up by itself, well inside the registry's limit")
+        .unwrap_err()
+}
+
+/// K2: a 503 is retried once by the SDK (not 8 times over 60 s), then reported as retryable
+/// with Key Vault's status, code and message.
+#[tokio::test]
+async fn service_unavailable_is_tried_twice_and_reported_with_its_status() {
+    let (vault, stores, r, host) = failing_fake(Duration::from_secs(10)).await;
+    vault.fail_next.lock().unwrap().extend(std::iter::repeat_n(
+        (
+            503,
+            "ServiceUnavailable",
+            "The service is temporarily unavailable.",
+            None,
+        ),
+        8,
+    ));
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    let text = e.to_string();
+    assert!(text.contains("503"), "{e}");
+    assert!(text.contains("ServiceUnavailable"), "{e}");
+    assert!(text.contains("The service is temporarily unavailable."), "{e}");
+    assert!(text.contains(&host), "{e}");
+    assert!(!text.contains("did not answer within"), "{e}");
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 2, "one try and one retry");
+
+    // A blip that the one retry covers is not an error at all.
+    vault.fail_next.lock().unwrap().clear();
+    vault.fail_next.lock().unwrap().push_back((
+        503,
+        "ServiceUnavailable",
+        "The service is temporarily unavailable.",
+        None,
+    ));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+}
+
+/// K2: throttling (429 with a long `Retry-After`) fails at once as retryable: the agent backs
+/// off, the SDK does not sleep out the registry's limit.
+#[tokio::test]
+async fn throttling_is_left_to_the_agent() {
+    let (vault, stores, r, _) = failing_fake(Duration::from_secs(10)).await;
+    vault.fail_next.lock().unwrap().extend(std::iter::repeat_n(
+        (429, "Throttled", "Operations per second rate limit reached.", Some(120)),
+        8,
+    ));
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("429"), "{e}");
+    assert!(e.to_string().contains("Throttled"), "{e}");
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 1);
+}
+
+/// K2: a vault that accepts and never answers: each try ends at the limit, two tries, and the
+/// error names the host and the limit.
+#[tokio::test]
+async fn a_stalled_vault_times_out_per_try_and_names_the_host() {
+    let (vault, stores, r, host) = failing_fake(Duration::from_millis(500)).await;
+    vault.stall.store(true, Ordering::SeqCst);
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string().contains(&format!("timed out after 0.5 s at {host}")),
+        "{e}"
+    );
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 2);
+}
+
+/// A credential that never answers (a metadata endpoint dropping packets).
+#[derive(Debug)]
+struct StalledCredential;
+
+#[async_trait]
+impl TokenCredential for StalledCredential {
+    async fn get_token(&self, _: &[&str], _: Option<TokenRequestOptions<'_>>) -> azure_core::Result<AccessToken> {
+        std::future::pending().await
+    }
+}
+
+/// K2: getting a token is bounded too, and the error says it was the token, not the vault.
+#[tokio::test]
+async fn a_token_that_never_comes_is_bounded_and_named() {
+    let (vault, options, addr) = start().await;
+    let store = AzureStore::with_credential(Arc::new(StalledCredential), options)
+        .with_attempt_timeout(Duration::from_millis(500));
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let url = format!("https://{VAULT_HOST}:{}", addr.port());
+    let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no Azure token from the given credential within 1 s"),
+        "{e}"
+    );
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 0);
 }
