@@ -178,7 +178,10 @@ where
             let mut source = std::error::Error::source(&err);
             let mut credentials = None;
             while let Some(s) = source {
-                credentials = credentials.or_else(|| s.downcast_ref::<CredentialsError>());
+                // The innermost one says why: an assumed role wraps its base credentials' error.
+                if let Some(c) = s.downcast_ref::<CredentialsError>() {
+                    credentials = Some(c);
+                }
                 let text = s.to_string();
                 if !detail.contains(&text) {
                     detail.push_str(": ");
