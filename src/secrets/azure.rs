@@ -1,8 +1,10 @@
 //! The `AZURE` store: Azure Key Vault secrets, through the official `azure_security_keyvault_secrets`.
 //!
-//! Credentials (azure_identity), picked from the environment the way Azure's own tooling does:
+//! Credentials (azure_identity), picked from the environment with Azure's variable names:
 //! workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set (AKS), a client secret when
-//! `AZURE_CLIENT_SECRET` is, else managed identity (user-assigned when `AZURE_CLIENT_ID` is set).
+//! `AZURE_CLIENT_SECRET` is, a client certificate when `AZURE_CLIENT_CERTIFICATE_PATH` is (cargo
+//! feature `store-azure-certificate`), else managed identity (user-assigned when
+//! `AZURE_CLIENT_ID` is set).
 //! Access is governed by Key Vault's own RBAC or access policies, as in Apono. The read mark
 //! (tag `apono-connector-read=true`) is opt-in (`secrets.require_read_mark`); when asked for, it
 //! is read from the secret's version list before the value, and any enabled version carrying it
@@ -283,6 +285,9 @@ fn credential_from_env(client_options: &ClientOptions) -> azure_core::Result<(Ar
             "a client secret (AZURE_CLIENT_SECRET)",
         ));
     }
+    if let Some(path) = env("AZURE_CLIENT_CERTIFICATE_PATH") {
+        return client_certificate(client_options, &path);
+    }
     let options = azure_identity::ManagedIdentityCredentialOptions {
         user_assigned_id: env("AZURE_CLIENT_ID").map(azure_identity::UserAssignedId::ClientId),
         client_options: client_options.clone(),
@@ -290,6 +295,47 @@ fn credential_from_env(client_options: &ClientOptions) -> azure_core::Result<(Ar
     Ok((
         azure_identity::ManagedIdentityCredential::new(Some(options))?,
         "managed identity",
+    ))
+}
+
+/// A service principal with a certificate, as Azure's EnvironmentCredential reads it:
+/// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_CERTIFICATE_PATH` (a PKCS#12 / PFX file
+/// with an RSA key) and `AZURE_CLIENT_CERTIFICATE_PASSWORD`.
+#[cfg(feature = "store-azure-certificate")]
+fn client_certificate(
+    client_options: &ClientOptions,
+    path: &str,
+) -> azure_core::Result<(Arc<dyn TokenCredential>, &'static str)> {
+    let fail = |message: String| azure_core::Error::with_message(ErrorKind::Credential, message);
+    let (Some(tenant), Some(client_id)) = (env("AZURE_TENANT_ID"), env("AZURE_CLIENT_ID")) else {
+        return Err(fail(
+            "AZURE_CLIENT_CERTIFICATE_PATH is set: set AZURE_TENANT_ID and AZURE_CLIENT_ID too".into(),
+        ));
+    };
+    let bytes =
+        std::fs::read(path).map_err(|e| fail(format!("cannot read AZURE_CLIENT_CERTIFICATE_PATH {path}: {e}")))?;
+    if bytes.starts_with(b"-----BEGIN") {
+        return Err(fail(format!(
+            "{path} is PEM; this agent reads a PKCS#12 (PFX) bundle: openssl pkcs12 -export -in cert.pem \
+             -inkey key.pem -out cert.pfx"
+        )));
+    }
+    let options = azure_identity::ClientCertificateCredentialOptions {
+        client_options: client_options.clone(),
+        password: env("AZURE_CLIENT_CERTIFICATE_PASSWORD").map(azure_core::credentials::Secret::from),
+    };
+    let credential = azure_identity::ClientCertificateCredential::new(tenant, client_id, bytes.into(), Some(options))
+        .map_err(|e| fail(format!("AZURE_CLIENT_CERTIFICATE_PATH {path}: {e}")))?;
+    Ok((credential, "a client certificate (AZURE_CLIENT_CERTIFICATE_PATH)"))
+}
+
+#[cfg(not(feature = "store-azure-certificate"))]
+fn client_certificate(_: &ClientOptions, _: &str) -> azure_core::Result<(Arc<dyn TokenCredential>, &'static str)> {
+    Err(azure_core::Error::with_message(
+        ErrorKind::Credential,
+        "AZURE_CLIENT_CERTIFICATE_PATH is set, but this build of the agent has no client-certificate support \
+         (cargo feature store-azure-certificate, which links OpenSSL): use a client secret, workload identity or \
+         managed identity, or a build with that feature",
     ))
 }
 

@@ -215,8 +215,13 @@ async fn token(Path(_tenant): Path<String>, axum::Form(form): axum::Form<HashMap
     let field = |k: &str| form.get(k).map(String::as_str);
     let scope_ok = field("scope") == Some("https://vault.azure.net/.default");
     let secret_ok = field("client_secret") == Some(CLIENT_SECRET);
-    let assertion_ok = field("client_assertion") == Some(FEDERATED_TOKEN)
-        && field("client_assertion_type") == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    let jwt_bearer = field("client_assertion_type") == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    // A certificate's assertion is recorded here and verified by the test that asked for it.
+    let signed = field("client_assertion").is_some_and(|a| a.split('.').count() == 3 && a != FEDERATED_TOKEN);
+    if signed && jwt_bearer {
+        *LAST_ASSERTION.lock().unwrap() = field("client_assertion").map(str::to_string);
+    }
+    let assertion_ok = (field("client_assertion") == Some(FEDERATED_TOKEN) || signed) && jwt_bearer;
     if field("grant_type") != Some("client_credentials") || !scope_ok || !(secret_ok || assertion_ok) {
         return (
             StatusCode::UNAUTHORIZED,
@@ -227,6 +232,9 @@ async fn token(Path(_tenant): Path<String>, axum::Form(form): axum::Form<HashMap
     axum::Json(json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": TOKEN}))
         .into_response()
 }
+
+/// The last certificate-signed client assertion the token endpoint saw.
+pub static LAST_ASSERTION: Mutex<Option<String>> = Mutex::new(None);
 
 /// The App Service managed identity endpoint (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`).
 async fn msi_token(headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
@@ -460,8 +468,14 @@ async fn env_credential_child() {
     let stores = SecretStores::empty().with_store(Arc::new(AzureStore::with_client_options(options)));
     let url = format!("https://{VAULT_HOST}:{}", addr.port());
     let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
-    if std::env::var("APONO_TEST_AZURE_EXPECT").as_deref() == Ok("ok") {
+    let expect = std::env::var("APONO_TEST_AZURE_EXPECT").unwrap_or_default();
+    if expect == "ok" {
         assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+    } else if let Some(hint) = expect.strip_prefix("misconfigured:") {
+        let e = stores.fetch(&r).await.unwrap_err();
+        assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+        assert!(e.to_string().contains(hint), "{e}");
+        assert!(!e.to_string().contains("pfx-password"), "{e}");
     } else {
         let e = stores.fetch(&r).await.unwrap_err();
         assert_eq!(e.code(), "secret_not_permitted", "{e}");
@@ -600,4 +614,177 @@ async fn a_token_that_never_comes_is_bounded_and_named() {
         "{e}"
     );
     assert_eq!(vault.requests.load(Ordering::SeqCst), 0);
+}
+
+/// Runs `env_credential_child` with these variables (and no other Azure credential variables)
+/// against the fake at `addr`, expecting `expect`.
+async fn run_credential_child(addr: std::net::SocketAddr, vars: &[(&str, String)], expect: &str) {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "secrets::tests::azure_fake::env_credential_child",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("APONO_TEST_AZURE_ADDR", addr.to_string())
+    .env("APONO_TEST_AZURE_EXPECT", expect)
+    .env("AZURE_AUTHORITY_HOST", format!("https://{LOGIN_HOST}:{}", addr.port()));
+    for name in [
+        "AZURE_TENANT_ID",
+        "AZURE_CLIENT_ID",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "MSI_ENDPOINT",
+    ] {
+        cmd.env_remove(name);
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{expect}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs the `openssl` command line (test set-up and checks only).
+fn openssl(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A client certificate as `AZURE_CLIENT_CERTIFICATE_PATH` (a password-protected PFX): the
+/// token request carries a client assertion whose header names the certificate (`x5t`, its
+/// SHA-1 thumbprint) and whose signature verifies with the certificate's public key.
+#[cfg(feature = "store-azure-certificate")]
+#[tokio::test]
+async fn client_certificate_from_the_environment() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=apono-connector",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "pkcs12",
+            "-export",
+            "-in",
+            "cert.pem",
+            "-inkey",
+            "key.pem",
+            "-out",
+            "cert.pfx",
+            "-passout",
+            "pass:pfx-password",
+        ],
+    );
+    let (vault, _, addr) = start().await;
+    vault
+        .secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (r#"{"token":"t"}"#.into(), HashMap::new()));
+    let vars = |password: &str| {
+        vec![
+            ("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47".to_string()),
+            ("AZURE_CLIENT_ID", "apono-connector".to_string()),
+            (
+                "AZURE_CLIENT_CERTIFICATE_PATH",
+                d.join("cert.pfx").display().to_string(),
+            ),
+            ("AZURE_CLIENT_CERTIFICATE_PASSWORD", password.to_string()),
+        ]
+    };
+    *LAST_ASSERTION.lock().unwrap() = None;
+    run_credential_child(addr, &vars("pfx-password"), "ok").await;
+
+    let assertion = LAST_ASSERTION.lock().unwrap().clone().expect("a client assertion");
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let b64url = |p: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p.trim_end_matches('='))
+            .unwrap()
+    };
+    let header: serde_json::Value = serde_json::from_slice(&b64url(parts[0])).unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(&b64url(parts[1])).unwrap();
+    let fingerprint = String::from_utf8(openssl(
+        d,
+        &["x509", "-in", "cert.pem", "-noout", "-fingerprint", "-sha1"],
+    ))
+    .unwrap();
+    let thumbprint = hex::decode(fingerprint.trim().rsplit('=').next().unwrap().replace(':', "")).unwrap();
+    assert_eq!(
+        header["x5t"],
+        json!(base64::engine::general_purpose::STANDARD.encode(&thumbprint)),
+        "{header}"
+    );
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(payload["iss"], "apono-connector");
+    assert_eq!(payload["sub"], "apono-connector");
+    std::fs::write(d.join("signed"), format!("{}.{}", parts[0], parts[1])).unwrap();
+    std::fs::write(d.join("sig"), b64url(parts[2])).unwrap();
+    std::fs::write(
+        d.join("pub.pem"),
+        openssl(d, &["x509", "-in", "cert.pem", "-pubkey", "-noout"]),
+    )
+    .unwrap();
+    let verified = openssl(
+        d,
+        &["dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig", "signed"],
+    );
+    assert_eq!(String::from_utf8_lossy(&verified).trim(), "Verified OK");
+
+    // A wrong password is a configuration error that names the variable, never the password.
+    run_credential_child(
+        addr,
+        &vars("wrong-pfx-password"),
+        "misconfigured:AZURE_CLIENT_CERTIFICATE_PATH",
+    )
+    .await;
+}
+
+/// Without the feature, a certificate in the environment is refused with what to do.
+#[cfg(not(feature = "store-azure-certificate"))]
+#[tokio::test]
+async fn client_certificate_needs_its_build_feature() {
+    let (_, _, addr) = start().await;
+    let vars = [
+        ("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47".to_string()),
+        ("AZURE_CLIENT_ID", "apono-connector".to_string()),
+        ("AZURE_CLIENT_CERTIFICATE_PATH", "/nonexistent/cert.pfx".to_string()),
+    ];
+    run_credential_child(addr, &vars, "misconfigured:store-azure-certificate").await;
 }
