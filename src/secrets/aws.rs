@@ -8,14 +8,21 @@
 //! `apono-connector-read=true` before `GetSecretValue` is called.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use tokio::sync::Mutex;
 
 use super::{Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
+
+/// Time limits on each request (the SDK retries a timed-out attempt up to 3 attempts in all).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// What a client is built for: region, role, external ID, profile.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -75,6 +82,21 @@ impl AwsStore {
                 loader.load().await
             }
         };
+        // The SDK's defaults set no time limit on a request (only 3.1 s to connect): a stalled
+        // endpoint would hold the fetch until the registry's 60 s limit, hiding the cause.
+        // Limits the caller set itself are kept.
+        let mut timeouts = sdk
+            .timeout_config()
+            .cloned()
+            .unwrap_or_else(|| TimeoutConfig::builder().build());
+        timeouts.take_defaults_from(
+            &TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .operation_timeout(OPERATION_TIMEOUT)
+                .build(),
+        );
+        let sdk = sdk.to_builder().timeout_config(timeouts).build();
         let mut conf = aws_sdk_secretsmanager::config::Builder::from(&sdk);
         if let Some(role) = &key.role_arn {
             let mut provider = aws_config::sts::AssumeRoleProvider::builder(role)
@@ -295,5 +317,47 @@ impl SecretStore for AwsStore {
             reference: reference.describe(),
             hint: "the secret has no value".into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ClientKey {
+        ClientKey {
+            region: "us-east-1".into(),
+            role_arn: None,
+            external_id: None,
+            profile: None,
+        }
+    }
+
+    /// The SDK sets no request time limit of its own; the store adds one, keeping the caller's.
+    #[tokio::test]
+    async fn clients_get_time_limits_unless_the_caller_set_them() {
+        let plain = aws_config::defaults(BehaviorVersion::latest())
+            .region("us-east-1")
+            .load()
+            .await;
+        assert_eq!(plain.timeout_config().and_then(|t| t.operation_attempt_timeout()), None);
+        let client = AwsStore::with_sdk_config(plain).client(key()).await;
+        let t = client.config().timeout_config().cloned().expect("timeouts");
+        assert_eq!(t.operation_attempt_timeout(), Some(ATTEMPT_TIMEOUT));
+        assert_eq!(t.operation_timeout(), Some(OPERATION_TIMEOUT));
+
+        let own = aws_config::defaults(BehaviorVersion::latest())
+            .region("us-east-1")
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(Duration::from_millis(500))
+                    .build(),
+            )
+            .load()
+            .await;
+        let client = AwsStore::with_sdk_config(own).client(key()).await;
+        let t = client.config().timeout_config().cloned().expect("timeouts");
+        assert_eq!(t.operation_attempt_timeout(), Some(Duration::from_millis(500)));
+        assert_eq!(t.operation_timeout(), Some(OPERATION_TIMEOUT));
     }
 }

@@ -352,3 +352,40 @@ async fn access_denied_under_a_tag_conditioned_policy_says_add_the_tag() {
     assert!(text.contains("add the tag apono-connector-read=true"), "{e}");
     assert!(text.contains("tag-resource --region us-east-1 --secret-id s"), "{e}");
 }
+
+/// K2: a Secrets Manager endpoint that accepts and never answers: each attempt ends at its time
+/// limit, the SDK's retries are bounded, and the error is retryable and says it timed out.
+#[tokio::test]
+async fn a_stalled_endpoint_times_out_per_attempt() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+    });
+    let addr = super::support::serve_http(app).await;
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(format!("http://{addr}"))
+        .region("us-east-1")
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(std::time::Duration::from_millis(500))
+                .build(),
+        )
+        .load()
+        .await;
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk)));
+    let e = tokio::time::timeout(std::time::Duration::from_secs(45), stores.fetch(&aws_ref("s")))
+        .await
+        .expect("the AWS store gave up by itself, well inside the registry's limit")
+        .unwrap_err();
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
+}
