@@ -131,7 +131,12 @@ async fn iam(moto: &ServerGuard, action: &str, params: &[(&str, &str)]) -> Strin
             "authorization",
             "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
         )
-        .form(&form)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&form)
+                .finish(),
+        )
         .send()
         .await
         .expect("moto IAM");

@@ -655,6 +655,7 @@ async fn run_credential_child(addr: std::net::SocketAddr, vars: &[(&str, String)
 }
 
 /// Runs the `openssl` command line (test set-up and checks only).
+#[cfg(feature = "store-azure-certificate")]
 fn openssl(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new("openssl")
         .current_dir(dir)
