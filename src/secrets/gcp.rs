@@ -260,9 +260,23 @@ fn map_error(
         };
     }
     if err.is_authentication() {
+        // Getting a token failed: a metadata server or token endpoint that is down or slow is
+        // worth a retry; refused credentials are not.
+        let transient = std::error::Error::source(err)
+            .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
+            .is_some_and(|c| c.is_transient());
+        if transient {
+            return SecretError::Unreachable {
+                reference: describe,
+                hint: format!("cannot get a Google access token now: {}", chain(err)),
+            };
+        }
         return SecretError::NotPermitted {
             reference: describe,
-            hint: format!("no Google credentials (Application Default Credentials): {err}"),
+            hint: format!(
+                "Google refused or lacks the connector's credentials (Application Default Credentials): {}",
+                chain(err)
+            ),
         };
     }
     if let Some(code) = err.http_status_code() {

@@ -33,6 +33,8 @@ pub struct Fake {
     pub fail_next: Arc<Mutex<VecDeque<Failure>>>,
     /// Accept requests and never answer.
     pub stall: Arc<AtomicBool>,
+    /// Answers for the next token requests (`/token`): HTTP status, OAuth error, description.
+    pub token_fail_next: Arc<Mutex<VecDeque<Failure>>>,
 }
 
 impl Fake {
@@ -136,7 +138,15 @@ async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(r
 }
 
 /// Google's OAuth token endpoint for an `authorized_user` refresh (google-cloud-auth posts JSON).
-async fn oauth_token(axum::Json(form): axum::Json<serde_json::Value>) -> Response {
+async fn oauth_token(State(fake): State<Fake>, axum::Json(form): axum::Json<serde_json::Value>) -> Response {
+    let failure = fake.token_fail_next.lock().unwrap().pop_front();
+    if let Some((code, status, message)) = failure {
+        return (
+            StatusCode::from_u16(code).unwrap(),
+            axum::Json(json!({"error": status, "error_description": message})),
+        )
+            .into_response();
+    }
     let ok = form["grant_type"] == "refresh_token"
         && form["refresh_token"] == "fake-refresh-token"
         && form["client_secret"] == "fake-client-secret";
@@ -504,4 +514,52 @@ async fn google_error_statuses_map_to_their_meaning() {
         );
         fake.fail_next.lock().unwrap().clear();
     }
+}
+
+/// Getting a token: an `authorized_user` refresh against the fake's token endpoint. A token
+/// endpoint that is down is retryable; refused credentials (invalid_grant) are not.
+#[tokio::test]
+async fn token_endpoint_outage_is_retryable_and_a_refusal_is_not() {
+    let (fake, addr) = serve().await;
+    fake.secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (HashMap::new(), vec![br#"{"token":"t"}"#.to_vec()]));
+    // A fresh credential each time: it keeps its last token (or token error) for a while.
+    let stores = || {
+        let credentials = google_cloud_auth::credentials::user_account::Builder::new(json!({
+            "type": "authorized_user", "client_id": "fake-client.apps.googleusercontent.com",
+            "client_secret": "fake-client-secret", "refresh_token": "fake-refresh-token",
+        }))
+        .with_token_uri(format!("http://{addr}/token"))
+        .build()
+        .unwrap();
+        SecretStores::empty().with_store(Arc::new(GcpStore::with_endpoint(
+            format!("http://{addr}"),
+            Some(credentials),
+        )))
+    };
+
+    fake.token_fail_next
+        .lock()
+        .unwrap()
+        .push_back((503, "temporarily_unavailable", "The service is unavailable."));
+    let e = fetch_bounded(&stores()).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("access token"), "{e}");
+
+    fake.token_fail_next.lock().unwrap().clear();
+    fake.token_fail_next
+        .lock()
+        .unwrap()
+        .push_back((400, "invalid_grant", "Token has been expired or revoked."));
+    let e = fetch_bounded(&stores()).await;
+    assert!(!e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("invalid_grant"), "{e}");
+    assert!(!e.to_string().contains("fake-refresh-token"), "{e}");
+    assert!(!e.to_string().contains("fake-client-secret"), "{e}");
+
+    fake.token_fail_next.lock().unwrap().clear();
+    assert_eq!(value_of(&stores().fetch(&gcp_ref()).await.unwrap(), "token"), "t");
 }
