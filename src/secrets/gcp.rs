@@ -12,7 +12,8 @@
 //! The client's own retries are capped (K2): its default (10 attempts within 60 s per request,
 //! backoff from 1 s, no per-attempt limit) stacks under the agent's retries and runs into the
 //! registry's 60 s limit, which hides the real cause. Here a request gets [`ATTEMPTS`] tries of at
-//! most [`DEFAULT_ATTEMPT_TIMEOUT`] each, and the error names what happened.
+//! most [`DEFAULT_ATTEMPT_TIMEOUT`] each, a whole read (token included) three times that, and the
+//! error names what happened.
 
 use std::time::Duration;
 
@@ -335,6 +336,26 @@ impl SecretStore for GcpStore {
     }
 
     async fn fetch(&self, reference: &SecretRef) -> Result<Secret, SecretError> {
+        // The per-attempt limit does not cover getting a token (the metadata server, a token
+        // endpoint), so the whole read has a deadline of its own, inside the registry's.
+        let deadline = self.attempt_timeout * (ATTEMPTS + 1);
+        match tokio::time::timeout(deadline, self.read(reference)).await {
+            Ok(result) => result,
+            Err(_) => Err(SecretError::Unreachable {
+                reference: reference.describe(),
+                hint: format!(
+                    "no answer within {} s from Secret Manager at {} or from the Google token source (metadata \
+                     server or token endpoint of the Application Default Credentials)",
+                    deadline.as_secs_f64(),
+                    self.host()
+                ),
+            }),
+        }
+    }
+}
+
+impl GcpStore {
+    async fn read(&self, reference: &SecretRef) -> Result<Secret, SecretError> {
         let SecretRef::Gcp {
             project,
             secret_id,

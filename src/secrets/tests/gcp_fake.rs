@@ -563,3 +563,41 @@ async fn token_endpoint_outage_is_retryable_and_a_refusal_is_not() {
     fake.token_fail_next.lock().unwrap().clear();
     assert_eq!(value_of(&stores().fetch(&gcp_ref()).await.unwrap(), "token"), "t");
 }
+
+/// Credentials whose token never comes (a metadata server that drops packets).
+#[derive(Debug)]
+struct StalledCredentials;
+
+impl google_cloud_auth::credentials::CredentialsProvider for StalledCredentials {
+    async fn headers(
+        &self,
+        _: axum::http::Extensions,
+    ) -> Result<
+        google_cloud_auth::credentials::CacheableResource<axum::http::HeaderMap>,
+        google_cloud_auth::errors::CredentialsError,
+    > {
+        std::future::pending().await
+    }
+
+    async fn universe_domain(&self) -> Option<String> {
+        None
+    }
+}
+
+/// K2: getting a token is not covered by the per-attempt limit, so the read has a deadline of
+/// its own, and the error says the token source may be the cause.
+#[tokio::test]
+async fn a_token_that_never_comes_is_bounded_and_named() {
+    let (fake, addr) = serve().await;
+    let store = GcpStore::with_endpoint(
+        format!("http://{addr}"),
+        Some(google_cloud_auth::credentials::Credentials::from(StalledCredentials)),
+    )
+    .with_attempt_timeout(Duration::from_millis(500));
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("no answer within 1.5 s"), "{e}");
+    assert!(e.to_string().contains("token source"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
+}
