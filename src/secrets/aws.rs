@@ -1,25 +1,44 @@
 //! The `AWS` store: AWS Secrets Manager.
 //!
-//! Credentials come from the SDK's default chain (environment, web identity / IRSA, ECS, IMDS,
-//! profile), and `AWS_ENDPOINT_URL` is honoured by the SDK itself. With `role_arn` the store
-//! assumes that role through STS first. The gate: `DescribeSecret` must show the tag
+//! Credentials come from the SDK's default chain (environment, web identity / IRSA, ECS / EKS Pod
+//! Identity, the shared config files' profile with static keys, `credential_process` (IAM Roles
+//! Anywhere's signing helper) or SSO, then IMDS), and `AWS_ENDPOINT_URL` is honoured by the SDK
+//! itself. A reference may name a `profile`. With `role_arn` the store assumes that role through
+//! STS first, passing `external_id` when given. The gate: `DescribeSecret` must show the tag
 //! `apono-connector-read=true` before `GetSecretValue` is called.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use tokio::sync::Mutex;
 
 use super::{Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
 
-/// Reads AWS Secrets Manager. Clients are built on first use, one per (region, role).
+/// Time limits on each request (the SDK retries a timed-out attempt up to 3 attempts in all).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// What a client is built for: region, role, external ID, profile.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    region: String,
+    role_arn: Option<String>,
+    external_id: Option<String>,
+    profile: Option<String>,
+}
+
+/// Reads AWS Secrets Manager. Clients are built on first use, one per [`ClientKey`].
 pub struct AwsStore {
     /// A base configuration given by the caller (tests point it at moto); otherwise the SDK's
     /// defaults are loaded on first use.
     base: Option<SdkConfig>,
-    clients: Mutex<HashMap<(String, Option<String>), aws_sdk_secretsmanager::Client>>,
+    clients: Mutex<HashMap<ClientKey, aws_sdk_secretsmanager::Client>>,
 }
 
 impl Default for AwsStore {
@@ -46,31 +65,47 @@ impl AwsStore {
         }
     }
 
-    async fn client(&self, region: &str, role_arn: Option<&str>) -> aws_sdk_secretsmanager::Client {
-        let key = (region.to_string(), role_arn.map(str::to_string));
+    async fn client(&self, key: ClientKey) -> aws_sdk_secretsmanager::Client {
         let mut clients = self.clients.lock().await;
         if let Some(c) = clients.get(&key) {
             return c.clone();
         }
-        let region = Region::new(region.to_string());
+        let region = Region::new(key.region.clone());
         let sdk = match &self.base {
+            // A given configuration carries its own credentials: a profile does not apply.
             Some(base) => base.to_builder().region(region.clone()).build(),
             None => {
-                aws_config::defaults(BehaviorVersion::latest())
-                    .region(region.clone())
-                    .load()
-                    .await
+                let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region.clone());
+                if let Some(profile) = &key.profile {
+                    loader = loader.profile_name(profile);
+                }
+                loader.load().await
             }
         };
+        // The SDK's defaults set no time limit on a request (only 3.1 s to connect): a stalled
+        // endpoint would hold the fetch until the registry's 60 s limit, hiding the cause.
+        // Limits the caller set itself are kept.
+        let mut timeouts = sdk
+            .timeout_config()
+            .cloned()
+            .unwrap_or_else(|| TimeoutConfig::builder().build());
+        timeouts.take_defaults_from(
+            &TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .operation_timeout(OPERATION_TIMEOUT)
+                .build(),
+        );
+        let sdk = sdk.to_builder().timeout_config(timeouts).build();
         let mut conf = aws_sdk_secretsmanager::config::Builder::from(&sdk);
-        if let Some(role) = role_arn {
-            let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+        if let Some(role) = &key.role_arn {
+            let mut provider = aws_config::sts::AssumeRoleProvider::builder(role)
                 .session_name("apono-connector")
-                .region(region)
-                .configure(&sdk)
-                .build()
-                .await;
-            conf = conf.credentials_provider(provider);
+                .region(region);
+            if let Some(id) = &key.external_id {
+                provider = provider.external_id(id);
+            }
+            conf = conf.credentials_provider(provider.configure(&sdk).build().await);
         }
         let client = aws_sdk_secretsmanager::Client::from_conf(conf.build());
         clients.insert(key, client.clone());
@@ -93,6 +128,12 @@ where
             let e = service.err();
             let code = e.code().unwrap_or("Unknown");
             let message = e.message().unwrap_or("").to_string();
+            // A 403 whose body the SDK cannot read (a proxy, an IAM-style XML error) is a denial too.
+            let code = if code == "Unknown" && service.raw().status().as_u16() == 403 {
+                "AccessDeniedException"
+            } else {
+                code
+            };
             match code {
                 "ResourceNotFoundException" => SecretError::NotFound {
                     reference: describe,
@@ -157,27 +198,59 @@ where
             // The message chain (without the Debug dump DisplayErrorContext adds).
             let mut detail = err.to_string();
             let mut source = std::error::Error::source(&err);
-            let mut no_credentials = false;
+            let mut credentials = None;
             while let Some(s) = source {
+                // The innermost one says why: an assumed role wraps its base credentials' error.
+                if let Some(c) = s.downcast_ref::<CredentialsError>() {
+                    credentials = Some(c);
+                }
                 let text = s.to_string();
-                no_credentials |= text.contains("no credentials found") || text.contains("not enabled");
                 if !detail.contains(&text) {
                     detail.push_str(": ");
                     detail.push_str(&text);
                 }
                 source = s.source();
             }
-            // No credentials at all is not something a retry fixes.
-            if no_credentials || format!("{}", DisplayErrorContext(&err)).contains("CredentialsNotLoaded") {
-                SecretError::NotPermitted {
+            let role = match reference {
+                SecretRef::Aws {
+                    role_arn: Some(role), ..
+                } => Some(role.as_str()),
+                _ => None,
+            };
+            match credentials {
+                // No credentials at all is not something a retry fixes.
+                Some(CredentialsError::CredentialsNotLoaded(_)) => SecretError::NotPermitted {
                     reference: describe,
-                    hint: format!("no AWS credentials found (environment, web identity / IRSA, ECS or IMDS): {detail}"),
+                    hint: format!(
+                        "no AWS credentials found (environment, web identity / IRSA, ECS / Pod Identity, profile, \
+                         IMDS): {detail}"
+                    ),
+                },
+                Some(CredentialsError::InvalidConfiguration(_)) => SecretError::Misconfigured {
+                    store: "AWS".into(),
+                    hint: format!("the AWS credentials configuration is invalid: {detail}"),
+                },
+                // STS (or a credential_process / SSO portal) answered with a refusal: with
+                // `role_arn`, the role's trust policy or the external ID.
+                Some(CredentialsError::ProviderError(_))
+                    if detail.contains("service error") && !detail.contains("Throttl") =>
+                {
+                    SecretError::NotPermitted {
+                        reference: describe,
+                        hint: match role {
+                            Some(role) => format!(
+                                "AWS refused to let the connector assume {role}: check the role's trust policy (the \
+                                 connector's principal, sts:ExternalId = the reference's external_id) and that the \
+                                 connector may call sts:AssumeRole on it ({detail})"
+                            ),
+                            None => format!("AWS refused the connector's credentials: {detail}"),
+                        },
+                    }
                 }
-            } else {
-                SecretError::Unreachable {
+                _ => SecretError::Unreachable {
                     reference: describe,
                     hint: format!("{action}: {detail}"),
-                }
+                },
             }
         }
     }
@@ -194,11 +267,20 @@ impl SecretStore for AwsStore {
             region,
             secret_id,
             role_arn,
+            external_id,
+            profile,
         } = reference
         else {
             return Err(wrong_store(reference, "AWS"));
         };
-        let client = self.client(region, role_arn.as_deref()).await;
+        let client = self
+            .client(ClientKey {
+                region: region.clone(),
+                role_arn: role_arn.clone(),
+                external_id: external_id.clone(),
+                profile: profile.clone(),
+            })
+            .await;
         let described = client
             .describe_secret()
             .secret_id(secret_id)
@@ -235,5 +317,47 @@ impl SecretStore for AwsStore {
             reference: reference.describe(),
             hint: "the secret has no value".into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ClientKey {
+        ClientKey {
+            region: "us-east-1".into(),
+            role_arn: None,
+            external_id: None,
+            profile: None,
+        }
+    }
+
+    /// The SDK sets no request time limit of its own; the store adds one, keeping the caller's.
+    #[tokio::test]
+    async fn clients_get_time_limits_unless_the_caller_set_them() {
+        let plain = aws_config::defaults(BehaviorVersion::latest())
+            .region("us-east-1")
+            .load()
+            .await;
+        assert_eq!(plain.timeout_config().and_then(|t| t.operation_attempt_timeout()), None);
+        let client = AwsStore::with_sdk_config(plain).client(key()).await;
+        let t = client.config().timeout_config().cloned().expect("timeouts");
+        assert_eq!(t.operation_attempt_timeout(), Some(ATTEMPT_TIMEOUT));
+        assert_eq!(t.operation_timeout(), Some(OPERATION_TIMEOUT));
+
+        let own = aws_config::defaults(BehaviorVersion::latest())
+            .region("us-east-1")
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(Duration::from_millis(500))
+                    .build(),
+            )
+            .load()
+            .await;
+        let client = AwsStore::with_sdk_config(own).client(key()).await;
+        let t = client.config().timeout_config().cloned().expect("timeouts");
+        assert_eq!(t.operation_attempt_timeout(), Some(Duration::from_millis(500)));
+        assert_eq!(t.operation_timeout(), Some(OPERATION_TIMEOUT));
     }
 }

@@ -180,6 +180,13 @@ pub enum SecretRef {
         /// Assume this role (through STS) before reading.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         role_arn: Option<String>,
+        /// The external ID the role's trust policy asks for (`sts:ExternalId`), with `role_arn`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        external_id: Option<String>,
+        /// A profile of the shared AWS config files (`credential_process`, SSO, ...) instead of
+        /// the default chain's (`AWS_PROFILE`, else `default`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<String>,
     },
     Azure {
         vault_url: String,
@@ -235,6 +242,7 @@ impl SecretRef {
                 region,
                 secret_id,
                 role_arn,
+                ..
             } => match role_arn {
                 Some(role) => format!("AWS {region}/{secret_id} (as {role})"),
                 None => format!("AWS {region}/{secret_id}"),

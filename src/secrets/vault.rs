@@ -297,11 +297,23 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
     // Field names exactly as Apono documents them (with the reference's own names as aliases).
     let reference = match store.to_ascii_uppercase().as_str() {
         "AWS" => {
-            check_fields(map, &["from_secret_store", "region", "secret_id", "role_arn"])?;
+            check_fields(
+                map,
+                &[
+                    "from_secret_store",
+                    "region",
+                    "secret_id",
+                    "role_arn",
+                    "external_id",
+                    "profile",
+                ],
+            )?;
             SecretRef::Aws {
                 region: required(map, &["region"])?,
                 secret_id: required(map, &["secret_id"])?,
                 role_arn: field_str(map, &["role_arn"])?,
+                external_id: field_str(map, &["external_id"])?,
+                profile: field_str(map, &["profile"])?,
             }
         }
         "GCP" => {

@@ -120,6 +120,105 @@ async fn reads_gates_and_sees_a_rotation_after_invalidation() {
     assert!(m[0].errors.contains_key("secret_not_marked"));
 }
 
+/// One call of moto's IAM (AWS query protocol). moto routes by the credential scope of the
+/// `Authorization` header and checks no signature while IAM is not enforced (set-up only).
+async fn iam(moto: &ServerGuard, action: &str, params: &[(&str, &str)]) -> String {
+    let mut form = vec![("Action", action), ("Version", "2010-05-08")];
+    form.extend_from_slice(params);
+    let response = reqwest::Client::new()
+        .post(moto.url("http"))
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&form)
+                .finish(),
+        )
+        .send()
+        .await
+        .expect("moto IAM");
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert!(status.is_success(), "IAM {action}: {status} {body}");
+    body
+}
+
+fn xml_field(body: &str, field: &str) -> String {
+    let open = format!("<{field}>");
+    let start = body.find(&open).unwrap_or_else(|| panic!("no {field} in {body}")) + open.len();
+    let end = start + body[start..].find('<').unwrap();
+    body[start..end].to_string()
+}
+
+pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/apono-reader";
+pub const EXTERNAL_ID: &str = "apono-external-id-7f3a";
+
+/// In moto, as real AWS would have it: a user `connector` that may only call `sts:AssumeRole`,
+/// and the role `apono-reader`, which may read secrets and trusts that user only when it
+/// passes [`EXTERNAL_ID`]. Returns the user's access key. Then IAM is enforced.
+pub async fn enforce_iam_with_a_reader_role(moto: &ServerGuard) -> Credentials {
+    iam(moto, "CreateUser", &[("UserName", "connector")]).await;
+    let key = iam(moto, "CreateAccessKey", &[("UserName", "connector")]).await;
+    let only_assume = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": ROLE_ARN}]});
+    iam(
+        moto,
+        "PutUserPolicy",
+        &[
+            ("UserName", "connector"),
+            ("PolicyName", "assume-only"),
+            ("PolicyDocument", &only_assume.to_string()),
+        ],
+    )
+    .await;
+    let trust = json!({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:user/connector"},
+        "Condition": {"StringEquals": {"sts:ExternalId": EXTERNAL_ID}}}]});
+    iam(
+        moto,
+        "CreateRole",
+        &[
+            ("RoleName", "apono-reader"),
+            ("AssumeRolePolicyDocument", &trust.to_string()),
+        ],
+    )
+    .await;
+    let read = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Action": ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"], "Resource": "*"}]});
+    iam(
+        moto,
+        "PutRolePolicy",
+        &[
+            ("RoleName", "apono-reader"),
+            ("PolicyName", "read-secrets"),
+            ("PolicyDocument", &read.to_string()),
+        ],
+    )
+    .await;
+    // From now on every request is authenticated and authorized against IAM.
+    let r = reqwest::Client::new()
+        .post(format!("{}/moto-api/reset-auth", moto.url("http")))
+        .body("0")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    Credentials::new(
+        xml_field(&key, "AccessKeyId"),
+        xml_field(&key, "SecretAccessKey"),
+        None,
+        None,
+        "moto-iam-user",
+    )
+}
+
+/// T1: with IAM enforced, the connector's own identity cannot read the secret, so a read with
+/// `role_arn` proves the role was assumed; and with a wrong `external_id` STS refuses the role
+/// (so the field reaches STS).
 #[cfg_attr(
     not(apono_test_moto),
     ignore = "needs moto: run tests/run, or set APONO_TEST_MOTO_SERVER"
@@ -129,12 +228,39 @@ async fn role_arn_assumes_the_role_through_sts() {
     let moto = start_moto().await;
     let sdk = sdk_config(&moto).await;
     create(&admin(&sdk), "cross-account", r#"{"token":"t"}"#, true).await;
-    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk)));
-    let r = reference(json!({
-        "type": "AWS", "region": "us-east-1", "secret_id": "cross-account",
-        "role_arn": "arn:aws:iam::123456789012:role/apono-reader"
-    }));
-    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+    let user = enforce_iam_with_a_reader_role(&moto).await;
+    let as_user = sdk
+        .to_builder()
+        .credentials_provider(aws_sdk_secretsmanager::config::SharedCredentialsProvider::new(user))
+        .build();
+    let stores = SecretStores::empty()
+        .with_cache_ttl(std::time::Duration::ZERO)
+        .with_store(Arc::new(AwsStore::with_sdk_config(as_user)));
+    let r = |role: Option<&str>, external_id: Option<&str>| {
+        let mut v = json!({"type": "AWS", "region": "us-east-1", "secret_id": "cross-account"});
+        if let Some(role) = role {
+            v["role_arn"] = json!(role);
+        }
+        if let Some(id) = external_id {
+            v["external_id"] = json!(id);
+        }
+        reference(v)
+    };
+
+    // The user alone may not read.
+    let e = stores.fetch(&r(None, None)).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+
+    // As the role (with the external ID its trust policy asks for): read.
+    let s = stores.fetch(&r(Some(ROLE_ARN), Some(EXTERNAL_ID))).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "t");
+
+    // With a wrong external ID STS refuses the role, not retryable. (moto, unlike AWS, lets a
+    // missing external ID through, so only a wrong one can show that the field reaches STS.)
+    let e = stores.fetch(&r(Some(ROLE_ARN), Some("wrong-id"))).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(!e.retryable(), "{e}");
+    assert!(e.to_string().contains(ROLE_ARN), "{e}");
 }
 
 #[tokio::test]
@@ -230,4 +356,41 @@ async fn access_denied_under_a_tag_conditioned_policy_says_add_the_tag() {
     let text = e.to_string();
     assert!(text.contains("add the tag apono-connector-read=true"), "{e}");
     assert!(text.contains("tag-resource --region us-east-1 --secret-id s"), "{e}");
+}
+
+/// K2: a Secrets Manager endpoint that accepts and never answers: each attempt ends at its time
+/// limit, the SDK's retries are bounded, and the error is retryable and says it timed out.
+#[tokio::test]
+async fn a_stalled_endpoint_times_out_per_attempt() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+    });
+    let addr = super::support::serve_http(app).await;
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(format!("http://{addr}"))
+        .region("us-east-1")
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(std::time::Duration::from_millis(500))
+                .build(),
+        )
+        .load()
+        .await;
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk)));
+    let e = tokio::time::timeout(std::time::Duration::from_secs(45), stores.fetch(&aws_ref("s")))
+        .await
+        .expect("the AWS store gave up by itself, well inside the registry's limit")
+        .unwrap_err();
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
 }

@@ -2,8 +2,10 @@
 //! `*.vault.azure.net`, the 401 `WWW-Authenticate: Bearer authorization=..., resource=...`
 //! challenge first (the client discovers its token scope from it), then Key Vault's JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
@@ -51,7 +53,16 @@ pub struct Vault {
     pub older_versions: Arc<Mutex<HashMap<String, Vec<Tags>>>>,
     /// The names whose value was sent, in order (Key Vault's `SecretGet` audit events).
     pub value_reads: Arc<Mutex<Vec<String>>>,
+    /// Authenticated `GET /secrets/{name}` requests seen.
+    pub requests: Arc<AtomicUsize>,
+    /// Answers for the next authenticated reads.
+    pub fail_next: Arc<Mutex<VecDeque<Failure>>>,
+    /// Accept authenticated reads and never answer.
+    pub stall: Arc<AtomicBool>,
 }
+
+/// An error answer: HTTP status, Key Vault's error code, message, `Retry-After` seconds.
+pub type Failure = (u16, &'static str, &'static str, Option<u32>);
 
 impl Vault {
     /// `az keyvault secret set` on an existing secret: a new current version with these tags.
@@ -134,6 +145,20 @@ async fn get_secret(
         return challenge;
     }
     assert!(query.contains_key("api-version"), "api-version missing");
+    vault.requests.fetch_add(1, Ordering::SeqCst);
+    if vault.stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let failure = vault.fail_next.lock().unwrap().pop_front();
+    if let Some((status, code, message, retry_after)) = failure {
+        let mut response = error(StatusCode::from_u16(status).unwrap(), code, message);
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.to_string().parse().unwrap());
+        }
+        return response;
+    }
     if name == "forbidden" {
         return error(
             StatusCode::FORBIDDEN,
@@ -190,8 +215,13 @@ async fn token(Path(_tenant): Path<String>, axum::Form(form): axum::Form<HashMap
     let field = |k: &str| form.get(k).map(String::as_str);
     let scope_ok = field("scope") == Some("https://vault.azure.net/.default");
     let secret_ok = field("client_secret") == Some(CLIENT_SECRET);
-    let assertion_ok = field("client_assertion") == Some(FEDERATED_TOKEN)
-        && field("client_assertion_type") == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    let jwt_bearer = field("client_assertion_type") == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    // A certificate's assertion is recorded here and verified by the test that asked for it.
+    let signed = field("client_assertion").is_some_and(|a| a.split('.').count() == 3 && a != FEDERATED_TOKEN);
+    if signed && jwt_bearer {
+        *LAST_ASSERTION.lock().unwrap() = field("client_assertion").map(str::to_string);
+    }
+    let assertion_ok = (field("client_assertion") == Some(FEDERATED_TOKEN) || signed) && jwt_bearer;
     if field("grant_type") != Some("client_credentials") || !scope_ok || !(secret_ok || assertion_ok) {
         return (
             StatusCode::UNAUTHORIZED,
@@ -202,6 +232,9 @@ async fn token(Path(_tenant): Path<String>, axum::Form(form): axum::Form<HashMap
     axum::Json(json!({"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": TOKEN}))
         .into_response()
 }
+
+/// The last certificate-signed client assertion the token endpoint saw.
+pub static LAST_ASSERTION: Mutex<Option<String>> = Mutex::new(None);
 
 /// The App Service managed identity endpoint (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`).
 async fn msi_token(headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
@@ -435,8 +468,14 @@ async fn env_credential_child() {
     let stores = SecretStores::empty().with_store(Arc::new(AzureStore::with_client_options(options)));
     let url = format!("https://{VAULT_HOST}:{}", addr.port());
     let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
-    if std::env::var("APONO_TEST_AZURE_EXPECT").as_deref() == Ok("ok") {
+    let expect = std::env::var("APONO_TEST_AZURE_EXPECT").unwrap_or_default();
+    if expect == "ok" {
         assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+    } else if let Some(hint) = expect.strip_prefix("misconfigured:") {
+        let e = stores.fetch(&r).await.unwrap_err();
+        assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+        assert!(e.to_string().contains(hint), "{e}");
+        assert!(!e.to_string().contains("pfx-password"), "{e}");
     } else {
         let e = stores.fetch(&r).await.unwrap_err();
         assert_eq!(e.code(), "secret_not_permitted", "{e}");
@@ -454,4 +493,299 @@ async fn a_bad_name_is_not_retried_and_carries_key_vaults_message() {
     assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
     assert!(e.to_string().contains("invalid name: rancher_key"), "{e}");
     assert!(vault.value_reads.lock().unwrap().is_empty());
+}
+
+/// A registry over a fresh fake holding `rancher`, without a cache.
+async fn failing_fake(attempt_timeout: Duration) -> (Vault, SecretStores, crate::secrets::SecretRef, String) {
+    let (vault, store, _, url) = fake().await;
+    vault
+        .secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (r#"{"token":"t"}"#.into(), HashMap::new()));
+    let stores = SecretStores::empty()
+        .with_cache_ttl(Duration::ZERO)
+        .with_store(Arc::new(store.with_attempt_timeout(attempt_timeout)));
+    let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
+    let host = url.trim_start_matches("https://").to_string();
+    (vault, stores, r, host)
+}
+
+/// Hang guard only: a capped client answers in seconds, the registry's own limit is 60 s.
+async fn fetch_bounded(stores: &SecretStores, r: &crate::secrets::SecretRef) -> crate::secrets::SecretError {
+    tokio::time::timeout(Duration::from_secs(45), stores.fetch(r))
+        .await
+        .expect("the Azure store gave up by itself, well inside the registry's limit")
+        .unwrap_err()
+}
+
+/// K2: a 503 is retried once by the SDK (not 8 times over 60 s), then reported as retryable
+/// with Key Vault's status, code and message.
+#[tokio::test]
+async fn service_unavailable_is_tried_twice_and_reported_with_its_status() {
+    let (vault, stores, r, host) = failing_fake(Duration::from_secs(10)).await;
+    vault.fail_next.lock().unwrap().extend(std::iter::repeat_n(
+        (
+            503,
+            "ServiceUnavailable",
+            "The service is temporarily unavailable.",
+            None,
+        ),
+        8,
+    ));
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    let text = e.to_string();
+    assert!(text.contains("503"), "{e}");
+    assert!(text.contains("ServiceUnavailable"), "{e}");
+    assert!(text.contains("The service is temporarily unavailable."), "{e}");
+    assert!(text.contains(&host), "{e}");
+    assert!(!text.contains("did not answer within"), "{e}");
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 2, "one try and one retry");
+
+    // A blip that the one retry covers is not an error at all.
+    vault.fail_next.lock().unwrap().clear();
+    vault.fail_next.lock().unwrap().push_back((
+        503,
+        "ServiceUnavailable",
+        "The service is temporarily unavailable.",
+        None,
+    ));
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+}
+
+/// K2: throttling (429 with a long `Retry-After`) fails at once as retryable: the agent backs
+/// off, the SDK does not sleep out the registry's limit.
+#[tokio::test]
+async fn throttling_is_left_to_the_agent() {
+    let (vault, stores, r, _) = failing_fake(Duration::from_secs(10)).await;
+    vault.fail_next.lock().unwrap().extend(std::iter::repeat_n(
+        (429, "Throttled", "Operations per second rate limit reached.", Some(120)),
+        8,
+    ));
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("429"), "{e}");
+    assert!(e.to_string().contains("Throttled"), "{e}");
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 1);
+}
+
+/// K2: a vault that accepts and never answers: each try ends at the limit, two tries, and the
+/// error names the host and the limit.
+#[tokio::test]
+async fn a_stalled_vault_times_out_per_try_and_names_the_host() {
+    let (vault, stores, r, host) = failing_fake(Duration::from_millis(500)).await;
+    vault.stall.store(true, Ordering::SeqCst);
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string().contains(&format!("timed out after 0.5 s at {host}")),
+        "{e}"
+    );
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 2);
+}
+
+/// A credential that never answers (a metadata endpoint dropping packets).
+#[derive(Debug)]
+struct StalledCredential;
+
+#[async_trait]
+impl TokenCredential for StalledCredential {
+    async fn get_token(&self, _: &[&str], _: Option<TokenRequestOptions<'_>>) -> azure_core::Result<AccessToken> {
+        std::future::pending().await
+    }
+}
+
+/// K2: getting a token is bounded too, and the error says it was the token, not the vault.
+#[tokio::test]
+async fn a_token_that_never_comes_is_bounded_and_named() {
+    let (vault, options, addr) = start().await;
+    let store = AzureStore::with_credential(Arc::new(StalledCredential), options)
+        .with_attempt_timeout(Duration::from_millis(500));
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let url = format!("https://{VAULT_HOST}:{}", addr.port());
+    let r = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
+    let e = fetch_bounded(&stores, &r).await;
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no Azure token from the given credential within 1 s"),
+        "{e}"
+    );
+    assert_eq!(vault.requests.load(Ordering::SeqCst), 0);
+}
+
+/// Runs `env_credential_child` with these variables (and no other Azure credential variables)
+/// against the fake at `addr`, expecting `expect`.
+async fn run_credential_child(addr: std::net::SocketAddr, vars: &[(&str, String)], expect: &str) {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "secrets::tests::azure_fake::env_credential_child",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("APONO_TEST_AZURE_ADDR", addr.to_string())
+    .env("APONO_TEST_AZURE_EXPECT", expect)
+    .env("AZURE_AUTHORITY_HOST", format!("https://{LOGIN_HOST}:{}", addr.port()));
+    for name in [
+        "AZURE_TENANT_ID",
+        "AZURE_CLIENT_ID",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "MSI_ENDPOINT",
+    ] {
+        cmd.env_remove(name);
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{expect}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs the `openssl` command line (test set-up and checks only).
+#[cfg(feature = "store-azure-certificate")]
+fn openssl(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A client certificate as `AZURE_CLIENT_CERTIFICATE_PATH` (a password-protected PFX): the
+/// token request carries a client assertion whose header names the certificate (`x5t`, its
+/// SHA-1 thumbprint) and whose signature verifies with the certificate's public key.
+#[cfg(feature = "store-azure-certificate")]
+#[tokio::test]
+async fn client_certificate_from_the_environment() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=apono-connector",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "pkcs12",
+            "-export",
+            "-in",
+            "cert.pem",
+            "-inkey",
+            "key.pem",
+            "-out",
+            "cert.pfx",
+            "-passout",
+            "pass:pfx-password",
+        ],
+    );
+    let (vault, _, addr) = start().await;
+    vault
+        .secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (r#"{"token":"t"}"#.into(), HashMap::new()));
+    let vars = |password: &str| {
+        vec![
+            ("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47".to_string()),
+            ("AZURE_CLIENT_ID", "apono-connector".to_string()),
+            (
+                "AZURE_CLIENT_CERTIFICATE_PATH",
+                d.join("cert.pfx").display().to_string(),
+            ),
+            ("AZURE_CLIENT_CERTIFICATE_PASSWORD", password.to_string()),
+        ]
+    };
+    *LAST_ASSERTION.lock().unwrap() = None;
+    run_credential_child(addr, &vars("pfx-password"), "ok").await;
+
+    let assertion = LAST_ASSERTION.lock().unwrap().clone().expect("a client assertion");
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let b64url = |p: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p.trim_end_matches('='))
+            .unwrap()
+    };
+    let header: serde_json::Value = serde_json::from_slice(&b64url(parts[0])).unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(&b64url(parts[1])).unwrap();
+    let fingerprint = String::from_utf8(openssl(
+        d,
+        &["x509", "-in", "cert.pem", "-noout", "-fingerprint", "-sha1"],
+    ))
+    .unwrap();
+    let thumbprint = hex::decode(fingerprint.trim().rsplit('=').next().unwrap().replace(':', "")).unwrap();
+    assert_eq!(
+        header["x5t"],
+        json!(base64::engine::general_purpose::STANDARD.encode(&thumbprint)),
+        "{header}"
+    );
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(payload["iss"], "apono-connector");
+    assert_eq!(payload["sub"], "apono-connector");
+    std::fs::write(d.join("signed"), format!("{}.{}", parts[0], parts[1])).unwrap();
+    std::fs::write(d.join("sig"), b64url(parts[2])).unwrap();
+    std::fs::write(
+        d.join("pub.pem"),
+        openssl(d, &["x509", "-in", "cert.pem", "-pubkey", "-noout"]),
+    )
+    .unwrap();
+    let verified = openssl(
+        d,
+        &["dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig", "signed"],
+    );
+    assert_eq!(String::from_utf8_lossy(&verified).trim(), "Verified OK");
+
+    // A wrong password is a configuration error that names the variable, never the password.
+    run_credential_child(
+        addr,
+        &vars("wrong-pfx-password"),
+        "misconfigured:AZURE_CLIENT_CERTIFICATE_PATH",
+    )
+    .await;
+}
+
+/// Without the feature, a certificate in the environment is refused with what to do.
+#[cfg(not(feature = "store-azure-certificate"))]
+#[tokio::test]
+async fn client_certificate_needs_its_build_feature() {
+    let (_, _, addr) = start().await;
+    let vars = [
+        ("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47".to_string()),
+        ("AZURE_CLIENT_ID", "apono-connector".to_string()),
+        ("AZURE_CLIENT_CERTIFICATE_PATH", "/nonexistent/cert.pfx".to_string()),
+    ];
+    run_credential_child(addr, &vars, "misconfigured:store-azure-certificate").await;
 }

@@ -1,8 +1,10 @@
 //! The GCP store against a wire-level Secret Manager fake (the official client speaks HTTP/JSON):
 //! `GET /v1/projects/{p}/secrets/{s}` and `GET .../versions/{v}:access`, Google's error JSON.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -18,10 +20,31 @@ use crate::secrets::{GcpStore, SecretStores};
 /// A secret's labels and versions (version n at index n-1).
 pub type Entry = (HashMap<String, String>, Vec<Vec<u8>>);
 
+/// An error answer: HTTP status, Google's status name, message.
+pub type Failure = (u16, &'static str, &'static str);
+
 #[derive(Clone, Default)]
 pub struct Fake {
     /// secret id → entry
     pub secrets: Arc<Mutex<HashMap<String, Entry>>>,
+    /// Requests to the Secret Manager API (`/v1/...`) seen so far.
+    pub requests: Arc<AtomicUsize>,
+    /// Answers for the next requests, before any secret is looked up.
+    pub fail_next: Arc<Mutex<VecDeque<Failure>>>,
+    /// Accept requests and never answer.
+    pub stall: Arc<AtomicBool>,
+    /// Answers for the next token requests (`/token`): HTTP status, OAuth error, description.
+    pub token_fail_next: Arc<Mutex<VecDeque<Failure>>>,
+}
+
+impl Fake {
+    /// The next `times` requests get this error.
+    pub fn fail(&self, times: usize, failure: Failure) {
+        self.fail_next
+            .lock()
+            .unwrap()
+            .extend(std::iter::repeat_n(failure, times));
+    }
 }
 
 fn error(code: u16, status: &str, message: String) -> Response {
@@ -38,6 +61,14 @@ pub static LAST_AUTHORIZATION: std::sync::Mutex<Option<String>> = std::sync::Mut
 async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(rest): Path<String>) -> Response {
     if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         *LAST_AUTHORIZATION.lock().unwrap() = Some(auth.to_string());
+    }
+    fake.requests.fetch_add(1, Ordering::SeqCst);
+    if fake.stall.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let failure = fake.fail_next.lock().unwrap().pop_front();
+    if let Some((code, status, message)) = failure {
+        return error(code, status, message.to_string());
     }
     // projects/{p}/secrets/{s}[/versions/{v}:access]
     let parts: Vec<&str> = rest.split('/').collect();
@@ -107,7 +138,15 @@ async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(r
 }
 
 /// Google's OAuth token endpoint for an `authorized_user` refresh (google-cloud-auth posts JSON).
-async fn oauth_token(axum::Json(form): axum::Json<serde_json::Value>) -> Response {
+async fn oauth_token(State(fake): State<Fake>, axum::Json(form): axum::Json<serde_json::Value>) -> Response {
+    let failure = fake.token_fail_next.lock().unwrap().pop_front();
+    if let Some((code, status, message)) = failure {
+        return (
+            StatusCode::from_u16(code).unwrap(),
+            axum::Json(json!({"error": status, "error_description": message})),
+        )
+            .into_response();
+    }
     let ok = form["grant_type"] == "refresh_token"
         && form["refresh_token"] == "fake-refresh-token"
         && form["client_secret"] == "fake-client-secret";
@@ -305,4 +344,260 @@ async fn adc_child() {
     let stores = SecretStores::empty().with_store(Arc::new(GcpStore::with_endpoint(endpoint, None)));
     let r = reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher"}));
     assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "via-adc");
+}
+
+fn gcp_ref() -> crate::secrets::SecretRef {
+    reference(json!({"type": "GCP", "project": "p1", "secret_id": "rancher"}))
+}
+
+/// A fake holding `rancher`, and a registry over it (no cache, so every fetch reaches the fake).
+async fn failing_fake(attempt_timeout: Duration) -> (Fake, SecretStores, std::net::SocketAddr) {
+    let (fake, addr) = serve().await;
+    fake.secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (HashMap::new(), vec![br#"{"token":"t"}"#.to_vec()]));
+    let store = GcpStore::with_endpoint(
+        format!("http://{addr}"),
+        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
+    )
+    .with_attempt_timeout(attempt_timeout);
+    let stores = SecretStores::empty()
+        .with_cache_ttl(Duration::ZERO)
+        .with_store(Arc::new(store));
+    (fake, stores, addr)
+}
+
+/// Hang guard only: a capped client answers in seconds, the registry's own limit is 60 s.
+async fn fetch_bounded(stores: &SecretStores) -> crate::secrets::SecretError {
+    tokio::time::timeout(Duration::from_secs(45), stores.fetch(&gcp_ref()))
+        .await
+        .expect("the GCP store gave up by itself, well inside the registry's limit")
+        .unwrap_err()
+}
+
+/// K2: UNAVAILABLE is retried once by the client (not 10 times over 60 s), then reported as
+/// retryable with Google's status and message, not as "did not answer within 60s".
+#[tokio::test]
+async fn unavailable_is_tried_twice_and_reported_with_its_status() {
+    let (fake, stores, addr) = failing_fake(Duration::from_secs(10)).await;
+    fake.fail(8, (503, "UNAVAILABLE", "The service is currently unavailable."));
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_store_unreachable", "{e}");
+    let text = e.to_string();
+    assert!(text.contains("Unavailable"), "{e}");
+    assert!(text.contains("The service is currently unavailable."), "{e}");
+    assert!(text.contains(&addr.to_string()), "{e}");
+    assert!(!text.contains("did not answer within"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 2, "one try and one retry");
+
+    // A blip that the one retry covers is not an error at all.
+    fake.fail_next.lock().unwrap().clear();
+    fake.fail(1, (503, "UNAVAILABLE", "The service is currently unavailable."));
+    assert_eq!(value_of(&stores.fetch(&gcp_ref()).await.unwrap(), "token"), "t");
+}
+
+/// K2: quota exhaustion (429 RESOURCE_EXHAUSTED) is the agent's to retry with its backoff.
+#[tokio::test]
+async fn quota_exhaustion_is_retryable_and_not_retried_by_the_client() {
+    let (fake, stores, _) = failing_fake(Duration::from_secs(10)).await;
+    fake.fail(
+        8,
+        (
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Quota exceeded for quota metric 'Access requests' of service 'secretmanager.googleapis.com'.",
+        ),
+    );
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("ResourceExhausted"), "{e}");
+    assert!(e.to_string().contains("Quota exceeded"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 1);
+}
+
+/// K2: an endpoint that accepts and never answers fails after one bounded attempt (the client
+/// does not retry a timeout), naming the host and the limit.
+#[tokio::test]
+async fn a_stalled_endpoint_times_out_per_attempt_and_names_the_host() {
+    let (fake, stores, addr) = failing_fake(Duration::from_millis(500)).await;
+    fake.stall.store(true, Ordering::SeqCst);
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string().contains(&format!("timed out after 0.5 s at {addr}")),
+        "{e}"
+    );
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_refused_connection_names_the_host() {
+    let port = super::support::free_port(false);
+    let store = GcpStore::with_endpoint(
+        format!("http://127.0.0.1:{port}"),
+        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
+    );
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    let text = e.to_string();
+    assert!(text.contains(&format!("cannot connect to 127.0.0.1:{port}")), "{e}");
+    assert!(text.to_lowercase().contains("refused"), "{e}");
+}
+
+/// E1: Google's 4xx answers (its real error JSON) are not retried, carry Google's message and
+/// map to what the user must fix; 5xx stay retryable.
+#[tokio::test]
+async fn google_error_statuses_map_to_their_meaning() {
+    let (fake, stores, _) = failing_fake(Duration::from_secs(10)).await;
+    let cases: [(Failure, &str, bool); 6] = [
+        (
+            (400, "INVALID_ARGUMENT", "Invalid resource field value in the request."),
+            "secret_store_misconfigured",
+            false,
+        ),
+        (
+            (
+                404,
+                "NOT_FOUND",
+                "Secret [projects/p1/secrets/rancher] not found or has no versions.",
+            ),
+            "secret_not_found",
+            false,
+        ),
+        (
+            (
+                403,
+                "PERMISSION_DENIED",
+                "Permission 'secretmanager.versions.access' denied for resource 'projects/p1/secrets/rancher/versions/latest' (or it may not exist).",
+            ),
+            "secret_not_permitted",
+            false,
+        ),
+        (
+            (
+                400,
+                "FAILED_PRECONDITION",
+                "Secret Version [projects/p1/secrets/rancher/versions/1] is in DISABLED state.",
+            ),
+            "secret_not_found",
+            false,
+        ),
+        (
+            (
+                401,
+                "UNAUTHENTICATED",
+                "Request had invalid authentication credentials.",
+            ),
+            "secret_not_permitted",
+            false,
+        ),
+        (
+            (500, "INTERNAL", "Internal error encountered."),
+            "secret_store_unreachable",
+            true,
+        ),
+    ];
+    for ((http, status, message), code, retryable) in cases {
+        fake.requests.store(0, Ordering::SeqCst);
+        fake.fail(1, (http, status, message));
+        let e = fetch_bounded(&stores).await;
+        assert_eq!(e.code(), code, "{status}: {e}");
+        assert_eq!(e.retryable(), retryable, "{status}: {e}");
+        assert!(e.to_string().contains(message), "{status}: {e}");
+        assert_eq!(
+            fake.requests.load(Ordering::SeqCst),
+            1,
+            "{status}: not retried by the client"
+        );
+        fake.fail_next.lock().unwrap().clear();
+    }
+}
+
+/// Getting a token: an `authorized_user` refresh against the fake's token endpoint. A token
+/// endpoint that is down is retryable; refused credentials (invalid_grant) are not.
+#[tokio::test]
+async fn token_endpoint_outage_is_retryable_and_a_refusal_is_not() {
+    let (fake, addr) = serve().await;
+    fake.secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), (HashMap::new(), vec![br#"{"token":"t"}"#.to_vec()]));
+    // A fresh credential each time: it keeps its last token (or token error) for a while.
+    let stores = || {
+        let credentials = google_cloud_auth::credentials::user_account::Builder::new(json!({
+            "type": "authorized_user", "client_id": "fake-client.apps.googleusercontent.com",
+            "client_secret": "fake-client-secret", "refresh_token": "fake-refresh-token",
+        }))
+        .with_token_uri(format!("http://{addr}/token"))
+        .build()
+        .unwrap();
+        SecretStores::empty().with_store(Arc::new(GcpStore::with_endpoint(
+            format!("http://{addr}"),
+            Some(credentials),
+        )))
+    };
+
+    fake.token_fail_next
+        .lock()
+        .unwrap()
+        .push_back((503, "temporarily_unavailable", "The service is unavailable."));
+    let e = fetch_bounded(&stores()).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("access token"), "{e}");
+
+    fake.token_fail_next.lock().unwrap().clear();
+    fake.token_fail_next
+        .lock()
+        .unwrap()
+        .push_back((400, "invalid_grant", "Token has been expired or revoked."));
+    let e = fetch_bounded(&stores()).await;
+    assert!(!e.retryable(), "{e}");
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("invalid_grant"), "{e}");
+    assert!(!e.to_string().contains("fake-refresh-token"), "{e}");
+    assert!(!e.to_string().contains("fake-client-secret"), "{e}");
+
+    fake.token_fail_next.lock().unwrap().clear();
+    assert_eq!(value_of(&stores().fetch(&gcp_ref()).await.unwrap(), "token"), "t");
+}
+
+/// Credentials whose token never comes (a metadata server that drops packets).
+#[derive(Debug)]
+struct StalledCredentials;
+
+impl google_cloud_auth::credentials::CredentialsProvider for StalledCredentials {
+    async fn headers(
+        &self,
+        _: axum::http::Extensions,
+    ) -> Result<
+        google_cloud_auth::credentials::CacheableResource<axum::http::HeaderMap>,
+        google_cloud_auth::errors::CredentialsError,
+    > {
+        std::future::pending().await
+    }
+
+    async fn universe_domain(&self) -> Option<String> {
+        None
+    }
+}
+
+/// K2: getting a token is not covered by the per-attempt limit, so the read has a deadline of
+/// its own, and the error says the token source may be the cause.
+#[tokio::test]
+async fn a_token_that_never_comes_is_bounded_and_named() {
+    let (fake, addr) = serve().await;
+    let store = GcpStore::with_endpoint(
+        format!("http://{addr}"),
+        Some(google_cloud_auth::credentials::Credentials::from(StalledCredentials)),
+    )
+    .with_attempt_timeout(Duration::from_millis(500));
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let e = fetch_bounded(&stores).await;
+    assert!(e.retryable(), "{e}");
+    assert!(e.to_string().contains("no answer within 1.5 s"), "{e}");
+    assert!(e.to_string().contains("token source"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
 }

@@ -6,6 +6,8 @@ mod support;
 
 #[cfg(feature = "store-aws")]
 mod aws_moto;
+#[cfg(feature = "store-aws")]
+mod aws_profiles;
 #[cfg(feature = "store-azure")]
 mod azure_fake;
 #[cfg(all(
