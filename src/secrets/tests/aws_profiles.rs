@@ -121,32 +121,13 @@ async fn credential_process_and_sso_profiles() {
         ),
     ];
     for (mode, vars) in modes {
-        let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "secrets::tests::aws_profiles::profile_child",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("APONO_TEST_CHILD", "1")
-        .env("AWS_ENDPOINT_URL", moto.url("http"))
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", &config)
-        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
-        .env("AWS_ENDPOINT_URL_SSO", &portal_url)
-        .env("HOME", &home);
-        for name in [
-            "AWS_PROFILE",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_ROLE_ARN",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        ] {
-            cmd.env_remove(name);
-        }
+        let mut cmd = super::support::aws_child("secrets::tests::aws_profiles::profile_child");
+        cmd.env("AWS_ENDPOINT_URL", moto.url("http"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .env("AWS_ENDPOINT_URL_SSO", &portal_url)
+            .env("HOME", &home);
         for (k, v) in vars {
             cmd.env(k, v);
         }

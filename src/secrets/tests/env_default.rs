@@ -5,8 +5,6 @@
 //! The environment is process-wide, so the reads run in a child process: this test binary again,
 //! running only the ignored `child_reads_through_default` with the variables set.
 
-use tokio::process::Command;
-
 use serde_json::json;
 
 use super::support::{reference, start_bao, start_moto, value_of};
@@ -66,35 +64,16 @@ async fn default_reads_aws_and_vault_configured_by_environment() {
         ),
     ];
     for (mode, vars) in modes {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "secrets::tests::env_default::child_reads_through_default",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("APONO_TEST_CHILD", "1")
-        .env("AWS_ENDPOINT_URL", moto.url("http"))
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", dir.path().join("none"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
-        .env(
-            "HASHICORP_VAULT_CONFIG",
-            json!([{"address": bao.base, "token": token}]).to_string(),
-        )
-        .env("APONO_SECRET_CACHE_TTL_SECONDS", "0");
-        for name in [
-            "AWS_PROFILE",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_ROLE_ARN",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        ] {
-            cmd.env_remove(name);
-        }
+        let mut cmd = super::support::aws_child("secrets::tests::env_default::child_reads_through_default");
+        cmd.env("AWS_ENDPOINT_URL", moto.url("http"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", dir.path().join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .env(
+                "HASHICORP_VAULT_CONFIG",
+                json!([{"address": bao.base, "token": token}]).to_string(),
+            )
+            .env("APONO_SECRET_CACHE_TTL_SECONDS", "0");
         for (k, v) in vars {
             cmd.env(k, v);
         }

