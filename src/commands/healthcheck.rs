@@ -66,7 +66,7 @@ pub async fn healthcheck(url: &str, timeout: Duration) -> anyhow::Result<String>
             ))
             .into());
         }
-        Err(e) => return Err(Refused(format!("not ready: {url}: {}", error_chain(&e))).into()),
+        Err(e) => return Err(Refused(format!("not ready: {url}: {}", crate::error_chain(&e))).into()),
     };
     let status = resp.status();
     let mut body = Vec::new();
@@ -90,18 +90,6 @@ pub async fn healthcheck(url: &str, timeout: Duration) -> anyhow::Result<String>
     } else {
         Err(Refused(format!("not ready: {url} answered {status}{said}")).into())
     }
-}
-
-/// An error and its causes on one line (reqwest's own message is only the outermost).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -161,16 +161,7 @@ fn transport(e: reqwest::Error) -> ControlPlaneError {
     };
     // The cause chain says what an operator needs ("invalid peer certificate: UnknownIssuer",
     // "Connection refused"); reqwest's own line only says a request failed.
-    let mut message = format!("{what}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
+    let mut message = format!("{what}: {}", crate::error_chain(&e));
     if message.to_ascii_lowercase().contains("certificate") {
         message.push_str(" (trust the control plane's CA with SSL_CERT_FILE)");
     }

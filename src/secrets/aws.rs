@@ -196,21 +196,11 @@ where
         }
         _ => {
             // The message chain (without the Debug dump DisplayErrorContext adds).
-            let mut detail = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            let mut credentials = None;
-            while let Some(s) = source {
-                // The innermost one says why: an assumed role wraps its base credentials' error.
-                if let Some(c) = s.downcast_ref::<CredentialsError>() {
-                    credentials = Some(c);
-                }
-                let text = s.to_string();
-                if !detail.contains(&text) {
-                    detail.push_str(": ");
-                    detail.push_str(&text);
-                }
-                source = s.source();
-            }
+            let detail = crate::error_chain(&err);
+            // The innermost one says why: an assumed role wraps its base credentials' error.
+            let credentials = std::iter::successors(std::error::Error::source(&err), |s| s.source())
+                .filter_map(|s| s.downcast_ref::<CredentialsError>())
+                .last();
             let role = match reference {
                 SecretRef::Aws {
                     role_arn: Some(role), ..

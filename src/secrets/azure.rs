@@ -377,7 +377,7 @@ fn map_error(reference: &SecretRef, err: azure_core::Error) -> SecretError {
             reference: describe,
             hint: format!(
                 "no Azure token (workload identity, client secret or managed identity): {}",
-                summarize(&err)
+                crate::error_chain(&err)
             ),
         },
         ErrorKind::DataConversion => SecretError::Malformed {
@@ -387,21 +387,9 @@ fn map_error(reference: &SecretRef, err: azure_core::Error) -> SecretError {
         // Network faults and time limits; the message names the host (or the token source).
         _ => SecretError::Unreachable {
             reference: describe,
-            hint: summarize(&err),
+            hint: crate::error_chain(&err),
         },
     }
-}
-
-/// The error's message chain, without any response body.
-fn summarize(err: &azure_core::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Whether an enabled version of the secret carries the read mark, from the version list (tags

@@ -170,21 +170,6 @@ fn last_attempt(err: &google_cloud_gax::error::Error) -> &google_cloud_gax::erro
     current
 }
 
-/// The error's message chain (reqwest's own `Display` omits the cause, e.g. "Connection refused").
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 fn map_error(
     reference: &SecretRef,
     action: &str,
@@ -257,7 +242,7 @@ fn map_error(
     if err.is_connect() {
         return SecretError::Unreachable {
             reference: describe,
-            hint: format!("cannot connect to {host} ({action}): {}", chain(err)),
+            hint: format!("cannot connect to {host} ({action}): {}", crate::error_chain(err)),
         };
     }
     if err.is_authentication() {
@@ -269,14 +254,14 @@ fn map_error(
         if transient {
             return SecretError::Unreachable {
                 reference: describe,
-                hint: format!("cannot get a Google access token now: {}", chain(err)),
+                hint: format!("cannot get a Google access token now: {}", crate::error_chain(err)),
             };
         }
         return SecretError::NotPermitted {
             reference: describe,
             hint: format!(
                 "Google refused or lacks the connector's credentials (Application Default Credentials): {}",
-                chain(err)
+                crate::error_chain(err)
             ),
         };
     }
@@ -309,7 +294,7 @@ fn map_error(
     }
     SecretError::Unreachable {
         reference: describe,
-        hint: format!("{action} at {host}: {}", chain(err)),
+        hint: format!("{action} at {host}: {}", crate::error_chain(err)),
     }
 }
 

@@ -778,14 +778,9 @@ fn misconfigured(hint: &str) -> SecretError {
 
 /// Connection, TLS and 5xx failures: the message chain (no bodies, no values).
 fn unreachable_error(reference: &SecretRef, vault: &str, e: &ClientError) -> SecretError {
-    let mut detail = e.to_string();
+    let mut detail = crate::error_chain(e);
     if let ClientError::APIError { errors, .. } = e {
         detail.push_str(&format!(": {}", errors.join("; ")));
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail.push_str(&format!(": {s}"));
-        source = s.source();
     }
     SecretError::Unreachable {
         reference: reference.describe(),

@@ -107,7 +107,7 @@ impl Client {
             builder = builder.tls_certs_merge(certs);
         }
         let http = builder.build().map_err(|e| IntegrationError::Config {
-            message: format!("cannot set up the HTTP client for Rancher: {}", chain(&e)),
+            message: format!("cannot set up the HTTP client for Rancher: {}", crate::error_chain(&e)),
         })?;
         let mut auth = HeaderValue::from_str(key.bearer().expose_secret()).map_err(|_| IntegrationError::Config {
             message: "the Rancher API key cannot be sent in a header; copy the access key and secret key again".into(),
@@ -372,7 +372,7 @@ impl Client {
     }
 
     fn transport_kind(&self, e: &reqwest::Error) -> ErrorKind {
-        let text = scrub(&chain(e), self.scrub.expose_secret());
+        let text = scrub(&crate::error_chain(e), self.scrub.expose_secret());
         if e.is_timeout() {
             ErrorKind::Timeout(self.timeout)
         } else if text.to_ascii_lowercase().contains("certificate") {
@@ -894,21 +894,6 @@ fn scrub(text: &str, secret: &str) -> String {
     } else {
         text.to_string()
     }
-}
-
-/// An error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -273,7 +273,7 @@ impl Conn {
         }
         let response = request.send().await.map_err(|e| SecretError::Unreachable {
             reference: reference.describe(),
-            hint: format!("vault {}: {}", self.describe(), error_chain(&e)),
+            hint: format!("vault {}: {}", self.describe(), crate::error_chain(&e)),
         })?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
@@ -348,15 +348,4 @@ fn login_fix(auth: &Auth) -> &'static str {
             "check that the role has auth_type iam and is bound to this AWS identity (bound_iam_principal_arn), that region matches the mount's STS region, and header_value the mount's iam_server_id_header_value"
         }
     }
-}
-
-/// An error and its sources, one after the other (no bodies, no values).
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut detail = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        detail.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    detail
 }

@@ -12,7 +12,6 @@ use aws_sigv4::sign::v4;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::auth::error_chain;
 use super::{Conn, misconfigured};
 use crate::secrets::{SecretError, SecretRef};
 
@@ -71,7 +70,7 @@ impl AwsIam {
             let hint = format!(
                 "AWS IAM auth for vault {}: no AWS credentials ({}); give the connector an AWS identity (IRSA/web identity, a profile, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an instance/task role)",
                 conn.describe(),
-                error_chain(&e)
+                crate::error_chain(&e)
             );
             match e {
                 CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_) => {
