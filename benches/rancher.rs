@@ -106,6 +106,8 @@ async fn round_trips(rows: &mut Vec<String>) {
         create_user: false,
         grant_id: Some(format!("ar-bench-{resource}")),
         expires_at,
+        owner: None,
+        keep_password: false,
     };
     for (label, resource) in [
         ("cluster", "c-7x2k9"),
@@ -133,6 +135,8 @@ async fn round_trips(rows: &mut Vec<String>) {
             user_id: Some(granted.user_id.clone()),
             binding_ids: granted.binding_ids.clone(),
             all: false,
+            owner: None,
+            bound_subject: None,
         };
         sim.sim.reset_stats();
         rancher.revoke(&r).await.expect("revoke");
@@ -150,6 +154,8 @@ async fn round_trips(rows: &mut Vec<String>) {
             create_user: true,
             grant_id: None,
             expires_at: None,
+            owner: None,
+            keep_password: false,
         })
         .await
         .expect("grant with user creation");

@@ -346,6 +346,7 @@ pub async fn sweep(spec: IntegrationSpec, dry_run: bool) -> anyhow::Result<Value
         .sweep(&SweepRequest {
             keep_binding_ids: Vec::new(),
             dry_run,
+            ..SweepRequest::default()
         })
         .await?;
     let verb = if dry_run { "would remove" } else { "removed" };

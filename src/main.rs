@@ -11,7 +11,7 @@ use apono_connector::commands::{self, DEFAULT_CONTROL_PLANE, Refused, Stdout};
 use apono_connector::config::{Config, TelemetryConfig};
 use apono_connector::control_plane::client::OperatorClient;
 use apono_connector::control_plane::operator::AccessRequestCreate;
-use apono_connector::integrations::{GrantRequest, Resource, RevokeRequest, Subject};
+use apono_connector::integrations::{GrantRequest, Owner, Resource, RevokeRequest, Subject};
 use apono_connector::sim::{DatasetSize, Sim, SimOptions};
 use apono_connector::telemetry;
 
@@ -467,6 +467,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     create_user,
                     grant_id: Some(format!("cli-{}", uuid::Uuid::now_v7())),
                     expires_at,
+                    owner: Some(Owner::cli()),
+                    keep_password: false,
                 },
             )
             .await?;
@@ -494,6 +496,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     user_id: None,
                     binding_ids: Vec::new(),
                     all,
+                    owner: Some(Owner::cli()),
+                    bound_subject: None,
                 },
             )
             .await?;

@@ -242,6 +242,101 @@ pub enum BindingScope {
     Project,
 }
 
+/// Which connector made a binding: its connector id and the install id kept in its state
+/// (`standalone/0193c5d2...`), or `cli` for the one-shot commands. Written in the marker of every
+/// binding the connector creates and hashed into the binding's name, so two connectors never
+/// share a binding and a copy under another name is never the connector's (see
+/// `rancher::names`). On the wire a string: `CONNECTOR[/INSTALL]`, each part 1-64 of
+/// `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner(String);
+
+impl Owner {
+    /// The owner of the one-shot `grant`/`revoke` commands.
+    pub const CLI: &'static str = "cli";
+
+    /// # Errors
+    /// A message naming what is wrong with the value.
+    pub fn parse(value: &str) -> Result<Owner, String> {
+        let v = value.trim();
+        let mut parts = v.split('/');
+        let ok_part = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 64
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        let connector = parts.next().unwrap_or_default();
+        let install = parts.next();
+        if !ok_part(connector) || install.is_some_and(|i| !ok_part(i)) || parts.next().is_some() {
+            return Err(format!(
+                "owner {:?} is not CONNECTOR[/INSTALL] (each part 1-64 letters, digits, '.', '_' or '-')",
+                v.chars().take(80).collect::<String>()
+            ));
+        }
+        Ok(Owner(v.to_string()))
+    }
+
+    /// `connector/install`.
+    pub fn new(connector: &str, install: &str) -> Result<Owner, String> {
+        Owner::parse(&format!("{connector}/{install}"))
+    }
+
+    /// The one-shot commands' owner.
+    pub fn cli() -> Owner {
+        Owner(Owner::CLI.to_string())
+    }
+
+    /// The connector id alone (before the `/`).
+    pub fn connector(&self) -> &str {
+        self.0.split('/').next().unwrap_or_default()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_cli(&self) -> bool {
+        self.0 == Owner::CLI
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Owner::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The field a binding is bound by, and its value, as the grant resolved it: what two accesses
+/// must share to share a binding (the overlap key names this, not the subject string a request
+/// gave). `{"field": "userId", "value": "u-abc12"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BoundSubject {
+    /// `userId`, `userPrincipalId` or `groupPrincipalId`.
+    pub field: String,
+    pub value: String,
+}
+
+impl BoundSubject {
+    /// `field=value`, the form kept in the control plane's overlap key.
+    pub fn key(&self) -> String {
+        format!("{}={}", self.field, self.value)
+    }
+}
+
 /// Params of a grant job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantRequest {
@@ -260,6 +355,14 @@ pub struct GrantRequest {
     /// binding whose expiry has already passed is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The connector making the grant (its marker and the binding's name). Absent in jobs of
+    /// control planes that do not send it: the agent uses its connector id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    /// The user already holds a live access whose credentials were handed out: do not reset its
+    /// password (the result then carries no credentials). Set by the control plane.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_password: bool,
 }
 
 /// Params of a revoke job. A revoke removes only what the connector made: the bindings its grant
@@ -293,10 +396,21 @@ pub struct RevokeRequest {
     /// operator cleaning up by hand (`revoke --all`); the control plane never sets it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
+    /// The connector whose bindings this revoke may remove (see [`Owner`]). Absent in jobs of
+    /// control planes that do not send it: the agent uses its connector id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    /// The binding subject the grant resolved (`GrantResult::bound_subject`), when recorded: the
+    /// kind of subject this revoke carries, whatever the subject string says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_subject: Option<BoundSubject>,
 }
 
-/// Params of a sweep job: remove the connector's own bindings whose marked expiry has passed,
-/// except those an access that has not ended still holds.
+/// Params of a sweep (reconcile) job: compare what Rancher holds with what the accesses say.
+/// It removes the connector's bindings whose marked expiry has passed (on Rancher's clock) and,
+/// when `accesses` is given, this owner's bindings no access claims; it moves an expiry
+/// annotation that is earlier than its holder's expiry; and it reports the active accesses whose
+/// binding is gone (`SweepResult::missing`), which the control plane repairs with a grant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SweepRequest {
     /// Binding ids held by accesses that have not ended: never removed by the sweep.
@@ -309,6 +423,68 @@ pub struct SweepRequest {
     /// Report what would be removed; remove nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// This connector (see [`Owner`]); absent: the agent uses its connector id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    /// Every access of this integration's Rancher that has not ended. `None` (a control plane
+    /// that does not send it): only expired bindings are removed, nothing is reported missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accesses: Option<Vec<HeldAccess>>,
+}
+
+/// An access that has not ended, as the reconcile sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldAccess {
+    /// The access request's id: the grant id in its bindings' markers.
+    pub grant_id: String,
+    #[serde(flatten)]
+    pub subject: Subject,
+    pub role: String,
+    pub resource: Resource,
+    pub state: HeldState,
+    /// The Rancher user the grant resolved, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_subject: Option<BoundSubject>,
+    /// The connector's bindings it holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binding_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Its grant found equal access someone else made (it holds no binding of its own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_existing: bool,
+}
+
+/// The state of a [`HeldAccess`]: only `active` ones are checked for a missing binding; all
+/// claim their bindings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldState {
+    Pending,
+    Active,
+    Revoking,
+}
+
+/// An active access whose binding is gone from Rancher (a person deleted it, or the standing
+/// binding of a `pre_existing` access went): the control plane re-runs its grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingAccess {
+    pub grant_id: String,
+    /// What was looked for and not found, for the log.
+    pub reason: String,
+}
+
+/// Why a sweep removed a binding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SweptReason {
+    /// Its marked expiry passed.
+    #[default]
+    Expired,
+    /// This connector made it and no access claims it (a failed grant's leftover, a lost delete).
+    Unclaimed,
 }
 
 /// One binding a sweep removed (or, in a dry run, would remove).
@@ -322,7 +498,11 @@ pub struct SweptBinding {
     pub subject: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
-    pub expires_at: DateTime<Utc>,
+    /// Its marked expiry (absent on an unclaimed binding without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub reason: SweptReason,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -337,6 +517,16 @@ pub struct SweepResult {
     pub marked: u64,
     #[serde(default)]
     pub dry_run: bool,
+    /// Active accesses whose binding is gone: to be granted again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<MissingAccess>,
+    /// The connector's bindings whose expiry annotation was moved later to their holder's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extended_binding_ids: Vec<String>,
+    /// Rancher's clock when the bindings were listed (its `Date` header), by which expiry was
+    /// judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rancher_time: Option<DateTime<Utc>>,
 }
 
 /// Params of a rotate-credentials job: the user whose password is replaced.
@@ -396,6 +586,14 @@ pub struct GrantResult {
     /// `user_id` is a user the connector created (tracked for rotation and cleanup).
     #[serde(default)]
     pub managed_user: bool,
+    /// The subject field the binding is bound by, as resolved (a group's principal, a user's id
+    /// or an external principal): the key overlapping accesses share. `user_id` is empty for a
+    /// group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_subject: Option<BoundSubject>,
+    /// Why no credentials came back for a create-user grant (`keep_password`), for the requester.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -414,6 +612,9 @@ pub struct RevokeResult {
     /// disabled (`enabled: false`); its next grant enables it again.
     #[serde(default)]
     pub user_disabled: bool,
+    /// What was left and why, for a person (a binding another connector's live access holds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -117,6 +117,8 @@ impl EmbeddedControlPlane {
                 create_user: request.create_user,
                 grant_id: Some(id.clone()),
                 expires_at: None, // set when the grant is first handed out
+                owner: None,
+                keep_password: false,
             })
             .map_err(|e| bad_request(format!("the grant request does not serialize: {e}")))?;
             let grant = Self::new_job(JobKind::Grant, &name, Some(spec.clone()), params, Some(&id), t);
@@ -280,6 +282,8 @@ impl EmbeddedControlPlane {
             user_id: a.user_id.clone(),
             binding_ids: a.binding_ids.clone(),
             all: false,
+            owner: None,
+            bound_subject: None,
         })
         .map_err(|e| ControlPlaneError::Store {
             message: format!("revoke params do not serialize: {e}"),

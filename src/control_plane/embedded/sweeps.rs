@@ -43,6 +43,7 @@ impl EmbeddedControlPlane {
                 let params = serde_json::to_value(SweepRequest {
                     keep_binding_ids: self.keep_binding_ids(c, &name, &spec)?,
                     dry_run: false,
+                    ..SweepRequest::default()
                 })
                 .map_err(|e| ControlPlaneError::Store {
                     message: format!("sweep params do not serialize: {e}"),

@@ -426,6 +426,8 @@ impl Rancher {
             pre_existing: !pre_existing_binding_ids.is_empty(),
             pre_existing_binding_ids,
             managed_user: managed.is_some(),
+            bound_subject: None,
+            note: None,
         })
     }
 

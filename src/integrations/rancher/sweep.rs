@@ -19,7 +19,7 @@ use super::client::ApiError;
 use super::grant::Kind;
 use super::model::{Binding, nonempty};
 use super::names::MarkedExpiry;
-use crate::integrations::{IntegrationError, SweepRequest, SweepResult, SweptBinding};
+use crate::integrations::{IntegrationError, SweepRequest, SweepResult, SweptBinding, SweptReason};
 
 impl Rancher {
     pub(super) async fn sweep_expired(&self, request: &SweepRequest) -> Result<SweepResult, IntegrationError> {
@@ -74,7 +74,7 @@ impl Rancher {
                     }
                     tracing::info!(
                         binding = %s.id, role = %s.role_id, resource = %s.resource_id, subject = %s.subject,
-                        grant = s.grant_id.as_deref().unwrap_or(""), expires_at = %s.expires_at,
+                        grant = s.grant_id.as_deref().unwrap_or(""), expires_at = ?s.expires_at,
                         "sweep: removed the connector's expired binding"
                     );
                 }
@@ -126,6 +126,7 @@ fn swept(kind: Kind, b: &Binding, expires_at: DateTime<Utc>) -> SweptBinding {
         resource_id: resource.unwrap_or("global").to_string(),
         subject: b.subject().to_string(),
         grant_id: b.grant_id().map(str::to_string),
-        expires_at,
+        expires_at: Some(expires_at),
+        reason: SweptReason::Expired,
     }
 }

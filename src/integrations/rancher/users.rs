@@ -64,6 +64,8 @@ impl Rancher {
             pre_existing: false,
             pre_existing_binding_ids: Vec::new(),
             managed_user: true,
+            bound_subject: None,
+            note: None,
         })
     }
 
