@@ -149,6 +149,13 @@ pub(crate) fn de_opt_user_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<O
         None => Ok(None),
         Some(s) => {
             let s = s.trim().to_string();
+            // Empty (a group's grant), or a principal that builds before `bound_subject` recorded
+            // as the user (a group's, or an external user's whose user did not exist yet): no
+            // user id, so the revoke finds the subject itself. Refusing it left the revoke
+            // `malformed_job` forever (lifecycle review D1).
+            if s.is_empty() || s.contains("://") {
+                return Ok(None);
+            }
             check_plain("user_id", &s).map_err(serde::de::Error::custom)?;
             Ok(Some(s))
         }

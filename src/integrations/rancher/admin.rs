@@ -6,14 +6,21 @@
 //!
 //! `GET /v3/users?me=true` (whose key) + `GET /v3/globalrolebindings?userId=<me>&globalRoleId=admin`
 //! (re-checked client-side): 2 requests, then cached per key for [`PROOF_TTL`].
+//!
+//! An owner is admin in Rancher's sense also through an identity-provider group (a GRB by
+//! `groupPrincipalId`) or a custom global role with the admin rules (`IsAdminGlobalRole`). When
+//! the direct binding is not there: the caller's principals (`GET /v3/principals`: its user and
+//! its groups), every GRB (one listing, checked client-side for the owner's id and groups), and
+//! each bound global role other than `admin` read (`GET /v3/globalroles/{id}`) and tested with
+//! Rancher's rule. `restricted-admin` does not pass: it cannot see the `local` cluster.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Rancher;
 use super::client::ApiError;
-use super::model::{Binding, Collection, User, nonempty};
+use super::model::{Binding, Collection, GlobalRole, Principal, User, nonempty};
 use crate::integrations::IntegrationError;
 
 /// The global role that sees everything.
@@ -93,18 +100,62 @@ impl Rancher {
             )
             .find(is_admin)
             .await?;
-        if found.is_none() {
+        if found.is_none() && !self.admin_otherwise(user_id).await? {
             // A key found wanting is not trusted on an older proof either.
             self.forget_proof();
             return Err(IntegrationError::PermissionDenied {
                 message: format!(
-                    "the API key's owner {user_id} is not an admin: Rancher silently hides what a non-admin cannot \
-                     see, so revokes could not be proven; use a key of a user with the global role admin"
+                    "the API key's owner {user_id} is not an admin (no global role with Rancher's admin rules, \
+                     directly or through a group): Rancher silently hides what a non-admin cannot see, so revokes \
+                     could not be proven and nothing is granted; use a key of a user with the global role admin"
                 ),
             });
         }
         self.remember_proof();
         Ok(())
+    }
+
+    /// Whether `user_id` is admin through one of its groups or a custom global role.
+    async fn admin_otherwise(&self, user_id: &str) -> Result<bool, IntegrationError> {
+        let groups: Vec<String> = self
+            .client
+            .list::<Principal>(&["v3", "principals"], &[], "the key owner's principals")
+            .collect_matching(|p| p.principal_type.eq_ignore_ascii_case("group"))
+            .await?
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        let roles: BTreeSet<String> = self
+            .client
+            .list::<Binding>(&["v3", "globalrolebindings"], &[], "global role bindings")
+            .collect_matching(|b| {
+                !b.is_removed()
+                    && (nonempty(&b.user_id) == Some(user_id)
+                        || nonempty(&b.group_principal_id).is_some_and(|g| groups.iter().any(|x| x == g)))
+            })
+            .await?
+            .into_iter()
+            .filter_map(|b| b.global_role_id)
+            .collect();
+        if roles.contains(ADMIN_ROLE) {
+            return Ok(true);
+        }
+        for id in roles {
+            let url = self
+                .client
+                .url(&["v3", "globalroles", &id], &[])
+                .map_err(ApiError::into_error)?;
+            match self.client.get::<GlobalRole>(url).await {
+                Ok(role) if role.is_admin() => {
+                    tracing::info!(user_id, role = %id, "the API key's owner is admin through a custom global role");
+                    return Ok(true);
+                }
+                Ok(_) => {}
+                Err(e) if e.status() == Some(404) => {}
+                Err(e) => return Err(e.into_error()),
+            }
+        }
+        Ok(false)
     }
 }
 

@@ -75,6 +75,10 @@ pub struct Client {
     retry: RetryPolicy,
     /// [`MAX_BODY_BYTES`]; smaller in tests.
     max_body: usize,
+    /// Rancher's clock: the `Date` of its latest answer and when it arrived here. Expiry is
+    /// judged on it (`rancher_now`), so a connector whose own clock is off neither removes a
+    /// binding early nor keeps one late.
+    clock: std::sync::Mutex<Option<(DateTime<Utc>, std::time::Instant)>>,
 }
 
 impl fmt::Debug for Client {
@@ -124,6 +128,7 @@ impl Client {
             timeout: config.timeout,
             retry: RetryPolicy::default(),
             max_body: MAX_BODY_BYTES,
+            clock: std::sync::Mutex::new(None),
         })
     }
 
@@ -339,6 +344,7 @@ impl Client {
             }
         };
         let status = resp.status();
+        self.learn_clock(resp.headers());
         crate::telemetry::metrics().rancher_request(&operation, status.as_str());
         tracing::debug!(%method, path = url.path(), status = status.as_u16(), "rancher request");
         if status.is_success() {
@@ -369,6 +375,33 @@ impl Client {
             failure.retry_after = retry_after;
             Err(failure)
         }
+    }
+
+    /// Remembers Rancher's clock from an answer's `Date` header (RFC 7231, whole seconds).
+    fn learn_clock(&self, headers: &HeaderMap) {
+        let Some(date) = headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
+        else {
+            return;
+        };
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some((date.with_timezone(&Utc), std::time::Instant::now()));
+    }
+
+    /// Rancher's time now: the `Date` of its latest answer plus the time since it arrived, or
+    /// this machine's clock before any answer carried one. `Date` has whole seconds: up to one
+    /// second early, which errs on keeping a binding a moment longer, never on removing it early.
+    pub fn rancher_now(&self) -> DateTime<Utc> {
+        match *self.clock.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((date, at)) => date + chrono::Duration::from_std(at.elapsed()).unwrap_or_default(),
+            None => Utc::now(),
+        }
+    }
+
+    /// Whether an answer from Rancher has told its clock yet.
+    pub fn knows_rancher_time(&self) -> bool {
+        self.clock.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     fn transport_kind(&self, e: &reqwest::Error) -> ErrorKind {

@@ -28,6 +28,10 @@ pub const DEFAULT_STATUS_TIMEOUT_SECONDS: u64 = 10;
 /// Short on purpose: a disconnected cluster stalls 20-40 s before Rancher answers 500
 /// (rancher `pkg/dialer/factory.go`), and it must not hold a request slot that long.
 pub const DEFAULT_CLUSTER_TIMEOUT_SECONDS: u64 = 10;
+/// How old (on Rancher's clock) a binding of this connector that no access claims must be before
+/// the reconcile removes it: longer than a sweep job takes from its hand-out (when the control
+/// plane listed the accesses) to its listing, so a grant that started meanwhile keeps its binding.
+pub const DEFAULT_UNCLAIMED_GRACE_SECONDS: u64 = 300;
 /// Apono's limit on the instructions shown to end users.
 pub const MAX_CUSTOM_ACCESS_DETAILS: usize = 400;
 
@@ -48,6 +52,7 @@ const KNOWN_KEYS: &[&str] = &[
     "new_user_roles",
     "insecure_http",
     "cluster_timeout_seconds",
+    "unclaimed_grace_seconds",
 ];
 
 /// Which global roles the users the agent creates get, so they can log in
@@ -102,6 +107,8 @@ pub struct RancherConfig {
     pub new_user_roles: NewUserRoles,
     /// Discovery's deadline for one cluster's namespaces; a cluster past it is skipped.
     pub cluster_timeout: Duration,
+    /// See [`DEFAULT_UNCLAIMED_GRACE_SECONDS`].
+    pub unclaimed_grace: Duration,
 }
 
 impl RancherConfig {
@@ -237,6 +244,15 @@ impl RancherConfig {
             &mut errors,
         );
 
+        let unclaimed_grace = bounded(
+            map,
+            "unclaimed_grace_seconds",
+            DEFAULT_UNCLAIMED_GRACE_SECONDS,
+            0,
+            86_400,
+            &mut errors,
+        );
+
         match base_url {
             Some(base_url) if errors.is_empty() => Ok(RancherConfig {
                 base_url,
@@ -252,6 +268,7 @@ impl RancherConfig {
                 status_timeout: Duration::from_secs(status_timeout),
                 new_user_roles,
                 cluster_timeout: Duration::from_secs(cluster_timeout),
+                unclaimed_grace: Duration::from_secs(unclaimed_grace),
             }),
             _ => Err(config_err(errors)),
         }

@@ -29,19 +29,20 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
 
 use super::Rancher;
 use super::client::ApiError;
-use super::model::{Binding, User, nonempty};
+use super::model::{Binding, Ownership, User, nonempty};
 use super::names::{
     BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION, MarkedExpiry,
-    Marker, binding_name, external_user_id, format_expiry, generate_password, local_user_id,
+    Marker, OWNER_ANNOTATION, binding_name, external_user_id, format_expiry, generate_password, local_user_id,
 };
 use super::project_ns;
-use crate::integrations::{BindingScope, Credentials, GrantRequest, GrantResult, IntegrationError, Resource, Subject};
+use crate::integrations::{
+    BindingScope, BoundSubject, Credentials, GrantRequest, GrantResult, IntegrationError, Owner, Resource, Subject,
+};
 
 /// The login-only global role (rancher `pkg/data/management/role_data.go`). Users created
 /// through the API get no default global role bindings (`usermanager.go`), so the agent adds this
@@ -156,8 +157,30 @@ pub(super) struct Target<'a> {
 }
 
 impl Target<'_> {
-    pub(super) fn name(&self) -> String {
-        binding_name(self.kind.scope(), &self.subject, self.role, self.resource.as_str())
+    /// The name `owner` gives this binding.
+    pub(super) fn name(&self, owner: &Owner) -> String {
+        binding_name(owner, self.kind.scope(), &self.subject, self.role, self.resource.as_str())
+    }
+
+    /// The ids a binding named `name` has in Rancher: `name` (global), `c-x:name` (cluster), and
+    /// for a project both `p-y:name` and `c-x-p-y:name` (its namespace depends on the project's age).
+    pub(super) fn ids_of(&self, name: &str) -> Vec<String> {
+        match self.resource {
+            Resource::Global => vec![name.to_string()],
+            Resource::Cluster(c) => vec![format!("{c}:{name}")],
+            Resource::Project(p) => match p.split_once(':') {
+                Some((c, p)) => vec![format!("{p}:{name}"), format!("{c}-{p}:{name}")],
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// The bound subject, as the control plane keys overlapping accesses.
+    pub(super) fn bound_subject(&self) -> BoundSubject {
+        BoundSubject {
+            field: self.subject.field().to_string(),
+            value: self.subject.value().to_string(),
+        }
     }
 
     fn body(&self, name: &str, marker: &Marker) -> Value {
@@ -245,6 +268,7 @@ pub(super) fn is_agent_created(u: &User) -> bool {
 }
 
 /// What [`Rancher::ensure_binding`] found or made.
+#[derive(Debug)]
 pub(super) enum Ensured {
     /// The connector's binding: made by this call (`created`) or found.
     Ours { binding: Box<Binding>, created: bool },
@@ -255,19 +279,14 @@ pub(super) enum Ensured {
 impl Rancher {
     pub(super) async fn grant_access(&self, r: &GrantRequest) -> Result<GrantResult, IntegrationError> {
         check_role(&r.role)?;
-        if let Some(t) = r.expires_at
-            && t <= Utc::now()
-        {
-            return Err(IntegrationError::Invalid {
-                message: format!(
-                    "the access expired at {} before it was granted; nothing was created",
-                    format_expiry(t)
-                ),
-            });
-        }
+        let owner = r.owner.clone().unwrap_or_else(Owner::cli);
+        // Never grant what cannot be revoked: a revoke must prove the key sees everything, so
+        // the grant proves it first, before any write (cached per key).
+        self.ensure_admin().await?;
         let kind = Kind::of(&r.resource);
         // Whether this call created the user, and its generated password.
         let mut created_user = false;
+        let mut note = None;
         let mut credentials: Option<(String, SecretString)> = None;
         // A user the agent created (now or earlier): enabled, given its login roles, tracked.
         let mut managed: Option<User> = None;
@@ -295,10 +314,6 @@ impl Rancher {
                     }
                 };
                 if created_user || is_agent_created(&user) {
-                    // Disabled by the revoke of its last access: this grant gives it access again.
-                    if user.enabled == Some(false) {
-                        self.set_enabled(&user.id, true).await?;
-                    }
                     managed = Some(user.clone());
                 }
                 principals = user.principal_ids.clone();
@@ -317,9 +332,6 @@ impl Rancher {
                         });
                     };
                     if is_agent_created(&user) {
-                        if user.enabled == Some(false) {
-                            self.set_enabled(&user.id, true).await?;
-                        }
                         managed = Some(user.clone());
                     }
                     principals = user.principal_ids.clone();
@@ -354,6 +366,7 @@ impl Rancher {
         let mut matcher = SubjectMatch::of(&target.subject);
         matcher.principals.extend(principals);
         let marker = Marker {
+            owner: Some(owner.clone()),
             grant_id: r.grant_id.clone(),
             expires_at: r.expires_at,
         };
@@ -371,16 +384,32 @@ impl Rancher {
                     resource: &Resource::Global,
                     subject: BindingSubject::UserId(user.id.clone()),
                 };
-                // Shared by every access of the user: the label, no grant id, no expiry (never swept).
+                // Shared by every access of the user: the label and owner, no grant id, no expiry
+                // (never swept, never unclaimed).
                 let m = SubjectMatch::of(&login.subject);
-                self.ensure_binding(&login, &m, &Marker::default(), !created_user)
-                    .await?;
+                let login_marker = Marker {
+                    owner: Some(owner.clone()),
+                    ..Marker::default()
+                };
+                self.ensure_binding(&login, &m, &login_marker, !created_user).await?;
+            }
+            // Enabled once its binding exists, re-read now: a revoke disabling the user (its last
+            // access ended) may have read "no binding left" just before this grant made one; it
+            // re-checks after its write, and this read catches the write that landed first.
+            if !created_user {
+                self.enable_if_disabled(&user.id).await?;
             }
             // Credentials are never lost (an earlier attempt may have made the user and died
             // before its password was handed out, or `setpassword` may have failed after it
             // changed the password): every create-user grant of an agent-created user that did
             // not create it now sets a fresh password and returns it. Last, once the access exists.
-            if r.create_user && !created_user {
+            if r.create_user && !created_user && r.keep_password {
+                note = Some(format!(
+                    "user {} already holds a live access whose password was handed out then; the password was not \
+                     reset (it still works)",
+                    user.username().unwrap_or(&user.id)
+                ));
+            } else if r.create_user && !created_user {
                 let Some(username) = user.username().map(str::to_string) else {
                     return Err(IntegrationError::Invalid {
                         message: format!(
@@ -412,10 +441,12 @@ impl Rancher {
                 (Vec::new(), ids, found.into_iter().find_map(|b| b.user_id))
             }
         };
+        // A Rancher user id, or empty: a group has no user, and a principal's user may not exist
+        // yet on a standing binding. The kind of subject travels in `bound_subject`.
         let user_id = match &target.subject {
             BindingSubject::UserId(u) => u.clone(),
-            BindingSubject::UserPrincipal(p) => nonempty(&bound_user).unwrap_or(p).to_string(),
-            BindingSubject::GroupPrincipal(g) => g.clone(),
+            BindingSubject::UserPrincipal(_) => nonempty(&bound_user).unwrap_or_default().to_string(),
+            BindingSubject::GroupPrincipal(_) => String::new(),
         };
         Ok(GrantResult {
             user_id,
@@ -426,8 +457,8 @@ impl Rancher {
             pre_existing: !pre_existing_binding_ids.is_empty(),
             pre_existing_binding_ids,
             managed_user: managed.is_some(),
-            bound_subject: None,
-            note: None,
+            bound_subject: Some(target.bound_subject()),
+            note,
         })
     }
 
@@ -550,24 +581,55 @@ impl Rancher {
     ) -> Result<Ensured, IntegrationError> {
         if look_first {
             let found = self.find_bindings(target, matcher).await?;
-            if let Some(ensured) = self.adopt(target, marker, found).await? {
+            self.refuse_if_expired(marker)?;
+            if let Some(ensured) = self.adopt(target, marker, found, false).await? {
                 return Ok(ensured);
             }
         }
+        self.refuse_if_expired(marker)?;
         self.create_binding(target, matcher, marker).await
+    }
+
+    /// A grant whose expiry has passed, on Rancher's clock (the clock the sweep judges by), makes
+    /// and extends nothing: the control plane would have to revoke it at once.
+    fn refuse_if_expired(&self, marker: &Marker) -> Result<(), IntegrationError> {
+        match marker.expires_at {
+            Some(t) if t <= self.client.rancher_now() => Err(IntegrationError::Invalid {
+                message: format!(
+                    "the access expired at {} (Rancher's clock) before it was granted; no binding was created",
+                    format_expiry(t)
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Reads the equal bindings found: the connector's (its expiry moved later if needed), else
     /// someone else's, else nothing.
+    ///
+    /// Ours (or a binding of a build before owners, adopted here) is extended; another
+    /// connector's is neither adopted nor counted: this connector makes its own, unless
+    /// `others_stand` (Rancher 2.14+ refused ours as a duplicate of it), when it is recorded as
+    /// pre-existing access like a person's.
     async fn adopt(
         &self,
         target: &Target<'_>,
         marker: &Marker,
         found: Vec<Binding>,
+        others_stand: bool,
     ) -> Result<Option<Ensured>, IntegrationError> {
-        let name = target.name();
-        let (mut ours, theirs): (Vec<Binding>, Vec<Binding>) = found.into_iter().partition(Binding::is_connectors);
-        // The deterministic name first, then by id: the same choice on every attempt.
+        let owner = marker.owner.clone().unwrap_or_else(Owner::cli);
+        let name = target.name(&owner);
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for b in found {
+            match b.ownership(&owner) {
+                Ownership::Ours | Ownership::Legacy { .. } => ours.push(b),
+                Ownership::Connector(_) if !others_stand => {}
+                Ownership::Connector(_) | Ownership::NotConnectors => theirs.push(b),
+            }
+        }
+        // Our own name first, then by id: the same choice on every attempt.
         ours.sort_by(|a, b| (a.object_name() != name, &a.id).cmp(&(b.object_name() != name, &b.id)));
         if let Some(b) = ours.into_iter().next() {
             // Found is not settled: an earlier attempt may have stopped while it was InProgress.
@@ -591,7 +653,7 @@ impl Rancher {
         matcher: &SubjectMatch,
         marker: &Marker,
     ) -> Result<Ensured, IntegrationError> {
-        let name = target.name();
+        let name = target.name(marker.owner.as_ref().unwrap_or(&Owner::cli()));
         let url = self
             .client
             .url(&["v3", target.kind.collection()], &[])
@@ -642,7 +704,7 @@ impl Rancher {
                     // name (the listing missed it): ours if it carries the label.
                     tracing::info!(grant = %target.describe(), "an equal binding exists under another name");
                     let found = self.find_bindings(target, matcher).await?;
-                    return match self.adopt(target, marker, found).await? {
+                    return match self.adopt(target, marker, found, true).await? {
                         Some(ensured) => Ok(ensured),
                         None => Err(IntegrationError::Unavailable {
                             message: format!(
@@ -709,7 +771,7 @@ impl Rancher {
     /// Makes sure the connector's binding `b` carries the label and an expiry no earlier than
     /// `marker`'s, so a sweep never removes it while this access still needs it. One `PUT` of
     /// the binding's labels and annotations (the others kept) when something changes.
-    async fn extend_marker(
+    pub(super) async fn extend_marker(
         &self,
         target: &Target<'_>,
         b: Binding,
@@ -720,6 +782,13 @@ impl Rancher {
         let mut changed = false;
         if !b.is_connectors() {
             labels.insert(CREATED_BY_LABEL.to_string(), CREATED_BY_VALUE.to_string());
+            changed = true;
+        }
+        // A binding of a build before owners, adopted: from now on it names its owner.
+        if let Some(owner) = &marker.owner
+            && b.owner_annotation().is_none()
+        {
+            annotations.insert(OWNER_ANNOTATION.to_string(), owner.to_string());
             changed = true;
         }
         if let Some(ours) = marker.expires_at {

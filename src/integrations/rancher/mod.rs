@@ -5,7 +5,7 @@
 //! - [`client`]: HTTP, authentication, retries, error mapping, pagination with its loop guard.
 //! - [`model`]: the v3 objects as they come over the wire.
 //! - [`names`]: deterministic binding names, external user ids, generated passwords.
-//! - `validate`, `discover`, `grant`, `revoke`, `sweep`, `users` (create, rotate, delete,
+//! - `validate`, `discover`, `grant`, `revoke`, `reconcile` (the `sweep` operation), `users` (create, rotate, delete,
 //!   enable/disable): the operations, one file each; `admin`: the admin proof they rely on;
 //!   `settle`: waiting for a new binding to be applied (2.11+ status, EnsureUser's `userId`).
 //!
@@ -25,7 +25,7 @@ pub mod names;
 mod project_ns;
 mod revoke;
 mod settle;
-mod sweep;
+mod reconcile;
 mod users;
 mod validate;
 
@@ -119,6 +119,6 @@ impl Integration for Rancher {
     }
 
     async fn sweep(&self, request: &SweepRequest) -> Result<SweepResult, IntegrationError> {
-        self.sweep_expired(request).await
+        self.reconcile(request).await
     }
 }

@@ -9,8 +9,10 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::names::{
-    CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION, GRANT_ID_ANNOTATION, MarkedExpiry, parse_expiry,
+    BindingSubject, CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION, GRANT_ID_ANNOTATION, MarkedExpiry,
+    OWNER_ANNOTATION, binding_name, legacy_binding_name, parse_expiry,
 };
+use crate::integrations::{BindingScope, Owner};
 
 /// A collection page: `{data: [...], pagination: {...}}`.
 #[derive(Debug, Deserialize)]
@@ -51,7 +53,8 @@ has_id!(
     RoleTemplate,
     User,
     Binding,
-    Token
+    Token,
+    Principal
 );
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -99,6 +102,51 @@ pub struct GlobalRole {
     /// The install gives this role to every new user (`GlobalRole.NewUserDefault`).
     #[serde(default, deserialize_with = "null_as_default")]
     pub new_user_default: bool,
+    /// Its RBAC rules (on the `local` cluster's management API).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub rules: Vec<PolicyRule>,
+}
+
+impl GlobalRole {
+    /// Rancher's own test for an admin role (`IsAdminGlobalRole`, rancher `pkg/rbac/common.go`):
+    /// the builtin `admin`, or any role with a rule granting every verb on every resource of every
+    /// API group and a rule granting every verb on every non-resource URL.
+    pub fn is_admin(&self) -> bool {
+        if self.builtin && self.id == "admin" {
+            return true;
+        }
+        let star = |v: &[String]| v.iter().any(|x| x == "*");
+        let resources = self
+            .rules
+            .iter()
+            .any(|r| star(&r.resources) && star(&r.api_groups) && star(&r.verbs));
+        let non_resources = self.rules.iter().any(|r| star(&r.non_resource_urls) && star(&r.verbs));
+        resources && non_resources
+    }
+}
+
+/// A Kubernetes RBAC rule as Norman shows it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRule {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub verbs: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub api_groups: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub resources: Vec<String>,
+    #[serde(default, rename = "nonResourceURLs", deserialize_with = "null_as_default")]
+    pub non_resource_urls: Vec<String>,
+}
+
+/// A principal as `GET /v3/principals` lists the caller's own: its user and, for providers with
+/// groups, the groups it logged in with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Principal {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub principal_type: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -168,6 +216,9 @@ pub struct Binding {
     /// Set while finalizers run after a DELETE: the binding is on its way out.
     #[serde(default)]
     pub removed: Option<String>,
+    /// When Rancher stored it (RFC 3339, Rancher's clock).
+    #[serde(default)]
+    pub created: Option<String>,
     /// Where the connector's marker lives (`names::CREATED_BY_LABEL`).
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
@@ -220,6 +271,96 @@ impl Binding {
     pub fn object_name(&self) -> &str {
         nonempty(&self.name).unwrap_or_else(|| self.id.rsplit(':').next().unwrap_or(&self.id))
     }
+
+    /// The owner annotation as written (`None` when absent or empty).
+    pub fn owner_annotation(&self) -> Option<&str> {
+        self.annotations
+            .get(OWNER_ANNOTATION)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Scope, role and resource as the binding itself says (a GRB has `globalRoleId`, a PRTB
+    /// `projectId`, a CRTB `clusterId`); `None` for a binding that says neither.
+    pub fn scope_role_resource(&self) -> Option<(BindingScope, &str, &str)> {
+        if let Some(role) = nonempty(&self.global_role_id) {
+            return Some((BindingScope::Global, role, "global"));
+        }
+        let role = nonempty(&self.role_template_id)?;
+        if let Some(p) = nonempty(&self.project_id) {
+            return Some((BindingScope::Project, role, p));
+        }
+        nonempty(&self.cluster_id).map(|c| (BindingScope::Cluster, role, c))
+    }
+
+    /// Every subject field the binding carries (Rancher fills `userId` into a principal's binding
+    /// and `userPrincipalId` into some `userId` bindings later: its name came from one of them).
+    fn subjects(&self) -> Vec<BindingSubject> {
+        let mut out = Vec::new();
+        if let Some(u) = nonempty(&self.user_id) {
+            out.push(BindingSubject::UserId(u.to_string()));
+        }
+        if let Some(p) = nonempty(&self.user_principal_id) {
+            out.push(BindingSubject::UserPrincipal(p.to_string()));
+        }
+        if let Some(g) = nonempty(&self.group_principal_id) {
+            out.push(BindingSubject::GroupPrincipal(g.to_string()));
+        }
+        out
+    }
+
+    /// Whether the binding's name is the one `owner` (or, with `None`, a build before owners)
+    /// derives from the binding's own scope, role, resource and one of its subject fields.
+    fn has_derived_name(&self, owner: Option<&Owner>) -> bool {
+        let Some((scope, role, resource)) = self.scope_role_resource() else {
+            return false;
+        };
+        let name = self.object_name();
+        self.subjects().iter().any(|s| match owner {
+            Some(o) => binding_name(o, scope, s, role, resource) == name,
+            None => legacy_binding_name(scope, s, role, resource) == name,
+        })
+    }
+
+    /// Whose the binding is, as far as its marker and its name prove (see [`Ownership`]).
+    pub fn ownership(&self, me: &Owner) -> Ownership {
+        let labeled = self.is_connectors();
+        match self.owner_annotation() {
+            Some(written) => {
+                let Ok(owner) = Owner::parse(written) else {
+                    return Ownership::NotConnectors;
+                };
+                // Its own name, or the pre-owner name of a binding adopted at an upgrade.
+                let named = self.has_derived_name(Some(&owner)) || self.has_derived_name(None);
+                match (labeled && named, owner == *me) {
+                    (true, true) => Ownership::Ours,
+                    (true, false) => Ownership::Connector(owner),
+                    (false, _) => Ownership::NotConnectors,
+                }
+            }
+            None if self.has_derived_name(None) => Ownership::Legacy { labeled },
+            None => Ownership::NotConnectors,
+        }
+    }
+}
+
+/// Whose a binding is. The created-by label alone proves nothing: anyone who copies a binding's
+/// YAML copies it. A binding is a connector's only when its owner annotation names that connector
+/// and its name is the one derived from that owner and the binding's own subject, role and
+/// resource; nobody else creates that name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// This connector's: ours to adopt, extend and delete.
+    Ours,
+    /// Another connector's (another install, or the one-shot commands' `cli`): never adopted or
+    /// re-dated; removed only by a sweep once its own marked expiry has passed.
+    Connector(Owner),
+    /// Made by a build before owners existed: the pre-owner derived name, no owner annotation
+    /// (and, from the oldest builds, no label). Adopted by the grant that meets it, and removed
+    /// by the revoke of the grant it names (or of any grant when it names none).
+    Legacy { labeled: bool },
+    /// A person's binding, or a copy of a connector's binding under another name: never touched.
+    NotConnectors,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -9,11 +9,11 @@ use rand::distr::Alphanumeric;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
-use crate::integrations::BindingScope;
+use crate::integrations::{BindingScope, Owner};
 
 /// Label set on every user and binding the agent creates. Rotation and deletion touch only
-/// users with it; a revoke or a sweep deletes only bindings with it (a binding is "the
-/// connector's" iff it carries this label with [`CREATED_BY_VALUE`]).
+/// users with it. On a binding it is necessary, not sufficient: see `model::Ownership` for what
+/// makes a binding this connector's.
 pub const CREATED_BY_LABEL: &str = "apono.io/created-by";
 pub const CREATED_BY_VALUE: &str = "apono-connector";
 /// Annotation on a binding the connector created: the grant (access request) it was made for,
@@ -23,6 +23,10 @@ pub const GRANT_ID_ANNOTATION: &str = "apono.io/grant-id";
 /// UTC). The sweep removes the binding once this has passed, even if the control plane's state
 /// is lost. Login bindings of created users carry the label but no expiry: never swept.
 pub const EXPIRES_AT_ANNOTATION: &str = "apono.io/expires-at";
+/// Annotation on a binding the connector created: which connector (`Owner`: connector id and
+/// install id). Hashed into the binding's name too, so a copy under another name, or another
+/// connector's binding, never passes for this connector's.
+pub const OWNER_ANNOTATION: &str = "apono.io/owner";
 /// Description set on users the agent creates (a second marker, visible in the UI).
 pub const CREATED_BY_DESCRIPTION: &str = "created by apono-connector";
 /// Hex characters of the hash in a binding name: 64 bits, so names of different grants do not
@@ -34,6 +38,7 @@ pub const PASSWORD_LEN: usize = 32;
 /// The marker written on a binding the connector creates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Marker {
+    pub owner: Option<Owner>,
     pub grant_id: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -44,9 +49,12 @@ impl Marker {
         BTreeMap::from([(CREATED_BY_LABEL.to_string(), CREATED_BY_VALUE.to_string())])
     }
 
-    /// The annotations of a new binding: grant id and expiry, each when known.
+    /// The annotations of a new binding: owner, grant id and expiry, each when known.
     pub fn annotations(&self) -> BTreeMap<String, String> {
         let mut a = BTreeMap::new();
+        if let Some(o) = &self.owner {
+            a.insert(OWNER_ANNOTATION.to_string(), o.to_string());
+        }
         if let Some(g) = self.grant_id.as_deref().filter(|g| !g.is_empty()) {
             a.insert(GRANT_ID_ANNOTATION.to_string(), g.to_string());
         }
@@ -104,21 +112,41 @@ impl BindingSubject {
     }
 }
 
-/// `grb-`/`crtb-`/`prtb-` + hex(sha256(scope|subject|role|resource))[..16]: the same grant always
-/// gets the same name, so a repeated (or retried) POST answers 409 AlreadyExists on every Rancher
-/// version instead of creating a duplicate.
-pub fn binding_name(scope: BindingScope, subject: &BindingSubject, role: &str, resource: &str) -> String {
-    let prefix = match scope {
-        BindingScope::Global => "grb-",
-        BindingScope::Cluster => "crtb-",
-        BindingScope::Project => "prtb-",
-    };
+/// `grb-`/`crtb-`/`prtb-` + hex(sha256(owner|scope|subject|role|resource))[..16]: the same grant
+/// of the same connector always gets the same name, so a repeated (or retried) POST answers 409
+/// AlreadyExists on every Rancher version instead of creating a duplicate; another connector's
+/// name for the same access differs, so two connectors never share a binding.
+pub fn binding_name(
+    owner: &Owner,
+    scope: BindingScope,
+    subject: &BindingSubject,
+    role: &str,
+    resource: &str,
+) -> String {
+    hashed_name(scope, &format!("{owner}|{}", name_key(scope, subject, role, resource)))
+}
+
+/// The name builds before the owner existed gave a binding: the same hash without the owner.
+/// Such a binding is adopted at upgrade (see `model::Ownership::Legacy`).
+pub fn legacy_binding_name(scope: BindingScope, subject: &BindingSubject, role: &str, resource: &str) -> String {
+    hashed_name(scope, &name_key(scope, subject, role, resource))
+}
+
+fn name_key(scope: BindingScope, subject: &BindingSubject, role: &str, resource: &str) -> String {
     let scope = match scope {
         BindingScope::Global => "global",
         BindingScope::Cluster => "cluster",
         BindingScope::Project => "project",
     };
-    let key = format!("{scope}|{}={}|{role}|{resource}", subject.field(), subject.value());
+    format!("{scope}|{}={}|{role}|{resource}", subject.field(), subject.value())
+}
+
+fn hashed_name(scope: BindingScope, key: &str) -> String {
+    let prefix = match scope {
+        BindingScope::Global => "grb-",
+        BindingScope::Cluster => "crtb-",
+        BindingScope::Project => "prtb-",
+    };
     let digest = hex::encode(Sha256::digest(key.as_bytes()));
     format!("{prefix}{}", &digest[..NAME_HASH_CHARS])
 }
@@ -185,8 +213,19 @@ mod tests {
     #[test]
     fn binding_names_are_deterministic_dns_labels() {
         let s = BindingSubject::UserId("u-abc".into());
+        let me = Owner::new("standalone", "i1").unwrap();
+        let binding_name = |scope, s: &BindingSubject, role: &str, resource: &str| {
+            super::binding_name(&me, scope, s, role, resource)
+        };
         let a = binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9");
         assert_eq!(a, binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9"));
+        // Another connector, and the builds before owners, name the same access differently.
+        let other = Owner::new("standalone", "i2").unwrap();
+        assert_ne!(a, super::binding_name(&other, BindingScope::Cluster, &s, "cluster-member", "c-7x2k9"));
+        let legacy = legacy_binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9");
+        assert_ne!(a, legacy);
+        // The old scheme, computed independently: sha256("cluster|userId=u-abc|cluster-member|c-7x2k9").
+        assert_eq!(legacy, format!("crtb-{}", &hex::encode(Sha256::digest(b"cluster|userId=u-abc|cluster-member|c-7x2k9"))[..16]));
         assert!(a.starts_with("crtb-") && a.len() == 5 + NAME_HASH_CHARS, "{a}");
         assert!(
             a.chars()
@@ -206,6 +245,7 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         let m = Marker {
+            owner: Some(Owner::new("standalone", "i1").unwrap()),
             grant_id: Some("acc-1".into()),
             expires_at: Some(t),
         };
@@ -215,6 +255,7 @@ mod tests {
         );
         let a = m.annotations();
         assert_eq!(a.get(GRANT_ID_ANNOTATION).map(String::as_str), Some("acc-1"));
+        assert_eq!(a.get(OWNER_ANNOTATION).map(String::as_str), Some("standalone/i1"));
         assert_eq!(
             a.get(EXPIRES_AT_ANNOTATION).map(String::as_str),
             Some("2030-01-02T01:04:05Z")

@@ -217,6 +217,18 @@ impl Rancher {
         Ok(crtbs.iter().chain(&prtbs).chain(&grbs).map(|b| b.id.clone()).collect())
     }
 
+    /// Reads the user and enables it when it is disabled (`GET`, and a `PUT` only then): called by
+    /// a grant once its binding exists, so a revoke's disable that landed first is undone.
+    pub(super) async fn enable_if_disabled(&self, user_id: &str) -> Result<(), IntegrationError> {
+        match self.get_user(user_id).await? {
+            Some(u) if u.enabled == Some(false) => self.set_enabled(user_id, true).await,
+            Some(_) => Ok(()),
+            None => Err(IntegrationError::NotFound {
+                message: format!("Rancher user {user_id} disappeared while it was granted access; try again"),
+            }),
+        }
+    }
+
     /// `PUT /v3/users/{id} {"enabled": ...}`. A disabled user's tokens get 401.
     pub(super) async fn set_enabled(&self, user_id: &str, enabled: bool) -> Result<(), IntegrationError> {
         let url = self
