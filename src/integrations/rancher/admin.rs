@@ -52,7 +52,7 @@ impl Rancher {
             .remove(&self.proof_key());
     }
 
-    fn remember_proof(&self) {
+    pub(super) fn remember_proof(&self) {
         let mut map = PROVEN.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, at| at.elapsed() < PROOF_TTL);
         map.insert(self.proof_key(), Instant::now());

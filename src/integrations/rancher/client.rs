@@ -386,7 +386,8 @@ impl Client {
         else {
             return;
         };
-        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some((date.with_timezone(&Utc), std::time::Instant::now()));
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((date.with_timezone(&Utc), std::time::Instant::now()));
     }
 
     /// Rancher's time now: the `Date` of its latest answer plus the time since it arrived, or

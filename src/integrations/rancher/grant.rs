@@ -159,7 +159,13 @@ pub(super) struct Target<'a> {
 impl Target<'_> {
     /// The name `owner` gives this binding.
     pub(super) fn name(&self, owner: &Owner) -> String {
-        binding_name(owner, self.kind.scope(), &self.subject, self.role, self.resource.as_str())
+        binding_name(
+            owner,
+            self.kind.scope(),
+            &self.subject,
+            self.role,
+            self.resource.as_str(),
+        )
     }
 
     /// The ids a binding named `name` has in Rancher: `name` (global), `c-x:name` (cluster), and

@@ -23,9 +23,9 @@ mod grant;
 pub mod model;
 pub mod names;
 mod project_ns;
+mod reconcile;
 mod revoke;
 mod settle;
-mod reconcile;
 mod users;
 mod validate;
 

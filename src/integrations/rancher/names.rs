@@ -214,18 +214,26 @@ mod tests {
     fn binding_names_are_deterministic_dns_labels() {
         let s = BindingSubject::UserId("u-abc".into());
         let me = Owner::new("standalone", "i1").unwrap();
-        let binding_name = |scope, s: &BindingSubject, role: &str, resource: &str| {
-            super::binding_name(&me, scope, s, role, resource)
-        };
+        let binding_name =
+            |scope, s: &BindingSubject, role: &str, resource: &str| super::binding_name(&me, scope, s, role, resource);
         let a = binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9");
         assert_eq!(a, binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9"));
         // Another connector, and the builds before owners, name the same access differently.
         let other = Owner::new("standalone", "i2").unwrap();
-        assert_ne!(a, super::binding_name(&other, BindingScope::Cluster, &s, "cluster-member", "c-7x2k9"));
+        assert_ne!(
+            a,
+            super::binding_name(&other, BindingScope::Cluster, &s, "cluster-member", "c-7x2k9")
+        );
         let legacy = legacy_binding_name(BindingScope::Cluster, &s, "cluster-member", "c-7x2k9");
         assert_ne!(a, legacy);
         // The old scheme, computed independently: sha256("cluster|userId=u-abc|cluster-member|c-7x2k9").
-        assert_eq!(legacy, format!("crtb-{}", &hex::encode(Sha256::digest(b"cluster|userId=u-abc|cluster-member|c-7x2k9"))[..16]));
+        assert_eq!(
+            legacy,
+            format!(
+                "crtb-{}",
+                &hex::encode(Sha256::digest(b"cluster|userId=u-abc|cluster-member|c-7x2k9"))[..16]
+            )
+        );
         assert!(a.starts_with("crtb-") && a.len() == 5 + NAME_HASH_CHARS, "{a}");
         assert!(
             a.chars()

@@ -242,7 +242,13 @@ impl Rancher {
     }
 
     /// Moves the expiry annotation of our binding `b` to `to` (one `PUT` of its maps).
-    async fn move_expiry(&self, kind: Kind, b: &Binding, owner: &Owner, to: DateTime<Utc>) -> Result<(), IntegrationError> {
+    async fn move_expiry(
+        &self,
+        kind: Kind,
+        b: &Binding,
+        owner: &Owner,
+        to: DateTime<Utc>,
+    ) -> Result<(), IntegrationError> {
         let Some((_, role, resource)) = b.scope_role_resource() else {
             return Ok(());
         };
@@ -299,14 +305,14 @@ fn missing(a: &HeldAccess, listed: &[(Kind, Binding)]) -> Option<String> {
             return false;
         };
         let by_user = nonempty(&b.user_id).is_some_and(|u| user_ids.contains(&u));
-        let by_principal = nonempty(&b.user_principal_id)
-            .is_some_and(|p| principals.contains(&p) || local.iter().any(|l| l == p));
+        let by_principal =
+            nonempty(&b.user_principal_id).is_some_and(|p| principals.contains(&p) || local.iter().any(|l| l == p));
         let by_group = nonempty(&b.group_principal_id).is_some_and(|g| groups.contains(&g));
         role == a.role && resource == a.resource.as_str() && (by_user || by_principal || by_group)
     };
-    let present = listed.iter().any(|(k, b)| {
-        *k == kind && !b.is_removed() && (a.binding_ids.contains(&b.id) || (subject_known && equal(b)))
-    });
+    let present = listed
+        .iter()
+        .any(|(k, b)| *k == kind && !b.is_removed() && (a.binding_ids.contains(&b.id) || (subject_known && equal(b))));
     if present || (!subject_known && a.binding_ids.is_empty()) {
         // Present; or nothing to look for (a username whose user was never recorded, with no
         // binding of its own): its grant's own checks are all there is.

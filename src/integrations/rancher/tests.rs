@@ -12,9 +12,11 @@ use tokio::sync::mpsc;
 
 use super::client::{ErrorKind, status_kind};
 use super::names::{
-    CREATED_BY_LABEL, EXPIRES_AT_ANNOTATION, GRANT_ID_ANNOTATION, PASSWORD_LEN, external_user_id, format_expiry,
+    BindingSubject, CREATED_BY_LABEL, EXPIRES_AT_ANNOTATION, GRANT_ID_ANNOTATION, OWNER_ANNOTATION, PASSWORD_LEN,
+    binding_name, external_user_id, format_expiry, legacy_binding_name,
 };
 use super::*;
+use crate::integrations::{Owner, SweptReason};
 use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
 mod discovery;
@@ -493,6 +495,8 @@ async fn counted<T>(sim: &SimHandle, f: impl std::future::Future<Output = T>) ->
 async fn grant_by_username_costs_four_requests_and_a_repeat_is_one_binding() {
     let sim = sim().await;
     let r = rancher(&sim);
+    // The grant proves the key an admin first (cached): proven here, so the counts are the grant's.
+    admin_proven(&r).await;
     for (role, resource) in [("cluster-member", "c-7x2k9"), ("clusters-create", "global")] {
         let req = grant_req("bob", role, resource);
         let (first, n1) = counted(&sim, r.grant(&req)).await;
@@ -518,6 +522,8 @@ async fn grant_by_username_costs_four_requests_and_a_repeat_is_one_binding() {
 async fn grant_by_principal_and_to_groups() {
     let sim = sim().await;
     let r = rancher(&sim);
+    // The grant proves the key an admin first (cached): proven here, so the counts are the grant's.
+    admin_proven(&r).await;
     // Never logged in: bound by principal at cluster scope. The 201 has no userId (EnsureUser
     // runs in Rancher's controller): the binding is read again until it has its user and
     // `Completed`, and that user is the grant's user_id, not the principal.
@@ -592,7 +598,12 @@ async fn grant_by_principal_and_to_groups() {
         let (g, n) = counted(&sim, r.grant(&req)).await;
         let g = g.unwrap();
         assert_eq!(n, 3, "{role}: the listing, the POST, the GET that sees Completed");
-        assert_eq!(g.user_id, "github_team://888");
+        // A group has no user: the kind of subject travels in `bound_subject`.
+        assert_eq!(g.user_id, "");
+        assert_eq!(
+            g.bound_subject.as_ref().map(|b| (b.field.as_str(), b.value.as_str())),
+            Some(("groupPrincipalId", "github_team://888"))
+        );
         let in_sim: Vec<_> = matching(&sim, None, role, resource)
             .into_iter()
             .filter(|b| b.group_principal_id.as_deref() == Some("github_team://888"))
@@ -623,6 +634,8 @@ async fn grant_with_user_creation_hands_out_working_credentials_every_time() {
         json!({"custom_access_details": "Log in with the password below."}),
         None,
     );
+    // The grant proves the key an admin first (cached): proven here, so the counts are the grant's.
+    admin_proven(&r).await;
     let mut req = grant_req("carol", "project-member", "c-7x2k9:p-x4m7q");
     req.create_user = true;
     let (g, n) = counted(&sim, r.grant(&req)).await;
@@ -836,6 +849,8 @@ async fn a_project_repeat_from_another_process_finds_the_binding() {
             .with_retry(FAST_RETRY)
     };
     let req = grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q");
+    admin_proven(&first).await;
+    admin_proven(&other).await;
     let g = first.grant(&req).await.unwrap();
     let (again, n) = counted(&sim, other.grant(&req)).await;
     assert_eq!(n, 2, "user lookup + listing");
@@ -874,10 +889,65 @@ fn marked(mut b: SimBinding, grant_id: Option<&str>, expires_at: Option<DateTime
     b
 }
 
+/// A binding as connector `owner` makes it: the name it derives, its label, owner, grant id and
+/// expiry.
+fn connector_binding(
+    owner: &Owner,
+    role: &str,
+    resource: &str,
+    user: &str,
+    grant_id: Option<&str>,
+    expires_at: Option<DateTime<Utc>>,
+) -> SimBinding {
+    let parsed = Resource::parse(resource).unwrap();
+    let name = binding_name(
+        owner,
+        parsed.scope(),
+        &BindingSubject::UserId(user.into()),
+        role,
+        resource,
+    );
+    let mut b = marked(
+        planted(&id_in(&parsed, &name), role, resource, user),
+        grant_id,
+        expires_at,
+    );
+    b.annotations.insert(OWNER_ANNOTATION.into(), owner.to_string());
+    b
+}
+
+/// A binding as a build before owners made it: the pre-owner name and the label, no owner.
+fn legacy_binding(
+    role: &str,
+    resource: &str,
+    user: &str,
+    grant_id: Option<&str>,
+    expires_at: Option<DateTime<Utc>>,
+) -> SimBinding {
+    let parsed = Resource::parse(resource).unwrap();
+    let name = legacy_binding_name(parsed.scope(), &BindingSubject::UserId(user.into()), role, resource);
+    marked(
+        planted(&id_in(&parsed, &name), role, resource, user),
+        grant_id,
+        expires_at,
+    )
+}
+
+/// The id of a binding named `name` on `resource` (a project's bindings in its `p-y` namespace).
+fn id_in(resource: &Resource, name: &str) -> String {
+    match resource {
+        Resource::Global => name.to_string(),
+        Resource::Cluster(c) => format!("{c}:{name}"),
+        Resource::Project(p) => format!("{}:{name}", p.split_once(':').unwrap().1),
+    }
+}
+
 #[tokio::test]
 async fn a_standing_binding_survives_grant_and_revoke() {
     let sim = sim().await;
     let r = rancher(&sim);
+    // The grant proves the key an admin first (cached): proven here, so the counts are the grant's.
+    admin_proven(&r).await;
     // Alice holds cluster-owner on local (seeded `local:crtb-al1ce`), made by a person: no marker.
     assert_eq!(matching(&sim, Some("u-alice1"), "cluster-owner", "local").len(), 1);
     let mut req = grant_req("alice", "cluster-owner", "local");
@@ -902,18 +972,31 @@ async fn a_standing_binding_survives_grant_and_revoke() {
 }
 
 #[tokio::test]
-async fn revoke_removes_its_own_marked_duplicates_and_leaves_other_grants() {
+async fn revoke_removes_its_own_binding_and_leaves_copies_others_and_persons() {
     let sim = sim().await;
     let r = rancher(&sim);
     admin_proven(&r).await;
     let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
     req.grant_id = Some("acc-1".into());
     let g = r.grant(&req).await.unwrap();
-    let ours = |id: &str, grant: &str| marked(planted(id, "cluster-member", "c-7x2k9", "u-bob01"), Some(grant), None);
-    // A duplicate of this grant (an older Rancher allowed it), one of another grant, and one a
+    let ours = sim
+        .sim
+        .bindings()
+        .into_iter()
+        .find(|b| b.id == g.binding_ids[0])
+        .unwrap();
+    // A copy of ours under another name (a person kept it as a template: D11), another
+    // connector's binding, the binding of a build before owners made for this grant, and one a
     // person made.
-    sim.sim.add_binding(ours("c-7x2k9:crtb-dup01", "acc-1")).unwrap();
-    sim.sim.add_binding(ours("c-7x2k9:crtb-oth01", "acc-2")).unwrap();
+    let mut copy = ours.clone();
+    copy.id = "c-7x2k9:crtb-copy1".into();
+    copy.name = "crtb-copy1".into();
+    sim.sim.add_binding(copy).unwrap();
+    let other = Owner::new("standalone", "other-install").unwrap();
+    let theirs = connector_binding(&other, "cluster-member", "c-7x2k9", "u-bob01", Some("acc-9"), None);
+    sim.sim.add_binding(theirs.clone()).unwrap();
+    let legacy = legacy_binding("cluster-member", "c-7x2k9", "u-bob01", Some("acc-1"), None);
+    sim.sim.add_binding(legacy.clone()).unwrap();
     sim.sim
         .add_binding(planted("c-7x2k9:crtb-per01", "cluster-member", "c-7x2k9", "u-bob01"))
         .unwrap();
@@ -926,36 +1009,54 @@ async fn revoke_removes_its_own_marked_duplicates_and_leaves_other_grants() {
     assert_eq!(
         n,
         2 + 1 + 2 + 1,
-        "DELETE+GET, listing, DELETE+GET of the duplicate, the user"
+        "DELETE+GET, listing, DELETE+GET of the old build's binding, the user"
     );
-    let mut expected = vec![g.binding_ids[0].clone(), "c-7x2k9:crtb-dup01".to_string()];
+    let mut expected = vec![g.binding_ids[0].clone(), legacy.id.clone()];
     expected.sort();
     assert_eq!(out.removed_binding_ids, expected);
-    assert_eq!(out.left_binding_ids, vec!["c-7x2k9:crtb-per01".to_string()]);
-    assert_eq!(out.user_id.as_deref(), Some("u-bob01"));
-    let left: Vec<String> = matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9")
-        .into_iter()
-        .map(|b| b.id)
-        .collect();
     assert_eq!(
-        left,
-        vec!["c-7x2k9:crtb-oth01".to_string(), "c-7x2k9:crtb-per01".to_string()]
+        out.left_binding_ids,
+        vec!["c-7x2k9:crtb-copy1".to_string(), "c-7x2k9:crtb-per01".to_string()]
     );
+    assert_eq!(out.user_id.as_deref(), Some("u-bob01"));
+    let left = |sim: &SimHandle| {
+        let mut ids: Vec<String> = matching(sim, Some("u-bob01"), "cluster-member", "c-7x2k9")
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut expect_left = vec![
+        "c-7x2k9:crtb-copy1".to_string(),
+        "c-7x2k9:crtb-per01".to_string(),
+        theirs.id.clone(),
+    ];
+    expect_left.sort();
+    assert_eq!(left(&sim), expect_left);
     // A repeat removes nothing more.
     let again = r.revoke(&rv).await.unwrap();
     assert_eq!(
         again.removed_binding_ids, g.binding_ids,
         "a recorded binding already gone (404) counts as removed"
     );
-    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 2);
+    assert_eq!(left(&sim), expect_left);
+    // The one-shot revoke (no grant) leaves another connector's live binding and says so.
+    let one_shot = r.revoke(&revoke_req("bob", "cluster-member", "c-7x2k9")).await.unwrap();
+    assert!(one_shot.removed_binding_ids.is_empty(), "{one_shot:?}");
+    assert!(one_shot.left_binding_ids.contains(&theirs.id), "{one_shot:?}");
+    assert!(
+        one_shot
+            .notes
+            .iter()
+            .any(|n| n.contains(&theirs.id) && n.contains("standalone/other-install")),
+        "{one_shot:?}"
+    );
     // `--all`: every equal binding, whoever made it, each reported.
     let mut all = revoke_req("bob", "cluster-member", "c-7x2k9");
     all.all = true;
     let out = r.revoke(&all).await.unwrap();
-    assert_eq!(
-        out.removed_binding_ids,
-        vec!["c-7x2k9:crtb-oth01".to_string(), "c-7x2k9:crtb-per01".to_string()]
-    );
+    assert_eq!(out.removed_binding_ids, expect_left);
     assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
     // A user that does not exist, nothing recorded: nothing to remove.
     let none = r
@@ -1020,19 +1121,22 @@ async fn overlapping_grants_share_the_connectors_binding_with_the_later_expiry()
 }
 
 #[tokio::test]
-async fn an_expired_access_is_refused_before_any_request() {
+async fn an_expired_access_is_refused_and_nothing_is_created() {
     let sim = sim().await;
     let r = rancher(&sim);
+    let before = sim.sim.bindings().len();
     let mut req = grant_req("bob", "cluster-owner", "c-7x2k9");
     req.expires_at = Some(Utc::now() - chrono::Duration::seconds(1));
-    let (e, n) = counted(&sim, r.grant(&req)).await;
+    let (e, _) = counted(&sim, r.grant(&req)).await;
     let e = e.unwrap_err();
     assert!(matches!(e, IntegrationError::Invalid { .. }) && !e.retryable(), "{e:?}");
     assert!(
-        e.to_string().contains("expired") && e.to_string().contains("nothing was created"),
+        e.to_string().contains("expired") && e.to_string().contains("no binding was created"),
         "{e}"
     );
-    assert_eq!(n, 0);
+    // Judged on Rancher's clock, which the lookup and the listing told: no write.
+    assert_eq!(sim.sim.stats().route("POST /v3/clusterroletemplatebindings"), 0);
+    assert_eq!(sim.sim.bindings().len(), before);
     sim.stop().await;
 }
 
@@ -1096,6 +1200,8 @@ async fn repeated_grants_on_both_duplicate_behaviours() {
 async fn refusals_name_the_role_the_resource_or_the_user() {
     let sim = sim().await;
     let r = rancher(&sim);
+    // The grant proves the key an admin first (cached): proven here, so the counts are the grant's.
+    admin_proven(&r).await;
     let cases = [
         (
             grant_req("bob", "no-such-role", "c-7x2k9"),
@@ -1502,6 +1608,8 @@ async fn paging_that_never_converges_stops_with_a_retryable_error() {
     let config = RancherConfig::from_value(&json!({"host": base, "page_size": 2})).unwrap();
     let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
     let r = Rancher::from_parts(config, key).unwrap();
+    // A scripted server serves no admin proof: taken as proven (the proof has its own tests).
+    r.remember_proof();
     let e = r
         .grant(&grant_req("nobody", "cluster-member", "c-1"))
         .await
@@ -1782,6 +1890,7 @@ async fn a_grant_waits_for_a_binding_still_being_removed() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
     let r = Rancher::from_parts(RancherConfig::from_value(&json!({"host": base})).unwrap(), key.clone()).unwrap();
+    r.remember_proof();
     let g = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap();
     assert_eq!(posts.load(Ordering::Relaxed), 3);
     assert!(g.binding_ids[0].starts_with("c-1:crtb-"), "{g:?}");
@@ -1789,6 +1898,7 @@ async fn a_grant_waits_for_a_binding_still_being_removed() {
     posts.store(0, Ordering::Relaxed);
     let config = json!({"host": base, "status_timeout_seconds": 0});
     let r = Rancher::from_parts(RancherConfig::from_value(&config).unwrap(), key).unwrap();
+    r.remember_proof();
     let e = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap_err();
     assert!(
         matches!(e, IntegrationError::InProgress { .. }) && e.to_string().contains("being removed"),
@@ -2011,51 +2121,82 @@ async fn the_last_revoke_disables_an_agent_created_user_and_the_next_grant_enabl
 async fn the_sweep_removes_only_the_connectors_expired_bindings_not_kept() {
     let sim = sim().await;
     let r = rancher(&sim);
+    let cli = Owner::cli();
+    let other = Owner::new("standalone", "other-install").unwrap();
     let past = Utc::now() - chrono::Duration::minutes(5);
     let future = Utc::now() + chrono::Duration::hours(1);
-    let plant = |b: SimBinding| sim.sim.add_binding(b).unwrap();
-    plant(marked(
-        planted("c-7x2k9:crtb-exp01", "cluster-member", "c-7x2k9", "u-bob01"),
+    let plant = |b: SimBinding| {
+        sim.sim.add_binding(b.clone()).unwrap();
+        b.id
+    };
+    let exp01 = plant(connector_binding(
+        &cli,
+        "cluster-member",
+        "c-7x2k9",
+        "u-bob01",
         Some("acc-1"),
         Some(past),
     ));
-    plant(marked(
-        planted("p-abcde:prtb-exp02", "project-member", "c-7x2k9:p-abcde", "u-alice1"),
+    let exp02 = plant(connector_binding(
+        &cli,
+        "project-member",
+        "c-7x2k9:p-abcde",
+        "u-alice1",
         None,
         Some(past),
     ));
-    plant(marked(
-        planted("c-7x2k9:crtb-kep01", "cluster-owner", "c-7x2k9", "u-bob01"),
+    let kep01 = plant(connector_binding(
+        &cli,
+        "cluster-owner",
+        "c-7x2k9",
+        "u-bob01",
         Some("acc-2"),
         Some(past),
     ));
-    plant(marked(
-        planted("c-7x2k9:crtb-fut01", "cluster-owner", "c-7x2k9", "u-alice1"),
+    let fut01 = plant(connector_binding(
+        &cli,
+        "cluster-owner",
+        "c-7x2k9",
+        "u-alice1",
         Some("acc-3"),
         Some(future),
     ));
-    plant(marked(
-        planted("grb-login01", "user-base", "global", "u-bob01"),
-        None,
-        None,
+    let login = plant(connector_binding(&cli, "user-base", "global", "u-bob01", None, None));
+    // Another connector's, expired by its own marker: no live access of it needs it.
+    let theirs = plant(connector_binding(
+        &other,
+        "cluster-member",
+        "local",
+        "u-alice1",
+        Some("acc-9"),
+        Some(past),
     ));
-    let mut unreadable = marked(
-        planted("local:crtb-bad01", "cluster-member", "local", "u-bob01"),
-        None,
-        None,
-    );
+    // A build before owners: its name, its label, no owner.
+    let old = plant(legacy_binding(
+        "cluster-member",
+        "local",
+        "u-bob01",
+        Some("acc-0"),
+        Some(past),
+    ));
+    let mut unreadable = connector_binding(&cli, "project-owner", "c-7x2k9:p-abcde", "u-bob01", None, None);
     unreadable
         .annotations
         .insert(EXPIRES_AT_ANNOTATION.into(), "tomorrow".into());
-    plant(unreadable);
+    let unreadable = plant(unreadable);
     // A person's binding, expired by its look: no label, never touched.
-    let mut theirs = planted("local:crtb-per01", "cluster-owner", "local", "u-alice1");
-    theirs
+    let mut person = planted("local:crtb-per01", "cluster-owner", "local", "u-alice1");
+    person
         .annotations
         .insert(EXPIRES_AT_ANNOTATION.into(), format_expiry(past));
-    plant(theirs);
+    let person = plant(person);
+    // A copy of an expired connector binding under another name (D11): never the connector's.
+    let mut copy = connector_binding(&cli, "cluster-member", "c-7x2k9", "u-bob01", Some("acc-1"), Some(past));
+    copy.id = "c-7x2k9:crtb-keep-forever".into();
+    copy.name = "crtb-keep-forever".into();
+    let copy = plant(copy);
     let keep = SweepRequest {
-        keep_binding_ids: vec!["c-7x2k9:crtb-kep01".into()],
+        keep_binding_ids: vec![kep01.clone()],
         dry_run: true,
         ..SweepRequest::default()
     };
@@ -2063,39 +2204,43 @@ async fn the_sweep_removes_only_the_connectors_expired_bindings_not_kept() {
     let dry = r.sweep(&keep).await.unwrap();
     assert!(dry.dry_run);
     assert_eq!(sim.sim.bindings().len(), before, "a dry run removes nothing");
-    let ids = |res: &SweepResult| res.removed.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
-    assert_eq!(
-        ids(&dry),
-        vec!["c-7x2k9:crtb-exp01".to_string(), "p-abcde:prtb-exp02".to_string()]
-    );
+    let ids = |res: &SweepResult| {
+        let mut ids = res.removed.iter().map(|b| b.id.clone()).collect::<Vec<_>>();
+        ids.sort();
+        ids
+    };
+    let mut expect = vec![exp01.clone(), exp02.clone(), theirs.clone(), old.clone()];
+    expect.sort();
+    assert_eq!(ids(&dry), expect);
     let real = r.sweep(&SweepRequest { dry_run: false, ..keep }).await.unwrap();
     assert_eq!(ids(&real), ids(&dry));
-    assert_eq!(real.kept_binding_ids, vec!["c-7x2k9:crtb-kep01".to_string()]);
-    assert_eq!(real.marked, 6);
-    let first = &real.removed[0];
+    assert_eq!(real.kept_binding_ids, vec![kep01.clone()]);
+    assert!(real.rancher_time.is_some());
+    let first = real.removed.iter().find(|b| b.id == exp01).unwrap();
     assert_eq!(
         (
             first.scope,
             first.role_id.as_str(),
             first.resource_id.as_str(),
-            first.subject.as_str()
+            first.subject.as_str(),
+            first.reason
         ),
-        (BindingScope::Cluster, "cluster-member", "c-7x2k9", "u-bob01")
+        (
+            BindingScope::Cluster,
+            "cluster-member",
+            "c-7x2k9",
+            "u-bob01",
+            SweptReason::Expired
+        )
     );
     assert_eq!(first.grant_id.as_deref(), Some("acc-1"));
     assert_eq!(first.expires_at.map(|t| t.timestamp()), Some(past.timestamp()));
     let left: Vec<String> = sim.sim.bindings().into_iter().map(|b| b.id).collect();
-    for gone in ["c-7x2k9:crtb-exp01", "p-abcde:prtb-exp02"] {
-        assert!(!left.iter().any(|i| i == gone), "{gone}");
+    for gone in &expect {
+        assert!(!left.contains(gone), "{gone}");
     }
-    for kept in [
-        "c-7x2k9:crtb-kep01",
-        "c-7x2k9:crtb-fut01",
-        "grb-login01",
-        "local:crtb-bad01",
-        "local:crtb-per01",
-    ] {
-        assert!(left.iter().any(|i| i == kept), "{kept}");
+    for kept in [&kep01, &fut01, &login, &unreadable, &person, &copy] {
+        assert!(left.contains(kept), "{kept}");
     }
     sim.stop().await;
 }
@@ -2105,14 +2250,11 @@ async fn a_failed_delete_does_not_stop_the_sweep() {
     let sim = sim().await;
     let r = rancher(&sim);
     let past = Utc::now() - chrono::Duration::minutes(5);
-    for id in ["c-7x2k9:crtb-exp01", "c-7x2k9:crtb-exp02"] {
-        sim.sim
-            .add_binding(marked(
-                planted(id, "cluster-member", "c-7x2k9", "u-bob01"),
-                None,
-                Some(past),
-            ))
-            .unwrap();
+    let mut ids = Vec::new();
+    for user in ["u-bob01", "u-alice1"] {
+        let b = connector_binding(&Owner::cli(), "cluster-member", "c-7x2k9", user, None, Some(past));
+        ids.push(b.id.clone());
+        sim.sim.add_binding(b).unwrap();
     }
     admin_proven(&r).await;
     // The first DELETE fails through the client's retries.
@@ -2124,10 +2266,10 @@ async fn a_failed_delete_does_not_stop_the_sweep() {
     );
     let e = r.sweep(&SweepRequest::default()).await.unwrap_err();
     assert!(e.retryable(), "{e:?}");
-    assert!(e.to_string().contains("c-7x2k9:crtb-exp01"), "{e}");
     let left: Vec<String> = sim.sim.bindings().into_iter().map(|b| b.id).collect();
-    assert!(left.iter().any(|i| i == "c-7x2k9:crtb-exp01"));
-    assert!(!left.iter().any(|i| i == "c-7x2k9:crtb-exp02"), "the other was removed");
+    let (failed, done): (Vec<&String>, Vec<&String>) = ids.iter().partition(|i| left.contains(i));
+    assert_eq!((failed.len(), done.len()), (1, 1), "one failed, the other was removed");
+    assert!(e.to_string().contains(failed[0].as_str()), "{e}");
     // The next sweep finishes.
     let out = r.sweep(&SweepRequest::default()).await.unwrap();
     assert_eq!(out.removed.len(), 1);

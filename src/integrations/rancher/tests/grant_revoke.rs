@@ -11,6 +11,8 @@ use super::*;
 async fn an_unknown_role_is_invalid_after_one_post() {
     let sim = sim().await;
     let r = rancher(&sim);
+    // The grant proves the key an admin first (cached): proven here, so the counts are the grant's.
+    admin_proven(&r).await;
     let before = sim.sim.bindings().len();
     for (resource, post, noun) in [
         ("c-7x2k9", "POST /v3/clusterroletemplatebindings", "cluster role"),
@@ -53,21 +55,26 @@ async fn a_revoke_by_principal_finds_the_persons_bindings_made_by_user_id() {
     let sim = sim().await;
     let r = rancher(&sim);
     let octo = external_user_id("github_user://4242");
-    let by_user_id = |id: &str| {
-        let mut b = planted(id, "cluster-member", "c-7x2k9", &octo);
+    let by_user_id = |mut b: SimBinding| {
         b.user_principal_id = None;
         b
     };
-    // Ours, this grant, made by userId (an older agent, or a grant by username).
-    sim.sim
-        .add_binding(marked(by_user_id("c-7x2k9:crtb-octo1"), Some("acc-7"), None))
-        .unwrap();
+    // Ours, this grant, made by userId (a grant by username), by a build before owners.
+    let octo1 = legacy_binding("cluster-member", "c-7x2k9", &octo, Some("acc-7"), None);
+    sim.sim.add_binding(by_user_id(octo1.clone())).unwrap();
     // Someone's standing access, by userId.
-    sim.sim.add_binding(by_user_id("c-7x2k9:crtb-octo2")).unwrap();
-    // Ours, another grant.
     sim.sim
-        .add_binding(marked(by_user_id("c-7x2k9:crtb-octo3"), Some("acc-8"), None))
+        .add_binding(by_user_id(planted(
+            "c-7x2k9:crtb-octo2",
+            "cluster-member",
+            "c-7x2k9",
+            &octo,
+        )))
         .unwrap();
+    // Another connector's, by userId.
+    let other = Owner::new("standalone", "other-install").unwrap();
+    let octo3 = connector_binding(&other, "cluster-member", "c-7x2k9", &octo, Some("acc-8"), None);
+    sim.sim.add_binding(by_user_id(octo3.clone())).unwrap();
     // Granted now by principal: the grant lists by principal, so it makes its own binding.
     let mut req = grant_req("github_user://4242", "cluster-member", "c-7x2k9");
     req.grant_id = Some("acc-7".into());
@@ -77,20 +84,20 @@ async fn a_revoke_by_principal_finds_the_persons_bindings_made_by_user_id() {
     let mut rv = revoke_req("github_user://4242", "cluster-member", "c-7x2k9");
     rv.grant_id = Some("acc-7".into());
     let out = r.revoke(&rv).await.unwrap();
-    let mut expect = vec!["c-7x2k9:crtb-octo1".to_string()];
+    let mut expect = vec![octo1.id.clone()];
     expect.extend(g.binding_ids.iter().cloned());
     expect.sort();
     assert_eq!(out.removed_binding_ids, expect, "{out:?}");
     assert_eq!(out.left_binding_ids, vec!["c-7x2k9:crtb-octo2".to_string()]);
     assert_eq!(out.user_id.as_deref(), Some(octo.as_str()));
-    let left: Vec<String> = matching(&sim, Some(&octo), "cluster-member", "c-7x2k9")
+    let mut left: Vec<String> = matching(&sim, Some(&octo), "cluster-member", "c-7x2k9")
         .into_iter()
         .map(|b| b.id)
         .collect();
-    assert_eq!(
-        left,
-        vec!["c-7x2k9:crtb-octo2".to_string(), "c-7x2k9:crtb-octo3".to_string()]
-    );
+    left.sort();
+    let mut expect_left = vec!["c-7x2k9:crtb-octo2".to_string(), octo3.id.clone()];
+    expect_left.sort();
+    assert_eq!(left, expect_left);
     sim.stop().await;
 }
 
@@ -249,6 +256,7 @@ async fn a_binding_rancher_fails_to_apply_is_retryable_with_its_reasons() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let key = ApiKey::from_secret(&secret(&[("token", "token-x:y")])).unwrap();
     let r = Rancher::from_parts(RancherConfig::from_value(&json!({"host": base})).unwrap(), key).unwrap();
+    r.remember_proof();
     let e = r.grant(&grant_req("bob", "cluster-member", "c-1")).await.unwrap_err();
     assert!(
         matches!(e, IntegrationError::Unavailable { .. }) && e.retryable(),
