@@ -36,8 +36,9 @@ use super::Rancher;
 use super::client::ApiError;
 use super::model::{Binding, Ownership, User, nonempty};
 use super::names::{
-    BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION, MarkedExpiry,
-    Marker, OWNER_ANNOTATION, binding_name, external_user_id, format_expiry, generate_password, local_user_id,
+    BindingSubject, CREATED_BY_DESCRIPTION, CREATED_BY_LABEL, CREATED_BY_VALUE, EXPIRES_AT_ANNOTATION,
+    GRANT_ID_ANNOTATION, MarkedExpiry, Marker, OWNER_ANNOTATION, binding_name, external_user_id, format_expiry,
+    generate_password, local_user_id,
 };
 use super::project_ns;
 use crate::integrations::{
@@ -790,11 +791,15 @@ impl Rancher {
             labels.insert(CREATED_BY_LABEL.to_string(), CREATED_BY_VALUE.to_string());
             changed = true;
         }
-        // A binding of a build before owners, adopted: from now on it names its owner.
+        // A binding of a build before owners, adopted: from now on it names its owner (and the
+        // grant adopting it, when it names none), so its revoke and the reconcile know it.
         if let Some(owner) = &marker.owner
             && b.owner_annotation().is_none()
         {
             annotations.insert(OWNER_ANNOTATION.to_string(), owner.to_string());
+            if let Some(g) = marker.grant_id.as_deref().filter(|_| b.grant_id().is_none()) {
+                annotations.insert(GRANT_ID_ANNOTATION.to_string(), g.to_string());
+            }
             changed = true;
         }
         if let Some(ours) = marker.expires_at {

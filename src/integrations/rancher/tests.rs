@@ -21,6 +21,7 @@ use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
 mod discovery;
 mod grant_revoke;
+mod reconcile;
 mod transport;
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,360 @@
+//! The reconcile's table of cases (`reconcile.rs`), one test per row, and what makes a binding
+//! the connector's (`model::Ownership`) on the grant and revoke paths (issue 17).
+
+use super::*;
+use crate::integrations::{BoundSubject, HeldAccess, HeldState};
+
+fn me() -> Owner {
+    Owner::new("standalone", "install-a").unwrap()
+}
+
+/// An access as the control plane lists it for the reconcile.
+fn held(grant_id: &str, user: &str, role: &str, resource: &str, state: HeldState) -> HeldAccess {
+    HeldAccess {
+        grant_id: grant_id.into(),
+        subject: Subject::user(user),
+        role: role.into(),
+        resource: Resource::parse(resource).unwrap(),
+        state,
+        user_id: None,
+        bound_subject: None,
+        binding_ids: Vec::new(),
+        expires_at: None,
+        pre_existing: false,
+    }
+}
+
+fn reconcile_with(accesses: Vec<HeldAccess>) -> SweepRequest {
+    SweepRequest {
+        owner: Some(me()),
+        accesses: Some(accesses),
+        ..SweepRequest::default()
+    }
+}
+
+fn ids_of(result: &SweepResult) -> Vec<String> {
+    let mut ids: Vec<String> = result.removed.iter().map(|b| b.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+fn present(sim: &SimHandle, id: &str) -> bool {
+    sim.sim.bindings().iter().any(|b| b.id == id)
+}
+
+fn expiry_of(sim: &SimHandle, id: &str) -> Option<String> {
+    sim.sim
+        .bindings()
+        .into_iter()
+        .find(|b| b.id == id)
+        .and_then(|b| b.annotations.get(EXPIRES_AT_ANNOTATION).cloned())
+}
+
+/// Rows "ours, held, expiry earlier than a live holder's" and "ours, held": the expiry moves to
+/// the latest live holder's (one PUT), and nothing held is removed, expired or not.
+#[tokio::test]
+async fn a_held_binding_is_kept_and_its_expiry_moved_to_its_latest_holder() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    let soon = Utc::now() + chrono::Duration::minutes(5);
+    let later = Utc::now() + chrono::Duration::hours(2);
+    let b = connector_binding(&me(), "cluster-member", "c-7x2k9", "u-bob01", Some("ar-1"), Some(soon));
+    sim.sim.add_binding(b.clone()).unwrap();
+    let past = Utc::now() - chrono::Duration::minutes(5);
+    let expired_but_held = connector_binding(&me(), "cluster-owner", "c-7x2k9", "u-bob01", Some("ar-3"), Some(past));
+    sim.sim.add_binding(expired_but_held.clone()).unwrap();
+    let mut a1 = held("ar-1", "bob", "cluster-member", "c-7x2k9", HeldState::Active);
+    a1.binding_ids = vec![b.id.clone()];
+    a1.expires_at = Some(soon);
+    let mut a2 = a1.clone();
+    a2.grant_id = "ar-2".into();
+    a2.expires_at = Some(later);
+    let mut a3 = held("ar-3", "bob", "cluster-owner", "c-7x2k9", HeldState::Revoking);
+    a3.binding_ids = vec![expired_but_held.id.clone()];
+    let (out, n) = counted(&sim, r.sweep(&reconcile_with(vec![a1, a2, a3]))).await;
+    let out = out.unwrap();
+    assert_eq!(n, 3 + 1, "three listings and one PUT, nothing else: {out:?}");
+    assert_eq!(out.extended_binding_ids, vec![b.id.clone()]);
+    assert_eq!(expiry_of(&sim, &b.id), Some(format_expiry(later)));
+    assert!(out.removed.is_empty() && out.missing.is_empty(), "{out:?}");
+    assert!(present(&sim, &expired_but_held.id), "a revoking access still holds it");
+    assert_eq!(out.kept_binding_ids, vec![expired_but_held.id.clone()]);
+    // Once moved, the next pass changes nothing: listings only.
+    let (again, n) = counted(&sim, r.sweep(&reconcile_with(Vec::new()))).await;
+    let again = again.unwrap();
+    assert!(again.extended_binding_ids.is_empty(), "{again:?}");
+    assert_eq!(
+        ids_of(&again),
+        vec![expired_but_held.id.clone()],
+        "no longer held: expired"
+    );
+    assert_eq!(
+        n,
+        3 + 3,
+        "three listings; read again, DELETE, and the GET that proves it gone"
+    );
+    sim.stop().await;
+}
+
+/// Rows "ours, not held, grant id of a live access" (kept: its grant is running), "ours, not
+/// held, accesses known, older than the grace" (removed as unclaimed), and the same with the
+/// accesses unknown or younger than the grace (kept).
+#[tokio::test]
+async fn an_unclaimed_binding_of_ours_is_removed_once_old_enough_and_a_running_grants_is_kept() {
+    let sim = sim().await;
+    let r = rancher_with(&sim, json!({"unclaimed_grace_seconds": 0}), None);
+    admin_proven(&r).await;
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let leftover = connector_binding(
+        &me(),
+        "cluster-member",
+        "c-7x2k9",
+        "u-bob01",
+        Some("ar-gone"),
+        Some(later),
+    );
+    let running = connector_binding(
+        &me(),
+        "cluster-owner",
+        "c-7x2k9",
+        "u-bob01",
+        Some("ar-run"),
+        Some(later),
+    );
+    let theirs = connector_binding(
+        &Owner::new("standalone", "install-b").unwrap(),
+        "cluster-member",
+        "c-7x2k9",
+        "u-alice1",
+        Some("ar-x"),
+        Some(later),
+    );
+    let login = connector_binding(&me(), "user-base", "global", "u-bob01", None, None);
+    for b in [&leftover, &running, &theirs, &login] {
+        sim.sim.add_binding(b.clone()).unwrap();
+    }
+    // Without the accesses (an operator's `sweep`, or a control plane that does not send them)
+    // nothing unexpired is removed.
+    let blind = r
+        .sweep(&SweepRequest {
+            owner: Some(me()),
+            ..SweepRequest::default()
+        })
+        .await
+        .unwrap();
+    assert!(blind.removed.is_empty(), "{blind:?}");
+    // With a grace longer than the binding's age, it is kept too.
+    let patient = rancher(&sim);
+    let kept = patient
+        .sweep(&reconcile_with(vec![held(
+            "ar-run",
+            "bob",
+            "cluster-owner",
+            "c-7x2k9",
+            HeldState::Pending,
+        )]))
+        .await
+        .unwrap();
+    assert!(kept.removed.is_empty(), "{kept:?}");
+    let out = r
+        .sweep(&reconcile_with(vec![held(
+            "ar-run",
+            "bob",
+            "cluster-owner",
+            "c-7x2k9",
+            HeldState::Pending,
+        )]))
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&out), vec![leftover.id.clone()]);
+    assert_eq!(out.removed[0].reason, SweptReason::Unclaimed);
+    assert!(!present(&sim, &leftover.id));
+    for b in [&running, &theirs, &login] {
+        assert!(present(&sim, &b.id), "{} stays", b.id);
+    }
+    sim.stop().await;
+}
+
+/// Rows "active, no binding in Rancher" (its own deleted by a person, or the standing binding of a
+/// `pre_existing` access gone): reported missing. "Some equal binding present" and "pending or
+/// revoking": nothing.
+#[tokio::test]
+async fn an_active_access_without_any_binding_is_reported_missing() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    let later = Utc::now() + chrono::Duration::hours(1);
+    // bob: his binding was deleted by a person.
+    let mut deleted = held("ar-del", "bob", "cluster-member", "c-7x2k9", HeldState::Active);
+    deleted.user_id = Some("u-bob01".into());
+    deleted.binding_ids = vec!["c-7x2k9:crtb-0000000000000000".into()];
+    deleted.expires_at = Some(later);
+    // alice: pre-existing on `local:crtb-al1ce` (seeded), which a person then deletes.
+    let mut standing = held("ar-std", "alice", "cluster-owner", "local", HeldState::Active);
+    standing.user_id = Some("u-alice1".into());
+    standing.pre_existing = true;
+    // A group, bound by its principal: its binding is there.
+    let g = r
+        .grant(&group_grant("github_team://888", "cluster-owner", "c-7x2k9"))
+        .await
+        .unwrap();
+    let mut group = held("ar-grp", "x", "cluster-owner", "c-7x2k9", HeldState::Active);
+    group.subject = Subject::GroupPrincipal("github_team://888".into());
+    group.bound_subject = Some(BoundSubject {
+        field: "groupPrincipalId".into(),
+        value: "github_team://888".into(),
+    });
+    group.binding_ids = g.binding_ids.clone();
+    // Pending and revoking accesses are their jobs' business.
+    let mut pending = deleted.clone();
+    pending.grant_id = "ar-pen".into();
+    pending.state = HeldState::Pending;
+    let mut revoking = deleted.clone();
+    revoking.grant_id = "ar-rev".into();
+    revoking.state = HeldState::Revoking;
+    let accesses = vec![deleted, standing, group, pending, revoking];
+    let before = r.sweep(&reconcile_with(accesses.clone())).await.unwrap();
+    let missing: Vec<&str> = before.missing.iter().map(|m| m.grant_id.as_str()).collect();
+    assert_eq!(missing, vec!["ar-del"], "{before:?}");
+    assert!(before.missing[0].reason.contains("cluster-member"), "{before:?}");
+    assert!(sim.sim.remove_binding("local:crtb-al1ce"));
+    let after = r.sweep(&reconcile_with(accesses)).await.unwrap();
+    let missing: Vec<&str> = after.missing.iter().map(|m| m.grant_id.as_str()).collect();
+    assert_eq!(missing, vec!["ar-del", "ar-std"], "{after:?}");
+    assert!(after.missing[1].reason.contains("was there before"), "{after:?}");
+    sim.stop().await;
+}
+
+/// A grant that meets the binding of a build before owners (its pre-owner name, no label)
+/// adopts it: ours from then on (label, owner, expiry), recorded, and removed by its revoke.
+#[tokio::test]
+async fn a_grant_adopts_a_binding_of_a_build_before_owners() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    let mut old = legacy_binding("cluster-member", "c-7x2k9", "u-bob01", None, None);
+    old.labels.clear();
+    sim.sim.add_binding(old.clone()).unwrap();
+    let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
+    req.owner = Some(me());
+    req.grant_id = Some("ar-1".into());
+    req.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
+    let g = r.grant(&req).await.unwrap();
+    assert!(!g.pre_existing, "{g:?}");
+    assert_eq!(g.binding_ids, vec![old.id.clone()], "{g:?}");
+    let b = sim.sim.bindings().into_iter().find(|b| b.id == old.id).unwrap();
+    assert_eq!(
+        b.labels.get(CREATED_BY_LABEL).map(String::as_str),
+        Some("apono-connector")
+    );
+    assert_eq!(b.annotations.get(OWNER_ANNOTATION).cloned(), Some(me().to_string()));
+    assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1);
+    let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+    rv.owner = Some(me());
+    rv.grant_id = Some("ar-1".into());
+    let out = r.revoke(&rv).await.unwrap();
+    assert_eq!(out.removed_binding_ids, vec![old.id.clone()]);
+    assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
+    sim.stop().await;
+}
+
+/// Two connectors never share a binding: a grant next to another connector's binding makes its
+/// own, and each revoke removes only its own. On 2.14+ Rancher refuses an equal binding under
+/// another name: then the other connector's is recorded as pre-existing access (never deleted),
+/// and the reconcile repairs the access if it goes.
+#[tokio::test]
+async fn two_connectors_each_make_their_own_binding() {
+    for minor in [13, 14] {
+        let sim = SimHandle::start(SimOptions {
+            version: RancherVersion::new(minor),
+            ..SimOptions::default()
+        })
+        .await
+        .unwrap();
+        let r = rancher(&sim);
+        admin_proven(&r).await;
+        let other = Owner::new("standalone", "install-b").unwrap();
+        let mut theirs = grant_req("bob", "cluster-member", "c-7x2k9");
+        theirs.owner = Some(other.clone());
+        theirs.grant_id = Some("ar-b".into());
+        let gb = r.grant(&theirs).await.unwrap();
+        let mut ours = theirs.clone();
+        ours.owner = Some(me());
+        ours.grant_id = Some("ar-a".into());
+        let ga = r.grant(&ours).await.unwrap();
+        if minor >= 14 {
+            assert!(ga.pre_existing && ga.binding_ids.is_empty(), "2.{minor}: {ga:?}");
+            assert_eq!(ga.pre_existing_binding_ids, gb.binding_ids);
+        } else {
+            assert!(!ga.pre_existing, "2.{minor}: {ga:?}");
+            assert_ne!(ga.binding_ids, gb.binding_ids, "2.{minor}: its own binding");
+        }
+        let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+        rv.owner = Some(me());
+        rv.grant_id = Some("ar-a".into());
+        rv.binding_ids = ga.binding_ids.clone();
+        let out = r.revoke(&rv).await.unwrap();
+        assert!(
+            !out.removed_binding_ids.contains(&gb.binding_ids[0]),
+            "2.{minor}: {out:?}"
+        );
+        assert!(
+            present(&sim, &gb.binding_ids[0]),
+            "2.{minor}: the other connector's binding stays"
+        );
+        sim.stop().await;
+    }
+}
+
+/// The cleanup of a grant that failed after its POST has no recorded ids: it deletes the id the
+/// grant derives, by id, whatever a lagging listing says (lifecycle D6).
+#[tokio::test]
+async fn a_cleanup_without_recorded_ids_deletes_the_derived_id_whatever_the_listing_says() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    for (role, resource, collection) in [
+        ("cluster-member", "c-7x2k9", "clusterroletemplatebindings"),
+        ("project-owner", "c-7x2k9:p-abcde", "projectroletemplatebindings"),
+        ("clusters-create", "global", "globalrolebindings"),
+    ] {
+        let mut req = grant_req("bob", role, resource);
+        req.owner = Some(me());
+        req.grant_id = Some("ar-failed".into());
+        let g = r.grant(&req).await.unwrap();
+        assert_eq!(g.binding_ids.len(), 1, "{resource}: {g:?}");
+        sim.sim.empty_lists_on(&format!("GET /v3/{collection}"), 10);
+        let mut rv = revoke_req("bob", role, resource);
+        rv.owner = Some(me());
+        rv.grant_id = Some("ar-failed".into());
+        let out = r.revoke(&rv).await.unwrap();
+        sim.sim.clear_list_faults();
+        assert_eq!(out.removed_binding_ids, g.binding_ids, "{resource}: {out:?}");
+        assert!(!present(&sim, &g.binding_ids[0]), "{resource}");
+    }
+    sim.stop().await;
+}
+
+/// A create-user grant for a user whose live access already has its password keeps it (D9).
+#[tokio::test]
+async fn keep_password_leaves_a_live_accesss_password_working() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    let mut first = grant_req("dana99", "cluster-member", "c-7x2k9");
+    first.create_user = true;
+    let g1 = r.grant(&first).await.unwrap();
+    let password = g1.credentials.unwrap().password.expose_secret().to_string();
+    let mut second = grant_req("dana99", "project-member", "c-7x2k9:p-abcde");
+    second.create_user = true;
+    second.keep_password = true;
+    let g2 = r.grant(&second).await.unwrap();
+    assert!(g2.credentials.is_none(), "{g2:?}");
+    assert!(g2.note.as_deref().is_some_and(|n| n.contains("not reset")), "{g2:?}");
+    assert!(
+        sim.sim.check_password(&g1.user_id, &password),
+        "the first password still works"
+    );
+    sim.stop().await;
+}
