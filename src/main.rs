@@ -141,7 +141,9 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
-    /// One-shot revoke of the connector's own bindings; prints the result as one JSON object.
+    /// One-shot revoke: removes the one-shot grants' bindings and connector bindings whose marked
+    /// expiry has passed; leaves (and names in `notes`) a binding a running connector's live
+    /// access holds, and a person's. Prints the result as one JSON object.
     #[command(after_help = SECRET_ENV)]
     Revoke {
         /// Integration JSON, or @FILE.
@@ -149,7 +151,8 @@ enum Command {
         integration: String,
         #[command(flatten)]
         target: Target,
-        /// Remove every matching binding, also those the connector did not make (clean-up by hand).
+        /// Remove every matching binding: a person's, and a binding a live access of a running
+        /// connector holds (clean-up by hand; that access then loses its access until it is repaired).
         #[arg(long)]
         all: bool,
     },

@@ -358,3 +358,46 @@ async fn keep_password_leaves_a_live_accesss_password_working() {
     );
     sim.stop().await;
 }
+
+/// The revoke of a created user's last access disables it, while a grant of another role for the
+/// same user lands in the middle (lifecycle D8): whatever the interleaving, a user left with a
+/// binding ends enabled. The disabling `PUT` is slowed so the grant runs while it is in flight.
+#[tokio::test]
+async fn a_grant_racing_the_disabling_revoke_leaves_the_user_enabled() {
+    let sim = sim().await;
+    let r = std::sync::Arc::new(rancher(&sim));
+    admin_proven(&r).await;
+    let enabled = |id: &str| sim.sim.users().into_iter().find(|u| u.id == id).map(|u| u.enabled);
+    let mut a = grant_req("carol77", "cluster-member", "c-7x2k9");
+    a.create_user = true;
+    let ga = r.grant(&a).await.unwrap();
+    let mut rv = revoke_req("carol77", "cluster-member", "c-7x2k9");
+    rv.grant_id = Some("ar-a".into());
+    rv.user_id = Some(ga.user_id.clone());
+    rv.binding_ids = ga.binding_ids.clone();
+    sim.sim
+        .slow_next_on("PUT /v3/users/{id}", 1, Duration::from_millis(1500));
+    let revoking = {
+        let r = r.clone();
+        tokio::spawn(async move { r.revoke(&rv).await })
+    };
+    // The revoke lists no access left and sends its PUT; the grant runs while the PUT waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.sim.stats().route("PUT /v3/users/{id}") == 0 {
+        assert!(std::time::Instant::now() < deadline, "the revoke never sent its PUT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = grant_req("carol77", "project-member", "c-7x2k9:p-x4m7q");
+    b.create_user = true;
+    b.keep_password = true;
+    let gb = r.grant(&b).await.unwrap();
+    let out = revoking.await.unwrap().unwrap();
+    assert!(!out.user_disabled, "a binding appeared: {out:?}");
+    assert_eq!(enabled(&ga.user_id), Some(true), "B's access works");
+    assert_eq!(
+        matching(&sim, Some(&ga.user_id), "project-member", "c-7x2k9:p-x4m7q").len(),
+        1
+    );
+    assert_eq!(gb.binding_ids.len(), 1);
+    sim.stop().await;
+}
