@@ -313,6 +313,68 @@ pub struct SimUser {
     pub password_set: bool,
 }
 
+/// A Kubernetes RBAC rule as a global role carries it (`rules`, `rbacv1.PolicyRule`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub verbs: Vec<String>,
+    #[serde(default, rename = "nonResourceURLs", skip_serializing_if = "Vec::is_empty")]
+    pub non_resource_urls: Vec<String>,
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl PolicyRule {
+    /// A rule on resources: `verbs` on `resources` of the API `groups` (`""` is the core group).
+    pub fn on(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+        PolicyRule {
+            api_groups: strings(groups),
+            resources: strings(resources),
+            verbs: strings(verbs),
+            non_resource_urls: Vec::new(),
+        }
+    }
+
+    /// A rule on non-resource URLs (`/healthz`, `*`).
+    pub fn urls(urls: &[&str], verbs: &[&str]) -> PolicyRule {
+        PolicyRule {
+            verbs: strings(verbs),
+            non_resource_urls: strings(urls),
+            ..PolicyRule::default()
+        }
+    }
+
+    /// The rules of Rancher's built-in `admin` global role (`pkg/data/management/role_data.go`):
+    /// every verb on every resource of every group, and every non-resource URL. A role with these
+    /// two rules is an admin role whatever its name (`IsAdminGlobalRole`, `pkg/rbac/common.go`).
+    pub fn admin() -> Vec<PolicyRule> {
+        vec![PolicyRule::on(&["*"], &["*"], &["*"]), PolicyRule::urls(&["*"], &["*"])]
+    }
+}
+
+/// Rancher's `IsAdminGlobalRole` (`pkg/rbac/common.go`): the built-in `admin`, or any global
+/// role with a `*`/`*`/`*` resource rule and a `*` non-resource rule with verb `*`.
+pub fn is_admin_global_role(id: &str, builtin: bool, rules: &[PolicyRule]) -> bool {
+    if builtin && id == "admin" {
+        return true;
+    }
+    let has = |v: &[String], s: &str| v.iter().any(|x| x == s);
+    let resources = rules
+        .iter()
+        .any(|r| has(&r.resources, "*") && has(&r.api_groups, "*") && has(&r.verbs, "*"));
+    let urls = rules
+        .iter()
+        .any(|r| has(&r.non_resource_urls, "*") && has(&r.verbs, "*"));
+    resources && urls
+}
+
 /// A binding of any of the three kinds (GRB, CRTB, PRTB).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimBinding {
@@ -690,6 +752,47 @@ impl Sim {
     /// change is applied after the wait even when the client has given up, as on a slow Rancher.
     pub fn slow_next_on(&self, route: &str, n: usize, delay: Duration) {
         lock(&self.inner.faults).push_slow(route, n, delay);
+    }
+
+    /// Gives a user the group principals its auth provider reports for it (Rancher keeps them in
+    /// the user's `UserAttribute.GroupPrincipals`), replacing any given before. They show in
+    /// `GET /v3/principals` when the user is the key's owner, and bindings to these groups
+    /// (`groupPrincipalId`) count for the user: a GRB of an admin role to one of them makes the
+    /// user an admin. `false` if there is no such user.
+    pub fn set_user_groups(&self, user_id: &str, groups: Vec<String>) -> bool {
+        let mut st = lock(&self.inner.state);
+        if !st.users.contains_key(user_id) {
+            return false;
+        }
+        st.groups.insert(user_id.to_string(), groups.into_iter().collect());
+        true
+    }
+
+    /// Adds a custom global role (not built in) with these rules, as an admin would in the UI.
+    /// Its holders are admins when the rules are an admin's ([`PolicyRule::admin`],
+    /// `IsAdminGlobalRole`).
+    ///
+    /// # Errors
+    /// The id is in use.
+    pub fn add_global_role(&self, id: &str, rules: Vec<PolicyRule>) -> Result<(), String> {
+        lock(&self.inner.state).add_global_role(id, rules)
+    }
+
+    /// Whether the user is an admin as Rancher decides it: a live GRB, to the user or to one of
+    /// its groups, of a role that `IsAdminGlobalRole` accepts.
+    pub fn is_admin(&self, user_id: &str) -> bool {
+        lock(&self.inner.state).is_admin(user_id)
+    }
+
+    /// Runs the simulator's clock ahead (positive) or behind (negative) this machine's: the `Date`
+    /// header of every answer, the key's expiry, `created` and `removed` times of new objects.
+    pub fn set_clock_offset(&self, offset: chrono::Duration) {
+        lock(&self.inner.state).clock_offset = offset;
+    }
+
+    /// The simulator's clock: this machine's plus the offset ([`Sim::set_clock_offset`]).
+    pub fn now(&self) -> DateTime<Utc> {
+        lock(&self.inner.state).now_utc()
     }
 
     fn key(&self) -> KeyState {

@@ -227,6 +227,12 @@ impl Binding {
 pub struct BindingStatus {
     #[serde(default)]
     pub summary: Option<String>,
+    /// CRTBs and GRBs (2.11+): the management pass's verdict, written before the downstream one.
+    #[serde(default)]
+    pub summary_local: Option<String>,
+    /// CRTBs (and admin GRBs): the downstream cluster's pass; absent while its agent is away.
+    #[serde(default)]
+    pub summary_remote: Option<String>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub local_conditions: Vec<Condition>,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -296,4 +302,16 @@ where
     T: Deserialize<'de> + Default,
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl Binding {
+    /// `status.summaryLocal` (2.11+ CRTBs and GRBs): the management pass has run.
+    pub fn summary_local(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| nonempty(&s.summary_local))
+    }
+
+    /// `status.summaryRemote` (2.11+ CRTBs): the downstream cluster has applied it.
+    pub fn summary_remote(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| nonempty(&s.summary_remote))
+    }
 }
