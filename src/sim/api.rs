@@ -64,6 +64,8 @@ struct Pending {
     remaining: usize,
     status: u16,
     after_commit: bool,
+    /// The error's message, instead of the status's default.
+    message: Option<String>,
 }
 
 /// A per-route fault counted down per request; `usize::MAX` never runs out.
@@ -103,6 +105,8 @@ pub(crate) struct FaultState {
 struct Decision {
     /// `(status, after_commit)`
     error: Option<(u16, bool)>,
+    /// The injected error's message, when the fault gave one.
+    message: Option<String>,
     slow: Option<Duration>,
     /// Answer a list with no items (RBAC-filtered or lagging informer).
     empty_list: bool,
@@ -143,13 +147,14 @@ impl FaultState {
         }
     }
 
-    pub fn push(&mut self, route: Option<String>, n: usize, status: u16, after_commit: bool) {
+    pub fn push(&mut self, route: Option<String>, n: usize, status: u16, after_commit: bool, message: Option<String>) {
         if n > 0 {
             self.queue.push(Pending {
                 route,
                 remaining: n,
                 status,
                 after_commit,
+                message,
             });
         }
     }
@@ -173,6 +178,7 @@ impl FaultState {
             let p = &mut self.queue[i];
             p.remaining -= 1;
             d.error = Some((p.status, p.after_commit));
+            d.message = p.message.clone();
             if p.remaining == 0 {
                 self.queue.remove(i);
             }
@@ -199,8 +205,8 @@ impl FaultState {
     }
 }
 
-fn fault_error(status: u16) -> ApiError {
-    let (code, message) = match status {
+fn fault_error(status: u16, message: Option<&str>) -> ApiError {
+    let (code, default) = match status {
         500 => ("ServerError", "Internal error occurred (simulated fault)"),
         502 => ("BadGateway", "bad gateway (simulated fault)"),
         503 => ("ClusterUnavailable", "cluster not available (simulated fault)"),
@@ -211,7 +217,7 @@ fn fault_error(status: u16) -> ApiError {
         403 => ("PermissionDenied", "permission denied (simulated fault)"),
         _ => ("ServerError", "simulated fault"),
     };
-    ApiError::new(status, code, message)
+    ApiError::new(status, code, message.unwrap_or(default))
 }
 
 // ----- responses -----
@@ -526,11 +532,11 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
 fn answer(sim: &Sim, decision: Decision, req: &Req, headers: &HeaderMap) -> Response {
     let injected = decision.error.is_some() || decision.slow.is_some() || decision.empty_list;
     let (status, value) = match decision.error {
-        Some((status, false)) => (status, fault_error(status).to_json()),
+        Some((status, false)) => (status, fault_error(status, decision.message.as_deref()).to_json()),
         _ => {
             let answer = handle(sim, req, headers).unwrap_or_else(|e| (e.status, e.to_json()));
             match (decision.error, req.page.take()) {
-                (Some((status, true)), _) => (status, fault_error(status).to_json()),
+                (Some((status, true)), _) => (status, fault_error(status, decision.message.as_deref()).to_json()),
                 (None, Some(page)) => {
                     let (status, envelope) = answer;
                     finish_stats(sim, status, injected);
@@ -629,9 +635,14 @@ fn route_k8s(st: &store::State, req: &Req, owner: &str) -> Result<(u16, Value), 
                 json!({"major": "1", "minor": "31", "gitVersion": "v1.31.4+rke2r1", "platform": "linux/amd64"}),
             ))
         }
-        ["clusters", id, "apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]
-            if st.clusters.contains_key(*id) =>
-        {
+        [
+            "clusters",
+            id,
+            "apis",
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+        ] if st.clusters.contains_key(*id) => {
             allow(req, &[Method::POST])?;
             access_review(st, req, id, owner)
         }
@@ -653,9 +664,9 @@ fn access_review(st: &store::State, req: &Req, cluster: &str, owner: &str) -> Re
         st.is_admin(owner)
     } else if let Some(attrs) = spec.get("resourceAttributes") {
         let (verb, group, resource) = (text(attrs, "verb"), text(attrs, "group"), text(attrs, "resource"));
-        st.global_rules(owner).iter().any(|r| {
-            listed(&r.verbs, &verb) && listed(&r.api_groups, &group) && listed(&r.resources, &resource)
-        })
+        st.global_rules(owner)
+            .iter()
+            .any(|r| listed(&r.verbs, &verb) && listed(&r.api_groups, &group) && listed(&r.resources, &resource))
     } else if let Some(attrs) = spec.get("nonResourceAttributes") {
         let (verb, path) = (text(attrs, "verb"), text(attrs, "path"));
         st.global_rules(owner).iter().any(|r| {

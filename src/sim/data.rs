@@ -299,7 +299,11 @@ fn small(st: &mut State) {
         "authn-manage",
         "Configure Authentication",
         false,
-        vec![on(&["management.cattle.io"], &["authconfigs"], &["get", "list", "watch", "update"])],
+        vec![on(
+            &["management.cattle.io"],
+            &["authconfigs"],
+            &["get", "list", "watch", "update"],
+        )],
     );
     global_role(
         st,

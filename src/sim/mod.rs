@@ -650,13 +650,20 @@ impl Sim {
     /// (500 `ServerError`, 503 `ClusterUnavailable`, ...). With `after_commit`, the request is
     /// applied first (a POST creates its binding) and only the answer is replaced.
     pub fn fail_next(&self, n: usize, status: u16, after_commit: bool) {
-        lock(&self.inner.faults).push(None, n, status, after_commit);
+        lock(&self.inner.faults).push(None, n, status, after_commit, None);
     }
 
     /// Like [`Sim::fail_next`], for the next `n` requests whose route key (as in
     /// [`SimStats::routes`], e.g. `POST /v3/clusterroletemplatebindings`) equals `route`.
     pub fn fail_next_on(&self, route: &str, n: usize, status: u16, after_commit: bool) {
-        lock(&self.inner.faults).push(Some(route.to_string()), n, status, after_commit);
+        lock(&self.inner.faults).push(Some(route.to_string()), n, status, after_commit, None);
+    }
+
+    /// Like [`Sim::fail_next_on`] (nothing applied), answering with Rancher's words for the
+    /// failure, e.g. a 500 `Internal error occurred: failed calling webhook "…"` while the
+    /// admission webhook's pod restarts, or `etcdserver: request timed out`.
+    pub fn fail_next_on_with(&self, route: &str, n: usize, status: u16, message: &str) {
+        lock(&self.inner.faults).push(Some(route.to_string()), n, status, false, Some(message.to_string()));
     }
 
     /// Replaces the random fault settings (and restarts their sequence).

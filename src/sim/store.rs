@@ -411,7 +411,10 @@ impl Item for GlobalRole {
         m.insert("newUserDefault".into(), Value::Bool(self.new_user_default));
         m.insert("description".into(), Value::String(self.description.clone()));
         m.insert("inheritedClusterRoles".into(), json!([]));
-        m.insert("rules".into(), serde_json::to_value(&self.rules).unwrap_or_else(|_| json!([])));
+        m.insert(
+            "rules".into(),
+            serde_json::to_value(&self.rules).unwrap_or_else(|_| json!([])),
+        );
         Value::Object(m)
     }
 }
@@ -1638,7 +1641,8 @@ impl State {
             }
         };
         let now = Instant::now();
-        let admin_role = scope == BindingScope::Global && self.global_roles.get(&role_id).is_some_and(GlobalRole::is_admin);
+        let admin_role =
+            scope == BindingScope::Global && self.global_roles.get(&role_id).is_some_and(GlobalRole::is_admin);
         let binding = Binding {
             id: id_of(&name),
             name,
@@ -1787,8 +1791,7 @@ impl State {
     pub fn binds(&self, b: &Binding, user: &str) -> bool {
         b.removing.is_none()
             && (b.user_id.as_deref() == Some(user)
-                || b
-                    .group_principal_id
+                || b.group_principal_id
                     .as_ref()
                     .is_some_and(|g| self.groups.get(user).is_some_and(|gs| gs.contains(g))))
     }
@@ -1845,9 +1848,10 @@ impl State {
     /// admin GRBs (to any admin role; a group's stay), adding a `user` GRB `grb-owner` so it can
     /// still log in, as another admin would.
     pub fn set_admin(&mut self, user: &str, on: bool) {
-        let direct = self.grbs.values().any(|b| {
-            b.removing.is_none() && b.user_id.as_deref() == Some(user) && self.admin_role(&b.role_id)
-        });
+        let direct = self
+            .grbs
+            .values()
+            .any(|b| b.removing.is_none() && b.user_id.as_deref() == Some(user) && self.admin_role(&b.role_id));
         if on == direct {
             return;
         }

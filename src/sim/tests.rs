@@ -1387,7 +1387,11 @@ async fn a_crtb_gets_summary_local_then_summary_once_its_cluster_applied_it() {
         assert_eq!(code, 201, "{made}");
         assert!(made.get("status").is_none(), "2.{minor}: the 201 has no status: {made}");
         let before = binding_path("clusterroletemplatebindings", &made);
-        assert_eq!(status_of(&c, &before).await, Value::Null, "2.{minor}: before the management pass");
+        assert_eq!(
+            status_of(&c, &before).await,
+            Value::Null,
+            "2.{minor}: before the management pass"
+        );
 
         // The management pass has run (at once), the downstream one has not.
         c.h.sim.set_controller_delay(Duration::ZERO);
@@ -1409,7 +1413,11 @@ async fn a_crtb_gets_summary_local_then_summary_once_its_cluster_applied_it() {
         for path in [&before, &local_only] {
             let status = status_of(&c, path).await;
             assert_eq!(
-                (status["summary"].clone(), status["summaryLocal"].clone(), status["summaryRemote"].clone()),
+                (
+                    status["summary"].clone(),
+                    status["summaryLocal"].clone(),
+                    status["summaryRemote"].clone()
+                ),
                 (json!("Completed"), json!("Completed"), json!("Completed")),
                 "2.{minor} {path}: {status}"
             );
@@ -1578,7 +1586,10 @@ async fn an_unknown_project_is_a_404_before_2_12_and_a_500_from_2_12() {
             }
             // The principal is looked up first, by the local key owner's provider.
             assert_error(&by_principal, 500, "ServerError");
-            assert_eq!(by_principal.1["message"], "users.management.cattle.io \"5151\" not found");
+            assert_eq!(
+                by_principal.1["message"],
+                "users.management.cattle.io \"5151\" not found"
+            );
         }
         // An unknown role is still answered first.
         let bad_role = post(prtb("u-bob01", "no-such-role", "c-7x2k9:p-nope1")).await;
@@ -2507,7 +2518,10 @@ async fn the_owners_principals_include_its_groups_and_a_group_grb_makes_it_an_ad
             .add_binding(planted_grb("grb-team-admin", "admin", None, Some("github_team://777")))
             .expect("planted");
         c.h.sim.set_key_owner_admin(false);
-        assert!(c.ids(&admin_probe).await.is_empty(), "2.{minor}: no admin GRB of its own");
+        assert!(
+            c.ids(&admin_probe).await.is_empty(),
+            "2.{minor}: no admin GRB of its own"
+        );
         assert!(c.h.sim.is_admin(ADMIN_USER_ID), "2.{minor}: admin through its group");
         assert_eq!(c.ids("/v3/users").await.len(), all_users, "2.{minor}: lists are whole");
         let team_grbs = c.ids("/v3/globalrolebindings?groupPrincipalId=github_team://777").await;
@@ -2540,7 +2554,10 @@ async fn a_custom_global_role_with_the_admin_rules_makes_its_holder_an_admin() {
         .expect("new");
     assert!(c.h.sim.add_global_role("admin", Vec::new()).is_err());
     let (_, clone) = c.get("/v3/globalroles/gr-clone").await;
-    assert_eq!((clone["builtin"].clone(), clone["rules"].clone()), (json!(false), admin["rules"].clone()));
+    assert_eq!(
+        (clone["builtin"].clone(), clone["rules"].clone()),
+        (json!(false), admin["rules"].clone())
+    );
 
     c.h.sim.set_key_owner_admin(false);
     assert!(!c.h.sim.is_admin(ADMIN_USER_ID));
@@ -2595,7 +2612,10 @@ async fn an_access_review_answers_from_the_owners_global_roles() {
     c.h.sim.set_key_owner_admin(false); // left with `user`
     assert!(!allowed(&review("local", everything.clone()).await));
     assert!(!allowed(&review("local", urls.clone()).await));
-    assert!(allowed(&review("local", clusters_create).await), "the `user` role's own rule");
+    assert!(
+        allowed(&review("local", clusters_create).await),
+        "the `user` role's own rule"
+    );
     assert!(!allowed(&review("c-7x2k9", everything.clone()).await));
 
     c.h.sim.set_user_groups(ADMIN_USER_ID, vec!["github_team://888".into()]);
@@ -2638,7 +2658,8 @@ async fn the_clock_offset_moves_the_date_header_the_keys_expiry_and_new_objects(
     };
     let hours = |h: i64| chrono::Duration::hours(h);
     // Within a minute of the expected hour, whatever this machine's speed.
-    let near = |t: chrono::DateTime<chrono::Utc>, want: chrono::DateTime<chrono::Utc>| (t - want).num_minutes().abs() <= 1;
+    let near =
+        |t: chrono::DateTime<chrono::Utc>, want: chrono::DateTime<chrono::Utc>| (t - want).num_minutes().abs() <= 1;
 
     let resp = me().await.expect("answer");
     assert!(near(date(&resp), chrono::Utc::now()), "no offset: this machine's time");

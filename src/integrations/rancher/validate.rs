@@ -209,8 +209,7 @@ const SEEN_CLUSTERS_KEPT: usize = 8;
 /// cluster-scoped key cannot list clusters (every path outside its cluster is 401,
 /// `pkg/clusterrouter`), so a refused key can only be probed with ids known beforehand: the
 /// operation's own, and those of earlier operations on the same Rancher.
-static SEEN_CLUSTERS: LazyLock<Mutex<HashMap<String, VecDeque<String>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+static SEEN_CLUSTERS: LazyLock<Mutex<HashMap<String, VecDeque<String>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 impl Rancher {
     /// Remembers the cluster an operation is about (a cluster, or a project's cluster), for the
