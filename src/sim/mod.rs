@@ -24,18 +24,33 @@
 //!   `f=v`, `f_ne`, `f_in`, `f_notin`, booleans `f=v` and `f_ne` only; `eq`/`ne` use the first
 //!   value given. There is no `_null`/`_notnull`: an unknown field or modifier is ignored (the
 //!   list comes back unfiltered). `sort=<field>&order=desc`.
-//! - Bindings keep `labels` and `annotations` from the create body; `PUT /v3/<bindings>/{id}`
-//!   merges them (a `null` value removes a key) and refuses to change the role, the resource or
-//!   a set subject (400 `BadRequest` "field is immutable"). A create of a name whose binding is
-//!   being removed is 409 `AlreadyExists` "object is being deleted: ...".
+//! - Bindings keep `labels` and `annotations` from the create body. A `labels` or `annotations`
+//!   map in `PUT /v3/<bindings>/{id}` (or `/v3/users/{id}`) *replaces* the object's, as norman's
+//!   `mergeProtected` does: keys left out are deleted, except protected ones (containing
+//!   `cattle.io/`) and `field.cattle.io/` ones, and protected keys cannot be set; a body without
+//!   the map leaves it alone. A PUT refuses to change the role, the resource or a set subject
+//!   (400 `BadRequest` "field is immutable"). A create of a name whose binding is being removed
+//!   is 409 `AlreadyExists` "object is being deleted: ...".
 //! - Binding creates are checked in Rancher's order and with its answers: an unknown role
 //!   template is 500 `ServerError` "Error getting role template: ...", an unknown global role 404,
-//!   an unknown cluster or project 404 (its namespace), an unknown `userId` is accepted (201).
+//!   an unknown cluster 404 (its namespace), an unknown project 404 `namespaces "p-y" not found`
+//!   before 2.12 and 500 `projects.management.cattle.io "c-x/p-y" not found` from 2.12 (looked up
+//!   before the principal), an external principal the key's provider cannot resolve 500
+//!   `users.management.cattle.io "<id>" not found`, an unknown `userId` is accepted (201).
 //! - A binding's 201 is what was posted: no `status`, no `userId` for a principal-only binding,
-//!   no backfilled `userPrincipalId`. After `controller_delay` the controller fills `userId`
+//!   no backfilled `userPrincipalId`. After `controller_delay` the management pass fills `userId`
 //!   (EnsureUser: the user, plus GRBs for the `newUserDefault` global roles), backfills
-//!   `userPrincipalId` only with `local://<userId>`, and on 2.11+ `status.summary` appears:
-//!   `InProgress` until `settle` has passed, then `Completed` (`Error` for a missing user).
+//!   `userPrincipalId` only with `local://<userId>`, and on 2.11+ writes the status of CRTBs and
+//!   GRBs: `summaryLocal: Completed` (`Error`, with `summary: Error`, for a missing user). A GRB
+//!   then has `summary: Completed`; a CRTB (and a GRB of an admin role) gets `summaryRemote` and
+//!   `summary: Completed` from the downstream pass, at `settle` after its create and never while
+//!   its cluster is disconnected. PRTBs never have a status. No binding is ever `InProgress`.
+//! - `GET /v3/principals` answers the key owner's user principal and its group principals
+//!   ([`Sim::set_user_groups`]). Global roles carry `rules`; the owner is an admin when a GRB to
+//!   it or to one of its groups binds a role Rancher's `IsAdminGlobalRole` accepts
+//!   ([`Sim::add_global_role`]). `POST /k8s/clusters/{id}/apis/authorization.k8s.io/v1/
+//!   selfsubjectaccessreviews` answers from those rules.
+//! - Every answer's `Date` header is the simulator's clock ([`Sim::set_clock_offset`]).
 //! - Users created through the API get no global role binding; `POST /v3/users` is not atomic
 //!   ([`Sim::fail_user_password_next`]).
 //! - Every 401 body is `{"type":"error","status":"401","message":"Unauthorized 401: must
@@ -48,7 +63,7 @@
 //!
 //! # Fidelity controls
 //!
-//! On [`SimOptions`]: `version`, `latency`, `settle` (new bindings `InProgress` until then),
+//! On [`SimOptions`]: `version`, `latency`, `settle` (when a new CRTB's downstream pass runs),
 //! `controller_delay` (a new binding's `status`, EnsureUser'd `userId`, backfilled
 //! `userPrincipalId` and a new user's `principalIds` arrive then), `disconnect_stall` and
 //! `disconnected_share` (clusters whose agent is down), `removal_delay` (deleted bindings
@@ -61,7 +76,9 @@
 //! [`Sim::fail_user_password_next`], [`Sim::set_removal_delay`], [`Sim::fail_next`] / [`Sim::fail_next_on`]
 //! (exact faults, optionally after the change is committed), [`Sim::set_faults`],
 //! [`Sim::add_user`], [`Sim::add_binding`], [`Sim::remove_binding`], [`Sim::check_password`],
-//! [`Sim::set_key_owner_admin`], [`Sim::set_new_user_default`], [`Sim::empty_lists_on`] /
+//! [`Sim::set_key_owner_admin`], [`Sim::set_user_groups`], [`Sim::add_global_role`],
+//! [`Sim::is_admin`], [`Sim::set_clock_offset`] / [`Sim::now`], [`Sim::fail_next_on_with`]
+//! (a fault in Rancher's words), [`Sim::set_new_user_default`], [`Sim::empty_lists_on`] /
 //! [`Sim::hide_from_lists`] / [`Sim::unhide`] / [`Sim::clear_list_faults`] (lists that miss
 //! objects still there), [`Sim::slow_next_on`] (a slow route that still applies the change).
 //!
@@ -130,8 +147,9 @@ impl fmt::Display for DatasetSize {
 }
 
 /// The Rancher 2.x release the simulator behaves as. Only the minor version matters: it decides
-/// `status.summary` on bindings (2.11+), `backingNamespace` on projects (2.12+), duplicate CRTBs
-/// refused (2.14+) and duplicate PRTBs refused (2.15+).
+/// `status` on CRTBs and GRBs (2.11+; never on PRTBs), `backingNamespace` on projects and the 500
+/// for an unknown project (2.12+), duplicate CRTBs refused (2.14+) and duplicate PRTBs refused
+/// (2.15+).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RancherVersion {
     pub minor: u32,
@@ -217,8 +235,9 @@ pub struct SimOptions {
     pub key_cluster_id: Option<String>,
     /// When the key expires (after which every request gets 401). Default `None` (never).
     pub key_expires_at: Option<DateTime<Utc>>,
-    /// How long after its create a binding reports `status.summary: InProgress` (2.11+) before
-    /// `Completed` (counted from the create; never before the controller's pass). Default 0.
+    /// How long after its create a CRTB's downstream pass runs (and a GRB of an admin role's):
+    /// until then a 2.11+ CRTB shows `summaryLocal: Completed` and no `summary`. Never before the
+    /// management pass, never while the cluster is disconnected. Default 0.
     pub settle: Duration,
     /// How long after a write the controllers act on it: a new binding has no `status`, no
     /// EnsureUser'd `userId` and no backfilled `userPrincipalId` until then; a new local user
@@ -587,7 +606,7 @@ impl Sim {
         *self.inner.latency.write().unwrap_or_else(|e| e.into_inner()) = latency;
     }
 
-    /// Changes how long new bindings stay `InProgress` (bindings made from now on).
+    /// Changes when the downstream pass of new CRTBs runs (bindings made from now on).
     pub fn set_settle(&self, settle: Duration) {
         lock(&self.inner.state).settle = settle;
     }
@@ -598,8 +617,9 @@ impl Sim {
     }
 
     /// Makes every controller finish now: pending bindings get their `userId` (EnsureUser),
-    /// `userPrincipalId` and `status` (`Completed`, or `Error` for a missing user), new users
-    /// their `principalIds`. For tests that need the "later" state without waiting.
+    /// `userPrincipalId` and `status` (`Completed`, or `Error` for a missing user; a CRTB of a
+    /// disconnected cluster only `summaryLocal`), new users their `principalIds`. For tests that
+    /// need the "later" state without waiting.
     pub fn reconcile_now(&self) {
         lock(&self.inner.state).reconcile_all();
     }
@@ -608,8 +628,9 @@ impl Sim {
     /// `/v3/cluster/{id}/...` request (its namespaces) waits `disconnect_stall`, then answers
     /// 500 `ServerError` "cluster agent disconnected" (rancher `pkg/dialer/factory.go`
     /// `ErrAgentDisconnected`, turned into a 500 by rancher/norman
-    /// `httperror/handler/handler.go`). The cluster stays in `/v3/clusters`. A request stalling
-    /// when the cluster comes back is served. `false` if there is no such cluster.
+    /// `httperror/handler/handler.go`), and its CRTBs get no downstream pass (no `summary`
+    /// until it is back). The cluster stays in `/v3/clusters`. A request stalling when the
+    /// cluster comes back is served. `false` if there is no such cluster.
     pub fn disconnect_cluster(&self, id: &str, on: bool) -> bool {
         let mut st = lock(&self.inner.state);
         if !st.clusters.contains_key(id) {
@@ -701,15 +722,16 @@ impl Sim {
             .is_some_and(|u| u.password.as_deref() == Some(password))
     }
 
-    /// Makes the key's owner an admin (GRB `admin`, id `grb-admin`) or takes that away (its
-    /// admin GRBs deleted, a `user` GRB `grb-owner` kept so it can log in), as another admin
-    /// would. A non-admin owner sees lists filtered silently by RBAC (rancher/norman
+    /// Makes the key's owner an admin (GRB `admin`, id `grb-admin`) or takes that away (its own
+    /// GRBs to every admin role deleted, a `user` GRB `grb-owner` kept so it can log in), as
+    /// another admin would. A GRB to one of its groups stays: with one, the owner is an admin
+    /// only through its group. A non-admin owner sees lists filtered silently by RBAC (rancher/norman
     /// `store/proxy/proxy_store.go` `FilterList`, rancher `pkg/rbac/user_based.go`): `/v3/users`
     /// holds only itself; binding lists only its own bindings; clusters, projects and namespaces
     /// only those its bindings reach; global roles and role templates everything. Reading one
     /// object it may not see, and every PUT/DELETE of users and bindings, is 403 `Forbidden`
     /// (Kubernetes RBAC, the caller impersonated); a POST of a user or binding is 403
-    /// `PermissionDenied` "can not create <type>".
+    /// `PermissionDenied` `can not create <type>`.
     pub fn set_key_owner_admin(&self, admin: bool) {
         let owner = self.key().owner;
         lock(&self.inner.state).set_admin(&owner, admin);

@@ -11,7 +11,7 @@
 //! the caller cannot `get` (rancher/rancher `pkg/rbac/user_based.go`). Reads and writes of one
 //! object go to Kubernetes impersonating the caller (`doAuthed`, `Impersonate-User`), so a
 //! refused one is Kubernetes' 403 `Forbidden`; creates are refused earlier by Norman's schema
-//! check with 403 `PermissionDenied` "can not create <type>" (rancher/norman
+//! check with 403 `PermissionDenied` `can not create <type>` (rancher/norman
 //! `authorization/all.go`). Global roles and role templates stay readable by every user.
 //!
 //! Objects hidden with [`super::Sim::hide_from_lists`] (informer lag) are left out of lists but

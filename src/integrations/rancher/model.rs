@@ -162,7 +162,8 @@ pub struct Binding {
     pub user_principal_id: Option<String>,
     #[serde(default)]
     pub group_principal_id: Option<String>,
-    /// 2.11+: `summary` is `Completed`, `InProgress` or `Error`. Absent on older versions.
+    /// 2.11+ CRTBs and GRBs: `summary` is `Completed` or `Error` (`InProgress` is for
+    /// GlobalRoles only), absent until Rancher's passes ran. Never on PRTBs, nor before 2.11.
     #[serde(default)]
     pub status: Option<BindingStatus>,
     /// Set while finalizers run after a DELETE: the binding is on its way out.
