@@ -263,55 +263,53 @@ fn small(st: &mut State) {
     // A few rules of each (rancher `pkg/data/management/role_data.go`), enough for an access
     // review; `admin` has its real two.
     let on = PolicyRule::on;
-    global_role(st, "admin", "Admin", false, PolicyRule::admin());
-    global_role(
-        st,
-        "restricted-admin",
-        "Restricted Admin",
-        false,
-        vec![
-            on(&[""], &["secrets"], &["create"]),
-            on(&["catalog.cattle.io"], &["clusterrepos"], &["*"]),
-        ],
-    );
-    global_role(
-        st,
-        "user",
-        "Standard User",
-        true,
-        vec![
-            on(&["management.cattle.io"], &["clusters"], &["create"]),
-            on(&["management.cattle.io"], &["preferences"], &["*"]),
-        ],
-    );
-    global_role(
-        st,
-        "user-base",
-        "User-Base",
-        false,
-        vec![
-            on(&["management.cattle.io"], &["preferences"], &["*"]),
-            on(&["management.cattle.io"], &["settings"], &["get", "list", "watch"]),
-        ],
-    );
-    global_role(
-        st,
-        "authn-manage",
-        "Configure Authentication",
-        false,
-        vec![on(
-            &["management.cattle.io"],
-            &["authconfigs"],
-            &["get", "list", "watch", "update"],
-        )],
-    );
-    global_role(
-        st,
-        "clusters-create",
-        "Create new Clusters",
-        false,
-        vec![on(&["management.cattle.io"], &["clusters"], &["create"])],
-    );
+    let management = ["management.cattle.io"];
+    let read = ["get", "list", "watch"];
+    let roles = [
+        ("admin", "Admin", false, PolicyRule::admin()),
+        (
+            "restricted-admin",
+            "Restricted Admin",
+            false,
+            vec![
+                on(&[""], &["secrets"], &["create"]),
+                on(&["catalog.cattle.io"], &["clusterrepos"], &["*"]),
+            ],
+        ),
+        (
+            "user",
+            "Standard User",
+            true,
+            vec![
+                on(&management, &["clusters"], &["create"]),
+                on(&management, &["preferences"], &["*"]),
+            ],
+        ),
+        (
+            "user-base",
+            "User-Base",
+            false,
+            vec![
+                on(&management, &["preferences"], &["*"]),
+                on(&management, &["settings"], &read),
+            ],
+        ),
+        (
+            "authn-manage",
+            "Configure Authentication",
+            false,
+            vec![on(&management, &["authconfigs"], &["get", "list", "watch", "update"])],
+        ),
+        (
+            "clusters-create",
+            "Create new Clusters",
+            false,
+            vec![on(&management, &["clusters"], &["create"])],
+        ),
+    ];
+    for (id, name, new_user_default, rules) in roles {
+        global_role(st, id, name, new_user_default, rules);
+    }
 
     role_template(st, "cluster-owner", "Cluster Owner", "cluster", true, false, false);
     role_template(st, "cluster-member", "Cluster Member", "cluster", true, false, false);

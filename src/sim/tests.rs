@@ -1363,6 +1363,15 @@ fn binding_path(collection: &str, made: &Value) -> String {
     format!("/v3/{collection}/{}", made["id"].as_str().unwrap_or_default())
 }
 
+/// Creates a CRTB (201 expected) and returns its path.
+async fn post_crtb(c: &Client, user: &str, role: &str, cluster: &str) -> String {
+    let (code, made) = c
+        .post("/v3/clusterroletemplatebindings", crtb(user, role, cluster))
+        .await;
+    assert_eq!(code, 201, "{made}");
+    binding_path("clusterroletemplatebindings", &made)
+}
+
 /// S7, CRTBs on 2.11+ (rancher `pkg/controllers/management/auth/crtb_handler.go` and
 /// `pkg/controllers/managementuser/rbac/crtb_handler.go`, `updateStatus`): the 201 has no
 /// `status`; the management pass writes `summaryLocal: Completed`; `summary: Completed` comes
@@ -1395,13 +1404,7 @@ async fn a_crtb_gets_summary_local_then_summary_once_its_cluster_applied_it() {
 
         // The management pass has run (at once), the downstream one has not.
         c.h.sim.set_controller_delay(Duration::ZERO);
-        let (_, made) = c
-            .post(
-                "/v3/clusterroletemplatebindings",
-                crtb("u-alice1", "nodes-view", "c-7x2k9"),
-            )
-            .await;
-        let local_only = binding_path("clusterroletemplatebindings", &made);
+        let local_only = post_crtb(&c, "u-alice1", "nodes-view", "c-7x2k9").await;
         let status = status_of(&c, &local_only).await;
         assert_eq!(status["summaryLocal"], "Completed", "2.{minor}: {status}");
         assert!(
@@ -1441,25 +1444,13 @@ async fn a_crtb_on_a_disconnected_cluster_gets_no_summary_until_the_agent_is_bac
     })
     .await;
     assert!(c.h.sim.disconnect_cluster("c-7x2k9", true));
-    let (_, made) = c
-        .post(
-            "/v3/clusterroletemplatebindings",
-            crtb("u-bob01", "cluster-member", "c-7x2k9"),
-        )
-        .await;
-    let path = binding_path("clusterroletemplatebindings", &made);
+    let path = post_crtb(&c, "u-bob01", "cluster-member", "c-7x2k9").await;
     c.h.sim.reconcile_now();
     let status = status_of(&c, &path).await;
     assert_eq!(status["summaryLocal"], "Completed", "{status}");
     assert!(status.get("summary").is_none(), "{status}");
     // Another cluster's binding completes meanwhile.
-    let (_, other) = c
-        .post(
-            "/v3/clusterroletemplatebindings",
-            crtb("u-bob01", "cluster-member", "c-m-4bq8z2lp"),
-        )
-        .await;
-    let other = binding_path("clusterroletemplatebindings", &other);
+    let other = post_crtb(&c, "u-bob01", "cluster-member", "c-m-4bq8z2lp").await;
     c.h.sim.reconcile_now();
     assert_eq!(status_of(&c, &other).await["summary"], "Completed");
 

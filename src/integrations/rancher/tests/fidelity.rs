@@ -179,28 +179,6 @@ async fn a_webhook_500_on_an_external_principal_is_retried_not_a_configuration_e
     }
 }
 
-/// The auth provider's own words are still final: a key whose provider cannot resolve the
-/// principal gets one POST and the hint to use another key.
-#[tokio::test]
-async fn a_principal_the_provider_cannot_resolve_is_a_configuration_error_after_one_post() {
-    let sim = sim_with(SimOptions {
-        resolve_external_principals: false,
-        ..SimOptions::default()
-    })
-    .await;
-    let r = rancher(&sim);
-    admin_proven(&r).await;
-    sim.sim.reset_stats();
-    let e = r
-        .grant(&grant_req("github_user://5151", "project-member", "c-7x2k9:p-abcde"))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, IntegrationError::Config { .. }) && !e.retryable(), "{e:?}");
-    assert!(e.to_string().contains("users.management.cattle.io"), "{e}");
-    assert_eq!(sim.sim.stats().route("POST /v3/projectroletemplatebindings"), 1);
-    sim.stop().await;
-}
-
 /// F5/N6: a key scoped to a cluster other than `local` is named with its cluster: a refused key
 /// is probed with the clusters the connector's operations named on that Rancher (a scoped key
 /// cannot list them).
