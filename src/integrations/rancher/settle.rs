@@ -56,7 +56,7 @@ impl Rancher {
 
     /// A binding that carries a status proves the server writes it.
     pub(super) fn learn_status(&self, b: &Binding) {
-        if b.summary().is_some() {
+        if b.summary().is_some() || b.summary_local().is_some() {
             self.remember_writes_status(true);
         }
     }
