@@ -12,7 +12,7 @@ use apono_connector::config::{Config, TelemetryConfig};
 use apono_connector::control_plane::client::OperatorClient;
 use apono_connector::control_plane::operator::AccessRequestCreate;
 use apono_connector::integrations::{GrantRequest, Owner, Resource, RevokeRequest, Subject};
-use apono_connector::sim::{DatasetSize, Sim, SimOptions};
+use apono_connector::sim::{DatasetSize, RancherVersion, Sim, SimOptions};
 use apono_connector::telemetry;
 
 /// Shown by `--help` of every command: scripts branch on these.
@@ -327,6 +327,10 @@ enum SimCommand {
         /// Latency added to every request, in milliseconds.
         #[arg(long, value_name = "MS", default_value_t = 0)]
         latency_ms: u64,
+        /// The Rancher release to behave as (2.8 to 2.16; e.g. 2.10, 2.12, 2.13): binding status
+        /// (2.11+), the unknown-project answer (2.12+), duplicate checks (2.14+, 2.15+).
+        #[arg(long, value_name = "2.MINOR", default_value = "2.13")]
+        version: RancherVersion,
     },
 }
 
@@ -534,12 +538,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     listen,
                     size,
                     latency_ms,
+                    version,
                 },
         } => {
             quiet_logs();
             let sim = Sim::new(SimOptions {
                 size,
                 latency: Duration::from_millis(latency_ms),
+                version,
                 ..SimOptions::default()
             });
             let (access_key, secret_key) = sim.api_key();
@@ -548,7 +554,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
             say(&format!(
-                "Rancher simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
+                "Rancher {version} simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
             ));
             let shutdown = commands::shutdown_on_signal();
             sim.serve(listener, async move { shutdown.cancelled().await }).await?;

@@ -15,7 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use chrono::{SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use serde_json::{Map, Value, json};
 
 use super::store::{self, ApiError, Ctx, Item, k8s_not_found};
@@ -29,7 +29,19 @@ pub(crate) fn router(sim: Sim) -> Router {
         .route("/sim/bindings", get(sim_bindings))
         .route("/sim/users", get(sim_users))
         .fallback(entry)
+        .layer(axum::middleware::from_fn_with_state(sim.clone(), date_header))
         .with_state(sim)
+}
+
+/// Every answer's `Date` is the simulator's clock ([`Sim::set_clock_offset`]): what a client
+/// reads as "Rancher's time" (hyper adds its own only when the header is missing).
+async fn date_header(State(sim): State<Sim>, request: Request, next: axum::middleware::Next) -> Response {
+    let mut response = next.run(request).await;
+    let date = sim.now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    if let Ok(v) = header::HeaderValue::from_str(&date) {
+        response.headers_mut().insert(header::DATE, v);
+    }
+    response
 }
 
 async fn sim_stats(State(sim): State<Sim>) -> Json<super::SimStats> {
@@ -52,6 +64,8 @@ struct Pending {
     remaining: usize,
     status: u16,
     after_commit: bool,
+    /// The error's message, instead of the status's default.
+    message: Option<String>,
 }
 
 /// A per-route fault counted down per request; `usize::MAX` never runs out.
@@ -91,6 +105,8 @@ pub(crate) struct FaultState {
 struct Decision {
     /// `(status, after_commit)`
     error: Option<(u16, bool)>,
+    /// The injected error's message, when the fault gave one.
+    message: Option<String>,
     slow: Option<Duration>,
     /// Answer a list with no items (RBAC-filtered or lagging informer).
     empty_list: bool,
@@ -131,13 +147,14 @@ impl FaultState {
         }
     }
 
-    pub fn push(&mut self, route: Option<String>, n: usize, status: u16, after_commit: bool) {
+    pub fn push(&mut self, route: Option<String>, n: usize, status: u16, after_commit: bool, message: Option<String>) {
         if n > 0 {
             self.queue.push(Pending {
                 route,
                 remaining: n,
                 status,
                 after_commit,
+                message,
             });
         }
     }
@@ -161,6 +178,7 @@ impl FaultState {
             let p = &mut self.queue[i];
             p.remaining -= 1;
             d.error = Some((p.status, p.after_commit));
+            d.message = p.message.clone();
             if p.remaining == 0 {
                 self.queue.remove(i);
             }
@@ -187,8 +205,8 @@ impl FaultState {
     }
 }
 
-fn fault_error(status: u16) -> ApiError {
-    let (code, message) = match status {
+fn fault_error(status: u16, message: Option<&str>) -> ApiError {
+    let (code, default) = match status {
         500 => ("ServerError", "Internal error occurred (simulated fault)"),
         502 => ("BadGateway", "bad gateway (simulated fault)"),
         503 => ("ClusterUnavailable", "cluster not available (simulated fault)"),
@@ -199,7 +217,7 @@ fn fault_error(status: u16) -> ApiError {
         403 => ("PermissionDenied", "permission denied (simulated fault)"),
         _ => ("ServerError", "simulated fault"),
     };
-    ApiError::new(status, code, message)
+    ApiError::new(status, code, message.unwrap_or(default))
 }
 
 // ----- responses -----
@@ -438,7 +456,7 @@ fn credentials(headers: &HeaderMap) -> Option<(String, String, bool)> {
 /// (`pkg/auth/requests/authenticate.go`).
 fn authenticates(key: &KeyState, headers: &HeaderMap, st: &store::State) -> bool {
     credentials(headers).is_some_and(|(a, s, ext)| a == key.access_key && s == key.secret_key && ext == key.ext)
-        && key.expires_at.is_none_or(|t| t > Utc::now())
+        && key.expires_at.is_none_or(|t| t > st.now_utc())
         && st.users.get(&key.owner).is_some_and(|u| u.enabled)
 }
 
@@ -514,11 +532,11 @@ async fn entry(State(sim): State<Sim>, request: Request) -> Response {
 fn answer(sim: &Sim, decision: Decision, req: &Req, headers: &HeaderMap) -> Response {
     let injected = decision.error.is_some() || decision.slow.is_some() || decision.empty_list;
     let (status, value) = match decision.error {
-        Some((status, false)) => (status, fault_error(status).to_json()),
+        Some((status, false)) => (status, fault_error(status, decision.message.as_deref()).to_json()),
         _ => {
             let answer = handle(sim, req, headers).unwrap_or_else(|e| (e.status, e.to_json()));
             match (decision.error, req.page.take()) {
-                (Some((status, true)), _) => (status, fault_error(status).to_json()),
+                (Some((status, true)), _) => (status, fault_error(status, decision.message.as_deref()).to_json()),
                 (None, Some(page)) => {
                     let (status, envelope) = answer;
                     finish_stats(sim, status, injected);
@@ -582,7 +600,7 @@ fn handle(sim: &Sim, req: &Req, headers: &HeaderMap) -> Result<(u16, Value), Api
     match req.root {
         Root::V3 => route(&mut st, req, &key),
         Root::V1 => route_v1(&st, req, &key),
-        Root::K8s => route_k8s(&st, req),
+        Root::K8s => route_k8s(&st, req, &key.owner),
     }
 }
 
@@ -604,19 +622,77 @@ fn route_v1(st: &store::State, req: &Req, key: &KeyState) -> Result<(u16, Value)
     }
 }
 
-/// `/k8s/clusters/{id}/version`: the downstream cluster's Kubernetes version through Rancher's
-/// proxy, enough to tell that a cluster-scoped key works on its own cluster.
-fn route_k8s(st: &store::State, req: &Req) -> Result<(u16, Value), ApiError> {
-    match req.segs.as_slice() {
-        [c, id, v] if c == "clusters" && v == "version" && st.clusters.contains_key(id) => {
+/// `/k8s/clusters/{id}/...`, a cluster's Kubernetes API through Rancher's proxy (the caller
+/// impersonated): `version`, enough to tell that a cluster-scoped key works on its own cluster,
+/// and `SelfSubjectAccessReview`s, which ask the cluster's RBAC what the key's owner may do.
+fn route_k8s(st: &store::State, req: &Req, owner: &str) -> Result<(u16, Value), ApiError> {
+    let segs: Vec<&str> = req.segs.iter().map(String::as_str).collect();
+    match segs.as_slice() {
+        ["clusters", id, "version"] if st.clusters.contains_key(*id) => {
             allow(req, &[Method::GET])?;
             Ok((
                 200,
                 json!({"major": "1", "minor": "31", "gitVersion": "v1.31.4+rke2r1", "platform": "linux/amd64"}),
             ))
         }
+        [
+            "clusters",
+            id,
+            "apis",
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+        ] if st.clusters.contains_key(*id) => {
+            allow(req, &[Method::POST])?;
+            access_review(st, req, id, owner)
+        }
         _ => Err(ApiError::not_found(format!("{} not found", req.path))),
     }
+}
+
+/// A `SelfSubjectAccessReview` (authorization.k8s.io/v1): 201 with `status.allowed`. On `local`
+/// the owner's RBAC is the rules of the global roles bound to it or to its groups (Rancher makes
+/// a ClusterRole per global role and binds it to the GRB's user or group,
+/// `globalrolebinding_handler.go`); on a downstream cluster only an admin is allowed everything
+/// (its `globaladmin-` binding to cluster-admin).
+fn access_review(st: &store::State, req: &Req, cluster: &str, owner: &str) -> Result<(u16, Value), ApiError> {
+    let body = req.body_object()?;
+    let spec = body.get("spec").cloned().unwrap_or(Value::Null);
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let listed = |list: &[String], want: &str| list.iter().any(|x| x == "*" || x == want);
+    let allowed = if cluster != "local" {
+        st.is_admin(owner)
+    } else if let Some(attrs) = spec.get("resourceAttributes") {
+        let (verb, group, resource) = (text(attrs, "verb"), text(attrs, "group"), text(attrs, "resource"));
+        st.global_rules(owner)
+            .iter()
+            .any(|r| listed(&r.verbs, &verb) && listed(&r.api_groups, &group) && listed(&r.resources, &resource))
+    } else if let Some(attrs) = spec.get("nonResourceAttributes") {
+        let (verb, path) = (text(attrs, "verb"), text(attrs, "path"));
+        st.global_rules(owner).iter().any(|r| {
+            listed(&r.verbs, &verb)
+                && r.non_resource_urls.iter().any(|u| {
+                    u == "*" || *u == path || u.strip_suffix('*').is_some_and(|prefix| path.starts_with(prefix))
+                })
+        })
+    } else {
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            "SelfSubjectAccessReview.authorization.k8s.io \"\" is invalid: spec: exactly one of nonResourceAttributes \
+             or resourceAttributes must be specified",
+        ));
+    };
+    Ok((
+        201,
+        json!({
+            "kind": "SelfSubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "spec": spec,
+            "status": {"allowed": allowed},
+        }),
+    ))
 }
 
 fn allow(req: &Req, methods: &[Method]) -> Result<(), ApiError> {
@@ -877,13 +953,22 @@ fn route(st: &mut store::State, req: &Req, key: &KeyState) -> Result<(u16, Value
             }
         }
         ("principals", []) => match (&req.method, action) {
+            // The token's user principal, then the groups its provider reports for the user
+            // (`pkg/auth/principals/handler.go` list: `GetGroupsForTokenAuthProvider`).
             (&Method::GET, _) => {
-                let mine: Vec<Value> = st
+                let mut mine: Vec<Value> = st
                     .users
                     .get(&owner)
                     .map(|u| st.user_principal(u).render(&ctx))
                     .into_iter()
                     .collect();
+                for g in st.groups_of(&owner) {
+                    let mut p = st.group_principal(g).render(&ctx);
+                    if let Some(o) = p.as_object_mut() {
+                        o.insert("memberOf".into(), Value::Bool(true));
+                    }
+                    mine.push(p);
+                }
                 Ok((200, collection("principal", mine, req, None)))
             }
             (&Method::POST, Some("search")) => {
@@ -1032,7 +1117,7 @@ fn api_root(ctx: &Ctx) -> Value {
 }
 
 fn token_json(key: &KeyState, ctx: &Ctx) -> Value {
-    let now = Utc::now();
+    let now = ctx.clock;
     let ttl = key
         .expires_at
         .map_or(0, |t| (t - key.created).num_milliseconds().max(0));
@@ -1061,7 +1146,7 @@ fn token_json(key: &KeyState, ctx: &Ctx) -> Value {
 /// `pkg/apis/ext.cattle.io/v1/types.go`: `spec.ttl` in ms, `status.expiresAt` empty when it never
 /// expires), wrapped by Steve (`id`, `type`, `links`).
 fn ext_token_json(key: &KeyState, st: &store::State, base: &str) -> Value {
-    let now = Utc::now();
+    let now = st.now_utc();
     let ttl = key
         .expires_at
         .map_or(0, |t| (t - key.created).num_milliseconds().max(0));

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
 
 use super::store::{Binding, Cluster, GlobalRole, Namespace, Principal, Project, Rng, RoleTemplate, State, User};
-use super::{ADMIN_USER_ID, DatasetSize, SimOptions, external_user_id};
+use super::{ADMIN_USER_ID, DatasetSize, PolicyRule, SimOptions, external_user_id};
 use crate::integrations::BindingScope;
 
 /// When the seeded objects were "created".
@@ -31,6 +31,9 @@ pub(crate) fn build(options: &SimOptions) -> State {
         settle: options.settle,
         controller_delay: options.controller_delay,
         pending: Vec::new(),
+        remote_pending: Vec::new(),
+        groups: BTreeMap::new(),
+        clock_offset: chrono::Duration::zero(),
         disconnected: BTreeSet::new(),
         disconnect_stall: options.disconnect_stall,
         fail_user_password: 0,
@@ -105,7 +108,7 @@ fn namespace(st: &mut State, cluster_id: &str, name: &str, project: Option<&str>
     );
 }
 
-fn global_role(st: &mut State, id: &str, name: &str, new_user_default: bool) {
+fn global_role(st: &mut State, id: &str, name: &str, new_user_default: bool, rules: Vec<PolicyRule>) {
     st.global_roles.insert(
         id.into(),
         GlobalRole {
@@ -115,6 +118,7 @@ fn global_role(st: &mut State, id: &str, name: &str, new_user_default: bool) {
             builtin: true,
             new_user_default,
             created: at(0),
+            rules,
         },
     );
 }
@@ -185,6 +189,8 @@ fn binding(st: &mut State, s: Seed) {
         annotations: BTreeMap::new(),
         created: at(40),
         settles_at: None,
+        remote_done: super::store::Binding::remote_pass(s.scope, s.scope == BindingScope::Global && s.role == "admin")
+            .map(|_| true),
         reconcile_at: None,
         subject_error: false,
         removing: None,
@@ -254,12 +260,56 @@ fn small(st: &mut State) {
     namespace(st, "c-m-4bq8z2lp", "staging-web", Some("p-h6v9r"));
     namespace(st, "c-m-4bq8z2lp", "monitoring", None);
 
-    global_role(st, "admin", "Admin", false);
-    global_role(st, "restricted-admin", "Restricted Admin", false);
-    global_role(st, "user", "Standard User", true);
-    global_role(st, "user-base", "User-Base", false);
-    global_role(st, "authn-manage", "Configure Authentication", false);
-    global_role(st, "clusters-create", "Create new Clusters", false);
+    // A few rules of each (rancher `pkg/data/management/role_data.go`), enough for an access
+    // review; `admin` has its real two.
+    let on = PolicyRule::on;
+    let management = ["management.cattle.io"];
+    let read = ["get", "list", "watch"];
+    let roles = [
+        ("admin", "Admin", false, PolicyRule::admin()),
+        (
+            "restricted-admin",
+            "Restricted Admin",
+            false,
+            vec![
+                on(&[""], &["secrets"], &["create"]),
+                on(&["catalog.cattle.io"], &["clusterrepos"], &["*"]),
+            ],
+        ),
+        (
+            "user",
+            "Standard User",
+            true,
+            vec![
+                on(&management, &["clusters"], &["create"]),
+                on(&management, &["preferences"], &["*"]),
+            ],
+        ),
+        (
+            "user-base",
+            "User-Base",
+            false,
+            vec![
+                on(&management, &["preferences"], &["*"]),
+                on(&management, &["settings"], &read),
+            ],
+        ),
+        (
+            "authn-manage",
+            "Configure Authentication",
+            false,
+            vec![on(&management, &["authconfigs"], &["get", "list", "watch", "update"])],
+        ),
+        (
+            "clusters-create",
+            "Create new Clusters",
+            false,
+            vec![on(&management, &["clusters"], &["create"])],
+        ),
+    ];
+    for (id, name, new_user_default, rules) in roles {
+        global_role(st, id, name, new_user_default, rules);
+    }
 
     role_template(st, "cluster-owner", "Cluster Owner", "cluster", true, false, false);
     role_template(st, "cluster-member", "Cluster Member", "cluster", true, false, false);

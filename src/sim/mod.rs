@@ -24,18 +24,33 @@
 //!   `f=v`, `f_ne`, `f_in`, `f_notin`, booleans `f=v` and `f_ne` only; `eq`/`ne` use the first
 //!   value given. There is no `_null`/`_notnull`: an unknown field or modifier is ignored (the
 //!   list comes back unfiltered). `sort=<field>&order=desc`.
-//! - Bindings keep `labels` and `annotations` from the create body; `PUT /v3/<bindings>/{id}`
-//!   merges them (a `null` value removes a key) and refuses to change the role, the resource or
-//!   a set subject (400 `BadRequest` "field is immutable"). A create of a name whose binding is
-//!   being removed is 409 `AlreadyExists` "object is being deleted: ...".
+//! - Bindings keep `labels` and `annotations` from the create body. A `labels` or `annotations`
+//!   map in `PUT /v3/<bindings>/{id}` (or `/v3/users/{id}`) *replaces* the object's, as norman's
+//!   `mergeProtected` does: keys left out are deleted, except protected ones (containing
+//!   `cattle.io/`) and `field.cattle.io/` ones, and protected keys cannot be set; a body without
+//!   the map leaves it alone. A PUT refuses to change the role, the resource or a set subject
+//!   (400 `BadRequest` "field is immutable"). A create of a name whose binding is being removed
+//!   is 409 `AlreadyExists` "object is being deleted: ...".
 //! - Binding creates are checked in Rancher's order and with its answers: an unknown role
 //!   template is 500 `ServerError` "Error getting role template: ...", an unknown global role 404,
-//!   an unknown cluster or project 404 (its namespace), an unknown `userId` is accepted (201).
+//!   an unknown cluster 404 (its namespace), an unknown project 404 `namespaces "p-y" not found`
+//!   before 2.12 and 500 `projects.management.cattle.io "c-x/p-y" not found` from 2.12 (looked up
+//!   before the principal), an external principal the key's provider cannot resolve 500
+//!   `users.management.cattle.io "<id>" not found`, an unknown `userId` is accepted (201).
 //! - A binding's 201 is what was posted: no `status`, no `userId` for a principal-only binding,
-//!   no backfilled `userPrincipalId`. After `controller_delay` the controller fills `userId`
+//!   no backfilled `userPrincipalId`. After `controller_delay` the management pass fills `userId`
 //!   (EnsureUser: the user, plus GRBs for the `newUserDefault` global roles), backfills
-//!   `userPrincipalId` only with `local://<userId>`, and on 2.11+ `status.summary` appears:
-//!   `InProgress` until `settle` has passed, then `Completed` (`Error` for a missing user).
+//!   `userPrincipalId` only with `local://<userId>`, and on 2.11+ writes the status of CRTBs and
+//!   GRBs: `summaryLocal: Completed` (`Error`, with `summary: Error`, for a missing user). A GRB
+//!   then has `summary: Completed`; a CRTB (and a GRB of an admin role) gets `summaryRemote` and
+//!   `summary: Completed` from the downstream pass, at `settle` after its create and never while
+//!   its cluster is disconnected. PRTBs never have a status. No binding is ever `InProgress`.
+//! - `GET /v3/principals` answers the key owner's user principal and its group principals
+//!   ([`Sim::set_user_groups`]). Global roles carry `rules`; the owner is an admin when a GRB to
+//!   it or to one of its groups binds a role Rancher's `IsAdminGlobalRole` accepts
+//!   ([`Sim::add_global_role`]). `POST /k8s/clusters/{id}/apis/authorization.k8s.io/v1/
+//!   selfsubjectaccessreviews` answers from those rules.
+//! - Every answer's `Date` header is the simulator's clock ([`Sim::set_clock_offset`]).
 //! - Users created through the API get no global role binding; `POST /v3/users` is not atomic
 //!   ([`Sim::fail_user_password_next`]).
 //! - Every 401 body is `{"type":"error","status":"401","message":"Unauthorized 401: must
@@ -48,7 +63,7 @@
 //!
 //! # Fidelity controls
 //!
-//! On [`SimOptions`]: `version`, `latency`, `settle` (new bindings `InProgress` until then),
+//! On [`SimOptions`]: `version`, `latency`, `settle` (when a new CRTB's downstream pass runs),
 //! `controller_delay` (a new binding's `status`, EnsureUser'd `userId`, backfilled
 //! `userPrincipalId` and a new user's `principalIds` arrive then), `disconnect_stall` and
 //! `disconnected_share` (clusters whose agent is down), `removal_delay` (deleted bindings
@@ -61,7 +76,9 @@
 //! [`Sim::fail_user_password_next`], [`Sim::set_removal_delay`], [`Sim::fail_next`] / [`Sim::fail_next_on`]
 //! (exact faults, optionally after the change is committed), [`Sim::set_faults`],
 //! [`Sim::add_user`], [`Sim::add_binding`], [`Sim::remove_binding`], [`Sim::check_password`],
-//! [`Sim::set_key_owner_admin`], [`Sim::set_new_user_default`], [`Sim::empty_lists_on`] /
+//! [`Sim::set_key_owner_admin`], [`Sim::set_user_groups`], [`Sim::add_global_role`],
+//! [`Sim::is_admin`], [`Sim::set_clock_offset`] / [`Sim::now`], [`Sim::fail_next_on_with`]
+//! (a fault in Rancher's words), [`Sim::set_new_user_default`], [`Sim::empty_lists_on`] /
 //! [`Sim::hide_from_lists`] / [`Sim::unhide`] / [`Sim::clear_list_faults`] (lists that miss
 //! objects still there), [`Sim::slow_next_on`] (a slow route that still applies the change).
 //!
@@ -130,8 +147,9 @@ impl fmt::Display for DatasetSize {
 }
 
 /// The Rancher 2.x release the simulator behaves as. Only the minor version matters: it decides
-/// `status.summary` on bindings (2.11+), `backingNamespace` on projects (2.12+), duplicate CRTBs
-/// refused (2.14+) and duplicate PRTBs refused (2.15+).
+/// `status` on CRTBs and GRBs (2.11+; never on PRTBs), `backingNamespace` on projects and the 500
+/// for an unknown project (2.12+), duplicate CRTBs refused (2.14+) and duplicate PRTBs refused
+/// (2.15+).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RancherVersion {
     pub minor: u32,
@@ -217,8 +235,9 @@ pub struct SimOptions {
     pub key_cluster_id: Option<String>,
     /// When the key expires (after which every request gets 401). Default `None` (never).
     pub key_expires_at: Option<DateTime<Utc>>,
-    /// How long after its create a binding reports `status.summary: InProgress` (2.11+) before
-    /// `Completed` (counted from the create; never before the controller's pass). Default 0.
+    /// How long after its create a CRTB's downstream pass runs (and a GRB of an admin role's):
+    /// until then a 2.11+ CRTB shows `summaryLocal: Completed` and no `summary`. Never before the
+    /// management pass, never while the cluster is disconnected. Default 0.
     pub settle: Duration,
     /// How long after a write the controllers act on it: a new binding has no `status`, no
     /// EnsureUser'd `userId` and no backfilled `userPrincipalId` until then; a new local user
@@ -311,6 +330,68 @@ pub struct SimUser {
     pub must_change_password: bool,
     pub enabled: bool,
     pub password_set: bool,
+}
+
+/// A Kubernetes RBAC rule as a global role carries it (`rules`, `rbacv1.PolicyRule`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub verbs: Vec<String>,
+    #[serde(default, rename = "nonResourceURLs", skip_serializing_if = "Vec::is_empty")]
+    pub non_resource_urls: Vec<String>,
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl PolicyRule {
+    /// A rule on resources: `verbs` on `resources` of the API `groups` (`""` is the core group).
+    pub fn on(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+        PolicyRule {
+            api_groups: strings(groups),
+            resources: strings(resources),
+            verbs: strings(verbs),
+            non_resource_urls: Vec::new(),
+        }
+    }
+
+    /// A rule on non-resource URLs (`/healthz`, `*`).
+    pub fn urls(urls: &[&str], verbs: &[&str]) -> PolicyRule {
+        PolicyRule {
+            verbs: strings(verbs),
+            non_resource_urls: strings(urls),
+            ..PolicyRule::default()
+        }
+    }
+
+    /// The rules of Rancher's built-in `admin` global role (`pkg/data/management/role_data.go`):
+    /// every verb on every resource of every group, and every non-resource URL. A role with these
+    /// two rules is an admin role whatever its name (`IsAdminGlobalRole`, `pkg/rbac/common.go`).
+    pub fn admin() -> Vec<PolicyRule> {
+        vec![PolicyRule::on(&["*"], &["*"], &["*"]), PolicyRule::urls(&["*"], &["*"])]
+    }
+}
+
+/// Rancher's `IsAdminGlobalRole` (`pkg/rbac/common.go`): the built-in `admin`, or any global
+/// role with a `*`/`*`/`*` resource rule and a `*` non-resource rule with verb `*`.
+pub fn is_admin_global_role(id: &str, builtin: bool, rules: &[PolicyRule]) -> bool {
+    if builtin && id == "admin" {
+        return true;
+    }
+    let has = |v: &[String], s: &str| v.iter().any(|x| x == s);
+    let resources = rules
+        .iter()
+        .any(|r| has(&r.resources, "*") && has(&r.api_groups, "*") && has(&r.verbs, "*"));
+    let urls = rules
+        .iter()
+        .any(|r| has(&r.non_resource_urls, "*") && has(&r.verbs, "*"));
+    resources && urls
 }
 
 /// A binding of any of the three kinds (GRB, CRTB, PRTB).
@@ -525,7 +606,7 @@ impl Sim {
         *self.inner.latency.write().unwrap_or_else(|e| e.into_inner()) = latency;
     }
 
-    /// Changes how long new bindings stay `InProgress` (bindings made from now on).
+    /// Changes when the downstream pass of new CRTBs runs (bindings made from now on).
     pub fn set_settle(&self, settle: Duration) {
         lock(&self.inner.state).settle = settle;
     }
@@ -536,8 +617,9 @@ impl Sim {
     }
 
     /// Makes every controller finish now: pending bindings get their `userId` (EnsureUser),
-    /// `userPrincipalId` and `status` (`Completed`, or `Error` for a missing user), new users
-    /// their `principalIds`. For tests that need the "later" state without waiting.
+    /// `userPrincipalId` and `status` (`Completed`, or `Error` for a missing user; a CRTB of a
+    /// disconnected cluster only `summaryLocal`), new users their `principalIds`. For tests that
+    /// need the "later" state without waiting.
     pub fn reconcile_now(&self) {
         lock(&self.inner.state).reconcile_all();
     }
@@ -546,8 +628,9 @@ impl Sim {
     /// `/v3/cluster/{id}/...` request (its namespaces) waits `disconnect_stall`, then answers
     /// 500 `ServerError` "cluster agent disconnected" (rancher `pkg/dialer/factory.go`
     /// `ErrAgentDisconnected`, turned into a 500 by rancher/norman
-    /// `httperror/handler/handler.go`). The cluster stays in `/v3/clusters`. A request stalling
-    /// when the cluster comes back is served. `false` if there is no such cluster.
+    /// `httperror/handler/handler.go`), and its CRTBs get no downstream pass (no `summary`
+    /// until it is back). The cluster stays in `/v3/clusters`. A request stalling when the
+    /// cluster comes back is served. `false` if there is no such cluster.
     pub fn disconnect_cluster(&self, id: &str, on: bool) -> bool {
         let mut st = lock(&self.inner.state);
         if !st.clusters.contains_key(id) {
@@ -588,13 +671,20 @@ impl Sim {
     /// (500 `ServerError`, 503 `ClusterUnavailable`, ...). With `after_commit`, the request is
     /// applied first (a POST creates its binding) and only the answer is replaced.
     pub fn fail_next(&self, n: usize, status: u16, after_commit: bool) {
-        lock(&self.inner.faults).push(None, n, status, after_commit);
+        lock(&self.inner.faults).push(None, n, status, after_commit, None);
     }
 
     /// Like [`Sim::fail_next`], for the next `n` requests whose route key (as in
     /// [`SimStats::routes`], e.g. `POST /v3/clusterroletemplatebindings`) equals `route`.
     pub fn fail_next_on(&self, route: &str, n: usize, status: u16, after_commit: bool) {
-        lock(&self.inner.faults).push(Some(route.to_string()), n, status, after_commit);
+        lock(&self.inner.faults).push(Some(route.to_string()), n, status, after_commit, None);
+    }
+
+    /// Like [`Sim::fail_next_on`] (nothing applied), answering with Rancher's words for the
+    /// failure, e.g. a 500 `Internal error occurred: failed calling webhook "…"` while the
+    /// admission webhook's pod restarts, or `etcdserver: request timed out`.
+    pub fn fail_next_on_with(&self, route: &str, n: usize, status: u16, message: &str) {
+        lock(&self.inner.faults).push(Some(route.to_string()), n, status, false, Some(message.to_string()));
     }
 
     /// Replaces the random fault settings (and restarts their sequence).
@@ -632,15 +722,16 @@ impl Sim {
             .is_some_and(|u| u.password.as_deref() == Some(password))
     }
 
-    /// Makes the key's owner an admin (GRB `admin`, id `grb-admin`) or takes that away (its
-    /// admin GRBs deleted, a `user` GRB `grb-owner` kept so it can log in), as another admin
-    /// would. A non-admin owner sees lists filtered silently by RBAC (rancher/norman
+    /// Makes the key's owner an admin (GRB `admin`, id `grb-admin`) or takes that away (its own
+    /// GRBs to every admin role deleted, a `user` GRB `grb-owner` kept so it can log in), as
+    /// another admin would. A GRB to one of its groups stays: with one, the owner is an admin
+    /// only through its group. A non-admin owner sees lists filtered silently by RBAC (rancher/norman
     /// `store/proxy/proxy_store.go` `FilterList`, rancher `pkg/rbac/user_based.go`): `/v3/users`
     /// holds only itself; binding lists only its own bindings; clusters, projects and namespaces
     /// only those its bindings reach; global roles and role templates everything. Reading one
     /// object it may not see, and every PUT/DELETE of users and bindings, is 403 `Forbidden`
     /// (Kubernetes RBAC, the caller impersonated); a POST of a user or binding is 403
-    /// `PermissionDenied` "can not create <type>".
+    /// `PermissionDenied` `can not create <type>`.
     pub fn set_key_owner_admin(&self, admin: bool) {
         let owner = self.key().owner;
         lock(&self.inner.state).set_admin(&owner, admin);
@@ -690,6 +781,47 @@ impl Sim {
     /// change is applied after the wait even when the client has given up, as on a slow Rancher.
     pub fn slow_next_on(&self, route: &str, n: usize, delay: Duration) {
         lock(&self.inner.faults).push_slow(route, n, delay);
+    }
+
+    /// Gives a user the group principals its auth provider reports for it (Rancher keeps them in
+    /// the user's `UserAttribute.GroupPrincipals`), replacing any given before. They show in
+    /// `GET /v3/principals` when the user is the key's owner, and bindings to these groups
+    /// (`groupPrincipalId`) count for the user: a GRB of an admin role to one of them makes the
+    /// user an admin. `false` if there is no such user.
+    pub fn set_user_groups(&self, user_id: &str, groups: Vec<String>) -> bool {
+        let mut st = lock(&self.inner.state);
+        if !st.users.contains_key(user_id) {
+            return false;
+        }
+        st.groups.insert(user_id.to_string(), groups.into_iter().collect());
+        true
+    }
+
+    /// Adds a custom global role (not built in) with these rules, as an admin would in the UI.
+    /// Its holders are admins when the rules are an admin's ([`PolicyRule::admin`],
+    /// `IsAdminGlobalRole`).
+    ///
+    /// # Errors
+    /// The id is in use.
+    pub fn add_global_role(&self, id: &str, rules: Vec<PolicyRule>) -> Result<(), String> {
+        lock(&self.inner.state).add_global_role(id, rules)
+    }
+
+    /// Whether the user is an admin as Rancher decides it: a live GRB, to the user or to one of
+    /// its groups, of a role that `IsAdminGlobalRole` accepts.
+    pub fn is_admin(&self, user_id: &str) -> bool {
+        lock(&self.inner.state).is_admin(user_id)
+    }
+
+    /// Runs the simulator's clock ahead (positive) or behind (negative) this machine's: the `Date`
+    /// header of every answer, the key's expiry, `created` and `removed` times of new objects.
+    pub fn set_clock_offset(&self, offset: chrono::Duration) {
+        lock(&self.inner.state).clock_offset = offset;
+    }
+
+    /// The simulator's clock: this machine's plus the offset ([`Sim::set_clock_offset`]).
+    pub fn now(&self) -> DateTime<Utc> {
+        lock(&self.inner.state).now_utc()
     }
 
     fn key(&self) -> KeyState {

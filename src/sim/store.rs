@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 
-use super::{RancherVersion, SimBinding, SimUser, external_user_id};
+use super::{PolicyRule, RancherVersion, SimBinding, SimUser, external_user_id};
 use crate::integrations::BindingScope;
 
 /// A Norman error answer: `{"type":"error","baseType":"error","status":..,"code":..,"message":..}`.
@@ -77,6 +77,8 @@ pub(crate) struct Ctx<'a> {
     pub owner: &'a str,
     pub version: RancherVersion,
     pub now: Instant,
+    /// The simulator's clock.
+    pub clock: DateTime<Utc>,
 }
 
 /// A listable object: its id, its filterable fields and its JSON shape.
@@ -371,6 +373,14 @@ pub(crate) struct GlobalRole {
     pub builtin: bool,
     pub new_user_default: bool,
     pub created: DateTime<Utc>,
+    pub rules: Vec<PolicyRule>,
+}
+
+impl GlobalRole {
+    /// Rancher's `IsAdminGlobalRole`.
+    pub fn is_admin(&self) -> bool {
+        super::is_admin_global_role(&self.id, self.builtin, &self.rules)
+    }
 }
 
 impl Item for GlobalRole {
@@ -401,7 +411,10 @@ impl Item for GlobalRole {
         m.insert("newUserDefault".into(), Value::Bool(self.new_user_default));
         m.insert("description".into(), Value::String(self.description.clone()));
         m.insert("inheritedClusterRoles".into(), json!([]));
-        m.insert("rules".into(), json!([]));
+        m.insert(
+            "rules".into(),
+            serde_json::to_value(&self.rules).unwrap_or_else(|_| json!([])),
+        );
         Value::Object(m)
     }
 }
@@ -570,8 +583,12 @@ pub(crate) struct Binding {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub created: DateTime<Utc>,
-    /// After the controller's pass, `status.summary` is `InProgress` until then (2.11+).
+    /// When the downstream pass may run (CRTBs, and GRBs of an admin role): never before the
+    /// management pass, and for a CRTB never while its cluster's agent is disconnected.
     pub settles_at: Option<Instant>,
+    /// The downstream pass: `None` for a binding that has none shown in its status (PRTBs, GRBs
+    /// of other roles), `Some(false)` until it has run, `Some(true)` after (`summaryRemote`).
+    pub remote_done: Option<bool>,
     /// When the binding controller first handles it (`None` once it has): until then the object
     /// is exactly what was posted, with no `status`, no EnsureUser'd `userId` and no backfilled
     /// `userPrincipalId` (rancher `pkg/controllers/management/auth/crtb_handler.go`).
@@ -610,6 +627,17 @@ impl Binding {
 
     fn settled(&self, now: Instant) -> bool {
         self.settles_at.is_none_or(|t| now >= t)
+    }
+
+    /// Whether this kind of binding shows its downstream pass in its status: a CRTB always, a
+    /// GRB only for an admin role (`globalrolebinding_handler.go` updateStatus); a PRTB has no
+    /// status at all.
+    pub fn remote_pass(scope: BindingScope, admin_role: bool) -> Option<bool> {
+        match scope {
+            BindingScope::Cluster => Some(false),
+            BindingScope::Global if admin_role => Some(false),
+            _ => None,
+        }
     }
 
     /// The webhook's `isDuplicate`: raw fields compared, principals never resolved to users
@@ -743,7 +771,8 @@ impl serde::Serialize for Rfc3339 {
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct BindingStatus {
-    summary: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<&'static str>,
     summary_local: &'static str,
     local_conditions: [(); 0],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -761,23 +790,32 @@ impl Binding {
             id: &self.id,
         };
         let global = self.scope == BindingScope::Global;
-        // No status until the controller's first pass (the 201 never has one).
-        let status = (ctx.version.minor >= 11 && self.reconcile_at.is_none()).then(|| {
-            let summary = if self.subject_error {
-                "Error"
-            } else if self.settled(ctx.now) {
-                "Completed"
-            } else {
-                "InProgress"
-            };
-            BindingStatus {
-                summary,
-                summary_local: summary,
-                local_conditions: [],
-                summary_remote: (!global).then_some(summary),
-                remote_conditions: (!global).then_some([]),
-            }
-        });
+        // 2.11+ (`authz_types.go`): CRTBs and GRBs have a status, written by the controllers
+        // after the 201; PRTBs have none on any version. The management pass writes
+        // `summaryLocal`; `summary` is `Completed` only once the downstream pass has written
+        // `summaryRemote` too (CRTBs, admin GRBs: `crtb_handler.go` and
+        // `managementuser/rbac/crtb_handler.go` updateStatus). Never `InProgress` (only
+        // GlobalRoles use it).
+        let status = (ctx.version.minor >= 11 && self.scope != BindingScope::Project && self.reconcile_at.is_none())
+            .then(|| {
+                if self.subject_error {
+                    return BindingStatus {
+                        summary: Some("Error"),
+                        summary_local: "Error",
+                        local_conditions: [],
+                        summary_remote: None,
+                        remote_conditions: None,
+                    };
+                }
+                let remote = self.remote_done == Some(true);
+                BindingStatus {
+                    summary: (self.remote_done != Some(false)).then_some("Completed"),
+                    summary_local: "Completed",
+                    local_conditions: [],
+                    summary_remote: remote.then_some("Completed"),
+                    remote_conditions: remote.then_some([]),
+                }
+            });
         BindingWire {
             actions: Empty {},
             annotations: &self.annotations,
@@ -857,6 +895,12 @@ pub(crate) struct State {
     pub controller_delay: Duration,
     /// Bindings the controller has not handled yet: `(scope, id)`.
     pub pending: Vec<(BindingScope, String)>,
+    /// Bindings whose downstream pass has not run yet: `(scope, id)`.
+    pub remote_pending: Vec<(BindingScope, String)>,
+    /// Per user id, the group principals its auth provider reports (`UserAttribute`).
+    pub groups: BTreeMap<String, BTreeSet<String>>,
+    /// How far the simulator's clock runs ahead of (or behind) this machine's.
+    pub clock_offset: chrono::Duration,
     /// Clusters whose agent is disconnected (`/v3/cluster/{id}/...` stalls, then 500).
     pub disconnected: BTreeSet<String>,
     /// How long a request to a disconnected cluster waits in the dialer before its 500.
@@ -919,16 +963,17 @@ fn opt_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<Str
     }
 }
 
-/// A map in a merge patch: `key: "v"` sets, `key: null` removes (Norman sends updates to
-/// Kubernetes as a strategic merge patch: rancher/norman `store/proxy/proxy_store.go` Update).
-fn patch_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<String, Option<String>>>, ApiError> {
+/// A `labels` or `annotations` map in a PUT body (`None` when absent or null). A `null` value
+/// reads as `""`, as Kubernetes decodes null into a map of strings (the connector never sends
+/// one).
+fn put_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<String, String>>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(o)) => o
             .iter()
             .map(|(k, v)| match v {
-                Value::String(s) => Ok((k.clone(), Some(s.clone()))),
-                Value::Null => Ok((k.clone(), None)),
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                Value::Null => Ok((k.clone(), String::new())),
                 _ => Err(
                     ApiError::new(422, "InvalidType", format!("{field}.{k}: expected a string or null")).field(field),
                 ),
@@ -939,12 +984,26 @@ fn patch_map(body: &Map<String, Value>, field: &str) -> Result<Option<BTreeMap<S
     }
 }
 
-fn apply_patch(map: &mut BTreeMap<String, String>, patch: BTreeMap<String, Option<String>>) {
-    for (k, v) in patch {
-        match v {
-            Some(v) => map.insert(k, v),
-            None => map.remove(&k),
-        };
+/// A key Norman's update keeps whatever the body says: it contains `cattle.io/`, except the
+/// `field.cattle.io/` ones (but `field.cattle.io/creatorId` is protected).
+fn is_protected(k: &str) -> bool {
+    k.contains("cattle.io/") && !(is_field(k) && k != "field.cattle.io/creatorId")
+}
+
+fn is_field(k: &str) -> bool {
+    k.starts_with("field.cattle.io/")
+}
+
+/// Norman's PUT of a map of labels or annotations (rancher/norman `types/convert/merge/merge.go`
+/// `mergeProtected`, called by `APIUpdateMerge` from the proxy store's Update): the body's map
+/// *replaces* the object's, except that protected keys can be neither set nor removed and
+/// `field.cattle.io/` keys are kept when the body leaves them out.
+fn merge_protected(current: &mut BTreeMap<String, String>, body: BTreeMap<String, String>) {
+    current.retain(|k, _| is_protected(k) || is_field(k) || body.contains_key(k));
+    for (k, v) in body {
+        if !is_protected(&k) {
+            current.insert(k, v);
+        }
     }
 }
 
@@ -975,6 +1034,7 @@ impl State {
             owner,
             version: self.version,
             now: Instant::now(),
+            clock: self.now_utc(),
         }
     }
 
@@ -1009,6 +1069,20 @@ impl State {
                 principal_type: "user".into(),
             },
         }
+    }
+
+    /// A group principal as its provider shows it (the directory's entry, else one named after
+    /// its id).
+    pub fn group_principal(&self, id: &str) -> Principal {
+        self.directory.get(id).cloned().unwrap_or_else(|| {
+            let name = id.split_once("://").map_or(id, |(_, n)| n).to_string();
+            Principal {
+                id: id.to_string(),
+                name: name.clone(),
+                login_name: name,
+                principal_type: "group".into(),
+            }
+        })
     }
 
     /// `GET /v3/principals/{id}` as the key owner's provider resolves it.
@@ -1103,7 +1177,7 @@ impl State {
             must_change_password: opt_bool(body, "mustChangePassword")?.unwrap_or(false),
             password: (!password_fails).then_some(password),
             principals_at: (!self.controller_delay.is_zero()).then(|| Instant::now() + self.controller_delay),
-            created: Utc::now(),
+            created: self.now_utc(),
         };
         self.users.insert(id.clone(), user.clone());
         if password_fails {
@@ -1124,8 +1198,8 @@ impl State {
             .get("description")
             .map(|_| opt_str(body, "description"))
             .transpose()?;
-        let labels = opt_map(body, "labels")?;
-        let annotations = opt_map(body, "annotations")?;
+        let labels = put_map(body, "labels")?;
+        let annotations = put_map(body, "annotations")?;
         let enabled = opt_bool(body, "enabled")?;
         let must_change = opt_bool(body, "mustChangePassword")?;
         if id == owner && enabled == Some(false) {
@@ -1139,10 +1213,10 @@ impl State {
             user.description = d.unwrap_or_default();
         }
         if let Some(l) = labels {
-            user.labels = l;
+            merge_protected(&mut user.labels, l);
         }
         if let Some(a) = annotations {
-            user.annotations = a;
+            merge_protected(&mut user.annotations, a);
         }
         if let Some(e) = enabled {
             user.enabled = e;
@@ -1201,7 +1275,7 @@ impl State {
                 must_change_password: u.must_change_password,
                 password: None,
                 principals_at: None,
-                created: Utc::now(),
+                created: self.now_utc(),
             },
         );
         Ok(())
@@ -1250,7 +1324,7 @@ impl State {
                 must_change_password: false,
                 password: None,
                 principals_at: None,
-                created: Utc::now(),
+                created: self.now_utc(),
             },
         );
         let defaults: Vec<String> = self
@@ -1269,25 +1343,43 @@ impl State {
         id
     }
 
-    /// Runs the binding controller on every binding whose time has come (lazily, on the next
-    /// request or [`super::Sim`] read).
+    /// Runs the binding controllers on every binding whose time has come (lazily, on the next
+    /// request or [`super::Sim`] read): the management pass, then the downstream pass.
     pub fn reconcile(&mut self, now: Instant) {
-        if self.pending.is_empty() {
-            return;
+        if !self.pending.is_empty() {
+            let (due, later): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.pending).into_iter().partition(|(scope, id)| {
+                    self.binding_map(*scope)
+                        .get(id)
+                        .is_none_or(|b| b.reconcile_at.is_none_or(|t| t <= now))
+                });
+            self.pending = later;
+            for (scope, id) in due {
+                self.reconcile_binding(scope, &id);
+            }
         }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(scope, id)| {
-            self.binding_map(*scope)
-                .get(id)
-                .is_none_or(|b| b.reconcile_at.is_none_or(|t| t <= now))
-        });
-        self.pending = later;
-        for (scope, id) in due {
-            self.reconcile_binding(scope, &id);
+        if !self.remote_pending.is_empty() {
+            let waiting = std::mem::take(&mut self.remote_pending);
+            for (scope, id) in waiting {
+                let Some(b) = self.binding_map(scope).get(&id) else {
+                    continue; // deleted meanwhile
+                };
+                // The downstream handler runs in the cluster's agent: not while it is away.
+                let reachable = scope != BindingScope::Cluster || !self.disconnected.contains(&b.resource_id);
+                if b.reconcile_at.is_none() && b.settled(now) && reachable {
+                    if let Some(b) = self.binding_map_mut(scope).get_mut(&id) {
+                        b.remote_done = Some(true);
+                    }
+                } else {
+                    self.remote_pending.push((scope, id));
+                }
+            }
         }
     }
 
-    /// Makes every controller finish at once: bindings handled and settled, new users'
-    /// principals filled.
+    /// Makes every controller finish at once: bindings handled (management and downstream pass,
+    /// but no downstream pass for a cluster whose agent is disconnected), new users' principals
+    /// filled.
     pub fn reconcile_all(&mut self) {
         let now = Instant::now();
         for map in [&mut self.grbs, &mut self.crtbs, &mut self.prtbs] {
@@ -1330,6 +1422,7 @@ impl State {
             },
             (None, None) => error = true,
         }
+        let mut remote = false;
         if let Some(b) = self.binding_map_mut(scope).get_mut(id) {
             if set_user.is_some() {
                 b.user_id = set_user;
@@ -1339,6 +1432,10 @@ impl State {
             }
             b.subject_error = error;
             b.reconcile_at = None;
+            remote = b.remote_done == Some(false) && !error;
+        }
+        if remote {
+            self.remote_pending.push((scope, id.to_string()));
         }
     }
 
@@ -1410,23 +1507,39 @@ impl State {
                         "must target a user [userId]/[userPrincipalId] OR a group [groupId]/[groupPrincipalId]",
                     ));
                 }
+                let resource = opt_str(body, resource_field)?.ok_or_else(|| ApiError::missing(resource_field))?;
+                // 2.12+: the scoped store (the outermost PRTB store) looks the project up before
+                // anything else is stored (`pkg/api/norman/store/scoped/store.go` Create): the
+                // lister's NotFound is not a Norman error, so Norman answers it as a 500
+                // (`httperror/handler`). Before 2.12 it only set the namespace (a 404 below).
+                if scope == BindingScope::Project
+                    && self.version.minor >= 12
+                    && let Some((cluster, project)) = resource.split_once(':')
+                    && !self.projects.contains_key(&resource)
+                {
+                    return Err(ApiError::new(
+                        500,
+                        "ServerError",
+                        format!("projects.management.cattle.io \"{cluster}/{project}\" not found"),
+                    ));
+                }
                 // `customization/authn/rtb_store.go` Create: an external principal is looked up
-                // with the key owner's auth provider (`local://` ones are not).
+                // with the key owner's auth provider (`local://` ones are not). The key's owner
+                // here is a local user: the local provider looks the id's user up by name and its
+                // NotFound is answered as a 500 (`local_auth_provider.go` GetPrincipal).
                 if let Some(p) = upid.as_deref().filter(|p| !p.starts_with("local://")) {
                     if !self.resolve_external {
+                        let name = p.split_once(':').map_or(p, |(_, n)| n.trim_start_matches('/'));
                         return Err(ApiError::new(
                             500,
                             "ServerError",
-                            format!(
-                                "error getting principal {p}: the API key's auth provider (local) cannot resolve it"
-                            ),
+                            format!("users.management.cattle.io \"{name}\" not found"),
                         ));
                     }
                     if let Some(found) = self.directory.get(p).filter(|d| !d.name.is_empty()) {
                         annotations.insert(PRINCIPAL_DISPLAY_NAME.to_string(), found.name.clone());
                     }
                 }
-                let resource = opt_str(body, resource_field)?.ok_or_else(|| ApiError::missing(resource_field))?;
                 // The binding lives in the cluster's (or project's) namespace: Kubernetes'
                 // NamespaceLifecycle admission refuses a create in one that does not exist.
                 let namespace = if scope == BindingScope::Cluster {
@@ -1528,6 +1641,8 @@ impl State {
             }
         };
         let now = Instant::now();
+        let admin_role =
+            scope == BindingScope::Global && self.global_roles.get(&role_id).is_some_and(GlobalRole::is_admin);
         let binding = Binding {
             id: id_of(&name),
             name,
@@ -1539,8 +1654,9 @@ impl State {
             group_principal_id: gpid.or(group_id),
             labels,
             annotations,
-            created: Utc::now(),
+            created: self.now_utc(),
             settles_at: (!self.settle.is_zero()).then(|| now + self.settle),
+            remote_done: Binding::remote_pass(scope, admin_role),
             reconcile_at: Some(now + self.controller_delay),
             subject_error: false,
             removing: None,
@@ -1549,8 +1665,8 @@ impl State {
         self.binding_map_mut(scope).insert(binding.id.clone(), binding.clone());
         Ok(binding)
     }
-    /// `PUT /v3/{bindings}/{id}`: merges `labels` and `annotations` (a `null` value removes a
-    /// key). The admission webhook refuses a change of role, resource or an already set subject
+    /// `PUT /v3/{bindings}/{id}`: a `labels` or `annotations` map replaces the object's (see
+    /// [`merge_protected`]); a body without one leaves it alone. The admission webhook refuses a change of role, resource or an already set subject
     /// with 400 BadRequest "field is immutable" (rancher/webhook
     /// `pkg/resources/management.cattle.io/v3/clusterroletemplatebinding/validator.go`
     /// `validateUpdateFields`, likewise for PRTBs and GRBs); a field repeated unchanged is fine,
@@ -1563,8 +1679,8 @@ impl State {
     ) -> Result<Binding, ApiError> {
         let plural = binding_plural(scope);
         let name = id.split_once(':').map_or(id, |(_, n)| n);
-        let labels = patch_map(body, "labels")?;
-        let annotations = patch_map(body, "annotations")?;
+        let labels = put_map(body, "labels")?;
+        let annotations = put_map(body, "annotations")?;
         let b = self
             .binding_map(scope)
             .get(id)
@@ -1610,10 +1726,10 @@ impl State {
             .get_mut(id)
             .ok_or_else(|| k8s_not_found(plural, name))?;
         if let Some(l) = labels {
-            apply_patch(&mut b.labels, l);
+            merge_protected(&mut b.labels, l);
         }
         if let Some(a) = annotations {
-            apply_patch(&mut b.annotations, a);
+            merge_protected(&mut b.annotations, a);
         }
         Ok(b.clone())
     }
@@ -1628,7 +1744,7 @@ impl State {
         };
         let name = id.split_once(':').map_or(id, |(_, n)| n);
         let delay = self.removal_delay;
-        let now = (Utc::now(), Instant::now() + delay);
+        let now = (self.now_utc(), Instant::now() + delay);
         if delay.is_zero() {
             let mut b = self
                 .binding_map_mut(scope)
@@ -1666,17 +1782,77 @@ impl State {
         self.lingering = left;
     }
 
-    /// Whether `user` holds the `admin` global role (a live GRB to it).
+    /// The group principals of `user` (none unless given with [`super::Sim::set_user_groups`]).
+    pub fn groups_of(&self, user: &str) -> impl Iterator<Item = &String> {
+        self.groups.get(user).into_iter().flatten()
+    }
+
+    /// Whether binding `b` (live) is bound to `user`: by `userId`, or to one of its groups.
+    pub fn binds(&self, b: &Binding, user: &str) -> bool {
+        b.removing.is_none()
+            && (b.user_id.as_deref() == Some(user)
+                || b.group_principal_id
+                    .as_ref()
+                    .is_some_and(|g| self.groups.get(user).is_some_and(|gs| gs.contains(g))))
+    }
+
+    fn admin_role(&self, id: &str) -> bool {
+        self.global_roles.get(id).is_some_and(GlobalRole::is_admin)
+    }
+
+    /// Whether `user` is an admin as Rancher decides it: a live GRB to it or to one of its
+    /// groups, of a role `IsAdminGlobalRole` accepts (the built-in `admin` or a copy of its rules).
     pub fn is_admin(&self, user: &str) -> bool {
         self.grbs
             .values()
-            .any(|b| b.removing.is_none() && b.role_id == super::view::ADMIN_ROLE && b.user_id.as_deref() == Some(user))
+            .any(|b| self.binds(b, user) && self.admin_role(&b.role_id))
     }
 
-    /// Makes `user` an admin (a GRB `admin`, id `grb-admin` when free) or not (its admin GRBs
-    /// removed, a `user` GRB `grb-owner` added so it can still log in), as another admin would.
+    /// The rules of every global role bound to `user` (directly or through a group).
+    pub fn global_rules(&self, user: &str) -> Vec<&PolicyRule> {
+        self.grbs
+            .values()
+            .filter(|b| self.binds(b, user))
+            .filter_map(|b| self.global_roles.get(&b.role_id))
+            .flat_map(|r| r.rules.iter())
+            .collect()
+    }
+
+    /// A custom global role (not built in).
+    pub fn add_global_role(&mut self, id: &str, rules: Vec<PolicyRule>) -> Result<(), String> {
+        if self.global_roles.contains_key(id) {
+            return Err(format!("global role {id} exists"));
+        }
+        let created = self.now_utc();
+        self.global_roles.insert(
+            id.to_string(),
+            GlobalRole {
+                id: id.to_string(),
+                name: id.to_string(),
+                description: String::new(),
+                builtin: false,
+                new_user_default: false,
+                created,
+                rules,
+            },
+        );
+        Ok(())
+    }
+
+    /// The simulator's clock (this machine's plus the offset).
+    pub fn now_utc(&self) -> DateTime<Utc> {
+        Utc::now() + self.clock_offset
+    }
+
+    /// Makes `user` an admin (a GRB `admin`, id `grb-admin` when free) or takes away its own
+    /// admin GRBs (to any admin role; a group's stay), adding a `user` GRB `grb-owner` so it can
+    /// still log in, as another admin would.
     pub fn set_admin(&mut self, user: &str, on: bool) {
-        if on == self.is_admin(user) {
+        let direct = self
+            .grbs
+            .values()
+            .any(|b| b.removing.is_none() && b.user_id.as_deref() == Some(user) && self.admin_role(&b.role_id));
+        if on == direct {
             return;
         }
         if on {
@@ -1690,8 +1866,14 @@ impl State {
                 .insert(id.clone(), self.owner_grb(&id, user, super::view::ADMIN_ROLE));
             return;
         }
+        let admin_roles: BTreeSet<String> = self
+            .global_roles
+            .values()
+            .filter(|r| r.is_admin())
+            .map(|r| r.id.clone())
+            .collect();
         self.grbs
-            .retain(|_, b| !(b.role_id == super::view::ADMIN_ROLE && b.user_id.as_deref() == Some(user)));
+            .retain(|_, b| !(admin_roles.contains(&b.role_id) && b.user_id.as_deref() == Some(user)));
         let has_user = self
             .grbs
             .values()
@@ -1703,6 +1885,7 @@ impl State {
     }
 
     fn owner_grb(&self, id: &str, user: &str, role: &str) -> Binding {
+        let admin = self.admin_role(role);
         Binding {
             id: id.into(),
             name: id.into(),
@@ -1714,8 +1897,9 @@ impl State {
             group_principal_id: None,
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
-            created: Utc::now(),
+            created: self.now_utc(),
             settles_at: None,
+            remote_done: Binding::remote_pass(BindingScope::Global, admin).map(|_| true),
             reconcile_at: None,
             subject_error: false,
             removing: None,
@@ -1748,6 +1932,7 @@ impl State {
         if self.binding_map(b.scope).contains_key(&b.id) {
             return Err(format!("binding id {} is in use", b.id));
         }
+        let admin = b.scope == BindingScope::Global && self.admin_role(&b.role_id);
         let binding = Binding {
             id: b.id.clone(),
             name: b.name,
@@ -1759,8 +1944,9 @@ impl State {
             group_principal_id: b.group_principal_id,
             labels: b.labels,
             annotations: b.annotations,
-            created: Utc::now(),
+            created: self.now_utc(),
             settles_at: None,
+            remote_done: Binding::remote_pass(b.scope, admin).map(|_| true),
             reconcile_at: None,
             subject_error: false,
             removing: None,

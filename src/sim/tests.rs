@@ -933,15 +933,8 @@ async fn bad_bindings_get_the_rancher_answers_and_create_nothing() {
     let no_cluster = post(crtb("u-bob01", "cluster-member", "c-nope")).await;
     assert_error(&no_cluster, 404, "NotFound");
     assert_eq!(no_cluster.1["message"], "namespaces \"c-nope\" not found");
-    assert_error(
-        &c.post(
-            "/v3/projectroletemplatebindings",
-            prtb("u-bob01", "read-only", "c-7x2k9:p-nope"),
-        )
-        .await,
-        404,
-        "NotFound",
-    );
+    // An unknown project depends on the version: see
+    // `an_unknown_project_is_a_404_before_2_12_and_a_500_from_2_12`.
     let none = post(json!({"clusterId": "c-7x2k9", "roleTemplateId": "cluster-member"})).await;
     assert_error(&none, 422, "InvalidBodyContent");
     assert_eq!(
@@ -1359,107 +1352,251 @@ async fn stats_count_v3_requests_per_route() {
     c.stop().await;
 }
 
-/// S7: the binding controller writes `status` after the 201 (rancher
-/// `pkg/controllers/management/auth/crtb_handler.go`: `setCRTBAsInProgress`, the reconcile,
-/// `setCRTBAsCompleted`; 2.11+): the 201 and reads before the controller's pass have no
-/// `status`, then `InProgress`, then `Completed`. Before 2.11 there is never a status.
+/// The `status` of a binding read back, `Null` when it has none.
+async fn status_of(c: &Client, path: &str) -> Value {
+    let (code, b) = c.get(path).await;
+    assert_eq!(code, 200, "{b}");
+    b.get("status").cloned().unwrap_or(Value::Null)
+}
+
+fn binding_path(collection: &str, made: &Value) -> String {
+    format!("/v3/{collection}/{}", made["id"].as_str().unwrap_or_default())
+}
+
+/// Creates a CRTB (201 expected) and returns its path.
+async fn post_crtb(c: &Client, user: &str, role: &str, cluster: &str) -> String {
+    let (code, made) = c
+        .post("/v3/clusterroletemplatebindings", crtb(user, role, cluster))
+        .await;
+    assert_eq!(code, 201, "{made}");
+    binding_path("clusterroletemplatebindings", &made)
+}
+
+/// S7, CRTBs on 2.11+ (rancher `pkg/controllers/management/auth/crtb_handler.go` and
+/// `pkg/controllers/managementuser/rbac/crtb_handler.go`, `updateStatus`): the 201 has no
+/// `status`; the management pass writes `summaryLocal: Completed`; `summary: Completed` comes
+/// only with the downstream pass's `summaryRemote`. Never `InProgress`.
 #[tokio::test]
-async fn a_new_binding_has_no_status_then_in_progress_then_completed() {
+async fn a_crtb_gets_summary_local_then_summary_once_its_cluster_applied_it() {
     let hour = Duration::from_secs(3600);
+    for minor in [12, 13] {
+        let c = Client::start(SimOptions {
+            version: RancherVersion::new(minor),
+            controller_delay: hour,
+            settle: hour,
+            ..SimOptions::default()
+        })
+        .await;
+        let (code, made) = c
+            .post(
+                "/v3/clusterroletemplatebindings",
+                crtb("u-bob01", "cluster-member", "c-7x2k9"),
+            )
+            .await;
+        assert_eq!(code, 201, "{made}");
+        assert!(made.get("status").is_none(), "2.{minor}: the 201 has no status: {made}");
+        let before = binding_path("clusterroletemplatebindings", &made);
+        assert_eq!(
+            status_of(&c, &before).await,
+            Value::Null,
+            "2.{minor}: before the management pass"
+        );
+
+        // The management pass has run (at once), the downstream one has not.
+        c.h.sim.set_controller_delay(Duration::ZERO);
+        let local_only = post_crtb(&c, "u-alice1", "nodes-view", "c-7x2k9").await;
+        let status = status_of(&c, &local_only).await;
+        assert_eq!(status["summaryLocal"], "Completed", "2.{minor}: {status}");
+        assert!(
+            status.get("summary").is_none() && status.get("summaryRemote").is_none(),
+            "2.{minor}: no summary before the cluster applied it: {status}"
+        );
+
+        c.h.sim.reconcile_now();
+        for path in [&before, &local_only] {
+            let status = status_of(&c, path).await;
+            assert_eq!(
+                (
+                    status["summary"].clone(),
+                    status["summaryLocal"].clone(),
+                    status["summaryRemote"].clone()
+                ),
+                (json!("Completed"), json!("Completed"), json!("Completed")),
+                "2.{minor} {path}: {status}"
+            );
+        }
+        let all = c.all("/v3/clusterroletemplatebindings").await;
+        assert!(
+            !Value::Array(all).to_string().contains("InProgress"),
+            "2.{minor}: a binding is never InProgress"
+        );
+        c.stop().await;
+    }
+}
+
+/// While a cluster's agent is disconnected its CRTBs keep `summaryLocal: Completed` and no
+/// `summary` (the downstream handler runs in the agent); once it is back they complete.
+#[tokio::test]
+async fn a_crtb_on_a_disconnected_cluster_gets_no_summary_until_the_agent_is_back() {
     let c = Client::start(SimOptions {
-        controller_delay: hour,
-        settle: hour,
+        controller_delay: Duration::ZERO,
         ..SimOptions::default()
     })
     .await;
-    let (status, b) = c
-        .post(
-            "/v3/clusterroletemplatebindings",
-            crtb("u-bob01", "cluster-member", "c-7x2k9"),
-        )
-        .await;
-    assert_eq!(status, 201, "{b}");
-    assert!(b.get("status").is_none(), "the 201 has no status: {b}");
-    let path = format!(
-        "/v3/clusterroletemplatebindings/{}",
-        b["id"].as_str().unwrap_or_default()
-    );
-    let (_, read) = c.get(&path).await;
-    assert!(read.get("status").is_none(), "not before the controller's pass: {read}");
-    assert_eq!(read["userPrincipalId"], Value::Null);
-
-    // The controller has run (at once), the binding is still being pushed downstream.
-    c.h.sim.set_controller_delay(Duration::ZERO);
-    let (_, b2) = c
-        .post(
-            "/v3/clusterroletemplatebindings",
-            crtb("u-alice1", "nodes-view", "c-7x2k9"),
-        )
-        .await;
-    assert!(b2.get("status").is_none(), "{b2}");
-    let path2 = format!(
-        "/v3/clusterroletemplatebindings/{}",
-        b2["id"].as_str().unwrap_or_default()
-    );
-    let (_, read) = c.get(&path2).await;
-    assert_eq!(read["status"]["summary"], "InProgress", "{read}");
-    assert_eq!(read["userPrincipalId"], "local://u-alice1");
-
+    assert!(c.h.sim.disconnect_cluster("c-7x2k9", true));
+    let path = post_crtb(&c, "u-bob01", "cluster-member", "c-7x2k9").await;
     c.h.sim.reconcile_now();
-    for p in [&path, &path2] {
-        assert_eq!(c.get(p).await.1["status"]["summary"], "Completed", "{p}");
-    }
-    let (status, gone) = c.delete(&path).await;
-    assert_eq!(status, 200);
-    assert!(gone["removed"].is_string(), "{gone}");
-    c.stop().await;
+    let status = status_of(&c, &path).await;
+    assert_eq!(status["summaryLocal"], "Completed", "{status}");
+    assert!(status.get("summary").is_none(), "{status}");
+    // Another cluster's binding completes meanwhile.
+    let other = post_crtb(&c, "u-bob01", "cluster-member", "c-m-4bq8z2lp").await;
+    c.h.sim.reconcile_now();
+    assert_eq!(status_of(&c, &other).await["summary"], "Completed");
 
-    // With the default delays the status arrives without help (polled, bounded).
-    let c = Client::start(SimOptions::default()).await;
-    let (_, b) = c
-        .post(
-            "/v3/clusterroletemplatebindings",
-            crtb("u-bob01", "cluster-member", "c-7x2k9"),
-        )
-        .await;
-    let path = format!(
-        "/v3/clusterroletemplatebindings/{}",
-        b["id"].as_str().unwrap_or_default()
-    );
-    let mut summary = Value::Null;
-    for _ in 0..200 {
-        summary = c.get(&path).await.1["status"]["summary"].clone();
-        if summary == "Completed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(summary, "Completed");
-    c.stop().await;
-
-    let old = Client::start(version(10)).await;
-    let (_, b) = old.get("/v3/clusterroletemplatebindings/c-7x2k9:crtb-grp01").await;
-    assert!(b.get("status").is_none(), "{b}");
-    old.h.sim.reconcile_now();
-    let (_, b) = old
-        .post(
-            "/v3/clusterroletemplatebindings",
-            crtb("u-bob01", "cluster-member", "c-7x2k9"),
-        )
-        .await;
-    old.h.sim.reconcile_now();
-    let (_, b) = old
-        .get(&format!(
-            "/v3/clusterroletemplatebindings/{}",
-            b["id"].as_str().unwrap_or_default()
-        ))
-        .await;
-    assert!(b.get("status").is_none(), "{b}");
+    c.h.sim.disconnect_cluster("c-7x2k9", false);
+    let status = status_of(&c, &path).await;
     assert_eq!(
-        b["userPrincipalId"], "local://u-bob01",
-        "the controller still backfills"
+        (status["summary"].clone(), status["summaryRemote"].clone()),
+        (json!("Completed"), json!("Completed")),
+        "{status}"
     );
-    old.stop().await;
+    c.stop().await;
+}
+
+/// GRBs on 2.11+ (`globalrolebinding_handler.go` updateStatus): `Completed` after the local pass;
+/// a GRB of an admin role waits for its downstream pass too.
+#[tokio::test]
+async fn a_grb_is_completed_after_its_local_pass_an_admin_one_after_the_downstream_one() {
+    let c = Client::start(SimOptions {
+        controller_delay: Duration::ZERO,
+        settle: Duration::from_secs(3600),
+        ..SimOptions::default()
+    })
+    .await;
+    let grb = |role: &str| json!({"globalRoleId": role, "userId": "u-bob01"});
+    let (code, made) = c.post("/v3/globalrolebindings", grb("clusters-create")).await;
+    assert_eq!(code, 201, "{made}");
+    assert!(made.get("status").is_none(), "{made}");
+    let plain = binding_path("globalrolebindings", &made);
+    let (_, made) = c.post("/v3/globalrolebindings", grb("admin")).await;
+    let admin = binding_path("globalrolebindings", &made);
+    let status = status_of(&c, &plain).await;
+    assert_eq!(
+        (status["summary"].clone(), status["summaryLocal"].clone()),
+        (json!("Completed"), json!("Completed")),
+        "{status}"
+    );
+    assert!(status.get("summaryRemote").is_none(), "{status}");
+    let status = status_of(&c, &admin).await;
+    assert_eq!(status["summaryLocal"], "Completed", "{status}");
+    assert!(status.get("summary").is_none(), "an admin GRB waits: {status}");
+    c.h.sim.reconcile_now();
+    assert_eq!(status_of(&c, &admin).await["summary"], "Completed");
+    c.stop().await;
+}
+
+/// PRTBs have no `status` on any version (`authz_types.go`: no `Status` field on
+/// `ProjectRoleTemplateBinding`; rancher/rancher#44661 closed unimplemented), neither after the
+/// controller's pass nor for a subject that does not exist; the controller still fills in a
+/// principal's `userId`. Before 2.11 no binding has a status.
+#[tokio::test]
+async fn prtbs_never_have_a_status_and_before_2_11_no_binding_has_one() {
+    for minor in [10, 12, 13] {
+        let c = Client::start(version(minor)).await;
+        let made = [
+            prtb("u-bob01", "project-member", "c-7x2k9:p-x4m7q"),
+            prtb("u-nobody", "read-only", "c-7x2k9:p-abcde"),
+            json!({"projectId": "c-7x2k9:p-abcde", "roleTemplateId": "project-member", "userPrincipalId": "github_user://6060"}),
+        ];
+        let mut paths = Vec::new();
+        for body in made {
+            let (code, b) = c.post("/v3/projectroletemplatebindings", body).await;
+            assert_eq!(code, 201, "2.{minor}: {b}");
+            paths.push(binding_path("projectroletemplatebindings", &b));
+        }
+        c.h.sim.reconcile_now();
+        paths.push("/v3/projectroletemplatebindings/p-abcde:prtb-b0b01".into());
+        for p in &paths {
+            assert_eq!(status_of(&c, p).await, Value::Null, "2.{minor} {p}");
+        }
+        let (_, by_principal) = c.get(&paths[2]).await;
+        assert_eq!(
+            by_principal["userId"],
+            json!(external_user_id("github_user://6060")),
+            "2.{minor}: EnsureUser still runs"
+        );
+        let (_, crtb_made) = c
+            .post(
+                "/v3/clusterroletemplatebindings",
+                crtb("u-bob01", "cluster-member", "c-7x2k9"),
+            )
+            .await;
+        c.h.sim.reconcile_now();
+        let crtb_status = status_of(&c, &binding_path("clusterroletemplatebindings", &crtb_made)).await;
+        if minor >= 11 {
+            assert_eq!(crtb_status["summary"], "Completed", "2.{minor}");
+        } else {
+            assert_eq!(crtb_status, Value::Null, "2.{minor}: no status before 2.11");
+            assert_eq!(status_of(&c, "/v3/globalrolebindings/grb-admin").await, Value::Null);
+        }
+        c.stop().await;
+    }
+}
+
+/// S3 for projects. Before 2.12 the scoped store only sets the namespace, so an unknown project
+/// is Kubernetes' 404 for it (after the principal lookup); from 2.12 the scoped store looks the
+/// project up before anything else and Norman answers the lister's NotFound as a 500
+/// (`pkg/api/norman/store/scoped/store.go`, `httperror/handler`), for every kind of subject.
+#[tokio::test]
+async fn an_unknown_project_is_a_404_before_2_12_and_a_500_from_2_12() {
+    for minor in [10, 12, 13] {
+        let c = Client::start(SimOptions {
+            version: RancherVersion::new(minor),
+            resolve_external_principals: false,
+            ..SimOptions::default()
+        })
+        .await;
+        let before = c.h.sim.bindings().len();
+        let post = |body: Value| c.post("/v3/projectroletemplatebindings", body);
+        let by_user = post(prtb("u-bob01", "read-only", "c-7x2k9:p-nope1")).await;
+        let by_group = post(json!({"projectId": "c-7x2k9:p-nope1", "roleTemplateId": "read-only", "groupPrincipalId": "github_team://777"})).await;
+        let by_principal = post(json!({"projectId": "c-7x2k9:p-nope1", "roleTemplateId": "read-only", "userPrincipalId": "github_user://5151"})).await;
+        if minor >= 12 {
+            for answer in [&by_user, &by_group, &by_principal] {
+                assert_error(answer, 500, "ServerError");
+                assert_eq!(
+                    answer.1["message"], "projects.management.cattle.io \"c-7x2k9/p-nope1\" not found",
+                    "2.{minor}"
+                );
+            }
+        } else {
+            for answer in [&by_user, &by_group] {
+                assert_error(answer, 404, "NotFound");
+                assert_eq!(answer.1["message"], "namespaces \"p-nope1\" not found");
+            }
+            // The principal is looked up first, by the local key owner's provider.
+            assert_error(&by_principal, 500, "ServerError");
+            assert_eq!(
+                by_principal.1["message"],
+                "users.management.cattle.io \"5151\" not found"
+            );
+        }
+        // An unknown role is still answered first.
+        let bad_role = post(prtb("u-bob01", "no-such-role", "c-7x2k9:p-nope1")).await;
+        assert!(
+            bad_role.1["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("Error getting role template"),
+            "2.{minor}: {}",
+            bad_role.1
+        );
+        assert_eq!(c.h.sim.bindings().len(), before, "2.{minor}: nothing was created");
+        let (code, _) = post(prtb("u-bob01", "read-only", "c-7x2k9:p-abcde")).await;
+        assert_eq!(code, 201, "2.{minor}: a project that exists");
+        c.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -1726,16 +1863,20 @@ async fn bindings_keep_labels_and_annotations_and_put_changes_only_those() {
         "lists show the labels too"
     );
 
-    // PUT merges: a new key is added, a null removes one, the rest stay.
+    // A PUT's map replaces the object's (norman `mergeProtected`): keys left out are gone; a
+    // body without `labels` leaves them alone.
     let (status, updated) = c
         .put(
             &path,
-            json!({"annotations": {"apono.io/grant": null, "apono.io/grants": "g-1,g-2"}}),
+            json!({"annotations": {"apono.io/grants": "g-1,g-2", "apono.io/expires-at": "2030-01-01T00:00:00Z"}}),
         )
         .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["annotations"]["apono.io/grants"], "g-1,g-2");
-    assert!(updated["annotations"].get("apono.io/grant").is_none(), "{updated}");
+    assert!(
+        updated["annotations"].get("apono.io/grant").is_none(),
+        "left out, so removed: {updated}"
+    );
     assert_eq!(updated["annotations"]["apono.io/expires-at"], "2030-01-01T00:00:00Z");
     assert_eq!(updated["labels"]["apono.io/managed"], "true", "labels untouched");
     let sim =
@@ -2254,5 +2395,287 @@ async fn a_user_create_can_fail_after_the_user_exists() {
         )
         .await;
     assert_eq!(status, 201, "{frank}");
+    c.stop().await;
+}
+
+/// N5: Norman's PUT (rancher/norman `types/convert/merge/merge.go` `mergeProtected`) *replaces*
+/// the object's `labels`/`annotations` with the body's: keys left out are deleted, except
+/// protected ones (containing `cattle.io/`) and `field.cattle.io/` ones, which also cannot be set
+/// this way; a body without the map leaves it alone. The same on every version.
+#[tokio::test]
+async fn a_put_replaces_label_and_annotation_maps_but_keeps_protected_keys() {
+    for minor in [10, 12, 13] {
+        let c = Client::start(version(minor)).await;
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        c.h.sim
+            .add_binding(SimBinding {
+                id: "c-7x2k9:crtb-put01".into(),
+                name: "crtb-put01".into(),
+                scope: BindingScope::Cluster,
+                role_id: "cluster-member".into(),
+                resource_id: "c-7x2k9".into(),
+                user_id: Some("u-bob01".into()),
+                user_principal_id: None,
+                group_principal_id: None,
+                labels: labels(&[
+                    ("team", "x"),
+                    ("keep", "me"),
+                    ("authz.management.cattle.io/grb-owner", "grb-1"),
+                    ("field.cattle.io/projectId", "p-1"),
+                ]),
+                annotations: labels(&[("apono.io/expires-at", "2030-01-01T00:00:00Z")]),
+            })
+            .expect("planted");
+        let path = "/v3/clusterroletemplatebindings/c-7x2k9:crtb-put01";
+        let (code, put) = c
+            .put(path, json!({"labels": {"team": "y", "cattle.io/new": "z"}}))
+            .await;
+        assert_eq!(code, 200, "2.{minor}: {put}");
+        assert_eq!(
+            put["labels"],
+            json!({"team": "y", "authz.management.cattle.io/grb-owner": "grb-1", "field.cattle.io/projectId": "p-1"}),
+            "2.{minor}: `keep` left out, so gone; protected keys neither removed nor added"
+        );
+        assert_eq!(
+            put["annotations"],
+            json!({"apono.io/expires-at": "2030-01-01T00:00:00Z"}),
+            "2.{minor}: no `annotations` in the body: untouched"
+        );
+        // An empty map clears what is not protected; a null one is no map at all.
+        let (_, put) = c.put(path, json!({"annotations": {}, "labels": null})).await;
+        assert_eq!(put["annotations"], json!({}), "2.{minor}");
+        assert_eq!(put["labels"]["team"], "y", "2.{minor}");
+        let stored = c.h.sim.bindings().into_iter().find(|b| b.id == "c-7x2k9:crtb-put01");
+        assert_eq!(stored.map(|b| b.labels.len()), Some(3), "2.{minor}");
+        // Users follow the same rule.
+        c.put("/v3/users/u-bob01", json!({"labels": {"a": "1"}})).await;
+        let (_, user) = c.put("/v3/users/u-bob01", json!({"labels": {"b": "2"}})).await;
+        assert_eq!(user["labels"], json!({"b": "2"}), "2.{minor}");
+        c.stop().await;
+    }
+}
+
+fn planted_grb(id: &str, role: &str, user: Option<&str>, group: Option<&str>) -> SimBinding {
+    SimBinding {
+        id: id.into(),
+        name: id.into(),
+        scope: BindingScope::Global,
+        role_id: role.into(),
+        resource_id: "global".into(),
+        user_id: user.map(str::to_string),
+        user_principal_id: None,
+        group_principal_id: group.map(str::to_string),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    }
+}
+
+/// `GET /v3/principals` answers the token's user principal and the groups its provider reports
+/// (`pkg/auth/principals/handler.go` list). A GRB of `admin` to one of those groups makes the
+/// key's owner an admin with no GRB of its own (Rancher binds the group's ClusterRole), so its
+/// lists are whole; without the group they are filtered again.
+#[tokio::test]
+async fn the_owners_principals_include_its_groups_and_a_group_grb_makes_it_an_admin() {
+    let admin_probe = format!("/v3/globalrolebindings?userId={ADMIN_USER_ID}&globalRoleId=admin");
+    for minor in [10, 12, 13] {
+        let c = Client::start(version(minor)).await;
+        let all_users = c.ids("/v3/users").await.len();
+        assert!(c.h.sim.set_user_groups(
+            ADMIN_USER_ID,
+            vec!["github_team://777".into(), "okta_group://ops".into()]
+        ));
+        assert!(!c.h.sim.set_user_groups("u-nobody", Vec::new()));
+        let (_, mine) = c.get("/v3/principals").await;
+        let principals: Vec<(Value, Value, Value)> = mine["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| (p["id"].clone(), p["principalType"].clone(), p["memberOf"].clone()))
+            .collect();
+        assert_eq!(
+            principals,
+            [
+                (json!(format!("local://{ADMIN_USER_ID}")), json!("user"), json!(false)),
+                (json!("github_team://777"), json!("group"), json!(true)),
+                (json!("okta_group://ops"), json!("group"), json!(true)),
+            ],
+            "2.{minor}"
+        );
+
+        c.h.sim
+            .add_binding(planted_grb("grb-team-admin", "admin", None, Some("github_team://777")))
+            .expect("planted");
+        c.h.sim.set_key_owner_admin(false);
+        assert!(
+            c.ids(&admin_probe).await.is_empty(),
+            "2.{minor}: no admin GRB of its own"
+        );
+        assert!(c.h.sim.is_admin(ADMIN_USER_ID), "2.{minor}: admin through its group");
+        assert_eq!(c.ids("/v3/users").await.len(), all_users, "2.{minor}: lists are whole");
+        let team_grbs = c.ids("/v3/globalrolebindings?groupPrincipalId=github_team://777").await;
+        assert_eq!(team_grbs, ["grb-team-admin"], "2.{minor}");
+
+        c.h.sim.set_user_groups(ADMIN_USER_ID, Vec::new());
+        assert!(!c.h.sim.is_admin(ADMIN_USER_ID), "2.{minor}");
+        assert_eq!(c.ids("/v3/users").await, [ADMIN_USER_ID], "2.{minor}: filtered again");
+        c.stop().await;
+    }
+}
+
+/// Global roles carry `rules`; Rancher treats any global role whose rules are the built-in
+/// admin's (`*` on `*` in `*`, and the `*` non-resource URL) as admin (`IsAdminGlobalRole`,
+/// `pkg/rbac/common.go`), and no other.
+#[tokio::test]
+async fn a_custom_global_role_with_the_admin_rules_makes_its_holder_an_admin() {
+    let c = Client::start(SimOptions::default()).await;
+    let (_, admin) = c.get("/v3/globalroles/admin").await;
+    assert_eq!(
+        admin["rules"],
+        json!([
+            {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+            {"nonResourceURLs": ["*"], "verbs": ["*"]},
+        ])
+    );
+    c.h.sim.add_global_role("gr-clone", PolicyRule::admin()).expect("new");
+    c.h.sim
+        .add_global_role("gr-almost", vec![PolicyRule::on(&["*"], &["*"], &["*"])])
+        .expect("new");
+    assert!(c.h.sim.add_global_role("admin", Vec::new()).is_err());
+    let (_, clone) = c.get("/v3/globalroles/gr-clone").await;
+    assert_eq!(
+        (clone["builtin"].clone(), clone["rules"].clone()),
+        (json!(false), admin["rules"].clone())
+    );
+
+    c.h.sim.set_key_owner_admin(false);
+    assert!(!c.h.sim.is_admin(ADMIN_USER_ID));
+    c.h.sim
+        .add_binding(planted_grb("grb-almost", "gr-almost", Some(ADMIN_USER_ID), None))
+        .expect("planted");
+    assert!(!c.h.sim.is_admin(ADMIN_USER_ID), "no non-resource rule: not an admin");
+    assert_eq!(c.ids("/v3/users").await, [ADMIN_USER_ID]);
+    c.h.sim
+        .add_binding(planted_grb("grb-clone", "gr-clone", Some(ADMIN_USER_ID), None))
+        .expect("planted");
+    assert!(c.h.sim.is_admin(ADMIN_USER_ID));
+    assert!(c.ids("/v3/users").await.len() > 1, "an admin's lists are whole");
+    // Taking the owner's admin away removes its own GRBs of every admin role.
+    c.h.sim.set_key_owner_admin(false);
+    assert!(!c.h.sim.is_admin(ADMIN_USER_ID));
+    assert!(c.h.sim.bindings().iter().all(|b| b.id != "grb-clone"));
+    c.stop().await;
+}
+
+/// `SelfSubjectAccessReview` through Rancher's proxy (`/k8s/clusters/{id}`): on `local` the
+/// owner's rules are those of its global roles, its groups' included (a ClusterRole per global
+/// role); downstream only an admin may do everything.
+#[tokio::test]
+async fn an_access_review_answers_from_the_owners_global_roles() {
+    let c = Client::start(SimOptions::default()).await;
+    let review = async |cluster: &str, attrs: Value| {
+        let key = if attrs.get("path").is_some() {
+            "nonResourceAttributes"
+        } else {
+            "resourceAttributes"
+        };
+        let path = format!("/k8s/clusters/{cluster}/apis/authorization.k8s.io/v1/selfsubjectaccessreviews");
+        c.post(
+            &path,
+            json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {key: attrs}}),
+        )
+        .await
+    };
+    let everything = json!({"verb": "*", "group": "*", "resource": "*"});
+    let urls = json!({"verb": "*", "path": "*"});
+    let clusters_create = json!({"verb": "create", "group": "management.cattle.io", "resource": "clusters"});
+    let allowed = |answer: &(u16, Value)| {
+        assert_eq!(answer.0, 201, "{}", answer.1);
+        assert_eq!(answer.1["kind"], "SelfSubjectAccessReview", "{}", answer.1);
+        answer.1["status"]["allowed"].as_bool().unwrap_or_default()
+    };
+    assert!(allowed(&review("local", everything.clone()).await));
+    assert!(allowed(&review("local", urls.clone()).await));
+    assert!(allowed(&review("c-7x2k9", everything.clone()).await));
+
+    c.h.sim.set_key_owner_admin(false); // left with `user`
+    assert!(!allowed(&review("local", everything.clone()).await));
+    assert!(!allowed(&review("local", urls.clone()).await));
+    assert!(
+        allowed(&review("local", clusters_create).await),
+        "the `user` role's own rule"
+    );
+    assert!(!allowed(&review("c-7x2k9", everything.clone()).await));
+
+    c.h.sim.set_user_groups(ADMIN_USER_ID, vec!["github_team://888".into()]);
+    c.h.sim
+        .add_binding(planted_grb("grb-sre-admin", "admin", None, Some("github_team://888")))
+        .expect("planted");
+    assert!(allowed(&review("local", everything).await), "admin through its group");
+    assert!(allowed(&review("local", urls).await));
+    let bad = c
+        .post(
+            "/k8s/clusters/local/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            json!({"spec": {}}),
+        )
+        .await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    c.stop().await;
+}
+
+/// The simulator's clock (`Sim::set_clock_offset`) is what its `Date` header says, what the key's
+/// expiry is judged by, and what new objects are stamped with.
+#[tokio::test]
+async fn the_clock_offset_moves_the_date_header_the_keys_expiry_and_new_objects() {
+    let c = Client::start(SimOptions::default()).await;
+    let date = |resp: &reqwest::Response| -> chrono::DateTime<chrono::Utc> {
+        let raw = resp
+            .headers()
+            .get("date")
+            .and_then(|d| d.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        chrono::DateTime::parse_from_rfc2822(&raw)
+            .unwrap_or_else(|e| panic!("Date {raw:?}: {e}"))
+            .with_timezone(&chrono::Utc)
+    };
+    let me = || {
+        c.http
+            .get(c.url("/v3/users?me=true"))
+            .header("Authorization", &c.auth)
+            .send()
+    };
+    let hours = |h: i64| chrono::Duration::hours(h);
+    // Within a minute of the expected hour, whatever this machine's speed.
+    let near =
+        |t: chrono::DateTime<chrono::Utc>, want: chrono::DateTime<chrono::Utc>| (t - want).num_minutes().abs() <= 1;
+
+    let resp = me().await.expect("answer");
+    assert!(near(date(&resp), chrono::Utc::now()), "no offset: this machine's time");
+    c.h.sim.set_key_expiry(Some(chrono::Utc::now() + hours(1)));
+    c.h.sim.set_clock_offset(hours(2));
+    let resp = me().await.expect("answer");
+    assert_eq!(resp.status().as_u16(), 401, "the key expired on the simulator's clock");
+    assert!(near(date(&resp), chrono::Utc::now() + hours(2)));
+    let stats = reqwest::get(c.url("/sim/stats")).await.expect("answer");
+    assert!(near(date(&stats), chrono::Utc::now() + hours(2)), "every answer");
+
+    c.h.sim.set_clock_offset(hours(-3));
+    let resp = me().await.expect("answer");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(near(date(&resp), chrono::Utc::now() - hours(3)));
+    let (_, made) = c
+        .post(
+            "/v3/clusterroletemplatebindings",
+            crtb("u-bob01", "cluster-member", "c-7x2k9"),
+        )
+        .await;
+    let created = chrono::DateTime::parse_from_rfc3339(made["created"].as_str().unwrap_or_default())
+        .expect("created")
+        .with_timezone(&chrono::Utc);
+    assert!(near(created, chrono::Utc::now() - hours(3)), "{created}");
+    assert!(near(c.h.sim.now(), chrono::Utc::now() - hours(3)));
     c.stop().await;
 }

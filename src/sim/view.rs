@@ -1,12 +1,17 @@
 //! What the API key's owner is shown: every object for an admin; for anyone else only what
 //! Rancher's RBAC lets them get, dropped from lists *silently* (200, fewer items, no hint).
 //!
+//! Who is an admin is Rancher's rule: a live GRB, to the owner or to one of its group principals
+//! (`groupPrincipalId`), of a global role `IsAdminGlobalRole` accepts (`pkg/rbac/common.go`:
+//! the built-in `admin`, or any role with its `*` rules). Bindings to the owner's groups count
+//! like its own.
+//!
 //! Real Rancher: Norman's proxy store ends every `List` with `AccessControl.FilterList`
 //! (rancher/norman `store/proxy/proxy_store.go`), and Rancher's access control drops every object
 //! the caller cannot `get` (rancher/rancher `pkg/rbac/user_based.go`). Reads and writes of one
 //! object go to Kubernetes impersonating the caller (`doAuthed`, `Impersonate-User`), so a
 //! refused one is Kubernetes' 403 `Forbidden`; creates are refused earlier by Norman's schema
-//! check with 403 `PermissionDenied` "can not create <type>" (rancher/norman
+//! check with 403 `PermissionDenied` `can not create <type>` (rancher/norman
 //! `authorization/all.go`). Global roles and role templates stay readable by every user.
 //!
 //! Objects hidden with [`super::Sim::hide_from_lists`] (informer lag) are left out of lists but
@@ -26,9 +31,11 @@ pub(crate) struct View {
     hidden: BTreeSet<String>,
 }
 
-/// What a non-admin owner can get: the clusters and projects its own bindings reach.
+/// What a non-admin owner can get: the clusters and projects its own bindings (and its groups')
+/// reach.
 struct Limited {
     owner: String,
+    groups: BTreeSet<String>,
     clusters: BTreeSet<String>,
     /// Clusters where the owner is `cluster-owner`: it sees all their projects and namespaces.
     owned_clusters: BTreeSet<String>,
@@ -41,7 +48,7 @@ impl View {
         if st.is_admin(owner) {
             return View { limited: None, hidden };
         }
-        let mine = |b: &&Binding| b.removing.is_none() && b.user_id.as_deref() == Some(owner);
+        let mine = |b: &&Binding| st.binds(b, owner);
         let mut clusters = BTreeSet::new();
         let mut owned_clusters = BTreeSet::new();
         let mut projects = BTreeSet::new();
@@ -60,6 +67,7 @@ impl View {
         View {
             limited: Some(Limited {
                 owner: owner.to_string(),
+                groups: st.groups_of(owner).cloned().collect(),
                 clusters,
                 owned_clusters,
                 projects,
@@ -78,9 +86,10 @@ impl View {
     }
 
     pub fn binding(&self, b: &Binding) -> bool {
-        self.limited
-            .as_ref()
-            .is_none_or(|l| b.user_id.as_deref() == Some(l.owner.as_str()))
+        self.limited.as_ref().is_none_or(|l| {
+            b.user_id.as_deref() == Some(l.owner.as_str())
+                || b.group_principal_id.as_ref().is_some_and(|g| l.groups.contains(g))
+        })
     }
 
     pub fn cluster(&self, id: &str) -> bool {

@@ -79,7 +79,7 @@ impl Rancher {
             .map_err(ApiError::into_error)?;
         match self.client.get::<Collection<User>>(url).await {
             Ok(me) => owner_of(me),
-            Err(e) => Err(self.explain_refusal(e, &[]).await),
+            Err(e) => Err(self.explain_refusal(e, &self.probe_clusters(None)).await),
         }
     }
 

@@ -908,7 +908,7 @@ fn is_already_exists(e: &ApiError) -> bool {
 /// A 500 that is Rancher's final answer to a binding create, not a failure: retrying cannot help
 /// (the client does not retry these).
 pub(super) fn is_final_refusal(target: &Target<'_>, e: &ApiError) -> bool {
-    is_unknown_role_template(e) || unresolvable_principal(target, e).is_some()
+    is_unknown_role_template(e) || is_unknown_project(target, e) || unresolvable_principal(target, e).is_some()
 }
 
 /// CRTB/PRTB create with an unknown role template: Norman's validator answers **500**
@@ -919,15 +919,64 @@ fn is_unknown_role_template(e: &ApiError) -> bool {
     e.status() == Some(500) && lower.starts_with("error getting role template") && lower.contains("not found")
 }
 
-/// The external principal of a binding create answered 500: Rancher resolves it through the key
-/// owner's auth provider before storing anything (`providers.GetPrincipal` in rancher
-/// `pkg/api/norman/customization/authn/rtb_store.go`), and any failure there is a plain error
-/// Norman answers as 500. Permanent until the key changes.
+/// PRTB create for a project that does not exist, on 2.12+: the scoped store looks the project
+/// up first (`pkg/api/norman/store/scoped/store.go` Create) and Norman answers the lister's
+/// NotFound as **500** `projects.management.cattle.io "c-x/p-y" not found`. Before 2.12 the same
+/// create is a 404 for the project's namespace (handled with the other refusals).
+fn is_unknown_project(target: &Target<'_>, e: &ApiError) -> bool {
+    let lower = e.message().to_ascii_lowercase();
+    target.kind == Kind::Project
+        && e.status() == Some(500)
+        && lower.contains("projects.management.cattle.io \"")
+        && lower.contains("not found")
+}
+
+/// Messages of a 500 that are not about the principal: the Kubernetes API, the admission webhook
+/// (its pod restarting), etcd, the network, or the 2.12+ project lookup. Retryable, or another
+/// refusal.
+const NOT_ABOUT_THE_PRINCIPAL: &[&str] = &[
+    "internal error occurred",
+    "failed calling webhook",
+    "etcdserver",
+    "timeout",
+    "timed out",
+    "deadline exceeded",
+    "connection refused",
+    "connection reset",
+    "i/o timeout",
+    "projects.management.cattle.io",
+];
+
+/// What the auth providers say when they cannot resolve a principal id (rancher
+/// `pkg/auth/providers/*`): the local provider's user lookup (`users.management.cattle.io "x" not
+/// found`, `local_auth_provider.go` GetPrincipal), "invalid id", SAML's and OIDC's "invalid
+/// principal type", GitHub's and Google's "invalid externalIDType", a provider's "not found".
+const CANNOT_RESOLVE: &[&str] = &[
+    "users.management.cattle.io",
+    "invalid id",
+    "invalid principal",
+    "invalid externalid",
+    "not found",
+];
+
+/// The external principal of a binding create that its auth provider cannot resolve: Rancher
+/// resolves it through the key owner's auth provider before storing anything
+/// (`providers.GetPrincipal` in rancher `pkg/api/norman/customization/authn/rtb_store.go`), and
+/// the provider's error is a plain one that Norman answers as 500. Permanent until the key
+/// changes. Only for the messages that say so ([`CANNOT_RESOLVE`]): any other 500 on the same
+/// create (a webhook, etcd, a provider timing out) is not about the id.
 fn unresolvable_principal<'t>(target: &'t Target<'_>, e: &ApiError) -> Option<&'t str> {
-    match &target.subject {
-        BindingSubject::UserPrincipal(p) if e.status() == Some(500) && !p.starts_with("local://") => Some(p),
-        _ => None,
+    let BindingSubject::UserPrincipal(p) = &target.subject else {
+        return None;
+    };
+    if p.starts_with("local://") || e.status() != Some(500) {
+        return None;
     }
+    let lower = e.message().to_ascii_lowercase();
+    if NOT_ABOUT_THE_PRINCIPAL.iter().any(|m| lower.contains(m)) {
+        return None;
+    }
+    CANNOT_RESOLVE.iter().any(|m| lower.contains(m)).then_some(p.as_str())
 }
 
 /// Reads Rancher's refusal of a binding into an error that names the role, the resource or the
@@ -941,6 +990,15 @@ pub(super) fn binding_error(target: &Target<'_>, e: ApiError) -> IntegrationErro
                  roles); nothing was created",
                 target.role,
                 target.kind.noun(),
+                e.message()
+            ),
+        };
+    }
+    if is_unknown_project(target, &e) {
+        return IntegrationError::NotFound {
+            message: format!(
+                "{} not found in Rancher (Rancher: {}); check the id (discover lists them); nothing was created",
+                describe_resource(target.resource),
                 e.message()
             ),
         };

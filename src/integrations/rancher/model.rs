@@ -210,7 +210,8 @@ pub struct Binding {
     pub user_principal_id: Option<String>,
     #[serde(default)]
     pub group_principal_id: Option<String>,
-    /// 2.11+: `summary` is `Completed`, `InProgress` or `Error`. Absent on older versions.
+    /// 2.11+ CRTBs and GRBs: `summary` is `Completed` or `Error` (`InProgress` is for
+    /// GlobalRoles only), absent until Rancher's passes ran. Never on PRTBs, nor before 2.11.
     #[serde(default)]
     pub status: Option<BindingStatus>,
     /// Set while finalizers run after a DELETE: the binding is on its way out.
@@ -368,6 +369,12 @@ pub enum Ownership {
 pub struct BindingStatus {
     #[serde(default)]
     pub summary: Option<String>,
+    /// CRTBs and GRBs (2.11+): the management pass's verdict, written before the downstream one.
+    #[serde(default)]
+    pub summary_local: Option<String>,
+    /// CRTBs (and admin GRBs): the downstream cluster's pass; absent while its agent is away.
+    #[serde(default)]
+    pub summary_remote: Option<String>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub local_conditions: Vec<Condition>,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -437,4 +444,16 @@ where
     T: Deserialize<'de> + Default,
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl Binding {
+    /// `status.summaryLocal` (2.11+ CRTBs and GRBs): the management pass has run.
+    pub fn summary_local(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| nonempty(&s.summary_local))
+    }
+
+    /// `status.summaryRemote` (2.11+ CRTBs): the downstream cluster has applied it.
+    pub fn summary_remote(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| nonempty(&s.summary_remote))
+    }
 }

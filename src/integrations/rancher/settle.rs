@@ -1,15 +1,21 @@
 //! Settling: a binding is granted once Rancher has applied it, not when the POST answers.
 //!
-//! From 2.11 Rancher's controllers write `status.summary` (`InProgress`, `Completed`, `Error`) on
-//! every binding, *after* the 201 (`pkg/controllers/management/auth/crtb_handler.go`,
-//! `globalroles/globalrolebinding_handler.go`): a fresh binding without a summary is "not yet",
-//! not "an old server". For a binding made by `userPrincipalId` the controller also fills in
-//! `userId` (EnsureUser) later. Older versions never write a status: existence is success.
+//! What "applied" looks like depends on the kind and the version (`authz_types.go` at each tag):
 //!
-//! Which of the two a server is, is learned per base URL: from any binding that carries a status,
-//! else from `GET /v3/settings/server-version` (when a binding read back shows none, then once per
-//! [`VERSION_TTL`]). On 2.11+ at least one `GET` of a new binding proves it `Completed`; before,
-//! a new binding costs nothing more than its POST once the version is known.
+//! | binding | 2.8-2.10 | 2.11+ |
+//! |---|---|---|
+//! | GRB | exists | `summary: Completed`, written after the 201 by the management pass (an admin role's waits for the downstream pass too) |
+//! | CRTB | exists | `summary: Completed`, written once both passes ran: `summaryLocal` (management) then `summaryRemote` (the cluster's agent); while the agent is away only `summaryLocal` |
+//! | PRTB | exists | exists: PRTBs have no status on any version |
+//!
+//! Never `InProgress` on a binding (only GlobalRoles use it). A fresh CRTB or GRB without a
+//! summary is "not yet", not "an old server". For a binding made by `userPrincipalId` the
+//! controller also fills in `userId` (EnsureUser) later, on every kind and version.
+//!
+//! Whether a server writes status is learned per base URL: from any binding that carries a
+//! status, else from `GET /v3/settings/server-version` (when a binding read back shows none, then
+//! once per [`VERSION_TTL`]). On 2.11+ at least one `GET` of a new CRTB or GRB proves it
+//! `Completed`; a new PRTB (by user or group) costs nothing more than its POST.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -17,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use super::Rancher;
 use super::client::ApiError;
-use super::grant::Target;
+use super::grant::{Kind, Target};
 use super::model::{Binding, Setting, nonempty};
 use super::names::BindingSubject;
-use crate::integrations::IntegrationError;
+use crate::integrations::{IntegrationError, Resource};
 
 /// How long what was learned about a server holds (an upgrade to 2.11 is picked up after it, or
 /// at once by the first binding that shows a status).
@@ -50,7 +56,7 @@ impl Rancher {
 
     /// A binding that carries a status proves the server writes it.
     pub(super) fn learn_status(&self, b: &Binding) {
-        if b.summary().is_some() {
+        if b.summary().is_some() || b.summary_local().is_some() {
             self.remember_writes_status(true);
         }
     }
@@ -103,10 +109,11 @@ impl Rancher {
         Ok(writes)
     }
 
-    /// Waits (bounded by `status_timeout`) until the connector's binding `b` is in effect:
-    /// `status.summary` `Completed` where the server writes status (2.11+), and for a binding
-    /// made by principal, the `userId` Rancher's EnsureUser fills in. `created`: `b` is the 201's
-    /// body, which never carries a status; otherwise it was read (GET, listing or PUT answer).
+    /// Waits (bounded by `status_timeout`) until the connector's binding `b` is in effect. A
+    /// CRTB or GRB where the server writes status (2.11+): `status.summary` `Completed`. A PRTB:
+    /// it exists (PRTBs have no status on any version). For a binding made by principal, also the
+    /// `userId` Rancher's EnsureUser fills in. `created`: `b` is the 201's body, which never
+    /// carries a status; otherwise it was read (GET, listing or PUT answer).
     ///
     /// # Errors
     /// `Unavailable` (retryable) for an `Error` summary, with Rancher's messages; `InProgress`
@@ -123,25 +130,23 @@ impl Rancher {
         let mut read = !created;
         let mut ever_status = false;
         let by_principal = matches!(target.subject, BindingSubject::UserPrincipal(_));
+        // `ProjectRoleTemplateBinding` has no `status` in any version (`authz_types.go`; the
+        // request for one, rancher/rancher#44661, was closed unimplemented): waiting for one
+        // would fail every project grant.
+        let has_status = target.kind != Kind::Project;
         loop {
-            self.learn_status(&b);
-            let summary = b.summary().map(str::to_string);
-            ever_status |= summary.is_some();
-            let pending = match summary.as_deref() {
-                Some(s) if s.eq_ignore_ascii_case("error") => return Err(status_error(target, &b)),
-                Some(s) if s.eq_ignore_ascii_case("completed") => None,
-                Some(s) => Some(format!("is still {s}")),
-                // The 201 never has the status the controllers write later: read the binding
-                // (which shows whether this server writes one) unless it is known not to.
-                None if !read => (self.known_writes_status() != Some(false)).then(|| "has no status yet".to_string()),
-                // On 2.11+ the status comes later: not yet.
-                None if self.writes_status().await? => Some("has no status yet".to_string()),
-                None => None,
+            let pending = if has_status {
+                self.learn_status(&b);
+                ever_status |= b.summary().is_some() || b.summary_local().is_some();
+                self.status_pending(target, &b, read).await?
+            } else {
+                None
             };
             let user_pending = by_principal && nonempty(&b.user_id).is_none();
             let pending = pending
                 .or_else(|| user_pending.then(|| "has no user yet (Rancher creates the principal's user)".to_string()));
             let Some(pending) = pending else {
+                self.note_cluster(target.resource);
                 return Ok(b);
             };
             // One read after the 201 is always made, whatever the deadline.
@@ -150,12 +155,12 @@ impl Rancher {
                 // URL) may be stale; ask the server itself before failing.
                 let status_expected = ever_status || user_pending || self.read_writes_status().await?;
                 if !status_expected {
+                    self.note_cluster(target.resource);
                     return Ok(b);
                 }
                 return Err(IntegrationError::InProgress {
                     message: format!(
-                        "binding {} ({}) {pending} after {}s: Rancher is still applying it (a downstream cluster whose \
-                         agent is disconnected keeps it so); the grant will be checked again",
+                        "binding {} ({}) {pending} after {}s; the grant will be checked again",
                         b.id,
                         target.describe(),
                         self.config.status_timeout.as_secs()
@@ -183,6 +188,42 @@ impl Rancher {
                 Err(e) => return Err(e.into_error()),
             };
         }
+    }
+
+    /// What a CRTB or GRB still waits for, by its status (`None`: nothing). `read`: `b` was read
+    /// back, not the 201's body.
+    ///
+    /// A CRTB's `summary` is absent until both of Rancher's passes ran: the management one
+    /// (`summaryLocal`, `pkg/controllers/management/auth/crtb_handler.go`) and the downstream
+    /// cluster's (`summaryRemote`, `pkg/controllers/managementuser/rbac/crtb_handler.go`); it is
+    /// never `InProgress`. `summaryLocal` alone is what a cluster whose agent is down shows.
+    async fn status_pending(
+        &self,
+        target: &Target<'_>,
+        b: &Binding,
+        read: bool,
+    ) -> Result<Option<String>, IntegrationError> {
+        const NO_STATUS: &str = "has no status yet: Rancher is still applying it";
+        Ok(match b.summary() {
+            Some(s) if s.eq_ignore_ascii_case("error") => return Err(status_error(target, b)),
+            Some(s) if s.eq_ignore_ascii_case("completed") => None,
+            Some(s) => Some(format!("is still {s} in Rancher")),
+            None if b.summary_local().is_some_and(|l| l.eq_ignore_ascii_case("completed")) => {
+                Some(match target.resource {
+                    Resource::Cluster(c) => format!(
+                        "is applied in Rancher, not yet on cluster {c} (its agent may be disconnected: check the \
+                         cluster's state in Rancher)"
+                    ),
+                    _ => "is applied in Rancher, not yet on the downstream clusters".to_string(),
+                })
+            }
+            // The 201 never has the status the controllers write later: read the binding
+            // (which shows whether this server writes one) unless it is known not to.
+            None if !read => (self.known_writes_status() != Some(false)).then(|| NO_STATUS.to_string()),
+            // On 2.11+ the status comes later: not yet.
+            None if self.writes_status().await? => Some(NO_STATUS.to_string()),
+            None => None,
+        })
     }
 }
 

@@ -20,6 +20,7 @@ use crate::integrations::{Owner, SweptReason};
 use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
 mod discovery;
+mod fidelity;
 mod grant_revoke;
 mod reconcile;
 mod transport;
@@ -589,16 +590,19 @@ async fn grant_by_principal_and_to_groups() {
         .unwrap();
     assert_eq!(removed.removed_binding_ids.len(), 1);
 
-    // Groups, at every scope.
-    for (role, resource) in [
-        ("cluster-owner", "c-m-4bq8z2lp"),
-        ("project-member", "c-7x2k9:p-x4m7q"),
-        ("clusters-create", "global"),
+    // Groups, at every scope. A PRTB has no status on any version: no read back.
+    for (role, resource, requests) in [
+        ("cluster-owner", "c-m-4bq8z2lp", 3),
+        ("project-member", "c-7x2k9:p-x4m7q", 2),
+        ("clusters-create", "global", 3),
     ] {
         let req = group_grant("github_team://888", role, resource);
         let (g, n) = counted(&sim, r.grant(&req)).await;
         let g = g.unwrap();
-        assert_eq!(n, 3, "{role}: the listing, the POST, the GET that sees Completed");
+        assert_eq!(
+            n, requests,
+            "{role}: the listing, the POST (and the GET that sees Completed but for a PRTB)"
+        );
         // A group has no user: the kind of subject travels in `bound_subject`.
         assert_eq!(g.user_id, "");
         assert_eq!(
@@ -1709,10 +1713,12 @@ async fn random_faults_converge_to_exactly_one_binding() {
     sim.stop().await;
 }
 
-/// 2.11+ writes a binding's `status` after the 201 (Rancher's controllers): a new binding with no
-/// status is "not yet", read again until `Completed`; the same holds for one found in place.
+/// 2.11+ writes a CRTB's `status` after the 201 (Rancher's controllers), and `summary` only once
+/// the downstream cluster applied it: a new binding with no summary is "not yet", read again
+/// until `Completed`; one applied in Rancher but not on its cluster says so at the deadline; the
+/// same holds for one found in place.
 #[tokio::test]
-async fn in_progress_bindings_are_awaited_then_reported() {
+async fn a_crtb_is_awaited_until_its_cluster_applied_it_then_reported() {
     let sim = sim_with(SimOptions {
         settle: Duration::from_millis(600),
         ..SimOptions::default()
@@ -1722,13 +1728,16 @@ async fn in_progress_bindings_are_awaited_then_reported() {
     admin_proven(&r).await;
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-member", "c-7x2k9"))).await;
     g.unwrap();
-    assert!(n > 4, "read again past InProgress until Completed ({n} requests)");
-    // Settling at once: the 201 still has no status, one GET sees `Completed`.
+    assert!(
+        n > 4,
+        "read again until the downstream pass wrote summary ({n} requests)"
+    );
+    // Applied at once: the 201 still has no status, one GET sees `Completed`.
     sim.sim.set_settle(Duration::ZERO);
     let (_, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
     assert_eq!(n, 4, "lookup, listing, POST, GET");
-    // Never settles within the wait: InProgress, retryable, naming the binding.
-    sim.sim.set_settle(Duration::from_secs(600));
+    // The cluster's agent is away: applied in Rancher, never on the cluster within the wait.
+    sim.sim.disconnect_cluster("c-7x2k9", true);
     let impatient = rancher_with(&sim, json!({"status_timeout_seconds": 1}), None);
     let e = impatient
         .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
@@ -1739,18 +1748,21 @@ async fn in_progress_bindings_are_awaited_then_reported() {
         "{e:?}"
     );
     assert!(
-        e.to_string().contains("crtb-") && e.to_string().contains("InProgress"),
+        e.to_string().contains("crtb-")
+            && e.to_string()
+                .contains("applied in Rancher, not yet on cluster c-7x2k9 (its agent may be disconnected"),
         "{e}"
     );
-    // The job's retry finds the binding in place, but in place is not granted: still InProgress.
+    // The job's retry finds the binding in place, but in place is not granted.
     let again = impatient
         .grant(&grant_req("bob", "nodes-view", "c-7x2k9"))
         .await
         .unwrap_err();
     assert!(matches!(again, IntegrationError::InProgress { .. }), "{again:?}");
     assert_eq!(matching(&sim, Some("u-bob01"), "nodes-view", "c-7x2k9").len(), 1);
-    // Once Rancher has applied it, the retry succeeds with that one binding, from the listing.
-    sim.sim.reconcile_now();
+    // Once the agent is back and the cluster applied it, the retry succeeds with that one
+    // binding, from the listing.
+    sim.sim.disconnect_cluster("c-7x2k9", false);
     let (g, n) = counted(&sim, impatient.grant(&grant_req("bob", "nodes-view", "c-7x2k9"))).await;
     let g = g.unwrap();
     assert_eq!(n, 2, "lookup + listing (which shows Completed)");
@@ -1773,13 +1785,16 @@ async fn before_2_11_existence_is_success_and_the_principals_user_is_awaited() {
     })
     .await;
     let r = rancher(&sim);
-    let g = r
-        .grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))
-        .await
-        .unwrap();
-    assert_eq!(g.binding_ids.len(), 1);
-    // The version is known now: a new binding costs its POST and nothing more.
+    // A CRTB read back without a status: the version is read, once.
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
+    assert_eq!(g.unwrap().binding_ids.len(), 1);
+    assert_eq!(n, 5, "lookup, listing, POST, GET, server-version");
+    // The version is known now: a new binding costs its POST and nothing more.
+    let (g, n) = counted(&sim, r.grant(&grant_req("bob", "clusters-create", "global"))).await;
+    g.unwrap();
+    assert_eq!(n, 3, "lookup, listing, POST");
+    // A PRTB never has a status, on any version: never read back.
+    let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-owner", "c-7x2k9:p-abcde"))).await;
     g.unwrap();
     assert_eq!(n, 3, "lookup, listing, POST");
     // EnsureUser fills the principal's user in later: read back until it is there.

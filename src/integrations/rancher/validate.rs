@@ -8,8 +8,13 @@
 //! A 401 never says why (`pkg/auth/requests/filter.go` always writes "must authenticate"), and a
 //! cluster-scoped key is refused on every path outside its cluster, its own token included. So a
 //! refused key is probed: a key that works on `GET /v3/clusters/{id}` is scoped to that cluster.
-//! The cluster list is not readable with such a key, so only ids known up front can be probed
-//! (`local`, plus any a caller knows); otherwise the message lists the scope among the causes.
+//! The cluster list is not readable with such a key, so only ids known up front can be probed:
+//! `local`, the operation's own cluster, and the clusters earlier operations of this process
+//! named on the same Rancher ([`Rancher::probe_clusters`]); otherwise the message lists the
+//! scope among the causes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{LazyLock, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -19,7 +24,7 @@ use super::Rancher;
 use super::admin::owner_of;
 use super::client::ApiError;
 use super::model::{Collection, Setting, Token, User, nonempty};
-use crate::integrations::{IntegrationError, ValidateResult};
+use crate::integrations::{IntegrationError, Resource, ValidateResult};
 
 /// Warn when the key expires within this many days.
 pub(super) const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -41,7 +46,7 @@ impl Rancher {
         );
         let me = match me {
             Ok(me) => me,
-            Err(e) => return Err(self.explain_refusal(e, &[]).await),
+            Err(e) => return Err(self.explain_refusal(e, &self.probe_clusters(None)).await),
         };
         let user = owner_of(me)?;
         let principal = user.username().map(str::to_string).unwrap_or_else(|| user.id.clone());
@@ -74,7 +79,7 @@ impl Rancher {
                     e.summary()
                 ));
             }
-            Err(e) => return Err(self.explain_refusal(e, &[]).await),
+            Err(e) => return Err(self.explain_refusal(e, &self.probe_clusters(None)).await),
         }
         // Last: a key that fails the checks above is better told about those first.
         self.prove_admin(&user.id).await?;
@@ -97,16 +102,19 @@ impl Rancher {
     }
 
     /// Turns a failed request into the error to report. A 401 is probed for a cluster scope:
-    /// `GET /v3/clusters/{id}` for `local` and each of `clusters` (ids the caller knows), one
-    /// request each, stopping at the first the key gets past authentication on. Other failures
-    /// map as usual.
-    pub(super) async fn explain_refusal(&self, e: ApiError, clusters: &[&str]) -> IntegrationError {
+    /// `GET /v3/clusters/{id}` for `local` and each of `clusters` (ids the caller knows, see
+    /// [`Rancher::probe_clusters`]), at most [`MAX_SCOPE_PROBES`] requests, stopping at the first
+    /// the key gets past authentication on. Other failures map as usual.
+    pub(super) async fn explain_refusal(&self, e: ApiError, clusters: &[String]) -> IntegrationError {
         if e.status() != Some(401) {
             return e.into_error();
         }
         let mut candidates = vec!["local"];
-        candidates.extend(clusters.iter().copied().filter(|c| !c.is_empty() && *c != "local"));
-        candidates.dedup();
+        for c in clusters {
+            if !c.is_empty() && !candidates.contains(&c.as_str()) {
+                candidates.push(c);
+            }
+        }
         for cluster in candidates.into_iter().take(MAX_SCOPE_PROBES) {
             // A cluster id that is not an id cannot be probed (and names no cluster).
             let Ok(url) = self.client.url(&["v3", "clusters", cluster], &[]) else {
@@ -194,6 +202,48 @@ impl Rancher {
 
 /// Clusters probed at most for a refused key's scope.
 const MAX_SCOPE_PROBES: usize = 4;
+/// Cluster ids remembered per Rancher for those probes.
+const SEEN_CLUSTERS_KEPT: usize = 8;
+
+/// The clusters this process's operations were about, per Rancher (base URL), newest first. A
+/// cluster-scoped key cannot list clusters (every path outside its cluster is 401,
+/// `pkg/clusterrouter`), so a refused key can only be probed with ids known beforehand: the
+/// operation's own, and those of earlier operations on the same Rancher.
+static SEEN_CLUSTERS: LazyLock<Mutex<HashMap<String, VecDeque<String>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+impl Rancher {
+    /// Remembers the cluster an operation is about (a cluster, or a project's cluster), for the
+    /// scope probe of a later 401. Callers note it before their first request.
+    pub(super) fn note_cluster(&self, resource: &Resource) {
+        let cluster = match resource {
+            Resource::Global => return,
+            Resource::Cluster(c) => c.as_str(),
+            Resource::Project(p) => p.split_once(':').map_or(p.as_str(), |(c, _)| c),
+        };
+        if cluster.is_empty() {
+            return;
+        }
+        let mut map = SEEN_CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = map.entry(self.config.base_url.as_str().to_string()).or_default();
+        seen.retain(|c| c != cluster);
+        seen.push_front(cluster.to_string());
+        seen.truncate(SEEN_CLUSTERS_KEPT);
+    }
+
+    /// The clusters to probe a 401 with: `resource`'s cluster (noted, so later probes know it
+    /// too), then those of earlier operations on this Rancher, newest first.
+    pub(super) fn probe_clusters(&self, resource: Option<&Resource>) -> Vec<String> {
+        if let Some(r) = resource {
+            self.note_cluster(r);
+        }
+        SEEN_CLUSTERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(self.config.base_url.as_str())
+            .map(|seen| seen.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
 
 /// A 2.12+ ext token as `/v1/ext.cattle.io.tokens/{name}` serves it (rancher
 /// `pkg/apis/ext.cattle.io/v1/types.go`: `spec.clusterName`, `spec.enabled`, `status.expired`,
