@@ -45,7 +45,7 @@ impl Rancher {
         map.get(&key).is_some_and(|at| at.elapsed() < PROOF_TTL)
     }
 
-    fn forget_proof(&self) {
+    pub(super) fn forget_proof(&self) {
         PROVEN
             .lock()
             .unwrap_or_else(|e| e.into_inner())

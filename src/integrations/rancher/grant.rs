@@ -1,31 +1,47 @@
-//! Grant: find (or create) the subject, then find or create the connector's marked binding.
+//! Grant: prove the key an admin, find (or create) the subject, then find or create this
+//! connector's binding.
 //!
-//! Every binding the connector creates carries its marker (`names::Marker`): the label
-//! `apono.io/created-by: apono-connector`, and the annotations `apono.io/grant-id` and
-//! `apono.io/expires-at` when the grant has them. Before creating, the equal bindings (same role,
-//! resource and subject, not being removed) are listed:
-//! - one with the label is the connector's (an earlier attempt, or another access on the same
-//!   subject, role and resource): it is recorded, and its expiry annotation moved later if this
-//!   access ends later (one `PUT`), so a sweep never removes it while an access needs it;
-//! - else one without the label is equal access someone else made: nothing is created, the
-//!   result says `pre_existing`, and no revoke ever deletes it;
-//! - else the binding is created under its deterministic name, so a retried POST is 409
-//!   AlreadyExists (read back and treated as the connector's).
+//! The admin proof comes first (cached per key, see `admin`): a revoke must prove it to trust a
+//! listing, so a key that could not revoke grants nothing. Every binding the connector creates
+//! carries its marker (`names::Marker`): the label `apono.io/created-by: apono-connector`, the
+//! annotations `apono.io/owner`, `apono.io/grant-id` and `apono.io/expires-at`, and the name its
+//! owner derives from subject, role and resource. Before creating, the equal bindings (same role,
+//! resource and subject, not being removed) are listed and judged by `model::Ownership`:
+//! - ours (an earlier attempt, or another access of this connector on the same Rancher object), or
+//!   one a build before owners made (adopted: marked with this owner): recorded, and its expiry
+//!   annotation moved later if this access ends later (one `PUT`), so the reconcile never removes
+//!   it while an access needs it;
+//! - another connector's: ignored, this connector makes its own (two never share one), except on
+//!   2.14+, whose webhook refuses an equal binding under another name: then it is recorded as
+//!   pre-existing access;
+//! - else one a person made (or a copy under another name): nothing is created, the result says
+//!   `pre_existing`, and no revoke ever deletes it;
+//! - else the binding is created under its derived name, so a retried POST is 409 AlreadyExists
+//!   (read back and treated as ours).
 //!
-//! Round trips on the happy path on 2.11+ (measured against the simulator in `tests.rs`); each
-//! binding created is read back until `Completed` (`settle`), one `GET` counted here:
+//! A grant whose expiry has passed on Rancher's clock creates nothing. For a user the connector
+//! created, the user is read again once its binding exists and enabled if a revoke disabled it
+//! meanwhile; a create-user grant resets the password unless `keep_password` (the user's live
+//! access already has it).
+//!
+//! Round trips on the happy path on 2.11+ with the admin proof cached (measured against the
+//! simulator in `tests.rs`); a cluster or global binding created is read back until `Completed`
+//! (`settle`), one `GET` counted here; a project binding has no status on any version:
 //! - grant to an existing user by username: `GET /v3/users?username=` + listing + `POST` + `GET`
-//!   = 4; a repeat is 2 (the listing finds the connector's binding; +1 `PUT` if the expiry moves).
-//! - grant to a principal at cluster or project scope, or to a group: listing + `POST` + `GET` = 3
-//!   (for a principal, until Rancher has filled in its user: that is the grant's `user_id`).
+//!   = 4 (3 for a project); a repeat is 2 (+1 `PUT` if the expiry moves).
+//! - grant to a principal at cluster scope, or to a group: listing + `POST` + `GET` = 3 (a
+//!   principal's project binding is read back until Rancher has filled in its user).
 //! - grant to `local://u-x`: `GET /v3/users/u-x` first (Rancher would bind a ghost) = 4.
 //! - grant with `create_user` to a new user: user lookup + `POST /v3/users` + `POST` binding +
 //!   `GET` + `POST` login binding + `GET` = 6 (a new user has no bindings: nothing is listed). A
-//!   repeat sets a fresh password and returns it (credentials are never lost): lookup + 2
-//!   listings + setpassword.
+//!   repeat for an agent-created user lists its binding and login binding, reads the user, and sets
+//!   a fresh password (credentials are never lost) unless `keep_password`.
+//! - the admin proof, once per key in 10 minutes: `GET /v3/users?me=true` + the admin binding = 2
+//!   (more when the owner is admin through a group or a custom role, see `admin`).
 //!
-//! Rancher refuses some bindings with a 500 (an unknown role template; an external principal the
-//! key's auth provider cannot resolve): those are final, not retried (`is_final_refusal`).
+//! Rancher refuses some bindings with a 500 (an unknown role template; an unknown project on
+//! 2.12+; an external principal the key's auth provider cannot resolve): those are final, not
+//! retried (`is_final_refusal`).
 
 use std::time::{Duration, Instant};
 
@@ -287,6 +303,8 @@ impl Rancher {
     pub(super) async fn grant_access(&self, r: &GrantRequest) -> Result<GrantResult, IntegrationError> {
         check_role(&r.role)?;
         let owner = r.owner.clone().unwrap_or_else(Owner::cli);
+        // A key scoped to this cluster is then named as such if Rancher refuses it.
+        self.note_cluster(&r.resource);
         // Never grant what cannot be revoked: a revoke must prove the key sees everything, so
         // the grant proves it first, before any write (cached per key).
         self.ensure_admin().await?;

@@ -92,6 +92,25 @@ impl Rancher {
     }
 }
 
+impl Rancher {
+    /// A key refused in the middle of an operation (its admin proof was cached, so the first
+    /// request was not the probed `?me=true`): the proof is forgotten and the refusal explained
+    /// the way `key_owner` explains it (expired, disabled, scoped to a cluster it names). One
+    /// request, on a refusal only.
+    async fn explained<T>(&self, outcome: Result<T, IntegrationError>) -> Result<T, IntegrationError> {
+        match outcome {
+            Err(refused @ IntegrationError::CredentialsRefused { .. }) => {
+                self.forget_proof();
+                match self.key_owner().await {
+                    Err(explained @ IntegrationError::CredentialsRefused { .. }) => Err(explained),
+                    _ => Err(refused),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
 #[async_trait]
 impl Integration for Rancher {
     async fn validate(&self) -> Result<ValidateResult, IntegrationError> {
@@ -103,11 +122,11 @@ impl Integration for Rancher {
     }
 
     async fn grant(&self, request: &GrantRequest) -> Result<GrantResult, IntegrationError> {
-        self.grant_access(request).await
+        self.explained(self.grant_access(request).await).await
     }
 
     async fn revoke(&self, request: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
-        self.revoke_access(request).await
+        self.explained(self.revoke_access(request).await).await
     }
 
     async fn rotate_credentials(&self, request: &RotateRequest) -> Result<GrantResult, IntegrationError> {
@@ -119,6 +138,6 @@ impl Integration for Rancher {
     }
 
     async fn sweep(&self, request: &SweepRequest) -> Result<SweepResult, IntegrationError> {
-        self.reconcile(request).await
+        self.explained(self.reconcile(request).await).await
     }
 }

@@ -53,6 +53,7 @@ struct RevokeSubject {
 impl Rancher {
     pub(super) async fn revoke_access(&self, r: &RevokeRequest) -> Result<RevokeResult, IntegrationError> {
         check_role(&r.role)?;
+        self.note_cluster(&r.resource);
         self.ensure_admin().await?;
         let owner = r.owner.clone().unwrap_or_else(Owner::cli);
         // The one-shot command revokes no particular grant.

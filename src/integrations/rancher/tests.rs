@@ -1785,6 +1785,7 @@ async fn before_2_11_existence_is_success_and_the_principals_user_is_awaited() {
     })
     .await;
     let r = rancher(&sim);
+    admin_proven(&r).await;
     // A CRTB read back without a status: the version is read, once.
     let (g, n) = counted(&sim, r.grant(&grant_req("bob", "cluster-owner", "c-7x2k9"))).await;
     assert_eq!(g.unwrap().binding_ids.len(), 1);

@@ -33,6 +33,7 @@ async fn a_project_grant_succeeds_without_waiting_for_a_status() {
     for minor in [10, 13] {
         let sim = sim_with(at_version(minor)).await;
         let r = rancher(&sim);
+        admin_proven(&r).await;
         let (g, n) = counted(&sim, r.grant(&grant_req("bob", "project-member", "c-7x2k9:p-x4m7q"))).await;
         let g = g.unwrap_or_else(|e| panic!("2.{minor}: {e}"));
         assert_eq!(n, 3, "2.{minor}: lookup, listing, POST: nothing waits for a status");

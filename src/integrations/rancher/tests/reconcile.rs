@@ -401,3 +401,102 @@ async fn a_grant_racing_the_disabling_revoke_leaves_the_user_enabled() {
     assert_eq!(gb.binding_ids.len(), 1);
     sim.stop().await;
 }
+
+/// An owner who is admin only through an identity-provider group, or only through a custom
+/// global role with Rancher's admin rules, grants and revokes (lifecycle D2, rancher N10); one
+/// who is no admin at all is refused before anything is written.
+#[tokio::test]
+async fn admin_through_a_group_or_a_custom_role_grants_and_revokes_and_a_non_admin_writes_nothing() {
+    use crate::sim::PolicyRule;
+    for how in ["group", "custom role", "none"] {
+        let sim = sim().await;
+        let owner = crate::sim::ADMIN_USER_ID;
+        // The owner's own admin binding goes; then it is admin (if at all) only as `how` says.
+        sim.sim.set_key_owner_admin(false);
+        match how {
+            "group" => {
+                assert!(
+                    sim.sim
+                        .set_user_groups(owner, vec!["okta_group://rancher-admins".into()])
+                );
+                let mut grb = planted("grb-okta-admins", "admin", "global", owner);
+                grb.user_id = None;
+                grb.user_principal_id = None;
+                grb.group_principal_id = Some("okta_group://rancher-admins".into());
+                sim.sim.add_binding(grb).unwrap();
+            }
+            "custom role" => {
+                sim.sim.add_global_role("gr-cloned-admin", PolicyRule::admin()).unwrap();
+                sim.sim
+                    .add_binding(planted("grb-cloned", "gr-cloned-admin", "global", owner))
+                    .unwrap();
+            }
+            _ => {}
+        }
+        let r = rancher(&sim);
+        let before = sim.sim.bindings().len();
+        let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
+        req.owner = Some(me());
+        req.grant_id = Some("ar-1".into());
+        let granted = r.grant(&req).await;
+        if how == "none" {
+            let e = granted.unwrap_err();
+            assert!(matches!(e, IntegrationError::PermissionDenied { .. }), "{e:?}");
+            assert_eq!(sim.sim.bindings().len(), before, "nothing was written");
+            assert_eq!(sim.sim.stats().route("POST /v3/clusterroletemplatebindings"), 0);
+            sim.stop().await;
+            continue;
+        }
+        let g = granted.unwrap_or_else(|e| panic!("{how}: {e}"));
+        let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
+        rv.owner = Some(me());
+        rv.grant_id = Some("ar-1".into());
+        rv.binding_ids = g.binding_ids.clone();
+        let out = r.revoke(&rv).await.unwrap_or_else(|e| panic!("{how}: {e}"));
+        assert_eq!(out.removed_binding_ids, g.binding_ids, "{how}");
+        assert!(
+            matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty(),
+            "{how}"
+        );
+        sim.stop().await;
+    }
+}
+
+/// Expiry is judged on Rancher's clock (its `Date` header), not this machine's: with Rancher an
+/// hour behind, a binding whose expiry passed here but not there is kept, and a grant whose expiry
+/// passed here but not there is made; with Rancher ahead, the reverse (lifecycle D14).
+#[tokio::test]
+async fn expiry_is_judged_on_rancher_s_clock() {
+    let sim = sim().await;
+    let r = rancher(&sim);
+    admin_proven(&r).await;
+    let ten_min_ago = Utc::now() - chrono::Duration::minutes(10);
+    let b = connector_binding(
+        &me(),
+        "cluster-member",
+        "c-7x2k9",
+        "u-bob01",
+        Some("ar-1"),
+        Some(ten_min_ago),
+    );
+    sim.sim.add_binding(b.clone()).unwrap();
+    sim.sim.set_clock_offset(chrono::Duration::hours(-1));
+    let out = r.sweep(&reconcile_with(Vec::new())).await.unwrap();
+    assert!(out.removed.is_empty(), "not expired on Rancher's clock: {out:?}");
+    assert!(present(&sim, &b.id));
+    let mut req = grant_req("bob", "cluster-owner", "c-7x2k9");
+    req.owner = Some(me());
+    req.expires_at = Some(ten_min_ago);
+    let g = r.grant(&req).await.unwrap();
+    assert_eq!(g.binding_ids.len(), 1, "not expired on Rancher's clock");
+    sim.sim.set_clock_offset(chrono::Duration::hours(1));
+    let in_ten_min = Utc::now() + chrono::Duration::minutes(10);
+    let mut late = grant_req("bob", "project-owner", "c-7x2k9:p-x4m7q");
+    late.owner = Some(me());
+    late.expires_at = Some(in_ten_min);
+    let e = r.grant(&late).await.unwrap_err();
+    assert!(e.to_string().contains("Rancher's clock"), "{e}");
+    let out = r.sweep(&reconcile_with(Vec::new())).await.unwrap();
+    assert!(out.removed.iter().any(|s| s.id == b.id), "{out:?}");
+    sim.stop().await;
+}
