@@ -245,9 +245,11 @@ impl Daemon {
     }
 }
 
-/// The sum of every sample of the metric `name` (all label sets) in a Prometheus text page.
-pub fn metric_sum(page: &str, name: &str) -> f64 {
-    page.lines()
+/// The sum of every sample of the metric `name` (all label sets) in a Prometheus text page;
+/// `None` when the page has no sample of it.
+pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    let samples: Vec<f64> = page
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
@@ -261,7 +263,8 @@ pub fn metric_sum(page: &str, name: &str) -> f64 {
             };
             value.split_whitespace().next()?.parse::<f64>().ok()
         })
-        .sum()
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
 }
 
 /// Waits for an access to reach `state` on the operator API behind `op`; the access as it was then.
@@ -272,7 +275,19 @@ pub async fn wait_state(op: &OperatorClient, id: &str, state: AccessState, timeo
     }
 }
 
-/// Like [`wait_state`], an error instead of a panic (for tests that collect failures).
+/// Where a state lies on the way `pending` → `active` → `revoking` → `revoked` (`failed` is an
+/// end too): an access never goes back.
+fn rank(state: AccessState) -> u8 {
+    match state {
+        AccessState::Pending => 0,
+        AccessState::Active => 1,
+        AccessState::Revoking => 2,
+        AccessState::Revoked | AccessState::Failed => 3,
+    }
+}
+
+/// Like [`wait_state`], an error instead of a panic (for tests that collect failures). Gives up
+/// at once when the access has gone past `state` (it can never reach it then).
 pub async fn try_wait_state(
     op: &OperatorClient,
     id: &str,
@@ -282,10 +297,13 @@ pub async fn try_wait_state(
     let deadline = Instant::now() + timeout;
     loop {
         let now = op.access(id).await;
-        if let Ok(Some(a)) = &now
-            && a.state == state
-        {
-            return Ok(a.clone());
+        if let Ok(Some(a)) = &now {
+            if a.state == state {
+                return Ok(a.clone());
+            }
+            if rank(a.state) >= rank(state) {
+                return Err(format!("access {id} never reached {state:?}: {}", describe(&now)));
+            }
         }
         if Instant::now() >= deadline {
             return Err(format!(
