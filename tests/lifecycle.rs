@@ -48,7 +48,6 @@ fn inline_integration(name: &str, sim: &SimHandle) -> IntegrationRef {
     ))
 }
 
-
 // ----- 1. a standing binding -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,7 +181,11 @@ impl Matrix {
 
     fn record(&self, cell: &str, result: Result<(), String>) {
         match result {
-            Ok(()) => self.passed.lock().unwrap_or_else(|e| e.into_inner()).push(cell.to_string()),
+            Ok(()) => self
+                .passed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(cell.to_string()),
             Err(e) => self
                 .failures
                 .lock()
@@ -500,7 +504,9 @@ impl Matrix {
                 let before = active.map_err(|e| format!("before the restart: {e}"))?;
                 let after = this.get(&before.id).await?;
                 // Only while its time has not come: a slow restart may have let it expire.
-                let due = before.expires_at.is_some_and(|e| Utc::now() + chrono::Duration::seconds(2) >= e);
+                let due = before
+                    .expires_at
+                    .is_some_and(|e| Utc::now() + chrono::Duration::seconds(2) >= e);
                 if !due {
                     if after.state != AccessState::Active {
                         return Err(format!("{:?} after the restart, before its expiry", after.state));
@@ -525,7 +531,10 @@ impl Matrix {
                     Duration::from_secs(RESTART_TTL) + LONG,
                 )
                 .await?;
-                nothing_left(&this.rancher(&person, scope), "after the expiry that followed the restart")
+                nothing_left(
+                    &this.rancher(&person, scope),
+                    "after the expiry that followed the restart",
+                )
             }
             .await;
             this.record(&cell, result);
@@ -562,7 +571,7 @@ impl Matrix {
     /// `/metrics` counts the repairs.
     async fn check_repairs_metric(&self) {
         let page = self.daemon.metrics().await;
-        let result = match metric_sum(&page, REPAIRS_METRIC) {
+        let result = match metric_sum(&page, REPAIRS_METRIC, "") {
             Some(n) if n > 0.0 => Ok(()),
             Some(n) => Err(format!("{REPAIRS_METRIC} is {n} after the repair cells")),
             None => Err(format!("/metrics has no {REPAIRS_METRIC} after the repair cells")),

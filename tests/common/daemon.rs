@@ -79,10 +79,18 @@ impl Daemon {
     }
 
     pub async fn start_opts(integrations: String, options: DaemonOptions) -> Daemon {
+        let mut d = Daemon::unstarted(integrations, options);
+        d.spawn().await;
+        d
+    }
+
+    /// A daemon whose data dir and ports are chosen but which is not running yet: a test can
+    /// lay out a state file (an older build's) before [`Daemon::spawn`].
+    pub fn unstarted(integrations: String, options: DaemonOptions) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let op = OperatorClient::new(&format!("http://127.0.0.1:{port}")).expect("operator client");
-        let mut d = Daemon {
+        Daemon {
             dir,
             port,
             health_port: free_port(),
@@ -90,9 +98,7 @@ impl Daemon {
             op,
             integrations,
             options,
-        };
-        d.spawn().await;
-        d
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -196,8 +202,15 @@ impl Daemon {
         ttl_seconds: u64,
         create_user: bool,
     ) -> Result<AccessRequest, ControlPlaneError> {
-        self.request_subject(integration, Subject::user(user), role, resource, ttl_seconds, create_user)
-            .await
+        self.request_subject(
+            integration,
+            Subject::user(user),
+            role,
+            resource,
+            ttl_seconds,
+            create_user,
+        )
+        .await
     }
 
     /// An access for any subject (a group included).
@@ -245,26 +258,47 @@ impl Daemon {
     }
 }
 
-/// The sum of every sample of the metric `name` (all label sets) in a Prometheus text page;
-/// `None` when the page has no sample of it.
-pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+/// The sum of the samples of the metric `name` in a Prometheus text page whose labels contain
+/// `labels` (`""`: every sample); `None` when the page has no such sample.
+pub fn metric_sum(page: &str, name: &str, labels: &str) -> Option<f64> {
     let samples: Vec<f64> = page
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
             // `name{labels} v` or `name v`; not a longer name that starts with `name`.
-            let value = if let Some(labelled) = rest.strip_prefix('{') {
-                labelled.split_once('}')?.1
+            let (set, value) = if let Some(labelled) = rest.strip_prefix('{') {
+                labelled.split_once('}')?
             } else if rest.starts_with(' ') {
-                rest
+                ("", rest)
             } else {
                 return None;
             };
+            if !set.contains(labels) {
+                return None;
+            }
             value.split_whitespace().next()?.parse::<f64>().ok()
         })
         .collect();
     (!samples.is_empty()).then(|| samples.iter().sum())
+}
+
+/// Reconcile (sweep) jobs the daemon has finished since it started, per its `/metrics`.
+pub async fn sweeps_done(d: &Daemon) -> f64 {
+    metric_sum(&d.metrics().await, "apono_connector_jobs_total", "kind=\"sweep\"").unwrap_or(0.0)
+}
+
+/// Waits until the daemon has finished `n` more reconcile passes than now.
+pub async fn wait_sweeps(d: &Daemon, n: u32) {
+    let start = sweeps_done(d).await;
+    let deadline = Instant::now() + LONG;
+    while sweeps_done(d).await < start + f64::from(n) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not reconcile {n} times within {LONG:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits for an access to reach `state` on the operator API behind `op`; the access as it was then.
