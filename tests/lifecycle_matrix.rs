@@ -22,9 +22,9 @@ use common::daemon::{Daemon, DaemonOptions, LONG, integration_toml, metric_sum, 
 use futures::future::join_all;
 
 /// TTL of the access whose grant and expiry revoke are checked.
-const GRANT_TTL: u64 = 6;
+const GRANT_TTL: u64 = 10;
 /// TTL of the short access of an overlap; the long one is revoked by hand.
-const SHORT_TTL: u64 = 3;
+const SHORT_TTL: u64 = 5;
 /// TTL of accesses that must outlive their cell (revoked by hand at its end).
 const HELD_TTL: u64 = 120;
 /// TTL of the access that is active across the daemon's kill -9.
@@ -336,12 +336,9 @@ impl Matrix {
                 return;
             }
         };
-        let granted = self.check_granted(&person, scope, &active).map(|b| {
-            self.owners
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((grant_cell.clone(), b.annotations.get(OWNER).cloned()));
-        });
+        let granted = self
+            .check_granted(&person, scope, &active)
+            .map(|b| self.note_owner(&grant_cell, &b));
         self.record(&grant_cell, granted);
         let expired = async {
             let ended = self
@@ -356,6 +353,14 @@ impl Matrix {
         }
         .await;
         self.record(&expiry_cell, expired);
+    }
+
+    /// Keeps the owner annotation a cell's binding carries, for [`Matrix::check_owners`].
+    fn note_owner(&self, cell: &str, b: &SimBinding) {
+        self.owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((cell.to_string(), b.annotations.get(OWNER).cloned()));
     }
 
     /// What an active access of `person` must show: its own, marked binding, and nothing else.
@@ -542,6 +547,23 @@ impl Matrix {
         .await;
     }
 
+    /// A grant after the restart: its binding names the owner the bindings before it named (the
+    /// install id is kept in the data dir), checked with the others by [`Matrix::check_owners`].
+    async fn grant_after_restart(&self) {
+        let (kind, scope) = (Kind::Username, Scope::Cluster);
+        let person = self.plant(kind, scope, "a");
+        let cell = self.cell(kind, scope, "grant after the restart");
+        let result = async {
+            let a = self.request(&person.subject, scope, HELD_TTL).await?;
+            let a = self.wait(&a.id, AccessState::Active, LONG).await?;
+            let b = self.check_granted(&person, scope, &a)?;
+            self.note_owner(&cell, &b);
+            self.revoke_by_hand(&a.id, &person, scope).await
+        }
+        .await;
+        self.record(&cell, result);
+    }
+
     /// Every connector binding of this daemon names the same owner, `CONNECTOR/INSTALL`.
     fn check_owners(&self) {
         let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -694,8 +716,9 @@ async fn run_matrix(minor: u32) {
     }
     join_all(cells).await;
     m.check_repairs_metric().await;
-    m.check_owners();
     m.restart_all().await;
+    m.grant_after_restart().await;
+    m.check_owners();
     m.check_nothing_left();
     m.report();
 }
