@@ -10,32 +10,11 @@ use std::time::{Duration, Instant};
 
 use apono_connector::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobState};
 use apono_connector::integrations::{Resource, Subject};
-use apono_connector::sim::{SimBinding, SimHandle, SimOptions};
-use common::daemon::{Daemon, LONG, cli_json, integration_arg, integration_toml, wait_state};
+use apono_connector::sim::SimHandle;
+use common::daemon::{Daemon, LONG, bindings, integration_toml, oneshot_revoke, sim, user_id_of, wait_state};
 use common::{ChildGuard, free_port, wait_for_port};
 use secrecy::ExposeSecret;
 use serde_json::json;
-
-/// Bindings in the simulator for (user id, role, resource).
-fn bindings(sim: &SimHandle, user_id: &str, role: &str, resource: &str) -> Vec<SimBinding> {
-    sim.sim
-        .bindings()
-        .into_iter()
-        .filter(|b| b.user_id.as_deref() == Some(user_id) && b.role_id == role && b.resource_id == resource)
-        .collect()
-}
-
-fn user_id_of(sim: &SimHandle, username: &str) -> Option<String> {
-    sim.sim
-        .users()
-        .into_iter()
-        .find(|u| u.username.as_deref() == Some(username))
-        .map(|u| u.id)
-}
-
-async fn sim() -> SimHandle {
-    SimHandle::start(SimOptions::default()).await.expect("sim starts")
-}
 
 fn inline_integration(name: &str, sim: &SimHandle) -> IntegrationRef {
     let (a, s) = sim.sim.api_key();
@@ -69,25 +48,11 @@ async fn a_jit_grant_and_its_revoke_leave_a_standing_binding_alone() {
     );
 
     // The one-shot revoke follows the same rule; --all removes it and says so.
-    let spec = integration_arg(&sim);
-    let base = [
-        "revoke",
-        "--integration",
-        &spec,
-        "--user",
-        "alice",
-        "--role",
-        "cluster-owner",
-        "--resource",
-        "local",
-    ];
-    let r = cli_json(&base);
+    let r = oneshot_revoke(&sim, "alice", "cluster-owner", "local", false);
     assert_eq!(r["removed_binding_ids"], json!([]), "{r}");
     assert_eq!(r["left_binding_ids"], json!(["local:crtb-al1ce"]), "{r}");
     assert_eq!(bindings(&sim, "u-alice1", "cluster-owner", "local").len(), 1);
-    let mut all = base.to_vec();
-    all.push("--all");
-    let r = cli_json(&all);
+    let r = oneshot_revoke(&sim, "alice", "cluster-owner", "local", true);
     assert_eq!(r["removed_binding_ids"], json!(["local:crtb-al1ce"]), "{r}");
     assert!(bindings(&sim, "u-alice1", "cluster-owner", "local").is_empty());
     sim.stop().await;

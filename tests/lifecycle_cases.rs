@@ -17,7 +17,8 @@ use apono_connector::integrations::Subject;
 use apono_connector::sim::{RancherVersion, SimBinding, SimHandle, SimOptions};
 use chrono::Utc;
 use common::daemon::{
-    Daemon, DaemonOptions, LONG, cli_json, integration_arg, integration_toml, state_file, try_wait_state, wait_sweeps,
+    Daemon, DaemonOptions, LONG, bindings, integration_toml, oneshot_revoke, sim, state_file, try_wait_state,
+    user_id_of, wait_sweeps,
 };
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -26,22 +27,17 @@ use sha2::{Digest, Sha256};
 const LABEL: &str = "apono.io/created-by";
 const OWNER: &str = "apono.io/owner";
 
-async fn sim() -> SimHandle {
-    SimHandle::start(SimOptions::default()).await.expect("sim starts")
-}
-
 /// A daemon on `sim` whose reconcile runs every 2 s.
 async fn reconciling_daemon(sim: &SimHandle) -> Daemon {
     Daemon::start_with(integration_toml("prod", sim), 2).await
 }
 
-/// Bindings in the simulator for (user id, role, resource).
-fn bindings(sim: &SimHandle, user_id: &str, role: &str, resource: &str) -> Vec<SimBinding> {
-    sim.sim
-        .bindings()
-        .into_iter()
-        .filter(|b| b.user_id.as_deref() == Some(user_id) && b.role_id == role && b.resource_id == resource)
-        .collect()
+/// A simulator (2.13, small dataset) and a daemon on it with its reconcile every
+/// `sweep_interval_seconds`.
+async fn sim_and_daemon(sweep_interval_seconds: u64) -> (SimHandle, Daemon) {
+    let sim = sim().await;
+    let d = Daemon::start_with(integration_toml("prod", &sim), sweep_interval_seconds).await;
+    (sim, d)
 }
 
 fn ids(bindings: &[SimBinding]) -> Vec<String> {
@@ -75,14 +71,6 @@ fn old_name(prefix: &str, scope: &str, field: &str, value: &str, role: &str, res
     format!("{prefix}{}", &hex::encode(Sha256::digest(key.as_bytes()))[..16])
 }
 
-fn user_id_of(sim: &SimHandle, username: &str) -> Option<String> {
-    sim.sim
-        .users()
-        .into_iter()
-        .find(|u| u.username.as_deref() == Some(username))
-        .map(|u| u.id)
-}
-
 // ----- an upgrade -----
 
 /// Milliseconds since the epoch, as the state file keeps times.
@@ -90,9 +78,38 @@ fn ms(t: chrono::DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-/// Lays out `data_dir` as a schema-v1 build left it: the integration `prod` on `sim`, and the
-/// given access and job rows.
-fn write_v1_state(data_dir: &Path, sim: &SimHandle, statements: &[(String, Vec<rusqlite::types::Value>)]) {
+/// An `access_requests` row as a schema-v1 build wrote it (times in ms since the epoch).
+struct V1Access<'a> {
+    id: &'a str,
+    user: &'a str,
+    role: &'a str,
+    resource: &'a str,
+    ttl_seconds: i64,
+    state: &'a str,
+    granted_at: Option<i64>,
+    expires_at: Option<i64>,
+    grant_job_id: &'a str,
+    revoke_job_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    binding_ids: Vec<String>,
+}
+
+/// A `jobs` row as a schema-v1 build wrote it: the integration by name only, never pinned.
+struct V1Job<'a> {
+    id: &'a str,
+    kind: &'a str,
+    params: Value,
+    state: &'a str,
+    attempt: i64,
+    /// The lease of a process that died while it held the job.
+    lease: Option<(&'a str, i64)>,
+    result: Option<Value>,
+    access_id: &'a str,
+}
+
+/// Lays out `data_dir` as a schema-v1 build left it: the integration `prod` on `sim` and the
+/// given rows, all created at `created_at`.
+fn write_v1_state(data_dir: &Path, sim: &SimHandle, created_at: i64, accesses: &[V1Access], jobs: &[V1Job]) {
     std::fs::create_dir_all(data_dir).expect("data dir");
     let file = state_file(data_dir);
     let conn = rusqlite::Connection::open(&file).expect("open the v1 state file");
@@ -113,9 +130,48 @@ fn write_v1_state(data_dir: &Path, sim: &SimHandle, statements: &[(String, Vec<r
         [spec.to_string()],
     )
     .expect("integration row");
-    for (sql, values) in statements {
-        conn.execute(sql, rusqlite::params_from_iter(values.iter()))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    for a in accesses {
+        conn.execute(
+            "INSERT INTO access_requests (id, integration, subject, role, resource, ttl_seconds, create_user,
+                 state, created_at, granted_at, expires_at, grant_job_id, revoke_job_id, user_id, binding_ids)
+             VALUES (?1, 'prod', ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            rusqlite::params![
+                a.id,
+                json!({"user": a.user}).to_string(),
+                a.role,
+                a.resource,
+                a.ttl_seconds,
+                a.state,
+                created_at,
+                a.granted_at,
+                a.expires_at,
+                a.grant_job_id,
+                a.revoke_job_id,
+                a.user_id,
+                json!(a.binding_ids).to_string(),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("access row {}: {e}", a.id));
+    }
+    for j in jobs {
+        conn.execute(
+            "INSERT INTO jobs (id, kind, integration_name, integration, params, state, attempt, lease_token,
+                 lease_expires_at, result, access_id, created_at, updated_at)
+             VALUES (?1, ?2, 'prod', NULL, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+            rusqlite::params![
+                j.id,
+                j.kind,
+                j.params.to_string(),
+                j.state,
+                j.attempt,
+                j.lease.map(|(token, _)| token),
+                j.lease.map(|(_, until)| until),
+                j.result.as_ref().map(Value::to_string),
+                j.access_id,
+                created_at,
+            ],
+        )
+        .unwrap_or_else(|e| panic!("job row {}: {e}", j.id));
     }
     drop(conn);
     #[cfg(unix)]
@@ -123,26 +179,6 @@ fn write_v1_state(data_dir: &Path, sim: &SimHandle, statements: &[(String, Vec<r
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("mode 0600");
     }
-}
-
-const V1_ACCESS: &str =
-    "INSERT INTO access_requests (id, integration, subject, role, resource, ttl_seconds, create_user,
-     state, created_at, granted_at, expires_at, grant_job_id, revoke_job_id, user_id, binding_ids)
-     VALUES (?1, 'prod', ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
-const V1_JOB: &str = "INSERT INTO jobs (id, kind, integration_name, integration, params, state, attempt, lease_token,
-     lease_expires_at, result, access_id, created_at, updated_at)
-     VALUES (?1, ?2, 'prod', NULL, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)";
-
-fn text(s: &str) -> rusqlite::types::Value {
-    rusqlite::types::Value::Text(s.to_string())
-}
-
-fn int(i: i64) -> rusqlite::types::Value {
-    rusqlite::types::Value::Integer(i)
-}
-
-fn null() -> rusqlite::types::Value {
-    rusqlite::types::Value::Null
 }
 
 /// A schema-v1 state file with three accesses whose bindings an older build made under its
@@ -192,125 +228,96 @@ async fn an_upgrade_from_a_v1_state_file_revokes_every_old_access_at_its_time() 
     }
 
     let before = ms(now - chrono::Duration::seconds(30));
-    let statements = vec![
-        (
-            V1_ACCESS.to_string(),
-            vec![
-                text("ar-v1-active"),
-                text(r#"{"user":"bob"}"#),
-                text("nodes-view"),
-                text(cluster),
-                int(5),
-                text("active"),
-                int(before),
-                int(before),
-                int(ms(now + chrono::Duration::seconds(5))),
-                text("j-v1-a-grant"),
-                null(),
-                text("u-bob01"),
-                text(&json!([a_id]).to_string()),
-            ],
-        ),
-        (
-            V1_JOB.to_string(),
-            vec![
-                text("j-v1-a-grant"),
-                text("grant"),
-                text(&json!({"user": "bob", "role": "nodes-view", "resource": cluster}).to_string()),
-                text("succeeded"),
-                int(1),
-                null(),
-                null(),
-                text(&json!({"user_id": "u-bob01", "binding_ids": [a_id], "created_user": false}).to_string()),
-                text("ar-v1-active"),
-                int(before),
-            ],
-        ),
-        (
-            V1_ACCESS.to_string(),
-            vec![
-                text("ar-v1-revoking"),
-                text(r#"{"user":"alice"}"#),
-                text("project-member"),
-                text(project),
-                int(60),
-                text("revoking"),
-                int(before),
-                int(before),
-                int(ms(now - chrono::Duration::seconds(1))),
-                text("j-v1-b-grant"),
-                text("j-v1-b-revoke"),
-                text("u-alice1"),
-                text(&json!([b_id]).to_string()),
-            ],
-        ),
-        (
-            V1_JOB.to_string(),
-            vec![
-                text("j-v1-b-grant"),
-                text("grant"),
-                text(&json!({"user": "alice", "role": "project-member", "resource": project}).to_string()),
-                text("succeeded"),
-                int(1),
-                null(),
-                null(),
-                text(&json!({"user_id": "u-alice1", "binding_ids": [b_id], "created_user": false}).to_string()),
-                text("ar-v1-revoking"),
-                int(before),
-            ],
-        ),
-        (
-            V1_JOB.to_string(),
-            vec![
-                text("j-v1-b-revoke"),
-                text("revoke"),
-                text(&json!({"user": "alice", "role": "project-member", "resource": project}).to_string()),
-                text("pending"),
-                int(0),
-                null(),
-                null(),
-                null(),
-                text("ar-v1-revoking"),
-                int(before),
-            ],
-        ),
-        (
-            V1_ACCESS.to_string(),
-            vec![
-                text("ar-v1-pending"),
-                text(r#"{"user":"alice"}"#),
-                text("cluster-member"),
-                text(cluster),
-                int(4),
-                text("pending"),
-                int(before),
-                null(),
-                null(),
-                text("j-v1-c-grant"),
-                null(),
-                null(),
-                text("[]"),
-            ],
-        ),
-        (
-            V1_JOB.to_string(),
-            vec![
-                text("j-v1-c-grant"),
-                text("grant"),
-                text(
-                    &json!({"user": "alice", "role": "cluster-member", "resource": cluster, "create_user": false})
-                        .to_string(),
-                ),
-                // Leased by the dead process; its lease ran out.
-                text("leased"),
-                int(1),
-                text("lt-v1-dead"),
-                int(ms(now - chrono::Duration::seconds(10))),
-                null(),
-                text("ar-v1-pending"),
-                int(before),
-            ],
-        ),
+    let accesses = [
+        V1Access {
+            id: "ar-v1-active",
+            user: "bob",
+            role: "nodes-view",
+            resource: cluster,
+            ttl_seconds: 5,
+            state: "active",
+            granted_at: Some(before),
+            expires_at: Some(ms(now + chrono::Duration::seconds(5))),
+            grant_job_id: "j-v1-a-grant",
+            revoke_job_id: None,
+            user_id: Some("u-bob01"),
+            binding_ids: vec![a_id.clone()],
+        },
+        V1Access {
+            id: "ar-v1-revoking",
+            user: "alice",
+            role: "project-member",
+            resource: project,
+            ttl_seconds: 60,
+            state: "revoking",
+            granted_at: Some(before),
+            expires_at: Some(ms(now - chrono::Duration::seconds(1))),
+            grant_job_id: "j-v1-b-grant",
+            revoke_job_id: Some("j-v1-b-revoke"),
+            user_id: Some("u-alice1"),
+            binding_ids: vec![b_id.clone()],
+        },
+        V1Access {
+            id: "ar-v1-pending",
+            user: "alice",
+            role: "cluster-member",
+            resource: cluster,
+            ttl_seconds: 4,
+            state: "pending",
+            granted_at: None,
+            expires_at: None,
+            grant_job_id: "j-v1-c-grant",
+            revoke_job_id: None,
+            user_id: None,
+            binding_ids: Vec::new(),
+        },
+    ];
+    let granted = |user_id: &str, binding_id: &str| {
+        Some(json!({"user_id": user_id, "binding_ids": [binding_id], "created_user": false}))
+    };
+    let jobs = [
+        V1Job {
+            id: "j-v1-a-grant",
+            kind: "grant",
+            params: json!({"user": "bob", "role": "nodes-view", "resource": cluster}),
+            state: "succeeded",
+            attempt: 1,
+            lease: None,
+            result: granted("u-bob01", &a_id),
+            access_id: "ar-v1-active",
+        },
+        V1Job {
+            id: "j-v1-b-grant",
+            kind: "grant",
+            params: json!({"user": "alice", "role": "project-member", "resource": project}),
+            state: "succeeded",
+            attempt: 1,
+            lease: None,
+            result: granted("u-alice1", &b_id),
+            access_id: "ar-v1-revoking",
+        },
+        // The v1 revoke job carries the subject, role and resource only: no ids.
+        V1Job {
+            id: "j-v1-b-revoke",
+            kind: "revoke",
+            params: json!({"user": "alice", "role": "project-member", "resource": project}),
+            state: "pending",
+            attempt: 0,
+            lease: None,
+            result: None,
+            access_id: "ar-v1-revoking",
+        },
+        // Leased by the dead process, whose lease ran out.
+        V1Job {
+            id: "j-v1-c-grant",
+            kind: "grant",
+            params: json!({"user": "alice", "role": "cluster-member", "resource": cluster, "create_user": false}),
+            state: "leased",
+            attempt: 1,
+            lease: Some(("lt-v1-dead", ms(now - chrono::Duration::seconds(10)))),
+            result: None,
+            access_id: "ar-v1-pending",
+        },
     ];
     let mut d = Daemon::unstarted(
         integration_toml("prod", &sim),
@@ -319,7 +326,7 @@ async fn an_upgrade_from_a_v1_state_file_revokes_every_old_access_at_its_time() 
             ..DaemonOptions::default()
         },
     );
-    write_v1_state(&d.data_dir(), &sim, &statements);
+    write_v1_state(&d.data_dir(), &sim, before, &accesses, &jobs);
     d.spawn().await;
 
     // Each old access is checked on its own, so one run shows every one that breaks.
@@ -376,10 +383,8 @@ async fn two_standalone_connectors_on_one_rancher_never_share_a_binding() {
     let first = reconciling_daemon(&sim).await;
     let second = reconciling_daemon(&sim).await;
     let (role, resource) = ("cluster-member", "c-m-4bq8z2lp");
-    let long = first.request("bob", role, resource, 120).await;
-    let long = first.wait_state(&long.id, AccessState::Active, LONG).await;
-    let short = second.request("bob", role, resource, 3).await;
-    let short = second.wait_state(&short.id, AccessState::Active, LONG).await;
+    let long = first.granted("bob", role, resource, 120).await;
+    let short = second.granted("bob", role, resource, 3).await;
 
     let held = bindings(&sim, "u-bob01", role, resource);
     assert_eq!(held.len(), 2, "each connector makes its own binding: {held:?}");
@@ -404,8 +409,7 @@ async fn two_standalone_connectors_on_one_rancher_never_share_a_binding() {
         long.binding_ids,
         "the first connector's binding outlives the second's access"
     );
-    first.op.revoke_access(&long.id).await.expect("revoke");
-    first.wait_state(&long.id, AccessState::Revoked, LONG).await;
+    first.revoke_now(&long.id).await;
     assert!(bindings(&sim, "u-bob01", role, resource).is_empty());
     sim.stop().await;
 }
@@ -414,12 +418,10 @@ async fn two_standalone_connectors_on_one_rancher_never_share_a_binding() {
 /// another name: the copy is theirs, never removed by the connector's revoke or reconcile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_a_connector_binding_under_another_name_is_never_removed() {
-    let sim = sim().await;
-    let d = reconciling_daemon(&sim).await;
+    let (sim, d) = sim_and_daemon(2).await;
     let (role, resource) = ("cluster-member", "c-m-4bq8z2lp");
-    let a = d.request("bob", role, resource, 3).await;
-    let active = d.wait_state(&a.id, AccessState::Active, LONG).await;
-    let original = binding(&sim, &active.binding_ids[0]).expect("the access's binding");
+    let a = d.granted("bob", role, resource, 3).await;
+    let original = binding(&sim, &a.binding_ids[0]).expect("the access's binding");
     assert_eq!(original.labels.get(LABEL).map(String::as_str), Some("apono-connector"));
     let copy = post(
         &sim,
@@ -449,26 +451,12 @@ async fn a_copy_of_a_connector_binding_under_another_name_is_never_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_shot_revoke_next_to_a_live_access_leaves_its_binding_and_says_so() {
-    let sim = sim().await;
-    let d = Daemon::start(integration_toml("prod", &sim)).await;
+    let (sim, d) = sim_and_daemon(300).await;
     let (role, resource) = ("cluster-member", "c-m-4bq8z2lp");
-    let a = d.request("bob", role, resource, 600).await;
-    let active = d.wait_state(&a.id, AccessState::Active, LONG).await;
-    let live = active.binding_ids[0].clone();
+    let a = d.granted("bob", role, resource, 600).await;
+    let live = a.binding_ids[0].clone();
 
-    let spec = integration_arg(&sim);
-    let base = [
-        "revoke",
-        "--integration",
-        &spec,
-        "--user",
-        "bob",
-        "--role",
-        role,
-        "--resource",
-        resource,
-    ];
-    let r = cli_json(&base);
+    let r = oneshot_revoke(&sim, "bob", role, resource, false);
     assert_eq!(r["removed_binding_ids"], json!([]), "{r}");
     assert_eq!(r["left_binding_ids"], json!([live]), "{r}");
     let notes = r["notes"].as_array().cloned().unwrap_or_default();
@@ -477,13 +465,10 @@ async fn a_one_shot_revoke_next_to_a_live_access_leaves_its_binding_and_says_so(
     assert_eq!(d.get(&a.id).await.state, AccessState::Active);
 
     // `--all` is the operator's explicit override.
-    let mut all = base.to_vec();
-    all.push("--all");
-    let r = cli_json(&all);
+    let r = oneshot_revoke(&sim, "bob", role, resource, true);
     assert_eq!(r["removed_binding_ids"], json!([live]), "{r}");
     assert!(bindings(&sim, "u-bob01", role, resource).is_empty());
-    d.op.revoke_access(&a.id).await.expect("revoke");
-    d.wait_state(&a.id, AccessState::Revoked, LONG).await;
+    d.revoke_now(&a.id).await;
     sim.stop().await;
 }
 
@@ -495,9 +480,8 @@ async fn a_one_shot_revoke_next_to_a_live_access_leaves_its_binding_and_says_so(
 async fn grants_and_revokes_with(sim: &SimHandle) {
     let d = Daemon::start(integration_toml("prod", sim)).await;
     let (role, resource) = ("cluster-member", "c-m-4bq8z2lp");
-    let a = d.request("bob", role, resource, 3).await;
-    let active = d.wait_state(&a.id, AccessState::Active, LONG).await;
-    assert_eq!(ids(&bindings(sim, "u-bob01", role, resource)), active.binding_ids);
+    let a = d.granted("bob", role, resource, 3).await;
+    assert_eq!(ids(&bindings(sim, "u-bob01", role, resource)), a.binding_ids);
     d.wait_state(&a.id, AccessState::Revoked, LONG).await;
     assert!(bindings(sim, "u-bob01", role, resource).is_empty());
 }
@@ -683,12 +667,10 @@ async fn an_unknown_project_on_rancher_2_12_is_not_found_after_one_post() {
 /// which then ends with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pre_existing_access_gets_its_own_binding_when_the_standing_one_goes() {
-    let sim = sim().await;
-    let d = reconciling_daemon(&sim).await;
+    let (sim, d) = sim_and_daemon(2).await;
     let (role, resource) = ("cluster-owner", "local");
-    let a = d.request("alice", role, resource, 120).await;
-    let active = d.wait_state(&a.id, AccessState::Active, LONG).await;
-    assert!(active.pre_existing, "{active:?}");
+    let a = d.granted("alice", role, resource, 120).await;
+    assert!(a.pre_existing, "{a:?}");
     assert!(
         sim.sim.remove_binding("local:crtb-al1ce"),
         "a person removes the standing binding"
@@ -708,8 +690,7 @@ async fn a_pre_existing_access_gets_its_own_binding_when_the_standing_one_goes()
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(own.labels.get(LABEL).map(String::as_str), Some("apono-connector"));
-    d.op.revoke_access(&a.id).await.expect("revoke");
-    d.wait_state(&a.id, AccessState::Revoked, LONG).await;
+    d.revoke_now(&a.id).await;
     assert!(bindings(&sim, "u-alice1", role, resource).is_empty());
     sim.stop().await;
 }
@@ -718,23 +699,12 @@ async fn a_pre_existing_access_gets_its_own_binding_when_the_standing_one_goes()
 /// first one handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_create_user_grant_keeps_the_live_password() {
-    let sim = sim().await;
-    let d = Daemon::start(integration_toml("prod", &sim)).await;
+    let (sim, d) = sim_and_daemon(300).await;
     let first = d.request_new_user("dana", "cluster-member", "c-7x2k9", 600).await;
     let first = d.wait_state(&first.id, AccessState::Active, LONG).await;
     let password = first.credentials.expect("credentials on the first read").password;
     let dana = user_id_of(&sim, "dana").expect("created");
-    let second = d
-        .request_subject(
-            IntegrationRef::Name("prod".into()),
-            Subject::user("dana"),
-            "nodes-view",
-            "c-m-4bq8z2lp",
-            600,
-            true,
-        )
-        .await
-        .expect("accepted");
+    let second = d.request_new_user("dana", "nodes-view", "c-m-4bq8z2lp", 600).await;
     d.wait_state(&second.id, AccessState::Active, LONG).await;
     assert!(
         sim.sim.check_password(&dana, password.expose_secret()),

@@ -293,6 +293,12 @@ impl Matrix {
             .map_err(|e| format!("the access request for {subject} was refused: {e}"))
     }
 
+    /// An access requested and waited for until it is `active`.
+    async fn granted(&self, subject: &Subject, scope: Scope, ttl: u64) -> Result<AccessRequest, String> {
+        let a = self.request(subject, scope, ttl).await?;
+        self.wait(&a.id, AccessState::Active, LONG).await
+    }
+
     async fn wait(&self, id: &str, state: AccessState, timeout: Duration) -> Result<AccessRequest, String> {
         try_wait_state(&self.daemon.op, id, state, timeout).await
     }
@@ -323,12 +329,7 @@ impl Matrix {
         let person = self.plant(kind, scope, "g");
         let grant_cell = self.cell(kind, scope, "grant");
         let expiry_cell = self.cell(kind, scope, "expiry revoke");
-        let active = async {
-            let a = self.request(&person.subject, scope, GRANT_TTL).await?;
-            self.wait(&a.id, AccessState::Active, LONG).await
-        }
-        .await;
-        let active = match active {
+        let active = match self.granted(&person.subject, scope, GRANT_TTL).await {
             Ok(a) => a,
             Err(e) => {
                 self.record(&grant_cell, Err(e));
@@ -400,10 +401,8 @@ impl Matrix {
         let person = self.plant(kind, scope, "o");
         let cell = self.cell(kind, scope, "overlap");
         let result = async {
-            let long = self.request(&person.subject, scope, HELD_TTL).await?;
-            let long = self.wait(&long.id, AccessState::Active, LONG).await?;
-            let short = self.request(&person.alias, scope, SHORT_TTL).await?;
-            let short = self.wait(&short.id, AccessState::Active, LONG).await?;
+            let long = self.granted(&person.subject, scope, HELD_TTL).await?;
+            let short = self.granted(&person.alias, scope, SHORT_TTL).await?;
             let held = self.rancher(&person, scope);
             let [b] = held.as_slice() else {
                 return Err(format!(
@@ -444,8 +443,7 @@ impl Matrix {
         let person = self.plant(kind, scope, "r");
         let cell = self.cell(kind, scope, "repair");
         let result = async {
-            let a = self.request(&person.subject, scope, HELD_TTL).await?;
-            let a = self.wait(&a.id, AccessState::Active, LONG).await?;
+            let a = self.granted(&person.subject, scope, HELD_TTL).await?;
             let before = self.rancher(&person, scope);
             if before.is_empty() {
                 return Err("Rancher holds no binding for the active access".into());
@@ -492,11 +490,7 @@ impl Matrix {
         let this = &*self;
         let started = join_all(lanes.iter().map(|&(kind, scope)| async move {
             let person = this.plant(kind, scope, "s");
-            let active = async {
-                let a = this.request(&person.subject, scope, RESTART_TTL).await?;
-                this.wait(&a.id, AccessState::Active, LONG).await
-            }
-            .await;
+            let active = this.granted(&person.subject, scope, RESTART_TTL).await;
             (kind, scope, person, active)
         }))
         .await;
@@ -554,8 +548,7 @@ impl Matrix {
         let person = self.plant(kind, scope, "a");
         let cell = self.cell(kind, scope, "grant after the restart");
         let result = async {
-            let a = self.request(&person.subject, scope, HELD_TTL).await?;
-            let a = self.wait(&a.id, AccessState::Active, LONG).await?;
+            let a = self.granted(&person.subject, scope, HELD_TTL).await?;
             let b = self.check_granted(&person, scope, &a)?;
             self.note_owner(&cell, &b);
             self.revoke_by_hand(&a.id, &person, scope).await

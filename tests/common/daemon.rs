@@ -8,7 +8,7 @@ use apono_connector::control_plane::ControlPlaneError;
 use apono_connector::control_plane::client::OperatorClient;
 use apono_connector::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
 use apono_connector::integrations::{Resource, Subject};
-use apono_connector::sim::SimHandle;
+use apono_connector::sim::{SimBinding, SimHandle, SimOptions};
 use serde_json::{Value, json};
 
 use super::{ChildGuard, free_port, run_cli, wait_for_port};
@@ -167,27 +167,36 @@ impl Daemon {
     }
 
     pub async fn request(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
-        self.request_with(
-            IntegrationRef::Name("prod".into()),
-            user,
-            role,
-            resource,
-            ttl_seconds,
-            false,
-        )
-        .await
-        .expect("access request accepted")
+        self.request_prod(user, role, resource, ttl_seconds, false).await
+    }
+
+    /// An access requested and waited for until it is `active`; the access then.
+    pub async fn granted(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
+        let a = self.request(user, role, resource, ttl_seconds).await;
+        self.wait_state(&a.id, AccessState::Active, LONG).await
     }
 
     /// An access for a user the connector creates (`create_user`).
     pub async fn request_new_user(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
+        self.request_prod(user, role, resource, ttl_seconds, true).await
+    }
+
+    /// An access on the integration `prod`, which must be accepted.
+    async fn request_prod(
+        &self,
+        user: &str,
+        role: &str,
+        resource: &str,
+        ttl_seconds: u64,
+        create_user: bool,
+    ) -> AccessRequest {
         self.request_with(
             IntegrationRef::Name("prod".into()),
             user,
             role,
             resource,
             ttl_seconds,
-            true,
+            create_user,
         )
         .await
         .expect("access request accepted")
@@ -241,6 +250,12 @@ impl Daemon {
             .await
             .expect("operator API answers")
             .expect("access exists")
+    }
+
+    /// `access revoke` now, and waits until the access is `revoked`.
+    pub async fn revoke_now(&self, id: &str) -> AccessRequest {
+        self.op.revoke_access(id).await.expect("revoke accepted");
+        self.wait_state(id, AccessState::Revoked, LONG).await
     }
 
     /// Waits for `state`; the access as it was then.
@@ -364,6 +379,29 @@ fn describe(read: &Result<Option<AccessRequest>, ControlPlaneError>) -> String {
     }
 }
 
+/// A simulator with the default options (Rancher 2.13, the small dataset) on a free port.
+pub async fn sim() -> SimHandle {
+    SimHandle::start(SimOptions::default()).await.expect("sim starts")
+}
+
+/// Bindings in the simulator for (user id, role, resource).
+pub fn bindings(sim: &SimHandle, user_id: &str, role: &str, resource: &str) -> Vec<SimBinding> {
+    sim.sim
+        .bindings()
+        .into_iter()
+        .filter(|b| b.user_id.as_deref() == Some(user_id) && b.role_id == role && b.resource_id == resource)
+        .collect()
+}
+
+/// The id of the user with this username, if there is one.
+pub fn user_id_of(sim: &SimHandle, username: &str) -> Option<String> {
+    sim.sim
+        .users()
+        .into_iter()
+        .find(|u| u.username.as_deref() == Some(username))
+        .map(|u| u.id)
+}
+
 /// The integration JSON of the one-shot commands (`--integration`) for `sim` with its key.
 pub fn integration_arg(sim: &SimHandle) -> String {
     let (a, s) = sim.sim.api_key();
@@ -372,6 +410,27 @@ pub fn integration_arg(sim: &SimHandle) -> String {
         "secret_store": {"type": "APONO", "credentials": {"access_key": a, "secret_key": s}},
     })
     .to_string()
+}
+
+/// The one-shot `apono-connector revoke` of `user`'s `role` on `resource` on `sim` (with
+/// `--all` when `all`); its result.
+pub fn oneshot_revoke(sim: &SimHandle, user: &str, role: &str, resource: &str, all: bool) -> Value {
+    let spec = integration_arg(sim);
+    let mut args = vec![
+        "revoke",
+        "--integration",
+        &spec,
+        "--user",
+        user,
+        "--role",
+        role,
+        "--resource",
+        resource,
+    ];
+    if all {
+        args.push("--all");
+    }
+    cli_json(&args)
 }
 
 /// Runs a one-shot command that must succeed; its stdout as one JSON object.
