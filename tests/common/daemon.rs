@@ -161,11 +161,6 @@ impl Daemon {
         }
     }
 
-    /// Stops the daemon (`kill -9`) and keeps its data dir; dropping the daemon does the same.
-    pub fn stop(&mut self) {
-        self.kill9();
-    }
-
     pub async fn request(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
         self.request_prod(user, role, resource, ttl_seconds, false).await
     }
