@@ -6,203 +6,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use apono_connector::control_plane::client::OperatorClient;
-use apono_connector::control_plane::operator::{
-    AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobState,
-};
+use apono_connector::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef, JobCreate, JobState};
 use apono_connector::integrations::{Resource, Subject};
-use apono_connector::sim::{SimBinding, SimHandle, SimOptions};
-use common::{ChildGuard, free_port, run_cli, wait_for_port};
+use apono_connector::sim::SimHandle;
+use common::daemon::{Daemon, LONG, bindings, integration_toml, oneshot_revoke, sim, user_id_of, wait_state};
+use common::{ChildGuard, free_port, wait_for_port};
 use secrecy::ExposeSecret;
-use serde_json::{Value, json};
-
-/// The standalone daemon as a child process, with its own data dir, ports and config file.
-struct Daemon {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<ChildGuard>,
-    op: OperatorClient,
-    /// The `[[integrations]]` part of the config (rewritten by tests that move an integration).
-    integrations: String,
-    sweep_interval_seconds: u64,
-}
-
-/// `[[integrations]]` TOML for an integration named `name` on `sim` with the simulator's key.
-fn integration_toml(name: &str, sim: &SimHandle) -> String {
-    let (access_key, secret_key) = sim.sim.api_key();
-    format!(
-        "[[integrations]]\ntype = \"rancher\"\nname = \"{name}\"\nconfig = {{ host = \"{}\", status_timeout_seconds = 2 }}\n\
-         secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"{access_key}\", secret_key = \"{secret_key}\" }} }}\n",
-        sim.base_url
-    )
-}
-
-impl Daemon {
-    async fn start(integrations: String) -> Daemon {
-        Daemon::start_with(integrations, 300).await
-    }
-
-    async fn start_with(integrations: String, sweep_interval_seconds: u64) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let op = OperatorClient::new(&format!("http://127.0.0.1:{port}")).expect("operator client");
-        let mut d = Daemon {
-            dir,
-            port,
-            child: None,
-            op,
-            integrations,
-            sweep_interval_seconds,
-        };
-        d.spawn().await;
-        d
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn write_config(&self) -> PathBuf {
-        let path = self.dir.path().join("connector.toml");
-        let health = free_port();
-        std::fs::write(
-            &path,
-            format!(
-                "[agent]\nshutdown_grace_seconds = 5\n\n[standalone]\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\
-                 sweep_interval_seconds = {}\n\n[telemetry]\nhealth_addr = \"127.0.0.1:{health}\"\n\n{}",
-                self.port,
-                self.data_dir().display(),
-                self.sweep_interval_seconds,
-                self.integrations
-            ),
-        )
-        .expect("write the config");
-        path
-    }
-
-    async fn spawn(&mut self) {
-        let config = self.write_config();
-        let config = config.to_string_lossy().into_owned();
-        self.child = Some(ChildGuard::spawn(
-            &["run", "--config", &config],
-            &[("APONO_LOG_LEVEL", "info")],
-            self.dir.path(),
-        ));
-        wait_for_port(self.port).await;
-        // The daemon writes the operator token at start (again after its data dir was lost).
-        self.op = common::operator_client(&format!("http://127.0.0.1:{}", self.port), &self.data_dir()).await;
-    }
-
-    /// `kill -9`: no shutdown, no release, leases left behind.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill();
-        }
-    }
-
-    async fn request(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
-        self.request_with(
-            IntegrationRef::Name("prod".into()),
-            user,
-            role,
-            resource,
-            ttl_seconds,
-            false,
-        )
-        .await
-        .expect("access request accepted")
-    }
-
-    /// An access for a user the connector creates (`create_user`).
-    async fn request_new_user(&self, user: &str, role: &str, resource: &str, ttl_seconds: u64) -> AccessRequest {
-        self.request_with(
-            IntegrationRef::Name("prod".into()),
-            user,
-            role,
-            resource,
-            ttl_seconds,
-            true,
-        )
-        .await
-        .expect("access request accepted")
-    }
-
-    async fn request_with(
-        &self,
-        integration: IntegrationRef,
-        user: &str,
-        role: &str,
-        resource: &str,
-        ttl_seconds: u64,
-        create_user: bool,
-    ) -> Result<AccessRequest, apono_connector::control_plane::ControlPlaneError> {
-        self.op
-            .create_access(&AccessRequestCreate {
-                integration,
-                subject: Subject::user(user),
-                role: role.into(),
-                resource: Resource::parse(resource).expect("resource"),
-                ttl_seconds,
-                create_user,
-            })
-            .await
-    }
-
-    async fn get(&self, id: &str) -> AccessRequest {
-        self.op
-            .access(id)
-            .await
-            .expect("operator API answers")
-            .expect("access exists")
-    }
-
-    /// Waits for `state`; the access as it was then.
-    async fn wait_state(&self, id: &str, state: AccessState, timeout: Duration) -> AccessRequest {
-        wait_state(&self.op, id, state, timeout).await
-    }
-}
-
-/// Waits for an access to reach `state` on the operator API behind `op`; the access as it was then.
-async fn wait_state(op: &OperatorClient, id: &str, state: AccessState, timeout: Duration) -> AccessRequest {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(a)) = op.access(id).await
-            && a.state == state
-        {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "access {id} did not reach {state:?} within {timeout:?}: {:?}",
-            op.access(id).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Bindings in the simulator for (user id, role, resource).
-fn bindings(sim: &SimHandle, user_id: &str, role: &str, resource: &str) -> Vec<SimBinding> {
-    sim.sim
-        .bindings()
-        .into_iter()
-        .filter(|b| b.user_id.as_deref() == Some(user_id) && b.role_id == role && b.resource_id == resource)
-        .collect()
-}
-
-fn user_id_of(sim: &SimHandle, username: &str) -> Option<String> {
-    sim.sim
-        .users()
-        .into_iter()
-        .find(|u| u.username.as_deref() == Some(username))
-        .map(|u| u.id)
-}
-
-async fn sim() -> SimHandle {
-    SimHandle::start(SimOptions::default()).await.expect("sim starts")
-}
+use serde_json::json;
 
 fn inline_integration(name: &str, sim: &SimHandle) -> IntegrationRef {
     let (a, s) = sim.sim.api_key();
@@ -214,27 +26,6 @@ fn inline_integration(name: &str, sim: &SimHandle) -> IntegrationRef {
         .expect("spec"),
     ))
 }
-
-fn integration_arg(sim: &SimHandle) -> String {
-    let (a, s) = sim.sim.api_key();
-    json!({
-        "type": "rancher", "name": "oneshot", "config": {"host": sim.base_url},
-        "secret_store": {"type": "APONO", "credentials": {"access_key": a, "secret_key": s}},
-    })
-    .to_string()
-}
-
-fn cli_json(args: &[&str]) -> Value {
-    let out = run_cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
-}
-
-const LONG: Duration = Duration::from_secs(30);
 
 // ----- 1. a standing binding -----
 
@@ -257,25 +48,11 @@ async fn a_jit_grant_and_its_revoke_leave_a_standing_binding_alone() {
     );
 
     // The one-shot revoke follows the same rule; --all removes it and says so.
-    let spec = integration_arg(&sim);
-    let base = [
-        "revoke",
-        "--integration",
-        &spec,
-        "--user",
-        "alice",
-        "--role",
-        "cluster-owner",
-        "--resource",
-        "local",
-    ];
-    let r = cli_json(&base);
+    let r = oneshot_revoke(&sim, "alice", "cluster-owner", "local", false);
     assert_eq!(r["removed_binding_ids"], json!([]), "{r}");
     assert_eq!(r["left_binding_ids"], json!(["local:crtb-al1ce"]), "{r}");
     assert_eq!(bindings(&sim, "u-alice1", "cluster-owner", "local").len(), 1);
-    let mut all = base.to_vec();
-    all.push("--all");
-    let r = cli_json(&all);
+    let r = oneshot_revoke(&sim, "alice", "cluster-owner", "local", true);
     assert_eq!(r["removed_binding_ids"], json!(["local:crtb-al1ce"]), "{r}");
     assert!(bindings(&sim, "u-alice1", "cluster-owner", "local").is_empty());
     sim.stop().await;

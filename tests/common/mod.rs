@@ -2,6 +2,8 @@
 //! child processes of the real binary guarded so they are killed by their own PID.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -162,6 +164,25 @@ impl ChildGuard {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn apono-connector");
+        ChildGuard(child)
+    }
+
+    /// Like [`ChildGuard::spawn`], with stderr (and stdout) appended to the file `log`.
+    pub fn spawn_logged(args: &[&str], envs: &[(&str, &str)], dir: &Path, log: &Path) -> ChildGuard {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the log file");
+        let child = Command::new(BIN)
+            .args(args)
+            .envs(envs.iter().copied())
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone the log file"))
+            .stderr(file)
             .spawn()
             .expect("spawn apono-connector");
         ChildGuard(child)
