@@ -486,16 +486,14 @@ async fn grants_and_revokes_with(sim: &SimHandle) {
     assert!(bindings(sim, "u-bob01", role, resource).is_empty());
 }
 
-// Needs `Sim::set_user_groups`, which the simulator work of issue 17 adds; until that is merged
-// this test is compiled out (`cfg(any())`): remove the attribute then.
-#[cfg(any())]
+// The owner is admin only through an identity-provider group (lifecycle D2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_whose_owner_is_admin_through_a_group_grants_and_revokes() {
     use apono_connector::integrations::BindingScope;
     use apono_connector::sim::ADMIN_USER_ID;
     let sim = sim().await;
     let admins = "github_team://rancher-admins";
-    sim.sim.set_user_groups(ADMIN_USER_ID, vec![admins.to_string()]);
+    assert!(sim.sim.set_user_groups(ADMIN_USER_ID, vec![admins.to_string()]));
     sim.sim
         .add_binding(SimBinding {
             id: "grb-admins".into(),
@@ -518,9 +516,6 @@ async fn a_key_whose_owner_is_admin_through_a_group_grants_and_revokes() {
     sim.stop().await;
 }
 
-// Needs `Sim::add_global_role`, which the simulator work of issue 17 adds (the rules' type is
-// assumed to be Rancher's JSON `rules` list); until then compiled out (`cfg(any())`).
-#[cfg(any())]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_whose_owner_is_admin_through_a_custom_global_role_grants_and_revokes() {
     use apono_connector::integrations::BindingScope;
@@ -528,13 +523,9 @@ async fn a_key_whose_owner_is_admin_through_a_custom_global_role_grants_and_revo
     let sim = sim().await;
     // Rancher's rule for an admin role (`pkg/rbac/common.go` IsAdminGlobalRole): every verb on
     // every resource, and every non-resource URL.
-    sim.sim.add_global_role(
-        "gr-cloned-admin",
-        json!([
-            {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
-            {"nonResourceURLs": ["*"], "verbs": ["*"]},
-        ]),
-    );
+    sim.sim
+        .add_global_role("gr-cloned-admin", apono_connector::sim::PolicyRule::admin())
+        .expect("the custom admin role");
     sim.sim
         .add_binding(SimBinding {
             id: "grb-cloned".into(),
