@@ -28,8 +28,8 @@
 //!   memory until the access request is read once.
 
 pub mod access;
+mod reconcile;
 mod registry;
-mod sweeps;
 #[cfg(test)]
 pub(crate) mod tests;
 mod users;
@@ -46,14 +46,14 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::operator::{AccessRequest, JobCreate, JobRecord, JobState};
+use super::operator::{AccessRequest, AccessState, JobCreate, JobRecord, JobState};
 use super::protocol::{
     CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, ReleaseRequest, RenewRequest,
     RenewResponse, SessionHello, SessionInfo,
 };
 use super::store::{self, AccessRow, JobRow, Store, StoreError, sql};
 use super::{ControlPlane, ControlPlaneError};
-use crate::integrations::Credentials;
+use crate::integrations::{Credentials, Owner};
 
 pub use access::MAX_TTL_SECONDS;
 pub use store::IntegrationSource;
@@ -87,6 +87,9 @@ pub struct Options {
     /// How often a `sweep` job is queued per integration, the first at start
     /// (`standalone.sweep_interval_seconds`). Zero: no sweeps.
     pub sweep_interval: Duration,
+    /// This connector's id (`control_plane.connector_id`): with the install id kept in the state
+    /// it is the owner named in every binding the connector makes.
+    pub connector_id: String,
 }
 
 impl Default for Options {
@@ -102,6 +105,7 @@ impl Default for Options {
             retention: Duration::from_secs(30 * 86_400),
             // Off unless asked for: the daemon sets it from its config (default 300 s there).
             sweep_interval: Duration::ZERO,
+            connector_id: "standalone".into(),
         }
     }
 }
@@ -111,6 +115,8 @@ impl Default for Options {
 pub struct EmbeddedControlPlane {
     options: Options,
     store: Store,
+    /// `connector_id/install_id`: carried by every grant, revoke and sweep job (see `Owner`).
+    owner: Owner,
     /// Wakes long-polls when a job may have become ready (created, requeued, closed).
     ready: Notify,
     /// Cancelled by `close`: pending long-polls answer at once (empty).
@@ -221,9 +227,17 @@ impl EmbeddedControlPlane {
     /// plane (in this process or another) has the directory open.
     pub fn open(options: Options) -> Result<Arc<EmbeddedControlPlane>, ControlPlaneError> {
         let store = Store::open(&options.data_dir)?;
+        let install_id = store::install_id(&store.lock())?;
+        let owner = Owner::new(options.connector_id.trim(), &install_id).map_err(|e| {
+            bad_request(format!(
+                "control_plane.connector_id (APONO_CONNECTOR_ID) cannot name this connector's bindings: {e}"
+            ))
+        })?;
+        tracing::debug!(owner = %owner, "control-plane state opened");
         Ok(Arc::new(EmbeddedControlPlane {
             options,
             store,
+            owner,
             ready: Notify::new(),
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
@@ -256,6 +270,11 @@ impl EmbeddedControlPlane {
 
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// The owner named in the bindings this control plane's jobs make (`connector/install`).
+    pub fn owner(&self) -> &Owner {
+        &self.owner
     }
 
     /// Runs `f` in one transaction and commits. The store's lock is held throughout.
@@ -425,13 +444,24 @@ impl EmbeddedControlPlane {
                 return Ok(None);
             }
         };
-        match JobKind::parse(&row.kind) {
+        let kind = JobKind::parse(&row.kind);
+        match kind {
             Some(JobKind::Grant) => match self.gate_grant(c, fx, &mut row, t)? {
                 access::GrantGate::HandOut => {}
                 access::GrantGate::Deferred | access::GrantGate::Cancelled => return Ok(None),
             },
+            Some(JobKind::Revoke) => self.refresh_revoke(c, &mut row)?,
             Some(JobKind::Sweep) => self.refresh_sweep(c, &mut row)?,
             _ => {}
+        }
+        // Set at hand-out, so jobs queued by an older build carry it too. A raw job keeps an owner
+        // its creator gave; the lifecycle's jobs got theirs above.
+        if matches!(kind, Some(JobKind::Grant | JobKind::Revoke | JobKind::Sweep))
+            && let Value::Object(params) = &mut row.params
+        {
+            params
+                .entry("owner")
+                .or_insert_with(|| Value::String(self.owner.to_string()));
         }
         if row.state == JobState::Leased {
             tracing::info!(job = %row.id, kind = %row.kind, attempt = row.attempt, "lease expired; handing the job out again");
@@ -470,6 +500,7 @@ impl EmbeddedControlPlane {
             attempt: row.attempt,
             lease_token: row.lease_token.clone().unwrap_or_default(),
             lease_expires_at: row.lease_expires_at.unwrap_or(t),
+            lease_seconds: Some(self.lease_seconds()),
             integration,
             params: row.params.clone(),
         };
@@ -480,6 +511,12 @@ impl EmbeddedControlPlane {
                 Ok(None)
             }
         }
+    }
+
+    /// A lease's length in whole seconds, rounded down (at least 1): sent next to
+    /// `lease_expires_at` so an agent can time renewals without comparing clocks.
+    fn lease_seconds(&self) -> u64 {
+        self.options.lease_duration.as_secs().max(1)
     }
 
     /// Ends pending long-polls at once and makes later ones answer empty (shutdown).
@@ -536,17 +573,22 @@ impl EmbeddedControlPlane {
                 job.result = result;
                 job.error = None;
                 store::update_job(&tx, &job)?;
+                if job.kind == JobKind::Sweep.as_str() {
+                    wake |= self.on_sweep_succeeded(&tx, &job, t)?;
+                }
                 if let Some(mut a) = access {
                     match JobKind::parse(&job.kind) {
                         Some(JobKind::Grant) => {
-                            wake |= self.on_grant_succeeded(&tx, &mut a, job.result.as_ref(), t)?;
+                            wake |= self.on_grant_succeeded(&tx, &job, &mut a, t)?;
                             if let Some(c) = creds {
                                 new_creds = Some((a.id.clone(), c));
                             }
                         }
                         Some(JobKind::Revoke) => {
-                            self.on_revoke_succeeded(&tx, &mut a, job.result.as_ref(), t)?;
-                            forget_creds = Some(a.id.clone());
+                            wake |= self.on_revoke_succeeded(&tx, &job, &mut a, t)?;
+                            if a.state == AccessState::Revoked {
+                                forget_creds = Some(a.id.clone());
+                            }
                         }
                         Some(JobKind::RotateCredentials) => {
                             if let Some(c) = creds {
@@ -568,6 +610,7 @@ impl EmbeddedControlPlane {
                     && let Some(integration) = &job.integration_name
                     && let Some(result) = &job.result
                     && let Some(user_id) = result.get("user_id").and_then(Value::as_str)
+                    && access::is_user_id(user_id)
                     && ["managed_user", "created_user"]
                         .iter()
                         .any(|k| result.get(*k).and_then(Value::as_bool) == Some(true))
@@ -782,6 +825,8 @@ fn view(a: AccessRow, credentials: Option<Credentials>) -> AccessRequest {
         binding_ids: a.binding_ids,
         access_details: a.access_details,
         pre_existing: a.pre_existing,
+        bound_subject: a.bound_subject,
+        note: a.note,
         last_error: a.last_error,
         credentials,
     }
@@ -858,6 +903,7 @@ impl ControlPlane for EmbeddedControlPlane {
             store::update_job(c, &job)?;
             Ok(RenewResponse {
                 lease_expires_at: expires,
+                lease_seconds: Some(self.lease_seconds()),
             })
         })
     }

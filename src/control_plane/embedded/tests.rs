@@ -125,9 +125,17 @@ fn spawn_fake_agent(
                         lease_token: job.lease_token.clone(),
                         outcome: Outcome::Succeeded,
                         error: None,
+                        // Each user is its own Rancher user, with its own binding.
                         result: Some(match kind {
-                            "grant" => grant_result("u-alice", false, None),
-                            "revoke" => json!({"removed_binding_ids": ["c-1:crtb-apono-1"]}),
+                            "grant" => {
+                                let user = job.params["user"].as_str().unwrap_or("alice");
+                                let mut r = grant_result(&format!("u-{user}"), false, None);
+                                if user != "alice" {
+                                    r["binding_ids"] = json!([format!("c-1:crtb-{user}")]);
+                                }
+                                r
+                            }
+                            "revoke" => json!({"removed_binding_ids": job.params["binding_ids"]}),
                             _ => json!({}),
                         }),
                     },
@@ -377,7 +385,7 @@ async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     assert_eq!(
         job.params,
         json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false,
-               "grant_id": access.id, "expires_at": expires})
+               "grant_id": access.id, "expires_at": expires, "owner": cp.owner().as_str()})
     );
     cp.complete(&job.id, &failed(&job, false)).await.unwrap();
     let record = cp.job(&job.id).unwrap().unwrap();
@@ -388,7 +396,8 @@ async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     assert_eq!(Some(cleanup.id.clone()), a.revoke_job_id);
     assert_eq!(
         cleanup.params,
-        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "grant_id": access.id})
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "grant_id": access.id,
+               "owner": cp.owner().as_str()})
     );
     complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
     let a = cp.access(&access.id).unwrap().unwrap();
@@ -482,7 +491,7 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     assert_eq!(
         revoke.params,
         json!({"user": "bob", "role": "cluster-member", "resource": "c-1", "grant_id": b.id,
-               "user_id": "u-bob", "binding_ids": ["c-1:crtb-apono-1"]}),
+               "user_id": "u-bob", "binding_ids": ["c-1:crtb-apono-1"], "owner": cp.owner().as_str()}),
         "the revoke carries what the grant recorded"
     );
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
@@ -1043,7 +1052,8 @@ async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
     let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
     let agent = spawn_fake_agent(cp.clone(), stop.clone(), 0);
 
-    // One access runs to its end (revoked), one stays active; a raw discovery job with objects.
+    // One access runs to its end (revoked), one stays active (another user, another binding); a
+    // raw discovery job with objects.
     let ended = cp.create_access(access_create("alice", 1, false)).unwrap();
     let live = cp.create_access(access_create("bob", 3600, false)).unwrap();
     wait_for(Duration::from_secs(10), || {

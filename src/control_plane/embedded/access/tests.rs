@@ -148,7 +148,8 @@ async fn a_grant_out_of_attempts_is_cleaned_up_with_what_it_recorded() {
     let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke");
     assert_eq!(
         cleanup.params,
-        json!({"user": "carol", "role": "cluster-member", "resource": "c-1", "grant_id": a.id}),
+        json!({"user": "carol", "role": "cluster-member", "resource": "c-1", "grant_id": a.id,
+               "owner": cp.owner().as_str()}),
         "nothing recorded: the agent removes the connector's marked bindings of this grant id"
     );
     complete_ok(&cp, &cleanup, json!({"removed_binding_ids": ["c-1:crtb-c"]})).await;
