@@ -410,6 +410,75 @@ mod tests {
         assert!(matches!(op, Operation::Revoke(_)));
     }
 
+    /// A control plane that sends no `owner` (an older or remote one): the agent names itself,
+    /// so every binding it makes still names its owner; one it cannot name fails the job.
+    #[tokio::test]
+    async fn jobs_without_an_owner_get_the_connector_id() {
+        let grant = json!({"user": "alice", "role": "cluster-member", "resource": "c-1"});
+        let owner = |op: Operation| match op {
+            Operation::Grant(r) => r.owner,
+            Operation::Revoke(r) => r.owner,
+            Operation::Sweep(r) => r.owner,
+            _ => None,
+        };
+        let prod = Some(Owner::parse("prod-eu").unwrap());
+        for (kind, params) in [
+            ("grant", grant.clone()),
+            ("revoke", grant.clone()),
+            ("sweep", json!({})),
+        ] {
+            let op = Operation::parse(kind, &params)
+                .unwrap()
+                .with_default_owner("prod-eu")
+                .unwrap();
+            assert_eq!(owner(op), prod, "{kind}");
+        }
+        let mut given = grant.clone();
+        given["owner"] = json!("standalone/0193c5d2");
+        let op = Operation::parse("grant", &given)
+            .unwrap()
+            .with_default_owner("prod-eu")
+            .unwrap();
+        assert_eq!(
+            owner(op).unwrap().as_str(),
+            "standalone/0193c5d2",
+            "a given owner is kept"
+        );
+        let e = Operation::parse("revoke", &grant)
+            .unwrap()
+            .with_default_owner("prod eu")
+            .unwrap_err();
+        assert_eq!(e.code, "malformed_job");
+        assert!(e.message.contains("APONO_CONNECTOR_ID"), "{}", e.message);
+        assert!(
+            Operation::parse("validate", &json!({}))
+                .unwrap()
+                .with_default_owner("prod eu")
+                .is_ok(),
+            "only grants, revokes and sweeps name an owner"
+        );
+
+        // Through the executor: refused before any secret is read or request made.
+        let executor = Executor::new(crate::secrets::SecretStores::empty(), 1).with_connector_id("prod eu");
+        let cp = crate::control_plane::client::HttpControlPlane::new("http://127.0.0.1:1", "c", None).unwrap();
+        let job = Job {
+            id: "j-1".into(),
+            kind: "grant".into(),
+            attempt: 1,
+            lease_token: "t".into(),
+            lease_expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+            lease_seconds: None,
+            integration: json!({"type": "rancher", "name": "r", "config": {"host": "https://127.0.0.1:1"},
+                                "secret_store": {"type": "APONO", "credentials": {"token": "token-a:b"}}}),
+            params: grant,
+        };
+        let e = executor
+            .execute(&job, &cp, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "malformed_job", "{}", e.message);
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         let base = Duration::from_millis(100);

@@ -8,6 +8,8 @@
 //! harmless: the lease runs out and the job is handed out again (every operation is idempotent).
 
 pub mod executor;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1129,7 +1129,10 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
         .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, store::SCHEMA_VERSION);
-    // Its revoke falls back to the named integration and carries what the grant recorded.
+    // The config moves the integration at the upgrade: the access was pinned to the Rancher it
+    // was granted on, and its revoke carries what the grant recorded.
+    let moved: IntegrationSpec = serde_json::from_value(spec_json("test", json!({"host": "new.example.com"}))).unwrap();
+    cp.register_integration(&moved, IntegrationSource::Config).unwrap();
     assert_eq!(cp.revoke_access("ar-old").unwrap().state, AccessState::Revoking);
     let revoke = lease_one(&cp, 0).await.unwrap();
     assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
@@ -1146,6 +1149,143 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
     assert!(matches!(e, ControlPlaneError::Rejected { status: 409, .. }), "{e:?}");
     drop(cp);
     EmbeddedControlPlane::open(options(dir.path())).expect("opens again once migrated");
+}
+
+#[tokio::test]
+async fn a_v2_state_file_is_migrated_and_its_live_accesses_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_json("test", json!({}));
+    {
+        // As a build with schema v2 left it, with rows migrated from v1 (no pinned spec): an
+        // active access, one whose revoke an older build queued (no ids in its params), one ended.
+        let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).unwrap();
+        conn.execute_batch(include_str!("testdata/schema_v1.sql")).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE integrations ADD COLUMN source TEXT NOT NULL DEFAULT 'config';
+             ALTER TABLE access_requests ADD COLUMN integration_spec TEXT;
+             ALTER TABLE access_requests ADD COLUMN pre_existing INTEGER NOT NULL DEFAULT 0;
+             CREATE INDEX access_key ON access_requests (integration, role, resource, state);
+             CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (2);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO integrations (name, spec, updated_at) VALUES ('test', ?1, 0)",
+            [spec.to_string()],
+        )
+        .unwrap();
+        let access = |id: &str, user: &str, state: &str, revoke_job: Option<&str>| {
+            conn.execute(
+                "INSERT INTO access_requests (id, integration, subject, role, resource, ttl_seconds, create_user,
+                     state, created_at, granted_at, expires_at, grant_job_id, revoke_job_id, user_id, binding_ids)
+                 VALUES (?1, 'test', ?2, 'cluster-member', 'c-1', 3600, 0, ?3, 0, 0, 4102444800000, 'j-old', ?4,
+                     ?5, ?6)",
+                rusqlite::params![
+                    id,
+                    json!({"user": user}).to_string(),
+                    state,
+                    revoke_job,
+                    format!("u-{user}"),
+                    json!([format!("c-1:crtb-{user}")]).to_string()
+                ],
+            )
+            .unwrap();
+        };
+        access("ar-active", "alice", "active", None);
+        access("ar-revoking", "bob", "revoking", Some("j-rev"));
+        access("ar-ended", "carol", "revoked", None);
+        conn.execute(
+            "INSERT INTO jobs (id, kind, integration_name, params, state, attempt, access_id, created_at, updated_at)
+             VALUES ('j-rev', 'revoke', 'test', ?1, 'pending', 2, 'ar-revoking', 0, 0)",
+            [json!({"user": "bob", "role": "cluster-member", "resource": "c-1"}).to_string()],
+        )
+        .unwrap();
+    }
+    private(&dir.path().join(store::DB_FILE));
+    let cp = EmbeddedControlPlane::open(options(dir.path())).expect("a v2 file opens");
+    // The upgrade came with a config that moves the integration.
+    let moved: IntegrationSpec = serde_json::from_value(spec_json("test", json!({"host": "new.example.com"}))).unwrap();
+    cp.register_integration(&moved, IntegrationSource::Config).unwrap();
+
+    let revoke = lease_one(&cp, 0).await.expect("the revoke the older build queued");
+    assert_eq!(revoke.id, "j-rev");
+    assert_eq!(
+        revoke.integration["config"]["host"], "rancher.example.com",
+        "where it was granted"
+    );
+    assert_eq!(
+        revoke.params,
+        json!({"user": "bob", "role": "cluster-member", "resource": "c-1", "grant_id": "ar-revoking",
+               "user_id": "u-bob", "binding_ids": ["c-1:crtb-bob"], "owner": cp.owner().as_str()}),
+        "made again from the access (lifecycle review D3a)"
+    );
+    cp.revoke_access("ar-active").unwrap();
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
+    let conn = cp.store.lock();
+    let pinned = |id: &str| store::access(&conn, id).unwrap().unwrap().integration_spec;
+    assert_eq!(pinned("ar-active"), Some(spec.clone()));
+    assert_eq!(pinned("ar-ended"), None, "an ended access needs no Rancher");
+    let version: i64 = conn
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+}
+
+#[tokio::test]
+async fn the_install_id_is_kept_across_restarts_and_differs_per_data_dir() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = open_with(options(one.path()), json!({})).owner().clone();
+    let (connector, install) = first.as_str().split_once('/').expect("connector/install");
+    assert_eq!(connector, "standalone", "the config's default connector id");
+    assert_eq!(install.len(), 32, "{install}");
+    let again = EmbeddedControlPlane::open(options(one.path())).unwrap().owner().clone();
+    assert_eq!(again, first, "kept in the state");
+    let other = EmbeddedControlPlane::open(Options {
+        connector_id: "prod-eu".into(),
+        ..options(two.path())
+    })
+    .unwrap()
+    .owner()
+    .clone();
+    assert!(other.as_str().starts_with("prod-eu/"), "{other}");
+    assert_ne!(
+        other.as_str().split_once('/').unwrap().1,
+        install,
+        "another data dir, another install"
+    );
+    let e = EmbeddedControlPlane::open(Options {
+        connector_id: "prod eu/x".into(),
+        ..options(two.path())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("APONO_CONNECTOR_ID"), "{e}");
+}
+
+#[tokio::test]
+async fn raw_grant_revoke_and_sweep_jobs_carry_the_owner_unless_they_name_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let grant = json!({"user": "alice", "role": "cluster-member", "resource": "c-1"});
+    for (kind, params, owner) in [
+        ("grant", grant.clone(), Some(cp.owner().as_str())),
+        ("revoke", grant.clone(), Some(cp.owner().as_str())),
+        ("sweep", json!({"dry_run": true}), Some(cp.owner().as_str())),
+        (
+            "grant",
+            json!({"user": "alice", "role": "r", "resource": "c-1", "owner": "cli"}),
+            Some("cli"),
+        ),
+        ("validate", json!({}), None),
+    ] {
+        cp.create_job(JobCreate {
+            kind: kind.into(),
+            integration: json!("test"),
+            params,
+        })
+        .unwrap();
+        let job = lease_one(&cp, 0).await.unwrap();
+        assert_eq!(job.params.get("owner").and_then(Value::as_str), owner, "{kind}");
+    }
 }
 
 #[tokio::test]
