@@ -1,18 +1,23 @@
 //! The embedded control plane: the job queue with its leases, job completion, and the scheduler.
-//! The access lifecycle (states, TTL, overlap, cleanup: why a binding is granted, kept or removed)
-//! is in [`access`]; integration registration and pinning in `registry`; users the agent created
-//! in `users`; sweep scheduling in `sweeps`. State is in SQLite (`store`), so all of it survives a
-//! restart.
+//! The access lifecycle (states, TTL, overlap, cleanup, repairs: why a binding is granted, kept or
+//! removed) is in [`access`]; integration registration and pinning in `registry`; users the agent
+//! created in `users`; the reconcile (sweep jobs and the repairs their results ask for) in
+//! `reconcile`. State is in SQLite (`store`), so all of it survives a restart.
 //!
 //! Rules, in one place:
 //! - one control plane per `data_dir`: `open` takes an exclusive lock on `<data_dir>/lock`, held
 //!   while the control plane lives; a second open fails at once, naming the holder's pid;
+//! - its owner is `connector_id/install_id` (the install id made once and kept in the state):
+//!   every grant, revoke and sweep job carries it, set when the job is handed out;
+//! - leased jobs and renewals carry `lease_seconds` besides `lease_expires_at`, so agents time
+//!   renewals without comparing clocks;
 //! - a job is *ready* when it is pending and past its backoff, or leased with an expired lease;
 //!   each hand-out gets a new random lease token and `attempt + 1`. `reclaim_leases` (standalone,
 //!   at start: every lease then belongs to a dead process) and `release` (an agent giving a job
 //!   back; `started: false` does not count the attempt) make a job ready at once;
-//! - a grant job is handed out only while its access may still be granted and no revoke on its key
-//!   is in flight; its first hand-out starts the access's TTL (see [`access`]);
+//! - a grant job is handed out only while its access may still be granted (or, a repair, while it
+//!   is active) and no revoke of its binding is in flight; its first hand-out starts the access's
+//!   TTL (see [`access`]); a revoke's params are made again from its access at each hand-out;
 //! - a job of an access goes to the Rancher (host, port) the access was created with (pinned; with
 //!   the current spec's credentials while the named integration still points there); other jobs go
 //!   to the named integration's current spec, or the inline spec they were created with;
@@ -22,8 +27,8 @@
 //!   the error, forever (capped backoff): access must never outlive its TTL; a grant that will not
 //!   run again is cleaned up by a revoke;
 //! - the scheduler, once at start and then every `tick`, ends expired accesses, queues due
-//!   credential rotations and user cleanups, sweeps every `sweep_interval` (at start too) and
-//!   forgets old finished state;
+//!   credential rotations and user cleanups, queues the reconcile every `sweep_interval` (at start
+//!   too) and forgets old finished state;
 //! - credentials a grant or rotation generates are stripped from the stored result and kept in
 //!   memory until the access request is read once.
 

@@ -214,29 +214,29 @@ impl Metrics {
 
     /// Records the days until `integration`'s API key expires, under a bounded label.
     pub fn api_key_expiry(&self, integration: &str, days: f64) {
-        let label = self.integration_label(integration);
-        self.api_key_expires_in_days
-            .get_or_create(&IntegrationLabels { integration: label })
-            .set(days);
+        let labels = self.integration_labels(integration);
+        self.api_key_expires_in_days.get_or_create(&labels).set(days);
     }
 
     /// Counts a repair queued for an access on `integration`, under a bounded label.
     pub fn access_repaired(&self, integration: &str) {
-        let label = self.integration_label(integration);
-        self.access_repairs
-            .get_or_create(&IntegrationLabels { integration: label })
-            .inc();
+        let labels = self.integration_labels(integration);
+        self.access_repairs.get_or_create(&labels).inc();
     }
 
     /// Counts a binding the reconcile removed on `integration` for `reason` (a code).
     pub fn binding_swept(&self, integration: &str, reason: &str) {
-        let label = self.integration_label(integration);
-        self.swept_bindings
-            .get_or_create(&SweptLabels {
-                integration: label,
-                reason: reason.to_string(),
-            })
-            .inc();
+        let labels = SweptLabels {
+            integration: self.integration_label(integration),
+            reason: reason.to_string(),
+        };
+        self.swept_bindings.get_or_create(&labels).inc();
+    }
+
+    fn integration_labels(&self, integration: &str) -> IntegrationLabels {
+        IntegrationLabels {
+            integration: self.integration_label(integration),
+        }
     }
 
     fn integration_label(&self, integration: &str) -> String {

@@ -154,6 +154,43 @@ pub(super) fn share_binding(a: &AccessRow, spec_a: &Value, b: &AccessRow, spec_b
     a.role == b.role && a.resource == b.resource && same_rancher(a, spec_a, b, spec_b) && same_subject(a, b)
 }
 
+/// A new access request as stored: `pending`, its grant `grant_job_id` queued, pinned to `spec`.
+pub(super) fn pending_row(
+    id: String,
+    integration: &str,
+    request: AccessRequestCreate,
+    grant_job_id: String,
+    spec: Value,
+    t: DateTime<Utc>,
+) -> AccessRow {
+    AccessRow {
+        id,
+        integration: integration.to_string(),
+        subject: request.subject,
+        role: request.role,
+        resource: request.resource,
+        ttl_seconds: request.ttl_seconds,
+        create_user: request.create_user,
+        state: AccessState::Pending,
+        created_at: t,
+        granted_at: None,
+        expires_at: None,
+        revoked_at: None,
+        grant_job_id,
+        revoke_job_id: None,
+        user_id: None,
+        binding_ids: Vec::new(),
+        access_details: None,
+        last_error: None,
+        revoke_requested: false,
+        integration_spec: Some(spec),
+        pre_existing: false,
+        bound_subject: None,
+        owner: None,
+        note: None,
+    }
+}
+
 /// Fails a job that must not run (again), clearing its lease.
 fn fail_job(job: &mut JobRow, error: JobError, t: DateTime<Utc>) {
     job.state = JobState::Failed;
@@ -240,32 +277,7 @@ impl EmbeddedControlPlane {
             })
             .map_err(|e| bad_request(format!("the grant request does not serialize: {e}")))?;
             let grant = Self::new_job(JobKind::Grant, &name, Some(spec.clone()), params, Some(&id), t);
-            let row = AccessRow {
-                id: id.clone(),
-                integration: name.clone(),
-                subject: request.subject,
-                role: request.role,
-                resource: request.resource,
-                ttl_seconds: request.ttl_seconds,
-                create_user: request.create_user,
-                state: AccessState::Pending,
-                created_at: t,
-                granted_at: None,
-                expires_at: None,
-                revoked_at: None,
-                grant_job_id: grant.id.clone(),
-                revoke_job_id: None,
-                user_id: None,
-                binding_ids: Vec::new(),
-                access_details: None,
-                last_error: None,
-                revoke_requested: false,
-                integration_spec: Some(spec),
-                pre_existing: false,
-                bound_subject: None,
-                owner: None,
-                note: None,
-            };
+            let row = pending_row(id.clone(), &name, request, grant.id.clone(), spec, t);
             store::insert_job(c, &grant)?;
             store::insert_access(c, &row)?;
             fx.wake = true;

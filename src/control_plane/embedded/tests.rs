@@ -61,6 +61,19 @@ pub(crate) async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> O
         .map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
 }
 
+/// Leases every ready job (up to 10).
+pub(crate) async fn lease_all(cp: &EmbeddedControlPlane) -> Vec<Job> {
+    cp.lease(&LeaseRequest {
+        max_jobs: 10,
+        wait_seconds: 0,
+    })
+    .await
+    .expect("lease")
+    .into_iter()
+    .map(|v| serde_json::from_value(v).expect("job"))
+    .collect()
+}
+
 pub(crate) async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
     cp.complete(
         &job.id,

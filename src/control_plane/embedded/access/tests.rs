@@ -1,11 +1,12 @@
 //! The access lifecycle, driven as an agent would: lease, complete, and the scheduler's tick.
 
-use super::super::tests::{access_create, complete_ok, failed, grant_result, lease_one, open_with, options, spec_json};
+use super::super::tests::{
+    access_create, complete_ok, failed, grant_result, lease_all, lease_one, open_with, options, spec_json,
+};
 use super::super::{EmbeddedControlPlane, Options};
-use super::share_binding;
+use super::{pending_row, share_binding};
 use crate::control_plane::ControlPlane;
 use crate::control_plane::operator::{AccessRequestCreate, AccessState, JobState};
-use crate::control_plane::protocol::{Job, LeaseRequest};
 use crate::control_plane::store::AccessRow;
 use crate::integrations::{BoundSubject, GrantRequest, Resource, RevokeRequest, Subject};
 use serde_json::{Value, json};
@@ -13,18 +14,6 @@ use std::time::Duration;
 
 fn granted(user_id: &str, binding: &str) -> Value {
     json!({"user_id": user_id, "binding_ids": [binding], "created_user": false, "access_details": ""})
-}
-
-async fn lease_all(cp: &EmbeddedControlPlane) -> Vec<Job> {
-    cp.lease(&LeaseRequest {
-        max_jobs: 10,
-        wait_seconds: 0,
-    })
-    .await
-    .expect("lease")
-    .into_iter()
-    .map(|v| serde_json::from_value(v).expect("job"))
-    .collect()
 }
 
 /// Creates an access and runs its grant to `active` with `binding` recorded.
@@ -336,35 +325,18 @@ async fn the_grant_result_says_when_equal_access_was_already_there() {
 /// `cluster-member` on `resource`, bound by `bound` when given.
 fn row(name: &str, host: &str, subject: Subject, resource: &str, bound: Option<(&str, &str)>) -> (AccessRow, Value) {
     let spec = spec_json(name, json!({"host": host}));
-    let row = AccessRow {
-        id: format!("ar-{}", uuid::Uuid::now_v7()),
-        integration: name.into(),
+    let request = AccessRequestCreate {
         subject,
-        role: "cluster-member".into(),
         resource: Resource::parse(resource).unwrap(),
-        ttl_seconds: 60,
-        create_user: false,
-        state: AccessState::Active,
-        created_at: chrono::Utc::now(),
-        granted_at: None,
-        expires_at: None,
-        revoked_at: None,
-        grant_job_id: "j".into(),
-        revoke_job_id: None,
-        user_id: None,
-        binding_ids: Vec::new(),
-        access_details: None,
-        last_error: None,
-        revoke_requested: false,
-        integration_spec: Some(spec.clone()),
-        pre_existing: false,
-        bound_subject: bound.map(|(field, value)| BoundSubject {
-            field: field.into(),
-            value: value.into(),
-        }),
-        owner: None,
-        note: None,
+        ..access_create("x", 60, false)
     };
+    let id = format!("ar-{}", uuid::Uuid::now_v7());
+    let mut row = pending_row(id, name, request, "j".into(), spec.clone(), chrono::Utc::now());
+    row.state = AccessState::Active;
+    row.bound_subject = bound.map(|(field, value)| BoundSubject {
+        field: field.into(),
+        value: value.into(),
+    });
     (row, spec)
 }
 

@@ -1,10 +1,12 @@
 //! The reconcile, one test per row of the module's table (and how repairs settle).
 
-use super::super::tests::{access_create, complete_ok, failed, grant_result, lease_one, open_with, options, spec_json};
+use super::super::tests::{
+    access_create, complete_ok, failed, grant_result, lease_all, lease_one, open_with, options, spec_json,
+};
 use super::super::{EmbeddedControlPlane, IntegrationSource, Options};
 use crate::control_plane::ControlPlane;
 use crate::control_plane::operator::{AccessState, JobState};
-use crate::control_plane::protocol::{CompleteRequest, Job, LeaseRequest, Outcome, ReleaseRequest};
+use crate::control_plane::protocol::{CompleteRequest, Job, Outcome, ReleaseRequest};
 use crate::integrations::{GrantRequest, HeldState, IntegrationSpec, SweepRequest};
 use crate::telemetry::metrics::{IntegrationLabels, SweptLabels};
 use serde_json::{Value, json};
@@ -13,17 +15,6 @@ use std::time::Duration;
 
 fn sweep_jobs(cp: &EmbeddedControlPlane) -> usize {
     cp.list_jobs().unwrap().iter().filter(|j| j.kind == "sweep").count()
-}
-
-async fn lease_all(cp: &EmbeddedControlPlane) -> Vec<Job> {
-    let jobs = cp
-        .lease(&LeaseRequest {
-            max_jobs: 10,
-            wait_seconds: 0,
-        })
-        .await
-        .unwrap();
-    jobs.into_iter().map(|v| serde_json::from_value(v).unwrap()).collect()
 }
 
 /// A sweep's `keep_binding_ids` (absent when empty).
@@ -155,6 +146,33 @@ async fn reconcile(cp: &EmbeddedControlPlane, result: Value) -> String {
     let (done, logs) = logged(|| cp.complete_sync(&job.id, &request));
     done.unwrap();
     logs
+}
+
+/// Alice's active access, reported missing, with its repair handed out: `(access id, repair)`.
+async fn repair_running(cp: &EmbeddedControlPlane) -> (String, Job) {
+    let a = granted(cp, "alice", "c-1:crtb-a").await;
+    reconcile(cp, missing(&a)).await;
+    let repair = lease_kind(cp, "grant").await.remove(0);
+    (a, repair)
+}
+
+/// Ends access `a` now and hands its revoke out.
+async fn revoke_running(cp: &EmbeddedControlPlane, a: &str) -> Job {
+    cp.revoke_access(a).unwrap();
+    lease_kind(cp, "revoke").await.remove(0)
+}
+
+/// Completes `revoke`, which removed `ids`; returns the access's state then.
+async fn revoked(cp: &EmbeddedControlPlane, a: &str, revoke: &Job, ids: Value) -> AccessState {
+    complete_ok(cp, revoke, json!({ "removed_binding_ids": ids })).await;
+    cp.access(a).unwrap().unwrap().state
+}
+
+/// Completes a repair that made `c-1:crtb-made-late`.
+async fn made_late(cp: &EmbeddedControlPlane, repair: &Job) {
+    let mut result = grant_result("u-alice", false, None);
+    result["binding_ids"] = json!(["c-1:crtb-made-late"]);
+    complete_ok(cp, repair, result).await;
 }
 
 fn missing(id: &str) -> Value {
@@ -402,9 +420,7 @@ async fn a_repair_merges_its_bindings_and_keeps_the_expiry() {
 async fn a_repair_that_fails_for_good_leaves_the_access_active_and_the_next_pass_tries_again() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(with_sweeps(dir.path()), json!({}));
-    let a = granted(&cp, "alice", "c-1:crtb-a").await;
-    reconcile(&cp, missing(&a)).await;
-    let repair = lease_kind(&cp, "grant").await.remove(0);
+    let (a, repair) = repair_running(&cp).await;
     cp.complete(&repair.id, &failed(&repair, false)).await.unwrap();
     assert_eq!(cp.job(&repair.id).unwrap().unwrap().state, JobState::Failed);
     let row = cp.access(&a).unwrap().unwrap();
@@ -419,41 +435,31 @@ async fn a_repair_that_fails_for_good_leaves_the_access_active_and_the_next_pass
 async fn a_repair_that_completes_after_the_access_was_revoked_is_revoked_too() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(with_sweeps(dir.path()), json!({}));
-    let a = granted(&cp, "alice", "c-1:crtb-a").await;
-    reconcile(&cp, missing(&a)).await;
-    let repair = lease_kind(&cp, "grant").await.remove(0);
+    let (a, repair) = repair_running(&cp).await;
     // The access ends and its revoke completes while the repair runs.
-    cp.revoke_access(&a).unwrap();
-    let revoke = lease_kind(&cp, "revoke").await.remove(0);
-    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-a"]})).await;
-    assert_eq!(cp.access(&a).unwrap().unwrap().state, AccessState::Revoked);
-    let mut result = grant_result("u-alice", false, None);
-    result["binding_ids"] = json!(["c-1:crtb-made-late"]);
-    complete_ok(&cp, &repair, result).await;
+    let revoke = revoke_running(&cp, &a).await;
+    assert_eq!(
+        revoked(&cp, &a, &revoke, json!(["c-1:crtb-a"])).await,
+        AccessState::Revoked
+    );
+    made_late(&cp, &repair).await;
     assert_eq!(cp.access(&a).unwrap().unwrap().state, AccessState::Revoking);
     let cleanup = lease_kind(&cp, "revoke").await.remove(0);
     assert_eq!(cleanup.params["binding_ids"], json!(["c-1:crtb-made-late"]));
     assert_eq!(cleanup.params["grant_id"], json!(a));
-    complete_ok(&cp, &cleanup, json!({"removed_binding_ids": ["c-1:crtb-made-late"]})).await;
-    assert_eq!(cp.access(&a).unwrap().unwrap().state, AccessState::Revoked);
+    let ids = json!(["c-1:crtb-made-late"]);
+    assert_eq!(revoked(&cp, &a, &cleanup, ids).await, AccessState::Revoked);
 }
 
 #[tokio::test]
 async fn a_repair_that_completes_while_the_revoke_runs_is_followed_by_another_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(with_sweeps(dir.path()), json!({}));
-    let a = granted(&cp, "alice", "c-1:crtb-a").await;
-    reconcile(&cp, missing(&a)).await;
-    let repair = lease_kind(&cp, "grant").await.remove(0);
-    cp.revoke_access(&a).unwrap();
-    let revoke = lease_kind(&cp, "revoke").await.remove(0);
-    let mut result = grant_result("u-alice", false, None);
-    result["binding_ids"] = json!(["c-1:crtb-made-late"]);
-    complete_ok(&cp, &repair, result).await;
-    assert_eq!(cp.access(&a).unwrap().unwrap().state, AccessState::Revoking);
-    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-a"]})).await;
+    let (a, repair) = repair_running(&cp).await;
+    let revoke = revoke_running(&cp, &a).await;
+    made_late(&cp, &repair).await;
     assert_eq!(
-        cp.access(&a).unwrap().unwrap().state,
+        revoked(&cp, &a, &revoke, json!(["c-1:crtb-a"])).await,
         AccessState::Revoking,
         "not revoked while a binding it recorded is left"
     );
@@ -461,17 +467,14 @@ async fn a_repair_that_completes_while_the_revoke_runs_is_followed_by_another_re
     assert_ne!(again.id, revoke.id);
     let ids: Vec<String> = serde_json::from_value(again.params["binding_ids"].clone()).unwrap();
     assert!(ids.contains(&"c-1:crtb-made-late".to_string()), "{ids:?}");
-    complete_ok(&cp, &again, json!({"removed_binding_ids": ids})).await;
-    assert_eq!(cp.access(&a).unwrap().unwrap().state, AccessState::Revoked);
+    assert_eq!(revoked(&cp, &a, &again, json!(ids)).await, AccessState::Revoked);
 }
 
 #[tokio::test]
 async fn a_repair_whose_access_ended_before_it_ran_again_is_cancelled_and_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(with_sweeps(dir.path()), json!({}));
-    let a = granted(&cp, "alice", "c-1:crtb-a").await;
-    reconcile(&cp, missing(&a)).await;
-    let repair = lease_kind(&cp, "grant").await.remove(0);
+    let (a, repair) = repair_running(&cp).await;
     cp.complete(&repair.id, &failed(&repair, true)).await.unwrap();
     let backoff = |until: Option<i64>| {
         cp.store
@@ -486,9 +489,11 @@ async fn a_repair_whose_access_ended_before_it_ran_again_is_cancelled_and_cleane
     backoff(Some(
         (chrono::Utc::now() + chrono::Duration::days(1)).timestamp_millis(),
     ));
-    cp.revoke_access(&a).unwrap();
-    let revoke = lease_kind(&cp, "revoke").await.remove(0);
-    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-a"]})).await;
+    let revoke = revoke_running(&cp, &a).await;
+    assert_eq!(
+        revoked(&cp, &a, &revoke, json!(["c-1:crtb-a"])).await,
+        AccessState::Revoked
+    );
     backoff(None);
     let next = lease_all(&cp).await;
     assert_eq!(next.len(), 1, "{next:?}");
@@ -509,15 +514,10 @@ async fn a_revoke_that_removes_a_binding_another_active_access_lists_repairs_it(
     let cp = open_with(with_sweeps(dir.path()), json!({}));
     let holder = granted(&cp, "alice", "c-1:crtb-shared").await;
     let other = granted(&cp, "bob", "c-1:crtb-b").await;
-    cp.revoke_access(&other).unwrap();
-    let revoke = lease_kind(&cp, "revoke").await.remove(0);
+    let revoke = revoke_running(&cp, &other).await;
     // A race (e.g. two names for one person) made bob's revoke take alice's binding too.
-    complete_ok(
-        &cp,
-        &revoke,
-        json!({"removed_binding_ids": ["c-1:crtb-b", "c-1:crtb-shared"]}),
-    )
-    .await;
+    let ids = json!(["c-1:crtb-b", "c-1:crtb-shared"]);
+    assert_eq!(revoked(&cp, &other, &revoke, ids).await, AccessState::Revoked);
     assert_eq!(repairs(&cp, &holder), 1);
     assert_eq!(cp.access(&holder).unwrap().unwrap().state, AccessState::Active);
 }
