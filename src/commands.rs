@@ -75,6 +75,7 @@ pub fn embedded_options(config: &Config) -> embedded::Options {
         max_grant_attempts: config.standalone.max_grant_attempts,
         retention: Duration::from_secs(config.standalone.retention_days.saturating_mul(86_400)),
         sweep_interval: Duration::from_secs(config.standalone.sweep_interval_seconds),
+        connector_id: config.control_plane.connector_id.clone(),
         ..embedded::Options::default()
     }
 }
@@ -95,7 +96,8 @@ pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Res
 /// `APONO_URL` is set.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let stores = SecretStores::from_config(&config.secrets)?;
-    let executor = Executor::new(stores, config.agent.job_attempts);
+    let executor =
+        Executor::new(stores, config.agent.job_attempts).with_connector_id(&config.control_plane.connector_id);
     let readiness = Readiness::new();
     let health = start_health_server(&config, &readiness).await?;
     let outcome = run_agent(config, executor, readiness, shutdown).await;

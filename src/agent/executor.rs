@@ -18,13 +18,16 @@ use tokio_util::sync::CancellationToken;
 use crate::control_plane::ControlPlane;
 use crate::control_plane::protocol::{Job, JobError, JobKind};
 use crate::integrations::{
-    self, DeleteUserRequest, DiscoveredObject, GrantRequest, Integration, IntegrationError, IntegrationSpec,
+    self, DeleteUserRequest, DiscoveredObject, GrantRequest, Integration, IntegrationError, IntegrationSpec, Owner,
     RevokeRequest, RotateRequest, SweepRequest,
 };
 use crate::secrets::{SecretError, SecretStores};
 
 /// Discovered objects are uploaded to the control plane in batches of this many.
 const UPLOAD_BATCH: usize = 500;
+
+/// The connector id of an executor not told one (the config's default).
+const DEFAULT_CONNECTOR_ID: &str = "standalone";
 
 /// A job's operation, parsed and typed. Invalid jobs never get this far.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +67,29 @@ impl Operation {
             JobKind::Sweep => Operation::Sweep(params_of(kind, params)?),
         })
     }
+
+    /// Fills in `connector_id` as the owner of a grant, revoke or sweep whose params carry none
+    /// (a control plane that does not send it), so every binding the agent makes names its owner.
+    ///
+    /// # Errors
+    /// `malformed_job` when `connector_id` cannot be an owner.
+    pub fn with_default_owner(mut self, connector_id: &str) -> Result<Operation, JobError> {
+        let slot = match &mut self {
+            Operation::Grant(r) => &mut r.owner,
+            Operation::Revoke(r) => &mut r.owner,
+            Operation::Sweep(r) => &mut r.owner,
+            _ => return Ok(self),
+        };
+        if slot.is_none() {
+            let owner = Owner::parse(connector_id).map_err(|e| {
+                malformed(format!(
+                    "the job names no owner and this agent's connector id (APONO_CONNECTOR_ID) cannot be one: {e}"
+                ))
+            })?;
+            *slot = Some(owner);
+        }
+        Ok(self)
+    }
 }
 
 fn malformed(message: String) -> JobError {
@@ -90,9 +116,12 @@ fn from_integration_error(e: &IntegrationError) -> JobError {
     }
 }
 
-/// Runs jobs. Holds only what every job shares: the secret stores and the retry policy.
+/// Runs jobs. Holds only what every job shares: the secret stores, the retry policy and the
+/// connector id.
 pub struct Executor {
     secrets: SecretStores,
+    /// The owner of jobs that name none (see [`Operation::with_default_owner`]).
+    connector_id: String,
     /// Attempts for retryable failures within one lease.
     attempts: u32,
     /// First backoff; doubles per attempt, with jitter.
@@ -103,9 +132,16 @@ impl Executor {
     pub fn new(secrets: SecretStores, attempts: u32) -> Executor {
         Executor {
             secrets,
+            connector_id: DEFAULT_CONNECTOR_ID.to_string(),
             attempts: attempts.max(1),
             backoff_base: Duration::from_millis(500),
         }
+    }
+
+    /// The connector id (`control_plane.connector_id`): the owner of jobs that name none.
+    pub fn with_connector_id(mut self, connector_id: &str) -> Executor {
+        self.connector_id = connector_id.trim().to_string();
+        self
     }
 
     /// Shorter backoff, for tests and the demo.
@@ -129,7 +165,7 @@ impl Executor {
         // 1. Parse: an invalid job fails at once, for good.
         let spec: IntegrationSpec = serde_json::from_value(job.integration.clone())
             .map_err(|e| malformed(format!("job's integration is invalid: {e}")))?;
-        let operation = Operation::parse(&job.kind, &job.params)?;
+        let operation = Operation::parse(&job.kind, &job.params)?.with_default_owner(&self.connector_id)?;
         integrations::validate_spec(&spec).map_err(|e| from_integration_error(&e))?;
 
         // 2-4. Resolve the secret, build the integration, run; retry what can be retried.
@@ -299,6 +335,7 @@ mod tests {
             attempt: 1,
             lease_token: "t".into(),
             lease_expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+            lease_seconds: None,
             integration,
             params,
         };
@@ -371,6 +408,75 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(op, Operation::Revoke(_)));
+    }
+
+    /// A control plane that sends no `owner` (an older or remote one): the agent names itself,
+    /// so every binding it makes still names its owner; one it cannot name fails the job.
+    #[tokio::test]
+    async fn jobs_without_an_owner_get_the_connector_id() {
+        let grant = json!({"user": "alice", "role": "cluster-member", "resource": "c-1"});
+        let owner = |op: Operation| match op {
+            Operation::Grant(r) => r.owner,
+            Operation::Revoke(r) => r.owner,
+            Operation::Sweep(r) => r.owner,
+            _ => None,
+        };
+        let prod = Some(Owner::parse("prod-eu").unwrap());
+        for (kind, params) in [
+            ("grant", grant.clone()),
+            ("revoke", grant.clone()),
+            ("sweep", json!({})),
+        ] {
+            let op = Operation::parse(kind, &params)
+                .unwrap()
+                .with_default_owner("prod-eu")
+                .unwrap();
+            assert_eq!(owner(op), prod, "{kind}");
+        }
+        let mut given = grant.clone();
+        given["owner"] = json!("standalone/0193c5d2");
+        let op = Operation::parse("grant", &given)
+            .unwrap()
+            .with_default_owner("prod-eu")
+            .unwrap();
+        assert_eq!(
+            owner(op).unwrap().as_str(),
+            "standalone/0193c5d2",
+            "a given owner is kept"
+        );
+        let e = Operation::parse("revoke", &grant)
+            .unwrap()
+            .with_default_owner("prod eu")
+            .unwrap_err();
+        assert_eq!(e.code, "malformed_job");
+        assert!(e.message.contains("APONO_CONNECTOR_ID"), "{}", e.message);
+        assert!(
+            Operation::parse("validate", &json!({}))
+                .unwrap()
+                .with_default_owner("prod eu")
+                .is_ok(),
+            "only grants, revokes and sweeps name an owner"
+        );
+
+        // Through the executor: refused before any secret is read or request made.
+        let executor = Executor::new(crate::secrets::SecretStores::empty(), 1).with_connector_id("prod eu");
+        let cp = crate::control_plane::client::HttpControlPlane::new("http://127.0.0.1:1", "c", None).unwrap();
+        let job = Job {
+            id: "j-1".into(),
+            kind: "grant".into(),
+            attempt: 1,
+            lease_token: "t".into(),
+            lease_expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+            lease_seconds: None,
+            integration: json!({"type": "rancher", "name": "r", "config": {"host": "https://127.0.0.1:1"},
+                                "secret_store": {"type": "APONO", "credentials": {"token": "token-a:b"}}}),
+            params: grant,
+        };
+        let e = executor
+            .execute(&job, &cp, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "malformed_job", "{}", e.message);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! harmless: the lease runs out and the job is handed out again (every operation is idempotent).
 
 pub mod executor;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +135,8 @@ impl Agent {
                     }
                 }
             };
+            // Leases are timed from here, on this host's monotonic clock (see `keep_lease`).
+            let received = tokio::time::Instant::now();
             let mut first_permit = Some(first_permit);
             let mut jobs = jobs.into_iter();
             while let Some(raw) = jobs.next() {
@@ -155,7 +159,7 @@ impl Agent {
                 let executor = self.executor.clone();
                 let abandon = abandon.child_token();
                 tracker.spawn(async move {
-                    run_job(raw, cp.as_ref(), &executor, abandon).await;
+                    run_job(raw, received, cp.as_ref(), &executor, abandon).await;
                     drop(permit);
                 });
             }
@@ -248,8 +252,15 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// One job: keep its lease alive while the executor runs, then report the outcome.
-async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon: CancellationToken) {
+/// One job: keep its lease alive while the executor runs, then report the outcome. `received`:
+/// when the lease answer that carried it arrived.
+async fn run_job(
+    raw: Value,
+    received: tokio::time::Instant,
+    cp: &dyn ControlPlane,
+    executor: &Executor,
+    abandon: CancellationToken,
+) {
     let job: Job = match serde_json::from_value(raw) {
         Ok(job) => job,
         Err(e) => {
@@ -283,7 +294,7 @@ async fn run_job(raw: Value, cp: &dyn ControlPlane, executor: &Executor, abandon
         let _in_flight = InFlight;
         // Lost lease or grace over: stop working on the job, report nothing.
         let stop = abandon.child_token();
-        let renewal = keep_lease(cp, &job, stop.clone());
+        let renewal = keep_lease(cp, &job, received, stop.clone());
         tokio::pin!(renewal);
         let work = executor.execute(&job, cp, &stop);
         let outcome = tokio::select! {
@@ -359,30 +370,48 @@ async fn release(cp: &dyn ControlPlane, job_id: &str, lease_token: &str, started
     }
 }
 
+/// When a lease runs out, on this host's monotonic clock: `lease_seconds` after `since` (when the
+/// answer that granted it arrived, or the renewal was asked for), so a control plane whose clock
+/// is off cannot make the agent renew late (reliability review F13). Control planes that send no
+/// `lease_seconds`: `lease_expires_at` against this host's clock, as before.
+fn lease_deadline(
+    since: tokio::time::Instant,
+    lease_seconds: Option<u64>,
+    lease_expires_at: chrono::DateTime<chrono::Utc>,
+) -> tokio::time::Instant {
+    let left = match lease_seconds {
+        Some(s) => Duration::from_secs(s),
+        None => (lease_expires_at - chrono::Utc::now()).to_std().unwrap_or_default(),
+    };
+    since + left
+}
+
 /// Renews the lease at a third of its remaining time. Returns only when the lease is lost.
-async fn keep_lease(cp: &dyn ControlPlane, job: &Job, stop: CancellationToken) {
-    let mut expires_at = job.lease_expires_at;
+async fn keep_lease(cp: &dyn ControlPlane, job: &Job, received: tokio::time::Instant, stop: CancellationToken) {
+    let mut deadline = lease_deadline(received, job.lease_seconds, job.lease_expires_at);
     let request = RenewRequest {
         lease_token: job.lease_token.clone(),
     };
     loop {
-        let remaining = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let wait = (remaining / 3).max(Duration::from_millis(200));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+        // The renewed lease starts no earlier than the request: timed from here, never too late.
+        let asked = tokio::time::Instant::now();
         match cp.renew(&job.id, &request).await {
             Ok(renewed) => {
                 metrics().lease_renewals.inc();
-                expires_at = renewed.lease_expires_at;
+                deadline = lease_deadline(asked, renewed.lease_seconds, renewed.lease_expires_at);
             }
             Err(ControlPlaneError::LeaseLost { .. }) => {
                 metrics().leases_lost.inc();
                 tracing::warn!("lease lost while the job was running");
                 return;
             }
-            Err(e) if chrono::Utc::now() >= expires_at => {
+            Err(e) if tokio::time::Instant::now() >= deadline => {
                 tracing::warn!(error = %e, "could not renew the lease before it ran out");
                 return;
             }

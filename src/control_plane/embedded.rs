@@ -1,18 +1,23 @@
 //! The embedded control plane: the job queue with its leases, job completion, and the scheduler.
-//! The access lifecycle (states, TTL, overlap, cleanup: why a binding is granted, kept or removed)
-//! is in [`access`]; integration registration and pinning in `registry`; users the agent created
-//! in `users`; sweep scheduling in `sweeps`. State is in SQLite (`store`), so all of it survives a
-//! restart.
+//! The access lifecycle (states, TTL, overlap, cleanup, repairs: why a binding is granted, kept or
+//! removed) is in [`access`]; integration registration and pinning in `registry`; users the agent
+//! created in `users`; the reconcile (sweep jobs and the repairs their results ask for) in
+//! `reconcile`. State is in SQLite (`store`), so all of it survives a restart.
 //!
 //! Rules, in one place:
 //! - one control plane per `data_dir`: `open` takes an exclusive lock on `<data_dir>/lock`, held
 //!   while the control plane lives; a second open fails at once, naming the holder's pid;
+//! - its owner is `connector_id/install_id` (the install id made once and kept in the state):
+//!   every grant, revoke and sweep job carries it, set when the job is handed out;
+//! - leased jobs and renewals carry `lease_seconds` besides `lease_expires_at`, so agents time
+//!   renewals without comparing clocks;
 //! - a job is *ready* when it is pending and past its backoff, or leased with an expired lease;
 //!   each hand-out gets a new random lease token and `attempt + 1`. `reclaim_leases` (standalone,
 //!   at start: every lease then belongs to a dead process) and `release` (an agent giving a job
 //!   back; `started: false` does not count the attempt) make a job ready at once;
-//! - a grant job is handed out only while its access may still be granted and no revoke on its key
-//!   is in flight; its first hand-out starts the access's TTL (see [`access`]);
+//! - a grant job is handed out only while its access may still be granted (or, a repair, while it
+//!   is active) and no revoke of its binding is in flight; its first hand-out starts the access's
+//!   TTL (see [`access`]); a revoke's params are made again from its access at each hand-out;
 //! - a job of an access goes to the Rancher (host, port) the access was created with (pinned; with
 //!   the current spec's credentials while the named integration still points there); other jobs go
 //!   to the named integration's current spec, or the inline spec they were created with;
@@ -22,14 +27,14 @@
 //!   the error, forever (capped backoff): access must never outlive its TTL; a grant that will not
 //!   run again is cleaned up by a revoke;
 //! - the scheduler, once at start and then every `tick`, ends expired accesses, queues due
-//!   credential rotations and user cleanups, sweeps every `sweep_interval` (at start too) and
-//!   forgets old finished state;
+//!   credential rotations and user cleanups, queues the reconcile every `sweep_interval` (at start
+//!   too) and forgets old finished state;
 //! - credentials a grant or rotation generates are stripped from the stored result and kept in
 //!   memory until the access request is read once.
 
 pub mod access;
+mod reconcile;
 mod registry;
-mod sweeps;
 #[cfg(test)]
 pub(crate) mod tests;
 mod users;
@@ -46,14 +51,14 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::operator::{AccessRequest, JobCreate, JobRecord, JobState};
+use super::operator::{AccessRequest, AccessState, JobCreate, JobRecord, JobState};
 use super::protocol::{
     CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, ReleaseRequest, RenewRequest,
     RenewResponse, SessionHello, SessionInfo,
 };
 use super::store::{self, AccessRow, JobRow, Store, StoreError, sql};
 use super::{ControlPlane, ControlPlaneError};
-use crate::integrations::Credentials;
+use crate::integrations::{Credentials, Owner};
 
 pub use access::MAX_TTL_SECONDS;
 pub use store::IntegrationSource;
@@ -87,6 +92,9 @@ pub struct Options {
     /// How often a `sweep` job is queued per integration, the first at start
     /// (`standalone.sweep_interval_seconds`). Zero: no sweeps.
     pub sweep_interval: Duration,
+    /// This connector's id (`control_plane.connector_id`): with the install id kept in the state
+    /// it is the owner named in every binding the connector makes.
+    pub connector_id: String,
 }
 
 impl Default for Options {
@@ -102,6 +110,7 @@ impl Default for Options {
             retention: Duration::from_secs(30 * 86_400),
             // Off unless asked for: the daemon sets it from its config (default 300 s there).
             sweep_interval: Duration::ZERO,
+            connector_id: "standalone".into(),
         }
     }
 }
@@ -111,6 +120,8 @@ impl Default for Options {
 pub struct EmbeddedControlPlane {
     options: Options,
     store: Store,
+    /// `connector_id/install_id`: carried by every grant, revoke and sweep job (see `Owner`).
+    owner: Owner,
     /// Wakes long-polls when a job may have become ready (created, requeued, closed).
     ready: Notify,
     /// Cancelled by `close`: pending long-polls answer at once (empty).
@@ -221,9 +232,17 @@ impl EmbeddedControlPlane {
     /// plane (in this process or another) has the directory open.
     pub fn open(options: Options) -> Result<Arc<EmbeddedControlPlane>, ControlPlaneError> {
         let store = Store::open(&options.data_dir)?;
+        let install_id = store::install_id(&store.lock())?;
+        let owner = Owner::new(options.connector_id.trim(), &install_id).map_err(|e| {
+            bad_request(format!(
+                "control_plane.connector_id (APONO_CONNECTOR_ID) cannot name this connector's bindings: {e}"
+            ))
+        })?;
+        tracing::debug!(owner = %owner, "control-plane state opened");
         Ok(Arc::new(EmbeddedControlPlane {
             options,
             store,
+            owner,
             ready: Notify::new(),
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
@@ -256,6 +275,11 @@ impl EmbeddedControlPlane {
 
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// The owner named in the bindings this control plane's jobs make (`connector/install`).
+    pub fn owner(&self) -> &Owner {
+        &self.owner
     }
 
     /// Runs `f` in one transaction and commits. The store's lock is held throughout.
@@ -425,13 +449,24 @@ impl EmbeddedControlPlane {
                 return Ok(None);
             }
         };
-        match JobKind::parse(&row.kind) {
+        let kind = JobKind::parse(&row.kind);
+        match kind {
             Some(JobKind::Grant) => match self.gate_grant(c, fx, &mut row, t)? {
                 access::GrantGate::HandOut => {}
                 access::GrantGate::Deferred | access::GrantGate::Cancelled => return Ok(None),
             },
+            Some(JobKind::Revoke) => self.refresh_revoke(c, &mut row)?,
             Some(JobKind::Sweep) => self.refresh_sweep(c, &mut row)?,
             _ => {}
+        }
+        // Set at hand-out, so jobs queued by an older build carry it too. A raw job keeps an owner
+        // its creator gave; the lifecycle's jobs got theirs above.
+        if matches!(kind, Some(JobKind::Grant | JobKind::Revoke | JobKind::Sweep))
+            && let Value::Object(params) = &mut row.params
+        {
+            params
+                .entry("owner")
+                .or_insert_with(|| Value::String(self.owner.to_string()));
         }
         if row.state == JobState::Leased {
             tracing::info!(job = %row.id, kind = %row.kind, attempt = row.attempt, "lease expired; handing the job out again");
@@ -470,6 +505,7 @@ impl EmbeddedControlPlane {
             attempt: row.attempt,
             lease_token: row.lease_token.clone().unwrap_or_default(),
             lease_expires_at: row.lease_expires_at.unwrap_or(t),
+            lease_seconds: Some(self.lease_seconds()),
             integration,
             params: row.params.clone(),
         };
@@ -480,6 +516,12 @@ impl EmbeddedControlPlane {
                 Ok(None)
             }
         }
+    }
+
+    /// A lease's length in whole seconds, rounded down (at least 1): sent next to
+    /// `lease_expires_at` so an agent can time renewals without comparing clocks.
+    fn lease_seconds(&self) -> u64 {
+        self.options.lease_duration.as_secs().max(1)
     }
 
     /// Ends pending long-polls at once and makes later ones answer empty (shutdown).
@@ -536,17 +578,22 @@ impl EmbeddedControlPlane {
                 job.result = result;
                 job.error = None;
                 store::update_job(&tx, &job)?;
+                if job.kind == JobKind::Sweep.as_str() {
+                    wake |= self.on_sweep_succeeded(&tx, &job, t)?;
+                }
                 if let Some(mut a) = access {
                     match JobKind::parse(&job.kind) {
                         Some(JobKind::Grant) => {
-                            wake |= self.on_grant_succeeded(&tx, &mut a, job.result.as_ref(), t)?;
+                            wake |= self.on_grant_succeeded(&tx, &job, &mut a, t)?;
                             if let Some(c) = creds {
                                 new_creds = Some((a.id.clone(), c));
                             }
                         }
                         Some(JobKind::Revoke) => {
-                            self.on_revoke_succeeded(&tx, &mut a, job.result.as_ref(), t)?;
-                            forget_creds = Some(a.id.clone());
+                            wake |= self.on_revoke_succeeded(&tx, &job, &mut a, t)?;
+                            if a.state == AccessState::Revoked {
+                                forget_creds = Some(a.id.clone());
+                            }
                         }
                         Some(JobKind::RotateCredentials) => {
                             if let Some(c) = creds {
@@ -568,6 +615,7 @@ impl EmbeddedControlPlane {
                     && let Some(integration) = &job.integration_name
                     && let Some(result) = &job.result
                     && let Some(user_id) = result.get("user_id").and_then(Value::as_str)
+                    && access::is_user_id(user_id)
                     && ["managed_user", "created_user"]
                         .iter()
                         .any(|k| result.get(*k).and_then(Value::as_bool) == Some(true))
@@ -782,6 +830,8 @@ fn view(a: AccessRow, credentials: Option<Credentials>) -> AccessRequest {
         binding_ids: a.binding_ids,
         access_details: a.access_details,
         pre_existing: a.pre_existing,
+        bound_subject: a.bound_subject,
+        note: a.note,
         last_error: a.last_error,
         credentials,
     }
@@ -858,6 +908,7 @@ impl ControlPlane for EmbeddedControlPlane {
             store::update_job(c, &job)?;
             Ok(RenewResponse {
                 lease_expires_at: expires,
+                lease_seconds: Some(self.lease_seconds()),
             })
         })
     }

@@ -109,6 +109,11 @@ pub struct Job {
     pub attempt: u32,
     pub lease_token: String,
     pub lease_expires_at: DateTime<Utc>,
+    /// The lease's length from the hand-out, in seconds. The agent times renewals from when the
+    /// answer arrived with this, on its own monotonic clock, so a control plane whose clock is
+    /// off does not make it renew late; absent (older control planes): `lease_expires_at - now`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
     /// `{id?, type, name, config, secret_store}`; see `integrations::IntegrationSpec`.
     #[serde(default)]
     pub integration: Value,
@@ -129,6 +134,9 @@ pub struct RenewRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RenewResponse {
     pub lease_expires_at: DateTime<Utc>,
+    /// The renewed lease's length from now, in seconds (see [`Job::lease_seconds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
 }
 
 /// `POST /connector/v1/jobs/{job_id}:release`: the agent gives a leased job back without an

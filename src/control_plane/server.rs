@@ -456,6 +456,7 @@ async fn upload(
         attempt: 1,
         lease_token: lease_token.to_string(),
         lease_expires_at: chrono::Utc::now(),
+        lease_seconds: None,
         integration: Value::Null,
         params: Value::Null,
     };

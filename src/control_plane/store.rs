@@ -24,10 +24,10 @@ use serde_json::Value;
 use super::ControlPlaneError;
 use super::operator::{AccessState, JobState};
 use super::protocol::JobError;
-use crate::integrations::{Resource, Subject};
+use crate::integrations::{BoundSubject, Owner, Resource, Subject};
 
 /// Version of the schema below. Bump it and add a migration step in [`migrate`] when it changes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Name of the state file inside `data_dir`.
 pub const DB_FILE: &str = "control-plane.sqlite3";
@@ -84,10 +84,19 @@ CREATE TABLE IF NOT EXISTS access_requests (
     last_error        TEXT,
     revoke_requested  INTEGER NOT NULL DEFAULT 0,
     integration_spec  TEXT,
-    pre_existing      INTEGER NOT NULL DEFAULT 0
+    pre_existing      INTEGER NOT NULL DEFAULT 0,
+    bound_subject     TEXT,
+    owner             TEXT,
+    note              TEXT
 );
 CREATE INDEX IF NOT EXISTS access_due ON access_requests (state, expires_at);
 CREATE INDEX IF NOT EXISTS access_key ON access_requests (integration, role, resource, state);
+CREATE INDEX IF NOT EXISTS access_binding ON access_requests (role, resource, state);
+CREATE INDEX IF NOT EXISTS jobs_access ON jobs (access_id, kind, state);
+CREATE TABLE IF NOT EXISTS meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS managed_users (
     integration       TEXT NOT NULL,
     user_id           TEXT NOT NULL,
@@ -351,6 +360,12 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("access_requests", "integration_spec", "TEXT"),
     // v2: the grant found equal access already there (made by someone else).
     ("access_requests", "pre_existing", "INTEGER NOT NULL DEFAULT 0"),
+    // v3: the binding subject the grant resolved (`BoundSubject` JSON): the overlap key.
+    ("access_requests", "bound_subject", "TEXT"),
+    // v3: the owner (`connector/install`) the access's bindings were granted under.
+    ("access_requests", "owner", "TEXT"),
+    // v3: what the requester should know about the grant (no new password, and why).
+    ("access_requests", "note", "TEXT"),
 ];
 
 fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
@@ -377,10 +392,10 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              run a newer apono-connector or point data_dir elsewhere"
         ))),
         Some(v) if v == SCHEMA_VERSION => Ok(()),
-        _ => {
+        from => {
             conn.execute_batch("BEGIN IMMEDIATE")
                 .map_err(sql("starting the schema migration"))?;
-            let r = migrate_in_transaction(conn);
+            let r = migrate_in_transaction(conn, from.unwrap_or(0));
             let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
             conn.execute_batch(end).map_err(sql("ending the schema migration"))?;
             r
@@ -388,8 +403,9 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     }
 }
 
-/// Creates what is missing (a fresh file), or adds the columns of later versions (an older file).
-fn migrate_in_transaction(conn: &Connection) -> Result<(), StoreError> {
+/// Creates what is missing (a fresh file), or adds the columns of later versions and runs the
+/// data steps of each version after `from` (an older file).
+fn migrate_in_transaction(conn: &Connection, from: i64) -> Result<(), StoreError> {
     // The tables first without the new index, which needs the new columns on an older file.
     let (tables, indexes): (Vec<&str>, Vec<&str>) = SCHEMA
         .split_inclusive(';')
@@ -407,11 +423,58 @@ fn migrate_in_transaction(conn: &Connection) -> Result<(), StoreError> {
     }
     conn.execute_batch(&indexes.concat())
         .map_err(sql("creating the indexes"))?;
+    if from < 3 {
+        pin_live_accesses(conn)?;
+    }
     conn.execute("DELETE FROM schema_version", [])
         .map_err(sql("writing the schema version"))?;
     conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])
         .map_err(sql("writing the schema version"))?;
     Ok(())
+}
+
+/// v3 data step (lifecycle review D7): accesses that have not ended, written before accesses were
+/// pinned, get their integration's spec as it is in this file (what they were granted with, not
+/// what the config says after the upgrade), and so do the open jobs that serve them.
+fn pin_live_accesses(conn: &Connection) -> Result<(), StoreError> {
+    let accesses = conn
+        .execute(
+            "UPDATE access_requests
+                 SET integration_spec = (SELECT spec FROM integrations WHERE integrations.name = access_requests.integration)
+             WHERE integration_spec IS NULL AND state IN ('pending', 'active', 'revoking')",
+            [],
+        )
+        .map_err(sql("pinning the accesses of an older state database"))?;
+    let jobs = conn
+        .execute(
+            "UPDATE jobs
+                 SET integration = (SELECT spec FROM integrations WHERE integrations.name = jobs.integration_name)
+             WHERE integration IS NULL AND integration_name IS NOT NULL AND state IN ('pending', 'leased')
+                 AND access_id IN (SELECT id FROM access_requests WHERE state IN ('pending', 'active', 'revoking'))",
+            [],
+        )
+        .map_err(sql("pinning the open jobs of an older state database"))?;
+    if accesses + jobs > 0 {
+        tracing::info!(
+            accesses,
+            jobs,
+            "state database migrated: accesses from before the upgrade keep the Rancher they were granted on"
+        );
+    }
+    Ok(())
+}
+
+/// The id of this control plane's state, made once (uuid v7, simple form) and kept in `meta`:
+/// with the connector id it names the owner of every binding the connector makes.
+pub fn install_id(c: &Connection) -> Result<String, StoreError> {
+    let fresh = uuid::Uuid::now_v7().simple().to_string();
+    c.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('install_id', ?1)",
+        [&fresh],
+    )
+    .map_err(sql("writing the install id"))?;
+    c.query_row("SELECT value FROM meta WHERE key = 'install_id'", [], |r| r.get(0))
+        .map_err(sql("reading the install id"))
 }
 
 // ----- time and JSON helpers -----
@@ -791,6 +854,19 @@ pub fn open_sweeps(c: &Connection) -> Result<Vec<Result<JobRow, StoreError>>, St
     )
 }
 
+/// Jobs of one kind serving access `access_id` that have not settled (pending or leased).
+pub fn open_jobs_of_access(
+    c: &Connection,
+    access_id: &str,
+    kind: &str,
+) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+    jobs_where(
+        c,
+        "WHERE access_id = ?1 AND kind = ?2 AND state IN ('pending', 'leased') ORDER BY seq",
+        &[&access_id, &kind],
+    )
+}
+
 /// Every leased job becomes pending at once (lease cleared, attempt kept). Returns how many.
 pub fn reclaim_leases(c: &Connection, now: DateTime<Utc>) -> Result<usize, StoreError> {
     c.execute(
@@ -865,11 +941,18 @@ pub struct AccessRow {
     pub integration_spec: Option<Value>,
     /// The grant found equal access already there, made by someone else.
     pub pre_existing: bool,
+    /// The binding subject the grant resolved (`None` before it completed, and on older rows).
+    pub bound_subject: Option<BoundSubject>,
+    /// The owner the access's grant ran under (`None` before its first hand-out, and on older
+    /// rows): its revoke and repairs act for this owner.
+    pub owner: Option<Owner>,
+    /// For the requester: why the grant returned no credentials.
+    pub note: Option<String>,
 }
 
 const ACCESS_COLUMNS: &str = "id, integration, subject, role, resource, ttl_seconds, create_user, state, created_at, \
      granted_at, expires_at, revoked_at, grant_job_id, revoke_job_id, user_id, binding_ids, access_details, \
-     last_error, revoke_requested, integration_spec, pre_existing";
+     last_error, revoke_requested, integration_spec, pre_existing, bound_subject, owner, note";
 
 struct RawAccess {
     id: String,
@@ -893,6 +976,9 @@ struct RawAccess {
     revoke_requested: bool,
     integration_spec: Option<String>,
     pre_existing: bool,
+    bound_subject: Option<String>,
+    owner: Option<String>,
+    note: Option<String>,
 }
 
 fn raw_access(r: &Row<'_>) -> rusqlite::Result<RawAccess> {
@@ -918,6 +1004,9 @@ fn raw_access(r: &Row<'_>) -> rusqlite::Result<RawAccess> {
         revoke_requested: r.get(18)?,
         integration_spec: r.get(19)?,
         pre_existing: r.get(20)?,
+        bound_subject: r.get(21)?,
+        owner: r.get(22)?,
+        note: r.get(23)?,
     })
 }
 
@@ -935,6 +1024,12 @@ impl RawAccess {
         let resource = Resource::parse(&self.resource).map_err(|e| corrupt(format!("column resource: {e}")))?;
         let ttl_seconds = u64::try_from(self.ttl_seconds)
             .map_err(|_| corrupt(format!("ttl_seconds {} out of range", self.ttl_seconds)))?;
+        let owner = self
+            .owner
+            .as_deref()
+            .map(Owner::parse)
+            .transpose()
+            .map_err(|e| corrupt(format!("column owner: {e}")))?;
         Ok(AccessRow {
             integration: self.integration,
             subject: parse_json(T, &id, "subject", &self.subject)?,
@@ -956,6 +1051,9 @@ impl RawAccess {
             revoke_requested: self.revoke_requested,
             integration_spec: opt_json(T, &id, "integration_spec", self.integration_spec)?,
             pre_existing: self.pre_existing,
+            bound_subject: opt_json(T, &id, "bound_subject", self.bound_subject)?,
+            owner,
+            note: self.note,
             id,
         })
     }
@@ -965,7 +1063,8 @@ pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO access_requests ({ACCESS_COLUMNS}) VALUES
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
+              ?22, ?23, ?24)"
         ),
         params![
             a.id,
@@ -989,6 +1088,9 @@ pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
             a.revoke_requested,
             a.integration_spec.as_ref().map(json_text).transpose()?,
             a.pre_existing,
+            a.bound_subject.as_ref().map(json_text).transpose()?,
+            a.owner.as_ref().map(Owner::as_str),
+            a.note,
         ],
     )
     .map_err(sql("inserting an access request"))?;
@@ -1000,7 +1102,7 @@ pub fn update_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
     c.execute(
         "UPDATE access_requests SET state = ?2, granted_at = ?3, expires_at = ?4, revoked_at = ?5, revoke_job_id = ?6,
              user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10, revoke_requested = ?11,
-             pre_existing = ?12
+             pre_existing = ?12, bound_subject = ?13, owner = ?14, note = ?15
          WHERE id = ?1",
         params![
             a.id,
@@ -1015,6 +1117,9 @@ pub fn update_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
             a.last_error.as_ref().map(json_text).transpose()?,
             a.revoke_requested,
             a.pre_existing,
+            a.bound_subject.as_ref().map(json_text).transpose()?,
+            a.owner.as_ref().map(Owner::as_str),
+            a.note,
         ],
     )
     .map_err(sql("updating an access request"))?;
@@ -1129,19 +1234,17 @@ pub fn live_access(c: &Connection) -> Result<Vec<Result<AccessRow, StoreError>>,
     access_where(c, "WHERE state IN ('pending', 'active', 'revoking')", &[])
 }
 
-/// Accesses that have not ended on one (integration, subject, role, resource), oldest first.
-pub fn live_access_on_key(
+/// Accesses that have not ended on one (role, resource), on any integration, oldest first: the
+/// candidates for sharing a binding (the caller compares their Rancher and subject).
+pub fn live_access_on(
     c: &Connection,
-    integration: &str,
-    subject: &Subject,
     role: &str,
     resource: &Resource,
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(
         c,
-        "WHERE integration = ?1 AND role = ?2 AND resource = ?3 AND subject = ?4
-             AND state IN ('pending', 'active', 'revoking')",
-        &[&integration, &role, &resource.as_str(), &json_text(subject)?],
+        "WHERE role = ?1 AND resource = ?2 AND state IN ('pending', 'active', 'revoking')",
+        &[&role, &resource.as_str()],
     )
 }
 

@@ -56,6 +56,12 @@ pub struct IntegrationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SweptLabels {
+    pub integration: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -95,6 +101,12 @@ pub struct Metrics {
     /// Days until the integration's Rancher API key expires (set by `validate`, through
     /// [`Metrics::api_key_expiry`], which bounds the label values).
     pub api_key_expires_in_days: Family<IntegrationLabels, Gauge<f64, AtomicU64>>,
+    /// Repair grants queued by the control plane's reconcile (an active access whose binding was
+    /// gone), by integration ([`Metrics::access_repaired`]).
+    pub access_repairs: Family<IntegrationLabels, Counter>,
+    /// Bindings the reconcile removed, by integration and reason (`expired`, `unclaimed`;
+    /// [`Metrics::binding_swept`]).
+    pub swept_bindings: Family<SweptLabels, Counter>,
     /// Integration names already used as a label value (at most [`MAX_INTEGRATION_LABELS`]).
     integration_labels: Mutex<HashSet<String>>,
     /// 1 while a session with the control plane is established and the worker pool runs.
@@ -116,6 +128,8 @@ impl Metrics {
             secret_store_calls: Family::default(),
             secret_store_latency: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             api_key_expires_in_days: Family::default(),
+            access_repairs: Family::default(),
+            swept_bindings: Family::default(),
             integration_labels: Mutex::new(HashSet::new()),
             ready: Gauge::default(),
         };
@@ -154,6 +168,16 @@ impl Metrics {
             m.api_key_expires_in_days.clone(),
         );
         registry.register(
+            "access_repairs",
+            "Repairs queued for active accesses whose binding was gone from Rancher, by integration",
+            m.access_repairs.clone(),
+        );
+        registry.register(
+            "swept_bindings",
+            "The connector's bindings the reconcile removed, by integration and reason",
+            m.swept_bindings.clone(),
+        );
+        registry.register(
             "ready",
             "1 when connected to the control plane and serving jobs",
             m.ready.clone(),
@@ -190,10 +214,29 @@ impl Metrics {
 
     /// Records the days until `integration`'s API key expires, under a bounded label.
     pub fn api_key_expiry(&self, integration: &str, days: f64) {
-        let label = self.integration_label(integration);
-        self.api_key_expires_in_days
-            .get_or_create(&IntegrationLabels { integration: label })
-            .set(days);
+        let labels = self.integration_labels(integration);
+        self.api_key_expires_in_days.get_or_create(&labels).set(days);
+    }
+
+    /// Counts a repair queued for an access on `integration`, under a bounded label.
+    pub fn access_repaired(&self, integration: &str) {
+        let labels = self.integration_labels(integration);
+        self.access_repairs.get_or_create(&labels).inc();
+    }
+
+    /// Counts a binding the reconcile removed on `integration` for `reason` (a code).
+    pub fn binding_swept(&self, integration: &str, reason: &str) {
+        let labels = SweptLabels {
+            integration: self.integration_label(integration),
+            reason: reason.to_string(),
+        };
+        self.swept_bindings.get_or_create(&labels).inc();
+    }
+
+    fn integration_labels(&self, integration: &str) -> IntegrationLabels {
+        IntegrationLabels {
+            integration: self.integration_label(integration),
+        }
     }
 
     fn integration_label(&self, integration: &str) -> String {

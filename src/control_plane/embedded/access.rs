@@ -1,4 +1,5 @@
-//! The access lifecycle: why a binding is granted, kept, handed over or removed, in one place.
+//! The access lifecycle: why a binding is granted, kept, handed over, repaired or removed, in one
+//! place.
 //!
 //! States: `pending` (grant queued or running) → `active` (granted, until `expires_at`) →
 //! `revoking` (revoke queued or running, retried until it succeeds) → `revoked`. `failed` is only
@@ -11,19 +12,37 @@
 //! - **Pinning.** An access keeps the integration spec it was created with, and so do its jobs: a
 //!   later config edit that moves the named integration (host, port) does not re-target its
 //!   revoke. While the target is unchanged, jobs get the current spec, so a rotated key or a new
-//!   CA in the config reaches old accesses too.
-//! - **Overlap.** Accesses on one key (integration, subject, role, resource, on the same pinned
-//!   Rancher) share the binding. When one ends while another on the key is `active` or `pending` (a
-//!   holder), no revoke is queued: its binding ids are merged into each holder's, and it is
-//!   `revoked` at once ("binding kept: still held by access X"). Only the last one revokes, with
-//!   every id handed to it. A grant whose key has a revoke in flight waits (1 s steps) until that
-//!   revoke settles, so a new grant never races an old revoke.
-//! - **Fail closed.** A revoke carries what the grant recorded (`grant_id`, `user_id`,
-//!   `binding_ids`). A grant that fails for good, runs out of attempts, is cancelled after it
+//!   CA in the config reaches old accesses too. Accesses from before pinning are pinned by the
+//!   schema v3 migration.
+//! - **Owner.** Every grant, revoke and sweep carries the control plane's owner
+//!   (`connector/install`); an access records the owner its grant ran under, and its revoke and
+//!   repairs act for that owner, so the bindings it made stay provably its own.
+//! - **Overlap** ([`share_binding`]). Two accesses share a binding when they are on the same
+//!   Rancher (host and port, whatever the integration's name), with the same role and resource and
+//!   the same subject key: the Rancher object the grant bound (`bound_subject`), or one derived
+//!   from the subject where that is possible, or the same subject string. When one ends while
+//!   another sharing its binding is `active` or `pending` (a holder), no revoke is queued: its
+//!   binding ids are merged into each holder's, and it is `revoked` at once ("binding kept: still
+//!   held by access X"). Only the last one revokes, with every id handed to it. A grant whose
+//!   binding has a revoke in flight waits (1 s steps) until that revoke settles, so a new grant
+//!   never races an old revoke.
+//! - **Fail closed.** A revoke carries what the grant recorded (`grant_id`, `binding_ids`, the
+//!   `bound_subject`, and `user_id` only when it is a Rancher user id: a group's principal is
+//!   not one), refreshed from the access when it is handed out, so revokes queued by an older
+//!   build carry it too. A grant that fails for good, runs out of attempts, is cancelled after it
 //!   started, or whose expiry passed before it ran, is cleaned up by a revoke (the agent then also
 //!   removes the connector's marked bindings of that grant id); the access ends `revoked` with the
 //!   grant's error in `last_error`. A revoke asked for while the grant runs is carried out when the
-//!   grant settles, whichever way it settles.
+//!   grant settles, whichever way it settles. A revoke that completes while the access lists
+//!   bindings it did not carry (recorded since it was handed out) is followed by another.
+//! - **Repair** (queued by the reconcile, see `reconcile`). A grant job of an `active` access is a
+//!   repair: it runs with the access's expiry (no new TTL) and `keep_password`; its result's ids
+//!   are merged into the access's. One that fails for good leaves the access `active` with
+//!   `last_error`; one that runs after the access ended has what it made revoked (or handed to a
+//!   holder).
+//! - **Passwords.** A `create_user` grant for a user who already holds a live access on the same
+//!   Rancher runs with `keep_password`: that access's password stays valid, no new one is made,
+//!   and the access's `note` says so.
 
 #[cfg(test)]
 mod tests;
@@ -32,13 +51,13 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde_json::Value;
 
-use super::registry::same_target;
+use super::registry::{same_target, target};
 use super::{Effects, EmbeddedControlPlane, bad_request, later, now, skip_corrupt, view};
 use crate::control_plane::ControlPlaneError;
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobState};
 use crate::control_plane::protocol::{JobError, JobKind};
 use crate::control_plane::store::{self, AccessRow, IntegrationSource, JobRow};
-use crate::integrations::{GrantRequest, RevokeRequest};
+use crate::integrations::{BindingScope, BoundSubject, GrantRequest, Owner, RevokeRequest, Subject, ids};
 
 /// Longest TTL an access request may ask for (ten years).
 pub const MAX_TTL_SECONDS: u64 = 10 * 366 * 86_400;
@@ -65,7 +84,7 @@ fn cancelled(message: String) -> JobError {
 }
 
 /// Merges `ids` into `into`, keeping order and dropping repeats.
-fn merge_ids(into: &mut Vec<String>, ids: &[String]) {
+pub(super) fn merge_ids(into: &mut Vec<String>, ids: &[String]) {
     for id in ids {
         if !into.contains(id) {
             into.push(id.clone());
@@ -73,10 +92,146 @@ fn merge_ids(into: &mut Vec<String>, ids: &[String]) {
     }
 }
 
-fn string_list(v: Option<&Value>) -> Vec<String> {
+pub(super) fn string_list(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
         .map(|ids| ids.iter().filter_map(Value::as_str).map(str::to_string).collect())
         .unwrap_or_default()
+}
+
+/// A Rancher user id (`u-abc12`, `user-x9z`): what a revoke may name a user by. A group's or an
+/// external user's principal id is not one (lifecycle review D1: a revoke carrying one was refused
+/// as malformed, forever).
+pub(super) fn is_user_id(value: &str) -> bool {
+    ids::check_plain("user_id", value).is_ok()
+}
+
+/// `a`'s recorded user id, if it is a Rancher user id.
+pub(super) fn user_id_of(a: &AccessRow) -> Option<String> {
+    a.user_id.clone().filter(|u| is_user_id(u))
+}
+
+/// The Rancher object `a`'s binding is bound by, as `field=value`: the one its grant recorded, or
+/// one derived from the subject where the subject alone says it (`local://u-x` is `userId=u-x`, a
+/// group is its principal, an external user's principal binds by `userPrincipalId` at cluster and
+/// project scope, a username whose user id was recorded binds by that id). `None` until known.
+fn subject_key(a: &AccessRow) -> Option<String> {
+    if let Some(bound) = &a.bound_subject {
+        return Some(bound.key());
+    }
+    let key = |field: &str, value: &str| {
+        BoundSubject {
+            field: field.to_string(),
+            value: value.to_string(),
+        }
+        .key()
+    };
+    match &a.subject {
+        Subject::GroupPrincipal(g) => Some(key("groupPrincipalId", g)),
+        Subject::UserPrincipal(p) => match p.strip_prefix("local://") {
+            Some(id) => Some(key("userId", id)),
+            None if a.resource.scope() != BindingScope::Global => Some(key("userPrincipalId", p)),
+            None => None,
+        },
+        Subject::Username(_) => user_id_of(a).map(|u| key("userId", &u)),
+    }
+}
+
+/// `a` and `b` name one Rancher subject: the same subject string, or the same subject key.
+fn same_subject(a: &AccessRow, b: &AccessRow) -> bool {
+    a.subject == b.subject || subject_key(a).is_some_and(|k| subject_key(b).as_ref() == Some(&k))
+}
+
+/// `a` (on `spec_a`) and `b` (on `spec_b`) are on one Rancher: the same host and port, whatever
+/// the integration's name. Specs that name no host (unregistered) match only by name.
+fn same_rancher(a: &AccessRow, spec_a: &Value, b: &AccessRow, spec_b: &Value) -> bool {
+    let known = target(spec_a).0.is_some() && target(spec_b).0.is_some();
+    same_target(spec_a, spec_b) && (known || a.integration == b.integration)
+}
+
+/// The overlap rule: `a` and `b` (with the specs their jobs go to) share one binding in Rancher:
+/// same Rancher, role, resource and subject (see the module docs).
+pub(super) fn share_binding(a: &AccessRow, spec_a: &Value, b: &AccessRow, spec_b: &Value) -> bool {
+    a.role == b.role && a.resource == b.resource && same_rancher(a, spec_a, b, spec_b) && same_subject(a, b)
+}
+
+/// A new access request as stored: `pending`, its grant `grant_job_id` queued, pinned to `spec`.
+pub(super) fn pending_row(
+    id: String,
+    integration: &str,
+    request: AccessRequestCreate,
+    grant_job_id: String,
+    spec: Value,
+    t: DateTime<Utc>,
+) -> AccessRow {
+    AccessRow {
+        id,
+        integration: integration.to_string(),
+        subject: request.subject,
+        role: request.role,
+        resource: request.resource,
+        ttl_seconds: request.ttl_seconds,
+        create_user: request.create_user,
+        state: AccessState::Pending,
+        created_at: t,
+        granted_at: None,
+        expires_at: None,
+        revoked_at: None,
+        grant_job_id,
+        revoke_job_id: None,
+        user_id: None,
+        binding_ids: Vec::new(),
+        access_details: None,
+        last_error: None,
+        revoke_requested: false,
+        integration_spec: Some(spec),
+        pre_existing: false,
+        bound_subject: None,
+        owner: None,
+        note: None,
+    }
+}
+
+/// Fails a job that must not run (again), clearing its lease.
+fn fail_job(job: &mut JobRow, error: JobError, t: DateTime<Utc>) {
+    job.state = JobState::Failed;
+    job.error = Some(error);
+    job.lease_token = None;
+    job.lease_expires_at = None;
+    job.not_before = None;
+    job.updated_at = t;
+}
+
+/// Puts a grant back for a short wait (a revoke of its binding is in flight).
+fn defer_grant(c: &Connection, job: &mut JobRow, t: DateTime<Utc>) -> Result<GrantGate, ControlPlaneError> {
+    job.state = JobState::Pending;
+    job.lease_token = None;
+    job.lease_expires_at = None;
+    job.not_before = Some(later(t, REVOKE_IN_FLIGHT_WAIT));
+    job.updated_at = t;
+    store::update_job(c, job)?;
+    Ok(GrantGate::Deferred)
+}
+
+/// Writes what every hand-out of `a`'s grant carries into its params.
+fn fill_grant_params(job: &mut JobRow, a: &AccessRow, expires: DateTime<Utc>, owner: &Owner, keep_password: bool) {
+    if let Value::Object(params) = &mut job.params {
+        params.insert("grant_id".into(), Value::String(a.id.clone()));
+        params.insert("expires_at".into(), serde_json::json!(expires));
+        params.insert("owner".into(), Value::String(owner.to_string()));
+        if keep_password {
+            params.insert("keep_password".into(), Value::Bool(true));
+        } else {
+            params.remove("keep_password");
+        }
+    }
+}
+
+/// A grant result's `bound_subject`, when it has a readable one.
+fn bound_subject_of(result: &Value) -> Option<BoundSubject> {
+    result
+        .get("bound_subject")
+        .filter(|v| !v.is_null())
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
 impl EmbeddedControlPlane {
@@ -122,29 +277,7 @@ impl EmbeddedControlPlane {
             })
             .map_err(|e| bad_request(format!("the grant request does not serialize: {e}")))?;
             let grant = Self::new_job(JobKind::Grant, &name, Some(spec.clone()), params, Some(&id), t);
-            let row = AccessRow {
-                id: id.clone(),
-                integration: name.clone(),
-                subject: request.subject,
-                role: request.role,
-                resource: request.resource,
-                ttl_seconds: request.ttl_seconds,
-                create_user: request.create_user,
-                state: AccessState::Pending,
-                created_at: t,
-                granted_at: None,
-                expires_at: None,
-                revoked_at: None,
-                grant_job_id: grant.id.clone(),
-                revoke_job_id: None,
-                user_id: None,
-                binding_ids: Vec::new(),
-                access_details: None,
-                last_error: None,
-                revoke_requested: false,
-                integration_spec: Some(spec),
-                pre_existing: false,
-            };
+            let row = pending_row(id.clone(), &name, request, grant.id.clone(), spec, t);
             store::insert_job(c, &grant)?;
             store::insert_access(c, &row)?;
             fx.wake = true;
@@ -216,22 +349,33 @@ impl EmbeddedControlPlane {
         Ok(view(row, None))
     }
 
-    /// The other accesses on `a`'s key that have not ended, on the same Rancher (pinned target).
-    fn same_key(&self, c: &Connection, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
+    /// The other accesses that have not ended and share `a`'s binding ([`share_binding`]).
+    fn overlapping(&self, c: &Connection, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
-        for o in skip_corrupt(store::live_access_on_key(
-            c,
-            &a.integration,
-            &a.subject,
-            &a.role,
-            &a.resource,
-        )?) {
-            if o.id != a.id && same_target(&self.effective_spec(c, &o)?, &spec) {
+        for o in skip_corrupt(store::live_access_on(c, &a.role, &a.resource)?) {
+            if o.id != a.id && share_binding(a, &spec, &o, &self.effective_spec(c, &o)?) {
                 out.push(o);
             }
         }
         Ok(out)
+    }
+
+    /// Another access of `a`'s user on `a`'s Rancher whose password is live: `active`, or granted
+    /// and still being revoked. A `create_user` grant for `a` then keeps that password.
+    pub(super) fn credentials_holder(
+        &self,
+        c: &Connection,
+        a: &AccessRow,
+    ) -> Result<Option<AccessRow>, ControlPlaneError> {
+        let spec = self.effective_spec(c, a)?;
+        for o in skip_corrupt(store::live_access(c)?) {
+            let live = o.state == AccessState::Active || (o.state == AccessState::Revoking && o.granted_at.is_some());
+            if o.id != a.id && live && same_subject(a, &o) && same_rancher(a, &spec, &o, &self.effective_spec(c, &o)?) {
+                return Ok(Some(o));
+            }
+        }
+        Ok(None)
     }
 
     /// The spec `a`'s jobs go to: its pinned one, or (rows from before pinning) the named one.
@@ -252,7 +396,7 @@ impl EmbeddedControlPlane {
         t: DateTime<Utc>,
     ) -> Result<bool, ControlPlaneError> {
         let holders: Vec<AccessRow> = self
-            .same_key(c, a)?
+            .overlapping(c, a)?
             .into_iter()
             .filter(|o| matches!(o.state, AccessState::Active | AccessState::Pending))
             .collect();
@@ -272,22 +416,57 @@ impl EmbeddedControlPlane {
         Ok(false)
     }
 
-    /// Queues the revoke of an access (with what its grant recorded) and moves it to `revoking`.
-    fn queue_revoke(&self, c: &Connection, a: &mut AccessRow, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
-        let params = serde_json::to_value(RevokeRequest {
+    /// The params of `a`'s revoke: what its grant recorded, plus `extra_ids` (ids a revoke job
+    /// already carried).
+    fn revoke_params(&self, a: &AccessRow, extra_ids: &[String]) -> Result<Value, ControlPlaneError> {
+        let mut binding_ids = a.binding_ids.clone();
+        merge_ids(&mut binding_ids, extra_ids);
+        serde_json::to_value(RevokeRequest {
             subject: a.subject.clone(),
             role: a.role.clone(),
             resource: a.resource.clone(),
             grant_id: Some(a.id.clone()),
-            user_id: a.user_id.clone(),
-            binding_ids: a.binding_ids.clone(),
+            user_id: user_id_of(a),
+            binding_ids,
             all: false,
-            owner: None,
-            bound_subject: None,
+            owner: Some(a.owner.clone().unwrap_or_else(|| self.owner.clone())),
+            bound_subject: a.bound_subject.clone(),
         })
         .map_err(|e| ControlPlaneError::Store {
             message: format!("revoke params do not serialize: {e}"),
-        })?;
+        })
+    }
+
+    /// At hand-out of a revoke that serves an access: its params are made again from the access
+    /// (lifecycle review D3a: revokes queued by an older build carry no ids, no user id, no grant
+    /// id), keeping any id they carried. A stored `user_id` that is not a Rancher user id (a
+    /// group's principal, recorded by older builds) is dropped, so a revoke stuck as
+    /// `malformed_job` on it recovers.
+    pub(super) fn refresh_revoke(&self, c: &Connection, job: &mut JobRow) -> Result<(), ControlPlaneError> {
+        let Some(access_id) = job.access_id.clone() else {
+            return Ok(()); // a raw revoke: sent as its creator gave it
+        };
+        let mut a = match store::access(c, &access_id) {
+            Ok(Some(a)) => a,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::error!(access = %access_id, error = %e, "a revoke's access request cannot be read; its params are sent as queued");
+                return Ok(());
+            }
+        };
+        if a.user_id.as_deref().is_some_and(|u| !is_user_id(u)) {
+            tracing::info!(access = %a.id, "the recorded user id is not a Rancher user id (a principal); the revoke goes without it");
+            a.user_id = None;
+            store::update_access(c, &a)?;
+        }
+        let carried = string_list(job.params.get("binding_ids"));
+        job.params = self.revoke_params(&a, &carried)?;
+        Ok(())
+    }
+
+    /// Queues the revoke of an access (with what its grant recorded) and moves it to `revoking`.
+    fn queue_revoke(&self, c: &Connection, a: &mut AccessRow, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
+        let params = self.revoke_params(a, &[])?;
         let job = Self::new_job(
             JobKind::Revoke,
             &a.integration,
@@ -316,12 +495,7 @@ impl EmbeddedControlPlane {
         t: DateTime<Utc>,
     ) -> Result<bool, ControlPlaneError> {
         let error = cancelled(why);
-        job.state = JobState::Failed;
-        job.error = Some(error.clone());
-        job.lease_token = None;
-        job.lease_expires_at = None;
-        job.not_before = None;
-        job.updated_at = t;
+        fail_job(job, error.clone(), t);
         store::update_job(c, job)?;
         if job.attempt == 0 && a.binding_ids.is_empty() {
             a.state = AccessState::Revoked;
@@ -337,7 +511,7 @@ impl EmbeddedControlPlane {
     }
 
     /// Decides whether a ready grant job may be handed out now, and starts the TTL on its first
-    /// hand-out.
+    /// hand-out. A grant job of an `active` access is a repair (see [`Self::gate_repair`]).
     pub(super) fn gate_grant(
         &self,
         c: &Connection,
@@ -358,18 +532,16 @@ impl EmbeddedControlPlane {
                 return Ok(GrantGate::Cancelled);
             }
         };
+        if job.id != a.grant_job_id {
+            return self.gate_repair(c, fx, job, &mut a, t);
+        }
         if a.state != AccessState::Pending {
             let why = format!(
                 "access request {} is {}; its grant no longer runs",
                 a.id,
                 a.state.as_str()
             );
-            job.state = JobState::Failed;
-            job.error = Some(cancelled(why));
-            job.lease_token = None;
-            job.lease_expires_at = None;
-            job.not_before = None;
-            job.updated_at = t;
+            fail_job(job, cancelled(why), t);
             store::update_job(c, job)?;
             return Ok(GrantGate::Cancelled);
         }
@@ -388,67 +560,153 @@ impl EmbeddedControlPlane {
             fx.wake |= self.cancel_grant(c, job, &mut a, why, t)?;
             return Ok(GrantGate::Cancelled);
         }
-        if let Some(other) = self
-            .same_key(c, &a)?
-            .into_iter()
-            .find(|o| o.state == AccessState::Revoking)
-        {
-            tracing::debug!(access = %a.id, revoking = %other.id, "grant waits: a revoke on the same binding is in flight");
-            job.state = JobState::Pending;
-            job.lease_token = None;
-            job.lease_expires_at = None;
-            job.not_before = Some(later(t, REVOKE_IN_FLIGHT_WAIT));
-            job.updated_at = t;
-            store::update_job(c, job)?;
-            return Ok(GrantGate::Deferred);
+        if self.revoke_in_flight(c, &a)? {
+            return defer_grant(c, job, t);
         }
         let expires = match a.expires_at {
             Some(e) => e,
             None => {
                 let e = later(t, std::time::Duration::from_secs(a.ttl_seconds));
                 // Whole milliseconds, as stored: every attempt marks exactly what the access says.
-                let e = DateTime::from_timestamp_millis(e.timestamp_millis()).unwrap_or(e);
-                a.expires_at = Some(e);
-                store::update_access(c, &a)?;
-                e
+                DateTime::from_timestamp_millis(e.timestamp_millis()).unwrap_or(e)
             }
         };
-        if let Value::Object(params) = &mut job.params {
-            params.insert("grant_id".into(), Value::String(a.id.clone()));
-            params.insert("expires_at".into(), serde_json::json!(expires));
+        let owner = a.owner.clone().unwrap_or_else(|| self.owner.clone());
+        if a.expires_at != Some(expires) || a.owner.as_ref() != Some(&owner) {
+            a.expires_at = Some(expires);
+            a.owner = Some(owner.clone());
+            store::update_access(c, &a)?;
         }
+        // Lifecycle review D9: a new password would lock out the holder of a live access.
+        let keep_password = a.create_user && self.credentials_holder(c, &a)?.is_some();
+        fill_grant_params(job, &a, expires, &owner, keep_password);
         Ok(GrantGate::HandOut)
     }
 
-    /// Grant done: `active` (or ended at once if a revoke was asked meanwhile). The expiry set at
-    /// the first hand-out stays. Returns true when a job was queued.
-    pub(super) fn on_grant_succeeded(
+    /// A revoke of `a`'s binding is in flight (an access sharing it is `revoking`): a grant of `a`
+    /// waits, so it never races that revoke.
+    fn revoke_in_flight(&self, c: &Connection, a: &AccessRow) -> Result<bool, ControlPlaneError> {
+        let revoking = self
+            .overlapping(c, a)?
+            .into_iter()
+            .find(|o| o.state == AccessState::Revoking);
+        if let Some(other) = &revoking {
+            tracing::debug!(access = %a.id, revoking = %other.id, "grant waits: a revoke on the same binding is in flight");
+        }
+        Ok(revoking.is_some())
+    }
+
+    /// A repair grant (queued by the reconcile) runs while its access is `active` and unexpired,
+    /// with the access's expiry (no new TTL), its owner, and `keep_password`. Otherwise it is
+    /// cancelled, and if an earlier attempt ran, what it may have made is cleaned up.
+    fn gate_repair(
+        &self,
+        c: &Connection,
+        fx: &mut Effects,
+        job: &mut JobRow,
+        a: &mut AccessRow,
+        t: DateTime<Utc>,
+    ) -> Result<GrantGate, ControlPlaneError> {
+        let expires = a.expires_at.filter(|e| *e > t);
+        let (AccessState::Active, Some(expires)) = (a.state, expires) else {
+            let why = format!(
+                "access request {} is {}; its repair no longer runs",
+                a.id,
+                if a.state == AccessState::Active {
+                    "expired"
+                } else {
+                    a.state.as_str()
+                }
+            );
+            fail_job(job, cancelled(why), t);
+            store::update_job(c, job)?;
+            // An active access that expired is revoked by the scheduler, with its grant id.
+            if job.attempt > 0 && a.state != AccessState::Active {
+                fx.wake |= self.after_end_grant(c, a, &[], t)?;
+            }
+            return Ok(GrantGate::Cancelled);
+        };
+        if self.revoke_in_flight(c, a)? {
+            return defer_grant(c, job, t);
+        }
+        let owner = a.owner.clone().unwrap_or_else(|| self.owner.clone());
+        fill_grant_params(job, a, expires, &owner, true);
+        Ok(GrantGate::HandOut)
+    }
+
+    /// A grant of `a` ran (or may have) after `a` ended: what it made (`made`, and the
+    /// connector's marked bindings of its grant id) goes. While `a`'s revoke is in flight the ids
+    /// join it (refreshed at its hand-out, or a further revoke when it completes without them);
+    /// after `a` ended they are handed to a holder of the binding, or revoked. Returns true when a
+    /// job was queued.
+    fn after_end_grant(
         &self,
         c: &Connection,
         a: &mut AccessRow,
-        result: Option<&Value>,
+        made: &[String],
         t: DateTime<Utc>,
     ) -> Result<bool, ControlPlaneError> {
-        if a.state != AccessState::Pending {
-            tracing::warn!(access = %a.id, state = a.state.as_str(), "grant completed for an access that is no longer pending");
-            return Ok(false);
+        match a.state {
+            AccessState::Pending | AccessState::Active => Ok(false),
+            AccessState::Revoking => {
+                merge_ids(&mut a.binding_ids, made);
+                store::update_access(c, a)?;
+                Ok(false)
+            }
+            AccessState::Revoked | AccessState::Failed => {
+                tracing::info!(access = %a.id, binding_ids = ?made, "a grant of the access ran after it ended: removing what it made");
+                // The earlier ids were revoked or handed over already.
+                a.binding_ids = made.to_vec();
+                self.end_access(c, a, t)
+            }
         }
+    }
+
+    /// Grant done. The access's first grant makes it `active` (or ends it at once if a revoke was
+    /// asked meanwhile); the expiry set at the first hand-out stays. A grant of an `active` access
+    /// is a repair; one of an access that has ended is cleaned up. Returns true when a job was
+    /// queued.
+    pub(super) fn on_grant_succeeded(
+        &self,
+        c: &Connection,
+        job: &JobRow,
+        a: &mut AccessRow,
+        t: DateTime<Utc>,
+    ) -> Result<bool, ControlPlaneError> {
         let empty = Value::Null;
-        let result = result.unwrap_or(&empty);
-        a.user_id = result.get("user_id").and_then(Value::as_str).map(str::to_string);
-        // Keep ids handed over by accesses on the same key that ended while this one was pending.
-        merge_ids(&mut a.binding_ids, &string_list(result.get("binding_ids")));
-        a.access_details = result.get("access_details").and_then(Value::as_str).map(str::to_string);
-        a.pre_existing = result.get("pre_existing").and_then(Value::as_bool).unwrap_or(false);
+        let result = job.result.as_ref().unwrap_or(&empty);
+        let made = string_list(result.get("binding_ids"));
+        match a.state {
+            AccessState::Pending if job.id == a.grant_job_id => {}
+            AccessState::Active => {
+                self.record_grant(c, a, result, t)?;
+                store::update_access(c, a)?;
+                tracing::info!(access = %a.id, binding_ids = ?a.binding_ids, pre_existing = a.pre_existing, "access {} repaired", a.id);
+                return Ok(false);
+            }
+            AccessState::Pending => {
+                // Not its grant job: keep what it made with the access, which its revoke removes.
+                merge_ids(&mut a.binding_ids, &made);
+                store::update_access(c, a)?;
+                tracing::warn!(access = %a.id, job = %job.id, "a second grant completed for a pending access; its bindings are kept with the access");
+                return Ok(false);
+            }
+            _ => return self.after_end_grant(c, a, &made, t),
+        }
+        a.user_id = None;
+        a.bound_subject = None;
+        self.record_grant(c, a, result, t)?;
         a.granted_at = Some(t);
         if a.expires_at.is_none() {
             // A grant handed out by an older build: its TTL starts now.
             a.expires_at = Some(later(t, std::time::Duration::from_secs(a.ttl_seconds)));
         }
-        a.last_error = None;
-        let flag = |k: &str| result.get(k).and_then(Value::as_bool).unwrap_or(false);
-        if let Some(user_id) = a.user_id.clone() {
-            self.track_granted_user(c, a, &user_id, flag("created_user") || flag("managed_user"), t)?;
+        if let Some(note) = result.get("note").and_then(Value::as_str) {
+            let holder = self.credentials_holder(c, a)?;
+            a.note = Some(match holder {
+                Some(h) => format!("{note} (the password handed out with access {} stays valid)", h.id),
+                None => note.to_string(),
+            });
         }
         if a.revoke_requested {
             tracing::info!(access = %a.id, "granted, but revoked meanwhile");
@@ -460,8 +718,40 @@ impl EmbeddedControlPlane {
         Ok(false)
     }
 
-    /// Grant attempt failed. `retry`: the job was requeued. A grant that will not run again (for
-    /// good, out of attempts, or revoked meanwhile) is cleaned up. Returns true when a job was queued.
+    /// What a grant's `result` says about `a`: its ids are merged into the access's (ids handed
+    /// over by accesses that ended while it was pending, or held before a repair, stay); the user
+    /// id is kept only when it is a Rancher user id (lifecycle review D1); the bound subject,
+    /// `pre_existing` and details follow the result. Tracks a user the connector created.
+    fn record_grant(
+        &self,
+        c: &Connection,
+        a: &mut AccessRow,
+        result: &Value,
+        t: DateTime<Utc>,
+    ) -> Result<(), ControlPlaneError> {
+        if let Some(user_id) = result.get("user_id").and_then(Value::as_str).filter(|u| is_user_id(u)) {
+            a.user_id = Some(user_id.to_string());
+        }
+        if let Some(bound) = bound_subject_of(result) {
+            a.bound_subject = Some(bound);
+        }
+        merge_ids(&mut a.binding_ids, &string_list(result.get("binding_ids")));
+        if let Some(details) = result.get("access_details").and_then(Value::as_str) {
+            a.access_details = Some(details.to_string());
+        }
+        a.pre_existing = result.get("pre_existing").and_then(Value::as_bool).unwrap_or(false);
+        a.last_error = None;
+        let flag = |k: &str| result.get(k).and_then(Value::as_bool).unwrap_or(false);
+        if let Some(user_id) = a.user_id.clone() {
+            self.track_granted_user(c, a, &user_id, flag("created_user") || flag("managed_user"), t)?;
+        }
+        Ok(())
+    }
+
+    /// Grant attempt failed. `retry`: the job was requeued. A first grant that will not run again
+    /// (for good, out of attempts, or revoked meanwhile) is cleaned up. A repair that failed for
+    /// good leaves the access `active` with `last_error` (the next reconcile tries again); one
+    /// whose access ended is cleaned up. Returns true when a job was queued.
     pub(super) fn on_grant_failed(
         &self,
         c: &Connection,
@@ -471,8 +761,19 @@ impl EmbeddedControlPlane {
         retry: bool,
         t: DateTime<Utc>,
     ) -> Result<bool, ControlPlaneError> {
-        if a.state != AccessState::Pending {
-            return Ok(false);
+        match a.state {
+            AccessState::Pending => {}
+            AccessState::Active => {
+                a.last_error = Some(error.clone());
+                store::update_access(c, a)?;
+                if !retry {
+                    tracing::warn!(access = %a.id, code = %error.code, "repair of access {} failed for good; the next reconcile tries again", a.id);
+                }
+                return Ok(false);
+            }
+            // A requeued attempt is cancelled at its hand-out, which cleans up then.
+            _ if retry => return Ok(false),
+            _ => return self.after_end_grant(c, a, &[], t),
         }
         a.last_error = Some(error.clone());
         if retry && !a.revoke_requested {
@@ -487,16 +788,35 @@ impl EmbeddedControlPlane {
         self.end_access(c, a, t)
     }
 
-    /// Revoke done: `revoked`. After a cleanup (the access was never granted), `last_error` keeps
-    /// the grant's error. Tracks a user the connector created and schedules its cleanup when
-    /// this was its last access.
+    /// Revoke done: `revoked`, unless the access lists bindings the revoke neither carried nor
+    /// removed (recorded after it was handed out): then another revoke goes. After a cleanup (the
+    /// access was never granted), `last_error` keeps the grant's error. Tracks a user the
+    /// connector created and schedules its cleanup when this was its last access. A removed
+    /// binding that another `active` access lists (a race took its binding) has that access
+    /// repaired. Returns true when a job was queued.
     pub(super) fn on_revoke_succeeded(
         &self,
         c: &Connection,
+        job: &JobRow,
         a: &mut AccessRow,
-        result: Option<&Value>,
         t: DateTime<Utc>,
-    ) -> Result<(), ControlPlaneError> {
+    ) -> Result<bool, ControlPlaneError> {
+        let result = job.result.as_ref();
+        let removed = string_list(result.and_then(|r| r.get("removed_binding_ids")));
+        let carried = string_list(job.params.get("binding_ids"));
+        let spec = self.effective_spec(c, a)?;
+        let queued = self.repair_holders_of(c, &spec, &removed, Some(&a.id), t)?;
+        let left: Vec<String> = a
+            .binding_ids
+            .iter()
+            .filter(|id| !carried.contains(id) && !removed.contains(id))
+            .cloned()
+            .collect();
+        if a.state == AccessState::Revoking && !left.is_empty() {
+            tracing::info!(access = %a.id, binding_ids = ?left, "revoked, but the access recorded bindings since: revoking those too");
+            self.queue_revoke(c, a, t)?;
+            return Ok(true);
+        }
         a.state = AccessState::Revoked;
         a.revoked_at = Some(t);
         a.last_error = if a.granted_at.is_none() {
@@ -506,9 +826,12 @@ impl EmbeddedControlPlane {
         };
         store::update_access(c, a)?;
         tracing::info!(access = %a.id, "access revoked");
-        let reported = result.and_then(|r| r.get("user_id")).and_then(Value::as_str);
-        let Some(user_id) = a.user_id.clone().or(reported.map(str::to_string)) else {
-            return Ok(());
+        let reported = result
+            .and_then(|r| r.get("user_id"))
+            .and_then(Value::as_str)
+            .filter(|u| is_user_id(u));
+        let Some(user_id) = user_id_of(a).or(reported.map(str::to_string)) else {
+            return Ok(queued);
         };
         let managed = result
             .and_then(|r| r.get("managed_user"))
@@ -517,7 +840,8 @@ impl EmbeddedControlPlane {
         if managed {
             Self::ensure_tracked(c, &a.integration, &user_id)?;
         }
-        self.schedule_cleanup_if_last(c, a, &user_id, t)
+        self.schedule_cleanup_if_last(c, a, &user_id, t)?;
+        Ok(queued)
     }
 
     /// Revoke attempt failed: it is retried forever; the operator sees why in `last_error`.

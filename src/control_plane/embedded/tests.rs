@@ -61,6 +61,19 @@ pub(crate) async fn lease_one(cp: &EmbeddedControlPlane, wait_seconds: u32) -> O
         .map(|v| serde_json::from_value(v.clone()).expect("job envelope"))
 }
 
+/// Leases every ready job (up to 10).
+pub(crate) async fn lease_all(cp: &EmbeddedControlPlane) -> Vec<Job> {
+    cp.lease(&LeaseRequest {
+        max_jobs: 10,
+        wait_seconds: 0,
+    })
+    .await
+    .expect("lease")
+    .into_iter()
+    .map(|v| serde_json::from_value(v).expect("job"))
+    .collect()
+}
+
 pub(crate) async fn complete_ok(cp: &EmbeddedControlPlane, job: &Job, result: Value) {
     cp.complete(
         &job.id,
@@ -125,9 +138,17 @@ fn spawn_fake_agent(
                         lease_token: job.lease_token.clone(),
                         outcome: Outcome::Succeeded,
                         error: None,
+                        // Each user is its own Rancher user, with its own binding.
                         result: Some(match kind {
-                            "grant" => grant_result("u-alice", false, None),
-                            "revoke" => json!({"removed_binding_ids": ["c-1:crtb-apono-1"]}),
+                            "grant" => {
+                                let user = job.params["user"].as_str().unwrap_or("alice");
+                                let mut r = grant_result(&format!("u-{user}"), false, None);
+                                if user != "alice" {
+                                    r["binding_ids"] = json!([format!("c-1:crtb-{user}")]);
+                                }
+                                r
+                            }
+                            "revoke" => json!({"removed_binding_ids": job.params["binding_ids"]}),
                             _ => json!({}),
                         }),
                     },
@@ -377,7 +398,7 @@ async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     assert_eq!(
         job.params,
         json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "create_user": false,
-               "grant_id": access.id, "expires_at": expires})
+               "grant_id": access.id, "expires_at": expires, "owner": cp.owner().as_str()})
     );
     cp.complete(&job.id, &failed(&job, false)).await.unwrap();
     let record = cp.job(&job.id).unwrap().unwrap();
@@ -388,7 +409,8 @@ async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     assert_eq!(Some(cleanup.id.clone()), a.revoke_job_id);
     assert_eq!(
         cleanup.params,
-        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "grant_id": access.id})
+        json!({"user": "nobody", "role": "cluster-member", "resource": "c-1", "grant_id": access.id,
+               "owner": cp.owner().as_str()})
     );
     complete_ok(&cp, &cleanup, json!({"removed_binding_ids": []})).await;
     let a = cp.access(&access.id).unwrap().unwrap();
@@ -482,7 +504,7 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     assert_eq!(
         revoke.params,
         json!({"user": "bob", "role": "cluster-member", "resource": "c-1", "grant_id": b.id,
-               "user_id": "u-bob", "binding_ids": ["c-1:crtb-apono-1"]}),
+               "user_id": "u-bob", "binding_ids": ["c-1:crtb-apono-1"], "owner": cp.owner().as_str()}),
         "the revoke carries what the grant recorded"
     );
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
@@ -1043,7 +1065,8 @@ async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
     let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
     let agent = spawn_fake_agent(cp.clone(), stop.clone(), 0);
 
-    // One access runs to its end (revoked), one stays active; a raw discovery job with objects.
+    // One access runs to its end (revoked), one stays active (another user, another binding); a
+    // raw discovery job with objects.
     let ended = cp.create_access(access_create("alice", 1, false)).unwrap();
     let live = cp.create_access(access_create("bob", 3600, false)).unwrap();
     wait_for(Duration::from_secs(10), || {
@@ -1119,7 +1142,10 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
         .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, store::SCHEMA_VERSION);
-    // Its revoke falls back to the named integration and carries what the grant recorded.
+    // The config moves the integration at the upgrade: the access was pinned to the Rancher it
+    // was granted on, and its revoke carries what the grant recorded.
+    let moved: IntegrationSpec = serde_json::from_value(spec_json("test", json!({"host": "new.example.com"}))).unwrap();
+    cp.register_integration(&moved, IntegrationSource::Config).unwrap();
     assert_eq!(cp.revoke_access("ar-old").unwrap().state, AccessState::Revoking);
     let revoke = lease_one(&cp, 0).await.unwrap();
     assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
@@ -1136,6 +1162,143 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
     assert!(matches!(e, ControlPlaneError::Rejected { status: 409, .. }), "{e:?}");
     drop(cp);
     EmbeddedControlPlane::open(options(dir.path())).expect("opens again once migrated");
+}
+
+#[tokio::test]
+async fn a_v2_state_file_is_migrated_and_its_live_accesses_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_json("test", json!({}));
+    {
+        // As a build with schema v2 left it, with rows migrated from v1 (no pinned spec): an
+        // active access, one whose revoke an older build queued (no ids in its params), one ended.
+        let conn = rusqlite::Connection::open(dir.path().join(store::DB_FILE)).unwrap();
+        conn.execute_batch(include_str!("testdata/schema_v1.sql")).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE integrations ADD COLUMN source TEXT NOT NULL DEFAULT 'config';
+             ALTER TABLE access_requests ADD COLUMN integration_spec TEXT;
+             ALTER TABLE access_requests ADD COLUMN pre_existing INTEGER NOT NULL DEFAULT 0;
+             CREATE INDEX access_key ON access_requests (integration, role, resource, state);
+             CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (2);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO integrations (name, spec, updated_at) VALUES ('test', ?1, 0)",
+            [spec.to_string()],
+        )
+        .unwrap();
+        let access = |id: &str, user: &str, state: &str, revoke_job: Option<&str>| {
+            conn.execute(
+                "INSERT INTO access_requests (id, integration, subject, role, resource, ttl_seconds, create_user,
+                     state, created_at, granted_at, expires_at, grant_job_id, revoke_job_id, user_id, binding_ids)
+                 VALUES (?1, 'test', ?2, 'cluster-member', 'c-1', 3600, 0, ?3, 0, 0, 4102444800000, 'j-old', ?4,
+                     ?5, ?6)",
+                rusqlite::params![
+                    id,
+                    json!({"user": user}).to_string(),
+                    state,
+                    revoke_job,
+                    format!("u-{user}"),
+                    json!([format!("c-1:crtb-{user}")]).to_string()
+                ],
+            )
+            .unwrap();
+        };
+        access("ar-active", "alice", "active", None);
+        access("ar-revoking", "bob", "revoking", Some("j-rev"));
+        access("ar-ended", "carol", "revoked", None);
+        conn.execute(
+            "INSERT INTO jobs (id, kind, integration_name, params, state, attempt, access_id, created_at, updated_at)
+             VALUES ('j-rev', 'revoke', 'test', ?1, 'pending', 2, 'ar-revoking', 0, 0)",
+            [json!({"user": "bob", "role": "cluster-member", "resource": "c-1"}).to_string()],
+        )
+        .unwrap();
+    }
+    private(&dir.path().join(store::DB_FILE));
+    let cp = EmbeddedControlPlane::open(options(dir.path())).expect("a v2 file opens");
+    // The upgrade came with a config that moves the integration.
+    let moved: IntegrationSpec = serde_json::from_value(spec_json("test", json!({"host": "new.example.com"}))).unwrap();
+    cp.register_integration(&moved, IntegrationSource::Config).unwrap();
+
+    let revoke = lease_one(&cp, 0).await.expect("the revoke the older build queued");
+    assert_eq!(revoke.id, "j-rev");
+    assert_eq!(
+        revoke.integration["config"]["host"], "rancher.example.com",
+        "where it was granted"
+    );
+    assert_eq!(
+        revoke.params,
+        json!({"user": "bob", "role": "cluster-member", "resource": "c-1", "grant_id": "ar-revoking",
+               "user_id": "u-bob", "binding_ids": ["c-1:crtb-bob"], "owner": cp.owner().as_str()}),
+        "made again from the access (lifecycle review D3a)"
+    );
+    cp.revoke_access("ar-active").unwrap();
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
+    let conn = cp.store.lock();
+    let pinned = |id: &str| store::access(&conn, id).unwrap().unwrap().integration_spec;
+    assert_eq!(pinned("ar-active"), Some(spec.clone()));
+    assert_eq!(pinned("ar-ended"), None, "an ended access needs no Rancher");
+    let version: i64 = conn
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+}
+
+#[tokio::test]
+async fn the_install_id_is_kept_across_restarts_and_differs_per_data_dir() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = open_with(options(one.path()), json!({})).owner().clone();
+    let (connector, install) = first.as_str().split_once('/').expect("connector/install");
+    assert_eq!(connector, "standalone", "the config's default connector id");
+    assert_eq!(install.len(), 32, "{install}");
+    let again = EmbeddedControlPlane::open(options(one.path())).unwrap().owner().clone();
+    assert_eq!(again, first, "kept in the state");
+    let other = EmbeddedControlPlane::open(Options {
+        connector_id: "prod-eu".into(),
+        ..options(two.path())
+    })
+    .unwrap()
+    .owner()
+    .clone();
+    assert!(other.as_str().starts_with("prod-eu/"), "{other}");
+    assert_ne!(
+        other.as_str().split_once('/').unwrap().1,
+        install,
+        "another data dir, another install"
+    );
+    let e = EmbeddedControlPlane::open(Options {
+        connector_id: "prod eu/x".into(),
+        ..options(two.path())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("APONO_CONNECTOR_ID"), "{e}");
+}
+
+#[tokio::test]
+async fn raw_grant_revoke_and_sweep_jobs_carry_the_owner_unless_they_name_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let grant = json!({"user": "alice", "role": "cluster-member", "resource": "c-1"});
+    for (kind, params, owner) in [
+        ("grant", grant.clone(), Some(cp.owner().as_str())),
+        ("revoke", grant.clone(), Some(cp.owner().as_str())),
+        ("sweep", json!({"dry_run": true}), Some(cp.owner().as_str())),
+        (
+            "grant",
+            json!({"user": "alice", "role": "r", "resource": "c-1", "owner": "cli"}),
+            Some("cli"),
+        ),
+        ("validate", json!({}), None),
+    ] {
+        cp.create_job(JobCreate {
+            kind: kind.into(),
+            integration: json!("test"),
+            params,
+        })
+        .unwrap();
+        let job = lease_one(&cp, 0).await.unwrap();
+        assert_eq!(job.params.get("owner").and_then(Value::as_str), owner, "{kind}");
+    }
 }
 
 #[tokio::test]

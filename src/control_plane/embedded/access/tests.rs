@@ -1,27 +1,19 @@
 //! The access lifecycle, driven as an agent would: lease, complete, and the scheduler's tick.
 
-use super::super::tests::{access_create, complete_ok, failed, lease_one, open_with, options};
+use super::super::tests::{
+    access_create, complete_ok, failed, grant_result, lease_all, lease_one, open_with, options, spec_json,
+};
 use super::super::{EmbeddedControlPlane, Options};
+use super::{pending_row, share_binding};
 use crate::control_plane::ControlPlane;
-use crate::control_plane::operator::{AccessState, JobState};
-use crate::control_plane::protocol::{Job, LeaseRequest};
+use crate::control_plane::operator::{AccessRequestCreate, AccessState, JobState};
+use crate::control_plane::store::AccessRow;
+use crate::integrations::{BoundSubject, GrantRequest, Resource, RevokeRequest, Subject};
 use serde_json::{Value, json};
 use std::time::Duration;
 
 fn granted(user_id: &str, binding: &str) -> Value {
     json!({"user_id": user_id, "binding_ids": [binding], "created_user": false, "access_details": ""})
-}
-
-async fn lease_all(cp: &EmbeddedControlPlane) -> Vec<Job> {
-    cp.lease(&LeaseRequest {
-        max_jobs: 10,
-        wait_seconds: 0,
-    })
-    .await
-    .expect("lease")
-    .into_iter()
-    .map(|v| serde_json::from_value(v).expect("job"))
-    .collect()
 }
 
 /// Creates an access and runs its grant to `active` with `binding` recorded.
@@ -148,7 +140,8 @@ async fn a_grant_out_of_attempts_is_cleaned_up_with_what_it_recorded() {
     let cleanup = lease_one(&cp, 0).await.expect("cleanup revoke");
     assert_eq!(
         cleanup.params,
-        json!({"user": "carol", "role": "cluster-member", "resource": "c-1", "grant_id": a.id}),
+        json!({"user": "carol", "role": "cluster-member", "resource": "c-1", "grant_id": a.id,
+               "owner": cp.owner().as_str()}),
         "nothing recorded: the agent removes the connector's marked bindings of this grant id"
     );
     complete_ok(&cp, &cleanup, json!({"removed_binding_ids": ["c-1:crtb-c"]})).await;
@@ -324,4 +317,339 @@ async fn the_grant_result_says_when_equal_access_was_already_there() {
     let a = cp.access(&a.id).unwrap().unwrap();
     assert!(a.pre_existing);
     assert!(serde_json::to_value(&a).unwrap()["pre_existing"].as_bool().unwrap());
+}
+
+// ----- overlap: one binding in Rancher, however the accesses name it -----
+
+/// An active access on integration `name` (Rancher `host`) for `subject` with role
+/// `cluster-member` on `resource`, bound by `bound` when given.
+fn row(name: &str, host: &str, subject: Subject, resource: &str, bound: Option<(&str, &str)>) -> (AccessRow, Value) {
+    let spec = spec_json(name, json!({"host": host}));
+    let request = AccessRequestCreate {
+        subject,
+        resource: Resource::parse(resource).unwrap(),
+        ..access_create("x", 60, false)
+    };
+    let id = format!("ar-{}", uuid::Uuid::now_v7());
+    let mut row = pending_row(id, name, request, "j".into(), spec.clone(), chrono::Utc::now());
+    row.state = AccessState::Active;
+    row.bound_subject = bound.map(|(field, value)| BoundSubject {
+        field: field.into(),
+        value: value.into(),
+    });
+    (row, spec)
+}
+
+fn shares(a: &(AccessRow, Value), b: &(AccessRow, Value)) -> bool {
+    let one = share_binding(&a.0, &a.1, &b.0, &b.1);
+    assert_eq!(one, share_binding(&b.0, &b.1, &a.0, &a.1), "the rule is symmetric");
+    one
+}
+
+const HOST: &str = "rancher.example.com";
+
+#[test]
+fn two_spellings_of_one_user_share_a_binding() {
+    let by_name = row(
+        "prod",
+        HOST,
+        Subject::Username("alice".into()),
+        "c-1",
+        Some(("userId", "u-alice1")),
+    );
+    let by_principal = row("prod", HOST, Subject::user("local://u-alice1"), "c-1", None);
+    assert!(shares(&by_name, &by_principal), "lifecycle review D4a");
+    let other = row("prod", HOST, Subject::user("local://u-bob"), "c-1", None);
+    assert!(!shares(&by_name, &other));
+}
+
+#[test]
+fn a_username_recorded_by_an_older_build_shares_by_its_user_id() {
+    let (mut old, spec) = row("prod", HOST, Subject::Username("alice".into()), "c-1", None);
+    old.user_id = Some("u-alice1".into());
+    let by_principal = row("prod", HOST, Subject::user("local://u-alice1"), "c-1", None);
+    assert!(shares(&(old, spec), &by_principal));
+}
+
+#[test]
+fn a_username_not_yet_resolved_shares_only_with_the_same_username() {
+    let pending = row("prod", HOST, Subject::Username("alice".into()), "c-1", None);
+    let same = row(
+        "prod",
+        HOST,
+        Subject::Username("alice".into()),
+        "c-1",
+        Some(("userId", "u-alice1")),
+    );
+    let principal = row("prod", HOST, Subject::user("local://u-alice1"), "c-1", None);
+    assert!(shares(&pending, &same), "the old rule: equal subject strings");
+    assert!(!shares(&pending, &principal), "unknown until its grant resolves it");
+}
+
+#[test]
+fn two_integration_names_on_one_rancher_share_a_binding() {
+    let prod = row("prod", HOST, Subject::Username("alice".into()), "c-1", None);
+    let prod_b = row("prod-b", HOST, Subject::Username("alice".into()), "c-1", None);
+    assert!(shares(&prod, &prod_b), "lifecycle review D4b");
+}
+
+#[test]
+fn accesses_on_different_ranchers_never_share_a_binding() {
+    let a = row(
+        "prod",
+        HOST,
+        Subject::Username("alice".into()),
+        "c-1",
+        Some(("userId", "u-1")),
+    );
+    let b = row(
+        "prod",
+        "other.example.com",
+        Subject::Username("alice".into()),
+        "c-1",
+        Some(("userId", "u-1")),
+    );
+    assert!(!shares(&a, &b));
+    let (mut x, _) = row("x", HOST, Subject::Username("alice".into()), "c-1", None);
+    let (mut y, _) = row("y", HOST, Subject::Username("alice".into()), "c-1", None);
+    (x.integration_spec, y.integration_spec) = (None, None);
+    assert!(
+        !shares(&(x, Value::Null), &(y, Value::Null)),
+        "unknown Ranchers: only by integration name"
+    );
+}
+
+#[test]
+fn other_roles_or_resources_never_share_a_binding() {
+    let a = row("prod", HOST, Subject::Username("alice".into()), "c-1", None);
+    let other_resource = row("prod", HOST, Subject::Username("alice".into()), "c-2", None);
+    let (mut other_role, spec) = row("prod", HOST, Subject::Username("alice".into()), "c-1", None);
+    other_role.role = "cluster-owner".into();
+    assert!(!shares(&a, &other_resource));
+    assert!(!shares(&a, &(other_role, spec)));
+}
+
+#[test]
+fn a_group_shares_by_its_principal() {
+    let recorded = row(
+        "prod",
+        HOST,
+        Subject::GroupPrincipal("okta_group://sre".into()),
+        "c-1",
+        Some(("groupPrincipalId", "okta_group://sre")),
+    );
+    let pending = row(
+        "prod-b",
+        HOST,
+        Subject::GroupPrincipal("okta_group://sre".into()),
+        "c-1",
+        None,
+    );
+    let other = row(
+        "prod",
+        HOST,
+        Subject::GroupPrincipal("okta_group://ops".into()),
+        "c-1",
+        None,
+    );
+    assert!(shares(&recorded, &pending));
+    assert!(!shares(&recorded, &other));
+}
+
+#[test]
+fn an_external_principal_shares_by_principal_at_cluster_and_project_scope_only() {
+    for resource in ["c-1", "c-1:p-1"] {
+        let principal = row("prod", HOST, Subject::user("github_user://7"), resource, None);
+        let by_name = row(
+            "prod",
+            HOST,
+            Subject::Username("octocat".into()),
+            resource,
+            Some(("userPrincipalId", "github_user://7")),
+        );
+        assert!(shares(&principal, &by_name), "{resource}");
+    }
+    // A global role binding names a user id: the principal alone does not say which.
+    let principal = row("prod", HOST, Subject::user("github_user://7"), "global", None);
+    let by_name = row(
+        "prod",
+        HOST,
+        Subject::Username("octocat".into()),
+        "global",
+        Some(("userId", "u-7")),
+    );
+    assert!(!shares(&principal, &by_name));
+}
+
+#[tokio::test]
+async fn an_access_under_another_spelling_keeps_the_binding_when_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let long = cp.create_access(access_create("alice", 3600, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    let mut result = granted("u-alice1", "c-1:crtb-a");
+    result["bound_subject"] = json!({"field": "userId", "value": "u-alice1"});
+    complete_ok(&cp, &grant, result.clone()).await;
+    let short = cp
+        .create_access(AccessRequestCreate {
+            subject: Subject::user("local://u-alice1"),
+            ..access_create("x", 3600, false)
+        })
+        .unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, result).await;
+    let ended = cp.revoke_access(&short.id).unwrap();
+    assert_eq!(
+        ended.state,
+        AccessState::Revoked,
+        "no revoke under the other spelling's access"
+    );
+    assert!(lease_all(&cp).await.is_empty());
+    assert_eq!(state(&cp, &long.id), AccessState::Active);
+}
+
+// ----- subjects that are not users (lifecycle review D1) -----
+
+fn group_create() -> AccessRequestCreate {
+    AccessRequestCreate {
+        subject: Subject::GroupPrincipal("okta_group://sre".into()),
+        ..access_create("x", 3600, false)
+    }
+}
+
+#[tokio::test]
+async fn a_group_grant_is_revoked_with_params_an_agent_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let a = cp.create_access(group_create()).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(
+        &cp,
+        &grant,
+        json!({"user_id": "", "binding_ids": ["c-1:crtb-g"], "created_user": false,
+               "bound_subject": {"field": "groupPrincipalId", "value": "okta_group://sre"}}),
+    )
+    .await;
+    let view = cp.access(&a.id).unwrap().unwrap();
+    assert_eq!((view.state, view.user_id.as_deref()), (AccessState::Active, None));
+    assert_eq!(
+        view.bound_subject.as_ref().map(BoundSubject::key).as_deref(),
+        Some("groupPrincipalId=okta_group://sre")
+    );
+    cp.revoke_access(&a.id).unwrap();
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    let request: RevokeRequest = serde_json::from_value(revoke.params.clone()).expect("an agent parses it");
+    assert_eq!(request.user_id, None);
+    assert_eq!(request.subject, Subject::GroupPrincipal("okta_group://sre".into()));
+    assert_eq!(request.binding_ids, vec!["c-1:crtb-g"]);
+    assert_eq!(
+        request.bound_subject.map(|b| b.key()).as_deref(),
+        Some("groupPrincipalId=okta_group://sre")
+    );
+    assert_eq!(request.owner.as_ref(), Some(cp.owner()));
+}
+
+#[tokio::test]
+async fn a_revoke_stuck_on_a_principal_in_user_id_recovers_at_its_next_hand_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let a = cp.create_access(group_create()).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, granted("okta_group://sre", "c-1:crtb-g")).await;
+    assert_eq!(
+        cp.access(&a.id).unwrap().unwrap().user_id,
+        None,
+        "a principal is not recorded as a user id"
+    );
+    cp.revoke_access(&a.id).unwrap();
+    // As an older build left it: the principal in the row and in the revoke's params, which the
+    // agent refused as malformed.
+    let job_id = cp.access(&a.id).unwrap().unwrap().revoke_job_id.unwrap();
+    {
+        let conn = cp.store.lock();
+        conn.execute(
+            "UPDATE access_requests SET user_id = 'okta_group://sre' WHERE id = ?1",
+            [&a.id],
+        )
+        .unwrap();
+        let params = json!({"group": "okta_group://sre", "role": "cluster-member", "resource": "c-1",
+                            "user_id": "okta_group://sre"});
+        conn.execute(
+            "UPDATE jobs SET params = ?2, attempt = 4 WHERE id = ?1",
+            [&job_id, &params.to_string()],
+        )
+        .unwrap();
+    }
+    let revoke = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(revoke.id, job_id);
+    let request: RevokeRequest = serde_json::from_value(revoke.params.clone()).expect("parses now");
+    assert_eq!(request.user_id, None);
+    assert_eq!(request.grant_id.as_deref(), Some(a.id.as_str()));
+    assert_eq!(request.binding_ids, vec!["c-1:crtb-g"], "what the grant recorded");
+    assert_eq!(
+        cp.access(&a.id).unwrap().unwrap().user_id,
+        None,
+        "dropped from the access too"
+    );
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-g"]})).await;
+    assert_eq!(state(&cp, &a.id), AccessState::Revoked);
+}
+
+// ----- passwords (lifecycle review D9) -----
+
+fn create_user_on(resource: &str) -> AccessRequestCreate {
+    AccessRequestCreate {
+        resource: Resource::parse(resource).unwrap(),
+        ..access_create("dana", 3600, true)
+    }
+}
+
+#[tokio::test]
+async fn a_create_user_grant_keeps_the_password_of_a_live_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let first = cp.create_access(create_user_on("c-1")).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(grant.params.get("keep_password"), None, "nobody holds a password yet");
+    let mut result = grant_result("u-dana", true, Some("pw-first"));
+    result["managed_user"] = json!(true);
+    complete_ok(&cp, &grant, result).await;
+    assert!(cp.access(&first.id).unwrap().unwrap().credentials.is_some());
+
+    let second = cp.create_access(create_user_on("c-2")).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(
+        grant.params["keep_password"],
+        json!(true),
+        "the first access's password stays valid"
+    );
+    let request: GrantRequest = serde_json::from_value(grant.params.clone()).unwrap();
+    assert!(request.keep_password && request.create_user);
+    complete_ok(
+        &cp,
+        &grant,
+        json!({"user_id": "u-dana", "binding_ids": ["c-2:crtb-d"], "created_user": false, "managed_user": true,
+               "note": "dana already has a password from an earlier access"}),
+    )
+    .await;
+    let view = cp.access(&second.id).unwrap().unwrap();
+    assert_eq!(view.state, AccessState::Active);
+    assert!(view.credentials.is_none());
+    let note = view.note.expect("the requester is told why there is no password");
+    assert!(note.contains("earlier access") && note.contains(&first.id), "{note}");
+    assert_eq!(
+        serde_json::to_value(cp.access(&second.id).unwrap().unwrap()).unwrap()["note"],
+        json!(note),
+        "in the operator API's view"
+    );
+
+    // Once the first access has ended, a new one gets its own password.
+    cp.revoke_access(&first.id).unwrap();
+    cp.revoke_access(&second.id).unwrap();
+    for revoke in lease_all(&cp).await {
+        complete_ok(&cp, &revoke, json!({"removed_binding_ids": []})).await;
+    }
+    cp.create_access(create_user_on("c-3")).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    assert_eq!(grant.params.get("keep_password"), None);
 }
