@@ -59,8 +59,10 @@ VOLUME ["/var/lib/apono-connector"]
 # 8080: /healthz, /readyz, /metrics. 8790: the standalone operator API, served beyond the
 # container's loopback only when asked (APONO_LISTEN_ADDR=0.0.0.0:8790; README "Docker").
 EXPOSE 8080 8790
-# No curl in the image: the binary asks its own /readyz (exit 0 ready, 3 not).
+# Liveness, not readiness: a control plane that is down makes /readyz 503 on every container at
+# once, and ECS, Swarm or autoheal would then replace them all in a loop, cutting revokes mid-way.
+# No curl in the image: the binary asks its own /healthz (exit 0 alive, 3 not).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["apono-connector", "healthcheck"]
+    CMD ["apono-connector", "healthcheck", "--live"]
 ENTRYPOINT ["apono-connector"]
 CMD ["run"]

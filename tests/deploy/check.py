@@ -701,10 +701,11 @@ def test_dockerfile():
         and all(d.startswith("sha256:") and len(d) == 71 and all(c in "0123456789abcdef" for c in d[7:]) for d in digests),
         f"digest ARGs are sha256 digests: {digests}",
     )
-    # The probe needs no curl: the binary asks its own /readyz.
+    # The probe needs no curl: the binary asks its own /healthz. Liveness, not readiness: with
+    # /readyz a control-plane outage marks every container unhealthy and ECS/Swarm replace them all.
     check(
-        any(l.startswith("HEALTHCHECK") for l in lines) and 'CMD ["apono-connector", "healthcheck"]' in text,
-        "HEALTHCHECK runs `apono-connector healthcheck`",
+        any(l.startswith("HEALTHCHECK") for l in lines) and 'CMD ["apono-connector", "healthcheck", "--live"]' in text,
+        "HEALTHCHECK runs `apono-connector healthcheck --live`",
     )
     check("--mount=type=cache,target=/usr/local/cargo/registry" in text and "--mount=type=cache,target=/src/target" in text,
           "BuildKit cache mounts for the cargo registry and target/")
