@@ -532,11 +532,35 @@ def test_service_monitor():
     check(all(service["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()),
           "selects the agent's Service")
     check("metrics" in [p["name"] for p in service["spec"]["ports"]], "whose port is named metrics")
-    r = render(values({"serviceMonitor": {"enabled": True}}))
-    check(not r.kinds("ServiceMonitor"), "no ServiceMonitor where the cluster has no such API")
+    # `helm template` and GitOps pre-renders report no CRD: an explicit request still renders
+    # (deploy review N2), the same object as where the API is served.
+    r = render(values({"serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prom"}}}))
+    check(len(r.kinds("ServiceMonitor")) == 1 and r.one("ServiceMonitor") == sm,
+          "renderMode alwaysRender (the default): the ServiceMonitor renders whatever the renderer knows")
+    check("no matches for kind ServiceMonitor" in r.notes, "NOTES says what happens where the CRD is missing")
+    r = render(values({"serviceMonitor": {"enabled": True, "renderMode": "skipIfMissing"}}))
+    check(not r.kinds("ServiceMonitor"), "skipIfMissing: none where the cluster has no such API")
     check("--api-versions monitoring.coreos.com/v1/ServiceMonitor" in r.notes, "NOTES says why and what to do")
-    r = render(values(), api_versions=[SERVICE_MONITOR_API])
-    check(not r.kinds("ServiceMonitor"), "none unless enabled")
+    r = render(values({"serviceMonitor": {"enabled": True, "renderMode": "skipIfMissing"}}), api_versions=[SERVICE_MONITOR_API])
+    check(len(r.kinds("ServiceMonitor")) == 1, "skipIfMissing: rendered where the API is served")
+    render_fails(values({"serviceMonitor": {"enabled": True, "renderMode": "failIfMissing"}}),
+                 ["renderMode=failIfMissing", "monitoring.coreos.com/v1"], "failIfMissing without the CRD")
+    render_fails(values({"serviceMonitor": {"enabled": True, "renderMode": "always"}}), ["renderMode"], "an unknown renderMode")
+    for mode in ("alwaysRender", "skipIfMissing", "failIfMissing"):
+        r = render(values({"serviceMonitor": {"renderMode": mode}}), api_versions=[SERVICE_MONITOR_API])
+        check(not r.kinds("ServiceMonitor"), f"none unless enabled ({mode})")
+
+    # With the in-cluster control plane, its metrics (the reconcile's sweeps and repairs) are scraped too.
+    r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True}, "serviceMonitor": {"enabled": True}}))
+    cp_service = r.one("Service", "apono-connector-control-plane")
+    cp_sm = r.one("ServiceMonitor", "apono-connector-control-plane")
+    check(cp_sm["spec"]["selector"]["matchLabels"].items() <= cp_service["metadata"]["labels"].items()
+          and cp_sm["spec"]["endpoints"][0]["port"] == "metrics"
+          and "metrics" in [p["name"] for p in cp_service["spec"]["ports"]],
+          "a ServiceMonitor for the control plane's metrics port")
+    agent_sm = r.one("ServiceMonitor", "apono-connector")
+    check(not agent_sm["spec"]["selector"]["matchLabels"].items() <= cp_service["metadata"]["labels"].items(),
+          "the agents' ServiceMonitor does not scrape the control plane twice")
 
 
 def test_network_policy():

@@ -249,3 +249,24 @@ false
 {{- fail "allowAllSecrets=true and allowedSecretsToRead both set: list the Secrets the agent may read, or allow all of them, not both" -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Whether to render the ServiceMonitor: serviceMonitor.renderMode decides what happens when Helm does
+not report the CRD (`helm template` without --api-versions, GitOps pre-renders, a cluster without
+the Prometheus Operator). alwaysRender: an explicit request is never dropped in silence (the apply
+fails with "no matches for kind ServiceMonitor" where the CRD is missing); skipIfMissing: left out
+(for bootstrapping before the CRDs); failIfMissing: the install fails with the reason.
+*/}}
+{{- define "apono-connector.renderServiceMonitor" -}}
+{{- $sm := .Values.serviceMonitor -}}
+{{- $served := .Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor" -}}
+{{- if not $sm.enabled -}}
+false
+{{- else if or $served (eq $sm.renderMode "alwaysRender") -}}
+true
+{{- else if eq $sm.renderMode "failIfMissing" -}}
+{{- fail "serviceMonitor.enabled=true with renderMode=failIfMissing, but the cluster serves no monitoring.coreos.com/v1 ServiceMonitor: install the Prometheus Operator's CRDs first, pass --api-versions monitoring.coreos.com/v1/ServiceMonitor to helm template, or set serviceMonitor.renderMode=skipIfMissing" -}}
+{{- else -}}
+false
+{{- end -}}
+{{- end -}}
