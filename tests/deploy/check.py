@@ -568,16 +568,31 @@ def test_network_policy():
     vault = [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}}}],
               "ports": [{"port": 8200, "protocol": "TCP"}]}]
     monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
-    r = render(values({"networkPolicy": {"enabled": True, "rancher": rancher, "secretStores": vault,
-                                         "metricsFrom": monitoring}}))
+    control_plane = [{"to": [{"ipBlock": {"cidr": "10.30.0.5/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]
+    # The defaults would leave the agent DNS only (deploy review N3): the install fails, naming the value.
+    render_fails(values({"networkPolicy": {"enabled": True}}), ["networkPolicy.rancher is empty", "--set-json"],
+                 "a NetworkPolicy with no egress to Rancher")
+    render_fails(values({"networkPolicy": {"enabled": True, "rancher": rancher}}),
+                 ["networkPolicy.controlPlane is empty", "apono.url"], "a NetworkPolicy with no egress to the remote control plane")
+    r = render(values({"networkPolicy": {"enabled": True, "rancher": rancher, "controlPlane": control_plane},
+                       "allowedSecretsToRead": ["rancher-key"], "serviceMonitor": {"enabled": True}}))
+    check("networkPolicy.secretStores is empty" in r.notes and "kubectl get endpoints kubernetes" in r.notes,
+          f"NOTES: the API server needs a rule when the agent reads Kubernetes Secrets: {r.notes}")
+    check("networkPolicy.metricsFrom is empty" in r.notes, "NOTES: Prometheus cannot scrape without metricsFrom")
+    check("NodeLocal DNSCache" in r.notes, "NOTES: the DNS rule's variants")
+
+    r = render(values({"networkPolicy": {"enabled": True, "rancher": rancher, "controlPlane": control_plane,
+                                         "secretStores": vault, "metricsFrom": monitoring},
+                       "allowedSecretsToRead": ["rancher-key"], "serviceMonitor": {"enabled": True}}))
     validate("NetworkPolicy", r)
+    check("secretStores is empty" not in r.notes and "metricsFrom is empty" not in r.notes, "no warning once both are set")
     policy = r.one("NetworkPolicy")
     check(policy["spec"]["podSelector"]["matchLabels"] == r.one("Deployment")["spec"]["selector"]["matchLabels"],
           "applies to the agent's pods")
     check(sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"], "both directions")
     egress = policy["spec"]["egress"]
-    check(egress == helm.Chart.load(CHART).values["networkPolicy"]["dns"] + rancher + vault,
-          f"egress: DNS, Rancher and the secret stores, nothing else: {egress}")
+    check(egress == helm.Chart.load(CHART).values["networkPolicy"]["dns"] + rancher + control_plane + vault,
+          f"egress: DNS, Rancher, the control plane and the secret stores, nothing else: {egress}")
     ingress = policy["spec"]["ingress"]
     check(len(ingress) == 1 and ingress[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}],
           "ingress to the metrics port only")
@@ -586,7 +601,8 @@ def test_network_policy():
     check(any(all(test_pod["metadata"]["labels"].get(k) == v for k, v in peer.get("podSelector", {}).get("matchLabels", {}).items())
               and "podSelector" in peer for peer in ingress[0]["from"]), "and from the helm test pod")
 
-    r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True}, "networkPolicy": {"enabled": True}}))
+    r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True},
+                       "networkPolicy": {"enabled": True, "rancher": rancher}}))
     validate("NetworkPolicy with the control plane", r)
     agent = r.one("NetworkPolicy", "apono-connector")
     cp_pod_labels = r.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
