@@ -224,6 +224,7 @@ def test_defaults():
     check("tok-canary-123" not in r.notes and "tok-canary-123" not in rendered.replace(
         yaml.safe_dump(r.one("Secret")), ""), "the token is only in its Secret")
     check("WARNING: image.registry is empty" in r.notes, "NOTES warns that the default image is nowhere")
+    check("Ignored values" not in r.notes, f"NOTES names no ignored value that was not given: {r.notes}")
     check("port-forward svc/apono-connector 8080:8080" in r.notes and "curl -s http://127.0.0.1:8080/readyz" in r.notes,
           f"NOTES shows how to check /readyz: {r.notes}")
 
@@ -233,6 +234,20 @@ def test_no_default_control_plane():
     no_url = {"apono": {"token": "t", "connectorId": "c"}}
     render_fails(no_url, ["apono.url is required", "controlPlane.enabled=true"], "no apono.url")
     check(not helm.Chart.load(CHART).values["apono"]["url"], "apono.url has no default")
+
+
+def test_apono_saas_url_refused():
+    # A values file or Terraform module written for Apono's connector names Apono's service as
+    # apono.url: this agent would send its token there and never become ready (deploy review N1).
+    for url in ("agents.apono.io", "https://Agents.Apono.IO:443/connector", "apono.io", "https://eu.agents.apono.io."):
+        render_fails(values({"apono": {"url": url}}), ["is Apono's service", "apono.allowAponoHost=true"],
+                     f"apono.url {url}")
+    r = render(values({"apono": {"url": "agents.apono.io", "allowAponoHost": True}}))
+    check(r.env()["APONO_URL"]["value"] == "agents.apono.io", "allowAponoHost lets the URL through")
+    check("WARNING: apono.url agents.apono.io is in Apono's own domain" in r.notes, f"and NOTES warns: {r.notes}")
+    for url in ("notapono.io", "https://apono.io.example.com", "connector.example.com"):
+        r = render(values({"apono": {"url": url}}))
+        check("Apono's own domain" not in r.notes, f"{url} is not Apono's: no warning")
 
 
 def test_docs_command_line():
@@ -401,6 +416,46 @@ def test_apono_values_file():
     check(r.env()["APONO_ACTIONS_PARALLELISM"]["value"] == "16", "a numeric string parallelism is used")
     check(r.container()["image"] == "ghcr.io/me/ac:1.0", "image.repository replaces registry/name")
     render_fails(values({"serviceAccount": {"awsRoleName": "r"}}), ["awsRoleAccountId"], "awsRoleName alone")
+
+
+# The shape of the values.yaml Apono last published for its chart (apono-agent-helm-chart, chart
+# 1.2.2, commit 64cdaec), every key as there, git-sync era ones included (deploy review N4).
+APONO_PUBLISHED_VALUES = {
+    "replicaCount": 1,
+    "image": {"repository": "", "pullPolicy": "Always", "tag": ""},
+    "imagePullSecrets": [], "nameOverride": "", "fullnameOverride": "",
+    "serviceAccount": {"create": True, "annotations": {}, "name": "apono", "awsRoleName": "", "awsRoleAccountId": ""},
+    "podAnnotations": {}, "podSecurityContext": {}, "securityContext": {},
+    "service": {"type": "ClusterIP", "port": 80},
+    "resources": {"limits": {"cpu": "750m", "memory": "768Mi"}, "requests": {"cpu": "500m", "memory": "512Mi"}},
+    "nodeSelector": {}, "tolerations": [], "affinity": {},
+    "apono": {"url": "", "token": "", "websocketSsl": "enable", "connectorId": "", "actionsParallelism": "",
+              "actionsQueueSize": "", "templatesDirecttory": "/app/git-sync/apono-agent-templates"},
+    "templatesRepository": "apono-io/apono-agent-templates",
+    "githubAccessToken": "",
+    "gitSyncImage": "",
+    "gitSync": {"branchName": "master"},
+}
+
+
+def test_apono_published_values_file():
+    # Apono's published values file, plus the seed's --set's and a control plane: it installs, and
+    # NOTES names each key it ignores.
+    published = values_from_command_line(DOCS_COMMAND)
+    vals = merge(merge(json.loads(json.dumps(APONO_PUBLISHED_VALUES)), published),
+                 {"apono": {"url": "connector.example.com"}})
+    r = render(vals)
+    validate("Apono's published values file", r)
+    check(r.one("ServiceAccount")["metadata"]["name"] == "apono", "the ServiceAccount keeps the name Apono's file gives")
+    for ignored in ("templatesRepository", "githubAccessToken", "gitSyncImage", "gitSync", "apono.templatesDirecttory"):
+        check(ignored in r.notes.split("Ignored values of Apono's chart", 1)[-1].split("\n\n", 1)[0],
+              f"NOTES names the ignored value {ignored}: {r.notes}")
+    check("WARNING: githubAccessToken" not in r.notes, "an empty githubAccessToken is no credential to warn about")
+    r = render(merge(vals, {"githubAccessToken": "ghp-canary-789"}))
+    check("WARNING: githubAccessToken is set" in r.notes and "ghp-canary-789" not in r.notes,
+          "NOTES asks to remove a githubAccessToken, without printing it")
+    check("ghp-canary-789" not in yaml.safe_dump_all(r.docs), "the token is put in no object")
+    render_fails(values({"gitSink": {}}), ["additional properties"], "still, a key Apono's chart never had fails")
 
 
 def test_name_overrides():

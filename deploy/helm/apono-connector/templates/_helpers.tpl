@@ -237,8 +237,25 @@ false
 {{- end -}}
 {{- printf "http://%s.%s.svc:%v" (include "apono-connector.controlPlaneName" .) .Release.Namespace .Values.controlPlane.service.port -}}
 {{- else -}}
-{{- required "apono.url is required: the address of the control plane this agent connects to (APONO_URL; a bare host means https). The chart has no default, so the token goes nowhere you did not name. Or set controlPlane.enabled=true to run a control plane in this cluster" .Values.apono.url -}}
+{{- $url := required "apono.url is required: the address of the control plane this agent connects to (APONO_URL; a bare host means https). The chart has no default, so the token goes nowhere you did not name. Or set controlPlane.enabled=true to run a control plane in this cluster" .Values.apono.url -}}
+{{- if and (include "apono-connector.isAponoHost" $url) (not .Values.apono.allowAponoHost) -}}
+{{- fail (printf "apono.url %s is Apono's service (carried over from a values file or Terraform module written for Apono's connector): this agent speaks its own protocol, would never become ready there, and would send the token to Apono on every retry. Point apono.url at the control plane you run, or set controlPlane.enabled=true; set apono.allowAponoHost=true only if that host really runs this project's control plane" $url) -}}
 {{- end -}}
+{{- $url -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when a URL (or bare host) names a host in Apono's own domain: the host is the domain or
+ends in "." and the domain (a suffix match, as deploy review N1 asks, so a look-alike such as
+notapono.io is not caught).
+*/}}
+{{- define "apono-connector.isAponoHost" -}}
+{{- $url := toString . | trim | lower -}}
+{{- if not (contains "://" $url) -}}{{- $url = printf "https://%s" $url -}}{{- end -}}
+{{- $host := regexReplaceAll ":[0-9]*$" (urlParse $url).host "" | trimSuffix "." -}}
+{{- $domain := "apono.io" -}}
+{{- if or (eq $host $domain) (hasSuffix (printf ".%s" $domain) $host) -}}true{{- end -}}
 {{- end -}}
 
 {{/* Settings that contradict each other fail the install with what to change. */}}
