@@ -496,6 +496,18 @@ def test_control_plane():
     annotations = lambda r: r.one("StatefulSet")["spec"]["template"]["metadata"]["annotations"]
     check(annotations(rotated) != annotations(r),
           "a new token rolls the control plane, which reads it only at start (the agents re-read theirs)")
+    # The control plane reads the token once (deploy review N6): a reloader annotation on its pod
+    # alone restarts it when an existing Secret rotates.
+    r2 = render(merge(json.loads(json.dumps(vals)), {
+        "apono": {"token": "", "existingSecret": "eso-token"}, "podAnnotations": {"team": "a"},
+        "controlPlane": {"podAnnotations": {"secret.reloader.stakater.com/reload": "eso-token"}}}))
+    check(annotations(r2).get("secret.reloader.stakater.com/reload") == "eso-token" and annotations(r2).get("team") == "a",
+          f"controlPlane.podAnnotations on the control plane's pod, with podAnnotations: {annotations(r2)}")
+    check("secret.reloader.stakater.com/reload" not in (r2.one("Deployment")["spec"]["template"]["metadata"].get("annotations") or {}),
+          "and not on the agents'")
+    r3 = render(merge(json.loads(json.dumps(vals)), {"apono": {"token": "", "existingSecret": "eso-token"}}))
+    check("rollout restart statefulset/apono-connector-control-plane" in r3.notes and "reloader" in r3.notes,
+          "NOTES: how to follow a rotated existing Secret")
     service = r.one("Service", "apono-connector-control-plane")
     check(service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"], "the Service selects the control plane")
     check({p["name"]: p["port"] for p in service["spec"]["ports"]}["api"] == 8790, "the Service's API port")
