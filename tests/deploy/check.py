@@ -6,7 +6,9 @@ from the product docs, a values file written for Apono's chart, the in-cluster c
 existing secrets, Vault, HA, the optional objects), validates every render against the Kubernetes
 schemas of the oldest and the newest Kubernetes the chart supports (kubernetes-validate --strict),
 and asserts the RBAC, token and environment wiring a security reviewer and an operator rely on.
-Keeps the chart's README in step with values.yaml. Lints the Dockerfile with hadolint and parses
+Checks the Grafana dashboard and the alert rules: each PromQL expression parses, and each metric
+they use is served by a running daemon's /metrics (live_metrics.py). Keeps the chart's README in
+step with values.yaml. Lints the Dockerfile with hadolint and parses
 the Terraform.
 
 Run: tests/deploy/run   (installs the tools into .venv-test, then runs this file)
@@ -680,6 +682,109 @@ def test_network_policy():
     check(cp["spec"]["egress"] == [] and "Egress" in cp["spec"]["policyTypes"], "the control plane connects nowhere")
     check(cp["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == r.one("Deployment")["spec"]["selector"]["matchLabels"],
           "its API only from the agents")
+
+
+# Metric families no drive of live_metrics.py can make show without a change to the binary: an
+# API key with an expiry (the simulator's CLI sets none), a binding the reconcile sweeps (only
+# after a revoke was missed). Each must at least be registered in src/telemetry/metrics.rs.
+NOT_DRIVEN = {
+    "apono_connector_api_key_expires_in_days": "api_key_expires_in_days",
+    "apono_connector_swept_bindings_total": "swept_bindings",
+}
+ALERTS = {"AponoConnectorRevokeOverdue", "AponoConnectorExpiredBindingSwept", "AponoConnectorJobsFailing",
+          "AponoConnectorControlPlaneUnreachable", "AponoConnectorTokenRefused", "AponoConnectorSecretStoreRefusing",
+          "AponoConnectorSecretStoreUnreachable", "AponoConnectorRancherKeyRejected", "AponoConnectorRancherKeyExpiresSoon"}
+
+
+def connector_binary():
+    """The debug binary tests/deploy/run builds (APONO_CONNECTOR_BIN overrides)."""
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    return os.environ.get("APONO_CONNECTOR_BIN") or os.path.join(target, "debug", "apono-connector")
+
+
+def promql_selectors(expr, what):
+    """The vector selectors of a PromQL expression (it must parse), as (name, {label: (op, value)})."""
+    import promql_parser
+
+    try:
+        ast = promql_parser.parse(expr)
+    except ValueError as e:
+        check(False, f"{what}: PromQL does not parse: {e}: {expr}")
+        return []
+    found = []
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append((node.name, {m.name: (str(m.op).rsplit(".", 1)[-1], m.value) for m in node.matchers.matchers}))
+
+    promql_parser.walk(ast, visit)
+    return found
+
+
+def dashboard_exprs(dashboard):
+    """(panel title, expr) of every query, with Grafana's variables given values PromQL accepts."""
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$namespace", "ns").replace("$job", ".+")
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_dashboard_and_rules():
+    r = render(values({"grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True}}))
+    validate("dashboard and rules", r)
+    config_map = r.one("ConfigMap")
+    check(config_map["metadata"]["labels"].get("grafana_dashboard") == "1", "the dashboard carries the sidecar's label")
+    dashboard = json.loads(config_map["data"]["apono-connector.json"])
+    with open(os.path.join(CHART, "files", "grafana-dashboard.json")) as f:
+        check(dashboard == json.load(f), "the ConfigMap holds files/grafana-dashboard.json as it is")
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for subject in ("grants and revokes", "revokes not done", "swept", "jobs by kind and outcome", "rancher errors",
+                    "secret-store errors", "control-plane errors", "leases", "worker pool"):
+        check(subject in titles, f"the dashboard shows {subject}")
+    rule = r.one("PrometheusRule")
+    alerts = {a["alert"]: a for g in rule["spec"]["groups"] for a in g["rules"]}
+    check(set(alerts) == ALERTS, f"the alerts: {sorted(alerts)}")
+    for name, a in alerts.items():
+        check(a["labels"].get("severity") in ("warning", "critical") and a["annotations"].get("summary")
+              and a["annotations"].get("description"), f"{name}: severity, summary and description")
+
+    used = {}
+    for name, a in alerts.items():
+        for metric, matchers in promql_selectors(a["expr"], name):
+            used.setdefault(metric, name)
+            check(matchers.get("namespace") == ("Equal", "apono-connector")
+                  and matchers.get("job") == ("Re", "apono-connector|apono-connector-control-plane"),
+                  f"{name}: {metric} is scoped to this release's series: {matchers}")
+    for title, expr in dashboard_exprs(dashboard):
+        for metric, matchers in promql_selectors(expr, f"dashboard panel {title!r}"):
+            used.setdefault(metric, f"dashboard panel {title!r}")
+            check("namespace" in matchers and "job" in matchers, f"panel {title!r}: {metric} follows the variables")
+    check(len(used) >= 12, f"the dashboard and the rules use the metrics: {sorted(used)}")
+
+    r = render(values({"prometheusRule": {"enabled": True, "selector": 'cluster="eu"', "apiKeyExpiryDays": 7}}))
+    rule = {a["alert"]: a for g in r.one("PrometheusRule")["spec"]["groups"] for a in g["rules"]}
+    check('cluster="eu"' in rule["AponoConnectorRancherKeyRejected"]["expr"]
+          and rule["AponoConnectorRancherKeyExpiresSoon"]["expr"].rstrip().endswith("< 7"),
+          "prometheusRule.selector and apiKeyExpiryDays reach the rules")
+    check(not render(values()).kinds("PrometheusRule") and not render(values()).kinds("ConfigMap"), "both off by default")
+
+    # Every metric name they use is served by a running daemon's /metrics.
+    binary = connector_binary()
+    if not os.path.exists(binary):
+        check(False, f"{binary} is missing: tests/deploy/run builds it (cargo build --bin apono-connector)")
+        return
+    import live_metrics
+
+    served = live_metrics.collect(binary)
+    source = open(os.path.join(ROOT, "src", "telemetry", "metrics.rs")).read()
+    for metric, where in sorted(used.items()):
+        if metric in NOT_DRIVEN and metric not in served:
+            check(f'"{NOT_DRIVEN[metric]}"' in source, f"{where}: {metric} is not registered in src/telemetry/metrics.rs")
+            print(f"note: {metric} ({where}) is registered but no drive here makes it show on /metrics")
+            continue
+        check(metric in served, f"{where}: {metric} is not on a running daemon's /metrics ({sorted(served)})")
 
 
 def test_pod_disruption_budget():
