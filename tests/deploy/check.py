@@ -815,6 +815,16 @@ def test_helm_test_hook():
     check(container["image"] == r.container()["image"], "with the image's own binary")
     check(pod["spec"]["automountServiceAccountToken"] is False, "and no API token")
     check(not render(values({"helmTest": {"enabled": False}})).kinds("Pod"), "helmTest.enabled=false")
+    # On tainted, dedicated nodes the test pod goes where the agents go (deploy review N9).
+    placement = {"nodeSelector": {"pool": "infra"}, "priorityClassName": "critical",
+                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                     {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["infra"]}]}]}}}}
+    r = render(values(placement))
+    validate("helm test hook placement", r)
+    for key, value in placement.items():
+        check(r.one("Pod")["spec"].get(key) == value and r.pod().get(key) == value,
+              f"{key} on the test pod as on the agents: {r.one('Pod')['spec'].get(key)}")
 
 
 def test_image():

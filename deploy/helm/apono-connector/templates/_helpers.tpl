@@ -287,3 +287,23 @@ true
 false
 {{- end -}}
 {{- end -}}
+
+{{/* Where the pods may run: the agents' and the `helm test` pod's (on tainted or dedicated nodes
+the test pod must go where the agents go, or it stays Pending). */}}
+{{- define "apono-connector.placement" -}}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
