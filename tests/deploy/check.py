@@ -870,6 +870,16 @@ def test_knobs():
     check(container["livenessProbe"]["periodSeconds"] == 30 and container["livenessProbe"]["httpGet"]["path"] == "/healthz",
           "a probe setting overrides one field")
     check("readinessProbe" not in container, "null turns a probe off")
+    # A handler of one's own replaces the default httpGet (deploy review N7): two handlers would
+    # pass kubernetes-validate and be refused by the API server.
+    r = render(values({"livenessProbe": {"tcpSocket": {"port": "metrics"}},
+                       "readinessProbe": {"exec": {"command": ["apono-connector", "healthcheck"]}}}))
+    container = r.container()
+    check("httpGet" not in container["livenessProbe"] and container["livenessProbe"]["tcpSocket"] == {"port": "metrics"}
+          and container["livenessProbe"]["periodSeconds"] == 10, f"tcpSocket replaces httpGet: {container['livenessProbe']}")
+    check(list(k for k in container["readinessProbe"] if k in ("httpGet", "exec")) == ["exec"],
+          f"exec replaces httpGet: {container['readinessProbe']}")
+    check(container["startupProbe"]["httpGet"]["path"] == "/healthz", "the untouched probe keeps its httpGet")
 
 
 def test_missing_values_fail_clearly():
