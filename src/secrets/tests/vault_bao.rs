@@ -94,7 +94,7 @@ impl Bao {
     }
 }
 
-fn stores_with(config_json: Value) -> SecretStores {
+pub(super) fn stores_with(config_json: Value) -> SecretStores {
     let config = SecretsConfig {
         hashicorp_vault_config: Some(SecretString::from(config_json.to_string())),
         cache_ttl_seconds: 300,
@@ -103,7 +103,7 @@ fn stores_with(config_json: Value) -> SecretStores {
     SecretStores::from_config(&config).unwrap()
 }
 
-fn vault_ref(engine: &str, path: &str) -> SecretRef {
+pub(super) fn vault_ref(engine: &str, path: &str) -> SecretRef {
     reference(json!({"type": "HASHICORP_VAULT", "secret_engine": engine, "path": path}))
 }
 
@@ -458,7 +458,7 @@ async fn namespaces() {
 }
 
 /// A Vault store whose definitions may point at `memory` (standing in for AWS).
-fn vault_over_memory(
+pub(super) fn vault_over_memory(
     config: Value,
     memory: &std::sync::Arc<crate::secrets::MemoryStore>,
 ) -> crate::secrets::VaultStore {
@@ -467,7 +467,7 @@ fn vault_over_memory(
     crate::secrets::VaultStore::new(definitions, vec![other])
 }
 
-fn definition_ref() -> SecretRef {
+pub(super) fn definition_ref() -> SecretRef {
     reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}))
 }
 
