@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::support::{BAO_ROOT, LogCapture, reference, start_bao, value_of};
-use super::vault_bao::{Bao, definition_ref, stores_with, vault_over_memory, vault_ref};
+use super::vault_bao::{Bao, definition_ref, reads_outlive_a_9s_token, stores_with, vault_over_memory, vault_ref};
 use crate::secrets::{MemoryStore, SecretStore, VaultDefinitions};
 
 fn no_others() -> Arc<MemoryStore> {
@@ -72,17 +72,23 @@ async fn a_token_or_namespace_ending_in_a_newline_reads_and_a_control_character_
     assert!(e.contains("\"namespace\" contains a control character"), "{e}");
 }
 
+/// `apono/rancher` = {token: `value`} in the vault, and a store holding its definition that
+/// accepts and never answers (a Kubernetes API or Key Vault that stalls).
+async fn stalled_definition(guard: &super::support::ServerGuard, value: &str) -> (Bao, Arc<MemoryStore>) {
+    let bao = Bao::new(guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": value}}))
+        .await;
+    let memory = no_others();
+    memory.set(&definition_ref(), [("address", bao.base.as_str()), ("token", BAO_ROOT)]);
+    memory.set_delay(Duration::from_secs(3600));
+    (bao, memory)
+}
+
 #[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
 #[tokio::test]
 async fn a_stalled_definition_never_delays_a_vault_listed_before_it() {
     let guard = start_bao(false).await;
-    let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "first"}}))
-        .await;
-    // A store that accepts and never answers (a Kubernetes API or Key Vault that stalls).
-    let memory = no_others();
-    memory.set(&definition_ref(), [("address", bao.base.as_str()), ("token", BAO_ROOT)]);
-    memory.set_delay(Duration::from_secs(3600));
+    let (bao, memory) = stalled_definition(&guard, "first").await;
     let vault = vault_over_memory(
         json!([
             {"address": bao.base, "token": BAO_ROOT},
@@ -106,12 +112,7 @@ async fn a_stalled_definition_never_delays_a_vault_listed_before_it() {
 #[tokio::test]
 async fn a_stalled_definition_is_remembered_as_failed_with_backoff() {
     let guard = start_bao(false).await;
-    let bao = Bao::new(&guard, "http");
-    bao.post("secret/data/apono/rancher", json!({"data": {"token": "second"}}))
-        .await;
-    let memory = no_others();
-    memory.set(&definition_ref(), [("address", bao.base.as_str()), ("token", BAO_ROOT)]);
-    memory.set_delay(Duration::from_secs(3600));
+    let (bao, memory) = stalled_definition(&guard, "second").await;
     let vault = vault_over_memory(
         json!([
             {"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"},
@@ -250,14 +251,7 @@ async fn kv2_paths_are_accepted_with_or_without_data() {
 async fn a_periodic_configured_token_is_renewed() {
     let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
-    bao.post(
-        "secret/data/apono/rancher",
-        json!({"data": {"token": "still-readable"}}),
-    )
-    .await;
     bao.reader_token().await; // creates the policy
-    // A 9 s periodic token: only renewal keeps reads working. Reads come 6.5 s apart, past two
-    // thirds of its period (6 s) with 2.5 s to spare; the last one is past its first expiry.
     let token = bao
         .post("auth/token/create", json!({"policies": ["reader"], "period": "9s"}))
         .await["auth"]["client_token"]
@@ -265,12 +259,7 @@ async fn a_periodic_configured_token_is_renewed() {
         .unwrap()
         .to_string();
     let vault = vault_over_memory(json!([{"address": bao.base, "token": token}]), &no_others());
-    let r = vault_ref("secret", "apono/rancher");
-    for _ in 0..3 {
-        let s = vault.fetch(&r).await.unwrap();
-        assert_eq!(value_of(&s, "token"), "still-readable");
-        tokio::time::sleep(Duration::from_millis(6500)).await;
-    }
+    reads_outlive_a_9s_token(&bao, &vault).await;
 }
 
 #[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
