@@ -335,6 +335,8 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
                     "role_arn",
                     "external_id",
                     "profile",
+                    "version_stage",
+                    "version_id",
                 ],
             )?;
             SecretRef::Aws {
@@ -343,6 +345,8 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
                 role_arn: field_str(map, &["role_arn"])?,
                 external_id: field_str(map, &["external_id"])?,
                 profile: field_str(map, &["profile"])?,
+                version_stage: field_str(map, &["version_stage"])?,
+                version_id: field_str(map, &["version_id"])?,
             }
         }
         "GCP" => {
