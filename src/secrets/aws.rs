@@ -259,6 +259,8 @@ impl SecretStore for AwsStore {
             role_arn,
             external_id,
             profile,
+            version_stage,
+            version_id,
         } = reference
         else {
             return Err(wrong_store(reference, "AWS"));
@@ -290,6 +292,8 @@ impl SecretStore for AwsStore {
         let out = client
             .get_secret_value()
             .secret_id(secret_id)
+            .set_version_stage(version_stage.clone())
+            .set_version_id(version_id.clone())
             .send()
             .await
             .map_err(|e| map_error(reference, "GetSecretValue", e))?;

@@ -61,6 +61,10 @@ impl KubernetesStore {
                 // kube's default retry (15 tries, backoff up to 1000 s on 429/503/504) would stack
                 // under the agent's own retries and hide the cause behind the registry's timeout.
                 config.default_retry = false;
+                // kube sets no read timeout: an API server that accepts and never answers would
+                // hold the read until the registry's deadline, and a Vault definition with it.
+                config.connect_timeout = Some(std::time::Duration::from_secs(5));
+                config.read_timeout = Some(std::time::Duration::from_secs(10));
                 kube::Client::try_from(config).map_err(|e| SecretError::Misconfigured {
                     store: "KUBERNETES".into(),
                     hint: format!("cannot build a Kubernetes client: {e}"),

@@ -187,6 +187,12 @@ pub enum SecretRef {
         /// the default chain's (`AWS_PROFILE`, else `default`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         profile: Option<String>,
+        /// A staging label to read instead of `AWSCURRENT` (`AWSPREVIOUS` after a bad rotation).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version_stage: Option<String>,
+        /// A version id to read, pinned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version_id: Option<String>,
     },
     Azure {
         vault_url: String,
@@ -242,11 +248,20 @@ impl SecretRef {
                 region,
                 secret_id,
                 role_arn,
+                version_stage,
+                version_id,
                 ..
-            } => match role_arn {
-                Some(role) => format!("AWS {region}/{secret_id} (as {role})"),
-                None => format!("AWS {region}/{secret_id}"),
-            },
+            } => {
+                let version = match (version_id, version_stage) {
+                    (Some(id), _) => format!("@{id}"),
+                    (None, Some(stage)) => format!("@{stage}"),
+                    (None, None) => String::new(),
+                };
+                match role_arn {
+                    Some(role) => format!("AWS {region}/{secret_id}{version} (as {role})"),
+                    None => format!("AWS {region}/{secret_id}{version}"),
+                }
+            }
             SecretRef::Azure { vault_url, name } => format!("AZURE {vault_url} {name}"),
             SecretRef::Gcp {
                 project,

@@ -37,7 +37,14 @@ const STORE: &str = "HASHICORP_VAULT";
 const ENV_CONFIG: &str = "HASHICORP_VAULT_CONFIG";
 const ENV_FILE: &str = "HASHICORP_VAULT_CONFIG_FILE_PATH";
 const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each request to a vault; a stalled vault is named within seconds, not after the job's deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// One vault's whole part of a read (login, mount, read, a 403's check), below the registry's
+/// 60 s so the next definition can still be tried.
+const VAULT_DEADLINE: Duration = Duration::from_secs(20);
+/// Resolving one `from_secret_store` definition (reading the other store, building the client).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 mod auth;
 #[cfg(feature = "vault-aws-auth")]
@@ -47,6 +54,9 @@ mod aws_iam;
 #[derive(Clone)]
 enum Auth {
     Token(SecretString),
+    /// A file holding the token, kept fresh by someone else (a Vault Agent sink): re-read when it
+    /// changes and after a 403.
+    TokenFile(PathBuf),
     AppRole {
         mount: String,
         role_id: String,
@@ -79,7 +89,7 @@ impl Auth {
     /// The method's name as Vault's documentation spells it, for errors.
     fn method(&self) -> &'static str {
         match self {
-            Auth::Token(_) => "token",
+            Auth::Token(_) | Auth::TokenFile(_) => "token",
             Auth::AppRole { .. } => "AppRole",
             Auth::Kubernetes { .. } => "Kubernetes",
             Auth::Jwt { .. } => "JWT",
@@ -147,14 +157,14 @@ impl VaultDefinitions {
             }
             return Ok(VaultDefinitions {
                 source: Source::Env(entries),
-                default_namespace: default_namespace(config),
+                default_namespace: default_namespace(config)?,
             });
         }
         if let Some(path) = &config.hashicorp_vault_config_file_path {
             read_file(path).map_err(SettingsError)?;
             return Ok(VaultDefinitions {
                 source: Source::File(path.clone()),
-                default_namespace: default_namespace(config),
+                default_namespace: default_namespace(config)?,
             });
         }
         Ok(VaultDefinitions {
@@ -211,9 +221,15 @@ fn strip_trailing_commas(text: &str) -> (String, Vec<usize>) {
     (out, lines)
 }
 
-fn default_namespace(config: &SecretsSettings) -> Option<String> {
-    let ns = config.vault_namespace.as_deref()?.trim().trim_matches('/');
-    (!ns.is_empty()).then(|| ns.to_string())
+fn default_namespace(config: &SecretsSettings) -> Result<Option<String>, SettingsError> {
+    let Some(ns) = config.vault_namespace.as_deref() else {
+        return Ok(None);
+    };
+    let ns = header_safe("namespace", ns)
+        .map_err(|e| SettingsError(format!("VAULT_NAMESPACE: {e}")))?
+        .trim_matches('/')
+        .to_string();
+    Ok((!ns.is_empty()).then_some(ns))
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -279,6 +295,19 @@ fn field_str(map: &Map<String, Value>, names: &[&str]) -> Result<Option<String>,
     Ok(None)
 }
 
+/// A value sent in an HTTP header (a token, a namespace): trimmed, since `--from-file` and editors
+/// leave a trailing newline, and refused with the field's name when a control character remains
+/// inside (vaultrs would panic on it). Never quotes the value.
+pub(super) fn header_safe(field: &str, value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.chars().any(char::is_control) || reqwest::header::HeaderValue::from_str(value).is_err() {
+        return Err(format!(
+            "field {field:?} contains a control character (a line break or NUL inside the value?); store it without one"
+        ));
+    }
+    Ok(value.to_string())
+}
+
 fn required(map: &Map<String, Value>, names: &[&str]) -> Result<String, String> {
     field_str(map, names)?.ok_or_else(|| format!("field {:?} is missing", names[0]))
 }
@@ -306,6 +335,8 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
                     "role_arn",
                     "external_id",
                     "profile",
+                    "version_stage",
+                    "version_id",
                 ],
             )?;
             SecretRef::Aws {
@@ -314,6 +345,8 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
                 role_arn: field_str(map, &["role_arn"])?,
                 external_id: field_str(map, &["external_id"])?,
                 profile: field_str(map, &["profile"])?,
+                version_stage: field_str(map, &["version_stage"])?,
+                version_id: field_str(map, &["version_id"])?,
             }
         }
         "GCP" => {
@@ -351,6 +384,7 @@ const DEFINITION_FIELDS: &[&str] = &[
     "address",
     "token",
     "ca_cert_base64",
+    "ca_cert_file",
     "skip_verify",
     "namespace",
     "name",
@@ -397,21 +431,21 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         },
         Some(_) => return Err("field \"skip_verify\" must be true or false".into()),
     };
-    let ca_cert = match field_str(map, &["ca_cert_base64"])? {
-        None => None,
-        Some(b64) => {
+    let ca_cert = match (field_str(map, &["ca_cert_base64"])?, field_str(map, &["ca_cert_file"])?) {
+        (Some(_), Some(_)) => return Err("set either \"ca_cert_base64\" or \"ca_cert_file\", not both".into()),
+        (None, None) => None,
+        (Some(b64), None) => {
             let bytes = decode_base64(&b64).ok_or_else(|| {
                 "field \"ca_cert_base64\" is not base64 (encode the CA's PEM file with base64)".to_string()
             })?;
-            let parses = if bytes.starts_with(b"-----BEGIN") {
-                reqwest::Certificate::from_pem_bundle(&bytes).is_ok()
-            } else {
-                reqwest::Certificate::from_der(&bytes).is_ok()
-            };
-            if !parses {
-                return Err("field \"ca_cert_base64\" does not hold a PEM or DER certificate".into());
-            }
-            Some(bytes)
+            Some(checked_ca(bytes, "field \"ca_cert_base64\"")?)
+        }
+        // Read when the definition is parsed (start-up, or each re-read of the definitions), as
+        // VAULT_CACERT is: a mounted ConfigMap or Secret, no base64 step.
+        (None, Some(path)) => {
+            let path = path.trim();
+            let bytes = std::fs::read(path).map_err(|e| format!("field \"ca_cert_file\": cannot read {path}: {e}"))?;
+            Some(checked_ca(bytes, &format!("field \"ca_cert_file\" ({path})"))?)
         }
     };
     let client_identity = auth::ClientIdentity::parse(map)?;
@@ -428,15 +462,41 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
             ));
         }
     }
+    if map.get("token_file").is_some_and(|v| !v.is_null()) && !matches!(auth_kind.as_str(), "token" | "kubernetes") {
+        return Err(format!(
+            "field \"token_file\" is only used with token or Kubernetes auth (this definition's auth is {auth_kind:?})"
+        ));
+    }
     let mount = |default: &str| -> Result<String, String> {
         Ok(field_str(map, &["mount"])?.map_or_else(|| default.to_string(), |m| m.trim_matches('/').to_string()))
     };
     let auth = match auth_kind.as_str() {
-        "token" => Auth::Token(SecretString::from(required(map, &["token"])?)),
+        "token" => {
+            // Fields of the login methods would be silently ignored with a token.
+            if let Some(field) = ["role", "mount", "role_id", "secret_id"]
+                .into_iter()
+                .find(|f| map.get(*f).is_some_and(|v| !v.is_null()))
+            {
+                return Err(format!(
+                    "field {field:?} belongs to a login method (\"auth\": \"approle\", \"kubernetes\", ...), not to token auth"
+                ));
+            }
+            match (field_str(map, &["token"])?, field_str(map, &["token_file"])?) {
+                (Some(_), Some(_)) => return Err("set either \"token\" or \"token_file\", not both".into()),
+                (Some(token), None) => Auth::Token(SecretString::from(header_safe("token", &token)?)),
+                (None, Some(path)) => Auth::TokenFile(PathBuf::from(path.trim())),
+                (None, None) => {
+                    return Err(
+                        "field \"token\" is missing (or \"token_file\": a file holding it, such as a Vault Agent sink)"
+                            .into(),
+                    );
+                }
+            }
+        }
         "approle" => Auth::AppRole {
             mount: mount("approle")?,
-            role_id: required(map, &["role_id"])?,
-            secret_id: SecretString::from(required(map, &["secret_id"])?),
+            role_id: header_safe("role_id", &required(map, &["role_id"])?)?,
+            secret_id: SecretString::from(header_safe("secret_id", &required(map, &["secret_id"])?)?),
         },
         "kubernetes" => Auth::Kubernetes {
             mount: mount("kubernetes")?,
@@ -491,9 +551,25 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         ca_cert,
         skip_verify,
         client_identity,
-        namespace: field_str(map, &["namespace"])?,
+        namespace: field_str(map, &["namespace"])?
+            .map(|ns| header_safe("namespace", &ns))
+            .transpose()?,
         name: field_str(map, &["name"])?,
     })
+}
+
+/// `bytes` when they hold a PEM bundle or a DER certificate.
+fn checked_ca(bytes: Vec<u8>, what: &str) -> Result<Vec<u8>, String> {
+    let parses = if bytes.starts_with(b"-----BEGIN") {
+        reqwest::Certificate::from_pem_bundle(&bytes).is_ok()
+    } else {
+        reqwest::Certificate::from_der(&bytes).is_ok()
+    };
+    if parses {
+        Ok(bytes)
+    } else {
+        Err(format!("{what} does not hold a PEM or DER certificate"))
+    }
 }
 
 /// Standard base64, line breaks allowed: `base64` wraps at 76 columns and Go's decoder (Apono's
@@ -504,8 +580,8 @@ fn decode_base64(b64: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// A vault ready to be used: the definition, its HTTP client, the login token and the KV versions
-/// of its mounts.
+/// A vault ready to be used: the definition, its HTTP client, the login token and the KV mounts
+/// it was asked about.
 struct Conn {
     def: Definition,
     http: reqwest::Client,
@@ -513,17 +589,21 @@ struct Conn {
     /// given inline): a renewed certificate (cert-manager, Vault Agent) means a new client.
     identity_stamp: Option<auth::IdentityStamp>,
     token: Mutex<Option<Held>>,
-    kv_versions: Mutex<HashMap<String, u8>>,
+    /// By `secret_engine` as the reference wrote it.
+    mounts: Mutex<HashMap<String, Mount>>,
     /// The AWS credential chain, built on the first AWS IAM login.
     #[cfg(feature = "vault-aws-auth")]
     aws_credentials: tokio::sync::OnceCell<aws_iam::Credentials>,
 }
 
-/// A token in use, and when to renew it (None: a configured token, or one that does not expire).
+/// A token in use, and when to renew it (None: one that does not expire, or that someone else
+/// renews).
 struct Held {
     token: SecretString,
     renew_at: Option<Instant>,
     renewable: bool,
+    /// For `token_file`: the file as it was when read; a change means a new token.
+    file_stamp: Option<Option<(SystemTime, u64)>>,
 }
 
 impl Held {
@@ -534,8 +614,18 @@ impl Held {
             token,
             renew_at,
             renewable,
+            file_stamp: None,
         }
     }
+}
+
+/// A KV mount as Vault describes it (`sys/internal/ui/mounts`).
+#[derive(Clone)]
+struct Mount {
+    /// The mount's own path: `secret` for a `secret_engine` of `secret/data`.
+    path: String,
+    /// None when Vault would not say (a policy without `sys/internal/ui/mounts`).
+    version: Option<u8>,
 }
 
 /// Vault's answer, before it becomes a `SecretError`.
@@ -543,15 +633,29 @@ enum ReadError {
     /// A 403 with a token Vault no longer accepts (expired, revoked, rotated): worth re-reading
     /// the definition and logging in again.
     Forbidden(String),
-    /// A 403 with a token Vault still accepts: its policy denies the path, so logging in again
-    /// would only spend a use of an AppRole secret ID.
+    /// A 403 with a token Vault still accepts: its policy denies the path (the hint says which),
+    /// so logging in again would only spend a use of an AppRole secret ID.
     Denied(String),
     Other(SecretError),
+}
+
+/// Statuses worth retrying: throttling, a standby or a DR secondary (472, 473), 5xx.
+fn retryable_status(code: u16) -> bool {
+    code == 429 || code == 472 || code == 473 || code >= 500
+}
+
+/// The `errors` of a Vault error body.
+fn vault_errors(body: Option<&Value>) -> String {
+    body.and_then(|b| b.get("errors"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
+        .unwrap_or_default()
 }
 
 impl Conn {
     fn new(def: Definition) -> Result<Conn, String> {
         let mut builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .tls_danger_accept_invalid_certs(def.skip_verify);
         if def.address.scheme() == "http" {
@@ -559,9 +663,9 @@ impl Conn {
             builder = builder.tls_certs_only(Vec::new());
         } else if let Some(ca) = &def.ca_cert {
             let certs = if ca.starts_with(b"-----BEGIN") {
-                reqwest::Certificate::from_pem_bundle(ca).map_err(|e| format!("ca_cert_base64: {e}"))?
+                reqwest::Certificate::from_pem_bundle(ca).map_err(|e| format!("CA certificate: {e}"))?
             } else {
-                vec![reqwest::Certificate::from_der(ca).map_err(|e| format!("ca_cert_base64: {e}"))?]
+                vec![reqwest::Certificate::from_der(ca).map_err(|e| format!("CA certificate: {e}"))?]
             };
             builder = builder.tls_certs_merge(certs);
         }
@@ -583,7 +687,7 @@ impl Conn {
             http,
             identity_stamp,
             token: Mutex::new(None),
-            kv_versions: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
             #[cfg(feature = "vault-aws-auth")]
             aws_credentials: tokio::sync::OnceCell::new(),
         })
@@ -595,15 +699,15 @@ impl Conn {
     }
 
     fn describe(&self) -> String {
-        match &self.def.name {
-            Some(n) => format!("{n} ({})", self.def.address),
-            None => self.def.address.to_string(),
-        }
+        self.def.describe()
     }
 
     fn matches(&self, wanted: &str) -> bool {
-        let trim = |s: &str| s.trim_end_matches('/').to_string();
-        self.def.name.as_deref() == Some(wanted) || trim(self.def.address.as_str()) == trim(wanted)
+        self.def.matches(wanted)
+    }
+
+    fn is_configured_token(&self) -> bool {
+        matches!(self.def.auth, Auth::Token(_) | Auth::TokenFile(_))
     }
 
     fn client(&self, token: &str) -> Result<VaultClient, String> {
@@ -629,13 +733,21 @@ impl Conn {
         })
     }
 
-    /// The token to send: the configured one, or one from logging in, renewed before it expires
-    /// (logged in again, and the old one revoked, when it cannot be renewed).
+    /// The token to send: the configured one (renewed when Vault says it can be), the file's
+    /// (re-read when the file changes), or one from logging in, renewed before it expires (logged
+    /// in again, and the old one revoked, when it cannot be renewed).
     async fn token(&self, reference: &SecretRef) -> Result<SecretString, SecretError> {
         let mut slot = self.token.lock().await;
         let mut expiring = None;
         if let Some(held) = slot.as_ref() {
+            let file_changed = match (&self.def.auth, &held.file_stamp) {
+                (Auth::TokenFile(path), Some(stamp)) => file_stamp(path) != *stamp,
+                _ => false,
+            };
             match held.renew_at {
+                _ if file_changed => {
+                    tracing::info!(vault = %self.describe(), "the vault token file changed; using its new token");
+                }
                 Some(at) if Instant::now() >= at => {
                     if held.renewable
                         && let Ok(client) = self.client(held.token.expose_secret())
@@ -648,11 +760,14 @@ impl Conn {
                                 return Ok(token);
                             }
                             Err(e) => {
-                                tracing::info!(vault = %self.describe(), error = %e, "cannot renew the vault token; logging in again");
+                                tracing::warn!(vault = %self.describe(), error = %e, "cannot renew the vault token");
                             }
                         }
                     }
-                    expiring = Some(held.token.clone());
+                    // A configured token is the only one there is: never revoke it.
+                    if !self.is_configured_token() {
+                        expiring = Some(held.token.clone());
+                    }
                 }
                 _ => return Ok(held.token.clone()),
             }
@@ -669,103 +784,222 @@ impl Conn {
         Ok(token)
     }
 
-    /// The KV version of `mount`, from `sys/internal/ui/mounts` (None when Vault will not say).
-    async fn kv_version(&self, mount: &str, token: &SecretString) -> Option<u8> {
-        if let Some(v) = self.kv_versions.lock().await.get(mount) {
-            return Some(*v);
+    /// A configured token's life as Vault tells it (`auth/token/lookup-self`, allowed by the
+    /// default policy): renewable ones are renewed like login tokens; one that will expire
+    /// without renewal is reported ahead of time. A token Vault does not accept is kept as it is:
+    /// the read's 403 then says so.
+    async fn configured_token(&self, token: SecretString) -> Held {
+        let lookup = match self.get(&token, "auth/token/lookup-self").await {
+            Ok((200, Some(body))) => body,
+            _ => return Held::new(token, 0, false),
+        };
+        let data = &lookup["data"];
+        let ttl = data["ttl"].as_u64().unwrap_or(0);
+        let renewable = data["renewable"].as_bool().unwrap_or(false);
+        if ttl > 0 && !renewable && ttl < 24 * 3600 {
+            tracing::warn!(
+                vault = %self.describe(),
+                expires_in_s = ttl,
+                "the configured vault token cannot be renewed and expires within a day: issue a periodic token (vault token create -period=...) or use token_file, AppRole, Kubernetes or JWT auth"
+            );
         }
+        Held::new(token, ttl, renewable && ttl > 0)
+    }
+
+    /// A token from `token_file`, trimmed and checked.
+    async fn file_token(&self, path: &Path) -> Result<Held, SecretError> {
+        let stamp = file_stamp(path);
+        let fail = |why: String| SecretError::Misconfigured {
+            store: STORE.into(),
+            hint: format!("token_file of vault {}: {why}", self.describe()),
+        };
+        let text = secrecy::zeroize::Zeroizing::new(
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?,
+        );
+        let token = header_safe("token", &text).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        if token.is_empty() {
+            return Err(fail(format!(
+                "{} is empty (has the Vault Agent written it yet?)",
+                path.display()
+            )));
+        }
+        let mut held = Held::new(SecretString::from(token), 0, false);
+        held.file_stamp = Some(stamp);
+        Ok(held)
+    }
+
+    /// GET `v1/{api_path}` with `token`: the status and the JSON body (None when it is not JSON).
+    async fn get(&self, token: &SecretString, api_path: &str) -> Result<(u16, Option<Value>), reqwest::Error> {
         let url = self
             .def
             .address
-            .join(&format!("v1/sys/internal/ui/mounts/{}", mount.trim_matches('/')))
-            .ok()?;
+            .join(&format!("v1/{api_path}"))
+            .unwrap_or_else(|_| self.def.address.clone());
         let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
         if let Some(ns) = &self.def.namespace {
             request = request.header("X-Vault-Namespace", ns);
         }
-        let response = request.send().await.ok()?;
-        if !response.status().is_success() {
-            return None;
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        Ok((status, serde_json::from_slice(&bytes).ok()))
+    }
+
+    fn unreachable(&self, reference: &SecretRef, what: &str, e: &reqwest::Error) -> ReadError {
+        ReadError::Other(SecretError::Unreachable {
+            reference: reference.describe(),
+            hint: format!("vault {}: {what}: {}", self.describe(), crate::error_chain(e)),
+        })
+    }
+
+    /// The mount `engine` names, from `sys/internal/ui/mounts/{engine}` (allowed by Vault's
+    /// default policy), remembered. Only KV mounts are read: a GET on another engine
+    /// (`database/creds/...`, `aws/creds/...`) can mint a credential.
+    async fn mount(&self, reference: &SecretRef, engine: &str, token: &SecretString) -> Result<Mount, ReadError> {
+        if let Some(m) = self.mounts.lock().await.get(engine) {
+            return Ok(m.clone());
         }
-        let body: Value = response.json().await.ok()?;
-        let data = body.get("data")?;
-        let version = match data.pointer("/options/version").and_then(Value::as_str) {
-            Some("2") => 2,
-            _ if data.get("type").and_then(Value::as_str) == Some("kv") => 1,
-            _ => return None,
+        let (status, body) = self
+            .get(token, &format!("sys/internal/ui/mounts/{engine}"))
+            .await
+            .map_err(|e| self.unreachable(reference, "asking for the mount", &e))?;
+        let data = body.as_ref().map(|b| &b["data"]).filter(|_| status == 200);
+        let Some(data) = data else {
+            return Ok(Mount {
+                path: engine.to_string(),
+                version: None,
+            });
         };
-        self.kv_versions.lock().await.insert(mount.to_string(), version);
-        Some(version)
+        let kind = data["type"].as_str().unwrap_or_default();
+        let version = match kind {
+            "kv" if data.pointer("/options/version").and_then(Value::as_str) == Some("2") => 2,
+            "kv" | "generic" => 1,
+            other => {
+                return Err(ReadError::Other(misconfigured(&format!(
+                    "{}: secret_engine {engine:?} of vault {} is a {other:?} engine, not KV; only KV mounts are read",
+                    reference.describe(),
+                    self.describe()
+                ))));
+            }
+        };
+        let mount = Mount {
+            path: data["path"]
+                .as_str()
+                .map(|p| p.trim_matches('/').to_string())
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| engine.to_string()),
+            version: Some(version),
+        };
+        self.mounts.lock().await.insert(engine.to_string(), mount.clone());
+        Ok(mount)
     }
 
     /// Whether Vault still accepts `token` (`auth/token/lookup-self`, allowed by the default
     /// policy). False when it cannot tell, so a doubtful token is replaced.
     async fn token_accepted(&self, token: &SecretString) -> bool {
-        let Ok(url) = self.def.address.join("v1/auth/token/lookup-self") else {
-            return false;
-        };
-        let mut request = self.http.get(url).header("X-Vault-Token", token.expose_secret());
-        if let Some(ns) = &self.def.namespace {
-            request = request.header("X-Vault-Namespace", ns);
-        }
-        matches!(request.send().await, Ok(r) if r.status().is_success())
+        matches!(self.get(token, "auth/token/lookup-self").await, Ok((200, _)))
     }
 
-    async fn read(&self, reference: &SecretRef, mount: &str, path: &str) -> Result<Secret, ReadError> {
+    /// Reads the KV entry at `path` under `engine`. KV v2 paths are accepted as the CLI writes
+    /// them (`test/x`) and as the API and policies do (`data/test/x`, or an engine of
+    /// `secret/data`).
+    async fn read(&self, reference: &SecretRef, engine: &str, path: &str) -> Result<Secret, ReadError> {
         let token = self.token(reference).await.map_err(ReadError::Other)?;
-        let client = self
-            .client(token.expose_secret())
-            .map_err(|e| ReadError::Other(misconfigured(&e)))?;
-        let version = self.kv_version(mount, &token).await;
-        let result = match version {
-            Some(1) => vaultrs::kv1::get::<HashMap<String, Value>>(&client, mount, path).await,
-            Some(_) => vaultrs::kv2::read::<HashMap<String, Value>>(&client, mount, path).await,
-            None => match vaultrs::kv2::read::<HashMap<String, Value>>(&client, mount, path).await {
-                Err(ClientError::APIError { code: 404, .. }) => {
-                    vaultrs::kv1::get::<HashMap<String, Value>>(&client, mount, path).await
-                }
-                other => other,
-            },
+        let mount = self.mount(reference, engine, &token).await?;
+        let below = engine.strip_prefix(mount.path.as_str()).unwrap_or("").trim_matches('/');
+        let mut path = if below.is_empty() {
+            path.to_string()
+        } else {
+            format!("{below}/{path}")
         };
+        if mount.version == Some(2)
+            && let Some(rest) = path.strip_prefix("data/")
+        {
+            path = rest.to_string();
+        }
+        let m = &mount.path;
+        let (api_path, version) = match mount.version {
+            Some(1) => (format!("{m}/{path}"), 1),
+            _ => (format!("{m}/data/{path}"), 2),
+        };
+        let mut answer = self
+            .get(&token, &api_path)
+            .await
+            .map_err(|e| self.unreachable(reference, "reading", &e))?;
+        let (mut api_path, mut version) = (api_path, version);
+        if mount.version.is_none() && answer.0 == 404 {
+            // Vault would not say which KV version: KV v1 then.
+            api_path = format!("{m}/{path}");
+            version = 1;
+            answer = self
+                .get(&token, &api_path)
+                .await
+                .map_err(|e| self.unreachable(reference, "reading", &e))?;
+        }
         let describe = || reference.describe();
-        match result {
-            Ok(data) => value::from_json_map(reference, data).map_err(ReadError::Other),
-            Err(ClientError::APIError { code: 403, errors }) => {
-                let why = errors.join("; ");
-                if self.token_accepted(&token).await {
-                    Err(ReadError::Denied(why))
-                } else {
-                    Err(ReadError::Forbidden(why))
+        let (status, body) = answer;
+        match status {
+            200 => {
+                let data = body.as_ref().map(|b| {
+                    if version == 2 {
+                        b.pointer("/data/data").unwrap_or(&Value::Null)
+                    } else {
+                        b.get("data").unwrap_or(&Value::Null)
+                    }
+                });
+                match data {
+                    Some(Value::Object(map)) => value::from_json_map(reference, map.clone()).map_err(ReadError::Other),
+                    Some(Value::Null) if version == 2 && body.as_ref().is_some_and(|b| b["data"].is_object()) => {
+                        Err(ReadError::Other(SecretError::NotFound {
+                            reference: describe(),
+                            hint: format!(
+                                "the latest version at {api_path} in vault {} is deleted or destroyed; write a new version (vault kv put {m}/{path} ...)",
+                                self.describe()
+                            ),
+                        }))
+                    }
+                    _ => Err(ReadError::Other(SecretError::Malformed {
+                        reference: describe(),
+                        hint: format!("{api_path} is not a KV entry (a map of keys to values)"),
+                    })),
                 }
             }
-            Err(ClientError::APIError { code: 404, .. })
-            | Err(ClientError::ResponseEmptyError)
-            | Err(ClientError::ResponseDataEmptyError) => Err(ReadError::Other(SecretError::NotFound {
+            404 => Err(ReadError::Other(SecretError::NotFound {
                 reference: describe(),
                 hint: format!(
-                    "vault {} has no secret at {mount}/{path}{}",
+                    "vault {} has no secret at {api_path} (KV v{version}{}; `vault kv get {m}/{path}` shows it)",
                     self.describe(),
-                    match version {
-                        Some(v) => format!(" (a KV v{v} mount)"),
-                        None => String::new(),
-                    }
+                    if mount.version.is_some() { "" } else { ", guessed" },
                 ),
             })),
-            Err(ClientError::JsonParseError { .. }) => Err(ReadError::Other(SecretError::Malformed {
+            403 => {
+                let why = vault_errors(body.as_ref());
+                if self.token_accepted(&token).await {
+                    Err(ReadError::Denied(format!(
+                        "vault {}: {why}: the token's policy must allow \"read\" on {api_path}",
+                        self.describe()
+                    )))
+                } else {
+                    Err(ReadError::Forbidden(format!("vault {}: {why}", self.describe())))
+                }
+            }
+            code if retryable_status(code) => Err(ReadError::Other(SecretError::Unreachable {
                 reference: describe(),
-                hint: "the KV entry is not a map of keys to values".into(),
+                hint: format!(
+                    "vault {} answered {code} for {api_path}: {}",
+                    self.describe(),
+                    vault_errors(body.as_ref())
+                ),
             })),
-            Err(e) => Err(ReadError::Other(unreachable_error(reference, &self.describe(), &e))),
+            code => Err(ReadError::Other(misconfigured(&format!(
+                "{}: vault {} answered {code} for {api_path}: {}; check secret_engine (a KV mount) and path",
+                describe(),
+                self.describe(),
+                vault_errors(body.as_ref())
+            )))),
         }
-    }
-}
-
-fn denied(reference: &SecretRef, why: &str, mount: &str, path: &str) -> SecretError {
-    SecretError::NotPermitted {
-        reference: reference.describe(),
-        hint: format!(
-            "{why}: the token's policy must allow \"read\" on {mount}/data/{path} (KV v2) or {mount}/{path} (KV v1)"
-        ),
     }
 }
 
@@ -793,8 +1027,13 @@ fn unreachable_error(reference: &SecretRef, vault: &str, e: &ClientError) -> Sec
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
+type Resolution = futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Conn>, SecretError>>>;
+
 enum SlotState {
     Unresolved,
+    /// Being resolved by a task of its own, which records the outcome whether or not anyone
+    /// still waits for it (a read cut off by its deadline must not leave the slot unresolved).
+    Resolving(Resolution),
     Ready(Arc<Conn>),
     /// Resolving failed at `at`; `error` is answered until `backoff` has passed.
     Failed {
@@ -807,67 +1046,118 @@ enum SlotState {
 /// One configured entry and what resolving it gave. Resolved on first use, not at start-up, and
 /// resolved again after a failure (with backoff) rather than remembered as failed until a restart.
 struct Slot {
+    index: usize,
     entry: Entry,
-    state: Mutex<SlotState>,
+    state: std::sync::Mutex<SlotState>,
+    /// The backoff of the last failure, for the next one.
+    last_backoff: std::sync::Mutex<Option<Duration>>,
+}
+
+/// What resolving a definition needs, shared with the resolution tasks.
+struct Resolver {
+    /// The other stores, for `from_secret_store` definitions (read uncached).
+    others: Vec<Arc<dyn SecretStore>>,
+    default_namespace: Option<String>,
+    /// How long resolving one definition may take.
+    timeout: Duration,
 }
 
 impl Slot {
-    async fn conn(&self, store: &VaultStore) -> Result<Arc<Conn>, SecretError> {
-        // Held while resolving, so concurrent reads resolve a definition once.
-        let mut state = self.state.lock().await;
-        let previous = match &*state {
+    /// The connection, or the resolution under way (started here when needed).
+    fn poll_state(self: &Arc<Self>, resolver: &Arc<Resolver>) -> Result<Result<Arc<Conn>, SecretError>, Resolution> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*state {
             SlotState::Ready(c) if c.identity_changed() => {
                 tracing::info!(vault = %c.describe(), "the vault client certificate changed; reconnecting with it");
-                None
             }
-            SlotState::Ready(c) => return Ok(c.clone()),
-            SlotState::Failed { error, at, backoff } if at.elapsed() < *backoff => return Err(error.clone()),
-            SlotState::Failed { backoff, .. } => Some(*backoff),
-            SlotState::Unresolved => None,
-        };
-        match store.resolve(self.entry.clone()).await {
+            SlotState::Ready(c) => return Ok(Ok(c.clone())),
+            SlotState::Failed { error, at, backoff } if at.elapsed() < *backoff => return Ok(Err(error.clone())),
+            SlotState::Resolving(r) => return Err(r.clone()),
+            SlotState::Failed { .. } | SlotState::Unresolved => {}
+        }
+        let (slot, resolver) = (self.clone(), resolver.clone());
+        let task = tokio::spawn(async move {
+            let result = match tokio::time::timeout(resolver.timeout, resolver.resolve(slot.entry.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(SecretError::Unreachable {
+                    reference: slot.entry.describe(),
+                    hint: format!("no answer within {:?}", resolver.timeout),
+                }),
+            };
+            slot.record(&result);
+            result
+        });
+        let resolution: Resolution = futures::FutureExt::shared(Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(misconfigured(&format!("resolving a vault definition failed: {e}"))))
+        }) as futures::future::BoxFuture<'static, _>);
+        *state = SlotState::Resolving(resolution.clone());
+        Err(resolution)
+    }
+
+    fn record(&self, result: &Result<Arc<Conn>, SecretError>) {
+        let mut last = self
+            .last_backoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = match result {
             Ok(c) => {
-                *state = SlotState::Ready(c.clone());
-                Ok(c)
+                *last = None;
+                SlotState::Ready(c.clone())
             }
             Err(error) => {
-                let backoff = previous.map_or(RETRY_MIN, |b| (b * 2).min(RETRY_MAX));
-                tracing::warn!(error = %error, retry_in_s = backoff.as_secs(), "cannot resolve a vault definition; will retry");
-                *state = SlotState::Failed {
+                let backoff = last.map_or(RETRY_MIN, |b| (b * 2).min(RETRY_MAX));
+                *last = Some(backoff);
+                tracing::warn!(definition = self.index, error = %error, retry_in_s = backoff.as_secs(), "cannot resolve a vault definition; will retry");
+                SlotState::Failed {
                     error: error.clone(),
                     at: Instant::now(),
                     backoff,
-                };
-                Err(error)
+                }
             }
+        };
+        *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+    }
+
+    /// Starts resolving in the background when needed, without waiting.
+    fn start(self: &Arc<Self>, resolver: &Arc<Resolver>) {
+        let _ = self.poll_state(resolver);
+    }
+
+    /// The connection: resolved (with its own deadline) or remembered.
+    async fn conn(self: &Arc<Self>, resolver: &Arc<Resolver>) -> Result<Arc<Conn>, SecretError> {
+        match self.poll_state(resolver) {
+            Ok(result) => result,
+            Err(resolution) => resolution.await,
         }
     }
 }
 
-/// The configured definitions, each resolved lazily.
-struct Loaded {
-    stamp: Option<(SystemTime, u64)>,
-    slots: Vec<Slot>,
+impl Entry {
+    /// For errors and logs: where the definition is, never what it holds.
+    fn describe(&self) -> String {
+        match self {
+            Entry::Direct(def) => format!("vault {}", def.describe()),
+            Entry::FromSecretStore(r) => format!("the vault definition in {}", r.describe()),
+        }
+    }
 }
 
-/// Reads HashiCorp Vault / OpenBao KV entries.
-pub struct VaultStore {
-    definitions: VaultDefinitions,
-    /// The other stores, for `from_secret_store` definitions (read uncached).
-    others: Vec<Arc<dyn SecretStore>>,
-    loaded: Mutex<Option<Arc<Loaded>>>,
-}
-
-impl VaultStore {
-    /// `others` serve the `from_secret_store` entries.
-    pub fn new(definitions: VaultDefinitions, others: Vec<Arc<dyn SecretStore>>) -> VaultStore {
-        VaultStore {
-            definitions,
-            others,
-            loaded: Mutex::new(None),
+impl Definition {
+    fn describe(&self) -> String {
+        match &self.name {
+            Some(n) => format!("{n} ({})", self.address),
+            None => self.address.to_string(),
         }
     }
 
+    fn matches(&self, wanted: &str) -> bool {
+        let trim = |s: &str| s.trim_end_matches('/').to_string();
+        self.name.as_deref() == Some(wanted) || trim(self.address.as_str()) == trim(wanted)
+    }
+}
+
+impl Resolver {
     async fn resolve(&self, entry: Entry) -> Result<Arc<Conn>, SecretError> {
         let mut def = match entry {
             Entry::Direct(def) => *def,
@@ -897,9 +1187,53 @@ impl VaultStore {
             }
         };
         if def.namespace.is_none() {
-            def.namespace.clone_from(&self.definitions.default_namespace);
+            def.namespace.clone_from(&self.default_namespace);
         }
         Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
+    }
+}
+
+/// The configured definitions, each resolved lazily.
+struct Loaded {
+    stamp: Option<(SystemTime, u64)>,
+    slots: Vec<Arc<Slot>>,
+}
+
+/// Reads HashiCorp Vault / OpenBao KV entries.
+pub struct VaultStore {
+    definitions: VaultDefinitions,
+    resolver: Arc<Resolver>,
+    /// How long one vault may take over its part of a read (login, mount, read).
+    vault_deadline: Duration,
+    loaded: Mutex<Option<Arc<Loaded>>>,
+}
+
+impl VaultStore {
+    /// `others` serve the `from_secret_store` entries.
+    pub fn new(definitions: VaultDefinitions, others: Vec<Arc<dyn SecretStore>>) -> VaultStore {
+        VaultStore {
+            resolver: Arc::new(Resolver {
+                others,
+                default_namespace: definitions.default_namespace.clone(),
+                timeout: RESOLVE_TIMEOUT,
+            }),
+            definitions,
+            vault_deadline: VAULT_DEADLINE,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// Shorter deadlines (tests of stalled stores): resolving one definition, and one vault's
+    /// part of a read.
+    #[cfg(test)]
+    pub(crate) fn with_deadlines(mut self, resolve: Duration, vault: Duration) -> VaultStore {
+        self.resolver = Arc::new(Resolver {
+            others: self.resolver.others.clone(),
+            default_namespace: self.resolver.default_namespace.clone(),
+            timeout: resolve,
+        });
+        self.vault_deadline = vault;
+        self
     }
 
     /// The definitions, re-read when the definitions file changed, or when `stale` (the set a
@@ -941,9 +1275,14 @@ impl VaultStore {
         }
         let slots = entries
             .into_iter()
-            .map(|entry| Slot {
-                entry,
-                state: Mutex::new(SlotState::Unresolved),
+            .enumerate()
+            .map(|(index, entry)| {
+                Arc::new(Slot {
+                    index,
+                    entry,
+                    state: std::sync::Mutex::new(SlotState::Unresolved),
+                    last_backoff: std::sync::Mutex::new(None),
+                })
             })
             .collect();
         let loaded = Arc::new(Loaded { stamp, slots });
@@ -951,78 +1290,131 @@ impl VaultStore {
         Ok(loaded)
     }
 
-    /// Every definition resolved, in parallel: one slow or unreachable store costs its own time
-    /// once, not once per definition per read.
-    async fn resolve_all(&self, loaded: &Loaded) -> Vec<Result<Arc<Conn>, SecretError>> {
-        futures::future::join_all(loaded.slots.iter().map(|s| s.conn(self))).await
-    }
-
-    /// The vault named (or addressed) `wanted`.
+    /// The vault named (or addressed) `wanted`. Direct definitions are matched without being
+    /// resolved; only `from_secret_store` ones must be read to know their names.
     async fn pick(&self, loaded: &Loaded, wanted: &str) -> Result<Arc<Conn>, SecretError> {
-        let conns = self.resolve_all(loaded).await;
+        for slot in &loaded.slots {
+            if let Entry::Direct(def) = &slot.entry
+                && def.matches(wanted)
+            {
+                return slot.conn(&self.resolver).await;
+            }
+        }
+        let pointers: Vec<&Arc<Slot>> = loaded
+            .slots
+            .iter()
+            .filter(|s| matches!(s.entry, Entry::FromSecretStore(_)))
+            .collect();
+        let conns = futures::future::join_all(pointers.iter().map(|s| s.conn(&self.resolver))).await;
         if let Some(c) = conns.iter().flatten().find(|c| c.matches(wanted)) {
             return Ok(c.clone());
         }
-        if let Some(Err(e)) = conns.iter().find(|c| c.is_err()) {
-            return Err(e.clone());
+        let known: Vec<String> = loaded
+            .slots
+            .iter()
+            .zip(std::iter::repeat(()))
+            .filter_map(|(s, ())| match &s.entry {
+                Entry::Direct(def) => Some(def.describe()),
+                Entry::FromSecretStore(_) => None,
+            })
+            .chain(conns.iter().flatten().map(|c| c.describe()))
+            .collect();
+        let unresolved: Vec<String> = conns
+            .iter()
+            .filter_map(|c| c.as_ref().err())
+            .map(ToString::to_string)
+            .collect();
+        let mut hint = format!("no vault named {wanted:?} is configured (known: {})", known.join(", "));
+        if !unresolved.is_empty() {
+            // One of those may be the vault asked for: worth retrying.
+            hint.push_str(&format!(
+                "; some definitions could not be read: {}",
+                unresolved.join("; ")
+            ));
+            return Err(SecretError::Unreachable {
+                reference: format!("vault {wanted:?}"),
+                hint,
+            });
         }
-        let known: Vec<String> = conns.iter().flatten().map(|c| c.describe()).collect();
-        Err(misconfigured(&format!(
-            "no vault named {wanted:?} is configured (known: {})",
-            known.join(", ")
-        )))
+        Err(misconfigured(&hint))
+    }
+
+    /// One vault's part of a read, within its own deadline.
+    async fn read_from(
+        &self,
+        conn: &Conn,
+        reference: &SecretRef,
+        engine: &str,
+        path: &str,
+    ) -> Result<Secret, ReadError> {
+        match tokio::time::timeout(self.vault_deadline, conn.read(reference, engine, path)).await {
+            Ok(result) => result,
+            Err(_) => Err(ReadError::Other(SecretError::Unreachable {
+                reference: reference.describe(),
+                hint: format!(
+                    "vault {} did not answer within {:?}",
+                    conn.describe(),
+                    self.vault_deadline
+                ),
+            })),
+        }
     }
 
     /// One attempt at the read. Without `wanted`, the definitions are tried in order (Apono's
     /// references name no vault, yet its documentation lists several): the first that holds the
-    /// path serves it; a vault that lacks it, refuses it or cannot be reached passes to the next.
+    /// path serves it. A definition is waited for only when those before it lacked the path or
+    /// failed (the rest are resolved in the background), so a stalled one never delays a read
+    /// that an earlier vault serves. A vault that fails is skipped with a warning naming it.
     async fn read_once(
         &self,
         loaded: &Loaded,
         reference: &SecretRef,
         wanted: Option<&str>,
-        mount: &str,
+        engine: &str,
         path: &str,
     ) -> Result<Secret, ReadError> {
         if let Some(wanted) = wanted {
             let conn = self.pick(loaded, wanted).await.map_err(ReadError::Other)?;
-            return match conn.read(reference, mount, path).await {
-                Err(ReadError::Forbidden(why)) => {
-                    Err(ReadError::Forbidden(format!("vault {}: {why}", conn.describe())))
-                }
-                Err(ReadError::Denied(why)) => Err(ReadError::Denied(format!("vault {}: {why}", conn.describe()))),
-                other => other,
-            };
+            return self.read_from(&conn, reference, engine, path).await;
         }
-        let conns = self.resolve_all(loaded).await;
-        let several = conns.len() > 1;
-        let (mut forbidden, mut denied, mut first_error, mut not_found) = (None, None, None, None);
-        for conn in conns {
-            let conn = match conn {
+        for slot in &loaded.slots {
+            slot.start(&self.resolver);
+        }
+        let several = loaded.slots.len() > 1;
+        let (mut forbidden, mut denied, mut failures, mut not_found) = (None, None, Vec::new(), Vec::new());
+        for slot in &loaded.slots {
+            let conn = match slot.conn(&self.resolver).await {
                 Ok(c) => c,
                 Err(e) => {
-                    first_error.get_or_insert(e);
+                    let what = format!("definition {} ({})", slot.index, slot.entry.describe());
+                    failures.push((format!("{what}: {e}"), e));
                     continue;
                 }
             };
-            match conn.read(reference, mount, path).await {
+            let skipped = |why: &str| {
+                if several {
+                    tracing::warn!(vault = %conn.describe(), reason = %why, "skipping a vault that cannot serve the path; trying the next definition");
+                }
+            };
+            match self.read_from(&conn, reference, engine, path).await {
                 Ok(s) => {
                     if several {
-                        tracing::info!(vault = %conn.describe(), path = %format!("{mount}/{path}"), "read from the first configured vault that holds the path");
+                        tracing::info!(vault = %conn.describe(), path = %format!("{engine}/{path}"), "read from the first configured vault that holds the path");
                     }
                     return Ok(s);
                 }
                 Err(ReadError::Forbidden(why)) => {
-                    forbidden.get_or_insert(format!("vault {}: {why}", conn.describe()));
+                    skipped(&why);
+                    forbidden.get_or_insert(why);
                 }
                 Err(ReadError::Denied(why)) => {
-                    denied.get_or_insert(format!("vault {}: {why}", conn.describe()));
+                    skipped(&why);
+                    denied.get_or_insert(why);
                 }
-                Err(ReadError::Other(e @ SecretError::NotFound { .. })) => {
-                    not_found.get_or_insert(e);
-                }
+                Err(ReadError::Other(SecretError::NotFound { hint, .. })) => not_found.push(hint),
                 Err(ReadError::Other(e)) => {
-                    first_error.get_or_insert(e);
+                    skipped(&e.to_string());
+                    failures.push((e.to_string(), e));
                 }
             }
         }
@@ -1032,10 +1424,31 @@ impl VaultStore {
         if let Some(why) = denied {
             return Err(ReadError::Denied(why));
         }
-        match first_error.or(not_found) {
-            Some(e) => Err(ReadError::Other(e)),
-            None => Err(ReadError::Other(misconfigured(&format!("{ENV_CONFIG} lists no vault")))),
-        }
+        let retryable = failures.iter().any(|(_, e)| e.retryable());
+        let failed: Vec<&str> = failures.iter().map(|(text, _)| text.as_str()).collect();
+        let error = match (not_found.is_empty(), failures.first()) {
+            (true, None) => misconfigured(&format!("{ENV_CONFIG} lists no vault")),
+            (false, None) => SecretError::NotFound {
+                reference: reference.describe(),
+                hint: not_found.join("; "),
+            },
+            // A vault that could not be asked may hold the path: retry then.
+            (false, Some(_)) if retryable => SecretError::Unreachable {
+                reference: reference.describe(),
+                hint: format!("{}; and not asked: {}", not_found.join("; "), failed.join("; ")),
+            },
+            (false, Some(_)) => SecretError::NotFound {
+                reference: reference.describe(),
+                hint: format!("{}; and not asked: {}", not_found.join("; "), failed.join("; ")),
+            },
+            (true, Some((_, only))) if failures.len() == 1 => only.clone(),
+            (true, Some(_)) if retryable => SecretError::Unreachable {
+                reference: reference.describe(),
+                hint: failed.join("; "),
+            },
+            (true, Some((_, first))) => first.clone(),
+        };
+        Err(ReadError::Other(error))
     }
 }
 
@@ -1054,22 +1467,35 @@ impl SecretStore for VaultStore {
         else {
             return Err(wrong_store(reference, STORE));
         };
-        let mount = secret_engine.trim_matches('/');
-        let path = path.trim_matches('/');
+        let engine = secret_engine.trim().trim_matches('/');
+        let path = path.trim().trim_matches('/');
         let loaded = self.conns(None).await?;
-        match self.read_once(&loaded, reference, vault.as_deref(), mount, path).await {
+        match self.read_once(&loaded, reference, vault.as_deref(), engine, path).await {
             Ok(s) => return Ok(s),
             Err(ReadError::Other(e)) => return Err(e),
-            Err(ReadError::Denied(why)) => return Err(denied(reference, &why, mount, path)),
+            Err(ReadError::Denied(why)) => return Err(denied(reference, &why)),
             Err(ReadError::Forbidden(why)) => {
                 tracing::info!(reason = %why, "vault answered 403; re-reading its definition and retrying once");
             }
         }
         let loaded = self.conns(Some(&loaded)).await?;
-        match self.read_once(&loaded, reference, vault.as_deref(), mount, path).await {
+        match self.read_once(&loaded, reference, vault.as_deref(), engine, path).await {
             Ok(s) => Ok(s),
             Err(ReadError::Other(e)) => Err(e),
-            Err(ReadError::Forbidden(why) | ReadError::Denied(why)) => Err(denied(reference, &why, mount, path)),
+            Err(ReadError::Denied(why)) => Err(denied(reference, &why)),
+            Err(ReadError::Forbidden(why)) => Err(SecretError::NotPermitted {
+                reference: reference.describe(),
+                hint: format!(
+                    "{why}: the vault does not accept the token (expired, revoked or mistyped): issue a new one (a periodic token is renewed by the connector), or use token_file, AppRole, Kubernetes or JWT auth"
+                ),
+            }),
         }
+    }
+}
+
+fn denied(reference: &SecretRef, why: &str) -> SecretError {
+    SecretError::NotPermitted {
+        reference: reference.describe(),
+        hint: why.to_string(),
     }
 }

@@ -394,3 +394,46 @@ async fn a_stalled_endpoint_times_out_per_attempt() {
     assert!(e.to_string().contains("timed out"), "{e}");
     assert_eq!(requests.load(Ordering::SeqCst), 2);
 }
+
+#[cfg_attr(
+    not(apono_test_moto),
+    ignore = "needs moto: run tests/run, or set APONO_TEST_MOTO_SERVER"
+)]
+#[tokio::test]
+async fn a_pinned_version_stage_or_id_is_read() {
+    let moto = start_moto().await;
+    let sdk = sdk_config(&moto).await;
+    let admin = admin(&sdk);
+    create(&admin, "rotated", r#"{"k":"old"}"#, true).await;
+    let old_id = admin
+        .get_secret_value()
+        .secret_id("rotated")
+        .send()
+        .await
+        .unwrap()
+        .version_id()
+        .unwrap()
+        .to_string();
+    admin
+        .put_secret_value()
+        .secret_id("rotated")
+        .secret_string(r#"{"k":"new"}"#)
+        .send()
+        .await
+        .unwrap();
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk.clone())));
+    let pinned = |field: &str, value: &str| {
+        reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "rotated", field: value}))
+    };
+    assert_eq!(value_of(&stores.fetch(&aws_ref("rotated")).await.unwrap(), "k"), "new");
+    let previous = pinned("version_stage", "AWSPREVIOUS");
+    assert_eq!(value_of(&stores.fetch(&previous).await.unwrap(), "k"), "old");
+    assert_eq!(previous.describe(), "AWS us-east-1/rotated@AWSPREVIOUS");
+    assert_eq!(
+        value_of(&stores.fetch(&pinned("version_id", &old_id)).await.unwrap(), "k"),
+        "old"
+    );
+    // A stage no version carries is not found, not retried.
+    let e = stores.fetch(&pinned("version_stage", "NOSUCHSTAGE")).await.unwrap_err();
+    assert!(!e.retryable(), "{e}");
+}

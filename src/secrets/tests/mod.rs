@@ -30,3 +30,5 @@ mod vault_auth;
 mod vault_bao;
 #[cfg(feature = "store-vault")]
 mod vault_config;
+#[cfg(feature = "store-vault")]
+mod vault_robust;

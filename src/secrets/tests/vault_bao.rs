@@ -94,7 +94,7 @@ impl Bao {
     }
 }
 
-fn stores_with(config_json: Value) -> SecretStores {
+pub(super) fn stores_with(config_json: Value) -> SecretStores {
     let config = SecretsConfig {
         hashicorp_vault_config: Some(SecretString::from(config_json.to_string())),
         cache_ttl_seconds: 300,
@@ -103,7 +103,7 @@ fn stores_with(config_json: Value) -> SecretStores {
     SecretStores::from_config(&config).unwrap()
 }
 
-fn vault_ref(engine: &str, path: &str) -> SecretRef {
+pub(super) fn vault_ref(engine: &str, path: &str) -> SecretRef {
     reference(json!({"type": "HASHICORP_VAULT", "secret_engine": engine, "path": path}))
 }
 
@@ -458,7 +458,7 @@ async fn namespaces() {
 }
 
 /// A Vault store whose definitions may point at `memory` (standing in for AWS).
-fn vault_over_memory(
+pub(super) fn vault_over_memory(
     config: Value,
     memory: &std::sync::Arc<crate::secrets::MemoryStore>,
 ) -> crate::secrets::VaultStore {
@@ -467,7 +467,7 @@ fn vault_over_memory(
     crate::secrets::VaultStore::new(definitions, vec![other])
 }
 
-fn definition_ref() -> SecretRef {
+pub(super) fn definition_ref() -> SecretRef {
     reference(json!({"type": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}))
 }
 
@@ -586,15 +586,7 @@ async fn a_policy_denial_does_not_spend_approle_secret_id_uses() {
 async fn approle_tokens_are_renewed_before_they_expire() {
     let guard = start_bao(false).await;
     let bao = Bao::new(&guard, "http");
-    bao.post(
-        "secret/data/apono/rancher",
-        json!({"data": {"token": "still-readable"}}),
-    )
-    .await;
-    bao.reader_token().await; // creates the policy
-    // A 9 s token and a secret ID good for one login: only renewal keeps reads working. Reads
-    // come 6.5 s apart: past two thirds of the token's life (6 s), with 2.5 s to spare before it
-    // expires, so a loaded machine does not make the test flaky.
+    // A 9 s token and a secret ID good for one login: only renewal keeps reads working.
     let (role_id, secret_id) = bao
         .approle(
             json!({"token_policies": ["reader"], "token_ttl": "9s", "token_max_ttl": "60s", "secret_id_num_uses": 1}),
@@ -604,11 +596,22 @@ async fn approle_tokens_are_renewed_before_they_expire() {
         json!([{"address": bao.base, "auth": "approle", "role_id": role_id, "secret_id": secret_id}]),
         &std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS")),
     );
+    reads_outlive_a_9s_token(&bao, &vault).await;
+}
+
+/// Reads `apono/rancher` 6.5 s apart: past two thirds of a 9 s token's life (6 s), with 2.5 s to
+/// spare before it expires (a loaded machine does not make the test flaky); the last read is past
+/// the first token's expiry. Writes the secret and creates the `reader` policy first.
+pub(super) async fn reads_outlive_a_9s_token(bao: &Bao, vault: &crate::secrets::VaultStore) {
+    bao.post(
+        "secret/data/apono/rancher",
+        json!({"data": {"token": "still-readable"}}),
+    )
+    .await;
+    bao.reader_token().await;
     let r = vault_ref("secret", "apono/rancher");
-    // Reads past two thirds of the token's life renew it; the last one is past the first token's
-    // expiry, when a new login would be refused.
     for _ in 0..3 {
-        let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
+        let s = crate::secrets::SecretStore::fetch(vault, &r).await.unwrap();
         assert_eq!(value_of(&s, "token"), "still-readable");
         tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
     }

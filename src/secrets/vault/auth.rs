@@ -199,7 +199,8 @@ impl Conn {
         let anonymous = || self.client("").map_err(|e| misconfigured(&e));
         let refused = |e: ClientError| self.login_error(reference, e);
         match &self.def.auth {
-            Auth::Token(t) => Ok(Held::new(t.clone(), 0, false)),
+            Auth::Token(t) => Ok(self.configured_token(t.clone()).await),
+            Auth::TokenFile(path) => self.file_token(path).await,
             Auth::AppRole {
                 mount,
                 role_id,
@@ -311,7 +312,7 @@ impl Conn {
                     Auth::Jwt { role, .. } | Auth::Cert { role, .. } => role.as_deref(),
                     #[cfg(feature = "vault-aws-auth")]
                     Auth::Aws(aws) => aws.role.as_deref(),
-                    Auth::Token(_) | Auth::AppRole { .. } => None,
+                    Auth::Token(_) | Auth::TokenFile(_) | Auth::AppRole { .. } => None,
                 };
                 let role = role.map(|r| format!(" as role {r:?}")).unwrap_or_default();
                 SecretError::NotPermitted {
@@ -332,7 +333,7 @@ impl Conn {
 
 fn login_fix(auth: &Auth) -> &'static str {
     match auth {
-        Auth::Token(_) => "check the token",
+        Auth::Token(_) | Auth::TokenFile(_) => "check the token",
         Auth::AppRole { .. } => "check role_id and secret_id (a secret ID expires or runs out of uses)",
         Auth::Kubernetes { .. } => {
             "check the role's bound service account names and namespaces, and that Vault can call the TokenReview API"
