@@ -45,9 +45,9 @@ pub fn subscriber<W>(config: &TelemetryConfig, writer: W, ansi: bool) -> Logs
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let (filter, bad_filter) = match EnvFilter::try_new(&config.log_level) {
+    let (filter, bad_filter) = match EnvFilter::try_new(quiet_clients(&config.log_level)) {
         Ok(f) => (f, None),
-        Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
+        Err(e) => (EnvFilter::new(quiet_clients("info")), Some(e.to_string())),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -98,6 +98,13 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    #[test]
+    fn the_vault_clients_own_error_logs_are_off_unless_named() {
+        assert_eq!(quiet_clients("info"), "info,rustify=off,vaultrs=warn");
+        assert_eq!(quiet_clients(""), "rustify=off,vaultrs=warn");
+        assert_eq!(quiet_clients("debug,rustify=trace"), "debug,rustify=trace,vaultrs=warn");
+    }
 
     #[derive(Clone, Default)]
     struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -154,4 +161,20 @@ mod tests {
         assert!(!colour_allowed(true, Some("1".into())));
         assert!(!colour_allowed(false, None));
     }
+}
+
+/// The Vault client's HTTP layer (`rustify`) logs every refused request at ERROR, its own way,
+/// beside the connector's own message that names the vault and what to do (secrets review N9):
+/// off unless the filter names it; `vaultrs` from WARN.
+fn quiet_clients(filter: &str) -> String {
+    let mut out = filter.trim().to_string();
+    for (target, level) in [("rustify", "off"), ("vaultrs", "warn")] {
+        if !out.contains(target) {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&format!("{target}={level}"));
+        }
+    }
+    out
 }
