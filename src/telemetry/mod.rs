@@ -93,6 +93,22 @@ impl Write for LossyStderr {
     }
 }
 
+/// The Vault client's HTTP layer (`rustify`) logs every refused request at ERROR, its own way,
+/// beside the connector's own message that names the vault and what to do (secrets review N9):
+/// off unless the filter names it; `vaultrs` from WARN.
+fn quiet_clients(filter: &str) -> String {
+    let mut out = filter.trim().to_string();
+    for (target, level) in [("rustify", "off"), ("vaultrs", "warn")] {
+        if !out.contains(target) {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&format!("{target}={level}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -161,20 +177,4 @@ mod tests {
         assert!(!colour_allowed(true, Some("1".into())));
         assert!(!colour_allowed(false, None));
     }
-}
-
-/// The Vault client's HTTP layer (`rustify`) logs every refused request at ERROR, its own way,
-/// beside the connector's own message that names the vault and what to do (secrets review N9):
-/// off unless the filter names it; `vaultrs` from WARN.
-fn quiet_clients(filter: &str) -> String {
-    let mut out = filter.trim().to_string();
-    for (target, level) in [("rustify", "off"), ("vaultrs", "warn")] {
-        if !out.contains(target) {
-            if !out.is_empty() {
-                out.push(',');
-            }
-            out.push_str(&format!("{target}={level}"));
-        }
-    }
-    out
 }
