@@ -43,21 +43,34 @@ impl Bao {
         path: &str,
         body: Option<Value>,
     ) -> Value {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}/v1/{path}", self.base))
-            .header("X-Vault-Token", BAO_ROOT);
-        if let Some(ns) = namespace {
-            req = req.header("X-Vault-Namespace", ns);
+        // A dev server upgrades its `secret/` mount to KV v2 in the background after it reports
+        // healthy; until then a write answers "Upgrading from non-versioned to versioned data"
+        // (seen on a loaded machine). Set-up waits that out, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}/v1/{path}", self.base))
+                .header("X-Vault-Token", BAO_ROOT);
+            if let Some(ns) = namespace {
+                req = req.header("X-Vault-Namespace", ns);
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            if !status.is_success()
+                && text.contains("Upgrading from non-versioned")
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+            assert!(status.is_success(), "{method} {path}: {status} {text}");
+            return serde_json::from_str(&text).unwrap_or(Value::Null);
         }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        assert!(status.is_success(), "{method} {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Value {
