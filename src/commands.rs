@@ -165,6 +165,7 @@ async fn run_agent(
                 cp.clone(),
                 server::Access {
                     agent_token: None,
+                    agent_token_file: None,
                     operator_token,
                     listen: listener.local_addr().context("reading the operator API's address")?,
                 },
@@ -206,6 +207,14 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
         cp.clone(),
         server::Access {
             agent_token: Some(agent_token),
+            // Read again on a mismatch when it changed: a rotated Secret reaches the control
+            // plane without a restart (APONO_TOKEN wins when both are set, as at start).
+            agent_token_file: config
+                .control_plane
+                .token
+                .is_none()
+                .then(|| config.control_plane.token_file.clone())
+                .flatten(),
             operator_token,
             listen: listener.local_addr().context("reading the listen address")?,
         },
@@ -228,7 +237,8 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
 }
 
 /// The token agents must present to `control-plane serve`: `APONO_TOKEN`, else the content of
-/// `APONO_TOKEN_FILE` (read once, at start). Blank is an error, never "no authentication".
+/// `APONO_TOKEN_FILE` (read at start, and again when an agent presents another token and the file
+/// changed). Blank is an error, never "no authentication".
 fn serve_agent_token(config: &Config) -> anyhow::Result<secrecy::SecretString> {
     if let Some(token) = &config.control_plane.token {
         return Ok(operator_token::non_blank("APONO_TOKEN", token.expose_secret())?);

@@ -500,6 +500,7 @@ fn the_operator_api_answers_any_body_with_2xx_or_4xx() {
             Arc::clone(&cp),
             Access {
                 agent_token: None,
+                agent_token_file: None,
                 operator_token: OPERATOR_TOKEN.to_string().into(),
                 listen: addr,
             },

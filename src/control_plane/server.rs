@@ -14,6 +14,7 @@
 mod tests;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,9 +49,64 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 struct AppState {
     cp: Arc<EmbeddedControlPlane>,
-    /// SHA-256 of the expected token: compared in constant time, and the token itself is not kept
-    /// in a second place.
-    token_digest: Option<[u8; 32]>,
+    /// The expected token; `None`: no token is asked for.
+    token: Option<Arc<ExpectedToken>>,
+}
+
+/// The token a route expects, as its SHA-256 (compared in constant time; the token itself is not
+/// kept in a second place). When it came from a file (`APONO_TOKEN_FILE`, a mounted Secret), a
+/// token that does not match makes the file be read again if it changed since (its size or
+/// modification time), so a rotated Secret reaches the control plane without a restart while the
+/// agents already present the new token (deploy review N6).
+struct ExpectedToken {
+    digest: std::sync::RwLock<[u8; 32]>,
+    file: Option<(PathBuf, std::sync::Mutex<Option<(std::time::SystemTime, u64)>>)>,
+}
+
+impl ExpectedToken {
+    fn fixed(digest: [u8; 32]) -> ExpectedToken {
+        ExpectedToken {
+            digest: std::sync::RwLock::new(digest),
+            file: None,
+        }
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        let given = digest(given);
+        let current = *self.digest.read().unwrap_or_else(|p| p.into_inner());
+        if same_digest(&current, &given) {
+            return true;
+        }
+        self.reread_if_changed() && same_digest(&self.digest.read().unwrap_or_else(|p| p.into_inner()), &given)
+    }
+
+    /// Reads the token file again when its size or modification time changed. True when the
+    /// expected token was replaced. A file that went blank or unreadable keeps the old token.
+    fn reread_if_changed(&self) -> bool {
+        let Some((path, seen)) = &self.file else {
+            return false;
+        };
+        let Ok(meta) = std::fs::metadata(path) else {
+            return false;
+        };
+        let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == Some(stamp) {
+            return false;
+        }
+        *seen = Some(stamp);
+        match std::fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => {
+                *self.digest.write().unwrap_or_else(|p| p.into_inner()) = digest(text.trim());
+                tracing::info!(path = %path.display(), "the agent token file changed: using the new token");
+                true
+            }
+            _ => {
+                tracing::warn!(path = %path.display(), "the agent token file changed but holds no token: keeping the previous one");
+                false
+            }
+        }
+    }
 }
 
 /// Cancelled when the server shuts down; long-polls answer (empty) at once. Set by [`serve`].
@@ -124,7 +180,7 @@ fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 fn check_token(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(expected) = &state.token_digest else {
+    let Some(expected) = &state.token else {
         return Ok(());
     };
     let given = headers
@@ -137,7 +193,7 @@ fn check_token(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
             message: "missing \"Authorization: Bearer <token>\" header".into(),
         }));
     };
-    if same_digest(expected, &digest(given)) {
+    if expected.matches(given) {
         Ok(())
     } else {
         Err(ApiFailure(ControlPlaneError::Unauthorized {
@@ -158,6 +214,9 @@ pub struct Access {
     /// The agent protocol's bearer token; `None`: the agent protocol is not served at all (`run`
     /// standalone, whose agent talks to the control plane in-process).
     pub agent_token: Option<SecretString>,
+    /// Where `agent_token` was read from (`APONO_TOKEN_FILE`): read again when a presented token
+    /// does not match and the file changed.
+    pub agent_token_file: Option<PathBuf>,
     /// The operator API's bearer token (`<data_dir>/operator.token`). The agent token is not
     /// accepted in its place: an agent may lease jobs, it may not grant access.
     pub operator_token: SecretString,
@@ -188,19 +247,28 @@ fn token_digest(token: &SecretString, what: &str) -> Result<[u8; 32], AccessErro
 /// # Errors
 /// A token that is empty or only whitespace.
 pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, AccessError> {
-    let agent_digest = access
-        .agent_token
-        .as_ref()
-        .map(|t| token_digest(t, "APONO_TOKEN"))
-        .transpose()?;
+    let agent_token = match &access.agent_token {
+        Some(t) => {
+            let mut expected = ExpectedToken::fixed(token_digest(t, "APONO_TOKEN")?);
+            if let Some(path) = &access.agent_token_file {
+                let stamp = std::fs::metadata(path)
+                    .ok()
+                    .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()));
+                expected.file = Some((path.clone(), std::sync::Mutex::new(stamp)));
+            }
+            Some(Arc::new(expected))
+        }
+        None => None,
+    };
+    let serves_agents = agent_token.is_some();
     let operator_digest = token_digest(&access.operator_token, "the operator token")?;
     let agent_state = AppState {
         cp: cp.clone(),
-        token_digest: agent_digest,
+        token: agent_token,
     };
     let operator_state = AppState {
         cp,
-        token_digest: Some(operator_digest),
+        token: Some(Arc::new(ExpectedToken::fixed(operator_digest))),
     };
     let guard = OperatorGuard {
         state: operator_state.clone(),
@@ -225,7 +293,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
         .route_layer(middleware::from_fn_with_state(guard, operator_guard))
         .with_state(operator_state);
     let mut app = Router::new().merge(operator);
-    if agent_digest.is_some() {
+    if serves_agents {
         let agent = Router::new()
             .route(&format!("{API_PREFIX}/connectors/{{id}}/sessions"), post(hello))
             .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))

@@ -29,9 +29,57 @@ impl Served {
 fn access(agent_token: Option<&str>, listen: SocketAddr) -> Access {
     Access {
         agent_token: agent_token.map(SecretString::from),
+        agent_token_file: None,
         operator_token: SecretString::from(OP_TOKEN),
         listen,
     }
+}
+
+/// The agent token from a file (a mounted Secret): rotating the Secret, then the agents, needs no
+/// restart of the control plane; the old token stops working; a file gone blank keeps the last
+/// good token (deploy review N6).
+#[tokio::test]
+async fn a_rotated_agent_token_file_is_picked_up_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "first-t0ken\n").unwrap();
+    let cp = fixtures::open_with(fixtures::options(dir.path()), json!({}));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(
+        cp,
+        Access {
+            agent_token: Some(SecretString::from("first-t0ken")),
+            agent_token_file: Some(path.clone()),
+            operator_token: SecretString::from(OP_TOKEN),
+            listen: listener.local_addr().unwrap(),
+        },
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, app, shutdown.clone()));
+    let http = reqwest::Client::new();
+    let lease = |token: &'static str| {
+        http.post(format!("{url}/connector/v1/connectors/x/jobs:lease"))
+            .bearer_auth(token)
+            .json(&json!({"max_jobs": 1, "wait_seconds": 0}))
+            .send()
+    };
+    assert_eq!(lease("first-t0ken").await.unwrap().status(), 200);
+    assert_eq!(lease("second-t0ken").await.unwrap().status(), 401);
+    // The Secret is rotated (a new file of another size), then the agents.
+    std::fs::write(&path, "second-t0ken-longer\n").unwrap();
+    assert_eq!(lease("second-t0ken-longer").await.unwrap().status(), 200);
+    assert_eq!(
+        lease("first-t0ken").await.unwrap().status(),
+        401,
+        "the old token is refused"
+    );
+    // A file emptied by a botched rotation keeps the last good token.
+    std::fs::write(&path, "\n").unwrap();
+    assert_eq!(lease("second-t0ken-longer").await.unwrap().status(), 200);
+    shutdown.cancel();
+    let _ = task.await;
 }
 
 /// `token`: the agent token; `None` serves the operator API only, as `run` standalone does.
