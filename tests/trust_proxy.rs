@@ -38,6 +38,7 @@ async fn https_control_plane(dir: &std::path::Path) -> (String, std::path::PathB
         cp.clone(),
         server::Access {
             agent_token: Some(TOKEN.to_string().into()),
+            agent_token_file: None,
             operator_token: "operator-token-unused".to_string().into(),
             listen: addr,
         },

@@ -60,8 +60,11 @@ struct AppState {
 /// agents already present the new token (deploy review N6).
 struct ExpectedToken {
     digest: std::sync::RwLock<[u8; 32]>,
-    file: Option<(PathBuf, std::sync::Mutex<Option<(std::time::SystemTime, u64)>>)>,
+    file: Option<(PathBuf, std::sync::Mutex<Option<FileStamp>>)>,
 }
+
+/// A file's modification time and size, to tell that it changed.
+type FileStamp = (std::time::SystemTime, u64);
 
 impl ExpectedToken {
     fn fixed(digest: [u8; 32]) -> ExpectedToken {
