@@ -89,6 +89,7 @@
 
 mod api;
 mod data;
+mod index;
 mod store;
 #[cfg(test)]
 mod tests;
