@@ -1272,11 +1272,10 @@ pub fn live_access_naming(
     on: Option<(&str, &Resource)>,
     names: [&str; 2],
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    let verbatim = |n: &str| !n.is_empty() && !n.chars().any(|ch| ch == '"' || ch == '\\' || ch.is_control());
     let live = "state IN ('pending', 'active', 'revoking')";
     let named = "(instr(subject, ?1) > 0 OR instr(COALESCE(bound_subject, ''), ?1) > 0 OR user_id = ?1
          OR instr(subject, ?2) > 0 OR instr(COALESCE(bound_subject, ''), ?2) > 0 OR user_id = ?2)";
-    match (on, names.iter().all(|n| verbatim(n))) {
+    match (on, names.iter().all(|n| matchable_as_text(n))) {
         (Some((role, resource)), true) => access_where(
             c,
             &format!("WHERE role = ?3 AND resource = ?4 AND {live} AND {named}"),
@@ -1286,6 +1285,29 @@ pub fn live_access_naming(
         (Some((role, resource)), false) => live_access_on(c, role, resource),
         (None, false) => live_access(c),
     }
+}
+
+/// Whether `s` appears verbatim in the JSON text of a value holding it (JSON escapes quotes,
+/// backslashes and control characters), so `instr` on the stored text can find it.
+fn matchable_as_text(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|ch| ch == '"' || ch == '\\' || ch.is_control())
+}
+
+/// Active accesses whose recorded binding ids may include `binding_id` (a text match on the
+/// stored list: a superset the caller checks exactly), without decoding every live access. An id
+/// JSON would escape cannot be matched as text: then every live access is returned.
+pub fn active_access_holding(
+    c: &Connection,
+    binding_id: &str,
+) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    if !matchable_as_text(binding_id) {
+        return live_access(c);
+    }
+    access_where(
+        c,
+        "WHERE state = 'active' AND instr(binding_ids, ?1) > 0",
+        &[&binding_id],
+    )
 }
 
 // ----- users the agent created -----
