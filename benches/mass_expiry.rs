@@ -53,7 +53,7 @@ fn cpu_ms(pid: u32) -> f64 {
 /// by its principal id (as `sim/data.rs` makes them).
 fn large_dataset_user(i: usize) -> Subject {
     let j = i + 1;
-    if j % 5 == 0 {
+    if j.is_multiple_of(5) {
         Subject::user(&format!("github_user://{}", 100_000 + j))
     } else {
         Subject::user(&format!("user{j:05}"))
