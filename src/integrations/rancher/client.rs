@@ -459,9 +459,10 @@ struct EndpointKey {
     connect_timeout: Duration,
     pool: usize,
     max_requests: usize,
-    /// The proxy and root-store variables as the process sees them now: reqwest reads them when a
-    /// client is built, so a change means a new client.
-    env: Vec<Option<String>>,
+    /// SHA-256 of the proxy and root-store variables as the process sees them now: reqwest reads
+    /// them when a client is built, so a change means a new client. A digest, because a proxy URL
+    /// may carry a password.
+    env: [u8; 32],
 }
 
 const ENDPOINT_ENV: &[&str] = &[
@@ -490,7 +491,16 @@ impl EndpointKey {
             connect_timeout: config.connect_timeout,
             pool: config.concurrency,
             max_requests: config.max_requests,
-            env: ENDPOINT_ENV.iter().map(|k| std::env::var(k).ok()).collect(),
+            env: ENDPOINT_ENV
+                .iter()
+                .fold(sha2::Sha256::new(), |h, k| {
+                    // Unset and empty differ: a length prefix keeps values apart.
+                    let v = std::env::var(k).ok();
+                    h.chain_update(format!("{}:{}", v.is_some(), v.as_deref().map_or(0, str::len)))
+                        .chain_update(v.unwrap_or_default())
+                })
+                .finalize()
+                .into(),
         }
     }
 }
