@@ -63,7 +63,8 @@ impl Default for RemoteConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// `APONO_ACTIONS_PARALLELISM`: jobs run at once.
+    /// `APONO_ACTIONS_PARALLELISM`: workers, i.e. requests to Rancher in flight at once; jobs in
+    /// progress are capped at 32 per worker (a job waiting on Rancher holds no worker).
     pub parallelism: usize,
     /// How long in-flight jobs may run after SIGTERM before they are abandoned (their leases then
     /// run out and the jobs are handed out again).
@@ -77,7 +78,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            parallelism: 8,
+            parallelism: 32,
             shutdown_grace_seconds: 30,
             lease_wait_seconds: 20,
             job_attempts: 3,
@@ -486,7 +487,7 @@ mod tests {
     fn defaults_are_standalone() {
         let c = Config::load_from(None, env(&[])).unwrap();
         assert!(c.is_standalone());
-        assert_eq!(c.agent.parallelism, 8);
+        assert_eq!(c.agent.parallelism, 32);
         assert_eq!(c.standalone.listen.to_string(), "127.0.0.1:8790");
     }
 

@@ -7,12 +7,13 @@
 //! retryable flag. No message carries a secret value: secrets stay inside `Secret`, and the
 //! integration's errors are built to name objects, never credentials.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::control_plane::ControlPlane;
@@ -126,6 +127,9 @@ pub struct Executor {
     attempts: u32,
     /// First backoff; doubles per attempt, with jitter.
     backoff_base: Duration,
+    /// The workers: each request to an integration's server holds one while in flight (see
+    /// [`Executor::with_workers`]). None: requests are bounded per endpoint only.
+    workers: Option<Arc<Semaphore>>,
 }
 
 impl Executor {
@@ -135,7 +139,16 @@ impl Executor {
             connector_id: DEFAULT_CONNECTOR_ID.to_string(),
             attempts: attempts.max(1),
             backoff_base: Duration::from_millis(500),
+            workers: None,
         }
+    }
+
+    /// `n` workers: at most `n` requests to integrations in flight at once, whatever the number
+    /// of jobs in progress. A job waiting between requests (a binding settling, a delete being
+    /// proved) holds no worker, so it does not stop other jobs.
+    pub fn with_workers(mut self, n: usize) -> Executor {
+        self.workers = Some(Arc::new(Semaphore::new(n.max(1))));
+        self
     }
 
     /// The connector id (`control_plane.connector_id`): the owner of jobs that name none.
@@ -226,7 +239,8 @@ impl Executor {
             .fetch(&spec.secret_store)
             .await
             .map_err(|e| from_secret_error(&e))?;
-        let integration = integrations::build(spec, &secret).map_err(|e| from_integration_error(&e))?;
+        let integration =
+            integrations::build_with(spec, &secret, self.workers.clone()).map_err(|e| from_integration_error(&e))?;
         drop(secret);
         let result = match operation {
             Operation::Validate => {

@@ -29,9 +29,16 @@ use crate::telemetry::{Readiness, metrics};
 pub use executor::Executor;
 use executor::backoff;
 
+/// Jobs in progress per worker. Workers bound requests in flight; most of a job's time is spent
+/// waiting for Rancher (a request's round trip, a binding settling), so many more jobs than
+/// workers are in progress at once. Each costs a task and a lease renewal, a few KiB.
+pub const JOBS_PER_WORKER: usize = 32;
+
 /// Knobs of the runtime (from `config::AgentConfig`).
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
+    /// Workers: requests to integrations in flight at once (`APONO_ACTIONS_PARALLELISM`). Jobs in
+    /// progress are capped at `parallelism × JOBS_PER_WORKER`.
     pub parallelism: usize,
     pub lease_wait_seconds: u32,
     pub shutdown_grace: Duration,
@@ -51,11 +58,18 @@ fn refused_token_retry(failures: u32) -> Duration {
     Duration::from_secs(5u64.saturating_mul(1 << failures.saturating_sub(1).min(4)).min(60))
 }
 
+impl AgentOptions {
+    /// The cap on jobs in progress at once: `parallelism × JOBS_PER_WORKER`.
+    pub fn jobs_in_flight(&self) -> usize {
+        self.parallelism.max(1).saturating_mul(JOBS_PER_WORKER)
+    }
+}
+
 impl Agent {
     pub fn new(control_plane: Arc<dyn ControlPlane>, executor: Executor, options: AgentOptions) -> Agent {
         Agent {
             control_plane,
-            executor: Arc::new(executor),
+            executor: Arc::new(executor.with_workers(options.parallelism)),
             options,
             readiness: Readiness::new(),
         }
@@ -74,7 +88,9 @@ impl Agent {
         if !self.say_hello(&shutdown).await {
             return;
         }
-        let permits = Arc::new(Semaphore::new(self.options.parallelism));
+        // Jobs in progress, not workers: a job waiting on Rancher holds no worker (see
+        // `Executor::with_workers`), so many more jobs than workers run at once.
+        let permits = Arc::new(Semaphore::new(self.options.jobs_in_flight()));
         let tracker = TaskTracker::new();
         // Cancelled when the grace period runs out: abandons jobs still running.
         let abandon = CancellationToken::new();

@@ -138,3 +138,90 @@ async fn lease_renewal_without_lease_seconds_uses_the_expiry_as_before() {
     let cp = SkewedControlPlane::new(LEASE, chrono::Duration::zero(), false);
     assert!(kept(&cp).await);
 }
+
+/// With one worker, a grant waiting for Rancher to apply its binding (the simulator's
+/// controllers held back) does not stop other jobs: three validate jobs run and finish while the
+/// grant is still waiting, and the grant succeeds once the binding is applied.
+#[tokio::test]
+async fn a_grant_waiting_for_its_binding_to_settle_does_not_stop_other_jobs_with_one_worker() {
+    use crate::control_plane::embedded::{self, EmbeddedControlPlane};
+    use crate::control_plane::operator::{JobCreate, JobState};
+    use crate::sim::{SimHandle, SimOptions};
+
+    let sim = SimHandle::start(SimOptions::default()).await.unwrap();
+    // The binding is applied only when the test says so.
+    sim.sim.set_controller_delay(Duration::from_secs(3600));
+    let dir = tempfile::tempdir().unwrap();
+    let cp = EmbeddedControlPlane::open(embedded::Options {
+        data_dir: dir.path().to_path_buf(),
+        lease_duration: Duration::from_secs(30),
+        tick: Duration::from_millis(100),
+        ..embedded::Options::default()
+    })
+    .unwrap();
+    let (access, key) = sim.sim.api_key();
+    let spec: crate::integrations::IntegrationSpec = serde_json::from_value(serde_json::json!({
+        "type": "rancher",
+        "name": "r",
+        "config": {"host": sim.base_url, "status_timeout_seconds": 600},
+        "secret_store": {"type": "APONO", "credentials": {"access_key": access, "secret_key": key}},
+    }))
+    .unwrap();
+    cp.register_integration(&spec, embedded::IntegrationSource::Config)
+        .unwrap();
+    let stop = CancellationToken::new();
+    let executor = super::Executor::new(crate::secrets::SecretStores::default(), 1);
+    let options = super::AgentOptions {
+        parallelism: 1,
+        lease_wait_seconds: 1,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let agent = tokio::spawn(super::Agent::new(cp.clone(), executor, options).run(stop.clone()));
+
+    let job = |kind: &str, params: Value| {
+        cp.create_job(JobCreate {
+            kind: kind.into(),
+            integration: serde_json::json!("r"),
+            params,
+        })
+        .unwrap()
+        .id
+    };
+    let state = |id: &str| cp.job(id).unwrap().unwrap().state;
+    let before = sim.sim.bindings_of_username("bob").len();
+    let grant = job(
+        "grant",
+        serde_json::json!({"user": "bob", "role": "cluster-member", "resource": "c-7x2k9"}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The grant has posted its binding and waits for it to be applied.
+    while sim.sim.bindings_of_username("bob").len() <= before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let others: Vec<String> = (0..3).map(|_| job("validate", serde_json::json!({}))).collect();
+    while others.iter().any(|id| state(id) != JobState::Succeeded) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &others {
+        assert_eq!(
+            state(id),
+            JobState::Succeeded,
+            "validate job {id} did not run beside the waiting grant"
+        );
+    }
+    assert_eq!(
+        state(&grant),
+        JobState::Leased,
+        "the grant should still be waiting for its binding"
+    );
+
+    sim.sim.reconcile_now();
+    while state(&grant) != JobState::Succeeded && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&grant), JobState::Succeeded);
+    stop.cancel();
+    let _ = agent.await;
+    cp.close();
+    sim.stop().await;
+}

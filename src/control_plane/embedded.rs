@@ -124,6 +124,8 @@ pub struct EmbeddedControlPlane {
     owner: Owner,
     /// Wakes long-polls when a job may have become ready (created, requeued, closed).
     ready: Notify,
+    /// Wakes the scheduler when an access got an expiry (it sleeps until the earliest one).
+    rescheduled: Notify,
     /// Cancelled by `close`: pending long-polls answer at once (empty).
     closing: CancellationToken,
     /// One-time credentials by access-request id: never written to SQLite. Guarded together
@@ -153,6 +155,8 @@ impl std::fmt::Debug for EmbeddedControlPlane {
 struct Effects {
     /// A job became ready: wake long-polls.
     wake: bool,
+    /// An access got (or moved) its expiry: the scheduler recomputes when to wake.
+    reschedule: bool,
 }
 
 fn now() -> DateTime<Utc> {
@@ -244,6 +248,7 @@ impl EmbeddedControlPlane {
             store,
             owner,
             ready: Notify::new(),
+            rescheduled: Notify::new(),
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
             last_prune: Mutex::new(None),
@@ -300,6 +305,10 @@ impl EmbeddedControlPlane {
         drop(conn);
         if effects.wake {
             self.ready.notify_waiters();
+        }
+        if effects.reschedule {
+            // `notify_one` keeps a permit: a scheduler between its look and its sleep still wakes.
+            self.rescheduled.notify_one();
         }
         Ok(value)
     }
@@ -571,6 +580,7 @@ impl EmbeddedControlPlane {
             None => None,
         };
         let is_revoke = job.kind == JobKind::Revoke.as_str();
+        let is_grant = job.kind == JobKind::Grant.as_str() && request.outcome == Outcome::Succeeded;
         match request.outcome {
             Outcome::Succeeded => {
                 let (result, creds) = strip_credentials(request.result.clone());
@@ -688,26 +698,46 @@ impl EmbeddedControlPlane {
         if wake {
             self.ready.notify_waiters();
         }
+        if is_grant {
+            // A grant that succeeded may have set its access's expiry.
+            self.rescheduled.notify_one();
+        }
         Ok(())
     }
 
     // ----- scheduler -----
 
     /// Every `tick`: ends expired accesses, queues due credential rotations, due user cleanups and
-    /// (every `sweep_interval`) sweeps. Runs once at start (revokes that fell due while the process was down go out at
-    /// once). Returns when `stop` is cancelled. Errors are logged, never fatal.
+    /// (every `sweep_interval`) sweeps. Runs once at start (revokes that fell due while the process
+    /// was down go out at once). Between ticks it wakes at the earliest expiry (the `access_due`
+    /// index, no scan) or when an access gets one, and ends what is due then: a revoke is queued
+    /// as its access ends, not up to a tick later. Returns when `stop` is cancelled. Errors are
+    /// logged, never fatal.
     pub async fn run_scheduler(self: Arc<Self>, stop: CancellationToken) {
-        tracing::debug!(
-            tick_ms = self.options.tick.as_millis() as u64,
-            "control-plane scheduler started"
-        );
+        let tick = self.options.tick.max(Duration::from_millis(10));
+        tracing::debug!(tick_ms = tick.as_millis() as u64, "control-plane scheduler started");
+        let mut next_tick = tokio::time::Instant::now();
         loop {
-            if let Err(e) = self.tick_once() {
-                tracing::error!(error = %e, "control-plane scheduler tick failed; retrying next tick");
+            let pass = if tokio::time::Instant::now() >= next_tick {
+                next_tick = tokio::time::Instant::now() + tick;
+                self.tick_once()
+            } else {
+                self.expire_due(now())
+            };
+            if let Err(e) = pass {
+                tracing::error!(error = %e, "control-plane scheduler pass failed; retrying next tick");
+            }
+            let mut wait = next_tick.saturating_duration_since(tokio::time::Instant::now());
+            match store::next_expiry(&self.store.lock()) {
+                // Still due after the pass: it failed, and is retried at the next tick.
+                Ok(Some(due)) if due > now() => wait = wait.min((due - now()).to_std().unwrap_or_default()),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read the next expiry; ending accesses at the next tick"),
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(self.options.tick.max(Duration::from_millis(10))) => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.rescheduled.notified() => {}
             }
         }
         tracing::debug!("control-plane scheduler stopped");

@@ -829,7 +829,8 @@ pub fn list_jobs(c: &Connection) -> Result<Vec<Result<JobRow, StoreError>>, Stor
 }
 
 /// Jobs that may be handed out at `now`: pending and past their backoff, or leased with an
-/// expired lease. Oldest first, at most `limit`.
+/// expired lease. Revokes first (access ends on time however long the queue), then grants, then
+/// the rest (discovery, sweeps, rotations); oldest first within each; at most `limit`.
 pub fn ready_jobs(
     c: &Connection,
     now: DateTime<Utc>,
@@ -840,7 +841,7 @@ pub fn ready_jobs(
         c,
         "WHERE (state = 'pending' AND (not_before IS NULL OR not_before <= ?1))
             OR (state = 'leased' AND lease_expires_at <= ?1)
-         ORDER BY seq LIMIT ?2",
+         ORDER BY CASE kind WHEN 'revoke' THEN 0 WHEN 'grant' THEN 1 ELSE 2 END, seq LIMIT ?2",
         &[&now, &i64::from(limit)],
     )
 }
@@ -1215,6 +1216,18 @@ pub fn prune(c: &Connection, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError
     })
 }
 
+/// The earliest expiry of an active access (the `access_due` index: no scan).
+pub fn next_expiry(c: &Connection) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let ms: Option<i64> = c
+        .query_row(
+            "SELECT MIN(expires_at) FROM access_requests WHERE state = 'active' AND expires_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql("reading the next expiry"))?;
+    opt_ms("access_requests", "(next expiry)", ms)
+}
+
 /// Active accesses whose TTL has ended.
 pub fn expired_access(c: &Connection, now: DateTime<Utc>) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(c, "WHERE state = 'active' AND expires_at <= ?1", &[&to_ms(now)])
@@ -1245,6 +1258,55 @@ pub fn live_access_on(
         c,
         "WHERE role = ?1 AND resource = ?2 AND state IN ('pending', 'active', 'revoking')",
         &[&role, &resource.as_str()],
+    )
+}
+
+/// Accesses that have not ended (on one (role, resource), when given) that may name the subject
+/// `names` spells: its subject string and its binding key's value. A superset of the accesses
+/// that share a subject (the caller decides with the full rule), found without decoding every
+/// live access: a mass expiry on one role would otherwise read them all for each one that ends.
+/// A name JSON would escape (or an empty one) cannot be matched as text: then every live access
+/// is returned, as before.
+pub fn live_access_naming(
+    c: &Connection,
+    on: Option<(&str, &Resource)>,
+    names: [&str; 2],
+) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    let live = "state IN ('pending', 'active', 'revoking')";
+    let named = "(instr(subject, ?1) > 0 OR instr(COALESCE(bound_subject, ''), ?1) > 0 OR user_id = ?1
+         OR instr(subject, ?2) > 0 OR instr(COALESCE(bound_subject, ''), ?2) > 0 OR user_id = ?2)";
+    match (on, names.iter().all(|n| matchable_as_text(n))) {
+        (Some((role, resource)), true) => access_where(
+            c,
+            &format!("WHERE role = ?3 AND resource = ?4 AND {live} AND {named}"),
+            &[&names[0], &names[1], &role, &resource.as_str()],
+        ),
+        (None, true) => access_where(c, &format!("WHERE {live} AND {named}"), &[&names[0], &names[1]]),
+        (Some((role, resource)), false) => live_access_on(c, role, resource),
+        (None, false) => live_access(c),
+    }
+}
+
+/// Whether `s` appears verbatim in the JSON text of a value holding it (JSON escapes quotes,
+/// backslashes and control characters), so `instr` on the stored text can find it.
+fn matchable_as_text(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|ch| ch == '"' || ch == '\\' || ch.is_control())
+}
+
+/// Active accesses whose recorded binding ids may include `binding_id` (a text match on the
+/// stored list: a superset the caller checks exactly), without decoding every live access. An id
+/// JSON would escape cannot be matched as text: then every live access is returned.
+pub fn active_access_holding(
+    c: &Connection,
+    binding_id: &str,
+) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    if !matchable_as_text(binding_id) {
+        return live_access(c);
+    }
+    access_where(
+        c,
+        "WHERE state = 'active' AND instr(binding_ids, ?1) > 0",
+        &[&binding_id],
     )
 }
 

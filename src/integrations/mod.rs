@@ -39,8 +39,23 @@ pub const INTEGRATION_TYPES: &[&str] = &[rancher::TYPE];
 /// # Errors
 /// `Invalid` for an unknown type, `Config` for a config the integration rejects.
 pub fn build(spec: &IntegrationSpec, secret: &Secret) -> Result<Box<dyn Integration>, IntegrationError> {
+    build_with(spec, secret, None)
+}
+
+/// [`build`] for the agent: each request to the integration's server holds one of `workers`
+/// while it is in flight, so the agent's workers bound requests in flight, not jobs in progress
+/// (a job waiting for Rancher to settle holds none). The HTTP client is not built here: it comes
+/// from the process-wide cache of one client per endpoint (`rancher::client::Endpoint`).
+///
+/// # Errors
+/// As [`build`].
+pub fn build_with(
+    spec: &IntegrationSpec,
+    secret: &Secret,
+    workers: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+) -> Result<Box<dyn Integration>, IntegrationError> {
     match spec.kind.to_ascii_lowercase().as_str() {
-        rancher::TYPE => Ok(Box::new(rancher::Rancher::new(spec, secret)?)),
+        rancher::TYPE => Ok(Box::new(rancher::Rancher::new(spec, secret)?.with_workers(workers))),
         other => Err(IntegrationError::Invalid {
             message: format!(
                 "unknown integration type {other:?} (integration {:?}); this agent supports: {}",

@@ -1049,10 +1049,26 @@ fn bindings(
     match rest {
         [] => match req.method {
             Method::GET => {
-                let visible = st
-                    .binding_map(scope)
-                    .values()
-                    .filter(|b| view.listed(&b.id) && view.binding(b));
+                // An exact resource or role narrows the candidates by index (`list` still
+                // applies every condition): a lookup, not a scan of every binding.
+                let conds = conditions(&req.query, filters);
+                let exact = |field: &str| {
+                    conds
+                        .iter()
+                        .find(|c| c.field == field && c.modifier == Modifier::Eq && c.values.len() == 1)
+                        .map(|c| c.values[0].as_str())
+                };
+                let (resource, role) = match scope {
+                    BindingScope::Global => (None, exact("globalRoleId")),
+                    BindingScope::Cluster => (exact("clusterId"), exact("roleTemplateId")),
+                    BindingScope::Project => (exact("projectId"), exact("roleTemplateId")),
+                };
+                let map = st.binding_map(scope);
+                let candidates: Box<dyn Iterator<Item = &store::Binding>> = match map.candidates(resource, role) {
+                    Some(found) => Box::new(found),
+                    None => Box::new(map.values()),
+                };
+                let visible = candidates.filter(|b| view.listed(&b.id) && view.binding(b));
                 Ok((200, list(visible, filters, kind, req, ctx)))
             }
             Method::POST => {

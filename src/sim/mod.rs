@@ -89,6 +89,7 @@
 
 mod api;
 mod data;
+mod index;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -429,6 +430,10 @@ pub struct SimStats {
     pub errors: u64,
     /// Answers replaced or delayed by fault injection.
     pub injected_faults: u64,
+    /// TCP connections accepted (by [`Sim::serve`]): with keep-alive, bounded by the client's
+    /// pool, not by its jobs. Over TLS each is one handshake.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 impl SimStats {
@@ -516,9 +521,17 @@ impl Sim {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
+        let counted = self.clone();
+        let listener = listener.tap_io(move |_| lock(&counted.inner.stats).connections += 1);
         axum::serve(listener, api::router(self.clone()))
             .with_graceful_shutdown(shutdown)
             .await
+    }
+
+    /// Counts one accepted connection (for servers that accept their own, as over TLS).
+    pub fn count_connection(&self) {
+        lock(&self.inner.stats).connections += 1;
     }
 
     /// Bindings (all three kinds) of the user with this username; none if there is no such user.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 
+pub(crate) use super::index::BindingMap;
 use super::{PolicyRule, RancherVersion, SimBinding, SimUser, external_user_id};
 use crate::integrations::BindingScope;
 
@@ -919,9 +920,9 @@ pub(crate) struct State {
     pub global_roles: BTreeMap<String, GlobalRole>,
     pub role_templates: BTreeMap<String, RoleTemplate>,
     pub users: BTreeMap<String, User>,
-    pub grbs: BTreeMap<String, Binding>,
-    pub crtbs: BTreeMap<String, Binding>,
-    pub prtbs: BTreeMap<String, Binding>,
+    pub grbs: BindingMap,
+    pub crtbs: BindingMap,
+    pub prtbs: BindingMap,
     /// External principals the key owner's auth provider can resolve.
     pub directory: BTreeMap<String, Principal>,
     /// Ids left out of every list though readable by id (an informer that has not caught up).
@@ -1038,7 +1039,7 @@ impl State {
         }
     }
 
-    pub fn binding_map(&self, scope: BindingScope) -> &BTreeMap<String, Binding> {
+    pub fn binding_map(&self, scope: BindingScope) -> &BindingMap {
         match scope {
             BindingScope::Global => &self.grbs,
             BindingScope::Cluster => &self.crtbs,
@@ -1046,7 +1047,7 @@ impl State {
         }
     }
 
-    fn binding_map_mut(&mut self, scope: BindingScope) -> &mut BTreeMap<String, Binding> {
+    fn binding_map_mut(&mut self, scope: BindingScope) -> &mut BindingMap {
         match scope {
             BindingScope::Global => &mut self.grbs,
             BindingScope::Cluster => &mut self.crtbs,

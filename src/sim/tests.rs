@@ -1327,7 +1327,18 @@ async fn stats_count_v3_requests_per_route() {
         .json()
         .await
         .expect("json");
-    assert_eq!(over_http, stats);
+    // Asking for the stats opened one more connection.
+    assert_eq!(over_http.connections, stats.connections + 1);
+    assert_eq!(
+        SimStats {
+            connections: 0,
+            ..over_http
+        },
+        SimStats {
+            connections: 0,
+            ..stats
+        }
+    );
     let users: Vec<SimUser> = reqwest::get(c.url("/sim/users"))
         .await
         .expect("users")
@@ -2677,5 +2688,71 @@ async fn the_clock_offset_moves_the_date_header_the_keys_expiry_and_new_objects(
         .with_timezone(&chrono::Utc);
     assert!(near(created, chrono::Utc::now() - hours(3)), "{created}");
     assert!(near(c.h.sim.now(), chrono::Utc::now() - hours(3)));
+    c.stop().await;
+}
+
+/// Listings filtered by an exact resource and role come from the index: the same bindings, in
+/// the same order, as filtering the whole collection, before and after a create and a delete.
+#[tokio::test]
+async fn indexed_binding_listings_match_a_full_scan_through_creates_and_deletes() {
+    let c = Client::start(SimOptions::default()).await;
+    async fn check(c: &Client) {
+        let all = c.all("/v3/clusterroletemplatebindings").await;
+        let mut keys: Vec<(String, String)> = all
+            .iter()
+            .map(|b| {
+                (
+                    b["clusterId"].as_str().unwrap().to_string(),
+                    b["roleTemplateId"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        keys.push(("c-7x2k9".into(), "no-such-role".into()));
+        for (cluster, role) in keys {
+            let expected: Vec<&str> = all
+                .iter()
+                .filter(|b| b["clusterId"] == cluster.as_str() && b["roleTemplateId"] == role.as_str())
+                .map(|b| b["id"].as_str().unwrap())
+                .collect();
+            let got = c
+                .ids(&format!(
+                    "/v3/clusterroletemplatebindings?clusterId={cluster}&roleTemplateId={role}"
+                ))
+                .await;
+            assert_eq!(got, expected, "{cluster} {role}");
+            let by_cluster = c
+                .ids(&format!("/v3/clusterroletemplatebindings?clusterId={cluster}"))
+                .await;
+            let expected: Vec<&str> = all
+                .iter()
+                .filter(|b| b["clusterId"] == cluster.as_str())
+                .map(|b| b["id"].as_str().unwrap())
+                .collect();
+            assert_eq!(by_cluster, expected, "{cluster}");
+        }
+    }
+    check(&c).await;
+    let mut body = crtb("u-bob01", "cluster-member", "c-7x2k9");
+    body["name"] = json!("crtb-indexed");
+    let (status, created) = c.post("/v3/clusterroletemplatebindings", body).await;
+    assert_eq!(status, 201, "{created}");
+    let listed = c
+        .ids("/v3/clusterroletemplatebindings?clusterId=c-7x2k9&roleTemplateId=cluster-member")
+        .await;
+    assert!(listed.contains(&"c-7x2k9:crtb-indexed".to_string()), "{listed:?}");
+    check(&c).await;
+    let (status, _) = c
+        .send(
+            c.http
+                .delete(c.url("/v3/clusterroletemplatebindings/c-7x2k9:crtb-indexed"))
+                .header("Authorization", &c.auth),
+        )
+        .await;
+    assert!(status < 300);
+    let listed = c
+        .ids("/v3/clusterroletemplatebindings?clusterId=c-7x2k9&roleTemplateId=cluster-member")
+        .await;
+    assert!(!listed.contains(&"c-7x2k9:crtb-indexed".to_string()), "{listed:?}");
+    check(&c).await;
     c.stop().await;
 }

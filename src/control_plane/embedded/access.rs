@@ -136,6 +136,17 @@ fn subject_key(a: &AccessRow) -> Option<String> {
     }
 }
 
+/// What another access naming `a`'s subject must contain (see [`same_subject`]): the subject
+/// string, and the value of its subject key (the same string again when it has none).
+fn subject_names(a: &AccessRow) -> [String; 2] {
+    let value = match &a.bound_subject {
+        Some(bound) => Some(bound.value.clone()),
+        None => subject_key(a).and_then(|k| k.split_once('=').map(|(_, v)| v.to_string())),
+    };
+    let subject = a.subject.as_str().to_string();
+    [subject.clone(), value.unwrap_or(subject)]
+}
+
 /// `a` and `b` name one Rancher subject: the same subject string, or the same subject key.
 fn same_subject(a: &AccessRow, b: &AccessRow) -> bool {
     a.subject == b.subject || subject_key(a).is_some_and(|k| subject_key(b).as_ref() == Some(&k))
@@ -233,6 +244,9 @@ fn bound_subject_of(result: &Value) -> Option<BoundSubject> {
         .filter(|v| !v.is_null())
         .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
+
+/// Accesses ended per transaction when many expire at once.
+const EXPIRE_CHUNK: usize = 100;
 
 impl EmbeddedControlPlane {
     /// Creates an access request (`pending`) and queues its grant job, both pinned to the
@@ -353,7 +367,9 @@ impl EmbeddedControlPlane {
     fn overlapping(&self, c: &Connection, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
-        for o in skip_corrupt(store::live_access_on(c, &a.role, &a.resource)?) {
+        let names = subject_names(a);
+        let candidates = store::live_access_naming(c, Some((&a.role, &a.resource)), [&names[0], &names[1]])?;
+        for o in skip_corrupt(candidates) {
             if o.id != a.id && share_binding(a, &spec, &o, &self.effective_spec(c, &o)?) {
                 out.push(o);
             }
@@ -369,7 +385,8 @@ impl EmbeddedControlPlane {
         a: &AccessRow,
     ) -> Result<Option<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
-        for o in skip_corrupt(store::live_access(c)?) {
+        let names = subject_names(a);
+        for o in skip_corrupt(store::live_access_naming(c, None, [&names[0], &names[1]])?) {
             let live = o.state == AccessState::Active || (o.state == AccessState::Revoking && o.granted_at.is_some());
             if o.id != a.id && live && same_subject(a, &o) && same_rancher(a, &spec, &o, &self.effective_spec(c, &o)?) {
                 return Ok(Some(o));
@@ -573,6 +590,7 @@ impl EmbeddedControlPlane {
         };
         let owner = a.owner.clone().unwrap_or_else(|| self.owner.clone());
         if a.expires_at != Some(expires) || a.owner.as_ref() != Some(&owner) {
+            fx.reschedule |= a.expires_at != Some(expires);
             a.expires_at = Some(expires);
             a.owner = Some(owner.clone());
             store::update_access(c, &a)?;
@@ -861,21 +879,42 @@ impl EmbeddedControlPlane {
     /// Scheduler step: ends every active access whose TTL has passed.
     pub(super) fn expire_due(&self, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
         let expired = skip_corrupt(store::expired_access(&self.store.lock(), t)?);
-        for a in expired {
-            let r = self.write(|c, fx| {
-                // Re-read inside the transaction: it may have changed since.
-                let Some(mut a) = store::access(c, &a.id)? else {
-                    return Ok(());
-                };
-                if a.state == AccessState::Active && a.expires_at.is_some_and(|e| e <= t) {
-                    tracing::info!(access = %a.id, "access expired");
-                    fx.wake |= self.end_access(c, &mut a, t)?;
+        // A mass expiry (a shift's end) ends in a few transactions, not one per access; a chunk
+        // that fails is retried one access at a time, so one bad row holds back no other.
+        for chunk in expired.chunks(EXPIRE_CHUNK) {
+            let together = self.write(|c, fx| {
+                for a in chunk {
+                    self.end_if_expired(c, fx, &a.id, t)?;
                 }
                 Ok(())
             });
-            if let Err(e) = r {
-                tracing::error!(access = %a.id, error = %e, "could not end an expired access; retrying next tick");
+            if together.is_ok() {
+                continue;
             }
+            for a in chunk {
+                if let Err(e) = self.write(|c, fx| self.end_if_expired(c, fx, &a.id, t)) {
+                    tracing::error!(access = %a.id, error = %e, "could not end an expired access; retrying next tick");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends access `id` if it is still active and its time has come (re-read inside the
+    /// transaction: it may have changed since it was listed).
+    fn end_if_expired(
+        &self,
+        c: &Connection,
+        fx: &mut Effects,
+        id: &str,
+        t: DateTime<Utc>,
+    ) -> Result<(), ControlPlaneError> {
+        let Some(mut a) = store::access(c, id)? else {
+            return Ok(());
+        };
+        if a.state == AccessState::Active && a.expires_at.is_some_and(|e| e <= t) {
+            tracing::info!(access = %a.id, "access expired");
+            fx.wake |= self.end_access(c, &mut a, t)?;
         }
         Ok(())
     }

@@ -270,7 +270,18 @@ impl EmbeddedControlPlane {
             return Ok(false);
         }
         let mut queued = false;
-        for a in self.live_on(c, spec)? {
+        // Only accesses that may hold a removed id are read (a revoke per access ending in a mass
+        // expiry would otherwise decode every live access each time).
+        let mut seen = std::collections::HashSet::new();
+        let mut candidates = Vec::new();
+        for id in removed {
+            for a in skip_corrupt(store::active_access_holding(c, id)?) {
+                if seen.insert(a.id.clone()) && same_target(&self.effective_spec(c, &a)?, spec) {
+                    candidates.push(a);
+                }
+            }
+        }
+        for a in candidates {
             if a.state != AccessState::Active || Some(a.id.as_str()) == except {
                 continue;
             }

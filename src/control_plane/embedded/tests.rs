@@ -1385,3 +1385,108 @@ fn private(path: &std::path::Path) {
     #[cfg(not(unix))]
     let _ = path;
 }
+
+/// 1,000 accesses due at one instant are all handed out as revokes soon after it, although the
+/// scheduler's tick is an hour: it wakes at the earliest expiry (an index lookup), and ends a
+/// mass expiry in a few transactions. The lateness is printed; the benchmark measures it.
+#[tokio::test]
+async fn a_thousand_accesses_due_at_one_instant_are_all_leased_as_revokes_soon_after() {
+    const N: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            tick: Duration::from_secs(3600),
+            lease_duration: Duration::from_secs(600),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..N {
+        ids.insert(
+            cp.create_access(access_create(&format!("user{i}"), 3600, false))
+                .unwrap()
+                .id,
+        );
+    }
+    loop {
+        let grants = cp
+            .lease(&LeaseRequest {
+                max_jobs: 100,
+                wait_seconds: 0,
+            })
+            .await
+            .unwrap();
+        if grants.is_empty() {
+            break;
+        }
+        for g in grants {
+            let job: Job = serde_json::from_value(g).unwrap();
+            let user = job.params["user"].as_str().unwrap().to_string();
+            complete_ok(&cp, &job, grant_result(&format!("u-{user}"), false, None)).await;
+        }
+    }
+    // Every access ends at the same instant, a moment from now.
+    let due =
+        DateTime::from_timestamp_millis((now() + chrono::Duration::milliseconds(1500)).timestamp_millis()).unwrap();
+    let updated = cp
+        .store
+        .lock()
+        .execute(
+            "UPDATE access_requests SET expires_at = ?1 WHERE state = 'active'",
+            [due.timestamp_millis()],
+        )
+        .unwrap();
+    assert_eq!(updated, N);
+
+    let stop = CancellationToken::new();
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
+    let mut leased = 0usize;
+    let mut latest = chrono::Duration::zero();
+    // Generous: the point is that they go out at all before the next tick, an hour away.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leased < N && Instant::now() < deadline {
+        let jobs = cp
+            .lease(&LeaseRequest {
+                max_jobs: 100,
+                wait_seconds: 1,
+            })
+            .await
+            .unwrap();
+        let at = now();
+        for v in jobs {
+            let job: Job = serde_json::from_value(v).unwrap();
+            assert_eq!(job.kind, "revoke");
+            leased += 1;
+            latest = latest.max(at - due);
+        }
+    }
+    stop.cancel();
+    let _ = scheduler.await;
+    assert_eq!(leased, N, "revokes leased before the deadline");
+    eprintln!(
+        "last of {N} revokes leased {} ms after the expiry",
+        latest.num_milliseconds()
+    );
+    assert!(
+        ids.iter()
+            .all(|id| cp.access(id).unwrap().unwrap().state == AccessState::Revoking)
+    );
+}
+
+/// With a queue, a revoke whose time has come goes out before grants queued earlier.
+#[tokio::test]
+async fn revokes_are_handed_out_before_grants_queued_earlier() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let ending = cp.create_access(access_create("alice", 3600, false)).unwrap();
+    let grant = lease_one(&cp, 0).await.unwrap();
+    complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+    for user in ["bob", "carol", "dave"] {
+        cp.create_access(access_create(user, 3600, false)).unwrap();
+    }
+    cp.revoke_access(&ending.id).unwrap();
+    let revoke = cp.access(&ending.id).unwrap().unwrap().revoke_job_id.unwrap();
+    let first = lease_one(&cp, 0).await.unwrap();
+    assert_eq!((first.kind.as_str(), first.id.as_str()), ("revoke", revoke.as_str()));
+}

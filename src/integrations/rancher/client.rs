@@ -7,7 +7,9 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -62,7 +64,9 @@ impl Default for RetryPolicy {
 
 /// A Rancher API client bound to one server and one API key.
 pub struct Client {
-    http: reqwest::Client,
+    endpoint: Arc<Endpoint>,
+    /// The agent's worker slots (see [`Client::with_workers`]); none outside the agent.
+    workers: Option<Arc<Semaphore>>,
     base: Url,
     auth: HeaderValue,
     /// The key's secret part, to scrub from any message a server (or a proxy) echoes back.
@@ -93,32 +97,32 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Builds the client (no network).
+    /// Builds the client (no network). The HTTP client comes from the process-wide
+    /// [`Endpoint`] cache: jobs for one Rancher share its connection pool (keep-alive, TLS
+    /// sessions resumed) and its cap on requests in flight; only the key is per client.
     ///
     /// # Errors
     /// `Config` if the TLS setup or the key cannot be used.
     pub fn new(config: &RancherConfig, key: &ApiKey) -> Result<Client, IntegrationError> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.connect_timeout)
-            .user_agent(concat!("apono-connector/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.concurrency);
-        if let Some(pem) = &config.certificate_authority {
-            let certs =
-                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| IntegrationError::Config {
-                    message: format!("certificate_authority is not a usable PEM certificate: {e}"),
-                })?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let http = builder.build().map_err(|e| IntegrationError::Config {
-            message: format!("cannot set up the HTTP client for Rancher: {}", crate::error_chain(&e)),
-        })?;
+        Client::with_endpoint(config, key, Endpoint::shared(config)?)
+    }
+
+    /// Builds the client on a given endpoint (its HTTP client and request cap).
+    ///
+    /// # Errors
+    /// `Config` if the key cannot be sent in a header.
+    pub fn with_endpoint(
+        config: &RancherConfig,
+        key: &ApiKey,
+        endpoint: Arc<Endpoint>,
+    ) -> Result<Client, IntegrationError> {
         let mut auth = HeaderValue::from_str(key.bearer().expose_secret()).map_err(|_| IntegrationError::Config {
             message: "the Rancher API key cannot be sent in a header; copy the access key and secret key again".into(),
         })?;
         auth.set_sensitive(true);
         Ok(Client {
-            http,
+            endpoint,
+            workers: None,
             base: config.base_url.clone(),
             auth,
             scrub: key.secret_part().clone(),
@@ -130,6 +134,18 @@ impl Client {
             max_body: MAX_BODY_BYTES,
             clock: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Shares the agent's worker slots: each request holds one while it is in flight, and
+    /// nothing holds one while a job waits between requests (a binding settling).
+    pub fn with_workers(mut self, workers: Option<Arc<Semaphore>>) -> Client {
+        self.workers = workers;
+        self
+    }
+
+    /// The shared endpoint this client sends through.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Client {
@@ -317,9 +333,16 @@ impl Client {
     }
 
     async fn send_once(&self, method: &Method, url: &Url, body: Option<&Value>) -> Result<Vec<u8>, Failure> {
+        // Per client (discovery's fan-out), per Rancher (shared by every job), per agent (workers).
         let _permit = self.limiter.acquire().await;
+        let _endpoint = self.endpoint.requests.acquire().await;
+        let _worker = match &self.workers {
+            Some(w) => w.acquire().await.ok(),
+            None => None,
+        };
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
+            .endpoint
             .http
             .request(method.clone(), url.clone())
             .header(AUTHORIZATION, self.auth.clone())
@@ -414,6 +437,151 @@ impl Client {
         } else {
             ErrorKind::Transport(text)
         }
+    }
+}
+
+/// Default cap on requests in flight to one Rancher, shared by every job for it (Rancher's API
+/// server serves each v3 list from its cache; 32 concurrent requests keep a busy instance
+/// responsive). The integration's `max_requests` changes it.
+pub const DEFAULT_ENDPOINT_REQUESTS: usize = 32;
+/// Endpoints kept: one per (URL, CA, timeouts, proxy settings). A connector serves a handful of
+/// Rancher instances; the bound only matters if jobs keep naming new ones.
+const ENDPOINT_CACHE: usize = 64;
+
+/// What makes two jobs' HTTP clients interchangeable. The API key is not part of it (it is a
+/// header of each request), so nothing here is secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct EndpointKey {
+    base: String,
+    /// SHA-256 of the custom CA's PEM: the PEM is public, but a digest keeps the key small.
+    ca: Option<[u8; 32]>,
+    timeout: Duration,
+    connect_timeout: Duration,
+    pool: usize,
+    max_requests: usize,
+    /// SHA-256 of the proxy and root-store variables as the process sees them now: reqwest reads
+    /// them when a client is built, so a change means a new client. A digest, because a proxy URL
+    /// may carry a password.
+    env: [u8; 32],
+}
+
+const ENDPOINT_ENV: &[&str] = &[
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+impl EndpointKey {
+    fn of(config: &RancherConfig) -> EndpointKey {
+        use sha2::Digest;
+        EndpointKey {
+            base: config.base_url.as_str().to_string(),
+            ca: config
+                .certificate_authority
+                .as_ref()
+                .map(|pem| sha2::Sha256::digest(pem.as_bytes()).into()),
+            timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
+            pool: config.concurrency,
+            max_requests: config.max_requests,
+            env: ENDPOINT_ENV
+                .iter()
+                .fold(sha2::Sha256::new(), |h, k| {
+                    // Unset and empty differ: a length prefix keeps values apart.
+                    let v = std::env::var(k).ok();
+                    h.chain_update(format!("{}:{}", v.is_some(), v.as_deref().map_or(0, str::len)))
+                        .chain_update(v.unwrap_or_default())
+                })
+                .finalize()
+                .into(),
+        }
+    }
+}
+
+/// One Rancher endpoint as the process sees it: the HTTP client (root store loaded and CA parsed
+/// once, connections kept alive and TLS sessions resumed) and the cap on requests in flight to
+/// it, shared by every job.
+pub struct Endpoint {
+    http: reqwest::Client,
+    requests: Semaphore,
+    /// Which build this is (process-wide counter): equal serials mean one shared client.
+    serial: u64,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("serial", &self.serial)
+            .field("requests_available", &self.requests.available_permits())
+            .finish()
+    }
+}
+
+static ENDPOINTS: LazyLock<Mutex<lru::LruCache<EndpointKey, Arc<Endpoint>>>> = LazyLock::new(|| {
+    Mutex::new(lru::LruCache::new(
+        NonZeroUsize::new(ENDPOINT_CACHE).unwrap_or(NonZeroUsize::MIN),
+    ))
+});
+static ENDPOINT_BUILDS: AtomicU64 = AtomicU64::new(0);
+
+impl Endpoint {
+    /// The endpoint for `config`, built on first use and rebuilt only when its configuration
+    /// (URL, CA, timeouts, pool, proxy variables) changes.
+    ///
+    /// # Errors
+    /// `Config` if the CA is not usable PEM or the TLS setup fails.
+    pub fn shared(config: &RancherConfig) -> Result<Arc<Endpoint>, IntegrationError> {
+        let key = EndpointKey::of(config);
+        let mut cache = ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache.get(&key) {
+            return Ok(hit.clone());
+        }
+        // Built under the lock: jobs that start together for a new Rancher build it once.
+        let built = Arc::new(Endpoint::build(config)?);
+        cache.put(key, built.clone());
+        Ok(built)
+    }
+
+    /// A new endpoint, not shared (the cache's builder).
+    ///
+    /// # Errors
+    /// As [`Endpoint::shared`].
+    pub fn build(config: &RancherConfig) -> Result<Endpoint, IntegrationError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            .user_agent(concat!("apono-connector/", env!("CARGO_PKG_VERSION")))
+            // Keep as many idle connections as requests may be in flight: a burst of jobs
+            // reuses them instead of connecting (and handshaking) again.
+            .pool_max_idle_per_host(config.max_requests.max(config.concurrency))
+            .tcp_nodelay(true);
+        if let Some(pem) = &config.certificate_authority {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| IntegrationError::Config {
+                    message: format!("certificate_authority is not a usable PEM certificate: {e}"),
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| IntegrationError::Config {
+            message: format!("cannot set up the HTTP client for Rancher: {}", crate::error_chain(&e)),
+        })?;
+        Ok(Endpoint {
+            http,
+            requests: Semaphore::new(config.max_requests.max(1)),
+            serial: ENDPOINT_BUILDS.fetch_add(1, Ordering::Relaxed) + 1,
+        })
+    }
+
+    /// Which build this is: two clients with the same serial share one HTTP client and pool.
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 }
 

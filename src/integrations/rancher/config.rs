@@ -46,6 +46,7 @@ const KNOWN_KEYS: &[&str] = &[
     "user_cleanup_days",
     "page_size",
     "concurrency",
+    "max_requests",
     "timeout_seconds",
     "connect_timeout_seconds",
     "status_timeout_seconds",
@@ -100,6 +101,9 @@ pub struct RancherConfig {
     pub user_cleanup_days: Option<f64>,
     pub page_size: u32,
     pub concurrency: usize,
+    /// Cap on requests in flight to this Rancher, shared by every job for it (see
+    /// [`super::client::Endpoint`]).
+    pub max_requests: usize,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub status_timeout: Duration,
@@ -209,6 +213,14 @@ impl RancherConfig {
             MAX_CONCURRENCY as u64,
             &mut errors,
         );
+        let max_requests = bounded(
+            map,
+            "max_requests",
+            super::client::DEFAULT_ENDPOINT_REQUESTS as u64,
+            1,
+            1024,
+            &mut errors,
+        );
         let timeout = bounded(map, "timeout_seconds", DEFAULT_TIMEOUT_SECONDS, 1, 3600, &mut errors);
         let connect_timeout = bounded(
             map,
@@ -263,6 +275,7 @@ impl RancherConfig {
                 user_cleanup_days,
                 page_size: page_size as u32,
                 concurrency: concurrency as usize,
+                max_requests: max_requests as usize,
                 timeout: Duration::from_secs(timeout),
                 connect_timeout: Duration::from_secs(connect_timeout),
                 status_timeout: Duration::from_secs(status_timeout),

@@ -44,7 +44,8 @@ pub use config::{ApiKey, NewUserRoles, RancherConfig};
 
 pub const TYPE: &str = "rancher";
 
-/// A Rancher integration bound to one server and one API key, built per job.
+/// A Rancher integration bound to one server and one API key, built per job on the shared
+/// HTTP client of its endpoint.
 pub struct Rancher {
     config: RancherConfig,
     key: ApiKey,
@@ -83,6 +84,12 @@ impl Rancher {
     /// Overrides the retry policy for transient failures (tests use short delays).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Rancher {
         self.client = self.client.with_retry(retry);
+        self
+    }
+
+    /// Shares the agent's worker slots (see [`Client::with_workers`]).
+    pub fn with_workers(mut self, workers: Option<std::sync::Arc<tokio::sync::Semaphore>>) -> Rancher {
+        self.client = self.client.with_workers(workers);
         self
     }
 

@@ -20,6 +20,7 @@ use crate::integrations::{Owner, SweptReason};
 use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
 mod discovery;
+mod endpoint;
 mod fidelity;
 mod grant_revoke;
 mod reconcile;
