@@ -263,9 +263,12 @@ fn parse_log_format(name: &str, v: &str) -> Result<Value, String> {
 }
 
 fn parse_list(_: &str, v: &str) -> Result<Value, String> {
-    // Helm's list syntax (`{a,b}`) copied into a plain variable means the same list.
+    // Helm's list syntax (`{a,b}`, and `{a\,b}` as `--set` needs it) copied into a plain
+    // variable, where no shell removes the backslashes (a compose file, an ECS task, a manifest's
+    // `env.value`), means the same list (secrets review N13).
     let v = v.trim();
     let v = v.strip_prefix('{').and_then(|v| v.strip_suffix('}')).unwrap_or(v);
+    let v = v.replace("\\,", ",");
     Ok(Value::Array(
         v.split(',')
             .map(str::trim)
@@ -481,6 +484,22 @@ mod tests {
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn helm_list_escapes_copied_into_a_variable_mean_the_same_list() {
+        for raw in [
+            "{secret1\\,secret2\\,secret3}",
+            "{secret1,secret2,secret3}",
+            "secret1, secret2,secret3",
+        ] {
+            let c = Config::load_from(None, env(&[("ALLOWED_SECRETS_TO_READ", raw)])).unwrap();
+            assert_eq!(
+                c.secrets.allowed_secrets_to_read,
+                ["secret1", "secret2", "secret3"],
+                "{raw}"
+            );
+        }
     }
 
     #[test]

@@ -90,9 +90,11 @@ impl Cache {
     /// fetch replaced it). The timer holds no strong reference: an invalidated slot is freed.
     fn evict_after_ttl(&self, slot: &Arc<tokio::sync::Mutex<Slot>>, done: Instant) {
         let slot = Arc::downgrade(slot);
-        let ttl = self.ttl;
+        let Some(at) = eviction_time(done, self.ttl) else {
+            return;
+        };
         tokio::spawn(async move {
-            tokio::time::sleep_until((done + ttl).into()).await;
+            tokio::time::sleep_until(at.into()).await;
             let Some(slot) = slot.upgrade() else { return };
             let mut slot = slot.lock().await;
             if matches!(&slot.last, Some((_, at)) if *at == done) {
@@ -118,9 +120,29 @@ impl Cache {
     }
 }
 
+/// When a secret completed at `done` is dropped. `None` for a TTL past what an `Instant` can
+/// hold (a mistyped setting): never evicted, and no overflow panic in the timer task (secrets
+/// review N18).
+fn eviction_time(done: Instant, ttl: Duration) -> Option<Instant> {
+    done.checked_add(ttl)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    #[test]
+    fn an_absurd_ttl_sets_no_timer_instead_of_overflowing() {
+        let now = Instant::now();
+        assert_eq!(
+            eviction_time(now, Duration::from_secs(60)),
+            Some(now + Duration::from_secs(60))
+        );
+        assert_eq!(
+            eviction_time(now, Duration::from_secs(10_000_000_000_000_000_000)),
+            None
+        );
+    }
 
     use secrecy::SecretString;
 
