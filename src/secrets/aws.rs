@@ -194,6 +194,16 @@ where
                 }
             }
         }
+        // The request could not even be built (a region that is not a host label, a malformed
+        // id): the reference's fault, which no retry fixes (secrets review N12).
+        SdkError::ConstructionFailure(_) => SecretError::Misconfigured {
+            store: "AWS".into(),
+            hint: format!(
+                "{action} of {describe} cannot be sent: {}; check the reference's region (e.g. eu-west-1) \
+                 and secret_id",
+                crate::error_chain(&err)
+            ),
+        },
         _ => {
             // The message chain (without the Debug dump DisplayErrorContext adds).
             let detail = crate::error_chain(&err);
@@ -265,9 +275,21 @@ impl SecretStore for AwsStore {
         else {
             return Err(wrong_store(reference, "AWS"));
         };
+        // Pasted from a console, a field may carry spaces around it (secrets review N12).
+        let (region, secret_id) = (region.trim(), secret_id.trim());
+        if region.is_empty() || secret_id.is_empty() {
+            return Err(SecretError::Misconfigured {
+                store: "AWS".into(),
+                hint: format!(
+                    "{} has an empty {}: give the secret's region (e.g. eu-west-1) and its name or ARN",
+                    reference.describe(),
+                    if region.is_empty() { "region" } else { "secret_id" }
+                ),
+            });
+        }
         let client = self
             .client(ClientKey {
-                region: region.clone(),
+                region: region.to_string(),
                 role_arn: role_arn.clone(),
                 external_id: external_id.clone(),
                 profile: profile.clone(),

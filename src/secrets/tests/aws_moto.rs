@@ -437,3 +437,32 @@ async fn a_pinned_version_stage_or_id_is_read() {
     let e = stores.fetch(&pinned("version_stage", "NOSUCHSTAGE")).await.unwrap_err();
     assert!(!e.retryable(), "{e}");
 }
+
+/// Fields pasted with spaces still read; an empty or impossible region is the reference's fault,
+/// named, and not retried (it was `unreachable`, retried forever: secrets review N12).
+#[cfg_attr(
+    not(apono_test_moto),
+    ignore = "needs moto: run tests/run, or set APONO_TEST_MOTO_SERVER"
+)]
+#[tokio::test]
+async fn pasted_spaces_are_trimmed_and_a_bad_region_is_a_misconfiguration() {
+    let moto = start_moto().await;
+    let sdk = sdk_config(&moto).await;
+    create(&admin(&sdk), "pasted", r#"{"k":"v"}"#, true).await;
+    let stores = SecretStores::empty().with_store(Arc::new(AwsStore::with_sdk_config(sdk.clone())));
+    let with = |region: &str, id: &str| reference(json!({"type": "AWS", "region": region, "secret_id": id}));
+    assert_eq!(
+        value_of(&stores.fetch(&with("us-east-1 ", " pasted ")).await.unwrap(), "k"),
+        "v"
+    );
+    for (region, id, named) in [
+        ("", "pasted", "region"),
+        ("us-east-1", " ", "secret_id"),
+        ("not a region!", "pasted", "region"),
+    ] {
+        let e = stores.fetch(&with(region, id)).await.unwrap_err();
+        assert_eq!(e.code(), "secret_store_misconfigured", "{region:?}/{id:?}: {e}");
+        assert!(!e.retryable(), "{e}");
+        assert!(e.to_string().contains(named), "{e}");
+    }
+}
