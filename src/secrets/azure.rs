@@ -350,12 +350,14 @@ fn map_error(reference: &SecretRef, err: azure_core::Error) -> SecretError {
                     reference: describe,
                     hint: format!("the key vault has no such secret ({code})"),
                 },
+                // Key Vault's own words say which 403 it is (a missing role, its firewall, a
+                // disabled version): kept after the usual fix (secrets review N15).
                 403 => SecretError::NotPermitted {
                     reference: describe,
                     hint: format!(
                         "the connector's identity may not get secrets in this vault: give it the \"Key Vault Secrets User\" \
                          role (RBAC vaults) or an access policy with secret permissions Get (and List when AZURE is in \
-                         secrets.require_read_mark) ({code})"
+                         secrets.require_read_mark), unless the key vault says otherwise: {code}: {err}"
                     ),
                 },
                 401 => SecretError::NotPermitted {

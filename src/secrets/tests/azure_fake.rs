@@ -159,6 +159,13 @@ async fn get_secret(
         }
         return response;
     }
+    if name == "firewalled" {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Client address is not authorized and caller is not a trusted service. Client address: 203.0.113.7",
+        );
+    }
     if name == "forbidden" {
         return error(
             StatusCode::FORBIDDEN,
@@ -327,6 +334,10 @@ async fn reads_after_the_challenge_gates_not_found_and_forbidden() {
     let e = stores.fetch(&r("forbidden")).await.unwrap_err();
     assert_eq!(e.code(), "secret_not_permitted", "{e}");
     assert!(e.to_string().contains("Key Vault Secrets User"), "{e}");
+    // Key Vault's own message is kept: a firewall block is not a missing role.
+    let e = stores.fetch(&r("firewalled")).await.unwrap_err();
+    assert_eq!(e.code(), "secret_not_permitted", "{e}");
+    assert!(e.to_string().contains("Client address is not authorized"), "{e}");
 
     // Rotation, seen after invalidation.
     vault.secrets.lock().unwrap().insert(
