@@ -32,6 +32,24 @@ fn reconcile_with(accesses: Vec<HeldAccess>) -> SweepRequest {
     }
 }
 
+/// The grant of this connector's access `grant_id`.
+fn my_grant(user: &str, role: &str, resource: &str, grant_id: &str) -> GrantRequest {
+    GrantRequest {
+        owner: Some(me()),
+        grant_id: Some(grant_id.into()),
+        ..grant_req(user, role, resource)
+    }
+}
+
+/// The revoke of this connector's access `grant_id` (what its grant recorded is set by the test).
+fn my_revoke(user: &str, role: &str, resource: &str, grant_id: &str) -> RevokeRequest {
+    RevokeRequest {
+        owner: Some(me()),
+        grant_id: Some(grant_id.into()),
+        ..revoke_req(user, role, resource)
+    }
+}
+
 fn ids_of(result: &SweepResult) -> Vec<String> {
     let mut ids: Vec<String> = result.removed.iter().map(|b| b.id.clone()).collect();
     ids.sort();
@@ -236,9 +254,7 @@ async fn a_grant_adopts_a_binding_of_a_build_before_owners() {
     let mut old = legacy_binding("cluster-member", "c-7x2k9", "u-bob01", None, None);
     old.labels.clear();
     sim.sim.add_binding(old.clone()).unwrap();
-    let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
-    req.owner = Some(me());
-    req.grant_id = Some("ar-1".into());
+    let mut req = my_grant("bob", "cluster-member", "c-7x2k9", "ar-1");
     req.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
     let g = r.grant(&req).await.unwrap();
     assert!(!g.pre_existing, "{g:?}");
@@ -250,9 +266,7 @@ async fn a_grant_adopts_a_binding_of_a_build_before_owners() {
     );
     assert_eq!(b.annotations.get(OWNER_ANNOTATION).cloned(), Some(me().to_string()));
     assert_eq!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").len(), 1);
-    let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
-    rv.owner = Some(me());
-    rv.grant_id = Some("ar-1".into());
+    let rv = my_revoke("bob", "cluster-member", "c-7x2k9", "ar-1");
     let out = r.revoke(&rv).await.unwrap();
     assert_eq!(out.removed_binding_ids, vec![old.id.clone()]);
     assert!(matching(&sim, Some("u-bob01"), "cluster-member", "c-7x2k9").is_empty());
@@ -290,9 +304,7 @@ async fn two_connectors_each_make_their_own_binding() {
             assert!(!ga.pre_existing, "2.{minor}: {ga:?}");
             assert_ne!(ga.binding_ids, gb.binding_ids, "2.{minor}: its own binding");
         }
-        let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
-        rv.owner = Some(me());
-        rv.grant_id = Some("ar-a".into());
+        let mut rv = my_revoke("bob", "cluster-member", "c-7x2k9", "ar-a");
         rv.binding_ids = ga.binding_ids.clone();
         let out = r.revoke(&rv).await.unwrap();
         assert!(
@@ -319,15 +331,11 @@ async fn a_cleanup_without_recorded_ids_deletes_the_derived_id_whatever_the_list
         ("project-owner", "c-7x2k9:p-abcde", "projectroletemplatebindings"),
         ("clusters-create", "global", "globalrolebindings"),
     ] {
-        let mut req = grant_req("bob", role, resource);
-        req.owner = Some(me());
-        req.grant_id = Some("ar-failed".into());
+        let req = my_grant("bob", role, resource, "ar-failed");
         let g = r.grant(&req).await.unwrap();
         assert_eq!(g.binding_ids.len(), 1, "{resource}: {g:?}");
         sim.sim.empty_lists_on(&format!("GET /v3/{collection}"), 10);
-        let mut rv = revoke_req("bob", role, resource);
-        rv.owner = Some(me());
-        rv.grant_id = Some("ar-failed".into());
+        let rv = my_revoke("bob", role, resource, "ar-failed");
         let out = r.revoke(&rv).await.unwrap();
         sim.sim.clear_list_faults();
         assert_eq!(out.removed_binding_ids, g.binding_ids, "{resource}: {out:?}");
@@ -435,9 +443,7 @@ async fn admin_through_a_group_or_a_custom_role_grants_and_revokes_and_a_non_adm
         }
         let r = rancher(&sim);
         let before = sim.sim.bindings().len();
-        let mut req = grant_req("bob", "cluster-member", "c-7x2k9");
-        req.owner = Some(me());
-        req.grant_id = Some("ar-1".into());
+        let req = my_grant("bob", "cluster-member", "c-7x2k9", "ar-1");
         let granted = r.grant(&req).await;
         if how == "none" {
             let e = granted.unwrap_err();
@@ -448,9 +454,7 @@ async fn admin_through_a_group_or_a_custom_role_grants_and_revokes_and_a_non_adm
             continue;
         }
         let g = granted.unwrap_or_else(|e| panic!("{how}: {e}"));
-        let mut rv = revoke_req("bob", "cluster-member", "c-7x2k9");
-        rv.owner = Some(me());
-        rv.grant_id = Some("ar-1".into());
+        let mut rv = my_revoke("bob", "cluster-member", "c-7x2k9", "ar-1");
         rv.binding_ids = g.binding_ids.clone();
         let out = r.revoke(&rv).await.unwrap_or_else(|e| panic!("{how}: {e}"));
         assert_eq!(out.removed_binding_ids, g.binding_ids, "{how}");
