@@ -331,6 +331,9 @@ enum SimCommand {
         /// (2.11+), the unknown-project answer (2.12+), duplicate checks (2.14+, 2.15+).
         #[arg(long, value_name = "2.MINOR", default_value = "2.13")]
         version: RancherVersion,
+        /// Make the simulator's API key expire this many days from now (the key-expiry metric and alert).
+        #[arg(long, value_name = "DAYS")]
+        key_expires_in_days: Option<u32>,
     },
 }
 
@@ -539,6 +542,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     size,
                     latency_ms,
                     version,
+                    key_expires_in_days,
                 },
         } => {
             quiet_logs();
@@ -546,6 +550,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 size,
                 latency: Duration::from_millis(latency_ms),
                 version,
+                key_expires_at: key_expires_in_days.map(|d| chrono::Utc::now() + chrono::Duration::days(d.into())),
                 ..SimOptions::default()
             });
             let (access_key, secret_key) = sim.api_key();

@@ -33,6 +33,7 @@
 //!   memory until the access request is read once.
 
 pub mod access;
+mod gauges;
 mod reconcile;
 mod registry;
 #[cfg(test)]
@@ -601,6 +602,7 @@ impl EmbeddedControlPlane {
                         }
                         Some(JobKind::Revoke) => {
                             wake |= self.on_revoke_succeeded(&tx, &job, &mut a, t)?;
+                            gauges::revoke_done(&a);
                             if a.state == AccessState::Revoked {
                                 forget_creds = Some(a.id.clone());
                             }
@@ -761,6 +763,7 @@ impl EmbeddedControlPlane {
         }
         self.sweep_if_due(t);
         self.prune_if_due(t);
+        gauges::update(&self.store.lock(), t);
         // A backoff ended or a lease ran out: wake long-polls (they also time their own waits).
         let next = store::next_ready_at(&self.store.lock())?;
         if next.is_some_and(|n| n <= t) {

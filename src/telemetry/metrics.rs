@@ -28,6 +28,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControlPlaneLabels {
     pub call: String,
     pub code: String,
@@ -87,6 +92,12 @@ pub struct Metrics {
     pub jobs: Family<JobLabels, Counter>,
     pub job_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
     pub jobs_in_flight: Gauge,
+    /// The embedded control plane's view, set by `control_plane::embedded::gauges`: accesses not
+    /// ended by state, those past their expiry, revoke done minus expiry, pending jobs by kind.
+    pub accesses: Family<StateLabels, Gauge>,
+    pub accesses_overdue: Gauge,
+    pub revoke_lag: Histogram,
+    pub jobs_queued: Family<KindLabels, Gauge>,
     pub lease_renewals: Counter,
     pub leases_lost: Counter,
     /// Failed control-plane calls, by call (`hello`, `lease`, `renew`, `complete`, `upload`) and
@@ -121,6 +132,11 @@ impl Metrics {
             jobs: Family::default(),
             job_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             jobs_in_flight: Gauge::default(),
+            accesses: Family::default(),
+            accesses_overdue: Gauge::default(),
+            // 0.25 s .. ~34 min: a tick late up to an outage.
+            revoke_lag: Histogram::new(exponential_buckets(0.25, 2.0, 14)),
+            jobs_queued: Family::default(),
             lease_renewals: Counter::default(),
             leases_lost: Counter::default(),
             control_plane_errors: Family::default(),
@@ -136,6 +152,16 @@ impl Metrics {
         registry.register("jobs", "Jobs finished, by kind and outcome", m.jobs.clone());
         registry.register("job_duration_seconds", "Time to run a job", m.job_duration.clone());
         registry.register("jobs_in_flight", "Jobs running now", m.jobs_in_flight.clone());
+        registry.register("accesses", "Accesses not ended, by state", m.accesses.clone());
+        let overdue = "Accesses not yet revoked although their expiry has passed";
+        registry.register("accesses_overdue", overdue, m.accesses_overdue.clone());
+        let lag = "Time from an access's expiry to its revoke done";
+        registry.register("revoke_lag_seconds", lag, m.revoke_lag.clone());
+        registry.register(
+            "jobs_queued",
+            "Jobs waiting to be handed out, by kind",
+            m.jobs_queued.clone(),
+        );
         registry.register("lease_renewals", "Job leases renewed", m.lease_renewals.clone());
         registry.register(
             "leases_lost",

@@ -1,10 +1,14 @@
 """The metric names a running daemon serves on /metrics, for the dashboard and alert checks.
 
-Starts, on free loopback ports, the Rancher simulator (`apono-connector sim rancher`), a standalone
-`apono-connector run` with the simulator as an integration, and a remote-mode `run` whose control
-plane is not there; then drives what makes each metric family show: an access granted, its
-binding deleted behind the connector's back (the reconcile repairs it), a grant refused by
-Rancher (a wrong key), the access revoked. Every process is killed by its own PID.
+Starts, on free loopback ports, the Rancher simulator (`apono-connector sim rancher`, its API key
+expiring in a few days), a standalone `apono-connector run` with the simulator as an integration,
+and a remote-mode `run` whose control plane is not there; then drives what makes each metric family
+show: a validate job (the key's expiry), an access granted, its binding deleted behind the
+connector's back (the reconcile repairs it), a grant refused by Rancher (a wrong key), the access
+revoked, a short access revoked at its expiry (the revoke lag). Last, the daemon is started again on
+a copy of its state taken before a grant it then made: the reconcile finds that grant's binding
+claimed by no access and sweeps it (the swept-bindings counter). Every process is stopped by its
+own PID.
 """
 
 import json
@@ -77,6 +81,22 @@ class Processes:
             proc.kill()
             proc.wait()
 
+    def end(self, proc):
+        """SIGTERM, then wait: the daemon releases its data dir's lock on the way out."""
+        proc.terminate()
+        try:
+            proc.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def post(url, token, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read().decode() or "null")
+
 
 def collect(binary):
     """{metric name seen on /metrics of the standalone and the remote-mode daemon}."""
@@ -85,7 +105,8 @@ def collect(binary):
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("APONO_", "HASHICORP_", "ALLOWED_SECRETS"))}
     try:
         sim_port = free_port()
-        procs.start("sim", [binary, "sim", "rancher", "--listen", f"127.0.0.1:{sim_port}"], base_env)
+        procs.start("sim", [binary, "sim", "rancher", "--listen", f"127.0.0.1:{sim_port}", "--key-expires-in-days", "5"],
+                    base_env)
         sim_log = os.path.join(work, "sim.log")
         key = wait_for("the simulator's API key", lambda: re.search(r"API key (\S+?);", open(sim_log).read()))
         access_key, secret_key = key.group(1).split(":", 1)
@@ -113,20 +134,39 @@ secret_store = {{ type = "APONO", credentials = {{ access_key = "{access_key}", 
 """)
         env = dict(base_env, APONO_DATA_DIR=data_dir, APONO_LISTEN_ADDR=f"127.0.0.1:{api_port}",
                    APONO_HEALTH_ADDR=f"127.0.0.1:{health_port}", APONO_LOG_FORMAT="text")
-        procs.start("run", [binary, "run", "--config", config], env)
         metrics = f"http://127.0.0.1:{health_port}/metrics"
-        wait_for("the standalone daemon's /readyz", lambda: get(f"http://127.0.0.1:{health_port}/readyz"))
+        operator = f"http://127.0.0.1:{api_port}/operator/v1"
+
+        def start_daemon(name):
+            proc = procs.start(name, [binary, "run", "--config", config], env)
+            wait_for(f"{name}: the standalone daemon's /readyz", lambda: get(f"http://127.0.0.1:{health_port}/readyz"))
+            return proc
+
+        # The state as it is before any grant (its install id, hence its owner, already made).
+        procs.end(start_daemon("run-first"))
+        before_grants = os.path.join(work, "data-before-grants")
+        shutil.copytree(data_dir, before_grants)
+
+        daemon = start_daemon("run")
+        operator_token = open(os.path.join(data_dir, "operator.token")).read().strip()
 
         def cli(*args):
             return subprocess.run([binary, "access", *args, "--control-plane", f"http://127.0.0.1:{api_port}"],
                                   env=env, capture_output=True, text=True, timeout=30)
 
-        request = cli("request", "--integration", "sim", "--user", "metrics-check", "--create-user",
-                      "--role", "cluster-member", "--resource", cluster, "--ttl", "1h")
-        if request.returncode != 0:
-            raise RuntimeError(f"access request failed: {request.stderr}")
-        cli("request", "--integration", "wrong-key", "--user", "metrics-check", "--role", "cluster-member",
-            "--resource", cluster, "--ttl", "1h")
+        def request(user, ttl, integration="sim", role="cluster-member"):
+            done = cli("request", "--integration", integration, "--user", user, "--create-user",
+                       "--role", role, "--resource", cluster, "--ttl", ttl)
+            if done.returncode != 0 and integration == "sim":
+                raise RuntimeError(f"access request failed: {done.stderr}")
+            return done
+
+        # The key's expiry is read by a validate job.
+        post(f"{operator}/jobs", operator_token, {"kind": "validate", "integration": "sim"})
+        wait_for("the key's expiry", lambda: "apono_connector_api_key_expires_in_days{" in get(metrics))
+
+        request("metrics-check", "1h")
+        request("metrics-check", "1h", integration="wrong-key")
         wait_for("a grant", lambda: 'kind="grant",outcome="succeeded"' in get(metrics))
 
         # A person deletes the connector's binding: the reconcile repairs the access.
@@ -141,7 +181,28 @@ secret_store = {{ type = "APONO", credentials = {{ access_key = "{access_key}", 
         for access in listed if isinstance(listed, list) else listed.get("accesses", []):
             cli("revoke", access["id"])
         wait_for("a revoke", lambda: 'kind="revoke"' in get(metrics))
+
+        # An access revoked at its expiry: the revoke lag.
+        request("metrics-short", "2s")
+        wait_for("a revoke after expiry", lambda: re.search(
+            r"^apono_connector_revoke_lag_seconds_count [1-9]", get(metrics), re.M))
+        # An access left in place: the copy of the state taken before it knows nothing of it.
+        request("metrics-unclaimed", "1h", role="cluster-owner")  # returns once granted
         names = sample_names(get(metrics))
+        procs.end(daemon)
+
+        # The same owner on the older state: the binding of that access is claimed by none, and
+        # the reconcile at start sweeps it.
+        shutil.rmtree(data_dir)
+        shutil.copytree(before_grants, data_dir)
+        # No grace for a binding no access claims (by default one is left alone for a while).
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace(f'host = "{sim}" }}', f'host = "{sim}", unclaimed_grace_seconds = 0 }}', 1))
+        start_daemon("run-restored")
+        wait_for("a swept binding", lambda: "apono_connector_swept_bindings_total{" in get(metrics))
+        names |= sample_names(get(metrics))
 
         # Remote mode, its control plane not there: the control-plane error counter.
         remote_health = free_port()
@@ -152,6 +213,12 @@ secret_store = {{ type = "APONO", credentials = {{ access_key = "{access_key}", 
             lambda text: text if "apono_connector_control_plane_errors_total{" in text else None)(
                 get(f"http://127.0.0.1:{remote_health}/metrics")))
         return names | sample_names(remote)
+    except Exception:
+        # What the processes said is what explains a drive that did not happen.
+        for name in sorted(os.listdir(work)):
+            if name.endswith(".log"):
+                print(f"--- {name} (last lines) ---\n" + "".join(open(os.path.join(work, name)).readlines()[-25:]))
+        raise
     finally:
         procs.stop()
         shutil.rmtree(work, ignore_errors=True)
