@@ -1,14 +1,15 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1.7@sha256:a57df69d0ea827fb7266491f2813635de6f17269be881f696fbfdf2d83dda33e
 # apono-connector: built with the Rust toolchain, run as uid 65532 on a slim Debian (BuildKit).
 #   docker build -t apono-connector \
 #     --build-arg VERSION="$(git describe --tags --always)" --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker run --rm -e APONO_URL=... -e APONO_TOKEN=... -e APONO_CONNECTOR_ID=... apono-connector
 # README "Docker" shows both modes (remote, and standalone with a volume and the operator API).
 
-# Base images, pinned by digest: the tag says what the digest is of; bump both together, e.g.
+# Base images and the syntax frontend above, pinned by digest: the tag says what the digest is
+# of; bump both together, e.g.
 #   docker buildx imagetools inspect rust:1.95-slim-bookworm   (the "Digest:" line)
-# (These two were taken from public Dockerfiles that pin the same tags, not looked up in the
-# registry itself: confirm them with the command above when you bump.)
+# (These were taken from public Dockerfiles that pin the same tags, not looked up in the registry
+# itself: confirm them with the command above when you bump.)
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 ARG RUST_DIGEST=sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082
@@ -51,7 +52,8 @@ COPY --from=build /apono-connector /usr/local/bin/apono-connector
 USER 65532:65532
 WORKDIR /var/lib/apono-connector
 # Standalone mode keeps its state (SQLite, the operator token) in APONO_DATA_DIR: a volume, so it
-# outlives the container and access never outlives its grant across a re-created container.
+# outlives the container and access never outlives its grant across a re-created container. In
+# remote mode it stays empty; `docker run --rm` or `docker rm -v` removes that anonymous volume.
 ENV APONO_HEALTH_ADDR=0.0.0.0:8080 \
     APONO_LOG_FORMAT=json \
     APONO_DATA_DIR=/var/lib/apono-connector

@@ -14,6 +14,7 @@ the Terraform.
 Run: tests/deploy/run   (installs the tools into .venv-test, then runs this file)
 """
 
+import base64
 import json
 import os
 import shlex
@@ -259,7 +260,8 @@ def test_docs_command_line():
     r = render(merge(seed, {"apono": {"url": "connector.example.com"}}))
     validate("docs command line", r)
     env = r.env()
-    check(env["ALLOWED_SECRETS_TO_READ"]["value"] == "secret1,secret2,secret3", "allow-list env from the command line")
+    check(env["ALLOWED_SECRETS_TO_READ"]["value"] == "apono-connector/secret1,apono-connector/secret2,apono-connector/secret3",
+          f"allow-list env from the command line, bare names in the release namespace: {env['ALLOWED_SECRETS_TO_READ']}")
     check(not r.kinds("ClusterRole") and not r.kinds("ClusterRoleBinding"), "no ClusterRole for named secrets")
     role = r.one("Role")
     check(role["metadata"]["namespace"] == "apono-connector", "bare names: a Role in the release namespace")
@@ -282,7 +284,7 @@ def test_readme_command_line():
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     command = next(c for c in block.replace("\\\n", " ").splitlines() if c.startswith("helm upgrade"))
     filled = {"<YOUR_REGISTRY>": "registry.example.com", "<YOUR_CONTROL_PLANE>": "connector.example.com",
-              "<APONO_TOKEN>": "tok-canary-123", "<CONNECTOR_NAME>": "prod"}
+              "<APONO_TOKEN>": "tok-canary-123", "<CONNECTOR_NAME>": "prod", "<YOUR_RANCHER_HOST>": "rancher.example.com"}
     for placeholder, value in filled.items():
         check(placeholder in command, f"README's helm line has {placeholder}")
         command = command.replace(placeholder, value)
@@ -291,6 +293,8 @@ def test_readme_command_line():
     check(sorted(role["metadata"]["namespace"] for role in r.kinds("Role")) == ["apono-connector", "team-a"],
           "README's line: a Role in each namespace it names")
     check("image.registry is empty" not in r.notes, "README's line names a registry")
+    check(r.env()["APONO_ALLOWED_RANCHER_HOSTS"]["value"] == "rancher.example.com" and "allowedRancherHosts is empty" not in r.notes,
+          "README's line names the Rancher host keys may go to")
 
 
 def test_terraform_form_of_the_list():
@@ -302,7 +306,8 @@ def test_terraform_form_of_the_list():
     r = render(vals)
     check(r.one("Role")["rules"][0].get("resourceNames") == ["secret1", "secret2", "secret3"],
           "escaped-comma list gives three names")
-    check(r.env()["ALLOWED_SECRETS_TO_READ"]["value"] == "secret1,secret2,secret3", "and the same three for the agent")
+    check(r.env()["ALLOWED_SECRETS_TO_READ"]["value"] == "apono-connector/secret1,apono-connector/secret2,apono-connector/secret3",
+          "and the same three for the agent")
 
 
 def test_empty_allow_list_grants_nothing():
@@ -331,8 +336,13 @@ def test_namespaced_entries():
     for ns, b in bindings.items():
         check(b["subjects"][0]["namespace"] == "apono-connector", f"{ns}: binds the agent's SA in its own namespace")
     check(not r.kinds("ClusterRole"), "never a ClusterRole for named secrets")
-    check(r.env()["ALLOWED_SECRETS_TO_READ"]["value"] == "team-a/rancher-key,local-key,team-b/k1,team-a/other.key",
-          "the agent gets the entries as written")
+    # The agent reads a bare name as "any namespace"; the chart grants it in the release namespace
+    # only, so the agent's own gate gets it qualified (deploy review N10).
+    check(r.env()["ALLOWED_SECRETS_TO_READ"]["value"]
+          == "team-a/rancher-key,apono-connector/local-key,team-b/k1,team-a/other.key",
+          f"the agent gets every entry as namespace/name: {r.env()['ALLOWED_SECRETS_TO_READ']}")
+    r = render(vals, namespace="jit")
+    check("jit/local-key" in r.env()["ALLOWED_SECRETS_TO_READ"]["value"].split(","), "qualified with the release's namespace")
     render_fails(values({"allowedSecretsToRead": ["a/b/c"]}), ["a/b/c", "namespace/name"], "an entry with two slashes")
     render_fails(values({"allowedSecretsToRead": ["Team/Key"]}), ["Team/Key"], "an entry that is no Kubernetes name")
 
@@ -884,6 +894,158 @@ def test_knobs():
     check(container["startupProbe"]["httpGet"]["path"] == "/healthz", "the untouched probe keeps its httpGet")
 
 
+def test_agent_config_and_grace():
+    # Settings with no environment variable (agent.shutdown_grace_seconds, ...) come from a config
+    # file the chart mounts; the pod's grace must outlast the agent's (deploy review N8).
+    r = render(values())
+    check(r.pod()["terminationGracePeriodSeconds"] == 45 and "APONO_CONFIG" not in r.env(), "default: 45 s, no file")
+    toml = "[agent]\nshutdown_grace_seconds = 100\nlease_wait_seconds = 10\n"
+    render_fails(values({"config": toml}), ["terminationGracePeriodSeconds=45", "shutdown_grace_seconds (100, from config) + 10"],
+                 "a grace period shorter than the agent's")
+    render_fails(values({"terminationGracePeriodSeconds": 40}), ["terminationGracePeriodSeconds=40", "(30, the default)"],
+                 "a grace period not above the default 30 s + 10")
+    r = render(values({"config": toml, "terminationGracePeriodSeconds": 120}))
+    validate("agent config file", r)
+    check(r.pod()["terminationGracePeriodSeconds"] == 120, "terminationGracePeriodSeconds")
+    secret = r.one("Secret", "apono-connector-config")
+    check(secret["data"]["connector.toml"] == base64.b64encode(toml.encode()).decode(), "the file, kept in a Secret")
+    check(r.env()["APONO_CONFIG"]["value"] == "/etc/apono-connector/config/connector.toml", "APONO_CONFIG names it")
+    check(r.mounts()["agent-config"]["mountPath"] == "/etc/apono-connector/config"
+          and r.volumes()["agent-config"]["secret"]["secretName"] == "apono-connector-config", "mounted from that Secret")
+    rolled = render(values({"config": toml.replace("lease_wait_seconds = 10", "lease_wait_seconds = 15"),
+                            "terminationGracePeriodSeconds": 120}))
+    check(rolled.one("Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+          != r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"],
+          "a changed file rolls the pods (the agent reads it at start)")
+    r = render(values({"existingConfigMap": "agent-settings", "existingConfigMapKey": "agent.toml"}))
+    validate("agent config from an existing ConfigMap", r)
+    check(r.volumes()["agent-config"]["configMap"] == {"name": "agent-settings", "items": [{"key": "agent.toml", "path": "agent.toml"}]}
+          and r.env()["APONO_CONFIG"]["value"] == "/etc/apono-connector/config/agent.toml" and not r.kinds("Secret")[1:],
+          f"existingConfigMap is mounted, no Secret made for it: {r.volumes()['agent-config']}")
+
+
+def test_listen_host():
+    # IPv6 single-stack clusters probe the pod's IPv6 address (deploy review N11).
+    vals = values({"apono": {"url": ""}, "controlPlane": {"enabled": True}, "listenHost": "[::]"})
+    r = render(vals)
+    validate("listenHost [::]", r)
+    check(r.env()["APONO_HEALTH_ADDR"]["value"] == "[::]:8080", "the agent's health address")
+    check(r.env("StatefulSet")["APONO_HEALTH_ADDR"]["value"] == "[::]:8080", "the control plane's health address")
+    args = r.container("StatefulSet")["args"]
+    check(args[args.index("--listen") + 1] == "[::]:8790", f"the control plane's API: {args}")
+    check(render(values({"listenHost": "::"})).env()["APONO_HEALTH_ADDR"]["value"] == "[::]:8080", "a bare :: is bracketed")
+    render_fails(values({"listenHost": "localhost"}), ["listenHost"], "a listenHost that is no address")
+
+
+def test_image_registry_and_version_label():
+    # global.imageRegistry, as umbrella charts set it for Bitnami-style subcharts (deploy review N16).
+    r = render(values({"global": {"imageRegistry": "reg.corp"}}))
+    check(r.container()["image"] == "reg.corp/apono-connector:0.1.0", f"global.imageRegistry: {r.container()['image']}")
+    check("image.registry is empty" not in r.notes, "no empty-registry warning with a global registry")
+    r = render(values({"global": {"imageRegistry": "reg.corp"}, "image": {"registry": "mine.example.com"}}))
+    check(r.container()["image"] == "reg.corp/apono-connector:0.1.0", "the global registry wins, as in Bitnami charts")
+    check(render(values({"global": {}})).container()["image"] == "apono-connector:0.1.0", "an empty global changes nothing")
+    # app.kubernetes.io/version says what runs (deploy review N17).
+    version = lambda r: {d["metadata"]["labels"]["app.kubernetes.io/version"] for d in r.docs if "labels" in d["metadata"]}
+    check(version(render(values())) == {"0.1.0"}, "appVersion by default")
+    check(version(render(values({"image": {"tag": "v1.4.2"}}))) == {"v1.4.2"}, "the tag when one is set")
+    check(version(render(values({"image": {"tag": 1.7}}))) == {"1.7"}, "a numeric tag as written")
+    check(version(render(values({"image": {"digest": "sha256:" + "ab" * 32}}))) == {"sha256-abababababab"},
+          "a digest alone: its first 12 hex digits")
+    r = render(values({"image": {"tag": "1.0+build/7"}}))
+    validate("a tag with characters a label cannot hold", r)
+    check(version(r) == {"1.0_build_7"}, f"made a valid label value: {version(r)}")
+
+
+def test_allowed_rancher_hosts():
+    # Where the agent may send a Rancher key, whatever a job says (issue 19, item 1).
+    for given in (["rancher.example.com", "Rancher2.example.com:8443"], "rancher.example.com, rancher2.example.com:8443",
+                  ["rancher.example.com,rancher2.example.com:8443"]):
+        r = render(values({"allowedRancherHosts": given}))
+        validate(f"allowedRancherHosts {given!r}", r)
+        check(r.env()["APONO_ALLOWED_RANCHER_HOSTS"]["value"] == "rancher.example.com,rancher2.example.com:8443",
+              f"allowedRancherHosts {given!r}: {r.env().get('APONO_ALLOWED_RANCHER_HOSTS')}")
+        check("Rancher hosts:  rancher.example.com, rancher2.example.com:8443 only" in r.notes
+              and "allowedRancherHosts is empty" not in r.notes, "NOTES names them, without the warning")
+    r = render(values(helm.parse_set_string(r"allowedRancherHosts={a.example.com\,b.example.com}")))
+    check(r.env()["APONO_ALLOWED_RANCHER_HOSTS"]["value"] == "a.example.com,b.example.com", "Helm's escaped-comma list")
+    for empty in ([], "", None):
+        r = render(values({"allowedRancherHosts": empty}))
+        check("APONO_ALLOWED_RANCHER_HOSTS" not in r.env(), f"{empty!r}: no variable")
+        check("WARNING: allowedRancherHosts is empty: the control plane decides where keys go" in r.notes,
+              f"{empty!r}: NOTES warns")
+    for bad in ("https://rancher.example.com", "rancher.example.com/v3", "rancher example.com"):
+        render_fails(values({"allowedRancherHosts": [bad]}), ["allowedRancherHosts", "host:port"], f"allowedRancherHosts {bad!r}")
+
+
+def test_control_plane_on_postgresql():
+    # With a database the in-cluster control plane is several replicas (issue 20, item 6).
+    db = {"apono": {"url": ""}, "controlPlane": {
+        "enabled": True, "database": {"existingSecret": "pg-app", "key": "uri"},
+        "operatorToken": {"existingSecret": "apono-operator"}}}
+    r = render(values(db))
+    validate("control plane on PostgreSQL", r)
+    check(not r.kinds("StatefulSet"), "no StatefulSet: the state is in the database")
+    cp = r.one("Deployment", "apono-connector-control-plane")
+    check(cp["spec"]["replicas"] == 2, "two replicas by default")
+    pod = cp["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    check(env["APONO_DATABASE_URL_FILE"] == "/var/run/secrets/apono-database/uri"
+          and volumes["database"]["secret"] == {"secretName": "pg-app"}
+          and mounts["database"] == "/var/run/secrets/apono-database", "the URL Secret mounted as APONO_DATABASE_URL_FILE")
+    check(env["APONO_OPERATOR_TOKEN_FILE"] == "/var/run/secrets/apono-operator/token"
+          and volumes["operator-token"]["secret"]["secretName"] == "apono-operator", "the shared operator token as a file")
+    check("APONO_DATABASE_URL" not in env and "APONO_OPERATOR_TOKEN" not in env, "neither secret in the environment")
+    check(volumes["data"] == {"name": "data", "emptyDir": {"sizeLimit": "64Mi"}}, "no PVC")
+    zones = [c for c in pod["topologySpreadConstraints"] if c["topologyKey"] == "topology.kubernetes.io/zone"]
+    check(len(zones) == 1 and zones[0]["labelSelector"]["matchLabels"] == cp["spec"]["selector"]["matchLabels"],
+          f"spread across zones: {pod.get('topologySpreadConstraints')}")
+    pdb = r.one("PodDisruptionBudget", "apono-connector-control-plane")
+    check(pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"] == cp["spec"]["selector"]["matchLabels"]
+          and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", f"a PDB keeps one serving: {pdb['spec']}")
+    check("Deployment apono-connector-control-plane, 2 replicas on the PostgreSQL of Secret pg-app" in r.notes
+          and "exec deployment/apono-connector-control-plane" in r.notes, "NOTES: what runs and the operator command")
+    agent_env = {e["name"]: e["value"] for e in r.one("Deployment", "apono-connector")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    check(agent_env["APONO_URL"] == "http://apono-connector-control-plane.apono-connector.svc:8790", "the agents use its Service")
+    r = render(values(db, {"controlPlane": {"replicas": 3, "topologySpreadConstraints": []}}))
+    cp = r.one("Deployment", "apono-connector-control-plane")
+    check(cp["spec"]["replicas"] == 3 and "topologySpreadConstraints" not in cp["spec"]["template"]["spec"],
+          "controlPlane.replicas; [] turns the spread off")
+    r = render(values(db, {"controlPlane": {"replicas": 1}}))
+    check(not [p for p in r.kinds("PodDisruptionBudget")], "no PDB for one replica")
+    render_fails(values(db, {"controlPlane": {"operatorToken": {"existingSecret": ""}}}),
+                 ["controlPlane.operatorToken.existingSecret is required"], "a database without a shared operator token")
+    render_fails(values({"apono": {"url": ""}, "controlPlane": {"enabled": True, "replicas": 2}}),
+                 ["controlPlane.replicas=2 needs controlPlane.database.existingSecret"], "replicas on SQLite")
+    r = render(values({"apono": {"url": ""}, "controlPlane": {"enabled": True}}))
+    check(r.one("StatefulSet")["spec"]["replicas"] == 1 and not r.kinds("PodDisruptionBudget"),
+          "without a database: the one-replica StatefulSet")
+    # Its NetworkPolicy lets it reach the database, and nothing else but DNS.
+    np = {"networkPolicy": {"enabled": True, "rancher": [{"to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}]}]}}
+    render_fails(values(db, np), ["networkPolicy.database is empty"], "a NetworkPolicy with no way to the database")
+    pg = [{"to": [{"podSelector": {"matchLabels": {"cnpg.io/cluster": "pg"}}}], "ports": [{"port": 5432}]}]
+    r = render(values(db, np, {"networkPolicy": {"database": pg}}))
+    validate("control plane on PostgreSQL behind a NetworkPolicy", r)
+    egress = r.one("NetworkPolicy", "apono-connector-control-plane")["spec"]["egress"]
+    check(egress[-1] == pg[0] and len(egress) == 2, f"egress: DNS and the database: {egress}")
+
+
+def test_readme_two_releases():
+    # Two releases in one namespace would claim the same ServiceAccount (deploy review N12).
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("### Helm", 1)[1].split("\n### ", 1)[0]
+    check("serviceAccount.name" in section and "same namespace" in section,
+          "README's Helm section says how to run two releases in one namespace")
+    with open(os.path.join(CHART, "README.md")) as f:
+        chart_readme = f.read()
+    check("statefulset/<release>-control-plane" not in chart_readme, "the chart README names the control plane's object right")
+    a = render(values({"serviceAccount": {"name": "apono-b"}}), name="b")
+    check(a.one("ServiceAccount")["metadata"]["name"] == "apono-b", "serviceAccount.name gives the second release its own")
+
+
 def test_missing_values_fail_clearly():
     for vals, needle in (({"apono": {"connectorId": "c", "url": "u"}}, "apono.token"),
                          ({"apono": {"token": "t", "url": "u"}}, "apono.connectorId")):
@@ -927,6 +1089,8 @@ def test_dockerfile():
     check('ENTRYPOINT ["apono-connector"]' in text and 'CMD ["run"]' in text, "entrypoint and cmd")
     check("USER 65532" in text and "EXPOSE 8080" in text, "non-root user, port 8080")
     # Every base image is pinned by a digest of the right form (an ARG the FROM line uses).
+    check(lines[0].startswith("# syntax=docker/dockerfile:") and "@sha256:" in lines[0] and len(lines[0].split("@sha256:")[1]) == 64,
+          f"the syntax frontend is pinned by digest too: {lines[0]}")
     froms = [l for l in lines if l.startswith("FROM ")]
     check(len(froms) == 2 and all("@${" in l for l in froms), f"base images pinned by digest: {froms}")
     digests = [l.split("=", 1)[1] for l in lines if l.startswith("ARG ") and "_DIGEST=" in l]

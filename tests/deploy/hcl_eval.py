@@ -399,6 +399,9 @@ FUNCTIONS = {
     "contains": lambda items, v: v in items,
     "compact": lambda items: [v for v in items if v not in (None, "")],
     "lower": str.lower,
+    "trimspace": str.strip,
+    # Terraform's RE2 and Python's re agree on the simple patterns the examples use.
+    "regexall": lambda pattern, s: [m.group() if not m.groups() else list(m.groups()) for m in re.finditer(pattern, s)],
     "upper": str.upper,
     "keys": lambda m: sorted(m),
     "tolist": list,

@@ -391,6 +391,21 @@ def check_kubernetes(mod):
             problems.append(f"{where}: Helm reads allowedSecretsToRead as {listed!r}, not the example's secret and other_allowed_secrets")
         if values.get("serviceAccount", {}).get("manageClusterRoles") is not True:
             problems.append(f"{where}: serviceAccount.manageClusterRoles is not true: the agent may read no Secret")
+    # Apono's SaaS address, as Apono's modules set it, is refused as the chart refuses it (deploy
+    # review N1); an explicit allow_apono_host lets it through, and look-alikes are not caught.
+    for url, allow, refused in (("api.apono.io", False, True), ("https://Agents.Apono.IO:443/connector", False, True),
+                                ("eu.agents.apono.io.", False, True), ("api.apono.io", True, False),
+                                ("notapono.io", False, False), ("https://apono.io.example.com", False, False)):
+        ev = mod.evaluate(**base, apono_url=url, control_plane_in_cluster=False, allow_apono_host=allow)
+        failing = [msg for holds, msg in ev.preconditions("helm_release", release_name) if holds is False]
+        if refused != any("Apono's service" in m for m in failing):
+            problems.append(f"kubernetes (apono_url={url}, allow_apono_host={str(allow).lower()}): "
+                            f"{'not refused' if refused else 'refused'}: {failing}")
+        if not refused and _set_values(ev, release).get("apono", {}).get("allowAponoHost") is not allow:
+            problems.append(f"kubernetes: allow_apono_host={allow} is not passed as apono.allowAponoHost")
+    ev = mod.evaluate(**base, apono_url="cp.example.test", allowed_rancher_hosts=["rancher.example.com", "r2.example.com:8443"])
+    if _set_values(ev, release).get("allowedRancherHosts") != ["rancher.example.com", "r2.example.com:8443"]:
+        problems.append(f"kubernetes: allowed_rancher_hosts reaches the chart as {_set_values(ev, release).get('allowedRancherHosts')!r}")
     ev = mod.evaluate(**dict(base, apono_token=None), apono_url="https://cp.example.test", apono_token_secret="apono-token")
     values = _set_values(ev, release)
     if values.get("apono", {}).get("existingSecret") != "apono-token" or values["apono"].get("token"):
@@ -514,6 +529,8 @@ MUTATIONS = [
     ("kubernetes", [('"{${join(",", local.allowed_secrets)}}"', 'join(",", local.allowed_secrets)')],
      "Kubernetes: the list without Helm's braces"),
     ("kubernetes", [("create_namespace = true", "create_namespace = false")], "Kubernetes: no create_namespace"),
+    ("kubernetes", [("condition     = !local.apono_url_is_apono || var.allow_apono_host", "condition     = true")],
+     "Kubernetes: Apono's SaaS address accepted"),
     ("kubernetes", [('value = var.apono_token_secret == null ? "" : var.apono_token_secret', 'value = ""')],
      "Kubernetes: apono_token_secret not passed as apono.existingSecret"),
     ("kubernetes", [("value = local.allowed_secrets_value", SEED_LIST)], "Kubernetes: the seed's invalid escape"),

@@ -38,6 +38,18 @@ variable "apono_url" {
   description = "Address of the control plane (APONO_URL). Required unless control_plane_in_cluster is true."
 }
 
+variable "allow_apono_host" {
+  type        = bool
+  default     = false
+  description = "Allow an apono_url in Apono's own domain (chart value apono.allowAponoHost). Off: such an address, carried over from Apono's Terraform modules, is refused, since this agent would send its token there and never become ready."
+}
+
+variable "allowed_rancher_hosts" {
+  type        = list(string)
+  default     = []
+  description = "Rancher hosts (host or host:port) the agent may send an integration's API key to (chart value allowedRancherHosts). Empty: the control plane decides."
+}
+
 variable "control_plane_in_cluster" {
   type        = bool
   default     = false
@@ -105,7 +117,10 @@ provider "helm" {
 
 locals {
   apono_url_given = var.apono_url != null && var.apono_url != ""
-  allowed_secrets = concat([var.secret_name], var.other_allowed_secrets)
+  # A host in Apono's own domain (apono.io or below it), as the chart refuses it: what Apono's
+  # modules set (api.apono.io) must not receive this agent's token.
+  apono_url_is_apono = length(regexall("^([a-z][a-z0-9+.-]*://)?([^/@]*@)?([^/:@]*\\.)?apono\\.io\\.?(:[0-9]*)?(/.*)?$", lower(trimspace(var.apono_url == null ? "" : var.apono_url)))) > 0
+  allowed_secrets    = concat([var.secret_name], var.other_allowed_secrets)
   # Helm's list syntax, {a,b,c}. Apono's docs write "{secret1\,secret2\,secret3}", which Terraform
   # refuses ("\," is not an HCL escape): the backslashes are for the shell, where they stop brace
   # expansion. Terraform hands the value to Helm with no shell in between, so plain commas are
@@ -124,6 +139,10 @@ resource "helm_release" "apono_connector" {
     precondition {
       condition     = local.apono_url_given != var.control_plane_in_cluster
       error_message = "Set apono_url to your control plane's address, or control_plane_in_cluster = true to run one in the cluster (not both)."
+    }
+    precondition {
+      condition     = !local.apono_url_is_apono || var.allow_apono_host
+      error_message = "apono_url is Apono's service (carried over from a module written for Apono's connector): this agent speaks its own protocol, would never become ready there, and would send its token to Apono on every retry. Point apono_url at the control plane you run, or set control_plane_in_cluster = true; set allow_apono_host = true only if that host really runs this project's control plane."
     }
     precondition {
       condition     = (var.apono_token != null) != (var.apono_token_secret != null)
@@ -159,8 +178,18 @@ resource "helm_release" "apono_connector" {
     type  = "string"
   }
   set {
+    name  = "apono.allowAponoHost"
+    value = tostring(var.allow_apono_host)
+  }
+  set {
     name  = "controlPlane.enabled"
     value = tostring(var.control_plane_in_cluster)
+  }
+  # Helm's list syntax again; empty: the chart's default (no limit, and a NOTES warning).
+  set {
+    name  = "allowedRancherHosts"
+    value = length(var.allowed_rancher_hosts) == 0 ? "" : "{${join(",", var.allowed_rancher_hosts)}}"
+    type  = "string"
   }
   set {
     name  = "image.registry"

@@ -46,7 +46,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "apono-connector.commonLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ include "apono-connector.versionLabel" . | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: apono-connector
 {{- end -}}
@@ -108,12 +108,33 @@ silently (it would receive the Secret-reading RBAC).
 {{- if $out -}}{{- toYaml $out -}}{{- end -}}
 {{- end -}}
 
+{{/*
+The version the pods run, as a label value: image.tag when set (the chart's appVersion is then
+not what runs), else the digest's first 12 hex digits when only a digest is given, else appVersion.
+Characters a label value cannot hold become "_".
+*/}}
+{{- define "apono-connector.versionLabel" -}}
+{{- $image := .Values.image -}}
+{{- $version := .Chart.AppVersion -}}
+{{- if not (kindIs "invalid" $image.tag) -}}{{- with include "apono-connector.scalar" $image.tag -}}{{- $version = . -}}{{- end -}}{{- end -}}
+{{- if and $image.digest (or (kindIs "invalid" $image.tag) (not (include "apono-connector.scalar" $image.tag))) -}}
+{{- $version = printf "sha256-%s" (trimPrefix "sha256:" $image.digest | trunc 12) -}}
+{{- end -}}
+{{- regexReplaceAll "[^A-Za-z0-9._-]" (toString $version) "_" | trunc 63 | trimAll "._-" -}}
+{{- end -}}
+
+{{/* The registry: global.imageRegistry (an umbrella chart's, as Bitnami charts read it) wins over image.registry. */}}
+{{- define "apono-connector.imageRegistry" -}}
+{{- (.Values.global | default dict).imageRegistry | default .Values.image.registry -}}
+{{- end -}}
+
 {{- define "apono-connector.image" -}}
 {{- $image := .Values.image -}}
 {{- $repository := $image.repository -}}
+{{- $registry := include "apono-connector.imageRegistry" . -}}
 {{- if not $repository -}}
-{{- if $image.registry -}}
-{{- $repository = printf "%s/%s" (trimSuffix "/" $image.registry) $image.name -}}
+{{- if $registry -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $registry) $image.name -}}
 {{- else -}}
 {{- $repository = $image.name -}}
 {{- end -}}
@@ -207,6 +228,98 @@ bare name means the release namespace.
 {{- $_ := set $byNamespace $namespace (append $names $name | uniq) -}}
 {{- end -}}
 {{- toJson $byNamespace -}}
+{{- end -}}
+
+{{/*
+The allow-list as the agent gets it (ALLOWED_SECRETS_TO_READ): every entry `namespace/name`, a bare
+name qualified with the release namespace, as the RBAC reads it. The agent reads a bare name as
+"in any namespace", which would make its own gate wider than the chart documents.
+*/}}
+{{- define "apono-connector.allowedSecretsQualified" -}}
+{{- $out := list -}}
+{{- range (include "apono-connector.allowedSecrets" . | fromJsonArray) -}}
+{{- $out = append $out (ternary . (printf "%s/%s" $.Release.Namespace .) (contains "/" .)) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/*
+allowedRancherHosts as a JSON list of `host[:port]` (lower case): a list, a comma-separated string,
+or list items holding commas, as allowedSecretsToRead accepts. A URL or a path fails the install.
+*/}}
+{{- define "apono-connector.allowedRancherHosts" -}}
+{{- $raw := .Values.allowedRancherHosts -}}
+{{- if kindIs "string" $raw -}}{{- $raw = list $raw -}}{{- end -}}
+{{- $hosts := list -}}
+{{- range $raw -}}
+{{- range splitList "," (toString .) -}}
+{{- $host := trim . | trimPrefix "{" | trimSuffix "}" | trim | lower -}}
+{{- if $host -}}
+{{- if not (regexMatch "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\\.?|\\[[0-9a-f:.]+\\])(:[0-9]{1,5})?$" $host) -}}
+{{- fail (printf "allowedRancherHosts: %q is not host or host:port (no scheme, no path: e.g. rancher.example.com or rancher.example.com:8443)" $host) -}}
+{{- end -}}
+{{- $hosts = append $hosts $host -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (uniq $hosts) -}}
+{{- end -}}
+
+{{/*
+The agent's config file (config, or existingConfigMap): "true" when there is one. Fails when
+terminationGracePeriodSeconds is not above the file's agent.shutdown_grace_seconds + 10: the
+kubelet would kill the agent before its in-flight jobs had their grace.
+*/}}
+{{- define "apono-connector.agentConfig" -}}
+{{- $grace := 30 -}}
+{{- with .Values.config -}}
+{{- $line := regexFind "(?m)^[ \\t]*shutdown_grace_seconds[ \\t]*=[ \\t]*[0-9]+" . -}}
+{{- if $line -}}{{- $grace = regexFind "[0-9]+$" $line | int -}}{{- end -}}
+{{- end -}}
+{{- if le (int .Values.terminationGracePeriodSeconds) (add $grace 10) -}}
+{{- fail (printf "terminationGracePeriodSeconds=%v must be above the agent's shutdown_grace_seconds (%d%s) + 10: the kubelet would kill the agent while its in-flight jobs still have their grace" .Values.terminationGracePeriodSeconds $grace (ternary ", from config" ", the default" (ne $grace 30))) -}}
+{{- end -}}
+{{- if or .Values.config .Values.existingConfigMap -}}true{{- end -}}
+{{- end -}}
+
+{{/* The key of the agent's config file: connector.toml in the chart's Secret, existingConfigMapKey in yours. */}}
+{{- define "apono-connector.agentConfigKey" -}}
+{{- if .Values.existingConfigMap -}}{{ .Values.existingConfigMapKey }}{{- else -}}connector.toml{{- end -}}
+{{- end -}}
+
+{{/*
+Replicas of the in-cluster control plane: controlPlane.replicas, else 2 with a database and 1
+without. More than one without a database fails: SQLite on one volume serves one process.
+*/}}
+{{- define "apono-connector.controlPlaneReplicas" -}}
+{{- $cp := .Values.controlPlane -}}
+{{- $replicas := ternary 2 1 (not (empty $cp.database.existingSecret)) -}}
+{{- if not (kindIs "invalid" $cp.replicas) -}}{{- $replicas = int $cp.replicas -}}{{- end -}}
+{{- if and (gt $replicas 1) (not $cp.database.existingSecret) -}}
+{{- fail (printf "controlPlane.replicas=%d needs controlPlane.database.existingSecret: without a database the state is one SQLite file that one process holds. Set a PostgreSQL URL Secret (README: \"High availability\"), or leave controlPlane.replicas unset" $replicas) -}}
+{{- end -}}
+{{- $replicas -}}
+{{- end -}}
+
+{{/* Spread of the control plane's replicas: controlPlane.topologySpreadConstraints, or by default
+across zones and then nodes (ScheduleAnyway: a one-zone cluster still schedules). */}}
+{{- define "apono-connector.controlPlaneSpread" -}}
+{{- $spread := .Values.controlPlane.topologySpreadConstraints -}}
+{{- if kindIs "invalid" $spread -}}
+{{- $selector := include "apono-connector.controlPlaneSelectorLabels" . | fromYaml -}}
+{{- $spread = list -}}
+{{- range list "topology.kubernetes.io/zone" "kubernetes.io/hostname" -}}
+{{- $spread = append $spread (dict "maxSkew" 1 "topologyKey" . "whenUnsatisfiable" "ScheduleAnyway" "labelSelector" (dict "matchLabels" $selector)) -}}
+{{- end -}}
+{{- end -}}
+{{- with $spread -}}{{- toYaml . -}}{{- end -}}
+{{- end -}}
+
+{{/* host:port the pods listen on: listenHost ("0.0.0.0", or "[::]" on IPv6 and dual-stack clusters). */}}
+{{- define "apono-connector.listenAddr" -}}
+{{- $host := .root.Values.listenHost -}}
+{{- if and (contains ":" $host) (not (hasPrefix "[" $host)) -}}{{- $host = printf "[%s]" $host -}}{{- end -}}
+{{- printf "%s:%v" $host .port -}}
 {{- end -}}
 
 {{/* Whether the agent may read Kubernetes Secrets at all (a non-empty allow-list, or all). */}}
