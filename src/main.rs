@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use apono_connector::commands::{self, DEFAULT_CONTROL_PLANE, Refused, Stdout};
 use apono_connector::config::{Config, TelemetryConfig};
@@ -103,7 +103,7 @@ enum Command {
         /// The URL to ask. Default: /readyz (or /healthz with --live) on the port of
         /// APONO_HEALTH_ADDR (from the environment or the config file), on loopback when it binds
         /// every address.
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", value_parser = health_url)]
         url: Option<String>,
         /// Ask /healthz (the process answers) instead of /readyz (it can take jobs).
         #[arg(long, conflicts_with = "url")]
@@ -266,7 +266,7 @@ enum AccessCommand {
         #[command(flatten)]
         target: Target,
         /// How long the access lasts (e.g. 30m, 2h, 1d); revoked when it ends.
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = access_ttl)]
         ttl: Duration,
         /// Create a missing local user with a generated password (shown once in the result).
         #[arg(long)]
@@ -337,6 +337,106 @@ enum SimCommand {
     },
 }
 
+/// The command line as `--help`, completions and the man pages show it: every subcommand's help
+/// ends with the exit codes too, after its own notes (deploy review N14).
+fn cli_command() -> clap::Command {
+    fn with_exit_codes(cmd: clap::Command) -> clap::Command {
+        let after = match cmd.get_after_help().map(ToString::to_string) {
+            Some(text) if text.contains(EXIT_CODES) => text,
+            Some(text) => format!("{text}\n\n{EXIT_CODES}"),
+            None => EXIT_CODES.to_string(),
+        };
+        cmd.after_help(after).mut_subcommands(with_exit_codes)
+    }
+    with_exit_codes(Cli::command())
+}
+
+/// The tree the man pages describe: no `help` subcommands (there is no page for them).
+fn man_command() -> clap::Command {
+    fn without_help(cmd: clap::Command) -> clap::Command {
+        cmd.disable_help_subcommand(true).mut_subcommands(without_help)
+    }
+    let mut cmd = without_help(cli_command());
+    cmd.build();
+    cmd
+}
+
+/// One page per command, named as `clap_mangen::generate_to` names them.
+fn write_man_pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_pages(sub.clone(), dir)?;
+    }
+    let mut file = std::fs::File::create(dir.join(clap_mangen::Man::new(cmd.clone()).get_filename()))?;
+    render_man(&cmd, &mut file)
+}
+
+/// clap_mangen's sections, then each block of the help's closing notes as a section of its own
+/// (ENVIRONMENT, EXIT STATUS) printed verbatim: roff would reflow their aligned tables.
+fn render_man(cmd: &clap::Command, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(w)?;
+    }
+    if cmd.has_subcommands() {
+        man.render_subcommands_section(w)?;
+    }
+    let notes = cmd.get_after_help().map(ToString::to_string).unwrap_or_default();
+    for block in notes.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let title = match block {
+            b if b.starts_with("Exit codes") => "EXIT STATUS",
+            b if b.starts_with("Environment") => "ENVIRONMENT",
+            _ => "NOTES",
+        };
+        writeln!(w, ".SH \"{title}\"\n.nf")?;
+        for line in block.lines() {
+            // roff: a backslash is `\e`; a line starting with `.` or `'` would be a request.
+            let line = line.replace('\\', "\\e");
+            let guard = if line.starts_with(['.', '\'']) { "\\&" } else { "" };
+            writeln!(w, "{guard}{line}")?;
+        }
+        writeln!(w, ".fi")?;
+    }
+    if cmd.get_version().is_some() {
+        man.render_version_section(w)?;
+    }
+    Ok(())
+}
+
+// Malformed arguments are usage errors (exit 2) like those clap finds itself, so they are
+// checked while parsing (deploy review N13).
+
+/// `access request --ttl`: a duration of at least 1 s.
+fn access_ttl(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(ttl) if ttl.as_secs() >= 1 => Ok(ttl),
+        Ok(_) => Err("--ttl must be at least 1s".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `healthcheck --url`: an http:// or https:// URL.
+fn health_url(s: &str) -> Result<String, String> {
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(s.to_string()),
+        Ok(_) => Err(format!("{s:?}: expected an http:// or https:// URL")),
+        Err(e) => Err(format!("{s:?} is not a URL: {e}")),
+    }
+}
+
+/// `secret get --store`: JSON (or @FILE) that is a secret reference of a known store type.
+/// Checked after parsing, not by clap: clap's message would echo the value, which may hold
+/// inline credentials.
+fn secret_ref_arg(s: &str) -> Result<(), String> {
+    let json = commands::read_json_arg(s, "--store").map_err(|e| format!("{e:#}"))?;
+    serde_json::from_value::<apono_connector::secrets::SecretRef>(json)
+        .map(|_| ())
+        .map_err(|e| format!("--store is not a secret reference such as {{\"type\":\"AWS\",\"region\":\"...\",\"secret_id\":\"...\"}}: {e}"))
+}
+
 /// `--listen` / `APONO_LISTEN_ADDR`: the error names both, since either may have given it.
 fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     s.trim()
@@ -345,7 +445,10 @@ fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match cli_command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -444,6 +547,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Secret {
             command: SecretCommand::Get { store, reveal },
         } => {
+            if let Err(e) = secret_ref_arg(&store) {
+                say_error(&e);
+                return Ok(ExitCode::from(2));
+            }
             quiet_logs();
             print_json(&commands::secret_get(&store, reveal).await?)?;
         }
@@ -566,18 +673,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Completions { shell } => {
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "apono-connector", &mut script);
+            clap_complete::generate(shell, &mut cli_command(), "apono-connector", &mut script);
             commands::print_bytes(&script)?;
         }
         Command::Man { out_dir } => match out_dir {
             Some(dir) => {
                 std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                clap_mangen::generate_to(Cli::command(), &dir)
+                write_man_pages(man_command(), &dir)
                     .with_context(|| format!("writing the man pages into {}", dir.display()))?;
             }
             None => {
                 let mut page = Vec::new();
-                clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+                render_man(&man_command(), &mut page)?;
                 commands::print_bytes(&page)?;
             }
         },
@@ -596,9 +703,6 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
             endpoint,
         } => {
             let (subject, role, resource) = target.parts()?;
-            if ttl.as_secs() == 0 {
-                anyhow::bail!("--ttl must be at least 1s");
-            }
             let wait = if no_wait {
                 Duration::ZERO
             } else {

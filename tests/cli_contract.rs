@@ -148,9 +148,9 @@ async fn healthcheck_exit_codes_and_the_refusals_that_exit_3() {
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("refused the connection"), "{}", stderr(&out));
 
-    // A bad URL is a failure (1), not "not ready".
+    // A bad URL is a usage error (2), not "not ready".
     let out = cli_async(&["healthcheck", "--url", "not a url"], &[]).await;
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ Run: tests/deploy/run   (installs the tools into .venv-test, then runs this file
 import base64
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -518,8 +519,9 @@ def test_control_plane():
     check("secret.reloader.stakater.com/reload" not in (r2.one("Deployment")["spec"]["template"]["metadata"].get("annotations") or {}),
           "and not on the agents'")
     r3 = render(merge(json.loads(json.dumps(vals)), {"apono": {"token": "", "existingSecret": "eso-token"}}))
-    check("rollout restart statefulset/apono-connector-control-plane" in r3.notes and "reloader" in r3.notes,
-          "NOTES: how to follow a rotated existing Secret")
+    check("rotating eso-token needs no restart" in r3.notes
+          and "rollout restart statefulset/apono-connector-control-plane" in r3.notes,
+          f"NOTES: a rotated existing Secret is followed (the control plane re-reads the file), and the fallback: {r3.notes}")
     service = r.one("Service", "apono-connector-control-plane")
     check(service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"], "the Service selects the control plane")
     check({p["name"]: p["port"] for p in service["spec"]["ports"]}["api"] == 8790, "the Service's API port")
@@ -1044,6 +1046,54 @@ def test_readme_two_releases():
     check("statefulset/<release>-control-plane" not in chart_readme, "the chart README names the control plane's object right")
     a = render(values({"serviceAccount": {"name": "apono-b"}}), name="b")
     check(a.one("ServiceAccount")["metadata"]["name"] == "apono-b", "serviceAccount.name gives the second release its own")
+
+
+def test_exit_codes():
+    # A malformed argument is a usage error, exit 2, however it is malformed (deploy review N13);
+    # the message never echoes a --store value, which may hold inline credentials.
+    binary = connector_binary()
+    if not os.path.exists(binary):
+        check(False, f"{binary} is missing: tests/deploy/run builds it (cargo build --bin apono-connector)")
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APONO_", "HASHICORP_", "ALLOWED_SECRETS"))}
+    canary = "canary-s3cret-4711"
+    cases = (
+        (["access", "request", "--integration", "x", "--user", "a", "--role", "r", "--resource", "global", "--ttl", "0s"], "--ttl"),
+        (["access", "request", "--integration", "x", "--user", "a", "--role", "r", "--resource", "global", "--ttl", "5x"], "--ttl"),
+        (["healthcheck", "--url", "notaurl"], "--url"),
+        (["healthcheck", "--url", "ftp://x"], "http://"),
+        (["healthcheck", "--timeout-seconds", "0"], "--timeout-seconds"),
+        (["secret", "get", "--store", '{"type":"NOPE"}'], "--store"),
+        (["secret", "get", "--store", json.dumps({"type": "APONO", "credentials": {"secret_key": canary}, "x": 1})], "--store"),
+        (["--bogus"], "--bogus"),
+    )
+    for args, needle in cases:
+        done = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=30)
+        check(done.returncode == 2 and needle in done.stderr, f"{args}: exit {done.returncode}, expected 2 naming {needle}: {done.stderr}")
+        check(canary not in done.stderr + done.stdout, f"{args}: the secret is echoed: {done.stderr}")
+    done = subprocess.run([binary, "healthcheck", "--url", "http://127.0.0.1:1/readyz"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    check(done.returncode == 3, f"a well-formed URL that does not answer is 'not ready' (3): {done.returncode}")
+
+    # Every command's --help ends with the exit codes; the man pages give them, and the
+    # environment table, sections of their own, verbatim, and name no page that is not written
+    # (deploy review N14).
+    for sub in (["run"], ["healthcheck"], ["access", "list"], ["control-plane", "serve"], ["secret", "get"]):
+        done = subprocess.run([binary, *sub, "--help"], capture_output=True, text=True, env=env, timeout=30)
+        check(done.returncode == 0 and "Exit codes:" in done.stdout and "2  usage error" in done.stdout,
+              f"{sub} --help shows the exit codes")
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([binary, "man", "--out-dir", tmp], capture_output=True, text=True, env=env, timeout=30)
+        check(done.returncode == 0, f"man --out-dir: {done.stderr}")
+        pages = set(os.listdir(tmp))
+        for page in sorted(pages):
+            text = open(os.path.join(tmp, page)).read()
+            named = {ref.replace("\\-", "-") + ".1" for ref in re.findall(r"(apono\\-connector[a-z\\-]*)\(1\)", text)}
+            check(named <= pages, f"{page} names pages that are not written: {sorted(named - pages)}")
+            check('.SH "EXIT STATUS"\n.nf\nExit codes:' in text, f"{page}: an EXIT STATUS section, verbatim")
+        run_page = open(os.path.join(tmp, "apono-connector-run.1")).read()
+        check('.SH "ENVIRONMENT"\n.nf\nEnvironment' in run_page and "EXTRA" not in run_page,
+              "run(1): the environment table in its own section, not reflowed")
 
 
 def test_missing_values_fail_clearly():
