@@ -188,6 +188,10 @@ secret_store = {{ type = "APONO", credentials = {{ access_key = "{access_key}", 
             r"^apono_connector_revoke_lag_seconds_count [1-9]", get(metrics), re.M))
         # An access left in place: the copy of the state taken before it knows nothing of it.
         request("metrics-unclaimed", "1h", role="cluster-owner")  # returns once granted
+        # The gauges count what the state holds: this one access, nothing overdue or queued.
+        wait_for("the access gauges", lambda: all(re.search(line, get(metrics), re.M) for line in (
+            r'^apono_connector_accesses\{state="active"\} 1$', r'^apono_connector_accesses\{state="revoking"\} 0$',
+            r"^apono_connector_accesses_overdue 0$", r'^apono_connector_jobs_queued\{kind="grant"\} 0$')))
         names = sample_names(get(metrics))
         procs.end(daemon)
 
