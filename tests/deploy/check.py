@@ -1017,7 +1017,9 @@ def test_control_plane_on_postgresql():
     check(cp["spec"]["replicas"] == 3 and "topologySpreadConstraints" not in cp["spec"]["template"]["spec"],
           "controlPlane.replicas; [] turns the spread off")
     r = render(values(db, {"controlPlane": {"replicas": 1}}))
-    check(not [p for p in r.kinds("PodDisruptionBudget")], "no PDB for one replica")
+    check(not r.kinds("PodDisruptionBudget"), "no PDB for one replica")
+    check(not render(values(db, {"podDisruptionBudget": {"enabled": False}})).kinds("PodDisruptionBudget"),
+          "podDisruptionBudget.enabled=false turns it off too")
     render_fails(values(db, {"controlPlane": {"operatorToken": {"existingSecret": ""}}}),
                  ["controlPlane.operatorToken.existingSecret is required"], "a database without a shared operator token")
     render_fails(values({"apono": {"url": ""}, "controlPlane": {"enabled": True, "replicas": 2}}),
