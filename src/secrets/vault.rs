@@ -113,6 +113,9 @@ struct Definition {
     client_identity: Option<auth::ClientIdentity>,
     namespace: Option<String>,
     name: Option<String>,
+    /// A digest of the definition as written (and of the CA file it names): a definitions file
+    /// re-read with this entry unchanged keeps its client, login and mounts (issue 18).
+    digest: [u8; 32],
 }
 
 /// An entry of the configured list.
@@ -121,6 +124,17 @@ enum Entry {
     Direct(Box<Definition>),
     /// A secret in another store holding a definition.
     FromSecretStore(SecretRef),
+}
+
+impl Entry {
+    /// Whether `other` is this entry as configured (so what was built for it still serves).
+    fn same_as(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (Entry::Direct(a), Entry::Direct(b)) => a.digest == b.digest,
+            (Entry::FromSecretStore(a), Entry::FromSecretStore(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -350,18 +364,32 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
             }
         }
         "GCP" => {
-            check_fields(map, &["from_secret_store", "project", "secret_id", "version"])?;
+            check_fields(
+                map,
+                &["from_secret_store", "project", "secret_id", "version", "location"],
+            )?;
             SecretRef::Gcp {
                 project: required(map, &["project"])?,
                 secret_id: required(map, &["secret_id"])?,
                 version: field_str(map, &["version"])?,
+                location: field_str(map, &["location"])?,
             }
         }
         "AZURE" => {
-            check_fields(map, &["from_secret_store", "AZURE_KEY_VAULT_URL", "vault_url", "name"])?;
+            check_fields(
+                map,
+                &[
+                    "from_secret_store",
+                    "AZURE_KEY_VAULT_URL",
+                    "vault_url",
+                    "name",
+                    "version",
+                ],
+            )?;
             SecretRef::Azure {
                 vault_url: required(map, &["AZURE_KEY_VAULT_URL", "vault_url"])?,
                 name: required(map, &["name"])?,
+                version: field_str(map, &["version"])?,
             }
         }
         "KUBERNETES" => {
@@ -545,12 +573,20 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
             ));
         }
     };
+    let digest = {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(serde_json::to_vec(map).unwrap_or_default());
+        hasher.update(ca_cert.as_deref().unwrap_or_default());
+        hasher.finalize().into()
+    };
     Ok(Definition {
         address,
         auth,
         ca_cert,
         skip_verify,
         client_identity,
+        digest,
         namespace: field_str(map, &["namespace"])?
             .map(|ns| header_safe("namespace", &ns))
             .transpose()?,
@@ -1060,6 +1096,8 @@ struct Resolver {
     default_namespace: Option<String>,
     /// How long resolving one definition may take.
     timeout: Duration,
+    /// Vault clients built so far (one per definition as configured: issue 18).
+    built: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Slot {
@@ -1189,7 +1227,9 @@ impl Resolver {
         if def.namespace.is_none() {
             def.namespace.clone_from(&self.default_namespace);
         }
-        Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
+        let conn = Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))?;
+        self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(conn)
     }
 }
 
@@ -1216,6 +1256,7 @@ impl VaultStore {
                 others,
                 default_namespace: definitions.default_namespace.clone(),
                 timeout: RESOLVE_TIMEOUT,
+                built: Arc::default(),
             }),
             definitions,
             vault_deadline: VAULT_DEADLINE,
@@ -1231,9 +1272,16 @@ impl VaultStore {
             others: self.resolver.others.clone(),
             default_namespace: self.resolver.default_namespace.clone(),
             timeout: resolve,
+            built: self.resolver.built.clone(),
         });
         self.vault_deadline = vault;
         self
+    }
+
+    /// How many vault clients this store has built: one per definition, kept while the
+    /// definition is unchanged; again after a 403 with a token the vault no longer accepts.
+    pub fn clients_built(&self) -> usize {
+        self.resolver.built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The definitions, re-read when the definitions file changed, or when `stale` (the set a
@@ -1273,16 +1321,24 @@ impl VaultStore {
         if entries.is_empty() {
             return Err(misconfigured(&format!("{ENV_CONFIG} lists no vault")));
         }
+        // A re-read file keeps what was built for the entries it did not change (their clients,
+        // logins and mounts); after a 403 (`force`) everything is resolved again.
+        let previous = slot
+            .as_ref()
+            .filter(|_| !force)
+            .map(|l| l.slots.clone())
+            .unwrap_or_default();
         let slots = entries
             .into_iter()
             .enumerate()
-            .map(|(index, entry)| {
-                Arc::new(Slot {
+            .map(|(index, entry)| match previous.get(index) {
+                Some(kept) if kept.entry.same_as(&entry) => kept.clone(),
+                _ => Arc::new(Slot {
                     index,
                     entry,
                     state: std::sync::Mutex::new(SlotState::Unresolved),
                     last_backoff: std::sync::Mutex::new(None),
-                })
+                }),
             })
             .collect();
         let loaded = Arc::new(Loaded { stamp, slots });
