@@ -322,7 +322,7 @@ impl SecretStore for AwsStore {
                 ),
             ));
         }
-        let out = client
+        let mut out = client
             .get_secret_value()
             .secret_id(secret_id)
             .set_version_stage(version_stage.clone())
@@ -330,8 +330,9 @@ impl SecretStore for AwsStore {
             .send()
             .await
             .map_err(|e| map_error(reference, "GetSecretValue", e))?;
-        if let Some(text) = out.secret_string() {
-            return value::from_text(reference, text.to_string());
+        // Moved out of the answer, not copied: `from_text` zeroes it once parsed.
+        if let Some(text) = out.secret_string.take() {
+            return value::from_text(reference, text);
         }
         if out.secret_binary().is_some() {
             return Err(SecretError::Malformed {

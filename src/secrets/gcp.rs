@@ -491,7 +491,9 @@ impl GcpStore {
             .await
             .map_err(|e| self.map_error(reference, location, "secretmanager.versions.access", e))?;
         match out.payload {
-            Some(payload) => value::from_bytes(reference, payload.data.to_vec()),
+            // The payload's own buffer, not a copy, when nothing else holds it (`from_bytes`
+            // zeroes it once parsed).
+            Some(payload) => value::from_bytes(reference, Vec::from(payload.data)),
             None => Err(SecretError::Malformed {
                 reference: reference.describe(),
                 hint: "the secret version has no payload".into(),

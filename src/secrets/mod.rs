@@ -1,8 +1,13 @@
 //! Secret stores: where an integration's credentials come from.
 //!
-//! **Architecture invariant:** a secret value lives in a `SecretString` from the moment it is read
-//! until the integration puts it in an HTTP header. `Debug`, `Display`, errors, logs and metrics
-//! name the store and the reference, never the value.
+//! **Architecture invariant:** a secret value lives in a `SecretString` from the moment the store
+//! has read it until the integration puts it in an HTTP header. `Debug`, `Display`, errors, logs
+//! and metrics name the store and the reference, never the value.
+//!
+//! Zeroisation, as far as it goes: `SecretString`s are zeroed when dropped, and so are the
+//! buffers this crate owns on the way in (a store's answer text or bytes once parsed, the parsed
+//! JSON of a Vault answer or definition, a token file). The HTTP clients' and SDKs' own buffers
+//! (hyper, reqwest, the cloud SDKs' responses) are not: they are outside the connector's reach.
 //!
 //! # Layout
 //! - this file: the types every store shares ([`Secret`], [`SecretRef`], [`SecretError`], the

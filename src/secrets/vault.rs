@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use base64::Engine;
+use secrecy::zeroize::{Zeroize, Zeroizing};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
@@ -252,15 +253,41 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 fn read_file(path: &Path) -> Result<Vec<Entry>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{ENV_FILE}: cannot read {}: {e}", path.display()))?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("{ENV_FILE}: cannot read {}: {e}", path.display()))?,
+    );
     parse_list(&text, &format!("{ENV_FILE} ({})", path.display()))
+}
+
+/// Zeroes the strings of a parsed definition (tokens, secret IDs) before it is dropped: the
+/// parsed `Definition` keeps its own copies in `SecretString`s.
+fn zeroize_json(value: &mut Value) {
+    match value {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(zeroize_json),
+        Value::Object(map) => map.values_mut().for_each(zeroize_json),
+        _ => {}
+    }
 }
 
 /// Parses the list. Errors name `origin`, the entry's index and the field, never a value (not even
 /// serde_json's messages, which may quote the input).
 fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
+    // Pasted text (secrets review N23): a byte-order mark from Notepad is dropped; quotes kept
+    // around the value (`docker run --env-file`, systemd's EnvironmentFile) and typographic
+    // quotes are named, with where they are.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let trimmed = text.trim();
+    for quote in ['\'', '"'] {
+        if trimmed.len() >= 2 && trimmed.starts_with(quote) && trimmed.ends_with(quote) {
+            return Err(format!(
+                "{origin} is wrapped in {quote} quotes: remove them (an env file or a docker --env-file keeps quotes as part of the value); it must start with ["
+            ));
+        }
+    }
     // Apono's documentation has a trailing comma in its `from_secret_store` example; users copy it.
     let (text, comma_lines) = strip_trailing_commas(text);
+    let text = Zeroizing::new(text);
     if !comma_lines.is_empty() {
         let lines: Vec<String> = comma_lines.iter().map(ToString::to_string).collect();
         tracing::warn!(
@@ -270,9 +297,10 @@ fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
     }
     let value: Value = serde_json::from_str(&text).map_err(|e| {
         format!(
-            "{origin} is not valid JSON (line {}, column {}): expected a list such as [{{\"address\":\"https://vault:8200\",\"token\":\"...\"}}]",
+            "{origin} is not valid JSON (line {}, column {}){}: expected a list such as [{{\"address\":\"https://vault:8200\",\"token\":\"...\"}}]",
             e.line(),
-            e.column()
+            e.column(),
+            value::typographic_quote_hint(&text)
         )
     })?;
     let Value::Array(items) = value else {
@@ -280,15 +308,17 @@ fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
     };
     let mut problems = Vec::new();
     let mut entries = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let Value::Object(map) = item else {
+    for (i, mut item) in items.into_iter().enumerate() {
+        let Value::Object(map) = &item else {
             problems.push(format!("{origin}: entry {i} is not a JSON object"));
+            zeroize_json(&mut item);
             continue;
         };
-        match parse_entry(&map) {
+        match parse_entry(map) {
             Ok(e) => entries.push(e),
             Err(e) => problems.push(format!("{origin}: entry {i}: {e}")),
         }
+        zeroize_json(&mut item);
     }
     if problems.is_empty() {
         Ok(entries)
@@ -432,14 +462,51 @@ const DEFINITION_FIELDS: &[&str] = &[
     "region",
 ];
 
-/// Fields that mean something to one method only: given with another, they would be silently
-/// ignored, so the definition is refused instead.
-const METHOD_FIELDS: &[(&str, &str)] = &[
-    ("jwt", "jwt"),
-    ("jwt_file", "jwt"),
-    ("header_value", "aws"),
-    ("region", "aws"),
+/// The login fields each auth method reads. Any other of [`LOGIN_FIELDS`] given with a method
+/// would be silently ignored (a `token` next to AppRole's IDs, a `role_id` with Kubernetes), so
+/// the definition is refused, naming the field and the methods that use it (secrets review N16).
+const METHOD_FIELDS: &[(&str, &[&str])] = &[
+    ("token", &["token", "token_file"]),
+    ("approle", &["role_id", "secret_id", "mount"]),
+    ("kubernetes", &["role", "mount", "token_file"]),
+    ("jwt", &["role", "mount", "jwt", "jwt_file"]),
+    ("cert", &["role", "mount"]),
+    ("aws", &["role", "mount", "header_value", "region"]),
 ];
+const LOGIN_FIELDS: &[&str] = &[
+    "token",
+    "token_file",
+    "role_id",
+    "secret_id",
+    "role",
+    "mount",
+    "jwt",
+    "jwt_file",
+    "header_value",
+    "region",
+];
+
+/// The first login field of `map` that `method` does not use, as an error.
+fn foreign_login_field(map: &Map<String, Value>, method: &str) -> Result<(), String> {
+    let Some((_, used)) = METHOD_FIELDS.iter().find(|(m, _)| *m == method) else {
+        return Ok(());
+    };
+    let Some(field) = LOGIN_FIELDS
+        .iter()
+        .find(|f| !used.contains(f) && map.get(**f).is_some_and(|v| !v.is_null()))
+    else {
+        return Ok(());
+    };
+    let users: Vec<String> = METHOD_FIELDS
+        .iter()
+        .filter(|(_, fields)| fields.contains(field))
+        .map(|(m, _)| format!("\"{m}\""))
+        .collect();
+    Err(format!(
+        "field {field:?} is only used with \"auth\": {} (this definition's auth is {method:?}); remove it or set the auth it belongs to",
+        users.join(" or ")
+    ))
+}
 
 fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
     check_fields(map, DEFINITION_FIELDS)?;
@@ -483,44 +550,22 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         None if map.contains_key("role_id") => "approle".into(),
         None => "token".into(),
     };
-    for (field, method) in METHOD_FIELDS {
-        if map.get(*field).is_some_and(|v| !v.is_null()) && auth_kind != *method {
-            return Err(format!(
-                "field {field:?} is only used with \"auth\": \"{method}\" (this definition's auth is {auth_kind:?})"
-            ));
-        }
-    }
-    if map.get("token_file").is_some_and(|v| !v.is_null()) && !matches!(auth_kind.as_str(), "token" | "kubernetes") {
-        return Err(format!(
-            "field \"token_file\" is only used with token or Kubernetes auth (this definition's auth is {auth_kind:?})"
-        ));
-    }
+    foreign_login_field(map, &auth_kind)?;
     let mount = |default: &str| -> Result<String, String> {
         Ok(field_str(map, &["mount"])?.map_or_else(|| default.to_string(), |m| m.trim_matches('/').to_string()))
     };
     let auth = match auth_kind.as_str() {
-        "token" => {
-            // Fields of the login methods would be silently ignored with a token.
-            if let Some(field) = ["role", "mount", "role_id", "secret_id"]
-                .into_iter()
-                .find(|f| map.get(*f).is_some_and(|v| !v.is_null()))
-            {
-                return Err(format!(
-                    "field {field:?} belongs to a login method (\"auth\": \"approle\", \"kubernetes\", ...), not to token auth"
-                ));
+        "token" => match (field_str(map, &["token"])?, field_str(map, &["token_file"])?) {
+            (Some(_), Some(_)) => return Err("set either \"token\" or \"token_file\", not both".into()),
+            (Some(token), None) => Auth::Token(SecretString::from(header_safe("token", &token)?)),
+            (None, Some(path)) => Auth::TokenFile(PathBuf::from(path.trim())),
+            (None, None) => {
+                return Err(
+                    "field \"token\" is missing (or \"token_file\": a file holding it, such as a Vault Agent sink)"
+                        .into(),
+                );
             }
-            match (field_str(map, &["token"])?, field_str(map, &["token_file"])?) {
-                (Some(_), Some(_)) => return Err("set either \"token\" or \"token_file\", not both".into()),
-                (Some(token), None) => Auth::Token(SecretString::from(header_safe("token", &token)?)),
-                (None, Some(path)) => Auth::TokenFile(PathBuf::from(path.trim())),
-                (None, None) => {
-                    return Err(
-                        "field \"token\" is missing (or \"token_file\": a file holding it, such as a Vault Agent sink)"
-                            .into(),
-                    );
-                }
-            }
-        }
+        },
         "approle" => Auth::AppRole {
             mount: mount("approle")?,
             role_id: header_safe("role_id", &required(map, &["role_id"])?)?,
@@ -879,7 +924,8 @@ impl Conn {
         }
         let response = request.send().await?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await?;
+        // A KV answer holds the values: the body is zeroed once parsed.
+        let bytes = Zeroizing::new(Vec::from(response.bytes().await?));
         Ok((status, serde_json::from_slice(&bytes).ok()))
     }
 
@@ -975,18 +1021,16 @@ impl Conn {
                 .map_err(|e| self.unreachable(reference, "reading", &e))?;
         }
         let describe = || reference.describe();
-        let (status, body) = answer;
+        let (status, mut body) = answer;
         match status {
             200 => {
-                let data = body.as_ref().map(|b| {
-                    if version == 2 {
-                        b.pointer("/data/data").unwrap_or(&Value::Null)
-                    } else {
-                        b.get("data").unwrap_or(&Value::Null)
-                    }
-                });
+                // Taken out of the body, not copied: its strings end up zeroed (value.rs).
+                let pointer = if version == 2 { "/data/data" } else { "/data" };
+                let data = body
+                    .as_mut()
+                    .map(|b| b.pointer_mut(pointer).map(Value::take).unwrap_or(Value::Null));
                 match data {
-                    Some(Value::Object(map)) => value::from_json_map(reference, map.clone()).map_err(ReadError::Other),
+                    Some(Value::Object(map)) => value::from_json_map(reference, map).map_err(ReadError::Other),
                     Some(Value::Null) if version == 2 && body.as_ref().is_some_and(|b| b["data"].is_object()) => {
                         Err(ReadError::Other(SecretError::NotFound {
                             reference: describe(),
@@ -1208,15 +1252,18 @@ impl Resolver {
                         store: reference.store_type().to_string(),
                     })?;
                 let secret = store.fetch(&reference).await?;
-                let map: Map<String, Value> = secret
-                    .keys()
-                    .filter_map(|k| {
-                        secret
-                            .get(k)
-                            .map(|v| (k.to_string(), Value::String(v.expose_secret().to_string())))
-                    })
-                    .collect();
-                parse_definition(&map).map_err(|e| {
+                let mut definition = definition_in_secret(&secret).map_err(|e| {
+                    misconfigured(&format!(
+                        "the vault definition held in {} is malformed: {e}",
+                        reference.describe()
+                    ))
+                })?;
+                let parsed = match &definition {
+                    Value::Object(map) => parse_definition(map),
+                    _ => Err("not a JSON object".into()),
+                };
+                zeroize_json(&mut definition);
+                parsed.map_err(|e| {
                     misconfigured(&format!(
                         "the vault definition held in {} is malformed: {e}",
                         reference.describe()
@@ -1230,6 +1277,53 @@ impl Resolver {
         let conn = Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))?;
         self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(conn)
+    }
+}
+
+/// The definition a `from_secret_store` secret holds, as a JSON object: its keys, or (secrets
+/// review N8) the object or one-element list that a plain-text secret holds under `value`, the
+/// shape of `HASHICORP_VAULT_CONFIG` which users naturally store.
+fn definition_in_secret(secret: &Secret) -> Result<Value, String> {
+    let keys: Vec<&str> = secret.keys().collect();
+    if keys != [value::PLAIN_VALUE_KEY] {
+        return Ok(Value::Object(
+            keys.iter()
+                .filter_map(|k| {
+                    secret
+                        .get(k)
+                        .map(|v| (k.to_string(), Value::String(v.expose_secret().to_string())))
+                })
+                .collect(),
+        ));
+    }
+    let text = secret
+        .get(value::PLAIN_VALUE_KEY)
+        .map(ExposeSecret::expose_secret)
+        .unwrap_or_default();
+    let shape = "the secret must hold one JSON object such as {\"address\":\"https://vault:8200\",\"token\":\"...\"}";
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut parsed: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "{shape} (it is not JSON: line {}, column {}{})",
+            e.line(),
+            e.column(),
+            value::typographic_quote_hint(text)
+        )
+    })?;
+    match &mut parsed {
+        Value::Array(items) if items.len() == 1 && items[0].is_object() => Ok(items.remove(0)),
+        Value::Array(items) => {
+            let n = items.len();
+            zeroize_json(&mut parsed);
+            Err(format!(
+                "{shape}; it holds a list of {n} entries (the HASHICORP_VAULT_CONFIG shape): keep one definition per secret and list each secret in HASHICORP_VAULT_CONFIG"
+            ))
+        }
+        Value::Object(_) => Ok(parsed),
+        _ => {
+            zeroize_json(&mut parsed);
+            Err(shape.to_string())
+        }
     }
 }
 

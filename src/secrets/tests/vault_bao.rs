@@ -754,3 +754,36 @@ async fn one_client_per_definition_kept_while_it_is_unchanged() {
     stores.fetch(&r).await.unwrap();
     assert_eq!(vault.clients_built(), 3);
 }
+
+/// Secrets review N8: a `from_secret_store` secret holding the `HASHICORP_VAULT_CONFIG` shape (a
+/// one-element list, as plain text, with a byte-order mark even) is that definition; a list of
+/// several says what to do instead.
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn a_definition_secret_may_hold_the_list_shape() {
+    let guard = start_bao(false).await;
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-list"}}))
+        .await;
+    let memory = std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS"));
+    let list = format!("\u{feff}{}", json!([{"address": bao.base, "token": BAO_ROOT}]));
+    memory.set(&definition_ref(), [("value", list.as_str())]);
+    let pointer = json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}]);
+    let vault = vault_over_memory(pointer.clone(), &memory);
+    let r = vault_ref("secret", "apono/rancher");
+    let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "from-list");
+
+    let two = json!([{"address": bao.base, "token": BAO_ROOT}, {"address": bao.base, "token": "canary-second"}]);
+    memory.set(&definition_ref(), [("value", two.to_string())]);
+    let vault = vault_over_memory(pointer, &memory);
+    let e = crate::secrets::SecretStore::fetch(&vault, &r)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("list of 2 entries") && e.contains("one definition per secret"),
+        "{e}"
+    );
+    assert!(!e.contains("canary-second") && !e.contains(BAO_ROOT), "{e}");
+}

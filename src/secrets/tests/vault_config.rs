@@ -183,3 +183,69 @@ fn secrets_config_problems_are_pure_and_named() {
     assert!(!problems.contains("canary"), "{problems}");
     assert!(SecretsConfig::default().problems().is_empty());
 }
+
+/// Secrets review N23: text pasted from Notepad, an env file or a chat tool. A byte-order mark
+/// is dropped; surrounding quotes and typographic quotes are named, with where they are; the
+/// value itself is never quoted.
+#[test]
+fn pasted_text_bom_kept_quotes_and_typographic_quotes() {
+    VaultDefinitions::parse("\u{feff}[{\"address\":\"http://v\",\"token\":\"t\"}]").unwrap();
+    let e = err(r#"'[{"address":"http://v","token":"canary-token"}]'"#);
+    assert!(e.contains("wrapped in ' quotes") && e.contains("remove them"), "{e}");
+    assert!(!e.contains("canary-token"), "{e}");
+    let e = err("[{\"address\":\"http://v\",\n \u{201c}token\u{201d}:\"canary-token\"}]");
+    assert!(
+        e.contains("typographic quote \u{201c} (U+201C) at line 2, column 2") && e.contains("straight quotes"),
+        "{e}"
+    );
+    assert!(!e.contains("canary-token"), "{e}");
+
+    // A secret value with a BOM (an AWS secret created from a Notepad file) is the JSON object.
+    let r = super::support::reference(serde_json::json!({"type": "AWS", "region": "r", "secret_id": "s"}));
+    let s = crate::secrets::value::from_text(&r, "\u{feff}{\"access_key\":\"a\",\"secret_key\":\"b\"}".into()).unwrap();
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["access_key", "secret_key"]);
+    let e = crate::secrets::value::from_text(&r, "{\u{201c}access_key\u{201d}: \"a\"}".into()).unwrap_err();
+    assert!(
+        e.to_string().contains("U+201C") && e.to_string().contains("column 2"),
+        "{e}"
+    );
+}
+
+/// Secrets review N16: a login field of another method is refused by name, whichever method the
+/// definition uses, instead of being silently ignored.
+#[test]
+fn fields_of_another_auth_method_are_refused() {
+    for (definition, field) in [
+        (
+            r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s","token":"t"}]"#,
+            "token",
+        ),
+        (
+            r#"[{"address":"http://v","auth":"kubernetes","role":"r","role_id":"x"}]"#,
+            "role_id",
+        ),
+        (
+            r#"[{"address":"http://v","auth":"jwt","jwt":"a","token_file":"/f"}]"#,
+            "token_file",
+        ),
+        (
+            r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s","role":"x"}]"#,
+            "role",
+        ),
+        (r#"[{"address":"http://v","token":"t","mount":"approle2"}]"#, "mount"),
+        (r#"[{"address":"http://v","token":"t","region":"us-east-1"}]"#, "region"),
+    ] {
+        let e = err(definition);
+        assert!(
+            e.contains(&format!("field {field:?} is only used with")),
+            "{definition}: {e}"
+        );
+    }
+    let e = err(r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s","role":"x"}]"#);
+    assert!(e.contains("\"kubernetes\"") && e.contains("\"approle\""), "{e}");
+    // What each method does use is accepted.
+    VaultDefinitions::parse(
+        r#"[{"address":"http://v","auth":"kubernetes","role":"r","mount":"k8s","token_file":"/t"}]"#,
+    )
+    .unwrap();
+}
