@@ -134,10 +134,9 @@ impl Cache {
         let Some(slot) = slots.get(key) else {
             return false;
         };
-        let holds_it = slot.try_lock().map_or(
-            false,
-            |s| matches!(&s.last, Some((Ok(secret), _)) if secret.read == read),
-        );
+        let holds_it = slot
+            .try_lock()
+            .is_ok_and(|s| matches!(&s.last, Some((Ok(secret), _)) if secret.read == read));
         if holds_it {
             slots.remove(key);
         }
