@@ -699,7 +699,11 @@ async fn many_reads_build_one_client_and_reuse_its_connections() {
             );
         }
     }
-    // And many jobs at once.
+    // A client per read would open 50; a kept pool opens a few (the Google client sometimes
+    // drops a connection after an answer).
+    let sequential = connections.load(Ordering::SeqCst);
+    assert!(sequential <= 10, "{sequential} connections for 50 sequential reads");
+    // And many jobs at once: at most one more connection per read in flight.
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let stores = stores.clone();
@@ -716,31 +720,6 @@ async fn many_reads_build_one_client_and_reuse_its_connections() {
     assert!(fake.requests.load(Ordering::SeqCst) >= 50 + 5);
     assert_eq!(store.clients_built(), 1, "one client for one endpoint");
     let opened = connections.load(Ordering::SeqCst);
-    assert!(
-        opened <= 21,
-        "{opened} connections for 70 reads: the pool is not reused (one per read would be 70)"
-    );
-    // Sequential reads alone, counted in a fresh run.
-    let (fake2, addr2, connections2) = serve_counting().await;
-    fake2
-        .secrets
-        .lock()
-        .unwrap()
-        .insert("s".into(), (HashMap::new(), vec![b"t:v".to_vec()]));
-    let store2 = Arc::new(GcpStore::with_endpoint(
-        format!("http://{addr2}"),
-        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
-    ));
-    let stores2 = SecretStores::empty()
-        .with_store(store2.clone())
-        .with_cache_ttl(Duration::ZERO);
-    let r = reference(json!({"type": "GCP", "project": "p", "secret_id": "s"}));
-    for _ in 0..50 {
-        stores2.fetch(&r).await.unwrap();
-    }
-    assert_eq!(store2.clients_built(), 1);
-    // A client per read would open 50; a kept pool opens a few (the Google client sometimes
-    // drops a connection after an answer).
-    let opened = connections2.load(Ordering::SeqCst);
-    assert!(opened <= 10, "{opened} connections for 50 sequential reads");
+    assert!(opened <= sequential + 20, "{opened} connections for 70 reads");
+    eprintln!("GCP fake: 50 sequential reads opened {sequential} connections; 70 reads {opened}");
 }

