@@ -291,14 +291,17 @@ fn map_error(
         if transient {
             return SecretError::Unreachable {
                 reference: describe,
-                hint: format!("cannot get a Google access token now: {}", crate::error_chain(err)),
+                hint: format!(
+                    "cannot get a Google access token now: {}",
+                    once_each(&crate::error_chain(err))
+                ),
             };
         }
         return SecretError::NotPermitted {
             reference: describe,
             hint: format!(
                 "Google refused or lacks the connector's credentials (Application Default Credentials): {}",
-                crate::error_chain(err)
+                once_each(&crate::error_chain(err))
             ),
         };
     }
@@ -333,6 +336,25 @@ fn map_error(
         reference: describe,
         hint: format!("{action} at {host}: {}", crate::error_chain(err)),
     }
+}
+
+/// `text` with google-cloud-auth's retry verdicts ("but future attempts may succeed", "and
+/// future attempts will not succeed") said once: every layer of its error chain adds its own,
+/// and our error says whether a retry helps anyway.
+fn once_each(text: &str) -> String {
+    let mut out = text.to_string();
+    for verdict in [
+        " but future attempts may succeed",
+        " and future attempts will not succeed",
+    ] {
+        if let Some(first) = out.find(verdict) {
+            let keep = first + verdict.len();
+            let rest = out[keep..].replace(verdict, "");
+            out.truncate(keep);
+            out.push_str(&rest);
+        }
+    }
+    out
 }
 
 /// A secret to read: its resource name, the version, and its region (None: a global secret).
@@ -534,6 +556,16 @@ mod tests {
             n("projects/1/locations/eu/secrets/s", None),
             target("projects/1/locations/eu/secrets/s", "latest", Some("eu"))
         );
+    }
+
+    #[test]
+    fn a_retry_verdict_is_said_once() {
+        let chain = "cannot fetch token but future attempts may succeed: metadata server down but future attempts may succeed: connection refused";
+        assert_eq!(
+            super::once_each(chain),
+            "cannot fetch token but future attempts may succeed: metadata server down: connection refused"
+        );
+        assert_eq!(super::once_each("plain"), "plain");
     }
 
     /// Secrets review N14: a regional secret by `location` or by its name, read at Google's

@@ -133,7 +133,7 @@ impl<'de> Deserialize<'de> for InlineCredentials {
         let value = serde_json::Value::deserialize(d)?;
         let serde_json::Value::Object(map) = value else {
             return Err(D::Error::custom(format!(
-                "credentials must be a map of keys to string values (like {{ access_key = \"...\", secret_key =                  \"...\" }}), not {} (the value is not shown)",
+                "credentials must be a map of keys to string values (like {{ access_key = \"...\", secret_key = \"...\" }}), not {} (the value is not shown)",
                 shape(&value)
             )));
         };

@@ -143,8 +143,10 @@ enum Source {
     None,
     /// Parsed at start-up from `HASHICORP_VAULT_CONFIG`.
     Env(Vec<Entry>),
-    /// Re-read from `HASHICORP_VAULT_CONFIG_FILE_PATH` when its modification time or size changes.
-    File(PathBuf),
+    /// Re-read from `HASHICORP_VAULT_CONFIG_FILE_PATH` when its modification time or size changes;
+    /// with what start-up read (and checked, and warned about) and the file's stamp then, used
+    /// until the file changes instead of reading it again (one trailing-comma warning, not two).
+    File(PathBuf, Option<(Option<(SystemTime, u64)>, Vec<Entry>)>),
     /// The configuration was unusable (the lenient `SecretStores::default()` path).
     Broken(String),
 }
@@ -176,9 +178,10 @@ impl VaultDefinitions {
             });
         }
         if let Some(path) = &config.hashicorp_vault_config_file_path {
-            read_file(path).map_err(SettingsError)?;
+            let stamp = file_stamp(path);
+            let entries = read_file(path).map_err(SettingsError)?;
             return Ok(VaultDefinitions {
-                source: Source::File(path.clone()),
+                source: Source::File(path.clone(), Some((stamp, entries))),
                 default_namespace: default_namespace(config)?,
             });
         }
@@ -1400,16 +1403,21 @@ impl VaultStore {
                 }
                 (entries.clone(), None)
             }
-            Source::File(path) => {
+            Source::File(path, first) => {
                 let stamp = file_stamp(path);
                 if let (Some(loaded), false) = (slot.as_ref(), force)
                     && loaded.stamp == stamp
                 {
                     return Ok(loaded.clone());
                 }
-                let entries = read_file(path).map_err(|e| misconfigured(&e))?;
-                tracing::info!(path = %path.display(), "vault definitions (re)read");
-                (entries, stamp)
+                match first {
+                    Some((first_stamp, entries)) if slot.is_none() && *first_stamp == stamp => (entries.clone(), stamp),
+                    _ => {
+                        let entries = read_file(path).map_err(|e| misconfigured(&e))?;
+                        tracing::info!(path = %path.display(), "vault definitions (re)read");
+                        (entries, stamp)
+                    }
+                }
             }
         };
         if entries.is_empty() {

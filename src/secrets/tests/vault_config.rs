@@ -249,3 +249,25 @@ fn fields_of_another_auth_method_are_refused() {
     )
     .unwrap();
 }
+
+/// Cosmetic (secrets review §2): a definitions file's trailing comma is warned about once, not at
+/// start-up and again at the first read.
+#[tokio::test]
+async fn a_definitions_file_is_read_once_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.json");
+    std::fs::write(&path, r#"[{"address":"http://127.0.0.1:1","token":"t"},]"#).unwrap();
+    let logs = super::support::LogCapture::default();
+    let _guard = logs.install();
+    let config = SecretsConfig {
+        hashicorp_vault_config_file_path: Some(path),
+        ..SecretsConfig::default()
+    };
+    let stores = SecretStores::from_config(&config).unwrap();
+    let r = super::support::reference(
+        serde_json::json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "x"}),
+    );
+    assert_eq!(stores.fetch(&r).await.unwrap_err().code(), "secret_store_unreachable");
+    let text = logs.text();
+    assert_eq!(text.matches("trailing comma").count(), 1, "{text}");
+}
