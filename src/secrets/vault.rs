@@ -138,6 +138,9 @@ impl Entry {
     }
 }
 
+/// A file's modification time and size (None: it cannot be read).
+type Stamp = Option<(SystemTime, u64)>;
+
 #[derive(Clone)]
 enum Source {
     None,
@@ -146,7 +149,7 @@ enum Source {
     /// Re-read from `HASHICORP_VAULT_CONFIG_FILE_PATH` when its modification time or size changes;
     /// with what start-up read (and checked, and warned about) and the file's stamp then, used
     /// until the file changes instead of reading it again (one trailing-comma warning, not two).
-    File(PathBuf, Option<(Option<(SystemTime, u64)>, Vec<Entry>)>),
+    File(PathBuf, Option<(Stamp, Vec<Entry>)>),
     /// The configuration was unusable (the lenient `SecretStores::default()` path).
     Broken(String),
 }
