@@ -1660,3 +1660,20 @@ fn denied(reference: &SecretRef, why: &str) -> SecretError {
         hint: why.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// Secrets review N19: the parsed JSON of a definition (a token, a secret ID) is wiped once the
+    /// definition keeps its own copies, nested strings included.
+    #[test]
+    fn a_parsed_definition_is_wiped() {
+        let mut value = json!({"token": "canary-token", "nested": [{"secret_id": "canary-id"}], "skip_verify": true});
+        super::zeroize_json(&mut value);
+        assert_eq!(
+            value,
+            json!({"token": "", "nested": [{"secret_id": ""}], "skip_verify": true})
+        );
+    }
+}
