@@ -271,3 +271,16 @@ async fn a_definitions_file_is_read_once_at_start_up() {
     let text = logs.text();
     assert_eq!(text.matches("trailing comma").count(), 1, "{text}");
 }
+
+/// A `from_secret_store` definition may pin an Azure version or name a GCP location, as a
+/// reference may.
+#[test]
+fn pointers_take_the_version_and_location_fields() {
+    VaultDefinitions::parse(
+        r#"[{"from_secret_store":"GCP","project":"p","secret_id":"s","location":"europe-west1"},
+            {"from_secret_store":"AZURE","vault_url":"https://v.vault.azure.net","name":"n","version":"0f2c4e6a8b0d4f1e3a5c7e9b1d3f5a7c"}]"#,
+    )
+    .unwrap();
+    let e = err(r#"[{"from_secret_store":"GCP","project":"p","secret_id":"s","region":"europe-west1"}]"#);
+    assert!(e.contains("unknown field \"region\"") && e.contains("location"), "{e}");
+}
