@@ -185,8 +185,10 @@ impl Executor {
         let mut refreshed_secret = false;
         let mut attempt = 1;
         let uploaded = AtomicBool::new(false);
+        // The cached read this attempt used: a refusal drops that copy only (secrets review N20).
+        let secret_read = std::sync::atomic::AtomicU64::new(0);
         loop {
-            let outcome = self.run_once(&spec, &operation, job, cp, &uploaded).await;
+            let outcome = self.run_once(&spec, &operation, job, cp, &uploaded, &secret_read).await;
             let error = match outcome {
                 Ok(value) => return Ok(value),
                 Err(e) => e,
@@ -196,7 +198,8 @@ impl Executor {
                 // Uploads belong to the lease: a rerun under this one would upload every object
                 // twice. The control plane retries the job under a new lease, which starts over.
                 if error.code == "credentials_refused" {
-                    self.secrets.invalidate(&spec.secret_store);
+                    self.secrets
+                        .invalidate_read(&spec.secret_store, secret_read.load(Ordering::Relaxed));
                 }
                 return Err(JobError {
                     retryable: true,
@@ -209,7 +212,8 @@ impl Executor {
                     store = spec.secret_store.store_type(),
                     "integration refused the credentials; re-reading the secret"
                 );
-                self.secrets.invalidate(&spec.secret_store);
+                self.secrets
+                    .invalidate_read(&spec.secret_store, secret_read.load(Ordering::Relaxed));
                 refreshed_secret = true;
                 continue;
             }
@@ -233,12 +237,14 @@ impl Executor {
         job: &Job,
         cp: &dyn ControlPlane,
         uploaded: &AtomicBool,
+        secret_read: &std::sync::atomic::AtomicU64,
     ) -> Result<Value, JobError> {
         let secret = self
             .secrets
             .fetch(&spec.secret_store)
             .await
             .map_err(|e| from_secret_error(&e))?;
+        secret_read.store(secret.read_id(), Ordering::Relaxed);
         let integration =
             integrations::build_with(spec, &secret, self.workers.clone()).map_err(|e| from_integration_error(&e))?;
         drop(secret);

@@ -8,6 +8,7 @@
 //! `apono-connector-read=true` before `GetSecretValue` is called.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,6 +40,8 @@ pub struct AwsStore {
     /// defaults are loaded on first use.
     base: Option<SdkConfig>,
     clients: Mutex<HashMap<ClientKey, aws_sdk_secretsmanager::Client>>,
+    /// Clients built so far (one per [`ClientKey`], shared by every job: issue 18).
+    built: AtomicUsize,
 }
 
 impl Default for AwsStore {
@@ -53,6 +56,7 @@ impl AwsStore {
         AwsStore {
             base: None,
             clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
         }
     }
 
@@ -62,7 +66,13 @@ impl AwsStore {
         AwsStore {
             base: Some(config),
             clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
         }
+    }
+
+    /// How many SDK clients this store has built: one per region, role, external ID and profile.
+    pub fn clients_built(&self) -> usize {
+        self.built.load(Ordering::Relaxed)
     }
 
     async fn client(&self, key: ClientKey) -> aws_sdk_secretsmanager::Client {
@@ -108,6 +118,7 @@ impl AwsStore {
             conf = conf.credentials_provider(provider.configure(&sdk).build().await);
         }
         let client = aws_sdk_secretsmanager::Client::from_conf(conf.build());
+        self.built.fetch_add(1, Ordering::Relaxed);
         clients.insert(key, client.clone());
         client
     }
@@ -311,7 +322,7 @@ impl SecretStore for AwsStore {
                 ),
             ));
         }
-        let out = client
+        let mut out = client
             .get_secret_value()
             .secret_id(secret_id)
             .set_version_stage(version_stage.clone())
@@ -319,8 +330,9 @@ impl SecretStore for AwsStore {
             .send()
             .await
             .map_err(|e| map_error(reference, "GetSecretValue", e))?;
-        if let Some(text) = out.secret_string() {
-            return value::from_text(reference, text.to_string());
+        // Moved out of the answer, not copied: `from_text` zeroes it once parsed.
+        if let Some(text) = out.secret_string.take() {
+            return value::from_text(reference, text);
         }
         if out.secret_binary().is_some() {
             return Err(SecretError::Malformed {

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,6 +49,8 @@ pub struct AzureStore {
     /// per-try limits are added to them.
     client_options: ClientOptions,
     clients: Mutex<HashMap<String, Arc<SecretClient>>>,
+    /// Clients built so far (one per vault URL, shared by every job: issue 18).
+    built: AtomicUsize,
     /// Whether a secret must carry the read mark (`secrets.require_read_mark` has `AZURE`).
     require_mark: bool,
     /// How long one try of one request may take.
@@ -68,6 +71,7 @@ impl AzureStore {
             given: None,
             client_options: ClientOptions::default(),
             clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
             require_mark: false,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
@@ -81,6 +85,7 @@ impl AzureStore {
             given: None,
             client_options,
             clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
             require_mark: false,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
@@ -93,9 +98,15 @@ impl AzureStore {
             given: Some(credential),
             client_options,
             clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
             require_mark: false,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
+    }
+
+    /// How many Key Vault clients this store has built: one per vault URL.
+    pub fn clients_built(&self) -> usize {
+        self.built.load(Ordering::Relaxed)
     }
 
     /// Also require the read mark on every secret read (off by default).
@@ -158,6 +169,7 @@ impl AzureStore {
                 hint: format!("vault_url {vault_url:?} is not usable: {e}"),
             })?;
         let client = Arc::new(client);
+        self.built.fetch_add(1, Ordering::Relaxed);
         clients.insert(vault_url.to_string(), client.clone());
         Ok(client)
     }
@@ -418,9 +430,28 @@ impl SecretStore for AzureStore {
     }
 
     async fn fetch(&self, reference: &SecretRef) -> Result<Secret, SecretError> {
-        let SecretRef::Azure { vault_url, name } = reference else {
+        let SecretRef::Azure {
+            vault_url,
+            name,
+            version,
+        } = reference
+        else {
             return Err(wrong_store(reference, "AZURE"));
         };
+        // Key Vault version ids are 32 hex digits; checked here because the client pastes the
+        // version into the request's path as it is.
+        let version = version.as_deref().map(str::trim).filter(|v| !v.is_empty());
+        if let Some(v) = version
+            && !v.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(SecretError::Misconfigured {
+                store: "AZURE".into(),
+                hint: format!(
+                    "{}: version {v:?} is not a Key Vault version id (32 hexadecimal digits, as `az keyvault secret list-versions` shows)",
+                    reference.describe()
+                ),
+            });
+        }
         let client = self.client(vault_url).await?;
         if self.require_mark && !any_version_marked(&client, reference, name).await? {
             return Err(SecretError::not_marked(
@@ -434,8 +465,14 @@ impl SecretStore for AzureStore {
                 ),
             ));
         }
+        let options = version.map(
+            |v| azure_security_keyvault_secrets::models::SecretClientGetSecretOptions {
+                secret_version: Some(v.to_string()),
+                ..Default::default()
+            },
+        );
         let response = client
-            .get_secret(name, None)
+            .get_secret(name, options)
             .await
             .map_err(|e| map_error(reference, e))?;
         let secret = response.into_model().map_err(|e| map_error(reference, e))?;

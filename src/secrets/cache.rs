@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ struct Slot {
 
 pub(super) struct Cache {
     ttl: Duration,
+    /// The id of the last store read (its successes carry it as [`Secret::read_id`]).
+    reads: AtomicU64,
     /// std `Mutex`: held only to find or create a slot, never across an await.
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
 }
@@ -35,6 +38,7 @@ impl Cache {
     pub(super) fn new(ttl: Duration) -> Cache {
         Cache {
             ttl,
+            reads: AtomicU64::new(0),
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -76,7 +80,11 @@ impl Cache {
                 return (Ok(secret.clone()), true);
             }
         }
-        let outcome = fetch().await;
+        let read = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        let outcome = fetch().await.map(|mut secret| {
+            secret.read = read;
+            secret
+        });
         let done = Instant::now();
         slot.last = Some((outcome.clone(), done));
         drop(slot);
@@ -117,6 +125,22 @@ impl Cache {
     /// so its (possibly stale) outcome is not reused by later callers.
     pub(super) fn invalidate(&self, key: &str) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+
+    /// Drops the slot only when it still holds the read `read`; true when dropped. A busy slot is
+    /// kept: its fetch under way replaces the refused copy anyway.
+    pub(super) fn invalidate_read(&self, key: &str, read: u64) -> bool {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = slots.get(key) else {
+            return false;
+        };
+        let holds_it = slot
+            .try_lock()
+            .is_ok_and(|s| matches!(&s.last, Some((Ok(secret), _)) if secret.read == read));
+        if holds_it {
+            slots.remove(key);
+        }
+        holds_it
     }
 }
 

@@ -8,6 +8,9 @@
 //!
 //! `secret_id` is a short id, or a full resource name as Apono's Terraform examples give it
 //! (`projects/P/secrets/S`, `projects/P/locations/L/secrets/S`, optionally `/versions/V`).
+//! A regional secret (a `location`, or a name with `/locations/L/`) is read at its region's
+//! endpoint, `secretmanager.L.rep.googleapis.com`: Google serves it nowhere else. One client per
+//! endpoint, built on first use and shared by every job (issue 18).
 //!
 //! The client's own retries are capped (K2): its default (10 attempts within 60 s per request,
 //! backoff from 1 s, no per-attempt limit) stacks under the agent's retries and runs into the
@@ -15,6 +18,8 @@
 //! most [`DEFAULT_ATTEMPT_TIMEOUT`] each, a whole read (token included) three times that, and the
 //! error names what happened.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,14 +27,18 @@ use google_cloud_gax::error::rpc::Code;
 use google_cloud_gax::exponential_backoff::ExponentialBackoffBuilder;
 use google_cloud_gax::retry_policy::{Aip194Strict, RetryPolicyExt};
 use google_cloud_secretmanager_v1::client::SecretManagerService;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 
 use super::{Secret, SecretError, SecretRef, SecretStore, is_marked, value, wrong_store};
 
 /// Reads Google Secret Manager.
 pub struct GcpStore {
-    client: OnceCell<SecretManagerService>,
-    /// Endpoint and credentials overrides (tests); `None` means Google's endpoint and ADC.
+    /// By endpoint (None: Google's global one).
+    clients: Mutex<HashMap<Option<String>, SecretManagerService>>,
+    /// Clients built so far.
+    built: AtomicUsize,
+    /// Endpoint and credentials overrides (tests, a private endpoint); `None` means Google's
+    /// endpoints (global, or the secret's region) and ADC. An override serves every location.
     endpoint: Option<String>,
     credentials: Option<google_cloud_auth::credentials::Credentials>,
     /// Whether a secret must carry the read mark (`secrets.require_read_mark` has `GCP`).
@@ -57,7 +66,8 @@ impl GcpStore {
     /// Google's endpoint and Application Default Credentials, resolved on first use.
     pub fn new() -> GcpStore {
         GcpStore {
-            client: OnceCell::new(),
+            clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
             endpoint: None,
             credentials: None,
             require_mark: false,
@@ -72,7 +82,8 @@ impl GcpStore {
         credentials: Option<google_cloud_auth::credentials::Credentials>,
     ) -> GcpStore {
         GcpStore {
-            client: OnceCell::new(),
+            clients: Mutex::new(HashMap::new()),
+            built: AtomicUsize::new(0),
             endpoint: Some(endpoint),
             credentials,
             require_mark: false,
@@ -93,44 +104,64 @@ impl GcpStore {
         self
     }
 
-    async fn client(&self) -> Result<SecretManagerService, SecretError> {
-        self.client
-            .get_or_try_init(|| async {
-                let misconfigured = |e: String| SecretError::Misconfigured {
-                    store: "GCP".into(),
-                    hint: format!("cannot build a Secret Manager client: {e}"),
-                };
-                let backoff = ExponentialBackoffBuilder::new()
-                    .with_initial_delay(RETRY_DELAY)
-                    .with_maximum_delay(RETRY_DELAY)
-                    .build()
-                    .map_err(|e| misconfigured(e.to_string()))?;
-                let mut builder = SecretManagerService::builder()
-                    .with_retry_policy(
-                        Aip194Strict
-                            .with_attempt_limit(ATTEMPTS)
-                            .with_time_limit(self.attempt_timeout * ATTEMPTS + RETRY_DELAY),
-                    )
-                    .with_backoff_policy(backoff)
-                    .with_attempt_timeout(self.attempt_timeout);
-                if let Some(e) = &self.endpoint {
-                    builder = builder.with_endpoint(e.clone());
-                }
-                if let Some(c) = &self.credentials {
-                    builder = builder.with_credentials(c.clone());
-                }
-                builder.build().await.map_err(|e| SecretError::Misconfigured {
-                    store: "GCP".into(),
-                    hint: format!("cannot build a Secret Manager client (Application Default Credentials?): {e}"),
-                })
-            })
-            .await
-            .cloned()
+    /// How many Secret Manager clients this store has built: one per endpoint.
+    pub fn clients_built(&self) -> usize {
+        self.built.load(Ordering::Relaxed)
     }
 
-    /// The host requests go to, for error messages.
-    fn host(&self) -> String {
-        self.endpoint
+    /// The endpoint for a secret in `location` (None: a global secret): the override, else
+    /// Google's regional endpoint, else None for the client's default (global) one.
+    fn endpoint_for(&self, location: Option<&str>) -> Option<String> {
+        match (&self.endpoint, location) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(l)) => Some(format!("https://secretmanager.{l}.rep.googleapis.com")),
+            (None, None) => None,
+        }
+    }
+
+    async fn client(&self, endpoint: Option<String>) -> Result<SecretManagerService, SecretError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&endpoint) {
+            return Ok(c.clone());
+        }
+        let client = async {
+            let misconfigured = |e: String| SecretError::Misconfigured {
+                store: "GCP".into(),
+                hint: format!("cannot build a Secret Manager client: {e}"),
+            };
+            let backoff = ExponentialBackoffBuilder::new()
+                .with_initial_delay(RETRY_DELAY)
+                .with_maximum_delay(RETRY_DELAY)
+                .build()
+                .map_err(|e| misconfigured(e.to_string()))?;
+            let mut builder = SecretManagerService::builder()
+                .with_retry_policy(
+                    Aip194Strict
+                        .with_attempt_limit(ATTEMPTS)
+                        .with_time_limit(self.attempt_timeout * ATTEMPTS + RETRY_DELAY),
+                )
+                .with_backoff_policy(backoff)
+                .with_attempt_timeout(self.attempt_timeout);
+            if let Some(e) = &endpoint {
+                builder = builder.with_endpoint(e.clone());
+            }
+            if let Some(c) = &self.credentials {
+                builder = builder.with_credentials(c.clone());
+            }
+            builder.build().await.map_err(|e| SecretError::Misconfigured {
+                store: "GCP".into(),
+                hint: format!("cannot build a Secret Manager client (Application Default Credentials?): {e}"),
+            })
+        }
+        .await?;
+        self.built.fetch_add(1, Ordering::Relaxed);
+        clients.insert(endpoint, client.clone());
+        Ok(client)
+    }
+
+    /// The host requests for `location` go to, for error messages.
+    fn host(&self, location: Option<&str>) -> String {
+        self.endpoint_for(location)
             .as_deref()
             .and_then(|e| url::Url::parse(e).ok())
             .and_then(|u| {
@@ -143,8 +174,14 @@ impl GcpStore {
             .unwrap_or_else(|| DEFAULT_HOST.to_string())
     }
 
-    fn map_error(&self, reference: &SecretRef, action: &str, err: google_cloud_gax::error::Error) -> SecretError {
-        map_error(reference, action, &self.host(), self.attempt_timeout, err)
+    fn map_error(
+        &self,
+        reference: &SecretRef,
+        location: Option<&str>,
+        action: &str,
+        err: google_cloud_gax::error::Error,
+    ) -> SecretError {
+        map_error(reference, action, &self.host(location), self.attempt_timeout, err)
     }
 }
 
@@ -254,14 +291,17 @@ fn map_error(
         if transient {
             return SecretError::Unreachable {
                 reference: describe,
-                hint: format!("cannot get a Google access token now: {}", crate::error_chain(err)),
+                hint: format!(
+                    "cannot get a Google access token now: {}",
+                    once_each(&crate::error_chain(err))
+                ),
             };
         }
         return SecretError::NotPermitted {
             reference: describe,
             hint: format!(
                 "Google refused or lacks the connector's credentials (Application Default Credentials): {}",
-                crate::error_chain(err)
+                once_each(&crate::error_chain(err))
             ),
         };
     }
@@ -298,20 +338,94 @@ fn map_error(
     }
 }
 
-/// The secret's resource name and the version to read: `secret_id` as a short id in `project`,
-/// or a full resource name (its `/versions/V` suffix, when present, is the default version).
-fn resource_name(project: &str, secret_id: &str, version: Option<&str>) -> (String, String) {
+/// `text` with google-cloud-auth's retry verdicts ("but future attempts may succeed", "and
+/// future attempts will not succeed") said once: every layer of its error chain adds its own,
+/// and our error says whether a retry helps anyway.
+fn once_each(text: &str) -> String {
+    let mut out = text.to_string();
+    for verdict in [
+        " but future attempts may succeed",
+        " and future attempts will not succeed",
+    ] {
+        if let Some(first) = out.find(verdict) {
+            let keep = first + verdict.len();
+            let rest = out[keep..].replace(verdict, "");
+            out.truncate(keep);
+            out.push_str(&rest);
+        }
+    }
+    out
+}
+
+/// A secret to read: its resource name, the version, and its region (None: a global secret).
+#[derive(Debug, PartialEq)]
+struct Target {
+    name: String,
+    version: String,
+    location: Option<String>,
+}
+
+/// The secret's resource name, version and location: `secret_id` as a short id in `project`
+/// (regional when `location` is given), or a full resource name (its `/versions/V` suffix, when
+/// present, is the default version; its `/locations/L/` is the location).
+fn resource_name(
+    project: &str,
+    secret_id: &str,
+    version: Option<&str>,
+    location: Option<&str>,
+) -> Result<Target, String> {
     let secret_id = secret_id.trim().trim_start_matches('/');
+    let location = location.map(str::trim).filter(|l| !l.is_empty());
+    // Checked before it goes into a name or a host name.
+    let is_location = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if let Some(l) = location.filter(|l| !is_location(l)) {
+        return Err(format!(
+            "location {l:?} is not a Google Cloud location (such as europe-west1): lowercase letters, digits and dashes"
+        ));
+    }
     let (name, named_version) = if secret_id.starts_with("projects/") {
         match secret_id.split_once("/versions/") {
             Some((name, v)) => (name.to_string(), Some(v)),
             None => (secret_id.to_string(), None),
         }
     } else {
-        (format!("projects/{project}/secrets/{secret_id}"), None)
+        match location {
+            Some(l) => (
+                format!("projects/{}/locations/{l}/secrets/{secret_id}", project.trim()),
+                None,
+            ),
+            None => (format!("projects/{}/secrets/{secret_id}", project.trim()), None),
+        }
     };
-    let version = version.or(named_version).unwrap_or("latest").to_string();
-    (name, version)
+    let named_location = name.split('/').collect::<Vec<_>>().windows(2).find_map(|w| match w {
+        ["locations", l] => Some(l.to_string()),
+        _ => None,
+    });
+    let location = match (named_location, location) {
+        (Some(named), Some(given)) if named != given => {
+            return Err(format!(
+                "secret_id names location {named:?} but location is {given:?}: give one of them"
+            ));
+        }
+        (Some(named), _) => Some(named),
+        (None, Some(given)) => Some(given.to_string()),
+        (None, None) => None,
+    };
+    if let Some(l) = location.as_deref().filter(|l| !is_location(l)) {
+        return Err(format!(
+            "location {l:?} is not a Google Cloud location (such as europe-west1): lowercase letters, digits and dashes"
+        ));
+    }
+    let version = version.or(named_version).unwrap_or("latest").trim().to_string();
+    Ok(Target {
+        name,
+        version,
+        location,
+    })
 }
 
 #[async_trait]
@@ -324,6 +438,17 @@ impl SecretStore for GcpStore {
         // The per-attempt limit does not cover getting a token (the metadata server, a token
         // endpoint), so the whole read has a deadline of its own, inside the registry's.
         let deadline = self.attempt_timeout * (ATTEMPTS + 1);
+        let location = match reference {
+            SecretRef::Gcp {
+                project,
+                secret_id,
+                version,
+                location,
+            } => resource_name(project, secret_id, version.as_deref(), location.as_deref())
+                .ok()
+                .and_then(|t| t.location),
+            _ => None,
+        };
         match tokio::time::timeout(deadline, self.read(reference)).await {
             Ok(result) => result,
             Err(_) => Err(SecretError::Unreachable {
@@ -332,7 +457,7 @@ impl SecretStore for GcpStore {
                     "no answer within {} s from Secret Manager at {} or from the Google token source (metadata \
                      server or token endpoint of the Application Default Credentials)",
                     deadline.as_secs_f64(),
-                    self.host()
+                    self.host(location.as_deref())
                 ),
             }),
         }
@@ -345,19 +470,30 @@ impl GcpStore {
             project,
             secret_id,
             version,
+            location,
         } = reference
         else {
             return Err(wrong_store(reference, "GCP"));
         };
-        let client = self.client().await?;
-        let (name, version) = resource_name(project, secret_id, version.as_deref());
+        let Target {
+            name,
+            version,
+            location,
+        } = resource_name(project, secret_id, version.as_deref(), location.as_deref()).map_err(|e| {
+            SecretError::Misconfigured {
+                store: "GCP".into(),
+                hint: format!("{}: {e}", reference.describe()),
+            }
+        })?;
+        let location = location.as_deref();
+        let client = self.client(self.endpoint_for(location)).await?;
         if self.require_mark {
             let meta = client
                 .get_secret()
                 .set_name(&name)
                 .send()
                 .await
-                .map_err(|e| self.map_error(reference, "secretmanager.secrets.get", e))?;
+                .map_err(|e| self.map_error(reference, location, "secretmanager.secrets.get", e))?;
             if !is_marked(meta.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
                 return Err(SecretError::not_marked(
                     reference,
@@ -375,9 +511,11 @@ impl GcpStore {
             .set_name(format!("{name}/versions/{version}"))
             .send()
             .await
-            .map_err(|e| self.map_error(reference, "secretmanager.versions.access", e))?;
+            .map_err(|e| self.map_error(reference, location, "secretmanager.versions.access", e))?;
         match out.payload {
-            Some(payload) => value::from_bytes(reference, payload.data.to_vec()),
+            // The payload's own buffer, not a copy, when nothing else holds it (`from_bytes`
+            // zeroes it once parsed).
+            Some(payload) => value::from_bytes(reference, Vec::from(payload.data)),
             None => Err(SecretError::Malformed {
                 reference: reference.describe(),
                 hint: "the secret version has no payload".into(),
@@ -388,27 +526,80 @@ impl GcpStore {
 
 #[cfg(test)]
 mod tests {
-    use super::resource_name;
+    use super::{GcpStore, Target, resource_name};
+
+    fn target(name: &str, version: &str, location: Option<&str>) -> Target {
+        Target {
+            name: name.into(),
+            version: version.into(),
+            location: location.map(str::to_string),
+        }
+    }
 
     #[test]
     fn secret_id_may_be_a_full_resource_name() {
-        let n = |id, v| resource_name("p", id, v);
-        assert_eq!(n("s", None), ("projects/p/secrets/s".into(), "latest".into()));
+        let n = |id, v| resource_name("p", id, v, None).unwrap();
+        assert_eq!(n("s", None), target("projects/p/secrets/s", "latest", None));
         assert_eq!(
             n("projects/123/secrets/s", None),
-            ("projects/123/secrets/s".into(), "latest".into())
+            target("projects/123/secrets/s", "latest", None)
         );
         assert_eq!(
             n("projects/123/secrets/s/versions/4", None),
-            ("projects/123/secrets/s".into(), "4".into())
+            target("projects/123/secrets/s", "4", None)
         );
         assert_eq!(
             n("projects/123/secrets/s/versions/4", Some("2")),
-            ("projects/123/secrets/s".into(), "2".into())
+            target("projects/123/secrets/s", "2", None)
         );
         assert_eq!(
             n("projects/1/locations/eu/secrets/s", None),
-            ("projects/1/locations/eu/secrets/s".into(), "latest".into())
+            target("projects/1/locations/eu/secrets/s", "latest", Some("eu"))
         );
+    }
+
+    #[test]
+    fn a_retry_verdict_is_said_once() {
+        let chain = "cannot fetch token but future attempts may succeed: metadata server down but future attempts may succeed: connection refused";
+        assert_eq!(
+            super::once_each(chain),
+            "cannot fetch token but future attempts may succeed: metadata server down: connection refused"
+        );
+        assert_eq!(super::once_each("plain"), "plain");
+    }
+
+    /// Secrets review N14: a regional secret by `location` or by its name, read at Google's
+    /// regional endpoint; a location that is not one (or contradicts the name) is refused.
+    #[test]
+    fn a_location_makes_a_regional_name_and_endpoint() {
+        assert_eq!(
+            resource_name("p", "s", Some("3"), Some(" europe-west1 ")).unwrap(),
+            target("projects/p/locations/europe-west1/secrets/s", "3", Some("europe-west1"))
+        );
+        assert_eq!(
+            resource_name("p", "projects/p/locations/us-east4/secrets/s", None, Some("us-east4")).unwrap(),
+            target("projects/p/locations/us-east4/secrets/s", "latest", Some("us-east4"))
+        );
+        let e = resource_name(
+            "p",
+            "projects/p/locations/us-east4/secrets/s",
+            None,
+            Some("europe-west1"),
+        )
+        .unwrap_err();
+        assert!(e.contains("us-east4") && e.contains("europe-west1"), "{e}");
+        let e = resource_name("p", "s", None, Some("evil.example/x")).unwrap_err();
+        assert!(e.contains("not a Google Cloud location"), "{e}");
+        let store = GcpStore::new();
+        assert_eq!(
+            store.endpoint_for(Some("europe-west1")).as_deref(),
+            Some("https://secretmanager.europe-west1.rep.googleapis.com")
+        );
+        assert_eq!(store.endpoint_for(None), None);
+        assert_eq!(
+            store.host(Some("me-central2")),
+            "secretmanager.me-central2.rep.googleapis.com"
+        );
+        assert_eq!(store.host(None), "secretmanager.googleapis.com");
     }
 }

@@ -16,6 +16,8 @@ use super::{AllowedSecret, Secret, SecretError, SecretRef, SecretStore, is_marke
 pub struct KubernetesStore {
     /// Built on first use (inferring it reads files and the environment).
     client: OnceCell<kube::Client>,
+    /// Clients built so far (one, shared by every job: issue 18; none when one was given).
+    built: std::sync::atomic::AtomicUsize,
     /// `ALLOWED_SECRETS_TO_READ`, parsed; `None` (the list is empty) means any labelled secret.
     allowed: Option<Vec<AllowedSecret>>,
 }
@@ -35,6 +37,7 @@ impl KubernetesStore {
     pub fn new(allowed: Vec<String>) -> KubernetesStore {
         KubernetesStore {
             client: OnceCell::new(),
+            built: std::sync::atomic::AtomicUsize::new(0),
             allowed: allow_list(allowed),
         }
     }
@@ -43,8 +46,14 @@ impl KubernetesStore {
     pub fn with_client(client: kube::Client, allowed: Vec<String>) -> KubernetesStore {
         KubernetesStore {
             client: OnceCell::new_with(Some(client)),
+            built: std::sync::atomic::AtomicUsize::new(0),
             allowed: allow_list(allowed),
         }
+    }
+
+    /// How many Kubernetes clients this store has built (at most one).
+    pub fn clients_built(&self) -> usize {
+        self.built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn client(&self, reference: &SecretRef) -> Result<kube::Client, SecretError> {
@@ -65,10 +74,12 @@ impl KubernetesStore {
                 // hold the read until the registry's deadline, and a Vault definition with it.
                 config.connect_timeout = Some(std::time::Duration::from_secs(5));
                 config.read_timeout = Some(std::time::Duration::from_secs(10));
-                kube::Client::try_from(config).map_err(|e| SecretError::Misconfigured {
+                let client = kube::Client::try_from(config).map_err(|e| SecretError::Misconfigured {
                     store: "KUBERNETES".into(),
                     hint: format!("cannot build a Kubernetes client: {e}"),
-                })
+                })?;
+                self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(client)
             })
             .await
             .cloned()

@@ -1,8 +1,13 @@
 //! Secret stores: where an integration's credentials come from.
 //!
-//! **Architecture invariant:** a secret value lives in a `SecretString` from the moment it is read
-//! until the integration puts it in an HTTP header. `Debug`, `Display`, errors, logs and metrics
-//! name the store and the reference, never the value.
+//! **Architecture invariant:** a secret value lives in a `SecretString` from the moment the store
+//! has read it until the integration puts it in an HTTP header. `Debug`, `Display`, errors, logs
+//! and metrics name the store and the reference, never the value.
+//!
+//! Zeroisation, as far as it goes: `SecretString`s are zeroed when dropped, and so are the
+//! buffers this crate owns on the way in (a store's answer text or bytes once parsed, the parsed
+//! JSON of a Vault answer or definition, a token file). The HTTP clients' and SDKs' own buffers
+//! (hyper, reqwest, the cloud SDKs' responses) are not: they are outside the connector's reach.
 //!
 //! # Layout
 //! - this file: the types every store shares ([`Secret`], [`SecretRef`], [`SecretError`], the
@@ -74,30 +79,41 @@ pub const READ_MARK_VALUE: &str = "true";
 
 /// A resolved secret: string keys to secret values. `Debug` shows the keys only.
 #[derive(Clone, Default)]
-pub struct Secret(BTreeMap<String, SecretString>);
+pub struct Secret {
+    values: BTreeMap<String, SecretString>,
+    /// Which cached read this copy came from (0: not from the cache), so that a job whose
+    /// credentials were refused drops that read only, not the one a sibling job has just made
+    /// ([`SecretStores::invalidate_read`]).
+    read: u64,
+}
 
 impl Secret {
     pub fn new(values: BTreeMap<String, SecretString>) -> Secret {
-        Secret(values)
+        Secret { values, read: 0 }
     }
 
     pub fn get(&self, key: &str) -> Option<&SecretString> {
-        self.0.get(key)
+        self.values.get(key)
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
+        self.values.keys().map(String::as_str)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.values.is_empty()
+    }
+
+    /// The cached read this copy came from, for [`SecretStores::invalidate_read`] (0: none).
+    pub fn read_id(&self) -> u64 {
+        self.read
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Secret")
-            .field("keys", &self.0.keys().collect::<Vec<_>>())
+            .field("keys", &self.values.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -117,7 +133,7 @@ impl<'de> Deserialize<'de> for InlineCredentials {
         let value = serde_json::Value::deserialize(d)?;
         let serde_json::Value::Object(map) = value else {
             return Err(D::Error::custom(format!(
-                "credentials must be a map of keys to string values (like {{ access_key = \"...\", secret_key =                  \"...\" }}), not {} (the value is not shown)",
+                "credentials must be a map of keys to string values (like {{ access_key = \"...\", secret_key = \"...\" }}), not {} (the value is not shown)",
                 shape(&value)
             )));
         };
@@ -197,6 +213,9 @@ pub enum SecretRef {
     Azure {
         vault_url: String,
         name: String,
+        /// A version id to read, pinned (the current version when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     Gcp {
         project: String,
@@ -204,6 +223,9 @@ pub enum SecretRef {
         /// A version number or `latest` (the default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<String>,
+        /// The region of a regional secret (`europe-west1`): read at that region's endpoint.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        location: Option<String>,
     },
     HashicorpVault {
         /// The KV mount (`secret`).
@@ -262,15 +284,26 @@ impl SecretRef {
                     None => format!("AWS {region}/{secret_id}{version}"),
                 }
             }
-            SecretRef::Azure { vault_url, name } => format!("AZURE {vault_url} {name}"),
+            SecretRef::Azure {
+                vault_url,
+                name,
+                version,
+            } => match version {
+                Some(v) => format!("AZURE {vault_url} {name}@{v}"),
+                None => format!("AZURE {vault_url} {name}"),
+            },
             SecretRef::Gcp {
                 project,
                 secret_id,
                 version,
-            } => match version {
-                Some(v) => format!("GCP {project}/{secret_id}@{v}"),
-                None => format!("GCP {project}/{secret_id}"),
-            },
+                location,
+            } => {
+                let version = version.as_ref().map(|v| format!("@{v}")).unwrap_or_default();
+                match location {
+                    Some(l) => format!("GCP {project}/{secret_id}{version} (in {l})"),
+                    None => format!("GCP {project}/{secret_id}{version}"),
+                }
+            }
             SecretRef::HashicorpVault {
                 secret_engine,
                 path,
@@ -591,6 +624,19 @@ impl SecretStores {
     pub fn invalidate(&self, reference: &SecretRef) {
         if let Some(key) = reference.cache_key() {
             self.cache.invalidate(&key);
+            tracing::debug!(reference = %reference.describe(), "cached secret dropped");
+        }
+    }
+
+    /// Forgets the cached copy of `reference` only if it is still the read `read_id`
+    /// ([`Secret::read_id`] of the copy the integration refused). After a rotation every job
+    /// holding the old copy gets a 401 and calls this; the first drops the old copy and re-reads,
+    /// the others find the new copy in place and use it: one store read, not one per job (secrets
+    /// review N20). Concurrent re-reads of one reference make one call (singleflight).
+    pub fn invalidate_read(&self, reference: &SecretRef, read_id: u64) {
+        if let Some(key) = reference.cache_key()
+            && self.cache.invalidate_read(&key, read_id)
+        {
             tracing::debug!(reference = %reference.describe(), "cached secret dropped");
         }
     }

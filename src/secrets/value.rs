@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 
 use secrecy::SecretString;
+use secrecy::zeroize::{Zeroize, Zeroizing};
 use serde_json::Value;
 
 use super::{Secret, SecretError, SecretRef};
@@ -37,8 +38,53 @@ fn malformed(reference: &SecretRef, hint: String) -> SecretError {
     }
 }
 
-/// A secret stored as text.
+/// The byte-order mark Notepad and some editors put at the start of a UTF-8 file.
+const BOM: char = '\u{feff}';
+
+/// `text` without a leading byte-order mark (secrets review N23), in place.
+pub(crate) fn strip_bom(text: &mut String) {
+    if text.starts_with(BOM) {
+        text.replace_range(..BOM.len_utf8(), "");
+    }
+}
+
+/// The first typographic quote in `text` (what a word processor or a chat tool makes of `"`),
+/// with its 1-based line and column: JSON needs straight quotes, and serde's "column 3" alone
+/// does not say why. Only the quote character is named, never the text around it.
+pub(crate) fn typographic_quote(text: &str) -> Option<(char, usize, usize)> {
+    let (mut line, mut column) = (1, 0);
+    for c in text.chars() {
+        column += 1;
+        if matches!(
+            c,
+            '\u{201c}' | '\u{201d}' | '\u{2018}' | '\u{2019}' | '\u{201e}' | '\u{00ab}' | '\u{00bb}'
+        ) {
+            return Some((c, line, column));
+        }
+        if c == '\n' {
+            line += 1;
+            column = 0;
+        }
+    }
+    None
+}
+
+/// What to say about a typographic quote in JSON text, if there is one.
+pub(crate) fn typographic_quote_hint(text: &str) -> String {
+    match typographic_quote(text) {
+        Some((c, line, column)) => format!(
+            "; it contains a typographic quote {c} (U+{:04X}) at line {line}, column {column}: JSON needs straight quotes \"",
+            c as u32
+        ),
+        None => String::new(),
+    }
+}
+
+/// A secret stored as text. The text is zeroed when dropped: once parsed, only the values'
+/// `SecretString`s hold it.
 pub(crate) fn from_text(reference: &SecretRef, text: String) -> Result<Secret, SecretError> {
+    let mut text = Zeroizing::new(text);
+    strip_bom(&mut text);
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') {
         match serde_json::from_str::<serde_json::Map<String, Value>>(&text) {
@@ -48,9 +94,10 @@ pub(crate) fn from_text(reference: &SecretRef, text: String) -> Result<Secret, S
                 return Err(malformed(
                     reference,
                     format!(
-                        "the value starts like a JSON object but does not parse (line {}, column {}); store a JSON object of strings, or plain text",
+                        "the value starts like a JSON object but does not parse (line {}, column {}){}; store a JSON object of strings, or plain text",
                         e.line(),
-                        e.column()
+                        e.column(),
+                        typographic_quote_hint(&text)
                     ),
                 ));
             }
@@ -58,10 +105,19 @@ pub(crate) fn from_text(reference: &SecretRef, text: String) -> Result<Secret, S
     }
     let mut map = BTreeMap::new();
     if is_key_pair(&text) {
-        map.insert(TOKEN_KEY.to_string(), SecretString::from(text.trim().to_string()));
+        map.insert(TOKEN_KEY.to_string(), SecretString::from(text.trim()));
     }
-    map.insert(PLAIN_VALUE_KEY.to_string(), SecretString::from(text));
+    map.insert(PLAIN_VALUE_KEY.to_string(), SecretString::from(text.as_str()));
     Ok(Secret::new(map))
+}
+
+/// `s` as a `SecretString`, the original zeroed. `SecretString::from(String)` shrinks the string
+/// to fit, which can move it and free the old buffer as it was: a copy of exactly its length
+/// is made instead.
+pub(crate) fn secret_string(mut s: String) -> SecretString {
+    let secret = SecretString::from(s.as_str());
+    s.zeroize();
+    secret
 }
 
 /// The key a plain `access_key:secret_key` value is also stored under.
@@ -78,10 +134,13 @@ fn is_key_pair(text: &str) -> bool {
 pub(crate) fn from_bytes(reference: &SecretRef, bytes: Vec<u8>) -> Result<Secret, SecretError> {
     match String::from_utf8(bytes) {
         Ok(text) => from_text(reference, text),
-        Err(_) => Err(malformed(
-            reference,
-            "the value is binary, not UTF-8 text; store a JSON object of strings".into(),
-        )),
+        Err(e) => {
+            e.into_bytes().zeroize();
+            Err(malformed(
+                reference,
+                "the value is binary, not UTF-8 text; store a JSON object of strings".into(),
+            ))
+        }
     }
 }
 
@@ -93,9 +152,9 @@ pub(crate) fn from_json_map(
     let mut out = BTreeMap::new();
     for (key, value) in map {
         let text = match value {
-            Value::String(s) => s,
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
+            Value::String(s) => secret_string(s),
+            Value::Number(n) => secret_string(n.to_string()),
+            Value::Bool(b) => secret_string(b.to_string()),
             Value::Null => {
                 return Err(malformed(
                     reference,
@@ -109,7 +168,7 @@ pub(crate) fn from_json_map(
                 ));
             }
         };
-        out.insert(key, SecretString::from(text));
+        out.insert(key, text);
     }
     Ok(Secret::new(out))
 }
@@ -123,9 +182,10 @@ pub(crate) fn from_bytes_map(
     for (key, bytes) in map {
         match String::from_utf8(bytes) {
             Ok(s) => {
-                out.insert(key, SecretString::from(s));
+                out.insert(key, secret_string(s));
             }
-            Err(_) => {
+            Err(e) => {
+                e.into_bytes().zeroize();
                 return Err(malformed(
                     reference,
                     format!("key {key:?} holds binary data, not UTF-8 text"),

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use base64::Engine;
+use secrecy::zeroize::{Zeroize, Zeroizing};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
@@ -113,6 +114,9 @@ struct Definition {
     client_identity: Option<auth::ClientIdentity>,
     namespace: Option<String>,
     name: Option<String>,
+    /// A digest of the definition as written (and of the CA file it names): a definitions file
+    /// re-read with this entry unchanged keeps its client, login and mounts (issue 18).
+    digest: [u8; 32],
 }
 
 /// An entry of the configured list.
@@ -123,13 +127,29 @@ enum Entry {
     FromSecretStore(SecretRef),
 }
 
+impl Entry {
+    /// Whether `other` is this entry as configured (so what was built for it still serves).
+    fn same_as(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (Entry::Direct(a), Entry::Direct(b)) => a.digest == b.digest,
+            (Entry::FromSecretStore(a), Entry::FromSecretStore(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// A file's modification time and size (None: it cannot be read).
+type Stamp = Option<(SystemTime, u64)>;
+
 #[derive(Clone)]
 enum Source {
     None,
     /// Parsed at start-up from `HASHICORP_VAULT_CONFIG`.
     Env(Vec<Entry>),
-    /// Re-read from `HASHICORP_VAULT_CONFIG_FILE_PATH` when its modification time or size changes.
-    File(PathBuf),
+    /// Re-read from `HASHICORP_VAULT_CONFIG_FILE_PATH` when its modification time or size changes;
+    /// with what start-up read (and checked, and warned about) and the file's stamp then, used
+    /// until the file changes instead of reading it again (one trailing-comma warning, not two).
+    File(PathBuf, Option<(Stamp, Vec<Entry>)>),
     /// The configuration was unusable (the lenient `SecretStores::default()` path).
     Broken(String),
 }
@@ -161,9 +181,10 @@ impl VaultDefinitions {
             });
         }
         if let Some(path) = &config.hashicorp_vault_config_file_path {
-            read_file(path).map_err(SettingsError)?;
+            let stamp = file_stamp(path);
+            let entries = read_file(path).map_err(SettingsError)?;
             return Ok(VaultDefinitions {
-                source: Source::File(path.clone()),
+                source: Source::File(path.clone(), Some((stamp, entries))),
                 default_namespace: default_namespace(config)?,
             });
         }
@@ -238,15 +259,41 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 fn read_file(path: &Path) -> Result<Vec<Entry>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{ENV_FILE}: cannot read {}: {e}", path.display()))?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("{ENV_FILE}: cannot read {}: {e}", path.display()))?,
+    );
     parse_list(&text, &format!("{ENV_FILE} ({})", path.display()))
+}
+
+/// Zeroes the strings of a parsed definition (tokens, secret IDs) before it is dropped: the
+/// parsed `Definition` keeps its own copies in `SecretString`s.
+fn zeroize_json(value: &mut Value) {
+    match value {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(zeroize_json),
+        Value::Object(map) => map.values_mut().for_each(zeroize_json),
+        _ => {}
+    }
 }
 
 /// Parses the list. Errors name `origin`, the entry's index and the field, never a value (not even
 /// serde_json's messages, which may quote the input).
 fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
+    // Pasted text (secrets review N23): a byte-order mark from Notepad is dropped; quotes kept
+    // around the value (`docker run --env-file`, systemd's EnvironmentFile) and typographic
+    // quotes are named, with where they are.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let trimmed = text.trim();
+    for quote in ['\'', '"'] {
+        if trimmed.len() >= 2 && trimmed.starts_with(quote) && trimmed.ends_with(quote) {
+            return Err(format!(
+                "{origin} is wrapped in {quote} quotes: remove them (an env file or a docker --env-file keeps quotes as part of the value); it must start with ["
+            ));
+        }
+    }
     // Apono's documentation has a trailing comma in its `from_secret_store` example; users copy it.
     let (text, comma_lines) = strip_trailing_commas(text);
+    let text = Zeroizing::new(text);
     if !comma_lines.is_empty() {
         let lines: Vec<String> = comma_lines.iter().map(ToString::to_string).collect();
         tracing::warn!(
@@ -256,9 +303,10 @@ fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
     }
     let value: Value = serde_json::from_str(&text).map_err(|e| {
         format!(
-            "{origin} is not valid JSON (line {}, column {}): expected a list such as [{{\"address\":\"https://vault:8200\",\"token\":\"...\"}}]",
+            "{origin} is not valid JSON (line {}, column {}){}: expected a list such as [{{\"address\":\"https://vault:8200\",\"token\":\"...\"}}]",
             e.line(),
-            e.column()
+            e.column(),
+            value::typographic_quote_hint(&text)
         )
     })?;
     let Value::Array(items) = value else {
@@ -266,15 +314,17 @@ fn parse_list(text: &str, origin: &str) -> Result<Vec<Entry>, String> {
     };
     let mut problems = Vec::new();
     let mut entries = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let Value::Object(map) = item else {
+    for (i, mut item) in items.into_iter().enumerate() {
+        let Value::Object(map) = &item else {
             problems.push(format!("{origin}: entry {i} is not a JSON object"));
+            zeroize_json(&mut item);
             continue;
         };
-        match parse_entry(&map) {
+        match parse_entry(map) {
             Ok(e) => entries.push(e),
             Err(e) => problems.push(format!("{origin}: entry {i}: {e}")),
         }
+        zeroize_json(&mut item);
     }
     if problems.is_empty() {
         Ok(entries)
@@ -350,18 +400,32 @@ fn parse_entry(map: &Map<String, Value>) -> Result<Entry, String> {
             }
         }
         "GCP" => {
-            check_fields(map, &["from_secret_store", "project", "secret_id", "version"])?;
+            check_fields(
+                map,
+                &["from_secret_store", "project", "secret_id", "version", "location"],
+            )?;
             SecretRef::Gcp {
                 project: required(map, &["project"])?,
                 secret_id: required(map, &["secret_id"])?,
                 version: field_str(map, &["version"])?,
+                location: field_str(map, &["location"])?,
             }
         }
         "AZURE" => {
-            check_fields(map, &["from_secret_store", "AZURE_KEY_VAULT_URL", "vault_url", "name"])?;
+            check_fields(
+                map,
+                &[
+                    "from_secret_store",
+                    "AZURE_KEY_VAULT_URL",
+                    "vault_url",
+                    "name",
+                    "version",
+                ],
+            )?;
             SecretRef::Azure {
                 vault_url: required(map, &["AZURE_KEY_VAULT_URL", "vault_url"])?,
                 name: required(map, &["name"])?,
+                version: field_str(map, &["version"])?,
             }
         }
         "KUBERNETES" => {
@@ -404,14 +468,51 @@ const DEFINITION_FIELDS: &[&str] = &[
     "region",
 ];
 
-/// Fields that mean something to one method only: given with another, they would be silently
-/// ignored, so the definition is refused instead.
-const METHOD_FIELDS: &[(&str, &str)] = &[
-    ("jwt", "jwt"),
-    ("jwt_file", "jwt"),
-    ("header_value", "aws"),
-    ("region", "aws"),
+/// The login fields each auth method reads. Any other of [`LOGIN_FIELDS`] given with a method
+/// would be silently ignored (a `token` next to AppRole's IDs, a `role_id` with Kubernetes), so
+/// the definition is refused, naming the field and the methods that use it (secrets review N16).
+const METHOD_FIELDS: &[(&str, &[&str])] = &[
+    ("token", &["token", "token_file"]),
+    ("approle", &["role_id", "secret_id", "mount"]),
+    ("kubernetes", &["role", "mount", "token_file"]),
+    ("jwt", &["role", "mount", "jwt", "jwt_file"]),
+    ("cert", &["role", "mount"]),
+    ("aws", &["role", "mount", "header_value", "region"]),
 ];
+const LOGIN_FIELDS: &[&str] = &[
+    "token",
+    "token_file",
+    "role_id",
+    "secret_id",
+    "role",
+    "mount",
+    "jwt",
+    "jwt_file",
+    "header_value",
+    "region",
+];
+
+/// The first login field of `map` that `method` does not use, as an error.
+fn foreign_login_field(map: &Map<String, Value>, method: &str) -> Result<(), String> {
+    let Some((_, used)) = METHOD_FIELDS.iter().find(|(m, _)| *m == method) else {
+        return Ok(());
+    };
+    let Some(field) = LOGIN_FIELDS
+        .iter()
+        .find(|f| !used.contains(f) && map.get(**f).is_some_and(|v| !v.is_null()))
+    else {
+        return Ok(());
+    };
+    let users: Vec<String> = METHOD_FIELDS
+        .iter()
+        .filter(|(_, fields)| fields.contains(field))
+        .map(|(m, _)| format!("\"{m}\""))
+        .collect();
+    Err(format!(
+        "field {field:?} is only used with \"auth\": {} (this definition's auth is {method:?}); remove it or set the auth it belongs to",
+        users.join(" or ")
+    ))
+}
 
 fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
     check_fields(map, DEFINITION_FIELDS)?;
@@ -455,44 +556,22 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
         None if map.contains_key("role_id") => "approle".into(),
         None => "token".into(),
     };
-    for (field, method) in METHOD_FIELDS {
-        if map.get(*field).is_some_and(|v| !v.is_null()) && auth_kind != *method {
-            return Err(format!(
-                "field {field:?} is only used with \"auth\": \"{method}\" (this definition's auth is {auth_kind:?})"
-            ));
-        }
-    }
-    if map.get("token_file").is_some_and(|v| !v.is_null()) && !matches!(auth_kind.as_str(), "token" | "kubernetes") {
-        return Err(format!(
-            "field \"token_file\" is only used with token or Kubernetes auth (this definition's auth is {auth_kind:?})"
-        ));
-    }
+    foreign_login_field(map, &auth_kind)?;
     let mount = |default: &str| -> Result<String, String> {
         Ok(field_str(map, &["mount"])?.map_or_else(|| default.to_string(), |m| m.trim_matches('/').to_string()))
     };
     let auth = match auth_kind.as_str() {
-        "token" => {
-            // Fields of the login methods would be silently ignored with a token.
-            if let Some(field) = ["role", "mount", "role_id", "secret_id"]
-                .into_iter()
-                .find(|f| map.get(*f).is_some_and(|v| !v.is_null()))
-            {
-                return Err(format!(
-                    "field {field:?} belongs to a login method (\"auth\": \"approle\", \"kubernetes\", ...), not to token auth"
-                ));
+        "token" => match (field_str(map, &["token"])?, field_str(map, &["token_file"])?) {
+            (Some(_), Some(_)) => return Err("set either \"token\" or \"token_file\", not both".into()),
+            (Some(token), None) => Auth::Token(SecretString::from(header_safe("token", &token)?)),
+            (None, Some(path)) => Auth::TokenFile(PathBuf::from(path.trim())),
+            (None, None) => {
+                return Err(
+                    "field \"token\" is missing (or \"token_file\": a file holding it, such as a Vault Agent sink)"
+                        .into(),
+                );
             }
-            match (field_str(map, &["token"])?, field_str(map, &["token_file"])?) {
-                (Some(_), Some(_)) => return Err("set either \"token\" or \"token_file\", not both".into()),
-                (Some(token), None) => Auth::Token(SecretString::from(header_safe("token", &token)?)),
-                (None, Some(path)) => Auth::TokenFile(PathBuf::from(path.trim())),
-                (None, None) => {
-                    return Err(
-                        "field \"token\" is missing (or \"token_file\": a file holding it, such as a Vault Agent sink)"
-                            .into(),
-                    );
-                }
-            }
-        }
+        },
         "approle" => Auth::AppRole {
             mount: mount("approle")?,
             role_id: header_safe("role_id", &required(map, &["role_id"])?)?,
@@ -545,12 +624,20 @@ fn parse_definition(map: &Map<String, Value>) -> Result<Definition, String> {
             ));
         }
     };
+    let digest = {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(serde_json::to_vec(map).unwrap_or_default());
+        hasher.update(ca_cert.as_deref().unwrap_or_default());
+        hasher.finalize().into()
+    };
     Ok(Definition {
         address,
         auth,
         ca_cert,
         skip_verify,
         client_identity,
+        digest,
         namespace: field_str(map, &["namespace"])?
             .map(|ns| header_safe("namespace", &ns))
             .transpose()?,
@@ -843,7 +930,8 @@ impl Conn {
         }
         let response = request.send().await?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await?;
+        // A KV answer holds the values: the body is zeroed once parsed.
+        let bytes = Zeroizing::new(Vec::from(response.bytes().await?));
         Ok((status, serde_json::from_slice(&bytes).ok()))
     }
 
@@ -939,18 +1027,16 @@ impl Conn {
                 .map_err(|e| self.unreachable(reference, "reading", &e))?;
         }
         let describe = || reference.describe();
-        let (status, body) = answer;
+        let (status, mut body) = answer;
         match status {
             200 => {
-                let data = body.as_ref().map(|b| {
-                    if version == 2 {
-                        b.pointer("/data/data").unwrap_or(&Value::Null)
-                    } else {
-                        b.get("data").unwrap_or(&Value::Null)
-                    }
-                });
+                // Taken out of the body, not copied: its strings end up zeroed (value.rs).
+                let pointer = if version == 2 { "/data/data" } else { "/data" };
+                let data = body
+                    .as_mut()
+                    .map(|b| b.pointer_mut(pointer).map(Value::take).unwrap_or(Value::Null));
                 match data {
-                    Some(Value::Object(map)) => value::from_json_map(reference, map.clone()).map_err(ReadError::Other),
+                    Some(Value::Object(map)) => value::from_json_map(reference, map).map_err(ReadError::Other),
                     Some(Value::Null) if version == 2 && body.as_ref().is_some_and(|b| b["data"].is_object()) => {
                         Err(ReadError::Other(SecretError::NotFound {
                             reference: describe(),
@@ -1060,6 +1146,8 @@ struct Resolver {
     default_namespace: Option<String>,
     /// How long resolving one definition may take.
     timeout: Duration,
+    /// Vault clients built so far (one per definition as configured: issue 18).
+    built: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Slot {
@@ -1170,15 +1258,18 @@ impl Resolver {
                         store: reference.store_type().to_string(),
                     })?;
                 let secret = store.fetch(&reference).await?;
-                let map: Map<String, Value> = secret
-                    .keys()
-                    .filter_map(|k| {
-                        secret
-                            .get(k)
-                            .map(|v| (k.to_string(), Value::String(v.expose_secret().to_string())))
-                    })
-                    .collect();
-                parse_definition(&map).map_err(|e| {
+                let mut definition = definition_in_secret(&secret).map_err(|e| {
+                    misconfigured(&format!(
+                        "the vault definition held in {} is malformed: {e}",
+                        reference.describe()
+                    ))
+                })?;
+                let parsed = match &definition {
+                    Value::Object(map) => parse_definition(map),
+                    _ => Err("not a JSON object".into()),
+                };
+                zeroize_json(&mut definition);
+                parsed.map_err(|e| {
                     misconfigured(&format!(
                         "the vault definition held in {} is malformed: {e}",
                         reference.describe()
@@ -1189,7 +1280,56 @@ impl Resolver {
         if def.namespace.is_none() {
             def.namespace.clone_from(&self.default_namespace);
         }
-        Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))
+        let conn = Conn::new(def).map(Arc::new).map_err(|e| misconfigured(&e))?;
+        self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(conn)
+    }
+}
+
+/// The definition a `from_secret_store` secret holds, as a JSON object: its keys, or (secrets
+/// review N8) the object or one-element list that a plain-text secret holds under `value`, the
+/// shape of `HASHICORP_VAULT_CONFIG` which users naturally store.
+fn definition_in_secret(secret: &Secret) -> Result<Value, String> {
+    let keys: Vec<&str> = secret.keys().collect();
+    if keys != [value::PLAIN_VALUE_KEY] {
+        return Ok(Value::Object(
+            keys.iter()
+                .filter_map(|k| {
+                    secret
+                        .get(k)
+                        .map(|v| (k.to_string(), Value::String(v.expose_secret().to_string())))
+                })
+                .collect(),
+        ));
+    }
+    let text = secret
+        .get(value::PLAIN_VALUE_KEY)
+        .map(ExposeSecret::expose_secret)
+        .unwrap_or_default();
+    let shape = "the secret must hold one JSON object such as {\"address\":\"https://vault:8200\",\"token\":\"...\"}";
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut parsed: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "{shape} (it is not JSON: line {}, column {}{})",
+            e.line(),
+            e.column(),
+            value::typographic_quote_hint(text)
+        )
+    })?;
+    match &mut parsed {
+        Value::Array(items) if items.len() == 1 && items[0].is_object() => Ok(items.remove(0)),
+        Value::Array(items) => {
+            let n = items.len();
+            zeroize_json(&mut parsed);
+            Err(format!(
+                "{shape}; it holds a list of {n} entries (the HASHICORP_VAULT_CONFIG shape): keep one definition per secret and list each secret in HASHICORP_VAULT_CONFIG"
+            ))
+        }
+        Value::Object(_) => Ok(parsed),
+        _ => {
+            zeroize_json(&mut parsed);
+            Err(shape.to_string())
+        }
     }
 }
 
@@ -1216,6 +1356,7 @@ impl VaultStore {
                 others,
                 default_namespace: definitions.default_namespace.clone(),
                 timeout: RESOLVE_TIMEOUT,
+                built: Arc::default(),
             }),
             definitions,
             vault_deadline: VAULT_DEADLINE,
@@ -1231,9 +1372,16 @@ impl VaultStore {
             others: self.resolver.others.clone(),
             default_namespace: self.resolver.default_namespace.clone(),
             timeout: resolve,
+            built: self.resolver.built.clone(),
         });
         self.vault_deadline = vault;
         self
+    }
+
+    /// How many vault clients this store has built: one per definition, kept while the
+    /// definition is unchanged; again after a 403 with a token the vault no longer accepts.
+    pub fn clients_built(&self) -> usize {
+        self.resolver.built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The definitions, re-read when the definitions file changed, or when `stale` (the set a
@@ -1258,31 +1406,44 @@ impl VaultStore {
                 }
                 (entries.clone(), None)
             }
-            Source::File(path) => {
+            Source::File(path, first) => {
                 let stamp = file_stamp(path);
                 if let (Some(loaded), false) = (slot.as_ref(), force)
                     && loaded.stamp == stamp
                 {
                     return Ok(loaded.clone());
                 }
-                let entries = read_file(path).map_err(|e| misconfigured(&e))?;
-                tracing::info!(path = %path.display(), "vault definitions (re)read");
-                (entries, stamp)
+                match first {
+                    Some((first_stamp, entries)) if slot.is_none() && *first_stamp == stamp => (entries.clone(), stamp),
+                    _ => {
+                        let entries = read_file(path).map_err(|e| misconfigured(&e))?;
+                        tracing::info!(path = %path.display(), "vault definitions (re)read");
+                        (entries, stamp)
+                    }
+                }
             }
         };
         if entries.is_empty() {
             return Err(misconfigured(&format!("{ENV_CONFIG} lists no vault")));
         }
+        // A re-read file keeps what was built for the entries it did not change (their clients,
+        // logins and mounts); after a 403 (`force`) everything is resolved again.
+        let previous = slot
+            .as_ref()
+            .filter(|_| !force)
+            .map(|l| l.slots.clone())
+            .unwrap_or_default();
         let slots = entries
             .into_iter()
             .enumerate()
-            .map(|(index, entry)| {
-                Arc::new(Slot {
+            .map(|(index, entry)| match previous.get(index) {
+                Some(kept) if kept.entry.same_as(&entry) => kept.clone(),
+                _ => Arc::new(Slot {
                     index,
                     entry,
                     state: std::sync::Mutex::new(SlotState::Unresolved),
                     last_backoff: std::sync::Mutex::new(None),
-                })
+                }),
             })
             .collect();
         let loaded = Arc::new(Loaded { stamp, slots });
@@ -1497,5 +1658,22 @@ fn denied(reference: &SecretRef, why: &str) -> SecretError {
     SecretError::NotPermitted {
         reference: reference.describe(),
         hint: why.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// Secrets review N19: the parsed JSON of a definition (a token, a secret ID) is wiped once the
+    /// definition keeps its own copies, nested strings included.
+    #[test]
+    fn a_parsed_definition_is_wiped() {
+        let mut value = json!({"token": "canary-token", "nested": [{"secret_id": "canary-id"}], "skip_verify": true});
+        super::zeroize_json(&mut value);
+        assert_eq!(
+            value,
+            json!({"token": "", "nested": [{"secret_id": ""}], "skip_verify": true})
+        );
     }
 }

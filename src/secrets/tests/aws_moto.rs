@@ -466,3 +466,42 @@ async fn pasted_spaces_are_trimmed_and_a_bad_region_is_a_misconfiguration() {
         assert!(e.to_string().contains(named), "{e}");
     }
 }
+
+/// Issue 18: one SDK client per region / role / profile, shared by every read, whatever the
+/// number of reads. (Connections are counted at the GCP, Kubernetes and OpenBao servers: moto
+/// answers `Connection: close` to every request, so its count is one per request whatever the
+/// client does.)
+#[cfg_attr(
+    not(apono_test_moto),
+    ignore = "needs moto: run tests/run, or set APONO_TEST_MOTO_SERVER"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_reads_build_one_client_per_configuration() {
+    let moto = start_moto().await;
+    let sdk = sdk_config(&moto).await;
+    create(&admin(&sdk), "rancher-api-key", "token-abc:s1", true).await;
+    let store = Arc::new(AwsStore::with_sdk_config(sdk));
+    let stores = SecretStores::empty()
+        .with_store(store.clone())
+        .with_cache_ttl(std::time::Duration::ZERO);
+    let r = aws_ref("rancher-api-key");
+    for _ in 0..30 {
+        assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "value"), "token-abc:s1");
+    }
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (stores, r) = (stores.clone(), r.clone());
+            tokio::spawn(async move { stores.fetch(&r).await.map(|_| ()) })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.clients_built(), 1);
+    // Another region is another configuration: one more client, built once.
+    let other = reference(json!({"type": "AWS", "region": "eu-west-1", "secret_id": "rancher-api-key"}));
+    for _ in 0..3 {
+        let _ = stores.fetch(&other).await;
+    }
+    assert_eq!(store.clients_built(), 2);
+}

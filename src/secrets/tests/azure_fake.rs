@@ -21,6 +21,8 @@ use super::support::{reference, self_signed, serve_https, value_of};
 use crate::secrets::{AzureStore, SecretStores};
 
 pub const VAULT_HOST: &str = "apono-test.vault.azure.net";
+/// The id of every secret's current version.
+const CURRENT_VERSION: &str = "4387e9f3d6e14c459867679a90fd0f79";
 const TOKEN: &str = "fake-entra-token";
 
 /// Hands out a fixed token and records the scopes asked for.
@@ -59,6 +61,10 @@ pub struct Vault {
     pub fail_next: Arc<Mutex<VecDeque<Failure>>>,
     /// Accept authenticated reads and never answer.
     pub stall: Arc<AtomicBool>,
+    /// (name, version id) → value of an older version, readable by its id.
+    pub pinned: Arc<Mutex<HashMap<(String, String), String>>>,
+    /// The version ids asked for by `GET /secrets/{name}/{version}`, in order.
+    pub versions_read: Arc<Mutex<Vec<String>>>,
 }
 
 /// An error answer: HTTP status, Key Vault's error code, message, `Retry-After` seconds.
@@ -192,7 +198,7 @@ async fn get_secret(
     vault.value_reads.lock().unwrap().push(name.clone());
     let body: Value = json!({
         "value": value,
-        "id": format!("https://{VAULT_HOST}/secrets/{name}/4387e9f3d6e14c459867679a90fd0f79"),
+        "id": format!("https://{VAULT_HOST}/secrets/{name}/{CURRENT_VERSION}"),
         "attributes": {"enabled": true, "created": 1_700_000_000, "updated": 1_700_000_000, "recoveryLevel": "Recoverable+Purgeable"},
         "tags": tags,
     });
@@ -207,6 +213,33 @@ async fn get_secret_version(
 ) -> Response {
     if version == "versions" {
         return list_versions(state, headers, Path(name)).await;
+    }
+    if let Some(challenge) = authorized(&headers) {
+        return challenge;
+    }
+    state.versions_read.lock().unwrap().push(version.clone());
+    let pinned = state
+        .pinned
+        .lock()
+        .unwrap()
+        .get(&(name.clone(), version.clone()))
+        .cloned();
+    if let Some(value) = pinned {
+        state.requests.fetch_add(1, Ordering::SeqCst);
+        state.value_reads.lock().unwrap().push(name.clone());
+        return axum::Json(json!({
+            "value": value,
+            "id": format!("https://{VAULT_HOST}/secrets/{name}/{version}"),
+            "attributes": {"enabled": true, "created": 1_600_000_000, "updated": 1_600_000_000},
+        }))
+        .into_response();
+    }
+    if version != CURRENT_VERSION {
+        return error(
+            StatusCode::NOT_FOUND,
+            "SecretNotFound",
+            &format!("A secret with (name/id) {name}/{version} was not found in this key vault."),
+        );
     }
     get_secret(state, headers, query, Path(name)).await
 }
@@ -770,4 +803,46 @@ async fn client_certificate_needs_its_build_feature() {
         ("AZURE_CLIENT_CERTIFICATE_PATH", "/nonexistent/cert.pfx".to_string()),
     ];
     run_credential_child(addr, &vars, "misconfigured:store-azure-certificate").await;
+}
+
+/// Secrets review §3: a pinned `version` is asked for by its id (the value of an older version
+/// after a bad rotation); one that is not an id is refused before any request. One client per
+/// vault URL however many reads (issue 18).
+#[tokio::test]
+async fn a_pinned_version_is_read_by_its_id() {
+    let (vault, store, _, url) = fake().await;
+    vault
+        .secrets
+        .lock()
+        .unwrap()
+        .insert("rancher".into(), ("token-a:new".into(), HashMap::new()));
+    let old = "0f2c4e6a8b0d4f1e3a5c7e9b1d3f5a7c";
+    vault
+        .pinned
+        .lock()
+        .unwrap()
+        .insert(("rancher".into(), old.into()), "token-a:old".into());
+    let store = Arc::new(store);
+    let stores = SecretStores::empty()
+        .with_store(store.clone())
+        .with_cache_ttl(Duration::ZERO);
+    let pinned = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher", "version": old}));
+    assert_eq!(pinned.describe(), format!("AZURE {url} rancher@{old}"));
+    assert_eq!(value_of(&stores.fetch(&pinned).await.unwrap(), "value"), "token-a:old");
+    assert_eq!(vault.versions_read.lock().unwrap().as_slice(), [old.to_string()]);
+    let current = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher"}));
+    for _ in 0..20 {
+        assert_eq!(value_of(&stores.fetch(&current).await.unwrap(), "value"), "token-a:new");
+    }
+    let missing = reference(json!({
+        "type": "AZURE", "vault_url": url, "name": "rancher", "version": "ffffffffffffffffffffffffffffffff"
+    }));
+    assert_eq!(stores.fetch(&missing).await.unwrap_err().code(), "secret_not_found");
+    let before = vault.versions_read.lock().unwrap().len();
+    let bad = reference(json!({"type": "AZURE", "vault_url": url, "name": "rancher", "version": "../other"}));
+    let e = stores.fetch(&bad).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+    assert!(e.to_string().contains("not a Key Vault version id"), "{e}");
+    assert_eq!(vault.versions_read.lock().unwrap().len(), before, "nothing sent");
+    assert_eq!(store.clients_built(), 1, "one client for one vault");
 }

@@ -14,7 +14,7 @@ use axum::routing::get;
 use base64::Engine;
 use serde_json::json;
 
-use super::support::{reference, serve_http, value_of};
+use super::support::{reference, serve_http, serve_http_counting, value_of};
 use crate::secrets::{GcpStore, SecretStores};
 
 /// A secret's labels and versions (version n at index n-1).
@@ -35,6 +35,10 @@ pub struct Fake {
     pub stall: Arc<AtomicBool>,
     /// Answers for the next token requests (`/token`): HTTP status, OAuth error, description.
     pub token_fail_next: Arc<Mutex<VecDeque<Failure>>>,
+    /// The resource paths asked for (`projects/p/secrets/s/versions/1:access`), in order.
+    pub paths: Arc<Mutex<Vec<String>>>,
+    /// Regional secrets: (location, secret id) → entry, served under `/locations/{l}/`.
+    pub regional: Arc<Mutex<HashMap<(String, String), Entry>>>,
 }
 
 impl Fake {
@@ -63,6 +67,7 @@ async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(r
         *LAST_AUTHORIZATION.lock().unwrap() = Some(auth.to_string());
     }
     fake.requests.fetch_add(1, Ordering::SeqCst);
+    fake.paths.lock().unwrap().push(rest.clone());
     if fake.stall.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
@@ -70,8 +75,17 @@ async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(r
     if let Some((code, status, message)) = failure {
         return error(code, status, message.to_string());
     }
-    // projects/{p}/secrets/{s}[/versions/{v}:access]
-    let parts: Vec<&str> = rest.split('/').collect();
+    // projects/{p}[/locations/{l}]/secrets/{s}[/versions/{v}:access]; a regional secret exists
+    // only under its location (the global API answers NOT_FOUND for it, as Google's does).
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    let location = match parts.as_slice() {
+        ["projects", _, "locations", l, "secrets", ..] => {
+            let l = l.to_string();
+            parts.drain(2..4);
+            Some(l)
+        }
+        _ => None,
+    };
     let (project, secret) = match parts.as_slice() {
         ["projects", p, "secrets", s, ..] => (p.to_string(), s.to_string()),
         _ => return error(404, "NOT_FOUND", format!("no route {rest}")),
@@ -95,15 +109,21 @@ async fn handle(State(fake): State<Fake>, headers: axum::http::HeaderMap, Path(r
             ),
         );
     }
-    let secrets = fake.secrets.lock().unwrap();
-    let Some((labels, versions)) = secrets.get(&secret) else {
+    let found = match &location {
+        Some(l) => fake.regional.lock().unwrap().get(&(l.clone(), secret.clone())).cloned(),
+        None => fake.secrets.lock().unwrap().get(&secret).cloned(),
+    };
+    let name = match &location {
+        Some(l) => format!("projects/{project}/locations/{l}/secrets/{secret}"),
+        None => format!("projects/{project}/secrets/{secret}"),
+    };
+    let Some((labels, versions)) = found else {
         return error(
             404,
             "NOT_FOUND",
-            format!("Secret [projects/{project}/secrets/{secret}] not found or has no versions."),
+            format!("Secret [{name}] not found or has no versions."),
         );
     };
-    let name = format!("projects/{project}/secrets/{secret}");
     match parts.as_slice() {
         [_, _, _, _] => axum::Json(json!({
             "name": name,
@@ -164,14 +184,25 @@ async fn oauth_token(State(fake): State<Fake>, axum::Json(form): axum::Json<serd
     .into_response()
 }
 
+fn app(fake: &Fake) -> Router {
+    Router::new()
+        .route("/v1/{*rest}", get(handle))
+        .route("/token", axum::routing::post(oauth_token))
+        .with_state(fake.clone())
+}
+
 /// The fake alone.
 pub async fn serve() -> (Fake, std::net::SocketAddr) {
     let fake = Fake::default();
-    let app = Router::new()
-        .route("/v1/{*rest}", get(handle))
-        .route("/token", axum::routing::post(oauth_token))
-        .with_state(fake.clone());
-    (fake, serve_http(app).await)
+    let addr = serve_http(app(&fake)).await;
+    (fake, addr)
+}
+
+/// The fake, counting the TCP connections it accepted.
+pub async fn serve_counting() -> (Fake, std::net::SocketAddr, Arc<AtomicUsize>) {
+    let fake = Fake::default();
+    let (addr, connections) = serve_http_counting(app(&fake)).await;
+    (fake, addr, connections)
 }
 
 pub async fn fake() -> (Fake, GcpStore) {
@@ -600,4 +631,95 @@ async fn a_token_that_never_comes_is_bounded_and_named() {
     assert!(e.to_string().contains("no answer within 1.5 s"), "{e}");
     assert!(e.to_string().contains("token source"), "{e}");
     assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
+}
+
+/// Secrets review N14: a regional secret (`location`, or a name with `/locations/L/`) is asked
+/// for by its regional name, pinned version included; the global name does not find it.
+#[tokio::test]
+async fn a_regional_secret_is_read_by_its_regional_name() {
+    let (fake, store) = fake().await;
+    fake.regional.lock().unwrap().insert(
+        ("europe-west1".into(), "rancher".into()),
+        (HashMap::new(), vec![b"token-a:v1".to_vec(), b"token-a:v2".to_vec()]),
+    );
+    let stores = SecretStores::empty().with_store(Arc::new(store));
+    let r = reference(json!({
+        "type": "GCP", "project": "p", "secret_id": "rancher", "version": "1", "location": "europe-west1"
+    }));
+    assert_eq!(r.describe(), "GCP p/rancher@1 (in europe-west1)");
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "value"), "token-a:v1");
+    assert_eq!(
+        fake.paths.lock().unwrap().last().map(String::as_str),
+        Some("projects/p/locations/europe-west1/secrets/rancher/versions/1:access")
+    );
+    // The same by its full resource name, latest version.
+    let by_name = reference(json!({
+        "type": "GCP", "project": "p", "secret_id": "projects/p/locations/europe-west1/secrets/rancher"
+    }));
+    assert_eq!(value_of(&stores.fetch(&by_name).await.unwrap(), "value"), "token-a:v2");
+    // Without the location it is not found (what the global endpoint answers).
+    let global = reference(json!({"type": "GCP", "project": "p", "secret_id": "rancher"}));
+    assert_eq!(stores.fetch(&global).await.unwrap_err().code(), "secret_not_found");
+    // A location that is not one is the reference's fault, named, and nothing is sent.
+    let before = fake.requests.load(Ordering::SeqCst);
+    let bad = reference(json!({
+        "type": "GCP", "project": "p", "secret_id": "rancher", "location": "europe-west1.evil.example"
+    }));
+    let e = stores.fetch(&bad).await.unwrap_err();
+    assert_eq!(e.code(), "secret_store_misconfigured", "{e}");
+    assert!(e.to_string().contains("not a Google Cloud location"), "{e}");
+    assert_eq!(fake.requests.load(Ordering::SeqCst), before);
+}
+
+/// Issue 18: one client per configuration, shared by every read, keeping its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_reads_build_one_client_and_reuse_its_connections() {
+    let (fake, addr, connections) = serve_counting().await;
+    for i in 0..5 {
+        fake.secrets.lock().unwrap().insert(
+            format!("s{i}"),
+            (HashMap::new(), vec![format!("token-{i}:v").into_bytes()]),
+        );
+    }
+    let store = Arc::new(GcpStore::with_endpoint(
+        format!("http://{addr}"),
+        Some(google_cloud_auth::credentials::anonymous::Builder::new().build()),
+    ));
+    // No cache: every read reaches the store, as after each TTL in a long-running daemon.
+    let stores = SecretStores::empty()
+        .with_store(store.clone())
+        .with_cache_ttl(Duration::ZERO);
+    for round in 0..10 {
+        for i in 0..5 {
+            let r = reference(json!({"type": "GCP", "project": "p", "secret_id": format!("s{i}")}));
+            assert_eq!(
+                value_of(&stores.fetch(&r).await.unwrap(), "value"),
+                format!("token-{i}:v"),
+                "round {round}"
+            );
+        }
+    }
+    // A client per read would open 50; a kept pool opens a few (the Google client sometimes
+    // drops a connection after an answer).
+    let sequential = connections.load(Ordering::SeqCst);
+    assert!(sequential <= 10, "{sequential} connections for 50 sequential reads");
+    // And many jobs at once: at most one more connection per read in flight.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let stores = stores.clone();
+            tokio::spawn(async move {
+                let r = reference(json!({"type": "GCP", "project": "p", "secret_id": format!("s{}", i % 5)}));
+                stores.fetch(&r).await.map(|_| ())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // Concurrent reads of one reference may share one call (singleflight).
+    assert!(fake.requests.load(Ordering::SeqCst) >= 50 + 5);
+    assert_eq!(store.clients_built(), 1, "one client for one endpoint");
+    let opened = connections.load(Ordering::SeqCst);
+    assert!(opened <= sequential + 20, "{opened} connections for 70 reads");
+    eprintln!("GCP fake: 50 sequential reads opened {sequential} connections; 70 reads {opened}");
 }

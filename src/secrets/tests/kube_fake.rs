@@ -132,13 +132,18 @@ pub async fn fake_with_calls(secrets: Vec<K8sSecret>) -> (kube::Client, Secrets,
     (kube::Client::try_from(config).unwrap(), map, calls)
 }
 
-/// The fake API server alone.
-pub async fn serve(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets) {
-    let (addr, map, _) = serve_with_calls(secrets).await;
-    (addr, map)
+async fn serve_with_calls(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets, Calls) {
+    let (app, map, calls) = app(secrets);
+    (serve_http(app).await, map, calls)
 }
 
-async fn serve_with_calls(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Secrets, Calls) {
+/// The fake API server, counting the TCP connections it accepted.
+async fn serve_counting(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let (app, _, _) = app(secrets);
+    super::support::serve_http_counting(app).await
+}
+
+fn app(secrets: Vec<K8sSecret>) -> (Router, Secrets, Calls) {
     let map: Secrets = Arc::new(std::sync::Mutex::new(
         secrets
             .into_iter()
@@ -155,7 +160,7 @@ async fn serve_with_calls(secrets: Vec<K8sSecret>) -> (std::net::SocketAddr, Sec
             secrets: map.clone(),
             calls: calls.clone(),
         });
-    (serve_http(app).await, map, calls)
+    (app, map, calls)
 }
 
 #[tokio::test]
@@ -311,7 +316,8 @@ fn malformed_allow_list_entries_are_named_at_start_up() {
 /// token, in a child process since the environment is process-wide.
 #[tokio::test]
 async fn kubeconfig_from_the_environment() {
-    let (addr, _) = serve(vec![secret("apono", "rancher", true, &[("token", b"from-kubeconfig")])]).await;
+    let (addr, connections) =
+        serve_counting(vec![secret("apono", "rancher", true, &[("token", b"from-kubeconfig")])]).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     std::fs::write(
@@ -347,6 +353,12 @@ async fn kubeconfig_from_the_environment() {
         LAST_AUTHORIZATION.lock().unwrap().as_deref(),
         Some("Bearer kubeconfig-bearer-token")
     );
+    // The child's 20 reads went through its one client and one kept-alive connection (issue 18).
+    let opened = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        opened <= 5,
+        "{opened} connections for 20 reads (one per read would be 20 or more)"
+    );
 }
 
 #[tokio::test]
@@ -355,9 +367,15 @@ async fn kubeconfig_child() {
     if std::env::var_os("APONO_TEST_CHILD").is_none() {
         return;
     }
-    let stores = SecretStores::empty().with_store(Arc::new(KubernetesStore::new(vec!["rancher".into()])));
+    let store = Arc::new(KubernetesStore::new(vec!["rancher".into()]));
+    let stores = SecretStores::empty()
+        .with_store(store.clone())
+        .with_cache_ttl(std::time::Duration::ZERO);
     let r = reference(json!({"type": "KUBERNETES", "namespace": "apono", "name": "rancher"}));
-    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-kubeconfig");
+    for _ in 0..20 {
+        assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "from-kubeconfig");
+    }
+    assert_eq!(store.clients_built(), 1, "one client, inferred once");
 }
 
 #[tokio::test]

@@ -195,6 +195,45 @@ async fn cache_reuses_then_invalidate_rereads_a_rotated_value() {
     assert_eq!((m[0].store.as_str(), m[0].calls, m[0].cache_hits), ("AWS", 2, 1));
 }
 
+/// Secrets review N20: after a rotation every job holding the old copy gets a 401 and drops it.
+/// Only the copy it used goes: the first job's re-read is kept for the others, so one rotation
+/// costs one store read, not one per job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_of_refusals_after_a_rotation_reads_the_store_once() {
+    let mem = Arc::new(MemoryStore::new("AWS"));
+    mem.set_delay(Duration::from_millis(20));
+    let r = aws_ref();
+    mem.set(&r, [("token", "old")]);
+    let stores = SecretStores::empty().with_store(mem.clone());
+    let used = stores.fetch(&r).await.unwrap();
+    assert_ne!(used.read_id(), 0, "a cached copy names its read");
+    mem.set(&r, [("token", "new")]);
+    // Eight jobs refused with the old copy, one after another and then all at once.
+    for _ in 0..3 {
+        stores.invalidate_read(&r, used.read_id());
+        assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "new");
+    }
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let (stores, r, read) = (stores.clone(), r.clone(), used.read_id());
+            tokio::spawn(async move {
+                stores.invalidate_read(&r, read);
+                stores.fetch(&r).await.map(|s| value_of(&s, "token"))
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), "new");
+    }
+    assert_eq!(mem.calls(), 2, "the first read and one re-read after the rotation");
+    // A refusal of the new copy drops it (a second rotation).
+    let current = stores.fetch(&r).await.unwrap();
+    mem.set(&r, [("token", "newer")]);
+    stores.invalidate_read(&r, current.read_id());
+    assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "newer");
+    assert_eq!(mem.calls(), 3);
+}
+
 #[tokio::test]
 async fn ttl_zero_disables_the_cache_and_errors_are_not_cached() {
     let mem = Arc::new(MemoryStore::new("AWS"));

@@ -290,6 +290,45 @@ pub async fn serve_http(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
+/// [`serve_http`], counting the TCP connections the server accepted: what a shared client's pool
+/// keeps low and a client per read would not.
+pub async fn serve_http_counting(app: axum::Router) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::serve::ListenerExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let listener = listener.tap_io(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, accepted)
+}
+
+/// A loopback TCP proxy to `target` that counts the connections clients open through it: the
+/// connections a real server (moto, OpenBao) would see.
+pub async fn counting_proxy(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
 /// An axum app served over HTTPS with the given certificate.
 pub async fn serve_https(app: axum::Router, cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
     let config =

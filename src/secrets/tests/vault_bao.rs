@@ -683,3 +683,110 @@ async fn from_secret_store_definitions_are_resolved_in_parallel() {
         .unwrap();
     assert_eq!(value_of(&s, "token"), "parallel");
 }
+
+/// Issue 18: one client per vault definition, shared by every read, with its connection kept
+/// alive (counted at a proxy in front of OpenBao); a re-read definitions file keeps the client
+/// of an entry it did not change and builds one only for the entry that did.
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_per_definition_kept_while_it_is_unchanged() {
+    use std::sync::atomic::Ordering;
+    let guard = start_bao(false).await;
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "t"}}))
+        .await;
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", guard.port).parse().unwrap();
+    let (proxy, connections) = super::support::counting_proxy(target).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.json");
+    let through_proxy = format!("http://{proxy}");
+    std::fs::write(
+        &path,
+        json!([{"address": through_proxy, "token": BAO_ROOT, "name": "a"}]).to_string(),
+    )
+    .unwrap();
+    let config = SecretsConfig {
+        hashicorp_vault_config_file_path: Some(path.clone()),
+        ..SecretsConfig::default()
+    };
+    let definitions = crate::secrets::VaultDefinitions::from_config(&config).unwrap();
+    let vault = std::sync::Arc::new(crate::secrets::VaultStore::new(definitions, vec![]));
+    let stores = SecretStores::empty()
+        .with_store(vault.clone())
+        .with_cache_ttl(std::time::Duration::ZERO);
+    let r = vault_ref("secret", "apono/rancher");
+    for _ in 0..30 {
+        assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+    }
+    assert_eq!(vault.clients_built(), 1);
+    let opened = connections.load(Ordering::SeqCst);
+    // A client per read would open 30 or more; a kept pool a few (hyper hands a connection back
+    // to the pool just after the answer, so a quick next request may open another).
+    assert!(opened <= 5, "{opened} connections for 30 reads");
+    eprintln!("OpenBao: 30 reads opened {opened} connections");
+
+    // Another entry added after it: the first keeps its client (and its connection).
+    std::fs::write(
+        &path,
+        json!([
+            {"address": through_proxy, "token": BAO_ROOT, "name": "a"},
+            {"address": bao.base, "token": BAO_ROOT, "name": "b"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(value_of(&stores.fetch(&r).await.unwrap(), "token"), "t");
+    }
+    let b =
+        reference(json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "apono/rancher", "vault": "b"}));
+    assert_eq!(value_of(&stores.fetch(&b).await.unwrap(), "token"), "t");
+    assert_eq!(vault.clients_built(), 2, "one more, for the new entry only");
+    let after = connections.load(Ordering::SeqCst);
+    assert!(
+        after <= opened + 2,
+        "{after} connections after 5 more reads (was {opened})"
+    );
+
+    // The first entry changed: its client is built again.
+    std::fs::write(
+        &path,
+        json!([{"address": through_proxy, "token": BAO_ROOT, "name": "a", "skip_verify": false}]).to_string(),
+    )
+    .unwrap();
+    stores.fetch(&r).await.unwrap();
+    assert_eq!(vault.clients_built(), 3);
+}
+
+/// Secrets review N8: a `from_secret_store` secret holding the `HASHICORP_VAULT_CONFIG` shape (a
+/// one-element list, as plain text, with a byte-order mark even) is that definition; a list of
+/// several says what to do instead.
+#[cfg_attr(not(apono_test_bao), ignore = "needs OpenBao: run tests/run, or set APONO_TEST_BAO")]
+#[tokio::test]
+async fn a_definition_secret_may_hold_the_list_shape() {
+    let guard = start_bao(false).await;
+    let bao = Bao::new(&guard, "http");
+    bao.post("secret/data/apono/rancher", json!({"data": {"token": "from-list"}}))
+        .await;
+    let memory = std::sync::Arc::new(crate::secrets::MemoryStore::new("AWS"));
+    let list = format!("\u{feff}{}", json!([{"address": bao.base, "token": BAO_ROOT}]));
+    memory.set(&definition_ref(), [("value", list.as_str())]);
+    let pointer = json!([{"from_secret_store": "AWS", "region": "us-east-1", "secret_id": "vault-definition"}]);
+    let vault = vault_over_memory(pointer.clone(), &memory);
+    let r = vault_ref("secret", "apono/rancher");
+    let s = crate::secrets::SecretStore::fetch(&vault, &r).await.unwrap();
+    assert_eq!(value_of(&s, "token"), "from-list");
+
+    let two = json!([{"address": bao.base, "token": BAO_ROOT}, {"address": bao.base, "token": "canary-second"}]);
+    memory.set(&definition_ref(), [("value", two.to_string())]);
+    let vault = vault_over_memory(pointer, &memory);
+    let e = crate::secrets::SecretStore::fetch(&vault, &r)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("list of 2 entries") && e.contains("one definition per secret"),
+        "{e}"
+    );
+    assert!(!e.contains("canary-second") && !e.contains(BAO_ROOT), "{e}");
+}

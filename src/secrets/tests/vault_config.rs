@@ -183,3 +183,104 @@ fn secrets_config_problems_are_pure_and_named() {
     assert!(!problems.contains("canary"), "{problems}");
     assert!(SecretsConfig::default().problems().is_empty());
 }
+
+/// Secrets review N23: text pasted from Notepad, an env file or a chat tool. A byte-order mark
+/// is dropped; surrounding quotes and typographic quotes are named, with where they are; the
+/// value itself is never quoted.
+#[test]
+fn pasted_text_bom_kept_quotes_and_typographic_quotes() {
+    VaultDefinitions::parse("\u{feff}[{\"address\":\"http://v\",\"token\":\"t\"}]").unwrap();
+    let e = err(r#"'[{"address":"http://v","token":"canary-token"}]'"#);
+    assert!(e.contains("wrapped in ' quotes") && e.contains("remove them"), "{e}");
+    assert!(!e.contains("canary-token"), "{e}");
+    let e = err("[{\"address\":\"http://v\",\n \u{201c}token\u{201d}:\"canary-token\"}]");
+    assert!(
+        e.contains("typographic quote \u{201c} (U+201C) at line 2, column 2") && e.contains("straight quotes"),
+        "{e}"
+    );
+    assert!(!e.contains("canary-token"), "{e}");
+
+    // A secret value with a BOM (an AWS secret created from a Notepad file) is the JSON object.
+    let r = super::support::reference(serde_json::json!({"type": "AWS", "region": "r", "secret_id": "s"}));
+    let s = crate::secrets::value::from_text(&r, "\u{feff}{\"access_key\":\"a\",\"secret_key\":\"b\"}".into()).unwrap();
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["access_key", "secret_key"]);
+    let e = crate::secrets::value::from_text(&r, "{\u{201c}access_key\u{201d}: \"a\"}".into()).unwrap_err();
+    assert!(
+        e.to_string().contains("U+201C") && e.to_string().contains("column 2"),
+        "{e}"
+    );
+}
+
+/// Secrets review N16: a login field of another method is refused by name, whichever method the
+/// definition uses, instead of being silently ignored.
+#[test]
+fn fields_of_another_auth_method_are_refused() {
+    for (definition, field) in [
+        (
+            r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s","token":"t"}]"#,
+            "token",
+        ),
+        (
+            r#"[{"address":"http://v","auth":"kubernetes","role":"r","role_id":"x"}]"#,
+            "role_id",
+        ),
+        (
+            r#"[{"address":"http://v","auth":"jwt","jwt":"a","token_file":"/f"}]"#,
+            "token_file",
+        ),
+        (
+            r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s","role":"x"}]"#,
+            "role",
+        ),
+        (r#"[{"address":"http://v","token":"t","mount":"approle2"}]"#, "mount"),
+        (r#"[{"address":"http://v","token":"t","region":"us-east-1"}]"#, "region"),
+    ] {
+        let e = err(definition);
+        assert!(
+            e.contains(&format!("field {field:?} is only used with")),
+            "{definition}: {e}"
+        );
+    }
+    let e = err(r#"[{"address":"http://v","auth":"approle","role_id":"r","secret_id":"s","role":"x"}]"#);
+    assert!(e.contains("\"kubernetes\"") && e.contains("\"approle\""), "{e}");
+    // What each method does use is accepted.
+    VaultDefinitions::parse(
+        r#"[{"address":"http://v","auth":"kubernetes","role":"r","mount":"k8s","token_file":"/t"}]"#,
+    )
+    .unwrap();
+}
+
+/// Cosmetic (secrets review §2): a definitions file's trailing comma is warned about once, not at
+/// start-up and again at the first read.
+#[tokio::test]
+async fn a_definitions_file_is_read_once_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.json");
+    std::fs::write(&path, r#"[{"address":"http://127.0.0.1:1","token":"t"},]"#).unwrap();
+    let logs = super::support::LogCapture::default();
+    let _guard = logs.install();
+    let config = SecretsConfig {
+        hashicorp_vault_config_file_path: Some(path),
+        ..SecretsConfig::default()
+    };
+    let stores = SecretStores::from_config(&config).unwrap();
+    let r = super::support::reference(
+        serde_json::json!({"type": "HASHICORP_VAULT", "secret_engine": "secret", "path": "x"}),
+    );
+    assert_eq!(stores.fetch(&r).await.unwrap_err().code(), "secret_store_unreachable");
+    let text = logs.text();
+    assert_eq!(text.matches("trailing comma").count(), 1, "{text}");
+}
+
+/// A `from_secret_store` definition may pin an Azure version or name a GCP location, as a
+/// reference may.
+#[test]
+fn pointers_take_the_version_and_location_fields() {
+    VaultDefinitions::parse(
+        r#"[{"from_secret_store":"GCP","project":"p","secret_id":"s","location":"europe-west1"},
+            {"from_secret_store":"AZURE","vault_url":"https://v.vault.azure.net","name":"n","version":"0f2c4e6a8b0d4f1e3a5c7e9b1d3f5a7c"}]"#,
+    )
+    .unwrap();
+    let e = err(r#"[{"from_secret_store":"GCP","project":"p","secret_id":"s","region":"europe-west1"}]"#);
+    assert!(e.contains("unknown field \"region\"") && e.contains("location"), "{e}");
+}
