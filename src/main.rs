@@ -380,6 +380,21 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Remote mode without `APONO_ALLOWED_RANCHER_HOSTS`: the control plane decides which hosts get
+/// the keys this agent reads. Said once at start, and as a gauge to alert on.
+fn warn_if_hosts_unrestricted(config: &Config) {
+    let unrestricted = apono_connector::agent::HostPolicy::from_config(config).unrestricted();
+    telemetry::metrics()
+        .rancher_hosts_unrestricted
+        .set(i64::from(unrestricted));
+    if unrestricted {
+        tracing::warn!(
+            "APONO_ALLOWED_RANCHER_HOSTS is not set: the control plane decides which Rancher hosts receive the keys \
+             this agent reads from your secret stores; set it to the hosts you run"
+        );
+    }
+}
+
 /// Logging for one-shot commands: warnings only, unless APONO_LOG_LEVEL says otherwise.
 fn quiet_logs() {
     let level = std::env::var("APONO_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
@@ -394,6 +409,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let config = Config::load(config.config.as_deref())?;
             telemetry::init(&config.telemetry);
+            warn_if_hosts_unrestricted(&config);
             commands::run(config, commands::shutdown_on_signal()).await?;
         }
         Command::Demo { ttl } => {
