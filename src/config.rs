@@ -566,7 +566,38 @@ fn kind_without_values(kind: &figment::error::Kind) -> String {
         Kind::InvalidValue(a, expected) => format!("invalid value: found {}, expected {expected}", shape(a)),
         Kind::Unsupported(a) => format!("unsupported type: {}", shape(a)),
         Kind::UnsupportedKey(a, need) => format!("unsupported key type: {}, need {need}", shape(a)),
+        Kind::Message(m) => without_source_lines(m),
         other => other.to_string(),
+    }
+}
+
+/// A TOML parse error as "TOML parse error at line L, column C: <reason>": the parser's own
+/// text quotes the offending line (`5 | secret_key = "..."`) and points at it, and that line may
+/// hold a secret (security review N9a). One line, as every other configuration error.
+fn without_source_lines(message: &str) -> String {
+    let mut lines = message.lines();
+    let Some(head) = lines.next() else {
+        return String::new();
+    };
+    let rest: Vec<&str> = lines.collect();
+    // The snippet is the lines up to the last one made of a gutter (`  |`, `5 |`) and carets.
+    let is_snippet = |l: &str| {
+        let t = l.trim_start();
+        let after_number = t.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start();
+        after_number.starts_with('|')
+    };
+    let Some(last_snippet) = rest.iter().rposition(|l| is_snippet(l)) else {
+        return message.split_whitespace().collect::<Vec<_>>().join(" ");
+    };
+    let reason: Vec<&str> = rest[last_snippet + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if reason.is_empty() {
+        format!("{} (the line is not shown)", head.trim())
+    } else {
+        format!("{}: {} (the line is not shown)", head.trim(), reason.join("; "))
     }
 }
 
@@ -695,6 +726,30 @@ mod tests {
         std::fs::write(&path, "[agent]\nallowed_rancher_hosts = []\n").unwrap();
         let e = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(e.contains("empty list"), "{e}");
+    }
+
+    /// A TOML syntax error is located (line, column) and explained, but the offending line is not
+    /// quoted: it may be the one holding a secret (security review N9a).
+    #[test]
+    fn a_toml_syntax_error_never_quotes_the_line() {
+        const CANARY: &str = "TOMLCANARY-s3cr3t-77";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        for text in [
+            format!(
+                "[[integrations]]\ntype = \"rancher\"\nname = \"p\"\nconfig = {{ host = \"r.example.com\" }}\n\
+                 secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"token-sim01\", secret_key = \"{CANARY}\" }} x\n"
+            ),
+            format!("[control_plane]\ntoken = \"{CANARY}\"x\n"),
+            format!("[control_plane]\ntoken = \"{CANARY}\n"),
+            format!("[control_plane]\ntoken = \"{CANARY}\"\ntoken = \"{CANARY}\"\n"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let e = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
+            assert!(!e.contains(CANARY) && !e.contains("s3cr3t"), "{e}");
+            assert!(e.contains("bad.toml") && e.contains("line "), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 
     #[test]
