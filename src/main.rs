@@ -350,7 +350,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let outcome = runtime.block_on(dispatch(cli.command));
+    // Queued log lines first, then the one-line error (both go to stderr).
+    telemetry::flush_logs();
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             let code = commands::exit_code(&e);
