@@ -416,6 +416,38 @@ mod tests {
         );
     }
 
+    /// A writer that never returns: a stalled stderr.
+    struct Stalled(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            Err(io::Error::other("stalled"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_a_stalled_stderr_cannot_take_are_dropped_and_counted() {
+        let (release, stalled) = std::sync::mpsc::channel();
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(4)
+            .finish(Stalled(stalled));
+        let mut writer = CountDropped::new(writer);
+        let before = metrics().log_lines_dropped.get();
+        let started = Instant::now();
+        for _ in 0..100 {
+            writer.write_all(b"a line\n").unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "the writer blocked");
+        assert!(metrics().log_lines_dropped.get() >= before + 90);
+        drop(release);
+        drop(guard);
+    }
+
     #[test]
     fn warnings_from_the_http_edge_are_rate_limited() {
         let before = metrics().log_lines_suppressed.get();
