@@ -241,8 +241,7 @@ fn escape_controls(buf: &[u8], ansi: bool) -> Vec<u8> {
     };
     let text = String::from_utf8_lossy(body);
     let mut out = String::with_capacity(text.len() + 16);
-    let mut chars = text.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
+    for (i, c) in text.char_indices() {
         match c {
             '\t' => out.push(c),
             '\x1b' if ansi && is_colour_code(&text[i..]) => out.push(c),
@@ -354,19 +353,9 @@ mod tests {
     }
 
     fn log_one(format: LogFormat, ansi: bool) -> String {
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let config = TelemetryConfig {
-            log_format: format,
-            log_level: "info".into(),
-            ..TelemetryConfig::default()
-        };
-        let logs = subscriber(&config, move || writer.clone(), ansi);
-        tracing::dispatcher::with_default(&logs.dispatch, || {
+        capture(format, ansi, || {
             tracing::info_span!("job", id = "j-1").in_scope(|| tracing::info!(jobs = 3, "agent started"));
-        });
-        let bytes = capture.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        })
     }
 
     fn capture(format: LogFormat, ansi: bool, log: impl FnOnce()) -> String {
