@@ -33,6 +33,7 @@ Environment (each overrides the config file's key):
   APONO_TOKEN_FILE                  read the token from this file (re-read when refused)
   APONO_CONNECTOR_ID, CONNECTOR_ID  connector id [default: standalone]
   APONO_ACTIONS_PARALLELISM         jobs run at once [default: 8]
+  APONO_ALLOWED_RANCHER_HOSTS       the only Rancher hosts jobs may send keys to (host[:port], ...)
   APONO_DATA_DIR                    standalone state (SQLite, operator token) [default: ./data]
   APONO_LISTEN_ADDR                 standalone operator API [default: 127.0.0.1:8790]
   APONO_LOG_FORMAT                  text or json [default: text]
