@@ -178,10 +178,9 @@ impl HostPolicy {
         if spec.kind != integrations::rancher::TYPE {
             return Ok(None);
         }
-        // Validated already; a config that does not parse never reaches a connection.
-        let Ok(config) = integrations::rancher::RancherConfig::from_value(&spec.config) else {
-            return Ok(None);
-        };
+        // Validated already; should it not parse here, the job stops (fail closed), before its secret.
+        let config =
+            integrations::rancher::RancherConfig::from_value(&spec.config).map_err(|e| from_integration_error(&e))?;
         let origin = config.base_url;
         let shown = shown_origin(&origin);
         let cleartext = origin.scheme() == "http" && !is_loopback(&origin);
