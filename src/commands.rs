@@ -96,8 +96,9 @@ pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Res
 /// `APONO_URL` is set.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let stores = SecretStores::from_config(&config.secrets)?;
-    let executor =
-        Executor::new(stores, config.agent.job_attempts).with_connector_id(&config.control_plane.connector_id);
+    let executor = Executor::new(stores, config.agent.job_attempts)
+        .with_connector_id(&config.control_plane.connector_id)
+        .with_host_policy(crate::agent::HostPolicy::from_config(&config));
     let readiness = Readiness::new();
     let health = start_health_server(&config, &readiness).await?;
     let outcome = run_agent(config, executor, readiness, shutdown).await;

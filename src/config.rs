@@ -73,6 +73,10 @@ pub struct AgentConfig {
     pub lease_wait_seconds: u32,
     /// Attempts of one job inside one lease for retryable failures, with backoff and jitter.
     pub job_attempts: u32,
+    /// `APONO_ALLOWED_RANCHER_HOSTS`: the only Rancher hosts (`host[:port]`, or `http://host:port`
+    /// to allow cleartext) a job may send this agent's keys to. Unset: any host, as the control
+    /// plane says (see [`AllowedHost`] and the README's Security section).
+    pub allowed_rancher_hosts: Option<Vec<String>>,
 }
 
 impl Default for AgentConfig {
@@ -82,6 +86,7 @@ impl Default for AgentConfig {
             shutdown_grace_seconds: 30,
             lease_wait_seconds: 20,
             job_attempts: 3,
+            allowed_rancher_hosts: None,
         }
     }
 }
@@ -216,6 +221,7 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
     ("CONNECTOR_ID", "control_plane.connector_id", parse_string),
     ("APONO_CONNECTOR_ID", "control_plane.connector_id", parse_string),
     ("APONO_ACTIONS_PARALLELISM", "agent.parallelism", parse_positive_int),
+    ("APONO_ALLOWED_RANCHER_HOSTS", "agent.allowed_rancher_hosts", parse_list),
     ("APONO_DATA_DIR", "standalone.data_dir", parse_string),
     ("APONO_LISTEN_ADDR", "standalone.listen", parse_string),
     ("APONO_LOG_FORMAT", "telemetry.log_format", parse_log_format),
@@ -338,6 +344,22 @@ impl Config {
         if self.agent.job_attempts == 0 {
             problems.push("agent.job_attempts must be at least 1".into());
         }
+        if let Some(hosts) = &self.agent.allowed_rancher_hosts {
+            if hosts.is_empty() {
+                problems.push(
+                    "agent.allowed_rancher_hosts (APONO_ALLOWED_RANCHER_HOSTS) is an empty list: name the Rancher \
+                     hosts jobs may use (rancher.example.com, or host:port), or remove the key"
+                        .into(),
+                );
+            }
+            for entry in hosts {
+                if let Err(e) = AllowedHost::parse(entry) {
+                    problems.push(format!(
+                        "agent.allowed_rancher_hosts (APONO_ALLOWED_RANCHER_HOSTS): {e}"
+                    ));
+                }
+            }
+        }
         if self.standalone.retention_days == 0 {
             problems.push("standalone.retention_days must be at least 1".into());
         }
@@ -393,6 +415,78 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.agent.shutdown_grace_seconds)
     }
+
+    /// The Rancher allow-list, parsed: `None` when unset. Entries that do not parse were refused
+    /// by [`Config::validate`]; here they are skipped (a narrower list, never a wider one).
+    pub fn allowed_rancher_hosts(&self) -> Option<Vec<AllowedHost>> {
+        self.agent
+            .allowed_rancher_hosts
+            .as_ref()
+            .map(|hosts| hosts.iter().filter_map(|h| AllowedHost::parse(h).ok()).collect())
+    }
+}
+
+/// One entry of `agent.allowed_rancher_hosts`: a Rancher origin jobs may send this agent's keys
+/// to. `rancher.example.com` means port 443, `host:8443` that port, both over https only;
+/// `http://host:port` also allows cleartext to it (a job's `insecure_http`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    /// Lowercase, no trailing dot; IPv6 in brackets.
+    pub host: String,
+    pub port: u16,
+    /// `http://` given: cleartext allowed to this host.
+    pub cleartext: bool,
+}
+
+impl AllowedHost {
+    /// Parses `host`, `host:port`, `https://host[:port]` or `http://host[:port]`.
+    ///
+    /// # Errors
+    /// A value that is not a host and port, naming it.
+    pub fn parse(entry: &str) -> Result<AllowedHost, String> {
+        let entry = entry.trim();
+        let text = if entry.contains("://") {
+            entry.to_string()
+        } else {
+            format!("https://{entry}")
+        };
+        let bad = |why: &str| format!("{entry:?} is not a host[:port] ({why})");
+        let url = url::Url::parse(&text).map_err(|e| bad(&e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad("the scheme must be https:// or http://"));
+        }
+        if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("only a host and a port"));
+        }
+        if !matches!(url.path(), "" | "/") {
+            return Err(bad("only a host and a port, no path"));
+        }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("no host"))?;
+        let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        Ok(AllowedHost {
+            host: normalize_host(host),
+            port,
+            cleartext: url.scheme() == "http",
+        })
+    }
+
+    /// Whether `url` (a Rancher origin) is this host and port.
+    pub fn matches(&self, url: &url::Url) -> bool {
+        url.host_str().map(normalize_host).as_deref() == Some(self.host.as_str())
+            && url.port_or_known_default() == Some(self.port)
+    }
+}
+
+impl std::fmt::Display for AllowedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.cleartext { "http://" } else { "" };
+        write!(f, "{scheme}{}:{}", self.host, self.port)
+    }
+}
+
+/// `Rancher.Example.com.` and `rancher.example.com` are one host.
+fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// `APONO_URL` may be a bare host (`connector.example.com`), meaning https.
@@ -472,7 +566,38 @@ fn kind_without_values(kind: &figment::error::Kind) -> String {
         Kind::InvalidValue(a, expected) => format!("invalid value: found {}, expected {expected}", shape(a)),
         Kind::Unsupported(a) => format!("unsupported type: {}", shape(a)),
         Kind::UnsupportedKey(a, need) => format!("unsupported key type: {}, need {need}", shape(a)),
+        Kind::Message(m) => without_source_lines(m),
         other => other.to_string(),
+    }
+}
+
+/// A TOML parse error as "TOML parse error at line L, column C: <reason>": the parser's own
+/// text quotes the offending line (`5 | secret_key = "..."`) and points at it, and that line may
+/// hold a secret (security review N9a). One line, as every other configuration error.
+fn without_source_lines(message: &str) -> String {
+    let mut lines = message.lines();
+    let Some(head) = lines.next() else {
+        return String::new();
+    };
+    let rest: Vec<&str> = lines.collect();
+    // The snippet is the lines up to the last one made of a gutter (`  |`, `5 |`) and carets.
+    let is_snippet = |l: &str| {
+        let t = l.trim_start();
+        let after_number = t.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start();
+        after_number.starts_with('|')
+    };
+    let Some(last_snippet) = rest.iter().rposition(|l| is_snippet(l)) else {
+        return message.split_whitespace().collect::<Vec<_>>().join(" ");
+    };
+    let reason: Vec<&str> = rest[last_snippet + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if reason.is_empty() {
+        format!("{} (the line is not shown)", head.trim())
+    } else {
+        format!("{}: {} (the line is not shown)", head.trim(), reason.join("; "))
     }
 }
 
@@ -565,6 +690,66 @@ mod tests {
         std::fs::write(&file, "[control_plane]\ntoken = \"  \"\n").unwrap();
         let e = Config::load_from(Some(&file), env(&[])).unwrap_err().to_string();
         assert!(e.contains("control_plane.token"), "{e}");
+    }
+
+    #[test]
+    fn the_rancher_allow_list_parses_and_names_bad_entries() {
+        let c = Config::load_from(
+            None,
+            env(&[(
+                "APONO_ALLOWED_RANCHER_HOSTS",
+                "rancher.example.com, 10.0.0.5:8443,http://lab:8080",
+            )]),
+        )
+        .unwrap();
+        let hosts: Vec<String> = c
+            .allowed_rancher_hosts()
+            .unwrap()
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        assert_eq!(hosts, ["rancher.example.com:443", "10.0.0.5:8443", "http://lab:8080"]);
+        assert!(
+            Config::load_from(None, env(&[]))
+                .unwrap()
+                .allowed_rancher_hosts()
+                .is_none()
+        );
+        for bad in ["rancher.example.com/v3", "ftp://x", "user:pw@host", "host:99999"] {
+            let e = Config::load_from(None, env(&[("APONO_ALLOWED_RANCHER_HOSTS", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("APONO_ALLOWED_RANCHER_HOSTS"), "{bad}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[agent]\nallowed_rancher_hosts = []\n").unwrap();
+        let e = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("empty list"), "{e}");
+    }
+
+    /// A TOML syntax error is located (line, column) and explained, but the offending line is not
+    /// quoted: it may be the one holding a secret (security review N9a).
+    #[test]
+    fn a_toml_syntax_error_never_quotes_the_line() {
+        const CANARY: &str = "TOMLCANARY-s3cr3t-77";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        for text in [
+            format!(
+                "[[integrations]]\ntype = \"rancher\"\nname = \"p\"\nconfig = {{ host = \"r.example.com\" }}\n\
+                 secret_store = {{ type = \"APONO\", credentials = {{ access_key = \"token-sim01\", secret_key = \"{CANARY}\" }} x\n"
+            ),
+            format!("[control_plane]\ntoken = \"{CANARY}\"x\n"),
+            format!("[control_plane]\ntoken = \"{CANARY}\n"),
+            format!("[control_plane]\ntoken = \"{CANARY}\"\ntoken = \"{CANARY}\"\n"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let e = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
+            assert!(!e.contains(CANARY) && !e.contains("s3cr3t"), "{e}");
+            assert!(e.contains("bad.toml") && e.contains("line "), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ Environment (each overrides the config file's key):
   APONO_TOKEN_FILE                  read the token from this file (re-read when refused)
   APONO_CONNECTOR_ID, CONNECTOR_ID  connector id [default: standalone]
   APONO_ACTIONS_PARALLELISM         jobs run at once [default: 8]
+  APONO_ALLOWED_RANCHER_HOSTS       the only Rancher hosts jobs may send keys to (host[:port], ...)
   APONO_DATA_DIR                    standalone state (SQLite, operator token) [default: ./data]
   APONO_LISTEN_ADDR                 standalone operator API [default: 127.0.0.1:8790]
   APONO_LOG_FORMAT                  text or json [default: text]
@@ -456,7 +457,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let outcome = runtime.block_on(dispatch(cli.command));
+    // Queued log lines first, then the one-line error (both go to stderr).
+    telemetry::flush_logs();
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             let code = commands::exit_code(&e);
@@ -486,6 +490,21 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Remote mode without `APONO_ALLOWED_RANCHER_HOSTS`: the control plane decides which hosts get
+/// the keys this agent reads. Said once at start, and as a gauge to alert on.
+fn warn_if_hosts_unrestricted(config: &Config) {
+    let unrestricted = apono_connector::agent::HostPolicy::from_config(config).unrestricted();
+    telemetry::metrics()
+        .rancher_hosts_unrestricted
+        .set(i64::from(unrestricted));
+    if unrestricted {
+        tracing::warn!(
+            "APONO_ALLOWED_RANCHER_HOSTS is not set: the control plane decides which Rancher hosts receive the keys \
+             this agent reads from your secret stores; set it to the hosts you run"
+        );
+    }
+}
+
 /// Logging for one-shot commands: warnings only, unless APONO_LOG_LEVEL says otherwise.
 fn quiet_logs() {
     let level = std::env::var("APONO_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
@@ -500,6 +519,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let config = Config::load(config.config.as_deref())?;
             telemetry::init(&config.telemetry);
+            warn_if_hosts_unrestricted(&config);
             commands::run(config, commands::shutdown_on_signal()).await?;
         }
         Command::Demo { ttl } => {

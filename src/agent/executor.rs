@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{AllowedHost, Config};
 use crate::control_plane::ControlPlane;
 use crate::control_plane::protocol::{Job, JobError, JobKind};
 use crate::integrations::{
@@ -117,6 +118,151 @@ fn from_integration_error(e: &IntegrationError) -> JobError {
     }
 }
 
+fn host_not_allowed(message: String) -> JobError {
+    JobError {
+        code: "host_not_allowed".into(),
+        message,
+        retryable: false,
+    }
+}
+
+/// Where this agent may send an integration's key, whatever a job says (security review N1):
+/// checked at the top of a job's path, before its secret is read or any connection is made.
+///
+/// - With an allow-list, a job's Rancher host must be on it; cleartext (`http://` to a host that
+///   is not this machine) needs an `http://` entry. A custom CA is honoured: the host is named.
+/// - Without one, jobs from the local configuration (standalone) go anywhere they name, and
+///   jobs from a remote control plane go to any host too, but over verified https only: they
+///   cannot turn on `insecure_http` or a custom CA, as the local configuration names no host.
+/// - Whatever the list, a secret with a `host` key is sent to that host only.
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    allowed: Option<Vec<AllowedHost>>,
+    /// Jobs come from this machine's own configuration (the embedded control plane).
+    local_jobs: bool,
+}
+
+impl HostPolicy {
+    /// Any host, as jobs say: one-shot commands, the demo, tests.
+    pub fn open() -> HostPolicy {
+        HostPolicy {
+            allowed: None,
+            local_jobs: true,
+        }
+    }
+
+    /// From `agent.allowed_rancher_hosts`, with jobs local in standalone mode.
+    pub fn from_config(config: &Config) -> HostPolicy {
+        HostPolicy {
+            allowed: config.allowed_rancher_hosts(),
+            local_jobs: config.is_standalone(),
+        }
+    }
+
+    /// `allowed`: the list (`None`: unset); `local_jobs`: jobs come from the local configuration.
+    pub fn new(allowed: Option<Vec<AllowedHost>>, local_jobs: bool) -> HostPolicy {
+        HostPolicy { allowed, local_jobs }
+    }
+
+    /// A remote control plane decides where keys go: say so (`run` logs it once at start and
+    /// sets `apono_connector_rancher_hosts_unrestricted`).
+    pub fn unrestricted(&self) -> bool {
+        self.allowed.is_none() && !self.local_jobs
+    }
+
+    /// The job's Rancher origin when the job may use it.
+    ///
+    /// # Errors
+    /// `host_not_allowed`, naming the host and the setting that would allow it.
+    pub fn check(&self, spec: &IntegrationSpec) -> Result<Option<url::Url>, JobError> {
+        if spec.kind != integrations::rancher::TYPE {
+            return Ok(None);
+        }
+        // Validated already; should it not parse here, the job stops (fail closed), before its secret.
+        let config =
+            integrations::rancher::RancherConfig::from_value(&spec.config).map_err(|e| from_integration_error(&e))?;
+        let origin = config.base_url;
+        let shown = shown_origin(&origin);
+        let cleartext = origin.scheme() == "http" && !is_loopback(&origin);
+        let setting = "agent.allowed_rancher_hosts (APONO_ALLOWED_RANCHER_HOSTS)";
+        match &self.allowed {
+            Some(list) => {
+                let Some(entry) = list.iter().find(|h| h.matches(&origin)) else {
+                    return Err(host_not_allowed(format!(
+                        "Rancher host {shown} is not on this agent's {setting}; no secret was read. \
+                         Add it there if this agent should send keys to it"
+                    )));
+                };
+                if cleartext && !entry.cleartext {
+                    return Err(host_not_allowed(format!(
+                        "Rancher host {shown} is allowed over https only ({setting} has {entry}); \
+                         list it as http://{}:{} to allow cleartext",
+                        entry.host, entry.port
+                    )));
+                }
+            }
+            None if !self.local_jobs => {
+                let asks = if cleartext {
+                    Some("cleartext http (insecure_http)")
+                } else if config.certificate_authority.is_some() {
+                    Some("a custom certificate authority")
+                } else {
+                    None
+                };
+                if let Some(asks) = asks {
+                    return Err(host_not_allowed(format!(
+                        "the job asks for {asks} to Rancher host {shown}, which this agent's configuration \
+                         does not name; no secret was read. Add the host to {setting} to allow it"
+                    )));
+                }
+            }
+            None => {}
+        }
+        Ok(Some(origin))
+    }
+}
+
+/// A secret that carries a `host` key is this host's only (optional pinning): any other host
+/// fails `host_not_allowed` before the key is used.
+fn check_secret_host(secret: &crate::secrets::Secret, origin: &url::Url) -> Result<(), JobError> {
+    use secrecy::ExposeSecret;
+    let Some(pinned) = secret.get("host") else {
+        return Ok(());
+    };
+    let pinned = pinned.expose_secret();
+    match AllowedHost::parse(pinned) {
+        Ok(host) if host.matches(origin) => Ok(()),
+        Ok(host) => Err(host_not_allowed(format!(
+            "the secret is for Rancher host {}:{} (its \"host\" key), not {}; its key was not sent",
+            host.host,
+            host.port,
+            shown_origin(origin)
+        ))),
+        Err(e) => Err(host_not_allowed(format!(
+            "the secret's \"host\" key is not a host[:port] ({e}); its key was not sent"
+        ))),
+    }
+}
+
+/// `host:port` of a Rancher origin, with control characters escaped (it may come from a job).
+fn shown_origin(origin: &url::Url) -> String {
+    let host = origin.host_str().unwrap_or("?");
+    let port = origin.port_or_known_default().unwrap_or(0);
+    format!("{}://{host}:{port}", origin.scheme())
+        .escape_debug()
+        .to_string()
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`: cleartext to it never leaves the machine.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// Runs jobs. Holds only what every job shares: the secret stores, the retry policy and the
 /// connector id.
 pub struct Executor {
@@ -130,6 +276,8 @@ pub struct Executor {
     /// The workers: each request to an integration's server holds one while in flight (see
     /// [`Executor::with_workers`]). None: requests are bounded per endpoint only.
     workers: Option<Arc<Semaphore>>,
+    /// Where keys may go ([`HostPolicy`]).
+    hosts: HostPolicy,
 }
 
 impl Executor {
@@ -140,7 +288,18 @@ impl Executor {
             attempts: attempts.max(1),
             backoff_base: Duration::from_millis(500),
             workers: None,
+            hosts: HostPolicy::open(),
         }
+    }
+
+    /// Where jobs may send keys (default: [`HostPolicy::open`]).
+    pub fn with_host_policy(mut self, hosts: HostPolicy) -> Executor {
+        self.hosts = hosts;
+        self
+    }
+
+    pub fn host_policy(&self) -> &HostPolicy {
+        &self.hosts
     }
 
     /// `n` workers: at most `n` requests to integrations in flight at once, whatever the number
@@ -180,26 +339,26 @@ impl Executor {
             .map_err(|e| malformed(format!("job's integration is invalid: {e}")))?;
         let operation = Operation::parse(&job.kind, &job.params)?.with_default_owner(&self.connector_id)?;
         integrations::validate_spec(&spec).map_err(|e| from_integration_error(&e))?;
+        // Before the secret is read or any connection made (security review N1).
+        let origin = self.hosts.check(&spec)?;
 
         // 2-4. Resolve the secret, build the integration, run; retry what can be retried.
         let mut refreshed_secret = false;
         let mut attempt = 1;
-        let uploaded = AtomicBool::new(false);
-        // The cached read this attempt used: a refusal drops that copy only (secrets review N20).
-        let secret_read = std::sync::atomic::AtomicU64::new(0);
+        let tried = Tried::default();
         loop {
-            let outcome = self.run_once(&spec, &operation, job, cp, &uploaded, &secret_read).await;
+            let outcome = self.run_once(&spec, origin.as_ref(), &operation, job, cp, &tried).await;
             let error = match outcome {
                 Ok(value) => return Ok(value),
                 Err(e) => e,
             };
             let worth_retrying = error.retryable || (error.code == "credentials_refused" && !refreshed_secret);
-            if worth_retrying && uploaded.load(Ordering::Relaxed) {
+            if worth_retrying && tried.uploaded.load(Ordering::Relaxed) {
                 // Uploads belong to the lease: a rerun under this one would upload every object
                 // twice. The control plane retries the job under a new lease, which starts over.
                 if error.code == "credentials_refused" {
                     self.secrets
-                        .invalidate_read(&spec.secret_store, secret_read.load(Ordering::Relaxed));
+                        .invalidate_read(&spec.secret_store, tried.secret_read.load(Ordering::Relaxed));
                 }
                 return Err(JobError {
                     retryable: true,
@@ -213,7 +372,7 @@ impl Executor {
                     "integration refused the credentials; re-reading the secret"
                 );
                 self.secrets
-                    .invalidate_read(&spec.secret_store, secret_read.load(Ordering::Relaxed));
+                    .invalidate_read(&spec.secret_store, tried.secret_read.load(Ordering::Relaxed));
                 refreshed_secret = true;
                 continue;
             }
@@ -233,18 +392,21 @@ impl Executor {
     async fn run_once(
         &self,
         spec: &IntegrationSpec,
+        origin: Option<&url::Url>,
         operation: &Operation,
         job: &Job,
         cp: &dyn ControlPlane,
-        uploaded: &AtomicBool,
-        secret_read: &std::sync::atomic::AtomicU64,
+        tried: &Tried,
     ) -> Result<Value, JobError> {
         let secret = self
             .secrets
             .fetch(&spec.secret_store)
             .await
             .map_err(|e| from_secret_error(&e))?;
-        secret_read.store(secret.read_id(), Ordering::Relaxed);
+        tried.secret_read.store(secret.read_id(), Ordering::Relaxed);
+        if let Some(origin) = origin {
+            check_secret_host(&secret, origin)?;
+        }
         let integration =
             integrations::build_with(spec, &secret, self.workers.clone()).map_err(|e| from_integration_error(&e))?;
         drop(secret);
@@ -264,10 +426,19 @@ impl Executor {
             Operation::RotateCredentials(r) => to_json(integration.rotate_credentials(r).await),
             Operation::DeleteUser(r) => to_json(integration.delete_user(r).await),
             Operation::Sweep(r) => to_json(integration.sweep(r).await),
-            Operation::Discover => return discover_and_upload(integration.as_ref(), job, cp, uploaded).await,
+            Operation::Discover => return discover_and_upload(integration.as_ref(), job, cp, &tried.uploaded).await,
         };
         result.map_err(|e| from_integration_error(&e))
     }
+}
+
+/// What an attempt of a job leaves for the next one to decide on.
+#[derive(Default)]
+struct Tried {
+    /// Some discovered objects were uploaded under this lease.
+    uploaded: AtomicBool,
+    /// The cached secret read the last attempt used: a refusal drops that copy only (secrets review N20).
+    secret_read: std::sync::atomic::AtomicU64,
 }
 
 fn to_json<T: Serialize>(r: Result<T, IntegrationError>) -> Result<Value, IntegrationError> {
@@ -497,6 +668,115 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code, "malformed_job", "{}", e.message);
+    }
+
+    fn rancher(config: Value) -> IntegrationSpec {
+        serde_json::from_value(json!({"type": "rancher", "name": "r", "config": config,
+            "secret_store": {"type": "APONO", "credentials": {"token": "token-a:b"}}}))
+        .unwrap()
+    }
+
+    /// The allow-list's rules: the host and port must be listed, cleartext needs an `http://`
+    /// entry, and without a list a remote job cannot turn on cleartext or a custom CA.
+    #[test]
+    fn the_host_policy_decides_where_keys_may_go() {
+        let list = |entries: &[&str]| Some(entries.iter().map(|e| AllowedHost::parse(e).unwrap()).collect());
+        let code = |p: &HostPolicy, config: Value| p.check(&rancher(config)).err().map(|e| (e.code, e.message));
+        let listed = HostPolicy::new(
+            list(&["Rancher.Example.com.", "10.0.0.5:8443", "http://rancher.lan:8080"]),
+            false,
+        );
+        for ok in [
+            json!({"host": "rancher.example.com"}),
+            json!({"host": "https://RANCHER.example.com:443"}),
+            json!({"host": "10.0.0.5", "port": 8443}),
+            json!({"host": "http://rancher.lan:8080", "insecure_http": true}),
+        ] {
+            assert_eq!(code(&listed, ok.clone()), None, "{ok}");
+        }
+        for (bad, needle) in [
+            (json!({"host": "evil.example"}), "evil.example:443"),
+            (json!({"host": "rancher.example.com:8443"}), "rancher.example.com:8443"),
+            (json!({"host": "10.0.0.5"}), "10.0.0.5:443"),
+            (
+                json!({"host": "http://rancher.example.com:443", "insecure_http": true}),
+                "https only",
+            ),
+        ] {
+            let (code, message) = code(&listed, bad.clone()).expect("refused");
+            assert_eq!(code, "host_not_allowed", "{bad}");
+            assert!(
+                message.contains(needle) && message.contains("APONO_ALLOWED_RANCHER_HOSTS"),
+                "{message}"
+            );
+        }
+        let e = listed.check(&rancher(json!({"host": "evil.example"}))).unwrap_err();
+        assert!(!e.retryable);
+
+        // No list, remote jobs: any host over verified https, nothing weaker.
+        let remote = HostPolicy::new(None, false);
+        assert!(remote.unrestricted());
+        assert_eq!(code(&remote, json!({"host": "anything.example"})), None);
+        assert_eq!(
+            code(&remote, json!({"host": "http://127.0.0.1:9"})),
+            None,
+            "loopback http"
+        );
+        let ca = rcgen::generate_simple_self_signed(vec!["evil.example".into()])
+            .unwrap()
+            .cert
+            .pem();
+        for (asks, needle) in [
+            (
+                json!({"host": "http://rancher.evil.example", "insecure_http": true}),
+                "insecure_http",
+            ),
+            (
+                json!({"host": "rancher.example.com", "certificate_authority": ca}),
+                "certificate authority",
+            ),
+        ] {
+            let (code, message) = code(&remote, asks.clone()).expect("refused");
+            assert_eq!(code, "host_not_allowed", "{asks}: {message}");
+            assert!(message.contains(needle), "{message}");
+        }
+        // On the list, the named host may have its private CA.
+        assert_eq!(
+            code(
+                &listed,
+                json!({"host": "rancher.example.com", "certificate_authority": ca})
+            ),
+            None
+        );
+        // Standalone without a list: the integrations are the operator's own.
+        let local = HostPolicy::new(None, true);
+        assert!(!local.unrestricted() && !HostPolicy::new(list(&["a"]), false).unrestricted());
+        assert_eq!(
+            code(&local, json!({"host": "http://rancher.lan", "insecure_http": true})),
+            None
+        );
+    }
+
+    #[test]
+    fn a_secret_with_a_host_key_goes_to_that_host_only() {
+        let origin = url::Url::parse("https://rancher.example.com:443").unwrap();
+        let secret = |host: &str| {
+            crate::secrets::Secret::new(
+                [("token", "token-a:CANARY-pin"), ("host", host)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), secrecy::SecretString::from(v.to_string())))
+                    .collect(),
+            )
+        };
+        assert!(check_secret_host(&secret("rancher.example.com"), &origin).is_ok());
+        assert!(check_secret_host(&secret("https://rancher.example.com:443"), &origin).is_ok());
+        for other in ["evil.example", "rancher.example.com:8443", "not a host"] {
+            let e = check_secret_host(&secret(other), &origin).unwrap_err();
+            assert_eq!(e.code, "host_not_allowed", "{other}");
+            assert!(!e.message.contains("CANARY"), "{}", e.message);
+        }
+        let unpinned = crate::secrets::Secret::default();
+        assert!(check_secret_host(&unpinned, &origin).is_ok());
     }
 
     #[test]

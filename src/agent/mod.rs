@@ -26,8 +26,8 @@ use crate::control_plane::protocol::{
 use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::integrations::INTEGRATION_TYPES;
 use crate::telemetry::{Readiness, metrics};
-pub use executor::Executor;
 use executor::backoff;
+pub use executor::{Executor, HostPolicy};
 
 /// Jobs in progress per worker. Workers bound requests in flight; most of a job's time is spent
 /// waiting for Rancher (a request's round trip, a binding settling), so many more jobs than

@@ -11,6 +11,7 @@
 //! integration and its params as data.
 
 pub mod client;
+pub mod data_dir;
 pub mod embedded;
 pub mod operator;
 pub mod operator_token;

@@ -84,9 +84,9 @@ pub fn check_private(path: &Path, what: &str) -> Result<(), TokenError> {
 /// `Config` for a file with permissions wider than 0600 or a blank file; `Io` when it cannot be read.
 pub fn read(data_dir: &Path) -> Result<Option<SecretString>, TokenError> {
     let path = token_path(data_dir);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    let text = match super::data_dir::read_private(&path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(None),
         Err(source) => {
             return Err(TokenError::Io {
                 context: format!("reading the operator token {}", path.display()),
@@ -123,19 +123,9 @@ pub fn ensure(data_dir: &Path) -> Result<SecretString, TokenError> {
     Ok(SecretString::from(token))
 }
 
-/// Creates `path` (it must not exist) with mode 0600 and writes `text` into it.
+/// Writes `path` with mode 0600, atomically (temporary file, then rename).
 fn write_new_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()
+    super::data_dir::write_private(path, text)
 }
 
 /// The token for an `access` command: `APONO_OPERATOR_TOKEN` (from `env`) when set, else the token

@@ -122,6 +122,15 @@ pub struct Metrics {
     integration_labels: Mutex<HashSet<String>>,
     /// 1 while a session with the control plane is established and the worker pool runs.
     pub ready: Gauge,
+    /// 1 when a remote control plane may send this agent's keys to any Rancher host (no
+    /// `APONO_ALLOWED_RANCHER_HOSTS`): something to alert on.
+    pub rancher_hosts_unrestricted: Gauge,
+    /// Log lines dropped because stderr could not take them (a stalled reader): logging never
+    /// blocks the daemon.
+    pub log_lines_dropped: Counter,
+    /// Warnings caused by strangers (refused `Host`, bad tokens) not written because the same
+    /// warning was written within its interval.
+    pub log_lines_suppressed: Counter,
 }
 
 impl Metrics {
@@ -148,6 +157,9 @@ impl Metrics {
             swept_bindings: Family::default(),
             integration_labels: Mutex::new(HashSet::new()),
             ready: Gauge::default(),
+            rancher_hosts_unrestricted: Gauge::default(),
+            log_lines_dropped: Counter::default(),
+            log_lines_suppressed: Counter::default(),
         };
         registry.register("jobs", "Jobs finished, by kind and outcome", m.jobs.clone());
         registry.register("job_duration_seconds", "Time to run a job", m.job_duration.clone());
@@ -207,6 +219,21 @@ impl Metrics {
             "ready",
             "1 when connected to the control plane and serving jobs",
             m.ready.clone(),
+        );
+        registry.register(
+            "rancher_hosts_unrestricted",
+            "1 when the control plane decides which Rancher hosts receive the agent's keys (no APONO_ALLOWED_RANCHER_HOSTS)",
+            m.rancher_hosts_unrestricted.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr was not being read fast enough",
+            m.log_lines_dropped.clone(),
+        );
+        registry.register(
+            "log_lines_suppressed",
+            "Repeated warnings caused by strangers that were rate-limited",
+            m.log_lines_suppressed.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build
