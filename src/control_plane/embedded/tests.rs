@@ -1,5 +1,6 @@
 use super::*;
 use crate::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef};
+use crate::control_plane::store::db::p;
 use crate::integrations::{IntegrationSpec, Resource, Subject};
 use serde_json::json;
 use std::time::Instant;
@@ -831,10 +832,10 @@ async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
         .unwrap();
     let a = cp.create_access(access_create("alice", 1, false)).unwrap();
     {
-        let conn = cp.store.lock();
-        conn.execute("UPDATE jobs SET params = '{not json' WHERE id = ?1", [&bad.id])
+        let conn = cp.store.lock().unwrap();
+        conn.exec("UPDATE jobs SET params = '{not json' WHERE id = ?1", &p![bad.id])
             .unwrap();
-        conn.execute("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", [&a.id])
+        conn.exec("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", &p![a.id])
             .unwrap();
     }
     let e = cp.job(&bad.id).unwrap_err();
@@ -856,13 +857,14 @@ async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
         .unwrap();
     let ids: Vec<_> = jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
     assert!(ids.contains(&good.id) && !ids.contains(&bad.id), "{ids:?}");
-    let (state, error): (String, String) = cp
+    let row = cp
         .store
         .lock()
-        .query_row("SELECT state, error FROM jobs WHERE id = ?1", [&bad.id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
+        .unwrap()
+        .query("SELECT state, error FROM jobs WHERE id = ?1", &p![bad.id])
+        .unwrap()
+        .remove(0);
+    let (state, error): (String, String) = (row.get(0).unwrap(), row.get(1).unwrap());
     assert_eq!(
         state, "failed",
         "a corrupt job is failed for good, not retried on every lease"
@@ -1139,7 +1141,10 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
     let version: i64 = cp
         .store
         .lock()
-        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap()
+        .query("SELECT MAX(version) FROM schema_version", &[])
+        .unwrap()[0]
+        .get(0)
         .unwrap();
     assert_eq!(version, store::SCHEMA_VERSION);
     // The config moves the integration at the upgrade: the access was pinned to the Rancher it
@@ -1234,8 +1239,9 @@ async fn a_v2_state_file_is_migrated_and_its_live_accesses_are_pinned() {
     cp.revoke_access("ar-active").unwrap();
     let revoke = lease_one(&cp, 0).await.unwrap();
     assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
-    let conn = cp.store.lock();
-    let pinned = |id: &str| store::access(&conn, id).unwrap().unwrap().integration_spec;
+    let guard = cp.store.lock().unwrap();
+    let conn = guard.sqlite().unwrap();
+    let pinned = |id: &str| store::access(conn, id).unwrap().unwrap().integration_spec;
     assert_eq!(pinned("ar-active"), Some(spec.clone()));
     assert_eq!(pinned("ar-ended"), None, "an ended access needs no Rancher");
     let version: i64 = conn
@@ -1432,9 +1438,10 @@ async fn a_thousand_accesses_due_at_one_instant_are_all_leased_as_revokes_soon_a
     let updated = cp
         .store
         .lock()
-        .execute(
+        .unwrap()
+        .exec(
             "UPDATE access_requests SET expires_at = ?1 WHERE state = 'active'",
-            [due.timestamp_millis()],
+            &p![due.timestamp_millis()],
         )
         .unwrap();
     assert_eq!(updated, N);

@@ -277,7 +277,11 @@ async fn revoke_works_on_every_access_that_has_not_ended() {
     let legacy = active(&cp, "ivan", 3600, "c-1:crtb-i").await;
     cp.store
         .lock()
-        .execute("UPDATE access_requests SET state = 'failed' WHERE id = ?1", [&legacy])
+        .unwrap()
+        .exec(
+            "UPDATE access_requests SET state = 'failed' WHERE id = ?1",
+            &crate::control_plane::store::db::p![legacy],
+        )
         .unwrap();
     assert_eq!(cp.revoke_access(&legacy).unwrap().state, AccessState::Revoking);
     let revoke = lease_one(&cp, 0).await.expect("cleanup revoke");
@@ -566,17 +570,17 @@ async fn a_revoke_stuck_on_a_principal_in_user_id_recovers_at_its_next_hand_out(
     // agent refused as malformed.
     let job_id = cp.access(&a.id).unwrap().unwrap().revoke_job_id.unwrap();
     {
-        let conn = cp.store.lock();
-        conn.execute(
+        let conn = cp.store.lock().unwrap();
+        conn.exec(
             "UPDATE access_requests SET user_id = 'okta_group://sre' WHERE id = ?1",
-            [&a.id],
+            &crate::control_plane::store::db::p![a.id],
         )
         .unwrap();
         let params = json!({"group": "okta_group://sre", "role": "cluster-member", "resource": "c-1",
                             "user_id": "okta_group://sre"});
-        conn.execute(
+        conn.exec(
             "UPDATE jobs SET params = ?2, attempt = 4 WHERE id = ?1",
-            [&job_id, &params.to_string()],
+            &crate::control_plane::store::db::p![job_id, params.to_string()],
         )
         .unwrap();
     }

@@ -181,8 +181,8 @@ fn missing(id: &str) -> Value {
 
 /// Open grant jobs of access `id` (its repairs, once it is active).
 fn repairs(cp: &EmbeddedControlPlane, id: &str) -> usize {
-    let conn = cp.store.lock();
-    crate::control_plane::store::open_jobs_of_access(&conn, id, "grant")
+    let conn = cp.store.lock().unwrap();
+    crate::control_plane::store::open_jobs_of_access(&*conn, id, "grant")
         .unwrap()
         .len()
 }
@@ -245,9 +245,10 @@ async fn a_sweep_carries_the_owner_and_the_accesses_as_they_are_when_it_is_hande
     let foreign = granted(&cp, "zed", "c-1:crtb-z").await;
     cp.store
         .lock()
-        .execute(
+        .unwrap()
+        .exec(
             "UPDATE access_requests SET owner = 'other-connector/0123' WHERE id = ?1",
-            [&foreign],
+            &crate::control_plane::store::db::p![foreign],
         )
         .unwrap();
     cp.queue_sweeps().unwrap();
@@ -479,9 +480,10 @@ async fn a_repair_whose_access_ended_before_it_ran_again_is_cancelled_and_cleane
     let backoff = |until: Option<i64>| {
         cp.store
             .lock()
-            .execute(
+            .unwrap()
+            .exec(
                 "UPDATE jobs SET not_before = ?2 WHERE id = ?1",
-                rusqlite::params![repair.id, until],
+                &crate::control_plane::store::db::p![repair.id, until],
             )
             .unwrap()
     };
