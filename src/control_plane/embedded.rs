@@ -128,7 +128,7 @@ impl Options {
         match &self.database_url {
             None => Ok(store::Backend::Sqlite(self.data_dir.clone())),
             #[cfg(feature = "store-postgres")]
-            Some(url) => Ok(store::Backend::Postgres(store::postgres::PgTarget::parse(url)?)),
+            Some(url) => Ok(store::Backend::Postgres(Box::new(store::postgres::PgTarget::parse(url)?))),
             #[cfg(not(feature = "store-postgres"))]
             Some(_) => Err(StoreError::Config(
                 "standalone.database_url is set, but this build has no PostgreSQL support (cargo feature store-postgres)"

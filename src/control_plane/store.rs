@@ -17,6 +17,8 @@
 pub mod db;
 #[cfg(feature = "store-postgres")]
 pub mod postgres;
+#[cfg(test)]
+pub mod testing;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -194,7 +196,7 @@ pub enum Backend {
     Sqlite(PathBuf),
     /// A PostgreSQL database shared by any number of replicas.
     #[cfg(feature = "store-postgres")]
-    Postgres(postgres::PgTarget),
+    Postgres(Box<postgres::PgTarget>),
 }
 
 /// The state's database: the SQLite file and its one connection, or a PostgreSQL connection.
@@ -209,7 +211,7 @@ pub enum Store {
         _lock: std::fs::File,
     },
     #[cfg(feature = "store-postgres")]
-    Postgres(postgres::PgStore),
+    Postgres(Box<postgres::PgStore>),
 }
 
 impl Store {
@@ -225,7 +227,7 @@ impl Store {
             Backend::Sqlite(dir) => Store::open(dir),
             #[cfg(feature = "store-postgres")]
             Backend::Postgres(target) => {
-                let store = Store::Postgres(postgres::PgStore::open(target.clone())?);
+                let store = Store::Postgres(Box::new(postgres::PgStore::open((**target).clone())?));
                 migrate_pg(&*store.lock()?)?;
                 Ok(store)
             }

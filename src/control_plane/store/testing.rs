@@ -1,0 +1,315 @@
+//! Tests on both backends: a real PostgreSQL server for the test process, one database per test
+//! (so tests run in parallel), and `backends!`, which runs a test once on SQLite and once on
+//! PostgreSQL.
+//!
+//! The server is Debian's `postgresql` (`tests/run` installs it): `initdb` and `pg_ctl` in a
+//! temporary directory, as the `postgres` user when the tests run as root (PostgreSQL refuses
+//! root), on a free loopback port. Under `CI=true` a missing server fails the PostgreSQL half of
+//! each test; elsewhere it is skipped with a loud line.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+
+/// Which backend the running test uses (set by `backends!`; SQLite outside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    Sqlite,
+    Postgres,
+}
+
+tokio::task_local! {
+    pub static BACKEND: TestBackend;
+}
+
+/// The backend of the running test.
+pub fn current() -> TestBackend {
+    BACKEND.try_with(|b| *b).unwrap_or(TestBackend::Sqlite)
+}
+
+/// The database URL for a test's `data_dir` on the running backend: `None` on SQLite; on
+/// PostgreSQL a database of its own, named after the directory (so reopening the same dir, a
+/// "restart", finds the same state).
+pub fn database_url_for(dir: &Path) -> Option<SecretString> {
+    match current() {
+        TestBackend::Sqlite => None,
+        TestBackend::Postgres => {
+            let server = shared().expect("PostgreSQL is available (checked by backends!)");
+            Some(server.database(&database_name(dir)))
+        }
+    }
+}
+
+fn database_name(dir: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    format!("t_{}", &hex::encode(digest)[..24])
+}
+
+/// Whether the PostgreSQL half of a test can run. `false` (skipped, said on stderr) when no
+/// server can be started here; under `CI=true` that panics instead.
+pub fn postgres_available() -> bool {
+    if cfg!(not(feature = "store-postgres")) {
+        eprintln!("*** SKIPPED the PostgreSQL half: built without the store-postgres feature ***");
+        return false;
+    }
+    match shared() {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and PostgreSQL cannot run: {e}")
+        }
+        Err(e) => {
+            eprintln!("*** SKIPPED the PostgreSQL half: {e} ***");
+            false
+        }
+    }
+}
+
+/// The test process's server, started on first use. It is stopped when the process exits by a
+/// small watcher (statics are never dropped), by its own data directory and pid.
+pub fn shared() -> Result<&'static PgServer, String> {
+    static SHARED: OnceLock<Result<PgServer, String>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let server = PgServer::start()?;
+            server.stop_when_process_exits();
+            Ok(server)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A PostgreSQL server in a temporary directory, stopped when dropped.
+pub struct PgServer {
+    root: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    created: Mutex<HashSet<String>>,
+}
+
+/// The newest PostgreSQL's `bin` directory (`APONO_TEST_PG_BIN` first).
+fn pg_bin() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("APONO_TEST_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|_| "no /usr/lib/postgresql (apt-get install postgresql, or set APONO_TEST_PG_BIN)".to_string())?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, b)| b)
+        .ok_or_else(|| "no PostgreSQL server binaries under /usr/lib/postgresql".to_string())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+impl PgServer {
+    /// initdb + pg_ctl start on a free loopback port; ready when this returns.
+    ///
+    /// # Errors
+    /// What failed, with PostgreSQL's own output.
+    pub fn start() -> Result<PgServer, String> {
+        let bin = pg_bin()?;
+        let as_postgres = is_root();
+        let root = std::env::temp_dir().join(format!(
+            "apono-pg-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777));
+        }
+        let server = PgServer {
+            root,
+            bin,
+            port: free_port()?,
+            as_postgres,
+            created: Mutex::new(HashSet::new()),
+        };
+        let data = server.data_dir();
+        server.run(
+            "initdb",
+            &["-D", &data, "-U", "apono", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        )?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    fn data_dir(&self) -> String {
+        self.root.join("data").display().to_string()
+    }
+
+    /// Starts the (stopped) server again on the same port and data.
+    ///
+    /// # Errors
+    /// pg_ctl failed.
+    pub fn start_again(&self) -> Result<(), String> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+            self.port,
+            self.root.display()
+        );
+        let log = self.root.join("log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                &opts,
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server at once (`immediate`: as a crash would).
+    ///
+    /// # Errors
+    /// pg_ctl failed.
+    pub fn stop(&self) -> Result<(), String> {
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"])
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd
+            .args(args)
+            .current_dir(&self.root)
+            .output()
+            .map_err(|e| format!("running {tool}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{tool} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The URL of database `name`, created on first use (empty).
+    pub fn database(&self, name: &str) -> SecretString {
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        if created.insert(name.to_string()) {
+            let port = self.port.to_string();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let out = Command::new(self.bin.join("createdb"))
+                    .args(["-h", "127.0.0.1", "-p", &port, "-U", "apono", name])
+                    .output()
+                    .expect("createdb runs");
+                if out.status.success() {
+                    break;
+                }
+                let err = String::from_utf8_lossy(&out.stderr);
+                // Many tests create databases at once: the template may be busy for a moment.
+                if !err.contains("is being accessed by other users") || Instant::now() > deadline {
+                    panic!("createdb {name}: {err}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.url(name)
+    }
+
+    pub fn url(&self, name: &str) -> SecretString {
+        SecretString::from(format!("postgres://apono@127.0.0.1:{}/{name}", self.port))
+    }
+
+    /// For the shared server: a watcher that stops it (and removes its directory) when this
+    /// process is gone, however it ends.
+    fn stop_when_process_exits(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let prefix = if self.as_postgres {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {prefix}'{}' -D '{}' -m immediate stop >/dev/null 2>&1; rm -rf '{}'",
+            pg_ctl.display(),
+            self.data_dir(),
+            self.root.display(),
+            pid = std::process::id(),
+        );
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs each test once on SQLite (`NAME::sqlite`) and once on PostgreSQL (`NAME::postgres`):
+/// `options(dir)` in the test gives the backend's state (see [`database_url_for`]).
+macro_rules! backends {
+    ($( $(#[$attr:meta])* async fn $name:ident() $body:block )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$attr])*
+            async fn sqlite() {
+                $crate::control_plane::store::testing::BACKEND
+                    .scope($crate::control_plane::store::testing::TestBackend::Sqlite, async $body)
+                    .await
+            }
+
+            $(#[$attr])*
+            async fn postgres() {
+                if !$crate::control_plane::store::testing::postgres_available() {
+                    return;
+                }
+                $crate::control_plane::store::testing::BACKEND
+                    .scope($crate::control_plane::store::testing::TestBackend::Postgres, async $body)
+                    .await
+            }
+        }
+    )*};
+}
+pub(crate) use backends;
