@@ -301,8 +301,10 @@ pub enum StoreGuard<'a> {
 }
 
 /// Answers every call with "unavailable" (a PostgreSQL guard whose connection is gone).
+#[cfg(feature = "store-postgres")]
 struct Closed;
 
+#[cfg(feature = "store-postgres")]
 impl Db for Closed {
     fn dialect(&self) -> db::Dialect {
         db::Dialect::Postgres

@@ -156,6 +156,7 @@ impl DbError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
+    #[cfg_attr(not(feature = "store-postgres"), allow(dead_code))]
     Postgres,
 }
 
