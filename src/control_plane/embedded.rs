@@ -77,6 +77,8 @@ pub struct Options {
     /// A `postgres://` URL (`standalone.database_url`): the state lives in that database, shared
     /// by every replica given the same URL. `None`: SQLite in `data_dir`.
     pub database_url: Option<SecretString>,
+    /// A file holding that URL (a mounted Secret), read at start and at each new connection.
+    pub database_url_file: Option<PathBuf>,
     /// How long a lease lasts from a lease or a renew.
     pub lease_duration: Duration,
     /// Period of the scheduler (expiry revokes, rotations, cleanups).
@@ -115,6 +117,7 @@ impl Default for Options {
             sweep_interval: Duration::ZERO,
             connector_id: "standalone".into(),
             database_url: None,
+            database_url_file: None,
         }
     }
 }
@@ -125,10 +128,22 @@ impl Options {
     /// # Errors
     /// `Store` when the URL is not one this build can use (the message never holds it).
     pub fn backend(&self) -> Result<store::Backend, ControlPlaneError> {
-        match &self.database_url {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => Some(url.clone()),
+            #[cfg(feature = "store-postgres")]
+            (None, Some(file)) => Some(store::postgres::read_url_file(file)?),
+            #[cfg(not(feature = "store-postgres"))]
+            (None, Some(_)) => Some(SecretString::from(String::new())),
+            (None, None) => None,
+        };
+        match url {
             None => Ok(store::Backend::Sqlite(self.data_dir.clone())),
             #[cfg(feature = "store-postgres")]
-            Some(url) => Ok(store::Backend::Postgres(Box::new(store::postgres::PgTarget::parse(url)?))),
+            Some(url) => {
+                let mut target = store::postgres::PgTarget::parse(&url)?;
+                target.url_file = self.database_url_file.clone();
+                Ok(store::Backend::Postgres(Box::new(target)))
+            }
             #[cfg(not(feature = "store-postgres"))]
             Some(_) => Err(StoreError::Config(
                 "standalone.database_url is set, but this build has no PostgreSQL support (cargo feature store-postgres)"

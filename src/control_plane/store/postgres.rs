@@ -16,7 +16,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +47,8 @@ pub struct PgTarget {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// `host:port/db` for messages (no user, no password).
     display: String,
+    /// Where the URL came from, when a file: read again before each new connection.
+    pub url_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PgTarget {
@@ -132,13 +134,35 @@ impl PgTarget {
                 )));
             }
         };
-        Ok(PgTarget { config, tls, display })
+        Ok(PgTarget {
+            config,
+            tls,
+            display,
+            url_file: None,
+        })
     }
 
     /// `host:port/db`, for messages.
     pub fn display(&self) -> &str {
         &self.display
     }
+}
+
+/// The URL in `path` (a mounted Secret), trimmed.
+///
+/// # Errors
+/// `Config` when the file cannot be read or is empty (the message names the file, not its text).
+pub fn read_url_file(path: &Path) -> Result<SecretString, StoreError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StoreError::Config(format!("cannot read APONO_DATABASE_URL_FILE {}: {e}", path.display())))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(StoreError::Config(format!(
+            "APONO_DATABASE_URL_FILE {} is empty: it must hold the postgres:// URL",
+            path.display()
+        )));
+    }
+    Ok(SecretString::from(text.to_string()))
 }
 
 fn tls_connector(ca: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
@@ -353,14 +377,14 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
 /// The PostgreSQL state: one connection (reopened when it drops) driven by a private runtime.
 pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
-    target: PgTarget,
+    target: Mutex<PgTarget>,
     conn: Mutex<Option<PgConn>>,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("target", &self.target)
+            .field("target", &self.target())
             .finish_non_exhaustive()
     }
 }
@@ -380,19 +404,45 @@ impl PgStore {
                 context: "starting the database connection thread".into(),
                 source,
             })?;
-        let conn = connect(rt.handle(), &target).map_err(|e| StoreError::Db {
-            context: format!("connecting to the database {}", target.display()),
-            source: e,
-        })?;
+        let conn = match connect(rt.handle(), &target) {
+            Ok(conn) => conn,
+            Err(e) => {
+                // A plain drop blocks, which panics inside the caller's runtime.
+                rt.shutdown_background();
+                return Err(StoreError::Db {
+                    context: format!("connecting to the database {}", target.display()),
+                    source: e,
+                });
+            }
+        };
         Ok(PgStore {
             rt: Some(rt),
-            target,
+            target: Mutex::new(target),
             conn: Mutex::new(Some(conn)),
         })
     }
 
-    pub fn target(&self) -> &PgTarget {
-        &self.target
+    /// The target new connections go to.
+    pub fn target(&self) -> PgTarget {
+        self.target.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The target for a new connection: the URL file read again when there is one (a rotated
+    /// password); the last good target when it cannot be read or parsed now (said in the log).
+    fn fresh_target(&self) -> PgTarget {
+        let mut target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = target.url_file.clone() {
+            match read_url_file(&file).and_then(|url| PgTarget::parse(&url)) {
+                Ok(mut fresh) => {
+                    fresh.url_file = Some(file);
+                    *target = fresh;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "APONO_DATABASE_URL_FILE cannot be used now; connecting with the URL read before")
+                }
+            }
+        }
+        target.clone()
     }
 
     /// The connection, opened again first when it dropped.
@@ -409,11 +459,12 @@ impl PgStore {
                     source: DbError::Unavailable("the store is closed".into()),
                 });
             };
-            let conn = connect(rt.handle(), &self.target).map_err(|e| StoreError::Db {
-                context: format!("connecting to the database {}", self.target.display()),
+            let target = self.fresh_target();
+            let conn = connect(rt.handle(), &target).map_err(|e| StoreError::Db {
+                context: format!("connecting to the database {}", target.display()),
                 source: e,
             })?;
-            tracing::info!(database = %self.target.display(), "connected to the database again");
+            tracing::info!(database = %target.display(), "connected to the database again");
             *guard = Some(conn);
         }
         Ok(guard)
@@ -432,3 +483,6 @@ impl Drop for PgStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

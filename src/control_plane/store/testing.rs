@@ -89,6 +89,8 @@ pub struct PgServer {
     bin: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// More `-c` settings for `postgres` (e.g. TLS).
+    extra: String,
     created: Mutex<HashSet<String>>,
 }
 
@@ -124,6 +126,16 @@ impl PgServer {
     /// # Errors
     /// What failed, with PostgreSQL's own output.
     pub fn start() -> Result<PgServer, String> {
+        PgServer::start_with(&[], "")
+    }
+
+    /// Like [`PgServer::start`], with `files` (name, content) written into the server's directory
+    /// (mode 0600, owned by the server's user: e.g. a TLS key) and `extra` settings, where
+    /// `{dir}` stands for that directory.
+    ///
+    /// # Errors
+    /// What failed, with PostgreSQL's own output.
+    pub fn start_with(files: &[(&str, String)], extra: &str) -> Result<PgServer, String> {
         let bin = pg_bin()?;
         let as_postgres = is_root();
         let root = std::env::temp_dir().join(format!(
@@ -143,7 +155,17 @@ impl PgServer {
             port: free_port()?,
             as_postgres,
             created: Mutex::new(HashSet::new()),
+            extra: String::new(),
         };
+        let mut server = server;
+        server.extra = extra.replace("{dir}", &server.root.display().to_string());
+        for (name, content) in files {
+            let path = server.root.join(name);
+            write_private(&path, content)?;
+            if server.as_postgres {
+                let _ = Command::new("chown").arg("postgres").arg(&path).status();
+            }
+        }
         let data = server.data_dir();
         server.run(
             "initdb",
@@ -163,9 +185,10 @@ impl PgServer {
     /// pg_ctl failed.
     pub fn start_again(&self) -> Result<(), String> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 {}",
             self.port,
-            self.root.display()
+            self.root.display(),
+            self.extra
         );
         let log = self.root.join("log").display().to_string();
         self.run(
@@ -276,6 +299,21 @@ impl Drop for PgServer {
         let _ = self.stop();
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+fn write_private(path: &Path, content: &str) -> Result<(), String> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut f = options
+        .open(path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    f.write_all(content.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 fn is_root() -> bool {

@@ -1,0 +1,189 @@
+//! The PostgreSQL backend's own rules: the URL (TLS, what is refused), the password kept out of
+//! every message, and a newer schema refused. The state machine runs on PostgreSQL through
+//! `backends!` in the control-plane tests.
+
+use super::*;
+use crate::control_plane::embedded::{EmbeddedControlPlane, Options};
+use crate::control_plane::store::Store;
+use crate::control_plane::store::testing::{PgServer, postgres_available, shared};
+
+const CANARY: &str = "pw-canary-7f3a9c";
+
+fn url(s: &str) -> SecretString {
+    SecretString::from(s.to_string())
+}
+
+#[test]
+fn urls_that_are_not_verified_tls_or_plain_text_are_refused_without_quoting_them() {
+    for (u, says) in [
+        (
+            format!("postgres://apono:{CANARY}@db:5432/x?sslmode=require"),
+            "sslmode=require",
+        ),
+        (
+            format!("postgres://apono:{CANARY}@db:5432/x?sslmode=prefer"),
+            "sslmode=prefer",
+        ),
+        (
+            format!("postgres://apono:{CANARY}@db:5432/x?sslmode=verify-full"),
+            "without sslrootcert",
+        ),
+        (format!("mysql://apono:{CANARY}@db/x"), "not a postgres:// URL"),
+        (
+            format!("postgres://apono:{CANARY}@db/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+            "/nonexistent/ca.pem",
+        ),
+    ] {
+        let e = PgTarget::parse(&url(&u))
+            .expect_err(&u.replace(CANARY, "***"))
+            .to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(!e.contains(CANARY), "the password leaked: {e}");
+    }
+    let t = PgTarget::parse(&url(&format!("postgresql://apono:{CANARY}@db.internal:6432/state"))).unwrap();
+    assert_eq!(t.display(), "db.internal:6432/state");
+    assert!(!format!("{t:?}").contains(CANARY));
+}
+
+#[test]
+fn sqlite_spelling_is_translated() {
+    assert_eq!(
+        translate("SELECT 1 WHERE a = ?1 AND instr(b, ?12) > 0"),
+        "SELECT 1 WHERE a = $1 AND strpos(b, $12) > 0"
+    );
+}
+
+#[tokio::test]
+async fn the_password_never_reaches_an_error_or_debug_output() {
+    // Nothing listens on this port: the connection error must not carry the URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = Options {
+        database_url: Some(url(&format!("postgres://apono:{CANARY}@127.0.0.1:{port}/state"))),
+        ..Options::default()
+    };
+    assert!(!format!("{options:?}").contains(CANARY));
+    let e = EmbeddedControlPlane::open(options).expect_err("nothing listens");
+    let text = format!("{e} / {e:?}");
+    assert!(text.contains(&format!("127.0.0.1:{port}/state")), "{text}");
+    assert!(!text.contains(CANARY), "the password leaked: {text}");
+
+    // The config: Debug of the whole config, and its problems.
+    let env = |k: &str| match k {
+        "APONO_DATABASE_URL" => Some(format!("postgres://apono:{CANARY}@db/x")),
+        _ => None,
+    };
+    let e = crate::config::Config::load_from(None, env)
+        .expect_err("no operator token")
+        .to_string();
+    assert!(e.contains("APONO_OPERATOR_TOKEN"), "{e}");
+    assert!(!e.contains(CANARY), "{e}");
+    let env = |k: &str| match k {
+        "APONO_DATABASE_URL" => Some(format!("postgres://apono:{CANARY}@db/x")),
+        "APONO_OPERATOR_TOKEN" => Some("op-token-canary".into()),
+        _ => None,
+    };
+    let config = crate::config::Config::load_from(None, env).expect("valid");
+    let shown = format!("{config:?}");
+    assert!(!shown.contains(CANARY) && !shown.contains("op-token-canary"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_newer_schema_on_postgres_is_refused_with_what_to_do() {
+    if !postgres_available() {
+        return;
+    }
+    let server = shared().unwrap();
+    let db = server.database(&format!("t_newer_{}", uuid::Uuid::new_v4().simple()));
+    let options = Options {
+        database_url: Some(db.clone()),
+        ..Options::default()
+    };
+    let cp = EmbeddedControlPlane::open(options.clone()).expect("fresh database");
+    drop(cp);
+    {
+        let store = Store::open_backend(&options.backend().unwrap()).unwrap();
+        store
+            .lock()
+            .unwrap()
+            .exec(
+                "UPDATE schema_version SET version = ?1",
+                &crate::control_plane::store::db::p![99i64],
+            )
+            .unwrap();
+    }
+    let e = EmbeddedControlPlane::open(options).unwrap_err().to_string();
+    assert!(
+        e.contains("schema version 99") && e.contains("newer apono-connector"),
+        "{e}"
+    );
+}
+
+/// A server with TLS on, its certificate signed by a CA of the test's own.
+fn tls_server() -> Option<(PgServer, String, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let other_ca_key = KeyPair::generate().unwrap();
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other.self_signed(&other_ca_key).unwrap();
+    let server = PgServer::start_with(
+        &[("server.crt", cert.pem()), ("server.key", key.serialize_pem())],
+        "-c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
+    )
+    .map_err(|e| eprintln!("*** SKIPPED: a TLS PostgreSQL cannot start: {e} ***"))
+    .ok()?;
+    Some((server, ca.pem(), other.pem()))
+}
+
+#[tokio::test]
+async fn tls_verify_full_connects_with_the_right_ca_and_refuses_another() {
+    if !postgres_available() {
+        return;
+    }
+    let (server, ca, other) = tls_server().expect("TLS server");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    std::fs::write(&other_file, other).unwrap();
+    server.database("tls");
+    let base = server.url("tls");
+    let with = |file: &Path| {
+        let u = format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            base.expose_secret(),
+            file.display()
+        );
+        Options {
+            database_url: Some(url(&u)),
+            ..Options::default()
+        }
+    };
+    let cp = EmbeddedControlPlane::open(with(&ca_file)).expect("verified TLS connects");
+    assert!(cp.list_access().unwrap().is_empty());
+    {
+        let store = Store::open_backend(&with(&ca_file).backend().unwrap()).unwrap();
+        let guard = store.lock().unwrap();
+        let rows = guard
+            .query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .unwrap();
+        assert!(rows[0].get::<bool>(0).unwrap(), "the session is encrypted");
+    }
+    let e = EmbeddedControlPlane::open(with(&other_file))
+        .expect_err("another CA is refused")
+        .to_string();
+    assert!(e.contains("certificate") || e.contains("Certificate"), "{e}");
+}
