@@ -752,6 +752,14 @@ impl EmbeddedControlPlane {
         tracing::debug!(tick_ms = tick.as_millis() as u64, "control-plane scheduler started");
         let mut next_tick = tokio::time::Instant::now();
         loop {
+            // On a shared database one replica at a time runs the passes; the others try the
+            // leader lock every tick and take over within a tick of the leader's death.
+            if !self.store.try_lead() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(tick) => continue,
+                }
+            }
             let pass = if tokio::time::Instant::now() >= next_tick {
                 next_tick = tokio::time::Instant::now() + tick;
                 self.tick_once()

@@ -176,6 +176,8 @@ impl From<StoreError> for ControlPlaneError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::InUse(message) => ControlPlaneError::InUse { message },
+            // The database is down or busy: an outage (503, retried), not a broken state.
+            e if e.is_transient() => ControlPlaneError::Unavailable { message: e.to_string() },
             e => ControlPlaneError::Store { message: e.to_string() },
         }
     }
@@ -269,6 +271,19 @@ impl Store {
             Store::Sqlite { path, .. } => path.display().to_string(),
             #[cfg(feature = "store-postgres")]
             Store::Postgres(pg) => format!("postgres {}", pg.target().display()),
+        }
+    }
+
+    /// Whether this process may run the scheduler and reconcile now. SQLite: always (the data
+    /// dir is this process's alone). PostgreSQL: while it holds the leader lock, a session
+    /// advisory lock on a connection of its own, taken when free and released by the server when
+    /// that session ends (the process died, or its connection broke): another replica takes it
+    /// at its next try.
+    pub fn try_lead(&self) -> bool {
+        match self {
+            Store::Sqlite { .. } => true,
+            #[cfg(feature = "store-postgres")]
+            Store::Postgres(pg) => pg.try_lead(),
         }
     }
 

@@ -31,6 +31,9 @@ use super::db::{Db, DbError, DbRow, Dialect, Val};
 /// to be the same on every replica, and not used by other software on the database).
 pub const WRITE_LOCK_KEY: i64 = 0x6170_6f6e_6f5f_7731; // "apono_w1"
 
+/// Key of the session advisory lock the replica that runs the scheduler holds.
+pub const LEADER_LOCK_KEY: i64 = 0x6170_6f6e_6f5f_6c31; // "apono_l1"
+
 /// How long a connection attempt may take before the database counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -379,6 +382,8 @@ pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
     target: Mutex<PgTarget>,
     conn: Mutex<Option<PgConn>>,
+    /// The leader lock's own connection, and whether it holds the lock.
+    leader: Mutex<Option<(PgConn, bool)>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -419,6 +424,7 @@ impl PgStore {
             rt: Some(rt),
             target: Mutex::new(target),
             conn: Mutex::new(Some(conn)),
+            leader: Mutex::new(None),
         })
     }
 
@@ -471,8 +477,54 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Whether this replica holds the leader lock (taking it when it is free).
+    pub fn try_lead(&self) -> bool {
+        let mut leader = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((conn, held)) = leader.as_ref() {
+            if conn.is_closed() {
+                if *held {
+                    tracing::warn!("lost the leader connection: another replica may run the scheduler now");
+                }
+                *leader = None;
+            } else if *held {
+                return true;
+            }
+        }
+        if leader.is_none() {
+            let Some(rt) = &self.rt else { return false };
+            match connect(rt.handle(), &self.fresh_target()) {
+                Ok(conn) => *leader = Some((conn, false)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open the leader connection now");
+                    return false;
+                }
+            }
+        }
+        let Some((conn, held)) = leader.as_mut() else {
+            return false;
+        };
+        match conn.query(&format!("SELECT pg_try_advisory_lock({LEADER_LOCK_KEY})"), &[]) {
+            Ok(rows) if rows.first().and_then(|r| r.get::<bool>(0).ok()) == Some(true) => {
+                *held = true;
+                tracing::info!("this replica runs the scheduler and reconcile now (leader lock taken)");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot try the leader lock now");
+                *leader = None;
+                false
+            }
+        }
+    }
+}
+
 impl Drop for PgStore {
     fn drop(&mut self) {
+        if let Ok(mut guard) = self.leader.lock() {
+            *guard = None;
+        }
         // Dropping a runtime blocks; from inside another runtime that panics. Nothing of ours
         // runs on it but the connection, which may end abruptly (the server rolls back).
         if let Ok(mut guard) = self.conn.lock() {

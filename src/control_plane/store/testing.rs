@@ -185,7 +185,7 @@ impl PgServer {
     /// pg_ctl failed.
     pub fn start_again(&self) -> Result<(), String> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 {}",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=400 {}",
             self.port,
             self.root.display(),
             self.extra

@@ -6,6 +6,7 @@ use super::*;
 use crate::control_plane::embedded::{EmbeddedControlPlane, Options};
 use crate::control_plane::store::Store;
 use crate::control_plane::store::testing::{PgServer, postgres_available, shared};
+use std::time::Instant;
 
 const CANARY: &str = "pw-canary-7f3a9c";
 
@@ -186,4 +187,61 @@ async fn tls_verify_full_connects_with_the_right_ca_and_refuses_another() {
         .expect_err("another CA is refused")
         .to_string();
     assert!(e.contains("certificate") || e.contains("Certificate"), "{e}");
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_another_takes_over_when_its_session_ends() {
+    if !postgres_available() {
+        return;
+    }
+    let server = shared().unwrap();
+    let db = server.database(&format!("t_lead_{}", uuid::Uuid::new_v4().simple()));
+    let options = Options {
+        database_url: Some(db),
+        ..Options::default()
+    };
+    let one = Store::open_backend(&options.backend().unwrap()).unwrap();
+    let two = Store::open_backend(&options.backend().unwrap()).unwrap();
+    assert!(one.try_lead(), "the first to try leads");
+    assert!(!two.try_lead(), "one leader at a time");
+    assert!(one.try_lead(), "and keeps leading");
+    drop(one); // its session ends, as when the process is killed
+    let t = Instant::now();
+    while !two.try_lead() {
+        assert!(t.elapsed() < Duration::from_secs(5), "no hand-over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_database_outage_is_unavailable_then_over_without_reopening() {
+    if !postgres_available() {
+        return;
+    }
+    let server = PgServer::start().expect("a server of this test's own");
+    let options = Options {
+        database_url: Some(server.database("outage")),
+        ..Options::default()
+    };
+    let cp = EmbeddedControlPlane::open(options).expect("open");
+    assert!(cp.list_access().unwrap().is_empty());
+    server.stop().unwrap();
+    let e = cp.list_access().expect_err("the database is down");
+    assert!(
+        matches!(e, crate::control_plane::ControlPlaneError::Unavailable { .. }) && e.retryable(),
+        "an outage, not a broken state: {e:?}"
+    );
+    assert_eq!(e.status(), 503);
+    server.start_again().unwrap();
+    let t = Instant::now();
+    loop {
+        match cp.list_access() {
+            Ok(list) => {
+                assert!(list.is_empty());
+                break;
+            }
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "still failing: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
