@@ -844,6 +844,28 @@ impl EmbeddedControlPlane {
     }
 }
 
+/// `state copy`: moves the SQLite state in `from` (a stopped install's data dir) into the empty
+/// PostgreSQL database at `to`, live accesses included (see `store::copy_sqlite_to_postgres`).
+///
+/// # Errors
+/// `Store` (with what to do) when the URL is wrong, the database holds state already, a daemon
+/// has the data dir, or either database fails.
+#[cfg(feature = "store-postgres")]
+pub fn copy_state(from: &std::path::Path, to: &SecretString) -> Result<store::Copied, ControlPlaneError> {
+    let target = store::postgres::PgTarget::parse(to)?;
+    let copied = store::copy_sqlite_to_postgres(from, &target)?;
+    tracing::info!(
+        from = %from.display(),
+        to = %target.display(),
+        access_requests = copied.access_requests,
+        jobs = copied.jobs,
+        "state copied"
+    );
+    Ok(copied)
+}
+
+pub use store::Copied;
+
 /// Logs and drops rows that do not decode, so one corrupt row cannot stop a listing or the scheduler.
 fn skip_corrupt<T>(rows: Vec<Result<T, StoreError>>) -> Vec<T> {
     rows.into_iter()

@@ -823,6 +823,86 @@ fn corrupt(table: &'static str, key: &str, message: String) -> StoreError {
     }
 }
 
+/// What `state copy` moved, table by table.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Copied {
+    pub integrations: usize,
+    pub jobs: usize,
+    pub access_requests: usize,
+    pub managed_users: usize,
+    pub resources: usize,
+    /// Leases of the stopped process handed back, so their jobs run at once.
+    pub leases_reclaimed: usize,
+}
+
+/// Copies a SQLite state (its data dir locked meanwhile: the daemon must be stopped) into an
+/// empty PostgreSQL database, in one transaction: integrations, jobs with their leases handed
+/// back, access requests (live ones keep their expiry, so their revokes still run), managed
+/// users, discovered objects, and `meta` (the install id: the copy is the same owner, so it
+/// revokes the bindings the SQLite install made).
+///
+/// # Errors
+/// `Config` when the database already holds state (nothing is written then); `InUse` when a
+/// daemon has the data dir; `Db` when either database fails.
+#[cfg(feature = "store-postgres")]
+pub fn copy_sqlite_to_postgres(from: &Path, to: &postgres::PgTarget) -> Result<Copied, StoreError> {
+    if !from.join(DB_FILE).is_file() {
+        return Err(StoreError::Config(format!(
+            "{} holds no state ({DB_FILE} is missing): give the data_dir of the install to move",
+            from.display()
+        )));
+    }
+    let src_store = Store::open(from)?;
+    let dst_store = Store::open_backend(&Backend::Postgres(Box::new(to.clone())))?;
+    let src_guard = src_store.lock()?;
+    let dst_guard = dst_store.lock()?;
+    let src: &dyn Db = &*src_guard;
+    let tx = dst_guard.transaction()?;
+    let held: i64 = tx
+        .query(
+            "SELECT (SELECT COUNT(*) FROM integrations) + (SELECT COUNT(*) FROM jobs) \
+             + (SELECT COUNT(*) FROM access_requests) + (SELECT COUNT(*) FROM managed_users) \
+             + (SELECT COUNT(*) FROM meta)",
+            &[],
+        )
+        .map_err(sql("checking that the database is empty"))
+        .and_then(|rows| first_value("meta", rows))?
+        .unwrap_or(0);
+    if held > 0 {
+        return Err(StoreError::Config(format!(
+            "the database {} already holds control-plane state ({held} rows): copy into an empty database",
+            to.display()
+        )));
+    }
+    let copy = |table: &str, columns: &str, order: &str| -> Result<usize, StoreError> {
+        let rows = src
+            .query(&format!("SELECT {columns} FROM {table} ORDER BY {order}"), &[])
+            .map_err(sql("reading the SQLite state"))?;
+        let placeholders: Vec<String> = (1..=columns.split(',').count()).map(|i| format!("?{i}")).collect();
+        let insert = format!("INSERT INTO {table} ({columns}) VALUES ({})", placeholders.join(", "));
+        for row in &rows {
+            tx.exec(&insert, &row.0).map_err(sql("writing into the database"))?;
+        }
+        Ok(rows.len())
+    };
+    copy("meta", "key, value", "key")?;
+    let copied = Copied {
+        integrations: copy("integrations", "name, spec, updated_at, source", "name")?,
+        jobs: copy("jobs", JOB_COLUMNS, "seq")?,
+        access_requests: copy("access_requests", ACCESS_COLUMNS, "seq")?,
+        managed_users: copy(
+            "managed_users",
+            "integration, user_id, next_rotation_at, cleanup_at",
+            "integration, user_id",
+        )?,
+        resources: copy("resources", "job_id, object", "seq")?,
+        // The process that held them is stopped (its data dir is locked by us now).
+        leases_reclaimed: reclaim_leases(&*tx, Utc::now())?,
+    };
+    tx.commit()?;
+    Ok(copied)
+}
+
 // ----- time and JSON helpers -----
 
 pub fn to_ms(t: DateTime<Utc>) -> i64 {

@@ -331,6 +331,8 @@ impl ToSql for Val {
         match self {
             Val::Null => Ok(IsNull::Yes),
             Val::Int(i) if *ty == Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
+            // SQLite keeps booleans as integers (a state copied from SQLite).
+            Val::Int(i) if *ty == Type::BOOL => (*i != 0).to_sql(ty, out),
             Val::Int(i) => i.to_sql(ty, out),
             Val::Text(s) => s.as_str().to_sql(ty, out),
             Val::Bool(b) => b.to_sql(ty, out),

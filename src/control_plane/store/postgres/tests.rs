@@ -245,3 +245,58 @@ async fn a_database_outage_is_unavailable_then_over_without_reopening() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_sqlite_state_is_copied_with_its_live_accesses_and_a_second_copy_is_refused() {
+    use crate::control_plane::embedded::tests::{access_create, complete_ok, grant_result, lease_one, open_with};
+    use crate::control_plane::operator::AccessState;
+    if !postgres_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Options {
+        data_dir: dir.path().to_path_buf(),
+        lease_duration: Duration::from_secs(3600),
+        ..Options::default()
+    };
+    let (id, owner, leased) = {
+        let cp = open_with(sqlite.clone(), serde_json::json!({}));
+        let a = cp.create_access(access_create("alice", 3600, false)).unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, grant_result("u-alice", false, None)).await;
+        cp.create_access(access_create("bob", 3600, false)).unwrap();
+        // Bob's grant is leased when the old install stops: it must not wait out the lease.
+        let leased = lease_one(&cp, 0).await.unwrap();
+        (a.id, cp.owner().clone(), leased.id)
+    };
+    let db = shared()
+        .unwrap()
+        .database(&format!("t_copy_{}", uuid::Uuid::new_v4().simple()));
+    let copied = crate::control_plane::embedded::copy_state(dir.path(), &db).expect("copied");
+    assert_eq!((copied.access_requests, copied.leases_reclaimed), (2, 1), "{copied:?}");
+
+    let cp = EmbeddedControlPlane::open(Options {
+        database_url: Some(db.clone()),
+        lease_duration: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .unwrap();
+    assert_eq!(
+        cp.owner(),
+        &owner,
+        "the same install: it revokes what the SQLite one granted"
+    );
+    let alice = cp.access(&id).unwrap().unwrap();
+    assert_eq!(alice.state, AccessState::Active);
+    assert!(alice.expires_at.is_some());
+    let again = lease_one(&cp, 0).await.expect("bob's grant runs at once");
+    assert_eq!((again.id.as_str(), again.attempt), (leased.as_str(), 2));
+    cp.revoke_access(&id).unwrap();
+    let revoke = lease_one(&cp, 0).await.expect("alice's revoke");
+    assert_eq!(revoke.kind, "revoke");
+
+    let e = crate::control_plane::embedded::copy_state(dir.path(), &db)
+        .expect_err("the database holds state now")
+        .to_string();
+    assert!(e.contains("already holds control-plane state"), "{e}");
+}
