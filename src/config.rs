@@ -462,29 +462,6 @@ impl StandaloneConfig {
         problems
     }
 
-    /// The database URL: `database_url`, or the content of `database_url_file` now.
-    ///
-    /// # Errors
-    /// The file cannot be read, or is empty.
-    pub fn database_url_now(&self) -> Result<Option<SecretString>, ConfigError> {
-        if let Some(url) = &self.database_url {
-            return Ok(Some(url.clone()));
-        }
-        let Some(path) = &self.database_url_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read APONO_DATABASE_URL_FILE {}: {e}", path.display())))?;
-        let text = text.trim();
-        if text.is_empty() {
-            return Err(ConfigError(format!(
-                "APONO_DATABASE_URL_FILE {} is empty: it must hold the postgres:// URL",
-                path.display()
-            )));
-        }
-        Ok(Some(SecretString::from(text.to_string())))
-    }
-
     /// The shared operator token (with a database): `operator_token`, else the file's content.
     ///
     /// # Errors
