@@ -76,13 +76,18 @@ pub fn embedded_options(config: &Config) -> embedded::Options {
         retention: Duration::from_secs(config.standalone.retention_days.saturating_mul(86_400)),
         sweep_interval: Duration::from_secs(config.standalone.sweep_interval_seconds),
         connector_id: config.control_plane.connector_id.clone(),
+        database_url: config.standalone.database_url.clone(),
+        database_url_file: config.standalone.database_url_file.clone(),
         ..embedded::Options::default()
     }
 }
 
 /// Opens the embedded control plane and registers the config's integrations.
 pub fn open_embedded(config: &Config, options: embedded::Options) -> anyhow::Result<Arc<EmbeddedControlPlane>> {
-    let dir = options.data_dir.display().to_string();
+    let dir = match options.database_url.is_some() || options.database_url_file.is_some() {
+        true => "the database (APONO_DATABASE_URL)".to_string(),
+        false => options.data_dir.display().to_string(),
+    };
     let cp =
         EmbeddedControlPlane::open(options).with_context(|| format!("opening the control-plane state in {dir}"))?;
     for spec in &config.integrations {
@@ -156,7 +161,11 @@ async fn run_agent(
                     "took back the leases of a previous run that ended without releasing them"
                 );
             }
-            let operator_token = operator_token::ensure(&config.standalone.data_dir)?;
+            let operator_token = if config.standalone.has_database() {
+                config.standalone.shared_operator_token()?
+            } else {
+                operator_token::ensure(&config.standalone.data_dir)?
+            };
             let listener = tokio::net::TcpListener::bind(config.standalone.listen)
                 .await
                 .with_context(|| format!("binding the operator API on {}", config.standalone.listen))?;
@@ -200,7 +209,11 @@ pub async fn serve_control_plane(config: Config, shutdown: CancellationToken) ->
     // a port-forward or a mesh sidecar every caller is loopback (reliability F3, F10).
     let agent_token = serve_agent_token(&config)?;
     let cp = open_embedded(&config, embedded_options(&config))?;
-    let operator_token = operator_token::ensure(&config.standalone.data_dir)?;
+    let operator_token = if config.standalone.has_database() {
+        config.standalone.shared_operator_token()?
+    } else {
+        operator_token::ensure(&config.standalone.data_dir)?
+    };
     let listener = tokio::net::TcpListener::bind(config.standalone.listen)
         .await
         .with_context(|| format!("binding {}", config.standalone.listen))?;

@@ -107,6 +107,20 @@ pub struct StandaloneConfig {
     /// marked expiry has passed and that no access holds (0: never). The first sweep runs at
     /// start, so a process that lost its database removes expired access at once.
     pub sweep_interval_seconds: u64,
+    // ----- the shared (PostgreSQL) state: several replicas (see `standalone_database`) -----
+    /// `APONO_DATABASE_URL`: `postgres://USER:PASSWORD@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=CA]`.
+    /// Set: the state lives there, shared by every replica, instead of SQLite in `data_dir`.
+    #[serde(skip_serializing)]
+    pub database_url: Option<SecretString>,
+    /// `APONO_DATABASE_URL_FILE`: the URL read from this file (a mounted Secret), read again at
+    /// each new connection so a rotated password is picked up without a restart.
+    pub database_url_file: Option<PathBuf>,
+    /// `APONO_OPERATOR_TOKEN`: with a database, the operator token (the same on every replica);
+    /// required then, as a generated token in one replica's `data_dir` would differ per replica.
+    #[serde(skip_serializing)]
+    pub operator_token: Option<SecretString>,
+    /// `APONO_OPERATOR_TOKEN_FILE`: the operator token read from this file.
+    pub operator_token_file: Option<PathBuf>,
 }
 
 impl Default for StandaloneConfig {
@@ -118,6 +132,10 @@ impl Default for StandaloneConfig {
             max_grant_attempts: 5,
             retention_days: 30,
             sweep_interval_seconds: 300,
+            database_url: None,
+            database_url_file: None,
+            operator_token: None,
+            operator_token_file: None,
         }
     }
 }
@@ -223,6 +241,14 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
     ("APONO_ACTIONS_PARALLELISM", "agent.parallelism", parse_positive_int),
     ("APONO_ALLOWED_RANCHER_HOSTS", "agent.allowed_rancher_hosts", parse_list),
     ("APONO_DATA_DIR", "standalone.data_dir", parse_string),
+    ("APONO_DATABASE_URL", "standalone.database_url", parse_string),
+    ("APONO_DATABASE_URL_FILE", "standalone.database_url_file", parse_string),
+    ("APONO_OPERATOR_TOKEN", "standalone.operator_token", parse_string),
+    (
+        "APONO_OPERATOR_TOKEN_FILE",
+        "standalone.operator_token_file",
+        parse_string,
+    ),
     ("APONO_LISTEN_ADDR", "standalone.listen", parse_string),
     ("APONO_LOG_FORMAT", "telemetry.log_format", parse_log_format),
     ("APONO_LOG_LEVEL", "telemetry.log_level", parse_string),
@@ -400,6 +426,7 @@ impl Config {
                 problems.push(format!("integrations[{i}] ({:?}): {e}", spec.name));
             }
         }
+        problems.extend(self.standalone.database_problems());
         if problems.is_empty() {
             Ok(())
         } else {
@@ -487,6 +514,72 @@ impl std::fmt::Display for AllowedHost {
 /// `Rancher.Example.com.` and `rancher.example.com` are one host.
 fn normalize_host(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl StandaloneConfig {
+    /// Whether the state is shared in a database (a URL or a URL file is set).
+    pub fn has_database(&self) -> bool {
+        self.database_url.is_some() || self.database_url_file.is_some()
+    }
+
+    /// Problems with the database settings; none of them quotes the URL (it holds a password).
+    fn database_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.database_url.is_some() && self.database_url_file.is_some() {
+            problems.push(
+                "set APONO_DATABASE_URL or APONO_DATABASE_URL_FILE (standalone.database_url[_file]), not both".into(),
+            );
+        }
+        if let Some(url) = &self.database_url {
+            let url = url.expose_secret().trim();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                problems.push(
+                    "standalone.database_url (APONO_DATABASE_URL) must be a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+                        .into(),
+                );
+            }
+        }
+        if self.has_database() && self.operator_token.is_none() && self.operator_token_file.is_none() {
+            problems.push(
+                "with a database (APONO_DATABASE_URL) the operator token must be given, the same on every replica: \
+                 set APONO_OPERATOR_TOKEN or APONO_OPERATOR_TOKEN_FILE"
+                    .into(),
+            );
+        }
+        if self
+            .operator_token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().trim().is_empty())
+        {
+            problems.push("APONO_OPERATOR_TOKEN is empty or only whitespace: set the real token, or unset it".into());
+        }
+        problems
+    }
+
+    /// The shared operator token (with a database): `operator_token`, else the file's content.
+    ///
+    /// # Errors
+    /// Neither is set, the file cannot be read, or the token is blank.
+    pub fn shared_operator_token(&self) -> Result<SecretString, ConfigError> {
+        if let Some(t) = &self.operator_token {
+            return Ok(t.clone());
+        }
+        let Some(path) = &self.operator_token_file else {
+            return Err(ConfigError(
+                "with a database the operator token must be given: set APONO_OPERATOR_TOKEN or APONO_OPERATOR_TOKEN_FILE".into(),
+            ));
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read APONO_OPERATOR_TOKEN_FILE {}: {e}", path.display())))?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(ConfigError(format!(
+                "APONO_OPERATOR_TOKEN_FILE {} is empty: it must hold the operator token",
+                path.display()
+            )));
+        }
+        Ok(SecretString::from(text.to_string()))
+    }
 }
 
 /// `APONO_URL` may be a bare host (`connector.example.com`), meaning https.

@@ -36,6 +36,10 @@ Environment (each overrides the config file's key):
   APONO_ALLOWED_RANCHER_HOSTS       the only Rancher hosts jobs may send keys to (host[:port], ...)
   APONO_DATA_DIR                    standalone state (SQLite, operator token) [default: ./data]
   APONO_LISTEN_ADDR                 standalone operator API [default: 127.0.0.1:8790]
+  APONO_DATABASE_URL                standalone state in PostgreSQL (postgres://...), shared by replicas
+  APONO_DATABASE_URL_FILE           the same URL in a file (read again at each new connection)
+  APONO_OPERATOR_TOKEN              operator token (required with a database; the same on every replica)
+  APONO_OPERATOR_TOKEN_FILE         the operator token in a file
   APONO_LOG_FORMAT                  text or json [default: text]
   APONO_LOG_LEVEL                   tracing filter [default: info]
   APONO_HEALTH_ADDR                 /healthz, /readyz, /metrics [default: 0.0.0.0:8080]
@@ -177,6 +181,12 @@ enum Command {
         #[command(subcommand)]
         command: ControlPlaneCommand,
     },
+    /// The control plane's state (moving an install to PostgreSQL).
+    #[cfg(feature = "store-postgres")]
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Simulators for demos and benchmarks.
     Sim {
         #[command(subcommand)]
@@ -312,6 +322,21 @@ enum ControlPlaneCommand {
         data_dir: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigFile,
+    },
+}
+
+#[cfg(feature = "store-postgres")]
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Copy a stopped install's SQLite state (live accesses included) into an empty PostgreSQL
+    /// database; prints what was copied as JSON. Refuses a database that already holds state.
+    Copy {
+        /// The data dir of the install to move (its daemon stopped).
+        #[arg(long, value_name = "DATA_DIR")]
+        from: PathBuf,
+        /// postgres://USER:PASSWORD@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=CA].
+        #[arg(long, env = "APONO_DATABASE_URL", hide_env_values = true, value_name = "URL")]
+        to: String,
     },
 }
 
@@ -661,6 +686,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             telemetry::init(&config.telemetry);
             commands::serve_control_plane(config, commands::shutdown_on_signal()).await?;
+        }
+        #[cfg(feature = "store-postgres")]
+        Command::State {
+            command: StateCommand::Copy { from, to },
+        } => {
+            let to = secrecy::SecretString::from(to);
+            let copied = apono_connector::control_plane::embedded::copy_state(&from, &to)?;
+            print_json(&copied)?;
         }
         Command::Sim {
             command:

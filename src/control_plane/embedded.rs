@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
+use secrecy::SecretString;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ use super::protocol::{
     CompleteRequest, Job, JobError, JobKind, LeaseRequest, MAX_WAIT_SECONDS, Outcome, ReleaseRequest, RenewRequest,
     RenewResponse, SessionHello, SessionInfo,
 };
-use super::store::{self, AccessRow, JobRow, Store, StoreError, sql};
+use super::store::{self, AccessRow, Db, JobRow, Store, StoreError};
 use super::{ControlPlane, ControlPlaneError};
 use crate::integrations::{Credentials, Owner};
 
@@ -73,8 +73,13 @@ pub const CLEANUP_DAYS_KEY: &str = "user_cleanup_days";
 /// Knobs of the embedded control plane.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Where the SQLite state lives (created if missing).
+    /// Where the SQLite state lives (created if missing). Unused with a `database_url`.
     pub data_dir: PathBuf,
+    /// A `postgres://` URL (`standalone.database_url`): the state lives in that database, shared
+    /// by every replica given the same URL. `None`: SQLite in `data_dir`.
+    pub database_url: Option<SecretString>,
+    /// A file holding that URL (a mounted Secret), read at start and at each new connection.
+    pub database_url_file: Option<PathBuf>,
     /// How long a lease lasts from a lease or a renew.
     pub lease_duration: Duration,
     /// Period of the scheduler (expiry revokes, rotations, cleanups).
@@ -112,6 +117,40 @@ impl Default for Options {
             // Off unless asked for: the daemon sets it from its config (default 300 s there).
             sweep_interval: Duration::ZERO,
             connector_id: "standalone".into(),
+            database_url: None,
+            database_url_file: None,
+        }
+    }
+}
+
+impl Options {
+    /// Where the state lives: the database URL's PostgreSQL, else SQLite in `data_dir`.
+    ///
+    /// # Errors
+    /// `Store` when the URL is not one this build can use (the message never holds it).
+    pub fn backend(&self) -> Result<store::Backend, ControlPlaneError> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => Some(url.clone()),
+            #[cfg(feature = "store-postgres")]
+            (None, Some(file)) => Some(store::postgres::read_url_file(file)?),
+            #[cfg(not(feature = "store-postgres"))]
+            (None, Some(_)) => Some(SecretString::from(String::new())),
+            (None, None) => None,
+        };
+        match url {
+            None => Ok(store::Backend::Sqlite(self.data_dir.clone())),
+            #[cfg(feature = "store-postgres")]
+            Some(url) => {
+                let mut target = store::postgres::PgTarget::parse(&url)?;
+                target.url_file = self.database_url_file.clone();
+                Ok(store::Backend::Postgres(Box::new(target)))
+            }
+            #[cfg(not(feature = "store-postgres"))]
+            Some(_) => Err(StoreError::Config(
+                "standalone.database_url is set, but this build has no PostgreSQL support (cargo feature store-postgres)"
+                    .into(),
+            )
+            .into()),
         }
     }
 }
@@ -146,7 +185,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 impl std::fmt::Debug for EmbeddedControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedControlPlane")
-            .field("db", &self.store.path())
+            .field("db", &self.store.describe())
             .finish_non_exhaustive()
     }
 }
@@ -236,8 +275,8 @@ impl EmbeddedControlPlane {
     /// `Store` when the directory or database cannot be created or read, or when another control
     /// plane (in this process or another) has the directory open.
     pub fn open(options: Options) -> Result<Arc<EmbeddedControlPlane>, ControlPlaneError> {
-        let store = Store::open(&options.data_dir)?;
-        let install_id = store::install_id(&store.lock())?;
+        let store = Store::open_backend(&options.backend()?)?;
+        let install_id = store::install_id(&*store.lock()?)?;
         let owner = Owner::new(options.connector_id.trim(), &install_id).map_err(|e| {
             bad_request(format!(
                 "control_plane.connector_id (APONO_CONNECTOR_ID) cannot name this connector's bindings: {e}"
@@ -260,11 +299,17 @@ impl EmbeddedControlPlane {
     /// Makes every leased job pending again at once (lease token cleared, attempt kept). For
     /// standalone `run`, right after `open`: the in-process agent is the only holder of leases,
     /// so every lease found at start belongs to a process that died, and waiting it out would only
-    /// delay revokes that fell due meanwhile. Returns how many jobs were handed back.
+    /// delay revokes that fell due meanwhile. Returns how many jobs were handed back. On a shared
+    /// (PostgreSQL) state it does nothing: the other replicas' leases are live.
     ///
     /// # Errors
     /// `Store` when the state cannot be written.
     pub fn reclaim_leases(&self) -> Result<usize, ControlPlaneError> {
+        if self.store.is_shared() {
+            // Other replicas hold live leases on a shared database: a dead one's leases run out
+            // within `lease_duration` and its jobs are handed out again then.
+            return Ok(0);
+        }
         let n = self.write(|c, fx| {
             let n = store::reclaim_leases(c, now())?;
             fx.wake = n > 0;
@@ -291,18 +336,13 @@ impl EmbeddedControlPlane {
     /// Runs `f` in one transaction and commits. The store's lock is held throughout.
     fn write<T>(
         &self,
-        f: impl FnOnce(&Connection, &mut Effects) -> Result<T, ControlPlaneError>,
+        f: impl FnOnce(&dyn Db, &mut Effects) -> Result<T, ControlPlaneError>,
     ) -> Result<T, ControlPlaneError> {
-        let mut conn = self.store.lock();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql("starting a transaction"))
-            .map_err(ControlPlaneError::from)?;
+        let conn = self.store.lock()?;
+        let tx = conn.transaction()?;
         let mut effects = Effects::default();
-        let value = f(&tx, &mut effects)?;
-        tx.commit()
-            .map_err(sql("committing"))
-            .map_err(ControlPlaneError::from)?;
+        let value = f(&*tx, &mut effects)?;
+        tx.commit()?;
         drop(conn);
         if effects.wake {
             self.ready.notify_waiters();
@@ -370,18 +410,18 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Store` when the row cannot be read (a corrupt row names its table and id).
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, ControlPlaneError> {
-        Ok(store::job(&self.store.lock(), id)?.as_ref().map(record))
+        Ok(store::job(&*self.store.lock()?, id)?.as_ref().map(record))
     }
 
     /// Every job, oldest first. A corrupt row is logged and left out.
     pub fn list_jobs(&self) -> Result<Vec<JobRecord>, ControlPlaneError> {
-        let rows = store::list_jobs(&self.store.lock())?;
+        let rows = store::list_jobs(&*self.store.lock()?)?;
         Ok(skip_corrupt(rows).iter().map(record).collect())
     }
 
     /// Objects uploaded by a discovery job, in upload order.
     pub fn resources(&self, job_id: &str) -> Result<Vec<Value>, ControlPlaneError> {
-        Ok(store::resources(&self.store.lock(), job_id)?)
+        Ok(store::resources(&*self.store.lock()?, job_id)?)
     }
 
     /// A new pending job. `spec`: the integration spec it is pinned to (`None`: the named
@@ -443,7 +483,7 @@ impl EmbeddedControlPlane {
     /// Leases one ready row, or leaves it (corrupt, held back, cancelled): `None`.
     fn hand_out(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         fx: &mut Effects,
         row: Result<JobRow, StoreError>,
         t: DateTime<Utc>,
@@ -549,12 +589,10 @@ impl EmbeddedControlPlane {
         let mut new_creds: Option<(String, Credentials)> = None;
         // Unread one-time credentials of an access that has ended are of no use to anyone.
         let mut forget_creds: Option<String> = None;
-        let mut conn = self.store.lock();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql("starting a transaction"))
-            .map_err(ControlPlaneError::from)?;
-        let mut job = store::job(&tx, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
+        let conn = self.store.lock()?;
+        let transaction = conn.transaction()?;
+        let tx: &dyn Db = &*transaction;
+        let mut job = store::job(tx, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
             message: format!("no job {job_id:?}"),
         })?;
         if job.completed_token.as_deref() == Some(request.lease_token.as_str()) {
@@ -570,7 +608,7 @@ impl EmbeddedControlPlane {
         job.lease_expires_at = None;
         job.updated_at = t;
         let access = match &job.access_id {
-            Some(id) => match store::access(&tx, id) {
+            Some(id) => match store::access(tx, id) {
                 Ok(a) => a,
                 Err(e) => {
                     // Record the job's outcome anyway; the access row needs a person's look.
@@ -588,20 +626,20 @@ impl EmbeddedControlPlane {
                 job.state = JobState::Succeeded;
                 job.result = result;
                 job.error = None;
-                store::update_job(&tx, &job)?;
+                store::update_job(tx, &job)?;
                 if job.kind == JobKind::Sweep.as_str() {
-                    wake |= self.on_sweep_succeeded(&tx, &job, t)?;
+                    wake |= self.on_sweep_succeeded(tx, &job, t)?;
                 }
                 if let Some(mut a) = access {
                     match JobKind::parse(&job.kind) {
                         Some(JobKind::Grant) => {
-                            wake |= self.on_grant_succeeded(&tx, &job, &mut a, t)?;
+                            wake |= self.on_grant_succeeded(tx, &job, &mut a, t)?;
                             if let Some(c) = creds {
                                 new_creds = Some((a.id.clone(), c));
                             }
                         }
                         Some(JobKind::Revoke) => {
-                            wake |= self.on_revoke_succeeded(&tx, &job, &mut a, t)?;
+                            wake |= self.on_revoke_succeeded(tx, &job, &mut a, t)?;
                             gauges::revoke_done(&a);
                             if a.state == AccessState::Revoked {
                                 forget_creds = Some(a.id.clone());
@@ -619,7 +657,7 @@ impl EmbeddedControlPlane {
                     && let Some(user_id) = job.params.get("user_id").and_then(Value::as_str)
                     && let Some(integration) = &job.integration_name
                 {
-                    store::delete_managed_user(&tx, integration, user_id)?;
+                    store::delete_managed_user(tx, integration, user_id)?;
                 }
                 // A raw grant or revoke (no access) that reports a user the connector created.
                 if job.access_id.is_none()
@@ -632,7 +670,7 @@ impl EmbeddedControlPlane {
                         .iter()
                         .any(|k| result.get(*k).and_then(Value::as_bool) == Some(true))
                 {
-                    Self::ensure_tracked(&tx, integration, user_id)?;
+                    Self::ensure_tracked(tx, integration, user_id)?;
                 }
             }
             Outcome::Failed => {
@@ -657,9 +695,9 @@ impl EmbeddedControlPlane {
                     match JobKind::parse(&job.kind) {
                         // May stop the retry: a grant revoked meanwhile is cleaned up instead.
                         Some(JobKind::Grant) => {
-                            wake |= self.on_grant_failed(&tx, &mut job, &mut a, &error, retry, t)?;
+                            wake |= self.on_grant_failed(tx, &mut job, &mut a, &error, retry, t)?;
                         }
-                        Some(JobKind::Revoke) => self.on_revoke_failed(&tx, &mut a, &error)?,
+                        Some(JobKind::Revoke) => self.on_revoke_failed(tx, &mut a, &error)?,
                         _ => {}
                     }
                 }
@@ -672,7 +710,7 @@ impl EmbeddedControlPlane {
                         tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempt, code = %error.code, "job failed for good")
                     }
                 }
-                store::update_job(&tx, &job)?;
+                store::update_job(tx, &job)?;
                 wake |= job.state == JobState::Pending;
             }
         }
@@ -685,15 +723,11 @@ impl EmbeddedControlPlane {
         if let Some(id) = &forget_creds {
             map.remove(id);
         }
-        if let Err(e) = tx.commit() {
+        if let Err(e) = transaction.commit() {
             if let Some((id, _)) = &new_creds {
                 map.remove(id);
             }
-            return Err(StoreError::Sqlite {
-                context: "committing a job outcome".into(),
-                source: e,
-            }
-            .into());
+            return Err(e.into());
         }
         drop(map);
         drop(conn);
@@ -720,6 +754,19 @@ impl EmbeddedControlPlane {
         tracing::debug!(tick_ms = tick.as_millis() as u64, "control-plane scheduler started");
         let mut next_tick = tokio::time::Instant::now();
         loop {
+            // On a shared database one replica at a time runs the passes; the others try the
+            // leader lock every tick and take over within a tick of the leader's death.
+            if !self.store.try_lead() {
+                // The gauges read the shared state: every replica shows the same counts, and a
+                // follower's do not go stale after a hand-over.
+                if let Ok(c) = self.store.lock() {
+                    gauges::update(&*c, now());
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(tick) => continue,
+                }
+            }
             let pass = if tokio::time::Instant::now() >= next_tick {
                 next_tick = tokio::time::Instant::now() + tick;
                 self.tick_once()
@@ -730,7 +777,7 @@ impl EmbeddedControlPlane {
                 tracing::error!(error = %e, "control-plane scheduler pass failed; retrying next tick");
             }
             let mut wait = next_tick.saturating_duration_since(tokio::time::Instant::now());
-            match store::next_expiry(&self.store.lock()) {
+            match self.store.lock().and_then(|c| store::next_expiry(&*c)) {
                 // Still due after the pass: it failed, and is retried at the next tick.
                 Ok(Some(due)) if due > now() => wait = wait.min((due - now()).to_std().unwrap_or_default()),
                 Ok(_) => {}
@@ -749,13 +796,13 @@ impl EmbeddedControlPlane {
     pub fn tick_once(&self) -> Result<(), ControlPlaneError> {
         let t = now();
         self.expire_due(t)?;
-        let rotations = skip_corrupt(store::due_rotations(&self.store.lock(), t)?);
+        let rotations = skip_corrupt(store::due_rotations(&*self.store.lock()?, t)?);
         for u in rotations {
             if let Err(e) = self.write(|c, fx| self.queue_rotation(c, fx, &u, t)) {
                 tracing::error!(user = %u.user_id, error = %e, "could not queue a credential rotation; retrying next tick");
             }
         }
-        let cleanups = skip_corrupt(store::due_cleanups(&self.store.lock(), t)?);
+        let cleanups = skip_corrupt(store::due_cleanups(&*self.store.lock()?, t)?);
         for u in cleanups {
             if let Err(e) = self.write(|c, fx| self.queue_cleanup(c, fx, &u, t)) {
                 tracing::error!(user = %u.user_id, error = %e, "could not queue a user cleanup; retrying next tick");
@@ -763,9 +810,9 @@ impl EmbeddedControlPlane {
         }
         self.sweep_if_due(t);
         self.prune_if_due(t);
-        gauges::update(&self.store.lock(), t);
+        gauges::update(&*self.store.lock()?, t);
         // A backoff ended or a lease ran out: wake long-polls (they also time their own waits).
-        let next = store::next_ready_at(&self.store.lock())?;
+        let next = store::next_ready_at(&*self.store.lock()?)?;
         if next.is_some_and(|n| n <= t) {
             self.ready.notify_waiters();
         }
@@ -804,6 +851,28 @@ impl EmbeddedControlPlane {
         Ok(pruned)
     }
 }
+
+/// `state copy`: moves the SQLite state in `from` (a stopped install's data dir) into the empty
+/// PostgreSQL database at `to`, live accesses included (see `store::copy_sqlite_to_postgres`).
+///
+/// # Errors
+/// `Store` (with what to do) when the URL is wrong, the database holds state already, a daemon
+/// has the data dir, or either database fails.
+#[cfg(feature = "store-postgres")]
+pub fn copy_state(from: &std::path::Path, to: &SecretString) -> Result<store::Copied, ControlPlaneError> {
+    let target = store::postgres::PgTarget::parse(to)?;
+    let copied = store::copy_sqlite_to_postgres(from, &target)?;
+    tracing::info!(
+        from = %from.display(),
+        to = %target.display(),
+        access_requests = copied.access_requests,
+        jobs = copied.jobs,
+        "state copied"
+    );
+    Ok(copied)
+}
+
+pub use store::Copied;
 
 /// Logs and drops rows that do not decode, so one corrupt row cannot stop a listing or the scheduler.
 fn skip_corrupt<T>(rows: Vec<Result<T, StoreError>>) -> Vec<T> {
@@ -872,7 +941,7 @@ fn view(a: AccessRow, credentials: Option<Credentials>) -> AccessRequest {
 
 /// The job whose lease `token` holds: `NotFound` for an unknown job, `LeaseLost` when the lease
 /// is no longer this token's (renew, release and upload all take that rule).
-fn leased_job(c: &Connection, job_id: &str, token: &str) -> Result<JobRow, ControlPlaneError> {
+fn leased_job(c: &dyn Db, job_id: &str, token: &str) -> Result<JobRow, ControlPlaneError> {
     let job = store::job(c, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
         message: format!("no job {job_id:?}"),
     })?;

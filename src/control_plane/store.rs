@@ -14,12 +14,21 @@
 //! `credentials` from results before they reach [`JobRow::result`]. The one secret this file can
 //! hold is an inline `APONO` integration's credentials, which is why it is created with mode 0600.
 
+pub mod db;
+#[cfg(feature = "store-postgres")]
+pub mod postgres;
+#[cfg(test)]
+pub mod testing;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::Connection;
 use serde_json::Value;
+
+pub use db::Db;
+use db::{DbError, DbRow, Val, p, query_opt};
 
 use super::ControlPlaneError;
 use super::data_dir::{DataDirError, check_writable, create_dir, create_private_file, lock_data_dir};
@@ -114,10 +123,10 @@ CREATE INDEX IF NOT EXISTS resources_job ON resources (job_id, seq);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{context}: {source}")]
-    Sqlite {
+    Db {
         context: String,
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
     #[error("{context}: {source}")]
     Io {
@@ -140,6 +149,9 @@ pub enum StoreError {
     /// The data dir is not writable, or a state file is readable by others: the path and the fix.
     #[error("{0}")]
     Unsafe(String),
+    /// The database setting is wrong (the message names what, never the password).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl StoreError {
@@ -150,12 +162,20 @@ impl StoreError {
             _ => None,
         }
     }
+
+    /// Whether the database was unreachable or busy (an outage: retry later), as opposed to a
+    /// wrong row, statement or setting.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Db { source, .. } if source.is_transient())
+    }
 }
 
 impl From<StoreError> for ControlPlaneError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::InUse(message) => ControlPlaneError::InUse { message },
+            // The database is down or busy: an outage (503, retried), not a broken state.
+            e if e.is_transient() => ControlPlaneError::Unavailable { message: e.to_string() },
             e => ControlPlaneError::Store { message: e.to_string() },
         }
     }
@@ -171,25 +191,59 @@ impl From<DataDirError> for StoreError {
     }
 }
 
-/// Shorthand for wrapping a rusqlite error with what was being done.
-pub fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
-    move |source| StoreError::Sqlite {
+/// Shorthand for wrapping a driver error with what was being done.
+pub fn sql<E: Into<DbError>>(context: &str) -> impl FnOnce(E) -> StoreError + '_ {
+    move |source| StoreError::Db {
         context: context.to_string(),
-        source,
+        source: source.into(),
     }
 }
 
-/// The SQLite file and its one connection.
-pub struct Store {
-    conn: Mutex<Connection>,
-    path: PathBuf,
-    /// Exclusive lock on `data_dir/lock`, released when the store is dropped (or the process
-    /// dies). Two control planes on one state would each keep one-time credentials the other
-    /// never sees, and `reclaim_leases` at start is only right when nobody else holds leases.
-    _lock: std::fs::File,
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// `data_dir/control-plane.sqlite3`, locked by one process.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database shared by any number of replicas.
+    #[cfg(feature = "store-postgres")]
+    Postgres(Box<postgres::PgTarget>),
+}
+
+/// The state's database: the SQLite file and its one connection, or a PostgreSQL connection.
+pub enum Store {
+    Sqlite {
+        conn: Mutex<Connection>,
+        path: PathBuf,
+        /// Exclusive lock on `data_dir/lock`, released when the store is dropped (or the process
+        /// dies). Two control planes on one state file would each keep one-time credentials the
+        /// other never sees, and `reclaim_leases` at start is only right when nobody else holds
+        /// leases.
+        _lock: std::fs::File,
+    },
+    #[cfg(feature = "store-postgres")]
+    Postgres(Box<postgres::PgStore>),
 }
 
 impl Store {
+    /// Opens the state: for SQLite (creating if needed) `data_dir/control-plane.sqlite3` with mode
+    /// 0600, WAL journaling and the current schema; for PostgreSQL a connection and the current
+    /// schema (migrations run under a lock, so replicas starting together migrate once).
+    ///
+    /// # Errors
+    /// The directory, file or database cannot be created or reached, the file is not a SQLite
+    /// database, or the state was written by a newer schema version.
+    pub fn open_backend(backend: &Backend) -> Result<Store, StoreError> {
+        match backend {
+            Backend::Sqlite(dir) => Store::open(dir),
+            #[cfg(feature = "store-postgres")]
+            Backend::Postgres(target) => {
+                let store = Store::Postgres(Box::new(postgres::PgStore::open((**target).clone())?));
+                migrate_pg(&*store.lock()?)?;
+                Ok(store)
+            }
+        }
+    }
+
     /// Opens (creating if needed) `data_dir/control-plane.sqlite3` with mode 0600, WAL journaling
     /// and the current schema.
     ///
@@ -209,23 +263,160 @@ impl Store {
             .map_err(sql("enabling WAL journaling"))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql("setting synchronous mode"))?;
+        // Every statement goes through the statement cache (see `db`); the store has a few dozen.
+        conn.set_prepared_statement_cache_capacity(128);
         migrate(&conn)?;
-        Ok(Store {
+        Ok(Store::Sqlite {
             conn: Mutex::new(conn),
             path,
             _lock: lock,
         })
     }
 
-    /// Path of the database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the state is, for messages: the file's path or `host:port/db`.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Sqlite { path, .. } => path.display().to_string(),
+            #[cfg(feature = "store-postgres")]
+            Store::Postgres(pg) => format!("postgres {}", pg.target().display()),
+        }
     }
 
-    /// The connection. A poisoned lock (a panic while it was held) is recovered: SQLite rolled
-    /// back whatever transaction was open, so the state is consistent.
-    pub fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Whether this process may run the scheduler and reconcile now. SQLite: always (the data
+    /// dir is this process's alone). PostgreSQL: while it holds the leader lock, a session
+    /// advisory lock on a connection of its own, taken when free and released by the server when
+    /// that session ends (the process died, or its connection broke): another replica takes it
+    /// at its next try.
+    pub fn try_lead(&self) -> bool {
+        match self {
+            Store::Sqlite { .. } => true,
+            #[cfg(feature = "store-postgres")]
+            Store::Postgres(pg) => pg.try_lead(),
+        }
+    }
+
+    /// Whether several processes may share this state (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        !matches!(self, Store::Sqlite { .. })
+    }
+
+    /// The connection, held until the guard drops. A poisoned lock (a panic while it was held)
+    /// is recovered: the database rolled back whatever transaction was open.
+    ///
+    /// # Errors
+    /// PostgreSQL only: the connection dropped and cannot be made again now (transient).
+    pub fn lock(&self) -> Result<StoreGuard<'_>, StoreError> {
+        match self {
+            Store::Sqlite { conn, .. } => Ok(StoreGuard::Sqlite(
+                conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            )),
+            #[cfg(feature = "store-postgres")]
+            Store::Postgres(pg) => Ok(StoreGuard::Postgres(pg.lock()?)),
+        }
+    }
+}
+
+/// The connection while its lock is held: a [`Db`].
+pub enum StoreGuard<'a> {
+    Sqlite(MutexGuard<'a, Connection>),
+    #[cfg(feature = "store-postgres")]
+    Postgres(MutexGuard<'a, Option<postgres::PgConn>>),
+}
+
+/// Answers every call with "unavailable" (a PostgreSQL guard whose connection is gone).
+#[cfg(feature = "store-postgres")]
+struct Closed;
+
+#[cfg(feature = "store-postgres")]
+impl Db for Closed {
+    fn dialect(&self) -> db::Dialect {
+        db::Dialect::Postgres
+    }
+    fn exec(&self, _: &str, _: &[Val]) -> Result<usize, DbError> {
+        Err(DbError::Unavailable("the database connection is closed".into()))
+    }
+    fn query(&self, _: &str, _: &[Val]) -> Result<Vec<DbRow>, DbError> {
+        Err(DbError::Unavailable("the database connection is closed".into()))
+    }
+    fn batch(&self, _: &str) -> Result<(), DbError> {
+        Err(DbError::Unavailable("the database connection is closed".into()))
+    }
+    fn begin_write(&self) -> Result<(), DbError> {
+        Err(DbError::Unavailable("the database connection is closed".into()))
+    }
+}
+
+impl<'a> std::ops::Deref for StoreGuard<'a> {
+    type Target = dyn Db + 'a;
+    fn deref(&self) -> &(dyn Db + 'a) {
+        match self {
+            StoreGuard::Sqlite(c) => &**c,
+            #[cfg(feature = "store-postgres")]
+            StoreGuard::Postgres(c) => match c.as_ref() {
+                Some(c) => c,
+                None => &Closed,
+            },
+        }
+    }
+}
+
+impl StoreGuard<'_> {
+    /// Starts a write transaction that excludes every other writer; it rolls back when dropped
+    /// without [`Transaction::commit`].
+    ///
+    /// # Errors
+    /// The database refused or could not be reached.
+    pub fn transaction(&self) -> Result<Transaction<'_>, StoreError> {
+        let db: &dyn Db = &**self;
+        db.begin_write().map_err(sql("starting a transaction"))?;
+        Ok(Transaction { db, done: false })
+    }
+
+    /// The SQLite connection (tests that write raw rows).
+    #[cfg(test)]
+    pub fn sqlite(&self) -> Option<&Connection> {
+        match self {
+            StoreGuard::Sqlite(c) => Some(c),
+            #[cfg(feature = "store-postgres")]
+            StoreGuard::Postgres(_) => None,
+        }
+    }
+}
+
+/// An open write transaction (a [`Db`]).
+pub struct Transaction<'g> {
+    db: &'g dyn Db,
+    done: bool,
+}
+
+impl<'g> std::ops::Deref for Transaction<'g> {
+    type Target = dyn Db + 'g;
+    fn deref(&self) -> &(dyn Db + 'g) {
+        self.db
+    }
+}
+
+impl Transaction<'_> {
+    /// Commits; on failure the transaction is rolled back.
+    ///
+    /// # Errors
+    /// The commit failed (nothing of the transaction was written).
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.done = true;
+        if let Err(e) = self.db.batch("COMMIT") {
+            let _ = self.db.batch("ROLLBACK");
+            return Err(sql("committing")(e));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Best effort: on a broken connection the server rolls back by itself.
+            let _ = self.db.batch("ROLLBACK");
+        }
     }
 }
 
@@ -344,17 +535,252 @@ fn pin_live_accesses(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// PostgreSQL schema steps, by the version each one brings the database to. The first is the
+/// whole schema as of SQLite's version 3 (PostgreSQL support started there), in PostgreSQL's
+/// types; a later version appends a step here and bumps [`SCHEMA_VERSION`] for both backends.
+#[cfg(feature = "store-postgres")]
+const PG_MIGRATIONS: &[(i64, &str)] = &[(
+    3,
+    "
+CREATE TABLE integrations (
+    name        TEXT PRIMARY KEY,
+    spec        TEXT NOT NULL,
+    updated_at  BIGINT NOT NULL,
+    source      TEXT NOT NULL DEFAULT 'config'
+);
+CREATE TABLE jobs (
+    seq               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id                TEXT NOT NULL UNIQUE,
+    kind              TEXT NOT NULL,
+    integration_name  TEXT,
+    integration       TEXT,
+    params            TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    attempt           BIGINT NOT NULL,
+    lease_token       TEXT,
+    lease_expires_at  BIGINT,
+    not_before        BIGINT,
+    completed_token   TEXT,
+    result            TEXT,
+    error             TEXT,
+    access_id         TEXT,
+    created_at        BIGINT NOT NULL,
+    updated_at        BIGINT NOT NULL
+);
+CREATE INDEX jobs_ready ON jobs (state, not_before, lease_expires_at);
+CREATE TABLE access_requests (
+    seq               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id                TEXT NOT NULL UNIQUE,
+    integration       TEXT NOT NULL,
+    subject           TEXT NOT NULL,
+    role              TEXT NOT NULL,
+    resource          TEXT NOT NULL,
+    ttl_seconds       BIGINT NOT NULL,
+    create_user       BOOLEAN NOT NULL,
+    state             TEXT NOT NULL,
+    created_at        BIGINT NOT NULL,
+    granted_at        BIGINT,
+    expires_at        BIGINT,
+    revoked_at        BIGINT,
+    grant_job_id      TEXT NOT NULL,
+    revoke_job_id     TEXT,
+    user_id           TEXT,
+    binding_ids       TEXT NOT NULL,
+    access_details    TEXT,
+    last_error        TEXT,
+    revoke_requested  BOOLEAN NOT NULL DEFAULT false,
+    integration_spec  TEXT,
+    pre_existing      BOOLEAN NOT NULL DEFAULT false,
+    bound_subject     TEXT,
+    owner             TEXT,
+    note              TEXT
+);
+CREATE INDEX access_due ON access_requests (state, expires_at);
+CREATE INDEX access_key ON access_requests (integration, role, resource, state);
+CREATE INDEX access_binding ON access_requests (role, resource, state);
+CREATE INDEX jobs_access ON jobs (access_id, kind, state);
+CREATE TABLE meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+CREATE TABLE managed_users (
+    integration       TEXT NOT NULL,
+    user_id           TEXT NOT NULL,
+    next_rotation_at  BIGINT,
+    cleanup_at        BIGINT,
+    PRIMARY KEY (integration, user_id)
+);
+CREATE TABLE resources (
+    seq     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id  TEXT NOT NULL,
+    object  TEXT NOT NULL
+);
+CREATE INDEX resources_job ON resources (job_id, seq);
+",
+)];
+
+/// Brings a PostgreSQL database to [`SCHEMA_VERSION`], one step per version, in one transaction
+/// under the write lock (replicas starting together: one migrates, the others find it done).
+/// A database written by a newer build is refused, as on SQLite.
+#[cfg(feature = "store-postgres")]
+fn migrate_pg(c: &dyn Db) -> Result<(), StoreError> {
+    c.begin_write().map_err(sql("starting the schema migration"))?;
+    let r = migrate_pg_in_transaction(c);
+    let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    c.batch(end).map_err(sql("ending the schema migration"))?;
+    r
+}
+
+#[cfg(feature = "store-postgres")]
+fn migrate_pg_in_transaction(c: &dyn Db) -> Result<(), StoreError> {
+    c.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .map_err(sql("creating the schema version table"))?;
+    let version: Option<i64> = query_opt(c, "SELECT MAX(version) FROM schema_version", &[])
+        .map_err(sql("reading the schema version"))?
+        .map(|r| r.get::<Option<i64>>(0))
+        .transpose()
+        .map_err(|message| StoreError::Corrupt {
+            table: "schema_version",
+            key: "version".into(),
+            message,
+        })?
+        .flatten();
+    let from = version.unwrap_or(0);
+    if from > SCHEMA_VERSION {
+        return Err(StoreError::Version(format!(
+            "the state database has schema version {from}, newer than this build's {SCHEMA_VERSION}: \
+             run a newer apono-connector on every replica, or point database_url elsewhere"
+        )));
+    }
+    for (version, step) in PG_MIGRATIONS.iter().filter(|(v, _)| *v > from) {
+        c.batch(step).map_err(sql("migrating the state database"))?;
+        c.exec("DELETE FROM schema_version", &[])
+            .map_err(sql("writing the schema version"))?;
+        c.exec("INSERT INTO schema_version (version) VALUES (?1)", &p![*version])
+            .map_err(sql("writing the schema version"))?;
+        tracing::info!(version, "state database migrated");
+    }
+    Ok(())
+}
+
 /// The id of this control plane's state, made once (uuid v7, simple form) and kept in `meta`:
 /// with the connector id it names the owner of every binding the connector makes.
-pub fn install_id(c: &Connection) -> Result<String, StoreError> {
+pub fn install_id(c: &dyn Db) -> Result<String, StoreError> {
     let fresh = uuid::Uuid::now_v7().simple().to_string();
-    c.execute(
-        "INSERT OR IGNORE INTO meta (key, value) VALUES ('install_id', ?1)",
-        [&fresh],
+    c.exec(
+        "INSERT INTO meta (key, value) VALUES ('install_id', ?1) ON CONFLICT (key) DO NOTHING",
+        &p![fresh],
     )
     .map_err(sql("writing the install id"))?;
-    c.query_row("SELECT value FROM meta WHERE key = 'install_id'", [], |r| r.get(0))
-        .map_err(sql("reading the install id"))
+    let row =
+        query_opt(c, "SELECT value FROM meta WHERE key = 'install_id'", &[]).map_err(sql("reading the install id"))?;
+    row.map(|r| r.get::<String>(0))
+        .transpose()
+        .map_err(|message| corrupt("meta", "install_id", message))?
+        .ok_or_else(|| corrupt("meta", "install_id", "missing after it was written".into()))
+}
+
+/// The row's id (first column) for a message about a row that does not decode.
+fn key_of(r: &DbRow) -> String {
+    r.get::<String>(0).unwrap_or_else(|_| "?".into())
+}
+
+/// The one value of a one-row aggregate (`MIN`, `MAX`), as an optional integer.
+fn first_value(table: &'static str, rows: Vec<DbRow>) -> Result<Option<i64>, StoreError> {
+    match rows.first() {
+        Some(r) => r
+            .get::<Option<i64>>(0)
+            .map_err(|message| corrupt(table, "(aggregate)", message)),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn corrupt(table: &'static str, key: &str, message: String) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// What `state copy` moved, table by table.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Copied {
+    pub integrations: usize,
+    pub jobs: usize,
+    pub access_requests: usize,
+    pub managed_users: usize,
+    pub resources: usize,
+    /// Leases of the stopped process handed back, so their jobs run at once.
+    pub leases_reclaimed: usize,
+}
+
+/// Copies a SQLite state (its data dir locked meanwhile: the daemon must be stopped) into an
+/// empty PostgreSQL database, in one transaction: integrations, jobs with their leases handed
+/// back, access requests (live ones keep their expiry, so their revokes still run), managed
+/// users, discovered objects, and `meta` (the install id: the copy is the same owner, so it
+/// revokes the bindings the SQLite install made).
+///
+/// # Errors
+/// `Config` when the database already holds state (nothing is written then); `InUse` when a
+/// daemon has the data dir; `Db` when either database fails.
+#[cfg(feature = "store-postgres")]
+pub fn copy_sqlite_to_postgres(from: &Path, to: &postgres::PgTarget) -> Result<Copied, StoreError> {
+    if !from.join(DB_FILE).is_file() {
+        return Err(StoreError::Config(format!(
+            "{} holds no state ({DB_FILE} is missing): give the data_dir of the install to move",
+            from.display()
+        )));
+    }
+    let src_store = Store::open(from)?;
+    let dst_store = Store::open_backend(&Backend::Postgres(Box::new(to.clone())))?;
+    let src_guard = src_store.lock()?;
+    let dst_guard = dst_store.lock()?;
+    let src: &dyn Db = &*src_guard;
+    let tx = dst_guard.transaction()?;
+    let held: i64 = tx
+        .query(
+            "SELECT (SELECT COUNT(*) FROM integrations) + (SELECT COUNT(*) FROM jobs) \
+             + (SELECT COUNT(*) FROM access_requests) + (SELECT COUNT(*) FROM managed_users) \
+             + (SELECT COUNT(*) FROM meta)",
+            &[],
+        )
+        .map_err(sql("checking that the database is empty"))
+        .and_then(|rows| first_value("meta", rows))?
+        .unwrap_or(0);
+    if held > 0 {
+        return Err(StoreError::Config(format!(
+            "the database {} already holds control-plane state ({held} rows): copy into an empty database",
+            to.display()
+        )));
+    }
+    let copy = |table: &str, columns: &str, order: &str| -> Result<usize, StoreError> {
+        let rows = src
+            .query(&format!("SELECT {columns} FROM {table} ORDER BY {order}"), &[])
+            .map_err(sql("reading the SQLite state"))?;
+        let placeholders: Vec<String> = (1..=columns.split(',').count()).map(|i| format!("?{i}")).collect();
+        let insert = format!("INSERT INTO {table} ({columns}) VALUES ({})", placeholders.join(", "));
+        for row in &rows {
+            tx.exec(&insert, &row.0).map_err(sql("writing into the database"))?;
+        }
+        Ok(rows.len())
+    };
+    copy("meta", "key, value", "key")?;
+    let copied = Copied {
+        integrations: copy("integrations", "name, spec, updated_at, source", "name")?,
+        jobs: copy("jobs", JOB_COLUMNS, "seq")?,
+        access_requests: copy("access_requests", ACCESS_COLUMNS, "seq")?,
+        managed_users: copy(
+            "managed_users",
+            "integration, user_id, next_rotation_at, cleanup_at",
+            "integration, user_id",
+        )?,
+        resources: copy("resources", "job_id, object", "seq")?,
+        // The process that held them is stopped (its data dir is locked by us now).
+        leases_reclaimed: reclaim_leases(&*tx, Utc::now())?,
+    };
+    tx.commit()?;
+    Ok(copied)
 }
 
 // ----- time and JSON helpers -----
@@ -456,31 +882,29 @@ impl IntegrationSource {
 }
 
 pub fn upsert_integration(
-    c: &Connection,
+    c: &dyn Db,
     name: &str,
     spec: &Value,
     source: IntegrationSource,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    c.execute(
+    c.exec(
         "INSERT INTO integrations (name, spec, updated_at, source) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at,
              source = excluded.source",
-        params![name, json_text(spec)?, to_ms(now), source.as_str()],
+        &p![name, json_text(spec)?, to_ms(now), source.as_str()],
     )
     .map_err(sql("saving an integration"))?;
     Ok(())
 }
 
 /// The registered spec and where it came from.
-pub fn integration_with_source(c: &Connection, name: &str) -> Result<Option<(Value, IntegrationSource)>, StoreError> {
-    let row: Option<(String, String)> = c
-        .query_row("SELECT spec, source FROM integrations WHERE name = ?1", [name], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()
+pub fn integration_with_source(c: &dyn Db, name: &str) -> Result<Option<(Value, IntegrationSource)>, StoreError> {
+    let row = query_opt(c, "SELECT spec, source FROM integrations WHERE name = ?1", &p![name])
         .map_err(sql("reading an integration"))?;
-    let Some((text, source)) = row else { return Ok(None) };
+    let Some(row) = row else { return Ok(None) };
+    let (text, source): (String, String) =
+        (|| Ok((row.get(0)?, row.get(1)?)))().map_err(|message| corrupt("integrations", name, message))?;
     let spec = parse_json("integrations", name, "spec", &text)?;
     let source = if source == "inline" {
         IntegrationSource::Inline
@@ -491,24 +915,21 @@ pub fn integration_with_source(c: &Connection, name: &str) -> Result<Option<(Val
 }
 
 /// The registered spec, as JSON (including inline credentials, to hand to the agent).
-pub fn integration(c: &Connection, name: &str) -> Result<Option<Value>, StoreError> {
-    let text: Option<String> = c
-        .query_row("SELECT spec FROM integrations WHERE name = ?1", [name], |r| r.get(0))
-        .optional()
-        .map_err(sql("reading an integration"))?;
+pub fn integration(c: &dyn Db, name: &str) -> Result<Option<Value>, StoreError> {
+    let text: Option<String> = query_opt(c, "SELECT spec FROM integrations WHERE name = ?1", &p![name])
+        .map_err(sql("reading an integration"))?
+        .map(|r| r.get(0))
+        .transpose()
+        .map_err(|message| corrupt("integrations", name, message))?;
     opt_json("integrations", name, "spec", text)
 }
 
-pub fn integration_names(c: &Connection) -> Result<Vec<String>, StoreError> {
-    let mut stmt = c
-        .prepare("SELECT name FROM integrations ORDER BY name")
-        .map_err(sql("listing integrations"))?;
-    let names = stmt
-        .query_map([], |r| r.get(0))
+pub fn integration_names(c: &dyn Db) -> Result<Vec<String>, StoreError> {
+    c.query("SELECT name FROM integrations ORDER BY name", &[])
         .map_err(sql("listing integrations"))?
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(sql("listing integrations"))?;
-    Ok(names)
+        .iter()
+        .map(|r| r.get(0).map_err(|message| corrupt("integrations", "?", message)))
+        .collect()
 }
 
 // ----- jobs -----
@@ -563,7 +984,7 @@ struct RawJob {
     updated_at: i64,
 }
 
-fn raw_job(r: &Row<'_>) -> rusqlite::Result<RawJob> {
+fn raw_job(r: &DbRow) -> Result<RawJob, String> {
     Ok(RawJob {
         id: r.get(0)?,
         kind: r.get(1)?,
@@ -617,10 +1038,10 @@ impl RawJob {
     }
 }
 
-pub fn insert_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
-    c.execute(
+pub fn insert_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
+    c.exec(
         &format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
-        params![
+        &p![
             j.id,
             j.kind,
             j.integration_name,
@@ -644,12 +1065,12 @@ pub fn insert_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
 }
 
 /// Writes the mutable columns of a job.
-pub fn update_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
-    c.execute(
+pub fn update_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
+    c.exec(
         "UPDATE jobs SET state = ?2, attempt = ?3, lease_token = ?4, lease_expires_at = ?5, not_before = ?6,
              completed_token = ?7, result = ?8, error = ?9, updated_at = ?10, params = ?11
          WHERE id = ?1",
-        params![
+        &p![
             j.id,
             job_state_str(j.state),
             i64::from(j.attempt),
@@ -667,67 +1088,58 @@ pub fn update_job(c: &Connection, j: &JobRow) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub fn job(c: &Connection, id: &str) -> Result<Option<JobRow>, StoreError> {
-    let raw = c
-        .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [id], raw_job)
-        .optional()
-        .map_err(|source| StoreError::Corrupt {
-            table: "jobs",
-            key: id.to_string(),
-            message: source.to_string(),
-        })?;
+pub fn job(c: &dyn Db, id: &str) -> Result<Option<JobRow>, StoreError> {
+    let raw = query_opt(c, &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), &p![id])
+        .map_err(sql("reading a job"))?
+        .map(|r| raw_job(&r))
+        .transpose()
+        .map_err(|message| corrupt("jobs", id, message))?;
     raw.map(RawJob::decode).transpose()
 }
 
 /// Rows matching `where_sql`, oldest first. Rows that do not decode are returned as errors in
 /// place, so one corrupt row cannot hide the others.
-fn jobs_where(
-    c: &Connection,
-    where_sql: &str,
-    args: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
-    let mut stmt = c
-        .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs {where_sql}"))
-        .map_err(sql("querying jobs"))?;
-    let rows = stmt
-        .query_map(args, raw_job)
+fn jobs_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+    let rows = c
+        .query(&format!("SELECT {JOB_COLUMNS} FROM jobs {where_sql}"), args)
         .map_err(sql("querying jobs"))?
-        .map(|r| match r {
+        .iter()
+        .map(|r| match raw_job(r) {
             Ok(raw) => raw.decode(),
-            Err(e) => Err(StoreError::Corrupt {
-                table: "jobs",
-                key: "?".into(),
-                message: e.to_string(),
-            }),
+            Err(message) => Err(corrupt("jobs", &key_of(r), message)),
         })
         .collect();
     Ok(rows)
 }
 
-pub fn list_jobs(c: &Connection) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+pub fn list_jobs(c: &dyn Db) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
     jobs_where(c, "ORDER BY seq", &[])
 }
 
 /// Jobs that may be handed out at `now`: pending and past their backoff, or leased with an
 /// expired lease. Revokes first (access ends on time however long the queue), then grants, then
 /// the rest (discovery, sweeps, rotations); oldest first within each; at most `limit`.
-pub fn ready_jobs(
-    c: &Connection,
-    now: DateTime<Utc>,
-    limit: u32,
-) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+pub fn ready_jobs(c: &dyn Db, now: DateTime<Utc>, limit: u32) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
     let now = to_ms(now);
+    // PostgreSQL: rows another replica's transaction holds are skipped, never handed out twice
+    // (writers also serialise on the write lock; this keeps the rule in the query itself).
+    let lock = match c.dialect() {
+        db::Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        db::Dialect::Sqlite => "",
+    };
     jobs_where(
         c,
-        "WHERE (state = 'pending' AND (not_before IS NULL OR not_before <= ?1))
-            OR (state = 'leased' AND lease_expires_at <= ?1)
-         ORDER BY CASE kind WHEN 'revoke' THEN 0 WHEN 'grant' THEN 1 ELSE 2 END, seq LIMIT ?2",
-        &[&now, &i64::from(limit)],
+        &format!(
+            "WHERE (state = 'pending' AND (not_before IS NULL OR not_before <= ?1))
+                OR (state = 'leased' AND lease_expires_at <= ?1)
+             ORDER BY CASE kind WHEN 'revoke' THEN 0 WHEN 'grant' THEN 1 ELSE 2 END, seq LIMIT ?2{lock}"
+        ),
+        &p![now, i64::from(limit)],
     )
 }
 
 /// Sweep jobs not yet settled (pending or leased).
-pub fn open_sweeps(c: &Connection) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+pub fn open_sweeps(c: &dyn Db) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
     jobs_where(
         c,
         "WHERE kind = 'sweep' AND state IN ('pending', 'leased') ORDER BY seq",
@@ -737,58 +1149,58 @@ pub fn open_sweeps(c: &Connection) -> Result<Vec<Result<JobRow, StoreError>>, St
 
 /// Jobs of one kind serving access `access_id` that have not settled (pending or leased).
 pub fn open_jobs_of_access(
-    c: &Connection,
+    c: &dyn Db,
     access_id: &str,
     kind: &str,
 ) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
     jobs_where(
         c,
         "WHERE access_id = ?1 AND kind = ?2 AND state IN ('pending', 'leased') ORDER BY seq",
-        &[&access_id, &kind],
+        &p![access_id, kind],
     )
 }
 
 /// Every leased job becomes pending at once (lease cleared, attempt kept). Returns how many.
-pub fn reclaim_leases(c: &Connection, now: DateTime<Utc>) -> Result<usize, StoreError> {
-    c.execute(
+pub fn reclaim_leases(c: &dyn Db, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    c.exec(
         "UPDATE jobs SET state = 'pending', lease_token = NULL, lease_expires_at = NULL, not_before = NULL,
              updated_at = ?1
          WHERE state = 'leased'",
-        [to_ms(now)],
+        &p![to_ms(now)],
     )
     .map_err(sql("handing back the leases of a dead process"))
 }
 
 /// Marks a job whose row does not decode as failed for good, touching only columns that cannot
 /// be corrupt, so it stops being looked at.
-pub fn fail_corrupt_job(c: &Connection, id: &str, message: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+pub fn fail_corrupt_job(c: &dyn Db, id: &str, message: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
     let error = JobError {
         code: "corrupt_job".into(),
         message: message.to_string(),
         retryable: false,
     };
-    c.execute(
+    c.exec(
         "UPDATE jobs SET state = 'failed', lease_token = NULL, lease_expires_at = NULL, not_before = NULL,
              error = ?2, updated_at = ?3
          WHERE id = ?1",
-        params![id, json_text(&error)?, to_ms(now)],
+        &p![id, json_text(&error)?, to_ms(now)],
     )
     .map_err(sql("marking a corrupt job failed"))?;
     Ok(())
 }
 
 /// The earliest time a job not ready now becomes ready (a backoff ending, a lease running out).
-pub fn next_ready_at(c: &Connection) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub fn next_ready_at(c: &dyn Db) -> Result<Option<DateTime<Utc>>, StoreError> {
     let ms: Option<i64> = c
-        .query_row(
+        .query(
             "SELECT MIN(t) FROM (
                  SELECT not_before AS t FROM jobs WHERE state = 'pending' AND not_before IS NOT NULL
                  UNION ALL
-                 SELECT lease_expires_at AS t FROM jobs WHERE state = 'leased' AND lease_expires_at IS NOT NULL)",
-            [],
-            |r| r.get(0),
+                 SELECT lease_expires_at AS t FROM jobs WHERE state = 'leased' AND lease_expires_at IS NOT NULL) AS due",
+            &[],
         )
-        .map_err(sql("reading the next job time"))?;
+        .map_err(sql("reading the next job time"))
+        .and_then(|rows| first_value("jobs", rows))?;
     opt_ms("jobs", "(next ready)", ms)
 }
 
@@ -862,7 +1274,7 @@ struct RawAccess {
     note: Option<String>,
 }
 
-fn raw_access(r: &Row<'_>) -> rusqlite::Result<RawAccess> {
+fn raw_access(r: &DbRow) -> Result<RawAccess, String> {
     Ok(RawAccess {
         id: r.get(0)?,
         integration: r.get(1)?,
@@ -940,14 +1352,14 @@ impl RawAccess {
     }
 }
 
-pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
-    c.execute(
+pub fn insert_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
+    c.exec(
         &format!(
             "INSERT INTO access_requests ({ACCESS_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
               ?22, ?23, ?24)"
         ),
-        params![
+        &p![
             a.id,
             a.integration,
             json_text(&a.subject)?,
@@ -979,13 +1391,13 @@ pub fn insert_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
 }
 
 /// Writes the mutable columns of an access request.
-pub fn update_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
-    c.execute(
+pub fn update_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
+    c.exec(
         "UPDATE access_requests SET state = ?2, granted_at = ?3, expires_at = ?4, revoked_at = ?5, revoke_job_id = ?6,
              user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10, revoke_requested = ?11,
              pre_existing = ?12, bound_subject = ?13, owner = ?14, note = ?15
          WHERE id = ?1",
-        params![
+        &p![
             a.id,
             a.state.as_str(),
             a.granted_at.map(to_ms),
@@ -1007,48 +1419,36 @@ pub fn update_access(c: &Connection, a: &AccessRow) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub fn access(c: &Connection, id: &str) -> Result<Option<AccessRow>, StoreError> {
-    let raw = c
-        .query_row(
-            &format!("SELECT {ACCESS_COLUMNS} FROM access_requests WHERE id = ?1"),
-            [id],
-            raw_access,
-        )
-        .optional()
-        .map_err(|source| StoreError::Corrupt {
-            table: "access_requests",
-            key: id.to_string(),
-            message: source.to_string(),
-        })?;
+pub fn access(c: &dyn Db, id: &str) -> Result<Option<AccessRow>, StoreError> {
+    let raw = query_opt(
+        c,
+        &format!("SELECT {ACCESS_COLUMNS} FROM access_requests WHERE id = ?1"),
+        &p![id],
+    )
+    .map_err(sql("reading an access request"))?
+    .map(|r| raw_access(&r))
+    .transpose()
+    .map_err(|message| corrupt("access_requests", id, message))?;
     raw.map(RawAccess::decode).transpose()
 }
 
-fn access_where(
-    c: &Connection,
-    where_sql: &str,
-    args: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    let mut stmt = c
-        .prepare(&format!(
-            "SELECT {ACCESS_COLUMNS} FROM access_requests {where_sql} ORDER BY seq"
-        ))
-        .map_err(sql("querying access requests"))?;
-    let rows = stmt
-        .query_map(args, raw_access)
+fn access_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    let rows = c
+        .query(
+            &format!("SELECT {ACCESS_COLUMNS} FROM access_requests {where_sql} ORDER BY seq"),
+            args,
+        )
         .map_err(sql("querying access requests"))?
-        .map(|r| match r {
+        .iter()
+        .map(|r| match raw_access(r) {
             Ok(raw) => raw.decode(),
-            Err(e) => Err(StoreError::Corrupt {
-                table: "access_requests",
-                key: "?".into(),
-                message: e.to_string(),
-            }),
+            Err(message) => Err(corrupt("access_requests", &key_of(r), message)),
         })
         .collect();
     Ok(rows)
 }
 
-pub fn list_access(c: &Connection) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+pub fn list_access(c: &dyn Db) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(c, "", &[])
 }
 
@@ -1063,7 +1463,7 @@ pub struct Pruned {
 /// Forgets finished work last touched before `cutoff`: discovered objects of finished jobs,
 /// finished jobs, and access requests that ended (revoked or failed) with their jobs. Nothing
 /// pending, leased, active or revoking is touched, whatever its age.
-pub fn prune(c: &Connection, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError> {
+pub fn prune(c: &dyn Db, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError> {
     let cutoff = to_ms(cutoff);
     let ended_access = "SELECT id FROM access_requests WHERE state IN ('revoked', 'failed') \
                         AND COALESCE(revoked_at, created_at) < ?1";
@@ -1072,21 +1472,21 @@ pub fn prune(c: &Connection, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError
          AND (access_id IS NULL OR access_id IN ({ended_access}))"
     );
     let resources = c
-        .execute(
+        .exec(
             &format!("DELETE FROM resources WHERE job_id IN (SELECT id FROM jobs WHERE {old_job})"),
-            [cutoff],
+            &p![cutoff],
         )
         .map_err(sql("pruning discovered objects"))?;
     let jobs = c
-        .execute(&format!("DELETE FROM jobs WHERE {old_job}"), [cutoff])
+        .exec(&format!("DELETE FROM jobs WHERE {old_job}"), &p![cutoff])
         .map_err(sql("pruning finished jobs"))?;
     let access_requests = c
-        .execute(
+        .exec(
             &format!(
                 "DELETE FROM access_requests WHERE id IN ({ended_access}) \
                  AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.access_id = access_requests.id)"
             ),
-            [cutoff],
+            &p![cutoff],
         )
         .map_err(sql("pruning ended access requests"))?;
     Ok(Pruned {
@@ -1097,47 +1497,47 @@ pub fn prune(c: &Connection, cutoff: DateTime<Utc>) -> Result<Pruned, StoreError
 }
 
 /// The earliest expiry of an active access (the `access_due` index: no scan).
-pub fn next_expiry(c: &Connection) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub fn next_expiry(c: &dyn Db) -> Result<Option<DateTime<Utc>>, StoreError> {
     let ms: Option<i64> = c
-        .query_row(
+        .query(
             "SELECT MIN(expires_at) FROM access_requests WHERE state = 'active' AND expires_at IS NOT NULL",
-            [],
-            |r| r.get(0),
+            &[],
         )
-        .map_err(sql("reading the next expiry"))?;
+        .map_err(sql("reading the next expiry"))
+        .and_then(|rows| first_value("access_requests", rows))?;
     opt_ms("access_requests", "(next expiry)", ms)
 }
 
 /// Active accesses whose TTL has ended.
-pub fn expired_access(c: &Connection, now: DateTime<Utc>) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    access_where(c, "WHERE state = 'active' AND expires_at <= ?1", &[&to_ms(now)])
+pub fn expired_access(c: &dyn Db, now: DateTime<Utc>) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    access_where(c, "WHERE state = 'active' AND expires_at <= ?1", &p![to_ms(now)])
 }
 
 /// Accesses of one Rancher user (by the user id the grant reported) on one integration.
 pub fn access_of_user(
-    c: &Connection,
+    c: &dyn Db,
     integration: &str,
     user_id: &str,
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    access_where(c, "WHERE integration = ?1 AND user_id = ?2", &[&integration, &user_id])
+    access_where(c, "WHERE integration = ?1 AND user_id = ?2", &p![integration, user_id])
 }
 
 /// Accesses that have not ended (pending, active or revoking), oldest first.
-pub fn live_access(c: &Connection) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+pub fn live_access(c: &dyn Db) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(c, "WHERE state IN ('pending', 'active', 'revoking')", &[])
 }
 
 /// Accesses that have not ended on one (role, resource), on any integration, oldest first: the
 /// candidates for sharing a binding (the caller compares their Rancher and subject).
 pub fn live_access_on(
-    c: &Connection,
+    c: &dyn Db,
     role: &str,
     resource: &Resource,
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     access_where(
         c,
         "WHERE role = ?1 AND resource = ?2 AND state IN ('pending', 'active', 'revoking')",
-        &[&role, &resource.as_str()],
+        &p![role, resource.as_str()],
     )
 }
 
@@ -1148,7 +1548,7 @@ pub fn live_access_on(
 /// A name JSON would escape (or an empty one) cannot be matched as text: then every live access
 /// is returned, as before.
 pub fn live_access_naming(
-    c: &Connection,
+    c: &dyn Db,
     on: Option<(&str, &Resource)>,
     names: [&str; 2],
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
@@ -1159,9 +1559,9 @@ pub fn live_access_naming(
         (Some((role, resource)), true) => access_where(
             c,
             &format!("WHERE role = ?3 AND resource = ?4 AND {live} AND {named}"),
-            &[&names[0], &names[1], &role, &resource.as_str()],
+            &p![names[0], &names[1], &role, &resource.as_str()],
         ),
-        (None, true) => access_where(c, &format!("WHERE {live} AND {named}"), &[&names[0], &names[1]]),
+        (None, true) => access_where(c, &format!("WHERE {live} AND {named}"), &p![names[0], &names[1]]),
         (Some((role, resource)), false) => live_access_on(c, role, resource),
         (None, false) => live_access(c),
     }
@@ -1176,17 +1576,14 @@ fn matchable_as_text(s: &str) -> bool {
 /// Active accesses whose recorded binding ids may include `binding_id` (a text match on the
 /// stored list: a superset the caller checks exactly), without decoding every live access. An id
 /// JSON would escape cannot be matched as text: then every live access is returned.
-pub fn active_access_holding(
-    c: &Connection,
-    binding_id: &str,
-) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+pub fn active_access_holding(c: &dyn Db, binding_id: &str) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     if !matchable_as_text(binding_id) {
         return live_access(c);
     }
     access_where(
         c,
         "WHERE state = 'active' AND instr(binding_ids, ?1) > 0",
-        &[&binding_id],
+        &p![binding_id],
     )
 }
 
@@ -1201,31 +1598,24 @@ pub struct ManagedUser {
 }
 
 fn managed_where(
-    c: &Connection,
+    c: &dyn Db,
     where_sql: &str,
-    args: &[&dyn rusqlite::ToSql],
+    args: &[Val],
 ) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
-    let mut stmt = c
-        .prepare(&format!(
-            "SELECT integration, user_id, next_rotation_at, cleanup_at FROM managed_users {where_sql} ORDER BY integration, user_id"
-        ))
-        .map_err(sql("querying managed users"))?;
-    let rows = stmt
-        .query_map(args, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-            ))
-        })
+    let rows = c
+        .query(
+            &format!(
+                "SELECT integration, user_id, next_rotation_at, cleanup_at FROM managed_users {where_sql} ORDER BY integration, user_id"
+            ),
+            args,
+        )
         .map_err(sql("querying managed users"))?
+        .iter()
         .map(|r| {
-            let (integration, user_id, rot, clean) = r.map_err(|e| StoreError::Corrupt {
-                table: "managed_users",
-                key: "?".into(),
-                message: e.to_string(),
-            })?;
+            let decoded: Result<(String, String, Option<i64>, Option<i64>), String> =
+                (|| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))();
+            let (integration, user_id, rot, clean) =
+                decoded.map_err(|message| corrupt("managed_users", "?", message))?;
             Ok(ManagedUser {
                 next_rotation_at: opt_ms("managed_users", &user_id, rot)?,
                 cleanup_at: opt_ms("managed_users", &user_id, clean)?,
@@ -1237,31 +1627,31 @@ fn managed_where(
     Ok(rows)
 }
 
-pub fn managed_user(c: &Connection, integration: &str, user_id: &str) -> Result<Option<ManagedUser>, StoreError> {
-    managed_where(c, "WHERE integration = ?1 AND user_id = ?2", &[&integration, &user_id])?
+pub fn managed_user(c: &dyn Db, integration: &str, user_id: &str) -> Result<Option<ManagedUser>, StoreError> {
+    managed_where(c, "WHERE integration = ?1 AND user_id = ?2", &p![integration, user_id])?
         .into_iter()
         .next()
         .transpose()
 }
 
-pub fn list_managed_users(c: &Connection) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
+pub fn list_managed_users(c: &dyn Db) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
     managed_where(c, "", &[])
 }
 
-pub fn due_rotations(c: &Connection, now: DateTime<Utc>) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
-    managed_where(c, "WHERE next_rotation_at <= ?1", &[&to_ms(now)])
+pub fn due_rotations(c: &dyn Db, now: DateTime<Utc>) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
+    managed_where(c, "WHERE next_rotation_at <= ?1", &p![to_ms(now)])
 }
 
-pub fn due_cleanups(c: &Connection, now: DateTime<Utc>) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
-    managed_where(c, "WHERE cleanup_at <= ?1", &[&to_ms(now)])
+pub fn due_cleanups(c: &dyn Db, now: DateTime<Utc>) -> Result<Vec<Result<ManagedUser, StoreError>>, StoreError> {
+    managed_where(c, "WHERE cleanup_at <= ?1", &p![to_ms(now)])
 }
 
-pub fn upsert_managed_user(c: &Connection, u: &ManagedUser) -> Result<(), StoreError> {
-    c.execute(
+pub fn upsert_managed_user(c: &dyn Db, u: &ManagedUser) -> Result<(), StoreError> {
+    c.exec(
         "INSERT INTO managed_users (integration, user_id, next_rotation_at, cleanup_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (integration, user_id) DO UPDATE SET
              next_rotation_at = excluded.next_rotation_at, cleanup_at = excluded.cleanup_at",
-        params![
+        &p![
             u.integration,
             u.user_id,
             u.next_rotation_at.map(to_ms),
@@ -1272,10 +1662,10 @@ pub fn upsert_managed_user(c: &Connection, u: &ManagedUser) -> Result<(), StoreE
     Ok(())
 }
 
-pub fn delete_managed_user(c: &Connection, integration: &str, user_id: &str) -> Result<(), StoreError> {
-    c.execute(
+pub fn delete_managed_user(c: &dyn Db, integration: &str, user_id: &str) -> Result<(), StoreError> {
+    c.exec(
         "DELETE FROM managed_users WHERE integration = ?1 AND user_id = ?2",
-        params![integration, user_id],
+        &p![integration, user_id],
     )
     .map_err(sql("deleting a managed user"))?;
     Ok(())
@@ -1283,33 +1673,36 @@ pub fn delete_managed_user(c: &Connection, integration: &str, user_id: &str) -> 
 
 // ----- discovery uploads -----
 
-pub fn insert_resources(c: &Connection, job_id: &str, objects: &[Value]) -> Result<(), StoreError> {
-    let mut stmt = c
-        .prepare_cached("INSERT INTO resources (job_id, object) VALUES (?1, ?2)")
-        .map_err(sql("saving discovered objects"))?;
+pub fn insert_resources(c: &dyn Db, job_id: &str, objects: &[Value]) -> Result<(), StoreError> {
     for o in objects {
-        stmt.execute(params![job_id, json_text(o)?])
-            .map_err(sql("saving discovered objects"))?;
+        c.exec(
+            "INSERT INTO resources (job_id, object) VALUES (?1, ?2)",
+            &p![job_id, json_text(o)?],
+        )
+        .map_err(sql("saving discovered objects"))?;
     }
     Ok(())
 }
 
 /// Drops a job's uploads: they belong to the lease that made them, and a new lease starts over.
-pub fn discard_resources(c: &Connection, job_id: &str) -> Result<usize, StoreError> {
-    c.execute("DELETE FROM resources WHERE job_id = ?1", [job_id])
+pub fn discard_resources(c: &dyn Db, job_id: &str) -> Result<usize, StoreError> {
+    c.exec("DELETE FROM resources WHERE job_id = ?1", &p![job_id])
         .map_err(sql("discarding an earlier attempt's discovered objects"))
 }
 
-pub fn resources(c: &Connection, job_id: &str) -> Result<Vec<Value>, StoreError> {
-    let mut stmt = c
-        .prepare("SELECT seq, object FROM resources WHERE job_id = ?1 ORDER BY seq")
-        .map_err(sql("reading discovered objects"))?;
-    let rows = stmt
-        .query_map([job_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+pub fn resources(c: &dyn Db, job_id: &str) -> Result<Vec<Value>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT seq, object FROM resources WHERE job_id = ?1 ORDER BY seq",
+            &p![job_id],
+        )
         .map_err(sql("reading discovered objects"))?;
     let mut out = Vec::new();
     for row in rows {
-        let (seq, text) = row.map_err(sql("reading discovered objects"))?;
+        let seq: i64 = row.get(0).map_err(|message| corrupt("resources", job_id, message))?;
+        let text: String = row
+            .get(1)
+            .map_err(|message| corrupt("resources", &seq.to_string(), message))?;
         out.push(parse_json("resources", &seq.to_string(), "object", &text)?);
     }
     Ok(out)

@@ -47,8 +47,8 @@
 #[cfg(test)]
 mod tests;
 
+use crate::control_plane::store::Db;
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
 use serde_json::Value;
 
 use super::registry::{same_target, target};
@@ -213,7 +213,7 @@ fn fail_job(job: &mut JobRow, error: JobError, t: DateTime<Utc>) {
 }
 
 /// Puts a grant back for a short wait (a revoke of its binding is in flight).
-fn defer_grant(c: &Connection, job: &mut JobRow, t: DateTime<Utc>) -> Result<GrantGate, ControlPlaneError> {
+fn defer_grant(c: &dyn Db, job: &mut JobRow, t: DateTime<Utc>) -> Result<GrantGate, ControlPlaneError> {
     job.state = JobState::Pending;
     job.lease_token = None;
     job.lease_expires_at = None;
@@ -306,8 +306,8 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Store` when the row cannot be read.
     pub fn access(&self, id: &str) -> Result<Option<AccessRequest>, ControlPlaneError> {
-        let conn = self.store.lock();
-        let Some(row) = store::access(&conn, id)? else {
+        let conn = self.store.lock()?;
+        let Some(row) = store::access(&*conn, id)? else {
             return Ok(None);
         };
         let creds = self.credentials_map().remove(id);
@@ -320,7 +320,7 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Store` when the table cannot be read.
     pub fn list_access(&self) -> Result<Vec<AccessRequest>, ControlPlaneError> {
-        let rows = store::list_access(&self.store.lock())?;
+        let rows = store::list_access(&*self.store.lock()?)?;
         Ok(skip_corrupt(rows).into_iter().map(|r| view(r, None)).collect())
     }
 
@@ -364,7 +364,7 @@ impl EmbeddedControlPlane {
     }
 
     /// The other accesses that have not ended and share `a`'s binding ([`share_binding`]).
-    fn overlapping(&self, c: &Connection, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
+    fn overlapping(&self, c: &dyn Db, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
         let names = subject_names(a);
@@ -379,11 +379,7 @@ impl EmbeddedControlPlane {
 
     /// Another access of `a`'s user on `a`'s Rancher whose password is live: `active`, or granted
     /// and still being revoked. A `create_user` grant for `a` then keeps that password.
-    pub(super) fn credentials_holder(
-        &self,
-        c: &Connection,
-        a: &AccessRow,
-    ) -> Result<Option<AccessRow>, ControlPlaneError> {
+    pub(super) fn credentials_holder(&self, c: &dyn Db, a: &AccessRow) -> Result<Option<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let names = subject_names(a);
         for o in skip_corrupt(store::live_access_naming(c, None, [&names[0], &names[1]])?) {
@@ -396,7 +392,7 @@ impl EmbeddedControlPlane {
     }
 
     /// The spec `a`'s jobs go to: its pinned one, or (rows from before pinning) the named one.
-    pub(super) fn effective_spec(&self, c: &Connection, a: &AccessRow) -> Result<Value, ControlPlaneError> {
+    pub(super) fn effective_spec(&self, c: &dyn Db, a: &AccessRow) -> Result<Value, ControlPlaneError> {
         Ok(match &a.integration_spec {
             Some(spec) => spec.clone(),
             None => store::integration(c, &a.integration)?.unwrap_or(Value::Null),
@@ -408,7 +404,7 @@ impl EmbeddedControlPlane {
     /// it is the last one. Returns true when a job was queued.
     pub(super) fn end_access(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &mut AccessRow,
         t: DateTime<Utc>,
     ) -> Result<bool, ControlPlaneError> {
@@ -459,7 +455,7 @@ impl EmbeddedControlPlane {
     /// id), keeping any id they carried. A stored `user_id` that is not a Rancher user id (a
     /// group's principal, recorded by older builds) is dropped, so a revoke stuck as
     /// `malformed_job` on it recovers.
-    pub(super) fn refresh_revoke(&self, c: &Connection, job: &mut JobRow) -> Result<(), ControlPlaneError> {
+    pub(super) fn refresh_revoke(&self, c: &dyn Db, job: &mut JobRow) -> Result<(), ControlPlaneError> {
         let Some(access_id) = job.access_id.clone() else {
             return Ok(()); // a raw revoke: sent as its creator gave it
         };
@@ -482,7 +478,7 @@ impl EmbeddedControlPlane {
     }
 
     /// Queues the revoke of an access (with what its grant recorded) and moves it to `revoking`.
-    fn queue_revoke(&self, c: &Connection, a: &mut AccessRow, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
+    fn queue_revoke(&self, c: &dyn Db, a: &mut AccessRow, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
         let params = self.revoke_params(a, &[])?;
         let job = Self::new_job(
             JobKind::Revoke,
@@ -505,7 +501,7 @@ impl EmbeddedControlPlane {
     /// nothing can have been granted (never handed out, no bindings handed over), else cleaned up.
     fn cancel_grant(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         job: &mut JobRow,
         a: &mut AccessRow,
         why: String,
@@ -531,7 +527,7 @@ impl EmbeddedControlPlane {
     /// hand-out. A grant job of an `active` access is a repair (see [`Self::gate_repair`]).
     pub(super) fn gate_grant(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         fx: &mut Effects,
         job: &mut JobRow,
         t: DateTime<Utc>,
@@ -603,7 +599,7 @@ impl EmbeddedControlPlane {
 
     /// A revoke of `a`'s binding is in flight (an access sharing it is `revoking`): a grant of `a`
     /// waits, so it never races that revoke.
-    fn revoke_in_flight(&self, c: &Connection, a: &AccessRow) -> Result<bool, ControlPlaneError> {
+    fn revoke_in_flight(&self, c: &dyn Db, a: &AccessRow) -> Result<bool, ControlPlaneError> {
         let revoking = self
             .overlapping(c, a)?
             .into_iter()
@@ -619,7 +615,7 @@ impl EmbeddedControlPlane {
     /// cancelled, and if an earlier attempt ran, what it may have made is cleaned up.
     fn gate_repair(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         fx: &mut Effects,
         job: &mut JobRow,
         a: &mut AccessRow,
@@ -659,7 +655,7 @@ impl EmbeddedControlPlane {
     /// job was queued.
     fn after_end_grant(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &mut AccessRow,
         made: &[String],
         t: DateTime<Utc>,
@@ -686,7 +682,7 @@ impl EmbeddedControlPlane {
     /// queued.
     pub(super) fn on_grant_succeeded(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         job: &JobRow,
         a: &mut AccessRow,
         t: DateTime<Utc>,
@@ -742,7 +738,7 @@ impl EmbeddedControlPlane {
     /// `pre_existing` and details follow the result. Tracks a user the connector created.
     fn record_grant(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &mut AccessRow,
         result: &Value,
         t: DateTime<Utc>,
@@ -772,7 +768,7 @@ impl EmbeddedControlPlane {
     /// whose access ended is cleaned up. Returns true when a job was queued.
     pub(super) fn on_grant_failed(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         job: &mut JobRow,
         a: &mut AccessRow,
         error: &JobError,
@@ -814,7 +810,7 @@ impl EmbeddedControlPlane {
     /// repaired. Returns true when a job was queued.
     pub(super) fn on_revoke_succeeded(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         job: &JobRow,
         a: &mut AccessRow,
         t: DateTime<Utc>,
@@ -865,7 +861,7 @@ impl EmbeddedControlPlane {
     /// Revoke attempt failed: it is retried forever; the operator sees why in `last_error`.
     pub(super) fn on_revoke_failed(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &mut AccessRow,
         error: &JobError,
     ) -> Result<(), ControlPlaneError> {
@@ -878,7 +874,7 @@ impl EmbeddedControlPlane {
 
     /// Scheduler step: ends every active access whose TTL has passed.
     pub(super) fn expire_due(&self, t: DateTime<Utc>) -> Result<(), ControlPlaneError> {
-        let expired = skip_corrupt(store::expired_access(&self.store.lock(), t)?);
+        let expired = skip_corrupt(store::expired_access(&*self.store.lock()?, t)?);
         // A mass expiry (a shift's end) ends in a few transactions, not one per access; a chunk
         // that fails is retried one access at a time, so one bad row holds back no other.
         for chunk in expired.chunks(EXPIRE_CHUNK) {
@@ -904,7 +900,7 @@ impl EmbeddedControlPlane {
     /// transaction: it may have changed since it was listed).
     fn end_if_expired(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         fx: &mut Effects,
         id: &str,
         t: DateTime<Utc>,

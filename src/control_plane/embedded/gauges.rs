@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
 
-use super::store::{AccessRow, StoreError, sql, to_ms};
+use super::store::db::p;
+use super::store::{AccessRow, Db, StoreError, corrupt, sql, to_ms};
 use crate::control_plane::operator::AccessState;
 use crate::control_plane::protocol::JobKind;
 use crate::telemetry::metrics::{KindLabels, StateLabels, metrics};
@@ -33,32 +33,31 @@ struct Counts {
     queued: HashMap<String, i64>,
 }
 
-fn read(c: &Connection, now: DateTime<Utc>) -> Result<Counts, StoreError> {
+fn read(c: &dyn Db, now: DateTime<Utc>) -> Result<Counts, StoreError> {
     let mut counts = Counts::default();
-    let mut accesses = c
-        .prepare_cached(
+    let rows = c
+        .query(
             "SELECT state, COUNT(*), SUM(CASE WHEN state <> 'pending' AND expires_at <= ?1 THEN 1 ELSE 0 END) \
              FROM access_requests WHERE state IN ('pending', 'active', 'revoking') GROUP BY state",
+            &p![to_ms(now)],
         )
         .map_err(sql("counting accesses by state"))?;
-    let rows = accesses
-        .query_map([to_ms(now)], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?))
-        })
-        .map_err(sql("counting accesses by state"))?;
     for row in rows {
-        let (state, n, overdue) = row.map_err(sql("counting accesses by state"))?;
+        let state: String = row.get(0).map_err(|e| corrupt("access_requests", "(count)", e))?;
+        let n: i64 = row.get(1).map_err(|e| corrupt("access_requests", "(count)", e))?;
+        let overdue: Option<i64> = row.get(2).map_err(|e| corrupt("access_requests", "(count)", e))?;
         counts.overdue += overdue.unwrap_or(0);
         counts.accesses.insert(state, n);
     }
-    let mut jobs = c
-        .prepare_cached("SELECT kind, COUNT(*) FROM jobs WHERE state = 'pending' GROUP BY kind")
-        .map_err(sql("counting queued jobs"))?;
-    let rows = jobs
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+    let rows = c
+        .query(
+            "SELECT kind, COUNT(*) FROM jobs WHERE state = 'pending' GROUP BY kind",
+            &[],
+        )
         .map_err(sql("counting queued jobs"))?;
     for row in rows {
-        let (kind, n) = row.map_err(sql("counting queued jobs"))?;
+        let kind: String = row.get(0).map_err(|e| corrupt("jobs", "(count)", e))?;
+        let n: i64 = row.get(1).map_err(|e| corrupt("jobs", "(count)", e))?;
         counts.queued.insert(kind, n);
     }
     Ok(counts)
@@ -66,7 +65,7 @@ fn read(c: &Connection, now: DateTime<Utc>) -> Result<Counts, StoreError> {
 
 /// Sets the access and queue gauges from the state (once per scheduler tick). A failed read is
 /// logged and the gauges keep their last values until the next tick.
-pub(super) fn update(c: &Connection, now: DateTime<Utc>) {
+pub(super) fn update(c: &dyn Db, now: DateTime<Utc>) {
     let counts = match read(c, now) {
         Ok(counts) => counts,
         Err(e) => {
@@ -108,16 +107,18 @@ mod tests {
     use super::super::tests::{access_create, complete_ok, lease_all, open_with, options};
     use super::*;
     use crate::control_plane::operator::AccessRequestCreate;
+    use crate::control_plane::store::testing::backends;
     use serde_json::json;
 
     fn counts(cp: &super::super::EmbeddedControlPlane) -> Counts {
-        read(&cp.store.lock(), Utc::now()).expect("read counts")
+        read(&*cp.store.lock().expect("store"), Utc::now()).expect("read counts")
     }
 
     fn map(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
     }
 
+    backends! {
     #[tokio::test]
     async fn accesses_by_state_overdue_and_queue_follow_an_expiry() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -203,11 +204,13 @@ mod tests {
         );
     }
 
+    }
+
     #[test]
     fn gauges_show_every_state_and_kind_at_zero() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cp = open_with(options(dir.path()), json!({}));
-        update(&cp.store.lock(), Utc::now());
+        update(&*cp.store.lock().expect("store"), Utc::now());
         let text = metrics().encode();
         for needle in [
             "apono_connector_accesses{state=\"pending\"}",

@@ -22,8 +22,8 @@
 #[cfg(test)]
 mod tests;
 
+use crate::control_plane::store::Db;
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
 use serde_json::Value;
 
 use super::access::{merge_ids, user_id_of};
@@ -114,7 +114,7 @@ impl EmbeddedControlPlane {
     /// accesses that have not ended where their Rancher is not one of those. Integrations that
     /// point at one Rancher share its sweep (the first by name): a binding is the owner's
     /// whichever name granted it, so two sweeps of one Rancher would only repeat each other.
-    fn sweep_targets(c: &Connection) -> Result<Vec<(String, Value)>, ControlPlaneError> {
+    fn sweep_targets(c: &dyn Db) -> Result<Vec<(String, Value)>, ControlPlaneError> {
         let mut targets: Vec<(String, Value)> = Vec::new();
         let mut add = |name: String, spec: Value| {
             if !targets.iter().any(|(_, s)| same_target(s, &spec)) {
@@ -135,7 +135,7 @@ impl EmbeddedControlPlane {
     }
 
     /// The accesses that have not ended on `spec`'s Rancher, whatever their integration's name.
-    fn live_on(&self, c: &Connection, spec: &Value) -> Result<Vec<AccessRow>, ControlPlaneError> {
+    fn live_on(&self, c: &dyn Db, spec: &Value) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let mut out = Vec::new();
         for a in skip_corrupt(store::live_access(c)?) {
             if same_target(&self.effective_spec(c, &a)?, spec) {
@@ -146,7 +146,7 @@ impl EmbeddedControlPlane {
     }
 
     /// Binding ids held by accesses that have not ended on `spec`'s Rancher.
-    fn keep_binding_ids(&self, c: &Connection, spec: &Value) -> Result<Vec<String>, ControlPlaneError> {
+    fn keep_binding_ids(&self, c: &dyn Db, spec: &Value) -> Result<Vec<String>, ControlPlaneError> {
         let mut ids: Vec<String> = self.live_on(c, spec)?.into_iter().flat_map(|a| a.binding_ids).collect();
         ids.sort();
         ids.dedup();
@@ -157,7 +157,7 @@ impl EmbeddedControlPlane {
     /// Rancher and act for this owner (or were granted before owners existed). An access granted
     /// under another connector id acts for that owner, whose bindings this sweep never touches;
     /// listed here, it would only be reported missing again and again.
-    fn held_accesses(&self, c: &Connection, spec: &Value) -> Result<Vec<HeldAccess>, ControlPlaneError> {
+    fn held_accesses(&self, c: &dyn Db, spec: &Value) -> Result<Vec<HeldAccess>, ControlPlaneError> {
         Ok(self
             .live_on(c, spec)?
             .iter()
@@ -167,7 +167,7 @@ impl EmbeddedControlPlane {
     }
 
     /// The spec a sweep job goes to: its pinned one, else its integration's.
-    fn sweep_spec(c: &Connection, job: &JobRow) -> Result<Value, ControlPlaneError> {
+    fn sweep_spec(c: &dyn Db, job: &JobRow) -> Result<Value, ControlPlaneError> {
         Ok(match (&job.integration, &job.integration_name) {
             (Some(spec), _) => spec.clone(),
             (None, Some(name)) => store::integration(c, name)?.unwrap_or(Value::Null),
@@ -178,7 +178,7 @@ impl EmbeddedControlPlane {
     /// At hand-out: the sweep's params are made again from the state *now* (an access may have
     /// been granted, repaired or handed a binding since the job was queued). Ids it carried are
     /// kept in `keep_binding_ids`.
-    pub(super) fn refresh_sweep(&self, c: &Connection, job: &mut JobRow) -> Result<(), ControlPlaneError> {
+    pub(super) fn refresh_sweep(&self, c: &dyn Db, job: &mut JobRow) -> Result<(), ControlPlaneError> {
         let spec = Self::sweep_spec(c, job)?;
         let mut keep = self.keep_binding_ids(c, &spec)?;
         let dry_run = job.params.get("dry_run").and_then(Value::as_bool).unwrap_or(false);
@@ -201,7 +201,7 @@ impl EmbeddedControlPlane {
     /// when a job was queued.
     pub(super) fn on_sweep_succeeded(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         job: &JobRow,
         t: DateTime<Utc>,
     ) -> Result<bool, ControlPlaneError> {
@@ -260,7 +260,7 @@ impl EmbeddedControlPlane {
     /// of `removed`: something removed the binding it holds. Returns true when a job was queued.
     pub(super) fn repair_holders_of(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         spec: &Value,
         removed: &[String],
         except: Option<&str>,
@@ -297,7 +297,7 @@ impl EmbeddedControlPlane {
     /// expiry, owner and `keep_password` (see `access`). Returns true when one was queued.
     pub(super) fn queue_repair(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &AccessRow,
         reason: &str,
         t: DateTime<Utc>,

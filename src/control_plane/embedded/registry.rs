@@ -9,8 +9,8 @@
 #[cfg(test)]
 mod tests;
 
+use crate::control_plane::store::Db;
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
 use serde_json::Value;
 
 use super::{EmbeddedControlPlane, bad_request, now, skip_corrupt};
@@ -77,7 +77,7 @@ impl EmbeddedControlPlane {
     /// inline integration commits both or neither).
     pub(super) fn register_in(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         name: &str,
         value: &Value,
         source: IntegrationSource,
@@ -118,7 +118,7 @@ impl EmbeddedControlPlane {
     }
 
     /// Ids of the accesses on integration `name` that have not ended.
-    fn live_access_ids(&self, c: &Connection, name: &str) -> Result<Vec<String>, ControlPlaneError> {
+    fn live_access_ids(&self, c: &dyn Db, name: &str) -> Result<Vec<String>, ControlPlaneError> {
         Ok(skip_corrupt(store::live_access(c)?)
             .into_iter()
             .filter(|a| a.integration == name)
@@ -131,10 +131,10 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Store` when the table cannot be read.
     pub fn integration_names(&self) -> Result<Vec<String>, ControlPlaneError> {
-        Ok(store::integration_names(&self.store.lock())?)
+        Ok(store::integration_names(&*self.store.lock()?)?)
     }
 
-    pub(super) fn unknown_integration(c: &Connection, name: &str) -> ControlPlaneError {
+    pub(super) fn unknown_integration(c: &dyn Db, name: &str) -> ControlPlaneError {
         let known = store::integration_names(c).unwrap_or_default();
         let known = if known.is_empty() {
             "none".to_string()

@@ -1,5 +1,7 @@
 use super::*;
 use crate::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef};
+use crate::control_plane::store::db::p;
+use crate::control_plane::store::testing::backends;
 use crate::integrations::{IntegrationSpec, Resource, Subject};
 use serde_json::json;
 use std::time::Instant;
@@ -22,6 +24,7 @@ pub(crate) fn spec_json(name: &str, extra_config: Value) -> Value {
 pub(crate) fn options(dir: &std::path::Path) -> Options {
     Options {
         data_dir: dir.to_path_buf(),
+        database_url: crate::control_plane::store::testing::database_url_for(dir),
         lease_duration: Duration::from_secs(5),
         tick: Duration::from_millis(50),
         retry_base: Duration::from_millis(40),
@@ -170,6 +173,7 @@ pub(crate) async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Op
     }
 }
 
+backends! {
 #[tokio::test]
 async fn lease_renew_complete_are_idempotent_and_stale_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -247,7 +251,9 @@ async fn lease_renew_complete_are_idempotent_and_stale_tokens_are_refused() {
         Err(ControlPlaneError::LeaseLost { .. })
     ));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_long_poll_answers_as_soon_as_a_job_is_created() {
     let dir = tempfile::tempdir().unwrap();
@@ -280,7 +286,9 @@ async fn a_long_poll_answers_as_soon_as_a_job_is_created() {
     assert!(lease_one(&cp, 1).await.is_none());
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn an_expired_lease_hands_the_job_out_again_with_attempt_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -339,7 +347,9 @@ async fn an_expired_lease_hands_the_job_out_again_with_attempt_2() {
     assert_eq!(resources[1]["id"], "c-1:p-1");
     assert_eq!(cp.job(&first.id).unwrap().unwrap().attempt, 2);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,7 +391,9 @@ async fn retryable_failures_are_requeued_with_backoff_up_to_the_attempt_limit() 
     assert_eq!(record.attempt, 3);
     assert!(lease_one(&cp, 1).await.is_none());
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,7 +433,9 @@ async fn a_non_retryable_failure_is_final_at_once_and_cleaned_up() {
         "the grant's error is kept"
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forever() {
     let dir = tempfile::tempdir().unwrap();
@@ -469,7 +483,9 @@ async fn access_is_granted_then_revoked_by_the_scheduler_and_revokes_retry_forev
     stop.cancel();
     let _ = tokio::join!(scheduler, agent);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
     let dir = tempfile::tempdir().unwrap();
@@ -520,7 +536,9 @@ async fn revoking_a_pending_access_cancels_or_follows_its_grant() {
         Err(ControlPlaneError::NotFound { .. })
     ));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -566,7 +584,9 @@ async fn state_survives_a_restart() {
     kinds.sort();
     assert_eq!(kinds, vec![("discover".to_string(), 2), ("revoke".to_string(), 1)]);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn generated_credentials_are_shown_once_and_never_stored() {
     const CANARY: &str = "canary-password-0b1c2d3e4f";
@@ -608,6 +628,7 @@ async fn generated_credentials_are_shown_once_and_never_stored() {
         );
     }
 }
+}
 
 #[cfg(unix)]
 #[tokio::test]
@@ -640,6 +661,7 @@ async fn the_state_file_is_private() {
     assert_eq!(dir_mode, 0o700);
 }
 
+backends! {
 #[tokio::test]
 async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule() {
     let dir = tempfile::tempdir().unwrap();
@@ -705,7 +727,9 @@ async fn credentials_are_rotated_and_agent_created_users_cleaned_up_on_schedule(
     complete_ok(&cp, &delete, json!({"user_id": "u-alice", "deleted": true})).await;
     assert!(cp.managed_users().unwrap().is_empty());
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_new_access_cancels_a_pending_cleanup() {
     let dir = tempfile::tempdir().unwrap();
@@ -738,7 +762,9 @@ async fn a_new_access_cancels_a_pending_cleanup() {
     cp.tick_once().unwrap();
     assert!(lease_one(&cp, 0).await.is_none(), "no delete_user job");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn integrations_are_checked_by_name_and_inline_jobs_are_handed_out_as_given() {
     let dir = tempfile::tempdir().unwrap();
@@ -810,7 +836,9 @@ async fn integrations_are_checked_by_name_and_inline_jobs_are_handed_out_as_give
     let record = serde_json::to_string(&cp.list_jobs().unwrap()).unwrap();
     assert!(!record.contains(INLINE_SECRET));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
     let dir = tempfile::tempdir().unwrap();
@@ -831,10 +859,10 @@ async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
         .unwrap();
     let a = cp.create_access(access_create("alice", 1, false)).unwrap();
     {
-        let conn = cp.store.lock();
-        conn.execute("UPDATE jobs SET params = '{not json' WHERE id = ?1", [&bad.id])
+        let conn = cp.store.lock().unwrap();
+        conn.exec("UPDATE jobs SET params = '{not json' WHERE id = ?1", &p![bad.id])
             .unwrap();
-        conn.execute("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", [&a.id])
+        conn.exec("UPDATE access_requests SET state = 'bogus' WHERE id = ?1", &p![a.id])
             .unwrap();
     }
     let e = cp.job(&bad.id).unwrap_err();
@@ -856,20 +884,23 @@ async fn a_corrupt_row_is_a_clear_error_and_does_not_stop_the_scheduler() {
         .unwrap();
     let ids: Vec<_> = jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
     assert!(ids.contains(&good.id) && !ids.contains(&bad.id), "{ids:?}");
-    let (state, error): (String, String) = cp
+    let row = cp
         .store
         .lock()
-        .query_row("SELECT state, error FROM jobs WHERE id = ?1", [&bad.id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
+        .unwrap()
+        .query("SELECT state, error FROM jobs WHERE id = ?1", &p![bad.id])
+        .unwrap()
+        .remove(0);
+    let (state, error): (String, String) = (row.get(0).unwrap(), row.get(1).unwrap());
     assert_eq!(
         state, "failed",
         "a corrupt job is failed for good, not retried on every lease"
     );
     assert!(error.contains("corrupt_job"), "{error}");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn close_ends_pending_long_polls() {
     let dir = tempfile::tempdir().unwrap();
@@ -885,6 +916,7 @@ async fn close_ends_pending_long_polls() {
         .expect("ended at once")
         .unwrap();
     assert!(r.is_none());
+}
 }
 
 #[tokio::test]
@@ -917,6 +949,7 @@ fn time_arithmetic_saturates_instead_of_panicking() {
     assert_eq!(config_days(&json!({"config": {}}), "k"), None);
 }
 
+backends! {
 #[tokio::test]
 async fn absurd_ttls_and_rotation_periods_are_refused_or_saturated() {
     let dir = tempfile::tempdir().unwrap();
@@ -940,6 +973,7 @@ async fn absurd_ttls_and_rotation_periods_are_refused_or_saturated() {
     );
     cp.tick_once().unwrap();
 }
+}
 
 #[test]
 fn a_file_that_is_not_a_database_is_a_clear_error() {
@@ -951,6 +985,7 @@ fn a_file_that_is_not_a_database_is_a_clear_error() {
     assert!(e.to_string().contains("not a database"), "{e}");
 }
 
+backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_agents_get_each_job_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -1005,7 +1040,9 @@ async fn concurrent_agents_get_each_job_exactly_once() {
             .all(|j| j.state == JobState::Succeeded && j.attempt == 1)
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_queued_revoke_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -1029,6 +1066,7 @@ async fn a_queued_revoke_survives_a_restart() {
     assert_eq!((revoke.kind.as_str(), revoke.attempt), ("revoke", 2));
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
     assert_eq!(cp.access(&id).unwrap().unwrap().state, AccessState::Revoked);
+}
 }
 
 #[tokio::test]
@@ -1057,6 +1095,7 @@ async fn a_second_open_of_one_data_dir_fails_at_once_naming_the_holder() {
     assert_eq!(again.list_jobs().unwrap().len(), 1);
 }
 
+backends! {
 #[tokio::test]
 async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -1105,6 +1144,7 @@ async fn old_finished_work_is_forgotten_and_live_work_is_kept() {
     assert_eq!(kept.state, AccessState::Active);
     assert!(cp.job(&kept.grant_job_id).unwrap().is_some(), "its grant job is kept");
 }
+}
 
 #[tokio::test]
 async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
@@ -1139,7 +1179,10 @@ async fn a_v1_state_file_is_migrated_and_its_accesses_still_revoke() {
     let version: i64 = cp
         .store
         .lock()
-        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .unwrap()
+        .query("SELECT MAX(version) FROM schema_version", &[])
+        .unwrap()[0]
+        .get(0)
         .unwrap();
     assert_eq!(version, store::SCHEMA_VERSION);
     // The config moves the integration at the upgrade: the access was pinned to the Rancher it
@@ -1234,8 +1277,9 @@ async fn a_v2_state_file_is_migrated_and_its_live_accesses_are_pinned() {
     cp.revoke_access("ar-active").unwrap();
     let revoke = lease_one(&cp, 0).await.unwrap();
     assert_eq!(revoke.integration["config"]["host"], "rancher.example.com");
-    let conn = cp.store.lock();
-    let pinned = |id: &str| store::access(&conn, id).unwrap().unwrap().integration_spec;
+    let guard = cp.store.lock().unwrap();
+    let conn = guard.sqlite().unwrap();
+    let pinned = |id: &str| store::access(conn, id).unwrap().unwrap().integration_spec;
     assert_eq!(pinned("ar-active"), Some(spec.clone()));
     assert_eq!(pinned("ar-ended"), None, "an ended access needs no Rancher");
     let version: i64 = conn
@@ -1244,6 +1288,7 @@ async fn a_v2_state_file_is_migrated_and_its_live_accesses_are_pinned() {
     assert_eq!(version, 3);
 }
 
+backends! {
 #[tokio::test]
 async fn the_install_id_is_kept_across_restarts_and_differs_per_data_dir() {
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -1273,7 +1318,9 @@ async fn the_install_id_is_kept_across_restarts_and_differs_per_data_dir() {
     .unwrap_err();
     assert!(e.to_string().contains("APONO_CONNECTOR_ID"), "{e}");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn raw_grant_revoke_and_sweep_jobs_carry_the_owner_unless_they_name_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -1299,6 +1346,7 @@ async fn raw_grant_revoke_and_sweep_jobs_carry_the_owner_unless_they_name_one() 
         let job = lease_one(&cp, 0).await.unwrap();
         assert_eq!(job.params.get("owner").and_then(Value::as_str), owner, "{kind}");
     }
+}
 }
 
 #[tokio::test]
@@ -1334,6 +1382,34 @@ async fn reclaimed_leases_of_a_dead_process_are_handed_out_at_once() {
     assert_eq!(cp.reclaim_leases().unwrap(), 0);
 }
 
+backends! {
+/// On a shared database the other replicas' leases are live: start-up hands nothing back, and
+/// a dead replica's job is handed out again when its lease runs out.
+#[tokio::test]
+async fn on_a_shared_database_leases_are_waited_out_not_reclaimed() {
+    if crate::control_plane::store::testing::current() != crate::control_plane::store::testing::TestBackend::Postgres {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        lease_duration: Duration::from_millis(700),
+        ..options(dir.path())
+    };
+    let one = open_with(opts.clone(), json!({}));
+    let two = EmbeddedControlPlane::open(opts).unwrap();
+    one.create_access(access_create("alice", 3600, false)).unwrap();
+    let grant = lease_one(&one, 0).await.unwrap();
+    assert_eq!(two.reclaim_leases().unwrap(), 0, "the first replica's lease is live");
+    assert!(lease_one(&two, 0).await.is_none(), "one lease per job across replicas");
+    drop(one); // dies with the lease
+    let again = lease_one(&two, 5).await.expect("handed out once the lease ran out");
+    assert_eq!((again.id.as_str(), again.attempt), (grant.id.as_str(), 2));
+    complete_ok(&two, &again, grant_result("u-alice", false, None)).await;
+    assert_eq!(two.list_access().unwrap()[0].state, AccessState::Active);
+}
+}
+
+backends! {
 #[tokio::test]
 async fn a_released_job_is_ready_again_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -1374,6 +1450,7 @@ async fn a_released_job_is_ready_again_at_once() {
     let third = lease_one(&cp, 0).await.unwrap();
     assert_eq!(third.attempt, 2, "a started run counts");
 }
+}
 
 /// Gives a state file written by a test the mode `open` requires (it refuses one readable by others).
 fn private(path: &std::path::Path) {
@@ -1386,6 +1463,7 @@ fn private(path: &std::path::Path) {
     let _ = path;
 }
 
+backends! {
 /// 1,000 accesses due at one instant are all handed out as revokes soon after it, although the
 /// scheduler's tick is an hour: it wakes at the earliest expiry (an index lookup), and ends a
 /// mass expiry in a few transactions. The lateness is printed; the benchmark measures it.
@@ -1432,9 +1510,10 @@ async fn a_thousand_accesses_due_at_one_instant_are_all_leased_as_revokes_soon_a
     let updated = cp
         .store
         .lock()
-        .execute(
+        .unwrap()
+        .exec(
             "UPDATE access_requests SET expires_at = ?1 WHERE state = 'active'",
-            [due.timestamp_millis()],
+            &p![due.timestamp_millis()],
         )
         .unwrap();
     assert_eq!(updated, N);
@@ -1473,7 +1552,9 @@ async fn a_thousand_accesses_due_at_one_instant_are_all_leased_as_revokes_soon_a
             .all(|id| cp.access(id).unwrap().unwrap().state == AccessState::Revoking)
     );
 }
+}
 
+backends! {
 /// With a queue, a revoke whose time has come goes out before grants queued earlier.
 #[tokio::test]
 async fn revokes_are_handed_out_before_grants_queued_earlier() {
@@ -1489,4 +1570,5 @@ async fn revokes_are_handed_out_before_grants_queued_earlier() {
     let revoke = cp.access(&ending.id).unwrap().unwrap().revoke_job_id.unwrap();
     let first = lease_one(&cp, 0).await.unwrap();
     assert_eq!((first.kind.as_str(), first.id.as_str()), ("revoke", revoke.as_str()));
+}
 }

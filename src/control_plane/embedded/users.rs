@@ -5,8 +5,8 @@
 #[cfg(test)]
 mod tests;
 
+use crate::control_plane::store::Db;
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
 use serde_json::Value;
 
 use super::{
@@ -37,7 +37,7 @@ fn not_ended(a: &AccessRow) -> bool {
 
 impl EmbeddedControlPlane {
     /// Tracks `(integration, user_id)` with nothing scheduled yet, if it is not tracked already.
-    pub(super) fn ensure_tracked(c: &Connection, integration: &str, user_id: &str) -> Result<(), ControlPlaneError> {
+    pub(super) fn ensure_tracked(c: &dyn Db, integration: &str, user_id: &str) -> Result<(), ControlPlaneError> {
         if store::managed_user(c, integration, user_id)?.is_none() {
             store::upsert_managed_user(
                 c,
@@ -57,7 +57,7 @@ impl EmbeddedControlPlane {
     /// already) gets its rotation scheduled and any pending cleanup cancelled.
     pub(super) fn track_granted_user(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &AccessRow,
         user_id: &str,
         managed: bool,
@@ -88,7 +88,7 @@ impl EmbeddedControlPlane {
     /// `a` was revoked: if it was the last access of a tracked user, schedule the user's cleanup.
     pub(super) fn schedule_cleanup_if_last(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         a: &AccessRow,
         user_id: &str,
         t: DateTime<Utc>,
@@ -112,7 +112,7 @@ impl EmbeddedControlPlane {
 
     pub(super) fn queue_rotation(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         fx: &mut Effects,
         u: &ManagedUser,
         t: DateTime<Utc>,
@@ -150,7 +150,7 @@ impl EmbeddedControlPlane {
 
     pub(super) fn queue_cleanup(
         &self,
-        c: &Connection,
+        c: &dyn Db,
         fx: &mut Effects,
         u: &ManagedUser,
         t: DateTime<Utc>,
@@ -181,7 +181,7 @@ impl EmbeddedControlPlane {
     /// # Errors
     /// `Store` when the table cannot be read.
     pub fn managed_users(&self) -> Result<Vec<ScheduledUser>, ControlPlaneError> {
-        let rows = skip_corrupt(store::list_managed_users(&self.store.lock())?);
+        let rows = skip_corrupt(store::list_managed_users(&*self.store.lock()?)?);
         Ok(rows
             .into_iter()
             .map(|u| ScheduledUser {

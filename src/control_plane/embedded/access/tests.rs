@@ -8,6 +8,7 @@ use super::{pending_row, share_binding};
 use crate::control_plane::ControlPlane;
 use crate::control_plane::operator::{AccessRequestCreate, AccessState, JobState};
 use crate::control_plane::store::AccessRow;
+use crate::control_plane::store::testing::backends;
 use crate::integrations::{BoundSubject, GrantRequest, Resource, RevokeRequest, Subject};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -30,6 +31,7 @@ fn state(cp: &EmbeddedControlPlane, id: &str) -> AccessState {
     cp.access(id).unwrap().unwrap().state
 }
 
+backends! {
 #[tokio::test]
 async fn overlapping_accesses_keep_the_binding_until_the_last_one_ends() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,7 +70,9 @@ async fn overlapping_accesses_keep_the_binding_until_the_last_one_ends() {
     .await;
     assert_eq!(state(&cp, &second), AccessState::Revoked);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn accesses_of_other_subjects_or_roles_do_not_hold_a_binding() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,7 +83,9 @@ async fn accesses_of_other_subjects_or_roles_do_not_hold_a_binding() {
     assert_eq!(state(&cp, &alice), AccessState::Revoking, "bob's access is another key");
     assert_eq!(lease_one(&cp, 0).await.unwrap().kind, "revoke");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_pending_access_on_the_key_holds_the_binding_and_keeps_it_after_its_grant() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,7 +106,9 @@ async fn a_pending_access_on_the_key_holds_the_binding_and_keeps_it_after_its_gr
         "handed-over ids survive the grant result"
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_grant_waits_while_a_revoke_on_its_key_is_in_flight() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,7 +126,9 @@ async fn a_grant_waits_while_a_revoke_on_its_key_is_in_flight() {
     assert_eq!(grant.id, second.grant_job_id);
     assert_eq!(grant.attempt, 1, "holding it back did not count as an attempt");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_grant_out_of_attempts_is_cleaned_up_with_what_it_recorded() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,7 +159,9 @@ async fn a_grant_out_of_attempts_is_cleaned_up_with_what_it_recorded() {
     assert_eq!(a.state, AccessState::Revoked);
     assert_eq!(a.last_error.map(|e| e.code).as_deref(), Some("unavailable"));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_revoke_asked_during_a_running_grant_is_carried_out_when_the_grant_fails() {
     for retryable in [false, true] {
@@ -171,7 +183,9 @@ async fn a_revoke_asked_during_a_running_grant_is_carried_out_when_the_grant_fai
         assert_eq!(a.last_error.map(|e| e.code).as_deref(), Some("unavailable"));
     }
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_grant_cancelled_after_it_started_is_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -204,7 +218,9 @@ async fn a_grant_cancelled_after_it_started_is_cleaned_up() {
     assert_eq!(a.state, AccessState::Revoked);
     assert_eq!(a.last_error.map(|e| e.code).as_deref(), Some("cancelled"));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_grant_revoked_while_a_dead_agent_held_it_is_not_handed_out_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,7 +243,9 @@ async fn a_grant_revoked_while_a_dead_agent_held_it_is_not_handed_out_again() {
     );
     assert_eq!(state(&cp, &a.id), AccessState::Revoking);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn the_ttl_starts_at_the_first_hand_out_and_every_attempt_marks_the_same_expiry() {
     let dir = tempfile::tempdir().unwrap();
@@ -247,7 +265,9 @@ async fn the_ttl_starts_at_the_first_hand_out_and_every_attempt_marks_the_same_e
     let done = cp.access(&a.id).unwrap().unwrap();
     assert_eq!(done.expires_at, Some(expires), "success does not restart the TTL");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_grant_whose_expiry_passed_before_it_ran_is_cleaned_up_instead() {
     let dir = tempfile::tempdir().unwrap();
@@ -268,7 +288,9 @@ async fn a_grant_whose_expiry_passed_before_it_ran_is_cleaned_up_instead() {
     complete_ok(&cp, &next, json!({"removed_binding_ids": []})).await;
     assert_eq!(state(&cp, &a.id), AccessState::Revoked);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn revoke_works_on_every_access_that_has_not_ended() {
     let dir = tempfile::tempdir().unwrap();
@@ -277,7 +299,11 @@ async fn revoke_works_on_every_access_that_has_not_ended() {
     let legacy = active(&cp, "ivan", 3600, "c-1:crtb-i").await;
     cp.store
         .lock()
-        .execute("UPDATE access_requests SET state = 'failed' WHERE id = ?1", [&legacy])
+        .unwrap()
+        .exec(
+            "UPDATE access_requests SET state = 'failed' WHERE id = ?1",
+            &crate::control_plane::store::db::p![legacy],
+        )
         .unwrap();
     assert_eq!(cp.revoke_access(&legacy).unwrap().state, AccessState::Revoking);
     let revoke = lease_one(&cp, 0).await.expect("cleanup revoke");
@@ -288,7 +314,9 @@ async fn revoke_works_on_every_access_that_has_not_ended() {
     assert_eq!(cp.revoke_access(&legacy).unwrap().state, AccessState::Revoked);
     assert!(lease_all(&cp).await.is_empty());
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_failed_grant_on_a_held_key_ends_without_a_revoke_and_keeps_its_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -303,7 +331,9 @@ async fn a_failed_grant_on_a_held_key_ends_without_a_revoke_and_keeps_its_error(
     assert!(lease_all(&cp).await.is_empty(), "no revoke under the active holder");
     assert_eq!(state(&cp, &holder), AccessState::Active);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn the_grant_result_says_when_equal_access_was_already_there() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,6 +347,7 @@ async fn the_grant_result_says_when_equal_access_was_already_there() {
     let a = cp.access(&a.id).unwrap().unwrap();
     assert!(a.pre_existing);
     assert!(serde_json::to_value(&a).unwrap()["pre_existing"].as_bool().unwrap());
+}
 }
 
 // ----- overlap: one binding in Rancher, however the accesses name it -----
@@ -481,6 +512,7 @@ fn an_external_principal_shares_by_principal_at_cluster_and_project_scope_only()
     assert!(!shares(&principal, &by_name));
 }
 
+backends! {
 #[tokio::test]
 async fn an_access_under_another_spelling_keeps_the_binding_when_one_ends() {
     let dir = tempfile::tempdir().unwrap();
@@ -507,6 +539,7 @@ async fn an_access_under_another_spelling_keeps_the_binding_when_one_ends() {
     assert!(lease_all(&cp).await.is_empty());
     assert_eq!(state(&cp, &long.id), AccessState::Active);
 }
+}
 
 // ----- subjects that are not users (lifecycle review D1) -----
 
@@ -517,6 +550,7 @@ fn group_create() -> AccessRequestCreate {
     }
 }
 
+backends! {
 #[tokio::test]
 async fn a_group_grant_is_revoked_with_params_an_agent_accepts() {
     let dir = tempfile::tempdir().unwrap();
@@ -548,7 +582,9 @@ async fn a_group_grant_is_revoked_with_params_an_agent_accepts() {
     );
     assert_eq!(request.owner.as_ref(), Some(cp.owner()));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_revoke_stuck_on_a_principal_in_user_id_recovers_at_its_next_hand_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -566,17 +602,17 @@ async fn a_revoke_stuck_on_a_principal_in_user_id_recovers_at_its_next_hand_out(
     // agent refused as malformed.
     let job_id = cp.access(&a.id).unwrap().unwrap().revoke_job_id.unwrap();
     {
-        let conn = cp.store.lock();
-        conn.execute(
+        let conn = cp.store.lock().unwrap();
+        conn.exec(
             "UPDATE access_requests SET user_id = 'okta_group://sre' WHERE id = ?1",
-            [&a.id],
+            &crate::control_plane::store::db::p![a.id],
         )
         .unwrap();
         let params = json!({"group": "okta_group://sre", "role": "cluster-member", "resource": "c-1",
                             "user_id": "okta_group://sre"});
-        conn.execute(
+        conn.exec(
             "UPDATE jobs SET params = ?2, attempt = 4 WHERE id = ?1",
-            [&job_id, &params.to_string()],
+            &crate::control_plane::store::db::p![job_id, params.to_string()],
         )
         .unwrap();
     }
@@ -594,6 +630,7 @@ async fn a_revoke_stuck_on_a_principal_in_user_id_recovers_at_its_next_hand_out(
     complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-g"]})).await;
     assert_eq!(state(&cp, &a.id), AccessState::Revoked);
 }
+}
 
 // ----- passwords (lifecycle review D9) -----
 
@@ -604,6 +641,7 @@ fn create_user_on(resource: &str) -> AccessRequestCreate {
     }
 }
 
+backends! {
 #[tokio::test]
 async fn a_create_user_grant_keeps_the_password_of_a_live_access() {
     let dir = tempfile::tempdir().unwrap();
@@ -652,4 +690,5 @@ async fn a_create_user_grant_keeps_the_password_of_a_live_access() {
     cp.create_access(create_user_on("c-3")).unwrap();
     let grant = lease_one(&cp, 0).await.unwrap();
     assert_eq!(grant.params.get("keep_password"), None);
+}
 }

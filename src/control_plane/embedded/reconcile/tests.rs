@@ -7,6 +7,7 @@ use super::super::{EmbeddedControlPlane, IntegrationSource, Options};
 use crate::control_plane::ControlPlane;
 use crate::control_plane::operator::{AccessState, JobState};
 use crate::control_plane::protocol::{CompleteRequest, Job, Outcome, ReleaseRequest};
+use crate::control_plane::store::testing::backends;
 use crate::integrations::{GrantRequest, HeldState, IntegrationSpec, SweepRequest};
 use crate::telemetry::metrics::{IntegrationLabels, SweptLabels};
 use serde_json::{Value, json};
@@ -36,6 +37,7 @@ async fn active_access(cp: &EmbeddedControlPlane) {
     complete_ok(cp, &grant, grant_result("u-alice", false, None)).await;
 }
 
+backends! {
 #[tokio::test]
 async fn a_sweep_per_integration_is_queued_at_start_and_never_twice_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,7 +66,9 @@ async fn a_sweep_per_integration_is_queued_at_start_and_never_twice_at_once() {
     complete_ok(&cp, by_name("test"), json!({"removed": [], "marked": 1})).await;
     assert_eq!(cp.queue_sweeps().unwrap().len(), 1, "only the settled one again");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_moved_integration_is_also_swept_where_its_live_accesses_were_granted() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,13 +82,16 @@ async fn a_moved_integration_is_also_swept_where_its_live_accesses_were_granted(
     assert_eq!(keep(by_host("rancher.example.com")), json!(["c-1:crtb-apono-1"]));
     assert_eq!(keep(by_host("new.example.com")), json!([]));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn no_sweeps_when_the_interval_is_zero() {
     let dir = tempfile::tempdir().unwrap();
     let cp = open_with(options(dir.path()), json!({}));
     cp.tick_once().unwrap();
     assert_eq!(sweep_jobs(&cp), 0);
+}
 }
 
 // ----- the reconcile's table -----
@@ -181,8 +188,8 @@ fn missing(id: &str) -> Value {
 
 /// Open grant jobs of access `id` (its repairs, once it is active).
 fn repairs(cp: &EmbeddedControlPlane, id: &str) -> usize {
-    let conn = cp.store.lock();
-    crate::control_plane::store::open_jobs_of_access(&conn, id, "grant")
+    let conn = cp.store.lock().unwrap();
+    crate::control_plane::store::open_jobs_of_access(&*conn, id, "grant")
         .unwrap()
         .len()
 }
@@ -221,6 +228,7 @@ fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
     (out, text)
 }
 
+backends! {
 #[tokio::test]
 async fn one_sweep_per_rancher_whatever_its_integrations_are_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -236,7 +244,9 @@ async fn one_sweep_per_rancher_whatever_its_integrations_are_named() {
     assert_eq!(held, vec![a.as_str(), b.as_str()], "either name's bindings are claimed");
     assert_eq!(request.keep_binding_ids, vec!["c-1:crtb-a", "c-1:crtb-b"]);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_sweep_carries_the_owner_and_the_accesses_as_they_are_when_it_is_handed_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,9 +255,10 @@ async fn a_sweep_carries_the_owner_and_the_accesses_as_they_are_when_it_is_hande
     let foreign = granted(&cp, "zed", "c-1:crtb-z").await;
     cp.store
         .lock()
-        .execute(
+        .unwrap()
+        .exec(
             "UPDATE access_requests SET owner = 'other-connector/0123' WHERE id = ?1",
-            [&foreign],
+            &crate::control_plane::store::db::p![foreign],
         )
         .unwrap();
     cp.queue_sweeps().unwrap();
@@ -276,7 +287,9 @@ async fn a_sweep_carries_the_owner_and_the_accesses_as_they_are_when_it_is_hande
         "but its binding is never removed"
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_missing_active_access_gets_one_repair_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,7 +311,9 @@ async fn a_missing_active_access_gets_one_repair_at_a_time() {
     assert_eq!(request.owner.as_ref(), Some(cp.owner()));
     assert!(request.keep_password, "a repair never resets a password");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_missing_access_that_is_no_longer_active_is_not_repaired() {
     let dir = tempfile::tempdir().unwrap();
@@ -309,7 +324,9 @@ async fn a_missing_access_that_is_no_longer_active_is_not_repaired() {
     assert_eq!(repairs(&cp, &a), 0);
     assert_eq!(lease_kind(&cp, "grant").await.len(), 0);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_binding_the_sweep_removed_under_an_active_access_is_repaired() {
     let dir = tempfile::tempdir().unwrap();
@@ -324,7 +341,9 @@ async fn a_binding_the_sweep_removed_under_an_active_access_is_repaired() {
     .await;
     assert_eq!((repairs(&cp, &a), repairs(&cp, &other)), (1, 0));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn removed_bindings_are_counted_by_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -354,7 +373,9 @@ async fn removed_bindings_are_counted_by_reason() {
             .contains("apono_connector_swept_bindings_total{")
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_rancher_clock_far_from_ours_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
@@ -365,9 +386,11 @@ async fn a_rancher_clock_far_from_ours_is_warned_about() {
     let logs = reconcile(&cp, json!({"removed": [], "rancher_time": chrono::Utc::now()})).await;
     assert!(!logs.contains("clock"), "{logs}");
 }
+}
 
 // ----- how repairs settle -----
 
+backends! {
 #[tokio::test]
 async fn a_repair_merges_its_bindings_and_keeps_the_expiry() {
     let dir = tempfile::tempdir().unwrap();
@@ -415,7 +438,9 @@ async fn a_repair_merges_its_bindings_and_keeps_the_expiry() {
     let revoke = lease_kind(&cp, "revoke").await.remove(0);
     assert_eq!(revoke.params["binding_ids"], json!(["c-1:crtb-own"]));
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_repair_that_fails_for_good_leaves_the_access_active_and_the_next_pass_tries_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -430,7 +455,9 @@ async fn a_repair_that_fails_for_good_leaves_the_access_active_and_the_next_pass
     reconcile(&cp, missing(&a)).await;
     assert_eq!(repairs(&cp, &a), 1, "tried again");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_repair_that_completes_after_the_access_was_revoked_is_revoked_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -450,7 +477,9 @@ async fn a_repair_that_completes_after_the_access_was_revoked_is_revoked_too() {
     let ids = json!(["c-1:crtb-made-late"]);
     assert_eq!(revoked(&cp, &a, &cleanup, ids).await, AccessState::Revoked);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_repair_that_completes_while_the_revoke_runs_is_followed_by_another_revoke() {
     let dir = tempfile::tempdir().unwrap();
@@ -469,7 +498,9 @@ async fn a_repair_that_completes_while_the_revoke_runs_is_followed_by_another_re
     assert!(ids.contains(&"c-1:crtb-made-late".to_string()), "{ids:?}");
     assert_eq!(revoked(&cp, &a, &again, json!(ids)).await, AccessState::Revoked);
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_repair_whose_access_ended_before_it_ran_again_is_cancelled_and_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -479,9 +510,10 @@ async fn a_repair_whose_access_ended_before_it_ran_again_is_cancelled_and_cleane
     let backoff = |until: Option<i64>| {
         cp.store
             .lock()
-            .execute(
+            .unwrap()
+            .exec(
                 "UPDATE jobs SET not_before = ?2 WHERE id = ?1",
-                rusqlite::params![repair.id, until],
+                &crate::control_plane::store::db::p![repair.id, until],
             )
             .unwrap()
     };
@@ -507,7 +539,9 @@ async fn a_repair_whose_access_ended_before_it_ran_again_is_cancelled_and_cleane
         (JobState::Failed, Some("cancelled".into()))
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_revoke_that_removes_a_binding_another_active_access_lists_repairs_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -520,4 +554,5 @@ async fn a_revoke_that_removes_a_binding_another_active_access_lists_repairs_it(
     assert_eq!(revoked(&cp, &other, &revoke, ids).await, AccessState::Revoked);
     assert_eq!(repairs(&cp, &holder), 1);
     assert_eq!(cp.access(&holder).unwrap().unwrap().state, AccessState::Active);
+}
 }

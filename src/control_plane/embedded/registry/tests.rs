@@ -4,6 +4,7 @@ use super::super::tests::{access_create, complete_ok, grant_result, lease_one, o
 use crate::control_plane::ControlPlaneError;
 use crate::control_plane::embedded::IntegrationSource;
 use crate::control_plane::operator::{AccessRequestCreate, AccessState, IntegrationRef};
+use crate::control_plane::store::testing::backends;
 use crate::integrations::IntegrationSpec;
 use serde_json::{Value, json};
 
@@ -25,6 +26,7 @@ fn conflict_message(r: Result<impl std::fmt::Debug, ControlPlaneError>) -> Strin
     }
 }
 
+backends! {
 #[tokio::test]
 async fn an_access_keeps_the_integration_it_was_granted_with() {
     let dir = tempfile::tempdir().unwrap();
@@ -53,7 +55,9 @@ async fn an_access_keeps_the_integration_it_was_granted_with() {
     let new_grant = lease_one(&cp, 0).await.unwrap();
     assert_eq!(new_grant.integration["config"]["host"], "other.example.com");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn an_inline_integration_cannot_replace_one_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,7 +73,9 @@ async fn an_inline_integration_cannot_replace_one_from_the_config_file() {
     let grant = lease_one(&cp, 0).await.unwrap();
     assert_eq!(grant.integration["config"]["host"], "rancher.example.com");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn an_inline_integration_cannot_move_while_accesses_on_it_have_not_ended() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,7 +128,9 @@ async fn an_inline_integration_cannot_move_while_accesses_on_it_have_not_ended()
     let message = conflict_message(cp.create_access(inline("inl", json!({"host": "two.example.com"}), "erin")));
     assert!(message.contains("config file"), "{message}");
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_key_rotated_in_the_config_reaches_accesses_granted_before() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,4 +149,5 @@ async fn a_key_rotated_in_the_config_reaches_accesses_granted_before() {
         revoke.integration["secret_store"]["credentials"]["access_key"], "token-rotated",
         "same Rancher: the current key is used"
     );
+}
 }

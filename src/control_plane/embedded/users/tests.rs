@@ -2,8 +2,10 @@
 
 use super::super::tests::{access_create, complete_ok, failed, grant_result, lease_one, open_with, options};
 use crate::control_plane::ControlPlane;
+use crate::control_plane::store::testing::backends;
 use serde_json::json;
 
+backends! {
 #[tokio::test]
 async fn a_user_the_connector_created_is_tracked_from_a_revoke_result() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,7 +36,9 @@ async fn a_user_the_connector_created_is_tracked_from_a_revoke_result() {
         "its last access ended: cleanup scheduled"
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_user_is_tracked_from_a_cleanup_revoke_after_a_failed_grant() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,7 +59,9 @@ async fn a_user_is_tracked_from_a_cleanup_revoke_after_a_failed_grant() {
         vec!["u-bob"]
     );
 }
+}
 
+backends! {
 #[tokio::test]
 async fn a_user_is_tracked_when_the_grant_says_it_is_the_connectors() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,4 +73,5 @@ async fn a_user_is_tracked_when_the_grant_says_it_is_the_connectors() {
     result["managed_user"] = json!(true);
     complete_ok(&cp, &grant, result).await;
     assert_eq!(cp.managed_users().unwrap().len(), 1);
+}
 }
