@@ -40,8 +40,19 @@ use super::protocol::{
 use super::{ControlPlane, ControlPlaneError};
 use crate::integrations::IntegrationSpec;
 
-/// Largest request body: a discovery upload of 500 objects fits many times over.
+/// Largest request body, a discovery upload (`/resources`): 500 objects fit many times over.
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest body of a job action (`:complete` carries the job's result; renew and release less).
+const ACTION_BODY: usize = 1024 * 1024;
+/// Largest body of the operator API (an inline integration with its CA bundle).
+const OPERATOR_BODY: usize = 1024 * 1024;
+/// Largest body of a session hello or a lease call.
+const SMALL_BODY: usize = 64 * 1024;
+/// How long a request's body may take to arrive once its headers have: a client that trickles
+/// it holds a connection for this long at most (security review N2).
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a request may run, body included: the longest long-poll plus a margin.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(super::protocol::MAX_WAIT_SECONDS as u64 + 30);
 
 /// How long `serve` waits for open requests after shutdown before it returns anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -293,6 +304,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
         .route(&format!("{OPERATOR_PREFIX}/jobs"), post(create_job).get(list_jobs))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}"), get(get_job))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}/resources"), get(job_resources))
+        .route_layer(middleware::from_fn(bounded_body))
         .route_layer(middleware::from_fn_with_state(guard, operator_guard))
         .with_state(operator_state);
     let mut app = Router::new().merge(operator);
@@ -302,6 +314,10 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
             .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))
             .route(&format!("{API_PREFIX}/jobs/{{job}}"), post(job_action))
             .route(&format!("{API_PREFIX}/jobs/{{job}}/resources"), post(upload))
+            // The token before anything else: a stranger is refused before a byte of its body
+            // is read (security review N2); then the body within its route's size and time.
+            .route_layer(middleware::from_fn(bounded_body))
+            .route_layer(middleware::from_fn_with_state(agent_state.clone(), agent_guard))
             .with_state(agent_state);
         app = app.merge(agent);
     }
@@ -419,6 +435,91 @@ async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: 
     next.run(request).await
 }
 
+/// The agent protocol's token check, run before the body is read.
+async fn agent_guard(State(s): State<AppState>, request: Request, next: Next) -> Response {
+    match check_token(&s, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The most a route's body may hold.
+fn body_limit(path: &str) -> usize {
+    if path.starts_with(OPERATOR_PREFIX) {
+        OPERATOR_BODY
+    } else if path.starts_with(&format!("{API_PREFIX}/jobs/")) {
+        if path.ends_with("/resources") {
+            MAX_BODY
+        } else {
+            ACTION_BODY
+        }
+    } else {
+        SMALL_BODY
+    }
+}
+
+/// Reads the body before the handler runs: at most the route's [`body_limit`] (413 at once when
+/// `Content-Length` says more), within [`BODY_DEADLINE`] (408), and the whole request within
+/// [`REQUEST_DEADLINE`]. Runs after the token check, so only a caller with a token gets this far.
+async fn bounded_body(request: Request, next: Next) -> Response {
+    let limit = body_limit(request.uri().path());
+    let too_large = || {
+        rejected(
+            413,
+            format!(
+                "the request body is larger than {} KiB, the most this endpoint takes",
+                limit / 1024
+            ),
+        )
+        .into_response()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let read = async {
+        use futures::StreamExt;
+        let mut stream = body.into_data_stream();
+        let mut buffer = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| None)?;
+            if buffer.len() + chunk.len() > limit {
+                return Err(Some(()));
+            }
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok(buffer)
+    };
+    let body = match tokio::time::timeout(BODY_DEADLINE, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(Some(()))) => return too_large(),
+        Ok(Err(None)) => return rejected(400, "the request body could not be read".into()).into_response(),
+        Err(_) => {
+            return rejected(
+                408,
+                format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
+            )
+            .into_response();
+        }
+    };
+    let request = Request::from_parts(parts, axum::body::Body::from(body));
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiFailure(ControlPlaneError::Unavailable {
+            message: format!(
+                "the request took longer than {} s; try again",
+                REQUEST_DEADLINE.as_secs()
+            ),
+        })
+        .into_response(),
+    }
+}
+
 async fn not_found() -> ApiFailure {
     ApiFailure(ControlPlaneError::NotFound {
         message: format!("no such endpoint: see docs/protocol.md ({API_PREFIX}/..., {OPERATOR_PREFIX}/...)"),
@@ -427,13 +528,7 @@ async fn not_found() -> ApiFailure {
 
 // ----- agent protocol -----
 
-async fn hello(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
+async fn hello(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult<Response> {
     let hello: SessionHello = parse_body(&body, "session hello")?;
     tracing::debug!(connector = %id, "session hello");
     Ok(Json(s.cp.hello(&hello).await?).into_response())
@@ -443,10 +538,8 @@ async fn lease(
     State(s): State<AppState>,
     Path(_id): Path<String>,
     shutdown: Option<Extension<ShutdownSignal>>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
     let request: LeaseRequest = parse_body(&body, "lease request")?;
     let jobs = match shutdown {
         Some(Extension(ShutdownSignal(token))) => tokio::select! {
@@ -458,13 +551,7 @@ async fn lease(
     Ok(Json(LeaseResponse { jobs }).into_response())
 }
 
-async fn job_action(
-    State(s): State<AppState>,
-    Path(job): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
+async fn job_action(State(s): State<AppState>, Path(job): Path<String>, body: Bytes) -> ApiResult<Response> {
     let Some((job_id, verb)) = split_action(&job) else {
         return Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!(
@@ -499,7 +586,6 @@ async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
     let lease_token = headers
         .get(LEASE_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
