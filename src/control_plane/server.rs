@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +32,9 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::embedded::EmbeddedControlPlane;
-use super::operator::{AccessRequestCreate, JobCreate, OPERATOR_PREFIX};
+use super::operator::{
+    AccessRequestCreate, IntegrationRef, JobCreate, MAX_PAGE, NEXT_CURSOR_HEADER, OPERATOR_PREFIX, check_field, page,
+};
 use super::protocol::{
     API_PREFIX, ApiError, ApiErrorBody, CompleteRequest, Job, LEASE_TOKEN_HEADER, LeaseRequest, LeaseResponse,
     ReleaseRequest, RenewRequest, SessionHello,
@@ -634,15 +636,80 @@ async fn create_access(State(s): State<AppState>, body: Bytes) -> ApiResult<Resp
     }
     let request: AccessRequestCreate =
         serde_json::from_value(value).map_err(|e| rejected(422, format!("invalid access request: {e}")))?;
+    let subject_field = match &request.subject {
+        crate::integrations::Subject::GroupPrincipal(_) => "group",
+        _ => "user",
+    };
+    let mut fields = vec![
+        (subject_field, request.subject.as_str()),
+        ("role", request.role.as_str()),
+        ("resource", request.resource.as_str()),
+    ];
+    if let IntegrationRef::Name(name) = &request.integration {
+        fields.push(("integration", name.as_str()));
+    }
+    for (field, value) in fields {
+        check_field(field, value).map_err(|e| rejected(400, e))?;
+    }
     let created = s.cp.create_access(request)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn list_access(State(s): State<AppState>) -> ApiResult<Response> {
-    Ok(Json(s.cp.list_access()?).into_response())
+/// `?limit=N&after=CURSOR` of a list: `None` for the whole list (older clients).
+fn page_query(query: Option<&str>) -> ApiResult<Option<(usize, Option<String>)>> {
+    let (mut limit, mut after) = (None, None);
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "limit" => {
+                let n = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| rejected(400, format!("limit must be a whole number from 1 to {MAX_PAGE}")))?;
+                limit = Some(n);
+            }
+            "after" => {
+                check_field("after", &value).map_err(|e| rejected(400, e))?;
+                after = Some(value.into_owned());
+            }
+            _ => {}
+        }
+    }
+    match (limit, after) {
+        (None, None) => Ok(None),
+        (limit, after) => Ok(Some((limit.unwrap_or(MAX_PAGE), after))),
+    }
+}
+
+/// A list as JSON: whole, or one page with the next page's cursor in [`NEXT_CURSOR_HEADER`].
+fn list_answer<T: serde::Serialize>(
+    items: Vec<T>,
+    id: impl Fn(&T) -> &str,
+    query: Option<&str>,
+) -> ApiResult<Response> {
+    let Some((limit, after)) = page_query(query)? else {
+        return Ok(Json(items).into_response());
+    };
+    let (items, next) = page(items, id, limit, after.as_deref());
+    let mut response = Json(items).into_response();
+    if let Some(next) = next.and_then(|n| header::HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert(NEXT_CURSOR_HEADER, next);
+    }
+    Ok(response)
+}
+
+/// An id from a path: bounded and free of control characters, else 400.
+fn path_id(id: &str) -> ApiResult<&str> {
+    check_field("the id", id).map_err(|e| rejected(400, e))?;
+    Ok(id)
+}
+
+async fn list_access(State(s): State<AppState>, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    list_answer(s.cp.list_access()?, |a| a.id.as_str(), query.as_deref())
 }
 
 async fn get_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = path_id(&id)?;
     match s.cp.access(&id)? {
         Some(a) => Ok(Json(a).into_response()),
         None => Err(ApiFailure(ControlPlaneError::NotFound {
@@ -653,7 +720,7 @@ async fn get_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
 
 /// `POST /operator/v1/access-requests/{id}:revoke` (the `/revoke` sub-path is the same).
 async fn access_action(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    match split_action(&id) {
+    match split_action(path_id(&id)?) {
         Some((id, "revoke")) => Ok(Json(s.cp.revoke_access(id)?).into_response()),
         _ => Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no such endpoint: POST {OPERATOR_PREFIX}/access-requests/{id} (expected {{id}}:revoke)"),
@@ -662,7 +729,7 @@ async fn access_action(State(s): State<AppState>, Path(id): Path<String>) -> Api
 }
 
 async fn revoke_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(Json(s.cp.revoke_access(&id)?).into_response())
+    Ok(Json(s.cp.revoke_access(path_id(&id)?)?).into_response())
 }
 
 async fn create_job(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
@@ -671,11 +738,12 @@ async fn create_job(State(s): State<AppState>, body: Bytes) -> ApiResult<Respons
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn list_jobs(State(s): State<AppState>) -> ApiResult<Response> {
-    Ok(Json(s.cp.list_jobs()?).into_response())
+async fn list_jobs(State(s): State<AppState>, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    list_answer(s.cp.list_jobs()?, |j| j.id.as_str(), query.as_deref())
 }
 
 async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = path_id(&id)?;
     match s.cp.job(&id)? {
         Some(j) => Ok(Json(j).into_response()),
         None => Err(ApiFailure(ControlPlaneError::NotFound {
@@ -686,6 +754,7 @@ async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult
 
 /// `GET /operator/v1/jobs/{id}/resources`: the objects a discover job uploaded, as NDJSON.
 async fn job_resources(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = path_id(&id)?;
     if s.cp.job(&id)?.is_none() {
         return Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no job {id:?}"),
