@@ -8,9 +8,10 @@
 //! - at most [`Limits::max_connections`] are open at once, and at most [`Limits::max_per_peer`]
 //!   from one IP address. When a new connection would pass either cap, the connection that has
 //!   waited longest for a request (no handler running: silent, half-sent headers, or idle
-//!   keep-alive) is closed to make room; only when every slot runs a handler is the newcomer
-//!   closed instead. A client holding sockets open therefore cannot starve a probe: its sockets
-//!   are the ones that give way (`/healthz` answers with hundreds held open);
+//!   keep-alive) is closed to make room: the peer's own when it is at its cap, else one of the
+//!   peer holding the most; only when no such connection waits is the newcomer closed instead.
+//!   A client holding sockets open therefore cannot starve a probe from another address: its own
+//!   sockets are the ones that give way (`/healthz` answers with hundreds held open);
 //! - an accept error (EMFILE, ENFILE, ENOBUFS) backs off briefly and is logged at most once per
 //!   [`LOG_EVERY`], so it neither spins a core nor floods the log;
 //! - on shutdown, idle connections close at once, open requests get [`Limits::shutdown_grace`],
@@ -203,19 +204,28 @@ impl Slots {
     /// (of that peer when it is at its own cap, of anyone when the server is full) if needed.
     fn admit(self: &Arc<Self>, peer: IpAddr) -> Admission {
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let from_peer = table.open.values().filter(|(ip, _)| *ip == peer).count();
-        let victim_of = |only_peer: bool, table: &SlotTable| {
+        let mut per_peer: HashMap<IpAddr, usize> = HashMap::new();
+        for (ip, _) in table.open.values() {
+            *per_peer.entry(*ip).or_default() += 1;
+        }
+        let from_peer = per_peer.get(&peer).copied().unwrap_or(0);
+        // The connection of `of` (anyone's when `None`) that has waited longest for a request.
+        let victim_of = |of: Option<IpAddr>, table: &SlotTable| {
             table
                 .open
                 .iter()
-                .filter(|(_, (ip, c))| (!only_peer || *ip == peer) && c.busy.load(Ordering::Acquire) == 0)
+                .filter(|(_, (ip, c))| of.is_none_or(|of| *ip == of) && c.busy.load(Ordering::Acquire) == 0)
                 .min_by_key(|(_, (_, c))| c.waiting_since.load(Ordering::Acquire))
                 .map(|(id, _)| *id)
         };
         let victim = if from_peer >= self.limits.max_per_peer {
-            Some(victim_of(true, &table))
+            // A peer at its cap makes room among its own connections only.
+            Some(victim_of(Some(peer), &table))
         } else if table.open.len() >= self.limits.max_connections {
-            Some(victim_of(false, &table))
+            // Full: the peer holding the most gives way first, so many sockets from a few
+            // addresses do not push out a probe from another.
+            let greediest = per_peer.iter().max_by_key(|(_, n)| **n).map(|(ip, _)| *ip);
+            Some(victim_of(greediest, &table).or_else(|| victim_of(None, &table)))
         } else {
             None
         };
