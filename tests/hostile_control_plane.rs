@@ -221,7 +221,7 @@ async fn the_agent_survives_a_hostile_control_plane_and_fails_bad_jobs_typed() {
     for raw in &delivered {
         let (job, whole) = match Job::from_leased(raw.clone()) {
             Ok(job) => (job, true),
-            Err(MalformedJob { job: Some(job), .. }) => (job, false),
+            Err(MalformedJob { job: Some(job), .. }) => (*job, false),
             Err(_) => continue,
         };
         if reportable(&job.id) {

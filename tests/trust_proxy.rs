@@ -168,7 +168,11 @@ async fn the_control_plane_certificate_comes_from_ssl_cert_file_and_traffic_goes
         &[("SSL_CERT_FILE", &cert), ("HTTPS_PROXY", &proxy)],
     );
     wait_ready(health, 200, "ready", Duration::from_secs(20)).await;
-    assert_eq!(tunnels.load(Ordering::SeqCst), before, "loopback went through the proxy");
+    assert_eq!(
+        tunnels.load(Ordering::SeqCst),
+        before,
+        "loopback went through the proxy"
+    );
 }
 
 /// Rancher over HTTPS: trusted through the integration's `certificate_authority`, or through

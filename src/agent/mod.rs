@@ -371,10 +371,13 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gives back jobs that were leased but never started (shutdown).
 async fn release_unstarted(cp: &dyn ControlPlane, jobs: Vec<Value>) {
     for raw in jobs {
-        match Job::from_leased(raw) {
-            Ok(job) | Err(crate::control_plane::protocol::MalformedJob { job: Some(job), .. }) => {
-                release(cp, &job.id, &job.lease_token, false).await
-            }
+        let envelope = match Job::from_leased(raw) {
+            Ok(job) => Ok(job),
+            Err(crate::control_plane::protocol::MalformedJob { job: Some(job), .. }) => Ok(*job),
+            Err(bad) => Err(bad),
+        };
+        match envelope {
+            Ok(job) => release(cp, &job.id, &job.lease_token, false).await,
             Err(bad) => {
                 tracing::warn!(error = %bad.message, "a leased job without a valid envelope cannot be released; its lease will run out")
             }

@@ -135,7 +135,7 @@ pub const MALFORMED_JOB: &str = "malformed_job";
 #[derive(Debug)]
 pub struct MalformedJob {
     /// The envelope, to complete the job with; `kind`, `integration` and `params` are empty.
-    pub job: Option<Job>,
+    pub job: Option<Box<Job>>,
     /// What does not parse (serde's words: the field and the type it wanted).
     pub message: String,
 }
@@ -187,18 +187,20 @@ impl Job {
         let job = Envelope::deserialize(&raw)
             .ok()
             .filter(|e| !e.id.trim().is_empty() && !e.lease_token.trim().is_empty())
-            .map(|e| Job {
-                id: e.id,
-                kind: String::new(),
-                attempt: 1,
-                lease_token: e.lease_token,
-                lease_expires_at: raw
-                    .get("lease_expires_at")
-                    .and_then(|v| DateTime::<Utc>::deserialize(v).ok())
-                    .unwrap_or_else(Utc::now),
-                lease_seconds: None,
-                integration: Value::Null,
-                params: Value::Null,
+            .map(|e| {
+                Box::new(Job {
+                    id: e.id,
+                    kind: String::new(),
+                    attempt: 1,
+                    lease_token: e.lease_token,
+                    lease_expires_at: raw
+                        .get("lease_expires_at")
+                        .and_then(|v| DateTime::<Utc>::deserialize(v).ok())
+                        .unwrap_or_else(Utc::now),
+                    lease_seconds: None,
+                    integration: Value::Null,
+                    params: Value::Null,
+                })
             });
         Err(MalformedJob { job, message })
     }

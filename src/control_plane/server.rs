@@ -710,7 +710,7 @@ async fn list_access(State(s): State<AppState>, RawQuery(query): RawQuery) -> Ap
 
 async fn get_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = path_id(&id)?;
-    match s.cp.access(&id)? {
+    match s.cp.access(id)? {
         Some(a) => Ok(Json(a).into_response()),
         None => Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no access request {id:?}"),
@@ -744,7 +744,7 @@ async fn list_jobs(State(s): State<AppState>, RawQuery(query): RawQuery) -> ApiR
 
 async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = path_id(&id)?;
-    match s.cp.job(&id)? {
+    match s.cp.job(id)? {
         Some(j) => Ok(Json(j).into_response()),
         None => Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no job {id:?}"),
@@ -755,13 +755,13 @@ async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult
 /// `GET /operator/v1/jobs/{id}/resources`: the objects a discover job uploaded, as NDJSON.
 async fn job_resources(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = path_id(&id)?;
-    if s.cp.job(&id)?.is_none() {
+    if s.cp.job(id)?.is_none() {
         return Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no job {id:?}"),
         }));
     }
     let mut body = String::new();
-    for object in s.cp.resources(&id)? {
+    for object in s.cp.resources(id)? {
         body.push_str(&object.to_string());
         body.push('\n');
     }

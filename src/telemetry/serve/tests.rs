@@ -25,7 +25,7 @@ async fn start(limits: Limits) -> Running {
     let addr = listener.local_addr().unwrap();
     let app = Router::new()
         .route("/ok", get(|| async { "ok" }))
-        .route("/hang", get(|| std::future::pending::<&'static str>()))
+        .route("/hang", get(std::future::pending::<&'static str>))
         .route(
             "/peer",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
