@@ -98,6 +98,14 @@ async fn access_never_sends_the_operator_token_through_a_proxy_to_loopback() {
     );
 }
 
+/// Serves `app` on a free loopback port; returns the port.
+async fn serve(app: Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
 /// A control plane that redirects everything to `target` (a 307 keeps the method and body).
 async fn redirector(target: u16) -> (u16, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -113,10 +121,7 @@ async fn redirector(target: u16) -> (u16, Arc<AtomicUsize>) {
                 .into_response()
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, calls)
+    (serve(app).await, calls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,10 +331,7 @@ async fn paged_operator_api(rows: usize) -> (u16, Arc<AtomicUsize>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, pages)
+    (serve(app).await, pages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
