@@ -734,6 +734,10 @@ async fn revoke_access(State(s): State<AppState>, Path(id): Path<String>) -> Api
 
 async fn create_job(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let request: JobCreate = parse_body(&body, "job")?;
+    check_field("kind", &request.kind).map_err(|e| rejected(400, e))?;
+    if let Some(name) = request.integration.as_str() {
+        check_field("integration", name).map_err(|e| rejected(400, e))?;
+    }
     let created = s.cp.create_job(request)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }

@@ -839,6 +839,18 @@ async fn the_operator_api_refuses_control_characters_and_huge_names() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+    let e = operator
+        .create_job(&JobCreate {
+            kind: "validate\n".into(),
+            integration: json!("test"),
+            params: Value::Null,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Rejected { status: 400, message } if message.starts_with("kind")),
+        "{e:?}"
+    );
     s.shutdown.cancel();
 }
 
