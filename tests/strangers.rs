@@ -220,3 +220,30 @@ async fn healthz_answers_from_the_same_address_as_200_held_connections() {
     assert!(failed.is_empty(), "{} of 20 probes failed: {failed:?}", failed.len());
     drop(held);
 }
+
+/// Refused strangers cost one warning per 10 s, with a count, not a line each: 300 requests with
+/// a foreign `Host` cannot fill the log pipe (security review N6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_strangers_are_logged_once_per_interval() {
+    let d = common::daemon::Daemon::start_opts(
+        String::new(),
+        common::daemon::DaemonOptions {
+            log_to_file: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let http = reqwest::Client::builder().no_proxy().build().expect("client");
+    for _ in 0..300 {
+        let answer = http
+            .get(format!("http://127.0.0.1:{}/operator/v1/access-requests", d.port))
+            .header("Host", "evil.example")
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 403);
+    }
+    let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
+    let lines = log.lines().filter(|l| l.contains("foreign Host")).count();
+    assert!((1..=2).contains(&lines), "{lines} warnings for 300 refusals:\n{log}");
+}

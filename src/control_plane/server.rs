@@ -289,6 +289,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
     let guard = OperatorGuard {
         state: operator_state.clone(),
         listen: access.listen,
+        refusals: Arc::new(std::sync::Mutex::new(crate::telemetry::serve::Throttled::new())),
     };
     let operator = Router::new()
         .route(
@@ -330,6 +331,16 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
 struct OperatorGuard {
     state: AppState,
     listen: SocketAddr,
+    /// Refusals are strangers' doing: one warning per 10 s with a count, so they cannot fill the
+    /// log (security review N6).
+    refusals: Arc<std::sync::Mutex<crate::telemetry::serve::Throttled>>,
+}
+
+impl OperatorGuard {
+    /// `Some(held back)` when a refusal should be logged now.
+    fn log_refusal(&self) -> Option<u64> {
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner()).tick()
+    }
 }
 
 fn forbidden(message: String) -> Response {
@@ -396,7 +407,9 @@ async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .or(authority.as_deref());
     if !host.is_some_and(|h| names_this_server(h, g.listen)) {
-        tracing::warn!(host = ?host, "operator API call with a foreign Host refused");
+        if let Some(repeated) = g.log_refusal() {
+            tracing::warn!(host = ?host, repeated, "operator API call with a foreign Host refused");
+        }
         return forbidden(format!(
             "the Host header must name this server ({}, or localhost on its port): the operator API does not answer other names",
             g.listen
@@ -409,7 +422,9 @@ async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: 
             .and_then(|o| o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")))
             .is_some_and(|authority| names_this_server(authority, g.listen));
         if !same {
-            tracing::warn!(origin = ?origin, "operator API call from a foreign Origin refused");
+            if let Some(repeated) = g.log_refusal() {
+                tracing::warn!(origin = ?origin, repeated, "operator API call from a foreign Origin refused");
+            }
             return forbidden(
                 "cross-origin requests to the operator API are refused (the Origin is not this server)".into(),
             );

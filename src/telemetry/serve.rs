@@ -360,13 +360,13 @@ fn is_per_connection(e: &io::Error) -> bool {
 }
 
 /// Lets one log line through per [`LOG_EVERY`], counting the ones held back.
-struct Throttled {
+pub(crate) struct Throttled {
     last: Option<Instant>,
     held_back: u64,
 }
 
 impl Throttled {
-    fn new() -> Throttled {
+    pub(crate) fn new() -> Throttled {
         Throttled {
             last: None,
             held_back: 0,
@@ -374,7 +374,7 @@ impl Throttled {
     }
 
     /// `Some(n)` when a line should be logged now, `n` being how many were held back since the last.
-    fn tick(&mut self) -> Option<u64> {
+    pub(crate) fn tick(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < LOG_EVERY => {
