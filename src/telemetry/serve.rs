@@ -187,10 +187,32 @@ enum Admission {
     Refused,
 }
 
+/// The soft limit on open files (`ulimit -n`), from Linux's `/proc/self/limits`; `None` when
+/// unlimited or unknown.
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `limits` with the caps kept to a quarter of `open_files` (at least 16 connections): past the
+/// descriptor limit accept fails before a cap is reached, and then no held connection gives way.
+fn within_open_files(limits: Limits, open_files: Option<u64>) -> Limits {
+    let Some(open_files) = open_files else {
+        return limits;
+    };
+    let fair = usize::try_from(open_files / 4).unwrap_or(usize::MAX).max(16);
+    Limits {
+        max_connections: limits.max_connections.min(fair),
+        max_per_peer: limits.max_per_peer.min(fair),
+        ..limits
+    }
+}
+
 impl Slots {
     fn new(limits: Limits) -> Slots {
         Slots {
-            limits,
+            limits: within_open_files(limits, open_files_limit()),
             epoch: Instant::now(),
             table: Mutex::new(SlotTable::default()),
         }

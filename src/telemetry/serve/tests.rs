@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Limits, Throttled, serve};
+use super::{Limits, Throttled, serve, within_open_files};
 
 /// Guards a test against hanging; far longer than any limit under test.
 const GUARD: Duration = Duration::from_secs(20);
@@ -188,4 +188,14 @@ fn throttled_logs_once_per_interval_and_counts_the_rest() {
     assert_eq!(t.tick(), None);
     t.last = t.last.and_then(|l| l.checked_sub(super::LOG_EVERY));
     assert_eq!(t.tick(), Some(2));
+}
+
+#[test]
+fn caps_stay_below_the_open_files_limit() {
+    let low = within_open_files(Limits::API, Some(128));
+    assert_eq!((low.max_connections, low.max_per_peer), (32, 32));
+    assert_eq!(within_open_files(Limits::HEALTH, Some(1 << 20)), Limits::HEALTH);
+    assert_eq!(within_open_files(Limits::API, None), Limits::API);
+    assert_eq!(within_open_files(Limits::API, Some(8)).max_connections, 16);
+    assert!(super::open_files_limit().is_none_or(|n| n > 0));
 }
