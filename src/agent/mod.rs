@@ -285,6 +285,7 @@ async fn run_job(
             match (&bad.job, bad.completion()) {
                 (Some(job), Some(request)) => {
                     tracing::warn!(job = ?job.id, error = %bad.message, "control plane sent a job whose fields do not parse; completing it as failed (malformed_job)");
+                    metrics().job_finished("unknown", "failed", Duration::ZERO);
                     report(cp, job, &request, &abandon).await;
                 }
                 _ => {
