@@ -70,6 +70,28 @@ fn cli(args: &[&str], envs: &[(&str, String)]) -> Output {
         .expect("run apono-connector")
 }
 
+/// `access request` of cluster-owner on c-7x2k9 for `user`, against `url`.
+fn access_request_args(url: &str, user: &str) -> Vec<String> {
+    [
+        "access",
+        "request",
+        "--control-plane",
+        url,
+        "--integration",
+        "prod",
+        "--user",
+        user,
+        "--role",
+        "cluster-owner",
+        "--resource",
+        "c-7x2k9",
+        "--ttl",
+        "1h",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -130,22 +152,8 @@ async fn redirects_are_not_followed_with_a_token_or_a_body() {
     let (port, calls) = redirector(target.port).await;
     let url = format!("http://127.0.0.1:{port}");
     let envs = [("APONO_OPERATOR_TOKEN", "operator-token-redirect-canary".to_string())];
-    let request = [
-        "access",
-        "request",
-        "--control-plane",
-        &url,
-        "--integration",
-        "prod",
-        "--user",
-        "bob",
-        "--role",
-        "cluster-owner",
-        "--resource",
-        "c-7x2k9",
-        "--ttl",
-        "1h",
-    ];
+    let request = access_request_args(&url, "bob");
+    let request: Vec<&str> = request.iter().map(String::as_str).collect();
     for args in [&request[..], &["access", "list", "--control-plane", &url][..]] {
         let out = cli(args, &envs);
         assert!(!out.status.success(), "{args:?}: {}", text(&out));
@@ -246,25 +254,9 @@ async fn a_newline_in_a_username_is_refused_and_forges_no_log_line() {
     let token = common::operator_token(&d.data_dir()).await;
     let url = format!("http://127.0.0.1:{}", d.port);
     let forged = "eve\n2026-12-07T00:00:00.000000Z  INFO access revoked access=ar-FORGED";
-    let out = cli(
-        &[
-            "access",
-            "request",
-            "--control-plane",
-            &url,
-            "--integration",
-            "prod",
-            "--user",
-            forged,
-            "--role",
-            "cluster-owner",
-            "--resource",
-            "c-7x2k9",
-            "--ttl",
-            "1h",
-        ],
-        &[("APONO_OPERATOR_TOKEN", token.clone())],
-    );
+    let args = access_request_args(&url, forged);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cli(&args, &[("APONO_OPERATOR_TOKEN", token.clone())]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("control character"), "{}", text(&out));
     let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
