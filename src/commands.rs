@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentOptions, Executor};
 use crate::config::{Config, DEFAULT_CONFIG_FILE, SecretsConfig, normalize_url};
-use crate::control_plane::client::{HttpControlPlane, OperatorClient};
+use crate::control_plane::client::{self, ALLOW_INSECURE_HTTP_ENV, HttpControlPlane, OperatorClient};
 use crate::control_plane::embedded::{self, EmbeddedControlPlane};
-use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
+use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, printable};
 use crate::control_plane::{ControlPlane, operator_token, server};
 use crate::integrations::{self, DiscoveredObject, GrantRequest, IntegrationSpec, RevokeRequest, SweepRequest};
 use crate::secrets::{SecretRef, SecretStores};
@@ -419,7 +419,11 @@ pub fn operator_client(control_plane: &str, config: Option<&Path>) -> anyhow::Re
             })
         },
     )?;
-    Ok(OperatorClient::new(control_plane)?.with_token(token))
+    // Only the environment: `access` reads no config when APONO_OPERATOR_TOKEN is set.
+    let insecure = std::env::var(ALLOW_INSECURE_HTTP_ENV).unwrap_or_default();
+    let allow_insecure_http = client::parse_flag(&insecure)
+        .with_context(|| format!("{ALLOW_INSECURE_HTTP_ENV}={insecure:?} is not true or false"))?;
+    Ok(OperatorClient::with_insecure_http(control_plane, allow_insecure_http)?.with_token(token))
 }
 
 /// `access request`: creates the request and, unless `wait` is zero, waits for the grant to settle.
@@ -468,18 +472,23 @@ pub fn access_table(list: &[AccessRequest]) -> String {
             .expires_at
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "-".into());
+        // Escaped: a Rancher error or an old row must not drive the operator's terminal (N10).
         out.push_str(&format!(
             "{:<40} {:<10} {:<14} {:<24} {:<18} {:<20} {:<20}\n",
-            a.id,
+            printable(&a.id),
             a.state.as_str(),
-            a.integration,
-            a.subject.as_str(),
-            a.role,
-            a.resource.as_str(),
+            printable(&a.integration),
+            printable(a.subject.as_str()),
+            printable(&a.role),
+            printable(a.resource.as_str()),
             expires
         ));
         if let Some(e) = &a.last_error {
-            out.push_str(&format!("    last error: {} ({})\n", e.message, e.code));
+            out.push_str(&format!(
+                "    last error: {} ({})\n",
+                printable(&e.message),
+                printable(&e.code)
+            ));
         }
     }
     out
@@ -583,10 +592,11 @@ async fn check_control_plane(config: &Config) -> CheckRow {
 
 /// The HTTP control plane of remote mode, with the token from `APONO_TOKEN` or `APONO_TOKEN_FILE`.
 pub fn remote_control_plane(config: &Config, url: &str) -> anyhow::Result<HttpControlPlane> {
-    let cp = HttpControlPlane::new(
+    let cp = HttpControlPlane::with_insecure_http(
         url,
         &config.control_plane.connector_id,
         config.control_plane.token.clone(),
+        config.control_plane.allow_insecure_http,
     )?;
     Ok(match &config.control_plane.token_file {
         Some(path) => cp.with_token_file(path.clone()),

@@ -47,6 +47,9 @@ pub struct RemoteConfig {
     pub token_file: Option<PathBuf>,
     /// `APONO_CONNECTOR_ID` (alias `CONNECTOR_ID`).
     pub connector_id: String,
+    /// `APONO_ALLOW_INSECURE_HTTP`: allow an `http://` URL to a control plane on another host
+    /// (the token and every job then travel in cleartext). Loopback never needs it.
+    pub allow_insecure_http: bool,
 }
 
 impl Default for RemoteConfig {
@@ -56,6 +59,7 @@ impl Default for RemoteConfig {
             token: None,
             token_file: None,
             connector_id: "standalone".into(),
+            allow_insecure_http: false,
         }
     }
 }
@@ -238,6 +242,11 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
     ("APONO_TOKEN_FILE", "control_plane.token_file", parse_string),
     ("CONNECTOR_ID", "control_plane.connector_id", parse_string),
     ("APONO_CONNECTOR_ID", "control_plane.connector_id", parse_string),
+    (
+        "APONO_ALLOW_INSECURE_HTTP",
+        "control_plane.allow_insecure_http",
+        parse_flag,
+    ),
     ("APONO_ACTIONS_PARALLELISM", "agent.parallelism", parse_positive_int),
     ("APONO_ALLOWED_RANCHER_HOSTS", "agent.allowed_rancher_hosts", parse_list),
     ("APONO_DATA_DIR", "standalone.data_dir", parse_string),
@@ -271,6 +280,12 @@ const ENV_KEYS: &[(&str, &str, EnvParser)] = &[
 
 fn parse_string(_: &str, v: &str) -> Result<Value, String> {
     Ok(Value::String(v.to_string()))
+}
+
+fn parse_flag(name: &str, v: &str) -> Result<Value, String> {
+    crate::control_plane::client::parse_flag(v)
+        .map(Value::Bool)
+        .ok_or_else(|| format!("{name}={v:?} is not true or false"))
 }
 
 fn parse_positive_int(name: &str, v: &str) -> Result<Value, String> {

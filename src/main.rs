@@ -32,6 +32,7 @@ Environment (each overrides the config file's key):
   APONO_TOKEN                       token for the remote control plane
   APONO_TOKEN_FILE                  read the token from this file (re-read when refused)
   APONO_CONNECTOR_ID, CONNECTOR_ID  connector id [default: standalone]
+  APONO_ALLOW_INSECURE_HTTP         allow an http:// APONO_URL to another host (cleartext) [default: false]
   APONO_ACTIONS_PARALLELISM         jobs run at once [default: 8]
   APONO_ALLOWED_RANCHER_HOSTS       the only Rancher hosts jobs may send keys to (host[:port], ...)
   APONO_DATA_DIR                    standalone state (SQLite, operator token) [default: ./data]

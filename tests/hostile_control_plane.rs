@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apono_connector::control_plane::protocol::{CompleteRequest, Job, LeaseResponse, Outcome};
+use apono_connector::control_plane::protocol::{CompleteRequest, Job, LeaseResponse, MalformedJob, Outcome};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -214,15 +214,31 @@ async fn the_agent_survives_a_hostile_control_plane_and_fails_bad_jobs_typed() {
         .filter_map(|text| serde_json::from_str::<LeaseResponse>(text).ok())
         .flat_map(|answer| answer.jobs)
         .collect();
+    // A job whose id and lease token parse but whose other fields do not (a `kind` of 42, an
+    // `attempt` of "../../v3/users") is completed too, as `malformed_job` (security review N8).
     let mut expected: HashMap<(String, String), usize> = HashMap::new();
+    let mut malformed: HashMap<(String, String), usize> = HashMap::new();
     for raw in &delivered {
-        if let Ok(job) = serde_json::from_value::<Job>(raw.clone())
-            && reportable(&job.id)
-        {
-            *expected.entry((job.id, job.lease_token)).or_default() += 1;
+        let (job, whole) = match Job::from_leased(raw.clone()) {
+            Ok(job) => (job, true),
+            Err(MalformedJob { job: Some(job), .. }) => (*job, false),
+            Err(_) => continue,
+        };
+        if reportable(&job.id) {
+            let key = (job.id, job.lease_token);
+            *expected.entry(key.clone()).or_default() += 1;
+            if !whole {
+                *malformed.entry(key).or_default() += 1;
+            }
         }
     }
     expected.retain(|_, count| *count == 1);
+    malformed.retain(|key, _| expected.contains_key(key));
+    assert!(
+        malformed.len() >= 5,
+        "too few jobs with a wrong-typed field for the test to mean much: {}",
+        malformed.len()
+    );
     assert!(
         expected.len() >= JOBS / 4,
         "too few jobs parse for the test to mean much: {}",
@@ -321,6 +337,9 @@ async fn the_agent_survives_a_hostile_control_plane_and_fails_bad_jobs_typed() {
             "job {id:?}: untyped error {error:?}"
         );
         assert!(!error.retryable || error.code == "unavailable", "job {id:?}: {error:?}");
+        if malformed.contains_key(&(id.clone(), complete.lease_token.clone())) {
+            assert_eq!(error.code, "malformed_job", "job {id:?}: {error:?}");
+        }
     }
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!log.contains("panicked"), "a task panicked:\n{}", log_tail());

@@ -14,10 +14,18 @@ use common::{ChildGuard, free_port, wait_ready};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const TOKEN: &str = "tls-token-8c2a";
+/// A name only the test proxy knows (it tunnels it to 127.0.0.1): the agent never sends a
+/// loopback control plane through a proxy (security review N5), so the proxied case needs a name.
+const PROXIED_HOST: &str = "cp.proxy.test";
 
 /// The embedded control plane served over HTTPS with a self-signed certificate for 127.0.0.1.
 async fn https_control_plane(dir: &std::path::Path) -> (String, std::path::PathBuf, Arc<EmbeddedControlPlane>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec![
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        PROXIED_HOST.to_string(),
+    ])
+    .unwrap();
     let cert_path = dir.join("cp.pem");
     std::fs::write(&cert_path, ck.cert.pem()).unwrap();
     let cp = EmbeddedControlPlane::open(Options {
@@ -69,7 +77,7 @@ async fn connect_proxy() -> (String, Arc<AtomicU64>) {
                 let Some(target) = line.strip_prefix("CONNECT ").and_then(|r| r.split_whitespace().next()) else {
                     return;
                 };
-                let target = target.to_string();
+                let target = target.replace(PROXIED_HOST, "127.0.0.1");
                 // Skip the rest of the request head.
                 loop {
                     let mut header = String::new();
@@ -139,9 +147,10 @@ async fn the_control_plane_certificate_comes_from_ssl_cert_file_and_traffic_goes
 
     // Trusted through SSL_CERT_FILE, and through the proxy.
     let (proxy, tunnels) = connect_proxy().await;
+    let proxied_url = cp_url.replace("127.0.0.1", PROXIED_HOST);
     let (_trusting, health) = agent(
         dir.path(),
-        &cp_url,
+        &proxied_url,
         &[("SSL_CERT_FILE", &cert), ("HTTPS_PROXY", &proxy)],
     );
     wait_ready(health, 200, "ready", Duration::from_secs(20)).await;
@@ -150,19 +159,20 @@ async fn the_control_plane_certificate_comes_from_ssl_cert_file_and_traffic_goes
         "the agent's connection went through HTTPS_PROXY"
     );
 
-    // NO_PROXY for the host: ready without a tunnel.
+    // A control plane on loopback: ready without a tunnel, NO_PROXY or not (the proxy would
+    // see the agent token in the CONNECT-less case, and has no business on loopback anyway).
     let before = tunnels.load(Ordering::SeqCst);
     let (_direct, health) = agent(
         dir.path(),
         &cp_url,
-        &[
-            ("SSL_CERT_FILE", &cert),
-            ("HTTPS_PROXY", &proxy),
-            ("NO_PROXY", "127.0.0.1"),
-        ],
+        &[("SSL_CERT_FILE", &cert), ("HTTPS_PROXY", &proxy)],
     );
     wait_ready(health, 200, "ready", Duration::from_secs(20)).await;
-    assert_eq!(tunnels.load(Ordering::SeqCst), before, "NO_PROXY bypasses the proxy");
+    assert_eq!(
+        tunnels.load(Ordering::SeqCst),
+        before,
+        "loopback went through the proxy"
+    );
 }
 
 /// Rancher over HTTPS: trusted through the integration's `certificate_authority`, or through

@@ -277,12 +277,21 @@ async fn run_job(
     executor: &Executor,
     abandon: CancellationToken,
 ) {
-    let job: Job = match serde_json::from_value(raw) {
+    let job: Job = match Job::from_leased(raw) {
         Ok(job) => job,
-        Err(e) => {
-            // Without an id and lease token there is nothing to report to; the control plane
-            // hands the job out again when its lease runs out.
-            tracing::error!(error = %e, "control plane sent a job without a valid envelope (id, lease_token, lease_expires_at); skipping it");
+        Err(bad) => {
+            // Completed as failed when it can be (security review N8); without an id and lease
+            // token there is nothing to report to.
+            match (&bad.job, bad.completion()) {
+                (Some(job), Some(request)) => {
+                    tracing::warn!(job = ?job.id, error = %bad.message, "control plane sent a job whose fields do not parse; completing it as failed (malformed_job)");
+                    metrics().job_finished("unknown", "failed", Duration::ZERO);
+                    report(cp, job, &request, &abandon).await;
+                }
+                _ => {
+                    tracing::error!(error = %bad.message, "control plane sent a job without a valid envelope (id, lease_token); skipping it")
+                }
+            }
             return;
         }
     };
@@ -363,10 +372,15 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Gives back jobs that were leased but never started (shutdown).
 async fn release_unstarted(cp: &dyn ControlPlane, jobs: Vec<Value>) {
     for raw in jobs {
-        match serde_json::from_value::<Job>(raw) {
+        let envelope = match Job::from_leased(raw) {
+            Ok(job) => Ok(job),
+            Err(crate::control_plane::protocol::MalformedJob { job: Some(job), .. }) => Ok(*job),
+            Err(bad) => Err(bad),
+        };
+        match envelope {
             Ok(job) => release(cp, &job.id, &job.lease_token, false).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "a leased job without a valid envelope cannot be released; its lease will run out")
+            Err(bad) => {
+                tracing::warn!(error = %bad.message, "a leased job without a valid envelope cannot be released; its lease will run out")
             }
         }
     }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::operator::{AccessRequest, AccessRequestCreate, JobCreate, JobRecord, OPERATOR_PREFIX};
+use super::operator::{AccessRequest, AccessRequestCreate, JobCreate, JobRecord, NEXT_CURSOR_HEADER, OPERATOR_PREFIX};
 use super::protocol::{
     API_PREFIX, ApiErrorBody, CompleteRequest, Job, LEASE_TOKEN_HEADER, LeaseRequest, LeaseResponse, MAX_WAIT_SECONDS,
     ReleaseRequest, RenewRequest, RenewResponse, SessionHello, SessionInfo,
@@ -31,10 +31,37 @@ const LEASE_MARGIN: Duration = Duration::from_secs(15);
 pub const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// Most of an error answer read: only its message is kept.
 pub const MAX_ERROR_ANSWER_BYTES: usize = 64 << 10;
+/// Items asked for per page of an operator list.
+const LIST_PAGE: usize = 500;
 /// Longest id put in a URL path.
 const MAX_ID_LEN: usize = 256;
 
-fn base_url(base_url: &str) -> Result<String, ControlPlaneError> {
+/// The environment variable (and `control_plane.allow_insecure_http`) that allows `http://` to a
+/// control plane that is not on this machine.
+pub const ALLOW_INSECURE_HTTP_ENV: &str = "APONO_ALLOW_INSECURE_HTTP";
+
+/// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`), any case; `None` for anything else.
+pub fn parse_flag(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether `url` names this machine: a loopback IP literal or `localhost`.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.to_canonical().is_loopback(),
+        None => false,
+    }
+}
+
+/// The base URL, trimmed, and whether it is on this machine. `http://` to another host sends the
+/// token and every job in cleartext: refused unless `allow_insecure_http` (security review N12).
+fn base_url(base_url: &str, allow_insecure_http: bool) -> Result<(String, bool), ControlPlaneError> {
     let trimmed = base_url.trim().trim_end_matches('/');
     let parsed = url::Url::parse(trimmed).map_err(|e| ControlPlaneError::Rejected {
         status: 400,
@@ -46,17 +73,34 @@ fn base_url(base_url: &str) -> Result<String, ControlPlaneError> {
             message: format!("control-plane URL {trimmed:?} must start with https:// (or http://)"),
         });
     }
-    Ok(trimmed.to_string())
+    let loopback = is_loopback(&parsed);
+    if parsed.scheme() == "http" && !loopback && !allow_insecure_http {
+        return Err(ControlPlaneError::Rejected {
+            status: 400,
+            message: format!(
+                "control-plane URL {trimmed:?} uses http:// to another host, which would send the token and every \
+                 job in cleartext: use https://, or set {ALLOW_INSECURE_HTTP_ENV}=true \
+                 (control_plane.allow_insecure_http) if the network is trusted"
+            ),
+        });
+    }
+    Ok((trimmed.to_string(), loopback))
 }
 
-fn build_client() -> Result<reqwest::Client, ControlPlaneError> {
-    reqwest::Client::builder()
+/// The client of one control plane. Redirects are never followed: a 307 would re-send a body
+/// (a grant's password, a job's result) to wherever it points (N12). A control plane on this
+/// machine is reached directly, never through `HTTP_PROXY`, which would see the token (N5).
+fn build_client(loopback: bool) -> Result<reqwest::Client, ControlPlaneError> {
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("apono-connector/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| ControlPlaneError::Unavailable {
-            message: format!("cannot build the HTTP client: {e}"),
-        })
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("apono-connector/", env!("CARGO_PKG_VERSION")));
+    if loopback {
+        builder = builder.no_proxy();
+    }
+    builder.build().map_err(|e| ControlPlaneError::Unavailable {
+        message: format!("cannot build the HTTP client: {e}"),
+    })
 }
 
 /// Percent-encodes one path segment (ids are opaque strings).
@@ -194,6 +238,24 @@ async fn check(resp: Response, job_id: Option<&str>) -> Result<Response, Control
     if status.is_success() {
         return Ok(resp);
     }
+    if status.is_redirection() {
+        let to: String = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("nowhere")
+            .chars()
+            .take(200)
+            .collect();
+        return Err(ControlPlaneError::Rejected {
+            status: status.as_u16(),
+            message: format!(
+                "the control plane answered {} with a redirect to {to:?}; redirects are not followed, so the token \
+                 and request bodies go only to the configured URL: configure the final address instead",
+                status.as_u16()
+            ),
+        });
+    }
     let message = error_message(resp).await;
     Err(match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ControlPlaneError::Unauthorized { message },
@@ -253,9 +315,24 @@ impl HttpControlPlane {
     /// # Errors
     /// `Rejected` for a URL that is not http(s); `Unavailable` if the HTTP client cannot be built.
     pub fn new(base_url_: &str, connector_id: &str, token: Option<SecretString>) -> Result<Self, ControlPlaneError> {
+        HttpControlPlane::with_insecure_http(base_url_, connector_id, token, false)
+    }
+
+    /// Like [`HttpControlPlane::new`]; `allow_insecure_http` lets `http://` reach a control plane
+    /// on another host (`APONO_ALLOW_INSECURE_HTTP`).
+    ///
+    /// # Errors
+    /// As [`HttpControlPlane::new`], and `Rejected` for `http://` to another host when not allowed.
+    pub fn with_insecure_http(
+        base_url_: &str,
+        connector_id: &str,
+        token: Option<SecretString>,
+        allow_insecure_http: bool,
+    ) -> Result<Self, ControlPlaneError> {
+        let (base, loopback) = base_url(base_url_, allow_insecure_http)?;
         Ok(HttpControlPlane {
-            http: build_client()?,
-            base: base_url(base_url_)?,
+            http: build_client(loopback)?,
+            base,
             connector_id: connector_id.to_string(),
             token,
             token_file: None,
@@ -408,9 +485,20 @@ impl OperatorClient {
     /// # Errors
     /// `Rejected` for a URL that is not http(s); `Unavailable` if the HTTP client cannot be built.
     pub fn new(base_url_: &str) -> Result<Self, ControlPlaneError> {
+        OperatorClient::with_insecure_http(base_url_, false)
+    }
+
+    /// Like [`OperatorClient::new`]; `allow_insecure_http` lets `http://` reach an operator API on
+    /// another host (`APONO_ALLOW_INSECURE_HTTP`): the operator token would cross the network in
+    /// cleartext.
+    ///
+    /// # Errors
+    /// As [`OperatorClient::new`], and `Rejected` for `http://` to another host when not allowed.
+    pub fn with_insecure_http(base_url_: &str, allow_insecure_http: bool) -> Result<Self, ControlPlaneError> {
+        let (base, loopback) = base_url(base_url_, allow_insecure_http)?;
         Ok(OperatorClient {
-            http: build_client()?,
-            base: base_url(base_url_)?,
+            http: build_client(loopback)?,
+            base,
             token: None,
         })
     }
@@ -478,9 +566,53 @@ impl OperatorClient {
         self.send_opt(rb, "access request").await
     }
 
+    /// Every access request, read a page at a time (an answer never nears the read cap however
+    /// many are kept: security review N11).
     pub async fn list_access(&self) -> Result<Vec<AccessRequest>, ControlPlaneError> {
-        let resp = self.send(self.http.get(self.url("access-requests"))).await?;
-        decode(resp, "access request list").await
+        self.list_all("access-requests", "access request list", |a: &AccessRequest| {
+            a.id.clone()
+        })
+        .await
+    }
+
+    /// Walks `GET {tail}?limit=&after=` through [`NEXT_CURSOR_HEADER`]. A server that does not
+    /// page answers the whole list at once, without the header: that is the last page.
+    async fn list_all<T: DeserializeOwned>(
+        &self,
+        tail: &str,
+        what: &str,
+        id: impl Fn(&T) -> String,
+    ) -> Result<Vec<T>, ControlPlaneError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", LIST_PAGE.to_string())];
+            if let Some(after) = &after {
+                query.push(("after", after.clone()));
+            }
+            let resp = self.send(self.http.get(self.url(tail)).query(&query)).await?;
+            let next = resp
+                .headers()
+                .get(NEXT_CURSOR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let page: Vec<T> = decode(resp, what).await?;
+            // A cursor that does not move on would loop forever: stop at a page that ends on it.
+            let moved = match (page.last(), &next) {
+                (Some(last), Some(next)) => after.as_deref() != Some(next.as_str()) && id(last) == *next,
+                _ => false,
+            };
+            all.extend(page);
+            match next {
+                Some(next) if moved => after = Some(next),
+                Some(_) => {
+                    return Err(ControlPlaneError::Protocol {
+                        message: format!("the {what} pages do not move on: the control plane's cursor is wrong"),
+                    });
+                }
+                None => return Ok(all),
+            }
+        }
     }
 
     pub async fn revoke_access(&self, id: &str) -> Result<AccessRequest, ControlPlaneError> {
@@ -517,9 +649,9 @@ impl OperatorClient {
             .collect()
     }
 
+    /// Every job, read a page at a time.
     pub async fn list_jobs(&self) -> Result<Vec<JobRecord>, ControlPlaneError> {
-        let resp = self.send(self.http.get(self.url("jobs"))).await?;
-        decode(resp, "job list").await
+        self.list_all("jobs", "job list", |j: &JobRecord| j.id.clone()).await
     }
 }
 
@@ -529,9 +661,41 @@ mod tests {
 
     #[test]
     fn base_url_rejects_other_schemes_and_trims() {
-        assert_eq!(base_url("http://127.0.0.1:8790/").unwrap(), "http://127.0.0.1:8790");
-        assert!(matches!(base_url("ftp://x"), Err(ControlPlaneError::Rejected { .. })));
-        assert!(base_url("not a url").is_err());
+        assert_eq!(
+            base_url("http://127.0.0.1:8790/", false).unwrap(),
+            ("http://127.0.0.1:8790".to_string(), true)
+        );
+        assert!(matches!(
+            base_url("ftp://x", false),
+            Err(ControlPlaneError::Rejected { .. })
+        ));
+        assert!(base_url("not a url", false).is_err());
+    }
+
+    #[test]
+    fn cleartext_to_another_host_needs_the_setting() {
+        for local in [
+            "http://localhost:8790",
+            "http://127.0.0.2:1",
+            "http://[::1]:8790",
+            "https://cp.example.com",
+        ] {
+            assert!(base_url(local, false).is_ok(), "{local}");
+        }
+        for remote in [
+            "http://cp.example.com",
+            "http://10.0.0.5:8790",
+            "http://localhost.evil.example",
+        ] {
+            let e = base_url(remote, false).unwrap_err();
+            assert!(e.to_string().contains(ALLOW_INSECURE_HTTP_ENV), "{remote}: {e}");
+            assert!(!base_url(remote, true).unwrap().1, "{remote}");
+        }
+        assert!(OperatorClient::new("http://cp.example.com").is_err());
+        assert!(HttpControlPlane::with_insecure_http("http://cp.example.com", "c", None, true).is_ok());
+        assert_eq!(parse_flag(" TRUE "), Some(true));
+        assert_eq!(parse_flag("0"), Some(false));
+        assert_eq!(parse_flag("maybe"), None);
     }
 
     #[test]

@@ -125,6 +125,87 @@ fn one() -> u32 {
     1
 }
 
+/// The code of a job the agent cannot run as sent (see [`Job::from_leased`]).
+pub const MALFORMED_JOB: &str = "malformed_job";
+
+/// A leased job whose fields do not parse. With `job` (its id and lease token parsed), it is
+/// completed as failed [`MALFORMED_JOB`] at once: dropping it would only have the control plane
+/// hand it out again when the lease runs out, forever (security review N8). Without one there is
+/// nothing to report to.
+#[derive(Debug)]
+pub struct MalformedJob {
+    /// The envelope, to complete the job with; `kind`, `integration` and `params` are empty.
+    pub job: Option<Box<Job>>,
+    /// What does not parse (serde's words: the field and the type it wanted).
+    pub message: String,
+}
+
+impl MalformedJob {
+    /// The completion that reports it: failed, [`MALFORMED_JOB`], not retryable.
+    pub fn completion(&self) -> Option<CompleteRequest> {
+        self.job.as_ref().map(|job| CompleteRequest {
+            lease_token: job.lease_token.clone(),
+            outcome: Outcome::Failed,
+            error: Some(JobError {
+                code: MALFORMED_JOB.into(),
+                message: format!(
+                    "the job's fields do not parse, so it was not run: {}; the control plane must send kind as a \
+                     string and attempt as a whole number (docs/protocol.md)",
+                    self.message
+                ),
+                retryable: false,
+            }),
+            result: None,
+        })
+    }
+}
+
+/// The part of a job needed to report on it.
+#[derive(Deserialize)]
+struct Envelope {
+    id: String,
+    lease_token: String,
+}
+
+impl Job {
+    /// Parses one job of a lease answer. A job whose id and lease token parse but whose other
+    /// fields do not (a `kind` that is not a string, an `attempt` that is not a number) is a
+    /// [`MalformedJob`] carrying its envelope, so the agent can complete it as failed.
+    ///
+    /// # Errors
+    /// [`MalformedJob`], with `job` set when the id and lease token parsed.
+    pub fn from_leased(raw: Value) -> Result<Job, MalformedJob> {
+        let error = match Job::deserialize(&raw) {
+            Ok(job) => return Ok(job),
+            Err(e) => e,
+        };
+        // serde's message names types and, for a wrong-typed string, its value: cut it short.
+        let mut message: String = error.to_string().chars().take(300).collect();
+        if message.len() < error.to_string().len() {
+            message.push_str("...");
+        }
+        let job = Envelope::deserialize(&raw)
+            .ok()
+            .filter(|e| !e.id.trim().is_empty() && !e.lease_token.trim().is_empty())
+            .map(|e| {
+                Box::new(Job {
+                    id: e.id,
+                    kind: String::new(),
+                    attempt: 1,
+                    lease_token: e.lease_token,
+                    lease_expires_at: raw
+                        .get("lease_expires_at")
+                        .and_then(|v| DateTime::<Utc>::deserialize(v).ok())
+                        .unwrap_or_else(Utc::now),
+                    lease_seconds: None,
+                    integration: Value::Null,
+                    params: Value::Null,
+                })
+            });
+        Err(MalformedJob { job, message })
+    }
+}
+
 /// `POST /connector/v1/jobs/{job_id}:renew`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RenewRequest {
@@ -206,6 +287,35 @@ mod tests {
         assert_eq!(job.attempt, 1);
         assert!(job.kind.is_empty());
         assert!(job.params.is_null());
+    }
+
+    #[test]
+    fn a_job_with_a_wrong_typed_field_keeps_its_envelope() {
+        for (field, value) in [
+            ("kind", serde_json::json!(42)),
+            ("attempt", serde_json::json!("../../v3/users")),
+            ("attempt", serde_json::json!({"a": 1})),
+            ("lease_expires_at", serde_json::json!("yesterday")),
+        ] {
+            let mut raw = serde_json::json!({
+                "id": "j1", "kind": "grant", "attempt": 1, "lease_token": "t",
+                "lease_expires_at": "2026-01-01T00:00:00Z"
+            });
+            raw[field] = value;
+            let bad = Job::from_leased(raw).expect_err(field);
+            let job = bad.job.as_ref().expect("the envelope parsed");
+            assert_eq!((job.id.as_str(), job.lease_token.as_str()), ("j1", "t"));
+            let done = bad.completion().expect("a completion");
+            let error = done.error.expect("an error");
+            assert_eq!(
+                (done.outcome, error.code.as_str(), error.retryable),
+                (Outcome::Failed, MALFORMED_JOB, false)
+            );
+            assert!(error.message.contains("invalid"), "{field}: {}", error.message);
+        }
+        // No id: nothing to report to.
+        let bad = Job::from_leased(serde_json::json!({"lease_token": "t", "kind": 1})).expect_err("no id");
+        assert!(bad.job.is_none() && bad.completion().is_none());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +32,9 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::embedded::EmbeddedControlPlane;
-use super::operator::{AccessRequestCreate, JobCreate, OPERATOR_PREFIX};
+use super::operator::{
+    AccessRequestCreate, IntegrationRef, JobCreate, MAX_PAGE, NEXT_CURSOR_HEADER, OPERATOR_PREFIX, check_field, page,
+};
 use super::protocol::{
     API_PREFIX, ApiError, ApiErrorBody, CompleteRequest, Job, LEASE_TOKEN_HEADER, LeaseRequest, LeaseResponse,
     ReleaseRequest, RenewRequest, SessionHello,
@@ -40,8 +42,19 @@ use super::protocol::{
 use super::{ControlPlane, ControlPlaneError};
 use crate::integrations::IntegrationSpec;
 
-/// Largest request body: a discovery upload of 500 objects fits many times over.
+/// Largest request body, a discovery upload (`/resources`): 500 objects fit many times over.
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest body of a job action (`:complete` carries the job's result; renew and release less).
+const ACTION_BODY: usize = 1024 * 1024;
+/// Largest body of the operator API (an inline integration with its CA bundle).
+const OPERATOR_BODY: usize = 1024 * 1024;
+/// Largest body of a session hello or a lease call.
+const SMALL_BODY: usize = 64 * 1024;
+/// How long a request's body may take to arrive once its headers have: a client that trickles
+/// it holds a connection for this long at most (security review N2).
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a request may run, body included: the longest long-poll plus a margin.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(super::protocol::MAX_WAIT_SECONDS as u64 + 30);
 
 /// How long `serve` waits for open requests after shutdown before it returns anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -276,6 +289,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
     let guard = OperatorGuard {
         state: operator_state.clone(),
         listen: access.listen,
+        refusals: Arc::new(std::sync::Mutex::new(crate::telemetry::serve::Throttled::new())),
     };
     let operator = Router::new()
         .route(
@@ -293,6 +307,7 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
         .route(&format!("{OPERATOR_PREFIX}/jobs"), post(create_job).get(list_jobs))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}"), get(get_job))
         .route(&format!("{OPERATOR_PREFIX}/jobs/{{id}}/resources"), get(job_resources))
+        .route_layer(middleware::from_fn(bounded_body))
         .route_layer(middleware::from_fn_with_state(guard, operator_guard))
         .with_state(operator_state);
     let mut app = Router::new().merge(operator);
@@ -302,6 +317,10 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
             .route(&format!("{API_PREFIX}/connectors/{{id}}/jobs:lease"), post(lease))
             .route(&format!("{API_PREFIX}/jobs/{{job}}"), post(job_action))
             .route(&format!("{API_PREFIX}/jobs/{{job}}/resources"), post(upload))
+            // The token before anything else: a stranger is refused before a byte of its body
+            // is read (security review N2); then the body within its route's size and time.
+            .route_layer(middleware::from_fn(bounded_body))
+            .route_layer(middleware::from_fn_with_state(agent_state.clone(), agent_guard))
             .with_state(agent_state);
         app = app.merge(agent);
     }
@@ -312,6 +331,16 @@ pub fn router(cp: Arc<EmbeddedControlPlane>, access: Access) -> Result<Router, A
 struct OperatorGuard {
     state: AppState,
     listen: SocketAddr,
+    /// Refusals are strangers' doing: one warning per 10 s with a count, so they cannot fill the
+    /// log (security review N6).
+    refusals: Arc<std::sync::Mutex<crate::telemetry::serve::Throttled>>,
+}
+
+impl OperatorGuard {
+    /// `Some(held back)` when a refusal should be logged now.
+    fn log_refusal(&self) -> Option<u64> {
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner()).tick()
+    }
 }
 
 fn forbidden(message: String) -> Response {
@@ -378,7 +407,9 @@ async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .or(authority.as_deref());
     if !host.is_some_and(|h| names_this_server(h, g.listen)) {
-        tracing::warn!(host = ?host, "operator API call with a foreign Host refused");
+        if let Some(repeated) = g.log_refusal() {
+            tracing::warn!(host = ?host, repeated, "operator API call with a foreign Host refused");
+        }
         return forbidden(format!(
             "the Host header must name this server ({}, or localhost on its port): the operator API does not answer other names",
             g.listen
@@ -391,7 +422,9 @@ async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: 
             .and_then(|o| o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")))
             .is_some_and(|authority| names_this_server(authority, g.listen));
         if !same {
-            tracing::warn!(origin = ?origin, "operator API call from a foreign Origin refused");
+            if let Some(repeated) = g.log_refusal() {
+                tracing::warn!(origin = ?origin, repeated, "operator API call from a foreign Origin refused");
+            }
             return forbidden(
                 "cross-origin requests to the operator API are refused (the Origin is not this server)".into(),
             );
@@ -419,6 +452,91 @@ async fn operator_guard(State(g): State<OperatorGuard>, request: Request, next: 
     next.run(request).await
 }
 
+/// The agent protocol's token check, run before the body is read.
+async fn agent_guard(State(s): State<AppState>, request: Request, next: Next) -> Response {
+    match check_token(&s, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The most a route's body may hold.
+fn body_limit(path: &str) -> usize {
+    if path.starts_with(OPERATOR_PREFIX) {
+        OPERATOR_BODY
+    } else if path.starts_with(&format!("{API_PREFIX}/jobs/")) {
+        if path.ends_with("/resources") {
+            MAX_BODY
+        } else {
+            ACTION_BODY
+        }
+    } else {
+        SMALL_BODY
+    }
+}
+
+/// Reads the body before the handler runs: at most the route's [`body_limit`] (413 at once when
+/// `Content-Length` says more), within [`BODY_DEADLINE`] (408), and the whole request within
+/// [`REQUEST_DEADLINE`]. Runs after the token check, so only a caller with a token gets this far.
+async fn bounded_body(request: Request, next: Next) -> Response {
+    let limit = body_limit(request.uri().path());
+    let too_large = || {
+        rejected(
+            413,
+            format!(
+                "the request body is larger than {} KiB, the most this endpoint takes",
+                limit / 1024
+            ),
+        )
+        .into_response()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let read = async {
+        use futures::StreamExt;
+        let mut stream = body.into_data_stream();
+        let mut buffer = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| None)?;
+            if buffer.len() + chunk.len() > limit {
+                return Err(Some(()));
+            }
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok(buffer)
+    };
+    let body = match tokio::time::timeout(BODY_DEADLINE, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(Some(()))) => return too_large(),
+        Ok(Err(None)) => return rejected(400, "the request body could not be read".into()).into_response(),
+        Err(_) => {
+            return rejected(
+                408,
+                format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
+            )
+            .into_response();
+        }
+    };
+    let request = Request::from_parts(parts, axum::body::Body::from(body));
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiFailure(ControlPlaneError::Unavailable {
+            message: format!(
+                "the request took longer than {} s; try again",
+                REQUEST_DEADLINE.as_secs()
+            ),
+        })
+        .into_response(),
+    }
+}
+
 async fn not_found() -> ApiFailure {
     ApiFailure(ControlPlaneError::NotFound {
         message: format!("no such endpoint: see docs/protocol.md ({API_PREFIX}/..., {OPERATOR_PREFIX}/...)"),
@@ -427,13 +545,7 @@ async fn not_found() -> ApiFailure {
 
 // ----- agent protocol -----
 
-async fn hello(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
+async fn hello(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult<Response> {
     let hello: SessionHello = parse_body(&body, "session hello")?;
     tracing::debug!(connector = %id, "session hello");
     Ok(Json(s.cp.hello(&hello).await?).into_response())
@@ -443,10 +555,8 @@ async fn lease(
     State(s): State<AppState>,
     Path(_id): Path<String>,
     shutdown: Option<Extension<ShutdownSignal>>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
     let request: LeaseRequest = parse_body(&body, "lease request")?;
     let jobs = match shutdown {
         Some(Extension(ShutdownSignal(token))) => tokio::select! {
@@ -458,13 +568,7 @@ async fn lease(
     Ok(Json(LeaseResponse { jobs }).into_response())
 }
 
-async fn job_action(
-    State(s): State<AppState>,
-    Path(job): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
+async fn job_action(State(s): State<AppState>, Path(job): Path<String>, body: Bytes) -> ApiResult<Response> {
     let Some((job_id, verb)) = split_action(&job) else {
         return Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!(
@@ -499,7 +603,6 @@ async fn upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    check_token(&s, &headers)?;
     let lease_token = headers
         .get(LEASE_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -548,16 +651,81 @@ async fn create_access(State(s): State<AppState>, body: Bytes) -> ApiResult<Resp
     }
     let request: AccessRequestCreate =
         serde_json::from_value(value).map_err(|e| rejected(422, format!("invalid access request: {e}")))?;
+    let subject_field = match &request.subject {
+        crate::integrations::Subject::GroupPrincipal(_) => "group",
+        _ => "user",
+    };
+    let mut fields = vec![
+        (subject_field, request.subject.as_str()),
+        ("role", request.role.as_str()),
+        ("resource", request.resource.as_str()),
+    ];
+    if let IntegrationRef::Name(name) = &request.integration {
+        fields.push(("integration", name.as_str()));
+    }
+    for (field, value) in fields {
+        check_field(field, value).map_err(|e| rejected(400, e))?;
+    }
     let created = s.cp.create_access(request)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn list_access(State(s): State<AppState>) -> ApiResult<Response> {
-    Ok(Json(s.cp.list_access()?).into_response())
+/// `?limit=N&after=CURSOR` of a list: `None` for the whole list (older clients).
+fn page_query(query: Option<&str>) -> ApiResult<Option<(usize, Option<String>)>> {
+    let (mut limit, mut after) = (None, None);
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "limit" => {
+                let n = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| rejected(400, format!("limit must be a whole number from 1 to {MAX_PAGE}")))?;
+                limit = Some(n);
+            }
+            "after" => {
+                check_field("after", &value).map_err(|e| rejected(400, e))?;
+                after = Some(value.into_owned());
+            }
+            _ => {}
+        }
+    }
+    match (limit, after) {
+        (None, None) => Ok(None),
+        (limit, after) => Ok(Some((limit.unwrap_or(MAX_PAGE), after))),
+    }
+}
+
+/// A list as JSON: whole, or one page with the next page's cursor in [`NEXT_CURSOR_HEADER`].
+fn list_answer<T: serde::Serialize>(
+    items: Vec<T>,
+    id: impl Fn(&T) -> &str,
+    query: Option<&str>,
+) -> ApiResult<Response> {
+    let Some((limit, after)) = page_query(query)? else {
+        return Ok(Json(items).into_response());
+    };
+    let (items, next) = page(items, id, limit, after.as_deref());
+    let mut response = Json(items).into_response();
+    if let Some(next) = next.and_then(|n| header::HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert(NEXT_CURSOR_HEADER, next);
+    }
+    Ok(response)
+}
+
+/// An id from a path: bounded and free of control characters, else 400.
+fn path_id(id: &str) -> ApiResult<&str> {
+    check_field("the id", id).map_err(|e| rejected(400, e))?;
+    Ok(id)
+}
+
+async fn list_access(State(s): State<AppState>, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    list_answer(s.cp.list_access()?, |a| a.id.as_str(), query.as_deref())
 }
 
 async fn get_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    match s.cp.access(&id)? {
+    let id = path_id(&id)?;
+    match s.cp.access(id)? {
         Some(a) => Ok(Json(a).into_response()),
         None => Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no access request {id:?}"),
@@ -567,7 +735,7 @@ async fn get_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
 
 /// `POST /operator/v1/access-requests/{id}:revoke` (the `/revoke` sub-path is the same).
 async fn access_action(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    match split_action(&id) {
+    match split_action(path_id(&id)?) {
         Some((id, "revoke")) => Ok(Json(s.cp.revoke_access(id)?).into_response()),
         _ => Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no such endpoint: POST {OPERATOR_PREFIX}/access-requests/{id} (expected {{id}}:revoke)"),
@@ -576,21 +744,26 @@ async fn access_action(State(s): State<AppState>, Path(id): Path<String>) -> Api
 }
 
 async fn revoke_access(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(Json(s.cp.revoke_access(&id)?).into_response())
+    Ok(Json(s.cp.revoke_access(path_id(&id)?)?).into_response())
 }
 
 async fn create_job(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let request: JobCreate = parse_body(&body, "job")?;
+    check_field("kind", &request.kind).map_err(|e| rejected(400, e))?;
+    if let Some(name) = request.integration.as_str() {
+        check_field("integration", name).map_err(|e| rejected(400, e))?;
+    }
     let created = s.cp.create_job(request)?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn list_jobs(State(s): State<AppState>) -> ApiResult<Response> {
-    Ok(Json(s.cp.list_jobs()?).into_response())
+async fn list_jobs(State(s): State<AppState>, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    list_answer(s.cp.list_jobs()?, |j| j.id.as_str(), query.as_deref())
 }
 
 async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    match s.cp.job(&id)? {
+    let id = path_id(&id)?;
+    match s.cp.job(id)? {
         Some(j) => Ok(Json(j).into_response()),
         None => Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no job {id:?}"),
@@ -600,13 +773,14 @@ async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult
 
 /// `GET /operator/v1/jobs/{id}/resources`: the objects a discover job uploaded, as NDJSON.
 async fn job_resources(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    if s.cp.job(&id)?.is_none() {
+    let id = path_id(&id)?;
+    if s.cp.job(id)?.is_none() {
         return Err(ApiFailure(ControlPlaneError::NotFound {
             message: format!("no job {id:?}"),
         }));
     }
     let mut body = String::new();
-    for object in s.cp.resources(&id)? {
+    for object in s.cp.resources(id)? {
         body.push_str(&object.to_string());
         body.push('\n');
     }

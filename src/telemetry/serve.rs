@@ -1,19 +1,30 @@
 //! The accept loop behind every port the daemon serves (health, operator API, agent protocol),
-//! hardened against clients that connect and never finish (reliability review F9):
+//! hardened against clients that connect and never finish (reliability review F9, security
+//! review N3):
 //!
-//! - a request's headers must arrive within [`Limits::header_read_timeout`], and an idle
-//!   keep-alive connection is closed after the same time (hyper restarts the header timer when a
-//!   connection goes idle), so a silent or half-open client holds a slot for a bounded time;
-//! - at most [`Limits::max_connections`] are open at once; one more is accepted and closed at
-//!   once, so the kernel backlog drains and the process never holds more descriptors than the cap;
+//! - a connection must send its first byte within [`Limits::first_byte_timeout`], and a request's
+//!   headers must arrive within [`Limits::header_read_timeout`]; an idle keep-alive connection is
+//!   closed after the same time (hyper restarts the header timer when a connection goes idle);
+//! - at most [`Limits::max_connections`] are open at once, and at most [`Limits::max_per_peer`]
+//!   from one IP address. When a new connection would pass either cap, the connection that has
+//!   waited longest for a request (no handler running: silent, half-sent headers, or idle
+//!   keep-alive) is closed to make room: the peer's own when it is at its cap, else one of the
+//!   peer holding the most; only when no such connection waits is the newcomer closed instead.
+//!   A client holding sockets open therefore cannot starve a probe from another address: its own
+//!   sockets are the ones that give way (`/healthz` answers with hundreds held open);
 //! - an accept error (EMFILE, ENFILE, ENOBUFS) backs off briefly and is logged at most once per
 //!   [`LOG_EVERY`], so it neither spins a core nor floods the log;
 //! - on shutdown, idle connections close at once, open requests get [`Limits::shutdown_grace`],
 //!   then everything is dropped: no client can delay SIGTERM.
+//!
+//! Request bodies are the router's business: `control_plane::server` checks the token before it
+//! reads one and bounds its size and time.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -23,7 +34,6 @@ use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,11 +46,15 @@ pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// What one server allows its clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Time for a new connection to send its first byte: real clients write at once.
+    pub first_byte_timeout: Duration,
     /// Time for a request's headers to arrive, and for an idle keep-alive connection to send the
     /// next request.
     pub header_read_timeout: Duration,
-    /// Connections open at once; more are closed as soon as they are accepted.
+    /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_per_peer: usize,
     /// After shutdown, how long open requests may still run before their connections are dropped.
     pub shutdown_grace: Duration,
 }
@@ -48,16 +62,22 @@ pub struct Limits {
 impl Limits {
     /// The health port: probes and Prometheus scrapes need few connections and quick answers.
     pub const HEALTH: Limits = Limits {
+        first_byte_timeout: Duration::from_secs(2),
         header_read_timeout: Duration::from_secs(5),
-        max_connections: 32,
+        max_connections: 128,
+        max_per_peer: 32,
         shutdown_grace: Duration::from_secs(1),
     };
 
     /// The control-plane ports (operator API, agent protocol). Long-polls hold a connection while
     /// they wait, which the header timeout does not count: it runs only while headers are due.
+    /// The per-peer cap is generous because agents behind one proxy or mesh sidecar share an
+    /// address, and a stranger cannot hold a slot busy: it is refused before its body is read.
     pub const API: Limits = Limits {
+        first_byte_timeout: Duration::from_secs(2),
         header_read_timeout: Duration::from_secs(10),
-        max_connections: 256,
+        max_connections: 1024,
+        max_per_peer: 256,
         shutdown_grace: Duration::from_secs(3),
     };
 }
@@ -66,9 +86,10 @@ impl Limits {
 /// Handlers can read the peer address as `ConnectInfo<SocketAddr>`. Returns at most
 /// `limits.shutdown_grace` (plus a little) after `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Slots::new(limits));
     let connections = TaskTracker::new();
     let mut refused = Throttled::new();
+    let mut evicted = Throttled::new();
     let mut accept_errors = Throttled::new();
     let local = listener.local_addr().ok();
     loop {
@@ -94,15 +115,29 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
                 }
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            drop(stream);
-            if let Some(more) = refused.tick() {
-                tracing::warn!(
-                    listen = ?local, max_connections = limits.max_connections, repeated = more,
-                    "connection limit reached: closing new connections"
-                );
+        let slot = match slots.admit(peer.ip()) {
+            Admission::Admitted(slot) => slot,
+            Admission::AdmittedByClosing(slot) => {
+                if let Some(more) = evicted.tick() {
+                    tracing::warn!(
+                        listen = ?local, max_connections = limits.max_connections, max_per_peer = limits.max_per_peer,
+                        repeated = more,
+                        "connection limit reached: closed the connection that waited longest for a request"
+                    );
+                }
+                slot
             }
-            continue;
+            Admission::Refused => {
+                drop(stream);
+                if let Some(more) = refused.tick() {
+                    tracing::warn!(
+                        listen = ?local, max_connections = limits.max_connections, max_per_peer = limits.max_per_peer,
+                        repeated = more,
+                        "connection limit reached and every connection is serving a request: closing new connections"
+                    );
+                }
+                continue;
+            }
         };
         connections.spawn(serve_connection(
             stream,
@@ -110,7 +145,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
             router.clone(),
             limits,
             shutdown.clone(),
-            permit,
+            slot,
         ));
     }
     connections.close();
@@ -121,18 +156,198 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
     }
 }
 
+/// One open connection as the slot table sees it.
+struct Connection {
+    /// Requests whose handler is running (0 or 1 with HTTP/1.1).
+    busy: AtomicUsize,
+    /// Milliseconds since the table's epoch at which it last started waiting for a request.
+    waiting_since: AtomicU64,
+    /// Cancelled to close the connection and give its slot to a newcomer.
+    close: CancellationToken,
+}
+
+/// The open connections, by id, with their peers: who may come in, and who gives way.
+struct Slots {
+    limits: Limits,
+    epoch: Instant,
+    table: Mutex<SlotTable>,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next_id: u64,
+    open: HashMap<u64, (IpAddr, Arc<Connection>)>,
+}
+
+enum Admission {
+    Admitted(Slot),
+    /// Admitted after closing the connection that had waited longest for a request.
+    AdmittedByClosing(Slot),
+    /// Every connection that could give way is running a handler.
+    Refused,
+}
+
+/// The soft limit on open files (`ulimit -n`), from Linux's `/proc/self/limits`; `None` when
+/// unlimited or unknown.
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `limits` with the caps kept to a quarter of `open_files` (at least 16 connections): past the
+/// descriptor limit accept fails before a cap is reached, and then no held connection gives way.
+fn within_open_files(limits: Limits, open_files: Option<u64>) -> Limits {
+    let Some(open_files) = open_files else {
+        return limits;
+    };
+    let fair = usize::try_from(open_files / 4).unwrap_or(usize::MAX).max(16);
+    Limits {
+        max_connections: limits.max_connections.min(fair),
+        max_per_peer: limits.max_per_peer.min(fair),
+        ..limits
+    }
+}
+
+impl Slots {
+    fn new(limits: Limits) -> Slots {
+        Slots {
+            limits: within_open_files(limits, open_files_limit()),
+            epoch: Instant::now(),
+            table: Mutex::new(SlotTable::default()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a slot for a connection from `peer`, closing the longest-waiting idle connection
+    /// (of that peer when it is at its own cap, of anyone when the server is full) if needed.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Admission {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_peer: HashMap<IpAddr, usize> = HashMap::new();
+        for (ip, _) in table.open.values() {
+            *per_peer.entry(*ip).or_default() += 1;
+        }
+        let from_peer = per_peer.get(&peer).copied().unwrap_or(0);
+        // The connection of `of` (anyone's when `None`) that has waited longest for a request.
+        let victim_of = |of: Option<IpAddr>, table: &SlotTable| {
+            table
+                .open
+                .iter()
+                .filter(|(_, (ip, c))| of.is_none_or(|of| *ip == of) && c.busy.load(Ordering::Acquire) == 0)
+                .min_by_key(|(_, (_, c))| c.waiting_since.load(Ordering::Acquire))
+                .map(|(id, _)| *id)
+        };
+        let victim = if from_peer >= self.limits.max_per_peer {
+            // A peer at its cap makes room among its own connections only.
+            Some(victim_of(Some(peer), &table))
+        } else if table.open.len() >= self.limits.max_connections {
+            // Full: the peer holding the most gives way first, so many sockets from a few
+            // addresses do not push out a probe from another.
+            let greediest = per_peer.iter().max_by_key(|(_, n)| **n).map(|(ip, _)| *ip);
+            Some(victim_of(greediest, &table).or_else(|| victim_of(None, &table)))
+        } else {
+            None
+        };
+        let closed_one = match victim {
+            None => false,
+            Some(None) => return Admission::Refused,
+            Some(Some(id)) => {
+                if let Some((_, c)) = table.open.remove(&id) {
+                    c.close.cancel();
+                }
+                true
+            }
+        };
+        let id = table.next_id;
+        table.next_id += 1;
+        let connection = Arc::new(Connection {
+            busy: AtomicUsize::new(0),
+            waiting_since: AtomicU64::new(self.now_ms()),
+            close: CancellationToken::new(),
+        });
+        table.open.insert(id, (peer, connection.clone()));
+        let slot = Slot {
+            slots: self.clone(),
+            id,
+            connection,
+        };
+        if closed_one {
+            Admission::AdmittedByClosing(slot)
+        } else {
+            Admission::Admitted(slot)
+        }
+    }
+}
+
+/// A connection's place in [`Slots`], given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    connection: Arc<Connection>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut table = self.slots.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.open.remove(&self.id);
+    }
+}
+
+/// Marks a connection busy while a handler runs; idle again (waiting from now) when dropped.
+struct Busy {
+    slots: Arc<Slots>,
+    connection: Arc<Connection>,
+}
+
+impl Busy {
+    fn new(slots: Arc<Slots>, connection: Arc<Connection>) -> Busy {
+        connection.busy.fetch_add(1, Ordering::AcqRel);
+        Busy { slots, connection }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.connection
+            .waiting_since
+            .store(self.slots.now_ms(), Ordering::Release);
+        self.connection.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: Limits,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) {
+    let close = slot.connection.close.clone();
+    // Nothing is parsed before the first byte: a silent client costs a slot for this long only.
+    let mut first = [0u8; 1];
+    tokio::select! {
+        read = tokio::time::timeout(limits.first_byte_timeout, stream.peek(&mut first)) => match read {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        },
+        () = close.cancelled() => return,
+        () = shutdown.cancelled() => return,
+    }
     let inner = TowerToHyperService::new(router);
+    let (slots, connection) = (slot.slots.clone(), slot.connection.clone());
     let service = service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
-        inner.call(request)
+        let busy = Busy::new(slots.clone(), connection.clone());
+        let answer = inner.call(request);
+        async move {
+            let answer = answer.await;
+            drop(busy);
+            answer
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -147,12 +362,15 @@ async fn serve_connection(
                 tracing::debug!(%peer, error = %e, "connection closed");
             }
         }
+        // Given way to a newcomer: dropping the connection closes the socket.
+        () = close.cancelled() => {}
         () = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             // Dropping the connection (on timeout) closes the socket, whatever the client does.
             let _ = tokio::time::timeout(limits.shutdown_grace, connection).await;
         }
     }
+    drop(slot);
 }
 
 /// Errors that concern one connection only; the listener is fine.
@@ -164,13 +382,13 @@ fn is_per_connection(e: &io::Error) -> bool {
 }
 
 /// Lets one log line through per [`LOG_EVERY`], counting the ones held back.
-struct Throttled {
+pub(crate) struct Throttled {
     last: Option<Instant>,
     held_back: u64,
 }
 
 impl Throttled {
-    fn new() -> Throttled {
+    pub(crate) fn new() -> Throttled {
         Throttled {
             last: None,
             held_back: 0,
@@ -178,7 +396,7 @@ impl Throttled {
     }
 
     /// `Some(n)` when a line should be logged now, `n` being how many were held back since the last.
-    fn tick(&mut self) -> Option<u64> {
+    pub(crate) fn tick(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < LOG_EVERY => {

@@ -527,6 +527,10 @@ def test_control_plane():
     check({p["name"]: p["port"] for p in service["spec"]["ports"]}["api"] == 8790, "the Service's API port")
     check(r.env()["APONO_URL"]["value"] == "http://apono-connector-control-plane.apono-connector.svc:8790",
           f"the agent connects to that Service: {r.env()['APONO_URL']}")
+    check(r.env().get("APONO_ALLOW_INSECURE_HTTP", {}).get("value") == "true",
+          "the agent is told that this http:// control plane is meant (it refuses cleartext to another host otherwise)")
+    check("APONO_ALLOW_INSECURE_HTTP" not in render(values({})).env(),
+          "an agent of a remote control plane is not")
     agent_selector = r.one("Deployment")["spec"]["selector"]["matchLabels"]
     cp_labels = sts["spec"]["template"]["metadata"]["labels"]
     check(not all(cp_labels.get(k) == v for k, v in agent_selector.items()),

@@ -563,30 +563,38 @@ async fn beyond_loopback_the_operator_api_takes_the_operator_token_only() {
     let cp = fixtures::open_with(fixtures::options(dir.path()), json!({}));
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // Cleartext to a non-loopback address needs the explicit setting (APONO_ALLOW_INSECURE_HTTP).
     let url = format!("http://{addr}");
+    assert!(OperatorClient::new(&url).is_err());
     let stop = CancellationToken::new();
     tokio::spawn(serve(
         listener,
         router(cp, access(Some(TOKEN), addr)).unwrap(),
         stop.clone(),
     ));
-    let e = OperatorClient::new(&url).unwrap().list_jobs().await.unwrap_err();
+    let e = OperatorClient::with_insecure_http(&url, true)
+        .unwrap()
+        .list_jobs()
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, ControlPlaneError::Unauthorized { message } if message.contains("operator token")),
         "{e:?}"
     );
     // The agent token lets an agent lease jobs; it does not let it grant access.
-    let with_agent_token = OperatorClient::new(&url).unwrap().with_token(SecretString::from(TOKEN));
+    let with_agent_token = OperatorClient::with_insecure_http(&url, true)
+        .unwrap()
+        .with_token(SecretString::from(TOKEN));
     assert!(matches!(
         with_agent_token.list_jobs().await,
         Err(ControlPlaneError::Unauthorized { .. })
     ));
-    let operator = OperatorClient::new(&url)
+    let operator = OperatorClient::with_insecure_http(&url, true)
         .unwrap()
         .with_token(SecretString::from(OP_TOKEN));
     assert!(operator.list_jobs().await.unwrap().is_empty());
     // The agent protocol is reachable from anywhere with the agent token.
-    let agent = HttpControlPlane::new(&url, "c", Some(SecretString::from(TOKEN))).unwrap();
+    let agent = HttpControlPlane::with_insecure_http(&url, "c", Some(SecretString::from(TOKEN)), true).unwrap();
     agent.hello(&hello_body()).await.unwrap();
     stop.cancel();
 }
@@ -781,4 +789,150 @@ fn host_names_this_server_only_by_address() {
     let one: SocketAddr = "10.0.0.5:8790".parse().unwrap();
     assert!(names_this_server("10.0.0.5:8790", one));
     assert!(!names_this_server("10.0.0.6:8790", one));
+}
+
+/// Subjects, roles and ids are bounded and free of control characters at the operator API: a
+/// newline in a username forged log lines, an 8 MiB one broke `access list` (security review N10).
+#[tokio::test]
+async fn the_operator_api_refuses_control_characters_and_huge_names() {
+    let s = serve_cp(None).await;
+    let operator = s.operator();
+    let request = |subject: Subject, role: &str| AccessRequestCreate {
+        integration: IntegrationRef::Name("test".into()),
+        subject,
+        role: role.into(),
+        resource: Resource::Cluster("c-1".into()),
+        ttl_seconds: 60,
+        create_user: false,
+    };
+    for (subject, role, field) in [
+        (
+            Subject::Username("eve\nINFO access revoked access=ar-FORGED".into()),
+            "cluster-member",
+            "user",
+        ),
+        (Subject::Username("x".repeat(300)), "cluster-member", "user"),
+        (
+            Subject::GroupPrincipal("okta_group://\u{1b}[2J".into()),
+            "cluster-member",
+            "group",
+        ),
+        (Subject::Username("alice".into()), "cluster-\u{202E}member", "role"),
+    ] {
+        let e = operator.create_access(&request(subject, role)).await.unwrap_err();
+        assert!(
+            matches!(&e, ControlPlaneError::Rejected { status: 400, message } if message.starts_with(field)),
+            "{field}: {e:?}"
+        );
+    }
+    // An 8 MiB one does not even reach the check: the body is past the operator API's limit.
+    let e = operator
+        .create_access(&request(Subject::Username("x".repeat(8 << 20)), "cluster-member"))
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, ControlPlaneError::Rejected { status: 413, .. }), "{e:?}");
+    assert!(operator.list_access().await.unwrap().is_empty());
+    let resp = reqwest::Client::new()
+        .get(format!("{}/operator/v1/jobs/{}", s.url, "j".repeat(300)))
+        .bearer_auth(OP_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e = operator
+        .create_job(&JobCreate {
+            kind: "validate\n".into(),
+            integration: json!("test"),
+            params: Value::Null,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ControlPlaneError::Rejected { status: 400, message } if message.starts_with("kind")),
+        "{e:?}"
+    );
+    s.shutdown.cancel();
+}
+
+/// `?limit=&after=` pages; the client walks every page; no `limit` is the whole list, as before.
+#[tokio::test]
+async fn operator_lists_are_paged_and_the_client_walks_the_pages() {
+    let s = serve_cp(None).await;
+    let operator = s.operator();
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        let a = operator
+            .create_access(&AccessRequestCreate {
+                integration: IntegrationRef::Name("test".into()),
+                subject: Subject::Username(format!("user-{n}")),
+                role: "cluster-member".into(),
+                resource: Resource::Cluster("c-1".into()),
+                ttl_seconds: 60,
+                create_user: false,
+            })
+            .await
+            .unwrap();
+        ids.push(a.id);
+    }
+    let http = reqwest::Client::new();
+    let get = |query: String| {
+        http.get(format!("{}/operator/v1/access-requests{query}", s.url))
+            .bearer_auth(OP_TOKEN)
+            .send()
+    };
+    let first = get("?limit=3".into()).await.unwrap();
+    let next = first.headers()[NEXT_CURSOR_HEADER].to_str().unwrap().to_string();
+    let page: Vec<AccessRequest> = first.json().await.unwrap();
+    assert_eq!(page.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), ids[..3]);
+    assert_eq!(next, ids[2]);
+    let last = get(format!("?limit=5&after={next}")).await.unwrap();
+    assert!(last.headers().get(NEXT_CURSOR_HEADER).is_none());
+    assert_eq!(last.json::<Vec<AccessRequest>>().await.unwrap().len(), 4);
+    let whole: Vec<AccessRequest> = get(String::new()).await.unwrap().json().await.unwrap();
+    assert_eq!(whole.len(), 7);
+    assert_eq!(get("?limit=0".into()).await.unwrap().status(), 400);
+    let walked: Vec<String> = operator
+        .list_access()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(walked, ids);
+    s.shutdown.cancel();
+}
+
+/// A stranger is refused before its body is read; a body beyond its route's limit is 413 at once.
+#[tokio::test]
+async fn the_agent_token_is_checked_before_the_body_and_bodies_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = serve_cp(Some(TOKEN)).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let ask = |head: String| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = vec![0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+                .await
+                .expect("answered before the body was sent")
+                .unwrap();
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        }
+    };
+    let lease = "/connector/v1/connectors/c/jobs:lease";
+    // 16 MiB announced, none sent, no token: 401 at once.
+    let answer = ask(format!(
+        "POST {lease} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 16777216\r\n\r\n"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // With the token, more than a lease call ever needs: 413 at once.
+    let answer = ask(format!(
+        "POST {lease} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    s.shutdown.cancel();
 }
