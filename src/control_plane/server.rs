@@ -750,6 +750,16 @@ async fn revoke_access(State(s): State<AppState>, Path(id): Path<String>) -> Api
 async fn create_job(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let request: JobCreate = parse_body(&body, "job")?;
     check_field("kind", &request.kind).map_err(|e| rejected(400, e))?;
+    if request.kind.trim() == "grant" {
+        // A raw grant has no access request: no TTL, no row in `access list`, never revoked
+        // (security review N14). Access is given only with an end.
+        return Err(rejected(
+            400,
+            "a raw grant job would never end: request access with a TTL instead \
+             (POST /operator/v1/access-requests, or `apono-connector access request --ttl`)"
+                .into(),
+        ));
+    }
     if let Some(name) = request.integration.as_str() {
         check_field("integration", name).map_err(|e| rejected(400, e))?;
     }

@@ -389,7 +389,7 @@ async fn a_released_job_is_leased_again_at_once_over_http() {
 async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
     let s = serve_cp(Some(TOKEN)).await;
     let http = reqwest::Client::new();
-    let cases: [(&str, &str, u16, &str); 9] = [
+    let cases: [(&str, &str, u16, &str); 10] = [
         (
             "/operator/v1/access-requests",
             r#"{"integration":{"type":"rancher","name":"x"},"user":"a","role":"r","resource":"c-1","ttl_seconds":5}"#,
@@ -417,6 +417,12 @@ async fn bad_bodies_get_a_clear_4xx_never_a_crash() {
             "not both",
         ),
         ("/operator/v1/jobs", r#"{"kind": 3}"#, 422, "invalid job"),
+        (
+            "/operator/v1/jobs",
+            r#"{"kind": "grant", "integration": "test", "params": {"user": "alice", "role": "r", "resource": "c-1"}}"#,
+            400,
+            "would never end",
+        ),
         ("/connector/v1/connectors/c/jobs:lease", "[]", 422, "lease request"),
         ("/connector/v1/jobs/abc:explode", "{}", 404, "explode"),
     ];
