@@ -331,6 +331,10 @@ enum SimCommand {
         /// (2.11+), the unknown-project answer (2.12+), duplicate checks (2.14+, 2.15+).
         #[arg(long, value_name = "2.MINOR", default_value = "2.13")]
         version: RancherVersion,
+        /// Serve https with a self-signed certificate made at start, written (PEM) to this file:
+        /// give it to the integration as `certificate_authority`. `/sim/stats` counts handshakes.
+        #[arg(long, value_name = "PATH")]
+        tls_cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -539,6 +543,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     size,
                     latency_ms,
                     version,
+                    tls_cert,
                 },
         } => {
             quiet_logs();
@@ -553,11 +558,24 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
+            let tls = match &tls_cert {
+                Some(path) => {
+                    let tls = apono_connector::sim::TlsIdentity::self_signed().map_err(anyhow::Error::msg)?;
+                    std::fs::write(path, tls.cert_pem()).with_context(|| format!("writing {}", path.display()))?;
+                    Some(tls)
+                }
+                None => None,
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
             say(&format!(
-                "Rancher {version} simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
+                "Rancher {version} simulator on {scheme}://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
             ));
             let shutdown = commands::shutdown_on_signal();
-            sim.serve(listener, async move { shutdown.cancelled().await }).await?;
+            let stop = async move { shutdown.cancelled().await };
+            match tls {
+                Some(tls) => sim.serve_tls(listener, &tls, stop).await?,
+                None => sim.serve(listener, stop).await?,
+            }
         }
         Command::Completions { shell } => {
             let mut script = Vec::new();
