@@ -554,10 +554,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ..SimOptions::default()
             });
             let (access_key, secret_key) = sim.api_key();
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding {listen}"))?;
-            let addr = listener.local_addr()?;
+            // Written before the port opens: whoever waits for the port can read it then.
             let tls = match &tls_cert {
                 Some(path) => {
                     let tls = apono_connector::sim::TlsIdentity::self_signed().map_err(anyhow::Error::msg)?;
@@ -566,6 +563,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let addr = listener.local_addr()?;
             let scheme = if tls.is_some() { "https" } else { "http" };
             say(&format!(
                 "Rancher {version} simulator on {scheme}://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
