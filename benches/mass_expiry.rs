@@ -258,11 +258,17 @@ fn main() {
     };
     let columns: Vec<Column> = latencies("BENCH_LATENCIES_MS", "0,20")
         .into_iter()
-        .map(|latency_ms| Column { latency_ms, https: false })
+        .map(|latency_ms| Column {
+            latency_ms,
+            https: false,
+        })
         .chain(
             latencies("BENCH_HTTPS_LATENCIES_MS", "0")
                 .into_iter()
-                .map(|latency_ms| Column { latency_ms, https: true }),
+                .map(|latency_ms| Column {
+                    latency_ms,
+                    https: true,
+                }),
         )
         .collect();
     let figures: Vec<Figures> = columns
@@ -280,7 +286,13 @@ fn main() {
     println!();
     let heads: Vec<String> = columns
         .iter()
-        .map(|c| format!("{} ms Rancher latency{}", c.latency_ms, if c.https { ", https" } else { "" }))
+        .map(|c| {
+            format!(
+                "{} ms Rancher latency{}",
+                c.latency_ms,
+                if c.https { ", https" } else { "" }
+            )
+        })
         .collect();
     println!("| figure | {} |", heads.join(" | "));
     println!("|---{}|", "|---".repeat(columns.len()));

@@ -91,9 +91,9 @@ mod api;
 mod data;
 mod index;
 mod store;
-mod tls;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod view;
 
 pub use tls::TlsIdentity;

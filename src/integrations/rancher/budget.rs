@@ -152,7 +152,11 @@ mod tests {
 
         let mut b = budget.reserve();
         assert_eq!(b.grow_to(400).await, Err(OverBudget { budget: 1000 }));
-        assert_eq!(b.grow_to(5000).await, Err(OverBudget { budget: 1000 }), "more than the budget");
+        assert_eq!(
+            b.grow_to(5000).await,
+            Err(OverBudget { budget: 1000 }),
+            "more than the budget"
+        );
         assert_eq!(budget.in_use(), 700, "a failed wait holds nothing");
 
         // A waiting read gets its bytes as soon as another answer is done with them.
@@ -167,6 +171,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(Body::new(vec![0; 700], a));
         assert_eq!(waiting.await.unwrap(), (Ok(()), 900));
-        assert_eq!(budget.in_use(), 0, "the waiting read's reservation was dropped with its task");
+        assert_eq!(
+            budget.in_use(),
+            0,
+            "the waiting read's reservation was dropped with its task"
+        );
     }
 }
