@@ -36,6 +36,8 @@ pub mod access;
 mod reconcile;
 mod registry;
 #[cfg(test)]
+mod scheduler_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 mod users;
 
