@@ -73,6 +73,7 @@ struct Figures {
     sim_cpu_per_job_ms: f64,
     peak_rss: f64,
     connections: u64,
+    requests: u64,
     handshakes: Option<u64>,
     failed: usize,
 }
@@ -170,6 +171,17 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
     let cpu = cpu_ms(daemon_pid) - cpu0;
     let sim_cpu = cpu_ms(sim_pid) - sim_cpu0;
     let peak_rss = peak_rss_mib(daemon_pid);
+    if std::env::var_os("BENCH_ROUTES").is_some() {
+        let stats: serde_json::Value = stats_client
+            .get(format!("{sim_url}/sim/stats"))
+            .send()
+            .await
+            .expect("sim stats")
+            .json()
+            .await
+            .expect("sim stats json");
+        eprintln!("{:#}", stats["routes"]);
+    }
     let stats: serde_json::Value = stats_client
         .get(format!("{sim_url}/sim/stats"))
         .send()
@@ -207,6 +219,7 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
         sim_cpu_per_job_ms: sim_cpu / jobs,
         peak_rss,
         connections: stats["connections"].as_u64().unwrap_or(0),
+        requests: stats["total"].as_u64().unwrap_or(0),
         handshakes: https.then(|| stats["handshakes"].as_u64().unwrap_or(0)),
         failed,
     }
@@ -316,6 +329,13 @@ fn main() {
     );
     println!("{}", row("peak RSS", &|f| format!("{:.0} MB", f.peak_rss)));
     println!("{}", row("connections to Rancher", &|f| f.connections.to_string()));
+    println!(
+        "{}",
+        row("Rancher requests per job", &|f| format!(
+            "{:.1}",
+            f.requests as f64 / (2 * accesses).max(1) as f64
+        ))
+    );
     println!(
         "{}",
         row("TLS handshakes (per job)", &|f| match f.handshakes {
