@@ -171,17 +171,6 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
     let cpu = cpu_ms(daemon_pid) - cpu0;
     let sim_cpu = cpu_ms(sim_pid) - sim_cpu0;
     let peak_rss = peak_rss_mib(daemon_pid);
-    if std::env::var_os("BENCH_ROUTES").is_some() {
-        let stats: serde_json::Value = stats_client
-            .get(format!("{sim_url}/sim/stats"))
-            .send()
-            .await
-            .expect("sim stats")
-            .json()
-            .await
-            .expect("sim stats json");
-        eprintln!("{:#}", stats["routes"]);
-    }
     let stats: serde_json::Value = stats_client
         .get(format!("{sim_url}/sim/stats"))
         .send()
@@ -190,6 +179,9 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
         .json()
         .await
         .expect("sim stats json");
+    if std::env::var_os("BENCH_ROUTES").is_some() {
+        eprintln!("{:#}", stats["routes"]);
+    }
 
     // A grant that failed for good ends `revoked` (cleaned up) or `failed`, never granted.
     let failed = done.iter().filter(|a| a.granted_at.is_none()).count();

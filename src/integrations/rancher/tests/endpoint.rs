@@ -3,6 +3,17 @@
 
 use super::*;
 
+/// `jobs` jobs for one integration at once, each building its integration as the executor does.
+async fn validate_at_once(spec: &IntegrationSpec, secret: &Secret, jobs: usize) {
+    let jobs = (0..jobs).map(|_| {
+        let integration = crate::integrations::build(spec, secret).unwrap();
+        async move { integration.validate().await }
+    });
+    for outcome in futures::future::join_all(jobs).await {
+        outcome.unwrap();
+    }
+}
+
 /// 100 jobs for one integration, each building its integration as the executor does, share one
 /// client: one build, and connections bounded by the endpoint's cap on requests in flight (with
 /// a client per job, each job opened its own).
@@ -21,13 +32,7 @@ async fn many_jobs_for_one_integration_share_one_client_and_its_connections() {
     .unwrap();
     let secret = secret(&[("access_key", &access), ("secret_key", &key)]);
     sim.sim.reset_stats();
-    let jobs = (0..JOBS).map(|_| {
-        let integration = crate::integrations::build(&spec, &secret).unwrap();
-        async move { integration.validate().await }
-    });
-    for outcome in futures::future::join_all(jobs).await {
-        outcome.unwrap();
-    }
+    validate_at_once(&spec, &secret, JOBS).await;
     let serials: std::collections::BTreeSet<u64> = (0..JOBS)
         .map(|_| Rancher::new(&spec, &secret).unwrap().client().endpoint().serial())
         .collect();
@@ -71,13 +76,7 @@ async fn many_jobs_over_https_handshake_once_per_pooled_connection_not_per_job()
     .unwrap();
     let secret = secret(&[("access_key", &access), ("secret_key", &key)]);
     sim.sim.reset_stats();
-    let jobs = (0..JOBS).map(|_| {
-        let integration = crate::integrations::build(&spec, &secret).unwrap();
-        async move { integration.validate().await }
-    });
-    for outcome in futures::future::join_all(jobs).await {
-        outcome.unwrap();
-    }
+    validate_at_once(&spec, &secret, JOBS).await;
     let stats = sim.sim.stats();
     assert!(stats.total >= JOBS as u64, "every job reached Rancher: {stats:?}");
     assert!(stats.handshakes >= 1, "the simulator counted no handshake: {stats:?}");
