@@ -12,6 +12,10 @@
 //! - daemon CPU per job (user + system time of `run` over the run ÷ grant and revoke jobs), and
 //!   the simulator's, so a slow simulator is not mistaken for a slow agent;
 //! - peak RSS of `run`; TCP connections the simulator accepted (the agent's pool, not its jobs).
+//!
+//! The `https` columns (`BENCH_HTTPS_LATENCIES_MS`, default `0`; empty for none) serve the
+//! simulator over TLS (`sim rancher --tls-cert`, the integration trusting its certificate) and add
+//! the TLS handshakes the simulator completed, and per job: one per pooled connection, not per job.
 
 use std::time::{Duration, Instant};
 
@@ -69,31 +73,55 @@ struct Figures {
     sim_cpu_per_job_ms: f64,
     peak_rss: f64,
     connections: u64,
+    requests: u64,
+    handshakes: Option<u64>,
     failed: usize,
 }
 
-async fn run_once(latency_ms: u64, accesses: usize, ttl: u64) -> Figures {
+/// One column of the table: a Rancher latency, over http or https.
+#[derive(Clone, Copy)]
+struct Column {
+    latency_ms: u64,
+    https: bool,
+}
+
+async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
+    let Column { latency_ms, https } = column;
     let dir = tempfile::tempdir().expect("tempdir");
     let sim_port = free_port();
-    let sim = ChildGuard::spawn(
-        &[
-            "sim",
-            "rancher",
-            "--size",
-            "large",
-            "--listen",
-            &format!("127.0.0.1:{sim_port}"),
-            "--latency-ms",
-            &latency_ms.to_string(),
-        ],
-        &[],
-        dir.path(),
-    );
+    let cert = dir.path().join("sim-cert.pem");
+    let cert_arg = cert.to_string_lossy().into_owned();
+    let mut sim_args = vec![
+        "sim".to_string(),
+        "rancher".into(),
+        "--size".into(),
+        "large".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{sim_port}"),
+        "--latency-ms".into(),
+        latency_ms.to_string(),
+    ];
+    if https {
+        sim_args.extend(["--tls-cert".to_string(), cert_arg]);
+    }
+    let sim_args: Vec<&str> = sim_args.iter().map(String::as_str).collect();
+    let sim = ChildGuard::spawn(&sim_args, &[], dir.path());
     wait_for_port(sim_port).await;
-    let sim_url = format!("http://127.0.0.1:{sim_port}");
+    let scheme = if https { "https" } else { "http" };
+    let sim_url = format!("{scheme}://127.0.0.1:{sim_port}");
     let cp_port = free_port();
     // The default lease; only where things are is configured.
     let config = write_control_plane_config(dir.path(), cp_port, 60, &sim_url);
+    let stats_client = if https {
+        let pem = std::fs::read(&cert).expect("the simulator's certificate");
+        trust_sim_certificate(&config, &String::from_utf8_lossy(&pem));
+        reqwest::Client::builder()
+            .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("certificate PEM"))
+            .build()
+            .expect("stats client")
+    } else {
+        reqwest::Client::new()
+    };
     let daemon = ChildGuard::spawn(
         &["run", "--config", &config],
         &[("APONO_HEALTH_ADDR", "127.0.0.1:0"), ("APONO_LOG_LEVEL", "warn")],
@@ -143,12 +171,17 @@ async fn run_once(latency_ms: u64, accesses: usize, ttl: u64) -> Figures {
     let cpu = cpu_ms(daemon_pid) - cpu0;
     let sim_cpu = cpu_ms(sim_pid) - sim_cpu0;
     let peak_rss = peak_rss_mib(daemon_pid);
-    let stats: serde_json::Value = reqwest::get(format!("{sim_url}/sim/stats"))
+    let stats: serde_json::Value = stats_client
+        .get(format!("{sim_url}/sim/stats"))
+        .send()
         .await
         .expect("sim stats")
         .json()
         .await
         .expect("sim stats json");
+    if std::env::var_os("BENCH_ROUTES").is_some() {
+        eprintln!("{:#}", stats["routes"]);
+    }
 
     // A grant that failed for good ends `revoked` (cleaned up) or `failed`, never granted.
     let failed = done.iter().filter(|a| a.granted_at.is_none()).count();
@@ -178,8 +211,23 @@ async fn run_once(latency_ms: u64, accesses: usize, ttl: u64) -> Figures {
         sim_cpu_per_job_ms: sim_cpu / jobs,
         peak_rss,
         connections: stats["connections"].as_u64().unwrap_or(0),
+        requests: stats["total"].as_u64().unwrap_or(0),
+        handshakes: https.then(|| stats["handshakes"].as_u64().unwrap_or(0)),
         failed,
     }
+}
+
+/// Adds the simulator's certificate to the `sim` integration of a config file
+/// `write_control_plane_config` wrote (its inline `config = { host = ... }` table).
+fn trust_sim_certificate(config: &str, pem: &str) {
+    let text = std::fs::read_to_string(config).expect("read the config");
+    let pem = pem.trim().replace('\n', "\\n");
+    let text = text.replacen(
+        "config = { host = ",
+        &format!("config = {{ certificate_authority = \"{pem}\", host = "),
+        1,
+    );
+    std::fs::write(config, text).expect("write the config");
 }
 
 fn machine() -> String {
@@ -205,15 +253,32 @@ fn main() {
         .expect("runtime");
     let accesses = env_u64("BENCH_ACCESSES", 1000) as usize;
     let ttl = env_u64("BENCH_TTL_SECONDS", 8);
-    // `BENCH_LATENCIES_MS=0` runs one column only.
-    let latencies: Vec<u64> = std::env::var("BENCH_LATENCIES_MS")
-        .unwrap_or_else(|_| "0,20".into())
-        .split(',')
-        .filter_map(|l| l.trim().parse().ok())
+    // `BENCH_LATENCIES_MS=0 BENCH_HTTPS_LATENCIES_MS=` runs one column only.
+    let latencies = |name: &str, default: &str| -> Vec<u64> {
+        std::env::var(name)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let columns: Vec<Column> = latencies("BENCH_LATENCIES_MS", "0,20")
+        .into_iter()
+        .map(|latency_ms| Column {
+            latency_ms,
+            https: false,
+        })
+        .chain(
+            latencies("BENCH_HTTPS_LATENCIES_MS", "0")
+                .into_iter()
+                .map(|latency_ms| Column {
+                    latency_ms,
+                    https: true,
+                }),
+        )
         .collect();
-    let figures: Vec<Figures> = latencies
+    let figures: Vec<Figures> = columns
         .iter()
-        .map(|&l| runtime.block_on(run_once(l, accesses, ttl)))
+        .map(|&c| runtime.block_on(run_once(c, accesses, ttl)))
         .collect();
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
         let cells: Vec<String> = figures.iter().map(f).collect();
@@ -224,9 +289,18 @@ fn main() {
         machine()
     );
     println!();
-    let heads: Vec<String> = latencies.iter().map(|l| format!("{l} ms Rancher latency")).collect();
+    let heads: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            format!(
+                "{} ms Rancher latency{}",
+                c.latency_ms,
+                if c.https { ", https" } else { "" }
+            )
+        })
+        .collect();
     println!("| figure | {} |", heads.join(" | "));
-    println!("|---{}|", "|---".repeat(latencies.len()));
+    println!("|---{}|", "|---".repeat(columns.len()));
     println!("{}", row("grants per second", &|f| format!("{:.0}", f.grants_per_s)));
     println!("{}", row("revokes per second", &|f| format!("{:.0}", f.revokes_per_s)));
     println!(
@@ -247,5 +321,19 @@ fn main() {
     );
     println!("{}", row("peak RSS", &|f| format!("{:.0} MB", f.peak_rss)));
     println!("{}", row("connections to Rancher", &|f| f.connections.to_string()));
+    println!(
+        "{}",
+        row("Rancher requests per job", &|f| format!(
+            "{:.1}",
+            f.requests as f64 / (2 * accesses).max(1) as f64
+        ))
+    );
+    println!(
+        "{}",
+        row("TLS handshakes (per job)", &|f| match f.handshakes {
+            Some(h) => format!("{h} ({:.3})", h as f64 / (2 * accesses).max(1) as f64),
+            None => "-".into(),
+        })
+    );
     println!("{}", row("accesses failed", &|f| f.failed.to_string()));
 }

@@ -361,6 +361,10 @@ enum SimCommand {
         /// Make the simulator's API key expire this many days from now (the key-expiry metric and alert).
         #[arg(long, value_name = "DAYS")]
         key_expires_in_days: Option<u32>,
+        /// Serve https with a self-signed certificate made at start, written (PEM) to this file:
+        /// give it to the integration as `certificate_authority`. `/sim/stats` counts handshakes.
+        #[arg(long, value_name = "PATH")]
+        tls_cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -704,6 +708,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     latency_ms,
                     version,
                     key_expires_in_days,
+                    tls_cert,
                 },
         } => {
             quiet_logs();
@@ -715,15 +720,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ..SimOptions::default()
             });
             let (access_key, secret_key) = sim.api_key();
+            // Written before the port opens: whoever waits for the port can read it then.
+            let tls = match &tls_cert {
+                Some(path) => {
+                    let tls = apono_connector::sim::TlsIdentity::self_signed().map_err(anyhow::Error::msg)?;
+                    std::fs::write(path, tls.cert_pem()).with_context(|| format!("writing {}", path.display()))?;
+                    Some(tls)
+                }
+                None => None,
+            };
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
             say(&format!(
-                "Rancher {version} simulator on http://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
+                "Rancher {version} simulator on {scheme}://{addr}  (API key {access_key}:{secret_key}; a simulator key, not a secret)"
             ));
             let shutdown = commands::shutdown_on_signal();
-            sim.serve(listener, async move { shutdown.cancelled().await }).await?;
+            let stop = async move { shutdown.cancelled().await };
+            match tls {
+                Some(tls) => sim.serve_tls(listener, &tls, stop).await?,
+                None => sim.serve(listener, stop).await?,
+            }
         }
         Command::Completions { shell } => {
             let mut script = Vec::new();

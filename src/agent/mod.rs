@@ -30,9 +30,12 @@ use executor::backoff;
 pub use executor::{Executor, HostPolicy};
 
 /// Jobs in progress per worker. Workers bound requests in flight; most of a job's time is spent
-/// waiting for Rancher (a request's round trip, a binding settling), so many more jobs than
-/// workers are in progress at once. Each costs a task and a lease renewal, a few KiB.
-pub const JOBS_PER_WORKER: usize = 32;
+/// waiting for Rancher (a request's round trip, a binding settling), so more jobs than workers
+/// are in progress at once. Eight per worker (256 with the default 32 workers) keeps every
+/// worker busy through a grant's settling wait (about 3 of 4 of its time), and each job in
+/// progress costs memory (its task, its job and integration, a lease renewal): at 32 per worker
+/// a mass expiry took the agent past 64 MB for no gain in throughput.
+pub const JOBS_PER_WORKER: usize = 8;
 
 /// Knobs of the runtime (from `config::AgentConfig`).
 #[derive(Debug, Clone)]

@@ -37,6 +37,8 @@ mod gauges;
 mod reconcile;
 mod registry;
 #[cfg(test)]
+mod scheduler_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 mod users;
 

@@ -93,7 +93,10 @@ mod index;
 mod store;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod view;
+
+pub use tls::TlsIdentity;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -434,6 +437,13 @@ pub struct SimStats {
     /// pool, not by its jobs. Over TLS each is one handshake.
     #[serde(default)]
     pub connections: u64,
+    /// TLS handshakes completed (by [`Sim::serve_tls`]), resumed ones included: one per pooled
+    /// connection when the client keeps its pool, one per job when it does not.
+    #[serde(default)]
+    pub handshakes: u64,
+    /// Of [`SimStats::handshakes`], those that resumed an earlier session.
+    #[serde(default)]
+    pub resumed_handshakes: u64,
 }
 
 impl SimStats {
@@ -532,6 +542,13 @@ impl Sim {
     /// Counts one accepted connection (for servers that accept their own, as over TLS).
     pub fn count_connection(&self) {
         lock(&self.inner.stats).connections += 1;
+    }
+
+    /// Counts one completed TLS handshake.
+    pub fn count_handshake(&self, resumed: bool) {
+        let mut stats = lock(&self.inner.stats);
+        stats.handshakes += 1;
+        stats.resumed_handshakes += u64::from(resumed);
     }
 
     /// Bindings (all three kinds) of the user with this username; none if there is no such user.
@@ -844,7 +861,7 @@ impl Sim {
 
 /// A simulator served on `127.0.0.1:<free port>` in the background.
 pub struct SimHandle {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` from [`SimHandle::start_tls`].
     pub base_url: String,
     pub sim: Sim,
     shutdown: tokio::sync::oneshot::Sender<()>,
@@ -882,6 +899,34 @@ impl SimHandle {
             shutdown: tx,
             join,
         })
+    }
+
+    /// Builds a simulator and serves it over TLS (a new self-signed certificate, see
+    /// [`TlsIdentity`]) on a free loopback port; the identity gives the certificate to trust.
+    ///
+    /// # Errors
+    /// Binding the port or making the certificate failed.
+    pub async fn start_tls(options: SimOptions) -> std::io::Result<(SimHandle, TlsIdentity)> {
+        let tls = TlsIdentity::self_signed().map_err(std::io::Error::other)?;
+        let sim = Sim::new(options);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (served, identity) = (sim.clone(), tls.clone());
+        let join = tokio::spawn(async move {
+            served
+                .serve_tls(listener, &identity, async move {
+                    let _ = rx.await;
+                })
+                .await
+        });
+        let handle = SimHandle {
+            base_url: format!("https://{addr}"),
+            sim,
+            shutdown: tx,
+            join,
+        };
+        Ok((handle, tls))
     }
 
     /// Stops serving and waits for the server task to end: in-flight requests finish, idle

@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use url::Url;
 
+use super::budget::{Body, BodyBudget, OverBudget, Reservation};
 use super::config::{ApiKey, RancherConfig};
 use super::model::{Collection, HasId};
 use crate::integrations::IntegrationError;
@@ -35,7 +36,7 @@ const MAX_RESTARTS: u32 = 2;
 const MAX_MESSAGE: usize = 400;
 /// Largest success body read. A page of 5000 bindings is about 5-10 MB; 64 MiB leaves room for
 /// fat objects without letting one answer (or a gzip bomb: the cap counts decoded bytes) exhaust
-/// the agent's memory while 8 listings run at once.
+/// the agent's memory. Answers read at once share one budget besides ([`super::budget`]).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 /// Largest error body read: only its message is kept, so the rest is not even read.
 pub const MAX_ERROR_BODY_BYTES: usize = 1 << 20;
@@ -79,6 +80,8 @@ pub struct Client {
     retry: RetryPolicy,
     /// [`MAX_BODY_BYTES`]; smaller in tests.
     max_body: usize,
+    /// Bytes of answers being read, process-wide ([`BodyBudget::shared`]; a small one in tests).
+    budget: Arc<BodyBudget>,
     /// Rancher's clock: the `Date` of its latest answer and when it arrived here. Expiry is
     /// judged on it (`rancher_now`), so a connector whose own clock is off neither removes a
     /// binding early nor keeps one late.
@@ -132,6 +135,7 @@ impl Client {
             timeout: config.timeout,
             retry: RetryPolicy::default(),
             max_body: MAX_BODY_BYTES,
+            budget: BodyBudget::shared(),
             clock: std::sync::Mutex::new(None),
         })
     }
@@ -157,6 +161,13 @@ impl Client {
     #[cfg(test)]
     pub(crate) fn with_max_body(mut self, bytes: usize) -> Client {
         self.max_body = bytes;
+        self
+    }
+
+    /// Reads answers within `budget` instead of the process's, so tests need not fill 96 MiB.
+    #[cfg(test)]
+    pub(crate) fn with_budget(mut self, budget: Arc<BodyBudget>) -> Client {
+        self.budget = budget;
         self
     }
 
@@ -297,7 +308,7 @@ impl Client {
 
     /// One logical request: retried with exponential backoff and jitter on transient failures,
     /// waiting at least what a 429's or 503's `Retry-After` asks (up to [`MAX_RETRY_AFTER`]).
-    async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+    async fn request(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Body, ApiError> {
         self.request_with(method, url, body, self.retry, ApiError::is_transient)
             .await
     }
@@ -310,7 +321,7 @@ impl Client {
         body: Option<&Value>,
         retry: RetryPolicy,
         retry_if: impl Fn(&ApiError) -> bool,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Body, ApiError> {
         let policy = ExponentialBuilder::default()
             .with_min_delay(retry.min_delay)
             .with_max_delay(retry.max_delay)
@@ -332,7 +343,7 @@ impl Client {
             .map_err(|f| f.error)
     }
 
-    async fn send_once(&self, method: &Method, url: &Url, body: Option<&Value>) -> Result<Vec<u8>, Failure> {
+    async fn send_once(&self, method: &Method, url: &Url, body: Option<&Value>) -> Result<Body, Failure> {
         // Per client (discovery's fan-out), per Rancher (shared by every job), per agent (workers).
         let _permit = self.limiter.acquire().await;
         let _endpoint = self.endpoint.requests.acquire().await;
@@ -380,17 +391,24 @@ impl Client {
             if resp.content_length().is_some_and(|n| n > self.max_body as u64) {
                 return Err(too_large());
             }
-            match read_capped(&mut resp, self.max_body).await {
-                Ok((bytes, false)) => Ok(bytes),
+            let mut held = self.budget.reserve();
+            match read_capped(&mut resp, self.max_body, &mut held).await {
+                Ok((bytes, false)) => Ok(Body::new(bytes, held)),
                 Ok((_, true)) => Err(too_large()),
-                Err(e) => Err(err(self.transport_kind(&e))),
+                Err(ReadError::Http(e)) => Err(err(self.transport_kind(&e))),
+                Err(ReadError::OverBudget(over)) => Err(err(ErrorKind::OverBudget {
+                    budget: over.budget,
+                    page_size: self.page_size,
+                })),
             }
         } else {
             let retry_after = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
                 .then(|| retry_after(resp.headers(), Utc::now()))
                 .flatten();
-            // An error body cut short at the cap still yields the status; its message may be lost.
-            let bytes = read_capped(&mut resp, MAX_ERROR_BODY_BYTES)
+            // An error body cut short at the cap (or by the budget) still yields the status; its
+            // message may be lost.
+            let mut held = self.budget.reserve();
+            let bytes = read_capped(&mut resp, MAX_ERROR_BODY_BYTES, &mut held)
                 .await
                 .map(|(b, _)| b)
                 .unwrap_or_default();
@@ -623,15 +641,39 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
-/// Reads at most `cap` bytes of the (decoded) body; `true` when there was more.
-async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<(Vec<u8>, bool), reqwest::Error> {
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        if out.len() + chunk.len() > cap {
-            out.extend_from_slice(&chunk[..cap - out.len()]);
+/// Why a body could not be read.
+enum ReadError {
+    Http(reqwest::Error),
+    OverBudget(OverBudget),
+}
+
+/// Reads at most `cap` bytes of the (decoded) body; `true` when there was more. The buffer's
+/// capacity is taken from `held` before it is allocated: a body announced by `Content-Length` at
+/// once, one of unknown length (gzip) as it grows.
+async fn read_capped(
+    resp: &mut reqwest::Response,
+    cap: usize,
+    held: &mut Reservation,
+) -> Result<(Vec<u8>, bool), ReadError> {
+    let mut out: Vec<u8> = Vec::new();
+    if let Some(announced) = resp.content_length().and_then(|n| usize::try_from(n).ok()) {
+        let size = announced.min(cap);
+        held.grow_to(size).await.map_err(ReadError::OverBudget)?;
+        out.reserve_exact(size);
+    }
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Http)? {
+        let take = chunk.len().min(cap - out.len());
+        let needed = out.len() + take;
+        if needed > out.capacity() {
+            // Doubling, as `Vec` would, but never past the cap.
+            let size = needed.max(out.capacity() * 2).max(8 << 10).min(cap);
+            held.grow_to(size).await.map_err(ReadError::OverBudget)?;
+            out.reserve_exact(size - out.len());
+        }
+        out.extend_from_slice(&chunk[..take]);
+        if take < chunk.len() {
             return Ok((out, true));
         }
-        out.extend_from_slice(&chunk);
     }
     Ok((out, false))
 }
@@ -872,6 +914,12 @@ pub enum ErrorKind {
     },
     /// A URL path segment that is not an id (`..`, `/`, `?`...): refused before any request.
     BadSegment(String),
+    /// Answers being read at once across the process already hold the memory budget of
+    /// `budget` bytes ([`super::budget`]), and did not give it back in time.
+    OverBudget {
+        budget: usize,
+        page_size: u32,
+    },
 }
 
 impl ApiError {
@@ -903,6 +951,7 @@ impl ApiError {
             ErrorKind::Timeout(_) => "timed out",
             ErrorKind::Tls(m) | ErrorKind::Transport(m) | ErrorKind::Decode(m) => m,
             ErrorKind::TooLarge { .. } => "answer too large",
+            ErrorKind::OverBudget { .. } => "answers in flight over the memory budget",
             ErrorKind::BadSegment(m) => m,
         }
     }
@@ -923,7 +972,12 @@ impl ApiError {
         match &*self.kind {
             ErrorKind::Status { status, .. } => *status >= 500 || *status == 429,
             ErrorKind::Timeout(_) | ErrorKind::Transport(_) => true,
-            ErrorKind::Tls(_) | ErrorKind::Decode(_) | ErrorKind::TooLarge { .. } | ErrorKind::BadSegment(_) => false,
+            // Over budget: not at once (the same answer would be read again); the job retries.
+            ErrorKind::Tls(_)
+            | ErrorKind::Decode(_)
+            | ErrorKind::TooLarge { .. }
+            | ErrorKind::BadSegment(_)
+            | ErrorKind::OverBudget { .. } => false,
         }
     }
 
@@ -954,6 +1008,15 @@ impl ApiError {
                 byte_size(*limit)
             ),
             ErrorKind::BadSegment(m) => format!("no request was sent: {m}"),
+            ErrorKind::OverBudget { budget, .. } => format!(
+                "{} {}: the answer was not read: Rancher answers being read at once already hold the agent's \
+                 memory budget for them ({} in total, at most {} each) and did not free it within {} s",
+                self.method,
+                self.path,
+                byte_size(*budget),
+                byte_size(MAX_BODY_BYTES),
+                super::budget::BUDGET_WAIT.as_secs()
+            ),
         }
     }
 
@@ -998,6 +1061,14 @@ impl ApiError {
                 message: format!(
                     "{summary}; lower page_size in the integration config (now {page_size}) so each page of a \
                      listing is smaller"
+                ),
+            },
+            // Memory frees as other answers are read: the job's retry usually gets through.
+            ErrorKind::OverBudget { page_size, .. } => IntegrationError::Unavailable {
+                message: format!(
+                    "{summary}; the job is retried later; if this persists, Rancher is sending answers far larger \
+                     than usual: lower page_size in the integration config (now {page_size}) or check what \
+                     the host in the integration config serves"
                 ),
             },
             ErrorKind::BadSegment(_) => IntegrationError::Invalid {

@@ -16,6 +16,7 @@
 //! leaves [`client::Client`]'s sensitive header: not in `Debug`, errors, logs or results.
 
 mod admin;
+pub mod budget;
 pub mod client;
 pub mod config;
 mod discover;

@@ -19,6 +19,7 @@ use super::*;
 use crate::integrations::{Owner, SweptReason};
 use crate::sim::{RancherVersion, SimBinding, SimHandle, SimOptions, SimUser};
 
+mod budget;
 mod discovery;
 mod endpoint;
 mod fidelity;

