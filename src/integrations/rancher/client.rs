@@ -412,7 +412,24 @@ impl Client {
                 .await
                 .map(|(b, _)| b)
                 .unwrap_or_default();
-            let mut failure = err(status_kind(status, &bytes, self.scrub.expose_secret()));
+            let mut kind = status_kind(status, &bytes, self.scrub.expose_secret());
+            if status.is_redirection()
+                && let ErrorKind::Status { message, .. } = &mut kind
+            {
+                // Redirects are not followed (security review N12): a 307 would send the key and
+                // a create-user body (a password) on to wherever it points.
+                let to = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|l| scrub(&l.chars().take(200).collect::<String>(), self.scrub.expose_secret()))
+                    .unwrap_or_default();
+                *message = format!(
+                    "Rancher's address redirects to {to:?}; redirects are not followed, so the key goes \
+                     only to the address configured: set the integration's url to the one Rancher serves"
+                );
+            }
+            let mut failure = err(kind);
             failure.retry_after = retry_after;
             Err(failure)
         }
@@ -579,7 +596,9 @@ impl Endpoint {
             // Keep as many idle connections as requests may be in flight: a burst of jobs
             // reuses them instead of connecting (and handshaking) again.
             .pool_max_idle_per_host(config.max_requests.max(config.concurrency))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // Never on to another address with the key or a body (security review N12).
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(pem) = &config.certificate_authority {
             let certs =
                 reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| IntegrationError::Config {
@@ -961,7 +980,7 @@ impl ApiError {
     #[must_use]
     pub fn scrubbed(mut self, secret: &str) -> ApiError {
         if let ErrorKind::Status { message, .. } = &mut *self.kind {
-            *message = scrub(message, secret);
+            *message = scrub_cut(message, secret);
         }
         self
     }
@@ -1160,6 +1179,26 @@ pub fn status_kind(status: StatusCode, body: &[u8], secret: &str) -> ErrorKind {
     }
 }
 
+/// [`scrub`] for a message already cut to `MAX_MESSAGE`: a secret the cut went through left its
+/// head just before the ellipsis, which is removed too (security review N9).
+fn scrub_cut(text: &str, secret: &str) -> String {
+    let text = scrub(text, secret);
+    let Some(kept) = text.strip_suffix("...") else {
+        return text;
+    };
+    if secret.len() < 4 {
+        return text;
+    }
+    let head = (1..secret.len())
+        .rev()
+        .filter(|&n| secret.is_char_boundary(n))
+        .find(|&n| kept.ends_with(&secret[..n]));
+    match head {
+        Some(n) => format!("{}[REDACTED]...", &kept[..kept.len() - n]),
+        None => text,
+    }
+}
+
 /// Removes the secret from text that came from outside.
 fn scrub(text: &str, secret: &str) -> String {
     if secret.len() >= 4 && text.contains(secret) {
@@ -1172,6 +1211,25 @@ fn scrub(text: &str, secret: &str) -> String {
 #[cfg(test)]
 mod label_tests {
     use super::*;
+
+    #[test]
+    fn a_password_the_message_cut_goes_through_is_not_kept_in_part() {
+        let password = "Zq8vLm3TxR7pKw2Ns9Yb";
+        for at in [MAX_MESSAGE - 15, MAX_MESSAGE - 4, MAX_MESSAGE - 1, MAX_MESSAGE - 30] {
+            let echoed = format!("{}{password} is not accepted", "x".repeat(at));
+            let body = serde_json::to_vec(&serde_json::json!({"code": "InvalidFormat", "message": echoed})).unwrap();
+            let kind = status_kind(StatusCode::UNPROCESSABLE_ENTITY, &body, "api-key-secret");
+            let ErrorKind::Status { message, .. } = &kind else {
+                panic!("{kind:?}")
+            };
+            let scrubbed = scrub_cut(message, password);
+            assert!(
+                !scrubbed.contains(&password[..3]),
+                "cut at {at}: part of the password survives: {scrubbed}"
+            );
+            assert!(scrubbed.contains("[REDACTED]"), "{scrubbed}");
+        }
+    }
 
     #[test]
     fn metric_labels_name_the_collection_never_an_id() {

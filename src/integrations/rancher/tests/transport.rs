@@ -493,3 +493,38 @@ async fn an_ext_key_has_its_expiry_checked_through_the_ext_tokens_api() {
         v.warnings
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redirects
+// ---------------------------------------------------------------------------------------------
+
+/// A Rancher address that answers 307 elsewhere: the key is not sent on, nor any body; the error
+/// names where it pointed and what to set (security review N12).
+#[tokio::test]
+async fn a_redirect_is_not_followed_with_the_key_and_says_where_it_pointed() {
+    let other = Script::default();
+    let elsewhere = serve_http(&other).await;
+    let target = format!("http://{elsewhere}/v3");
+    let redirecting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = redirecting.local_addr().unwrap();
+    let location = target.clone();
+    let app = Router::new().fallback(move || {
+        let location = location.clone();
+        async move {
+            Response::builder()
+                .status(307)
+                .header(header::LOCATION, location)
+                .body(Body::empty())
+                .unwrap()
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(redirecting, app).await;
+    });
+    let r = scripted_rancher(&format!("http://{addr}"), "token-abc:canary", json!({}));
+    let e = r.validate().await.unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains(&target) && m.contains("not followed"), "{m}");
+    assert!(!m.contains("canary"), "{m}");
+    assert!(other.hits().is_empty(), "the other address was sent {:?}", other.hits());
+}
