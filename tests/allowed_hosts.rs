@@ -7,70 +7,16 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use common::scripted_cp::{self, Shared, serve};
 use common::{BIN, ChildGuard, free_port};
 use serde_json::{Value, json};
-
-#[derive(Default)]
-struct Seen {
-    answers: VecDeque<String>,
-    /// `(job id, complete body)`.
-    completions: Vec<(String, Value)>,
-}
-
-type Shared = Arc<Mutex<Seen>>;
-
-async fn hello() -> Response {
-    axum::Json(json!({"session_id": "s-1", "lease_seconds": 60})).into_response()
-}
-
-async fn lease(State(seen): State<Shared>) -> Response {
-    let next = seen.lock().expect("lock").answers.pop_front();
-    match next {
-        Some(body) => ([("content-type", "application/json")], body).into_response(),
-        None => {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            axum::Json(json!({"jobs": []})).into_response()
-        }
-    }
-}
-
-async fn job_action(State(seen): State<Shared>, Path(action): Path<String>, body: Bytes) -> Response {
-    let Some((id, verb)) = action.rsplit_once(':') else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    match verb {
-        "renew" => {
-            axum::Json(json!({"lease_expires_at": chrono::Utc::now() + chrono::Duration::seconds(60)})).into_response()
-        }
-        "complete" => {
-            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            seen.lock().expect("lock").completions.push((id.to_string(), body));
-            StatusCode::NO_CONTENT.into_response()
-        }
-        _ => StatusCode::NO_CONTENT.into_response(),
-    }
-}
-
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("serve");
-    });
-    format!("http://{addr}")
-}
 
 /// A listener that only counts the connections it accepts (and closes them).
 async fn counting_listener() -> (u16, Arc<AtomicUsize>) {
@@ -150,20 +96,7 @@ fn spawn_agent(dir: &std::path::Path, cp: &str, vault: &str, health: u16, extra:
 }
 
 async fn control_plane(jobs: Vec<Value>) -> (String, Shared) {
-    let seen: Shared = Arc::new(Mutex::new(Seen {
-        answers: VecDeque::from([json!({ "jobs": jobs }).to_string()]),
-        ..Seen::default()
-    }));
-    let url = serve(
-        Router::new()
-            .route("/connector/v1/connectors/{id}/sessions", post(hello))
-            .route("/connector/v1/connectors/{id}/jobs:lease", post(lease))
-            .route("/connector/v1/jobs/{action}", post(job_action))
-            .fallback(|| async { StatusCode::NO_CONTENT })
-            .with_state(seen.clone()),
-    )
-    .await;
-    (url, seen)
+    scripted_cp::start([json!({ "jobs": jobs }).to_string()]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +132,7 @@ async fn a_job_for_a_host_off_the_allow_list_reads_no_secret_and_connects_nowher
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let completions = loop {
-        let completions = seen.lock().expect("lock").completions.clone();
+        let completions = seen.lock().expect("lock").completions();
         if completions.len() >= 3 || Instant::now() > deadline {
             break completions;
         }

@@ -9,16 +9,13 @@ mod hostile;
 
 use std::collections::{HashMap, VecDeque};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apono_connector::control_plane::protocol::{CompleteRequest, Job, LeaseResponse, MalformedJob, Outcome};
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use common::scripted_cp::{self, serve};
 use common::{BIN, ChildGuard, free_port};
 use hostile::{hostile_string, mutated, valid_integration};
 use proptest::prelude::*;
@@ -36,66 +33,6 @@ const BAD_ANSWERS: &[&str] = &[
     r#"[{"id": "x"}]"#,
 ];
 
-/// What the fake control plane saw.
-#[derive(Default)]
-struct Seen {
-    /// Lease answers still to give, in order: a job list (as JSON text) or a malformed body.
-    answers: VecDeque<String>,
-    /// `(job id, verb, body)` of every `/jobs/{id}:{verb}` call.
-    actions: Vec<(String, String, Value)>,
-    /// Calls to paths the protocol does not have (a job id that escaped its path segment).
-    unexpected: Vec<String>,
-}
-
-type Shared = Arc<Mutex<Seen>>;
-
-async fn hello() -> Response {
-    axum::Json(json!({"session_id": "s-hostile", "lease_seconds": 60})).into_response()
-}
-
-async fn lease(State(seen): State<Shared>) -> Response {
-    let next = seen.lock().expect("lock").answers.pop_front();
-    match next {
-        Some(body) => ([("content-type", "application/json")], body).into_response(),
-        None => {
-            // Drained: a short long-poll, so the agent idles without spinning.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            axum::Json(json!({"jobs": []})).into_response()
-        }
-    }
-}
-
-async fn job_action(State(seen): State<Shared>, Path(action): Path<String>, body: Bytes) -> Response {
-    let Some((id, verb)) = action.rsplit_once(':') else {
-        seen.lock().expect("lock").unexpected.push(format!("/jobs/{action}"));
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    seen.lock()
-        .expect("lock")
-        .actions
-        .push((id.to_string(), verb.to_string(), body));
-    match verb {
-        "renew" => {
-            axum::Json(json!({"lease_expires_at": chrono::Utc::now() + chrono::Duration::seconds(60)})).into_response()
-        }
-        "complete" | "release" => StatusCode::NO_CONTENT.into_response(),
-        _ => {
-            seen.lock().expect("lock").unexpected.push(format!("/jobs/{action}"));
-            StatusCode::NOT_FOUND.into_response()
-        }
-    }
-}
-
-async fn upload() -> StatusCode {
-    StatusCode::NO_CONTENT
-}
-
-async fn unexpected(State(seen): State<Shared>, uri: Uri) -> StatusCode {
-    seen.lock().expect("lock").unexpected.push(uri.to_string());
-    StatusCode::NOT_FOUND
-}
-
 /// A Rancher that refuses every key, the way Rancher does (norman `api/writer`: 401 JSON body):
 /// every job that gets as far as Rancher fails fast and for good.
 async fn rancher_refuses() -> Response {
@@ -104,15 +41,6 @@ async fn rancher_refuses() -> Response {
         axum::Json(json!({"type": "error", "status": "401", "code": "Unauthorized", "message": "must authenticate"})),
     )
         .into_response()
-}
-
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("serve");
-    });
-    format!("http://{addr}")
 }
 
 /// Valid params for each kind, the base the mutations start from.
@@ -188,20 +116,7 @@ async fn the_agent_survives_a_hostile_control_plane_and_fails_bad_jobs_typed() {
         }
         n += 1;
     }
-    let seen: Shared = Arc::new(Mutex::new(Seen {
-        answers,
-        ..Seen::default()
-    }));
-    let cp = serve(
-        Router::new()
-            .route("/connector/v1/connectors/{id}/sessions", post(hello))
-            .route("/connector/v1/connectors/{id}/jobs:lease", post(lease))
-            .route("/connector/v1/jobs/{action}", post(job_action))
-            .route("/connector/v1/jobs/{action}/resources", post(upload))
-            .fallback(unexpected)
-            .with_state(seen.clone()),
-    )
-    .await;
+    let (cp, seen) = scripted_cp::start(answers).await;
 
     // The jobs the agent must complete: in an answer that parses (serde_json's recursion limit
     // refuses a whole answer with a job nested too deep), envelope parses, id fits a path,

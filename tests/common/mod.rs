@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod scripted_cp;
 
 use std::net::TcpListener;
 use std::path::Path;
