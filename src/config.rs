@@ -68,7 +68,7 @@ impl Default for RemoteConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// `APONO_ACTIONS_PARALLELISM`: workers, i.e. requests to Rancher in flight at once; jobs in
-    /// progress are capped at 32 per worker (a job waiting on Rancher holds no worker).
+    /// progress are capped at `agent::JOBS_PER_WORKER` per worker (a job waiting on Rancher holds no worker).
     pub parallelism: usize,
     /// How long in-flight jobs may run after SIGTERM before they are abandoned (their leases then
     /// run out and the jobs are handed out again).
