@@ -201,8 +201,11 @@ struct Effects {
     reschedule: bool,
 }
 
+/// The time, in whole milliseconds as the store keeps it: what a call answers (an access's
+/// `created_at`, the `expires_at` written into a grant) is what every later read shows.
 fn now() -> DateTime<Utc> {
-    Utc::now()
+    let t = Utc::now();
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 /// `t + d`, saturating at the end of time instead of panicking on overflow.

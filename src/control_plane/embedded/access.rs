@@ -578,11 +578,8 @@ impl EmbeddedControlPlane {
         }
         let expires = match a.expires_at {
             Some(e) => e,
-            None => {
-                let e = later(t, std::time::Duration::from_secs(a.ttl_seconds));
-                // Whole milliseconds, as stored: every attempt marks exactly what the access says.
-                DateTime::from_timestamp_millis(e.timestamp_millis()).unwrap_or(e)
-            }
+            // `t` is whole milliseconds, as stored: every attempt marks exactly what the access says.
+            None => later(t, std::time::Duration::from_secs(a.ttl_seconds)),
         };
         let owner = a.owner.clone().unwrap_or_else(|| self.owner.clone());
         if a.expires_at != Some(expires) || a.owner.as_ref() != Some(&owner) {
