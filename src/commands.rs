@@ -78,6 +78,12 @@ pub fn embedded_options(config: &Config) -> embedded::Options {
         connector_id: config.control_plane.connector_id.clone(),
         database_url: config.standalone.database_url.clone(),
         database_url_file: config.standalone.database_url_file.clone(),
+        // With a database it seals one-time passwords kept there (config checked it is set).
+        operator_token: config
+            .standalone
+            .has_database()
+            .then(|| config.standalone.shared_operator_token().ok())
+            .flatten(),
         ..embedded::Options::default()
     }
 }

@@ -29,10 +29,13 @@
 //! - the scheduler, once at start and then every `tick`, ends expired accesses, queues due
 //!   credential rotations and user cleanups, queues the reconcile every `sweep_interval` (at start
 //!   too) and forgets old finished state;
-//! - credentials a grant or rotation generates are stripped from the stored result and kept in
-//!   memory until the access request is read once.
+//! - credentials a grant or rotation generates are stripped from the stored result and kept
+//!   until the access request is read once: in memory on SQLite (one process); sealed in the
+//!   database on PostgreSQL, so any replica can hand them out (see `credentials`).
 
 pub mod access;
+#[cfg(feature = "store-postgres")]
+mod credentials;
 mod gauges;
 mod reconcile;
 mod registry;
@@ -82,6 +85,9 @@ pub struct Options {
     pub database_url: Option<SecretString>,
     /// A file holding that URL (a mounted Secret), read at start and at each new connection.
     pub database_url_file: Option<PathBuf>,
+    /// The operator token, required with a database (the same on every replica): the key that
+    /// seals new users' one-time passwords kept there is derived from it. Unused on SQLite.
+    pub operator_token: Option<SecretString>,
     /// How long a lease lasts from a lease or a renew.
     pub lease_duration: Duration,
     /// Period of the scheduler (expiry revokes, rotations, cleanups).
@@ -121,6 +127,7 @@ impl Default for Options {
             connector_id: "standalone".into(),
             database_url: None,
             database_url_file: None,
+            operator_token: None,
         }
     }
 }
@@ -170,9 +177,13 @@ pub struct EmbeddedControlPlane {
     rescheduled: Notify,
     /// Cancelled by `close`: pending long-polls answer at once (empty).
     closing: CancellationToken,
-    /// One-time credentials by access-request id: never written to SQLite. Guarded together
-    /// with the store's lock (taken after it) so a reader never sees `active` without them.
+    /// One-time credentials by access-request id on SQLite: never written there. Guarded
+    /// together with the store's lock (taken after it) so a reader never sees `active` without
+    /// them.
     credentials: Mutex<HashMap<String, Credentials>>,
+    /// On a shared (PostgreSQL) state: seals one-time credentials kept in the database instead.
+    #[cfg(feature = "store-postgres")]
+    sealer: Option<credentials::Sealer>,
     /// When the scheduler last pruned old state (pruning runs at most every `PRUNE_EVERY`).
     last_prune: Mutex<Option<DateTime<Utc>>>,
     /// When the scheduler last queued sweeps (every `options.sweep_interval`).
@@ -288,6 +299,23 @@ impl EmbeddedControlPlane {
             ))
         })?;
         tracing::debug!(owner = %owner, "control-plane state opened");
+        #[cfg(feature = "store-postgres")]
+        let sealer = match (store.is_shared(), &options.operator_token) {
+            (false, _) => None,
+            (true, Some(token)) => Some(credentials::Sealer::new(token, &install_id).map_err(|e| {
+                StoreError::Config(format!(
+                    "{e}: set APONO_OPERATOR_TOKEN (or APONO_OPERATOR_TOKEN_FILE) to the operator token shared by every replica"
+                ))
+            })?),
+            (true, None) => {
+                return Err(StoreError::Config(
+                    "with a database the operator token must be given (it seals new users' one-time passwords kept \
+                     there): set APONO_OPERATOR_TOKEN or APONO_OPERATOR_TOKEN_FILE, the same on every replica"
+                        .into(),
+                )
+                .into());
+            }
+        };
         Ok(Arc::new(EmbeddedControlPlane {
             options,
             store,
@@ -296,6 +324,8 @@ impl EmbeddedControlPlane {
             rescheduled: Notify::new(),
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
+            #[cfg(feature = "store-postgres")]
+            sealer,
             last_prune: Mutex::new(None),
             last_sweep: Mutex::new(None),
         }))
@@ -651,7 +681,10 @@ impl EmbeddedControlPlane {
                             }
                         }
                         Some(JobKind::RotateCredentials) => {
-                            if let Some(c) = creds {
+                            // A rotation that finished after its access ended: nobody may read it.
+                            if let Some(c) = creds
+                                && a.state == AccessState::Active
+                            {
                                 new_creds = Some((a.id.clone(), c));
                             }
                         }
@@ -719,8 +752,34 @@ impl EmbeddedControlPlane {
                 wake |= job.state == JobState::Pending;
             }
         }
-        // The credentials go into memory before the commit and while the store's lock is held, so
-        // the first read that sees the new state also sees them.
+        #[cfg(feature = "store-postgres")]
+        if let Some(sealer) = &self.sealer {
+            self.keep_sealed(tx, sealer, new_creds.as_ref(), forget_creds.as_deref(), t)?;
+            transaction.commit()?;
+        } else {
+            self.keep_in_memory(transaction, new_creds, forget_creds)?;
+        }
+        #[cfg(not(feature = "store-postgres"))]
+        self.keep_in_memory(transaction, new_creds, forget_creds)?;
+        drop(conn);
+        if wake {
+            self.ready.notify_waiters();
+        }
+        if is_grant {
+            // A grant that succeeded may have set its access's expiry.
+            self.rescheduled.notify_one();
+        }
+        Ok(())
+    }
+
+    /// SQLite: the credentials go into memory before the commit and while the store's lock is
+    /// held, so the first read that sees the new state also sees them.
+    fn keep_in_memory(
+        &self,
+        transaction: store::Transaction<'_>,
+        new_creds: Option<(String, Credentials)>,
+        forget_creds: Option<String>,
+    ) -> Result<(), ControlPlaneError> {
         let mut map = self.credentials_map();
         if let Some((id, c)) = &new_creds {
             map.insert(id.clone(), c.clone());
@@ -733,15 +792,6 @@ impl EmbeddedControlPlane {
                 map.remove(id);
             }
             return Err(e.into());
-        }
-        drop(map);
-        drop(conn);
-        if wake {
-            self.ready.notify_waiters();
-        }
-        if is_grant {
-            // A grant that succeeded may have set its access's expiry.
-            self.rescheduled.notify_one();
         }
         Ok(())
     }
@@ -844,7 +894,22 @@ impl EmbeddedControlPlane {
     pub fn prune(&self, t: DateTime<Utc>) -> Result<store::Pruned, ControlPlaneError> {
         let retention = chrono::Duration::from_std(self.options.retention).unwrap_or(chrono::Duration::MAX);
         let cutoff = t.checked_sub_signed(retention).unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let pruned = self.write(|c, _| Ok(store::prune(c, cutoff)?))?;
+        let (pruned, sealed) = self.write(|c, _| {
+            #[cfg(feature = "store-postgres")]
+            let sealed = match self.sealer {
+                Some(_) => self.prune_sealed(c, t)?,
+                None => 0,
+            };
+            #[cfg(not(feature = "store-postgres"))]
+            let sealed = 0usize;
+            Ok((store::prune(c, cutoff)?, sealed))
+        })?;
+        if sealed > 0 {
+            tracing::info!(
+                one_time_credentials = sealed,
+                "deleted one-time credentials nobody read within 24 h"
+            );
+        }
         if pruned != store::Pruned::default() {
             tracing::info!(
                 jobs = pruned.jobs,

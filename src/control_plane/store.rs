@@ -37,7 +37,7 @@ use super::protocol::JobError;
 use crate::integrations::{BoundSubject, Owner, Resource, Subject};
 
 /// Version of the schema below. Bump it and add a migration step in [`migrate`] when it changes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Name of the state file inside `data_dir`.
 pub const DB_FILE: &str = "control-plane.sqlite3";
@@ -497,6 +497,9 @@ fn migrate_in_transaction(conn: &Connection, from: i64) -> Result<(), StoreError
     if from < 3 {
         pin_live_accesses(conn)?;
     }
+    if from < 5 {
+        migrate_v5(conn)?;
+    }
     conn.execute("DELETE FROM schema_version", [])
         .map_err(sql("writing the schema version"))?;
     conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])
@@ -539,9 +542,10 @@ fn pin_live_accesses(conn: &Connection) -> Result<(), StoreError> {
 /// whole schema as of SQLite's version 3 (PostgreSQL support started there), in PostgreSQL's
 /// types; a later version appends a step here and bumps [`SCHEMA_VERSION`] for both backends.
 #[cfg(feature = "store-postgres")]
-const PG_MIGRATIONS: &[(i64, &str)] = &[(
-    3,
-    "
+const PG_MIGRATIONS: &[(i64, &str)] = &[
+    (
+        3,
+        "
 CREATE TABLE integrations (
     name        TEXT PRIMARY KEY,
     spec        TEXT NOT NULL,
@@ -617,7 +621,9 @@ CREATE TABLE resources (
 );
 CREATE INDEX resources_job ON resources (job_id, seq);
 ",
-)];
+    ),
+    (5, ONE_TIME_CREDENTIALS_V5),
+];
 
 /// Brings a PostgreSQL database to [`SCHEMA_VERSION`], one step per version, in one transaction
 /// under the write lock (replicas starting together: one migrates, the others find it done).
@@ -1706,6 +1712,120 @@ pub fn resources(c: &dyn Db, job_id: &str) -> Result<Vec<Value>, StoreError> {
         out.push(parse_json("resources", &seq.to_string(), "object", &text)?);
     }
     Ok(out)
+}
+
+// ----- one-time credentials (schema v5) -----
+//
+// A new user's password (from a grant or a rotation), sealed by `embedded::credentials`, kept on
+// a shared (PostgreSQL) state only, so any replica can hand it to the requester's first read.
+// The plaintext never reaches this table; SQLite gets the (empty) table for one schema.
+
+/// v5: the table of sealed one-time credentials, one row per access (a rotation replaces an
+/// unread one). The same text on both backends (`BIGINT` is an integer in SQLite too).
+const ONE_TIME_CREDENTIALS_V5: &str = "
+CREATE TABLE IF NOT EXISTS one_time_credentials (
+    access_id   TEXT PRIMARY KEY,
+    key_id      TEXT NOT NULL,
+    sealed      TEXT NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS one_time_credentials_age ON one_time_credentials (created_at);
+";
+
+/// SQLite's v5 step (in `migrate_in_transaction`).
+fn migrate_v5(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(ONE_TIME_CREDENTIALS_V5)
+        .map_err(sql("creating the one-time credentials table"))
+}
+
+/// A sealed one-time credential as stored: which key sealed it and the sealed bytes (base64).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedRow {
+    pub key_id: String,
+    pub sealed: String,
+    pub created_at: DateTime<Utc>,
+}
+
+// Sealed, but still nothing a log needs.
+impl std::fmt::Debug for SealedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRow")
+            .field("key_id", &self.key_id)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps `access_id`'s sealed credentials, replacing unread ones (a rotation after a grant).
+pub fn put_one_time_credentials(c: &dyn Db, access_id: &str, row: &SealedRow) -> Result<(), StoreError> {
+    c.exec(
+        "INSERT INTO one_time_credentials (access_id, key_id, sealed, created_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (access_id) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed,
+             created_at = excluded.created_at",
+        &p![access_id, row.key_id, row.sealed, to_ms(row.created_at)],
+    )
+    .map_err(sql("keeping sealed one-time credentials"))?;
+    Ok(())
+}
+
+/// The key id of `access_id`'s sealed credentials kept since `since`, without taking them.
+pub fn one_time_credentials_key(
+    c: &dyn Db,
+    access_id: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<String>, StoreError> {
+    query_opt(
+        c,
+        "SELECT key_id FROM one_time_credentials WHERE access_id = ?1 AND created_at >= ?2",
+        &p![access_id, to_ms(since)],
+    )
+    .map_err(sql("reading one-time credentials"))?
+    .map(|r| r.get::<String>(0))
+    .transpose()
+    .map_err(|message| corrupt("one_time_credentials", access_id, message))
+}
+
+/// Takes (deletes and returns) `access_id`'s credentials sealed under `key_id` since `since`.
+/// One statement: of two replicas taking at once, one gets the row and the other nothing.
+pub fn take_one_time_credentials(
+    c: &dyn Db,
+    access_id: &str,
+    key_id: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<SealedRow>, StoreError> {
+    let Some(r) = query_opt(
+        c,
+        "DELETE FROM one_time_credentials WHERE access_id = ?1 AND key_id = ?2 AND created_at >= ?3
+         RETURNING key_id, sealed, created_at",
+        &p![access_id, key_id, to_ms(since)],
+    )
+    .map_err(sql("taking one-time credentials"))?
+    else {
+        return Ok(None);
+    };
+    let bad = |message| corrupt("one_time_credentials", access_id, message);
+    Ok(Some(SealedRow {
+        key_id: r.get(0).map_err(bad)?,
+        sealed: r.get(1).map_err(bad)?,
+        created_at: from_ms("one_time_credentials", access_id, r.get(2).map_err(bad)?)?,
+    }))
+}
+
+/// Forgets `access_id`'s credentials (its access ended). Returns whether there were any.
+pub fn delete_one_time_credentials(c: &dyn Db, access_id: &str) -> Result<bool, StoreError> {
+    let n = c
+        .exec("DELETE FROM one_time_credentials WHERE access_id = ?1", &p![access_id])
+        .map_err(sql("forgetting one-time credentials"))?;
+    Ok(n > 0)
+}
+
+/// Forgets credentials kept since before `cutoff` (nobody read them in time). Returns how many.
+pub fn prune_one_time_credentials(c: &dyn Db, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+    c.exec(
+        "DELETE FROM one_time_credentials WHERE created_at < ?1",
+        &p![to_ms(cutoff)],
+    )
+    .map_err(sql("forgetting old one-time credentials"))
 }
 
 #[cfg(all(test, unix))]

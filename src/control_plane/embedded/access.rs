@@ -301,11 +301,16 @@ impl EmbeddedControlPlane {
     }
 
     /// One access request. One-time credentials (from its grant or a rotation) are included in
-    /// the first read after they arrived, and then forgotten.
+    /// the first read after they arrived, and then forgotten; on a shared state the first read on
+    /// any replica (see `credentials`).
     ///
     /// # Errors
     /// `Store` when the row cannot be read.
     pub fn access(&self, id: &str) -> Result<Option<AccessRequest>, ControlPlaneError> {
+        #[cfg(feature = "store-postgres")]
+        if let Some(sealer) = &self.sealer {
+            return self.access_sealed(sealer, id);
+        }
         let conn = self.store.lock()?;
         let Some(row) = store::access(&*conn, id)? else {
             return Ok(None);

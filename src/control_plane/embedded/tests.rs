@@ -25,6 +25,8 @@ pub(crate) fn options(dir: &std::path::Path) -> Options {
     Options {
         data_dir: dir.to_path_buf(),
         database_url: crate::control_plane::store::testing::database_url_for(dir),
+        // Required with a database (it seals one-time passwords there); unused on SQLite.
+        operator_token: Some(secrecy::SecretString::from("test-operator-token")),
         lease_duration: Duration::from_secs(5),
         tick: Duration::from_millis(50),
         retry_base: Duration::from_millis(40),
