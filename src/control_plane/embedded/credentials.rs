@@ -243,3 +243,6 @@ impl EmbeddedControlPlane {
         Ok(store::prune_one_time_credentials(c, cutoff)?)
     }
 }
+
+#[cfg(test)]
+mod tests;
