@@ -85,8 +85,9 @@ pub struct Options {
     pub database_url: Option<SecretString>,
     /// A file holding that URL (a mounted Secret), read at start and at each new connection.
     pub database_url_file: Option<PathBuf>,
-    /// The operator token, required with a database (the same on every replica): the key that
-    /// seals new users' one-time passwords kept there is derived from it. Unused on SQLite.
+    /// The operator token, with a database (the same on every replica; the daemon's config
+    /// requires it there): the key that seals new users' one-time passwords kept in the database
+    /// is derived from it. Without it they stay in this process's memory. Unused on SQLite.
     pub operator_token: Option<SecretString>,
     /// How long a lease lasts from a lease or a renew.
     pub lease_duration: Duration,
@@ -307,13 +308,14 @@ impl EmbeddedControlPlane {
                     "{e}: set APONO_OPERATOR_TOKEN (or APONO_OPERATOR_TOKEN_FILE) to the operator token shared by every replica"
                 ))
             })?),
+            // The daemon never gets here (its config requires the token with a database); a
+            // library caller without one keeps them in this process's memory, as on SQLite.
             (true, None) => {
-                return Err(StoreError::Config(
-                    "with a database the operator token must be given (it seals new users' one-time passwords kept \
-                     there): set APONO_OPERATOR_TOKEN or APONO_OPERATOR_TOKEN_FILE, the same on every replica"
-                        .into(),
-                )
-                .into());
+                tracing::warn!(
+                    "no operator token given: new users' one-time passwords stay in this replica's memory, \
+                     and a read on another replica does not show them (set APONO_OPERATOR_TOKEN)"
+                );
+                None
             }
         };
         Ok(Arc::new(EmbeddedControlPlane {

@@ -249,17 +249,21 @@ async fn unread_credentials_go_when_the_access_ends_or_after_24_hours() {
 }
 
 #[tokio::test]
-async fn a_database_without_an_operator_token_is_refused_with_the_fix() {
+async fn without_an_operator_token_a_replica_keeps_them_in_its_memory() {
     on_postgres(async {
         let dir = tempfile::tempdir().unwrap();
-        let e = EmbeddedControlPlane::open(Options {
-            operator_token: None,
-            ..options(dir.path())
-        })
-        .err()
-        .expect("refused")
-        .to_string();
-        assert!(e.contains("APONO_OPERATOR_TOKEN"), "{e}");
+        let cp = open_with(
+            Options {
+                operator_token: None,
+                ..options(dir.path())
+            },
+            json!({}),
+        );
+        assert!(cp.sealer.is_none());
+        let id = granted(&cp, "alice", CANARY).await;
+        assert_eq!(sealed_rows(&cp), 0, "nothing written without a key");
+        assert!(!database_text(&cp).contains(CANARY));
+        assert!(cp.access(&id).unwrap().unwrap().credentials.is_some());
     })
     .await;
 }
