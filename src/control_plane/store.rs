@@ -10,8 +10,9 @@
 //! `.await` never happens and each call is short (microseconds to a millisecond). One connection
 //! also makes every transaction serial, which is what the lease logic wants.
 //!
-//! **Architecture invariant:** no secret a grant generates is written here: `embedded` strips
-//! `credentials` from results before they reach [`JobRow::result`]. The one secret this file can
+//! **Architecture invariant:** no secret a grant generates is written here in clear: `embedded`
+//! strips `credentials` from results before they reach [`JobRow::result`] (on PostgreSQL it keeps
+//! them sealed in `one_time_credentials` until their first read). The one secret this file can
 //! hold is an inline `APONO` integration's credentials, which is why it is created with mode 0600.
 
 pub mod db;

@@ -121,7 +121,9 @@ impl Sealer {
     /// `Seal` if the credentials do not serialize or the cipher fails.
     pub fn seal(&self, access_id: &str, creds: &Credentials, t: DateTime<Utc>) -> Result<SealedRow, SealError> {
         let mut buf = serde_json::to_vec(creds).map_err(|_| SealError::Seal)?;
-        let sealed = self.key.seal_in_place_append_tag(Aad::from(access_id.as_bytes()), &mut buf);
+        let sealed = self
+            .key
+            .seal_in_place_append_tag(Aad::from(access_id.as_bytes()), &mut buf);
         let nonce = match sealed {
             Ok(n) => n,
             Err(_) => {
@@ -186,7 +188,9 @@ impl EmbeddedControlPlane {
                 Ok(row) => store::put_one_time_credentials(tx, id, &row)?,
                 // The grant stands; only its password is lost, and the requester is told how to
                 // get another when they read the access.
-                Err(e) => tracing::error!(access = %id, error = %e, "the new password could not be sealed and is not kept"),
+                Err(e) => {
+                    tracing::error!(access = %id, error = %e, "the new password could not be sealed and is not kept")
+                }
             }
         }
         if let Some(id) = forget

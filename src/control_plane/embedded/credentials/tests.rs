@@ -7,10 +7,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 use super::*;
-use crate::control_plane::operator::AccessState;
-use crate::control_plane::store::db::p;
 use crate::control_plane::embedded::tests::{access_create, complete_ok, grant_result, lease_one, open_with, options};
 use crate::control_plane::embedded::{EmbeddedControlPlane, Options};
+use crate::control_plane::operator::AccessState;
+use crate::control_plane::store::db::p;
 use crate::control_plane::store::testing::{self, TestBackend};
 
 const CANARY: &str = "canary-otp-7f3a91c2e5";
@@ -34,7 +34,10 @@ fn a_sealed_password_opens_only_for_its_access_and_under_its_token() {
     assert!(!row.sealed.contains(CANARY) && !row.sealed.contains("alice"));
     assert_eq!(row.key_id, sealer.key_id());
     let opened = sealer.open("ar-1", &row).unwrap();
-    assert_eq!((opened.username.as_str(), opened.password.expose_secret()), ("alice", CANARY));
+    assert_eq!(
+        (opened.username.as_str(), opened.password.expose_secret()),
+        ("alice", CANARY)
+    );
 
     // A fresh nonce per seal: the same password never seals to the same bytes.
     assert_ne!(sealer.seal("ar-1", &creds(CANARY), t).unwrap().sealed, row.sealed);
@@ -54,7 +57,10 @@ fn a_sealed_password_opens_only_for_its_access_and_under_its_token() {
     assert!(replica.open("ar-1", &row).is_ok());
 
     let shown = format!("{sealer:?} {row:?} {}", SealError::Damaged);
-    assert!(!shown.contains(CANARY) && !shown.contains(&row.sealed) && !shown.contains("operator-token"), "{shown}");
+    assert!(
+        !shown.contains(CANARY) && !shown.contains(&row.sealed) && !shown.contains("operator-token"),
+        "{shown}"
+    );
 }
 
 /// Runs `body` on PostgreSQL (a real server; under `CI=true` a missing one fails).
@@ -77,7 +83,10 @@ fn database_text(cp: &EmbeddedControlPlane) -> String {
     let mut out = String::new();
     for t in tables {
         let name: String = t.get(0).unwrap();
-        for r in c.query(&format!("SELECT row_to_json(t)::text FROM {name} t"), &[]).unwrap() {
+        for r in c
+            .query(&format!("SELECT row_to_json(t)::text FROM {name} t"), &[])
+            .unwrap()
+        {
             out.push_str(&r.get::<String>(0).unwrap());
         }
     }
@@ -115,8 +124,14 @@ async fn a_password_sealed_on_one_replica_is_read_once_on_another_and_never_stor
 
         assert_eq!(sealed_rows(&one), 1);
         let stored = database_text(&one);
-        assert!(stored.contains(&id) && stored.contains("v1-"), "the sealed row is there");
-        assert!(!stored.contains(CANARY), "no password in clear anywhere in the database");
+        assert!(
+            stored.contains(&id) && stored.contains("v1-"),
+            "the sealed row is there"
+        );
+        assert!(
+            !stored.contains(CANARY),
+            "no password in clear anywhere in the database"
+        );
         assert!(one.list_access().unwrap().iter().all(|a| a.credentials.is_none()));
 
         let first = two.access(&id).unwrap().unwrap();
@@ -126,8 +141,14 @@ async fn a_password_sealed_on_one_replica_is_read_once_on_another_and_never_stor
         assert!(first.note.is_none());
         assert!(!format!("{first:?}").contains(CANARY), "Debug is redacted");
 
-        assert!(one.access(&id).unwrap().unwrap().credentials.is_none(), "once: not on the first replica");
-        assert!(two.access(&id).unwrap().unwrap().credentials.is_none(), "once: not again");
+        assert!(
+            one.access(&id).unwrap().unwrap().credentials.is_none(),
+            "once: not on the first replica"
+        );
+        assert!(
+            two.access(&id).unwrap().unwrap().credentials.is_none(),
+            "once: not again"
+        );
         assert_eq!(sealed_rows(&one), 0, "taken on the first read");
     })
     .await;
@@ -184,7 +205,12 @@ async fn a_replica_with_another_operator_token_cannot_open_it_and_says_what_to_d
         );
         assert!(!serde_json::to_string(&read).unwrap().contains(CANARY));
         assert_eq!(sealed_rows(&one), 1, "left for a replica with the right token");
-        let shown = one.access(&id).unwrap().unwrap().credentials.expect("the right token opens it");
+        let shown = one
+            .access(&id)
+            .unwrap()
+            .unwrap()
+            .credentials
+            .expect("the right token opens it");
         assert_eq!(shown.password.expose_secret(), CANARY);
     })
     .await;
@@ -208,8 +234,20 @@ async fn a_sealed_password_moved_to_another_access_does_not_open() {
         }
         let read = cp.access(&bob).unwrap().unwrap();
         assert!(read.credentials.is_none());
-        assert!(read.note.as_deref().is_some_and(|n| n.contains("could not be opened")), "{read:?}");
-        assert_eq!(cp.access(&alice).unwrap().unwrap().credentials.unwrap().password.expose_secret(), CANARY);
+        assert!(
+            read.note.as_deref().is_some_and(|n| n.contains("could not be opened")),
+            "{read:?}"
+        );
+        assert_eq!(
+            cp.access(&alice)
+                .unwrap()
+                .unwrap()
+                .credentials
+                .unwrap()
+                .password
+                .expose_secret(),
+            CANARY
+        );
     })
     .await;
 }
@@ -239,7 +277,10 @@ async fn unread_credentials_go_when_the_access_ends_or_after_24_hours() {
             )
             .unwrap();
         }
-        assert!(cp.access(&old).unwrap().unwrap().credentials.is_none(), "too old to hand out");
+        assert!(
+            cp.access(&old).unwrap().unwrap().credentials.is_none(),
+            "too old to hand out"
+        );
         let fresh = granted(&cp, "carol", "carols-password").await;
         cp.prune(Utc::now()).unwrap();
         assert_eq!(sealed_rows(&cp), 1, "the old one pruned, the fresh one kept");
