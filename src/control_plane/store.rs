@@ -1718,7 +1718,8 @@ pub fn resources(c: &dyn Db, job_id: &str) -> Result<Vec<Value>, StoreError> {
 // ----- one-time credentials (schema v5) -----
 //
 // A new user's password (from a grant or a rotation), sealed by `embedded::credentials`, kept on
-// a shared (PostgreSQL) state only, so any replica can hand it to the requester's first read.
+// a shared (PostgreSQL) state only (the queries are built with `store-postgres` only), so any
+// replica can hand it to the requester's first read.
 // The plaintext never reaches this table; SQLite gets the (empty) table for one schema.
 
 /// v5: the table of sealed one-time credentials, one row per access (a rotation replaces an
@@ -1740,6 +1741,7 @@ fn migrate_v5(conn: &Connection) -> Result<(), StoreError> {
 }
 
 /// A sealed one-time credential as stored: which key sealed it and the sealed bytes (base64).
+#[cfg(feature = "store-postgres")]
 #[derive(Clone, PartialEq, Eq)]
 pub struct SealedRow {
     pub key_id: String,
@@ -1748,6 +1750,7 @@ pub struct SealedRow {
 }
 
 // Sealed, but still nothing a log needs.
+#[cfg(feature = "store-postgres")]
 impl std::fmt::Debug for SealedRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SealedRow")
@@ -1758,6 +1761,7 @@ impl std::fmt::Debug for SealedRow {
 }
 
 /// Keeps `access_id`'s sealed credentials, replacing unread ones (a rotation after a grant).
+#[cfg(feature = "store-postgres")]
 pub fn put_one_time_credentials(c: &dyn Db, access_id: &str, row: &SealedRow) -> Result<(), StoreError> {
     c.exec(
         "INSERT INTO one_time_credentials (access_id, key_id, sealed, created_at) VALUES (?1, ?2, ?3, ?4)
@@ -1770,6 +1774,7 @@ pub fn put_one_time_credentials(c: &dyn Db, access_id: &str, row: &SealedRow) ->
 }
 
 /// The key id of `access_id`'s sealed credentials kept since `since`, without taking them.
+#[cfg(feature = "store-postgres")]
 pub fn one_time_credentials_key(
     c: &dyn Db,
     access_id: &str,
@@ -1788,6 +1793,7 @@ pub fn one_time_credentials_key(
 
 /// Takes (deletes and returns) `access_id`'s credentials sealed under `key_id` since `since`.
 /// One statement: of two replicas taking at once, one gets the row and the other nothing.
+#[cfg(feature = "store-postgres")]
 pub fn take_one_time_credentials(
     c: &dyn Db,
     access_id: &str,
@@ -1813,6 +1819,7 @@ pub fn take_one_time_credentials(
 }
 
 /// Forgets `access_id`'s credentials (its access ended). Returns whether there were any.
+#[cfg(feature = "store-postgres")]
 pub fn delete_one_time_credentials(c: &dyn Db, access_id: &str) -> Result<bool, StoreError> {
     let n = c
         .exec("DELETE FROM one_time_credentials WHERE access_id = ?1", &p![access_id])
@@ -1821,6 +1828,7 @@ pub fn delete_one_time_credentials(c: &dyn Db, access_id: &str) -> Result<bool, 
 }
 
 /// Forgets credentials kept since before `cutoff` (nobody read them in time). Returns how many.
+#[cfg(feature = "store-postgres")]
 pub fn prune_one_time_credentials(c: &dyn Db, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
     c.exec(
         "DELETE FROM one_time_credentials WHERE created_at < ?1",
