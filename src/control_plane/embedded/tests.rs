@@ -164,6 +164,19 @@ fn spawn_fake_agent(
     })
 }
 
+/// Fails when a file in `dir` (the state file, its WAL) holds `canary`.
+pub(crate) fn assert_not_in_files(dir: &std::path::Path, canary: &str) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "canary found in {}",
+            path.display()
+        );
+    }
+}
+
 pub(crate) async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -620,15 +633,7 @@ async fn generated_credentials_are_shown_once_and_never_stored() {
     assert_eq!(record.result.unwrap()["user_id"], "u-alice");
 
     drop(cp);
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(
-            !bytes.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
-            "canary found in {}",
-            path.display()
-        );
-    }
+    assert_not_in_files(dir.path(), CANARY);
 }
 }
 

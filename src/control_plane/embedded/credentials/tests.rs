@@ -7,7 +7,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 use super::*;
-use crate::control_plane::embedded::tests::{access_create, complete_ok, grant_result, lease_one, open_with, options};
+use crate::control_plane::embedded::tests::{
+    access_create, assert_not_in_files, complete_ok, grant_result, lease_one, open_with, options,
+};
 use crate::control_plane::embedded::{EmbeddedControlPlane, Options};
 use crate::control_plane::operator::AccessState;
 use crate::control_plane::store::db::p;
@@ -316,15 +318,7 @@ async fn on_sqlite_nothing_is_written() {
     assert!(cp.sealer.is_none());
     let id = granted(&cp, "alice", CANARY).await;
     // Unread, so still held (in memory): neither the file nor its WAL has it.
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(
-            !bytes.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
-            "canary found in {}",
-            path.display()
-        );
-    }
+    assert_not_in_files(dir.path(), CANARY);
     assert_eq!(sealed_rows(&cp), 0);
     let shown = cp.access(&id).unwrap().unwrap().credentials.expect("shown from memory");
     assert_eq!(shown.password.expose_secret(), CANARY);
