@@ -323,3 +323,33 @@ async fn on_sqlite_nothing_is_written() {
     let shown = cp.access(&id).unwrap().unwrap().credentials.expect("shown from memory");
     assert_eq!(shown.password.expose_secret(), CANARY);
 }
+
+/// A rotation that completes after its access ended keeps nothing (no one may read it).
+async fn a_rotation_finishing_after_its_access_ended_keeps_nothing_on(dir: &std::path::Path) {
+    let day = std::time::Duration::from_millis(300);
+    let cp = open_with(Options { day, ..options(dir) }, json!({"credential_rotation_days": 1}));
+    let id = granted(&cp, "alice", "first-password").await;
+    assert!(cp.access(&id).unwrap().unwrap().credentials.is_some());
+    tokio::time::sleep(day + std::time::Duration::from_millis(50)).await;
+    cp.tick_once().unwrap();
+    let rotate = lease_one(&cp, 0).await.expect("rotation due");
+    assert_eq!(rotate.kind, "rotate_credentials");
+    cp.revoke_access(&id).unwrap();
+    let revoke = lease_one(&cp, 0).await.expect("revoke job");
+    complete_ok(&cp, &revoke, json!({"removed_binding_ids": ["c-1:crtb-apono-1"]})).await;
+    complete_ok(&cp, &rotate, grant_result("u-alice", false, Some(CANARY))).await;
+    assert_eq!(sealed_rows(&cp), 0);
+    assert!(cp.access(&id).unwrap().unwrap().credentials.is_none());
+    assert!(cp.credentials_map().is_empty(), "nothing held in memory either");
+}
+
+#[tokio::test]
+async fn a_rotation_finishing_after_its_access_ended_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    a_rotation_finishing_after_its_access_ended_keeps_nothing_on(dir.path()).await;
+    on_postgres(async {
+        let dir = tempfile::tempdir().unwrap();
+        a_rotation_finishing_after_its_access_ended_keeps_nothing_on(dir.path()).await;
+    })
+    .await;
+}
