@@ -5,6 +5,7 @@
 use super::*;
 use crate::control_plane::embedded::{EmbeddedControlPlane, Options};
 use crate::control_plane::store::Store;
+use crate::control_plane::store::db::p;
 use crate::control_plane::store::testing::{PgServer, postgres_available, shared};
 use std::time::Instant;
 
@@ -299,4 +300,128 @@ async fn a_sqlite_state_is_copied_with_its_live_accesses_and_a_second_copy_is_re
         .expect_err("the database holds state now")
         .to_string();
     assert!(e.contains("already holds control-plane state"), "{e}");
+}
+
+/// A database URL of a fresh database on the shared server, for the tests below.
+fn fresh_target(prefix: &str) -> PgTarget {
+    let server = shared().expect("checked by postgres_available");
+    PgTarget::parse(&server.database(&format!("{prefix}_{}", uuid::Uuid::new_v4().simple()))).unwrap()
+}
+
+/// Writes sent without waiting (pipelined) still fail their transaction: the failure is what the
+/// next statement reports, and the commit that follows writes nothing.
+#[test]
+fn a_pipelined_write_that_fails_fails_its_transaction_and_writes_nothing() {
+    if !postgres_available() {
+        return;
+    }
+    let target = fresh_target("t_pipe");
+    let store = Store::open_backend(&crate::control_plane::store::Backend::Postgres(Box::new(
+        target.clone(),
+    )))
+    .unwrap();
+    let guard = store.lock().unwrap();
+    let insert = "INSERT INTO meta (key, value) VALUES (?1, ?2)";
+
+    // Reported by the next read, as the write's own error (not "transaction aborted").
+    let tx = guard.transaction().unwrap();
+    tx.exec_quiet(insert, &p!["k", "one"]).unwrap();
+    tx.exec_quiet(insert, &p!["k", "two"]).expect("sent; not answered yet");
+    let e = tx
+        .query("SELECT value FROM meta", &[])
+        .expect_err("the duplicate key")
+        .to_string();
+    assert!(e.contains("23505"), "the write's own error: {e}");
+    drop(tx);
+
+    // Reported by the commit when nothing reads after it; nothing of the transaction stays.
+    let tx = guard.transaction().unwrap();
+    tx.exec_quiet(insert, &p!["a", "1"]).unwrap();
+    tx.exec_quiet(insert, &p!["a", "2"]).unwrap();
+    let e = tx
+        .commit()
+        .expect_err("the commit reports the failed write")
+        .to_string();
+    assert!(e.contains("23505"), "{e}");
+    assert!(
+        guard
+            .query("SELECT key FROM meta WHERE key IN ('a', 'k')", &[])
+            .unwrap()
+            .is_empty()
+    );
+
+    // And writes that succeed are all there after the commit.
+    let tx = guard.transaction().unwrap();
+    for i in 0..50 {
+        tx.exec_quiet(insert, &p![format!("ok{i}"), "v"]).unwrap();
+    }
+    tx.commit().unwrap();
+    let n = guard
+        .query("SELECT COUNT(*) FROM meta WHERE key LIKE 'ok%'", &[])
+        .unwrap();
+    assert_eq!(n[0].get::<i64>(0).unwrap(), 50);
+
+    // Outside a transaction a write is done when it returns: another connection sees it.
+    guard.exec_quiet(insert, &p!["after", "v"]).unwrap();
+    let other = PgStore::open(target).unwrap();
+    let seen = other.lock().unwrap();
+    let rows = seen
+        .as_ref()
+        .unwrap()
+        .query("SELECT value FROM meta WHERE key = 'after'", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+}
+
+/// A statement that waits long (here for the write lock another connection holds) does not stall
+/// the runtime's other tasks: with one worker, a timer still fires on time meanwhile.
+#[test]
+fn a_long_database_wait_does_not_stall_the_runtimes_other_tasks() {
+    if !postgres_available() {
+        return;
+    }
+    let target = fresh_target("t_wait");
+    let holder = Arc::new(PgStore::open(target.clone()).unwrap());
+    let waiter = Arc::new(PgStore::open(target).unwrap());
+    {
+        let g = holder.lock().unwrap();
+        let h = g.as_ref().unwrap();
+        h.begin_write().unwrap();
+        h.query("SELECT 1", &[]).unwrap(); // the write lock is held from here
+    }
+    let release = {
+        let holder = Arc::clone(&holder);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            let g = holder.lock().unwrap();
+            g.as_ref().unwrap().batch("ROLLBACK").unwrap();
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let blocked = tokio::spawn(async move {
+            let g = waiter.lock().unwrap();
+            let c = g.as_ref().unwrap();
+            c.begin_write().unwrap();
+            c.query("SELECT 1", &[]).unwrap();
+            c.batch("COMMIT").unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        tokio::spawn(tokio::time::sleep(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "a 100 ms timer took {took:?} while a statement waited on the only worker"
+        );
+        blocked.await.unwrap();
+    });
+    release.join().unwrap();
+    rt.shutdown_background();
 }
