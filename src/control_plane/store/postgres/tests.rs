@@ -47,6 +47,35 @@ fn urls_that_are_not_verified_tls_or_plain_text_are_refused_without_quoting_them
     assert!(!format!("{t:?}").contains(CANARY));
 }
 
+/// CloudNativePG's app Secret holds `uri: postgresql://app:PASSWORD@CLUSTER-rw.NS:5432/app`, and
+/// managed databases often give `postgres://`: both schemes pass the config check and the parser,
+/// and a percent-encoded password reaches the driver decoded.
+#[test]
+fn postgresql_and_postgres_schemes_are_both_accepted() {
+    for scheme in ["postgres", "postgresql"] {
+        let u = format!("{scheme}://app:{CANARY}@cluster-rw.apono.svc:5432/app");
+        let t = PgTarget::parse(&url(&u)).unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        assert_eq!(t.display(), "cluster-rw.apono.svc:5432/app");
+        let options = Options {
+            database_url: Some(url(&u)),
+            ..Options::default()
+        };
+        assert!(matches!(
+            options.backend().unwrap(),
+            crate::control_plane::store::Backend::Postgres(_)
+        ));
+        let env = |k: &str| match k {
+            "APONO_DATABASE_URL" => Some(u.clone()),
+            "APONO_OPERATOR_TOKEN" => Some("op-token".into()),
+            _ => None,
+        };
+        crate::config::Config::load_from(None, env).unwrap_or_else(|e| panic!("{scheme}: {e}"));
+    }
+    let t = PgTarget::parse(&url("postgresql://app:p%40ss%2Fw%3Ard@db:5432/app?sslmode=disable")).unwrap();
+    assert_eq!(t.config.get_password(), Some(&b"p@ss/w:rd"[..]));
+    assert_eq!(t.config.get_user(), Some("app"));
+}
+
 #[test]
 fn sqlite_spelling_is_translated() {
     assert_eq!(
