@@ -3,9 +3,11 @@
 //! Why blocking calls on an async driver: the control plane's rules are synchronous code that
 //! runs each change as one short transaction under a lock (see `embedded`), on SQLite and here
 //! alike. tokio-postgres's `Client` only queues requests to its `Connection`, so a private
-//! one-thread runtime drives the connection and the caller waits on the client's futures with
-//! `futures::executor::block_on`: that works from inside the daemon's runtime and from a test's
-//! current-thread runtime, where the `postgres` crate's own `block_on` would panic.
+//! one-thread runtime drives the connection and the caller waits on the client's futures from
+//! its own thread (see [`wait`]: off the runtime worker when the wait is long): that works from
+//! inside the daemon's runtime and from a test's current-thread runtime, where the `postgres`
+//! crate's own `block_on` would panic. Writes inside a transaction are pipelined (see
+//! [`PgConn`]'s `pending`).
 //!
 //! Every write transaction takes one transaction-level advisory lock first: writers on every
 //! replica are serialised exactly as SQLite's `BEGIN IMMEDIATE` serialises them in one process,
