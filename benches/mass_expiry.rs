@@ -16,15 +16,26 @@
 //! The `https` columns (`BENCH_HTTPS_LATENCIES_MS`, default `0`; empty for none) serve the
 //! simulator over TLS (`sim rancher --tls-cert`, the integration trusting its certificate) and add
 //! the TLS handshakes the simulator completed, and per job: one per pooled connection, not per job.
+//!
+//! `BENCH_DATABASE=postgres` keeps the state in PostgreSQL instead of SQLite: a server of the
+//! bench's own (`tests/common/postgres.rs`, as the tests start it; a database per column), and
+//! `BENCH_REPLICAS` (default `1`; e.g. `1,2`) `run` processes on it with one operator token, the
+//! access requests spread over them, a column per replica count. CPU is the replicas' sum, RSS the
+//! largest replica's.
 
 use std::time::{Duration, Instant};
 
+use apono_connector::control_plane::client::OperatorClient;
 use apono_connector::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef};
 use apono_connector::integrations::{Resource, Subject};
 use futures::StreamExt;
+use postgres::PgServer;
+use secrecy::ExposeSecret;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 
 use common::{ChildGuard, free_port, operator_client, wait_for_port, write_control_plane_config};
 
@@ -78,15 +89,23 @@ struct Figures {
     failed: usize,
 }
 
-/// One column of the table: a Rancher latency, over http or https.
+/// One column of the table: a Rancher latency, over http or https, and how many `run` replicas.
 #[derive(Clone, Copy)]
 struct Column {
     latency_ms: u64,
     https: bool,
+    replicas: usize,
 }
 
-async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
-    let Column { latency_ms, https } = column;
+/// The operator token every replica on one database shares.
+const SHARED_TOKEN: &str = "bench-operator-token-shared-by-the-replicas";
+
+async fn run_once(column: Column, accesses: usize, ttl: u64, pg: Option<&PgServer>) -> Figures {
+    let Column {
+        latency_ms,
+        https,
+        replicas,
+    } = column;
     let dir = tempfile::tempdir().expect("tempdir");
     let sim_port = free_port();
     let cert = dir.path().join("sim-cert.pem");
@@ -109,35 +128,63 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
     wait_for_port(sim_port).await;
     let scheme = if https { "https" } else { "http" };
     let sim_url = format!("{scheme}://127.0.0.1:{sim_port}");
-    let cp_port = free_port();
-    // The default lease; only where things are is configured.
-    let config = write_control_plane_config(dir.path(), cp_port, 60, &sim_url);
-    let stats_client = if https {
-        let pem = std::fs::read(&cert).expect("the simulator's certificate");
-        trust_sim_certificate(&config, &String::from_utf8_lossy(&pem));
-        reqwest::Client::builder()
-            .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("certificate PEM"))
+    // SQLite: one `run` in `dir`. PostgreSQL: `replicas` of them, each with its own config and
+    // ports, on one database of this column's own.
+    let url = pg.map(|pg| {
+        pg.database(&format!("bench_{}", uuid::Uuid::new_v4().simple()))
+            .expose_secret()
+            .to_string()
+    });
+    let mut daemons = Vec::new();
+    let mut operators = Vec::new();
+    let mut pem = None;
+    for r in 0..replicas {
+        let rdir = dir.path().join(format!("replica{r}"));
+        std::fs::create_dir_all(&rdir).expect("replica dir");
+        let cp_port = free_port();
+        // The default lease; only where things are is configured.
+        let config = write_control_plane_config(&rdir, cp_port, 60, &sim_url);
+        if https {
+            let bytes = std::fs::read(&cert).expect("the simulator's certificate");
+            trust_sim_certificate(&config, &String::from_utf8_lossy(&bytes));
+            pem = Some(bytes);
+        }
+        let mut envs = vec![("APONO_HEALTH_ADDR", "127.0.0.1:0"), ("APONO_LOG_LEVEL", "warn")];
+        if let Some(url) = &url {
+            envs.extend([
+                ("APONO_DATABASE_URL", url.as_str()),
+                ("APONO_OPERATOR_TOKEN", SHARED_TOKEN),
+            ]);
+        }
+        daemons.push(ChildGuard::spawn(&["run", "--config", &config], &envs, &rdir));
+        wait_for_port(cp_port).await;
+        let cp_url = format!("http://127.0.0.1:{cp_port}");
+        operators.push(match &url {
+            Some(_) => OperatorClient::new(&cp_url)
+                .expect("operator client")
+                .with_token(SHARED_TOKEN.to_string().into()),
+            None => operator_client(&cp_url, &rdir.join("state")).await,
+        });
+    }
+    let stats_client = match &pem {
+        Some(pem) => reqwest::Client::builder()
+            .tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem).expect("certificate PEM"))
             .build()
-            .expect("stats client")
-    } else {
-        reqwest::Client::new()
+            .expect("stats client"),
+        None => reqwest::Client::new(),
     };
-    let daemon = ChildGuard::spawn(
-        &["run", "--config", &config],
-        &[("APONO_HEALTH_ADDR", "127.0.0.1:0"), ("APONO_LOG_LEVEL", "warn")],
-        dir.path(),
-    );
-    wait_for_port(cp_port).await;
-    let cp_url = format!("http://127.0.0.1:{cp_port}");
-    let operator = operator_client(&cp_url, &dir.path().join("state")).await;
+    let operator = &operators[0];
     // Let start-up (the first sweep, the admin proof) finish before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (daemon_pid, sim_pid) = (daemon.0.id(), sim.0.id());
-    let (cpu0, sim_cpu0) = (cpu_ms(daemon_pid), cpu_ms(sim_pid));
+    let pids: Vec<u32> = daemons.iter().map(|d| d.0.id()).collect();
+    let daemons_cpu = || pids.iter().map(|&p| cpu_ms(p)).sum::<f64>();
+    let sim_pid = sim.0.id();
+    let (cpu0, sim_cpu0) = (daemons_cpu(), cpu_ms(sim_pid));
 
     let requests = futures::stream::iter(0..accesses)
         .map(|i| {
-            let operator = &operator;
+            // Spread over the replicas, as a load balancer in front of them would.
+            let operator = &operators[i % operators.len()];
             async move {
                 operator
                     .create_access(&AccessRequestCreate {
@@ -168,9 +215,9 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
         }
         assert!(Instant::now() < deadline, "accesses did not all end within 10 minutes");
     };
-    let cpu = cpu_ms(daemon_pid) - cpu0;
+    let cpu = daemons_cpu() - cpu0;
     let sim_cpu = cpu_ms(sim_pid) - sim_cpu0;
-    let peak_rss = peak_rss_mib(daemon_pid);
+    let peak_rss = pids.iter().map(|&p| peak_rss_mib(p)).fold(f64::NAN, f64::max);
     let stats: serde_json::Value = stats_client
         .get(format!("{sim_url}/sim/stats"))
         .send()
@@ -200,7 +247,7 @@ async fn run_once(column: Column, accesses: usize, ttl: u64) -> Figures {
         .collect();
     lags.sort_by(f64::total_cmp);
     let jobs = (2 * ok.len()).max(1) as f64;
-    drop(daemon);
+    drop(daemons);
     drop(sim);
     Figures {
         grants_per_s: ok.len() as f64 / secs(last_granted - first_created).max(1e-3),
@@ -252,6 +299,13 @@ fn main() {
         .build()
         .expect("runtime");
     let accesses = env_u64("BENCH_ACCESSES", 1000) as usize;
+    let on_postgres = match std::env::var("BENCH_DATABASE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("BENCH_DATABASE={other}: use sqlite (the default) or postgres"),
+    };
+    let pg =
+        on_postgres.then(|| PgServer::start().expect("a PostgreSQL server for the bench (apt-get install postgresql)"));
     let ttl = env_u64("BENCH_TTL_SECONDS", 8);
     // `BENCH_LATENCIES_MS=0 BENCH_HTTPS_LATENCIES_MS=` runs one column only.
     let latencies = |name: &str, default: &str| -> Vec<u64> {
@@ -261,31 +315,42 @@ fn main() {
             .filter_map(|l| l.trim().parse().ok())
             .collect()
     };
+    // Several replicas share a database: SQLite runs one.
+    let replica_counts: Vec<usize> = if on_postgres {
+        latencies("BENCH_REPLICAS", "1")
+            .into_iter()
+            .map(|n| (n as usize).max(1))
+            .collect()
+    } else {
+        vec![1]
+    };
     let columns: Vec<Column> = latencies("BENCH_LATENCIES_MS", "0,20")
         .into_iter()
-        .map(|latency_ms| Column {
-            latency_ms,
-            https: false,
-        })
+        .map(|latency_ms| (latency_ms, false))
         .chain(
             latencies("BENCH_HTTPS_LATENCIES_MS", "0")
                 .into_iter()
-                .map(|latency_ms| Column {
-                    latency_ms,
-                    https: true,
-                }),
+                .map(|latency_ms| (latency_ms, true)),
         )
+        .flat_map(|(latency_ms, https)| {
+            replica_counts.iter().map(move |&replicas| Column {
+                latency_ms,
+                https,
+                replicas,
+            })
+        })
         .collect();
     let figures: Vec<Figures> = columns
         .iter()
-        .map(|&c| runtime.block_on(run_once(c, accesses, ttl)))
+        .map(|&c| runtime.block_on(run_once(c, accesses, ttl, pg.as_ref())))
         .collect();
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
         let cells: Vec<String> = figures.iter().map(f).collect();
         format!("| {name} | {} |", cells.join(" | "))
     };
     println!(
-        "{accesses} access requests, TTL {ttl} s, default settings; {}",
+        "{accesses} access requests, TTL {ttl} s, default settings, state in {}; {}",
+        if on_postgres { "PostgreSQL" } else { "SQLite" },
         machine()
     );
     println!();
@@ -293,9 +358,14 @@ fn main() {
         .iter()
         .map(|c| {
             format!(
-                "{} ms Rancher latency{}",
+                "{} ms Rancher latency{}{}",
                 c.latency_ms,
-                if c.https { ", https" } else { "" }
+                if c.https { ", https" } else { "" },
+                if on_postgres {
+                    format!(", {} replica{}", c.replicas, if c.replicas == 1 { "" } else { "s" })
+                } else {
+                    String::new()
+                }
             )
         })
         .collect();

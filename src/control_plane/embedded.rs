@@ -818,6 +818,11 @@ impl EmbeddedControlPlane {
                 // follower's do not go stale after a hand-over.
                 if let Ok(c) = self.store.lock() {
                     gauges::update(&*c, now());
+                    // Jobs another replica queued (the leader's expiry revokes) wake this one's
+                    // long-polls within a tick; its own jobs wake them at once, as on SQLite.
+                    if store::next_ready_at(&*c).is_ok_and(|n| n.is_some_and(|n| n <= now())) {
+                        self.ready.notify_waiters();
+                    }
                 }
                 tokio::select! {
                     _ = stop.cancelled() => break,

@@ -1046,7 +1046,7 @@ impl RawJob {
 }
 
 pub fn insert_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
-    c.exec(
+    c.exec_quiet(
         &format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
         &p![
             j.id,
@@ -1073,7 +1073,7 @@ pub fn insert_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
 
 /// Writes the mutable columns of a job.
 pub fn update_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
-    c.exec(
+    c.exec_quiet(
         "UPDATE jobs SET state = ?2, attempt = ?3, lease_token = ?4, lease_expires_at = ?5, not_before = ?6,
              completed_token = ?7, result = ?8, error = ?9, updated_at = ?10, params = ?11
          WHERE id = ?1",
@@ -1360,7 +1360,7 @@ impl RawAccess {
 }
 
 pub fn insert_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
-    c.exec(
+    c.exec_quiet(
         &format!(
             "INSERT INTO access_requests ({ACCESS_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
@@ -1399,7 +1399,7 @@ pub fn insert_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
 
 /// Writes the mutable columns of an access request.
 pub fn update_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
-    c.exec(
+    c.exec_quiet(
         "UPDATE access_requests SET state = ?2, granted_at = ?3, expires_at = ?4, revoked_at = ?5, revoke_job_id = ?6,
              user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10, revoke_requested = ?11,
              pre_existing = ?12, bound_subject = ?13, owner = ?14, note = ?15

@@ -165,6 +165,11 @@ pub trait Db {
     fn dialect(&self) -> Dialect;
     /// Runs one statement; returns the number of rows it changed.
     fn exec(&self, sql: &str, params: &[Val]) -> Result<usize, DbError>;
+    /// Runs one statement whose row count nobody reads. PostgreSQL, inside a transaction, sends
+    /// it without waiting (pipelined): its error comes from the next statement or the commit.
+    fn exec_quiet(&self, sql: &str, params: &[Val]) -> Result<(), DbError> {
+        self.exec(sql, params).map(|_| ())
+    }
     /// Runs one query; returns its rows.
     fn query(&self, sql: &str, params: &[Val]) -> Result<Vec<DbRow>, DbError>;
     /// Runs statements without parameters, separated by `;`.

@@ -3,9 +3,11 @@
 //! Why blocking calls on an async driver: the control plane's rules are synchronous code that
 //! runs each change as one short transaction under a lock (see `embedded`), on SQLite and here
 //! alike. tokio-postgres's `Client` only queues requests to its `Connection`, so a private
-//! one-thread runtime drives the connection and the caller waits on the client's futures with
-//! `futures::executor::block_on`: that works from inside the daemon's runtime and from a test's
-//! current-thread runtime, where the `postgres` crate's own `block_on` would panic.
+//! one-thread runtime drives the connection and the caller waits on the client's futures from
+//! its own thread (see [`wait`]: off the runtime worker when the wait is long): that works from
+//! inside the daemon's runtime and from a test's current-thread runtime, where the `postgres`
+//! crate's own `block_on` would panic. Writes inside a transaction are pipelined (see
+//! [`PgConn`]'s `pending`).
 //!
 //! Every write transaction takes one transaction-level advisory lock first: writers on every
 //! replica are serialised exactly as SQLite's `BEGIN IMMEDIATE` serialises them in one process,
@@ -14,10 +16,13 @@
 //! `FOR UPDATE SKIP LOCKED`, so a job is never handed to two replicas even by a reader outside
 //! that lock.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -199,9 +204,65 @@ fn tls_connector(ca: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, 
 
 /// A client whose connection runs on the store's private runtime.
 pub struct PgConn {
-    client: Client,
+    client: Arc<Client>,
     /// Prepared statements by their SQLite spelling (one prepare per statement per connection).
     statements: RefCell<HashMap<String, Statement>>,
+    /// Inside a write transaction: statements sent without waiting for their answer (the
+    /// transaction's start, writes whose row count nobody reads). Each later statement travels
+    /// behind them on the same connection; their answers are collected with its answer, and the
+    /// first error among them is what that statement (or the commit) reports.
+    pending: RefCell<Vec<Pending>>,
+    /// Whether a transaction is open (set by `BEGIN`, cleared by `COMMIT` / `ROLLBACK`).
+    in_transaction: Cell<bool>,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+/// How long a statement may hold a runtime worker before the wait moves off it. A round trip is
+/// well under a millisecond; waits longer than this (the write lock held by another replica, a
+/// connection timing out in an outage) are the ones that would stall the worker's other tasks.
+const WAIT_IN_PLACE: Duration = Duration::from_millis(2);
+
+/// Wakes a thread parked in [`wait`].
+struct Unpark(std::thread::Thread);
+
+impl futures::task::ArcWake for Unpark {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.0.unpark();
+    }
+}
+
+/// Waits for `fut` from synchronous code (the store's rules are synchronous; see the module doc).
+///
+/// On a multi-threaded runtime's worker it first waits in place for up to [`WAIT_IN_PLACE`], as
+/// any short synchronous call (a SQLite statement) does; past that the rest of the wait goes
+/// through `block_in_place`, so the worker's other tasks (HTTP requests, long-polls, the agent)
+/// move to another thread instead of stalling behind the database. Why not `block_in_place`
+/// for every statement: it hands the worker's scheduler to another thread each time a task
+/// enters it, which cost more than the round trip itself in measurements here. Elsewhere (a
+/// current-thread runtime, a plain thread) it blocks the calling thread.
+fn wait<F: Future>(fut: F) -> F::Output {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if !multi_thread {
+        return futures::executor::block_on(fut);
+    }
+    let mut fut = std::pin::pin!(fut);
+    let waker = futures::task::waker(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let start = std::time::Instant::now();
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        let waited = start.elapsed();
+        if waited >= WAIT_IN_PLACE {
+            break;
+        }
+        // Woken by the answer (or spuriously: polled again).
+        std::thread::park_timeout(WAIT_IN_PLACE - waited);
+    }
+    tokio::task::block_in_place(|| futures::executor::block_on(fut))
 }
 
 /// Opens a connection on `rt`, waiting for it from any thread (even one inside a runtime).
@@ -223,11 +284,13 @@ pub fn connect(rt: &tokio::runtime::Handle, target: &PgTarget) -> Result<PgConn,
         };
         Ok::<_, tokio_postgres::Error>(client)
     });
-    let client = futures::executor::block_on(handle)
-        .map_err(|e| DbError::Unavailable(format!("the database connection task failed: {e}")))??;
+    let client =
+        wait(handle).map_err(|e| DbError::Unavailable(format!("the database connection task failed: {e}")))??;
     Ok(PgConn {
-        client,
+        client: Arc::new(client),
         statements: RefCell::new(HashMap::new()),
+        pending: RefCell::new(Vec::new()),
+        in_transaction: Cell::new(false),
     })
 }
 
@@ -250,9 +313,52 @@ impl PgConn {
             return Ok(s.clone());
         }
         let translated = translate(sql);
-        let s = futures::executor::block_on(self.client.prepare(&translated))?;
+        // Behind the statements sent before it: their error, if any, comes first.
+        let s = self.run(self.client.prepare(&translated))?;
         self.statements.borrow_mut().insert(sql.to_string(), s.clone());
         Ok(s)
+    }
+
+    /// Sends `fut`'s request now (one poll puts it on the connection) and keeps it; its answer is
+    /// collected by the next [`PgConn::run`].
+    fn send(&self, mut fut: Pending) -> Result<(), DbError> {
+        let waker = futures::task::noop_waker();
+        match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
+            // Refused before it left (e.g. the connection is closed).
+            Poll::Ready(r) => Ok(r?),
+            Poll::Pending => {
+                self.pending.borrow_mut().push(fut);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `fut` behind the statements sent before it and waits for all of them: one round trip.
+    /// An error of an earlier statement comes first (it aborted the transaction, so this one
+    /// failed because of it).
+    fn run<T>(&self, fut: impl Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, DbError> {
+        let (earlier, this) = self.run_after(fut);
+        earlier?;
+        this
+    }
+
+    /// [`PgConn::run`], with the earlier statements' outcome apart.
+    fn run_after<T>(
+        &self,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> (Result<(), DbError>, Result<T, DbError>) {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        if pending.is_empty() {
+            return (Ok(()), wait(fut).map_err(DbError::from));
+        }
+        let earlier = async move {
+            for p in pending {
+                p.await?;
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        };
+        let (earlier, this) = wait(futures::future::join(earlier, fut));
+        (earlier.map_err(DbError::from), this.map_err(DbError::from))
     }
 }
 
@@ -267,22 +373,61 @@ impl Db for PgConn {
 
     fn exec(&self, sql: &str, vals: &[Val]) -> Result<usize, DbError> {
         let stmt = self.statement(sql)?;
-        let n = futures::executor::block_on(self.client.execute(&stmt, &params(vals)))?;
+        let n = self.run(self.client.execute(&stmt, &params(vals)))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn exec_quiet(&self, sql: &str, vals: &[Val]) -> Result<(), DbError> {
+        if !self.in_transaction.get() {
+            return self.exec(sql, vals).map(|_| ());
+        }
+        let stmt = self.statement(sql)?;
+        let client = Arc::clone(&self.client);
+        let vals = vals.to_vec();
+        self.send(Box::pin(async move {
+            client.execute(&stmt, &params(&vals)).await.map(|_| ())
+        }))
     }
 
     fn query(&self, sql: &str, vals: &[Val]) -> Result<Vec<DbRow>, DbError> {
         let stmt = self.statement(sql)?;
-        let rows = futures::executor::block_on(self.client.query(&stmt, &params(vals)))?;
+        let rows = self.run(self.client.query(&stmt, &params(vals)))?;
         rows.iter().map(row_vals).collect()
     }
 
     fn batch(&self, sql: &str) -> Result<(), DbError> {
-        Ok(futures::executor::block_on(self.client.batch_execute(&translate(sql)))?)
+        let head: String = sql
+            .trim_start()
+            .chars()
+            .take(8)
+            .collect::<String>()
+            .to_ascii_uppercase();
+        let ends = head.starts_with("COMMIT") || head.starts_with("ROLLBACK");
+        let r = if head.starts_with("ROLLBACK") {
+            // Whatever failed before is undone by this; it is not this statement's error.
+            self.run_after(self.client.batch_execute(sql)).1
+        } else {
+            self.run(self.client.batch_execute(&translate(sql)))
+        };
+        if ends {
+            self.in_transaction.set(false);
+        } else if head.starts_with("BEGIN") && r.is_ok() {
+            self.in_transaction.set(true);
+        }
+        r
     }
 
+    /// Sent without waiting: the transaction's first statement travels behind it, and reports
+    /// its error (a lost connection) if it had one.
     fn begin_write(&self) -> Result<(), DbError> {
-        self.batch(&format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"))
+        let client = Arc::clone(&self.client);
+        self.send(Box::pin(async move {
+            client
+                .batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"))
+                .await
+        }))?;
+        self.in_transaction.set(true);
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 use super::*;
 use crate::control_plane::embedded::{EmbeddedControlPlane, Options};
 use crate::control_plane::store::Store;
+use crate::control_plane::store::db::p;
 use crate::control_plane::store::testing::{PgServer, postgres_available, shared};
 use std::time::Instant;
 
@@ -44,6 +45,35 @@ fn urls_that_are_not_verified_tls_or_plain_text_are_refused_without_quoting_them
     let t = PgTarget::parse(&url(&format!("postgresql://apono:{CANARY}@db.internal:6432/state"))).unwrap();
     assert_eq!(t.display(), "db.internal:6432/state");
     assert!(!format!("{t:?}").contains(CANARY));
+}
+
+/// CloudNativePG's app Secret holds `uri: postgresql://app:PASSWORD@CLUSTER-rw.NS:5432/app`, and
+/// managed databases often give `postgres://`: both schemes pass the config check and the parser,
+/// and a percent-encoded password reaches the driver decoded.
+#[test]
+fn postgresql_and_postgres_schemes_are_both_accepted() {
+    for scheme in ["postgres", "postgresql"] {
+        let u = format!("{scheme}://app:{CANARY}@cluster-rw.apono.svc:5432/app");
+        let t = PgTarget::parse(&url(&u)).unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        assert_eq!(t.display(), "cluster-rw.apono.svc:5432/app");
+        let options = Options {
+            database_url: Some(url(&u)),
+            ..Options::default()
+        };
+        assert!(matches!(
+            options.backend().unwrap(),
+            crate::control_plane::store::Backend::Postgres(_)
+        ));
+        let env = |k: &str| match k {
+            "APONO_DATABASE_URL" => Some(u.clone()),
+            "APONO_OPERATOR_TOKEN" => Some("op-token".into()),
+            _ => None,
+        };
+        crate::config::Config::load_from(None, env).unwrap_or_else(|e| panic!("{scheme}: {e}"));
+    }
+    let t = PgTarget::parse(&url("postgresql://app:p%40ss%2Fw%3Ard@db:5432/app?sslmode=disable")).unwrap();
+    assert_eq!(t.config.get_password(), Some(&b"p@ss/w:rd"[..]));
+    assert_eq!(t.config.get_user(), Some("app"));
 }
 
 #[test]
@@ -299,4 +329,130 @@ async fn a_sqlite_state_is_copied_with_its_live_accesses_and_a_second_copy_is_re
         .expect_err("the database holds state now")
         .to_string();
     assert!(e.contains("already holds control-plane state"), "{e}");
+}
+
+/// A database URL of a fresh database on the shared server, for the tests below.
+fn fresh_target(prefix: &str) -> PgTarget {
+    let server = shared().expect("checked by postgres_available");
+    PgTarget::parse(&server.database(&format!("{prefix}_{}", uuid::Uuid::new_v4().simple()))).unwrap()
+}
+
+/// Writes sent without waiting (pipelined) still fail their transaction: the failure is what the
+/// next statement reports, and the commit that follows writes nothing.
+#[test]
+fn a_pipelined_write_that_fails_fails_its_transaction_and_writes_nothing() {
+    if !postgres_available() {
+        return;
+    }
+    let target = fresh_target("t_pipe");
+    let store = Store::open_backend(&crate::control_plane::store::Backend::Postgres(Box::new(
+        target.clone(),
+    )))
+    .unwrap();
+    let guard = store.lock().unwrap();
+    let insert = "INSERT INTO meta (key, value) VALUES (?1, ?2)";
+
+    // Reported by the next read, as the write's own error (not "transaction aborted").
+    let tx = guard.transaction().unwrap();
+    tx.exec_quiet(insert, &p!["k", "one"]).unwrap();
+    tx.exec_quiet(insert, &p!["k", "two"]).expect("sent; not answered yet");
+    let e = tx
+        .query("SELECT value FROM meta", &[])
+        .expect_err("the duplicate key")
+        .to_string();
+    assert!(e.contains("23505"), "the write's own error: {e}");
+    drop(tx);
+
+    // Reported by the commit when nothing reads after it; nothing of the transaction stays.
+    let tx = guard.transaction().unwrap();
+    tx.exec_quiet(insert, &p!["a", "1"]).unwrap();
+    tx.exec_quiet(insert, &p!["a", "2"]).unwrap();
+    let e = tx
+        .commit()
+        .expect_err("the commit reports the failed write")
+        .to_string();
+    assert!(e.contains("23505"), "{e}");
+    assert!(
+        guard
+            .query("SELECT key FROM meta WHERE key IN ('a', 'k')", &[])
+            .unwrap()
+            .is_empty()
+    );
+
+    // And writes that succeed are all there after the commit.
+    let tx = guard.transaction().unwrap();
+    for i in 0..50 {
+        tx.exec_quiet(insert, &p![format!("ok{i}"), "v"]).unwrap();
+    }
+    tx.commit().unwrap();
+    let n = guard
+        .query("SELECT COUNT(*) FROM meta WHERE key LIKE 'ok%'", &[])
+        .unwrap();
+    assert_eq!(n[0].get::<i64>(0).unwrap(), 50);
+
+    // Outside a transaction a write is done when it returns: another connection sees it.
+    guard.exec_quiet(insert, &p!["after", "v"]).unwrap();
+    let other = PgStore::open(target).unwrap();
+    let seen = other.lock().unwrap();
+    let rows = seen
+        .as_ref()
+        .unwrap()
+        .query("SELECT value FROM meta WHERE key = 'after'", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+}
+
+/// A statement that waits long (here for the write lock another connection holds) does not stall
+/// the runtime's other tasks: with one worker, a timer still fires on time meanwhile.
+#[test]
+fn a_long_database_wait_does_not_stall_the_runtimes_other_tasks() {
+    if !postgres_available() {
+        return;
+    }
+    let target = fresh_target("t_wait");
+    let holder = Arc::new(PgStore::open(target.clone()).unwrap());
+    let waiter = Arc::new(PgStore::open(target).unwrap());
+    {
+        let g = holder.lock().unwrap();
+        let h = g.as_ref().unwrap();
+        h.begin_write().unwrap();
+        h.query("SELECT 1", &[]).unwrap(); // the write lock is held from here
+    }
+    let release = {
+        let holder = Arc::clone(&holder);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            let g = holder.lock().unwrap();
+            g.as_ref().unwrap().batch("ROLLBACK").unwrap();
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // Timed from before the statement starts waiting: a stalled worker also stalls the timers
+        // of the wait below, so the time would be lost before a later start.
+        let t = Instant::now();
+        let blocked = tokio::spawn(async move {
+            let g = waiter.lock().unwrap();
+            let c = g.as_ref().unwrap();
+            c.begin_write().unwrap();
+            c.query("SELECT 1", &[]).unwrap();
+            c.batch("COMMIT").unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::spawn(tokio::time::sleep(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "200 + 100 ms of timers took {took:?} while a statement waited (3 s) on the only worker"
+        );
+        blocked.await.unwrap();
+    });
+    release.join().unwrap();
+    rt.shutdown_background();
 }
