@@ -1285,7 +1285,7 @@ async fn a_v2_state_file_is_migrated_and_its_live_accesses_are_pinned() {
     let version: i64 = conn
         .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, store::SCHEMA_VERSION);
 }
 
 backends! {

@@ -230,10 +230,16 @@ impl Db for rusqlite::Connection {
     }
 
     fn batch(&self, sql: &str) -> Result<(), DbError> {
-        Ok(self.execute_batch(sql)?)
+        if sql.contains(';') {
+            return Ok(self.execute_batch(sql)?);
+        }
+        // One statement: `COMMIT` and `ROLLBACK`, run at the end of every write, are cached
+        // like the others rather than parsed again each time.
+        self.prepare_cached(sql)?.raw_execute()?;
+        Ok(())
     }
 
     fn begin_write(&self) -> Result<(), DbError> {
-        Ok(self.execute_batch("BEGIN IMMEDIATE")?)
+        self.batch("BEGIN IMMEDIATE")
     }
 }
