@@ -1062,24 +1062,26 @@ struct RawJob {
     updated_at: i64,
 }
 
-fn raw_job(r: &DbRow) -> Result<RawJob, String> {
+/// Moves the columns out of `r` (no copy of their text).
+fn raw_job(r: &mut DbRow) -> Result<RawJob, String> {
     Ok(RawJob {
-        id: r.get(0)?,
-        kind: r.get(1)?,
-        integration_name: r.get(2)?,
-        integration: r.get(3)?,
-        params: r.get(4)?,
-        state: r.get(5)?,
-        attempt: r.get(6)?,
-        lease_token: r.get(7)?,
-        lease_expires_at: r.get(8)?,
-        not_before: r.get(9)?,
-        completed_token: r.get(10)?,
-        result: r.get(11)?,
-        error: r.get(12)?,
-        access_id: r.get(13)?,
-        created_at: r.get(14)?,
-        updated_at: r.get(15)?,
+        kind: r.take(1)?,
+        integration_name: r.take(2)?,
+        integration: r.take(3)?,
+        params: r.take(4)?,
+        state: r.take(5)?,
+        attempt: r.take(6)?,
+        lease_token: r.take(7)?,
+        lease_expires_at: r.take(8)?,
+        not_before: r.take(9)?,
+        completed_token: r.take(10)?,
+        result: r.take(11)?,
+        error: r.take(12)?,
+        access_id: r.take(13)?,
+        created_at: r.take(14)?,
+        updated_at: r.take(15)?,
+        // Last: a column that does not decode leaves the id for the error's key.
+        id: r.take(0)?,
     })
 }
 
@@ -1169,7 +1171,7 @@ pub fn update_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
 pub fn job(c: &dyn Db, id: &str) -> Result<Option<JobRow>, StoreError> {
     let raw = query_opt(c, &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), &p![id])
         .map_err(sql("reading a job"))?
-        .map(|r| raw_job(&r))
+        .map(|mut r| raw_job(&mut r))
         .transpose()
         .map_err(|message| corrupt("jobs", id, message))?;
     raw.map(RawJob::decode).transpose()
@@ -1181,10 +1183,10 @@ fn jobs_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<Jo
     let rows = c
         .query(&format!("SELECT {JOB_COLUMNS} FROM jobs {where_sql}"), args)
         .map_err(sql("querying jobs"))?
-        .iter()
-        .map(|r| match raw_job(r) {
+        .into_iter()
+        .map(|mut r| match raw_job(&mut r) {
             Ok(raw) => raw.decode(),
-            Err(message) => Err(corrupt("jobs", &key_of(r), message)),
+            Err(message) => Err(corrupt("jobs", &key_of(&r), message)),
         })
         .collect();
     Ok(rows)
@@ -1399,32 +1401,34 @@ struct RawAccess {
     note: Option<String>,
 }
 
-fn raw_access(r: &DbRow) -> Result<RawAccess, String> {
+/// Moves the columns out of `r` (no copy of their text).
+fn raw_access(r: &mut DbRow) -> Result<RawAccess, String> {
     Ok(RawAccess {
-        id: r.get(0)?,
-        integration: r.get(1)?,
-        subject: r.get(2)?,
-        role: r.get(3)?,
-        resource: r.get(4)?,
-        ttl_seconds: r.get(5)?,
-        create_user: r.get(6)?,
-        state: r.get(7)?,
-        created_at: r.get(8)?,
-        granted_at: r.get(9)?,
-        expires_at: r.get(10)?,
-        revoked_at: r.get(11)?,
-        grant_job_id: r.get(12)?,
-        revoke_job_id: r.get(13)?,
-        user_id: r.get(14)?,
-        binding_ids: r.get(15)?,
-        access_details: r.get(16)?,
-        last_error: r.get(17)?,
-        revoke_requested: r.get(18)?,
-        integration_spec: r.get(19)?,
-        pre_existing: r.get(20)?,
-        bound_subject: r.get(21)?,
-        owner: r.get(22)?,
-        note: r.get(23)?,
+        integration: r.take(1)?,
+        subject: r.take(2)?,
+        role: r.take(3)?,
+        resource: r.take(4)?,
+        ttl_seconds: r.take(5)?,
+        create_user: r.take(6)?,
+        state: r.take(7)?,
+        created_at: r.take(8)?,
+        granted_at: r.take(9)?,
+        expires_at: r.take(10)?,
+        revoked_at: r.take(11)?,
+        grant_job_id: r.take(12)?,
+        revoke_job_id: r.take(13)?,
+        user_id: r.take(14)?,
+        binding_ids: r.take(15)?,
+        access_details: r.take(16)?,
+        last_error: r.take(17)?,
+        revoke_requested: r.take(18)?,
+        integration_spec: r.take(19)?,
+        pre_existing: r.take(20)?,
+        bound_subject: r.take(21)?,
+        owner: r.take(22)?,
+        note: r.take(23)?,
+        // Last: a column that does not decode leaves the id for the error's key.
+        id: r.take(0)?,
     })
 }
 
@@ -1572,30 +1576,46 @@ pub fn access(c: &dyn Db, id: &str) -> Result<Option<AccessRow>, StoreError> {
         &p![id],
     )
     .map_err(sql("reading an access request"))?
-    .map(|r| raw_access(&r))
+    .map(|mut r| raw_access(&mut r))
     .transpose()
     .map_err(|message| corrupt("access_requests", id, message))?;
     raw.map(RawAccess::decode).transpose()
 }
 
 fn access_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    access_rows(c, ACCESS_COLUMNS, where_sql, args)
+}
+
+/// `columns`: [`ACCESS_COLUMNS`], or the same list with a column read as `NULL`.
+fn access_rows(
+    c: &dyn Db,
+    columns: &str,
+    where_sql: &str,
+    args: &[Val],
+) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     let rows = c
         .query(
-            &format!("SELECT {ACCESS_COLUMNS} FROM access_requests {where_sql} ORDER BY seq"),
+            &format!("SELECT {columns} FROM access_requests {where_sql} ORDER BY seq"),
             args,
         )
         .map_err(sql("querying access requests"))?
-        .iter()
-        .map(|r| match raw_access(r) {
+        .into_iter()
+        .map(|mut r| match raw_access(&mut r) {
             Ok(raw) => raw.decode(),
-            Err(message) => Err(corrupt("access_requests", &key_of(r), message)),
+            Err(message) => Err(corrupt("access_requests", &key_of(&r), message)),
         })
         .collect();
     Ok(rows)
 }
 
+/// Every access request, oldest first, for the operator's list: without the pinned integration
+/// spec (`integration_spec` is `None`). The list does not show it, it is the largest column to
+/// decode (a CA certificate, a secret store), read for every access at every listing, and it may
+/// hold an inline integration's credentials.
 pub fn list_access(c: &dyn Db) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    access_where(c, "", &[])
+    static COLUMNS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| ACCESS_COLUMNS.replace("integration_spec", "NULL"));
+    access_rows(c, &COLUMNS, "", &[])
 }
 
 /// What a prune removed.
