@@ -476,7 +476,7 @@ fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
 }
 
 fn main() -> ExitCode {
-    one_malloc_arena();
+    tune_malloc();
     let cli = match cli_command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -505,20 +505,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// glibc's malloc gives each thread that allocates at once an arena of its own (up to 8 per
-/// core), and keeps what each one freed: about 5 MB of the daemon's peak RSS in the mass-expiry
-/// benchmark (README "Benchmarks"). One arena is what `MALLOC_ARENA_MAX=1` gives; set here, before
-/// any thread starts, so the default binary has it without the environment. A
-/// `MALLOC_ARENA_MAX` the operator set wins (glibc reads it at the first allocation). Measured:
-/// less RSS and slightly less CPU per job; the threads that allocate are few (the runtime's, one
-/// per core).
-fn one_malloc_arena() {
+/// glibc's malloc settings for a small, long-running daemon, set before any thread starts so the
+/// binary has them as the README runs it (no environment needed); a setting the operator gives
+/// in the environment (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) wins. Measured in the
+/// mass-expiry benchmark (README "Benchmarks"), each about 5 MB of peak RSS, at no cost in CPU
+/// per job:
+/// - one arena: by default each thread that allocates while another does gets an arena of its
+///   own (up to 8 per core), each keeping what it freed; the threads here are few (the runtime's,
+///   one per core) and short-locked;
+/// - a fixed mmap threshold (128 KiB, glibc's starting value): otherwise it rises with every
+///   large block freed (up to 32 MiB), and large buffers (an answer listing every access, a
+///   Rancher listing) then come from the heap, where they leave it fragmented.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a limit in glibc's allocator state; no thread has started,
-        // and no pointer is passed.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+    for (env, param, value) in [
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 1),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 128 * 1024),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mallopt only sets a number in glibc's allocator state; no thread has
+            // started yet, and no pointer is passed.
+            unsafe {
+                libc::mallopt(param, value);
+            }
         }
     }
 }

@@ -133,6 +133,16 @@ fn assert_found_by_subject(c: &dyn Db) {
     assert_eq!(ids(live_access_naming(c, None, &carol_by_id).unwrap()), ["ar-carol"]);
 }
 
+/// A state written with [`insert_v3`], once opened by this build.
+fn assert_migrated(c: &dyn Db) {
+    let version = first_value(
+        "schema_version",
+        c.query("SELECT MAX(version) FROM schema_version", &[]).unwrap(),
+    );
+    assert_eq!(version.unwrap(), Some(SCHEMA_VERSION));
+    assert_found_by_subject(c);
+}
+
 /// Writes `accesses()` as a v3 build did: the v3 columns only.
 fn insert_v3(c: &dyn Db) {
     for a in accesses() {
@@ -200,13 +210,7 @@ fn a_v3_sqlite_state_migrates_and_its_live_accesses_are_found_by_subject() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let store = Store::open(dir.path()).expect("a v3 file opens");
-    let c = store.lock().unwrap();
-    let version = first_value(
-        "schema_version",
-        c.query("SELECT MAX(version) FROM schema_version", &[]).unwrap(),
-    );
-    assert_eq!(version.unwrap(), Some(SCHEMA_VERSION));
-    assert_found_by_subject(&*c);
+    assert_migrated(&*store.lock().unwrap());
 }
 
 #[cfg(feature = "store-postgres")]
@@ -230,11 +234,5 @@ fn a_v3_postgres_state_migrates_and_its_live_accesses_are_found_by_subject() {
         insert_v3(c);
     }
     let store = Store::open_backend(&Backend::Postgres(Box::new(target))).expect("a v3 database opens");
-    let c = store.lock().unwrap();
-    let version = first_value(
-        "schema_version",
-        c.query("SELECT MAX(version) FROM schema_version", &[]).unwrap(),
-    );
-    assert_eq!(version.unwrap(), Some(SCHEMA_VERSION));
-    assert_found_by_subject(&*c);
+    assert_migrated(&*store.lock().unwrap());
 }
