@@ -18,6 +18,8 @@
 pub mod db;
 #[cfg(feature = "store-postgres")]
 pub mod postgres;
+#[cfg(all(test, unix))]
+mod subject_tests;
 #[cfg(test)]
 pub mod testing;
 
@@ -35,7 +37,7 @@ use super::ControlPlaneError;
 use super::data_dir::{DataDirError, check_writable, create_dir, create_private_file, lock_data_dir};
 use super::operator::{AccessState, JobState};
 use super::protocol::JobError;
-use crate::integrations::{BoundSubject, Owner, Resource, Subject};
+use crate::integrations::{BindingScope, BoundSubject, Owner, Resource, Subject, ids};
 
 /// Version of the schema below. Bump it and add a migration step in [`migrate`] when it changes.
 pub const SCHEMA_VERSION: i64 = 5;
@@ -95,12 +97,14 @@ CREATE TABLE IF NOT EXISTS access_requests (
     pre_existing      INTEGER NOT NULL DEFAULT 0,
     bound_subject     TEXT,
     owner             TEXT,
-    note              TEXT
+    note              TEXT,
+    subject_name      TEXT,
+    subject_key       TEXT
 );
 CREATE INDEX IF NOT EXISTS access_due ON access_requests (state, expires_at);
-CREATE INDEX IF NOT EXISTS access_key ON access_requests (integration, role, resource, state);
-CREATE INDEX IF NOT EXISTS access_binding ON access_requests (role, resource, state);
-CREATE INDEX IF NOT EXISTS jobs_access ON jobs (access_id, kind, state);
+CREATE INDEX IF NOT EXISTS access_subject_name ON access_requests (subject_name);
+CREATE INDEX IF NOT EXISTS access_subject_key ON access_requests (subject_key);
+CREATE INDEX IF NOT EXISTS jobs_access ON jobs (access_id, kind);
 CREATE TABLE IF NOT EXISTS meta (
     key    TEXT PRIMARY KEY,
     value  TEXT NOT NULL
@@ -438,6 +442,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("access_requests", "owner", "TEXT"),
     // v3: what the requester should know about the grant (no new password, and why).
     ("access_requests", "note", "TEXT"),
+    // v4: the subject string and the subject key, kept as plain text so the accesses naming one
+    // subject are an index lookup (see `subject_keys_v4`).
+    ("access_requests", "subject_name", "TEXT"),
+    ("access_requests", "subject_key", "TEXT"),
 ];
 
 fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
@@ -498,6 +506,9 @@ fn migrate_in_transaction(conn: &Connection, from: i64) -> Result<(), StoreError
     if from < 3 {
         pin_live_accesses(conn)?;
     }
+    if from < 4 {
+        subject_keys_v4(conn)?;
+    }
     if from < 5 {
         migrate_v5(conn)?;
     }
@@ -534,6 +545,57 @@ fn pin_live_accesses(conn: &Connection) -> Result<(), StoreError> {
             accesses,
             jobs,
             "state database migrated: accesses from before the upgrade keep the Rancher they were granted on"
+        );
+    }
+    Ok(())
+}
+
+/// v4 indexes, the same on both backends. Accesses are found by subject (`live_access_naming`)
+/// on two indexes of their own; the (role, resource) indexes no query uses any more are dropped,
+/// and `state` leaves the indexes it does not narrow (an access's subject, a job's access): every
+/// index an update touches is one more page written to the journal at each commit, and an
+/// access or job changes state several times in its life.
+const V4_INDEXES: &str = "
+DROP INDEX IF EXISTS access_key;
+DROP INDEX IF EXISTS access_binding;
+DROP INDEX IF EXISTS jobs_access;
+CREATE INDEX IF NOT EXISTS jobs_access ON jobs (access_id, kind);
+CREATE INDEX IF NOT EXISTS access_subject_name ON access_requests (subject_name);
+CREATE INDEX IF NOT EXISTS access_subject_key ON access_requests (subject_key);
+";
+
+/// v4 step, after its columns were added: [`V4_INDEXES`], then the data step: the subject string and key (see [`AccessRow::subject_key`]) of the accesses
+/// written before they were columns, so they are found by [`live_access_naming`] as new ones
+/// are. Only accesses that have not ended, and legacy `failed` ones (an operator may still revoke
+/// them): a `revoked` one is never live again, so never looked up by subject. A row that does
+/// not decode is left without them (it is reported where it is read, as before).
+fn subject_keys_v4(c: &dyn Db) -> Result<(), StoreError> {
+    c.batch(V4_INDEXES).map_err(sql("indexing accesses by subject"))?;
+    let rows = access_where(
+        c,
+        "WHERE subject_name IS NULL AND state IN ('pending', 'active', 'revoking', 'failed')",
+        &[],
+    )?;
+    let mut filled = 0usize;
+    for row in rows {
+        match row {
+            Ok(a) => {
+                c.exec(
+                    "UPDATE access_requests SET subject_name = ?2, subject_key = ?3 WHERE id = ?1",
+                    &p![a.id, a.subject.as_str(), a.subject_key()],
+                )
+                .map_err(sql("writing the subject keys of an older state database"))?;
+                filled += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "state database migration: an access that does not decode keeps no subject key")
+            }
+        }
+    }
+    if filled > 0 {
+        tracing::info!(
+            accesses = filled,
+            "state database migrated: live accesses indexed by subject"
         );
     }
     Ok(())
@@ -623,6 +685,13 @@ CREATE TABLE resources (
 CREATE INDEX resources_job ON resources (job_id, seq);
 ",
     ),
+    (
+        4,
+        "
+ALTER TABLE access_requests ADD COLUMN subject_name TEXT;
+ALTER TABLE access_requests ADD COLUMN subject_key TEXT;
+",
+    ),
     (5, ONE_TIME_CREDENTIALS_V5),
 ];
 
@@ -666,6 +735,9 @@ fn migrate_pg_in_transaction(c: &dyn Db) -> Result<(), StoreError> {
         c.exec("INSERT INTO schema_version (version) VALUES (?1)", &p![*version])
             .map_err(sql("writing the schema version"))?;
         tracing::info!(version, "state database migrated");
+    }
+    if from < 4 {
+        subject_keys_v4(c)?;
     }
     Ok(())
 }
@@ -776,7 +848,11 @@ pub fn copy_sqlite_to_postgres(from: &Path, to: &postgres::PgTarget) -> Result<C
     let copied = Copied {
         integrations: copy("integrations", "name, spec, updated_at, source", "name")?,
         jobs: copy("jobs", JOB_COLUMNS, "seq")?,
-        access_requests: copy("access_requests", ACCESS_COLUMNS, "seq")?,
+        access_requests: copy(
+            "access_requests",
+            &format!("{ACCESS_COLUMNS}, {SUBJECT_COLUMNS}"),
+            "seq",
+        )?,
         managed_users: copy(
             "managed_users",
             "integration, user_id, next_rotation_at, cleanup_at",
@@ -991,24 +1067,26 @@ struct RawJob {
     updated_at: i64,
 }
 
-fn raw_job(r: &DbRow) -> Result<RawJob, String> {
+/// Moves the columns out of `r` (no copy of their text).
+fn raw_job(r: &mut DbRow) -> Result<RawJob, String> {
     Ok(RawJob {
-        id: r.get(0)?,
-        kind: r.get(1)?,
-        integration_name: r.get(2)?,
-        integration: r.get(3)?,
-        params: r.get(4)?,
-        state: r.get(5)?,
-        attempt: r.get(6)?,
-        lease_token: r.get(7)?,
-        lease_expires_at: r.get(8)?,
-        not_before: r.get(9)?,
-        completed_token: r.get(10)?,
-        result: r.get(11)?,
-        error: r.get(12)?,
-        access_id: r.get(13)?,
-        created_at: r.get(14)?,
-        updated_at: r.get(15)?,
+        kind: r.take(1)?,
+        integration_name: r.take(2)?,
+        integration: r.take(3)?,
+        params: r.take(4)?,
+        state: r.take(5)?,
+        attempt: r.take(6)?,
+        lease_token: r.take(7)?,
+        lease_expires_at: r.take(8)?,
+        not_before: r.take(9)?,
+        completed_token: r.take(10)?,
+        result: r.take(11)?,
+        error: r.take(12)?,
+        access_id: r.take(13)?,
+        created_at: r.take(14)?,
+        updated_at: r.take(15)?,
+        // Last: a column that does not decode leaves the id for the error's key.
+        id: r.take(0)?,
     })
 }
 
@@ -1098,7 +1176,7 @@ pub fn update_job(c: &dyn Db, j: &JobRow) -> Result<(), StoreError> {
 pub fn job(c: &dyn Db, id: &str) -> Result<Option<JobRow>, StoreError> {
     let raw = query_opt(c, &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), &p![id])
         .map_err(sql("reading a job"))?
-        .map(|r| raw_job(&r))
+        .map(|mut r| raw_job(&mut r))
         .transpose()
         .map_err(|message| corrupt("jobs", id, message))?;
     raw.map(RawJob::decode).transpose()
@@ -1110,10 +1188,10 @@ fn jobs_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<Jo
     let rows = c
         .query(&format!("SELECT {JOB_COLUMNS} FROM jobs {where_sql}"), args)
         .map_err(sql("querying jobs"))?
-        .iter()
-        .map(|r| match raw_job(r) {
+        .into_iter()
+        .map(|mut r| match raw_job(&mut r) {
             Ok(raw) => raw.decode(),
-            Err(message) => Err(corrupt("jobs", &key_of(r), message)),
+            Err(message) => Err(corrupt("jobs", &key_of(&r), message)),
         })
         .collect();
     Ok(rows)
@@ -1250,9 +1328,56 @@ pub struct AccessRow {
     pub note: Option<String>,
 }
 
+impl AccessRow {
+    /// The Rancher object the access's binding is bound by, as `field=value`: the one its grant
+    /// recorded, or one derived from the subject where the subject alone says it (`local://u-x`
+    /// is `userId=u-x`, a group is its principal, an external user's principal binds by
+    /// `userPrincipalId` at cluster and project scope, a username whose Rancher user id was
+    /// recorded binds by that id). `None` until known. Kept in the `subject_key` column, so the
+    /// accesses sharing a key are an index lookup.
+    pub fn subject_key(&self) -> Option<String> {
+        if let Some(bound) = &self.bound_subject {
+            return Some(bound.key());
+        }
+        let key = |field: &str, value: &str| {
+            BoundSubject {
+                field: field.to_string(),
+                value: value.to_string(),
+            }
+            .key()
+        };
+        match &self.subject {
+            Subject::GroupPrincipal(g) => Some(key("groupPrincipalId", g)),
+            Subject::UserPrincipal(p) => match p.strip_prefix("local://") {
+                Some(id) => Some(key("userId", id)),
+                None if self.resource.scope() != BindingScope::Global => Some(key("userPrincipalId", p)),
+                None => None,
+            },
+            Subject::Username(_) => self.rancher_user_id().map(|u| key("userId", &u)),
+        }
+    }
+
+    /// The recorded user id, if it is a Rancher user id (`u-abc12`): what a revoke may name a
+    /// user by. A group's or an external user's principal id is not one (lifecycle review D1).
+    pub fn rancher_user_id(&self) -> Option<String> {
+        self.user_id.clone().filter(|u| is_user_id(u))
+    }
+}
+
+/// A Rancher user id (`u-abc12`, `user-x9z`): what a revoke may name a user by. A group's or an
+/// external user's principal id is not one (lifecycle review D1: a revoke carrying one was refused
+/// as malformed, forever).
+pub fn is_user_id(value: &str) -> bool {
+    ids::check_plain("user_id", value).is_ok()
+}
+
 const ACCESS_COLUMNS: &str = "id, integration, subject, role, resource, ttl_seconds, create_user, state, created_at, \
      granted_at, expires_at, revoked_at, grant_job_id, revoke_job_id, user_id, binding_ids, access_details, \
      last_error, revoke_requested, integration_spec, pre_existing, bound_subject, owner, note";
+
+/// Derived from the row (schema v4), written with it, never read back: what
+/// [`live_access_naming`] looks up.
+const SUBJECT_COLUMNS: &str = "subject_name, subject_key";
 
 struct RawAccess {
     id: String,
@@ -1281,32 +1406,34 @@ struct RawAccess {
     note: Option<String>,
 }
 
-fn raw_access(r: &DbRow) -> Result<RawAccess, String> {
+/// Moves the columns out of `r` (no copy of their text).
+fn raw_access(r: &mut DbRow) -> Result<RawAccess, String> {
     Ok(RawAccess {
-        id: r.get(0)?,
-        integration: r.get(1)?,
-        subject: r.get(2)?,
-        role: r.get(3)?,
-        resource: r.get(4)?,
-        ttl_seconds: r.get(5)?,
-        create_user: r.get(6)?,
-        state: r.get(7)?,
-        created_at: r.get(8)?,
-        granted_at: r.get(9)?,
-        expires_at: r.get(10)?,
-        revoked_at: r.get(11)?,
-        grant_job_id: r.get(12)?,
-        revoke_job_id: r.get(13)?,
-        user_id: r.get(14)?,
-        binding_ids: r.get(15)?,
-        access_details: r.get(16)?,
-        last_error: r.get(17)?,
-        revoke_requested: r.get(18)?,
-        integration_spec: r.get(19)?,
-        pre_existing: r.get(20)?,
-        bound_subject: r.get(21)?,
-        owner: r.get(22)?,
-        note: r.get(23)?,
+        integration: r.take(1)?,
+        subject: r.take(2)?,
+        role: r.take(3)?,
+        resource: r.take(4)?,
+        ttl_seconds: r.take(5)?,
+        create_user: r.take(6)?,
+        state: r.take(7)?,
+        created_at: r.take(8)?,
+        granted_at: r.take(9)?,
+        expires_at: r.take(10)?,
+        revoked_at: r.take(11)?,
+        grant_job_id: r.take(12)?,
+        revoke_job_id: r.take(13)?,
+        user_id: r.take(14)?,
+        binding_ids: r.take(15)?,
+        access_details: r.take(16)?,
+        last_error: r.take(17)?,
+        revoke_requested: r.take(18)?,
+        integration_spec: r.take(19)?,
+        pre_existing: r.take(20)?,
+        bound_subject: r.take(21)?,
+        owner: r.take(22)?,
+        note: r.take(23)?,
+        // Last: a column that does not decode leaves the id for the error's key.
+        id: r.take(0)?,
     })
 }
 
@@ -1360,41 +1487,49 @@ impl RawAccess {
 }
 
 pub fn insert_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
+    let mut params = access_values(a)?;
+    params.extend(p![a.subject.as_str(), a.subject_key()]);
     c.exec_quiet(
         &format!(
-            "INSERT INTO access_requests ({ACCESS_COLUMNS}) VALUES
+            "INSERT INTO access_requests ({ACCESS_COLUMNS}, {SUBJECT_COLUMNS}) VALUES
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
-              ?22, ?23, ?24)"
+              ?22, ?23, ?24, ?25, ?26)"
         ),
-        &p![
-            a.id,
-            a.integration,
-            json_text(&a.subject)?,
-            a.role,
-            a.resource.as_str(),
-            i64::try_from(a.ttl_seconds).unwrap_or(i64::MAX),
-            a.create_user,
-            a.state.as_str(),
-            to_ms(a.created_at),
-            a.granted_at.map(to_ms),
-            a.expires_at.map(to_ms),
-            a.revoked_at.map(to_ms),
-            a.grant_job_id,
-            a.revoke_job_id,
-            a.user_id,
-            json_text(&a.binding_ids)?,
-            a.access_details,
-            a.last_error.as_ref().map(json_text).transpose()?,
-            a.revoke_requested,
-            a.integration_spec.as_ref().map(json_text).transpose()?,
-            a.pre_existing,
-            a.bound_subject.as_ref().map(json_text).transpose()?,
-            a.owner.as_ref().map(Owner::as_str),
-            a.note,
-        ],
+        &params,
     )
     .map_err(sql("inserting an access request"))?;
     Ok(())
+}
+
+/// The values of [`ACCESS_COLUMNS`] for `a`, in order.
+fn access_values(a: &AccessRow) -> Result<Vec<Val>, StoreError> {
+    Ok(p![
+        a.id,
+        a.integration,
+        json_text(&a.subject)?,
+        a.role,
+        a.resource.as_str(),
+        i64::try_from(a.ttl_seconds).unwrap_or(i64::MAX),
+        a.create_user,
+        a.state.as_str(),
+        to_ms(a.created_at),
+        a.granted_at.map(to_ms),
+        a.expires_at.map(to_ms),
+        a.revoked_at.map(to_ms),
+        a.grant_job_id,
+        a.revoke_job_id,
+        a.user_id,
+        json_text(&a.binding_ids)?,
+        a.access_details,
+        a.last_error.as_ref().map(json_text).transpose()?,
+        a.revoke_requested,
+        a.integration_spec.as_ref().map(json_text).transpose()?,
+        a.pre_existing,
+        a.bound_subject.as_ref().map(json_text).transpose()?,
+        a.owner.as_ref().map(Owner::as_str),
+        a.note,
+    ]
+    .to_vec())
 }
 
 /// Writes the mutable columns of an access request.
@@ -1423,6 +1558,19 @@ pub fn update_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
         ],
     )
     .map_err(sql("updating an access request"))?;
+    // The key is learnt once (when the grant records the user); written only when it changed,
+    // since setting an indexed column, even to the value it has, rewrites its index page.
+    match a.subject_key() {
+        Some(key) => c.exec_quiet(
+            "UPDATE access_requests SET subject_key = ?2 WHERE id = ?1 AND (subject_key IS NULL OR subject_key <> ?2)",
+            &p![a.id, key],
+        ),
+        None => c.exec_quiet(
+            "UPDATE access_requests SET subject_key = NULL WHERE id = ?1 AND subject_key IS NOT NULL",
+            &p![a.id],
+        ),
+    }
+    .map_err(sql("updating an access request's subject key"))?;
     Ok(())
 }
 
@@ -1433,30 +1581,46 @@ pub fn access(c: &dyn Db, id: &str) -> Result<Option<AccessRow>, StoreError> {
         &p![id],
     )
     .map_err(sql("reading an access request"))?
-    .map(|r| raw_access(&r))
+    .map(|mut r| raw_access(&mut r))
     .transpose()
     .map_err(|message| corrupt("access_requests", id, message))?;
     raw.map(RawAccess::decode).transpose()
 }
 
 fn access_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    access_rows(c, ACCESS_COLUMNS, where_sql, args)
+}
+
+/// `columns`: [`ACCESS_COLUMNS`], or the same list with a column read as `NULL`.
+fn access_rows(
+    c: &dyn Db,
+    columns: &str,
+    where_sql: &str,
+    args: &[Val],
+) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
     let rows = c
         .query(
-            &format!("SELECT {ACCESS_COLUMNS} FROM access_requests {where_sql} ORDER BY seq"),
+            &format!("SELECT {columns} FROM access_requests {where_sql} ORDER BY seq"),
             args,
         )
         .map_err(sql("querying access requests"))?
-        .iter()
-        .map(|r| match raw_access(r) {
+        .into_iter()
+        .map(|mut r| match raw_access(&mut r) {
             Ok(raw) => raw.decode(),
-            Err(message) => Err(corrupt("access_requests", &key_of(r), message)),
+            Err(message) => Err(corrupt("access_requests", &key_of(&r), message)),
         })
         .collect();
     Ok(rows)
 }
 
+/// Every access request, oldest first, for the operator's list: without the pinned integration
+/// spec (`integration_spec` is `None`). The list does not show it, it is the largest column to
+/// decode (a CA certificate, a secret store), read for every access at every listing, and it may
+/// hold an inline integration's credentials.
 pub fn list_access(c: &dyn Db) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    access_where(c, "", &[])
+    static COLUMNS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| ACCESS_COLUMNS.replace("integration_spec", "NULL"));
+    access_rows(c, &COLUMNS, "", &[])
 }
 
 /// What a prune removed.
@@ -1534,44 +1698,31 @@ pub fn live_access(c: &dyn Db) -> Result<Vec<Result<AccessRow, StoreError>>, Sto
     access_where(c, "WHERE state IN ('pending', 'active', 'revoking')", &[])
 }
 
-/// Accesses that have not ended on one (role, resource), on any integration, oldest first: the
-/// candidates for sharing a binding (the caller compares their Rancher and subject).
-pub fn live_access_on(
-    c: &dyn Db,
-    role: &str,
-    resource: &Resource,
-) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    access_where(
-        c,
-        "WHERE role = ?1 AND resource = ?2 AND state IN ('pending', 'active', 'revoking')",
-        &p![role, resource.as_str()],
-    )
-}
-
-/// Accesses that have not ended (on one (role, resource), when given) that may name the subject
-/// `names` spells: its subject string and its binding key's value. A superset of the accesses
-/// that share a subject (the caller decides with the full rule), found without decoding every
-/// live access: a mass expiry on one role would otherwise read them all for each one that ends.
-/// A name JSON would escape (or an empty one) cannot be matched as text: then every live access
-/// is returned, as before.
+/// Accesses that have not ended (on one (role, resource), when given) that name `a`'s subject:
+/// the same subject string, or the same subject key ([`AccessRow::subject_key`]). An exact
+/// match on the indexed `subject_name` and `subject_key` columns, so a mass expiry on one role
+/// does not read every live access for each one that ends; the caller still decides with the
+/// full rule (same Rancher, same kind of subject).
 pub fn live_access_naming(
     c: &dyn Db,
     on: Option<(&str, &Resource)>,
-    names: [&str; 2],
+    a: &AccessRow,
 ) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
-    let live = "state IN ('pending', 'active', 'revoking')";
-    let named = "(instr(subject, ?1) > 0 OR instr(COALESCE(bound_subject, ''), ?1) > 0 OR user_id = ?1
-         OR instr(subject, ?2) > 0 OR instr(COALESCE(bound_subject, ''), ?2) > 0 OR user_id = ?2)";
-    match (on, names.iter().all(|n| matchable_as_text(n))) {
-        (Some((role, resource)), true) => access_where(
-            c,
-            &format!("WHERE role = ?3 AND resource = ?4 AND {live} AND {named}"),
-            &p![names[0], &names[1], &role, &resource.as_str()],
-        ),
-        (None, true) => access_where(c, &format!("WHERE {live} AND {named}"), &p![names[0], &names[1]]),
-        (Some((role, resource)), false) => live_access_on(c, role, resource),
-        (None, false) => live_access(c),
-    }
+    // A NULL key (not known yet) matches nothing: `NULL = NULL` is not true. The role and
+    // resource are compared here, not in SQL: given to it, SQLite's planner prefers the
+    // (role, resource) index, which is the scan of every access on the role this avoids.
+    let rows = access_where(
+        c,
+        "WHERE (subject_name = ?1 OR subject_key = ?2) AND state IN ('pending', 'active', 'revoking')",
+        &p![a.subject.as_str(), a.subject_key()],
+    )?;
+    Ok(match on {
+        None => rows,
+        Some((role, resource)) => rows
+            .into_iter()
+            .filter(|r| r.as_ref().map_or(true, |o| o.role == role && &o.resource == resource))
+            .collect(),
+    })
 }
 
 /// Whether `s` appears verbatim in the JSON text of a value holding it (JSON escapes quotes,

@@ -57,7 +57,7 @@ use crate::control_plane::ControlPlaneError;
 use crate::control_plane::operator::{AccessRequest, AccessRequestCreate, AccessState, IntegrationRef, JobState};
 use crate::control_plane::protocol::{JobError, JobKind};
 use crate::control_plane::store::{self, AccessRow, IntegrationSource, JobRow};
-use crate::integrations::{BindingScope, BoundSubject, GrantRequest, Owner, RevokeRequest, Subject, ids};
+use crate::integrations::{BoundSubject, GrantRequest, Owner, RevokeRequest};
 
 /// Longest TTL an access request may ask for (ten years).
 pub const MAX_TTL_SECONDS: u64 = 10 * 366 * 86_400;
@@ -98,58 +98,16 @@ pub(super) fn string_list(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A Rancher user id (`u-abc12`, `user-x9z`): what a revoke may name a user by. A group's or an
-/// external user's principal id is not one (lifecycle review D1: a revoke carrying one was refused
-/// as malformed, forever).
-pub(super) fn is_user_id(value: &str) -> bool {
-    ids::check_plain("user_id", value).is_ok()
-}
+pub(super) use crate::control_plane::store::is_user_id;
 
 /// `a`'s recorded user id, if it is a Rancher user id.
 pub(super) fn user_id_of(a: &AccessRow) -> Option<String> {
-    a.user_id.clone().filter(|u| is_user_id(u))
-}
-
-/// The Rancher object `a`'s binding is bound by, as `field=value`: the one its grant recorded, or
-/// one derived from the subject where the subject alone says it (`local://u-x` is `userId=u-x`, a
-/// group is its principal, an external user's principal binds by `userPrincipalId` at cluster and
-/// project scope, a username whose user id was recorded binds by that id). `None` until known.
-fn subject_key(a: &AccessRow) -> Option<String> {
-    if let Some(bound) = &a.bound_subject {
-        return Some(bound.key());
-    }
-    let key = |field: &str, value: &str| {
-        BoundSubject {
-            field: field.to_string(),
-            value: value.to_string(),
-        }
-        .key()
-    };
-    match &a.subject {
-        Subject::GroupPrincipal(g) => Some(key("groupPrincipalId", g)),
-        Subject::UserPrincipal(p) => match p.strip_prefix("local://") {
-            Some(id) => Some(key("userId", id)),
-            None if a.resource.scope() != BindingScope::Global => Some(key("userPrincipalId", p)),
-            None => None,
-        },
-        Subject::Username(_) => user_id_of(a).map(|u| key("userId", &u)),
-    }
-}
-
-/// What another access naming `a`'s subject must contain (see [`same_subject`]): the subject
-/// string, and the value of its subject key (the same string again when it has none).
-fn subject_names(a: &AccessRow) -> [String; 2] {
-    let value = match &a.bound_subject {
-        Some(bound) => Some(bound.value.clone()),
-        None => subject_key(a).and_then(|k| k.split_once('=').map(|(_, v)| v.to_string())),
-    };
-    let subject = a.subject.as_str().to_string();
-    [subject.clone(), value.unwrap_or(subject)]
+    a.rancher_user_id()
 }
 
 /// `a` and `b` name one Rancher subject: the same subject string, or the same subject key.
 fn same_subject(a: &AccessRow, b: &AccessRow) -> bool {
-    a.subject == b.subject || subject_key(a).is_some_and(|k| subject_key(b).as_ref() == Some(&k))
+    a.subject == b.subject || a.subject_key().is_some_and(|k| b.subject_key().as_ref() == Some(&k))
 }
 
 /// `a` (on `spec_a`) and `b` (on `spec_b`) are on one Rancher: the same host and port, whatever
@@ -372,8 +330,7 @@ impl EmbeddedControlPlane {
     fn overlapping(&self, c: &dyn Db, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
-        let names = subject_names(a);
-        let candidates = store::live_access_naming(c, Some((&a.role, &a.resource)), [&names[0], &names[1]])?;
+        let candidates = store::live_access_naming(c, Some((&a.role, &a.resource)), a)?;
         for o in skip_corrupt(candidates) {
             if o.id != a.id && share_binding(a, &spec, &o, &self.effective_spec(c, &o)?) {
                 out.push(o);
@@ -386,8 +343,7 @@ impl EmbeddedControlPlane {
     /// and still being revoked. A `create_user` grant for `a` then keeps that password.
     pub(super) fn credentials_holder(&self, c: &dyn Db, a: &AccessRow) -> Result<Option<AccessRow>, ControlPlaneError> {
         let spec = self.effective_spec(c, a)?;
-        let names = subject_names(a);
-        for o in skip_corrupt(store::live_access_naming(c, None, [&names[0], &names[1]])?) {
+        for o in skip_corrupt(store::live_access_naming(c, None, a)?) {
             let live = o.state == AccessState::Active || (o.state == AccessState::Revoking && o.granted_at.is_some());
             if o.id != a.id && live && same_subject(a, &o) && same_rancher(a, &spec, &o, &self.effective_spec(c, &o)?) {
                 return Ok(Some(o));

@@ -77,13 +77,28 @@ impl DbRow {
     /// Column `i` as `T`; an error message (for `StoreError::Corrupt`) when it is not one.
     pub fn get<T: FromVal>(&self, i: usize) -> Result<T, String> {
         let v = self.0.get(i).unwrap_or(&Val::Null);
-        T::from_val(v).ok_or_else(|| format!("column {i} has an unexpected type or is null"))
+        T::from_val(v).ok_or_else(|| unexpected(i))
     }
+
+    /// Column `i` as `T`, moved out of the row (it reads as NULL afterwards): its text is not
+    /// copied. For decoding whole rows, where every column is read once.
+    pub fn take<T: FromVal>(&mut self, i: usize) -> Result<T, String> {
+        let v = self.0.get_mut(i).map_or(Val::Null, |v| std::mem::replace(v, Val::Null));
+        T::from_owned(v).ok_or_else(|| unexpected(i))
+    }
+}
+
+fn unexpected(i: usize) -> String {
+    format!("column {i} has an unexpected type or is null")
 }
 
 /// A Rust type a column decodes to.
 pub trait FromVal: Sized {
     fn from_val(v: &Val) -> Option<Self>;
+    /// The same, from a value the caller gives up.
+    fn from_owned(v: Val) -> Option<Self> {
+        Self::from_val(&v)
+    }
 }
 impl FromVal for i64 {
     fn from_val(v: &Val) -> Option<Self> {
@@ -110,12 +125,24 @@ impl FromVal for String {
             _ => None,
         }
     }
+    fn from_owned(v: Val) -> Option<Self> {
+        match v {
+            Val::Text(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 impl<T: FromVal> FromVal for Option<T> {
     fn from_val(v: &Val) -> Option<Self> {
         match v {
             Val::Null => Some(None),
             v => T::from_val(v).map(Some),
+        }
+    }
+    fn from_owned(v: Val) -> Option<Self> {
+        match v {
+            Val::Null => Some(None),
+            v => T::from_owned(v).map(Some),
         }
     }
 }
@@ -235,10 +262,16 @@ impl Db for rusqlite::Connection {
     }
 
     fn batch(&self, sql: &str) -> Result<(), DbError> {
-        Ok(self.execute_batch(sql)?)
+        if sql.contains(';') {
+            return Ok(self.execute_batch(sql)?);
+        }
+        // One statement: `COMMIT` and `ROLLBACK`, run at the end of every write, are cached
+        // like the others rather than parsed again each time.
+        self.prepare_cached(sql)?.raw_execute()?;
+        Ok(())
     }
 
     fn begin_write(&self) -> Result<(), DbError> {
-        Ok(self.execute_batch("BEGIN IMMEDIATE")?)
+        self.batch("BEGIN IMMEDIATE")
     }
 }
