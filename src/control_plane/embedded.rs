@@ -705,7 +705,7 @@ impl EmbeddedControlPlane {
                     && let Some(integration) = &job.integration_name
                     && let Some(result) = &job.result
                     && let Some(user_id) = result.get("user_id").and_then(Value::as_str)
-                    && access::is_user_id(user_id)
+                    && store::is_user_id(user_id)
                     && ["managed_user", "created_user"]
                         .iter()
                         .any(|k| result.get(*k).and_then(Value::as_bool) == Some(true))

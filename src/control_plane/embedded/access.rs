@@ -98,13 +98,6 @@ pub(super) fn string_list(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub(super) use crate::control_plane::store::is_user_id;
-
-/// `a`'s recorded user id, if it is a Rancher user id.
-pub(super) fn user_id_of(a: &AccessRow) -> Option<String> {
-    a.rancher_user_id()
-}
-
 /// `a` and `b` name one Rancher subject: the same subject string, or the same subject key.
 fn same_subject(a: &AccessRow, b: &AccessRow) -> bool {
     a.subject == b.subject || a.subject_key().is_some_and(|k| b.subject_key().as_ref() == Some(&k))
@@ -400,7 +393,7 @@ impl EmbeddedControlPlane {
             role: a.role.clone(),
             resource: a.resource.clone(),
             grant_id: Some(a.id.clone()),
-            user_id: user_id_of(a),
+            user_id: a.rancher_user_id(),
             binding_ids,
             all: false,
             owner: Some(a.owner.clone().unwrap_or_else(|| self.owner.clone())),
@@ -428,7 +421,7 @@ impl EmbeddedControlPlane {
                 return Ok(());
             }
         };
-        if a.user_id.as_deref().is_some_and(|u| !is_user_id(u)) {
+        if a.user_id.as_deref().is_some_and(|u| !store::is_user_id(u)) {
             tracing::info!(access = %a.id, "the recorded user id is not a Rancher user id (a principal); the revoke goes without it");
             a.user_id = None;
             store::update_access(c, &a)?;
@@ -701,7 +694,11 @@ impl EmbeddedControlPlane {
         result: &Value,
         t: DateTime<Utc>,
     ) -> Result<(), ControlPlaneError> {
-        if let Some(user_id) = result.get("user_id").and_then(Value::as_str).filter(|u| is_user_id(u)) {
+        if let Some(user_id) = result
+            .get("user_id")
+            .and_then(Value::as_str)
+            .filter(|u| store::is_user_id(u))
+        {
             a.user_id = Some(user_id.to_string());
         }
         if let Some(bound) = bound_subject_of(result) {
@@ -801,8 +798,8 @@ impl EmbeddedControlPlane {
         let reported = result
             .and_then(|r| r.get("user_id"))
             .and_then(Value::as_str)
-            .filter(|u| is_user_id(u));
-        let Some(user_id) = user_id_of(a).or(reported.map(str::to_string)) else {
+            .filter(|u| store::is_user_id(u));
+        let Some(user_id) = a.rancher_user_id().or(reported.map(str::to_string)) else {
             return Ok(queued);
         };
         let managed = result

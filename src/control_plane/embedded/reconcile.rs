@@ -26,7 +26,7 @@ use crate::control_plane::store::Db;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::access::{merge_ids, user_id_of};
+use super::access::merge_ids;
 use super::registry::same_target;
 use super::{EmbeddedControlPlane, now, skip_corrupt};
 use crate::control_plane::ControlPlaneError;
@@ -59,7 +59,7 @@ fn held(a: &AccessRow) -> Option<HeldAccess> {
         role: a.role.clone(),
         resource: a.resource.clone(),
         state,
-        user_id: user_id_of(a),
+        user_id: a.rancher_user_id(),
         bound_subject: a.bound_subject.clone(),
         binding_ids: a.binding_ids.clone(),
         expires_at: a.expires_at,
