@@ -1735,11 +1735,12 @@ pub fn live_access(c: &dyn Db) -> Result<Vec<Result<AccessRow, StoreError>>, Sto
     access_where(c, "WHERE state IN ('pending', 'active', 'revoking')", &[])
 }
 
-/// Accesses that have not ended (on one (role, resource), when given) that name `a`'s subject:
-/// the same subject string, or the same subject key ([`AccessRow::subject_key`]). An exact
-/// match on the indexed `subject_name` and `subject_key` columns, so a mass expiry on one role
-/// does not read every live access for each one that ends; the caller still decides with the
-/// full rule (same Rancher, same kind of subject).
+/// Accesses other than `a` that have not ended (on one (role, resource), when given) and name
+/// `a`'s subject: the same subject string, or the same subject key ([`AccessRow::subject_key`]).
+/// An exact match on the indexed `subject_name` and `subject_key` columns, so a mass expiry on one
+/// role does not read every live access for each one that ends; the caller still decides with the
+/// full rule (same Rancher, same kind of subject). `a` itself is left out in the query: in the
+/// usual case (one access per subject) nothing is read back at all.
 pub fn live_access_naming(
     c: &dyn Db,
     on: Option<(&str, &Resource)>,
@@ -1750,8 +1751,8 @@ pub fn live_access_naming(
     // (role, resource) index, which is the scan of every access on the role this avoids.
     let rows = access_where(
         c,
-        "WHERE (subject_name = ?1 OR subject_key = ?2) AND state IN ('pending', 'active', 'revoking')",
-        &p![a.subject.as_str(), a.subject_key()],
+        "WHERE (subject_name = ?1 OR subject_key = ?2) AND state IN ('pending', 'active', 'revoking') AND id <> ?3",
+        &p![a.subject.as_str(), a.subject_key(), a.id],
     )?;
     Ok(match on {
         None => rows,

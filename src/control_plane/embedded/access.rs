@@ -321,11 +321,14 @@ impl EmbeddedControlPlane {
 
     /// The other accesses that have not ended and share `a`'s binding ([`share_binding`]).
     fn overlapping(&self, c: &dyn Db, a: &AccessRow) -> Result<Vec<AccessRow>, ControlPlaneError> {
+        let candidates = skip_corrupt(store::live_access_naming(c, Some((&a.role, &a.resource)), a)?);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
         let spec = self.effective_spec(c, a)?;
         let mut out = Vec::new();
-        let candidates = store::live_access_naming(c, Some((&a.role, &a.resource)), a)?;
-        for o in skip_corrupt(candidates) {
-            if o.id != a.id && share_binding(a, &spec, &o, &self.effective_spec(c, &o)?) {
+        for o in candidates {
+            if share_binding(a, &spec, &o, &self.effective_spec(c, &o)?) {
                 out.push(o);
             }
         }
@@ -335,10 +338,17 @@ impl EmbeddedControlPlane {
     /// Another access of `a`'s user on `a`'s Rancher whose password is live: `active`, or granted
     /// and still being revoked. A `create_user` grant for `a` then keeps that password.
     pub(super) fn credentials_holder(&self, c: &dyn Db, a: &AccessRow) -> Result<Option<AccessRow>, ControlPlaneError> {
-        let spec = self.effective_spec(c, a)?;
+        let mut spec = None;
         for o in skip_corrupt(store::live_access_naming(c, None, a)?) {
             let live = o.state == AccessState::Active || (o.state == AccessState::Revoking && o.granted_at.is_some());
-            if o.id != a.id && live && same_subject(a, &o) && same_rancher(a, &spec, &o, &self.effective_spec(c, &o)?) {
+            if !live || !same_subject(a, &o) {
+                continue;
+            }
+            let spec = match &spec {
+                Some(s) => s,
+                None => spec.insert(self.effective_spec(c, a)?),
+            };
+            if same_rancher(a, spec, &o, &self.effective_spec(c, &o)?) {
                 return Ok(Some(o));
             }
         }
