@@ -193,6 +193,9 @@ pub struct EmbeddedControlPlane {
 
 pub use super::store::Pruned;
 
+/// Most jobs one lease hands out on a shared (PostgreSQL) state; see `lease`.
+const SHARED_LEASE_BATCH: u32 = 20;
+
 /// How often the scheduler forgets old state.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -379,6 +382,9 @@ impl EmbeddedControlPlane {
         let tx = conn.transaction()?;
         let mut effects = Effects::default();
         let value = f(&*tx, &mut effects)?;
+        if effects.wake {
+            tx.announce_ready().map_err(store::sql("announcing ready jobs"))?;
+        }
         tx.commit()?;
         drop(conn);
         if effects.wake {
@@ -754,6 +760,9 @@ impl EmbeddedControlPlane {
                 wake |= job.state == JobState::Pending;
             }
         }
+        if wake {
+            tx.announce_ready().map_err(store::sql("announcing ready jobs"))?;
+        }
         #[cfg(feature = "store-postgres")]
         if let Some(sealer) = &self.sealer {
             self.keep_sealed(tx, sealer, new_creds.as_ref(), forget_creds.as_deref(), t)?;
@@ -1042,7 +1051,13 @@ impl ControlPlane for EmbeddedControlPlane {
     }
 
     async fn lease(&self, request: &LeaseRequest) -> Result<Vec<Value>, ControlPlaneError> {
-        let max = request.max_jobs.clamp(1, 100);
+        let mut max = request.max_jobs.clamp(1, 100);
+        if self.store.is_shared() {
+            // Replicas share what falls due together (a mass expiry is queued in chunks of
+            // 100): a smaller hand-out leaves the rest to the others' long-polls, woken by the
+            // same commit, instead of one agent taking the whole chunk.
+            max = max.min(SHARED_LEASE_BATCH);
+        }
         let wait = Duration::from_secs(u64::from(request.wait_seconds.min(MAX_WAIT_SECONDS)));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -1050,6 +1065,11 @@ impl ControlPlane for EmbeddedControlPlane {
             let notified = self.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Jobs another replica queued (PostgreSQL: its announcement).
+            let mut remote = self.store.remote_ready().map(|n| Box::pin(n.notified()));
+            if let Some(r) = remote.as_mut() {
+                r.as_mut().enable();
+            }
             if self.closing.is_cancelled() {
                 return Ok(Vec::new());
             }
@@ -1071,6 +1091,12 @@ impl ControlPlane for EmbeddedControlPlane {
             }
             tokio::select! {
                 _ = &mut notified => {}
+                _ = async {
+                    match remote.as_mut() {
+                        Some(r) => r.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = tokio::time::sleep(sleep_for) => {}
                 _ = self.closing.cancelled() => return Ok(Vec::new()),
             }
