@@ -497,11 +497,15 @@ impl EmbeddedControlPlane {
         }
     }
 
-    /// Hands out up to `max` ready jobs. Also returns when the next not-yet-ready job becomes ready.
+    /// Hands out up to `max` ready jobs; when it hands out none, also when the next not-yet-ready
+    /// job becomes ready.
     fn try_lease(&self, max: u32) -> Result<(Vec<Value>, Option<DateTime<Utc>>), ControlPlaneError> {
         self.write(|c, fx| {
             let t = now();
             let mut out = Vec::new();
+            // Integration specs by name, read once per transaction (nothing here changes them):
+            // on PostgreSQL each read is a round trip made while every replica's writers wait.
+            let mut specs = HashMap::new();
             // A few rounds: a grant held back (revoke in flight) or cancelled leaves room for others.
             for _ in 0..4 {
                 let want = max.saturating_sub(u32::try_from(out.len()).unwrap_or(u32::MAX));
@@ -513,12 +517,13 @@ impl EmbeddedControlPlane {
                     break;
                 }
                 for row in rows {
-                    if let Some(job) = self.hand_out(c, fx, row, t)? {
+                    if let Some(job) = self.hand_out(c, fx, row, t, &mut specs)? {
                         out.push(job);
                     }
                 }
             }
-            let next = store::next_ready_at(c)?;
+            // Only an empty answer waits for it.
+            let next = if out.is_empty() { store::next_ready_at(c)? } else { None };
             Ok((out, next))
         })
     }
@@ -530,6 +535,7 @@ impl EmbeddedControlPlane {
         fx: &mut Effects,
         row: Result<JobRow, StoreError>,
         t: DateTime<Utc>,
+        specs: &mut HashMap<String, Option<Value>>,
     ) -> Result<Option<Value>, ControlPlaneError> {
         let mut row = match row {
             Ok(r) => r,
@@ -580,13 +586,21 @@ impl EmbeddedControlPlane {
         // The pinned (or inline) spec first: a later registration under the name must not
         // re-target this job. While the named one still points at the same Rancher, its current
         // spec goes (a rotated key or CA in the config reaches jobs pinned before the change).
+        let mut named = |name: &String| -> Result<Option<Value>, StoreError> {
+            if let Some(spec) = specs.get(name) {
+                return Ok(spec.clone());
+            }
+            let spec = store::integration(c, name)?;
+            specs.insert(name.clone(), spec.clone());
+            Ok(spec)
+        };
         let integration = match (&row.integration, &row.integration_name) {
-            (Some(pinned), Some(name)) => match store::integration(c, name)? {
+            (Some(pinned), Some(name)) => match named(name)? {
                 Some(current) if registry::same_target(pinned, &current) => current,
                 _ => pinned.clone(),
             },
             (Some(spec), None) => spec.clone(),
-            (None, Some(name)) => store::integration(c, name)?.unwrap_or_else(|| {
+            (None, Some(name)) => named(name)?.unwrap_or_else(|| {
                 // Cannot happen (integrations are never deleted); the agent fails the job clearly.
                 serde_json::json!({"name": name})
             }),
