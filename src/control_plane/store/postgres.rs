@@ -15,6 +15,9 @@
 //! (each transaction is a handful of indexed statements). The ready-jobs query still says
 //! `FOR UPDATE SKIP LOCKED`, so a job is never handed to two replicas even by a reader outside
 //! that lock.
+//!
+//! A commit that makes jobs ready also sends `NOTIFY` on [`READY_CHANNEL`]; each replica's
+//! leader-lock connection `LISTEN`s on it, so the other replicas' long-polls wake at once.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
