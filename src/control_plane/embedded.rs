@@ -193,6 +193,9 @@ pub struct EmbeddedControlPlane {
 
 pub use super::store::Pruned;
 
+/// Most jobs one lease hands out on a shared (PostgreSQL) state; see `lease`.
+const SHARED_LEASE_BATCH: u32 = 20;
+
 /// How often the scheduler forgets old state.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -379,6 +382,9 @@ impl EmbeddedControlPlane {
         let tx = conn.transaction()?;
         let mut effects = Effects::default();
         let value = f(&*tx, &mut effects)?;
+        if effects.wake {
+            tx.announce_ready().map_err(store::sql("announcing ready jobs"))?;
+        }
         tx.commit()?;
         drop(conn);
         if effects.wake {
@@ -491,11 +497,15 @@ impl EmbeddedControlPlane {
         }
     }
 
-    /// Hands out up to `max` ready jobs. Also returns when the next not-yet-ready job becomes ready.
+    /// Hands out up to `max` ready jobs; when it hands out none, also when the next not-yet-ready
+    /// job becomes ready.
     fn try_lease(&self, max: u32) -> Result<(Vec<Value>, Option<DateTime<Utc>>), ControlPlaneError> {
         self.write(|c, fx| {
             let t = now();
             let mut out = Vec::new();
+            // Integration specs by name, read once per transaction (nothing here changes them):
+            // on PostgreSQL each read is a round trip made while every replica's writers wait.
+            let mut specs = HashMap::new();
             // A few rounds: a grant held back (revoke in flight) or cancelled leaves room for others.
             for _ in 0..4 {
                 let want = max.saturating_sub(u32::try_from(out.len()).unwrap_or(u32::MAX));
@@ -507,12 +517,13 @@ impl EmbeddedControlPlane {
                     break;
                 }
                 for row in rows {
-                    if let Some(job) = self.hand_out(c, fx, row, t)? {
+                    if let Some(job) = self.hand_out(c, fx, row, t, &mut specs)? {
                         out.push(job);
                     }
                 }
             }
-            let next = store::next_ready_at(c)?;
+            // Only an empty answer waits for it.
+            let next = if out.is_empty() { store::next_ready_at(c)? } else { None };
             Ok((out, next))
         })
     }
@@ -524,6 +535,7 @@ impl EmbeddedControlPlane {
         fx: &mut Effects,
         row: Result<JobRow, StoreError>,
         t: DateTime<Utc>,
+        specs: &mut HashMap<String, Option<Value>>,
     ) -> Result<Option<Value>, ControlPlaneError> {
         let mut row = match row {
             Ok(r) => r,
@@ -574,13 +586,21 @@ impl EmbeddedControlPlane {
         // The pinned (or inline) spec first: a later registration under the name must not
         // re-target this job. While the named one still points at the same Rancher, its current
         // spec goes (a rotated key or CA in the config reaches jobs pinned before the change).
+        let mut named = |name: &String| -> Result<Option<Value>, StoreError> {
+            if let Some(spec) = specs.get(name) {
+                return Ok(spec.clone());
+            }
+            let spec = store::integration(c, name)?;
+            specs.insert(name.clone(), spec.clone());
+            Ok(spec)
+        };
         let integration = match (&row.integration, &row.integration_name) {
-            (Some(pinned), Some(name)) => match store::integration(c, name)? {
+            (Some(pinned), Some(name)) => match named(name)? {
                 Some(current) if registry::same_target(pinned, &current) => current,
                 _ => pinned.clone(),
             },
             (Some(spec), None) => spec.clone(),
-            (None, Some(name)) => store::integration(c, name)?.unwrap_or_else(|| {
+            (None, Some(name)) => named(name)?.unwrap_or_else(|| {
                 // Cannot happen (integrations are never deleted); the agent fails the job clearly.
                 serde_json::json!({"name": name})
             }),
@@ -753,6 +773,9 @@ impl EmbeddedControlPlane {
                 store::update_job(tx, &job)?;
                 wake |= job.state == JobState::Pending;
             }
+        }
+        if wake {
+            tx.announce_ready().map_err(store::sql("announcing ready jobs"))?;
         }
         #[cfg(feature = "store-postgres")]
         if let Some(sealer) = &self.sealer {
@@ -1042,7 +1065,13 @@ impl ControlPlane for EmbeddedControlPlane {
     }
 
     async fn lease(&self, request: &LeaseRequest) -> Result<Vec<Value>, ControlPlaneError> {
-        let max = request.max_jobs.clamp(1, 100);
+        let mut max = request.max_jobs.clamp(1, 100);
+        if self.store.is_shared() {
+            // Replicas share what falls due together (a mass expiry is queued in chunks of
+            // 100): a smaller hand-out leaves the rest to the others' long-polls, woken by the
+            // same commit, instead of one agent taking the whole chunk.
+            max = max.min(SHARED_LEASE_BATCH);
+        }
         let wait = Duration::from_secs(u64::from(request.wait_seconds.min(MAX_WAIT_SECONDS)));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -1050,6 +1079,11 @@ impl ControlPlane for EmbeddedControlPlane {
             let notified = self.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Jobs another replica queued (PostgreSQL: its announcement).
+            let mut remote = self.store.remote_ready().map(|n| Box::pin(n.notified()));
+            if let Some(r) = remote.as_mut() {
+                r.as_mut().enable();
+            }
             if self.closing.is_cancelled() {
                 return Ok(Vec::new());
             }
@@ -1071,6 +1105,12 @@ impl ControlPlane for EmbeddedControlPlane {
             }
             tokio::select! {
                 _ = &mut notified => {}
+                _ = async {
+                    match remote.as_mut() {
+                        Some(r) => r.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = tokio::time::sleep(sleep_for) => {}
                 _ = self.closing.cancelled() => return Ok(Vec::new()),
             }

@@ -301,6 +301,16 @@ impl Store {
         }
     }
 
+    /// Woken when another replica committed jobs that are ready now (PostgreSQL; see
+    /// [`Db::announce_ready`]). `None` on SQLite (one process).
+    pub fn remote_ready(&self) -> Option<&tokio::sync::Notify> {
+        match self {
+            Store::Sqlite { .. } => None,
+            #[cfg(feature = "store-postgres")]
+            Store::Postgres(pg) => Some(pg.remote_ready()),
+        }
+    }
+
     /// Whether several processes may share this state (PostgreSQL).
     pub fn is_shared(&self) -> bool {
         !matches!(self, Store::Sqlite { .. })

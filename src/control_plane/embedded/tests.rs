@@ -1390,6 +1390,56 @@ async fn reclaimed_leases_of_a_dead_process_are_handed_out_at_once() {
 }
 
 backends! {
+/// On a shared database, jobs one replica queues wake another replica's long-poll at once (the
+/// commit's announcement), not at its next tick; and one lease hands out a share of what is
+/// ready, not all of it, so the replicas split a mass expiry.
+#[tokio::test]
+async fn on_a_shared_database_jobs_one_replica_queues_wake_the_others_long_poll() {
+    if crate::control_plane::store::testing::current() != crate::control_plane::store::testing::TestBackend::Postgres {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let one = open_with(options(dir.path()), json!({}));
+    let two = EmbeddedControlPlane::open(options(dir.path())).unwrap();
+    // Opens its listening connection, as its scheduler does every tick; no scheduler runs here,
+    // so nothing else could end the long-poll before its 10 s.
+    two.store.try_lead();
+    let waiting = tokio::spawn({
+        let two = Arc::clone(&two);
+        async move {
+            let t = Instant::now();
+            let jobs = two
+                .lease(&LeaseRequest {
+                    max_jobs: 100,
+                    wait_seconds: 10,
+                })
+                .await
+                .expect("lease");
+            (jobs.len(), t.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    one.create_access(access_create("alice", 3600, false)).unwrap();
+    let (n, waited) = waiting.await.unwrap();
+    assert_eq!(n, 1, "the other replica's grant");
+    assert!(waited < Duration::from_secs(3), "woken by the announcement, not the timeout: {waited:?}");
+
+    for i in 0..(SHARED_LEASE_BATCH + 5) {
+        one.create_access(access_create(&format!("user{i}"), 3600, false)).unwrap();
+    }
+    let jobs = one
+        .lease(&LeaseRequest {
+            max_jobs: 100,
+            wait_seconds: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), SHARED_LEASE_BATCH as usize, "a share, the rest for the others");
+    assert_eq!(lease_all(&two).await.len(), 5);
+}
+}
+
+backends! {
 /// On a shared database the other replicas' leases are live: start-up hands nothing back, and
 /// a dead replica's job is handed out again when its lease runs out.
 #[tokio::test]

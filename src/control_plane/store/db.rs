@@ -201,6 +201,12 @@ pub trait Db {
     fn query(&self, sql: &str, params: &[Val]) -> Result<Vec<DbRow>, DbError>;
     /// Runs statements without parameters, separated by `;`.
     fn batch(&self, sql: &str) -> Result<(), DbError>;
+    /// Inside a write transaction: tells the other processes sharing the database, at commit,
+    /// that jobs became ready (PostgreSQL `NOTIFY`; see `postgres::READY_CHANNEL`). SQLite: one
+    /// process, nothing to tell.
+    fn announce_ready(&self) -> Result<(), DbError> {
+        Ok(())
+    }
     /// Starts a write transaction that excludes every other writer (SQLite `BEGIN IMMEDIATE`;
     /// PostgreSQL `BEGIN` plus a transaction advisory lock, see `postgres`).
     fn begin_write(&self) -> Result<(), DbError>;

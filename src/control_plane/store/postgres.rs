@@ -15,6 +15,9 @@
 //! (each transaction is a handful of indexed statements). The ready-jobs query still says
 //! `FOR UPDATE SKIP LOCKED`, so a job is never handed to two replicas even by a reader outside
 //! that lock.
+//!
+//! A commit that makes jobs ready also sends `NOTIFY` on [`READY_CHANNEL`]; each replica's
+//! leader-lock connection `LISTEN`s on it, so the other replicas' long-polls wake at once.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -38,6 +41,10 @@ pub const WRITE_LOCK_KEY: i64 = 0x6170_6f6e_6f5f_7731; // "apono_w1"
 
 /// Key of the session advisory lock the replica that runs the scheduler holds.
 pub const LEADER_LOCK_KEY: i64 = 0x6170_6f6e_6f5f_6c31; // "apono_l1"
+
+/// The channel a replica announces "jobs became ready" on (`NOTIFY`, sent with the commit that
+/// queued them), so the other replicas' long-polls wake at once instead of at their next tick.
+pub const READY_CHANNEL: &str = "apono_jobs_ready";
 
 /// How long a connection attempt may take before the database counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,6 +221,9 @@ pub struct PgConn {
     pending: RefCell<Vec<Pending>>,
     /// Whether a transaction is open (set by `BEGIN`, cleared by `COMMIT` / `ROLLBACK`).
     in_transaction: Cell<bool>,
+    /// This replica's name in its ready announcements: its own listener ignores them (its
+    /// long-polls were woken in process already).
+    replica: Arc<str>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
@@ -265,20 +275,34 @@ fn wait<F: Future>(fut: F) -> F::Output {
     tokio::task::block_in_place(|| futures::executor::block_on(fut))
 }
 
+/// Where a connection's notifications go: the other replicas' ready announcements wake `woken`;
+/// this replica's own (named `replica`) are ignored.
+#[derive(Clone)]
+struct Listener {
+    woken: Arc<tokio::sync::Notify>,
+    replica: Arc<str>,
+}
+
 /// Opens a connection on `rt`, waiting for it from any thread (even one inside a runtime).
-pub fn connect(rt: &tokio::runtime::Handle, target: &PgTarget) -> Result<PgConn, DbError> {
+/// `listener`: the connection's notifications are delivered there (see [`PgStore::try_lead`]).
+fn connect(
+    rt: &tokio::runtime::Handle,
+    target: &PgTarget,
+    replica: &Arc<str>,
+    listener: Option<Listener>,
+) -> Result<PgConn, DbError> {
     let config = target.config.clone();
     let tls = target.tls.clone();
     let handle = rt.spawn(async move {
         let client = match tls {
             Some(tls) => {
                 let (client, connection) = config.connect(tls).await?;
-                tokio::spawn(drive(connection));
+                tokio::spawn(drive(connection, listener));
                 client
             }
             None => {
                 let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(drive(connection));
+                tokio::spawn(drive(connection, listener));
                 client
             }
         };
@@ -291,15 +315,34 @@ pub fn connect(rt: &tokio::runtime::Handle, target: &PgTarget) -> Result<PgConn,
         statements: RefCell::new(HashMap::new()),
         pending: RefCell::new(Vec::new()),
         in_transaction: Cell::new(false),
+        replica: Arc::clone(replica),
     })
 }
 
-async fn drive<F>(connection: F)
+/// Runs a connection until it ends, handing its notifications to `listener`.
+async fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>, listener: Option<Listener>)
 where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(e) = connection.await {
-        tracing::warn!(error = %describe(&e), "the database connection ended; it is opened again on next use");
+    use futures::StreamExt;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if let Some(l) = &listener
+                    && n.channel() == READY_CHANNEL
+                    && n.payload() != &*l.replica
+                {
+                    l.woken.notify_waiters();
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "the database connection ended; it is opened again on next use");
+                return;
+            }
+        }
     }
 }
 
@@ -417,6 +460,14 @@ impl Db for PgConn {
         r
     }
 
+    /// Pipelined like the transaction's other writes: delivered by the server with the commit.
+    fn announce_ready(&self) -> Result<(), DbError> {
+        self.exec_quiet(
+            &format!("SELECT pg_notify('{READY_CHANNEL}', ?1)"),
+            &[Val::Text(self.replica.to_string())],
+        )
+    }
+
     /// Sent without waiting: the transaction's first statement travels behind it, and reports
     /// its error (a lost connection) if it had one.
     fn begin_write(&self) -> Result<(), DbError> {
@@ -529,8 +580,13 @@ pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
     target: Mutex<PgTarget>,
     conn: Mutex<Option<PgConn>>,
-    /// The leader lock's own connection, and whether it holds the lock.
+    /// The leader lock's own connection, and whether it holds the lock. It also listens on
+    /// [`READY_CHANNEL`] for the other replicas' announcements.
     leader: Mutex<Option<(PgConn, bool)>>,
+    /// This replica's name in its announcements (random, per store).
+    replica: Arc<str>,
+    /// Woken when another replica announced ready jobs.
+    woken: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -556,7 +612,8 @@ impl PgStore {
                 context: "starting the database connection thread".into(),
                 source,
             })?;
-        let conn = match connect(rt.handle(), &target) {
+        let replica: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+        let conn = match connect(rt.handle(), &target, &replica, None) {
             Ok(conn) => conn,
             Err(e) => {
                 // A plain drop blocks, which panics inside the caller's runtime.
@@ -572,6 +629,8 @@ impl PgStore {
             target: Mutex::new(target),
             conn: Mutex::new(Some(conn)),
             leader: Mutex::new(None),
+            replica,
+            woken: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -613,7 +672,7 @@ impl PgStore {
                 });
             };
             let target = self.fresh_target();
-            let conn = connect(rt.handle(), &target).map_err(|e| StoreError::Db {
+            let conn = connect(rt.handle(), &target, &self.replica, None).map_err(|e| StoreError::Db {
                 context: format!("connecting to the database {}", target.display()),
                 source: e,
             })?;
@@ -625,7 +684,17 @@ impl PgStore {
 }
 
 impl PgStore {
-    /// Whether this replica holds the leader lock (taking it when it is free).
+    /// Woken when another replica committed jobs that are ready now (its `NOTIFY` on
+    /// [`READY_CHANNEL`]), while this replica's leader connection is up; between a lost
+    /// connection and the next [`PgStore::try_lead`] (a tick) nothing wakes it, so callers keep
+    /// their own timeouts.
+    pub fn remote_ready(&self) -> &tokio::sync::Notify {
+        &self.woken
+    }
+
+    /// Whether this replica holds the leader lock (taking it when it is free). Every replica
+    /// keeps that connection open (it tries the lock each tick), so it also carries the
+    /// `LISTEN` for the other replicas' ready announcements.
     pub fn try_lead(&self) -> bool {
         let mut leader = self.leader.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((conn, held)) = leader.as_ref() {
@@ -640,8 +709,18 @@ impl PgStore {
         }
         if leader.is_none() {
             let Some(rt) = &self.rt else { return false };
-            match connect(rt.handle(), &self.fresh_target()) {
-                Ok(conn) => *leader = Some((conn, false)),
+            let listener = Listener {
+                woken: Arc::clone(&self.woken),
+                replica: Arc::clone(&self.replica),
+            };
+            match connect(rt.handle(), &self.fresh_target(), &self.replica, Some(listener))
+                .and_then(|conn| conn.batch(&format!("LISTEN {READY_CHANNEL}")).map(|()| conn))
+            {
+                Ok(conn) => {
+                    // Jobs announced while it was down were missed: look once.
+                    self.woken.notify_waiters();
+                    *leader = Some((conn, false));
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot open the leader connection now");
                     return false;
