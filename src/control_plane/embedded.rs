@@ -842,8 +842,10 @@ impl EmbeddedControlPlane {
                 if let Ok(c) = self.store.lock() {
                     gauges::update(&*c, now());
                     // Jobs another replica queued (the leader's expiry revokes) wake this one's
-                    // long-polls within a tick; its own jobs wake them at once, as on SQLite.
-                    if store::next_ready_at(&*c).is_ok_and(|n| n.is_some_and(|n| n <= now())) {
+                    // long-polls within a tick when its notice did not come (its listening
+                    // connection lost); its own jobs wake them at once, as on SQLite. Ready jobs,
+                    // not `next_ready_at`: a new job has no backoff time, so that never saw one.
+                    if store::any_ready_job(&*c, now()).unwrap_or(false) {
                         self.ready.notify_waiters();
                     }
                 }

@@ -1233,6 +1233,30 @@ pub fn list_jobs(c: &dyn Db) -> Result<Vec<Result<JobRow, StoreError>>, StoreErr
 /// this very expression, so a lease walks the queue in order and stops at its limit.
 const QUEUE_RANK: &str = "CASE kind WHEN 'revoke' THEN 0 WHEN 'grant' THEN 1 ELSE 2 END";
 
+/// The jobs ready at `?1`: pending and past their backoff (a new job has none), or leased with an
+/// expired lease. Two conditions, each an ordered walk of `jobs_queue`.
+const READY_AT_1: [&str; 2] = [
+    "state = 'pending' AND (not_before IS NULL OR not_before <= ?1)",
+    "state = 'leased' AND lease_expires_at <= ?1",
+];
+
+/// Whether any job is ready at `now` ([`READY_AT_1`]), without reading or locking it.
+pub fn any_ready_job(c: &dyn Db, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    let [pending, leased] = READY_AT_1;
+    let rows = c
+        .query(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE {pending}) OR EXISTS (SELECT 1 FROM jobs WHERE {leased})"
+            ),
+            &p![to_ms(now)],
+        )
+        .map_err(sql("looking for ready jobs"))?;
+    // SQLite answers an integer, PostgreSQL a boolean: `bool` reads both.
+    rows.first()
+        .map_or(Ok(false), |r| r.get::<bool>(0))
+        .map_err(|message| corrupt("jobs", "(ready)", message))
+}
+
 /// Jobs that may be handed out at `now`: pending and past their backoff, or leased with an
 /// expired lease. Revokes first, then grants, then the rest ([`QUEUE_RANK`]); oldest first within
 /// each; at most `limit`.
@@ -1250,10 +1274,7 @@ pub fn ready_jobs(c: &dyn Db, now: DateTime<Utc>, limit: u32) -> Result<Vec<Resu
         db::Dialect::Sqlite => "",
     };
     let mut rows = Vec::new();
-    for state in [
-        "state = 'pending' AND (not_before IS NULL OR not_before <= ?1)",
-        "state = 'leased' AND lease_expires_at <= ?1",
-    ] {
+    for state in READY_AT_1 {
         let found = c
             .query(
                 &format!(
@@ -2130,6 +2151,35 @@ mod tests {
         );
         assert_eq!(ids(3), ["revoke-lease-expired", "revoke-2", "grant-1"]);
         assert_eq!(ids(1), ["revoke-lease-expired"]);
+        assert!(any_ready_job(&*c, t).unwrap());
+    }
+
+    /// What the follower's tick asks: a new job (no backoff time) and an expired lease are ready;
+    /// a job backing off, a live lease and a finished job are not.
+    #[test]
+    fn any_ready_job_sees_a_new_job_and_an_expired_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = store.lock().unwrap();
+        let t = Utc::now();
+        let past = t - chrono::TimeDelta::seconds(5);
+        let future = t + chrono::TimeDelta::seconds(60);
+        assert!(!any_ready_job(&*c, t).unwrap());
+        let mut backoff = queued("backing-off", "revoke", JobState::Pending, past);
+        backoff.not_before = Some(future);
+        let mut live = queued("leased-live", "grant", JobState::Leased, past);
+        live.lease_expires_at = Some(future);
+        for job in [backoff, live, queued("done", "grant", JobState::Succeeded, past)] {
+            insert_job(&*c, &job).unwrap();
+        }
+        assert!(!any_ready_job(&*c, t).unwrap());
+        insert_job(&*c, &queued("lease-expired", "revoke", JobState::Leased, past)).unwrap();
+        assert!(any_ready_job(&*c, t).unwrap());
+        c.exec("DELETE FROM jobs WHERE id = 'lease-expired'", &[]).unwrap();
+        insert_job(&*c, &queued("new", "revoke", JobState::Pending, past)).unwrap();
+        assert!(any_ready_job(&*c, t).unwrap());
+        // The check the tick made before: it never saw the new job.
+        assert_eq!(next_ready_at(&*c).unwrap().map(to_ms), Some(to_ms(future)));
     }
 
     /// A cached statement is compiled once, whatever is bound to it: the subject lookup's shape
