@@ -309,8 +309,12 @@ fn main() {
         Ok("sqlite") | Err(_) => false,
         Ok(other) => panic!("BENCH_DATABASE={other}: use sqlite (the default) or postgres"),
     };
-    let pg =
-        on_postgres.then(|| PgServer::start().expect("a PostgreSQL server for the bench (apt-get install postgresql)"));
+    // `BENCH_PG_SETTINGS` adds server settings, e.g. `-c log_min_duration_statement=0` with a
+    // `log_directory` outside the server's temporary directory, to count a job's statements.
+    let pg = on_postgres.then(|| {
+        PgServer::start_with(&[], &std::env::var("BENCH_PG_SETTINGS").unwrap_or_default())
+            .expect("a PostgreSQL server for the bench (apt-get install postgresql)")
+    });
     let ttl = env_u64("BENCH_TTL_SECONDS", 8);
     // `BENCH_LATENCIES_MS=0 BENCH_HTTPS_LATENCIES_MS=` runs one column only.
     let latencies = |name: &str, default: &str| -> Vec<u64> {

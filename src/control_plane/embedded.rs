@@ -249,6 +249,24 @@ fn bad_request(message: String) -> ControlPlaneError {
 }
 
 /// Exponential backoff from `base`, doubled per attempt, capped, with ±25 % jitter.
+/// How long the scheduler sleeps after a pass that started at `pass_started`: until the next
+/// tick, or until the earliest expiry (`next_expiry`) when that comes first. An expiry that was
+/// already due when the pass started is still there because the pass failed to end it: it waits
+/// for the tick (no busy retry). One that fell due while the pass ran, after the pass read the
+/// clock, is ended at once: treating it as failed, as this once did, left it (and every access
+/// that expired after it) a whole tick late.
+fn scheduler_wait(
+    until_tick: Duration,
+    pass_started: DateTime<Utc>,
+    next_expiry: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Duration {
+    match next_expiry {
+        Some(due) if due > pass_started => until_tick.min((due - now).to_std().unwrap_or_default()),
+        _ => until_tick,
+    }
+}
+
 fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(cap);
     let jitter = rand::random_range(0.75..1.25);
@@ -854,6 +872,8 @@ impl EmbeddedControlPlane {
                     _ = tokio::time::sleep(tick) => continue,
                 }
             }
+            // The pass reads the clock after this, so whatever was due now it ends.
+            let pass_started = now();
             let pass = if tokio::time::Instant::now() >= next_tick {
                 next_tick = tokio::time::Instant::now() + tick;
                 self.tick_once()
@@ -863,13 +883,14 @@ impl EmbeddedControlPlane {
             if let Err(e) = pass {
                 tracing::error!(error = %e, "control-plane scheduler pass failed; retrying next tick");
             }
-            let mut wait = next_tick.saturating_duration_since(tokio::time::Instant::now());
-            match self.store.lock().and_then(|c| store::next_expiry(&*c)) {
-                // Still due after the pass: it failed, and is retried at the next tick.
-                Ok(Some(due)) if due > now() => wait = wait.min((due - now()).to_std().unwrap_or_default()),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read the next expiry; ending accesses at the next tick"),
-            }
+            let until_tick = next_tick.saturating_duration_since(tokio::time::Instant::now());
+            let wait = match self.store.lock().and_then(|c| store::next_expiry(&*c)) {
+                Ok(due) => scheduler_wait(until_tick, pass_started, due, now()),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the next expiry; ending accesses at the next tick");
+                    until_tick
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}

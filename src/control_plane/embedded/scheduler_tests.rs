@@ -119,4 +119,71 @@ async fn a_thousand_accesses_due_at_the_same_instant_are_all_leased_within_one_s
             .all(|id| cp.access(id).unwrap().unwrap().state == AccessState::Revoking)
     );
 }
+
+/// Expiries a millisecond apart, with the tick an hour away: each one is ended as it falls due.
+/// The next expiry often falls due while a pass runs, after the pass read the clock; the
+/// scheduler once took that for a pass that had failed and slept until the tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_that_falls_due_during_a_pass_is_ended_at_once_not_at_the_next_tick() {
+    const N: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            tick: Duration::from_secs(3600),
+            lease_duration: Duration::from_secs(600),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(cp.create_access(access_create(&format!("user{i}"), 3600, false)).unwrap().id);
+    }
+    loop {
+        let grants = cp.lease(&LeaseRequest { max_jobs: 100, wait_seconds: 0 }).await.unwrap();
+        if grants.is_empty() {
+            break;
+        }
+        for g in grants {
+            let job: Job = serde_json::from_value(g).unwrap();
+            let user = job.params["user"].as_str().unwrap().to_string();
+            complete_ok(&cp, &job, grant_result(&format!("u-{user}"), false, None)).await;
+        }
+    }
+    // The scheduler's first pass (at its start) finds nothing due; then the expiries come one
+    // millisecond apart, from 1 s ahead.
+    let first = now().timestamp_millis() + 1000;
+    {
+        let c = cp.store.lock().unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            c.exec(
+                "UPDATE access_requests SET expires_at = ?1 WHERE id = ?2",
+                &p![first + i as i64, id.as_str()],
+            )
+            .unwrap();
+        }
+    }
+    let last_due = DateTime::from_timestamp_millis(first + N as i64 - 1).unwrap();
+    let stop = CancellationToken::new();
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
+    // Far less than the tick; loose enough for an unoptimised build on a loaded machine.
+    let deadline = last_due + chrono::Duration::seconds(20);
+    let ended = |cp: &EmbeddedControlPlane| {
+        ids.iter()
+            .filter(|id| cp.access(id).unwrap().unwrap().state == AccessState::Revoking)
+            .count()
+    };
+    while ended(&cp) < N && now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at = now() - last_due;
+    stop.cancel();
+    let _ = scheduler.await;
+    assert_eq!(
+        ended(&cp),
+        N,
+        "accesses ended {} ms after the last expiry (the tick is an hour away)",
+        at.num_milliseconds()
+    );
+}
 }
