@@ -21,7 +21,7 @@
 //! bench's own (`tests/common/postgres.rs`, as the tests start it; a database per column), and
 //! `BENCH_REPLICAS` (default `1`; e.g. `1,2`) `run` processes on it with one operator token, the
 //! access requests spread over them, a column per replica count. CPU is the replicas' sum, RSS the
-//! largest replica's.
+//! largest replica's; PostgreSQL's own CPU per job is a row of its own (the server's processes).
 
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,25 @@ fn cpu_ms(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) * 10.0
 }
 
+/// CPU time of a PostgreSQL server so far, in milliseconds: its live processes', and what the
+/// postmaster collected from backends that exited (their connections closed).
+fn server_cpu_ms(pg: &PgServer) -> f64 {
+    let pids = pg.pids();
+    let Some(&main) = pids.first() else {
+        return f64::NAN;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{main}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // cutime and cstime: fields 16 and 17.
+    let reaped: f64 = [13, 14]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum::<f64>()
+        * 10.0;
+    pids.iter().map(|&p| cpu_ms(p)).sum::<f64>() + reaped
+}
+
 /// The `i`-th user of the large dataset: `user00001`, ..., with every fifth a GitHub user known
 /// by its principal id (as `sim/data.rs` makes them).
 fn large_dataset_user(i: usize) -> Subject {
@@ -82,6 +101,8 @@ struct Figures {
     median_lag: f64,
     cpu_per_job_ms: f64,
     sim_cpu_per_job_ms: f64,
+    /// PostgreSQL's CPU per job (on SQLite the store's work is in the daemon's).
+    db_cpu_per_job_ms: Option<f64>,
     peak_rss: f64,
     connections: u64,
     requests: u64,
@@ -180,6 +201,7 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, pg: Option<&PgServe
     let daemons_cpu = || pids.iter().map(|&p| cpu_ms(p)).sum::<f64>();
     let sim_pid = sim.0.id();
     let (cpu0, sim_cpu0) = (daemons_cpu(), cpu_ms(sim_pid));
+    let db_cpu0 = pg.map(server_cpu_ms);
 
     let requests = futures::stream::iter(0..accesses)
         .map(|i| {
@@ -222,6 +244,8 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, pg: Option<&PgServe
     };
     let cpu = daemons_cpu() - cpu0;
     let sim_cpu = cpu_ms(sim_pid) - sim_cpu0;
+    // The whole server's: with several columns on one server, only this column's databases work.
+    let db_cpu = pg.map(server_cpu_ms).zip(db_cpu0).map(|(b, a)| b - a);
     let peak_rss = pids.iter().map(|&p| peak_rss_mib(p)).fold(f64::NAN, f64::max);
     let stats: serde_json::Value = stats_client
         .get(format!("{sim_url}/sim/stats"))
@@ -261,6 +285,7 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, pg: Option<&PgServe
         median_lag: lags.get(lags.len() / 2).copied().unwrap_or(f64::NAN),
         cpu_per_job_ms: cpu / jobs,
         sim_cpu_per_job_ms: sim_cpu / jobs,
+        db_cpu_per_job_ms: db_cpu.map(|c| c / jobs),
         peak_rss,
         connections: stats["connections"].as_u64().unwrap_or(0),
         requests: stats["total"].as_u64().unwrap_or(0),
@@ -398,6 +423,14 @@ fn main() {
         "{}",
         row("simulator CPU per job", &|f| format!("{:.2} ms", f.sim_cpu_per_job_ms))
     );
+    if on_postgres {
+        println!(
+            "{}",
+            row("PostgreSQL CPU per job", &|f| f
+                .db_cpu_per_job_ms
+                .map_or("-".into(), |c| format!("{c:.2} ms")))
+        );
+    }
     println!("{}", row("peak RSS", &|f| format!("{:.0} MB", f.peak_rss)));
     println!("{}", row("connections to Rancher", &|f| f.connections.to_string()));
     println!(

@@ -47,6 +47,7 @@ mod users;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -176,6 +177,9 @@ pub struct EmbeddedControlPlane {
     ready: Notify,
     /// Wakes the scheduler when an access got an expiry (it sleeps until the earliest one).
     rescheduled: Notify,
+    /// When the scheduler looks next (ms since the epoch; `i64::MAX` while it is not asleep): an
+    /// expiry at or after it needs no wake-up (see [`EmbeddedControlPlane::expiry_set`]).
+    next_look_ms: AtomicI64,
     /// Cancelled by `close`: pending long-polls answer at once (empty).
     closing: CancellationToken,
     /// One-time credentials by access-request id on SQLite: never written there. Guarded
@@ -212,8 +216,9 @@ impl std::fmt::Debug for EmbeddedControlPlane {
 struct Effects {
     /// A job became ready: wake long-polls.
     wake: bool,
-    /// An access got (or moved) its expiry: the scheduler recomputes when to wake.
-    reschedule: bool,
+    /// An access got (or moved) its expiry, the earliest such: the scheduler may have to wake
+    /// sooner.
+    reschedule: Option<DateTime<Utc>>,
 }
 
 /// The time, in whole milliseconds as the store keeps it: what a call answers (an access's
@@ -345,6 +350,7 @@ impl EmbeddedControlPlane {
             owner,
             ready: Notify::new(),
             rescheduled: Notify::new(),
+            next_look_ms: AtomicI64::new(i64::MAX),
             closing: CancellationToken::new(),
             credentials: Mutex::new(HashMap::new()),
             #[cfg(feature = "store-postgres")]
@@ -408,11 +414,24 @@ impl EmbeddedControlPlane {
         if effects.wake {
             self.ready.notify_waiters();
         }
-        if effects.reschedule {
-            // `notify_one` keeps a permit: a scheduler between its look and its sleep still wakes.
-            self.rescheduled.notify_one();
+        if let Some(at) = effects.reschedule {
+            self.expiry_set(at);
         }
         Ok(value)
+    }
+
+    /// An access's expiry was set to `at` (committed): wakes the scheduler unless it looks at
+    /// or before `at` anyway (a pass reads every expiry from the store). Every grant sets one,
+    /// so waking for each cost two queries per grant for nothing.
+    ///
+    /// The scheduler sets `next_look_ms` to `i64::MAX` before its pass reads the store and to
+    /// its wake-up time before it sleeps: an expiry committed after that read finds either
+    /// `MAX` (wakes it: `notify_one` keeps a permit for a scheduler not yet asleep) or the time
+    /// it will look again.
+    fn expiry_set(&self, at: DateTime<Utc>) {
+        if at.timestamp_millis() < self.next_look_ms.load(Ordering::SeqCst) {
+            self.rescheduled.notify_one();
+        }
     }
 
     fn credentials_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Credentials>> {
@@ -678,6 +697,8 @@ impl EmbeddedControlPlane {
         }
         let t = now();
         let mut wake = false;
+        // The expiry of the access this grant made active: the scheduler's to watch from now on.
+        let mut activated = None;
         job.completed_token = Some(request.lease_token.clone());
         job.lease_token = None;
         job.lease_expires_at = None;
@@ -694,7 +715,6 @@ impl EmbeddedControlPlane {
             None => None,
         };
         let is_revoke = job.kind == JobKind::Revoke.as_str();
-        let is_grant = job.kind == JobKind::Grant.as_str() && request.outcome == Outcome::Succeeded;
         match request.outcome {
             Outcome::Succeeded => {
                 let (result, creds) = strip_credentials(request.result.clone());
@@ -709,6 +729,9 @@ impl EmbeddedControlPlane {
                     match JobKind::parse(&job.kind) {
                         Some(JobKind::Grant) => {
                             wake |= self.on_grant_succeeded(tx, &job, &mut a, t)?;
+                            if a.state == AccessState::Active {
+                                activated = a.expires_at;
+                            }
                             if let Some(c) = creds {
                                 new_creds = Some((a.id.clone(), c));
                             }
@@ -808,9 +831,8 @@ impl EmbeddedControlPlane {
         if wake {
             self.ready.notify_waiters();
         }
-        if is_grant {
-            // A grant that succeeded may have set its access's expiry.
-            self.rescheduled.notify_one();
+        if let Some(at) = activated {
+            self.expiry_set(at);
         }
         Ok(())
     }
@@ -872,6 +894,8 @@ impl EmbeddedControlPlane {
                     _ = tokio::time::sleep(tick) => continue,
                 }
             }
+            // Any expiry set from here on wakes it again (see `expiry_set`).
+            self.next_look_ms.store(i64::MAX, Ordering::SeqCst);
             // The pass reads the clock after this, so whatever was due now it ends.
             let pass_started = now();
             let pass = if tokio::time::Instant::now() >= next_tick {
@@ -891,6 +915,8 @@ impl EmbeddedControlPlane {
                     until_tick
                 }
             };
+            let look = now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+            self.next_look_ms.store(look.timestamp_millis(), Ordering::SeqCst);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}

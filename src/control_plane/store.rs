@@ -1609,44 +1609,54 @@ fn access_values(a: &AccessRow) -> Result<Vec<Val>, StoreError> {
 
 /// Writes the mutable columns of an access request.
 pub fn update_access(c: &dyn Db, a: &AccessRow) -> Result<(), StoreError> {
-    c.exec_quiet(
-        "UPDATE access_requests SET state = ?2, granted_at = ?3, expires_at = ?4, revoked_at = ?5, revoke_job_id = ?6,
-             user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10, revoke_requested = ?11,
-             pre_existing = ?12, bound_subject = ?13, owner = ?14, note = ?15
-         WHERE id = ?1",
-        &p![
-            a.id,
-            a.state.as_str(),
-            a.granted_at.map(to_ms),
-            a.expires_at.map(to_ms),
-            a.revoked_at.map(to_ms),
-            a.revoke_job_id,
-            a.user_id,
-            json_text(&a.binding_ids)?,
-            a.access_details,
-            a.last_error.as_ref().map(json_text).transpose()?,
-            a.revoke_requested,
-            a.pre_existing,
-            a.bound_subject.as_ref().map(json_text).transpose()?,
-            a.owner.as_ref().map(Owner::as_str),
-            a.note,
-        ],
-    )
-    .map_err(sql("updating an access request"))?;
-    // The key is learnt once (when the grant records the user); written only when it changed,
-    // since setting an indexed column, even to the value it has, rewrites its index page.
-    match a.subject_key() {
-        Some(key) => c.exec_quiet(
-            "UPDATE access_requests SET subject_key = ?2 WHERE id = ?1 AND (subject_key IS NULL OR subject_key <> ?2)",
-            &p![a.id, key],
-        ),
-        None => c.exec_quiet(
-            "UPDATE access_requests SET subject_key = NULL WHERE id = ?1 AND subject_key IS NOT NULL",
-            &p![a.id],
-        ),
+    const SET: &str = "UPDATE access_requests SET state = ?2, granted_at = ?3, expires_at = ?4, revoked_at = ?5,
+             revoke_job_id = ?6, user_id = ?7, binding_ids = ?8, access_details = ?9, last_error = ?10,
+             revoke_requested = ?11, pre_existing = ?12, bound_subject = ?13, owner = ?14, note = ?15";
+    let mut params = p![
+        a.id,
+        a.state.as_str(),
+        a.granted_at.map(to_ms),
+        a.expires_at.map(to_ms),
+        a.revoked_at.map(to_ms),
+        a.revoke_job_id,
+        a.user_id,
+        json_text(&a.binding_ids)?,
+        a.access_details,
+        a.last_error.as_ref().map(json_text).transpose()?,
+        a.revoke_requested,
+        a.pre_existing,
+        a.bound_subject.as_ref().map(json_text).transpose()?,
+        a.owner.as_ref().map(Owner::as_str),
+        a.note,
+    ]
+    .to_vec();
+    let key = a.subject_key();
+    match c.dialect() {
+        // Every UPDATE is a new row version here, a second one in the same transaction too; an
+        // index whose value did not change is left alone anyway (a heap-only update).
+        db::Dialect::Postgres => {
+            params.extend(p![key]);
+            c.exec_quiet(&format!("{SET}, subject_key = ?16 WHERE id = ?1"), &params)
+                .map_err(sql("updating an access request"))
+        }
+        // The key is learnt once (when the grant records the user); written only when it changed,
+        // since setting an indexed column, even to the value it has, rewrites its index entry.
+        db::Dialect::Sqlite => {
+            c.exec_quiet(&format!("{SET} WHERE id = ?1"), &params)
+                .map_err(sql("updating an access request"))?;
+            match key {
+                Some(key) => c.exec_quiet(
+                    "UPDATE access_requests SET subject_key = ?2 WHERE id = ?1 AND (subject_key IS NULL OR subject_key <> ?2)",
+                    &p![a.id, key],
+                ),
+                None => c.exec_quiet(
+                    "UPDATE access_requests SET subject_key = NULL WHERE id = ?1 AND subject_key IS NOT NULL",
+                    &p![a.id],
+                ),
+            }
+            .map_err(sql("updating an access request's subject key"))
+        }
     }
-    .map_err(sql("updating an access request's subject key"))?;
-    Ok(())
 }
 
 pub fn access(c: &dyn Db, id: &str) -> Result<Option<AccessRow>, StoreError> {
@@ -1799,6 +1809,43 @@ pub fn live_access_naming(
             .filter(|r| r.as_ref().map_or(true, |o| o.role == role && &o.resource == resource))
             .collect(),
     })
+}
+
+/// How many accesses [`live_access_naming_any`] looks up per statement: a fixed number of
+/// parameters (unused ones `NULL`, which matches nothing), so one prepared statement serves every
+/// call.
+pub const NAMING_BATCH: usize = 100;
+
+/// The accesses that have not ended and name the subject of any of `of` (by name or by key, as
+/// [`live_access_naming`] asks for one), `of` themselves included, in one query per
+/// [`NAMING_BATCH`]: a mass expiry reads its chunk back once instead of twice per access.
+pub fn live_access_naming_any(c: &dyn Db, of: &[AccessRow]) -> Result<Vec<Result<AccessRow, StoreError>>, StoreError> {
+    static WHERE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let where_sql = WHERE.get_or_init(|| {
+        let list = |from: usize| {
+            (from..from + NAMING_BATCH)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "WHERE (subject_name IN ({}) OR subject_key IN ({})) AND state IN ('pending', 'active', 'revoking')",
+            list(1),
+            list(1 + NAMING_BATCH)
+        )
+    });
+    let mut out = Vec::new();
+    for batch in of.chunks(NAMING_BATCH) {
+        let mut args = vec![Val::Null; 2 * NAMING_BATCH];
+        for (i, a) in batch.iter().enumerate() {
+            args[i] = Val::Text(a.subject.as_str().to_string());
+            if let Some(key) = a.subject_key() {
+                args[NAMING_BATCH + i] = Val::Text(key);
+            }
+        }
+        out.extend(access_where(c, where_sql, &args)?);
+    }
+    Ok(out)
 }
 
 /// Whether `s` appears verbatim in the JSON text of a value holding it (JSON escapes quotes,

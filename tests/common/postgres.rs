@@ -105,6 +105,34 @@ impl PgServer {
         Ok(server)
     }
 
+    /// The server's processes now: the postmaster (from its pid file) and its children (the
+    /// backends, one per connection, and the background workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let pid_file = self.root.join("data").join("postmaster.pid");
+        let Some(main) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut out = vec![main];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // Field 4 (ppid) follows the command name, which may hold spaces.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(main) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
     fn data_dir(&self) -> String {
         self.root.join("data").display().to_string()
     }

@@ -377,6 +377,18 @@ impl EmbeddedControlPlane {
             .into_iter()
             .filter(|o| matches!(o.state, AccessState::Active | AccessState::Pending))
             .collect();
+        self.end_access_held_by(c, a, holders, t)
+    }
+
+    /// [`end_access`](Self::end_access) once its holders (the accesses that keep its binding) are
+    /// known.
+    fn end_access_held_by(
+        &self,
+        c: &dyn Db,
+        a: &mut AccessRow,
+        holders: Vec<AccessRow>,
+        t: DateTime<Utc>,
+    ) -> Result<bool, ControlPlaneError> {
         if holders.is_empty() {
             self.queue_revoke(c, a, t)?;
             return Ok(true);
@@ -547,7 +559,9 @@ impl EmbeddedControlPlane {
         };
         let owner = a.owner.clone().unwrap_or_else(|| self.owner.clone());
         if a.expires_at != Some(expires) || a.owner.as_ref() != Some(&owner) {
-            fx.reschedule |= a.expires_at != Some(expires);
+            if a.expires_at != Some(expires) {
+                fx.reschedule = Some(fx.reschedule.map_or(expires, |r| r.min(expires)));
+            }
             a.expires_at = Some(expires);
             a.owner = Some(owner.clone());
             store::update_access(c, &a)?;
@@ -843,12 +857,7 @@ impl EmbeddedControlPlane {
         // A mass expiry (a shift's end) ends in a few transactions, not one per access; a chunk
         // that fails is retried one access at a time, so one bad row holds back no other.
         for chunk in expired.chunks(EXPIRE_CHUNK) {
-            let together = self.write(|c, fx| {
-                for a in chunk {
-                    self.end_if_expired(c, fx, &a.id, t)?;
-                }
-                Ok(())
-            });
+            let together = self.write(|c, fx| self.expire_chunk(c, fx, chunk, t));
             if together.is_ok() {
                 continue;
             }
@@ -856,6 +865,51 @@ impl EmbeddedControlPlane {
                 if let Err(e) = self.write(|c, fx| self.end_if_expired(c, fx, &a.id, t)) {
                     tracing::error!(access = %a.id, error = %e, "could not end an expired access; retrying next tick");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the accesses of `chunk` (listed before the transaction) that are still active and due.
+    ///
+    /// One query reads back the chunk and every live access naming the subject of one of them.
+    /// An access nobody else names (the usual case) is ended from that row, with no holders: in
+    /// this transaction (which excludes every other writer) only ending an access changes another
+    /// one, handing its bindings to a holder that names its subject, so the row stays current
+    /// while the chunk is worked through. The others are read again one by one, as alone.
+    fn expire_chunk(
+        &self,
+        c: &dyn Db,
+        fx: &mut Effects,
+        chunk: &[AccessRow],
+        t: DateTime<Utc>,
+    ) -> Result<(), ControlPlaneError> {
+        let Ok(live) = store::live_access_naming_any(c, chunk)?
+            .into_iter()
+            .collect::<Result<Vec<AccessRow>, _>>()
+        else {
+            // A row that cannot be read may name anyone.
+            for a in chunk {
+                self.end_if_expired(c, fx, &a.id, t)?;
+            }
+            return Ok(());
+        };
+        for listed in chunk {
+            let Some(current) = live.iter().find(|o| o.id == listed.id) else {
+                continue; // ended since it was listed
+            };
+            let key = current.subject_key();
+            let alone = key == listed.subject_key()
+                && !live.iter().any(|o| {
+                    o.id != current.id
+                        && (o.subject.as_str() == current.subject.as_str() || (key.is_some() && o.subject_key() == key))
+                });
+            if !alone {
+                self.end_if_expired(c, fx, &listed.id, t)?;
+            } else if current.state == AccessState::Active && current.expires_at.is_some_and(|e| e <= t) {
+                let mut a = current.clone();
+                tracing::info!(access = %a.id, "access expired");
+                fx.wake |= self.end_access_held_by(c, &mut a, Vec::new(), t)?;
             }
         }
         Ok(())

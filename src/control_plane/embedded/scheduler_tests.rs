@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use super::tests::{access_create, complete_ok, grant_result, open_with, options};
+use super::tests::{access_create, complete_ok, grant_result, lease_one, open_with, options};
 use super::*;
 use crate::control_plane::store::db::p;
 use crate::control_plane::store::testing::{TestBackend, backends, current};
@@ -185,5 +185,64 @@ async fn an_expiry_that_falls_due_during_a_pass_is_ended_at_once_not_at_the_next
         "accesses ended {} ms after the last expiry (the tick is an hour away)",
         at.num_milliseconds()
     );
+}
+}
+
+backends! {
+/// The scheduler sleeps until the earliest expiry it knows (the tick is an hour away); a grant
+/// whose access ends sooner wakes it, one that ends later does not need to (it looks again at the
+/// earlier one and then sees the later): each access ends within a moment of its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_that_end_sooner_or_later_than_the_scheduler_looks_all_end_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(
+        Options {
+            tick: Duration::from_secs(3600),
+            lease_duration: Duration::from_secs(600),
+            ..options(dir.path())
+        },
+        json!({}),
+    );
+    let stop = CancellationToken::new();
+    let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
+    // Let its first pass run and its sleep start (until the tick: nothing expires yet).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Granted in this order: 3 s (wakes it: sooner than the tick), 1 s (sooner than 3 s: wakes
+    // it again), 2 s (later than 1 s: it looks at 1 s and then finds this one).
+    let mut ids = Vec::new();
+    for (i, ttl) in [3u64, 1, 2].into_iter().enumerate() {
+        let id = cp.create_access(access_create(&format!("user{i}"), ttl, false)).unwrap().id;
+        let job = lease_one(&cp, 0).await.expect("the grant");
+        let mut result = grant_result(&format!("u-user{i}"), false, None);
+        result["binding_ids"] = json!([format!("c-1:crtb-apono-{i}")]);
+        complete_ok(&cp, &job, result).await;
+        ids.push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ended_at: Vec<Option<DateTime<Utc>>> = vec![None; ids.len()];
+    while ended_at.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (i, id) in ids.iter().enumerate() {
+            if ended_at[i].is_none() && cp.access(id).unwrap().unwrap().state != AccessState::Active {
+                ended_at[i] = Some(now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let _ = scheduler.await;
+    for (i, id) in ids.iter().enumerate() {
+        let a = cp.access(id).unwrap().unwrap();
+        let expires = a.expires_at.expect("an expiry");
+        let ended = ended_at[i].unwrap_or_else(|| panic!("access {i} did not end within 30 s (tick an hour)"));
+        assert_eq!(a.state, AccessState::Revoking, "access {i}");
+        // Seen within a poll (20 ms) of its end; the bound leaves room for a loaded machine.
+        let late = ended - expires;
+        assert!(
+            late >= chrono::Duration::zero() && late <= chrono::Duration::milliseconds(1500),
+            "access {i} (TTL {}) ended {} ms after its expiry",
+            a.ttl_seconds,
+            late.num_milliseconds()
+        );
+    }
 }
 }

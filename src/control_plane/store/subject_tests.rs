@@ -112,6 +112,28 @@ fn assert_found_by_subject(c: &dyn Db) {
             .unwrap()
             .is_empty()
     );
+    // Many at once (a chunk of a mass expiry, more than one statement's worth): every live
+    // access naming one of them, by name or key, themselves included; nothing else.
+    let mut many: Vec<AccessRow> = (0..NAMING_BATCH + 5)
+        .map(|i| {
+            row(
+                &format!("ar-nobody{i}"),
+                Subject::user(&format!("nobody{i}")),
+                AccessState::Active,
+                None,
+                None,
+            )
+        })
+        .collect();
+    many.push(all[0].clone());
+    let mut found = ids(live_access_naming_any(c, &many).unwrap());
+    found.sort();
+    found.dedup();
+    assert_eq!(found, ["ar-alice", "ar-alice-local"]);
+    assert_eq!(ids(live_access_naming_any(c, &all[2..3]).unwrap()), ["ar-quote"]);
+    let mut found = ids(live_access_naming_any(c, &[all[4].clone(), quote_again]).unwrap());
+    found.sort();
+    assert_eq!(found, ["ar-bob", "ar-quote"]);
     // A key learnt later (the grant recorded the user id) is written with the row.
     let mut carol = row("ar-carol", Subject::user("carol"), AccessState::Pending, None, None);
     insert_access(c, &carol).unwrap();

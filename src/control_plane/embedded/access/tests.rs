@@ -692,3 +692,81 @@ async fn a_create_user_grant_keeps_the_password_of_a_live_access() {
     assert_eq!(grant.params.get("keep_password"), None);
 }
 }
+
+backends! {
+/// Accesses that end in one scheduler pass (one transaction): those alone on their subject are
+/// revoked each, and where several share one (by name or by the user id their grant recorded),
+/// each one ended hands its binding to the next and the last revokes them all; one that ends
+/// beside an access that goes on hands its binding over and queues nothing.
+#[tokio::test]
+async fn a_mass_expiry_hands_bindings_over_within_one_pass_and_revokes_each_binding_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open_with(options(dir.path()), json!({}));
+    let alice_bound = |binding: &str| {
+        let mut r = granted("u-alice1", binding);
+        r["bound_subject"] = json!({"field": "userId", "value": "u-alice1"});
+        r
+    };
+    let mut alice = Vec::new();
+    for (i, subject) in ["alice", "local://u-alice1", "alice"].into_iter().enumerate() {
+        let a = cp
+            .create_access(AccessRequestCreate {
+                subject: Subject::user(subject),
+                ..access_create("x", 1, false)
+            })
+            .unwrap();
+        let grant = lease_one(&cp, 0).await.unwrap();
+        complete_ok(&cp, &grant, alice_bound(&format!("c-1:crtb-alice{i}"))).await;
+        alice.push(a.id);
+    }
+    let mut loners = Vec::new();
+    for i in 0..10 {
+        loners.push(active(&cp, &format!("user{i}"), 1, &format!("c-1:crtb-user{i}")).await);
+    }
+    let dave_short = active(&cp, "dave", 1, "c-1:crtb-dave1").await;
+    let dave_long = active(&cp, "dave", 3600, "c-1:crtb-dave2").await;
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    cp.tick_once().unwrap();
+
+    let mut revokes = Vec::new();
+    loop {
+        let jobs = lease_all(&cp).await;
+        if jobs.is_empty() {
+            break;
+        }
+        revokes.extend(jobs);
+    }
+    assert!(revokes.iter().all(|j| j.kind == "revoke"));
+    let by_access = |id: &str| {
+        revokes
+            .iter()
+            .filter(|j| j.params["grant_id"] == json!(id))
+            .collect::<Vec<_>>()
+    };
+    for (i, id) in loners.iter().enumerate() {
+        assert_eq!(state(&cp, id), AccessState::Revoking);
+        let jobs = by_access(id);
+        assert_eq!(jobs.len(), 1, "one revoke for user{i}");
+        assert_eq!(jobs[0].params["binding_ids"], json!([format!("c-1:crtb-user{i}")]));
+    }
+    // The first two handed their bindings on; the last one revokes all three.
+    for id in &alice[..2] {
+        assert_eq!(state(&cp, id), AccessState::Revoked);
+        assert!(by_access(id).is_empty());
+    }
+    assert_eq!(state(&cp, &alice[2]), AccessState::Revoking);
+    let last = by_access(&alice[2]);
+    assert_eq!(last.len(), 1);
+    let mut ids: Vec<String> = serde_json::from_value(last[0].params["binding_ids"].clone()).unwrap();
+    ids.sort();
+    assert_eq!(ids, ["c-1:crtb-alice0", "c-1:crtb-alice1", "c-1:crtb-alice2"]);
+    // Dave's goes on: the binding of the one that ended is his now, and nothing is revoked.
+    assert_eq!(state(&cp, &dave_short), AccessState::Revoked);
+    assert!(by_access(&dave_short).is_empty() && by_access(&dave_long).is_empty());
+    let kept = cp.access(&dave_long).unwrap().unwrap();
+    assert_eq!(kept.state, AccessState::Active);
+    assert_eq!(kept.binding_ids, vec!["c-1:crtb-dave2", "c-1:crtb-dave1"]);
+    assert_eq!(revokes.len(), loners.len() + 1, "no other revoke");
+}
+}
