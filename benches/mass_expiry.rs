@@ -13,6 +13,9 @@
 //!   the simulator's, so a slow simulator is not mistaken for a slow agent;
 //! - peak RSS of `run`; TCP connections the simulator accepted (the agent's pool, not its jobs).
 //!
+//! `BENCH_RATE` (requests per second; unset: all at once) paces the access requests, so every
+//! column's accesses expire at the same pace.
+//!
 //! The `https` columns (`BENCH_HTTPS_LATENCIES_MS`, default `0`; empty for none) serve the
 //! simulator over TLS (`sim rancher --tls-cert`, the integration trusting its certificate) and add
 //! the TLS handshakes the simulator completed, and per job: one per pooled connection, not per job.
@@ -121,7 +124,7 @@ struct Column {
 /// The operator token every replica on one database shares.
 const SHARED_TOKEN: &str = "bench-operator-token-shared-by-the-replicas";
 
-async fn run_once(column: Column, accesses: usize, ttl: u64, pg: Option<&PgServer>) -> Figures {
+async fn run_once(column: Column, accesses: usize, ttl: u64, rate: Option<f64>, pg: Option<&PgServer>) -> Figures {
     let Column {
         latency_ms,
         https,
@@ -203,11 +206,15 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, pg: Option<&PgServe
     let (cpu0, sim_cpu0) = (daemons_cpu(), cpu_ms(sim_pid));
     let db_cpu0 = pg.map(server_cpu_ms);
 
+    let posting = tokio::time::Instant::now();
     let requests = futures::stream::iter(0..accesses)
         .map(|i| {
             // Spread over the replicas, as a load balancer in front of them would.
             let operator = &operators[i % operators.len()];
             async move {
+                if let Some(rate) = rate {
+                    tokio::time::sleep_until(posting + Duration::from_secs_f64(i as f64 / rate)).await;
+                }
                 operator
                     .create_access(&AccessRequestCreate {
                         integration: IntegrationRef::Name("sim".into()),
@@ -341,6 +348,13 @@ fn main() {
             .expect("a PostgreSQL server for the bench (apt-get install postgresql)")
     });
     let ttl = env_u64("BENCH_TTL_SECONDS", 8);
+    // Requests posted at this many per second instead of all at once: every column then grants,
+    // and so expires, the accesses at the same pace (a faster configuration grants sooner, and
+    // its accesses then end closer together, which costs it revoke lag that is not its own).
+    let rate = std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse::<f64>().ok())
+        .filter(|r| *r > 0.0);
     // `BENCH_LATENCIES_MS=0 BENCH_HTTPS_LATENCIES_MS=` runs one column only.
     let latencies = |name: &str, default: &str| -> Vec<u64> {
         std::env::var(name)
@@ -376,14 +390,15 @@ fn main() {
         .collect();
     let figures: Vec<Figures> = columns
         .iter()
-        .map(|&c| runtime.block_on(run_once(c, accesses, ttl, pg.as_ref())))
+        .map(|&c| runtime.block_on(run_once(c, accesses, ttl, rate, pg.as_ref())))
         .collect();
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
         let cells: Vec<String> = figures.iter().map(f).collect();
         format!("| {name} | {} |", cells.join(" | "))
     };
     println!(
-        "{accesses} access requests, TTL {ttl} s, default settings, state in {}; {}",
+        "{accesses} access requests ({}), TTL {ttl} s, default settings, state in {}; {}",
+        rate.map_or("all at once".to_string(), |r| format!("{r} per second")),
         if on_postgres { "PostgreSQL" } else { "SQLite" },
         machine()
     );
