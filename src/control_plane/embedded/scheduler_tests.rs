@@ -9,30 +9,28 @@ use crate::control_plane::store::db::p;
 use crate::control_plane::store::testing::{TestBackend, backends, current};
 use serde_json::json;
 
-backends! {
-/// 1,000 accesses due at the same instant are all leased (as revokes) within one second of it,
-/// by an agent long-polling as the real one does (100 jobs a lease), although the scheduler's
-/// tick is an hour away: it wakes at the earliest expiry and ends them in a few transactions.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_accesses_due_at_the_same_instant_are_all_leased_within_one_second_of_it() {
-    const N: usize = 1000;
-    let dir = tempfile::tempdir().unwrap();
-    let cp = open_with(
+/// A control plane whose scheduler ticks once an hour: whatever it ends on time, it ended at an
+/// expiry, not at a tick.
+fn hour_tick(dir: &std::path::Path) -> Arc<EmbeddedControlPlane> {
+    open_with(
         Options {
             tick: Duration::from_secs(3600),
             lease_duration: Duration::from_secs(600),
-            ..options(dir.path())
+            ..options(dir)
         },
         json!({}),
-    );
-    let mut ids = HashSet::new();
-    for i in 0..N {
-        ids.insert(
+    )
+}
+
+/// `n` accesses (`user0`, ...; TTL an hour) granted as an agent would, 100 a lease; their ids.
+async fn granted(cp: &EmbeddedControlPlane, n: usize) -> Vec<String> {
+    let ids = (0..n)
+        .map(|i| {
             cp.create_access(access_create(&format!("user{i}"), 3600, false))
                 .unwrap()
-                .id,
-        );
-    }
+                .id
+        })
+        .collect();
     loop {
         let grants = cp
             .lease(&LeaseRequest {
@@ -47,9 +45,22 @@ async fn a_thousand_accesses_due_at_the_same_instant_are_all_leased_within_one_s
         for g in grants {
             let job: Job = serde_json::from_value(g).unwrap();
             let user = job.params["user"].as_str().unwrap().to_string();
-            complete_ok(&cp, &job, grant_result(&format!("u-{user}"), false, None)).await;
+            complete_ok(cp, &job, grant_result(&format!("u-{user}"), false, None)).await;
         }
     }
+    ids
+}
+
+backends! {
+/// 1,000 accesses due at the same instant are all leased (as revokes) within one second of it,
+/// by an agent long-polling as the real one does (100 jobs a lease), although the scheduler's
+/// tick is an hour away: it wakes at the earliest expiry and ends them in a few transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_accesses_due_at_the_same_instant_are_all_leased_within_one_second_of_it() {
+    const N: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = hour_tick(dir.path());
+    let ids: HashSet<String> = granted(&cp, N).await.into_iter().collect();
     // The TTL runs from each grant, so the test puts every expiry on one instant, 1.5 s ahead.
     let due =
         DateTime::from_timestamp_millis((now() + chrono::Duration::milliseconds(1500)).timestamp_millis()).unwrap();
@@ -127,29 +138,8 @@ async fn a_thousand_accesses_due_at_the_same_instant_are_all_leased_within_one_s
 async fn an_expiry_that_falls_due_during_a_pass_is_ended_at_once_not_at_the_next_tick() {
     const N: usize = 200;
     let dir = tempfile::tempdir().unwrap();
-    let cp = open_with(
-        Options {
-            tick: Duration::from_secs(3600),
-            lease_duration: Duration::from_secs(600),
-            ..options(dir.path())
-        },
-        json!({}),
-    );
-    let mut ids = Vec::new();
-    for i in 0..N {
-        ids.push(cp.create_access(access_create(&format!("user{i}"), 3600, false)).unwrap().id);
-    }
-    loop {
-        let grants = cp.lease(&LeaseRequest { max_jobs: 100, wait_seconds: 0 }).await.unwrap();
-        if grants.is_empty() {
-            break;
-        }
-        for g in grants {
-            let job: Job = serde_json::from_value(g).unwrap();
-            let user = job.params["user"].as_str().unwrap().to_string();
-            complete_ok(&cp, &job, grant_result(&format!("u-{user}"), false, None)).await;
-        }
-    }
+    let cp = hour_tick(dir.path());
+    let ids = granted(&cp, N).await;
     // The scheduler's first pass (at its start) finds nothing due; then the expiries come one
     // millisecond apart, from 1 s ahead.
     let first = now().timestamp_millis() + 1000;
@@ -195,14 +185,7 @@ backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_that_end_sooner_or_later_than_the_scheduler_looks_all_end_on_time() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = open_with(
-        Options {
-            tick: Duration::from_secs(3600),
-            lease_duration: Duration::from_secs(600),
-            ..options(dir.path())
-        },
-        json!({}),
-    );
+    let cp = hour_tick(dir.path());
     let stop = CancellationToken::new();
     let scheduler = tokio::spawn(cp.clone().run_scheduler(stop.clone()));
     // Let its first pass run and its sleep start (until the tick: nothing expires yet).
