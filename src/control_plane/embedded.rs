@@ -686,7 +686,7 @@ impl EmbeddedControlPlane {
         let conn = self.store.lock()?;
         let transaction = conn.transaction()?;
         let tx: &dyn Db = &*transaction;
-        let mut job = store::job(tx, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
+        let (mut job, access) = store::job_with_access(tx, job_id)?.ok_or_else(|| ControlPlaneError::NotFound {
             message: format!("no job {job_id:?}"),
         })?;
         if job.completed_token.as_deref() == Some(request.lease_token.as_str()) {
@@ -703,15 +703,14 @@ impl EmbeddedControlPlane {
         job.lease_token = None;
         job.lease_expires_at = None;
         job.updated_at = t;
-        let access = match &job.access_id {
-            Some(id) => match store::access(tx, id) {
-                Ok(a) => a,
-                Err(e) => {
-                    // Record the job's outcome anyway; the access row needs a person's look.
-                    tracing::error!(access = %id, error = %e, "the job's access request cannot be read");
-                    None
-                }
-            },
+        let access = match access {
+            Some(Ok(a)) => Some(a),
+            Some(Err(e)) => {
+                // Record the job's outcome anyway; the access row needs a person's look.
+                let id = job.access_id.as_deref().unwrap_or_default();
+                tracing::error!(access = %id, error = %e, "the job's access request cannot be read");
+                None
+            }
             None => None,
         };
         let is_revoke = job.kind == JobKind::Revoke.as_str();

@@ -1205,6 +1205,51 @@ pub fn job(c: &dyn Db, id: &str) -> Result<Option<JobRow>, StoreError> {
     raw.map(RawJob::decode).transpose()
 }
 
+/// A job and the access request it serves, in one query: a completion reads both under the write
+/// lock, and on PostgreSQL that is one round trip instead of two. The access is `None` when the
+/// job serves none or its row is gone, `Some(Err)` when its row does not decode (the job's
+/// outcome is recorded anyway).
+#[allow(clippy::type_complexity)]
+pub fn job_with_access(
+    c: &dyn Db,
+    id: &str,
+) -> Result<Option<(JobRow, Option<Result<AccessRow, StoreError>>)>, StoreError> {
+    static STATEMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let statement = STATEMENT.get_or_init(|| {
+        let qualified = |alias: &str, columns: &str| {
+            columns
+                .split(',')
+                .map(|column| format!("{alias}.{}", column.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "SELECT {}, {} FROM jobs j LEFT JOIN access_requests a ON a.id = j.access_id WHERE j.id = ?1",
+            qualified("j", JOB_COLUMNS),
+            qualified("a", ACCESS_COLUMNS)
+        )
+    });
+    let Some(DbRow(mut values)) =
+        query_opt(c, statement, &p![id]).map_err(sql("reading a job and its access request"))?
+    else {
+        return Ok(None);
+    };
+    let access_values = values.split_off(JOB_COLUMNS.split(',').count().min(values.len()));
+    let job = raw_job(&mut DbRow(values))
+        .map_err(|message| corrupt("jobs", id, message))?
+        .decode()?;
+    let access = match &job.access_id {
+        // No row joined: its id (the first column) is NULL.
+        Some(access_id) if !matches!(access_values.first(), None | Some(Val::Null)) => Some(
+            raw_access(&mut DbRow(access_values))
+                .map_err(|message| corrupt("access_requests", access_id, message))
+                .and_then(RawAccess::decode),
+        ),
+        _ => None,
+    };
+    Ok(Some((job, access)))
+}
+
 /// Rows matching `where_sql`, oldest first. Rows that do not decode are returned as errors in
 /// place, so one corrupt row cannot hide the others.
 fn jobs_where(c: &dyn Db, where_sql: &str, args: &[Val]) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
@@ -2116,6 +2161,18 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// A store in a PostgreSQL database of its own (`None`, said on stderr, when no server can
+    /// run here; under `CI=true` that fails instead).
+    #[cfg(feature = "store-postgres")]
+    fn postgres_store(database: &str) -> Option<Store> {
+        if !testing::postgres_available() {
+            return None;
+        }
+        let server = testing::shared().unwrap();
+        let target = postgres::PgTarget::parse(&server.database(database)).unwrap();
+        Some(Store::open_backend(&Backend::Postgres(Box::new(target))).unwrap())
+    }
+
     fn queued(id: &str, kind: &str, state: JobState, at: DateTime<Utc>) -> JobRow {
         JobRow {
             id: id.into(),
@@ -2137,6 +2194,101 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_job_is_read_with_its_access_request_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        a_job_is_read_with_its_access_request(&Store::open(dir.path()).unwrap());
+    }
+
+    #[cfg(feature = "store-postgres")]
+    #[test]
+    fn a_job_is_read_with_its_access_request_postgres() {
+        if let Some(store) = postgres_store("t_job_with_access") {
+            a_job_is_read_with_its_access_request(&store);
+        }
+    }
+
+    /// What a completion reads in one query: the job, and the access it serves (none, gone, or a
+    /// row that does not decode, each told apart).
+    fn a_job_is_read_with_its_access_request(store: &Store) {
+        let c = store.lock().unwrap();
+        let t = DateTime::from_timestamp_millis(1_700_000_000_000).unwrap();
+        let access = AccessRow {
+            id: "ar-1".into(),
+            integration: "sim".into(),
+            subject: Subject::user("alice"),
+            role: "cluster-member".into(),
+            resource: Resource::Cluster("c-1".into()),
+            ttl_seconds: 60,
+            create_user: false,
+            state: AccessState::Active,
+            created_at: t,
+            granted_at: Some(t),
+            expires_at: Some(t),
+            revoked_at: None,
+            grant_job_id: "grant-1".into(),
+            revoke_job_id: Some("revoke-1".into()),
+            user_id: Some("u-alice".into()),
+            binding_ids: vec!["c-1:crtb-1".into()],
+            access_details: None,
+            last_error: None,
+            revoke_requested: false,
+            integration_spec: None,
+            pre_existing: false,
+            bound_subject: None,
+            owner: None,
+            note: Some("a note".into()),
+        };
+        insert_access(&*c, &access).unwrap();
+        let serving = |id: &str, access: &str| JobRow {
+            access_id: Some(access.into()),
+            params: serde_json::json!({"grant_id": access}),
+            ..queued(id, "revoke", JobState::Leased, t)
+        };
+        for job in [
+            serving("revoke-1", "ar-1"),
+            serving("revoke-gone", "ar-gone"),
+            serving("revoke-corrupt", "ar-corrupt"),
+            queued("discover-1", "discover", JobState::Pending, t),
+        ] {
+            insert_job(&*c, &job).unwrap();
+        }
+        let mut corrupt_row = access.clone();
+        corrupt_row.id = "ar-corrupt".into();
+        insert_access(&*c, &corrupt_row).unwrap();
+        c.exec(
+            "UPDATE access_requests SET state = 'sideways' WHERE id = 'ar-corrupt'",
+            &[],
+        )
+        .unwrap();
+
+        let (job, read) = job_with_access(&*c, "revoke-1").unwrap().unwrap();
+        // Field by field, as the two single-table reads give them.
+        assert_eq!(format!("{job:?}"), format!("{:?}", job_row(&*c, "revoke-1")));
+        assert_eq!(
+            format!("{:?}", read.unwrap().unwrap()),
+            format!("{:?}", access_row(&*c, "ar-1"))
+        );
+        let (job, read) = job_with_access(&*c, "revoke-gone").unwrap().unwrap();
+        assert_eq!(job.access_id.as_deref(), Some("ar-gone"));
+        assert!(read.is_none(), "no access row");
+        let (_, read) = job_with_access(&*c, "revoke-corrupt").unwrap().unwrap();
+        let e = read.expect("a row").unwrap_err();
+        assert_eq!(e.corrupt_key(), Some("ar-corrupt"), "{e}");
+        let (job, read) = job_with_access(&*c, "discover-1").unwrap().unwrap();
+        assert_eq!(job.kind, "discover");
+        assert!(read.is_none(), "serves no access");
+        assert!(job_with_access(&*c, "nope").unwrap().is_none());
+    }
+
+    fn job_row(c: &dyn Db, id: &str) -> JobRow {
+        job(c, id).unwrap().unwrap()
+    }
+
+    fn access_row(c: &dyn Db, id: &str) -> AccessRow {
+        super::access(c, id).unwrap().unwrap()
+    }
+
     /// Revokes, then grants, then the rest; oldest first within each; expired leases among the
     /// pending by the same rule; a live lease, a backoff not yet over and finished jobs never.
     #[test]
@@ -2148,12 +2300,9 @@ mod tests {
     #[cfg(feature = "store-postgres")]
     #[test]
     fn ready_jobs_come_in_hand_out_order_from_both_states_postgres() {
-        if !testing::postgres_available() {
-            return;
+        if let Some(store) = postgres_store("t_ready_jobs_order") {
+            ready_jobs_come_in_hand_out_order(&store);
         }
-        let server = testing::shared().unwrap();
-        let target = postgres::PgTarget::parse(&server.database("t_ready_jobs_order")).unwrap();
-        ready_jobs_come_in_hand_out_order(&Store::open_backend(&Backend::Postgres(Box::new(target))).unwrap());
     }
 
     fn ready_jobs_come_in_hand_out_order(store: &Store) {

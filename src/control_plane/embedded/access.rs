@@ -896,7 +896,10 @@ impl EmbeddedControlPlane {
         };
         for listed in chunk {
             let Some(current) = live.iter().find(|o| o.id == listed.id) else {
-                continue; // ended since it was listed
+                // Ended since it was listed, as a rule; read by id all the same, so that no
+                // mismatch between the lookup and the row can leave an expired access active.
+                self.end_if_expired(c, fx, &listed.id, t)?;
+                continue;
             };
             let key = current.subject_key();
             let alone = key == listed.subject_key()
