@@ -253,7 +253,6 @@ fn bad_request(message: String) -> ControlPlaneError {
     ControlPlaneError::Rejected { status: 400, message }
 }
 
-/// Exponential backoff from `base`, doubled per attempt, capped, with ±25 % jitter.
 /// How long the scheduler sleeps after a pass that started at `pass_started`: until the next
 /// tick, or until the earliest expiry (`next_expiry`) when that comes first. An expiry that was
 /// already due when the pass started is still there because the pass failed to end it: it waits
@@ -272,6 +271,7 @@ fn scheduler_wait(
     }
 }
 
+/// Exponential backoff from `base`, doubled per attempt, capped, with ±25 % jitter.
 fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(cap);
     let jitter = rand::random_range(0.75..1.25);

@@ -909,7 +909,7 @@ impl EmbeddedControlPlane {
                 });
             if !alone {
                 self.end_if_expired(c, fx, &listed.id, t)?;
-            } else if current.state == AccessState::Active && current.expires_at.is_some_and(|e| e <= t) {
+            } else if is_due(current, t) {
                 let mut a = current.clone();
                 tracing::info!(access = %a.id, "access expired");
                 fx.wake |= self.end_access_held_by(c, &mut a, Vec::new(), t)?;
@@ -930,10 +930,15 @@ impl EmbeddedControlPlane {
         let Some(mut a) = store::access(c, id)? else {
             return Ok(());
         };
-        if a.state == AccessState::Active && a.expires_at.is_some_and(|e| e <= t) {
+        if is_due(&a, t) {
             tracing::info!(access = %a.id, "access expired");
             fx.wake |= self.end_access(c, &mut a, t)?;
         }
         Ok(())
     }
+}
+
+/// Whether `a` is active and its time has come: what a scheduler pass ends.
+fn is_due(a: &AccessRow, t: DateTime<Utc>) -> bool {
+    a.state == AccessState::Active && a.expires_at.is_some_and(|e| e <= t)
 }
