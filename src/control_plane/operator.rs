@@ -66,9 +66,14 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// One page of a list: at most `limit` items whose id sorts after `after`, and the cursor of
-/// the next page when there are more. Ids are time-ordered UUIDs (v7) and the store lists in
-/// creation order, so "after this id" stays right when older rows are pruned in between.
+/// the next page when there are more. `items` must be in id order (the embedded control plane's
+/// lists are), so that a walk sees every item once, and "after this id" stays right when the
+/// cursor's row is pruned in between.
 pub fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, limit: usize, after: Option<&str>) -> (Vec<T>, Option<String>) {
+    debug_assert!(
+        items.is_sorted_by(|a, b| id(a) <= id(b)),
+        "a paged list must be in id order"
+    );
     let mut rest = items
         .into_iter()
         .filter(|item| after.is_none_or(|after| id(item) > after))

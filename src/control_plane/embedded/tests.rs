@@ -164,6 +164,33 @@ fn spawn_fake_agent(
     })
 }
 
+/// Gives the rows of `table` (`access_requests` or `jobs`) the same ids in the reverse of the
+/// order they were stored in: what concurrent creates leave (an id is made before its
+/// transaction waits for the write lock). Returns the ids in stored order (descending).
+pub(crate) fn store_ids_out_of_order(cp: &EmbeddedControlPlane, table: &str) -> Vec<String> {
+    assert!(matches!(table, "access_requests" | "jobs"));
+    let c = cp.store.lock().unwrap();
+    let stored: Vec<String> = c
+        .query(&format!("SELECT id FROM {table} ORDER BY seq"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String>(0).unwrap())
+        .collect();
+    let mut descending = stored.clone();
+    descending.sort_unstable_by(|a, b| b.cmp(a));
+    let rename = |from: &str, to: &str| {
+        c.exec(&format!("UPDATE {table} SET id = ?1 WHERE id = ?2"), &p![to, from])
+            .unwrap();
+    };
+    for (i, id) in stored.iter().enumerate() {
+        rename(id, &format!("renaming-{i}"));
+    }
+    for (i, id) in descending.iter().enumerate() {
+        rename(&format!("renaming-{i}"), id);
+    }
+    descending
+}
+
 /// Fails when a file in `dir` (the state file, its WAL) holds `canary`.
 pub(crate) fn assert_not_in_files(dir: &std::path::Path, canary: &str) {
     for entry in std::fs::read_dir(dir).unwrap() {
