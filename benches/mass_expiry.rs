@@ -249,7 +249,10 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, rate: Option<f64>, 
         tokio::time::sleep(Duration::from_secs(1)).await;
         let all = operator.list_access().await.expect("list");
         let ended = |a: &AccessRequest| matches!(a.state, AccessState::Revoked | AccessState::Failed);
-        if all.len() >= accesses && all.iter().all(ended) {
+        // Every requested access, each once (a listing that skips or repeats one is a bug).
+        let listed: std::collections::HashSet<&str> = all.iter().map(|a| a.id.as_str()).collect();
+        let missing: Vec<&String> = requests.iter().filter(|id| !listed.contains(id.as_str())).collect();
+        if missing.is_empty() && all.len() == accesses && all.iter().all(ended) {
             break all;
         }
         if Instant::now() >= deadline {
@@ -265,8 +268,12 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, rate: Option<f64>, 
                 );
             }
             panic!(
-                "accesses did not all end by the deadline: {} listed, by state {states:?}",
-                all.len()
+                "accesses did not all end by the deadline: {} listed ({} distinct), by state {states:?}; \
+                 {} requested ones not listed, e.g. {:?}",
+                all.len(),
+                listed.len(),
+                missing.len(),
+                missing.iter().take(5).collect::<Vec<_>>()
             );
         }
     };
