@@ -1,7 +1,8 @@
 //! Mass expiry: how late the last revoke runs when many accesses end together. Run by hand
 //! (`cargo bench --bench mass_expiry`); prints a Markdown table for the README.
 //!
-//! What it runs is what an operator runs: the real `run` binary (standalone, default settings),
+//! What it runs is what an operator runs: the real `run` binary (standalone, default settings
+//! but the log level: `BENCH_LOG_LEVEL`, default `warn`),
 //! the simulator as a process (`sim rancher --size large`, bindings settle as on Rancher 2.13),
 //! and `BENCH_ACCESSES` (default 1,000) access requests with a TTL of `BENCH_TTL_SECONDS`
 //! (default 8) posted to the operator API at once; at 0 and 20 ms of Rancher latency.
@@ -166,8 +167,7 @@ async fn run_once(column: Column, accesses: usize, ttl: u64, rate: Option<f64>, 
         let rdir = dir.path().join(format!("replica{r}"));
         std::fs::create_dir_all(&rdir).expect("replica dir");
         let cp_port = free_port();
-        // `BENCH_LOG_LEVEL` (default `warn`) for a run to be looked into.
-        let log_level = std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
+        let log_level = log_level();
         // The default lease; only where things are is configured.
         let config = write_control_plane_config(&rdir, cp_port, 60, &sim_url);
         if https {
@@ -425,8 +425,9 @@ fn main() {
         format!("| {name} | {} |", cells.join(" | "))
     };
     println!(
-        "{accesses} access requests ({}), TTL {ttl} s, default settings, state in {}; {}",
+        "{accesses} access requests ({}), TTL {ttl} s, default settings but log level {}, state in {}; {}",
         rate.map_or("all at once".to_string(), |r| format!("{r} per second")),
+        log_level(),
         if on_postgres { "PostgreSQL" } else { "SQLite" },
         machine()
     );
@@ -491,4 +492,10 @@ fn main() {
         })
     );
     println!("{}", row("accesses failed", &|f| f.failed.to_string()));
+}
+
+/// The daemons' log level: `BENCH_LOG_LEVEL`, default `warn` (`info`, the daemon's default, for a
+/// run to be looked into; it costs CPU per job, see the README).
+fn log_level() -> String {
+    std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into())
 }
