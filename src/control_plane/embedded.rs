@@ -494,7 +494,8 @@ impl EmbeddedControlPlane {
     }
 
     /// Every job in id order (time-ordered ids: oldest first), the order the operator API pages
-    /// in (see [`page`](crate::control_plane::operator::page)). A corrupt row is logged and left out.
+    /// in (see [`page`](crate::control_plane::operator::page) and [`Self::list_access`]). A
+    /// corrupt row is logged and left out.
     pub fn list_jobs(&self) -> Result<Vec<JobRecord>, ControlPlaneError> {
         let rows = store::list_jobs(&*self.store.lock()?)?;
         let mut jobs: Vec<JobRecord> = skip_corrupt(rows).iter().map(record).collect();

@@ -275,9 +275,10 @@ impl EmbeddedControlPlane {
     /// corrupt row is logged and left out.
     ///
     /// Id order, not the order rows were stored in: the operator API pages by id (see
-    /// [`page`](crate::control_plane::operator::page)), and an id is made before its transaction waits for the write lock,
-    /// so concurrent creates (on one replica or several) store out of id order. Paging the
-    /// stored order by id skipped some accesses and repeated others.
+    /// [`page`](crate::control_plane::operator::page)), and an id is made before its
+    /// transaction waits for the write lock, so concurrent creates (on one replica or several)
+    /// store out of id order. Paging the stored order by id skipped some accesses and repeated
+    /// others.
     ///
     /// # Errors
     /// `Store` when the table cannot be read.
