@@ -493,14 +493,11 @@ impl EmbeddedControlPlane {
         Ok(store::job(&*self.store.lock()?, id)?.as_ref().map(record))
     }
 
-    /// Every job in id order (time-ordered ids: oldest first), the order the operator API pages
-    /// in (see [`page`](crate::control_plane::operator::page) and [`Self::list_access`]). A
-    /// corrupt row is logged and left out.
+    /// Every job, in the order stored (the operator API answers in id order: see the server's
+    /// `list_answer`). A corrupt row is logged and left out.
     pub fn list_jobs(&self) -> Result<Vec<JobRecord>, ControlPlaneError> {
         let rows = store::list_jobs(&*self.store.lock()?)?;
-        let mut jobs: Vec<JobRecord> = skip_corrupt(rows).iter().map(record).collect();
-        jobs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        Ok(jobs)
+        Ok(skip_corrupt(rows).iter().map(record).collect())
     }
 
     /// Objects uploaded by a discovery job, in upload order.

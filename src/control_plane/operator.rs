@@ -66,8 +66,8 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// One page of a list: at most `limit` items whose id sorts after `after`, and the cursor of
-/// the next page when there are more. `items` must be in id order (the embedded control plane's
-/// lists are), so that a walk sees every item once, and "after this id" stays right when the
+/// the next page when there are more. `items` must be in id order (the operator API sorts its
+/// lists so), so that a walk sees every item once, and "after this id" stays right when the
 /// cursor's row is pruned in between.
 pub fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, limit: usize, after: Option<&str>) -> (Vec<T>, Option<String>) {
     debug_assert!(

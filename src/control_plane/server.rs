@@ -697,11 +697,17 @@ fn page_query(query: Option<&str>) -> ApiResult<Option<(usize, Option<String>)>>
 }
 
 /// A list as JSON: whole, or one page with the next page's cursor in [`NEXT_CURSOR_HEADER`].
+///
+/// Always in id order (ids are time-ordered: oldest first), whole or paged: pages are cut by id,
+/// and the stored order is not id order (an id is made before its transaction waits for the
+/// write lock, so concurrent creates, on one replica or several, store out of it). Paging the
+/// stored order by id skipped some rows and repeated others.
 fn list_answer<T: serde::Serialize>(
-    items: Vec<T>,
+    mut items: Vec<T>,
     id: impl Fn(&T) -> &str,
     query: Option<&str>,
 ) -> ApiResult<Response> {
+    items.sort_unstable_by(|a, b| id(a).cmp(id(b)));
     let Some((limit, after)) = page_query(query)? else {
         return Ok(Json(items).into_response());
     };
